@@ -1,0 +1,108 @@
+"""Typed configuration: one frozen pydantic model per step, plus the settings that
+depend on the environment (read once, in the entry point).
+
+A YAML file given with ``onnxflow run --config`` maps onto :class:`PipelineConfig`,
+one section per step, e.g.::
+
+    data: {path: houses.csv, target: price}
+    train: {epochs: 40, hidden_sizes: [256, 128]}
+    validate: {atol: 1e-4}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Framework = Literal["torch", "keras"]
+Task = Literal["classification", "regression"]
+
+
+class StepConfig(BaseModel):
+    """Base of every step's configuration: immutable, unknown keys are an error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(StepConfig):
+    path: Path | None = Field(
+        None, description="CSV or Parquet table; None uses scikit-learn's bundled digits."
+    )
+    target: str | None = Field(None, description="Label column of the table (required with path).")
+    task: Literal["auto", "classification", "regression"] = Field(
+        "auto",
+        description="auto: classification for integer/string labels with few distinct values.",
+    )
+    test_size: float = Field(0.2, gt=0, lt=1, description="Fraction held out for the test split.")
+    val_size: float = Field(0.1, gt=0, lt=1, description="Fraction held out for validation.")
+    seed: int = Field(42, description="Seed of the split.")
+
+
+class TrainConfig(StepConfig):
+    epochs: int = Field(30, ge=1, description="Passes over the training split.")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    hidden_sizes: tuple[int, ...] = Field((128, 64), description="Widths of the hidden layers.")
+    batch_size: int = Field(32, ge=1, description="Mini-batch size.")
+    seed: int = Field(42, description="Seed of weights and shuffling.")
+
+
+class ExportConfig(StepConfig):
+    opset: int = Field(18, ge=13, le=23, description="ONNX opset to export to.")
+
+
+class SimplifyConfig(StepConfig):
+    enabled: bool = Field(True, description="Run onnxsim; off keeps the exported model.")
+    check_atol: float = Field(1e-5, gt=0, description="Largest output change simplify may cause.")
+
+
+class ValidateConfig(StepConfig):
+    atol: float = Field(1e-4, gt=0, description="Max absolute framework-vs-ONNX difference.")
+    rtol: float = Field(1e-3, gt=0, description="Max relative difference (of values above atol).")
+    max_accuracy_drop: float = Field(
+        0.001, ge=0, description="Largest allowed accuracy loss through onnxruntime (fraction)."
+    )
+    batch_size: int = Field(32, ge=2, description="Batch size of the batch-N consistency check.")
+    latency_repeats: int = Field(50, ge=1, description="Timed runs per latency figure.")
+
+
+class RegisterConfig(StepConfig):
+    model_name: str = Field("digits", description="Registered model (one per use case).")
+    alias: str = Field("challenger", description="Alias given to the new version.")
+
+
+class PromoteConfig(StepConfig):
+    mode: Literal["auto", "review"] = Field(
+        "auto", description="auto moves champion when better; review leaves it to a reviewer."
+    )
+    metric: str | None = Field(
+        None, description="Version tag compared; None: accuracy (classification) or rmse."
+    )
+    alias: str = Field("champion", description="Alias that is served.")
+
+
+class PipelineConfig(StepConfig):
+    experiment: str = Field("onnxflow", description="MLflow experiment of the runs.")
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    simplify: SimplifyConfig = SimplifyConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    register: RegisterConfig = RegisterConfig()
+    promote: PromoteConfig = PromoteConfig()
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class Settings(BaseSettings):
+    """Where things live; read from the environment (``ONNXFLOW_*``) in entry points."""
+
+    model_config = SettingsConfigDict(env_prefix="ONNXFLOW_", extra="ignore")
+
+    tracking_uri: str = Field(
+        "sqlite:///mlflow.db",
+        description="MLflow tracking URI (MLFLOW_TRACKING_URI wins when set).",
+    )
+    artifacts_dir: Path = Field(Path("artifacts"), description="Where steps write their files.")

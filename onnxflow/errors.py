@@ -1,0 +1,50 @@
+"""The onnxflow error hierarchy: one base, one subclass per stage.
+
+Deterministic failures (bad data, a model that fails validation) are raised as these
+and are never retried; only transient registry or network I/O is retried.
+"""
+
+from __future__ import annotations
+
+
+class OnnxflowError(Exception):
+    """Base class for every error onnxflow raises on purpose."""
+
+
+class DataError(OnnxflowError):
+    """The input table cannot be used: missing file, unknown column, bad values..."""
+
+
+class TrainingError(OnnxflowError):
+    """Training failed or produced an unusable model."""
+
+
+class ExportError(OnnxflowError):
+    """The framework model could not be exported to ONNX."""
+
+
+class SimplifyError(OnnxflowError):
+    """Raised only for unusable inputs; a failed simplification is recorded, not raised."""
+
+
+class ValidationError(OnnxflowError):
+    """One or more validation checks failed; the report names each of them."""
+
+    def __init__(self, failures: list[str], report_path: str | None = None) -> None:
+        self.failures = list(failures)
+        self.report_path = report_path
+        lines = "\n".join(f"  ✗ {f}" for f in self.failures)
+        where = f"\nReport: {report_path}" if report_path else ""
+        super().__init__(f"{len(self.failures)} validation check(s) failed:\n{lines}{where}")
+
+
+class RegistryError(OnnxflowError):
+    """The MLflow registry refused or could not complete an operation."""
+
+
+class PromotionError(OnnxflowError):
+    """An alias could not be moved (unknown model, version or metric)."""
+
+
+class ServingError(OnnxflowError):
+    """The endpoint could not load, verify or serve a model."""

@@ -1,0 +1,109 @@
+"""What steps hand each other: small frozen records of paths and figures.
+
+Between Prefect tasks we pass these, never live models, so that retries, caching and
+a distributed task runner all work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from onnxflow.config import Framework, Task
+
+
+class StepResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class DatasetInfo(StepResult):
+    name: str
+    source: str
+    task: Task
+    feature_names: tuple[str, ...]
+    class_names: tuple[str, ...] = ()
+    n_train: int
+    n_val: int
+    n_test: int
+    digest: str
+    """Content hash of the whole table (features and labels), for lineage."""
+    feature_mean: tuple[float, ...]
+    feature_std: tuple[float, ...]
+    """Training-split statistics; models fold this standardisation into their first layer
+    so the ONNX model takes raw features."""
+    target_mean: float = 0.0
+    target_std: float = 1.0
+    """Regression only: models fold ``y * std + mean`` into their last layer."""
+    seed: int
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.class_names) if self.task == "classification" else 1
+
+
+class DatasetArtifact(StepResult):
+    path: Path
+    """``splits.npz`` with X_train, y_train, X_val, y_val, X_test, y_test (float32 features;
+    int64 class indices or float32 targets)."""
+    info: DatasetInfo
+
+
+class TrainedModel(StepResult):
+    framework: Framework
+    path: Path
+    """The framework's own file: ``model.pt2`` (torch.export program) or ``model.keras``."""
+    metrics: dict[str, float]
+    """Final-epoch metrics on the training and validation splits."""
+    params: dict[str, str]
+    train_seconds: float
+
+
+class ExportedModel(StepResult):
+    path: Path
+    """``model.onnx``; external data, when any, lies beside it."""
+    exporter: str
+    """e.g. ``torch.onnx.export(dynamo=True)``, ``torch.onnx.export(dynamo=False)``, ``tf2onnx``."""
+    opset: int
+    fallback_reason: str | None = None
+    export_seconds: float
+
+
+class SimplifiedModel(StepResult):
+    path: Path
+    simplified: bool
+    reason: str | None = None
+    """Why the unsimplified model went on, when it did."""
+    nodes_before: int
+    nodes_after: int
+    bytes_before: int
+    bytes_after: int
+
+
+class ValidationSummary(StepResult):
+    report_dir: Path
+    """Holds report.json, report.md and the plots."""
+    passed: bool
+    metric_name: str
+    """``accuracy`` (higher is better) or ``rmse`` (lower is better)."""
+    framework_metric: float
+    onnx_metric: float
+    parity_max_abs: float
+    parity_max_rel: float
+    latency_ms: dict[str, float]
+    """``{"framework_b1": ..., "onnx_b1": ..., "framework_b32": ..., "onnx_b32": ...}``, medians."""
+    opset: int
+    ir_version: int
+    model_bytes: int
+
+
+class RegisteredVersion(StepResult):
+    name: str
+    version: str
+    run_id: str
+    model_uri: str
+    tags: dict[str, str]
