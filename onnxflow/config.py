@@ -90,7 +90,7 @@ class PipelineConfig(StepConfig):
     export: ExportConfig = ExportConfig()
     simplify: SimplifyConfig = SimplifyConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
-    register: RegisterConfig = RegisterConfig()
+    register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     promote: PromoteConfig = PromoteConfig()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
