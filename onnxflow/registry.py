@@ -1,0 +1,147 @@
+"""register: put a validated ONNX model into the MLflow model registry.
+
+One registered model per use case; every version carries lineage and validation tags
+and the sha256 of its ONNX files, which the endpoint checks before serving it.
+Aliases, never stages: ``challenger`` is the latest validated, ``champion`` is served.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from onnxflow.errors import RegistryError
+from onnxflow.onnxfiles import check_external_data, onnx_digest
+from onnxflow.results import RegisteredVersion
+
+log = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"
+"""Name of the logged model inside its run (the version's files sit under it)."""
+
+
+def register_onnx(
+    model_path: Path,
+    *,
+    model_name: str,
+    input_example: np.ndarray | Mapping[str, np.ndarray],
+    tags: Mapping[str, str] | None = None,
+    aliases: Sequence[str] = ("challenger",),
+    run_id: str | None = None,
+) -> RegisteredVersion:
+    """Log ``model_path`` (with its external data) and register it as a new version.
+
+    With ``run_id`` the model is logged into that run, and a version already registered
+    from that run is reused instead of creating a second one: a retried register step
+    is idempotent. Tags (plus ``onnx_sha256``) and aliases are (re)applied either way.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    model_path = Path(model_path)
+    check_external_data(model_path)
+    version = _version_from_run(client, model_name, run_id) if run_id else None
+    if version is None:
+        with mlflow.start_run(run_id=run_id) as run:
+            run_id = run.info.run_id
+            info = _log_onnx(model_path, input_example)
+        version = _register(client, info.model_uri, model_name)
+        log.info("registered %s version %s from run %s", model_name, version.version, run_id)
+    else:
+        log.info("run %s already registered %s version %s: reusing it",
+                 run_id, model_name, version.version)
+
+    digest = _stored_digest(f"models:/{model_name}/{version.version}")
+    all_tags = {**(tags or {}), "onnx_sha256": digest}
+    for key, value in all_tags.items():
+        client.set_model_version_tag(model_name, version.version, key, str(value))
+    for alias in aliases:
+        client.set_registered_model_alias(model_name, alias, version.version)
+    return RegisteredVersion(
+        name=model_name,
+        version=str(version.version),
+        run_id=run_id,
+        model_uri=f"models:/{model_name}/{version.version}",
+        tags=all_tags,
+    )
+
+
+def set_alias(model_name: str, alias: str, version: str | int) -> None:
+    """Point ``alias`` at ``version``; rollback is the same call with an older version."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        client.get_model_version(model_name, str(version))
+    except MlflowException as exc:
+        raise RegistryError(f"Model {model_name!r} has no version {version}: {exc.message}") from None
+    client.set_registered_model_alias(model_name, alias, str(version))
+
+
+def _log_onnx(model_path: Path, input_example):
+    import mlflow
+    import onnx
+    import onnxruntime
+    from mlflow.models import infer_signature
+
+    session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    feeds = (
+        dict(input_example)
+        if isinstance(input_example, Mapping)
+        else {session.get_inputs()[0].name: input_example}
+    )
+    outputs = session.run(None, feeds)
+    names = [o.name for o in session.get_outputs()]
+    example_out = outputs[0] if len(outputs) == 1 else dict(zip(names, outputs))
+    example_in = input_example if not isinstance(input_example, Mapping) else feeds
+    return mlflow.onnx.log_model(
+        onnx.load(str(model_path)),
+        name=MODEL_ARTIFACT,
+        signature=infer_signature(example_in, example_out),
+        input_example=example_in,
+        # Passing requirements skips MLflow's inference subprocess (seconds per model).
+        pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+        onnx_execution_providers=["CPUExecutionProvider"],
+        # A stable name instead of onnx's random one: same model, same bytes, same digest.
+        location="model.onnx.data",
+    )
+
+
+def _register(client, model_uri: str, model_name: str):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        client.create_registered_model(
+            model_name, description="Registered by onnxflow; champion is served."
+        )
+    mv = mlflow.register_model(model_uri, model_name)
+    return client.get_model_version(model_name, mv.version)
+
+
+def _version_from_run(client, model_name: str, run_id: str):
+    """The version a previous attempt registered from ``run_id``, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
+    except MlflowException:
+        return None
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def _stored_digest(model_uri: str) -> str:
+    """Digest of the files as the registry stores them (MLflow re-saves the model)."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        return onnx_digest(local / "model.onnx")
