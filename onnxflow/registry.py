@@ -14,9 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxflow.config import RegisterConfig
 from onnxflow.errors import RegistryError
 from onnxflow.onnxfiles import check_external_data, onnx_digest
-from onnxflow.results import RegisteredVersion
+from onnxflow.results import (
+    DatasetArtifact, ExportedModel, RegisteredVersion, SimplifiedModel, TrainedModel,
+    ValidationSummary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +149,79 @@ def _stored_digest(model_uri: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
         return onnx_digest(local / "model.onnx")
+
+
+def register_validated(
+    model_path: Path,
+    *,
+    summary: ValidationSummary,
+    lineage: Mapping[str, str],
+    dataset: DatasetArtifact,
+    config: RegisterConfig,
+    run_id: str,
+) -> RegisteredVersion:
+    """The register step: a model that passed validation becomes a tagged version.
+
+    ``lineage`` carries the tags known before validation (framework, exporter, opset,
+    dataset digest, git commit, flow run, simplify figures); validation adds its own.
+    """
+    if not summary.passed:
+        raise RegistryError(
+            f"Refusing to register {model_path}: validation failed (see {summary.report_dir})."
+        )
+    from onnxflow.data import load_splits
+
+    tags = {**lineage, **validation_tags(summary)}
+    return register_onnx(
+        model_path,
+        model_name=config.model_name,
+        input_example=load_splits(dataset)["X_test"][:1],
+        tags=tags,
+        aliases=(config.alias,),
+        run_id=run_id,
+    )
+
+
+def validation_tags(summary: ValidationSummary) -> dict[str, str]:
+    """The version tags a reviewer and the promote step read (see DESIGN.md)."""
+    return {
+        "validation": "passed" if summary.passed else "failed",
+        "metric_name": summary.metric_name,
+        summary.metric_name: f"{summary.onnx_metric:.6g}",
+        f"framework_{summary.metric_name}": f"{summary.framework_metric:.6g}",
+        "parity_max_abs": f"{summary.parity_max_abs:.3g}",
+        "parity_max_rel": f"{summary.parity_max_rel:.3g}",
+        "latency_ms_onnx_b1": f"{summary.latency_ms.get('onnx_b1', float('nan')):.4g}",
+        "latency_ms_framework_b1": f"{summary.latency_ms.get('framework_b1', float('nan')):.4g}",
+        "model_bytes": str(summary.model_bytes),
+        "ir_version": str(summary.ir_version),
+    }
+
+
+def lineage_tags(
+    trained: TrainedModel,
+    exported: ExportedModel,
+    simplified: SimplifiedModel,
+    dataset: DatasetArtifact,
+    *,
+    git_commit: str,
+    flow_run_id: str,
+) -> dict[str, str]:
+    """Where a version came from: code, data, framework, exporter and simplification."""
+    tags = {
+        "source_framework": trained.framework,
+        "exporter": exported.exporter,
+        "opset": str(exported.opset),
+        "dataset_digest": dataset.info.digest,
+        "dataset_name": dataset.info.name,
+        "git_commit": git_commit,
+        "flow_run_id": flow_run_id,
+        "simplified": str(simplified.simplified).lower(),
+        "nodes_before": str(simplified.nodes_before),
+        "nodes_after": str(simplified.nodes_after),
+    }
+    if exported.fallback_reason:
+        tags["export_fallback_reason"] = exported.fallback_reason[:4000]
+    if simplified.reason:
+        tags["simplify_reason"] = simplified.reason[:4000]
+    return tags

@@ -107,3 +107,14 @@ class RegisteredVersion(StepResult):
     run_id: str
     model_uri: str
     tags: dict[str, str]
+
+
+class ChainResult(StepResult):
+    """Everything one framework's chain produced, from training to its registry version."""
+
+    framework: Framework
+    trained: TrainedModel
+    exported: ExportedModel
+    simplified: SimplifiedModel
+    validation: ValidationSummary
+    version: RegisteredVersion

@@ -1,0 +1,45 @@
+# onnxflow: `make demo` and `make test` are all a fresh clone needs.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Re-install when pyproject.toml changes; the stamp lives inside the venv.
+STAMP  := $(VENV)/.installed
+
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install demo test test-all bench ui stop clean help
+
+help:  ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet -e ".[pipeline,test]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## Create .venv and install everything (once; again when pyproject changes)
+
+demo: $(STAMP)  ## Train torch + keras on digits, register, promote, serve champion
+	$(BIN)/onnxflow run --framework both --deploy
+
+test: $(STAMP)  ## Run the test suite (fast tests; CI runs this)
+	$(BIN)/pytest
+
+test-all: $(STAMP)  ## Run every test, slow ones included
+	$(BIN)/pytest -m ""
+
+bench: $(STAMP)  ## Serving benchmarks: our endpoint vs mlflow models serve
+	$(BIN)/python bench/serve_bench.py
+
+ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+stop: $(STAMP)  ## Stop the endpoint started by make demo
+	$(BIN)/onnxflow stop
+
+clean:  ## Remove runs, registry, artifacts (keeps .venv)
+	rm -rf mlflow.db artifacts .onnxflow
+	find mlruns -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -1,0 +1,147 @@
+"""The pipeline as Prefect flows; read it next to the diagram in DESIGN.md.
+
+    data ─► train ─► export ─► simplify ─► validate ─► register ─► promote
+
+``train_and_register`` runs one framework's chain; ``run`` runs the chosen frameworks
+on one dataset and promotes the best. No step logic lives here, only the wiring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from onnxflow.config import Framework, PipelineConfig
+from onnxflow.errors import OnnxflowError
+from onnxflow.promote import PromotionDecision
+from onnxflow.registry import lineage_tags
+from onnxflow.results import ChainResult, DatasetArtifact, StepResult
+from onnxflow.summary import to_markdown, version_rows
+from onnxflow.tracking import git_commit
+from tasks.data import prepare_data_task
+from tasks.model import export_task, simplify_task, train_task, validate_task
+from tasks.registry import finish_run_task, promote_task, register_task, start_run_task
+
+
+class RunResult(StepResult):
+    chains: list[ChainResult]
+    failures: dict[str, str]
+    promotion: PromotionDecision | None
+    table: list[dict[str, str]]
+
+
+@flow(name="train-and-register", flow_run_name="train-and-register-{framework}")
+def train_and_register(
+    framework: Framework,
+    config: PipelineConfig = PipelineConfig(),
+    out_dir: Path = Path("artifacts"),
+    dataset: DatasetArtifact | None = None,
+) -> ChainResult:
+    """data → train → export → simplify → validate → register, for one framework."""
+    dataset = dataset or prepare_data_task(config.data, out_dir / "data")
+    out = out_dir / framework
+    with mlflow_run(framework, config, dataset) as run_id:
+        trained = train_task(framework, dataset, config.train, out / "train", run_id)
+        exported = export_task(framework, trained, dataset.info, config.export, out / "export")
+        simplified = simplify_task(exported.path, config.simplify, out / "simplify")
+        validation = validate_task(
+            simplified.path, trained, dataset, config.validate_, out / "validate", run_id
+        )
+        lineage = lineage_tags(
+            trained, exported, simplified, dataset,
+            git_commit=git_commit(), flow_run_id=str(flow_run.id),
+        )
+        version = register_task(
+            simplified.path, validation, lineage, dataset, config.register_, run_id
+        )
+    return ChainResult(
+        framework=framework, trained=trained, exported=exported, simplified=simplified,
+        validation=validation, version=version,
+    )
+
+
+@flow(name="onnxflow-run")
+def run(
+    frameworks: Sequence[Framework] = ("torch", "keras"),
+    config: PipelineConfig = PipelineConfig(),
+    out_dir: Path = Path("artifacts"),
+) -> RunResult:
+    """Every framework's chain on one dataset, then promote the best new version."""
+    logger = get_run_logger()
+    dataset = prepare_data_task(config.data, out_dir / "data")
+    chains, failures = [], {}
+    for framework in frameworks:
+        state = train_and_register(framework, config, out_dir, dataset, return_state=True)
+        if state.is_completed():
+            chains.append(state.result())
+        else:
+            failures[framework] = _failure_message(state)
+            logger.error("%s chain failed: %s", framework, failures[framework])
+
+    model_name = config.register_.model_name
+    promotion = None
+    if chains:
+        promotion = promote_task(model_name, [c.version.version for c in chains], config.promote)
+    table = version_rows(model_name, [c.version.version for c in chains]) if chains else []
+    create_markdown_artifact(
+        markdown=_run_markdown(table, promotion, failures),
+        key=f"{model_name}-run-summary".lower().replace("_", "-"),
+        description=f"onnxflow run on {dataset.info.name}",
+    )
+    if failures:
+        raise OnnxflowError(
+            "Chain(s) failed: " + "; ".join(f"{fw}: {msg}" for fw, msg in failures.items())
+        )
+    return RunResult(chains=chains, failures=failures, promotion=promotion, table=table)
+
+
+@contextmanager
+def mlflow_run(framework: Framework, config: PipelineConfig, dataset: DatasetArtifact) -> Iterator[str]:
+    """One MLflow run per chain, marked FAILED if any step inside fails."""
+    run_id = start_run_task(
+        config.experiment,
+        f"{framework}-{config.register_.model_name}",
+        _params(config),
+        {"source_framework": framework, "flow_run_id": str(flow_run.id)},
+        dataset,
+    )
+    try:
+        yield run_id
+    except BaseException:
+        finish_run_task(run_id, failed=True)
+        raise
+    finish_run_task(run_id)
+
+
+def _params(config: PipelineConfig) -> dict[str, object]:
+    params = {}
+    for section in ("data", "train", "export", "simplify", "validate", "register", "promote"):
+        values = config.model_dump(by_alias=True)[section]
+        params.update({f"{section}.{k}": v for k, v in values.items()})
+    return params
+
+
+def _failure_message(state) -> str:
+    try:
+        state.result()
+    except Exception as exc:  # the chain's own error, as raised by its failing task
+        return str(exc)
+    return state.message or "unknown failure"
+
+
+def _run_markdown(table, promotion: PromotionDecision | None, failures: dict[str, str]) -> str:
+    parts = [to_markdown(table, title="Versions registered by this run")] if table else []
+    if promotion:
+        parts.append(
+            f"**Promotion** ({promotion.metric}): v{promotion.candidate} "
+            f"{promotion.decision.replace('_', ' ')}: {promotion.reason}. "
+            f"`{promotion.alias}` is now v{promotion.champion_after or '-'}.\n"
+        )
+    for framework, message in failures.items():
+        parts.append(f"**{framework} failed**:\n\n```\n{message}\n```\n")
+    return "\n".join(parts)

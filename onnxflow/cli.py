@@ -1,0 +1,182 @@
+"""The ``onnxflow`` command line.
+
+Settings that depend on the machine (tracking URI, artifact folder) are read here, in
+the entry point, and passed down; heavy libraries are imported inside each command so
+that ``onnxflow --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from onnxflow.config import PipelineConfig, Settings
+from onnxflow.errors import OnnxflowError
+
+app = typer.Typer(
+    help="Train in PyTorch or Keras, ship as ONNX: export, simplify, validate, register in "
+    "MLflow, promote and serve with onnxruntime.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+class FrameworkChoice(str, Enum):
+    torch = "torch"
+    keras = "keras"
+    both = "both"
+
+
+class PromotionMode(str, Enum):
+    auto = "auto"
+    review = "review"
+
+
+def _setup(settings: Settings | None = None) -> Settings:
+    """Point MLflow (and every subprocess) at the store, quiet the noisy libraries."""
+    settings = settings or Settings()
+    os.environ.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "onnxflow")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "tensorflow", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return settings
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def load_config(path: Path | None, overrides: dict[str, dict[str, Any]]) -> PipelineConfig:
+    """The YAML file (if any) with the command-line options on top, validated once."""
+    import yaml
+    from pydantic import ValidationError
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            _fail(f"config file not found: {path}", 2)
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            _fail(f"{path} must hold a mapping of sections (data:, train:, ...)", 2)
+        raw = loaded
+    for section, values in overrides.items():
+        values = {k: v for k, v in values.items() if v is not None}
+        if values:
+            raw[section] = {**(raw.get(section) or {}), **values}
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        _fail(f"invalid configuration{f' in {path}' if path else ''}:\n{exc}", 2)
+        raise  # unreachable, for type checkers
+
+
+@app.command()
+def run(
+    framework: Annotated[FrameworkChoice, typer.Option(help="Which framework(s) to train.")] = FrameworkChoice.both,
+    data: Annotated[Optional[Path], typer.Option(help="CSV or Parquet table (default: the bundled digits).")] = None,
+    target: Annotated[Optional[str], typer.Option(help="Label column of --data.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with step settings.")] = None,
+    promotion: Annotated[Optional[PromotionMode], typer.Option(help="auto moves champion when better; review leaves it to a reviewer.")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default: digits).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (overrides the config).")] = None,
+    deploy: Annotated[bool, typer.Option(help="End by serving champion with the endpoint.")] = False,
+    port: Annotated[int, typer.Option(help="Port of the endpoint with --deploy.")] = 8080,
+) -> None:
+    """Train, export, simplify, validate, register and promote."""
+    settings = _setup()
+    cfg = load_config(config, {
+        "data": {"path": data, "target": target},
+        "train": {"epochs": epochs},
+        "register": {"model_name": model_name},
+        "promote": {"mode": promotion.value if promotion else None},
+    })
+    frameworks = ["torch", "keras"] if framework is FrameworkChoice.both else [framework.value]
+    out_dir = settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    # Bad data fails here, in seconds, before Prefect or any framework starts.
+    from onnxflow.data import prepare_data
+
+    try:
+        prepare_data(cfg.data, out_dir / "data-check")
+    except OnnxflowError as exc:
+        _fail(str(exc), 2)
+
+    from flows.pipeline import run as run_flow
+    from onnxflow.summary import print_table
+
+    started = time.perf_counter()
+    try:
+        result = run_flow(frameworks, cfg, out_dir)
+    except OnnxflowError as exc:
+        _fail(str(exc))
+    print_table(result.table, title=f"{cfg.register_.model_name}: versions from this run")
+    decision = result.promotion
+    if decision:
+        typer.echo(f"promotion ({decision.metric}): v{decision.candidate} {decision.decision.replace('_', ' ')}"
+                   f" — {decision.reason}")
+        typer.echo(f"champion: v{decision.champion_after or '-'}    challenger: v{decision.candidate}")
+    typer.echo(f"artifacts: {out_dir}    run time: {time.perf_counter() - started:.1f} s")
+    if deploy:
+        _deploy(f"{cfg.register_.model_name}@champion", port)
+
+
+@app.command()
+def models(
+    name: Annotated[str, typer.Argument(help="Registered model.")] = "digits",
+) -> None:
+    """List a registered model's versions with aliases and key tags."""
+    _setup()
+    from mlflow.exceptions import MlflowException
+
+    from onnxflow.summary import print_table, version_rows
+
+    try:
+        rows = version_rows(name)
+    except MlflowException as exc:
+        _fail(f"no registered model {name!r} in {os.environ['MLFLOW_TRACKING_URI']}: {exc.message}")
+    print_table(rows, title=f"{name} ({os.environ['MLFLOW_TRACKING_URI']})")
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model.")],
+    version: Annotated[str, typer.Argument(help="Version to point the alias at.")],
+    alias: Annotated[str, typer.Option(help="Alias to move.")] = "champion",
+) -> None:
+    """Move an alias to a version (rollback is the same command with an older version)."""
+    _setup()
+    from onnxflow.registry import set_alias
+
+    try:
+        set_alias(name, alias, version)
+    except OnnxflowError as exc:
+        _fail(str(exc))
+    typer.echo(f"{name}@{alias} -> version {version}")
+
+
+def _deploy(model: str, port: int) -> None:
+    from tasks.serve import deploy_endpoint
+
+    url = deploy_endpoint(model, port=port)
+    typer.echo(f"serving {model} at {url}   (stop with: onnxflow stop)")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

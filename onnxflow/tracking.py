@@ -1,0 +1,109 @@
+"""The MLflow run of one chain: params, per-epoch metrics, dataset lineage, the report.
+
+Functions take an explicit ``run_id`` (no fluent active-run state), so tasks can run
+in any thread or process and a retried task logs into the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from onnxflow.results import DatasetArtifact, ValidationSummary
+
+log = logging.getLogger(__name__)
+
+
+def start_run(
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    dataset: DatasetArtifact,
+) -> str:
+    """Create the run, log params and tags and the dataset as a training input."""
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
+    with np.load(dataset.path) as npz:
+        X = np.concatenate([npz["X_train"], npz["X_val"], npz["X_test"]])
+        y = np.concatenate([npz["y_train"], npz["y_val"], npz["y_test"]])
+    mlflow_dataset = mlflow.data.from_numpy(X, targets=y, source=dataset.info.source,
+                                            name=dataset.info.name)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_input(mlflow_dataset, context="training")
+    client.update_run(run_id, status="RUNNING")
+    log.info("MLflow run %s (%s) in experiment %r", run_id, run_name, experiment)
+    return run_id
+
+
+def log_epoch(run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    import time
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(
+        run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()]
+    )
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float]) -> None:
+    log_epoch(run_id, 0, metrics)
+
+
+def log_validation(run_id: str, report_dir: Path, summary: ValidationSummary | None) -> None:
+    """Attach the report (json, md, plots) to the run; figures too when it passed."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if report_dir.exists():
+        client.log_artifacts(run_id, str(report_dir), artifact_path="validation")
+    client.set_tag(run_id, "validation", "passed" if summary and summary.passed else "failed")
+    if summary is not None:
+        log_metrics(run_id, validation_metrics(summary))
+
+
+def validation_metrics(summary: ValidationSummary) -> dict[str, float]:
+    figures = {
+        f"test_{summary.metric_name}_framework": summary.framework_metric,
+        f"test_{summary.metric_name}_onnx": summary.onnx_metric,
+        "parity_max_abs": summary.parity_max_abs,
+        "parity_max_rel": summary.parity_max_rel,
+        "model_bytes": float(summary.model_bytes),
+    }
+    figures.update({f"latency_ms_{k}": v for k, v in summary.latency_ms.items()})
+    return figures
+
+
+def finish_run(run_id: str, failed: bool = False) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """The commit of the code that ran, or ``unknown`` outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def _param(key: str, value: Any):
+    from mlflow.entities import Param
+
+    return Param(key, str(value)[:6000])
