@@ -45,7 +45,7 @@ def test_register_logs_files_signature_tags_and_alias(mlflow_store, tmp_path):
     info = mlflow.models.get_model_info(registered.model_uri)
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 64]
     loaded = mlflow.pyfunc.load_model(registered.model_uri)
-    np.testing.assert_allclose(loaded.predict(EXAMPLE), _onnx(path, EXAMPLE), rtol=1e-6)
+    np.testing.assert_allclose(loaded.predict(EXAMPLE)["probabilities"], _onnx(path, EXAMPLE), rtol=1e-6)
 
 
 def _onnx(path, x):
