@@ -1,9 +1,11 @@
 """The pipeline as Prefect flows; read it next to the diagram in DESIGN.md.
 
     data ─► train ─► export ─► simplify ─► validate ─► register ─► promote
+            └──── train_and_register ─────────────────────────┘
+                               └───── validate_and_register ──┘
 
-``train_and_register`` runs one framework's chain; ``run`` runs the chosen frameworks
-on one dataset and promotes the best. No step logic lives here, only the wiring.
+``run`` runs the chosen frameworks' chains on one dataset and promotes the best new
+version. No step logic lives here, only the wiring.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from onnxflow.config import Framework, PipelineConfig
 from onnxflow.errors import OnnxflowError
 from onnxflow.promote import PromotionDecision
 from onnxflow.registry import lineage_tags
-from onnxflow.results import ChainResult, DatasetArtifact, StepResult
+from onnxflow.results import (
+    ChainResult, DatasetArtifact, ExportedModel, StepResult, TrainedModel,
+)
 from onnxflow.summary import to_markdown, version_rows
 from onnxflow.tracking import git_commit
 from tasks.data import prepare_data_task
@@ -42,25 +46,40 @@ def train_and_register(
     out_dir: Path = Path("artifacts"),
     dataset: DatasetArtifact | None = None,
 ) -> ChainResult:
-    """data → train → export → simplify → validate → register, for one framework."""
+    """data → train → export → (validate_and_register), for one framework."""
     dataset = dataset or prepare_data_task(config.data, out_dir / "data")
     out = out_dir / framework
     with mlflow_run(framework, config, dataset) as run_id:
         trained = train_task(framework, dataset, config.train, out / "train", run_id)
         exported = export_task(framework, trained, dataset.info, config.export, out / "export")
-        simplified = simplify_task(exported.path, config.simplify, out / "simplify")
-        validation = validate_task(
-            simplified.path, trained, dataset, config.validate_, out / "validate", run_id
-        )
-        lineage = lineage_tags(
-            trained, exported, simplified, dataset,
-            git_commit=git_commit(), flow_run_id=str(flow_run.id),
-        )
-        version = register_task(
-            simplified.path, validation, lineage, dataset, config.register_, run_id
-        )
+        return validate_and_register(trained, exported, dataset, config, out, run_id)
+
+
+@flow(name="validate-and-register")
+def validate_and_register(
+    trained: TrainedModel,
+    exported: ExportedModel,
+    dataset: DatasetArtifact,
+    config: PipelineConfig,
+    out_dir: Path,
+    run_id: str,
+) -> ChainResult:
+    """simplify → validate → register: what every exported ONNX model goes through.
+
+    A model that fails validation stops here, with its report on the run: it is never
+    registered.
+    """
+    simplified = simplify_task(exported.path, config.simplify, out_dir / "simplify")
+    validation = validate_task(
+        simplified.path, trained, dataset, config.validate_, out_dir / "validate", run_id
+    )
+    lineage = lineage_tags(
+        trained, exported, simplified, dataset,
+        git_commit=git_commit(), flow_run_id=str(flow_run.id),
+    )
+    version = register_task(simplified.path, validation, lineage, dataset, config.register_, run_id)
     return ChainResult(
-        framework=framework, trained=trained, exported=exported, simplified=simplified,
+        framework=trained.framework, trained=trained, exported=exported, simplified=simplified,
         validation=validation, version=version,
     )
 
