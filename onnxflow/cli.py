@@ -174,6 +174,40 @@ def _deploy(model: str, port: int) -> None:
     typer.echo(f"serving {model} at {url}   (stop with: onnxflow stop)")
 
 
+# --- the service stack: `onnxflow stack up|status|down|deploy` and `onnxflow trigger` ---
+
+from onnxflow.stack.cli import stack_app  # noqa: E402  (light: typer only)
+
+app.add_typer(stack_app, name="stack")
+
+
+@app.command()
+def trigger(
+    framework: Annotated[FrameworkChoice, typer.Option(help="Which framework(s) to train.")] = FrameworkChoice.both,
+    data: Annotated[Optional[Path], typer.Option(help="CSV or Parquet table the worker can read (default: the bundled digits).")] = None,
+    target: Annotated[Optional[str], typer.Option(help="Label column of --data.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with step settings.")] = None,
+    promotion: Annotated[Optional[PromotionMode], typer.Option(help="auto moves champion when better; review leaves it to a reviewer.")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default: digits).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (overrides the config).")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait until the run finished (and the replicas serve its champion).")] = False,
+    timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
+) -> None:
+    """Run the on-demand retrain-and-deploy deployment on the stack's worker."""
+    if data is not None and not data.is_file():
+        _fail(f"data file not found: {data}", 2)
+    cfg = load_config(config, {
+        "data": {"path": data.resolve() if data else None, "target": target},
+        "train": {"epochs": epochs},
+        "register": {"model_name": model_name},
+        "promote": {"mode": promotion.value if promotion else None},
+    })
+    from onnxflow.stack.cli import trigger_run
+
+    trigger_run(["torch", "keras"] if framework is FrameworkChoice.both else [framework.value],
+                cfg, wait=wait, timeout_s=timeout)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -1,0 +1,44 @@
+"""``retrain-and-deploy``: the flow the stack's deployments run on the Prefect worker.
+
+    onnxflow-run (train ─► ... ─► promote) ─► wait until every replica serves champion
+
+The pipeline itself is :func:`flows.pipeline.run`; this flow adds what a service needs
+around it: a run folder per flow run, and (when champion moved) the wait until every
+serving replica answers with the new version, so a finished run means a deployed model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.pipeline import RunResult, run
+from onnxflow.config import Framework, PipelineConfig, Settings
+from onnxflow.stack.settings import FLOW_NAME
+from tasks.endpoints import wait_for_endpoints_task
+
+
+@flow(name=FLOW_NAME)
+def retrain_and_deploy(
+    frameworks: Sequence[Framework] = ("torch", "keras"),
+    config: PipelineConfig = PipelineConfig(),
+    endpoints: Sequence[str] = (),
+    endpoint_timeout_s: float = 120.0,
+) -> RunResult:
+    """Train, validate, register and promote; then wait for the replicas at ``endpoints``
+    to serve the new champion (review mode: nothing to wait for, a reviewer decides)."""
+    logger = get_run_logger()
+    out_dir = Settings().artifacts_dir / (flow_run.name or str(flow_run.id))
+    result = run(frameworks, config, out_dir)
+    decision = result.promotion
+    if decision is None or decision.decision != "promoted":
+        logger.info("champion unchanged (%s); replicas keep their version",
+                    decision.decision if decision else "nothing registered")
+    elif endpoints:
+        took = wait_for_endpoints_task(list(endpoints), decision.model_name,
+                                       decision.champion_after, endpoint_timeout_s)
+        logger.info("version %s served by %s", decision.champion_after,
+                    ", ".join(f"{url} after {s:.1f} s" for url, s in took.items()))
+    return result

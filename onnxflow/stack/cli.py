@@ -1,0 +1,132 @@
+"""``onnxflow stack up|status|down|deploy``: the local stack from the command line.
+
+Settings come from ``ONNXFLOW_STACK_*`` (see :class:`StackSettings`), read here in the
+entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import typer
+
+from onnxflow.errors import OnnxflowError
+
+stack_app = typer.Typer(
+    help="The local service stack: MLflow and Prefect servers, worker, deployments, endpoint.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _settings():
+    from pydantic import ValidationError
+
+    from onnxflow.stack.settings import StackSettings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)-7s %(name)s: %(message)s")
+    try:
+        return StackSettings()
+    except ValidationError as exc:
+        typer.secho(f"error: invalid ONNXFLOW_STACK_* settings:\n{exc}", fg="red", err=True)
+        raise typer.Exit(2)
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@stack_app.command()
+def up() -> None:
+    """Start the stack on this machine and wait until every part is healthy."""
+    from onnxflow.stack import manager
+
+    settings = _settings()
+    typer.echo(f"starting the stack (state in {manager.state_dir(settings)})")
+    try:
+        manager.up(settings, progress=lambda line: typer.echo(f"  ✓ {line}"))
+    except OnnxflowError as exc:
+        _fail(exc)
+    _print_urls(settings)
+
+
+@stack_app.command()
+def down() -> None:
+    """Stop every process `up` started (and the processes they started)."""
+    from onnxflow.stack import manager
+
+    settings = _settings()
+    stopped = manager.down(settings, progress=lambda line: typer.echo(f"  {line}"))
+    typer.echo("stack stopped" if stopped else "nothing was running")
+
+
+@stack_app.command()
+def status() -> None:
+    """What runs, where, and what each part reports; exit code 1 if anything is down."""
+    from onnxflow.stack import manager
+
+    settings = _settings()
+    rows = manager.status(settings)
+    if not rows:
+        typer.echo("the stack is not running (start it with `make up`)")
+        raise typer.Exit(3)
+    for row in rows:
+        mark = "✓" if row["running"] else "✗"
+        typer.echo(f"  {mark} {row['name']:<16} pid {row['pid']:<7} {row['url']:<24} "
+                   f"{row['detail'] if row['running'] else 'NOT RUNNING, log: ' + row['log']}")
+    _print_urls(settings)
+    if not all(row["running"] for row in rows):
+        raise typer.Exit(1)
+
+
+@stack_app.command()
+def deploy() -> None:
+    """Create or update the work pool and deployments on a running Prefect server
+    (what `up` does; for servers started otherwise, e.g. docker-compose)."""
+    from onnxflow.stack.deployments import apply_deployments
+
+    settings = _settings()
+    try:
+        names = apply_deployments(settings)
+    except OnnxflowError as exc:
+        _fail(exc)
+    typer.echo(f"deployed {', '.join(names)} to {settings.prefect_url} "
+               f"(pool {settings.work_pool})")
+
+
+def _print_urls(settings) -> None:
+    typer.echo(f"\n  Prefect UI   {settings.prefect_url}\n  MLflow UI    {settings.mlflow_url}")
+    for url in settings.endpoint_urls:
+        typer.echo(f"  endpoint     {url}   (model {settings.model})")
+
+
+
+def trigger_run(frameworks: list[str], config, wait: bool, timeout_s: float | None) -> None:
+    """Create an on-demand run; with ``wait``, report how it ended and what is served."""
+    import time
+
+    from onnxflow.stack import health
+    from onnxflow.stack.deployments import config_parameter, trigger
+
+    settings = _settings()
+    parameters = {"frameworks": frameworks, "config": config_parameter(config),
+                  "endpoints": settings.endpoints_for_runs}
+    started = time.perf_counter()
+    try:
+        run = trigger(settings, parameters, wait=wait, timeout_s=timeout_s)
+    except Exception as exc:  # no server, unknown deployment: say where we looked
+        _fail(RuntimeError(f"cannot run the on-demand deployment on {settings.prefect_url} "
+                           f"(is the stack up? `make status`): {exc}"))
+    typer.echo(f"flow run {run.name}: {settings.prefect_url}/runs/flow-run/{run.id}")
+    if not wait:
+        return
+    state = run.state
+    typer.echo(f"finished {state.type.value if state else 'UNKNOWN'} after "
+               f"{time.perf_counter() - started:.1f} s{': ' + state.message if state and state.message else ''}")
+    name = config.register_.model_name
+    for url in settings.endpoint_urls:
+        version = health.serving_version(url, name)
+        typer.echo(f"  {url} serves {name} v{version}" if version else f"  {url}: no version")
+    if state is None or not state.is_completed():
+        raise typer.Exit(1)

@@ -1,0 +1,109 @@
+"""The Prefect deployments of ``retrain-and-deploy``, kept in code, and how to trigger them.
+
+* ``retrain-and-deploy/scheduled``: on ``schedule_cron`` (default 02:00 daily), both
+  frameworks, auto promotion: the nightly retrain that leaves the replicas on the new
+  champion.
+* ``retrain-and-deploy/on-demand``: no schedule; a data scientist runs it with their
+  own parameters from the Prefect UI, ``prefect deployment run`` or ``onnxflow trigger``.
+
+Both run on the stack's process work pool. The entrypoint is the module path
+``flows.retrain.retrain_and_deploy`` (the package is installed wherever a worker runs),
+so no code storage is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from onnxflow.config import PipelineConfig
+from onnxflow.stack.errors import StackError
+from onnxflow.stack.settings import FLOW_NAME, ON_DEMAND, SCHEDULED, StackSettings
+
+log = logging.getLogger(__name__)
+
+ENTRYPOINT = "flows.retrain.retrain_and_deploy"
+
+
+def scheduled_config(settings: StackSettings) -> PipelineConfig:
+    """The pipeline configuration of scheduled runs: ``schedule_config`` or the defaults."""
+    if settings.schedule_config is None:
+        return PipelineConfig()
+    import yaml
+
+    path = Path(settings.schedule_config)
+    if not path.is_file():
+        raise StackError(f"schedule_config {path} is not a file")
+    return PipelineConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+
+
+def config_parameter(config: PipelineConfig) -> dict[str, Any]:
+    """A config as the JSON a deployment parameter holds (aliases as in the YAML file)."""
+    return config.model_dump(mode="json", by_alias=True)
+
+
+def apply_deployments(settings: StackSettings) -> list[str]:
+    """Create (or update) the work pool and both deployments on the stack's Prefect server."""
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.retrain import retrain_and_deploy
+
+    common: dict[str, Any] = dict(entrypoint_type=EntrypointType.MODULE_PATH,
+                                  work_pool_name=settings.work_pool, tags=["onnxflow"])
+    endpoints = settings.endpoints_for_runs
+    scheduled = retrain_and_deploy.to_deployment(
+        SCHEDULED,
+        schedules=[Cron(settings.schedule_cron, timezone=settings.schedule_timezone)],
+        paused=settings.schedule_paused,
+        parameters={"config": config_parameter(scheduled_config(settings)),
+                    "endpoints": endpoints},
+        description="Nightly retrain: both frameworks, auto promotion; finishes when every "
+        "replica serves the new champion.",
+        **common,
+    )
+    on_demand = retrain_and_deploy.to_deployment(
+        ON_DEMAND,
+        parameters={"endpoints": endpoints},
+        description="Retrain with your own parameters (frameworks, data, epochs, promotion "
+        "mode). Also: `onnxflow trigger --help`.",
+        **common,
+    )
+    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
+        _ensure_work_pool(settings.work_pool)
+        for deployment in (scheduled, on_demand):
+            deployment.apply(work_pool_name=settings.work_pool)
+    return [f"{FLOW_NAME}/{SCHEDULED}", f"{FLOW_NAME}/{ON_DEMAND}"]
+
+
+def _ensure_work_pool(name: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            log.info("created process work pool %s", name)
+        except ObjectAlreadyExists:
+            pass
+
+
+def trigger(
+    settings: StackSettings, parameters: dict[str, Any], wait: bool = False,
+    timeout_s: float | None = None,
+):
+    """Create a run of the on-demand deployment; with ``wait``, block until it finishes.
+
+    Returns the flow run (its ``state`` is final when ``wait`` is set).
+    """
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
+        return run_deployment(
+            f"{FLOW_NAME}/{ON_DEMAND}", parameters=parameters,
+            timeout=(timeout_s if wait else 0), poll_interval=2, as_subflow=False,
+        )

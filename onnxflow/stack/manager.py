@@ -1,0 +1,273 @@
+"""The local stack: ``up`` starts it, ``status`` shows it, ``down`` stops what ``up`` started.
+
+    MLflow tracking server ─┐
+    (--serve-artifacts)     ├─► deployments ─► worker (process pool) ─► serving replicas
+    Prefect server ─────────┘   (scheduled,     flow runs see            follow NAME@champion
+                                 on-demand)     MLFLOW_TRACKING_URI
+
+Everything lives under ``settings.state_dir``: ``stack.json`` (what runs: pid, start
+time, URL, log of each process), ``logs/``, the SQLite stores (unless database URLs are
+set), MLflow's artifact store and the replicas' model caches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from onnxflow.stack import health
+from onnxflow.stack.errors import StackError
+from onnxflow.stack.processes import (
+    ProcessRecord, is_running, start_process, stop_process, wait_until,
+)
+from onnxflow.stack.settings import StackSettings
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "stack.json"
+#: Variables of the caller that must not leak into the stack's processes.
+_OVERRIDDEN = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILES_PATH",
+               "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+               "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+Progress = Callable[[str], None]
+
+
+# --- what each process is: pure functions of the settings, tested without starting anything
+
+
+def state_dir(settings: StackSettings) -> Path:
+    return settings.state_dir.resolve()
+
+
+def mlflow_backend_uri(settings: StackSettings) -> str:
+    if settings.mlflow_database_url is not None:
+        return settings.mlflow_database_url.get_secret_value()
+    return f"sqlite:///{state_dir(settings) / 'mlflow.db'}"
+
+
+def base_env(settings: StackSettings) -> dict[str, str]:
+    """The caller's environment, less what would point a process at another store."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in _OVERRIDDEN and not k.startswith("ONNXFLOW_SERVE_")}
+    env.update({"PYTHONUNBUFFERED": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "TF_CPP_MIN_LOG_LEVEL": "2"})
+    return env
+
+
+def prefect_env(settings: StackSettings) -> dict[str, str]:
+    """What every Prefect process of the stack (server, worker, flow runs) reads."""
+    env = {
+        "PREFECT_HOME": str(state_dir(settings) / "prefect"),
+        "PREFECT_API_URL": settings.prefect_api_url,
+        "PREFECT_SERVER_API_HOST": settings.host,
+        "PREFECT_SERVER_API_PORT": str(settings.prefect_port),
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "onnxflow",
+        "PREFECT_WORKER_QUERY_SECONDS": str(settings.worker_query_s),
+    }
+    if settings.prefect_database_url is not None:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
+            settings.prefect_database_url.get_secret_value())
+    return env
+
+
+def mlflow_server_command(settings: StackSettings) -> list[str]:
+    return [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", settings.host, "--port", str(settings.mlflow_port),
+        "--backend-store-uri", mlflow_backend_uri(settings),
+        "--serve-artifacts",
+        "--artifacts-destination", str(state_dir(settings) / "mlflow-artifacts"),
+        "--workers", str(settings.mlflow_workers),
+    ]
+
+
+def prefect_server_command(settings: StackSettings) -> list[str]:
+    return [sys.executable, "-m", "prefect", "server", "start",
+            "--host", settings.host, "--port", str(settings.prefect_port)]
+
+
+def worker_command(settings: StackSettings) -> list[str]:
+    return [sys.executable, "-m", "prefect", "worker", "start", "--pool", settings.work_pool,
+            "--type", "process", "--name", f"{settings.work_pool}-worker"]
+
+
+def worker_env(settings: StackSettings) -> dict[str, str]:
+    """The worker passes its environment to every flow run it starts: this is how runs
+    find the tracking server and where they write their files."""
+    return {**prefect_env(settings), "MLFLOW_TRACKING_URI": settings.mlflow_url,
+            "ONNXFLOW_ARTIFACTS_DIR": str(state_dir(settings) / "runs")}
+
+
+def endpoint_env(settings: StackSettings, port: int) -> dict[str, str]:
+    from serving.cli import settings_env
+    from serving.settings import ServingSettings
+
+    serving = ServingSettings(
+        model=settings.model, host=settings.host, port=port,
+        poll_interval_s=settings.poll_interval_s,
+        # One cache per replica: replicas stand for separate machines, and share no files.
+        cache_dir=state_dir(settings) / "endpoints" / str(port) / "models",
+    )
+    return {**settings_env(serving), "MLFLOW_TRACKING_URI": settings.mlflow_url}
+
+
+# --- state file
+
+
+def read_state(settings: StackSettings) -> list[ProcessRecord]:
+    try:
+        raw = json.loads((state_dir(settings) / STATE_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return []
+    return [ProcessRecord(**r) for r in raw.get("processes", [])]
+
+
+def _write_state(settings: StackSettings, records: list[ProcessRecord]) -> None:
+    path = state_dir(settings) / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"processes": [asdict(r) for r in records], "urls": urls(settings),
+               "updated_at": time.time()}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def urls(settings: StackSettings) -> dict[str, object]:
+    return {"prefect_ui": settings.prefect_url, "mlflow_ui": settings.mlflow_url,
+            "endpoints": settings.endpoint_urls}
+
+
+# --- up / down / status
+
+
+def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRecord]:
+    """Start every server, wait for each to be healthy, register the deployments.
+
+    On any failure, what was started so far is stopped again before the error is raised.
+    """
+    running = [r for r in read_state(settings) if is_running(r)]
+    if running:
+        raise StackError(f"the stack in {state_dir(settings)} already runs "
+                         f"({', '.join(r.name for r in running)}); stop it with `make down`")
+    _check_ports_free(settings)
+    folder = state_dir(settings)
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    records: list[ProcessRecord] = []
+
+    def start(name: str, argv: list[str], env: dict[str, str], url: str | None) -> ProcessRecord:
+        record = start_process(name, argv, {**base_env(settings), **env},
+                               folder / "logs" / f"{name}.log", url=url, cwd=Path.cwd())
+        records.append(record)
+        _write_state(settings, records)
+        return record
+
+    try:
+        # MLflow's job runner (GenAI jobs, a dozen huey processes) has nothing to do here.
+        mlflow = start("mlflow", mlflow_server_command(settings),
+                       {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, settings.mlflow_url)
+        prefect = start("prefect-server", prefect_server_command(settings),
+                        prefect_env(settings), settings.prefect_url)
+        took = wait_until(mlflow, lambda: health.mlflow_healthy(settings.mlflow_url),
+                          settings.startup_timeout_s, "healthy")
+        progress(f"MLflow tracking server  {settings.mlflow_url}  ({took:.1f} s)")
+        took = wait_until(prefect, lambda: health.prefect_healthy(settings.prefect_url),
+                          settings.startup_timeout_s, "healthy")
+        progress(f"Prefect server          {settings.prefect_url}  ({took:.1f} s)")
+
+        from onnxflow.stack.deployments import apply_deployments
+
+        names = apply_deployments(settings)
+        progress(f"deployments             {', '.join(names)} (pool {settings.work_pool})")
+
+        worker = start("worker", worker_command(settings), worker_env(settings), None)
+        took = wait_until(worker, lambda: health.worker_online(settings.prefect_url,
+                                                               settings.work_pool),
+                          settings.startup_timeout_s, "online")
+        progress(f"worker                  pool {settings.work_pool}  ({took:.1f} s)")
+
+        endpoints = [start(f"endpoint-{port}", [sys.executable, "-m", "serving"],
+                           endpoint_env(settings, port), url)
+                     for port, url in zip(settings.endpoint_ports, settings.endpoint_urls)]
+        for endpoint in endpoints:
+            took = wait_until(endpoint, lambda u=endpoint.url: health.endpoint_live(u),
+                              settings.startup_timeout_s, "live")
+            version = health.serving_version(endpoint.url, settings.model_name)
+            following = f"serving v{version}" if version else "waiting for a version"
+            progress(f"endpoint                {endpoint.url}  follows {settings.model} "
+                     f"({following}; {took:.1f} s)")
+    except BaseException:
+        log.error("stack failed to start; stopping what was started")
+        for record in reversed(records):
+            stop_process(record)
+        (folder / STATE_FILE).unlink(missing_ok=True)
+        raise
+    return records
+
+
+def down(settings: StackSettings, progress: Progress = log.info) -> list[str]:
+    """Stop every process ``up`` recorded (worker and replicas first), then forget them."""
+    records = read_state(settings)
+    stopped = []
+    for record in _stop_order(records):
+        if stop_process(record):
+            stopped.append(record.name)
+            progress(f"stopped {record.name} (pid {record.pid})")
+    (state_dir(settings) / STATE_FILE).unlink(missing_ok=True)
+    return stopped
+
+
+def status(settings: StackSettings) -> list[dict[str, object]]:
+    """One row per recorded process: running or not, where, and what it reports."""
+    rows = []
+    for record in read_state(settings):
+        running = is_running(record)
+        detail = ""
+        if running and record.name.startswith("endpoint-") and record.url:
+            version = health.serving_version(record.url, settings.model_name)
+            detail = f"{settings.model} -> v{version}" if version else "no version loaded yet"
+        elif running and record.name == "worker":
+            try:
+                online = health.worker_online(settings.prefect_url, settings.work_pool)
+            except Exception:
+                online = False
+            detail = f"pool {settings.work_pool}: {'online' if online else 'not online'}"
+        elif running and record.url:
+            check = (health.mlflow_healthy if record.name == "mlflow"
+                     else health.prefect_healthy)
+            try:
+                detail = "healthy" if check(record.url) else "unhealthy"
+            except Exception as exc:
+                detail = f"unreachable: {type(exc).__name__}"
+        rows.append({"name": record.name, "pid": record.pid, "running": running,
+                     "url": record.url or "", "detail": detail, "log": record.log_path})
+    return rows
+
+
+def _stop_order(records: list[ProcessRecord]) -> list[ProcessRecord]:
+    """Replicas and the worker first (they talk to the servers), then the servers."""
+    rank = {"worker": 0, "prefect-server": 2, "mlflow": 3}
+    return sorted(records, key=lambda r: rank.get(r.name, 1))
+
+
+def _check_ports_free(settings: StackSettings) -> None:
+    wanted = {"MLflow": settings.mlflow_port, "Prefect": settings.prefect_port,
+              **{f"endpoint {p}": p for p in settings.endpoint_ports}}
+    if len(set(wanted.values())) != len(wanted):
+        raise StackError(f"every server needs its own port, got {wanted}")
+    for what, port in wanted.items():
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((settings.host, port))
+            except OSError as exc:
+                raise StackError(
+                    f"port {port} for {what} on {settings.host} is taken ({exc.strerror}); "
+                    f"free it or set ONNXFLOW_STACK_*_PORT(S)") from exc

@@ -1,0 +1,101 @@
+"""Settings of the local stack, read once in the entry point from ``ONNXFLOW_STACK_*``.
+
+Every port, database URL and the schedule live here so that ``make up``, the tests,
+docker-compose and the Kubernetes manifests all set the same variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Name of the Prefect flow the deployments run (``flows.retrain.retrain_and_deploy``).
+FLOW_NAME = "retrain-and-deploy"
+SCHEDULED = "scheduled"
+ON_DEMAND = "on-demand"
+
+
+class StackSettings(BaseSettings):
+    """Where the stack's servers listen and what they store; ``ONNXFLOW_STACK_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="ONNXFLOW_STACK_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Interface every server binds.")
+    state_dir: Path = Field(
+        Path(".onnxflow/stack"),
+        description="Pids, ports, logs, SQLite stores and artifacts of the running stack.",
+    )
+    prefect_port: int = Field(4200, ge=1, le=65535, description="Prefect server (API and UI).")
+    mlflow_port: int = Field(5000, ge=1, le=65535, description="MLflow tracking server and UI.")
+    endpoint_ports: list[int] = Field(
+        [8080], min_length=0, description="One serving replica per port, each following the alias."
+    )
+    run_endpoints: list[str] | None = Field(
+        None,
+        description="Replica URLs a retrain run waits for until they serve the new champion "
+        "(set where runs reach replicas by another name, e.g. in docker-compose); "
+        "None: endpoint_urls.",
+    )
+    mlflow_database_url: SecretStr | None = Field(
+        None,
+        description="MLflow backend store, e.g. postgresql://user@host:5432/mlflow; "
+        "None: SQLite in state_dir.",
+    )
+    prefect_database_url: SecretStr | None = Field(
+        None,
+        description="Prefect server database, e.g. postgresql+asyncpg://user@host:5432/prefect; "
+        "None: SQLite in state_dir.",
+    )
+    mlflow_workers: int = Field(1, ge=1, description="Worker processes of the MLflow server.")
+    work_pool: str = Field("onnxflow-process", description="Prefect process work pool.")
+    worker_query_s: float = Field(
+        2.0, gt=0, description="Seconds between the worker's polls for runs to start."
+    )
+    model: str = Field("digits@champion", description="What the serving replicas follow.")
+    poll_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between the replicas' alias checks."
+    )
+    schedule_cron: str = Field(
+        "0 2 * * *", description="Cron of the scheduled retrain-and-deploy (default 02:00 daily)."
+    )
+    schedule_timezone: str = Field("UTC", description="Time zone of schedule_cron.")
+    schedule_paused: bool = Field(False, description="Create the scheduled deployment paused.")
+    schedule_config: Path | None = Field(
+        None, description="YAML pipeline config of the scheduled runs (default: PipelineConfig())."
+    )
+    startup_timeout_s: float = Field(
+        120.0, gt=0, description="Longest wait for one server to become healthy."
+    )
+
+    @field_validator("endpoint_ports")
+    @classmethod
+    def _distinct_ports(cls, ports: list[int]) -> list[int]:
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"endpoint_ports must be distinct, got {ports}")
+        return ports
+
+    @property
+    def prefect_url(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"{self.prefect_url}/api"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def endpoint_urls(self) -> list[str]:
+        return [f"http://{self.host}:{port}" for port in self.endpoint_ports]
+
+    @property
+    def endpoints_for_runs(self) -> list[str]:
+        return self.endpoint_urls if self.run_endpoints is None else self.run_endpoints
+
+    @property
+    def model_name(self) -> str:
+        return self.model.split("@")[0].split("/")[0]
