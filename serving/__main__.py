@@ -1,0 +1,28 @@
+"""``python -m serving``: the endpoint process. Settings come from ``ONNXFLOW_SERVE_*``.
+
+Heavy libraries are blocked before anything imports MLflow: MLflow imports pandas and
+pyarrow when they are installed (inside ``suppress(ImportError)``), and the endpoint has
+no use for either, nor for torch or tensorflow. A blocked module raises ImportError.
+"""
+
+import sys
+
+BLOCKED = ("pandas", "pyarrow", "torch", "tensorflow")
+
+
+def main() -> None:
+    for name in BLOCKED:
+        sys.modules.setdefault(name, None)
+
+    from serving.cli import run_server
+    from serving.settings import ServingSettings
+
+    try:
+        settings = ServingSettings()
+    except ValueError as exc:
+        sys.exit(f"onnxflow endpoint: bad settings: {exc}")
+    run_server(settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""The ASGI app: KServe V2 and MLflow scoring routes over the model manager.
+
+Every error is a JSON ``{"error": ...}``; bad input is a 4xx that names the problem.
+Inference responses carry ``X-Model-Name`` and ``X-Model-Version``: which version
+answered. Hot paths avoid per-request work that does not serve the request: the model
+is read once per request, metric children are cached, and fast models run on the event
+loop (a thread hop would cost more than the run), slow ones in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import re
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from serving import mlflow_format, v2
+from serving.batching import Batcher
+from serving.manager import ModelManager
+from serving.metrics import ServingMetrics
+from serving.model import LoadedModel
+from serving.openapi import openapi_document
+from serving.settings import ServingSettings
+from serving.tensors import BadInput
+
+log = logging.getLogger(__name__)
+
+HEAVY_MODULES = ("torch", "tensorflow", "pandas", "sklearn", "jax")
+SERVER_VERSION = "0.1.0"
+JSON = "application/json"
+
+
+def json_response(content, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status,
+                    headers, media_type=JSON)
+
+
+def error_response(message: str, status: int, headers: dict | None = None) -> Response:
+    return json_response({"error": message}, status, headers)
+
+
+class Endpoint:
+    """State shared by the routes: settings, manager, metrics, executor, batcher."""
+
+    def __init__(self, settings: ServingSettings) -> None:
+        self.settings = settings
+        self.metrics = ServingMetrics()
+        self.manager = ModelManager(settings, self.metrics)
+        self.executor = ThreadPoolExecutor(settings.inference_threads,
+                                           thread_name_prefix="onnxruntime")
+        self.batcher: Batcher | None = None
+        self.token = settings.token.get_secret_value().encode() if settings.token else None
+        self.started = time.time()
+        self.watcher: asyncio.Task | None = None
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def authorize(self, headers, admin: bool = False) -> None:
+        if self.token is None:
+            if admin:
+                raise BadInput("admin routes are off: start the endpoint with a token "
+                               "(--token or ONNXFLOW_SERVE_TOKEN) to use them", 403)
+            return
+        header = headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 self.token):
+            raise BadInput("missing or wrong bearer token (Authorization: Bearer <token>)", 401)
+
+    def model_for(self, name: str, version: str | None = None) -> LoadedModel:
+        model = self.manager.current
+        if name != self.manager.name:
+            raise BadInput(f"unknown model {name!r}; this endpoint serves "
+                           f"{self.manager.name!r}", 404)
+        if model is None:
+            raise BadInput(f"model {name!r} is not loaded yet", 503)
+        if version is not None and version != model.version:
+            raise BadInput(f"version {version} of {name!r} is not loaded; serving version "
+                           f"{model.version}", 404)
+        return model
+
+    async def read_body(self, headers: dict[str, str], receive,
+                        content_types: tuple[str, ...], allow_missing: bool) -> bytes:
+        """The request body, after the content type and size limit are checked."""
+        ctype = headers.get("content-type")
+        if ctype is None:
+            if not allow_missing:
+                raise BadInput(f"missing Content-Type; send one of {', '.join(content_types)}",
+                               415)
+        elif ctype.split(";", 1)[0].strip().lower() not in content_types:
+            raise BadInput(f"unsupported Content-Type {ctype!r}; send one of "
+                           f"{', '.join(content_types)}", 415)
+        limit = self.settings.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise BadInput(f"Content-Length {declared!r} is not a number")
+            if int(declared) > limit:
+                raise BadInput(f"body of {declared} bytes is over the limit of {limit} bytes",
+                               413)
+        message = await receive()
+        body = message.get("body", b"")
+        if message.get("more_body"):
+            chunks, size = [body], len(body)
+            while message.get("more_body"):
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise BadInput("client went away before sending the body")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise BadInput(f"body is over the limit of {limit} bytes", 413)
+                chunks.append(chunk)
+            body = b"".join(chunks)
+        if len(body) > limit:
+            raise BadInput(f"body is over the limit of {limit} bytes", 413)
+        encoding = headers.get("content-encoding")
+        if encoding and encoding.lower() != "identity":
+            body = _decompress(body, encoding.lower(), limit)
+        return body
+
+    async def execute(self, model: LoadedModel, feeds: dict) -> list:
+        """Run the model on checked feeds: batched, on the loop, or in a worker thread."""
+        try:
+            if self.batcher is not None and model.batchable:
+                rows = {a.shape[0] for a in feeds.values()}
+                if len(rows) > 1:
+                    raise BadInput(f"inputs disagree on the batch size: {sorted(rows)}")
+                return await self.batcher.run(model, feeds)
+            if model.inline:
+                rows = max(a.shape[0] if a.ndim else 1 for a in feeds.values())
+                if rows <= model.inline_rows:
+                    return model.run(feeds)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, model.run, feeds)
+        except BadInput:
+            raise
+        except Exception as exc:  # onnxruntime refused this input at run time
+            raise BadInput(f"the model could not run on this input: {exc}", 422) from None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        if self.settings.batching:
+            self.batcher = Batcher(self.settings.max_batch_size,
+                                   self.settings.max_batch_delay_ms, self.metrics,
+                                   self.executor)
+            self.batcher.start()
+        self.watcher = asyncio.get_running_loop().create_task(self.manager.watch(),
+                                                              name="alias-watcher")
+        try:
+            yield
+        finally:
+            self.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watcher
+            if self.batcher:
+                await self.batcher.stop()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- routes ----------------------------------------------------------------------
+
+    async def server_metadata(self, request: Request) -> Response:
+        return json_response({"name": "onnxflow", "version": SERVER_VERSION,
+                              "extensions": ["binary_tensor_data"]})
+
+    async def live(self, request: Request) -> Response:
+        return json_response({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ok = self.manager.current is not None
+        return json_response({"ready": ok}, 200 if ok else 503)
+
+    async def model_metadata(self, request: Request) -> Response:
+        params = request.path_params
+        self.authorize(request.headers)
+        model = self.model_for(params["name"], params.get("version"))
+        return json_response(model.metadata(), headers=_version_headers(model))
+
+    async def model_ready(self, request: Request) -> Response:
+        params = request.path_params
+        model = self.model_for(params["name"], params.get("version"))
+        return json_response({"name": model.name, "ready": True},
+                             headers=_version_headers(model))
+
+    async def model_example(self, request: Request) -> Response:
+        self.authorize(request.headers)
+        model = self.model_for(request.path_params["name"])
+        return json_response(model.example_payload, headers=_version_headers(model))
+
+    async def infer(self, headers: dict[str, str], receive, params: dict) -> tuple:
+        self.authorize(headers)
+        model = self.model_for(params["name"], params.get("version"))
+        body = await self.read_body(headers, receive, (JSON, "application/octet-stream"), True)
+        parsed = v2.decode_request(body, headers.get(v2.HEADER_LENGTH), model,
+                                   self.settings.max_body_bytes)
+        results = await self.execute(model, parsed.feeds)
+        content, response_headers = v2.encode_response(model, parsed, results)
+        return 200, content, response_headers, model
+
+    async def invocations(self, headers: dict[str, str], receive, params: dict) -> tuple:
+        self.authorize(headers)
+        model = self.manager.current
+        if model is None:
+            raise BadInput(f"model {self.manager.name!r} is not loaded yet", 503)
+        body = await self.read_body(headers, receive, (JSON, "text/csv"), False)
+        if headers["content-type"].lower().startswith("text/csv"):
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadInput("CSV body is not UTF-8") from None
+            feeds = mlflow_format.parse_csv(text, model.inputs)
+        else:
+            try:
+                payload = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise BadInput(f"malformed JSON: {exc}") from None
+            feeds = mlflow_format.parse_payload(payload, model.inputs)
+        results = await self.execute(model, feeds)
+        content = orjson.dumps(mlflow_format.predictions(model.output_names, results),
+                               option=orjson.OPT_SERIALIZE_NUMPY)
+        return 200, content, {"content-type": JSON}, model
+
+    async def ping(self, request: Request) -> Response:
+        ok = self.manager.current is not None
+        return Response(b"\n", 200 if ok else 503, media_type=JSON)
+
+    async def metrics_route(self, request: Request) -> Response:
+        return Response(self.metrics.render(), headers={"content-type": self.metrics.content_type})
+
+    async def openapi(self, request: Request) -> Response:
+        return json_response(openapi_document(self.manager.name))
+
+    async def admin_reload(self, request: Request) -> Response:
+        self.authorize(request.headers, admin=True)
+        outcome = await self.manager.check(force=True)
+        status = 200 if outcome.outcome in ("swapped", "unchanged") else 409
+        if outcome.outcome == "registry_error":
+            status = 502
+        return json_response(outcome.as_json(), status)
+
+    async def admin_status(self, request: Request) -> Response:
+        self.authorize(request.headers, admin=True)
+        model = self.manager.current
+        return json_response({
+            "model": self.manager.reference,
+            "serving": None if model is None else {
+                "version": model.version, "onnx_sha256": model.digest,
+                "loaded_at": model.loaded_at, "warm_ms": model.warm_ms,
+                "inline": model.inline, "batchable": model.batchable,
+                "providers": model.providers, "folder": str(model.folder),
+            },
+            "refused": self.manager.refused,
+            "last_check": self.manager.last_check.as_json() if self.manager.last_check else None,
+            "pid": os.getpid(),
+            "rss_bytes": _rss_bytes(),
+            "heavy_modules_loaded": sorted(m for m in HEAVY_MODULES
+                                           if sys.modules.get(m) is not None),
+            "uptime_s": time.time() - self.started,
+        })
+
+
+def _version_headers(model: LoadedModel) -> dict[str, str]:
+    return {"x-model-name": model.name, "x-model-version": model.version}
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    wbits = {"gzip": 31, "deflate": 15}.get(encoding)
+    if wbits is None:
+        raise BadInput(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate", 415)
+    inflater = zlib.decompressobj(wbits)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadInput(f"body is not valid {encoding}: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise BadInput(f"decompressed body is over the limit of {limit} bytes", 413)
+    return data
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class MetricsMiddleware:
+    """Counts and times every request by route template (not raw path) and status."""
+
+    def __init__(self, app, metrics: ServingMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = scope.get("route")
+            self.metrics.observe_request(route.path if route is not None else "unmatched",
+                                         scope["method"], status, time.perf_counter() - start)
+
+
+class InferenceRoute:
+    """A raw ASGI inference route: no Request/Response objects, errors as JSON, timed.
+
+    The inference routes carry the load; at batch 1 their cost is mostly framework
+    overhead, so they skip the router (see :class:`FrontDoor`) and Starlette's request
+    and response wrappers, and record their own metrics.
+    """
+
+    def __init__(self, ep: Endpoint, handler, route: str, mlflow_errors: bool = False) -> None:
+        self.ep = ep
+        self.handler = handler
+        self.route = route
+        self.mlflow_errors = mlflow_errors
+
+    def error_body(self, message: str, status: int) -> bytes:
+        body = {"error": message}
+        if self.mlflow_errors:  # what `mlflow models serve` clients read
+            body["error_code"] = "BAD_REQUEST" if status < 500 else "INTERNAL_ERROR"
+            body["message"] = message
+        return orjson.dumps(body)
+
+    async def __call__(self, scope, receive, send, params: dict | None = None) -> None:
+        start = time.perf_counter()
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        model = None
+        try:
+            status, content, response_headers, model = await self.handler(
+                headers, receive, params if params is not None else scope.get("path_params", {}))
+        except BadInput as exc:
+            status, content = exc.status, self.error_body(str(exc), exc.status)
+            response_headers = {"content-type": JSON}
+            if exc.status == 401:
+                response_headers["www-authenticate"] = "Bearer"
+        except Exception as exc:
+            log.exception("unhandled error on %s", self.route)
+            status = 500
+            content = self.error_body(f"internal error: {type(exc).__name__}", 500)
+            response_headers = {"content-type": JSON}
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers.items()]
+        raw.append((b"content-length", str(len(content)).encode()))
+        if model is not None:
+            raw += model.version_headers
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": content})
+        self.ep.metrics.observe_request(self.route, "POST", status, time.perf_counter() - start)
+
+
+class FrontDoor:
+    """Sends POSTs to the inference routes straight to them; everything else to Starlette."""
+
+    INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+    def __init__(self, app: Starlette, invocations: InferenceRoute, infer: InferenceRoute,
+                 infer_version: InferenceRoute) -> None:
+        self.app = app
+        self.invocations = invocations
+        self.infer = infer
+        self.infer_version = infer_version
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            if path == "/invocations":
+                await self.invocations(scope, receive, send, {})
+                return
+            match = self.INFER.fullmatch(path)
+            if match:
+                name, version = match.groups()
+                if version is None:
+                    await self.infer(scope, receive, send, {"name": name})
+                else:
+                    await self.infer_version(scope, receive, send,
+                                             {"name": name, "version": version})
+                return
+        await self.app(scope, receive, send)
+
+
+async def _bad_input(request: Request, exc: BadInput) -> Response:
+    headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
+    return error_response(str(exc), exc.status, headers)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    messages = {404: f"no route {request.url.path}; see /openapi.json",
+                405: f"method {request.method} is not allowed on {request.url.path}"}
+    return error_response(messages.get(exc.status_code, exc.detail), exc.status_code,
+                          exc.headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(f"internal error: {type(exc).__name__}", 500)
+
+
+def create_app(settings: ServingSettings) -> FrontDoor:
+    """The endpoint as an ASGI app (``.endpoint`` holds its state)."""
+    ep = Endpoint(settings)
+    model = "/v2/models/{name}"
+    version = model + "/versions/{version}"
+    invocations = InferenceRoute(ep, ep.invocations, "/invocations", mlflow_errors=True)
+    infer = InferenceRoute(ep, ep.infer, model + "/infer")
+    infer_version = InferenceRoute(ep, ep.infer, version + "/infer")
+    routes = [
+        Route("/v2", ep.server_metadata, methods=["GET"]),
+        Route("/v2/health/live", ep.live, methods=["GET"]),
+        Route("/v2/health/ready", ep.ready, methods=["GET"]),
+        Route(model, ep.model_metadata, methods=["GET"]),
+        Route(version, ep.model_metadata, methods=["GET"]),
+        Route(model + "/ready", ep.model_ready, methods=["GET"]),
+        Route(version + "/ready", ep.model_ready, methods=["GET"]),
+        # POSTs reach these through FrontDoor; here they answer other methods with 405.
+        Route(model + "/infer", infer, methods=["POST"]),
+        Route(version + "/infer", infer_version, methods=["POST"]),
+        Route("/invocations", invocations, methods=["POST"]),
+        Route(model + "/example", ep.model_example, methods=["GET"]),
+        Route("/ping", ep.ping, methods=["GET"]),
+        Route("/health", ep.ping, methods=["GET"]),
+        Route("/metrics", ep.metrics_route, methods=["GET"]),
+        Route("/openapi.json", ep.openapi, methods=["GET"]),
+        Route("/admin/reload", ep.admin_reload, methods=["POST"]),
+        Route("/admin/status", ep.admin_status, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=ep.lifespan,
+        exception_handlers={BadInput: _bad_input, HTTPException: _http_error,
+                            Exception: _server_error},
+    )
+    app.add_middleware(MetricsMiddleware, metrics=ep.metrics)
+    front = FrontDoor(app, invocations, infer, infer_version)
+    front.endpoint = ep
+    return front

@@ -1,0 +1,269 @@
+"""Running the endpoint: in the foreground, or as a managed background process.
+
+The endpoint always runs as its own ``python -m serving`` process, started with the
+settings in its environment (``ONNXFLOW_SERVE_*``; the token never appears on a command
+line). A process of its own guarantees what the serving contract promises: no torch,
+tensorflow or pandas loaded, whatever the caller had imported.
+
+The background helpers keep three files in ``state_dir``: ``endpoint.pid``,
+``endpoint.json`` (URL, model, pid, log) and ``endpoint.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from onnxflow.errors import ServingError
+from serving.settings import ServingSettings
+
+log = logging.getLogger(__name__)
+
+PID_FILE = "endpoint.pid"
+INFO_FILE = "endpoint.json"
+LOG_FILE = "endpoint.log"
+DEFAULT_STATE_DIR = Path(".onnxflow/serve")
+
+
+def make_settings(**overrides) -> ServingSettings:
+    """Settings from ``ONNXFLOW_SERVE_*``, with every override that is not None on top."""
+    return ServingSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def settings_env(settings: ServingSettings) -> dict[str, str]:
+    """The settings as the environment variables a child endpoint reads."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if name == "token":
+            value = value.get_secret_value()
+        env[f"ONNXFLOW_SERVE_{name.upper()}"] = str(value)
+    return env
+
+
+def _child_env(settings: ServingSettings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONNXFLOW_SERVE_")}
+    env.update(settings_env(settings))
+    return env
+
+
+def serve(
+    model: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    token: str | None = None,
+    max_batch_size: int | None = None,
+    max_batch_delay_ms: float | None = None,
+    poll_interval_s: float | None = None,
+    max_body_bytes: int | None = None,
+    intra_op_threads: int | None = None,
+    cache_dir: Path | None = None,
+    log_level: str | None = None,
+) -> None:
+    """Serve in the foreground (this process becomes the endpoint); None: env or default."""
+    settings = make_settings(
+        model=model, host=host, port=port, token=token, max_batch_size=max_batch_size,
+        max_batch_delay_ms=max_batch_delay_ms, poll_interval_s=poll_interval_s,
+        max_body_bytes=max_body_bytes, intra_op_threads=intra_op_threads,
+        cache_dir=cache_dir, log_level=log_level,
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "serving"], _child_env(settings))
+
+
+def run_server(settings: ServingSettings) -> None:
+    """The endpoint's main: called by ``python -m serving`` after heavy imports are blocked."""
+    import uvicorn
+
+    from serving.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    for noisy in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:
+        log.warning("binding %s without a token: anyone who can reach it can run the model",
+                    settings.host)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop=_available("uvloop", "asyncio"),
+        http=_available("httptools", "h11"),
+        access_log=False,
+        log_level=settings.log_level,
+        lifespan="on",
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()
+
+
+def _available(module: str, fallback: str) -> str:
+    import importlib.util
+
+    return module if importlib.util.find_spec(module) else fallback
+
+
+# --- managed background process --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    pid: int
+    url: str
+    model: str
+    log_path: str
+    started_at: float
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def start_background(settings: ServingSettings, state_dir: Path = DEFAULT_STATE_DIR) -> EndpointInfo:
+    """Start ``python -m serving`` detached, logging to ``state_dir/endpoint.log``."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    running = read_info(state_dir)
+    if running is not None and _is_endpoint(running.pid):
+        raise ServingError(f"an endpoint already runs from {state_dir} (pid {running.pid}, "
+                           f"{running.url}); stop it first")
+    if settings.port == 0:
+        settings = settings.model_copy(update={"port": free_port(settings.host)})
+    log_path = state_dir / LOG_FILE
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serving"],
+            env=_child_env(settings),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives the flow that started it; own signal group
+        )
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    info = EndpointInfo(pid=proc.pid, url=f"http://{host}:{settings.port}",
+                        model=settings.model, log_path=str(log_path), started_at=time.time())
+    (state_dir / PID_FILE).write_text(f"{proc.pid}\n")
+    (state_dir / INFO_FILE).write_text(json.dumps(asdict(info), indent=2))
+    log.info("started endpoint pid %s for %s at %s (log %s)", proc.pid, settings.model,
+             info.url, log_path)
+    return info
+
+
+def wait_ready(info: EndpointInfo, timeout_s: float = 60.0) -> float:
+    """Seconds until ``/v2/health/ready`` answered 200; raises with the log tail if not."""
+    import httpx
+
+    start = time.monotonic()
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() - start < timeout_s:
+            if not _is_endpoint(info.pid):
+                raise ServingError(f"endpoint pid {info.pid} exited before it was ready:\n"
+                                   f"{log_tail(info.log_path)}")
+            try:
+                if client.get(f"{info.url}/v2/health/ready").status_code == 200:
+                    return time.monotonic() - start
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+    raise ServingError(f"endpoint pid {info.pid} not ready after {timeout_s:.0f} s:\n"
+                       f"{log_tail(info.log_path)}")
+
+
+def read_info(state_dir: Path = DEFAULT_STATE_DIR) -> EndpointInfo | None:
+    path = Path(state_dir) / INFO_FILE
+    try:
+        return EndpointInfo(**json.loads(path.read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def stop_background(state_dir: Path = DEFAULT_STATE_DIR, timeout_s: float = 15.0) -> bool:
+    """Stop the endpoint started from ``state_dir``; False if none was running."""
+    state_dir = Path(state_dir)
+    info = read_info(state_dir)
+    stopped = False
+    if info is not None and _is_endpoint(info.pid):
+        os.kill(info.pid, signal.SIGTERM)  # uvicorn finishes in-flight requests, then exits
+        deadline = time.monotonic() + timeout_s
+        while _is_endpoint(info.pid) and time.monotonic() < deadline:
+            _reap(info.pid)
+            time.sleep(0.05)
+        if _is_endpoint(info.pid):
+            log.warning("endpoint pid %s ignored SIGTERM for %.0f s; killing it", info.pid,
+                        timeout_s)
+            os.kill(info.pid, signal.SIGKILL)
+        _reap(info.pid)
+        stopped = True
+        log.info("stopped endpoint pid %s (%s)", info.pid, info.url)
+    for name in (PID_FILE, INFO_FILE):
+        (state_dir / name).unlink(missing_ok=True)
+    return stopped
+
+
+def background_status(state_dir: Path = DEFAULT_STATE_DIR) -> dict | None:
+    """What the endpoint started from ``state_dir`` reports, or None if none runs."""
+    import httpx
+
+    info = read_info(state_dir)
+    if info is None or not _is_endpoint(info.pid):
+        return None
+    status = {**asdict(info), "ready": False, "version": None}
+    try:
+        response = httpx.get(f"{info.url}/v2/health/ready", timeout=2.0)
+        status["ready"] = response.status_code == 200
+        name = info.model.split("@")[0].rsplit("/", 1)[0]
+        if status["ready"]:
+            meta = httpx.get(f"{info.url}/v2/models/{name}/ready", timeout=2.0)
+            status["version"] = meta.headers.get("x-model-version")
+    except httpx.TransportError as exc:
+        status["error"] = str(exc)
+    return status
+
+
+def log_tail(path: str | Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _is_endpoint(pid: int) -> bool:
+    """True if ``pid`` is alive and is a ``python -m serving`` (not a recycled pid)."""
+    if not Path("/proc").is_dir():  # no procfs: trust the pid file
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # exited, not yet reaped
+        return False
+    return b"-m" in cmdline and b"serving" in cmdline

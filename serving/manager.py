@@ -1,0 +1,174 @@
+"""The model manager: follows ``NAME@ALIAS`` in the MLflow registry and swaps versions.
+
+A check resolves the alias; a new version is downloaded into the cache (by name and
+version, so a restart finds it), verified and warmed beside the serving one, then
+swapped in with one assignment. Requests hold the model they started with, so
+in-flight requests finish on the old session. A version that fails any check is
+refused: it is logged and counted, the old one keeps serving, and the watcher does not
+retry it until the alias moves (an explicit reload does retry it).
+
+MLflow is imported here, lazily, in a worker thread: the entry point blocks pandas first
+(MLflow imports it when present and the endpoint has no use for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.metrics import ServingMetrics
+from serving.model import LoadedModel, ModelRefused, load_model
+from serving.settings import ServingSettings, parse_model_reference
+
+log = logging.getLogger(__name__)
+
+COMPLETE = ".onnxflow-complete"
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    outcome: str  # swapped | unchanged | refused | registry_error
+    version: str | None
+    serving: str | None
+    detail: str = ""
+
+    def as_json(self) -> dict:
+        return {"outcome": self.outcome, "version": self.version, "serving": self.serving,
+                "detail": self.detail}
+
+
+class RegistryClient:
+    """The three registry calls the endpoint makes, over MLflow's own client."""
+
+    def __init__(self) -> None:
+        from mlflow import MlflowClient
+
+        self._client = MlflowClient()
+
+    def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
+        """(version, tags) that ``alias`` (or the pinned ``version``) points at now."""
+        if alias is not None:
+            mv = self._client.get_model_version_by_alias(name, alias)
+        else:
+            mv = self._client.get_model_version(name, version)
+        return str(mv.version), dict(mv.tags or {})
+
+    def download(self, name: str, version: str, dest: Path) -> Path:
+        import mlflow.artifacts
+
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)))
+
+
+def cached_folder(cache_dir: Path, name: str, version: str) -> Path:
+    return Path(cache_dir) / name / version
+
+
+def fetch_version(registry: RegistryClient, cache_dir: Path, name: str, version: str) -> Path:
+    """The version's files in the cache, downloading them once (atomically) if needed."""
+    target = cached_folder(cache_dir, name, version)
+    if (target / COMPLETE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
+    try:
+        local = registry.download(name, version, staging)
+        (local / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(local, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("downloaded %s version %s into %s", name, version, target)
+    return target
+
+
+class ModelManager:
+    def __init__(self, settings: ServingSettings, metrics: ServingMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.name, self.alias, self.pinned = parse_model_reference(settings.model)
+        self.current: LoadedModel | None = None
+        self.refused: dict[str, str] = {}
+        self.last_check: CheckOutcome | None = None
+        self._registry: RegistryClient | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def reference(self) -> str:
+        return f"{self.name}@{self.alias}" if self.alias else f"{self.name}/{self.pinned}"
+
+    def _registry_client(self) -> RegistryClient:
+        if self._registry is None:
+            self._registry = RegistryClient()
+        return self._registry
+
+    def _resolve(self) -> tuple[str, dict]:
+        return self._registry_client().resolve(self.name, self.alias, self.pinned)
+
+    def _load(self, version: str, tags: dict) -> LoadedModel:
+        try:
+            folder = fetch_version(self._registry_client(), self.settings.cache_dir,
+                                   self.name, version)
+        except Exception as exc:
+            raise ModelRefused(f"{self.name} version {version}: download failed: {exc}") from exc
+        return load_model(folder, name=self.name, version=version, tags=tags,
+                          settings=self.settings)
+
+    async def check(self, *, force: bool = False) -> CheckOutcome:
+        """Resolve the alias and swap to its version if it is new and passes every check."""
+        async with self._lock:
+            outcome = await self._check(force)
+        self.last_check = outcome
+        self.metrics.reloads.labels(outcome.outcome).inc()
+        return outcome
+
+    async def _check(self, force: bool) -> CheckOutcome:
+        serving = self.current.version if self.current else None
+        try:
+            version, tags = await asyncio.to_thread(self._resolve)
+        except Exception as exc:
+            log.warning("cannot resolve %s in the registry: %s", self.reference, exc)
+            return CheckOutcome("registry_error", None, serving, str(exc))
+        if version == serving:
+            return CheckOutcome("unchanged", version, serving)
+        if version in self.refused and not force:
+            return CheckOutcome("refused", version, serving, self.refused[version])
+        log.info("%s points at version %s (serving %s): loading it", self.reference, version,
+                 serving)
+        try:
+            model = await asyncio.to_thread(self._load, version, tags)
+        except ModelRefused as exc:
+            self.refused[version] = str(exc)
+            self.metrics.refusals.labels(self.name, version).inc()
+            log.error("refused %s version %s; still serving %s: %s", self.name, version,
+                      serving, exc)
+            return CheckOutcome("refused", version, serving, str(exc))
+        previous = self.current
+        self.current = model  # the swap: new requests see the new session from here on
+        self.refused.pop(version, None)
+        self.metrics.serving(
+            model.name, model.version, model.digest,
+            (previous.name, previous.version, previous.digest) if previous else None,
+        )
+        log.info("now serving %s version %s (was %s)", self.name, version, serving)
+        return CheckOutcome("swapped", version, version)
+
+    async def watch(self) -> None:
+        """Check at start, then every poll interval (until ready, at least every 2 s)."""
+        interval = self.settings.poll_interval_s
+        while True:
+            try:
+                await self.check()
+            except Exception:  # the watcher must outlive any single failure
+                log.exception("alias check failed")
+            if self.current is not None and interval <= 0:
+                return
+            delay = interval if self.current is not None else min(interval or 2.0, 2.0)
+            await asyncio.sleep(delay)

@@ -1,0 +1,99 @@
+"""The endpoint's settings: read once in the entry point from ``ONNXFLOW_SERVE_*``.
+
+The token is deliberately an environment variable first: a command-line argument is
+visible to every user of the machine through ``ps``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1 << 20
+
+
+class ServingSettings(BaseSettings):
+    """How the endpoint runs; every field can be set as ``ONNXFLOW_SERVE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="ONNXFLOW_SERVE_", extra="ignore", frozen=True)
+
+    model: str = Field(
+        "digits@champion",
+        description="Registered model to serve: NAME@ALIAS (followed) or NAME/VERSION (pinned).",
+    )
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 only on purpose.")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port).")
+    token: SecretStr | None = Field(
+        None,
+        description="Bearer token for inference and admin routes; admin routes are off without.",
+    )
+    poll_interval_s: float = Field(
+        10.0, ge=0, description="Seconds between alias checks; 0 turns the watcher off."
+    )
+    max_body_bytes: int = Field(
+        16 * MIB, ge=1024, description="Largest request body, and largest declared tensor."
+    )
+    max_batch_size: int = Field(
+        0, ge=0, description="Rows merged into one run by dynamic batching; 0 or 1: off."
+    )
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0, description="Longest a request waits for others to share its batch."
+    )
+    intra_op_threads: int = Field(
+        1, ge=0, description="onnxruntime threads inside one run (0: onnxruntime decides)."
+    )
+    inference_threads: int = Field(
+        2, ge=1, description="Worker threads for runs too slow to run on the event loop."
+    )
+    inline_run_ms: float = Field(
+        0.5,
+        ge=0,
+        description="Models whose warm batch-1 run takes less than this run on the event loop "
+        "(a thread hop costs more than the run itself); slower ones run in worker threads.",
+    )
+    providers: Literal["auto", "cpu"] = Field(
+        "auto", description="auto: CUDA when onnxruntime has it, then CPU; cpu: CPU only."
+    )
+    cache_dir: Path = Field(
+        Path(".onnxflow/serve/models"),
+        description="Downloaded versions, kept by NAME/VERSION so a restart starts fast.",
+    )
+    require_digest: bool = Field(
+        True, description="Refuse versions without an onnx_sha256 tag (set at registration)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of the endpoint."
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model_reference(cls, value: str) -> str:
+        parse_model_reference(value)
+        return value
+
+    @property
+    def model_name(self) -> str:
+        return parse_model_reference(self.model)[0]
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 1
+
+
+def parse_model_reference(ref: str) -> tuple[str, str | None, str | None]:
+    """``NAME@ALIAS`` -> (name, alias, None); ``NAME/VERSION`` -> (name, None, version)."""
+    if "@" in ref:
+        name, _, alias = ref.partition("@")
+        if name and alias and "/" not in alias:
+            return name, alias, None
+    elif "/" in ref:
+        name, _, version = ref.rpartition("/")
+        if name and version.isdigit():
+            return name, None, version
+    raise ValueError(
+        f"model reference {ref!r}: expected NAME@ALIAS (e.g. digits@champion) "
+        "or NAME/VERSION (e.g. digits/3)"
+    )

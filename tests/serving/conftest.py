@@ -1,0 +1,222 @@
+"""Real endpoint processes against a real SQLite MLflow registry, talked to over HTTP.
+
+One registry per session (with its own artifact root) holds four registered models;
+four endpoint processes serve them, started together so the session pays one start-up:
+
+* ``digits``: a 64->128->10 MLP, no token (protocol and bad-input tests);
+* ``multi``: seven inputs and outputs of seven datatypes;
+* ``batchy``: the MLP with dynamic batching on;
+* ``reloady``: versions that the tests move ``champion`` between, with a token and a
+  fast watcher (auth, admin, reload, refusal).
+
+The pytest process never sets the tracking URI globally: registry calls happen inside
+:meth:`Registry.active`, and endpoints get the URI in their environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from serving.cli import free_port, log_tail, start_background, stop_background, wait_ready
+from serving.settings import ServingSettings
+from tests.serving import models
+
+TOKEN = "test-token-0123456789"
+
+
+class Registry:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.experiment_id: str | None = None
+
+    @contextlib.contextmanager
+    def active(self):
+        """Point MLflow (this process) at the test registry for the duration."""
+        import mlflow
+
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+        os.environ["MLFLOW_TRACKING_URI"] = self.uri
+        mlflow.set_tracking_uri(self.uri)
+        if self.experiment_id is None:
+            self.experiment_id = mlflow.MlflowClient().create_experiment(
+                "serving-tests", artifact_location=str(self.root / "artifacts"))
+        os.environ["MLFLOW_EXPERIMENT_ID"] = self.experiment_id
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            mlflow.set_tracking_uri(None)
+
+    def register(self, name: str, model_path: Path, example, aliases=("champion",)) -> str:
+        from onnxflow.registry import register_onnx
+
+        with self.active():
+            version = register_onnx(model_path, model_name=name, input_example=example,
+                                    tags={"source_framework": "onnx-helper"}, aliases=aliases)
+        return version.version
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        from onnxflow.registry import set_alias
+
+        with self.active():
+            set_alias(name, alias, version)
+
+    def stored_folder(self, name: str, version: str) -> Path:
+        from mlflow import MlflowClient
+
+        with self.active():
+            uri = MlflowClient().get_model_version_download_uri(name, version)
+        return Path(uri.removeprefix("file://"))
+
+
+@dataclass
+class Endpoint:
+    url: str
+    name: str
+    state_dir: Path
+    token: str | None = None
+
+    def client(self, **kwargs) -> httpx.Client:
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
+
+    def log(self) -> str:
+        return log_tail(self.state_dir / "endpoint.log", 200)
+
+
+def _example(rows: int = 1, n: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(rows, n)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory) -> Registry:
+    return Registry(tmp_path_factory.mktemp("serving-registry"))
+
+
+@pytest.fixture(scope="session")
+def model_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serving-models")
+    return {
+        "mlp": models.mlp(root / "mlp" / "model.onnx", seed=0),
+        "mlp_v2": models.mlp(root / "mlp2" / "model.onnx", seed=1),
+        "mlp_v3": models.mlp(root / "mlp3" / "model.onnx", seed=2),
+        "multi": models.multi_io(root / "multi" / "model.onnx"),
+    }
+
+
+@pytest.fixture(scope="session")
+def registered(registry, model_files) -> dict[str, str]:
+    """Versions: digits 1, multi 1, batchy 1, reloady 1 (champion) and 2 (challenger)."""
+    return {
+        "digits": registry.register("digits", model_files["mlp"], _example()),
+        "multi": registry.register("multi", model_files["multi"], models.multi_example()),
+        "batchy": registry.register("batchy", model_files["mlp"], _example()),
+        "reloady_1": registry.register("reloady", model_files["mlp"], _example()),
+        "reloady_2": registry.register("reloady", model_files["mlp_v2"], _example(),
+                                       aliases=("challenger",)),
+    }
+
+
+@pytest.fixture(scope="session")
+def endpoints(registry, registered, tmp_path_factory) -> dict[str, Endpoint]:
+    """Start all endpoint processes at once, wait for each, stop them at the end."""
+    root = tmp_path_factory.mktemp("endpoints")
+    cache = root / "cache"
+    specs = {
+        "digits": dict(model="digits@champion"),
+        "multi": dict(model="multi@champion"),
+        "batchy": dict(model="batchy@champion", max_batch_size=32, max_batch_delay_ms=20,
+                       inference_threads=1),
+        "reloady": dict(model="reloady@champion", token=TOKEN, poll_interval_s=0.5),
+    }
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = registry.uri  # inherited by the endpoint processes
+    started = {}
+    try:
+        for key, options in specs.items():
+            settings = ServingSettings(port=free_port(), cache_dir=cache, log_level="info",
+                                       **options)
+            info = start_background(settings, root / key)
+            started[key] = (info, Endpoint(info.url, options["model"].split("@")[0],
+                                           root / key, options.get("token")))
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    try:
+        for info, _ in started.values():
+            wait_ready(info, timeout_s=90)
+        yield {key: endpoint for key, (_, endpoint) in started.items()}
+    finally:
+        for _, endpoint in started.values():
+            stop_background(endpoint.state_dir)
+
+
+@pytest.fixture(scope="session")
+def digits(endpoints) -> Endpoint:
+    return endpoints["digits"]
+
+
+@pytest.fixture(scope="session")
+def multi(endpoints) -> Endpoint:
+    return endpoints["multi"]
+
+
+@pytest.fixture(scope="session")
+def batchy(endpoints) -> Endpoint:
+    return endpoints["batchy"]
+
+
+@pytest.fixture(scope="session")
+def reloady(endpoints) -> Endpoint:
+    return endpoints["reloady"]
+
+
+@pytest.fixture(scope="session")
+def local_session(model_files):
+    """onnxruntime on the same files, to compare the endpoint's answers with."""
+    import onnxruntime as ort
+
+    def make(key: str):
+        return ort.InferenceSession(str(model_files[key]), providers=["CPUExecutionProvider"])
+
+    return make
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def corrupt_stored_model(folder: Path) -> None:
+    """Flip one byte of the largest stored model file (weights), keeping its size."""
+    files = [p for p in folder.iterdir() if p.name.startswith("model.onnx")]
+    target = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,92 @@
+"""Tiny real ONNX models for the endpoint tests, built with ``onnx.helper``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _save(graph, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def mlp(path: Path, sizes=(64, 128, 10), seed: int = 0) -> Path:
+    """features[batch, sizes[0]] -> logits[batch, sizes[-1]]: Gemm+Relu layers."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, current = [], [], "features"
+    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+        w = rng.normal(scale=1 / np.sqrt(n_in), size=(n_in, n_out)).astype(np.float32)
+        b = rng.normal(scale=0.1, size=(n_out,)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"b{i}")]
+        last = i == len(sizes) - 2
+        out = "logits" if last else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [current, f"W{i}", f"b{i}"], [out if last else f"z{i}"]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"z{i}"], [out]))
+        current = out
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", sizes[0]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", sizes[-1]])],
+        inits,
+    )
+    return _save(graph, path)
+
+
+MULTI_INPUTS = {
+    "x": (TensorProto.FLOAT, ["batch", 3]),
+    "mask": (TensorProto.BOOL, ["batch", 3]),
+    "ids": (TensorProto.INT32, ["batch", 2]),
+    "half": (TensorProto.FLOAT16, ["batch", 2]),
+    "small": (TensorProto.UINT8, ["batch", 2]),
+    "wide": (TensorProto.DOUBLE, ["batch", 1]),
+    "names": (TensorProto.STRING, ["batch"]),
+}
+
+
+def multi_io(path: Path) -> Path:
+    """Seven inputs of seven datatypes, seven outputs computed from them."""
+    zero = numpy_helper.from_array(np.zeros((1,), np.float32), "zero")
+    two = numpy_helper.from_array(np.array([2], np.int64), "two")
+    nodes = [
+        helper.make_node("Where", ["mask", "x", "zero"], ["masked"]),
+        helper.make_node("Not", ["mask"], ["inverted"]),
+        helper.make_node("Cast", ["ids"], ["ids64"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["ids64", "two"], ["ids_doubled"]),
+        helper.make_node("Add", ["half", "half"], ["half_doubled"]),
+        helper.make_node("Identity", ["small"], ["small_out"]),
+        helper.make_node("Add", ["wide", "wide"], ["wide_doubled"]),
+        helper.make_node("Identity", ["names"], ["names_out"]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("masked", TensorProto.FLOAT, ["batch", 3]),
+        helper.make_tensor_value_info("inverted", TensorProto.BOOL, ["batch", 3]),
+        helper.make_tensor_value_info("ids_doubled", TensorProto.INT64, ["batch", 2]),
+        helper.make_tensor_value_info("half_doubled", TensorProto.FLOAT16, ["batch", 2]),
+        helper.make_tensor_value_info("small_out", TensorProto.UINT8, ["batch", 2]),
+        helper.make_tensor_value_info("wide_doubled", TensorProto.DOUBLE, ["batch", 1]),
+        helper.make_tensor_value_info("names_out", TensorProto.STRING, ["batch"]),
+    ]
+    inputs = [helper.make_tensor_value_info(n, t, s) for n, (t, s) in MULTI_INPUTS.items()]
+    return _save(helper.make_graph(nodes, "multi", inputs, outputs, [zero, two]), path)
+
+
+def multi_example(rows: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "x": rng.normal(size=(rows, 3)).astype(np.float32),
+        "mask": rng.integers(0, 2, size=(rows, 3)).astype(bool),
+        "ids": rng.integers(-1000, 1000, size=(rows, 2)).astype(np.int32),
+        "half": rng.normal(size=(rows, 2)).astype(np.float16),
+        "small": rng.integers(0, 255, size=(rows, 2)).astype(np.uint8),
+        "wide": rng.normal(size=(rows, 1)),
+        "names": np.array([f"name-{i}-é" for i in range(rows)], dtype=object),
+    }
