@@ -1,0 +1,144 @@
+"""The whole loop against real processes, as a team runs it.
+
+PostgreSQL-backed MLflow and Prefect servers, a process worker, runs of the on-demand
+deployment started from the command line (``onnxflow trigger`` and ``prefect deployment
+run``), registration through the tracking server, two serving replicas following
+``digits@champion``: an auto promotion, a review-mode promotion done by a reviewer, and
+a rollback, each followed by both replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from onnxflow.stack.health import serving_version, wait_until_serving
+from tests.integration.conftest import record_timing, stack_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+BIN = Path(sys.executable).parent
+
+
+def flow_run(settings, run_id: str) -> dict:
+    return httpx.get(f"{settings.prefect_api_url}/flow_runs/{run_id}", timeout=10).json()
+
+
+def wait_flow_run(settings, run_id: str, timeout_s: float = 240) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = flow_run(settings, run_id)
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(1)
+    raise AssertionError(f"flow run {run_id} not finished after {timeout_s} s: {run['state']}")
+
+
+def predict(url: str) -> tuple[str, int]:
+    """One V2 inference with a digits row; (version that answered, predicted class)."""
+    row = np.zeros(64, dtype=np.float32).tolist()
+    meta = httpx.get(f"{url}/v2/models/digits", timeout=10).json()
+    body = {"inputs": [{"name": meta["inputs"][0]["name"], "shape": [1, 64], "datatype": "FP32",
+                        "data": row}]}
+    response = httpx.post(f"{url}/v2/models/digits/infer", json=body, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.headers["x-model-version"], int(np.argmax(response.json()["outputs"][0]["data"]))
+
+
+def test_triggered_run_goes_through_worker_registers_and_both_replicas_serve_it(
+    stack, mlflow_client, small_config_file,
+):
+    assert [serving_version(u, "digits") for u in stack.endpoint_urls] == [None, None]
+    started = time.monotonic()
+    out = subprocess.run(
+        [BIN / "onnxflow", "trigger", "--framework", "torch", "--config", small_config_file,
+         "--promotion", "auto"],
+        env=stack_env(stack), capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    run_id = out.stdout.split("/runs/flow-run/")[1].split()[0]
+
+    reached = wait_until_serving(stack.endpoint_urls, "digits", "1", timeout_s=240)
+    trigger_to_serving = time.monotonic() - started
+    record_timing("trigger_to_both_replicas_serving_s", trigger_to_serving)
+    print(f"trigger -> both replicas serve v1: {trigger_to_serving:.1f} s "
+          f"(per replica after the trigger: {reached})")
+
+    run = wait_flow_run(stack, run_id)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    # It ran on the worker, in a process of its own, not in this test's process.
+    assert run["work_pool_name"] == stack.work_pool
+    assert run["infrastructure_pid"] and str(run["infrastructure_pid"]) != str(__import__("os").getpid())
+    assert run["parameters"]["frameworks"] == ["torch"]
+    assert run["parameters"]["config"]["train"]["epochs"] == 3
+
+    # Registered through the tracking server; artifacts proxied into its artifact store.
+    version = mlflow_client.get_model_version("digits", "1")
+    assert version.tags["validation"] == "passed" and version.tags["source_framework"] == "torch"
+    assert version.tags["flow_run_id"], "lineage names the flow run"
+    assert mlflow_client.get_model_version_by_alias("digits", "champion").version == "1"
+    run_info = mlflow_client.get_run(version.run_id)
+    assert run_info.info.artifact_uri.startswith("mlflow-artifacts:")
+    stored = list((Path(stack.state_dir) / "mlflow-artifacts").rglob("model.onnx"))
+    assert stored, "the model's files live in the tracking server's artifact store"
+    assert [predict(u)[0] for u in stack.endpoint_urls] == ["1", "1"]
+
+
+def test_review_mode_waits_for_the_reviewer_then_both_replicas_follow(
+    stack, mlflow_client, small_config_file,
+):
+    import yaml
+
+    config = {**yaml.safe_load(small_config_file.read_text()),
+              "train": {"epochs": 4, "hidden_sizes": [32], "seed": 7},
+              "promote": {"mode": "review"}}
+    params = {"frameworks": ["torch"], "config": config, "endpoints": stack.endpoint_urls}
+    out = subprocess.run(
+        [BIN / "prefect", "deployment", "run", "retrain-and-deploy/on-demand",
+         "--params", json.dumps(params), "--watch", "--watch-interval", "1"],
+        env=stack_env(stack), capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    challenger = mlflow_client.get_model_version_by_alias("digits", "challenger")
+    assert challenger.version == "2"
+    assert challenger.tags["promotion_decision"] == "awaiting_review"
+    assert mlflow_client.get_model_version_by_alias("digits", "champion").version == "1"
+    report = mlflow_client.list_artifacts(challenger.run_id, "validation")
+    assert any(a.path.endswith("report.md") for a in report), [a.path for a in report]
+    time.sleep(2 * stack.poll_interval_s)
+    assert [serving_version(u, "digits") for u in stack.endpoint_urls] == ["1", "1"]
+
+    # The reviewer approves (here through the tracking server's API; the browser test
+    # does it by clicking in the MLflow UI).
+    moved = time.monotonic()
+    mlflow_client.set_registered_model_alias("digits", "champion", "2")
+    wait_until_serving(stack.endpoint_urls, "digits", "2", timeout_s=30)
+    record_timing("alias_move_to_both_replicas_serving_s", time.monotonic() - moved)
+    assert [predict(u)[0] for u in stack.endpoint_urls] == ["2", "2"]
+
+
+def test_rollback_is_followed_by_both_replicas(stack, mlflow_client):
+    moved = time.monotonic()
+    mlflow_client.set_registered_model_alias("digits", "champion", "1")
+    wait_until_serving(stack.endpoint_urls, "digits", "1", timeout_s=30)
+    record_timing("rollback_to_both_replicas_serving_s", time.monotonic() - moved)
+    assert [predict(u)[0] for u in stack.endpoint_urls] == ["1", "1"]
+
+
+def test_status_reports_every_part_and_the_served_version(stack):
+    out = subprocess.run([BIN / "onnxflow", "stack", "status"], env=stack_env(stack),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for part in ("mlflow", "prefect-server", "worker", *(f"endpoint-{p}" for p in stack.endpoint_ports)):
+        assert part in out.stdout
+    assert "healthy" in out.stdout and "online" in out.stdout
+    assert out.stdout.count("digits@champion -> v1") == 2
+    assert stack.prefect_url in out.stdout and stack.mlflow_url in out.stdout
