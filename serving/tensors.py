@@ -203,7 +203,7 @@ def _kind_name(kind: str) -> str:
     return {
         "U": "strings",
         "S": "strings",
-        "O": "mixed or null values",
+        "O": "nulls, mixed types or integers beyond 64 bits",
         "b": "booleans",
         "f": "non-integer numbers",
         "i": "integers",

@@ -1,0 +1,111 @@
+"""The serve step: run the endpoint as a managed background process.
+
+``deploy_endpoint`` starts ``python -m serving`` (pid and log files in ``state_dir``),
+waits until it is ready, sends the registered input example as a smoke test and returns
+the URL; ``stop_endpoint`` stops it; ``endpoint_status`` says what it serves. These are
+plain functions; the Prefect tasks at the bottom are created on first use, so importing
+this module does not import Prefect.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from onnxflow.errors import ServingError
+from serving.cli import (
+    DEFAULT_STATE_DIR, background_status, log_tail, make_settings, read_info, start_background,
+    stop_background, wait_ready,
+)
+from serving.settings import ServingSettings
+
+log = logging.getLogger(__name__)
+
+
+def deploy_endpoint(
+    model: str = "digits@champion",
+    *,
+    port: int | None = None,
+    host: str | None = None,
+    token: str | None = None,
+    settings: ServingSettings | None = None,
+    state_dir: Path = DEFAULT_STATE_DIR,
+    timeout_s: float = 90.0,
+) -> str:
+    """Start (or restart) the endpoint for ``model``, smoke-test it, return its URL.
+
+    ``settings`` gives every option; ``port``/``host``/``token`` override it (None: the
+    environment's ``ONNXFLOW_SERVE_*`` or the default). An endpoint already running from
+    ``state_dir`` is stopped first: deploying again replaces it.
+    """
+    base = settings.model_dump() if settings is not None else {}
+    base.update({k: v for k, v in dict(model=model, port=port, host=host, token=token).items()
+                 if v is not None})
+    settings = make_settings(**base)
+    if stop_endpoint(state_dir):
+        log.info("stopped the previous endpoint from %s", state_dir)
+    info = start_background(settings, state_dir)
+    try:
+        seconds = wait_ready(info, timeout_s)
+        prediction = smoke_test(info.url, settings)
+    except Exception:
+        stop_background(state_dir)
+        raise
+    log.info("endpoint ready in %.1f s at %s; the registered example gave %s", seconds,
+             info.url, prediction)
+    return info.url
+
+
+def smoke_test(url: str, settings: ServingSettings) -> dict:
+    """POST the version's registered input example to /invocations; returns the answer."""
+    import httpx
+
+    headers = {}
+    if settings.token is not None:
+        headers["authorization"] = f"Bearer {settings.token.get_secret_value()}"
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+        example = http.get(f"/v2/models/{settings.model_name}/example")
+        if example.status_code != 200:
+            raise ServingError(f"smoke test: GET the example failed ({example.status_code}): "
+                               f"{example.text}")
+        response = http.post("/invocations", json=example.json())
+    if response.status_code != 200:
+        raise ServingError(f"smoke test: the registered input example got "
+                           f"{response.status_code}: {response.text}")
+    body = response.json()
+    return {"version": response.headers.get("x-model-version"),
+            "predictions": body["predictions"]}
+
+
+def stop_endpoint(state_dir: Path = DEFAULT_STATE_DIR) -> bool:
+    """Stop the endpoint started from ``state_dir``; False if none was running."""
+    return stop_background(state_dir)
+
+
+def endpoint_status(state_dir: Path = DEFAULT_STATE_DIR) -> dict | None:
+    """pid, URL, model, readiness and served version of the endpoint; None if none runs."""
+    status = background_status(state_dir)
+    if status is None and read_info(state_dir) is not None:
+        info = read_info(state_dir)
+        log.warning("endpoint pid %s from %s is gone; last log lines:\n%s", info.pid,
+                    state_dir, log_tail(info.log_path, 10))
+    return status
+
+
+def __getattr__(name: str):
+    """``deploy_endpoint_task`` and friends: Prefect tasks, built on first access."""
+    from tasks.retry import transient_only
+
+    tasks = {  # starting a process and waiting on HTTP is I/O: retry, but not our errors
+        "deploy_endpoint_task": lambda task: task(
+            name="deploy-endpoint", retries=2, retry_delay_seconds=5,
+            retry_condition_fn=transient_only)(deploy_endpoint),
+        "stop_endpoint_task": lambda task: task(name="stop-endpoint")(stop_endpoint),
+    }
+    if name not in tasks:
+        raise AttributeError(name)
+    from prefect import task
+
+    value = tasks[name](task)
+    globals()[name] = value
+    return value

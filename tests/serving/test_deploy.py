@@ -1,0 +1,51 @@
+"""The serve task: deploy as a managed process, smoke test, status, stop."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def test_deploy_status_stop(registry, registered, tmp_path, monkeypatch):
+    from tasks.serve import deploy_endpoint, endpoint_status, stop_endpoint
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
+    monkeypatch.setenv("ONNXFLOW_SERVE_CACHE_DIR", str(tmp_path / "cache"))
+    state = tmp_path / "serve"
+    url = deploy_endpoint("digits@champion", port=0, state_dir=state)
+    try:
+        assert (state / "endpoint.pid").is_file() and (state / "endpoint.log").is_file()
+        status = endpoint_status(state)
+        assert status["ready"] is True and status["version"] == registered["digits"]
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+        # deploying again replaces the running endpoint instead of failing on it
+        url = deploy_endpoint("digits@champion", port=0, state_dir=state)
+        assert endpoint_status(state)["url"] == url
+    finally:
+        assert stop_endpoint(state) is True
+    assert endpoint_status(state) is None
+    assert stop_endpoint(state) is False
+
+
+def test_deploy_fails_clearly_for_an_unknown_model(registry, tmp_path, monkeypatch):
+    from onnxflow.errors import ServingError
+    from tasks.serve import deploy_endpoint
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
+    with pytest.raises(ServingError, match="not ready"):
+        deploy_endpoint("nosuchmodel@champion", port=0, state_dir=tmp_path / "serve",
+                        timeout_s=6)
+    assert not (tmp_path / "serve" / "endpoint.pid").exists()
+
+
+def test_task_module_does_not_import_prefect():
+    code = "import sys, tasks.serve; print('prefect' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=os.getcwd())
+    assert out.stdout.strip() == "False"
