@@ -1,0 +1,155 @@
+"""Framework adapters: one module per training framework, all with the same three functions.
+
+``train`` writes the framework's own model file, ``export`` turns it into ``model.onnx``
+and ``load_predictor`` loads it back for validation. Adapters are imported lazily, so
+choosing PyTorch never imports TensorFlow (and the serving process imports neither).
+
+Every exported model has the same interface, whatever trained it: one input
+``features`` ``[batch, n_features]`` float32 taking RAW features (the standardisation is
+folded into the first layer) and one output, ``probabilities`` ``[batch, n_classes]`` for
+classifiers or ``prediction`` ``[batch, 1]`` for regressors, with a dynamic batch axis.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, cast
+
+import numpy as np
+
+from onnxflow.config import ExportConfig, Task, TrainConfig
+from onnxflow.errors import ExportError, OnnxflowError
+from onnxflow.results import DatasetArtifact, DatasetInfo, ExportedModel, TrainedModel
+
+INPUT_NAME = "features"
+BATCH_AXIS = "batch"
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+_ADAPTERS = {"torch": "onnxflow.frameworks.pytorch", "keras": "onnxflow.frameworks.keras3"}
+
+
+class FrameworkAdapter(Protocol):
+    def train(
+        self,
+        dataset: DatasetArtifact,
+        config: TrainConfig,
+        out_dir: Path,
+        on_epoch: EpochCallback | None = None,
+    ) -> TrainedModel: ...
+
+    def export(
+        self, trained: TrainedModel, info: DatasetInfo, config: ExportConfig, out_dir: Path
+    ) -> ExportedModel: ...
+
+    def load_predictor(self, model_path: Path) -> Predictor: ...
+
+
+def get_adapter(framework: str) -> FrameworkAdapter:
+    """The adapter module of ``framework`` (``torch`` or ``keras``), imported on first use."""
+    try:
+        module_name = _ADAPTERS[framework]
+    except KeyError:
+        known = ", ".join(sorted(_ADAPTERS))
+        raise OnnxflowError(f"Unknown framework {framework!r}; expected one of: {known}.") from None
+    return cast(FrameworkAdapter, importlib.import_module(module_name))
+
+
+def output_name(task: Task) -> str:
+    """Name of the single ONNX output for a task."""
+    return "probabilities" if task == "classification" else "prediction"
+
+
+def standardized_splits(
+    dataset: DatasetArtifact,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training and validation arrays as the networks see them during training.
+
+    Features are standardised with the training-split statistics; regression targets too
+    (both are folded back into the saved model, see :func:`fold_standardization`).
+    """
+    from onnxflow.data import load_splits
+
+    info = dataset.info
+    splits = load_splits(dataset)
+    mean = np.asarray(info.feature_mean, dtype=np.float32)
+    std = np.asarray(info.feature_std, dtype=np.float32)
+    X_train = (splits["X_train"] - mean) / std
+    X_val = (splits["X_val"] - mean) / std
+    y_train, y_val = splits["y_train"], splits["y_val"]
+    if info.task == "regression":
+        y_train = ((y_train - info.target_mean) / info.target_std).astype(np.float32)
+        y_val = ((y_val - info.target_mean) / info.target_std).astype(np.float32)
+    return X_train.astype(np.float32), y_train, X_val.astype(np.float32), y_val
+
+
+def fold_standardization(
+    layers: list[tuple[np.ndarray, np.ndarray]], info: DatasetInfo
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Fold the input standardisation (and a regressor's target scaling) into the weights.
+
+    ``layers`` are ``(kernel [in, out], bias [out])`` pairs of the dense layers in order.
+    ``((x - mean) / std) @ K + b == x @ (K / std[:, None]) + (b - (mean / std) @ K)``, so the
+    saved model takes raw features with no extra Sub/Div nodes; for regression the last layer
+    becomes ``(x @ K + b) * target_std + target_mean``.
+    """
+    mean = np.asarray(info.feature_mean, dtype=np.float64)
+    std = np.asarray(info.feature_std, dtype=np.float64)
+    folded = [(np.asarray(k, np.float64), np.asarray(b, np.float64)) for k, b in layers]
+    kernel, bias = folded[0]
+    folded[0] = (kernel / std[:, None], bias - (mean / std) @ kernel)
+    if info.task == "regression":
+        kernel, bias = folded[-1]
+        folded[-1] = (kernel * info.target_std, bias * info.target_std + info.target_mean)
+    return [(k.astype(np.float32), b.astype(np.float32)) for k, b in folded]
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """``train_loss 0.1234 val_loss 0.2345 ...`` for the one-line progress log."""
+    return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+
+
+def check_exported_model(model_path: Path, info: DatasetInfo, opset: int) -> None:
+    """``onnx.checker`` plus the interface every onnxflow model promises; raises ExportError."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(model_path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"{model_path.name} fails onnx.checker: {exc}") from exc
+    model = onnx.load(str(model_path), load_external_data=False)
+    found_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                       None)
+    problems = []
+    if found_opset != opset:
+        problems.append(f"opset {found_opset}, expected {opset}")
+    expected = {
+        "input": (INPUT_NAME, info.n_features, model.graph.input),
+        "output": (output_name(info.task), info.n_outputs, model.graph.output),
+    }
+    for kind, (name, width, values) in expected.items():
+        found = [(v.name, _dims(v), v.type.tensor_type.elem_type) for v in values]
+        if len(found) != 1 or found[0][0] != name:
+            problems.append(f"{kind}s {[f[0] for f in found]}, expected [{name!r}]")
+            continue
+        _, dims, elem_type = found[0]
+        if dims != [BATCH_AXIS, width]:
+            problems.append(f"{kind} {name!r} shape {dims}, expected [{BATCH_AXIS!r}, {width}]")
+        if elem_type != onnx.TensorProto.FLOAT:
+            problems.append(
+                f"{kind} {name!r} type {onnx.TensorProto.DataType.Name(elem_type)}, expected FLOAT"
+            )
+    if problems:
+        raise ExportError(
+            f"{model_path.name} does not have the expected interface: " + "; ".join(problems)
+        )
+
+
+def _dims(value) -> list[int | str | None]:
+    return [
+        d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
+        for d in value.type.tensor_type.shape.dim
+    ]
