@@ -270,6 +270,7 @@ class Endpoint:
             "rss_bytes": _rss_bytes(),
             "heavy_modules_loaded": sorted(m for m in HEAVY_MODULES
                                            if sys.modules.get(m) is not None),
+            "mlflow_loaded": sys.modules.get("mlflow") is not None,
             "uptime_s": time.time() - self.started,
         })
 

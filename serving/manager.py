@@ -7,8 +7,8 @@ in-flight requests finish on the old session. A version that fails any check is
 refused: it is logged and counted, the old one keeps serving, and the watcher does not
 retry it until the alias moves (an explicit reload does retry it).
 
-MLflow is imported here, lazily, in a worker thread: the entry point blocks pandas first
-(MLflow imports it when present and the endpoint has no use for it).
+Registry calls run in a worker thread (see :mod:`serving.registry` for how they reach
+MLflow); the event loop keeps serving while a version downloads and warms up.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, ModelRefused, load_model
+from serving.registry import Registry, registry_for
 from serving.settings import ServingSettings, parse_model_reference
 
 log = logging.getLogger(__name__)
@@ -43,34 +44,11 @@ class CheckOutcome:
                 "detail": self.detail}
 
 
-class RegistryClient:
-    """The three registry calls the endpoint makes, over MLflow's own client."""
-
-    def __init__(self) -> None:
-        from mlflow import MlflowClient
-
-        self._client = MlflowClient()
-
-    def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
-        """(version, tags) that ``alias`` (or the pinned ``version``) points at now."""
-        if alias is not None:
-            mv = self._client.get_model_version_by_alias(name, alias)
-        else:
-            mv = self._client.get_model_version(name, version)
-        return str(mv.version), dict(mv.tags or {})
-
-    def download(self, name: str, version: str, dest: Path) -> Path:
-        import mlflow.artifacts
-
-        return Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)))
-
-
 def cached_folder(cache_dir: Path, name: str, version: str) -> Path:
     return Path(cache_dir) / name / version
 
 
-def fetch_version(registry: RegistryClient, cache_dir: Path, name: str, version: str) -> Path:
+def fetch_version(registry: Registry, cache_dir: Path, name: str, version: str) -> Path:
     """The version's files in the cache, downloading them once (atomically) if needed."""
     target = cached_folder(cache_dir, name, version)
     if (target / COMPLETE).is_file():
@@ -89,6 +67,18 @@ def fetch_version(registry: RegistryClient, cache_dir: Path, name: str, version:
     return target
 
 
+def release_memory() -> None:
+    """Hand memory freed by loading (protobufs, download buffers) back to the system."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class ModelManager:
     def __init__(self, settings: ServingSettings, metrics: ServingMetrics) -> None:
         self.settings = settings
@@ -97,29 +87,24 @@ class ModelManager:
         self.current: LoadedModel | None = None
         self.refused: dict[str, str] = {}
         self.last_check: CheckOutcome | None = None
-        self._registry: RegistryClient | None = None
+        self._registry: Registry | None = None
         self._lock = asyncio.Lock()
 
     @property
     def reference(self) -> str:
         return f"{self.name}@{self.alias}" if self.alias else f"{self.name}/{self.pinned}"
 
-    def _registry_client(self) -> RegistryClient:
+    def _registry_client(self) -> Registry:
         if self._registry is None:
-            self._registry = RegistryClient()
+            self._registry = registry_for(os.environ.get("MLFLOW_TRACKING_URI"),
+                                          self.settings.registry_access)
+            log.info("reading the registry at %s via %s",
+                     os.environ.get("MLFLOW_TRACKING_URI", "(MLflow default)"),
+                     type(self._registry).__name__)
         return self._registry
 
     def _resolve(self) -> tuple[str, dict]:
         return self._registry_client().resolve(self.name, self.alias, self.pinned)
-
-    def _load(self, version: str, tags: dict) -> LoadedModel:
-        try:
-            folder = fetch_version(self._registry_client(), self.settings.cache_dir,
-                                   self.name, version)
-        except Exception as exc:
-            raise ModelRefused(f"{self.name} version {version}: download failed: {exc}") from exc
-        return load_model(folder, name=self.name, version=version, tags=tags,
-                          settings=self.settings)
 
     async def check(self, *, force: bool = False) -> CheckOutcome:
         """Resolve the alias and swap to its version if it is new and passes every check."""
@@ -143,13 +128,23 @@ class ModelManager:
         log.info("%s points at version %s (serving %s): loading it", self.reference, version,
                  serving)
         try:
-            model = await asyncio.to_thread(self._load, version, tags)
+            folder = await asyncio.to_thread(fetch_version, self._registry_client(),
+                                             self.settings.cache_dir, self.name, version)
+        except Exception as exc:  # transient: not a refusal, the next check tries again
+            log.warning("cannot download %s version %s: %s", self.name, version, exc)
+            return CheckOutcome("registry_error", version, serving, f"download failed: {exc}")
+        try:
+            model = await asyncio.to_thread(load_model, folder, name=self.name,
+                                            version=version, tags=tags,
+                                            settings=self.settings)
         except ModelRefused as exc:
+            shutil.rmtree(folder, ignore_errors=True)  # a forced retry downloads afresh
             self.refused[version] = str(exc)
             self.metrics.refusals.labels(self.name, version).inc()
             log.error("refused %s version %s; still serving %s: %s", self.name, version,
                       serving, exc)
             return CheckOutcome("refused", version, serving, str(exc))
+        await asyncio.to_thread(release_memory)
         previous = self.current
         self.current = model  # the swap: new requests see the new session from here on
         self.refused.pop(version, None)

@@ -61,6 +61,11 @@ class ServingSettings(BaseSettings):
         Path(".onnxflow/serve/models"),
         description="Downloaded versions, kept by NAME/VERSION so a restart starts fast.",
     )
+    registry_access: Literal["auto", "rest", "mlflow"] = Field(
+        "auto",
+        description="auto: MLflow's REST API for http(s) tracking URIs (MLflow is then never "
+        "imported by the endpoint), MLflow's client in process otherwise.",
+    )
     require_digest: bool = Field(
         True, description="Refuse versions without an onnx_sha256 tag (set at registration)."
     )

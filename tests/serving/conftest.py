@@ -3,7 +3,9 @@
 One registry per session (with its own artifact root) holds four registered models;
 four endpoint processes serve them, started together so the session pays one start-up:
 
-* ``digits``: a 64->128->10 MLP, no token (protocol and bad-input tests);
+* ``digits``: a 64->128->10 MLP, no token (protocol and bad-input tests), reading the
+  registry through a real ``mlflow server`` (the production set-up: REST, no MLflow in
+  the endpoint process);
 * ``multi``: seven inputs and outputs of seven datatypes;
 * ``batchy``: the MLP with dynamic batching on;
 * ``reloady``: versions that the tests move ``champion`` between, with a token and a
@@ -18,6 +20,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,23 +136,55 @@ def registered(registry, model_files) -> dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def tracking_server(registry: Registry, log_path: Path):
+    """``mlflow server`` on the test registry; yields its URL (ready or not yet)."""
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", registry.uri,
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.fixture(scope="session")
-def endpoints(registry, registered, tmp_path_factory) -> dict[str, Endpoint]:
+def mlflow_server(registry, tmp_path_factory) -> str:
+    """URL of an ``mlflow server`` on the test registry (maybe still starting)."""
+    log_path = tmp_path_factory.mktemp("mlflow-server") / "server.log"
+    with tracking_server(registry, log_path) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def endpoints(registry, registered, mlflow_server, tmp_path_factory) -> dict[str, Endpoint]:
     """Start all endpoint processes at once, wait for each, stop them at the end."""
-    root = tmp_path_factory.mktemp("endpoints")
+    yield from _endpoints(registry, tmp_path_factory.mktemp("endpoints"), mlflow_server)
+
+
+def _endpoints(registry: Registry, root: Path, server_url: str):
     cache = root / "cache"
     specs = {
-        "digits": dict(model="digits@champion"),
+        "digits": dict(model="digits@champion", tracking_uri=server_url),
         "multi": dict(model="multi@champion"),
         "batchy": dict(model="batchy@champion", max_batch_size=32, max_batch_delay_ms=20,
                        inference_threads=1),
         "reloady": dict(model="reloady@champion", token=TOKEN, poll_interval_s=0.5),
     }
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = registry.uri  # inherited by the endpoint processes
+    saved = os.environ.get("MLFLOW_TRACKING_URI")  # endpoint processes inherit it
     started = {}
     try:
         for key, options in specs.items():
+            os.environ["MLFLOW_TRACKING_URI"] = options.pop("tracking_uri", registry.uri)
             settings = ServingSettings(port=free_port(), cache_dir=cache, log_level="info",
                                        **options)
             info = start_background(settings, root / key)

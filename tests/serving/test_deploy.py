@@ -33,6 +33,22 @@ def test_deploy_status_stop(registry, registered, tmp_path, monkeypatch):
     assert stop_endpoint(state) is False
 
 
+def test_with_a_tracking_server_mlflow_stays_out(mlflow_server, endpoints, tmp_path,
+                                                 monkeypatch):
+    """Via a tracking server the endpoint never imports MLflow: fast start, small RSS."""
+    from tasks.serve import deploy_endpoint, stop_endpoint
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    state = tmp_path / "serve"
+    url = deploy_endpoint("digits@champion", port=0, token="t0ken", state_dir=state)
+    try:
+        status = httpx.get(f"{url}/admin/status", headers={"authorization": "Bearer t0ken"})
+        assert status.json()["mlflow_loaded"] is False
+        assert status.json()["heavy_modules_loaded"] == []
+    finally:
+        stop_endpoint(state)
+
+
 def test_deploy_fails_clearly_for_an_unknown_model(registry, tmp_path, monkeypatch):
     from onnxflow.errors import ServingError
     from tasks.serve import deploy_endpoint

@@ -1,0 +1,131 @@
+"""How the endpoint reads the MLflow registry: resolve an alias, download a version.
+
+Two ways, same answers:
+
+* :class:`RestRegistry`, for a tracking server (``http(s)://``, the production set-up):
+  the alias is resolved with one call to MLflow's documented REST API, and a new
+  version's files are downloaded by a short-lived ``python -m serving.registry``
+  process that uses MLflow's own artifact code. The endpoint process never imports
+  MLflow, which would roughly double its resident memory.
+* :class:`MlflowRegistry`, for every other tracking URI (a local SQLite file, Databricks):
+  MLflow's client in process, imported on first use, with pandas and pyarrow blocked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Protocol
+
+from onnxflow.errors import RegistryError
+
+log = logging.getLogger(__name__)
+
+BLOCKED_MODULES = ("pandas", "pyarrow", "torch", "tensorflow")
+
+
+class Registry(Protocol):
+    def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
+        """(version, tags) that ``alias`` (or the pinned ``version``) points at now."""
+
+    def download(self, name: str, version: str, dest: Path) -> Path:
+        """Download the version's files into ``dest``; returns the folder holding them."""
+
+
+def registry_for(tracking_uri: str | None, access: str = "auto") -> Registry:
+    uri = tracking_uri or ""
+    if access == "rest" or (access == "auto" and uri.startswith(("http://", "https://"))):
+        return RestRegistry(uri)
+    return MlflowRegistry()
+
+
+class MlflowRegistry:
+    """MLflow's client, in this process."""
+
+    def __init__(self) -> None:
+        for name in BLOCKED_MODULES:  # MLflow imports pandas/pyarrow when installed
+            sys.modules.setdefault(name, None)
+        from mlflow import MlflowClient
+
+        self._client = MlflowClient()
+
+    def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
+        if alias is not None:
+            mv = self._client.get_model_version_by_alias(name, alias)
+        else:
+            mv = self._client.get_model_version(name, version)
+        return str(mv.version), dict(mv.tags or {})
+
+    def download(self, name: str, version: str, dest: Path) -> Path:
+        import mlflow.artifacts
+
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)))
+
+
+class RestRegistry:
+    """A tracking server over its REST API; downloads in a helper process."""
+
+    def __init__(self, uri: str) -> None:
+        import httpx
+
+        self.uri = uri.rstrip("/")
+        headers, auth = {}, None
+        if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            headers["authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+        elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+            auth = (os.environ["MLFLOW_TRACKING_USERNAME"],
+                    os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+        verify: bool | str = True
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            verify = False
+        elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+            verify = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+        self._http = httpx.Client(base_url=self.uri, headers=headers, auth=auth, verify=verify,
+                                  timeout=10.0)
+
+    def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
+        if alias is not None:
+            path, params = "/api/2.0/mlflow/registered-models/alias", {"name": name,
+                                                                        "alias": alias}
+        else:
+            path, params = "/api/2.0/mlflow/model-versions/get", {"name": name,
+                                                                   "version": version}
+        response = self._http.get(path, params=params)
+        if response.status_code != 200:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            raise RegistryError(f"{self.uri}{path} answered {response.status_code}: {message}")
+        mv = response.json()["model_version"]
+        tags = {t["key"]: t.get("value", "") for t in mv.get("tags", [])}
+        return str(mv["version"]), tags
+
+    def download(self, name: str, version: str, dest: Path) -> Path:
+        result = subprocess.run(
+            [sys.executable, "-m", "serving.registry", "download", name, version, str(dest)],
+            capture_output=True, text=True, timeout=1800,
+        )
+        if result.returncode != 0:
+            tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+            raise RegistryError(f"downloading {name} version {version} failed: {tail}")
+        return Path(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m serving.registry download NAME VERSION DEST``: prints the local folder."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 4 or args[0] != "download":
+        sys.exit("usage: python -m serving.registry download NAME VERSION DEST")
+    _, name, version, dest = args
+    logging.basicConfig(level=logging.WARNING)
+    folder = MlflowRegistry().download(name, version, Path(dest))
+    print(folder)
+
+
+if __name__ == "__main__":
+    main()
