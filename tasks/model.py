@@ -29,7 +29,7 @@ def train_task(
     trained = get_adapter(framework).train(
         dataset, config, out_dir, on_epoch=partial(tracking.log_epoch, run_id)
     )
-    tracking.log_metrics(run_id, {**trained.metrics, "train_seconds": trained.train_seconds})
+    tracking.log_metrics(run_id, {"train_seconds": trained.train_seconds})
     return trained
 
 
