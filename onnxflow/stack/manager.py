@@ -158,6 +158,7 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
         raise StackError(f"the stack in {state_dir(settings)} already runs "
                          f"({', '.join(r.name for r in running)}); stop it with `make down`")
     _check_ports_free(settings)
+    _check_databases(settings)
     folder = state_dir(settings)
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     records: list[ProcessRecord] = []
@@ -255,6 +256,35 @@ def _stop_order(records: list[ProcessRecord]) -> list[ProcessRecord]:
     """Replicas and the worker first (they talk to the servers), then the servers."""
     rank = {"worker": 0, "prefect-server": 2, "mlflow": 3}
     return sorted(records, key=lambda r: rank.get(r.name, 1))
+
+
+def _check_databases(settings: StackSettings) -> None:
+    """Connect to each configured database once: the servers retry a bad URL for minutes,
+    this says at once which URL is wrong and why."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    for what, secret in (("MLflow", settings.mlflow_database_url),
+                         ("Prefect", settings.prefect_database_url)):
+        if secret is None:
+            continue
+        url = make_url(secret.get_secret_value())
+        if url.get_backend_name() == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")  # sync check of an async URL
+        engine = sqlalchemy.create_engine(url, connect_args=_connect_timeout(url))
+        try:
+            with engine.connect():
+                pass
+        except Exception as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise StackError(f"cannot connect to the {what} database "
+                             f"{url.render_as_string(hide_password=True)}: {reason}") from exc
+        finally:
+            engine.dispose()
+
+
+def _connect_timeout(url) -> dict[str, int]:
+    return {"connect_timeout": 5} if url.get_backend_name() == "postgresql" else {}
 
 
 def _check_ports_free(settings: StackSettings) -> None:

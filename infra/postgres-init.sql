@@ -1,0 +1,3 @@
+-- One PostgreSQL server, one database per service (docker-compose.yml runs this once).
+CREATE DATABASE mlflow;
+CREATE DATABASE prefect;
