@@ -118,7 +118,7 @@ def test_up_refuses_a_taken_port_before_starting_anything(tmp_path):
         port = taken.getsockname()[1]
         settings = StackSettings(state_dir=tmp_path, mlflow_port=port, prefect_port=port + 1 if port < 65535 else port - 1,
                                  endpoint_ports=[])
-        with pytest.raises(StackError, match=f"port {port} for MLflow"):
+        with pytest.raises(StackError, match=f"port {port} on 127.0.0.1, wanted by the MLflow server"):
             manager.up(settings)
     assert manager.read_state(settings) == []
 

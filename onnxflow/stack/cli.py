@@ -66,11 +66,11 @@ def status() -> None:
     """What runs, where, and what each part reports; exit code 1 if anything is down."""
     from onnxflow.stack import manager
 
-    settings = _settings()
+    settings = manager.running_settings(_settings())
     rows = manager.status(settings)
     if not rows:
         typer.echo("the stack is not running (start it with `make up`)")
-        raise typer.Exit(3)
+        return
     for row in rows:
         mark = "✓" if row["running"] else "✗"
         typer.echo(f"  {mark} {row['name']:<16} pid {row['pid']:<7} {row['url']:<24} "
@@ -109,7 +109,9 @@ def trigger_run(frameworks: list[str], config, wait: bool, timeout_s: float | No
     from onnxflow.stack import health
     from onnxflow.stack.deployments import config_parameter, trigger
 
-    settings = _settings()
+    from onnxflow.stack.manager import running_settings
+
+    settings = running_settings(_settings())
     parameters = {"frameworks": frameworks, "config": config_parameter(config),
                   "endpoints": settings.endpoints_for_runs}
     started = time.perf_counter()

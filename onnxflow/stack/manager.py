@@ -134,10 +134,25 @@ def _write_state(settings: StackSettings, records: list[ProcessRecord]) -> None:
     path = state_dir(settings) / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"processes": [asdict(r) for r in records], "urls": urls(settings),
+               "settings": settings.model_dump(mode="json", include=set(_RECORDED)),
                "updated_at": time.time()}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
+
+
+#: Settings a running stack was started with: later commands (status, trigger) use these,
+#: whatever their own environment says.
+_RECORDED = ("host", "prefect_port", "mlflow_port", "endpoint_ports", "work_pool", "model")
+
+
+def running_settings(settings: StackSettings) -> StackSettings:
+    """``settings`` with the ports, host and model of the stack running from its state dir."""
+    try:
+        recorded = json.loads((state_dir(settings) / STATE_FILE).read_text())["settings"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return settings
+    return settings.model_copy(update={k: v for k, v in recorded.items() if k in _RECORDED})
 
 
 def urls(settings: StackSettings) -> dict[str, object]:
@@ -228,6 +243,7 @@ def down(settings: StackSettings, progress: Progress = log.info) -> list[str]:
 def status(settings: StackSettings) -> list[dict[str, object]]:
     """One row per recorded process: running or not, where, and what it reports."""
     rows = []
+    settings = running_settings(settings)
     for record in read_state(settings):
         running = is_running(record)
         detail = ""
@@ -288,8 +304,10 @@ def _connect_timeout(url) -> dict[str, int]:
 
 
 def _check_ports_free(settings: StackSettings) -> None:
-    wanted = {"MLflow": settings.mlflow_port, "Prefect": settings.prefect_port,
-              **{f"endpoint {p}": p for p in settings.endpoint_ports}}
+    wanted = {"the MLflow server (ONNXFLOW_STACK_MLFLOW_PORT)": settings.mlflow_port,
+              "the Prefect server (ONNXFLOW_STACK_PREFECT_PORT)": settings.prefect_port,
+              **{f"an endpoint (ONNXFLOW_STACK_ENDPOINT_PORTS={settings.endpoint_ports})": p
+                 for p in settings.endpoint_ports}}
     if len(set(wanted.values())) != len(wanted):
         raise StackError(f"every server needs its own port, got {wanted}")
     for what, port in wanted.items():
@@ -299,5 +317,5 @@ def _check_ports_free(settings: StackSettings) -> None:
                 sock.bind((settings.host, port))
             except OSError as exc:
                 raise StackError(
-                    f"port {port} for {what} on {settings.host} is taken ({exc.strerror}); "
-                    f"free it or set ONNXFLOW_STACK_*_PORT(S)") from exc
+                    f"port {port} on {settings.host}, wanted by {what}, is taken "
+                    f"({exc.strerror}): stop what uses it or choose another port") from exc

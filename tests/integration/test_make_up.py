@@ -62,9 +62,13 @@ def test_make_up_status_down_leaves_nothing_behind(tmp_path):
         tree = [pt for p in state["processes"] for pt in process_tree(p["pid"])]
         assert len(tree) >= 4
 
-        status = make("status", env)
+        # status finds the stack's ports in its state file, whatever its own environment says.
+        status = make("status", {**env, "ONNXFLOW_STACK_PREFECT_PORT": "1",
+                                 "ONNXFLOW_STACK_ENDPOINT_PORTS": "[]"})
         assert status.returncode == 0, status.stdout + status.stderr
         assert status.stdout.count("✓") == 4 and "online" in status.stdout
+        assert f"http://127.0.0.1:{prefect_port}" in status.stdout
+        assert f"endpoint     http://127.0.0.1:{endpoint_port}" in status.stdout
 
         again = make("up", env)
         assert again.returncode != 0 and "already runs" in again.stderr
@@ -74,7 +78,7 @@ def test_make_up_status_down_leaves_nothing_behind(tmp_path):
     assert not [pid for pid, ticks in tree if _alive(pid, ticks)], "down left processes"
     assert all(port_free(p) for p in ports)
     after = make("status", env)
-    assert after.returncode != 0 and "not running" in after.stdout
+    assert after.returncode == 0 and "not running" in after.stdout
 
 
 def test_up_names_an_unreachable_database_before_starting_anything(tmp_path):
