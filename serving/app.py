@@ -218,7 +218,7 @@ class Endpoint:
         if model is None:
             raise BadInput(f"model {self.manager.name!r} is not loaded yet", 503)
         body = await self.read_body(headers, receive, (JSON, "text/csv"), False)
-        if headers["content-type"].lower().startswith("text/csv"):
+        if headers.get("content-type", "").lower().startswith("text/csv"):
             try:
                 text = body.decode("utf-8")
             except UnicodeDecodeError:
@@ -233,7 +233,7 @@ class Endpoint:
         results = await self.execute(model, feeds)
         content = orjson.dumps(mlflow_format.predictions(model.output_names, results),
                                option=orjson.OPT_SERIALIZE_NUMPY)
-        return 200, content, {"content-type": JSON}, model
+        return 200, content, JSON_HEADERS, model
 
     async def ping(self, request: Request) -> Response:
         ok = self.manager.current is not None
@@ -326,6 +326,23 @@ class MetricsMiddleware:
                                          scope["method"], status, time.perf_counter() - start)
 
 
+JSON_HEADERS = {"content-type": JSON}
+JSON_HEADER = (b"content-type", JSON.encode())
+
+
+class RawHeaders:
+    """Read access to ASGI's raw header list; only the headers asked for are decoded."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = dict(raw)  # ASGI servers give lower-case names
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        value = self._raw.get(name.encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
+
+
 class InferenceRoute:
     """A raw ASGI inference route: no Request/Response objects, errors as JSON, timed.
 
@@ -349,7 +366,7 @@ class InferenceRoute:
 
     async def __call__(self, scope, receive, send, params: dict | None = None) -> None:
         start = time.perf_counter()
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = RawHeaders(scope["headers"])
         model = None
         try:
             status, content, response_headers, model = await self.handler(
@@ -364,8 +381,11 @@ class InferenceRoute:
             status = 500
             content = self.error_body(f"internal error: {type(exc).__name__}", 500)
             response_headers = {"content-type": JSON}
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers.items()]
-        raw.append((b"content-length", str(len(content)).encode()))
+        if response_headers is JSON_HEADERS:
+            raw = [JSON_HEADER, (b"content-length", str(len(content)).encode())]
+        else:
+            raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers.items()]
+            raw.append((b"content-length", str(len(content)).encode()))
         if model is not None:
             raw += model.version_headers
         await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -102,7 +102,8 @@ def run_server(settings: ServingSettings) -> None:
         host=settings.host,
         port=settings.port,
         loop=_available("uvloop", "asyncio"),
-        http=_available("httptools", "h11"),
+        http=_http_protocol(),
+        ws="none",
         access_log=False,
         log_level=settings.log_level,
         lifespan="on",
@@ -110,6 +111,14 @@ def run_server(settings: ServingSettings) -> None:
         timeout_graceful_shutdown=10,
     )
     uvicorn.Server(config).run()
+
+
+def _http_protocol():
+    if _available("httptools", "") == "":
+        return "h11"
+    from serving.http import CoalescingHttpToolsProtocol
+
+    return CoalescingHttpToolsProtocol
 
 
 def _available(module: str, fallback: str) -> str:

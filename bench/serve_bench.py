@@ -1,0 +1,380 @@
+"""Serving benchmarks: the onnxflow endpoint against ``mlflow models serve``, in one run.
+
+1. A 64->128->10 MLP is registered as ``champion`` in a fresh registry behind a local
+   ``mlflow server`` (the production set-up). Both servers serve it; ``wrk`` drives each
+   with batch-1 JSON requests on /invocations at 8 connections, metrics on. Printed:
+   requests/s, p50, p99 for both and the ratio, our resident memory, and our start to
+   ready time with the model already cached.
+2. Dynamic batching on a model heavy enough for it to matter (64->2048x4->10): our
+   endpoint unbatched and batched at 32 connections.
+
+Results go to ``docs/benchmarks.md`` (and JSON under ``bench-results/``).
+
+    python bench/serve_bench.py [--duration 15] [--install-wrk] [--skip-mlflow]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serving.cli import free_port, start_background, stop_background  # noqa: E402
+from serving.settings import ServingSettings  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+# --- load generator ----------------------------------------------------------------------
+
+def ensure_wrk(install: bool) -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if install and shutil.which("apt-get"):
+        print("wrk is missing; installing it with apt-get (Debian package 'wrk') ...")
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True)
+        subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "wrk"], check=True)
+        found = shutil.which("wrk")
+        if found:
+            return found
+    sys.exit("wrk (HTTP load generator) is not installed.\n"
+             "  Debian/Ubuntu: sudo apt-get update && sudo apt-get install -y wrk\n"
+             "  or run: python bench/serve_bench.py --install-wrk")
+
+
+def wrk_script(path: Path, body: str) -> Path:
+    path.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = [==[{body}]==]\n"
+    )
+    return path
+
+
+def run_wrk(wrk: str, url: str, script: Path, connections: int, duration: int,
+            threads: int = 1) -> dict:
+    cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
+           "-s", str(script), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    latency = {p: _ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M)}
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    socket_errors = re.search(r"Socket errors:.*", out)
+    return {"rps": rps, "p50_ms": latency["50"], "p99_ms": latency["99"],
+            "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+            "socket_errors": socket_errors.group(0) if socket_errors else "",
+            "command": " ".join(cmd[:-2] + ["<post.lua>", url])}
+
+
+def _ms(value: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()
+    return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+# --- registry and servers ----------------------------------------------------------------
+
+def start_tracking_server(work: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    log = open(work / "mlflow-server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination", str(work / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", 120, proc)
+    return proc, url
+
+
+def register(tracking_uri: str, name: str, sizes: tuple[int, ...], work: Path) -> str:
+    from onnxflow.registry import register_onnx
+    from tests.serving.models import mlp
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    path = mlp(work / "models" / name / "model.onnx", sizes=sizes, seed=0)
+    example = np.random.default_rng(0).normal(size=(1, sizes[0])).astype(np.float32)
+    version = register_onnx(path, model_name=name, input_example=example,
+                            tags={"source_framework": "bench"}, aliases=("champion",))
+    return version.version
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return time.monotonic() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(0.01)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+class OurEndpoint:
+    def __init__(self, work: Path, key: str, **options) -> None:
+        self.state = work / key
+        self.settings = ServingSettings(port=free_port(), cache_dir=work / "cache",
+                                        log_level="warning", **options)
+        self.info = None
+
+    def start(self) -> float:
+        """Seconds from process start to ready."""
+        self.info = start_background(self.settings, self.state)
+        start = self.info.started_at
+        wait_http(f"{self.info.url}/v2/health/ready", 120)
+        return time.time() - start
+
+    def rss_mb(self) -> tuple[float, float]:
+        status = Path(f"/proc/{self.info.pid}/status").read_text()
+        kb = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M))
+        return int(kb["VmRSS"]) / 1024, int(kb["VmHWM"]) / 1024
+
+    def stop(self) -> None:
+        stop_background(self.state)
+
+
+def mlflow_serve(model_uri: str, work: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    log = open(work / "mlflow-serve.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+         "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/ping", 180, proc)
+    return proc, url
+
+
+def group_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (mlflow serve runs uvicorn below)."""
+    out = subprocess.run(["ps", "-o", "rss=", "--ppid", str(pid), "-p", str(pid)],
+                         capture_output=True, text=True).stdout
+    return sum(int(x) for x in out.split()) / 1024
+
+
+def check_answer(url: str, body: str) -> dict:
+    response = httpx.post(f"{url}/invocations", content=body,
+                          headers={"content-type": "application/json"}, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+# --- the benchmarks ----------------------------------------------------------------------
+
+def bench_vs_mlflow(args, wrk: str, work: Path, tracking_uri: str) -> dict:
+    name = "bench-mlp"
+    version = register(tracking_uri, name, (64, 128, 10), work)
+    row = np.random.default_rng(1).normal(size=(1, 64)).round(6).tolist()
+    body = json.dumps({"inputs": row})
+    script = wrk_script(work / "post-mlp.lua", body)
+    result = {"model": f"{name} v{version} (64->128->10 MLP)"}
+
+    ours = OurEndpoint(work, "ours", model=f"{name}@champion")
+    ours.start()  # downloads into the cache
+    ours.stop()
+    starts = []
+    for _ in range(3):
+        starts.append(ours.start())
+        ours.stop()
+    result["start_to_ready_s"] = starts
+    ours.start()
+    answer = check_answer(ours.info.url, body)
+    run_wrk(wrk, f"{ours.info.url}/invocations", script, args.connections, 3)  # warm-up
+    result["ours"] = run_wrk(wrk, f"{ours.info.url}/invocations", script, args.connections,
+                             args.duration)
+    result["ours"]["rss_mb"], result["ours"]["rss_peak_mb"] = ours.rss_mb()
+    ours.stop()
+
+    if not args.skip_mlflow:
+        proc, url = mlflow_serve(f"models:/{name}@champion", work)
+        try:
+            theirs = check_answer(url, body)
+            np.testing.assert_allclose(answer["predictions"]["logits"],
+                                       theirs["predictions"]["logits"], rtol=1e-5)
+            run_wrk(wrk, f"{url}/invocations", script, args.connections, 3)
+            result["mlflow"] = run_wrk(wrk, f"{url}/invocations", script, args.connections,
+                                       args.duration)
+            result["mlflow"]["rss_mb"] = group_rss_mb(proc.pid)
+        finally:
+            stop_group(proc)
+        result["ratio"] = result["ours"]["rps"] / result["mlflow"]["rps"]
+    return result
+
+
+def bench_batching(args, wrk: str, work: Path, tracking_uri: str) -> dict:
+    name = "bench-heavy"
+    version = register(tracking_uri, name, (64, 2048, 2048, 2048, 2048, 10), work)
+    body = json.dumps({"inputs": np.random.default_rng(2).normal(size=(1, 64)).round(6)
+                       .tolist()})
+    script = wrk_script(work / "post-heavy.lua", body)
+    result = {"model": f"{name} v{version} (64->2048x4->10 MLP)",
+              "connections": args.batch_connections}
+    configs = {
+        "unbatched": {},
+        "batched": {"max_batch_size": args.max_batch_size,
+                    "max_batch_delay_ms": args.max_batch_delay_ms},
+    }
+    for key, options in configs.items():
+        endpoint = OurEndpoint(work, f"heavy-{key}", model=f"{name}@champion", **options)
+        endpoint.start()
+        try:
+            url = f"{endpoint.info.url}/invocations"
+            check_answer(endpoint.info.url, body)
+            run_wrk(wrk, url, script, args.batch_connections, 3)
+            result[key] = run_wrk(wrk, url, script, args.batch_connections, args.duration)
+            result[key]["settings"] = options
+        finally:
+            endpoint.stop()
+    result["ratio"] = result["batched"]["rps"] / result["unbatched"]["rps"]
+    return result
+
+
+# --- report ------------------------------------------------------------------------------
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "load_average_at_start": os.getloadavg()}
+
+
+def report(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        "# Serving benchmarks",
+        "",
+        f"Produced by `make bench` (`python bench/serve_bench.py`) on {results['date']}: "
+        f"{m['cpus']} CPUs ({m['cpu']}), Python {m['python']}, load average at start "
+        f"{', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}. "
+        "Load generator: `wrk` (Debian package) on the same machine, one thread, "
+        "batch-1 JSON `{\"inputs\": [[64 floats]]}` POSTed to `/invocations`; "
+        "our endpoint has metrics on (every request counted and timed).",
+        "",
+    ]
+    v = results.get("vs_mlflow")
+    if v:
+        ours = v["ours"]
+        lines += [
+            f"## Endpoint vs `mlflow models serve --env-manager local` ({v['model']}, "
+            f"{results['connections']} connections, {results['duration']} s)",
+            "",
+            "| server | requests/s | p50 ms | p99 ms | non-2xx | resident MB |",
+            "|---|---:|---:|---:|---:|---:|",
+            f"| onnxflow endpoint | {ours['rps']:,.0f} | {ours['p50_ms']:.2f} | "
+            f"{ours['p99_ms']:.2f} | {ours['non_2xx']} | {ours['rss_mb']:.0f} "
+            f"(peak {ours['rss_peak_mb']:.0f}) |",
+        ]
+        if "mlflow" in v:
+            t = v["mlflow"]
+            lines.append(f"| mlflow models serve | {t['rps']:,.0f} | {t['p50_ms']:.2f} | "
+                         f"{t['p99_ms']:.2f} | {t['non_2xx']} | {t['rss_mb']:.0f} |")
+            lines += ["", f"**Ratio: {v['ratio']:.1f}×** the requests/s of mlflow models "
+                          "serve (goal ≥ 10×)."]
+        starts = v["start_to_ready_s"]
+        lines += [
+            "",
+            f"Start to ready with the model cached (process start to first 200 on "
+            f"`/v2/health/ready`, 3 restarts): {', '.join(f'{s:.2f}' for s in starts)} s "
+            f"(goal < 3 s). Goals: p99 < 5 ms, resident memory < 150 MB.",
+            "",
+            f"wrk: `{ours['command']}`",
+        ]
+    b = results.get("batching")
+    if b:
+        lines += [
+            "",
+            f"## Dynamic batching ({b['model']}, {b['connections']} connections)",
+            "",
+            "| endpoint | requests/s | p50 ms | p99 ms | non-2xx |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for key in ("unbatched", "batched"):
+            r = b[key]
+            label = key if not r["settings"] else (
+                f"batched (max {r['settings']['max_batch_size']} rows, "
+                f"{r['settings']['max_batch_delay_ms']} ms)")
+            lines.append(f"| {label} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "
+                         f"{r['p99_ms']:.2f} | {r['non_2xx']} |")
+        lines += ["", f"**Batched / unbatched: {b['ratio']:.1f}×** (goal ≥ 4×; the in-process "
+                      "ceiling quoted in the issue is 6.9×)."]
+    lines += ["", "Raw figures: `bench-results/results.json`.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=15, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--batch-connections", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-delay-ms", type=float, default=2.0)
+    parser.add_argument("--skip-mlflow", action="store_true", help="only our endpoint")
+    parser.add_argument("--skip-batching", action="store_true")
+    parser.add_argument("--install-wrk", action="store_true",
+                        help="apt-get install wrk when it is missing")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "bench-results")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+
+    wrk = ensure_wrk(args.install_wrk)
+    work = args.workdir.resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    os.environ.pop("ONNXFLOW_SERVE_TOKEN", None)
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+               "connections": args.connections, "duration": args.duration}
+    server, tracking_uri = start_tracking_server(work)
+    try:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        results["vs_mlflow"] = bench_vs_mlflow(args, wrk, work, tracking_uri)
+        if not args.skip_batching:
+            results["batching"] = bench_batching(args, wrk, work, tracking_uri)
+    finally:
+        stop_group(server)
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    text = report(results)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
