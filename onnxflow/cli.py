@@ -168,10 +168,55 @@ def promote(
 
 
 def _deploy(model: str, port: int) -> None:
-    from tasks.serve import deploy_endpoint
+    from tasks.serve import deploy_endpoint, smoke_test
+    from serving.cli import make_settings
 
-    url = deploy_endpoint(model, port=port)
-    typer.echo(f"serving {model} at {url}   (stop with: onnxflow stop)")
+    try:
+        url = deploy_endpoint(model, port=port)
+        answer = smoke_test(url, make_settings(model=model))
+    except OnnxflowError as exc:
+        _fail(str(exc))
+    predictions = answer["predictions"]
+    first = predictions[0] if isinstance(predictions, list) else predictions
+    typer.echo(f"serving {model} (version {answer['version']}) at {url}")
+    typer.echo(f"sample prediction for the registered input example: {_brief(first)}")
+    typer.echo(f"try: curl -s {url}/v2/models/{model.split('@')[0]}")
+    typer.echo("stop it with: onnxflow stop   (or: make stop)")
+
+
+def _brief(values: Any) -> str:
+    if isinstance(values, list) and values and isinstance(values[0], float):
+        best = max(range(len(values)), key=values.__getitem__)
+        return f"class {best} (p={values[best]:.3f}) of {len(values)}"
+    return str(values)[:200]
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="NAME@ALIAS (followed as it moves) or NAME/VERSION.")] = "digits@champion",
+    host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean it.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    token: Annotated[Optional[str], typer.Option(envvar="ONNXFLOW_SERVE_TOKEN", show_envvar=True, help="Bearer token for inference and admin routes (admin routes are off without one).")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option(help="Enable dynamic batching up to this many rows per run.")] = None,
+    max_batch_delay_ms: Annotated[Optional[float], typer.Option(help="Longest wait to fill a batch.")] = None,
+    poll_interval_s: Annotated[Optional[float], typer.Option(help="How often the alias is checked (default 10 s).")] = None,
+    max_body_bytes: Annotated[Optional[int], typer.Option(help="Largest request body (default 16 MiB).")] = None,
+) -> None:
+    """Serve a registered model in the foreground with the onnxruntime endpoint."""
+    _setup()
+    from serving.cli import serve as serve_foreground
+
+    serve_foreground(model, host, port, token=token, max_batch_size=max_batch_size,
+                     max_batch_delay_ms=max_batch_delay_ms, poll_interval_s=poll_interval_s,
+                     max_body_bytes=max_body_bytes)
+
+
+@app.command()
+def stop() -> None:
+    """Stop the endpoint started by `onnxflow run --deploy` (or `make demo`)."""
+    from tasks.serve import stop_endpoint
+
+    typer.echo("endpoint stopped" if stop_endpoint() else "no endpoint was running")
 
 
 # --- the service stack: `onnxflow stack up|status|down|deploy` and `onnxflow trigger` ---
