@@ -142,3 +142,19 @@ def test_scheduled_runs_use_the_configured_pipeline_file(tmp_path):
     assert scheduled_config(StackSettings(state_dir=tmp_path)) == PipelineConfig()
     with pytest.raises(StackError, match="not a file"):
         scheduled_config(StackSettings(state_dir=tmp_path, schedule_config=tmp_path / "nope.yaml"))
+
+
+def test_trigger_names_a_missing_data_file_and_an_unreachable_stack(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from onnxflow.cli import app
+    from tests.integration.conftest import free_ports
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["trigger", "--data", str(tmp_path / "nope.csv"), "--target", "y"])
+    assert missing.exit_code == 2 and "data file not found" in missing.output
+
+    monkeypatch.setenv("ONNXFLOW_STACK_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("ONNXFLOW_STACK_PREFECT_PORT", str(free_ports(1)[0]))
+    down = runner.invoke(app, ["trigger", "--framework", "torch"])
+    assert down.exit_code == 1 and "is the stack up?" in down.output
