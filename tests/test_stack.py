@@ -12,7 +12,7 @@ import pytest
 from onnxflow.stack import manager
 from onnxflow.stack.errors import StackError
 from onnxflow.stack.processes import (
-    ProcessRecord, is_running, process_tree, start_process, stop_process, wait_until,
+    ProcessRecord, is_alive, is_running, process_tree, start_process, stop_process, wait_until,
 )
 from onnxflow.stack.settings import StackSettings
 
@@ -86,9 +86,7 @@ def test_stop_ends_the_whole_tree_even_children_in_their_own_session(tmp_path):
     assert len(tree) == 3
     assert stop_process(record, timeout_s=5)
     assert not is_running(record)
-    from onnxflow.stack.processes import _alive
-
-    assert not [pid for pid, ticks in tree if _alive(pid, ticks)]
+    assert not [pid for pid, ticks in tree if is_alive(pid, ticks)]
     assert not stop_process(record), "a second stop finds nothing to stop"
 
 

@@ -56,7 +56,7 @@ def start_process(
 
 def is_running(record: ProcessRecord) -> bool:
     """True while the recorded process (not a later one with the same pid) is alive."""
-    return _alive(record.pid, record.start_ticks)
+    return is_alive(record.pid, record.start_ticks)
 
 
 def process_tree(pid: int) -> list[tuple[int, int]]:
@@ -91,17 +91,17 @@ def stop_process(record: ProcessRecord, timeout_s: float = 20.0) -> bool:
     for pgid in groups:
         _signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive(p, t) for p, t in tree):
+    while time.monotonic() < deadline and any(is_alive(p, t) for p, t in tree):
         _reap(record.pid)
         time.sleep(0.1)
-    leftovers = [(p, t) for p, t in tree if _alive(p, t)]
+    leftovers = [(p, t) for p, t in tree if is_alive(p, t)]
     for pid, _ in leftovers:
         log.warning("%s: pid %s outlived SIGTERM by %.0f s; killing it", record.name, pid,
                     timeout_s)
         _signal_pid(pid, signal.SIGKILL)
     for _ in range(50):
         _reap(record.pid)
-        if not any(_alive(p, t) for p, t in leftovers):
+        if not any(is_alive(p, t) for p, t in leftovers):
             break
         time.sleep(0.1)
     log.info("stopped %s (pid %s, %d process(es))", record.name, record.pid, len(tree))
@@ -157,7 +157,8 @@ def _pgid(pid: int) -> int | None:
     return int(stat[2]) if stat is not None else None
 
 
-def _alive(pid: int, start_ticks: int) -> bool:
+def is_alive(pid: int, start_ticks: int) -> bool:
+    """True while the process started at ``start_ticks`` with this pid runs."""
     stat = _stat(pid)
     if stat is None or stat[0] in ("Z", "X"):  # gone, or exited and waiting to be reaped
         return False

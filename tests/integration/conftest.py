@@ -66,7 +66,7 @@ def postgres_databases():
 def stack(postgres_databases, tmp_path_factory):
     """The running stack's settings; stops it at the end and checks nothing is left."""
     from onnxflow.stack import manager
-    from onnxflow.stack.processes import is_running, process_tree
+    from onnxflow.stack.processes import is_alive, is_running, process_tree
     from onnxflow.stack.settings import StackSettings
 
     prefect_port, mlflow_port, *endpoint_ports = free_ports(4)
@@ -91,9 +91,7 @@ def stack(postgres_databases, tmp_path_factory):
     started = time.monotonic()
     manager.down(settings)
     record_timing("stack_down_s", time.monotonic() - started)
-    from onnxflow.stack.processes import _alive
-
-    left = [pid for pid, ticks in tree if _alive(pid, ticks)]
+    left = [pid for pid, ticks in tree if is_alive(pid, ticks)]
     assert not left, f"processes left behind by down: {left}"
     assert not any(is_running(r) for r in records)
 

@@ -13,7 +13,7 @@ import pytest
 
 from onnxflow.stack import manager
 from onnxflow.stack.errors import StackError
-from onnxflow.stack.processes import _alive, process_tree
+from onnxflow.stack.processes import is_alive, process_tree
 from onnxflow.stack.settings import StackSettings
 from tests.integration.conftest import free_ports, record_timing
 
@@ -75,7 +75,7 @@ def test_make_up_status_down_leaves_nothing_behind(tmp_path):
     finally:
         down = make("down", env)
     assert down.returncode == 0 and "stack stopped" in down.stdout, down.stdout + down.stderr
-    assert not [pid for pid, ticks in tree if _alive(pid, ticks)], "down left processes"
+    assert not [pid for pid, ticks in tree if is_alive(pid, ticks)], "down left processes"
     assert all(port_free(p) for p in ports)
     after = make("status", env)
     assert after.returncode == 0 and "not running" in after.stdout
