@@ -22,6 +22,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -33,8 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.cli import free_port, start_background, stop_background  # noqa: E402
-from serving.settings import ServingSettings  # noqa: E402
+from serving.cli import free_port, start_background, stop_background
+from serving.settings import ServingSettings
 
 BIN = Path(sys.executable).parent
 
@@ -73,7 +74,7 @@ def run_wrk(wrk: str, url: str, script: Path, connections: int, duration: int,
            "-s", str(script), url]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    latency = {p: _ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M)}
+    latency = {p: _ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.MULTILINE)}
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     socket_errors = re.search(r"Socket errors:.*", out)
     return {"rps": rps, "p50_ms": latency["50"], "p99_ms": latency["99"],
@@ -92,12 +93,13 @@ def _ms(value: str) -> float:
 def start_tracking_server(work: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    log = open(work / "mlflow-server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination", str(work / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(work / "mlflow-server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+             f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination",
+             str(work / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", 120, proc)
     return proc, url
@@ -156,7 +158,7 @@ class OurEndpoint:
 
     def rss_mb(self) -> tuple[float, float]:
         status = Path(f"/proc/{self.info.pid}/status").read_text()
-        kb = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M))
+        kb = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.MULTILINE))
         return int(kb["VmRSS"]) / 1024, int(kb["VmHWM"]) / 1024
 
     def stop(self) -> None:
@@ -166,21 +168,24 @@ class OurEndpoint:
 def mlflow_serve(model_uri: str, work: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    log = open(work / "mlflow-serve.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-         "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(work / "mlflow-serve.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/ping", 180, proc)
     return proc, url
 
 
-def group_rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (mlflow serve runs uvicorn below)."""
-    out = subprocess.run(["ps", "-o", "rss=", "--ppid", str(pid), "-p", str(pid)],
-                         capture_output=True, text=True).stdout
-    return sum(int(x) for x in out.split()) / 1024
+def group_rss_mb(pid: int) -> tuple[float, float]:
+    """(all, largest child) resident MB: ``mlflow models serve`` runs a uvicorn worker."""
+    parent = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True,
+                            text=True, check=False).stdout.split()
+    children = subprocess.run(["ps", "-o", "rss=", "--ppid", str(pid)], capture_output=True,
+                              text=True, check=False).stdout.split()
+    sizes = [int(x) / 1024 for x in children]
+    return sum(int(x) for x in parent) / 1024 + sum(sizes), max(sizes, default=0.0)
 
 
 def check_answer(url: str, body: str) -> dict:
@@ -191,6 +196,32 @@ def check_answer(url: str, body: str) -> dict:
 
 
 # --- the benchmarks ----------------------------------------------------------------------
+
+def measure_rounds(wrk: str, targets: dict[str, str], script: Path, connections: int,
+                   args) -> dict[str, dict]:
+    """Alternate wrk runs over the targets, ``args.rounds`` times; medians per target.
+
+    Alternating spreads any drift in the machine's load (other processes) over all
+    targets instead of favouring whichever ran in the quiet moment.
+    """
+    for url in targets.values():
+        run_wrk(wrk, url, script, connections, 3)  # warm-up
+    runs: dict[str, list[dict]] = {key: [] for key in targets}
+    for _ in range(args.rounds):
+        for key, url in targets.items():
+            runs[key].append(run_wrk(wrk, url, script, connections, args.duration))
+    summary = {}
+    for key, results in runs.items():
+        summary[key] = {
+            "rps": statistics.median(r["rps"] for r in results),
+            "p50_ms": statistics.median(r["p50_ms"] for r in results),
+            "p99_ms": statistics.median(r["p99_ms"] for r in results),
+            "non_2xx": sum(r["non_2xx"] for r in results),
+            "rounds": results,
+            "command": results[0]["command"],
+        }
+    return summary
+
 
 def bench_vs_mlflow(args, wrk: str, work: Path, tracking_uri: str) -> dict:
     name = "bench-mlp"
@@ -209,26 +240,25 @@ def bench_vs_mlflow(args, wrk: str, work: Path, tracking_uri: str) -> dict:
         ours.stop()
     result["start_to_ready_s"] = starts
     ours.start()
-    answer = check_answer(ours.info.url, body)
-    run_wrk(wrk, f"{ours.info.url}/invocations", script, args.connections, 3)  # warm-up
-    result["ours"] = run_wrk(wrk, f"{ours.info.url}/invocations", script, args.connections,
-                             args.duration)
-    result["ours"]["rss_mb"], result["ours"]["rss_peak_mb"] = ours.rss_mb()
-    ours.stop()
-
-    if not args.skip_mlflow:
-        proc, url = mlflow_serve(f"models:/{name}@champion", work)
-        try:
+    targets = {"ours": f"{ours.info.url}/invocations"}
+    proc = None
+    try:
+        answer = check_answer(ours.info.url, body)
+        if not args.skip_mlflow:
+            proc, url = mlflow_serve(f"models:/{name}@champion", work)
             theirs = check_answer(url, body)
             np.testing.assert_allclose(answer["predictions"]["logits"],
                                        theirs["predictions"]["logits"], rtol=1e-5)
-            run_wrk(wrk, f"{url}/invocations", script, args.connections, 3)
-            result["mlflow"] = run_wrk(wrk, f"{url}/invocations", script, args.connections,
-                                       args.duration)
-            result["mlflow"]["rss_mb"] = group_rss_mb(proc.pid)
-        finally:
+            targets["mlflow"] = f"{url}/invocations"
+        result.update(measure_rounds(wrk, targets, script, args.connections, args))
+        result["ours"]["rss_mb"], result["ours"]["rss_peak_mb"] = ours.rss_mb()
+        if proc is not None:
+            result["mlflow"]["rss_mb"], result["mlflow"]["rss_worker_mb"] = group_rss_mb(proc.pid)
+            result["ratio"] = result["ours"]["rps"] / result["mlflow"]["rps"]
+    finally:
+        ours.stop()
+        if proc is not None:
             stop_group(proc)
-        result["ratio"] = result["ours"]["rps"] / result["mlflow"]["rps"]
     return result
 
 
@@ -245,17 +275,19 @@ def bench_batching(args, wrk: str, work: Path, tracking_uri: str) -> dict:
         "batched": {"max_batch_size": args.max_batch_size,
                     "max_batch_delay_ms": args.max_batch_delay_ms},
     }
-    for key, options in configs.items():
-        endpoint = OurEndpoint(work, f"heavy-{key}", model=f"{name}@champion", **options)
-        endpoint.start()
-        try:
-            url = f"{endpoint.info.url}/invocations"
+    endpoints = {key: OurEndpoint(work, f"heavy-{key}", model=f"{name}@champion", **options)
+                 for key, options in configs.items()}
+    try:
+        for endpoint in endpoints.values():
+            endpoint.start()
             check_answer(endpoint.info.url, body)
-            run_wrk(wrk, url, script, args.batch_connections, 3)
-            result[key] = run_wrk(wrk, url, script, args.batch_connections, args.duration)
-            result[key]["settings"] = options
-        finally:
+        targets = {key: f"{e.info.url}/invocations" for key, e in endpoints.items()}
+        result.update(measure_rounds(wrk, targets, script, args.batch_connections, args))
+    finally:
+        for endpoint in endpoints.values():
             endpoint.stop()
+    for key, options in configs.items():
+        result[key]["settings"] = options
     result["ratio"] = result["batched"]["rps"] / result["unbatched"]["rps"]
     return result
 
@@ -285,7 +317,9 @@ def report(results: dict) -> str:
         f"{', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}. "
         "Load generator: `wrk` (Debian package) on the same machine, one thread, "
         "batch-1 JSON `{\"inputs\": [[64 floats]]}` POSTed to `/invocations`; "
-        "our endpoint has metrics on (every request counted and timed).",
+        "our endpoint has metrics on (every request counted and timed). "
+        f"Each figure is the median of {results['rounds']} runs of {results['duration']} s, "
+        "the servers measured in turn within each round.",
         "",
     ]
     v = results.get("vs_mlflow")
@@ -293,7 +327,7 @@ def report(results: dict) -> str:
         ours = v["ours"]
         lines += [
             f"## Endpoint vs `mlflow models serve --env-manager local` ({v['model']}, "
-            f"{results['connections']} connections, {results['duration']} s)",
+            f"{results['connections']} connections)",
             "",
             "| server | requests/s | p50 ms | p99 ms | non-2xx | resident MB |",
             "|---|---:|---:|---:|---:|---:|",
@@ -304,7 +338,8 @@ def report(results: dict) -> str:
         if "mlflow" in v:
             t = v["mlflow"]
             lines.append(f"| mlflow models serve | {t['rps']:,.0f} | {t['p50_ms']:.2f} | "
-                         f"{t['p99_ms']:.2f} | {t['non_2xx']} | {t['rss_mb']:.0f} |")
+                         f"{t['p99_ms']:.2f} | {t['non_2xx']} | {t['rss_mb']:.0f} "
+                         f"(uvicorn worker {t['rss_worker_mb']:.0f}) |")
             lines += ["", f"**Ratio: {v['ratio']:.1f}×** the requests/s of mlflow models "
                           "serve (goal ≥ 10×)."]
         starts = v["start_to_ready_s"]
@@ -340,13 +375,15 @@ def report(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=15, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per server (median)")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--batch-connections", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-batch-delay-ms", type=float, default=2.0)
     parser.add_argument("--skip-mlflow", action="store_true", help="only our endpoint")
     parser.add_argument("--skip-batching", action="store_true")
+    parser.add_argument("--only-batching", action="store_true")
     parser.add_argument("--install-wrk", action="store_true",
                         help="apt-get install wrk when it is missing")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench-results")
@@ -360,11 +397,13 @@ def main() -> None:
     work.mkdir(parents=True)
     os.environ.pop("ONNXFLOW_SERVE_TOKEN", None)
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-               "connections": args.connections, "duration": args.duration}
+               "connections": args.connections, "duration": args.duration,
+               "rounds": args.rounds}
     server, tracking_uri = start_tracking_server(work)
     try:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        results["vs_mlflow"] = bench_vs_mlflow(args, wrk, work, tracking_uri)
+        if not args.only_batching:
+            results["vs_mlflow"] = bench_vs_mlflow(args, wrk, work, tracking_uri)
         if not args.skip_batching:
             results["batching"] = bench_batching(args, wrk, work, tracking_uri)
     finally:

@@ -2,9 +2,13 @@
 
 Every error is a JSON ``{"error": ...}``; bad input is a 4xx that names the problem.
 Inference responses carry ``X-Model-Name`` and ``X-Model-Version``: which version
-answered. Hot paths avoid per-request work that does not serve the request: the model
-is read once per request, metric children are cached, and fast models run on the event
-loop (a thread hop would cost more than the run), slow ones in worker threads.
+answered.
+
+The inference routes carry the load, and at batch 1 their cost is mostly framework
+overhead, so POSTs to them go straight from :class:`FrontDoor` to raw ASGI handlers
+(:class:`InferenceRoute`); Starlette routes everything else. Each request reads the
+served model once, so a swap never mixes versions within a request. Fast models run on
+the event loop (a thread hop costs more than the run), slow ones in worker threads.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from serving.metrics import ServingMetrics
 from serving.model import LoadedModel
 from serving.openapi import openapi_document
 from serving.settings import ServingSettings
-from serving.tensors import BadInput
+from serving.tensors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +75,24 @@ class Endpoint:
     def authorize(self, headers, admin: bool = False) -> None:
         if self.token is None:
             if admin:
-                raise BadInput("admin routes are off: start the endpoint with a token "
+                raise RequestError("admin routes are off: start the endpoint with a token "
                                "(--token or ONNXFLOW_SERVE_TOKEN) to use them", 403)
             return
         header = headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
                                                                  self.token):
-            raise BadInput("missing or wrong bearer token (Authorization: Bearer <token>)", 401)
+            raise RequestError("missing or wrong bearer token (Authorization: Bearer <token>)", 401)
 
     def model_for(self, name: str, version: str | None = None) -> LoadedModel:
         model = self.manager.current
         if name != self.manager.name:
-            raise BadInput(f"unknown model {name!r}; this endpoint serves "
+            raise RequestError(f"unknown model {name!r}; this endpoint serves "
                            f"{self.manager.name!r}", 404)
         if model is None:
-            raise BadInput(f"model {name!r} is not loaded yet", 503)
+            raise RequestError(f"model {name!r} is not loaded yet", 503)
         if version is not None and version != model.version:
-            raise BadInput(f"version {version} of {name!r} is not loaded; serving version "
+            raise RequestError(f"version {version} of {name!r} is not loaded; serving version "
                            f"{model.version}", 404)
         return model
 
@@ -98,18 +102,18 @@ class Endpoint:
         ctype = headers.get("content-type")
         if ctype is None:
             if not allow_missing:
-                raise BadInput(f"missing Content-Type; send one of {', '.join(content_types)}",
+                raise RequestError(f"missing Content-Type; send one of {', '.join(content_types)}",
                                415)
         elif ctype.split(";", 1)[0].strip().lower() not in content_types:
-            raise BadInput(f"unsupported Content-Type {ctype!r}; send one of "
+            raise RequestError(f"unsupported Content-Type {ctype!r}; send one of "
                            f"{', '.join(content_types)}", 415)
         limit = self.settings.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
-                raise BadInput(f"Content-Length {declared!r} is not a number")
+                raise RequestError(f"Content-Length {declared!r} is not a number")
             if int(declared) > limit:
-                raise BadInput(f"body of {declared} bytes is over the limit of {limit} bytes",
+                raise RequestError(f"body of {declared} bytes is over the limit of {limit} bytes",
                                413)
         message = await receive()
         body = message.get("body", b"")
@@ -118,15 +122,15 @@ class Endpoint:
             while message.get("more_body"):
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise BadInput("client went away before sending the body")
+                    raise RequestError("client went away before sending the body")
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
-                    raise BadInput(f"body is over the limit of {limit} bytes", 413)
+                    raise RequestError(f"body is over the limit of {limit} bytes", 413)
                 chunks.append(chunk)
             body = b"".join(chunks)
         if len(body) > limit:
-            raise BadInput(f"body is over the limit of {limit} bytes", 413)
+            raise RequestError(f"body is over the limit of {limit} bytes", 413)
         encoding = headers.get("content-encoding")
         if encoding and encoding.lower() != "identity":
             body = _decompress(body, encoding.lower(), limit)
@@ -138,7 +142,7 @@ class Endpoint:
             if self.batcher is not None and model.batchable:
                 rows = {a.shape[0] for a in feeds.values()}
                 if len(rows) > 1:
-                    raise BadInput(f"inputs disagree on the batch size: {sorted(rows)}")
+                    raise RequestError(f"inputs disagree on the batch size: {sorted(rows)}")
                 return await self.batcher.run(model, feeds)
             if model.inline:
                 rows = max(a.shape[0] if a.ndim else 1 for a in feeds.values())
@@ -146,10 +150,10 @@ class Endpoint:
                     return model.run(feeds)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.executor, model.run, feeds)
-        except BadInput:
+        except RequestError:
             raise
         except Exception as exc:  # onnxruntime refused this input at run time
-            raise BadInput(f"the model could not run on this input: {exc}", 422) from None
+            raise RequestError(f"the model could not run on this input: {exc}", 422) from None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -216,19 +220,19 @@ class Endpoint:
         self.authorize(headers)
         model = self.manager.current
         if model is None:
-            raise BadInput(f"model {self.manager.name!r} is not loaded yet", 503)
+            raise RequestError(f"model {self.manager.name!r} is not loaded yet", 503)
         body = await self.read_body(headers, receive, (JSON, "text/csv"), False)
         if headers.get("content-type", "").lower().startswith("text/csv"):
             try:
                 text = body.decode("utf-8")
             except UnicodeDecodeError:
-                raise BadInput("CSV body is not UTF-8") from None
+                raise RequestError("CSV body is not UTF-8") from None
             feeds = mlflow_format.parse_csv(text, model.inputs)
         else:
             try:
                 payload = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
-                raise BadInput(f"malformed JSON: {exc}") from None
+                raise RequestError(f"malformed JSON: {exc}") from None
             feeds = mlflow_format.parse_payload(payload, model.inputs)
         results = await self.execute(model, feeds)
         content = orjson.dumps(mlflow_format.predictions(model.output_names, results),
@@ -282,14 +286,14 @@ def _version_headers(model: LoadedModel) -> dict[str, str]:
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     wbits = {"gzip": 31, "deflate": 15}.get(encoding)
     if wbits is None:
-        raise BadInput(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate", 415)
+        raise RequestError(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate", 415)
     inflater = zlib.decompressobj(wbits)
     try:
         data = inflater.decompress(body, limit + 1)
     except zlib.error as exc:
-        raise BadInput(f"body is not valid {encoding}: {exc}") from None
+        raise RequestError(f"body is not valid {encoding}: {exc}") from None
     if len(data) > limit or inflater.unconsumed_tail:
-        raise BadInput(f"decompressed body is over the limit of {limit} bytes", 413)
+        raise RequestError(f"decompressed body is over the limit of {limit} bytes", 413)
     return data
 
 
@@ -371,7 +375,7 @@ class InferenceRoute:
         try:
             status, content, response_headers, model = await self.handler(
                 headers, receive, params if params is not None else scope.get("path_params", {}))
-        except BadInput as exc:
+        except RequestError as exc:
             status, content = exc.status, self.error_body(str(exc), exc.status)
             response_headers = {"content-type": JSON}
             if exc.status == 401:
@@ -423,7 +427,7 @@ class FrontDoor:
         await self.app(scope, receive, send)
 
 
-async def _bad_input(request: Request, exc: BadInput) -> Response:
+async def _bad_input(request: Request, exc: RequestError) -> Response:
     headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
     return error_response(str(exc), exc.status, headers)
 
@@ -471,7 +475,7 @@ def create_app(settings: ServingSettings) -> FrontDoor:
     app = Starlette(
         routes=routes,
         lifespan=ep.lifespan,
-        exception_handlers={BadInput: _bad_input, HTTPException: _http_error,
+        exception_handlers={RequestError: _bad_input, HTTPException: _http_error,
                             Exception: _server_error},
     )
     app.add_middleware(MetricsMiddleware, metrics=ep.metrics)

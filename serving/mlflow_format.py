@@ -21,7 +21,7 @@ import io
 
 import numpy as np
 
-from serving.tensors import BadInput, TensorSpec, array_from_json, check_array
+from serving.tensors import RequestError, TensorSpec, array_from_json, check_array
 
 FORMATS = ("inputs", "instances", "dataframe_split", "dataframe_records")
 
@@ -32,7 +32,7 @@ def parse_payload(payload, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarra
     Memory is bounded by the body size limit: every value is in the JSON already.
     """
     if not isinstance(payload, dict):
-        raise BadInput(
+        raise RequestError(
             f"expected a JSON object with one of the keys {', '.join(FORMATS)}; "
             f"got a JSON {type(payload).__name__}"
         )
@@ -42,7 +42,7 @@ def parse_payload(payload, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarra
         found = [k for k in payload if k in FORMATS]
         unknown = [k for k in payload if k not in FORMATS and k != "params"]
     if len(found) != 1 or unknown:
-        raise BadInput(
+        raise RequestError(
             f"expected exactly one of the keys {', '.join(FORMATS)} (and optionally params); "
             f"got {', '.join(map(repr, payload)) or 'an empty object'}"
         )
@@ -54,7 +54,7 @@ def parse_payload(payload, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarra
         feeds = _from_instances(value, specs)
     elif key == "dataframe_split":
         if not isinstance(value, dict) or not isinstance(value.get("data"), list):
-            raise BadInput('dataframe_split must be an object with "columns" and "data" lists')
+            raise RequestError('dataframe_split must be an object with "columns" and "data" lists')
         columns = value.get("columns")
         rows = value["data"]
         if columns is None:
@@ -62,12 +62,12 @@ def parse_payload(payload, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarra
         feeds = _from_columns(columns, rows, specs)
     else:
         if not isinstance(value, list) or not all(isinstance(r, dict) for r in value) or not value:
-            raise BadInput("dataframe_records must be a non-empty list of objects")
+            raise RequestError("dataframe_records must be a non-empty list of objects")
         columns = list(value[0])
         rows = []
         for i, record in enumerate(value):
             if list(record) != columns and set(record) != set(columns):
-                raise BadInput(f"dataframe_records: record {i} has columns {list(record)}, "
+                raise RequestError(f"dataframe_records: record {i} has columns {list(record)}, "
                                f"record 0 has {columns}")
             rows.append([record[c] for c in columns])
         feeds = _from_columns(columns, rows, specs)
@@ -97,7 +97,7 @@ def parse_csv(text: str, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]
     try:
         header = next(reader)
     except StopIteration:
-        raise BadInput("CSV body is empty; expected a header row and data rows") from None
+        raise RequestError("CSV body is empty; expected a header row and data rows") from None
     rows = [[_csv_value(cell) for cell in row] for row in reader if row]
     return parse_payload({"dataframe_split": {"columns": header, "data": rows}}, specs)
 
@@ -125,12 +125,12 @@ def _check_names(given, specs, what: str) -> None:
             parts.append(f"missing {', '.join(map(repr, missing))}")
         if extra:
             parts.append(f"unknown {', '.join(map(repr, extra))}")
-        raise BadInput(f"{what}: {'; '.join(parts)} (model inputs: {', '.join(names)})")
+        raise RequestError(f"{what}: {'; '.join(parts)} (model inputs: {', '.join(names)})")
 
 
 def _single(specs, what: str) -> TensorSpec:
     if len(specs) != 1:
-        raise BadInput(
+        raise RequestError(
             f"{what}: an unnamed array only fits a model with one input; this model has "
             f"{len(specs)} ({', '.join(_names(specs))}); send an object keyed by input name"
         )
@@ -144,18 +144,18 @@ def _from_inputs(value, specs) -> dict[str, np.ndarray]:
     if isinstance(value, list):
         spec = _single(specs, "inputs")
         return {spec.name: array_from_json(spec, value, None)}
-    raise BadInput("inputs must be an array or an object keyed by input name")
+    raise RequestError("inputs must be an array or an object keyed by input name")
 
 
 def _from_instances(value, specs) -> dict[str, np.ndarray]:
     if not isinstance(value, list) or not value:
-        raise BadInput("instances must be a non-empty array")
+        raise RequestError("instances must be a non-empty array")
     if all(isinstance(row, dict) for row in value):
         for i, row in enumerate(value):
             _check_names(row, specs, f"instances[{i}]")
         return {s.name: array_from_json(s, [row[s.name] for row in value], None) for s in specs}
     if any(isinstance(row, dict) for row in value):
-        raise BadInput("instances must be all objects or all values, not a mix")
+        raise RequestError("instances must be all objects or all values, not a mix")
     spec = _single(specs, "instances")
     return {spec.name: array_from_json(spec, value, None)}
 
@@ -166,12 +166,12 @@ def _is_single_column(rows) -> bool:
 
 def _from_columns(columns, rows, specs) -> dict[str, np.ndarray]:
     if not isinstance(columns, list) or not all(isinstance(c, (str, int)) for c in columns):
-        raise BadInput("dataframe columns must be a list of names")
+        raise RequestError("dataframe columns must be a list of names")
     if not rows:
-        raise BadInput("the dataframe has no rows")
+        raise RequestError("the dataframe has no rows")
     for i, row in enumerate(rows):
         if not isinstance(row, list) or len(row) != len(columns):
-            raise BadInput(f"dataframe row {i} has {len(row) if isinstance(row, list) else 'no'} "
+            raise RequestError(f"dataframe row {i} has {len(row) if isinstance(row, list) else 'no'} "
                            f"values for {len(columns)} columns")
     names = _names(specs)
     columns = [str(c) for c in columns]
@@ -186,7 +186,7 @@ def _from_columns(columns, rows, specs) -> dict[str, np.ndarray]:
             if arr.ndim != len(spec.shape) and -1 not in row_shape:
                 size = int(np.prod(row_shape)) if row_shape else 1
                 if arr.size != len(rows) * size:
-                    raise BadInput(
+                    raise RequestError(
                         f"column {spec.name!r}: each row must hold {size} values for shape "
                         f"{list(spec.shape)}"
                     )
@@ -196,7 +196,7 @@ def _from_columns(columns, rows, specs) -> dict[str, np.ndarray]:
     # Unnamed input: the columns are its features, as MLflow maps a DataFrame on [-1, n].
     spec = specs[0]
     if len(spec.shape) != 2 or spec.shape[1] not in (-1, len(columns)):
-        raise BadInput(
+        raise RequestError(
             f"{len(columns)} dataframe columns fit an input of shape [-1, {len(columns)}]; "
             f"input {spec.name!r} has shape {list(spec.shape)}. Name the column "
             f"{spec.name!r} to send whole tensors per row"

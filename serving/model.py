@@ -22,7 +22,7 @@ from onnxflow.errors import ServingError
 from onnxflow.onnxfiles import check_external_data, onnx_digest
 from serving.mlflow_format import parse_payload
 from serving.settings import ServingSettings
-from serving.tensors import BadInput, TensorSpec
+from serving.tensors import RequestError, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _load(folder: Path, *, name, version, tags, settings) -> LoadedModel:
     payload = _example_payload(folder, mlmodel, inputs)
     try:
         example = parse_payload(payload, inputs)
-    except BadInput as exc:
+    except RequestError as exc:
         raise ModelRefused(f"{what}: its input example does not fit the model: {exc}") from None
 
     names = [s.name for s in outputs]

@@ -108,7 +108,7 @@ class RestRegistry:
     def download(self, name: str, version: str, dest: Path) -> Path:
         result = subprocess.run(
             [sys.executable, "-m", "serving.registry", "download", name, version, str(dest)],
-            capture_output=True, text=True, timeout=1800,
+            capture_output=True, text=True, timeout=1800, check=False,
         )
         if result.returncode != 0:
             tail = "\n".join(result.stderr.strip().splitlines()[-5:])

@@ -79,6 +79,13 @@ class ServingSettings(BaseSettings):
         parse_model_reference(value)
         return value
 
+    @field_validator("token")
+    @classmethod
+    def _token_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 8:
+            raise ValueError("the token must have at least 8 characters")
+        return value
+
     @property
     def model_name(self) -> str:
         return parse_model_reference(self.model)[0]

@@ -2,7 +2,7 @@
 
 Everything a client sends is checked here before an array is allocated: name, datatype,
 rank and fixed dimensions against the model, element count against the data, and the
-declared size against the memory limit. Failures raise :class:`BadInput` with a message
+declared size against the memory limit. Failures raise :class:`RequestError` with a message
 that names the input and what was expected.
 """
 
@@ -17,8 +17,12 @@ import numpy as np
 from onnxflow.errors import ServingError
 
 
-class BadInput(ServingError):
-    """The request cannot be served as sent; ``status`` is the HTTP status to answer with."""
+class RequestError(ServingError):
+    """The request cannot be served as sent; ``status`` is the HTTP status to answer with.
+
+    Mostly bad input (4xx naming the problem); also 401/403 (token), 404 (no such model or
+    version) and 503 (nothing loaded yet).
+    """
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -100,26 +104,26 @@ def check_shape(spec: TensorSpec, shape, max_bytes: int) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) for d in shape
     ):
-        raise BadInput(f"input {spec.name!r}: shape must be a list of integers, got {shape!r}")
+        raise RequestError(f"input {spec.name!r}: shape must be a list of integers, got {shape!r}")
     if any(d < 0 for d in shape):
-        raise BadInput(f"input {spec.name!r}: shape {shape} has a negative dimension")
+        raise RequestError(f"input {spec.name!r}: shape {shape} has a negative dimension")
     if len(shape) != len(spec.shape):
-        raise BadInput(
+        raise RequestError(
             f"input {spec.name!r}: expected {len(spec.shape)} dimensions "
             f"{list(spec.shape)}, got shape {shape}"
         )
     for i, (want, got) in enumerate(zip(spec.shape, shape)):
         if want != -1 and want != got:
-            raise BadInput(
+            raise RequestError(
                 f"input {spec.name!r}: dimension {i} must be {want} "
                 f"(model shape {list(spec.shape)}), got shape {shape}"
             )
     count = math.prod(shape)
     if count == 0:
-        raise BadInput(f"input {spec.name!r}: shape {shape} holds no elements")
+        raise RequestError(f"input {spec.name!r}: shape {shape} holds no elements")
     needed = count * itemsize(spec.datatype)
     if needed > max_bytes:
-        raise BadInput(
+        raise RequestError(
             f"input {spec.name!r}: shape {shape} needs {needed} bytes, more than the "
             f"limit of {max_bytes} bytes",
             status=413,
@@ -131,17 +135,17 @@ def check_array(spec: TensorSpec, arr: np.ndarray) -> None:
     """An array parsed from a request against the model's rank and fixed dimensions."""
     shape = arr.shape
     if len(shape) != len(spec.shape):
-        raise BadInput(
+        raise RequestError(
             f"input {spec.name!r}: expected {len(spec.shape)} dimensions "
             f"{list(spec.shape)}, got shape {list(shape)}"
         )
     for want, got in zip(spec.shape, shape):
         if want != got and want != -1:
-            raise BadInput(
+            raise RequestError(
                 f"input {spec.name!r}: expected shape {list(spec.shape)}, got {list(shape)}"
             )
     if arr.size == 0:
-        raise BadInput(f"input {spec.name!r}: shape {list(shape)} holds no elements")
+        raise RequestError(f"input {spec.name!r}: shape {list(shape)} holds no elements")
 
 
 def array_from_json(spec: TensorSpec, values, shape: tuple[int, ...] | None) -> np.ndarray:
@@ -157,7 +161,7 @@ def array_from_json(spec: TensorSpec, values, shape: tuple[int, ...] | None) -> 
     try:
         raw = np.array(values)
     except (ValueError, OverflowError):
-        raise BadInput(
+        raise RequestError(
             f"input {name!r}: data is not a regular (rectangular) array of {spec.datatype} "
             "values"
         ) from None
@@ -165,26 +169,26 @@ def array_from_json(spec: TensorSpec, values, shape: tuple[int, ...] | None) -> 
     dtype = spec.dtype
     if spec.datatype == "BYTES":
         if kind != "U" and raw.size:
-            raise BadInput(f"input {name!r}: BYTES data must be strings, got {_kind_name(kind)}")
+            raise RequestError(f"input {name!r}: BYTES data must be strings, got {_kind_name(kind)}")
         arr = raw.astype(object)
     elif spec.datatype == "BOOL":
         if kind != "b" and raw.size:
-            raise BadInput(f"input {name!r}: BOOL data must be true or false, got {_kind_name(kind)}")
+            raise RequestError(f"input {name!r}: BOOL data must be true or false, got {_kind_name(kind)}")
         arr = raw.astype(np.bool_)
     elif dtype.kind == "f":
         if kind not in "iufb" and raw.size:
-            raise BadInput(f"input {name!r}: {spec.datatype} data must be numbers, got {_kind_name(kind)}")
+            raise RequestError(f"input {name!r}: {spec.datatype} data must be numbers, got {_kind_name(kind)}")
         arr = raw.astype(dtype)
     else:
         if kind not in "iub" and raw.size:
-            raise BadInput(
+            raise RequestError(
                 f"input {name!r}: {spec.datatype} data must be integers, got {_kind_name(kind)}"
             )
         if raw.size and kind in "iu":
             info = np.iinfo(dtype)
             lo, hi = raw.min(), raw.max()
             if lo < info.min or hi > info.max:
-                raise BadInput(
+                raise RequestError(
                     f"input {name!r}: values from {lo} to {hi} do not fit {spec.datatype} "
                     f"({info.min}..{info.max})"
                 )
@@ -192,7 +196,7 @@ def array_from_json(spec: TensorSpec, values, shape: tuple[int, ...] | None) -> 
     if shape is None:
         return arr
     if arr.size != math.prod(shape):
-        raise BadInput(
+        raise RequestError(
             f"input {name!r}: shape {list(shape)} needs {math.prod(shape)} values, "
             f"data has {arr.size}"
         )
@@ -219,15 +223,15 @@ def array_from_binary(spec: TensorSpec, buf: memoryview, shape: tuple[int, ...])
         pos, end = 0, len(buf)
         while pos < end:
             if pos + 4 > end:
-                raise BadInput(f"input {spec.name!r}: BYTES data ends inside a length prefix")
+                raise RequestError(f"input {spec.name!r}: BYTES data ends inside a length prefix")
             (length,) = struct.unpack_from("<I", buf, pos)
             pos += 4
             if pos + length > end:
-                raise BadInput(f"input {spec.name!r}: BYTES element runs past its binary data")
+                raise RequestError(f"input {spec.name!r}: BYTES element runs past its binary data")
             items.append(bytes(buf[pos : pos + length]))
             pos += length
         if len(items) != count:
-            raise BadInput(
+            raise RequestError(
                 f"input {spec.name!r}: shape {list(shape)} needs {count} BYTES elements, "
                 f"binary data has {len(items)}"
             )
@@ -236,14 +240,14 @@ def array_from_binary(spec: TensorSpec, buf: memoryview, shape: tuple[int, ...])
         return arr.reshape(shape)
     expected = count * spec.dtype.itemsize
     if len(buf) != expected:
-        raise BadInput(
+        raise RequestError(
             f"input {spec.name!r}: shape {list(shape)} of {spec.datatype} needs {expected} "
             f"bytes, binary_data_size is {len(buf)}"
         )
     if spec.datatype == "BOOL":
         raw = np.frombuffer(buf, dtype=np.uint8)
         if raw.size and raw.max() > 1:
-            raise BadInput(f"input {spec.name!r}: BOOL binary data must be bytes 0 or 1")
+            raise RequestError(f"input {spec.name!r}: BOOL binary data must be bytes 0 or 1")
         return raw.view(np.bool_).reshape(shape)
     return np.frombuffer(buf, dtype=spec.dtype).reshape(shape)
 

@@ -17,7 +17,7 @@ import orjson
 
 from serving.model import LoadedModel
 from serving.tensors import (
-    V2_DTYPES, BadInput, array_from_binary, array_from_json, array_to_binary, array_to_json,
+    V2_DTYPES, RequestError, array_from_binary, array_from_json, array_to_binary, array_to_json,
     check_shape,
 )
 
@@ -38,10 +38,10 @@ def _parameters(obj: dict, where: str) -> dict:
     if params is None:
         return {}
     if not isinstance(params, dict):
-        raise BadInput(f"{where}: parameters must be an object")
+        raise RequestError(f"{where}: parameters must be an object")
     for key in UNSUPPORTED_PARAMETERS:
         if key in params:
-            raise BadInput(f"{where}: parameter {key!r} is not supported by this endpoint "
+            raise RequestError(f"{where}: parameter {key!r} is not supported by this endpoint "
                            "(no shared-memory or classification extension)")
     return params
 
@@ -54,90 +54,90 @@ def decode_request(body: bytes, header_length: str | None, model: LoadedModel,
         try:
             n = int(header_length)
         except ValueError:
-            raise BadInput(f"Inference-Header-Content-Length must be an integer, "
+            raise RequestError(f"Inference-Header-Content-Length must be an integer, "
                            f"got {header_length!r}") from None
         if not 0 < n <= len(body):
-            raise BadInput(f"Inference-Header-Content-Length is {n}, but the body has "
+            raise RequestError(f"Inference-Header-Content-Length is {n}, but the body has "
                            f"{len(body)} bytes")
         binary = memoryview(body)[n:]
         body = body[:n]
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadInput(f"malformed JSON: {exc}") from None
+        raise RequestError(f"malformed JSON: {exc}") from None
     if not isinstance(request, dict):
-        raise BadInput("the inference request must be a JSON object with an inputs list")
+        raise RequestError("the inference request must be a JSON object with an inputs list")
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise BadInput("id must be a string")
+        raise RequestError("id must be a string")
     params = _parameters(request, "request")
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
-        raise BadInput("the inference request needs a non-empty inputs list")
+        raise RequestError("the inference request needs a non-empty inputs list")
 
     feeds: dict[str, np.ndarray] = {}
     offset = 0
     for i, item in enumerate(inputs):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise BadInput(f"inputs[{i}] must be an object with a name, datatype, shape and data")
+            raise RequestError(f"inputs[{i}] must be an object with a name, datatype, shape and data")
         name = item["name"]
         spec = model.input_by_name.get(name)
         if spec is None:
-            raise BadInput(f"unknown input {name!r}; model inputs: "
+            raise RequestError(f"unknown input {name!r}; model inputs: "
                            f"{', '.join(model.input_by_name)}")
         if name in feeds:
-            raise BadInput(f"input {name!r} is given twice")
+            raise RequestError(f"input {name!r} is given twice")
         datatype = item.get("datatype")
         if datatype not in V2_DTYPES:
-            raise BadInput(f"input {name!r}: unknown datatype {datatype!r}; expected "
+            raise RequestError(f"input {name!r}: unknown datatype {datatype!r}; expected "
                            f"{spec.datatype}")
         if datatype != spec.datatype:
-            raise BadInput(f"input {name!r}: wrong datatype {datatype}; the model takes "
+            raise RequestError(f"input {name!r}: wrong datatype {datatype}; the model takes "
                            f"{spec.datatype}")
         shape = check_shape(spec, item.get("shape"), max_bytes)
         size = _parameters(item, f"input {name!r}").get("binary_data_size")
         if size is not None:
             if "data" in item:
-                raise BadInput(f"input {name!r} has both data and binary_data_size")
+                raise RequestError(f"input {name!r} has both data and binary_data_size")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise BadInput(f"input {name!r}: binary_data_size must be a non-negative integer")
+                raise RequestError(f"input {name!r}: binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
-                raise BadInput(f"input {name!r}: binary_data_size {size} runs past the "
+                raise RequestError(f"input {name!r}: binary_data_size {size} runs past the "
                                f"{len(binary)} bytes of binary data in the body")
             feeds[name] = array_from_binary(spec, binary[offset:offset + size], shape)
             offset += size
         elif "data" in item:
             feeds[name] = array_from_json(spec, item["data"], shape)
         else:
-            raise BadInput(f"input {name!r} has neither data nor parameters.binary_data_size")
+            raise RequestError(f"input {name!r} has neither data nor parameters.binary_data_size")
     missing = [n for n in model.input_by_name if n not in feeds]
     if missing:
-        raise BadInput(f"missing input(s) {', '.join(map(repr, missing))}; model inputs: "
+        raise RequestError(f"missing input(s) {', '.join(map(repr, missing))}; model inputs: "
                        f"{', '.join(model.input_by_name)}")
     if offset != len(binary):
-        raise BadInput(f"{len(binary) - offset} bytes of binary data after the JSON header "
+        raise RequestError(f"{len(binary) - offset} bytes of binary data after the JSON header "
                        "belong to no input")
 
     default_binary = params.get("binary_data_output", False)
     if not isinstance(default_binary, bool):
-        raise BadInput("parameters.binary_data_output must be true or false")
+        raise RequestError("parameters.binary_data_output must be true or false")
     wanted = request.get("outputs")
     if wanted is None:
         outputs = [(n, default_binary) for n in model.output_names]
     else:
         if not isinstance(wanted, list):
-            raise BadInput("outputs must be a list of objects with a name")
+            raise RequestError("outputs must be a list of objects with a name")
         outputs, seen = [], set()
         for i, item in enumerate(wanted):
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-                raise BadInput(f"outputs[{i}] must be an object with a name")
+                raise RequestError(f"outputs[{i}] must be an object with a name")
             name = item["name"]
             if name not in model.output_by_name:
-                raise BadInput(f"unknown output {name!r}; model outputs: "
+                raise RequestError(f"unknown output {name!r}; model outputs: "
                                f"{', '.join(model.output_names)}")
             as_binary = _parameters(item, f"output {name!r}").get("binary_data", default_binary)
             if not isinstance(as_binary, bool):
-                raise BadInput(f"output {name!r}: binary_data must be true or false")
+                raise RequestError(f"output {name!r}: binary_data must be true or false")
             if name not in seen:
                 seen.add(name)
                 outputs.append((name, as_binary))

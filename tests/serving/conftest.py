@@ -1,13 +1,13 @@
 """Real endpoint processes against a real SQLite MLflow registry, talked to over HTTP.
 
-One registry per session (with its own artifact root) holds four registered models;
+One registry per session (with its own artifact root) holds three registered models;
 four endpoint processes serve them, started together so the session pays one start-up:
 
 * ``digits``: a 64->128->10 MLP, no token (protocol and bad-input tests), reading the
   registry through a real ``mlflow server`` (the production set-up: REST, no MLflow in
   the endpoint process);
 * ``multi``: seven inputs and outputs of seven datatypes;
-* ``batchy``: the MLP with dynamic batching on;
+* ``batchy``: ``digits`` again, with dynamic batching on;
 * ``reloady``: versions that the tests move ``champion`` between, with a token and a
   fast watcher (auth, admin, reload, refusal).
 
@@ -109,7 +109,10 @@ def _example(rows: int = 1, n: int = 64, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory) -> Registry:
-    return Registry(tmp_path_factory.mktemp("serving-registry"))
+    registry = Registry(tmp_path_factory.mktemp("serving-registry"))
+    with registry.active():  # creates the store, before a tracking server opens it too
+        pass
+    return registry
 
 
 @pytest.fixture(scope="session")
@@ -125,11 +128,10 @@ def model_files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def registered(registry, model_files) -> dict[str, str]:
-    """Versions: digits 1, multi 1, batchy 1, reloady 1 (champion) and 2 (challenger)."""
+    """Versions: digits 1, multi 1, reloady 1 (champion) and 2 (challenger)."""
     return {
         "digits": registry.register("digits", model_files["mlp"], _example()),
         "multi": registry.register("multi", model_files["multi"], models.multi_example()),
-        "batchy": registry.register("batchy", model_files["mlp"], _example()),
         "reloady_1": registry.register("reloady", model_files["mlp"], _example()),
         "reloady_2": registry.register("reloady", model_files["mlp_v2"], _example(),
                                        aliases=("challenger",)),
@@ -159,14 +161,14 @@ def tracking_server(registry: Registry, log_path: Path):
 
 @pytest.fixture(scope="session")
 def mlflow_server(registry, tmp_path_factory) -> str:
-    """URL of an ``mlflow server`` on the test registry (maybe still starting)."""
+    """URL of an ``mlflow server`` on the test registry (it boots while models register)."""
     log_path = tmp_path_factory.mktemp("mlflow-server") / "server.log"
     with tracking_server(registry, log_path) as url:
         yield url
 
 
 @pytest.fixture(scope="session")
-def endpoints(registry, registered, mlflow_server, tmp_path_factory) -> dict[str, Endpoint]:
+def endpoints(registry, mlflow_server, registered, tmp_path_factory) -> dict[str, Endpoint]:
     """Start all endpoint processes at once, wait for each, stop them at the end."""
     yield from _endpoints(registry, tmp_path_factory.mktemp("endpoints"), mlflow_server)
 
@@ -176,7 +178,7 @@ def _endpoints(registry: Registry, root: Path, server_url: str):
     specs = {
         "digits": dict(model="digits@champion", tracking_uri=server_url),
         "multi": dict(model="multi@champion"),
-        "batchy": dict(model="batchy@champion", max_batch_size=32, max_batch_delay_ms=20,
+        "batchy": dict(model="digits@champion", max_batch_size=32, max_batch_delay_ms=20,
                        inference_threads=1),
         "reloady": dict(model="reloady@champion", token=TOKEN, poll_interval_s=0.5),
     }

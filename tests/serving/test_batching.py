@@ -23,7 +23,7 @@ def _merged_runs(endpoint) -> float:
 
 def test_model_is_batchable(batchy):
     with batchy.client() as http:
-        meta = http.get("/v2/models/batchy").json()
+        meta = http.get("/v2/models/digits").json()
     assert meta["parameters"]["dynamic_batching"] is True
 
 
@@ -40,7 +40,7 @@ def test_each_caller_gets_its_own_rows(batchy, local_session):
         client = triton.InferenceServerClient(batchy.url.removeprefix("http://"))
         inp = triton.InferInput("features", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=i % 2 == 0)
-        result = client.infer("batchy", [inp], request_id=str(i))
+        result = client.infer("digits", [inp], request_id=str(i))
         assert result.get_response()["id"] == str(i)
         return i, result.as_numpy("logits")
 

@@ -40,9 +40,9 @@ def test_with_a_tracking_server_mlflow_stays_out(mlflow_server, endpoints, tmp_p
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     state = tmp_path / "serve"
-    url = deploy_endpoint("digits@champion", port=0, token="t0ken", state_dir=state)
+    url = deploy_endpoint("digits@champion", port=0, token="t0ken-t0ken", state_dir=state)
     try:
-        status = httpx.get(f"{url}/admin/status", headers={"authorization": "Bearer t0ken"})
+        status = httpx.get(f"{url}/admin/status", headers={"authorization": "Bearer t0ken-t0ken"})
         assert status.json()["mlflow_loaded"] is False
         assert status.json()["heavy_modules_loaded"] == []
     finally:
@@ -56,7 +56,7 @@ def test_deploy_fails_clearly_for_an_unknown_model(registry, tmp_path, monkeypat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
     with pytest.raises(ServingError, match="not ready"):
         deploy_endpoint("nosuchmodel@champion", port=0, state_dir=tmp_path / "serve",
-                        timeout_s=6)
+                        timeout_s=3)
     assert not (tmp_path / "serve" / "endpoint.pid").exists()
 
 

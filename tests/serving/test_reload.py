@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serving.conftest import TOKEN, corrupt_stored_model, wait_for
+from tests.serving.conftest import corrupt_stored_model, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -14,7 +14,7 @@ from serving.mlflow_format import parse_payload
 from serving.model import ModelRefused, load_model
 from serving.settings import ServingSettings, parse_model_reference
 from serving.tensors import (
-    BadInput, TensorSpec, array_from_binary, array_from_json, array_to_binary, check_shape,
+    RequestError, TensorSpec, array_from_binary, array_from_json, array_to_binary, check_shape,
 )
 from tests.serving import models
 
@@ -29,14 +29,16 @@ def test_model_reference():
             parse_model_reference(bad)
     with pytest.raises(ValueError):
         ServingSettings(model="digits")
+    with pytest.raises(ValueError, match="8 characters"):
+        ServingSettings(token="short")
 
 
 def test_settings_from_environment(monkeypatch):
-    monkeypatch.setenv("ONNXFLOW_SERVE_TOKEN", "s3cret")
+    monkeypatch.setenv("ONNXFLOW_SERVE_TOKEN", "s3cret-s3cret")
     monkeypatch.setenv("ONNXFLOW_SERVE_MAX_BATCH_SIZE", "16")
     settings = ServingSettings()
-    assert settings.token.get_secret_value() == "s3cret"
-    assert "s3cret" not in repr(settings)
+    assert settings.token.get_secret_value() == "s3cret-s3cret"
+    assert "s3cret-s3cret" not in repr(settings)
     assert settings.batching and settings.host == "127.0.0.1"
 
 
@@ -63,12 +65,12 @@ def test_json_and_binary_round_trip(datatype, values):
     ("INT64", [2**64], "beyond 64 bits"),
 ])
 def test_json_values_refused(datatype, values, message):
-    with pytest.raises(BadInput, match=message):
+    with pytest.raises(RequestError, match=message):
         array_from_json(TensorSpec("t", datatype, (-1,)), values, None)
 
 
 def test_declared_shape_checked_before_allocation():
-    with pytest.raises(BadInput) as info:
+    with pytest.raises(RequestError) as info:
         check_shape(FEATURES, [10**12, 64], max_bytes=1 << 24)
     assert info.value.status == 413
     assert check_shape(FEATURES, [2, 64], max_bytes=1 << 24) == (2, 64)
@@ -77,9 +79,9 @@ def test_declared_shape_checked_before_allocation():
 def test_binary_bytes_and_bool_checks():
     spec = TensorSpec("s", "BYTES", (-1,))
     blob = struct.pack("<I", 3) + b"abc" + struct.pack("<I", 10) + b"xy"
-    with pytest.raises(BadInput, match="runs past"):
+    with pytest.raises(RequestError, match="runs past"):
         array_from_binary(spec, memoryview(blob), (2,))
-    with pytest.raises(BadInput, match="0 or 1"):
+    with pytest.raises(RequestError, match="0 or 1"):
         array_from_binary(TensorSpec("b", "BOOL", (-1,)), memoryview(b"\x02"), (1,))
 
 
@@ -97,7 +99,7 @@ def test_parse_payload_formats_agree():
 
 def test_unnamed_array_needs_a_single_input_model():
     specs = (FEATURES, TensorSpec("other", "FP32", (-1, 2)))
-    with pytest.raises(BadInput, match="one input"):
+    with pytest.raises(RequestError, match="one input"):
         parse_payload({"inputs": [[0.0] * 64]}, specs)
 
 

@@ -169,3 +169,20 @@ def test_bytes_binary_encoding_is_length_prefixed(multi):
                              headers={"Inference-Header-Content-Length": str(len(header))})
     assert response.status_code == 200, response.text
     assert response.json()["outputs"][0]["data"] == ["alpha", "βeta"]
+
+
+def test_openapi_describes_every_route(digits):
+    from starlette.routing import Route
+
+    from serving.app import create_app
+    from serving.settings import ServingSettings
+
+    with digits.client() as http:
+        document = http.get("/openapi.json").json()
+    assert document["openapi"].startswith("3.")
+    app = create_app(ServingSettings())
+    routes = [r for r in app.app.routes if isinstance(r, Route)]
+    for route in routes:
+        for method in route.methods - {"HEAD"}:
+            assert method.lower() in document["paths"].get(route.path, {}), (route.path, method)
+    assert set(document["paths"]) == {r.path for r in routes}
