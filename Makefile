@@ -25,7 +25,7 @@ install: $(STAMP)  ## Create .venv and install everything (once; again when pypr
 demo: $(STAMP)  ## Train torch + keras on digits, register, promote, serve champion
 	$(BIN)/onnxflow run --framework both --deploy
 
-test: $(STAMP)  ## Run the test suite (fast tests; CI runs this)
+test: $(STAMP) browser  ## Run the test suite (fast tests; CI runs this)
 	$(BIN)/pytest
 
 test-all: $(STAMP)  ## Run every test, slow ones included
@@ -43,7 +43,8 @@ ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000
 stop: $(STAMP)  ## Stop the endpoint started by make demo
 	$(BIN)/onnxflow stop
 
-clean:  ## Remove runs, registry, artifacts (keeps .venv)
+clean:  ## Stop the endpoint and stack, then remove runs, registry, artifacts (keeps .venv)
+	-@if [ -x $(BIN)/onnxflow ]; then $(BIN)/onnxflow stop; $(BIN)/onnxflow stack down; fi
 	rm -rf mlflow.db artifacts .onnxflow
 	find mlruns -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 
