@@ -104,6 +104,7 @@ def run_server(settings: ServingSettings) -> None:
         loop=_available("uvloop", "asyncio"),
         http=_http_protocol(),
         ws="none",
+        proxy_headers=False,  # no proxy in front by default; one layer less per request
         access_log=False,
         log_level=settings.log_level,
         lifespan="on",

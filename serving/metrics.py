@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -14,14 +18,8 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "onnxflow_requests", "HTTP requests by route template, method and status.",
-            ["route", "method", "status"], registry=r,
-        )
-        self.latency = Histogram(
-            "onnxflow_request_duration_seconds", "Time from request to response, by route.",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r,
-        )
+        self.requests = RequestStats(LATENCY_BUCKETS)
+        r.register(self.requests)
         self.batch_size = Histogram(
             "onnxflow_batch_rows", "Rows per onnxruntime run (1 request or a merged batch).",
             buckets=BATCH_BUCKETS, registry=r,
@@ -50,20 +48,7 @@ class ServingMetrics:
         self.ready = Gauge("onnxflow_ready", "1 when a model is loaded and serving.", registry=r)
         for outcome in ("swapped", "unchanged", "refused", "registry_error"):
             self.reloads.labels(outcome)
-        # Children are looked up once per (route, method, status), not per request.
-        self._request_children: dict[tuple[str, str, int], tuple] = {}
-
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method, status)
-        children = self._request_children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(route, method, str(status)),
-                self.latency.labels(route),
-            )
-            self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        self.observe_request = self.requests.observe
 
     def serving(self, name: str, version: str, digest: str, previous: tuple | None) -> None:
         if previous is not None:
@@ -77,3 +62,47 @@ class ServingMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestStats:
+    """Request counts and latency histograms, as plain numbers read at scrape time.
+
+    Every request updates these, so they skip prometheus_client's per-sample locks: they
+    are written and scraped only on the event loop's thread.
+    """
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts: dict[tuple[str, str, int], int] = {}
+        # route -> [count per bucket..., count above the last bucket, sum of seconds]
+        self.histograms: dict[str, list] = {}
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        histogram = self.histograms.get(route)
+        if histogram is None:
+            histogram = self.histograms[route] = [0] * (len(self.buckets) + 1) + [0.0]
+        histogram[bisect_left(self.buckets, seconds)] += 1
+        histogram[-1] += seconds
+
+    def collect(self):
+        counter = CounterMetricFamily(
+            "onnxflow_requests", "HTTP requests by route template, method and status.",
+            labels=["route", "method", "status"])
+        for (route, method, status), count in list(self.counts.items()):
+            counter.add_metric([route, method, str(status)], count)
+        yield counter
+        latency = HistogramMetricFamily(
+            "onnxflow_request_duration_seconds", "Time from request to response, by route.",
+            labels=["route"])
+        for route, histogram in list(self.histograms.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*self.buckets, float("inf")), histogram):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            latency.add_metric([route], buckets, sum_value=histogram[-1])
+        yield latency
+
+    def describe(self):
+        return []

@@ -82,3 +82,58 @@ def test_errors_also_speak_mlflow(digits):
         body = http.post("/invocations", json={"nope": 1}).json()
     assert body["error"] == body["message"]
     assert body["error_code"] == "BAD_REQUEST"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_same_answers_as_mlflow_models_serve(digits, registry, tmp_path):
+    """Every payload format, sent to `mlflow models serve` and to us: same predictions."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    from serving.cli import free_port
+    from tests.serving.conftest import wait_for
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry.uri,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    with open(tmp_path / "mlflow-serve.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/digits@champion",
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return httpx.get(f"{url}/ping").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, timeout=240, interval=0.5)
+        payloads = {
+            "inputs": {"inputs": ROWS.tolist()},
+            "instances": {"instances": ROWS.tolist()},
+            "split": {"dataframe_split": {"columns": [f"f{i}" for i in range(64)],
+                                          "data": ROWS.tolist()}},
+            "records": {"dataframe_records": [{f"f{i}": v for i, v in enumerate(r)}
+                                              for r in ROWS.tolist()]},
+        }
+        with digits.client() as ours:
+            for key, payload in payloads.items():
+                theirs = httpx.post(f"{url}/invocations", json=payload, timeout=60)
+                mine = ours.post("/invocations", json=payload)
+                assert theirs.status_code == mine.status_code == 200, (key, theirs.text)
+                assert theirs.json().keys() == mine.json().keys()
+                np.testing.assert_allclose(mine.json()["predictions"]["logits"],
+                                           theirs.json()["predictions"]["logits"], rtol=1e-5,
+                                           err_msg=key)
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
