@@ -9,6 +9,7 @@ this module does not import Prefect.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from serving.cli import (
 from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
+
+SMOKE_FILE = "smoke-test.json"
 
 
 def deploy_endpoint(
@@ -51,6 +54,7 @@ def deploy_endpoint(
     except Exception:
         stop_background(state_dir)
         raise
+    (Path(state_dir) / SMOKE_FILE).write_text(json.dumps(prediction))
     log.info("endpoint ready in %.1f s at %s; the registered example gave %s", seconds,
              info.url, prediction)
     return info.url
@@ -83,8 +87,12 @@ def stop_endpoint(state_dir: Path = DEFAULT_STATE_DIR) -> bool:
 
 
 def endpoint_status(state_dir: Path = DEFAULT_STATE_DIR) -> dict | None:
-    """pid, URL, model, readiness and served version of the endpoint; None if none runs."""
+    """pid, URL, model, readiness, served version and the deploy's smoke-test answer
+    (``smoke_test``: version and predictions); None if no endpoint runs."""
     status = background_status(state_dir)
+    smoke = Path(state_dir) / SMOKE_FILE
+    if status is not None and smoke.is_file():
+        status["smoke_test"] = json.loads(smoke.read_text())
     if status is None and read_info(state_dir) is not None:
         info = read_info(state_dir)
         log.warning("endpoint pid %s from %s is gone; last log lines:\n%s", info.pid,

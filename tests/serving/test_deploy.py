@@ -23,6 +23,8 @@ def test_deploy_status_stop(registry, registered, tmp_path, monkeypatch):
         assert (state / "endpoint.pid").is_file() and (state / "endpoint.log").is_file()
         status = endpoint_status(state)
         assert status["ready"] is True and status["version"] == registered["digits"]
+        assert status["smoke_test"]["version"] == registered["digits"]
+        assert len(status["smoke_test"]["predictions"]["logits"][0]) == 10
         assert httpx.get(f"{url}/v2/health/ready").status_code == 200
         # deploying again replaces the running endpoint instead of failing on it
         url = deploy_endpoint("digits@champion", port=0, state_dir=state)
