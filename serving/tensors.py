@@ -180,6 +180,9 @@ def array_from_json(spec: TensorSpec, values, shape: tuple[int, ...] | None) -> 
             raise RequestError(f"input {name!r}: {spec.datatype} data must be numbers, got {_kind_name(kind)}")
         arr = raw.astype(dtype)
     else:
+        if kind == "f" and spec.datatype == "UINT64":
+            raw = _exact_uint64(values, raw)
+            kind = raw.dtype.kind
         if kind not in "iub" and raw.size:
             raise RequestError(
                 f"input {name!r}: {spec.datatype} data must be integers, got {_kind_name(kind)}"
@@ -201,6 +204,16 @@ def array_from_json(spec: TensorSpec, values, shape: tuple[int, ...] | None) -> 
             f"data has {arr.size}"
         )
     return arr.reshape(shape)
+
+
+def _exact_uint64(values, raw: np.ndarray) -> np.ndarray:
+    """numpy reads integers above the int64 range mixed with smaller ones as float64; when
+    every value is an integer in 0..2**64-1, read them exactly as uint64 instead."""
+    exact = np.array(values, dtype=object)
+    flat = exact.reshape(-1)
+    if exact.shape == raw.shape and all(type(v) is int and 0 <= v < 2**64 for v in flat):
+        return exact.astype(np.uint64)
+    return raw
 
 
 def _kind_name(kind: str) -> str:
