@@ -36,7 +36,14 @@ def parse_payload(payload, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarra
             f"expected a JSON object with one of the keys {', '.join(FORMATS)}; "
             f"got a JSON {type(payload).__name__}"
         )
-    if len(payload) == 1 and "inputs" in payload:  # the common case, decided quickly
+    if len(payload) == 1 and "inputs" in payload and len(specs) == 1:
+        values = payload["inputs"]
+        if isinstance(values, list):  # the common case: one unnamed tensor
+            spec = specs[0]
+            arr = array_from_json(spec, values, None)
+            check_array(spec, arr)
+            return {spec.name: arr}
+    if len(payload) == 1 and "inputs" in payload:
         found, unknown = ["inputs"], []
     else:
         found = [k for k in payload if k in FORMATS]
