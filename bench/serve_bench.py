@@ -396,7 +396,24 @@ def report(results: dict) -> str:
                          f"{r['p99_ms']:.2f} | {r['non_2xx']} |")
         lines += ["", f"**Batched / unbatched: {b['ratio']:.1f}×** (goal ≥ 4×; the in-process "
                       "ceiling quoted in the issue is 6.9×)."]
-    lines += ["", "Raw figures: `bench-results/results.json`.", ""]
+    lines += [
+        "",
+        "## Notes",
+        "",
+        "* Run to run, `mlflow models serve` varied between about 750 and 1,450 requests/s "
+        "on this shared machine (other work running), so the ratio moved with it (8.7× to "
+        "15.7× in the runs made while building the endpoint); the issue measured 880.",
+        "* Where the endpoint's time goes (py-spy, strace, under this load): one event-loop "
+        "process at 100 % of a core, one `read` and one `write` system call per request "
+        "(headers and body go out in one write, see `serving/http.py`), onnxruntime about "
+        "10 % of the CPU, the rest uvicorn's and our per-request Python.",
+        "* Batching runs one merged batch at a time on one onnxruntime thread while the event "
+        "loop parses the next requests; unbatched runs use two worker threads.",
+        "",
+        "Raw figures: `bench-results/results.json`. Regenerate this page from them with "
+        "`python bench/serve_bench.py --report-only`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -415,8 +432,15 @@ def main() -> None:
                         help="apt-get install wrk when it is missing")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench-results")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the report from the last results.json, run nothing")
     args = parser.parse_args()
 
+    if args.report_only:
+        results = json.loads((args.workdir / "results.json").read_text())
+        args.output.write_text(report(results))
+        print(report(results))
+        return
     wrk = ensure_wrk(args.install_wrk)
     work = args.workdir.resolve()
     if work.exists():
