@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## Create .venv and install everything (once; again when pyproject changes)
 
-demo: $(STAMP)  ## Train torch + keras on digits, register, promote, serve champion
-	$(BIN)/onnxflow run --framework both --deploy
+demo: $(STAMP)  ## Train torch + keras + sklearn on digits, register, promote, serve champion
+	$(BIN)/onnxflow run --framework all --deploy
 
 test: $(STAMP) browser  ## Run the test suite (fast tests; CI runs this)
 	$(BIN)/pytest

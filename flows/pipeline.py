@@ -1,8 +1,8 @@
 """The pipeline as Prefect flows; read it next to the diagram in DESIGN.md.
 
-    data ─► train ─► export ─► simplify ─► validate ─► register ─► promote
-            └──── train_and_register ─────────────────────────┘
-                               └───── validate_and_register ──┘
+    data ─► train ─► export ─► simplify ─► validate ─► register ─► [quantize ─► register] ─► promote
+            └──── train_and_register ─────────────────────────────────────────────┘
+                               └───── validate_and_register ──┘  └ quantize_and_register ┘
 
 ``run`` runs the chosen frameworks' chains on one dataset and promotes the best new
 version. No step logic lives here, only the wiring.
@@ -22,13 +22,15 @@ from onnxflow.config import Framework, PipelineConfig
 from onnxflow.errors import OnnxflowError
 from onnxflow.promote import PromotionDecision
 from onnxflow.registry import lineage_tags
+from onnxflow.data import load_splits
 from onnxflow.results import (
-    ChainResult, DatasetArtifact, ExportedModel, StepResult, TrainedModel,
+    ChainResult, DatasetArtifact, ExportedModel, RegisteredVersion, StepResult, TrainedModel,
 )
 from onnxflow.summary import to_markdown, version_rows
 from onnxflow.tracking import git_commit
 from tasks.data import prepare_data_task
 from tasks.model import export_task, simplify_task, train_task, validate_task
+from tasks.quantize import quantize_task, register_quantized_task
 from tasks.registry import finish_run_task, promote_task, register_task, start_run_task
 
 
@@ -52,7 +54,43 @@ def train_and_register(
     with mlflow_run(framework, config, dataset) as run_id:
         trained = train_task(framework, dataset, config.train, out / "train", run_id)
         exported = export_task(framework, trained, dataset.info, config.export, out / "export")
-        return validate_and_register(trained, exported, dataset, config, out, run_id)
+        chain = validate_and_register(trained, exported, dataset, config, out, run_id)
+    if config.quantize.mode == "off":
+        return chain
+    state = quantize_and_register(chain, dataset, config, out / "quantize", return_state=True)
+    if state.is_completed():
+        return chain.model_copy(update={"quantized": state.result()})
+    note = _failure_message(state)
+    get_run_logger().warning("%s: no quantized version: %s", framework, note)
+    return chain.model_copy(update={"quantize_note": note})
+
+
+@flow(name="quantize-and-register")
+def quantize_and_register(
+    chain: ChainResult, dataset: DatasetArtifact, config: PipelineConfig, out_dir: Path,
+) -> RegisteredVersion:
+    """quantize → register, in a run of its own: an int8 copy of a registered version that
+    loses at most ``quantize.max_accuracy_drop`` becomes a version tagged ``quantized``."""
+    run_id = start_run_task(
+        config.experiment,
+        f"{chain.framework}-{config.register_.model_name}-{config.quantize.mode}-int8",
+        _params(config),
+        {"source_framework": chain.framework, "flow_run_id": str(flow_run.id),
+         "quantized_from": chain.version.version},
+        dataset,
+    )
+    try:
+        quantized = quantize_task(chain.simplified.path, dataset, config.quantize, out_dir)
+        lineage = {**lineage_tags(chain.trained, chain.exported, chain.simplified, dataset,
+                                  git_commit=git_commit(), flow_run_id=str(flow_run.id)),
+                   "quantized_from": chain.version.version}
+        version = register_quantized_task(quantized, lineage, load_splits(dataset)["X_test"][:1],
+                                          config.register_, run_id)
+    except BaseException:
+        finish_run_task(run_id, failed=True)
+        raise
+    finish_run_task(run_id)
+    return version
 
 
 @flow(name="validate-and-register")
@@ -103,10 +141,11 @@ def run(
             logger.error("%s chain failed: %s", framework, failures[framework])
 
     model_name = config.register_.model_name
+    versions = [v.version for c in chains for v in (c.version, c.quantized) if v is not None]
     promotion = None
     if chains:
-        promotion = promote_task(model_name, [c.version.version for c in chains], config.promote)
-    table = version_rows(model_name, [c.version.version for c in chains]) if chains else []
+        promotion = promote_task(model_name, versions, config.promote)
+    table = version_rows(model_name, versions) if chains else []
     create_markdown_artifact(
         markdown=_run_markdown(table, promotion, failures),
         key=f"{model_name}-run-summary".lower().replace("_", "-"),
@@ -139,7 +178,8 @@ def mlflow_run(framework: Framework, config: PipelineConfig, dataset: DatasetArt
 
 def _params(config: PipelineConfig) -> dict[str, object]:
     params = {}
-    for section in ("data", "train", "export", "simplify", "validate", "register", "promote"):
+    for section in ("data", "train", "export", "simplify", "validate", "register", "promote",
+                    "quantize"):
         values = config.model_dump(by_alias=True)[section]
         params.update({f"{section}.{k}": v for k, v in values.items()})
     return params

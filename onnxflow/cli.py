@@ -33,7 +33,26 @@ app = typer.Typer(
 class FrameworkChoice(str, Enum):
     torch = "torch"
     keras = "keras"
+    sklearn = "sklearn"
     both = "both"
+    all = "all"
+
+
+def _frameworks(choice: FrameworkChoice) -> list[str]:
+    """both = torch + keras (the neural nets); all = torch + keras + sklearn."""
+    return {FrameworkChoice.both: ["torch", "keras"],
+            FrameworkChoice.all: ["torch", "keras", "sklearn"]}.get(choice, [choice.value])
+
+
+class ModelChoice(str, Enum):
+    mlp = "mlp"
+    cnn = "cnn"
+
+
+class QuantizeChoice(str, Enum):
+    off = "off"
+    dynamic = "dynamic"
+    static = "static"
 
 
 class PromotionMode(str, Enum):
@@ -95,16 +114,19 @@ def run(
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (overrides the config).")] = None,
     deploy: Annotated[bool, typer.Option(help="End by serving champion with the endpoint.")] = False,
     port: Annotated[int, typer.Option(help="Port of the endpoint with --deploy.")] = 8080,
+    model: Annotated[Optional[ModelChoice], typer.Option(help="mlp, or cnn: a small conv net on the features as a square image (digits: 8x8); torch and keras.")] = None,
+    quantize: Annotated[Optional[QuantizeChoice], typer.Option(help="Also register an int8 version: dynamic, or static (calibrated on the training split); kept only if accuracy drops at most quantize.max_accuracy_drop.")] = None,
 ) -> None:
     """Train, export, simplify, validate, register and promote."""
     settings = _setup()
     cfg = load_config(config, {
         "data": {"path": data, "target": target},
-        "train": {"epochs": epochs},
+        "train": {"epochs": epochs, "model": model.value if model else None},
         "register": {"model_name": model_name},
         "promote": {"mode": promotion.value if promotion else None},
+        "quantize": {"mode": quantize.value if quantize else None},
     })
-    frameworks = ["torch", "keras"] if framework is FrameworkChoice.both else [framework.value]
+    frameworks = _frameworks(framework)
     out_dir = settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     # Bad data fails here, in seconds, before Prefect or any framework starts.
     from onnxflow.data import prepare_data
@@ -131,6 +153,47 @@ def run(
     typer.echo(f"artifacts: {out_dir}    run time: {time.perf_counter() - started:.1f} s")
     if deploy:
         _deploy(f"{cfg.register_.model_name}@champion", port)
+
+
+@app.command("import-model")
+def import_model(
+    path: Annotated[Path, typer.Argument(help="A .keras file, a TensorFlow SavedModel folder, a torch.export .pt2, a TorchScript file or an .onnx model.")],
+    name: Annotated[str, typer.Option(help="Registered model to add the version to.")],
+    sample: Annotated[Path, typer.Option(help="Sample inputs: .npz (one array per input name), or a CSV/Parquet table.")],
+    expected: Annotated[Optional[Path], typer.Option(help="Expected outputs (.npz by output name, or a table for one output): what a bare ONNX model is compared with.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with step settings.")] = None,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset of the conversion (framework models).")] = None,
+) -> None:
+    """Import a model trained elsewhere: convert to ONNX, simplify, validate, register."""
+    settings = _setup()
+    cfg = load_config(config, {"export": {"opset": opset}})
+    # An unknown or broken file fails here, in seconds, before Prefect starts.
+    from onnxflow.importing import detect_format, read_arrays
+
+    try:
+        found = detect_format(path)
+        read_arrays(sample)
+        if expected is not None:
+            read_arrays(expected, "expected outputs")
+    except OnnxflowError as exc:
+        _fail(str(exc), 2)
+    typer.echo(f"{path}: {found}")
+    from flows.importing import import_model as import_flow
+    from onnxflow.summary import print_table, version_rows
+
+    out_dir = settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-import-{uuid.uuid4().hex[:6]}"
+    try:
+        result = import_flow(path, name, sample, expected, cfg, out_dir)
+    except OnnxflowError as exc:
+        _fail(str(exc))
+    print_table(version_rows(name, [result.version.version]), title=f"{name}: imported version")
+    tags = result.version.tags
+    parity = (f"max abs diff {tags.get('parity_max_abs')} against {tags.get('parity_against')}"
+              if tags.get("parity_checked") == "true" else f"not checked: {tags.get('parity_note')}")
+    typer.echo(f"parity: {parity}")
+    typer.echo(f"batch axis: {tags.get('batch_axis')}    report: {result.validation.report_dir}")
+    typer.echo(f"{name} v{result.version.version} is challenger; to serve it: "
+               f"onnxflow promote {name} {result.version.version}")
 
 
 @app.command()
@@ -249,8 +312,7 @@ def trigger(
     })
     from onnxflow.stack.cli import trigger_run
 
-    trigger_run(["torch", "keras"] if framework is FrameworkChoice.both else [framework.value],
-                cfg, wait=wait, timeout_s=timeout)
+    trigger_run(_frameworks(framework), cfg, wait=wait, timeout_s=timeout)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -17,7 +17,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Framework = Literal["torch", "keras"]
+Framework = Literal["torch", "keras", "sklearn"]
+ModelKind = Literal["mlp", "cnn"]
 Task = Literal["classification", "regression"]
 
 
@@ -47,6 +48,11 @@ class TrainConfig(StepConfig):
     hidden_sizes: tuple[int, ...] = Field((128, 64), description="Widths of the hidden layers.")
     batch_size: int = Field(32, ge=1, description="Mini-batch size.")
     seed: int = Field(42, description="Seed of weights and shuffling.")
+    model: ModelKind = Field(
+        "mlp",
+        description="mlp, or cnn: a small conv net that reads the features as a square "
+        "one-channel image (digits: 8x8); torch and keras only, scikit-learn ignores it.",
+    )
 
 
 class ExportConfig(StepConfig):
@@ -65,6 +71,21 @@ class ValidateConfig(StepConfig):
         0.001, ge=0, description="Largest allowed accuracy loss through onnxruntime (fraction)."
     )
     batch_size: int = Field(32, ge=2, description="Batch size of the batch-N consistency check.")
+    latency_repeats: int = Field(50, ge=1, description="Timed runs per latency figure.")
+
+
+class QuantizeConfig(StepConfig):
+    mode: Literal["off", "dynamic", "static"] = Field(
+        "off",
+        description="off; dynamic (int8 weights, activations quantized at run time); static "
+        "(int8 weights and activations, calibrated on the training split).",
+    )
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, description="Largest allowed test accuracy loss vs the float model "
+        "(fraction; for regression the allowed RMSE increase relative to it)."
+    )
+    calibration_rows: int = Field(256, ge=1, description="Training rows used to calibrate "
+                                  "static quantization.")
     latency_repeats: int = Field(50, ge=1, description="Timed runs per latency figure.")
 
 
@@ -92,6 +113,7 @@ class PipelineConfig(StepConfig):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     promote: PromoteConfig = PromoteConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

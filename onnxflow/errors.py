@@ -48,3 +48,16 @@ class PromotionError(OnnxflowError):
 
 class ServingError(OnnxflowError):
     """The endpoint could not load, verify or serve a model."""
+
+
+class ModelImportError(OnnxflowError):
+    """A model file or its sample cannot be imported: unknown or broken file, a sample that
+    does not fit the model's inputs."""
+
+
+class QuantizationError(OnnxflowError):
+    """Quantization failed or lost more accuracy than allowed; nothing is registered."""
+
+
+class ConversionError(OnnxflowError):
+    """An ONNX model could not be converted back into a framework, or lost parity."""

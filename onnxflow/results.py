@@ -118,3 +118,7 @@ class ChainResult(StepResult):
     simplified: SimplifiedModel
     validation: ValidationSummary
     version: RegisteredVersion
+    quantized: RegisteredVersion | None = None
+    """The int8 version registered next to ``version`` (``--quantize``), if it was kept."""
+    quantize_note: str | None = None
+    """Why no quantized version was registered although one was asked for."""

@@ -135,7 +135,8 @@ def validate_model(
             record(_check_abs(name, parity[name], config.atol))
             record(_check_rel(name, parity[name], config.rtol))
     report["parity"] = parity
-    record(_check_batches(run_onnx, X, config, report))
+    record(_check_batches(lambda feeds: run_onnx(next(iter(feeds.values()))),
+                          {INPUT_NAME: X}, config, report))
     if len(parity) < len(reference):
         return _finish(checks, report, out_dir, None)  # wrong shapes: no metric to compare
 
@@ -164,6 +165,191 @@ def validate_model(
         model_bytes=report["model"]["bytes"],
     )
     return _finish(checks, report, out_dir, summary, plots)
+
+
+def validate_imported(
+    model_path: Path,
+    feeds: dict[str, np.ndarray],
+    config: ValidateConfig,
+    out_dir: Path,
+    *,
+    source: dict[str, str],
+    sample: dict[str, Any],
+    reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None = None,
+    expected: dict[str, np.ndarray] | None = None,
+) -> ValidationSummary:
+    """Validate any ONNX model on its sample: every input and output, any tensor type.
+
+    Parity is per output, by name: against ``reference`` (the source framework's outputs,
+    in the ONNX model's output order) when there is one, else against ``expected`` (given
+    outputs), else it is not checked and the report says so. Float outputs are compared
+    against atol/rtol, every other type must be equal. Batch-1 vs batch-N consistency runs
+    only when every input and output has a dynamic first axis. ``source``: ``name``,
+    ``path``, ``format`` of the imported file; ``sample``: ``name``, ``digest``, ``rows``.
+    """
+    import onnx
+
+    model_path = Path(model_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proto = onnx.load(str(model_path), load_external_data=False)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    dynamic_batch = has_dynamic_batch(proto)
+    report: dict[str, Any] = {
+        "model": _model_section(model_path, proto, opset),
+        "framework": dict(source),
+        "dataset": {"split": "sample", **sample},
+        "tolerances": config.model_dump(),
+        "batch_axis": "dynamic" if dynamic_batch else "none",
+    }
+    checks: list[Check] = []
+
+    def record(check: Check) -> None:
+        checks.append(check)
+        (log.info if check.passed else log.warning)("\t%s %s", "✓" if check.passed else "✗",
+                                                     check.line)
+
+    log.info("validating %s (imported from %s) on %s", model_path, source.get("path"),
+             sample.get("name"))
+    record(_check_runtime_support(opset, proto.ir_version, report))
+    session, load_check = _open_session(model_path)
+    record(load_check)
+    if session is None:
+        return _finish(checks, report, out_dir, None)
+    record(Check("inputs fit the sample", True, ", ".join(
+        f"{k} {v.dtype} {list(v.shape)}" for k, v in feeds.items())))
+    output_names = [o.name for o in session.get_outputs()]
+
+    def run_onnx(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return session.run(output_names, batch)
+
+    try:
+        outputs = dict(zip(output_names, run_onnx(feeds), strict=True))
+    except Exception as exc:  # onnxruntime's Fail/InvalidArgument/RuntimeException
+        record(Check("onnxruntime runs the sample", False, " ".join(str(exc).split())[:300]))
+        return _finish(checks, report, out_dir, None)
+
+    wanted, compared_with = None, None
+    if reference is not None:
+        produced = reference(feeds)
+        compared_with = source.get("name", "framework")
+        if len(produced) != len(output_names):
+            record(Check("output count", False, f"{compared_with} gives {len(produced)} "
+                         f"outputs, the ONNX model {len(output_names)} ({output_names})"))
+        else:
+            wanted = dict(zip(output_names, (np.asarray(p) for p in produced), strict=True))
+    elif expected:
+        wanted, compared_with = dict(expected), "expected outputs"
+    parity: dict[str, dict[str, float]] = {}
+    unequal = 0
+    if wanted is None and reference is None:
+        why = ("a bare ONNX model has no framework to compare with, and no expected outputs "
+               "were given (--expected)")
+        report["parity_checked"], report["parity_note"] = False, why
+        record(Check("parity", True, f"not checked: {why}"))
+    elif wanted is not None:
+        report["parity_checked"] = True
+        report["parity_against"] = compared_with
+        for name, reference_out in wanted.items():
+            found = outputs[name]
+            if found.shape != reference_out.shape:
+                record(Check(f"output {name!r} shape", False,
+                             f"onnx {list(found.shape)}, {compared_with} "
+                             f"{list(reference_out.shape)}"))
+                continue
+            record(Check(f"output {name!r} shape", True, f"{list(found.shape)} {found.dtype}"))
+            if found.dtype.kind in "fc" and reference_out.dtype.kind in "fciub":
+                parity[name] = _parity(found, reference_out, config.atol)
+                record(_check_abs(name, parity[name], config.atol))
+                record(_check_rel(name, parity[name], config.rtol))
+            else:
+                same = _equal_values(found, reference_out)
+                differ = int(found.size - same)
+                unequal += differ
+                parity[name] = {"max_abs": 0.0 if not differ else math.inf, "max_rel": 0.0,
+                                "mean_abs": 0.0, "rel_elements": 0, "non_finite": 0,
+                                "unequal": differ}
+                record(Check(f"output {name!r}", not differ,
+                             f"{found.dtype} values: {differ} of {found.size} differ"))
+        if len(wanted) < len(output_names):
+            report["outputs_not_compared"] = [n for n in output_names if n not in wanted]
+    report["parity"] = parity
+    record(_check_batches(run_onnx, feeds, config, report, dynamic_batch))
+
+    latency = _sample_latencies(reference, run_onnx, feeds, dynamic_batch,
+                                config.latency_repeats)
+    report["latency_ms"] = latency
+    checked = bool(parity)
+    max_abs = max((p["max_abs"] for p in parity.values()), default=math.nan)
+    summary = ValidationSummary(
+        report_dir=out_dir,
+        passed=all(c.passed for c in checks),
+        metric_name=IMPORT_METRIC,
+        framework_metric=0.0 if checked else math.nan,
+        onnx_metric=max_abs,
+        parity_max_abs=max_abs,
+        parity_max_rel=max((p["max_rel"] for p in parity.values()), default=math.nan),
+        latency_ms=latency,
+        opset=opset,
+        ir_version=proto.ir_version,
+        model_bytes=report["model"]["bytes"],
+    )
+    return _finish(checks, report, out_dir, summary)
+
+
+#: What an imported model's summary reports as its metric: there are no labels to score.
+IMPORT_METRIC = "parity_max_abs"
+
+
+def has_dynamic_batch(proto) -> bool:
+    """Every graph input and output has a first axis, and it is symbolic (not fixed)."""
+    values = [*proto.graph.input, *proto.graph.output]
+    initializers = {t.name for t in proto.graph.initializer}
+    for value in values:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if not dims or dims[0].HasField("dim_value"):
+            return False
+    return bool(values)
+
+
+def _model_section(model_path: Path, proto, opset: int) -> dict[str, Any]:
+    return {
+        "path": str(model_path),
+        "sha256": onnx_digest(model_path),
+        "bytes": model_size(model_path),
+        "opset": opset,
+        "ir_version": proto.ir_version,
+        "inputs": [_declared(v) for v in proto.graph.input],
+        "outputs": [_declared(v) for v in proto.graph.output],
+    }
+
+
+def _equal_values(found: np.ndarray, expected: np.ndarray) -> int:
+    """How many elements are equal (strings compared as text, bytes decoded)."""
+    if found.dtype.kind in "OUS" or expected.dtype.kind in "OUS":
+        def text(a):
+            return np.array([x.decode() if isinstance(x, bytes) else str(x)
+                             for x in a.reshape(-1)], dtype=object)
+        return int(np.sum(text(found) == text(expected)))
+    return int(np.sum(found == expected))
+
+
+def _sample_latencies(reference, run_onnx, feeds: dict[str, np.ndarray], dynamic_batch: bool,
+                      repeats: int) -> dict[str, float]:
+    """Median ms per call on one row and (with a dynamic batch axis) on 32 rows."""
+    figures = {}
+    sizes = LATENCY_BATCHES if dynamic_batch else (None,)
+    for batch in sizes:
+        if batch is None:
+            rows, key = feeds, "sample"
+        else:
+            rows = {k: np.resize(v, (batch, *v.shape[1:])).astype(v.dtype) for k, v in feeds.items()}
+            key = f"b{batch}"
+        if reference is not None:
+            figures[f"framework_{key}"] = _median_ms(reference, rows, repeats)
+        figures[f"onnx_{key}"] = _median_ms(run_onnx, rows, repeats)
+    return figures
 
 
 # -- checks ----------------------------------------------------------------------------
@@ -276,26 +462,47 @@ def _check_rel(name: str, parity: dict[str, float], rtol: float) -> Check:
                  f"(over {parity['rel_elements']} values with |framework| > atol)")
 
 
-def _check_batches(run_onnx: Callable[[np.ndarray], list[np.ndarray]], X: np.ndarray,
-                   config: ValidateConfig, report: dict[str, Any]) -> Check:
-    rows = X[:BATCH_ONE_ROWS]
-    singles = [run_onnx(rows[i:i + 1]) for i in range(len(rows))]
-    batched = [run_onnx(rows[i:i + config.batch_size])
-               for i in range(0, len(rows), config.batch_size)]
-    largest = 0.0
+def _check_batches(run_onnx: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+                   feeds: dict[str, np.ndarray], config: ValidateConfig, report: dict[str, Any],
+                   dynamic_batch: bool = True) -> Check:
+    """The first rows run one at a time vs in batches of ``config.batch_size``; floats are
+    compared against atol, other types must be equal. Skipped (and said so) when the model
+    has no dynamic batch axis or the sample has a single row."""
+    name = f"batch 1 vs batch {config.batch_size}"
+    n = min(len(v) for v in feeds.values()) if feeds else 0
+    if not dynamic_batch or n < 2:
+        why = ("the model has no dynamic batch axis (first axis of every input and output)"
+               if not dynamic_batch else f"the sample has {n} row(s)")
+        report["batch_consistency"] = {"checked": False, "reason": why}
+        return Check(name, True, f"not checked: {why}")
+    rows = min(n, BATCH_ONE_ROWS)
+
+    def part(start: int, stop: int) -> dict[str, np.ndarray]:
+        return {k: v[start:stop] for k, v in feeds.items()}
+
+    singles = [run_onnx(part(i, i + 1)) for i in range(rows)]
+    batched = [run_onnx(part(i, min(i + config.batch_size, rows)))
+               for i in range(0, rows, config.batch_size)]
+    largest, unequal = 0.0, 0
     for k in range(len(singles[0])):
-        one = np.concatenate([s[k] for s in singles]).astype(np.float64)
-        many = np.concatenate([b[k] for b in batched]).astype(np.float64)
+        one = np.concatenate([s[k] for s in singles])
+        many = np.concatenate([b[k] for b in batched])
         if one.shape != many.shape:
             largest = math.inf
             break
-        largest = max(largest, float(np.max(np.abs(one - many))) if one.size else 0.0)
-    report["batch_consistency"] = {"rows": len(rows), "batch_size": config.batch_size,
-                                   "max_abs": largest}
-    passed = largest <= config.atol
-    return Check(f"batch 1 vs batch {config.batch_size}", passed,
-                 f"max abs diff {largest:.3g} {'<=' if passed else '>'} atol {config.atol:g} "
-                 f"over {len(rows)} rows")
+        if one.dtype.kind in "fc":
+            diff = np.abs(one.astype(np.float64) - many.astype(np.float64))
+            largest = max(largest, float(np.max(diff)) if one.size else 0.0)
+        else:
+            unequal += int(np.sum(one != many))
+    report["batch_consistency"] = {"rows": rows, "batch_size": config.batch_size,
+                                   "max_abs": largest, "checked": True}
+    passed = largest <= config.atol and not unequal
+    detail = (f"max abs diff {largest:.3g} {'<=' if largest <= config.atol else '>'} "
+              f"atol {config.atol:g} over {rows} rows")
+    if unequal:
+        detail += f"; {unequal} non-float values differ"
+    return Check(name, passed, detail)
 
 
 def _check_metric(info: DatasetInfo, y: np.ndarray, framework_out: np.ndarray,
@@ -377,7 +584,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"* model: `{model['path']}` (opset {model['opset']}, IR {model['ir_version']}, "
         f"{model['bytes']:,} bytes, sha256 `{model['sha256'][:16]}…`)",
         f"* framework: {report['framework']['name']} (`{report['framework']['path']}`)",
-        f"* data: {report['dataset']['name']} test split, {report['dataset']['rows']} rows, "
+        f"* data: {report['dataset']['name']} {report['dataset']['split']} split, "
+        f"{report['dataset']['rows']} rows, "
         f"digest `{report['dataset']['digest']}`",
         "",
         "## Checks",
@@ -391,14 +599,22 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Figures", "", "| figure | framework | onnxruntime |", "|---|---|---|"]
     if metric:
         lines.append(f"| {metric['name']} | {metric['framework']:.4f} | {metric['onnx']:.4f} |")
-    for batch in LATENCY_BATCHES:
-        latency = report.get("latency_ms", {})
-        if f"onnx_b{batch}" in latency:
-            fw_ms, ort_ms = latency[f"framework_b{batch}"], latency[f"onnx_b{batch}"]
-            lines.append(f"| latency batch {batch}, median ms | {fw_ms:.3f} | {ort_ms:.3f} |")
+    latency = report.get("latency_ms", {})
+    for key in [*(f"b{b}" for b in LATENCY_BATCHES), "sample"]:
+        if f"onnx_{key}" in latency:
+            fw_ms = latency.get(f"framework_{key}")
+            label = f"batch {key[1:]}" if key != "sample" else "the whole sample"
+            lines.append(f"| latency {label}, median ms | "
+                         f"{'-' if fw_ms is None else f'{fw_ms:.3f}'} | "
+                         f"{latency[f'onnx_{key}']:.3f} |")
     for name, parity in report.get("parity", {}).items():
         lines.append(f"| `{name}` max abs / max rel diff | | "
                      f"{parity['max_abs']:.3g} / {parity['max_rel']:.3g} |")
+    if report.get("parity_note"):
+        lines += ["", f"**Parity not checked**: {report['parity_note']}."]
+    if report.get("batch_axis") == "none":
+        lines += ["", "**No dynamic batch axis**: served without batching; batch "
+                  "consistency not checked."]
     if report["plots"]:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     return "\n".join(lines) + "\n"

@@ -34,7 +34,8 @@ def _declared(value) -> list:
 
 
 def test_unknown_framework_is_a_clear_error():
-    with pytest.raises(OnnxflowError, match=r"Unknown framework 'jax'; expected one of: keras, t"):
+    with pytest.raises(OnnxflowError,
+                       match=r"Unknown framework 'jax'; expected one of: keras, sklearn, torch"):
         get_adapter("jax")
 
 

@@ -29,7 +29,11 @@ BATCH_AXIS = "batch"
 EpochCallback = Callable[[int, dict[str, float]], None]
 Predictor = Callable[[np.ndarray], np.ndarray]
 
-_ADAPTERS = {"torch": "onnxflow.frameworks.pytorch", "keras": "onnxflow.frameworks.keras3"}
+_ADAPTERS = {
+    "torch": "onnxflow.frameworks.pytorch",
+    "keras": "onnxflow.frameworks.keras3",
+    "sklearn": "onnxflow.frameworks.scikit",
+}
 
 
 class FrameworkAdapter(Protocol):
@@ -49,7 +53,8 @@ class FrameworkAdapter(Protocol):
 
 
 def get_adapter(framework: str) -> FrameworkAdapter:
-    """The adapter module of ``framework`` (``torch`` or ``keras``), imported on first use."""
+    """The adapter module of ``framework`` (``torch``, ``keras`` or ``sklearn``), imported on
+    first use."""
     try:
         module_name = _ADAPTERS[framework]
     except KeyError:
@@ -61,6 +66,21 @@ def get_adapter(framework: str) -> FrameworkAdapter:
 def output_name(task: Task) -> str:
     """Name of the single ONNX output for a task."""
     return "probabilities" if task == "classification" else "prediction"
+
+
+def image_side(n_features: int, error: type[OnnxflowError]) -> int:
+    """The side of the square one-channel image a CNN reads the features as (digits: 8).
+
+    A CNN keeps the common interface: it takes the flat ``[batch, n_features]`` raw
+    features and reshapes them inside the model, so serving and validation see no change.
+    """
+    side = int(round(n_features ** 0.5))
+    if side * side != n_features or side < 4:
+        raise error(
+            f"--model cnn reads the features as a square image of at least 4x4 pixels; "
+            f"{n_features} features are not a square number >= 16. Use --model mlp."
+        )
+    return side
 
 
 def standardized_splits(

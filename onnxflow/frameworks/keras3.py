@@ -1,4 +1,4 @@
-"""Keras 3 adapter (TensorFlow backend): train an MLP, save ``model.keras``, convert with tf2onnx.
+"""Keras 3 adapter (TensorFlow backend): train an MLP or a small CNN, save ``model.keras``, convert with tf2onnx.
 
 ``tf2onnx.convert.from_keras`` fails on Keras 3 models (KeyError 'keras_tensor_1'), so the
 export wraps the model in a ``tf.function`` with an explicit input signature and uses
@@ -26,6 +26,7 @@ from onnxflow.frameworks import (
     check_exported_model,
     fold_standardization,
     format_metrics,
+    image_side,
     output_name,
     standardized_splits,
 )
@@ -54,6 +55,7 @@ def train(
 
     info = dataset.info
     classification = info.task == "classification"
+    side = image_side(info.n_features, TrainingError) if config.model == "cnn" else 0
     X_train, y_train, X_val, y_val = standardized_splits(dataset)
     if not classification:
         y_train, y_val = y_train.reshape(-1, 1), y_val.reshape(-1, 1)
@@ -61,7 +63,11 @@ def train(
     started = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
-    model = _mlp(keras, info.n_features, config.hidden_sizes, info.n_outputs, classification)
+    if side:
+        model = _cnn(keras, side, config.hidden_sizes, info.n_outputs, classification)
+    else:
+        model = _mlp(keras, info.n_features, config.hidden_sizes, info.n_outputs,
+                     classification)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
         loss="sparse_categorical_crossentropy" if classification else "mean_squared_error",
@@ -81,7 +87,8 @@ def train(
               shuffle=False, callbacks=[reporter])  # the pipeline shuffles, seeded
     metrics = reporter.last_metrics
 
-    inference = _inference_model(keras, model, info)
+    inference = (_cnn_inference_model(keras, model, info) if side
+                 else _inference_model(keras, model, info))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.keras"
     inference.save(path)
@@ -93,6 +100,7 @@ def train(
         metrics=metrics,
         params={
             "framework_version": f"keras {keras.__version__}, tensorflow {tf.__version__}",
+            "model": config.model,
             "hidden_sizes": ",".join(map(str, config.hidden_sizes)),
             "epochs": str(config.epochs),
             "learning_rate": str(config.learning_rate),
@@ -184,6 +192,23 @@ def _mlp(keras, n_features: int, hidden_sizes: tuple[int, ...], n_outputs: int,
     return keras.Sequential(layers)
 
 
+def _cnn(keras, side: int, hidden_sizes: tuple[int, ...], n_outputs: int,
+         classification: bool):
+    """The torch adapter's CNN in Keras: the flat features reshaped to ``side x side x 1``
+    (channels last) inside the model, two 3x3 convolutions, a 2x2 max-pool, a dense head."""
+    layers = [
+        keras.Input((side * side,), name=INPUT_NAME),
+        keras.layers.Reshape((side, side, 1)),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+        keras.layers.Flatten(),
+    ]
+    layers += [keras.layers.Dense(width, activation="relu") for width in hidden_sizes]
+    layers.append(keras.layers.Dense(n_outputs, activation="softmax" if classification else None))
+    return keras.Sequential(layers)
+
+
 def _epoch_reporter(keras, info: DatasetInfo, config: TrainConfig,
                     on_epoch: EpochCallback | None):
     """A callback that logs one line per epoch and hands the metrics to ``on_epoch``."""
@@ -222,6 +247,26 @@ def _inference_model(keras, model, info: DatasetInfo):
     for layer, (kernel, bias) in zip(cloned, folded, strict=True):
         layer.set_weights([kernel, bias])
     return inference
+
+
+def _cnn_inference_model(keras, model, info: DatasetInfo):
+    """The trained CNN's layers behind the standardisation (a per-pixel scale does not fold
+    into a padded convolution), plus the target de-standardisation for regression.
+
+    Both are ``Rescaling`` layers (``x * scale + offset``): their constants go into the
+    traced graph. ``Normalization(mean=, variance=)`` keeps them as captured eager tensors,
+    which tf2onnx turns into extra graph inputs.
+    """
+    mean = np.asarray(info.feature_mean, dtype=np.float64)
+    inv_std = 1.0 / np.asarray(info.feature_std, dtype=np.float64)
+    inputs = keras.Input((info.n_features,), name=INPUT_NAME)
+    x = keras.layers.Rescaling(scale=inv_std.astype(np.float32).tolist(),
+                               offset=(-mean * inv_std).astype(np.float32).tolist())(inputs)
+    for layer in model.layers:
+        x = layer(x)
+    if info.task == "regression":
+        x = keras.layers.Rescaling(scale=info.target_std, offset=info.target_mean)(x)
+    return keras.Model(inputs, x)
 
 
 # -- export ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""PyTorch adapter: train an MLP, save it as a ``torch.export`` program, export it to ONNX.
+"""PyTorch adapter: train an MLP or a small CNN, save it as a ``torch.export`` program, export it to ONNX.
 
 The trained model is ``model.pt2`` (``torch.export.save``), not a state_dict: it loads with
 ``torch.export.load`` alone, without this module's code or a class definition, it already
@@ -27,6 +27,7 @@ from onnxflow.frameworks import (
     check_exported_model,
     fold_standardization,
     format_metrics,
+    image_side,
     output_name,
     standardized_splits,
 )
@@ -44,17 +45,22 @@ def train(
     out_dir: Path,
     on_epoch: EpochCallback | None = None,
 ) -> TrainedModel:
-    """Train an MLP with Adam; write ``out_dir/model.pt2`` (raw features in, probabilities
-    or predictions out). ``on_epoch(epoch, metrics)`` is called after each epoch (1-based)."""
+    """Train an MLP or a CNN (``config.model``) with Adam; write ``out_dir/model.pt2`` (raw
+    features in, probabilities or predictions out). ``on_epoch(epoch, metrics)`` is called
+    after each epoch (1-based)."""
     import torch
 
     info = dataset.info
+    side = image_side(info.n_features, TrainingError) if config.model == "cnn" else 0
     X_train, y_train, X_val, y_val = standardized_splits(dataset)
     started = time.perf_counter()
     with _deterministic(config.seed):
-        net = _mlp(info.n_features, config.hidden_sizes, info.n_outputs)
+        if config.model == "cnn":
+            net = _cnn(side, config.hidden_sizes, info.n_outputs)
+        else:
+            net = _mlp(info.n_features, config.hidden_sizes, info.n_outputs)
         metrics = _fit(net, X_train, y_train, X_val, y_val, info, config, on_epoch)
-    inference = _inference_module(net, info)
+    inference = _cnn_inference_module(net, info) if side else _inference_module(net, info)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.pt2"
@@ -72,6 +78,7 @@ def train(
         metrics=metrics,
         params={
             "framework_version": torch.__version__,
+            "model": config.model,
             "hidden_sizes": ",".join(map(str, config.hidden_sizes)),
             "epochs": str(config.epochs),
             "learning_rate": str(config.learning_rate),
@@ -181,6 +188,27 @@ def _mlp(n_features: int, hidden_sizes: tuple[int, ...], n_outputs: int):
     return torch.nn.Sequential(*layers)
 
 
+def _cnn(side: int, hidden_sizes: tuple[int, ...], n_outputs: int):
+    """Two 3x3 convolutions (16, 32 channels) with a 2x2 max-pool between, then a dense head.
+
+    The flat features are unflattened to ``[batch, 1, side, side]`` inside the network, so
+    the model keeps the ``[batch, n_features]`` interface of every onnxflow model.
+    """
+    import torch
+
+    layers: list[torch.nn.Module] = [
+        torch.nn.Unflatten(1, (1, side, side)),
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+    ]
+    width = 32 * (side // 2) ** 2
+    for hidden in hidden_sizes:
+        layers += [torch.nn.Linear(width, hidden), torch.nn.ReLU()]
+        width = hidden
+    layers.append(torch.nn.Linear(width, n_outputs))
+    return torch.nn.Sequential(*layers)
+
+
 def _fit(net, X_train, y_train, X_val, y_val, info: DatasetInfo, config: TrainConfig,
          on_epoch: EpochCallback | None) -> dict[str, float]:
     import torch
@@ -246,6 +274,35 @@ def _inference_module(net, info: DatasetInfo):
             layers.append(torch.nn.ReLU())
     if info.task == "classification":
         layers.append(torch.nn.Softmax(dim=-1))
+    module = torch.nn.Sequential(*layers).eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _cnn_inference_module(net, info: DatasetInfo):
+    """The trained CNN behind an explicit standardisation, with the output head attached.
+
+    A per-pixel scale cannot be folded into a padded convolution, so the CNN keeps one
+    ``(x - mean) * (1 / std)`` in front (two elementwise nodes in the ONNX graph).
+    """
+    import torch
+
+    class Affine(torch.nn.Module):
+        def __init__(self, shift, scale) -> None:
+            super().__init__()
+            self.register_buffer("shift", torch.as_tensor(shift, dtype=torch.float32))
+            self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+
+        def forward(self, x):
+            return (x - self.shift) * self.scale
+
+    mean = np.asarray(info.feature_mean, dtype=np.float32)
+    inv_std = (1.0 / np.asarray(info.feature_std, dtype=np.float64)).astype(np.float32)
+    layers = [Affine(mean, inv_std), net]
+    if info.task == "classification":
+        layers.append(torch.nn.Softmax(dim=-1))
+    else:  # y = y_std * target_std + target_mean == (y_std - (-mean / std)) * std
+        layers.append(Affine([-info.target_mean / info.target_std], [info.target_std]))
     module = torch.nn.Sequential(*layers).eval()
     module.requires_grad_(False)
     return module
