@@ -32,7 +32,7 @@ test-all: $(STAMP)  ## Run every test, slow ones included
 	$(BIN)/pytest -m ""
 
 bench: $(STAMP)  ## Serving benchmarks: our endpoint vs mlflow models serve
-	$(BIN)/python bench/serve_bench.py
+	$(BIN)/python bench/serve_bench.py --install-wrk
 
 bench-pipeline: $(STAMP)  ## Demo pipeline wall time, and how much is Prefect + MLflow overhead
 	$(BIN)/python bench/pipeline_bench.py

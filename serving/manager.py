@@ -44,13 +44,16 @@ class CheckOutcome:
                 "detail": self.detail}
 
 
-def cached_folder(cache_dir: Path, name: str, version: str) -> Path:
-    return Path(cache_dir) / name / version
+def cached_folder(cache_dir: Path, name: str, version: str, digest: str | None = None) -> Path:
+    """Keyed by the registered digest too: ``digits/3`` of another registry (a demo store,
+    then a tracking server, sharing one working folder) is another model."""
+    return Path(cache_dir) / name / (f"{version}-{digest[:16]}" if digest else version)
 
 
-def fetch_version(registry: Registry, cache_dir: Path, name: str, version: str) -> Path:
+def fetch_version(registry: Registry, cache_dir: Path, name: str, version: str,
+                  digest: str | None = None) -> Path:
     """The version's files in the cache, downloading them once (atomically) if needed."""
-    target = cached_folder(cache_dir, name, version)
+    target = cached_folder(cache_dir, name, version, digest)
     if (target / COMPLETE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +138,8 @@ class ModelManager:
                  serving)
         try:
             folder = await asyncio.to_thread(fetch_version, self._registry_client(),
-                                             self.settings.cache_dir, self.name, version)
+                                             self.settings.cache_dir, self.name, version,
+                                             tags.get("onnx_sha256"))
         except Exception as exc:  # transient: not a refusal, the next check tries again
             log.warning("cannot download %s version %s: %s", self.name, version, exc)
             return CheckOutcome("registry_error", version, serving, f"download failed: {exc}")
