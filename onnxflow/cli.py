@@ -67,10 +67,10 @@ def _setup(settings: Settings | None = None) -> Settings:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "onnxflow")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "tensorflow", "absl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, datefmt="%H:%M:%S",
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    for ours in ("onnxflow", "tasks", "flows", "serving"):  # progress lines; libraries stay quiet
+        logging.getLogger(ours).setLevel(logging.INFO)
     return settings
 
 
@@ -239,19 +239,21 @@ def _deploy(model: str, port: int) -> None:
         answer = smoke_test(url, make_settings(model=model))
     except OnnxflowError as exc:
         _fail(str(exc))
-    predictions = answer["predictions"]
-    first = predictions[0] if isinstance(predictions, list) else predictions
     typer.echo(f"serving {model} (version {answer['version']}) at {url}")
-    typer.echo(f"sample prediction for the registered input example: {_brief(first)}")
+    typer.echo(f"sample prediction for the registered input example: {_brief(answer['predictions'])}")
     typer.echo(f"try: curl -s {url}/v2/models/{model.split('@')[0]}")
     typer.echo("stop it with: onnxflow stop   (or: make stop)")
 
 
-def _brief(values: Any) -> str:
-    if isinstance(values, list) and values and isinstance(values[0], float):
-        best = max(range(len(values)), key=values.__getitem__)
-        return f"class {best} (p={values[best]:.3f}) of {len(values)}"
-    return str(values)[:200]
+def _brief(predictions: Any) -> str:
+    """``class 3 (p=0.998)`` for class probabilities; the first values otherwise."""
+    if isinstance(predictions, dict):  # MLflow's format for named outputs
+        predictions = next(iter(predictions.values()))
+    row = predictions[0] if isinstance(predictions, list) and predictions else predictions
+    if isinstance(row, list) and len(row) > 1 and all(isinstance(v, float) for v in row):
+        best = max(range(len(row)), key=row.__getitem__)
+        return f"class {best} (p={row[best]:.3f} of {len(row)} classes)"
+    return str(row)[:200]
 
 
 @app.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,12 @@ def start_run(
         X = np.concatenate([npz["X_train"], npz["X_val"], npz["X_test"]])
         y = np.concatenate([npz["y_train"], npz["y_val"], npz["y_test"]])
     # The digest of the table as loaded (split order differs), so the tags agree.
-    mlflow_dataset = mlflow.data.from_numpy(X, targets=y, source=dataset.info.source,
-                                            name=dataset.info.name, digest=dataset.info.digest)
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways": harmless
+        warnings.simplefilter("ignore", UserWarning)
+        mlflow_dataset = mlflow.data.from_numpy(
+            X, targets=y, source=dataset.info.source, name=dataset.info.name,
+            digest=dataset.info.digest,
+        )
     with mlflow.start_run(run_id=run_id):
         mlflow.log_input(mlflow_dataset, context="training")
     client.update_run(run_id, status="RUNNING")
