@@ -103,29 +103,50 @@ def load_config(path: Path | None, overrides: dict[str, dict[str, Any]]) -> Pipe
         raise  # unreachable, for type checkers
 
 
-@app.command()
-def run(
-    framework: Annotated[FrameworkChoice, typer.Option(help="Which framework(s) to train.")] = FrameworkChoice.both,
-    data: Annotated[Optional[Path], typer.Option(help="CSV or Parquet table (default: the bundled digits).")] = None,
-    target: Annotated[Optional[str], typer.Option(help="Label column of --data.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with step settings.")] = None,
-    promotion: Annotated[Optional[PromotionMode], typer.Option(help="auto moves champion when better; review leaves it to a reviewer.")] = None,
-    model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default: digits).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (overrides the config).")] = None,
-    deploy: Annotated[bool, typer.Option(help="End by serving champion with the endpoint.")] = False,
-    port: Annotated[int, typer.Option(help="Port of the endpoint with --deploy.")] = 8080,
-    model: Annotated[Optional[ModelChoice], typer.Option(help="mlp, or cnn: a small conv net on the features as a square image (digits: 8x8); torch and keras.")] = None,
-    quantize: Annotated[Optional[QuantizeChoice], typer.Option(help="Also register an int8 version: dynamic, or static (calibrated on the training split); kept only if accuracy drops at most quantize.max_accuracy_drop.")] = None,
-) -> None:
-    """Train, export, simplify, validate, register and promote."""
-    settings = _setup()
-    cfg = load_config(config, {
+FrameworkOpt = Annotated[FrameworkChoice, typer.Option(help="Which framework(s) to train.")]
+DataOpt = Annotated[Optional[Path], typer.Option(help="CSV or Parquet table (default: the bundled digits).")]
+TargetOpt = Annotated[Optional[str], typer.Option(help="Label column of --data.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with step settings.")]
+PromotionOpt = Annotated[Optional[PromotionMode], typer.Option(help="auto moves champion when better; review leaves it to a reviewer.")]
+ModelNameOpt = Annotated[Optional[str], typer.Option(help="Registered model name (default: digits).")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Training epochs (overrides the config).")]
+ModelOpt = Annotated[Optional[ModelChoice], typer.Option(help="mlp, or cnn: a small conv net on the features as a square image (digits: 8x8); torch and keras.")]
+QuantizeOpt = Annotated[Optional[QuantizeChoice], typer.Option(help="Also register an int8 version: dynamic, or static (calibrated on the training split); kept only if accuracy drops at most quantize.max_accuracy_drop.")]
+
+
+def pipeline_config(
+    config: Path | None, *, data: Path | None, target: str | None, epochs: int | None,
+    model_name: str | None, promotion: PromotionMode | None, model: ModelChoice | None,
+    quantize: QuantizeChoice | None,
+) -> PipelineConfig:
+    """The YAML file with the command-line options of `run` and `trigger` on top."""
+    return load_config(config, {
         "data": {"path": data, "target": target},
         "train": {"epochs": epochs, "model": model.value if model else None},
         "register": {"model_name": model_name},
         "promote": {"mode": promotion.value if promotion else None},
         "quantize": {"mode": quantize.value if quantize else None},
     })
+
+
+@app.command()
+def run(
+    framework: FrameworkOpt = FrameworkChoice.both,
+    data: DataOpt = None,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    promotion: PromotionOpt = None,
+    model_name: ModelNameOpt = None,
+    epochs: EpochsOpt = None,
+    deploy: Annotated[bool, typer.Option(help="End by serving champion with the endpoint.")] = False,
+    port: Annotated[int, typer.Option(help="Port of the endpoint with --deploy.")] = 8080,
+    model: ModelOpt = None,
+    quantize: QuantizeOpt = None,
+) -> None:
+    """Train, export, simplify, validate, register and promote."""
+    settings = _setup()
+    cfg = pipeline_config(config, data=data, target=target, epochs=epochs, model_name=model_name,
+                          promotion=promotion, model=model, quantize=quantize)
     frameworks = _frameworks(framework)
     out_dir = settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     # Bad data fails here, in seconds, before Prefect or any framework starts.
@@ -293,25 +314,24 @@ app.add_typer(stack_app, name="stack")
 
 @app.command()
 def trigger(
-    framework: Annotated[FrameworkChoice, typer.Option(help="Which framework(s) to train.")] = FrameworkChoice.both,
+    framework: FrameworkOpt = FrameworkChoice.both,
     data: Annotated[Optional[Path], typer.Option(help="CSV or Parquet table the worker can read (default: the bundled digits).")] = None,
-    target: Annotated[Optional[str], typer.Option(help="Label column of --data.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with step settings.")] = None,
-    promotion: Annotated[Optional[PromotionMode], typer.Option(help="auto moves champion when better; review leaves it to a reviewer.")] = None,
-    model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default: digits).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (overrides the config).")] = None,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    promotion: PromotionOpt = None,
+    model_name: ModelNameOpt = None,
+    epochs: EpochsOpt = None,
+    model: ModelOpt = None,
+    quantize: QuantizeOpt = None,
     wait: Annotated[bool, typer.Option(help="Wait until the run finished (and the replicas serve its champion).")] = False,
     timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
     """Run the on-demand retrain-and-deploy deployment on the stack's worker."""
     if data is not None and not data.is_file():
         _fail(f"data file not found: {data}", 2)
-    cfg = load_config(config, {
-        "data": {"path": data.resolve() if data else None, "target": target},
-        "train": {"epochs": epochs},
-        "register": {"model_name": model_name},
-        "promote": {"mode": promotion.value if promotion else None},
-    })
+    cfg = pipeline_config(config, data=data.resolve() if data else None, target=target,
+                          epochs=epochs, model_name=model_name, promotion=promotion,
+                          model=model, quantize=quantize)
     from onnxflow.stack.cli import trigger_run
 
     trigger_run(_frameworks(framework), cfg, wait=wait, timeout_s=timeout)
