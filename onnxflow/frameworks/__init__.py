@@ -13,6 +13,7 @@ classifiers or ``prediction`` ``[batch, 1]`` for regressors, with a dynamic batc
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, cast
@@ -22,6 +23,8 @@ import numpy as np
 from onnxflow.config import ExportConfig, Task, TrainConfig
 from onnxflow.errors import ExportError, OnnxflowError
 from onnxflow.results import DatasetArtifact, DatasetInfo, ExportedModel, TrainedModel
+
+log = logging.getLogger(__name__)
 
 INPUT_NAME = "features"
 BATCH_AXIS = "batch"
@@ -130,6 +133,22 @@ def fold_standardization(
 def format_metrics(metrics: dict[str, float]) -> str:
     """``train_loss 0.1234 val_loss 0.2345 ...`` for the one-line progress log."""
     return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+
+
+def save_exported(proto, info: DatasetInfo, opset: int, out_dir: Path, exporter: str,
+                  started: float) -> ExportedModel:
+    """Write an in-memory export as ``out_dir/model.onnx``, check it, and describe it."""
+    import time
+
+    import onnx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "model.onnx"
+    onnx.save(proto, str(target))
+    check_exported_model(target, info, opset)
+    seconds = time.perf_counter() - started
+    log.info("exported %s with %s in %.1f s", target, exporter, seconds)
+    return ExportedModel(path=target, exporter=exporter, opset=opset, export_seconds=seconds)
 
 
 def check_exported_model(model_path: Path, info: DatasetInfo, opset: int) -> None:

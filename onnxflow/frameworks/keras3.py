@@ -23,7 +23,7 @@ from onnxflow.frameworks import (
     INPUT_NAME,
     EpochCallback,
     Predictor,
-    check_exported_model,
+    save_exported,
     fold_standardization,
     format_metrics,
     image_side,
@@ -117,7 +117,6 @@ def export(
 ) -> ExportedModel:
     """Convert ``model.keras`` with ``tf2onnx.convert.from_function`` to ``out_dir/model.onnx``."""
     keras, tf = _import_keras(ExportError)
-    import onnx
     import tf2onnx
 
     highest = max(tf2onnx.constants.OPSET_TO_IR_VERSION)
@@ -140,14 +139,7 @@ def export(
     _rename_value(proto.graph, proto.graph.output[0].name, output_name(info.task))
     _name_batch_axis(proto.graph)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / "model.onnx"
-    onnx.save(proto, str(target))
-    check_exported_model(target, info, config.opset)
-    seconds = time.perf_counter() - started
-    log.info("exported %s with %s in %.1f s", target, EXPORTER, seconds)
-    return ExportedModel(path=target, exporter=EXPORTER, opset=config.opset,
-                         export_seconds=seconds)
+    return save_exported(proto, info, config.opset, out_dir, EXPORTER, started)
 
 
 def load_predictor(model_path: Path) -> Predictor:

@@ -26,7 +26,7 @@ from onnxflow.frameworks import (
     INPUT_NAME,
     EpochCallback,
     Predictor,
-    check_exported_model,
+    save_exported,
     format_metrics,
     output_name,
 )
@@ -117,7 +117,6 @@ def export(
 ) -> ExportedModel:
     """Convert ``model.joblib`` with skl2onnx to ``out_dir/model.onnx`` (one output)."""
     import joblib
-    import onnx
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
 
@@ -144,14 +143,7 @@ def export(
     _name_batch_axis(proto.graph)
     _set_opset(proto, config.opset)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / "model.onnx"
-    onnx.save(proto, str(target))
-    check_exported_model(target, info, config.opset)
-    seconds = time.perf_counter() - started
-    log.info("exported %s with %s in %.1f s", target, EXPORTER, seconds)
-    return ExportedModel(path=target, exporter=EXPORTER, opset=config.opset,
-                         export_seconds=seconds)
+    return save_exported(proto, info, config.opset, out_dir, EXPORTER, started)
 
 
 def load_predictor(model_path: Path) -> Predictor:
