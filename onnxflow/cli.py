@@ -337,6 +337,38 @@ def trigger(
     trigger_run(_frameworks(framework), cfg, wait=wait, timeout_s=timeout)
 
 
+class ConvertTarget(str, Enum):
+    torch = "torch"
+
+
+@app.command()
+def convert(
+    model: Annotated[str, typer.Argument(help="A registry URI (models:/digits@champion, models:/digits/3) or an .onnx file.")],
+    to: Annotated[ConvertTarget, typer.Option(help="Framework to convert to.")] = ConvertTarget.torch,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the saved model and report.json (default: a new one under the artifacts folder).")] = None,
+    sample: Annotated[Optional[Path], typer.Option(help="Inputs to check parity on (.npz, CSV or Parquet); default: a registry version's digits test split or input example.")] = None,
+) -> None:
+    """Convert an ONNX model back into PyTorch (onnx2torch) and check parity against onnxruntime."""
+    settings = _setup()
+    from onnxflow.convert import ConvertConfig, convert_model
+
+    out_dir = out or settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-convert-{uuid.uuid4().hex[:6]}"
+    try:
+        result = convert_model(model, ConvertConfig(to=to.value), out_dir, sample)
+    except OnnxflowError as exc:
+        _fail(str(exc))
+    for name, figures in result.parity.items():
+        typer.echo(f"✓ {name}: max abs diff {figures['max_abs']:.3g} against onnxruntime "
+                   f"({result.rows} rows of the {result.sample})")
+    load = ("torch.export.load(PATH).module()" if result.artifact_format == "torch_export"
+            else "torch.jit.load(PATH)")
+    typer.echo(f"saved {result.path} ({result.artifact_format}"
+               f"{', dynamic batch' if result.dynamic_batch else ', fixed batch'}); load with {load}")
+    if result.fallback_reason:
+        typer.echo(f"not a torch.export program because {result.fallback_reason}")
+    typer.echo(f"report: {result.report_path}    time: {result.seconds:.1f} s")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 
