@@ -139,11 +139,13 @@ def registered(registry, model_files) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def tracking_server(registry: Registry, log_path: Path):
-    """``mlflow server`` on the test registry; yields its URL (ready or not yet)."""
-    port = free_port()
+def tracking_server(registry: Registry, log_path: Path, port: int | None = None):
+    """``mlflow server`` on the test registry; yields its URL (ready or not yet).
+
+    ``port``: a fixed one, to restart a killed server where its clients look for it."""
+    port = port or free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    with open(log_path, "wb") as log_file:
+    with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", registry.uri,
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
@@ -151,7 +153,8 @@ def tracking_server(registry: Registry, log_path: Path):
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # a test may have killed it already
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(3)
         except subprocess.TimeoutExpired:
