@@ -76,5 +76,8 @@ def _aliases(client, model_name: str) -> dict[str, list[str]]:
 def _pct(value: str | None, metric: str) -> str:
     if value is None:
         return "-"
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:  # e.g. an imported ONNX model's parity: "not checked"
+        return value
     return f"{number:.2%}" if metric == "accuracy" else f"{number:.4g}"
