@@ -100,12 +100,15 @@ def _text(value) -> str:
 
 def parse_csv(text: str, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
     """``text/csv`` with a header row, as a ``dataframe_split``."""
-    reader = csv.reader(io.StringIO(text))
+    # newline="": the csv module reads line endings itself (a bare \r is one, not an error)
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
+        rows = [[_csv_value(cell) for cell in row] for row in reader if row]
     except StopIteration:
         raise RequestError("CSV body is empty; expected a header row and data rows") from None
-    rows = [[_csv_value(cell) for cell in row] for row in reader if row]
+    except csv.Error as exc:  # NUL bytes, fields over the size limit, bad quoting
+        raise RequestError(f"malformed CSV: {exc}") from None
     return parse_payload({"dataframe_split": {"columns": header, "data": rows}}, specs)
 
 

@@ -170,6 +170,10 @@ def _hostile() -> list[tuple[str, str, dict, bytes, set[int]]]:
                   short_blob + blob, {400}))
     cases.append(("gzip bomb", "/invocations", {**js, "content-encoding": "gzip"},
                   gzip.compress(b" " * (200 << 20)), {413}))
+    cases.append(("CSV with a bare carriage return", "/invocations",
+                  {"content-type": "text/csv"}, b"x\r1\r2", {400}))
+    cases.append(("CSV field over the csv module's limit", "/invocations",
+                  {"content-type": "text/csv"}, b"x\n" + b"1" * 200_000, {400}))
     cases.append(("invalid UTF-8 CSV", "/invocations", {"content-type": "text/csv"},
                   b"x\n\xff\xfe\n", {400}))
     return cases

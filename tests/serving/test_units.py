@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from serving.mlflow_format import parse_payload
+from serving.mlflow_format import parse_csv, parse_payload
 from serving.model import ModelRefused, load_model
 from serving.settings import ServingSettings, parse_model_reference
 from serving.tensors import (
@@ -171,3 +171,13 @@ def test_refuses_a_model_that_fails_its_example(tmp_path):
     with pytest.raises(ModelRefused, match="input example"):
         load_model(folder, name="m", version="1", tags=_digest(folder),
                    settings=ServingSettings())
+
+
+@pytest.mark.parametrize("text", ["features\r1\r2", "a,b\n1,\"2\n", "x\n" + "1" * 200_000])
+def test_malformed_csv_is_a_request_error_not_a_crash(text):
+    """Found by the reliability fuzzer: csv.Error escaped as a 500."""
+    spec = (TensorSpec("features", "FP32", (-1, 1)),)
+    try:
+        parse_csv(text, spec)
+    except RequestError as exc:
+        assert exc.status == 400
