@@ -18,7 +18,10 @@ MIB = 1 << 20
 class ServingSettings(BaseSettings):
     """How the endpoint runs; every field can be set as ``ONNXFLOW_SERVE_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="ONNXFLOW_SERVE_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a refused value is never echoed (a too-short token is still a
+    # secret, and these errors reach the endpoint's log and the caller's task state).
+    model_config = SettingsConfigDict(env_prefix="ONNXFLOW_SERVE_", extra="ignore", frozen=True,
+                                      hide_input_in_errors=True)
 
     model: str = Field(
         "digits@champion",

@@ -181,3 +181,12 @@ def test_malformed_csv_is_a_request_error_not_a_crash(text):
         parse_csv(text, spec)
     except RequestError as exc:
         assert exc.status == 400
+
+
+def test_a_refused_token_is_not_echoed_in_the_error():
+    """Found by the reliability suite: pydantic printed input_value='<token>'."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as refused:
+        ServingSettings(token="sh0rt")
+    assert "sh0rt" not in str(refused.value) and "8 characters" in str(refused.value)
