@@ -9,7 +9,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-all bench bench-pipeline ui stop clean help
+.PHONY: install demo test test-all soak bench bench-pipeline ui stop clean help
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test: $(STAMP) browser  ## Run the test suite (fast tests; CI runs this)
 
 test-all: $(STAMP)  ## Run every test, slow ones included
 	$(BIN)/pytest -m ""
+
+soak: $(STAMP)  ## Reliability, long form: load, hot swaps, faults, 1,000+ fuzz cases; one table
+	ONNXFLOW_SOAK=1 $(BIN)/pytest tests/reliability -m reliability
 
 bench: $(STAMP)  ## Serving benchmarks: our endpoint vs mlflow models serve
 	$(BIN)/python bench/serve_bench.py --install-wrk
