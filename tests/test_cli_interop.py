@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from tests.conftest import make_linear_onnx
 from tests.test_cli import ONNXFLOW
@@ -70,15 +69,8 @@ def _run_table(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if "│" in line or "|" in line]
 
 
-def test_run_sklearn_registers_a_version_and_shows_it(tmp_path):
-    out = cli("run", "--framework", "sklearn", "--epochs", "2", cwd=tmp_path, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert _versions(tmp_path, "digits") == [("digits", 1)]
-    assert any("sklearn" in line for line in _run_table(out.stdout)), out.stdout
-
-
-@pytest.mark.slow
 def test_run_all_registers_torch_keras_and_sklearn(tmp_path):
+    """About 35 s: the three frameworks' real training, export and registration."""
     out = cli("run", "--framework", "all", "--epochs", "2", cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(_versions(tmp_path, "digits")) == 3
