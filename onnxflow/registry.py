@@ -54,16 +54,18 @@ def register_onnx(
         with mlflow.start_run(run_id=run_id) as run:
             run_id = run.info.run_id
             info = _log_onnx(model_path, input_example)
-        version = _register(client, info.model_uri, model_name)
+        # The digest is taken from the logged files and given at creation, so no version
+        # ever exists without it (a crash in between leaves a logged model, not a version).
+        all_tags = {**(tags or {}), "onnx_sha256": _stored_digest(info.model_uri)}
+        version = _register(client, info.model_uri, model_name, all_tags)
         log.info("registered %s version %s from run %s", model_name, version.version, run_id)
     else:
         log.info("run %s already registered %s version %s: reusing it",
                  run_id, model_name, version.version)
-
-    digest = _stored_digest(f"models:/{model_name}/{version.version}")
-    all_tags = {**(tags or {}), "onnx_sha256": digest}
-    for key, value in all_tags.items():
-        client.set_model_version_tag(model_name, version.version, key, str(value))
+        stored = _stored_digest(f"models:/{model_name}/{version.version}")
+        all_tags = {**(tags or {}), "onnx_sha256": stored}
+        for key, value in all_tags.items():
+            client.set_model_version_tag(model_name, version.version, key, str(value))
     for alias in aliases:
         client.set_registered_model_alias(model_name, alias, version.version)
     return RegisteredVersion(
@@ -117,7 +119,7 @@ def _log_onnx(model_path: Path, input_example):
     )
 
 
-def _register(client, model_uri: str, model_name: str):
+def _register(client, model_uri: str, model_name: str, tags: Mapping[str, str]):
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -127,7 +129,7 @@ def _register(client, model_uri: str, model_name: str):
         client.create_registered_model(
             model_name, description="Registered by onnxflow; champion is served."
         )
-    mv = mlflow.register_model(model_uri, model_name)
+    mv = mlflow.register_model(model_uri, model_name, tags={k: str(v) for k, v in tags.items()})
     return client.get_model_version(model_name, mv.version)
 
 
