@@ -103,7 +103,11 @@ def worker_env(settings: StackSettings) -> dict[str, str]:
     """The worker passes its environment to every flow run it starts: this is how runs
     find the tracking server and where they write their files."""
     return {**prefect_env(settings), "MLFLOW_TRACKING_URI": settings.mlflow_url,
-            "ONNXFLOW_ARTIFACTS_DIR": str(state_dir(settings) / "runs")}
+            "ONNXFLOW_ARTIFACTS_DIR": str(state_dir(settings) / "runs"),
+            # MLflow's client alone would retry a refused connection 7 times with growing
+            # waits (minutes); the register task's Prefect retries own the backoff instead.
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")}
 
 
 def endpoint_env(settings: StackSettings, port: int) -> dict[str, str]:

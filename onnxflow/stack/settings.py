@@ -20,7 +20,9 @@ ON_DEMAND = "on-demand"
 class StackSettings(BaseSettings):
     """Where the stack's servers listen and what they store; ``ONNXFLOW_STACK_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="ONNXFLOW_STACK_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a database URL carries its password; keep it out of messages.
+    model_config = SettingsConfigDict(env_prefix="ONNXFLOW_STACK_", extra="ignore", frozen=True,
+                                      hide_input_in_errors=True)
 
     host: str = Field("127.0.0.1", description="Interface every server binds.")
     state_dir: Path = Field(
