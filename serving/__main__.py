@@ -7,12 +7,11 @@ no use for either, nor for torch or tensorflow. A blocked module raises ImportEr
 
 import sys
 
-BLOCKED = ("pandas", "pyarrow", "torch", "tensorflow")
+from serving import block_heavy_imports
 
 
 def main() -> None:
-    for name in BLOCKED:
-        sys.modules.setdefault(name, None)
+    block_heavy_imports()
 
     from serving.cli import run_server
     from serving.settings import ServingSettings

@@ -8,7 +8,8 @@ Two ways, same answers:
   process that uses MLflow's own artifact code. The endpoint process never imports
   MLflow, which would roughly double its resident memory.
 * :class:`MlflowRegistry`, for every other tracking URI (a local SQLite file, Databricks):
-  MLflow's client in process, imported on first use, with pandas and pyarrow blocked.
+  MLflow's client in process, imported on first use (the endpoint process blocks pandas
+  and pyarrow at start: :func:`serving.block_heavy_imports`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from pathlib import Path
 from typing import Protocol
 
 from onnxflow.errors import RegistryError
+from serving import block_heavy_imports
 
 log = logging.getLogger(__name__)
-
-BLOCKED_MODULES = ("pandas", "pyarrow", "torch", "tensorflow")
-
 
 class Registry(Protocol):
     def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
@@ -46,8 +45,6 @@ class MlflowRegistry:
     """MLflow's client, in this process."""
 
     def __init__(self) -> None:
-        for name in BLOCKED_MODULES:  # MLflow imports pandas/pyarrow when installed
-            sys.modules.setdefault(name, None)
         from mlflow import MlflowClient
 
         self._client = MlflowClient()
@@ -122,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 4 or args[0] != "download":
         sys.exit("usage: python -m serving.registry download NAME VERSION DEST")
     _, name, version, dest = args
+    block_heavy_imports()
     logging.basicConfig(level=logging.WARNING)
     folder = MlflowRegistry().download(name, version, Path(dest))
     print(folder)
