@@ -35,3 +35,12 @@ def test_same_name_and_version_from_two_registries_do_not_share_a_cache_entry(
         assert onnx_digest(folder / "model.onnx") == tags["onnx_sha256"] == version.tags["onnx_sha256"]
         served[seed] = folder
     assert served[1] != served[2] and served[1].is_dir() and served[2].is_dir()
+
+
+def test_building_a_registry_client_leaves_the_callers_imports_alone(mlflow_store):
+    import sys
+
+    MlflowRegistry()
+    assert all(sys.modules.get(name, "absent") is not None
+               for name in ("pandas", "pyarrow", "torch", "tensorflow")), (
+        "only the endpoint's own processes block heavy imports")
