@@ -73,6 +73,7 @@ def apply_deployments(settings: StackSettings) -> list[str]:
     )
     with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
         _ensure_work_pool(settings.work_pool)
+        _ensure_zombie_automation(settings.zombie_after_s)
         for deployment in (scheduled, on_demand):
             deployment.apply(work_pool_name=settings.work_pool)
     return [f"{FLOW_NAME}/{SCHEDULED}", f"{FLOW_NAME}/{ON_DEMAND}"]
@@ -89,6 +90,50 @@ def _ensure_work_pool(name: str) -> None:
             log.info("created process work pool %s", name)
         except ObjectAlreadyExists:
             pass
+
+
+ZOMBIE_AUTOMATION = "onnxflow: crash flow runs without heartbeats"
+
+
+def zombie_automation(after_s: int):
+    """Marks a flow run Crashed when, after a heartbeat, neither another heartbeat nor a
+    final state arrives within ``after_s``: its worker (and its process) died. Prefect's
+    own recipe (docs: "Detect zombie flows"); the server has no such check built in."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    return Automation(
+        name=ZOMBIE_AUTOMATION,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                    "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                    "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=after_s),
+        ),
+        actions=[ChangeFlowRunState(
+            state=StateType.CRASHED,
+            message=f"no heartbeat for {after_s} s: the worker running it died")],
+    )
+
+
+def _ensure_zombie_automation(after_s: int) -> None:
+    from prefect.automations import Automation
+
+    try:
+        Automation.read(name=ZOMBIE_AUTOMATION).delete()  # settings may have changed
+    except ValueError:
+        pass
+    zombie_automation(after_s).create()
 
 
 def trigger(

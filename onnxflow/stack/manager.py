@@ -104,6 +104,9 @@ def worker_env(settings: StackSettings) -> dict[str, str]:
     find the tracking server and where they write their files."""
     return {**prefect_env(settings), "MLFLOW_TRACKING_URI": settings.mlflow_url,
             "ONNXFLOW_ARTIFACTS_DIR": str(state_dir(settings) / "runs"),
+            # Heartbeats let the server mark a run Crashed when its worker dies with it
+            # (the automation apply_deployments creates); without them it stays Running.
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.heartbeat_s),
             # MLflow's client alone would retry a refused connection 7 times with growing
             # waits (minutes); the register task's Prefect retries own the backoff instead.
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),

@@ -67,6 +67,15 @@ class StackSettings(BaseSettings):
     schedule_config: Path | None = Field(
         None, description="YAML pipeline config of the scheduled runs (default: PipelineConfig())."
     )
+    heartbeat_s: int = Field(
+        30, ge=30,
+        description="Seconds between a flow run's heartbeats (PREFECT_FLOWS_HEARTBEAT_FREQUENCY).",
+    )
+    zombie_after_s: int = Field(
+        90, gt=0,
+        description="A Running flow run without a heartbeat for this long is marked Crashed "
+        "(its worker or machine died); keep it a few heartbeats long.",
+    )
     startup_timeout_s: float = Field(
         120.0, gt=0, description="Longest wait for one server to become healthy."
     )
