@@ -18,6 +18,7 @@ from flows.pipeline import RunResult, run
 from onnxflow.config import Framework, PipelineConfig, Settings
 from onnxflow.stack.settings import FLOW_NAME
 from tasks.endpoints import wait_for_endpoints_task
+from tasks.registry import close_abandoned_runs_task
 
 
 @flow(name=FLOW_NAME)
@@ -31,6 +32,13 @@ def retrain_and_deploy(
     to serve the new champion (review mode: nothing to wait for, a reviewer decides)."""
     logger = get_run_logger()
     out_dir = Settings().artifacts_dir / (flow_run.name or str(flow_run.id))
+    # Runs a killed worker left RUNNING (their flow run since marked Crashed) are closed.
+    # Housekeeping: its failure is logged, and never stops the retrain.
+    swept = close_abandoned_runs_task(config.experiment, return_state=True)
+    if not swept.is_completed():
+        logger.warning("abandoned MLflow runs not checked: %s", swept.message)
+    elif closed := swept.result():
+        logger.warning("closed %d abandoned MLflow run(s): %s", len(closed), ", ".join(closed))
     result = run(frameworks, config, out_dir)
     decision = result.promotion
     if decision is None or decision.decision != "promoted":

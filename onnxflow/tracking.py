@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,32 @@ def finish_run(run_id: str, failed: bool = False) -> None:
     from mlflow import MlflowClient
 
     MlflowClient().set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def close_abandoned_runs(experiment: str, flow_run_over: Callable[[str], bool]) -> list[str]:
+    """Mark FAILED the RUNNING runs of ``experiment`` whose flow run (tag ``flow_run_id``)
+    is over: their process died with its worker before it could finish them.
+
+    Returns the ids of the runs it closed. Runs of flow runs still going are left alone.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    closed = []
+    for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'",
+                                  max_results=1000):
+        flow_run_id = run.data.tags.get("flow_run_id")
+        if flow_run_id and flow_run_over(flow_run_id):
+            client.set_tag(run.info.run_id, "abandoned",
+                           f"flow run {flow_run_id} ended without finishing this run")
+            client.set_terminated(run.info.run_id, status="FAILED")
+            log.warning("MLflow run %s of ended flow run %s was still RUNNING: marked FAILED",
+                        run.info.run_id, flow_run_id)
+            closed.append(run.info.run_id)
+    return closed
 
 
 def git_commit(cwd: Path | None = None) -> str:

@@ -50,3 +50,23 @@ def register_task(
 @registry_task
 def promote_task(model_name: str, candidates: Sequence[str], config: PromoteConfig) -> PromotionDecision:
     return promote(model_name, candidates, config)
+
+
+@registry_task
+def close_abandoned_runs_task(experiment: str) -> list[str]:
+    return tracking.close_abandoned_runs(experiment, flow_run_over)
+
+
+def flow_run_over(flow_run_id: str) -> bool:
+    """True if this Prefect server knows the flow run and it is in a final state."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(UUID(flow_run_id))
+        except (ObjectNotFound, ValueError):  # another server's run, or not an id
+            return False
+    return run.state is not None and run.state.is_final()

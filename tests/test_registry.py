@@ -124,3 +124,22 @@ def test_promotion_names_a_missing_metric(mlflow_store, linear_onnx):
     v1 = _register(linear_onnx)
     with pytest.raises(PromotionError, match="no numeric 'f1' tag"):
         promote("digits", [v1], PromoteConfig(metric="f1"))
+
+
+def test_runs_left_running_by_an_ended_flow_run_are_closed(mlflow_store):
+    from onnxflow.tracking import close_abandoned_runs
+
+    client = MlflowClient()
+    exp = client.create_experiment("onnxflow")
+    crashed = client.create_run(exp, tags={"flow_run_id": "crashed-flow-run"}).info.run_id
+    going = client.create_run(exp, tags={"flow_run_id": "running-flow-run"}).info.run_id
+    local = client.create_run(exp).info.run_id  # no flow run: never touched
+
+    closed = close_abandoned_runs("onnxflow", lambda flow_run_id: flow_run_id.startswith("crashed"))
+
+    assert closed == [crashed]
+    assert client.get_run(crashed).info.status == "FAILED"
+    assert "crashed-flow-run" in client.get_run(crashed).data.tags["abandoned"]
+    assert client.get_run(going).info.status == client.get_run(local).info.status == "RUNNING"
+    assert close_abandoned_runs("onnxflow", lambda _: True) == [going]
+    assert close_abandoned_runs("no-such-experiment", lambda _: True) == []
