@@ -25,7 +25,7 @@ install: $(STAMP)  ## Create .venv and install everything (once; again when pypr
 demo: $(STAMP)  ## Train torch + keras + sklearn on digits, register, promote, serve champion
 	$(BIN)/onnxflow run --framework all --deploy
 
-test: $(STAMP) browser  ## Run the test suite (fast tests; CI runs this)
+test: $(STAMP) system-packages  ## Run the test suite (fast tests; CI runs this)
 	$(BIN)/pytest
 
 test-all: $(STAMP)  ## Run every test, slow ones included
@@ -52,7 +52,7 @@ clean:  ## Stop the endpoint and stack, then remove runs, registry, artifacts (k
 	find mlruns -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 
 # --- the service stack (onnxflow.stack; settings: ONNXFLOW_STACK_*) ---------------------
-.PHONY: up down status browser
+.PHONY: up down status system-packages
 
 up: $(STAMP)  ## Start Prefect + MLflow servers, worker, deployments and endpoint on 127.0.0.1
 	$(BIN)/onnxflow stack up
@@ -63,5 +63,6 @@ status:  ## What the stack runs, and the URLs of the Prefect UI, MLflow UI and e
 down:  ## Stop everything `make up` started
 	@if [ -x $(BIN)/onnxflow ]; then $(BIN)/onnxflow stack down; else echo "nothing was running"; fi
 
-browser:  ## Install Debian's chromium for the reviewer's browser test (needs root + apt)
-	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+system-packages:  ## Debian's chromium (reviewer's browser test) and wrk (load tests); needs root + apt
+	@command -v chromium >/dev/null && command -v wrk >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium wrk)

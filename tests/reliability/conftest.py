@@ -41,11 +41,11 @@ class Profile:
     fault_load_s: float    # load kept up while the MLflow server is down
     fuzz_per_route: int    # schemathesis examples per operation
     slow_clients: int
-    wrk_s: int             # 0: no wrk run
+    wrk_s: int             # seconds of the wrk run
 
 
 SHORT = Profile("short", load_s=4, swaps=10, fault_load_s=3, fuzz_per_route=12,
-                slow_clients=32, wrk_s=0)
+                slow_clients=32, wrk_s=3)
 LONG = Profile("long", load_s=60, swaps=30, fault_load_s=10, fuzz_per_route=80,
                slow_clients=256, wrk_s=20)
 PROFILE = LONG if SOAK else SHORT
