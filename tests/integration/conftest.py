@@ -49,7 +49,7 @@ def postgres_databases():
     try:
         conn = _admin_connection()
     except Exception as exc:
-        pytest.skip(f"no PostgreSQL at {PG_ADMIN_URL} (set ONNXFLOW_TEST_POSTGRES): {exc}")
+        pytest.fail(f"no PostgreSQL at {PG_ADMIN_URL} (set ONNXFLOW_TEST_POSTGRES): {exc}")
     tag = uuid.uuid4().hex[:8]
     names = {"mlflow": f"onnxflow_it_{tag}_mlflow", "prefect": f"onnxflow_it_{tag}_prefect"}
     with conn.cursor() as cur:

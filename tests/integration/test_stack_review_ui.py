@@ -28,9 +28,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not installed: run `make browser` (Debian's chromium)")
+    from playwright import sync_api
+
+    # make test installs it; a missing browser is a failure, never a silent skip
+    assert CHROMIUM.exists(), f"{CHROMIUM} not installed: run `make system-packages`"
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser

@@ -21,7 +21,7 @@ import time
 import httpx
 import pytest
 
-from serving.cli import free_port, read_info, stop_background
+from serving.cli import free_port, read_info
 from serving.settings import ServingSettings
 from tests.reliability.conftest import (
     PROFILE, TOKEN, RssSampler, _example, endpoint_pid, finish, kill_process_group,

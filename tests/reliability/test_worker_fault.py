@@ -28,11 +28,11 @@ import httpx
 import pytest
 
 from tests.integration.conftest import SMALL_CONFIG, free_ports
-from tests.reliability.conftest import SOAK, wait_for
+from tests.reliability.conftest import wait_for
 
 pytestmark = [
     pytest.mark.reliability, pytest.mark.integration, pytest.mark.timeout(900),
-    pytest.mark.skipif(not SOAK, reason="long form only (ONNXFLOW_SOAK=1, make soak): ~2 min"),
+    pytest.mark.slow,  # long form only (make soak, or -m slow): about 2 minutes
 ]
 
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
