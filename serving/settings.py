@@ -6,6 +6,8 @@ visible to every user of the machine through ``ps``.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Literal
 
@@ -45,8 +47,11 @@ class ServingSettings(BaseSettings):
     max_batch_delay_ms: float = Field(
         2.0, ge=0, description="Longest a request waits for others to share its batch."
     )
-    intra_op_threads: int = Field(
-        1, ge=0, description="onnxruntime threads inside one run (0: onnxruntime decides)."
+    intra_op_threads: int | None = Field(
+        None, ge=0,
+        description="onnxruntime threads inside one run. Default: 1 without batching "
+        "(concurrent requests run side by side on the worker threads), every core with "
+        "batching (one merged batch runs at a time). 0: onnxruntime decides.",
     )
     inference_threads: int = Field(
         2, ge=1, description="Worker threads for runs too slow to run on the event loop."
@@ -96,6 +101,12 @@ class ServingSettings(BaseSettings):
     @property
     def batching(self) -> bool:
         return self.max_batch_size > 1
+
+    @property
+    def session_threads(self) -> int:
+        if self.intra_op_threads is not None:
+            return self.intra_op_threads
+        return (os.cpu_count() or 1) if self.batching else 1
 
 
 def parse_model_reference(ref: str) -> tuple[str, str | None, str | None]:
