@@ -27,6 +27,7 @@ from onnxflow.errors import QuantizationError
 from onnxflow.frameworks import INPUT_NAME
 from onnxflow.onnxfiles import model_size, node_count
 from onnxflow.results import DatasetArtifact, StepResult
+from onnxflow.validate import median_ms
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,8 @@ def quantize_model(model_path: Path, dataset: DatasetArtifact, config: QuantizeC
     latency = {}
     for batch in LATENCY_BATCHES:
         rows = np.resize(X, (batch, X.shape[1])).astype(np.float32)
-        latency[f"float_b{batch}"] = _median_ms(before, rows, config.latency_repeats)
-        latency[f"quantized_b{batch}"] = _median_ms(after, rows, config.latency_repeats)
+        latency[f"float_b{batch}"] = median_ms(before, rows, config.latency_repeats)
+        latency[f"quantized_b{batch}"] = median_ms(after, rows, config.latency_repeats)
     result = QuantizedModel(
         path=target, mode=config.mode, report_dir=out_dir, metric_name=name,
         float_metric=float_metric, quantized_metric=quant_metric, drop=drop,
@@ -171,17 +172,6 @@ def _session(path: Path):
     return run
 
 
-def _median_ms(fn, rows: np.ndarray, repeats: int) -> float:
-    import time
-
-    for _ in range(3):
-        fn(rows)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn(rows)
-        times.append(time.perf_counter() - started)
-    return float(np.median(times) * 1000)
 
 
 def _write_report(result: QuantizedModel, source: Path, allowed: float, passed: bool,

@@ -347,8 +347,8 @@ def _sample_latencies(reference, run_onnx, feeds: dict[str, np.ndarray], dynamic
             rows = {k: np.resize(v, (batch, *v.shape[1:])).astype(v.dtype) for k, v in feeds.items()}
             key = f"b{batch}"
         if reference is not None:
-            figures[f"framework_{key}"] = _median_ms(reference, rows, repeats)
-        figures[f"onnx_{key}"] = _median_ms(run_onnx, rows, repeats)
+            figures[f"framework_{key}"] = median_ms(reference, rows, repeats)
+        figures[f"onnx_{key}"] = median_ms(run_onnx, rows, repeats)
     return figures
 
 
@@ -539,12 +539,13 @@ def _latencies(framework: Callable, run_onnx: Callable, X: np.ndarray,
     figures = {}
     for batch in LATENCY_BATCHES:
         rows = np.resize(X, (batch, X.shape[1])).astype(np.float32)
-        figures[f"framework_b{batch}"] = _median_ms(framework, rows, repeats)
-        figures[f"onnx_b{batch}"] = _median_ms(run_onnx, rows, repeats)
+        figures[f"framework_b{batch}"] = median_ms(framework, rows, repeats)
+        figures[f"onnx_b{batch}"] = median_ms(run_onnx, rows, repeats)
     return figures
 
 
-def _median_ms(fn: Callable, rows: np.ndarray, repeats: int) -> float:
+def median_ms(fn: Callable, rows: np.ndarray, repeats: int) -> float:
+    """Median wall time of ``fn(rows)`` in ms, after a few warm-up runs."""
     for _ in range(_WARMUP_RUNS):
         fn(rows)
     times = []
