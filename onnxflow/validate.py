@@ -82,15 +82,7 @@ def validate_model(
     proto = onnx.load(str(model_path), load_external_data=False)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     report: dict[str, Any] = {
-        "model": {
-            "path": str(model_path),
-            "sha256": onnx_digest(model_path),
-            "bytes": model_size(model_path),
-            "opset": opset,
-            "ir_version": proto.ir_version,
-            "inputs": [_declared(v) for v in proto.graph.input],
-            "outputs": [_declared(v) for v in proto.graph.output],
-        },
+        "model": _model_section(model_path, proto, opset),
         "framework": {"name": trained.framework, "path": str(trained.path)},
         "dataset": {"name": info.name, "digest": info.digest, "split": "test", "rows": len(y)},
         "tolerances": config.model_dump(),
