@@ -34,8 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.cli import free_port, start_background, stop_background
-from serving.settings import ServingSettings
+from onnxflow.serving.cli import free_port, start_background, stop_background
+from onnxflow.serving.settings import ServingSettings
 
 BIN = Path(sys.executable).parent
 

@@ -19,11 +19,11 @@ from onnxflow.config import PipelineConfig
 from onnxflow.importing import ImportedModel
 from onnxflow.results import RegisteredVersion, SimplifiedModel, StepResult, ValidationSummary
 from onnxflow.tracking import git_commit
-from tasks.importing import (
+from onnxflow.tasks.importing import (
     convert_import_task, register_import_task, start_import_run_task, validate_import_task,
 )
-from tasks.model import simplify_task
-from tasks.registry import finish_run_task
+from onnxflow.tasks.model import simplify_task
+from onnxflow.tasks.registry import finish_run_task
 
 
 class ImportResult(StepResult):

@@ -28,10 +28,10 @@ from onnxflow.results import (
 )
 from onnxflow.summary import to_markdown, version_rows
 from onnxflow.tracking import git_commit
-from tasks.data import prepare_data_task
-from tasks.model import export_task, simplify_task, train_task, validate_task
-from tasks.quantize import quantize_task, register_quantized_task
-from tasks.registry import finish_run_task, promote_task, register_task, start_run_task
+from onnxflow.tasks.data import prepare_data_task
+from onnxflow.tasks.model import export_task, simplify_task, train_task, validate_task
+from onnxflow.tasks.quantize import quantize_task, register_quantized_task
+from onnxflow.tasks.registry import finish_run_task, promote_task, register_task, start_run_task
 
 
 class RunResult(StepResult):

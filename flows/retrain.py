@@ -2,7 +2,7 @@
 
     onnxflow-run (train ─► ... ─► promote) ─► wait until every replica serves champion
 
-The pipeline itself is :func:`flows.pipeline.run`; this flow adds what a service needs
+The pipeline itself is :func:`onnxflow.flows.pipeline.run`; this flow adds what a service needs
 around it: a run folder per flow run, and (when champion moved) the wait until every
 serving replica answers with the new version, so a finished run means a deployed model.
 """
@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.pipeline import RunResult, run
+from onnxflow.flows.pipeline import RunResult, run
 from onnxflow.config import Framework, PipelineConfig, Settings
 from onnxflow.stack.settings import FLOW_NAME
-from tasks.endpoints import wait_for_endpoints_task
-from tasks.registry import close_abandoned_runs_task
+from onnxflow.tasks.endpoints import wait_for_endpoints_task
+from onnxflow.tasks.registry import close_abandoned_runs_task
 
 
 @flow(name=FLOW_NAME)

@@ -69,8 +69,7 @@ def _setup(settings: Settings | None = None) -> Settings:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING, datefmt="%H:%M:%S",
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    for ours in ("onnxflow", "tasks", "flows", "serving"):  # progress lines; libraries stay quiet
-        logging.getLogger(ours).setLevel(logging.INFO)
+    logging.getLogger("onnxflow").setLevel(logging.INFO)  # progress lines; libraries stay quiet
     return settings
 
 
@@ -157,7 +156,7 @@ def run(
     except OnnxflowError as exc:
         _fail(str(exc), 2)
 
-    from flows.pipeline import run as run_flow
+    from onnxflow.flows.pipeline import run as run_flow
     from onnxflow.summary import print_table
 
     started = time.perf_counter()
@@ -199,7 +198,7 @@ def import_model(
     except OnnxflowError as exc:
         _fail(str(exc), 2)
     typer.echo(f"{path}: {found}")
-    from flows.importing import import_model as import_flow
+    from onnxflow.flows.importing import import_model as import_flow
     from onnxflow.summary import print_table, version_rows
 
     out_dir = settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-import-{uuid.uuid4().hex[:6]}"
@@ -252,8 +251,8 @@ def promote(
 
 
 def _deploy(model: str, port: int) -> None:
-    from tasks.serve import deploy_endpoint, smoke_test
-    from serving.cli import make_settings
+    from onnxflow.tasks.serve import deploy_endpoint, smoke_test
+    from onnxflow.serving.cli import make_settings
 
     try:
         url = deploy_endpoint(model, port=port)
@@ -290,7 +289,7 @@ def serve(
 ) -> None:
     """Serve a registered model in the foreground with the onnxruntime endpoint."""
     _setup()
-    from serving.cli import serve as serve_foreground
+    from onnxflow.serving.cli import serve as serve_foreground
 
     serve_foreground(model, host, port, token=token, max_batch_size=max_batch_size,
                      max_batch_delay_ms=max_batch_delay_ms, poll_interval_s=poll_interval_s,
@@ -300,7 +299,7 @@ def serve(
 @app.command()
 def stop() -> None:
     """Stop the endpoint started by `onnxflow run --deploy` (or `make demo`)."""
-    from tasks.serve import stop_endpoint
+    from onnxflow.tasks.serve import stop_endpoint
 
     typer.echo("endpoint stopped" if stop_endpoint() else "no endpoint was running")
 

@@ -18,7 +18,7 @@ table: all its columns form the single input of a one-input model, or each colum
 ``[batch]`` input of the same name. Expected outputs (``--expected``) are an ``.npz`` with
 one array per output name, or a table for a one-output model.
 
-Step logic only: no MLflow, no Prefect (see :mod:`flows.importing`).
+Step logic only: no MLflow, no Prefect (see :mod:`onnxflow.flows.importing`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``python -m serving``: the endpoint process. Settings come from ``ONNXFLOW_SERVE_*``.
+"""``python -m onnxflow.serving``: the endpoint process. Settings come from ``ONNXFLOW_SERVE_*``.
 
 Heavy libraries are blocked before anything imports MLflow: MLflow imports pandas and
 pyarrow when they are installed (inside ``suppress(ImportError)``), and the endpoint has
@@ -7,14 +7,14 @@ no use for either, nor for torch or tensorflow. A blocked module raises ImportEr
 
 import sys
 
-from serving import block_heavy_imports
+from onnxflow.serving import block_heavy_imports
 
 
 def main() -> None:
     block_heavy_imports()
 
-    from serving.cli import run_server
-    from serving.settings import ServingSettings
+    from onnxflow.serving.cli import run_server
+    from onnxflow.serving.settings import ServingSettings
 
     try:
         settings = ServingSettings()

@@ -31,14 +31,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from serving import mlflow_format, v2
-from serving.batching import Batcher
-from serving.manager import ModelManager
-from serving.metrics import ServingMetrics
-from serving.model import LoadedModel
-from serving.openapi import openapi_document
-from serving.settings import ServingSettings
-from serving.tensors import RequestError
+from onnxflow.serving import mlflow_format, v2
+from onnxflow.serving.batching import Batcher
+from onnxflow.serving.manager import ModelManager
+from onnxflow.serving.metrics import ServingMetrics
+from onnxflow.serving.model import LoadedModel
+from onnxflow.serving.openapi import openapi_document
+from onnxflow.serving.settings import ServingSettings
+from onnxflow.serving.tensors import RequestError
 
 log = logging.getLogger(__name__)
 

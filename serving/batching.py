@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.metrics import ServingMetrics
-from serving.model import LoadedModel
+from onnxflow.serving.metrics import ServingMetrics
+from onnxflow.serving.model import LoadedModel
 
 log = logging.getLogger(__name__)
 

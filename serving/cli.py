@@ -1,6 +1,6 @@
 """Running the endpoint: in the foreground, or as a managed background process.
 
-The endpoint always runs as its own ``python -m serving`` process, started with the
+The endpoint always runs as its own ``python -m onnxflow.serving`` process, started with the
 settings in its environment (``ONNXFLOW_SERVE_*``; the token never appears on a command
 line). A process of its own guarantees what the serving contract promises: no torch,
 tensorflow or pandas loaded, whatever the caller had imported.
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from onnxflow.errors import ServingError
-from serving.settings import ServingSettings
+from onnxflow.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,14 @@ def serve(
     )
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "serving"], _child_env(settings))
+    os.execve(sys.executable, [sys.executable, "-m", "onnxflow.serving"], _child_env(settings))
 
 
 def run_server(settings: ServingSettings) -> None:
-    """The endpoint's main: called by ``python -m serving`` after heavy imports are blocked."""
+    """The endpoint's main: called by ``python -m onnxflow.serving`` after heavy imports are blocked."""
     import uvicorn
 
-    from serving.app import create_app
+    from onnxflow.serving.app import create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -117,7 +117,7 @@ def run_server(settings: ServingSettings) -> None:
 def _http_protocol():
     if _available("httptools", "") == "":
         return "h11"
-    from serving.http import CoalescingHttpToolsProtocol
+    from onnxflow.serving.http import CoalescingHttpToolsProtocol
 
     return CoalescingHttpToolsProtocol
 
@@ -147,7 +147,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start_background(settings: ServingSettings, state_dir: Path = DEFAULT_STATE_DIR) -> EndpointInfo:
-    """Start ``python -m serving`` detached, logging to ``state_dir/endpoint.log``."""
+    """Start ``python -m onnxflow.serving`` detached, logging to ``state_dir/endpoint.log``."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     running = read_info(state_dir)
@@ -159,7 +159,7 @@ def start_background(settings: ServingSettings, state_dir: Path = DEFAULT_STATE_
     log_path = state_dir / LOG_FILE
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "serving"],
+            [sys.executable, "-m", "onnxflow.serving"],
             env=_child_env(settings),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
@@ -262,7 +262,7 @@ def _reap(pid: int) -> None:
 
 
 def _is_endpoint(pid: int) -> bool:
-    """True if ``pid`` is alive and is a ``python -m serving`` (not a recycled pid)."""
+    """True if ``pid`` is alive and is a ``python -m onnxflow.serving`` (not a recycled pid)."""
     if not Path("/proc").is_dir():  # no procfs: trust the pid file
         try:
             os.kill(pid, 0)
@@ -276,4 +276,4 @@ def _is_endpoint(pid: int) -> bool:
         return False
     if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # exited, not yet reaped
         return False
-    return b"-m" in cmdline and b"serving" in cmdline
+    return b"-m" in cmdline and b"onnxflow.serving" in cmdline

@@ -7,7 +7,7 @@ in-flight requests finish on the old session. A version that fails any check is
 refused: it is logged and counted, the old one keeps serving, and the watcher does not
 retry it until the alias moves (an explicit reload does retry it).
 
-Registry calls run in a worker thread (see :mod:`serving.registry` for how they reach
+Registry calls run in a worker thread (see :mod:`onnxflow.serving.registry` for how they reach
 MLflow); the event loop keeps serving while a version downloads and warms up.
 """
 
@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.metrics import ServingMetrics
-from serving.model import LoadedModel, ModelRefused, load_model
-from serving.registry import Registry, registry_for
-from serving.settings import ServingSettings, parse_model_reference
+from onnxflow.serving.metrics import ServingMetrics
+from onnxflow.serving.model import LoadedModel, ModelRefused, load_model
+from onnxflow.serving.registry import Registry, registry_for
+from onnxflow.serving.settings import ServingSettings, parse_model_reference
 
 log = logging.getLogger(__name__)
 

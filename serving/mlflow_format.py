@@ -21,7 +21,7 @@ import io
 
 import numpy as np
 
-from serving.tensors import RequestError, TensorSpec, array_from_json, check_array
+from onnxflow.serving.tensors import RequestError, TensorSpec, array_from_json, check_array
 
 FORMATS = ("inputs", "instances", "dataframe_split", "dataframe_records")
 

@@ -20,9 +20,9 @@ import numpy as np
 
 from onnxflow.errors import ServingError
 from onnxflow.onnxfiles import check_external_data, onnx_digest
-from serving.mlflow_format import parse_payload
-from serving.settings import ServingSettings
-from serving.tensors import RequestError, TensorSpec
+from onnxflow.serving.mlflow_format import parse_payload
+from onnxflow.serving.settings import ServingSettings
+from onnxflow.serving.tensors import RequestError, TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,12 @@ Two ways, same answers:
 
 * :class:`RestRegistry`, for a tracking server (``http(s)://``, the production set-up):
   the alias is resolved with one call to MLflow's documented REST API, and a new
-  version's files are downloaded by a short-lived ``python -m serving.registry``
+  version's files are downloaded by a short-lived ``python -m onnxflow.serving.registry``
   process that uses MLflow's own artifact code. The endpoint process never imports
   MLflow, which would roughly double its resident memory.
 * :class:`MlflowRegistry`, for every other tracking URI (a local SQLite file, Databricks):
   MLflow's client in process, imported on first use (the endpoint process blocks pandas
-  and pyarrow at start: :func:`serving.block_heavy_imports`).
+  and pyarrow at start: :func:`onnxflow.serving.block_heavy_imports`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from onnxflow.errors import RegistryError
-from serving import block_heavy_imports
+from onnxflow.serving import block_heavy_imports
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class RestRegistry:
 
     def download(self, name: str, version: str, dest: Path) -> Path:
         result = subprocess.run(
-            [sys.executable, "-m", "serving.registry", "download", name, version, str(dest)],
+            [sys.executable, "-m", "onnxflow.serving.registry", "download", name, version, str(dest)],
             capture_output=True, text=True, timeout=1800, check=False,
         )
         if result.returncode != 0:
@@ -114,10 +114,10 @@ class RestRegistry:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m serving.registry download NAME VERSION DEST``: prints the local folder."""
+    """``python -m onnxflow.serving.registry download NAME VERSION DEST``: prints the local folder."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 4 or args[0] != "download":
-        sys.exit("usage: python -m serving.registry download NAME VERSION DEST")
+        sys.exit("usage: python -m onnxflow.serving.registry download NAME VERSION DEST")
     _, name, version, dest = args
     block_heavy_imports()
     logging.basicConfig(level=logging.WARNING)

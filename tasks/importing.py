@@ -16,7 +16,7 @@ from onnxflow.importing import (
     sample_feeds, start_import_run, validate_import,
 )
 from onnxflow.results import RegisteredVersion, ValidationSummary
-from tasks.registry import registry_task
+from onnxflow.tasks.registry import registry_task
 
 
 @task(name="convert-to-onnx", cache_policy=NO_CACHE)

@@ -12,7 +12,7 @@ from onnxflow.config import QuantizeConfig, RegisterConfig
 from onnxflow.quantize import QuantizedModel, quantization_tags, quantize_model
 from onnxflow.registry import register_onnx
 from onnxflow.results import DatasetArtifact, RegisteredVersion
-from tasks.registry import registry_task
+from onnxflow.tasks.registry import registry_task
 
 
 @task(name="quantize", cache_policy=NO_CACHE)

@@ -14,7 +14,7 @@ from onnxflow.config import PromoteConfig, RegisterConfig
 from onnxflow.promote import PromotionDecision, promote
 from onnxflow.registry import register_validated
 from onnxflow.results import DatasetArtifact, RegisteredVersion, ValidationSummary
-from tasks.retry import REGISTRY_RETRY_DELAYS, transient_only
+from onnxflow.tasks.retry import REGISTRY_RETRY_DELAYS, transient_only
 
 registry_task = task(
     retries=len(REGISTRY_RETRY_DELAYS),

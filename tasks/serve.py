@@ -1,6 +1,6 @@
 """The serve step: run the endpoint as a managed background process.
 
-``deploy_endpoint`` starts ``python -m serving`` (pid and log files in ``state_dir``),
+``deploy_endpoint`` starts ``python -m onnxflow.serving`` (pid and log files in ``state_dir``),
 waits until it is ready, sends the registered input example as a smoke test and returns
 the URL; ``stop_endpoint`` stops it; ``endpoint_status`` says what it serves. These are
 plain functions; the Prefect tasks at the bottom are created on first use, so importing
@@ -14,11 +14,11 @@ import logging
 from pathlib import Path
 
 from onnxflow.errors import ServingError
-from serving.cli import (
+from onnxflow.serving.cli import (
     DEFAULT_STATE_DIR, background_status, log_tail, make_settings, read_info, start_background,
     stop_background, wait_ready,
 )
-from serving.settings import ServingSettings
+from onnxflow.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def endpoint_status(state_dir: Path = DEFAULT_STATE_DIR) -> dict | None:
 
 def __getattr__(name: str):
     """``deploy_endpoint_task`` and friends: Prefect tasks, built on first access."""
-    from tasks.retry import transient_only
+    from onnxflow.tasks.retry import transient_only
 
     tasks = {  # starting a process and waiting on HTTP is I/O: retry, but not our errors
         "deploy_endpoint_task": lambda task: task(

@@ -37,7 +37,7 @@ def small_config(**promote) -> PipelineConfig:
 
 
 def test_run_both_frameworks_registers_and_promotes_the_better(mlflow_store, tmp_path):
-    from flows.pipeline import run
+    from onnxflow.flows.pipeline import run
 
     result = run(["torch", "keras"], small_config(), tmp_path / "art")
     client = MlflowClient()
@@ -67,7 +67,7 @@ def test_run_both_frameworks_registers_and_promotes_the_better(mlflow_store, tmp
 
 
 def test_review_mode_leaves_champion_for_the_reviewer(mlflow_store, tmp_path):
-    from flows.pipeline import run
+    from onnxflow.flows.pipeline import run
 
     first = run(["torch"], small_config(), tmp_path / "a")
     second = run(["torch"], small_config(mode="review"), tmp_path / "b")
@@ -93,7 +93,7 @@ def _tamper(model_path: Path, out_dir: Path) -> Path:
 
 
 def test_tampered_onnx_output_fails_validation_and_registry_is_unchanged(mlflow_store, tmp_path):
-    from flows.pipeline import validate_and_register
+    from onnxflow.flows.pipeline import validate_and_register
     from onnxflow import tracking
     from onnxflow.data import prepare_data
     from onnxflow.frameworks import get_adapter
@@ -116,7 +116,7 @@ def test_tampered_onnx_output_fails_validation_and_registry_is_unchanged(mlflow_
 
 
 def test_bad_data_fails_before_any_run_is_created(mlflow_store, tmp_path):
-    from flows.pipeline import run
+    from onnxflow.flows.pipeline import run
 
     cfg = PipelineConfig.model_validate({"data": {"path": str(tmp_path / "gone.csv"), "target": "y"}})
     with pytest.raises(DataError, match="not found"):

@@ -180,7 +180,7 @@ def test_the_format_is_detected_from_the_content(files, fmt, tmp_path):
 def test_an_unknown_or_broken_file_is_refused_and_nothing_registered(
     mlflow_store, tmp_path, files, content, message
 ):
-    from flows.importing import import_model
+    from onnxflow.flows.importing import import_model
 
     bad = tmp_path / "model.onnx"
     bad.write_bytes(content)
@@ -209,7 +209,7 @@ def test_an_onnx_model_missing_its_external_data_is_refused(files, tmp_path):
 def test_a_sample_that_does_not_fit_is_refused_before_any_run(
     mlflow_store, tmp_path, files, arrays, message
 ):
-    from flows.importing import import_model
+    from onnxflow.flows.importing import import_model
 
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(ModelImportError, match="does not match the model's inputs") as caught:
@@ -240,7 +240,7 @@ def test_integer_inputs_refuse_non_integer_values(files, tmp_path):
 def test_a_framework_model_is_imported_with_parity_against_its_framework(
     mlflow_store, tmp_path, files, fmt
 ):
-    from flows.importing import import_model
+    from onnxflow.flows.importing import import_model
 
     path, sample = files[fmt]
     result = import_model(path, "byom", sample, config=FAST, out_dir=tmp_path / "a")
@@ -259,7 +259,7 @@ def test_a_framework_model_is_imported_with_parity_against_its_framework(
 
 
 def test_keras_outputs_keep_their_layer_names(mlflow_store, tmp_path, files):
-    from flows.importing import import_model
+    from onnxflow.flows.importing import import_model
 
     path, sample = files["keras"]
     result = import_model(path, "byom", sample, config=FAST, out_dir=tmp_path / "a")
@@ -271,7 +271,7 @@ def test_keras_outputs_keep_their_layer_names(mlflow_store, tmp_path, files):
 def test_a_bare_onnx_model_without_expected_outputs_says_parity_was_not_checked(
     mlflow_store, tmp_path, files
 ):
-    from flows.importing import import_model
+    from onnxflow.flows.importing import import_model
 
     path, sample = files["onnx"]
     result = import_model(path, "anytype", sample, config=FAST, out_dir=tmp_path / "a")
@@ -286,7 +286,7 @@ def test_a_bare_onnx_model_without_expected_outputs_says_parity_was_not_checked(
 def test_a_bare_onnx_model_is_compared_with_expected_outputs(mlflow_store, tmp_path, files):
     import onnxruntime as ort
 
-    from flows.importing import import_model
+    from onnxflow.flows.importing import import_model
 
     model, sample = files["onnx"]
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -317,8 +317,8 @@ def test_a_bare_onnx_model_is_compared_with_expected_outputs(mlflow_store, tmp_p
 
 
 def _serve(model: str, root: Path):
-    from serving.cli import free_port, start_background, wait_ready
-    from serving.settings import ServingSettings
+    from onnxflow.serving.cli import free_port, start_background, wait_ready
+    from onnxflow.serving.settings import ServingSettings
 
     settings = ServingSettings(model=model, port=free_port(), cache_dir=root / "cache")
     info = start_background(settings, root / "state")
@@ -327,7 +327,7 @@ def _serve(model: str, root: Path):
 
 
 def _v2_input(name: str, array: np.ndarray) -> dict:
-    from serving.tensors import ONNX_TO_V2
+    from onnxflow.serving.tensors import ONNX_TO_V2
 
     kind = {np.dtype(np.float16): "tensor(float16)", np.dtype(np.float32): "tensor(float)",
             np.dtype(np.float64): "tensor(double)", np.dtype(bool): "tensor(bool)"}
@@ -346,8 +346,8 @@ def test_any_typed_models_are_served_through_v2_with_onnxruntime_answers(
     import httpx
     import onnxruntime as ort
 
-    from flows.importing import import_model
-    from serving.cli import stop_background
+    from onnxflow.flows.importing import import_model
+    from onnxflow.serving.cli import stop_background
 
     model, sample = files["onnx"]
     import_model(model, "anytype", sample, config=FAST, out_dir=tmp_path / "a")
@@ -393,7 +393,7 @@ def test_any_typed_models_are_served_through_v2_with_onnxruntime_answers(
 def test_the_v2_codec_reads_uint64_values_above_the_int64_range():
     """JSON integers up to 2**64 - 1 are valid UINT64 data; numpy alone would read a mix of
     them and smaller ones as float64 (and the codec then refused them as non-integers)."""
-    from serving.tensors import TensorSpec, array_from_json
+    from onnxflow.serving.tensors import TensorSpec, array_from_json
 
     spec = TensorSpec("u64", "UINT64", (-1, 3))
     values = [[2**64 - 1, 5, 2**63], [0, 1, 2]]

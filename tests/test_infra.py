@@ -62,7 +62,7 @@ def read_by_settings(name: str) -> bool:
 
     from onnxflow.config import Settings
     from onnxflow.stack.settings import StackSettings
-    from serving.settings import ServingSettings
+    from onnxflow.serving.settings import ServingSettings
 
     for prefix, cls in (("ONNXFLOW_SERVE_", ServingSettings), ("ONNXFLOW_STACK_", StackSettings),
                         ("ONNXFLOW_", Settings)):
@@ -109,7 +109,7 @@ def test_the_serving_image_installs_only_the_base_dependencies():
     heavy = [d for d in base if re.match(r"(torch|tensorflow|pandas|mlflow)([<>=~!\[ ;]|$)", d)]
     assert not heavy, f"base (serving) dependencies must stay slim: {heavy}"
     entry = dict(dockerfile("Dockerfile.serving"))["ENTRYPOINT"]
-    assert json.loads(entry) == ["python", "-m", "serving"]
+    assert json.loads(entry) == ["python", "-m", "onnxflow.serving"]
     assert (ROOT / "serving" / "__main__.py").is_file()
 
 
@@ -155,7 +155,7 @@ def test_every_environment_variable_is_read_by_a_settings_class():
 
 def test_compose_values_parse_with_the_settings_that_read_them():
     from onnxflow.stack.settings import StackSettings
-    from serving.settings import ServingSettings
+    from onnxflow.serving.settings import ServingSettings
 
     services = compose()["services"]
     stack_env = {k[len("ONNXFLOW_STACK_"):].lower(): v

@@ -21,7 +21,7 @@ def prefect_harness():
 
 
 def test_sklearn_and_a_torch_cnn_run_end_to_end_with_a_quantized_version(mlflow_store, tmp_path):
-    from flows.pipeline import run
+    from onnxflow.flows.pipeline import run
 
     config = PipelineConfig.model_validate({
         "train": {"epochs": 3, "hidden_sizes": [32], "model": "cnn"},

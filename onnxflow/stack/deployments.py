@@ -7,7 +7,7 @@
   own parameters from the Prefect UI, ``prefect deployment run`` or ``onnxflow trigger``.
 
 Both run on the stack's process work pool. The entrypoint is the module path
-``flows.retrain.retrain_and_deploy`` (the package is installed wherever a worker runs),
+``onnxflow.flows.retrain.retrain_and_deploy`` (the package is installed wherever a worker runs),
 so no code storage is needed.
 """
 
@@ -23,7 +23,7 @@ from onnxflow.stack.settings import FLOW_NAME, ON_DEMAND, SCHEDULED, StackSettin
 
 log = logging.getLogger(__name__)
 
-ENTRYPOINT = "flows.retrain.retrain_and_deploy"
+ENTRYPOINT = "onnxflow.flows.retrain.retrain_and_deploy"
 
 
 def scheduled_config(settings: StackSettings) -> PipelineConfig:
@@ -49,7 +49,7 @@ def apply_deployments(settings: StackSettings) -> list[str]:
     from prefect.schedules import Cron
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.retrain import retrain_and_deploy
+    from onnxflow.flows.retrain import retrain_and_deploy
 
     common: dict[str, Any] = dict(entrypoint_type=EntrypointType.MODULE_PATH,
                                   work_pool_name=settings.work_pool, tags=["onnxflow"])

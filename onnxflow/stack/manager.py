@@ -114,8 +114,8 @@ def worker_env(settings: StackSettings) -> dict[str, str]:
 
 
 def endpoint_env(settings: StackSettings, port: int) -> dict[str, str]:
-    from serving.cli import settings_env
-    from serving.settings import ServingSettings
+    from onnxflow.serving.cli import settings_env
+    from onnxflow.serving.settings import ServingSettings
 
     serving = ServingSettings(
         model=settings.model, host=settings.host, port=port,
@@ -216,7 +216,7 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
                           settings.startup_timeout_s, "online")
         progress(f"worker                  pool {settings.work_pool}  ({took:.1f} s)")
 
-        endpoints = [start(f"endpoint-{port}", [sys.executable, "-m", "serving"],
+        endpoints = [start(f"endpoint-{port}", [sys.executable, "-m", "onnxflow.serving"],
                            endpoint_env(settings, port), url)
                      for port, url in zip(settings.endpoint_ports, settings.endpoint_urls)]
         for endpoint in endpoints:

@@ -144,7 +144,7 @@ def test_deployments_and_uis(stack):
     (schedule,) = scheduled["schedules"]
     assert schedule["schedule"]["cron"] == "0 2 * * *"
     assert scheduled["work_pool_name"] == stack.work_pool
-    assert scheduled["entrypoint"] == "flows.retrain.retrain_and_deploy"
+    assert scheduled["entrypoint"] == "onnxflow.flows.retrain.retrain_and_deploy"
     assert scheduled["parameters"]["config"]["train"]["epochs"] == 30, "full training at night"
     on_demand = httpx.get(f"{api}/deployments/name/retrain-and-deploy/on-demand", timeout=10).json()
     assert on_demand["schedules"] == []

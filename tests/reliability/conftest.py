@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.cli import free_port, read_info, start_background, stop_background, wait_ready
-from serving.settings import ServingSettings
+from onnxflow.serving.cli import free_port, read_info, start_background, stop_background, wait_ready
+from onnxflow.serving.settings import ServingSettings
 from tests.serving import models
 from tests.serving.conftest import (  # noqa: F401  (fixtures, re-exported for this folder)
     TOKEN, Endpoint, Registry, _example, model_files, registry, tracking_server, wait_for,
@@ -242,7 +242,7 @@ def versions(registry, model_files) -> dict[str, str]:
 
 def start_endpoint(registry: Registry, state_dir: Path, tracking_uri: str | None = None,
                    **options) -> Endpoint:
-    """A ``python -m serving`` process (waits until ready); stop it with stop_background."""
+    """A ``python -m onnxflow.serving`` process (waits until ready); stop it with stop_background."""
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri or registry.uri
     try:

@@ -21,8 +21,8 @@ import time
 import httpx
 import pytest
 
-from serving.cli import free_port, read_info
-from serving.settings import ServingSettings
+from onnxflow.serving.cli import free_port, read_info
+from onnxflow.serving.settings import ServingSettings
 from tests.reliability.conftest import (
     PROFILE, TOKEN, RssSampler, _example, endpoint_pid, finish, kill_process_group,
     mlflow_healthy, served_version, start_endpoint, tracking_server, tracking_server_pid,
@@ -114,7 +114,7 @@ def test_corrupt_new_champion_is_refused_and_old_keeps_serving(swappy, registry,
 
 def test_killed_endpoint_is_noticed_and_a_redeploy_restores_it(registry, versions, tmp_path,
                                                                monkeypatch, report):
-    from tasks.serve import deploy_endpoint, endpoint_status, stop_endpoint
+    from onnxflow.tasks.serve import deploy_endpoint, endpoint_status, stop_endpoint
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
     state = tmp_path / "deployed"

@@ -51,11 +51,11 @@ def fuzzy(registry, tmp_path_factory, report):
 def _operations() -> dict:
     """The endpoint's operations, from the document it serves (checked equal below).
 
-    Built from :func:`serving.openapi.openapi_document` so pytest can list one test per
+    Built from :func:`onnxflow.serving.openapi.openapi_document` so pytest can list one test per
     operation before the endpoint runs; schemathesis's own pytest loader does not work
     with pytest 9 (it reads ``Function._nodeid``), so cases are drawn with Hypothesis.
     """
-    from serving.openapi import openapi_document
+    from onnxflow.serving.openapi import openapi_document
 
     schema = schemathesis.openapi.from_dict(openapi_document("multi"))
     return {op.ok().label: op.ok() for op in schema.get_all_operations()}
@@ -65,7 +65,7 @@ OPERATIONS = _operations()
 
 
 def test_fuzzed_document_is_the_one_the_endpoint_serves(fuzzy):
-    from serving.openapi import openapi_document
+    from onnxflow.serving.openapi import openapi_document
 
     assert httpx.get(f"{fuzzy.url}/openapi.json").json() == openapi_document("multi")
 

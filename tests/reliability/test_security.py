@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.cli import free_port, start_background, stop_background
-from serving.openapi import openapi_document
-from serving.settings import ServingSettings
+from onnxflow.serving.cli import free_port, start_background, stop_background
+from onnxflow.serving.openapi import openapi_document
+from onnxflow.serving.settings import ServingSettings
 from tests.reliability.conftest import (
     TOKEN, _example, endpoint_pid, finish, served_version, start_endpoint, wait_for,
 )
@@ -230,7 +230,7 @@ def test_tokens_never_reach_logs_or_error_messages(swappy, tmp_path, monkeypatch
             ServingSettings(token=value)
         assert value not in str(bad.value) and "8 characters" in str(bad.value)
     monkeypatch.setenv("ONNXFLOW_SERVE_TOKEN", "sh0rt")
-    started = subprocess.run([sys.executable, "-m", "serving"], capture_output=True,
+    started = subprocess.run([sys.executable, "-m", "onnxflow.serving"], capture_output=True,
                              text=True, timeout=60)
     assert started.returncode != 0 and "sh0rt" not in started.stderr + started.stdout
     assert "8 characters" in started.stderr

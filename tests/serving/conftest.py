@@ -31,8 +31,8 @@ import httpx
 import numpy as np
 import pytest
 
-from serving.cli import free_port, log_tail, start_background, stop_background, wait_ready
-from serving.settings import ServingSettings
+from onnxflow.serving.cli import free_port, log_tail, start_background, stop_background, wait_ready
+from onnxflow.serving.settings import ServingSettings
 from tests.serving import models
 
 TOKEN = "test-token-0123456789"

@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-from serving.mlflow_format import parse_csv, parse_payload
-from serving.model import ModelRefused, load_model
-from serving.settings import ServingSettings, parse_model_reference
-from serving.tensors import (
+from onnxflow.serving.mlflow_format import parse_csv, parse_payload
+from onnxflow.serving.model import ModelRefused, load_model
+from onnxflow.serving.settings import ServingSettings, parse_model_reference
+from onnxflow.serving.tensors import (
     RequestError, TensorSpec, array_from_binary, array_from_json, array_to_binary, check_shape,
 )
 from tests.serving import models

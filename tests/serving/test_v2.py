@@ -174,8 +174,8 @@ def test_bytes_binary_encoding_is_length_prefixed(multi):
 def test_openapi_describes_every_route(digits):
     from starlette.routing import Route
 
-    from serving.app import create_app
-    from serving.settings import ServingSettings
+    from onnxflow.serving.app import create_app
+    from onnxflow.serving.settings import ServingSettings
 
     with digits.client() as http:
         document = http.get("/openapi.json").json()
