@@ -250,6 +250,28 @@ def promote(
     typer.echo(f"{name}@{alias} -> version {version}")
 
 
+@app.command()
+def audit(
+    name: Annotated[str, typer.Argument(help="Registered model.")] = "digits",
+) -> None:
+    """Who moved (or tried to move) the model's aliases, when, and what the server decided.
+
+    Reads the audit experiment the stack's MLflow server writes (onnxflow-audit/NAME) at
+    MLFLOW_TRACKING_URI, logged in as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+    """
+    _setup()
+    from mlflow.exceptions import MlflowException
+
+    from onnxflow.stack.audit import format_trail, read_trail
+
+    try:
+        rows = read_trail(name)
+    except MlflowException as exc:
+        _fail(f"cannot read the audit trail of {name!r} at "
+              f"{os.environ['MLFLOW_TRACKING_URI']}: {exc.message}")
+    typer.echo(format_trail(name, rows))
+
+
 def _deploy(model: str, port: int) -> None:
     from onnxflow.tasks.serve import deploy_endpoint, smoke_test
     from onnxflow.serving.cli import make_settings
