@@ -22,12 +22,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from onnxflow.processes import (
+    ProcessRecord, is_running, start_process, stop_process, wait_until,
+)
 from onnxflow.stack import accounts, health
 from onnxflow.stack.accounts import Credentials
 from onnxflow.stack.errors import StackError
-from onnxflow.stack.processes import (
-    ProcessRecord, is_running, start_process, stop_process, wait_until,
-)
 from onnxflow.stack.settings import StackSettings
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def worker_env(settings: StackSettings,
 
 def endpoint_env(settings: StackSettings, port: int,
                  credentials: Credentials | None = None) -> dict[str, str]:
-    from onnxflow.serving.cli import settings_env
+    from onnxflow.serving.launcher import settings_env
     from onnxflow.serving.settings import ServingSettings
 
     serving = ServingSettings(
@@ -257,7 +257,7 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
         prefect = start("prefect-server", prefect_server_command(settings),
                         prefect_env(settings), settings.prefect_url)
         took = wait_until(mlflow, lambda: health.mlflow_healthy(settings.mlflow_url),
-                          settings.startup_timeout_s, "healthy")
+                          settings.startup_timeout_s, "healthy", StackError)
         progress(f"MLflow tracking server  {settings.mlflow_url}  ({took:.1f} s)")
         if credentials is not None:
             for account in (accounts.PIPELINE, accounts.ENDPOINT):
@@ -265,7 +265,7 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
             progress(f"MLflow accounts         {', '.join(accounts.ACCOUNTS)}; the reviewer's "
                      f"password is in {credentials.path(accounts.REVIEWER)}")
         took = wait_until(prefect, lambda: health.prefect_healthy(settings.prefect_url),
-                          settings.startup_timeout_s, "healthy")
+                          settings.startup_timeout_s, "healthy", StackError)
         progress(f"Prefect server          {settings.prefect_url}  ({took:.1f} s)")
 
         from onnxflow.stack.deployments import apply_deployments
@@ -277,7 +277,7 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
                        None)
         took = wait_until(worker, lambda: health.worker_online(settings.prefect_url,
                                                                settings.work_pool),
-                          settings.startup_timeout_s, "online")
+                          settings.startup_timeout_s, "online", StackError)
         progress(f"worker                  pool {settings.work_pool}  ({took:.1f} s)")
 
         endpoints = [start(f"endpoint-{port}", [sys.executable, "-m", "onnxflow.serving"],
@@ -285,7 +285,7 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
                      for port, url in zip(settings.endpoint_ports, settings.endpoint_urls)]
         for endpoint in endpoints:
             took = wait_until(endpoint, lambda u=endpoint.url: health.endpoint_live(u),
-                              settings.startup_timeout_s, "live")
+                              settings.startup_timeout_s, "live", StackError)
             version = health.serving_version(endpoint.url, settings.model_name)
             following = f"serving v{version}" if version else "waiting for a version"
             progress(f"endpoint                {endpoint.url}  follows {settings.model} "
