@@ -28,7 +28,12 @@ import time
 
 from onnxflow.stack import audit
 from onnxflow.stack.policy import (
-    REGISTERED_BY, Decision, PromotionPolicy, decide, is_reserved_tag, load_policy,
+    REGISTERED_BY,
+    Decision,
+    PromotionPolicy,
+    decide,
+    is_reserved_tag,
+    load_policy,
 )
 
 log = logging.getLogger(__name__)
@@ -103,7 +108,9 @@ class AliasGuard:
     def _tag_keys(self, create: bool) -> list[str]:
         from flask import request
         from mlflow.protos.model_registry_pb2 import (
-            CreateModelVersion, DeleteModelVersionTag, SetModelVersionTag,
+            CreateModelVersion,
+            DeleteModelVersionTag,
+            SetModelVersionTag,
         )
         from mlflow.server.handlers import _get_request_message
 
@@ -115,7 +122,8 @@ class AliasGuard:
     def _judge_alias(self, user, via: str):
         from flask import g, request
         from mlflow.protos.model_registry_pb2 import (
-            DeleteRegisteredModelAlias, SetRegisteredModelAlias,
+            DeleteRegisteredModelAlias,
+            SetRegisteredModelAlias,
         )
         from mlflow.server.auth import store
         from mlflow.server.handlers import _get_model_registry_store, _get_request_message
