@@ -126,6 +126,20 @@ def mlflow_server_env(settings: StackSettings,
     return env
 
 
+def stack_credentials(settings: StackSettings,
+                      given: Credentials | None = None) -> Credentials | None:
+    """The accounts' passwords of an authenticated stack (None when auth is off)."""
+    if given is not None or not settings.auth:
+        return given
+    return accounts.load_credentials(credentials_dir(settings))
+
+
+def account_env(settings: StackSettings, account: str) -> dict[str, str]:
+    """What an MLflow client needs to act as one of the stack's accounts (empty: no auth)."""
+    credentials = stack_credentials(settings)
+    return credentials.env_for(account) if credentials is not None else {}
+
+
 def prepare_auth(settings: StackSettings) -> Credentials:
     """Passwords (created if missing), basic-auth's ini, the users and reviewer roles."""
     from onnxflow.stack.policy import load_policy
@@ -157,6 +171,7 @@ def worker_env(settings: StackSettings,
     """The worker passes its environment to every flow run it starts: this is how runs
     find the tracking server, log in to it (the pipeline account) and where they write
     their files."""
+    credentials = stack_credentials(settings, credentials)
     login = credentials.env_for(accounts.PIPELINE) if credentials is not None else {}
     return {**prefect_env(settings), **login, "MLFLOW_TRACKING_URI": settings.mlflow_url,
             "ONNXFLOW_ARTIFACTS_DIR": str(state_dir(settings) / "runs"),
@@ -180,6 +195,7 @@ def endpoint_env(settings: StackSettings, port: int,
         # One cache per replica: replicas stand for separate machines, and share no files.
         cache_dir=state_dir(settings) / "endpoints" / str(port) / "models",
     )
+    credentials = stack_credentials(settings, credentials)
     login = credentials.env_for(accounts.ENDPOINT) if credentials is not None else {}
     return {**settings_env(serving), **login, "MLFLOW_TRACKING_URI": settings.mlflow_url}
 

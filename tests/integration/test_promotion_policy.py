@@ -373,3 +373,22 @@ def test_a_wrong_password_is_a_clear_error_naming_the_account(server):
     with pytest.raises(StackError, match="refuses the password of the 'endpoint' account"):
         accounts.check_login(server.url, check_password, "endpoint")
     assert httpx.get(f"{server.url}/api/2.0/mlflow/registered-models/search").status_code == 401
+
+
+@pytest.mark.parametrize("login, phrase", [
+    ({"MLFLOW_TRACKING_USERNAME": "endpoint", "MLFLOW_TRACKING_PASSWORD": "not-the-password"},
+     "refuses the login of MLFLOW_TRACKING_USERNAME='endpoint'"),
+    ({}, "refuses no login (set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"),
+])
+def test_the_endpoint_stops_at_start_up_with_a_clear_error_on_a_refused_login(
+    server, tmp_path, login, phrase,
+):
+    (port,) = free_ports(1)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ONNXFLOW_"))},
+           **login, "MLFLOW_TRACKING_URI": server.url, "ONNXFLOW_SERVE_MODEL": "m@champion",
+           "ONNXFLOW_SERVE_PORT": str(port), "ONNXFLOW_SERVE_CACHE_DIR": str(tmp_path)}
+    ended = subprocess.run([sys.executable, "-m", "onnxflow.serving"], env=env, check=False,
+                           capture_output=True, text=True, timeout=120)
+    assert ended.returncode == 1
+    assert phrase in ended.stderr, ended.stderr
+    assert "not-the-password" not in ended.stderr + ended.stdout
