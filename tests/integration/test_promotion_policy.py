@@ -392,3 +392,27 @@ def test_the_endpoint_stops_at_start_up_with_a_clear_error_on_a_refused_login(
     assert ended.returncode == 1
     assert phrase in ended.stderr, ended.stderr
     assert "not-the-password" not in ended.stderr + ended.stdout
+
+
+def test_auto_promotion_refused_by_the_policy_leaves_the_version_for_a_reviewer(
+    server, monkeypatch,
+):
+    from onnxflow.config import PromoteConfig
+    from onnxflow.errors import RegistryError
+    from onnxflow.promote import promote
+    from onnxflow.registry import set_alias
+
+    strict = server.new_model("strict")
+    version = server.new_version(strict, EVIDENCE)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", server.passwords["pipeline"])
+    champion_before = server.alias(strict)
+    decision = promote(strict, [version], PromoteConfig(mode="auto"))
+    assert decision.decision == "awaiting_review"
+    assert "rule 'reviewers'" in decision.reason and "auto promotion is off" in decision.reason
+    assert server.alias(strict) == champion_before
+    assert server.alias(strict, "challenger") == version
+    # `onnxflow promote` (set_alias) says the rule instead of a traceback.
+    with pytest.raises(RegistryError, match="rule 'reviewers'"):
+        set_alias(strict, "champion", version)

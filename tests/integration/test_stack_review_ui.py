@@ -140,7 +140,7 @@ def test_a_data_scientist_is_refused_champion_in_the_mlflow_ui_with_the_rule_on_
     finally:
         page.context.close()
     assert mlflow_client.get_model_version_by_alias("digits", "champion").version == champion_before
-    last = read_trail("digits")[-1]
+    last = read_trail("digits", mlflow_client)[-1]
     assert (last["user"], last["to_version"], last["decision"], last["rule"], last["via"]) == (
         name, version, "refused", "reviewers", "ui")
 
@@ -193,7 +193,7 @@ def test_reviewer_reads_the_report_and_promotes_the_challenger_in_the_mlflow_ui(
     assert mlflow_client.get_model_version_by_alias("digits", "champion").version == version
     wait_until_serving(stack.endpoint_urls, "digits", version, timeout_s=30)
     record_timing("ui_promotion_to_both_replicas_serving_s", time.monotonic() - clicked)
-    last = read_trail("digits")[-1]
+    last = read_trail("digits", mlflow_client)[-1]
     assert (last["user"], last["from_version"], last["to_version"], last["decision"]) == (
         "reviewer", champion_before, version, "allowed")
     assert mlflow_client.get_model_version("digits", version).tags[
@@ -237,6 +237,6 @@ def test_reviewer_is_refused_a_version_without_validation_passed_in_the_mlflow_u
         champion.version)
     for url in stack.endpoint_urls:
         assert serving_version(url, "digits") == champion.version
-    last = read_trail("digits")[-1]
+    last = read_trail("digits", mlflow_client)[-1]
     assert (last["user"], last["to_version"], last["decision"], last["rule"]) == (
         "reviewer", unvalidated, "refused", "evidence")
