@@ -41,6 +41,7 @@ class AliasAttempt:
     via: str  # "ui" (ajax-api) or "api"
     override_reason: str | None = None
     time_ms: int = 0
+    protected: bool = True  # a protected alias also marks the target version
 
     def tags(self) -> dict[str, str]:
         return {
@@ -61,8 +62,8 @@ class AliasAttempt:
 def record(tracking_store, registry_store, attempt: AliasAttempt) -> str:
     """Write ``attempt`` as a finished run of the model's audit experiment; returns its id.
 
-    An allowed move also tags the target version, so its page in the UI shows who moved
-    the alias there and when.
+    A move of a protected alias also tags the target version, so its page in the UI shows
+    who moved the alias there and when (or who was refused).
     """
     from mlflow.entities import RunStatus, RunTag
     from mlflow.entities.model_registry import ModelVersionTag
@@ -74,7 +75,7 @@ def record(tracking_store, registry_store, attempt: AliasAttempt) -> str:
                                     run_name=attempt.run_name())
     tracking_store.update_run_info(run.info.run_id, RunStatus.FINISHED,
                                    attempt.time_ms, attempt.run_name())
-    if attempt.to_version is not None:
+    if attempt.protected and attempt.to_version is not None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(attempt.time_ms / 1000))
         if attempt.decision == "allowed":
             marks = {f"audit.{attempt.alias}_set_by": attempt.user,

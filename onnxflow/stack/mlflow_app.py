@@ -178,7 +178,7 @@ class AliasGuard:
             model=model, alias=alias, user=user, from_version=current, to_version=version,
             decision=verdict, rule=rule, message=message, via=via,
             override_reason=decision.override_reason if verdict == "allowed" else None,
-            time_ms=int(time.time() * 1000))
+            time_ms=int(time.time() * 1000), protected=alias in self.policy.protected_aliases)
         try:
             audit.record(_get_tracking_store(), _get_model_registry_store(), record)
         except Exception:  # the response stands; the failure is loud in the server's log

@@ -159,7 +159,9 @@ def test_reviewer_reads_the_report_and_promotes_the_challenger_in_the_mlflow_ui(
         row.get_by_role("link", name=f"Version {version}").click()
         page.wait_for_url(f"**/#/models/digits/versions/{version}")
         version_url = page.url
-        page.get_by_text("awaiting_review").first.wait_for()
+        # The pipeline's decision (awaiting_review, or kept_champion when run alone and the
+        # new version did not beat the champion) and the evidence, as tags.
+        page.get_by_role("cell", name="promotion_decision", exact=True).wait_for()
         page.get_by_role("cell", name="validation", exact=True).wait_for()
 
         # Its validation report, from the source run's artifacts.
