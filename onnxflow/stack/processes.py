@@ -113,7 +113,7 @@ def wait_until(
 ) -> float:
     """Seconds until ``check()`` is true; raises with the log's tail if the process dies
     or the time runs out."""
-    from onnxflow.stack.errors import StackError
+    from onnxflow.errors import StackError
 
     start = time.monotonic()
     while True:
