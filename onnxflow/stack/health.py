@@ -1,7 +1,7 @@
 """Health checks of the stack's servers.
 
 Each check is one HTTP request that returns True or False (or raises while the server
-is still starting); :func:`onnxflow.stack.processes.wait_until` polls them. What a
+is still starting); :func:`onnxflow.processes.wait_until` polls them. What a
 replica serves, and the wait for a version: :mod:`onnxflow.endpoints`.
 """
 
