@@ -26,8 +26,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tasks", ("onnxflow.tasks",)),
     ("steps", ("onnxflow",)),
     ("serving", ("onnxflow.serving",)),
-    ("shared", ("onnxflow.errors", "onnxflow.onnxfiles", "onnxflow.interface",
-                "onnxflow.processes")),
+    (
+        "shared",
+        ("onnxflow.errors", "onnxflow.onnxfiles", "onnxflow.interface", "onnxflow.processes"),
+    ),
 )
 
 
@@ -35,8 +37,9 @@ def package_dirs() -> dict[str, Path]:
     """Each installed package and the folder it comes from (pyproject's package-dir)."""
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     mapped = setuptools.get("package-dir", {})
-    return {name: ROOT / mapped.get(name, name.replace(".", "/"))
-            for name in setuptools["packages"]}
+    return {
+        name: ROOT / mapped.get(name, name.replace(".", "/")) for name in setuptools["packages"]
+    }
 
 
 def modules() -> dict[str, Path]:
@@ -91,8 +94,9 @@ def test_imports_point_down_the_layers():
         mine = layer_of(module)
         for target in sorted(imported_modules(path, module, set(found))):
             if target in found and layer_of(target) < mine:
-                upward.append(f"{module} ({LAYERS[mine][0]}) imports {target} "
-                              f"({LAYERS[layer_of(target)][0]})")
+                upward.append(
+                    f"{module} ({LAYERS[mine][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+                )
     assert not upward, "imports against the layers:\n" + "\n".join(upward)
 
 
@@ -111,8 +115,13 @@ def test_the_checker_sees_an_upward_import(tmp_path):
 
 
 def tracked_files() -> list[str]:
-    return subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                          cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +133,22 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
         if (ROOT / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", str(source), "-w", str(out)], check=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(source),
+            "-w",
+            str(out),
+        ],
+        check=True,
+        timeout=600,
+    )
     (path,) = out.glob("onnxflow-*.whl")
     return zipfile.ZipFile(path)
 
@@ -162,10 +185,8 @@ def layout_table() -> list[str]:
 
 def test_the_readme_layout_names_every_folder_and_package_and_nothing_else():
     named = set(layout_table())
-    folders = {f"{p.split('/')[0]}/" for p in tracked_files()
-               if "/" in p and not p.startswith(".")}
-    packages = {f"{folder.relative_to(ROOT).as_posix()}/"
-                for folder in package_dirs().values()}
+    folders = {f"{p.split('/')[0]}/" for p in tracked_files() if "/" in p and not p.startswith(".")}
+    packages = {f"{folder.relative_to(ROOT).as_posix()}/" for folder in package_dirs().values()}
     missing = sorted((folders | packages) - named)
     assert not missing, f"in the tree, not in the README's layout table: {missing}"
     gone = sorted(p for p in named if not (ROOT / p).exists())
