@@ -34,7 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxflow.serving.cli import free_port, start_background, stop_background
+from onnxflow.processes import free_port
+from onnxflow.serving.launcher import start_background, stop_background
 from onnxflow.serving.settings import ServingSettings
 
 BIN = Path(sys.executable).parent
@@ -106,7 +107,7 @@ def start_tracking_server(work: Path) -> tuple[subprocess.Popen, str]:
 
 
 def register(tracking_uri: str, name: str, sizes: tuple[int, ...], work: Path) -> str:
-    from onnxflow.registry import register_onnx
+    from onnxflow.registration import register_onnx
     from tests.serving.models import mlp
 
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri

@@ -221,9 +221,9 @@ def test_a_sample_that_does_not_fit_is_refused_before_any_run(
 
 def test_integer_inputs_refuse_non_integer_values(files, tmp_path):
     from onnxflow.importing import bind_sample
-    from onnxflow.validate import _open_session
+    from onnxflow.runtime import open_session
 
-    session, _ = _open_session(files["onnx"][0])
+    session = open_session(files["onnx"][0])
     sample = all_types_sample(2)
     sample["i32"] = sample["i32"].astype(np.float64) + 0.5
     with pytest.raises(ModelImportError, match="'i32' takes int32, the sample has non-integer"):
@@ -317,7 +317,8 @@ def test_a_bare_onnx_model_is_compared_with_expected_outputs(mlflow_store, tmp_p
 
 
 def _serve(model: str, root: Path):
-    from onnxflow.serving.cli import free_port, start_background, wait_ready
+    from onnxflow.processes import free_port
+    from onnxflow.serving.launcher import start_background, wait_ready
     from onnxflow.serving.settings import ServingSettings
 
     settings = ServingSettings(model=model, port=free_port(), cache_dir=root / "cache")
@@ -347,7 +348,7 @@ def test_any_typed_models_are_served_through_v2_with_onnxruntime_answers(
     import onnxruntime as ort
 
     from onnxflow.flows.importing import import_model
-    from onnxflow.serving.cli import stop_background
+    from onnxflow.serving.launcher import stop_background
 
     model, sample = files["onnx"]
     import_model(model, "anytype", sample, config=FAST, out_dir=tmp_path / "a")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from onnxflow.stack import manager
-from onnxflow.stack.errors import StackError
-from onnxflow.stack.processes import is_alive, process_tree
+from onnxflow.errors import StackError
+from onnxflow.processes import is_alive, process_tree
 from onnxflow.stack.settings import StackSettings
 from tests.integration.conftest import free_ports, record_timing
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from onnxflow.serving.cli import free_port
+from onnxflow.processes import free_port
 from tests.reliability.conftest import (
     SOAK, _example, kill_process_group, mlflow_healthy, tracking_server, tracking_server_pid,
     wait_for,
@@ -48,7 +48,7 @@ def test_register_with_mlflow_down_retries_then_fails_clearly(registry, model_fi
 
     from onnxflow.config import DataConfig, RegisterConfig
     from onnxflow.data import prepare_data
-    from onnxflow.tasks.registry import register_task
+    from onnxflow.tasks.register import register_task
     from onnxflow.tasks.retry import REGISTRY_RETRY_DELAYS
 
     dataset = prepare_data(DataConfig(), tmp_path / "data")

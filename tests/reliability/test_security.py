@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from onnxflow.serving.cli import free_port, start_background, stop_background
+from onnxflow.processes import free_port
+from onnxflow.serving.launcher import start_background, stop_background
 from onnxflow.serving.openapi import openapi_document
 from onnxflow.serving.settings import ServingSettings
 from tests.reliability.conftest import (
@@ -96,7 +97,7 @@ def test_external_data_leaving_its_folder_is_refused_at_registration(registry, m
                                                                      tmp_path):
     from mlflow import MlflowClient
 
-    from onnxflow.onnxfiles import UnsafeModelError
+    from onnxflow.errors import UnsafeModelError
 
     bad = _escaping_copy(model_files["mlp"], tmp_path / "bad")
     with pytest.raises(UnsafeModelError, match="outside"):

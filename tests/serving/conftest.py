@@ -31,7 +31,8 @@ import httpx
 import numpy as np
 import pytest
 
-from onnxflow.serving.cli import free_port, log_tail, start_background, stop_background, wait_ready
+from onnxflow.processes import free_port, log_tail
+from onnxflow.serving.launcher import start_background, stop_background, wait_ready
 from onnxflow.serving.settings import ServingSettings
 from tests.serving import models
 
@@ -67,7 +68,7 @@ class Registry:
             mlflow.set_tracking_uri(None)
 
     def register(self, name: str, model_path: Path, example, aliases=("champion",)) -> str:
-        from onnxflow.registry import register_onnx
+        from onnxflow.registration import register_onnx
 
         with self.active():
             version = register_onnx(model_path, model_name=name, input_example=example,
@@ -75,7 +76,7 @@ class Registry:
         return version.version
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        from onnxflow.registry import set_alias
+        from onnxflow.registration import set_alias
 
         with self.active():
             set_alias(name, alias, version)
