@@ -83,7 +83,7 @@ def _ok(url: str) -> bool:
 def _register(tracking_uri: str, name: str, model_path: Path, example: np.ndarray) -> str:
     import mlflow
 
-    from onnxflow.registry import register_onnx
+    from onnxflow.registration import register_onnx
 
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
