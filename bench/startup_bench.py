@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serve_bench import start_tracking_server, stop_group  # noqa: E402
-from onnxflow.serving.cli import free_port, start_background, stop_background  # noqa: E402
+from onnxflow.serving.launcher import free_port, start_background, stop_background  # noqa: E402
 from onnxflow.serving.settings import ServingSettings  # noqa: E402
 
 

@@ -26,6 +26,7 @@ answers these requests.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -34,7 +35,8 @@ import re
 import numpy as np
 import orjson
 
-from onnxflow.serving.tensors import RequestError, TensorSpec, array_from_json, check_array
+from onnxflow.serving.errors import RequestError, UnsupportedMedia
+from onnxflow.serving.tensors import TensorSpec, array_from_json, check_array
 
 FORMATS = ("inputs", "instances", "dataframe_split", "dataframe_records")
 JSON = "application/json"
@@ -47,8 +49,15 @@ CSV_MISSING = frozenset({
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")
 
 
-def _unsupported_media(message: str) -> RequestError:
-    return RequestError(message, 415)
+@functools.cache
+def mlflow_version() -> str:
+    """The installed MLflow's version, read from its metadata (MLflow is not imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlflow")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def parse_body(body: bytes, content_type: str, specs: tuple[TensorSpec, ...]
@@ -79,11 +88,11 @@ def content_type_parameters(content_type: str) -> tuple[str, dict[str, str]]:
             params[key.strip().lower()] = value.strip().strip('"')
     charset = params.pop("charset", "utf-8").lower()
     if charset != "utf-8":
-        raise _unsupported_media(f"charset {charset!r}: the endpoint reads UTF-8 only")
+        raise UnsupportedMedia(f"charset {charset!r}: the endpoint reads UTF-8 only")
     allowed = {"header"} if mime == CSV else set()
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise _unsupported_media(
+        raise UnsupportedMedia(
             f"unrecognized Content-Type parameter {', '.join(unknown)} for {mime}; "
             + ("text/csv takes charset=utf-8 and header=present|absent" if mime == CSV
                else f"{mime} takes charset=utf-8 only")
@@ -91,7 +100,7 @@ def content_type_parameters(content_type: str) -> tuple[str, dict[str, str]]:
     if "header" in params:
         params["header"] = params["header"].lower()
         if params["header"] not in ("present", "absent"):
-            raise _unsupported_media(f"Content-Type parameter header={params['header']}: "
+            raise UnsupportedMedia(f"Content-Type parameter header={params['header']}: "
                                      "expected header=present or header=absent")
     return mime, params
 

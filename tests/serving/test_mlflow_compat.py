@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 
-from onnxflow.serving.cli import free_port
+from onnxflow.serving.launcher import free_port
 from tests.serving import mlflow_cases
 from tests.serving.conftest import wait_for
 from tests.serving.mlflow_cases import CASES, DIFFERENCES, compare, row_count
