@@ -62,7 +62,7 @@ def tree_rss_mb(pid: int) -> float:
 
 
 def register_models(tracking_uri: str, count: int, work: Path) -> list[str]:
-    from onnxflow.registry import register_onnx
+    from onnxflow.registration import register_onnx
     from tests.serving.models import mlp
 
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri

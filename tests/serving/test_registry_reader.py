@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from onnxflow.errors import RegistryError
-from onnxflow.registry import register_onnx, set_alias
+from onnxflow.registration import register_onnx, set_alias
 from onnxflow.serving.registry_reader import (
     HelperRegistry, MlflowRegistry, SqliteRegistry, registry_for,
 )
