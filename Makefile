@@ -9,7 +9,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-all soak bench bench-pipeline ui stop clean help
+.PHONY: install demo lint test test-all soak bench bench-pipeline ui stop clean help
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,10 +25,14 @@ install: $(STAMP)  ## Create .venv and install everything (once; again when pypr
 demo: $(STAMP)  ## Train torch + keras + sklearn on digits, register, promote, serve champion
 	$(BIN)/onnxflow run --framework all --deploy
 
-test: $(STAMP) system-packages  ## Run the test suite (fast tests; CI runs this)
+lint: $(STAMP)  ## ruff check and ruff format --check (make test runs it first)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(STAMP) system-packages lint  ## Lint, then run the test suite (fast tests; CI runs this)
 	$(BIN)/pytest
 
-test-all: $(STAMP)  ## Run every test, slow ones included
+test-all: $(STAMP) system-packages image-packages  ## Run every test, slow ones included
 	$(BIN)/pytest -m ""
 
 soak: $(STAMP)  ## Reliability, long form: load, hot swaps, faults, 1,000+ fuzz cases; one table
@@ -52,7 +56,7 @@ clean:  ## Stop the endpoint and stack, then remove runs, registry, artifacts (k
 	find mlruns -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 
 # --- the service stack (onnxflow.stack; settings: ONNXFLOW_STACK_*) ---------------------
-.PHONY: up down status system-packages
+.PHONY: up down status system-packages image-packages images
 
 up: $(STAMP)  ## Start Prefect + MLflow servers, worker, deployments and endpoint on 127.0.0.1
 	$(BIN)/onnxflow stack up
@@ -66,3 +70,10 @@ down:  ## Stop everything `make up` started
 system-packages:  ## Debian's chromium (reviewer's browser test) and wrk (load tests); needs root + apt
 	@command -v chromium >/dev/null && command -v wrk >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium wrk)
+
+image-packages:  ## Debian's podman, runc and mmdebstrap (make images, the image tests); needs root + apt
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap)
+
+images: image-packages  ## Build the serving and pipeline images (infra/images.sh; ENGINE, BASE_IMAGE)
+	infra/images.sh all

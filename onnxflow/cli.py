@@ -241,7 +241,7 @@ def promote(
 ) -> None:
     """Move an alias to a version (rollback is the same command with an older version)."""
     _setup()
-    from onnxflow.registry import set_alias
+    from onnxflow.registration import set_alias
 
     try:
         set_alias(name, alias, version)
@@ -273,7 +273,7 @@ def audit(
 
 
 def _deploy(model: str, port: int) -> None:
-    from onnxflow.tasks.serve import deploy_endpoint, smoke_test
+    from onnxflow.deploy import deploy_endpoint, smoke_test
     from onnxflow.serving.launcher import make_settings
 
     try:
@@ -321,14 +321,14 @@ def serve(
 @app.command()
 def stop() -> None:
     """Stop the endpoint started by `onnxflow run --deploy` (or `make demo`)."""
-    from onnxflow.tasks.serve import stop_endpoint
+    from onnxflow.deploy import stop_endpoint
 
     typer.echo("endpoint stopped" if stop_endpoint() else "no endpoint was running")
 
 
 # --- the service stack: `onnxflow stack up|status|down|deploy` and `onnxflow trigger` ---
 
-from onnxflow.stack.cli import stack_app  # noqa: E402  (light: typer only)
+from onnxflow.stack.commands import stack_app  # noqa: E402  (light: typer only)
 
 app.add_typer(stack_app, name="stack")
 
@@ -353,7 +353,7 @@ def trigger(
     cfg = pipeline_config(config, data=data.resolve() if data else None, target=target,
                           epochs=epochs, model_name=model_name, promotion=promotion,
                           model=model, quantize=quantize)
-    from onnxflow.stack.cli import trigger_run
+    from onnxflow.stack.commands import trigger_run
 
     trigger_run(_frameworks(framework), cfg, wait=wait, timeout_s=timeout)
 
@@ -388,10 +388,6 @@ def convert(
     if result.fallback_reason:
         typer.echo(f"not a torch.export program because {result.fallback_reason}")
     typer.echo(f"report: {result.report_path}    time: {result.seconds:.1f} s")
-
-
-def main() -> None:  # pragma: no cover - console entry
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,7 +22,7 @@ def main() -> None:
     except ValueError as exc:
         sys.exit(f"onnxflow endpoint: bad settings: {exc}")
     from onnxflow.errors import RegistryError
-    from onnxflow.serving.registry import check_login
+    from onnxflow.serving.registry_reader import check_login
 
     try:  # a wrong login is a clear error now, not an endpoint that never becomes ready
         check_login(os.environ.get("MLFLOW_TRACKING_URI"))

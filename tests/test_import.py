@@ -35,9 +35,11 @@ def prefect_harness():
 def files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """format -> (model path, sample path)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import torch
+    import torch._dynamo  # noqa: F401  before TensorFlow: triton's import (by torch.export)
+    # segfaults in a process that already loaded TensorFlow
     import keras
     import tensorflow as tf
-    import torch
 
     root = tmp_path_factory.mktemp("byom")
     rng = np.random.default_rng(0)
@@ -221,9 +223,9 @@ def test_a_sample_that_does_not_fit_is_refused_before_any_run(
 
 def test_integer_inputs_refuse_non_integer_values(files, tmp_path):
     from onnxflow.importing import bind_sample
-    from onnxflow.validate import _open_session
+    from onnxflow.runtime import open_session
 
-    session, _ = _open_session(files["onnx"][0])
+    session = open_session(files["onnx"][0])
     sample = all_types_sample(2)
     sample["i32"] = sample["i32"].astype(np.float64) + 0.5
     with pytest.raises(ModelImportError, match="'i32' takes int32, the sample has non-integer"):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from onnxflow.stack import accounts
-from onnxflow.stack.errors import StackError
+from onnxflow.errors import StackError
 from onnxflow.stack.policy import PromotionPolicy, decide, is_reserved_tag, load_policy
 
 EVIDENCE = {"validation": "passed", "onnx_sha256": "ab", "parity_max_abs": "1e-6",

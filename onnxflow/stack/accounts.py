@@ -22,7 +22,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnxflow.stack.errors import StackError
+from onnxflow.errors import StackError
 
 ADMIN, PIPELINE, ENDPOINT, REVIEWER = "admin", "pipeline", "endpoint", "reviewer"
 ACCOUNTS = (ADMIN, PIPELINE, ENDPOINT, REVIEWER)

@@ -21,7 +21,7 @@ import yaml
 from onnxflow.processes import ProcessRecord, start_process, stop_process, wait_until
 from onnxflow.stack import accounts
 from onnxflow.stack.audit import read_trail
-from onnxflow.stack.errors import StackError
+from onnxflow.errors import StackError
 from onnxflow.stack.manager import MLFLOW_APP
 from onnxflow.stack.policy import load_policy
 from tests.integration.conftest import PG_ADMIN_URL, free_ports
@@ -400,7 +400,7 @@ def test_auto_promotion_refused_by_the_policy_leaves_the_version_for_a_reviewer(
     from onnxflow.config import PromoteConfig
     from onnxflow.errors import RegistryError
     from onnxflow.promote import promote
-    from onnxflow.registry import set_alias
+    from onnxflow.registration import set_alias
 
     strict = server.new_model("strict")
     version = server.new_version(strict, {**EVIDENCE, "accuracy": "0.999"})  # beats champion

@@ -29,7 +29,7 @@ import pytest
 from onnxflow.stack import manager
 from onnxflow.stack.audit import read_trail
 from onnxflow.stack.deployments import trigger
-from onnxflow.stack.health import serving_version, wait_until_serving
+from onnxflow.endpoints import serving_version, wait_until_serving
 from tests.integration.conftest import RESULTS, SMALL_CONFIG, record_timing
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from onnxflow import tracking
 from onnxflow.config import PromoteConfig, RegisterConfig
 from onnxflow.promote import PromotionDecision, promote
-from onnxflow.registry import register_validated
+from onnxflow.registration import register_validated
 from onnxflow.results import DatasetArtifact, RegisteredVersion, ValidationSummary
 from onnxflow.tasks.retry import REGISTRY_RETRY_DELAYS, transient_only
 
@@ -27,7 +27,7 @@ registry_task = task(
 @registry_task
 def start_run_task(
     experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
-    dataset: DatasetArtifact,
+    dataset: DatasetArtifact | None = None,
 ) -> str:
     return tracking.start_run(experiment, run_name, params, tags, dataset)
 
