@@ -11,18 +11,41 @@ import stat
 import pytest
 import yaml
 
-from onnxflow.stack import accounts
 from onnxflow.errors import StackError
+from onnxflow.stack import accounts
 from onnxflow.stack.policy import PromotionPolicy, decide, is_reserved_tag, load_policy
 
-EVIDENCE = {"validation": "passed", "onnx_sha256": "ab", "parity_max_abs": "1e-6",
-            "parity_max_rel": "1e-5", "metric_name": "accuracy", "accuracy": "0.9"}
+EVIDENCE = {
+    "validation": "passed",
+    "onnx_sha256": "ab",
+    "parity_max_abs": "1e-6",
+    "parity_max_rel": "1e-5",
+    "metric_name": "accuracy",
+    "accuracy": "0.9",
+}
 
 
-def judge(policy=None, *, user="reviewer", roles=("reviewers",), tags=EVIDENCE, alias="champion",
-          version="2", model="digits", is_admin=False):
-    return decide(policy or PromotionPolicy(), model=model, alias=alias, version=version,
-                  user=user, is_admin=is_admin, roles=set(roles), version_tags=tags)
+def judge(
+    policy=None,
+    *,
+    user="reviewer",
+    roles=("reviewers",),
+    tags=EVIDENCE,
+    alias="champion",
+    version="2",
+    model="digits",
+    is_admin=False,
+):
+    return decide(
+        policy or PromotionPolicy(),
+        model=model,
+        alias=alias,
+        version=version,
+        user=user,
+        is_admin=is_admin,
+        roles=set(roles),
+        version_tags=tags,
+    )
 
 
 def test_a_reviewer_may_move_champion_onto_a_validated_version():
@@ -47,12 +70,15 @@ def test_auto_promotion_by_the_pipeline_follows_the_model_setting():
     assert judge(policy, user="pipeline", roles=(), model="other").allowed
 
 
-@pytest.mark.parametrize("change, phrase", [
-    ({"validation": "failed"}, "validation='failed', expected 'passed'"),
-    ({"onnx_sha256": None}, "no 'onnx_sha256' tag"),
-    ({"parity_max_rel": ""}, "no 'parity_max_rel' tag"),
-    ({"accuracy": None}, "no 'accuracy' tag (its metric_name)"),
-])
+@pytest.mark.parametrize(
+    "change, phrase",
+    [
+        ({"validation": "failed"}, "validation='failed', expected 'passed'"),
+        ({"onnx_sha256": None}, "no 'onnx_sha256' tag"),
+        ({"parity_max_rel": ""}, "no 'parity_max_rel' tag"),
+        ({"accuracy": None}, "no 'accuracy' tag (its metric_name)"),
+    ],
+)
 def test_the_version_must_carry_the_evidence(change, phrase):
     tags = {k: v for k, v in {**EVIDENCE, **change}.items() if v is not None}
     decision = judge(tags=tags)
@@ -106,8 +132,9 @@ def test_reserved_tags():
 
 def test_credentials_are_created_once_private_and_never_in_repr(tmp_path, monkeypatch):
     for account in (*accounts.ACCOUNTS, accounts.SECRET_KEY):
-        monkeypatch.delenv(f"ONNXFLOW_AUTH_{account.upper().replace('-', '_')}_PASSWORD",
-                           raising=False)
+        monkeypatch.delenv(
+            f"ONNXFLOW_AUTH_{account.upper().replace('-', '_')}_PASSWORD", raising=False
+        )
     folder = tmp_path / "credentials"
     first = accounts.load_credentials(folder)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
@@ -116,8 +143,10 @@ def test_credentials_are_created_once_private_and_never_in_repr(tmp_path, monkey
         assert len(first.passwords[account]) >= 12
     assert accounts.load_credentials(folder).passwords == first.passwords
     assert first.passwords["reviewer"] not in repr(first)
-    assert first.env_for("endpoint") == {"MLFLOW_TRACKING_USERNAME": "endpoint",
-                                         "MLFLOW_TRACKING_PASSWORD": first.passwords["endpoint"]}
+    assert first.env_for("endpoint") == {
+        "MLFLOW_TRACKING_USERNAME": "endpoint",
+        "MLFLOW_TRACKING_PASSWORD": first.passwords["endpoint"],
+    }
 
     monkeypatch.setenv("ONNXFLOW_AUTH_REVIEWER_PASSWORD", "from-the-environment")
     assert accounts.load_credentials(folder).passwords["reviewer"] == "from-the-environment"

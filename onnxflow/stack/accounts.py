@@ -43,8 +43,10 @@ class Credentials:
 
     def env_for(self, account: str) -> dict[str, str]:
         """What an MLflow client acting as ``account`` needs in its environment."""
-        return {"MLFLOW_TRACKING_USERNAME": account,
-                "MLFLOW_TRACKING_PASSWORD": self.passwords[account]}
+        return {
+            "MLFLOW_TRACKING_USERNAME": account,
+            "MLFLOW_TRACKING_PASSWORD": self.passwords[account],
+        }
 
     def path(self, account: str) -> Path:
         return self.folder / account
@@ -65,8 +67,9 @@ def load_credentials(folder: Path) -> Credentials:
         from_env = os.environ.get(_env_name(account))
         if from_env:
             if len(from_env) < 12:
-                raise StackError(f"{_env_name(account)} is too short: MLflow wants at least "
-                                 f"12 characters")
+                raise StackError(
+                    f"{_env_name(account)} is too short: MLflow wants at least 12 characters"
+                )
             passwords[account] = from_env
             continue
         path = folder / account
@@ -74,12 +77,16 @@ def load_credentials(folder: Path) -> Credentials:
             _write_secret(path, secrets.token_urlsafe(24))
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
-            raise StackError(f"{path} is readable by others (mode {mode:o}); "
-                             f"run `chmod 600 {path}` (it holds the {account} password)")
+            raise StackError(
+                f"{path} is readable by others (mode {mode:o}); "
+                f"run `chmod 600 {path}` (it holds the {account} password)"
+            )
         value = path.read_text().strip()
         if len(value) < 12:
-            raise StackError(f"{path} holds a password shorter than the 12 characters MLflow "
-                             f"requires; write a longer one or delete the file to get a new one")
+            raise StackError(
+                f"{path} holds a password shorter than the 12 characters MLflow "
+                f"requires; write a longer one or delete the file to get a new one"
+            )
         passwords[account] = value
     return Credentials(folder=folder, passwords=passwords)
 
@@ -92,17 +99,19 @@ def _write_secret(path: Path, value: str) -> None:
 
 def write_auth_config(path: Path, database_uri: str) -> Path:
     """basic-auth's ini file (``MLFLOW_AUTH_CONFIG_PATH``); 0600: the URI may hold a password."""
-    text = "\n".join([
-        "[mlflow]",
-        f"default_permission = {DEFAULT_PERMISSION}",
-        f"database_uri = {database_uri.replace('%', '%%')}",
-        f"admin_username = {ADMIN}",
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
-        # A password check (PBKDF2) per request costs more than most requests; cache a
-        # verified login for a minute in the worker (MLflow's own opt-in setting).
-        "auth_cache_ttl_seconds = 60",
-        "",
-    ])
+    text = "\n".join(
+        [
+            "[mlflow]",
+            f"default_permission = {DEFAULT_PERMISSION}",
+            f"database_uri = {database_uri.replace('%', '%%')}",
+            f"admin_username = {ADMIN}",
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+            # A password check (PBKDF2) per request costs more than most requests; cache a
+            # verified login for a minute in the worker (MLflow's own opt-in setting).
+            "auth_cache_ttl_seconds = 60",
+            "",
+        ]
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -137,11 +146,13 @@ def provision(database_uri: str, credentials: Credentials, reviewer_roles: dict[
         for index, (role_name, pattern) in enumerate(reviewer_roles.items()):
             role = existing.get(role_name)
             if role is None:
-                role = store.create_role(role_name, DEFAULT_WORKSPACE_NAME,
-                                         description=f"reviewers of {pattern}: may move "
-                                         "protected aliases (onnxflow promotion policy)")
-                store.add_role_permission(role.id, "registered_model", pattern,
-                                          REVIEWER_PERMISSION)
+                role = store.create_role(
+                    role_name,
+                    DEFAULT_WORKSPACE_NAME,
+                    description=f"reviewers of {pattern}: may move "
+                    "protected aliases (onnxflow promotion policy)",
+                )
+                store.add_role_permission(role.id, "registered_model", pattern, REVIEWER_PERMISSION)
             if index == 0 and role.id not in {r.id for r in store.list_user_roles(reviewer.id)}:
                 store.assign_role_to_user(reviewer.id, role.id)
     finally:
@@ -162,16 +173,23 @@ def check_login(mlflow_url: str, credentials: Credentials, account: str) -> None
     import httpx
 
     try:
-        response = httpx.get(f"{mlflow_url}/api/2.0/mlflow/users/current",
-                             auth=(account, credentials.passwords[account]), timeout=10.0)
+        response = httpx.get(
+            f"{mlflow_url}/api/2.0/mlflow/users/current",
+            auth=(account, credentials.passwords[account]),
+            timeout=10.0,
+        )
     except httpx.HTTPError as exc:
         raise StackError(f"cannot reach the MLflow server at {mlflow_url}: {exc}") from exc
     if response.status_code == 401:
-        raise StackError(f"the MLflow server at {mlflow_url} refuses the password of the "
-                         f"{account!r} account (from {_source(credentials, account)})")
+        raise StackError(
+            f"the MLflow server at {mlflow_url} refuses the password of the "
+            f"{account!r} account (from {_source(credentials, account)})"
+        )
     if response.status_code != 200:
-        raise StackError(f"the MLflow server at {mlflow_url} answered {response.status_code} "
-                         f"to the {account!r} account's login: {response.text[:200]}")
+        raise StackError(
+            f"the MLflow server at {mlflow_url} answered {response.status_code} "
+            f"to the {account!r} account's login: {response.text[:200]}"
+        )
 
 
 def _source(credentials: Credentials, account: str) -> str:

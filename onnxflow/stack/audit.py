@@ -18,8 +18,18 @@ import time
 from dataclasses import dataclass
 
 EXPERIMENT_PREFIX = "onnxflow-audit/"
-FIELDS = ("time", "user", "alias", "from_version", "to_version", "decision", "rule",
-          "override_reason", "message", "via")
+FIELDS = (
+    "time",
+    "user",
+    "alias",
+    "from_version",
+    "to_version",
+    "decision",
+    "rule",
+    "override_reason",
+    "message",
+    "via",
+)
 
 
 def experiment_name(model: str) -> str:
@@ -45,11 +55,15 @@ class AliasAttempt:
 
     def tags(self) -> dict[str, str]:
         return {
-            "audit.model": self.model, "audit.alias": self.alias, "audit.user": self.user,
+            "audit.model": self.model,
+            "audit.alias": self.alias,
+            "audit.user": self.user,
             "audit.from_version": self.from_version or "-",
             "audit.to_version": self.to_version or "-",
-            "audit.decision": self.decision, "audit.rule": self.rule,
-            "audit.message": self.message[:4000], "audit.via": self.via,
+            "audit.decision": self.decision,
+            "audit.rule": self.rule,
+            "audit.message": self.message[:4000],
+            "audit.via": self.via,
             "audit.override_reason": (self.override_reason or "")[:4000],
             "audit.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time_ms / 1000)),
         }
@@ -70,24 +84,33 @@ def record(tracking_store, registry_store, attempt: AliasAttempt) -> str:
 
     experiment_id = _experiment_id(tracking_store, experiment_name(attempt.model))
     tags = [RunTag(k, v) for k, v in attempt.tags().items()]
-    run = tracking_store.create_run(experiment_id=experiment_id, user_id=attempt.user,
-                                    start_time=attempt.time_ms, tags=tags,
-                                    run_name=attempt.run_name())
-    tracking_store.update_run_info(run.info.run_id, RunStatus.FINISHED,
-                                   attempt.time_ms, attempt.run_name())
+    run = tracking_store.create_run(
+        experiment_id=experiment_id,
+        user_id=attempt.user,
+        start_time=attempt.time_ms,
+        tags=tags,
+        run_name=attempt.run_name(),
+    )
+    tracking_store.update_run_info(
+        run.info.run_id, RunStatus.FINISHED, attempt.time_ms, attempt.run_name()
+    )
     if attempt.protected and attempt.to_version is not None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(attempt.time_ms / 1000))
         if attempt.decision == "allowed":
-            marks = {f"audit.{attempt.alias}_set_by": attempt.user,
-                     f"audit.{attempt.alias}_set_at": stamp}
+            marks = {
+                f"audit.{attempt.alias}_set_by": attempt.user,
+                f"audit.{attempt.alias}_set_at": stamp,
+            }
             if attempt.override_reason:
                 marks[f"audit.{attempt.alias}_override_reason"] = attempt.override_reason
         else:
-            marks = {f"audit.{attempt.alias}_refused":
-                     f"{stamp} {attempt.user}: rule {attempt.rule}"}
+            marks = {
+                f"audit.{attempt.alias}_refused": f"{stamp} {attempt.user}: rule {attempt.rule}"
+            }
         for key, value in marks.items():
-            registry_store.set_model_version_tag(attempt.model, attempt.to_version,
-                                                 ModelVersionTag(key, value[:5000]))
+            registry_store.set_model_version_tag(
+                attempt.model, attempt.to_version, ModelVersionTag(key, value[:5000])
+            )
     return run.info.run_id
 
 
@@ -113,8 +136,12 @@ def read_trail(model: str, client=None) -> list[dict[str, str]]:
         return []
     rows, token = [], None
     while True:
-        page = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time"],
-                                  max_results=1000, page_token=token)
+        page = client.search_runs(
+            [experiment.experiment_id],
+            order_by=["attributes.start_time"],
+            max_results=1000,
+            page_token=token,
+        )
         for run in page:
             tags = run.data.tags
             row = {f: tags.get(f"audit.{f}", "") for f in FIELDS}
@@ -130,12 +157,28 @@ def format_trail(model: str, rows: list[dict[str, str]]) -> str:
     if not rows:
         return f"no alias moves recorded for {model!r}"
     header = ("time", "user", "alias", "from", "to", "decision", "rule", "via", "detail")
-    lines = [[r["time"], r["user"], r["alias"], r["from_version"], r["to_version"],
-              r["decision"], r["rule"], r["via"],
-              (f"override: {r['override_reason']}" if r["override_reason"]
-               else (r["message"] if r["decision"] == "refused" else ""))] for r in rows]
+    lines = [
+        [
+            r["time"],
+            r["user"],
+            r["alias"],
+            r["from_version"],
+            r["to_version"],
+            r["decision"],
+            r["rule"],
+            r["via"],
+            (
+                f"override: {r['override_reason']}"
+                if r["override_reason"]
+                else (r["message"] if r["decision"] == "refused" else "")
+            ),
+        ]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header[:-1])]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  detail"]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1]
-            for line in lines]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)) + "  detail"]
+    out += [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1]
+        for line in lines
+    ]
     return "\n".join(out)

@@ -54,8 +54,10 @@ def create_app(app=None):
     flask_app.before_request(guard.before_request)  # ahead of basic-auth's own hook
     served = basic_auth_app(flask_app)
     flask_app.after_request(guard.after_request)
-    log.warning("onnxflow promotion policy on: protected aliases %s",
-                ", ".join(guard.policy.protected_aliases))
+    log.warning(
+        "onnxflow promotion policy on: protected aliases %s",
+        ", ".join(guard.policy.protected_aliases),
+    )
     return served
 
 
@@ -98,9 +100,11 @@ class AliasGuard:
         keys = self._tag_keys(create)
         reserved = sorted(k for k in keys if is_reserved_tag(k))
         if reserved:
-            return _forbidden(f"Tags {', '.join(reserved)} are written by the MLflow server "
-                              f"itself (who registered a version, the audit trail); "
-                              f"{user.username!r} may not set or delete them.")
+            return _forbidden(
+                f"Tags {', '.join(reserved)} are written by the MLflow server "
+                f"itself (who registered a version, the audit trail); "
+                f"{user.username!r} may not set or delete them."
+            )
         if create:
             g.onnxflow_stamp_registered_by = user.username
         return None
@@ -130,7 +134,8 @@ class AliasGuard:
 
         setting = request.method == "POST"
         message = _get_request_message(
-            SetRegisteredModelAlias() if setting else DeleteRegisteredModelAlias())
+            SetRegisteredModelAlias() if setting else DeleteRegisteredModelAlias()
+        )
         model, alias = message.name, message.alias
         version = message.version if setting else None
         if not model or not alias or (setting and not version):
@@ -139,11 +144,17 @@ class AliasGuard:
         current = _alias_version(registry, model, alias)
         tags = _version_tags(registry, model, version) if version is not None else None
         roles = {r.name for r in store.list_user_roles(user.id)}
-        decision = decide(self.policy, model=model, alias=alias, version=version,
-                          user=user.username, is_admin=user.is_admin, roles=roles,
-                          version_tags=tags)
-        g.onnxflow_alias_attempt = (model, alias, user.username, current, version, decision,
-                                    via)
+        decision = decide(
+            self.policy,
+            model=model,
+            alias=alias,
+            version=version,
+            user=user.username,
+            is_admin=user.is_admin,
+            roles=roles,
+            version_tags=tags,
+        )
+        g.onnxflow_alias_attempt = (model, alias, user.username, current, version, decision, via)
         if decision.allowed or decision.rule == "no_version":
             return None  # MLflow's own permission check and handler come next
         log.warning("refused: %s", decision.message)
@@ -175,10 +186,19 @@ class AliasGuard:
             verdict, rule = "refused", f"mlflow_{response.status_code}"
             message = f"MLflow answered {response.status_code}: {_body_message(response)}"
         record = audit.AliasAttempt(
-            model=model, alias=alias, user=user, from_version=current, to_version=version,
-            decision=verdict, rule=rule, message=message, via=via,
+            model=model,
+            alias=alias,
+            user=user,
+            from_version=current,
+            to_version=version,
+            decision=verdict,
+            rule=rule,
+            message=message,
+            via=via,
             override_reason=decision.override_reason if verdict == "allowed" else None,
-            time_ms=int(time.time() * 1000), protected=alias in self.policy.protected_aliases)
+            time_ms=int(time.time() * 1000),
+            protected=alias in self.policy.protected_aliases,
+        )
         try:
             audit.record(_get_tracking_store(), _get_model_registry_store(), record)
         except Exception:  # the response stands; the failure is loud in the server's log
@@ -191,7 +211,8 @@ class AliasGuard:
         try:
             version = response.get_json()["model_version"]
             _get_model_registry_store().set_model_version_tag(
-                version["name"], version["version"], ModelVersionTag(REGISTERED_BY, user))
+                version["name"], version["version"], ModelVersionTag(REGISTERED_BY, user)
+            )
         except Exception:
             log.exception("could not tag the new model version with %s=%s", REGISTERED_BY, user)
 

@@ -36,16 +36,21 @@ class ModelRules(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     reviewers: str | None = Field(
-        None, description="MLflow role (group) whose members may move protected aliases.")
+        None, description="MLflow role (group) whose members may move protected aliases."
+    )
     allow_auto: bool | None = Field(
-        None, description="The pipeline's accounts may move protected aliases (auto promotion).")
+        None, description="The pipeline's accounts may move protected aliases (auto promotion)."
+    )
     four_eyes: bool | None = Field(
-        None, description="The account moving the alias must not be the one that registered "
-        "the version.")
+        None,
+        description="The account moving the alias must not be the one that registered the version.",
+    )
     required_tags: dict[str, str] | None = Field(
-        None, description=f"Version tags the target must carry; value {ANY!r}: any value.")
+        None, description=f"Version tags the target must carry; value {ANY!r}: any value."
+    )
     require_metric: bool | None = Field(
-        None, description="The version's metric tag (named by its metric_name tag) must exist.")
+        None, description="The version's metric tag (named by its metric_name tag) must exist."
+    )
 
 
 class PromotionPolicy(BaseModel):
@@ -54,22 +59,37 @@ class PromotionPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     protected_aliases: list[str] = Field(
-        ["champion"], description="Aliases the rules guard; any other alias follows MLflow's "
-        "own permissions (EDIT on the registered model).")
+        ["champion"],
+        description="Aliases the rules guard; any other alias follows MLflow's "
+        "own permissions (EDIT on the registered model).",
+    )
     pipeline_accounts: list[str] = Field(
-        ["pipeline"], description="Accounts of the pipeline (auto promotion).")
+        ["pipeline"], description="Accounts of the pipeline (auto promotion)."
+    )
     override_tag: str = Field(
-        "promotion_override", description="A version tag whose value (the reason) lets a "
-        "reviewer promote a version without the evidence; the reason is audited.")
+        "promotion_override",
+        description="A version tag whose value (the reason) lets a "
+        "reviewer promote a version without the evidence; the reason is audited.",
+    )
     default: ModelRules = Field(
-        ModelRules(reviewers="reviewers", allow_auto=True, four_eyes=False,
-                   required_tags={"validation": "passed", "onnx_sha256": ANY,
-                                  "parity_max_abs": ANY, "parity_max_rel": ANY,
-                                  "metric_name": ANY},
-                   require_metric=True),
-        description="Rules of every model not listed in ``models`` (and their defaults).")
+        ModelRules(
+            reviewers="reviewers",
+            allow_auto=True,
+            four_eyes=False,
+            required_tags={
+                "validation": "passed",
+                "onnx_sha256": ANY,
+                "parity_max_abs": ANY,
+                "parity_max_rel": ANY,
+                "metric_name": ANY,
+            },
+            require_metric=True,
+        ),
+        description="Rules of every model not listed in ``models`` (and their defaults).",
+    )
     models: dict[str, ModelRules] = Field(
-        {}, description="Per registered model: the fields that differ from ``default``.")
+        {}, description="Per registered model: the fields that differ from ``default``."
+    )
 
     def rules_for(self, model: str) -> ModelRules:
         """The default's rules with the model's own fields on top (all fields set)."""
@@ -105,44 +125,74 @@ class Decision(BaseModel):
 
 
 def decide(
-    policy: PromotionPolicy, *, model: str, alias: str, version: str | None, user: str,
-    is_admin: bool, roles: set[str], version_tags: dict[str, str] | None,
+    policy: PromotionPolicy,
+    *,
+    model: str,
+    alias: str,
+    version: str | None,
+    user: str,
+    is_admin: bool,
+    roles: set[str],
+    version_tags: dict[str, str] | None,
 ) -> Decision:
     """May ``user`` point ``alias`` of ``model`` at ``version`` (None: delete the alias)?"""
     if alias not in policy.protected_aliases:
-        return Decision(allowed=True, rule="unprotected",
-                        message=f"{alias!r} is not a protected alias")
+        return Decision(
+            allowed=True, rule="unprotected", message=f"{alias!r} is not a protected alias"
+        )
     rules = policy.rules_for(model)
     target = f"version {version}" if version is not None else "nothing (delete)"
     is_pipeline = user in policy.pipeline_accounts
     if not (is_admin or rules.reviewers in roles or (is_pipeline and rules.allow_auto)):
-        who = (f"the pipeline account {user!r} (auto promotion is off for {model!r})"
-               if is_pipeline else f"{user!r}, who is not in the role {rules.reviewers!r}")
-        return Decision(allowed=False, rule="reviewers", message=(
-            f"Promotion policy, rule 'reviewers': only members of the MLflow role "
-            f"{rules.reviewers!r} may move {alias!r} of {model!r}; refused for {who}."))
+        who = (
+            f"the pipeline account {user!r} (auto promotion is off for {model!r})"
+            if is_pipeline
+            else f"{user!r}, who is not in the role {rules.reviewers!r}"
+        )
+        return Decision(
+            allowed=False,
+            rule="reviewers",
+            message=(
+                f"Promotion policy, rule 'reviewers': only members of the MLflow role "
+                f"{rules.reviewers!r} may move {alias!r} of {model!r}; refused for {who}."
+            ),
+        )
     if version is None:
         return Decision(allowed=True, rule="ok", message=f"{user} removed {alias!r}")
     if version_tags is None:
-        return Decision(allowed=False, rule="no_version",
-                        message=f"{model!r} has no version {version}")
+        return Decision(
+            allowed=False, rule="no_version", message=f"{model!r} has no version {version}"
+        )
 
     override = (version_tags.get(policy.override_tag) or "").strip() or None
     missing = missing_evidence(rules, version_tags)
     if missing and override is None:
-        return Decision(allowed=False, rule="evidence", message=(
-            f"Promotion policy, rule 'evidence': {model!r} {target} lacks the validation "
-            f"evidence {alias!r} requires: {'; '.join(missing)}. Run it through the "
-            f"pipeline's validation, or tag it {policy.override_tag!r} with a reason."))
+        return Decision(
+            allowed=False,
+            rule="evidence",
+            message=(
+                f"Promotion policy, rule 'evidence': {model!r} {target} lacks the validation "
+                f"evidence {alias!r} requires: {'; '.join(missing)}. Run it through the "
+                f"pipeline's validation, or tag it {policy.override_tag!r} with a reason."
+            ),
+        )
     registered_by = version_tags.get(REGISTERED_BY)
     if rules.four_eyes and registered_by is not None and registered_by == user:
-        return Decision(allowed=False, rule="four_eyes", message=(
-            f"Promotion policy, rule 'four_eyes': {user!r} registered {model!r} {target} "
-            f"and may not also move {alias!r} onto it; another reviewer must."))
-    return Decision(allowed=True, rule="ok",
-                    message=f"{user} moved {alias!r} to {target}" + (
-                        f" (evidence overridden: {override})" if missing else ""),
-                    override_reason=override if missing else None)
+        return Decision(
+            allowed=False,
+            rule="four_eyes",
+            message=(
+                f"Promotion policy, rule 'four_eyes': {user!r} registered {model!r} {target} "
+                f"and may not also move {alias!r} onto it; another reviewer must."
+            ),
+        )
+    return Decision(
+        allowed=True,
+        rule="ok",
+        message=f"{user} moved {alias!r} to {target}"
+        + (f" (evidence overridden: {override})" if missing else ""),
+        override_reason=override if missing else None,
+    )
 
 
 def missing_evidence(rules: ModelRules, tags: dict[str, str]) -> list[str]:
