@@ -210,8 +210,7 @@ def test_reviewer_is_refused_a_version_without_validation_passed_in_the_mlflow_u
     name, password = add_data_scientist(stack)
     with httpx.Client(base_url=stack.mlflow_url, auth=(name, password), timeout=30) as http:
         created = http.post("/api/2.0/mlflow/model-versions/create", json={
-            "name": "digits", "source": champion.source, "run_id": champion.run_id,
-            "model_id": champion.model_id,
+            "name": "digits", "source": f"models:/digits/{champion.version}",
             "tags": [{"key": "validation", "value": "failed"}]})
     assert created.status_code == 200, created.text
     unvalidated = created.json()["model_version"]["version"]
