@@ -107,9 +107,11 @@ class ServingSettings(BaseSettings):
     @field_validator("all_models")
     @classmethod
     def _alias(cls, value: str | None) -> str | None:
-        if value is not None and (not value or "@" in value or "/" in value or "," in value):
+        if not value:  # "" (an emptied environment variable): off
+            return None
+        if "@" in value or "/" in value or "," in value:
             raise ValueError(f"all_models takes one alias name (e.g. champion), got {value!r}")
-        return value or None
+        return value
 
     @model_validator(mode="after")
     def _something_to_serve(self):
