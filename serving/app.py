@@ -20,6 +20,12 @@ import time
 import zlib
 
 import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
 from onnxflow.serving import mlflow_format, v2
 from onnxflow.serving.dataplane import DataPlane
 from onnxflow.serving.errors import BadInput, RequestError, TooLarge, UnsupportedMedia
@@ -27,11 +33,6 @@ from onnxflow.serving.metrics import ServingMetrics
 from onnxflow.serving.model import LoadedModel
 from onnxflow.serving.openapi import openapi_document
 from onnxflow.serving.settings import ServingSettings
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 log = logging.getLogger(__name__)
 

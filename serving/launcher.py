@@ -20,7 +20,12 @@ from pathlib import Path
 
 from onnxflow.errors import ServingError
 from onnxflow.processes import (
-    ProcessRecord, free_port, is_alive, start_process, stop_process, wait_until,
+    ProcessRecord,
+    free_port,
+    is_alive,
+    start_process,
+    stop_process,
+    wait_until,
 )
 from onnxflow.serving.settings import ServingSettings
 

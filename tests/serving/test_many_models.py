@@ -12,11 +12,11 @@ import re
 import httpx
 import numpy as np
 import pytest
+
+from onnxflow.processes import free_port
 from onnxflow.serving.discovery import models_with_alias
 from onnxflow.serving.launcher import start_background, stop_background, wait_ready
 from onnxflow.serving.settings import ServingSettings
-
-from onnxflow.processes import free_port
 from tests.serving import models
 from tests.serving.conftest import TOKEN, Endpoint, _example, corrupt_stored_model, wait_for
 
