@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from onnxflow.config import Framework, PipelineConfig
 from onnxflow.errors import OnnxflowError
 from onnxflow.promote import PromotionDecision
-from onnxflow.registry import lineage_tags
+from onnxflow.registration import lineage_tags
 from onnxflow.data import load_splits
 from onnxflow.results import (
     ChainResult, DatasetArtifact, ExportedModel, RegisteredVersion, StepResult, TrainedModel,
@@ -31,7 +31,7 @@ from onnxflow.tracking import git_commit
 from onnxflow.tasks.data import prepare_data_task
 from onnxflow.tasks.model import export_task, simplify_task, train_task, validate_task
 from onnxflow.tasks.quantize import quantize_task, register_quantized_task
-from onnxflow.tasks.registry import finish_run_task, promote_task, register_task, start_run_task
+from onnxflow.tasks.register import finish_run_task, promote_task, register_task, start_run_task
 
 
 class RunResult(StepResult):

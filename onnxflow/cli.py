@@ -268,7 +268,7 @@ def promote(
     """Move an alias to a version (rollback is the same command with an older version)."""
     _setup()
     check_tracking_store()
-    from onnxflow.registry import set_alias
+    from onnxflow.registration import set_alias
 
     try:
         set_alias(name, alias, version)
@@ -333,7 +333,7 @@ def stop() -> None:
 
 # --- the service stack: `onnxflow stack up|status|down|deploy` and `onnxflow trigger` ---
 
-from onnxflow.stack.cli import stack_app  # noqa: E402  (light: typer only)
+from onnxflow.stack.commands import stack_app  # noqa: E402  (light: typer only)
 
 app.add_typer(stack_app, name="stack")
 
@@ -358,7 +358,7 @@ def trigger(
     cfg = pipeline_config(config, data=data.resolve() if data else None, target=target,
                           epochs=epochs, model_name=model_name, promotion=promotion,
                           model=model, quantize=quantize)
-    from onnxflow.stack.cli import trigger_run
+    from onnxflow.stack.commands import trigger_run
 
     trigger_run(_frameworks(framework), cfg, wait=wait, timeout_s=timeout)
 

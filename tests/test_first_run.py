@@ -171,7 +171,7 @@ def test_waits(server):
 def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     full = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", **env}
     return subprocess.run([*ONNXFLOW, *args], cwd=cwd, env=full, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
 
 
 def error_line(out: subprocess.CompletedProcess) -> str:
