@@ -1,4 +1,4 @@
-"""The pipeline as Prefect flows; read it next to the diagram in DESIGN.md.
+"""The pipeline as Prefect flows; read it next to docs/architecture.md.
 
     data ─► train ─► export ─► simplify ─► validate ─► register ─► [quantize ─► register] ─► promote
             └──── train_and_register ─────────────────────────────────────────────┘
@@ -10,8 +10,7 @@ version. No step logic lives here, only the wiring.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -19,19 +18,20 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from onnxflow.config import Framework, PipelineConfig
+from onnxflow.data import load_splits
 from onnxflow.errors import OnnxflowError
+from onnxflow.flows.runs import mlflow_run
 from onnxflow.promote import PromotionDecision
 from onnxflow.registration import lineage_tags
-from onnxflow.data import load_splits
 from onnxflow.results import (
     ChainResult, DatasetArtifact, ExportedModel, RegisteredVersion, StepResult, TrainedModel,
 )
 from onnxflow.summary import to_markdown, version_rows
-from onnxflow.tracking import git_commit
 from onnxflow.tasks.data import prepare_data_task
 from onnxflow.tasks.model import export_task, simplify_task, train_task, validate_task
 from onnxflow.tasks.quantize import quantize_task, register_quantized_task
-from onnxflow.tasks.register import finish_run_task, promote_task, register_task, start_run_task
+from onnxflow.tasks.register import promote_task, register_task
+from onnxflow.tracking import git_commit
 
 
 class RunResult(StepResult):
@@ -51,7 +51,9 @@ def train_and_register(
     """data → train → export → (validate_and_register), for one framework."""
     dataset = dataset or prepare_data_task(config.data, out_dir / "data")
     out = out_dir / framework
-    with mlflow_run(framework, config, dataset) as run_id:
+    run_name = f"{framework}-{config.register_.model_name}"
+    with mlflow_run(config.experiment, run_name, _params(config),
+                    {"source_framework": framework}, dataset) as run_id:
         trained = train_task(framework, dataset, config.train, out / "train", run_id)
         exported = export_task(framework, trained, dataset.info, config.export, out / "export")
         chain = validate_and_register(trained, exported, dataset, config, out, run_id)
@@ -71,26 +73,17 @@ def quantize_and_register(
 ) -> RegisteredVersion:
     """quantize → register, in a run of its own: an int8 copy of a registered version that
     loses at most ``quantize.max_accuracy_drop`` becomes a version tagged ``quantized``."""
-    run_id = start_run_task(
-        config.experiment,
-        f"{chain.framework}-{config.register_.model_name}-{config.quantize.mode}-int8",
-        _params(config),
-        {"source_framework": chain.framework, "flow_run_id": str(flow_run.id),
-         "quantized_from": chain.version.version},
-        dataset,
-    )
-    try:
+    run_name = f"{chain.framework}-{config.register_.model_name}-{config.quantize.mode}-int8"
+    with mlflow_run(config.experiment, run_name, _params(config),
+                    {"source_framework": chain.framework,
+                     "quantized_from": chain.version.version}, dataset) as run_id:
         quantized = quantize_task(chain.simplified.path, dataset, config.quantize, out_dir)
-        lineage = {**lineage_tags(chain.trained, chain.exported, chain.simplified, dataset,
-                                  git_commit=git_commit(), flow_run_id=str(flow_run.id)),
+        lineage = {**lineage_tags(chain.framework, chain.exported, chain.simplified,
+                                  dataset.info, git_commit=git_commit(),
+                                  flow_run_id=str(flow_run.id)),
                    "quantized_from": chain.version.version}
-        version = register_quantized_task(quantized, lineage, load_splits(dataset)["X_test"][:1],
-                                          config.register_, run_id)
-    except BaseException:
-        finish_run_task(run_id, failed=True)
-        raise
-    finish_run_task(run_id)
-    return version
+        return register_quantized_task(quantized, lineage, load_splits(dataset)["X_test"][:1],
+                                       config.register_, run_id)
 
 
 @flow(name="validate-and-register")
@@ -112,7 +105,7 @@ def validate_and_register(
         simplified.path, trained, dataset, config.validate_, out_dir / "validate", run_id
     )
     lineage = lineage_tags(
-        trained, exported, simplified, dataset,
+        trained.framework, exported, simplified, dataset.info,
         git_commit=git_commit(), flow_run_id=str(flow_run.id),
     )
     version = register_task(simplified.path, validation, lineage, dataset, config.register_, run_id)
@@ -156,24 +149,6 @@ def run(
             "Chain(s) failed: " + "; ".join(f"{fw}: {msg}" for fw, msg in failures.items())
         )
     return RunResult(chains=chains, failures=failures, promotion=promotion, table=table)
-
-
-@contextmanager
-def mlflow_run(framework: Framework, config: PipelineConfig, dataset: DatasetArtifact) -> Iterator[str]:
-    """One MLflow run per chain, marked FAILED if any step inside fails."""
-    run_id = start_run_task(
-        config.experiment,
-        f"{framework}-{config.register_.model_name}",
-        _params(config),
-        {"source_framework": framework, "flow_run_id": str(flow_run.id)},
-        dataset,
-    )
-    try:
-        yield run_id
-    except BaseException:
-        finish_run_task(run_id, failed=True)
-        raise
-    finish_run_task(run_id)
 
 
 def _params(config: PipelineConfig) -> dict[str, object]:

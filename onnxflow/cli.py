@@ -278,7 +278,7 @@ def promote(
 
 
 def _deploy(model: str, port: int) -> None:
-    from onnxflow.tasks.serve import deploy_endpoint, smoke_test
+    from onnxflow.deploy import deploy_endpoint, smoke_test
     from onnxflow.serving.launcher import make_settings
 
     try:
@@ -326,7 +326,7 @@ def serve(
 @app.command()
 def stop() -> None:
     """Stop the endpoint started by `onnxflow run --deploy` (or `make demo`)."""
-    from onnxflow.tasks.serve import stop_endpoint
+    from onnxflow.deploy import stop_endpoint
 
     typer.echo("endpoint stopped" if stop_endpoint() else "no endpoint was running")
 

@@ -137,22 +137,15 @@ class RestEndpoints:
         self.plane.authorize(headers.get("authorization"))
         model = self.plane.default_model()
         body = await self.read_body(headers, receive, (JSON, "text/csv"), False)
-        if headers.get("content-type", "").lower().startswith("text/csv"):
-            try:
-                text = body.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadInput("CSV body is not UTF-8") from None
-            feeds = mlflow_format.parse_csv(text, model.inputs)
-        else:
-            try:
-                payload = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise BadInput(f"malformed JSON: {exc}") from None
-            feeds = mlflow_format.parse_payload(payload, model.inputs)
+        feeds = mlflow_format.parse_body(body, headers.get("content-type"), model.inputs)
         results = await self.plane.execute(model, feeds)
         content = orjson.dumps(mlflow_format.predictions(model.output_names, results),
                                option=orjson.OPT_SERIALIZE_NUMPY)
         return 200, content, JSON_HEADERS, model
+
+    async def version(self, request: Request) -> Response:
+        """As ``mlflow models serve``: the MLflow version whose scoring protocol is spoken."""
+        return Response(mlflow_format.mlflow_version(), media_type="text/plain")
 
     async def ping(self, request: Request) -> Response:
         return Response(b"\n", 200 if self.plane.ready() else 503, media_type=JSON)
@@ -366,6 +359,7 @@ def create_app(settings: ServingSettings) -> FrontDoor:
         Route(model + "/example", ep.model_example, methods=["GET"]),
         Route("/ping", ep.ping, methods=["GET"]),
         Route("/health", ep.ping, methods=["GET"]),
+        Route("/version", ep.version, methods=["GET"]),
         Route("/metrics", ep.metrics_route, methods=["GET"]),
         Route("/openapi.json", ep.openapi, methods=["GET"]),
         Route("/admin/reload", ep.admin_reload, methods=["POST"]),

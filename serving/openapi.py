@@ -104,7 +104,10 @@ def openapi_document(model_name: str) -> dict:
             "security": _BEARER,
             "requestBody": {"required": True, "content": {
                 "application/json": {"schema": _ref("InvocationsRequest")},
-                "text/csv": {"schema": {"type": "string"}},
+                "text/csv": {"schema": {"type": "string"}, "description": (
+                    "One row per line. Content-Type: text/csv; header=present|absent "
+                    "declares the header row; without it the header is detected against "
+                    "the model's inputs, and a first row that could be either is a 400.")},
             }},
             "responses": {"200": {"description": "Predictions by output name.",
                                   "headers": _version_headers(),
@@ -119,6 +122,11 @@ def openapi_document(model_name: str) -> dict:
         "/health": {"get": {"summary": "Same as /ping.",
                             "responses": {"200": {"description": "Ready"},
                                           "503": {"description": "Not ready"}}}},
+        "/version": {"get": {"summary": "As `mlflow models serve`: the MLflow version whose "
+                                        "scoring protocol this endpoint speaks.",
+                             "responses": {"200": {"description": "Version string",
+                                                   "content": {"text/plain": {
+                                                       "schema": {"type": "string"}}}}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics.",
                              "responses": {"200": {"description": "Text exposition format",
                                                    "content": {"text/plain": {

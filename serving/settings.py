@@ -69,10 +69,12 @@ class ServingSettings(BaseSettings):
         Path(".onnxflow/serve/models"),
         description="Downloaded versions, kept by NAME/VERSION so a restart starts fast.",
     )
-    registry_access: Literal["auto", "rest", "mlflow"] = Field(
+    registry_access: Literal["auto", "rest", "sqlite", "mlflow"] = Field(
         "auto",
-        description="auto: MLflow's REST API for http(s) tracking URIs (MLflow is then never "
-        "imported by the endpoint), MLflow's client in process otherwise.",
+        description="How alias checks read the registry (the endpoint never imports MLflow): "
+        "auto: MLflow's REST API for http(s) tracking URIs, the SQLite file read-only for "
+        "sqlite:///, a helper process with MLflow's client otherwise; rest, sqlite or "
+        "mlflow (the helper) force one.",
     )
     require_digest: bool = Field(
         True, description="Refuse versions without an onnx_sha256 tag (set at registration)."

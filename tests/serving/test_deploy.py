@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 def test_deploy_status_stop(registry, registered, tmp_path, monkeypatch):
-    from onnxflow.tasks.serve import deploy_endpoint, endpoint_status, stop_endpoint
+    from onnxflow.deploy import deploy_endpoint, endpoint_status, stop_endpoint
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
     monkeypatch.setenv("ONNXFLOW_SERVE_CACHE_DIR", str(tmp_path / "cache"))
@@ -35,25 +35,29 @@ def test_deploy_status_stop(registry, registered, tmp_path, monkeypatch):
     assert stop_endpoint(state) is False
 
 
-def test_with_a_tracking_server_mlflow_stays_out(mlflow_server, endpoints, tmp_path,
-                                                 monkeypatch):
-    """Via a tracking server the endpoint never imports MLflow: fast start, small RSS."""
-    from onnxflow.tasks.serve import deploy_endpoint, stop_endpoint
+@pytest.mark.parametrize("mode", ["server", "sqlite"])
+def test_mlflow_stays_out_of_the_endpoint(mode, registry, mlflow_server, endpoints, tmp_path,
+                                          monkeypatch):
+    """Via a tracking server or the default SQLite store, the endpoint never imports MLflow
+    (its reads go over REST, or to the SQLite file read-only): fast start, small RSS."""
+    from onnxflow.deploy import deploy_endpoint, stop_endpoint
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server if mode == "server" else registry.uri)
     state = tmp_path / "serve"
     url = deploy_endpoint("digits@champion", port=0, token="t0ken-t0ken", state_dir=state)
     try:
-        status = httpx.get(f"{url}/admin/status", headers={"authorization": "Bearer t0ken-t0ken"})
-        assert status.json()["mlflow_loaded"] is False
-        assert status.json()["heavy_modules_loaded"] == []
+        status = httpx.get(f"{url}/admin/status",
+                           headers={"authorization": "Bearer t0ken-t0ken"}).json()
+        assert status["mlflow_loaded"] is False
+        assert status["heavy_modules_loaded"] == []
+        assert status["rss_bytes"] < 150 << 20, status["rss_bytes"]
     finally:
         stop_endpoint(state)
 
 
 def test_deploy_fails_clearly_for_an_unknown_model(registry, tmp_path, monkeypatch):
     from onnxflow.errors import ServingError
-    from onnxflow.tasks.serve import deploy_endpoint
+    from onnxflow.deploy import deploy_endpoint
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
     with pytest.raises(ServingError, match="not ready"):
@@ -62,8 +66,8 @@ def test_deploy_fails_clearly_for_an_unknown_model(registry, tmp_path, monkeypat
     assert not (tmp_path / "serve" / "endpoint.pid").exists()
 
 
-def test_task_module_does_not_import_prefect():
-    code = "import sys, onnxflow.tasks.serve; print('prefect' in sys.modules)"
+def test_the_deploy_step_does_not_import_prefect():
+    code = "import sys, onnxflow.deploy; print('prefect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=os.getcwd())
     assert out.stdout.strip() == "False"
