@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxflow.errors import ModelImportError
-from onnxflow.interface import default_opset, has_dynamic_batch, load_graph, read_interface
+from onnxflow.interface import default_opset, load_graph, name_batch_axis, read_interface
 from onnxflow.results import ImportedModel, SourceFormat
 from onnxflow.runtime import open_session
 
@@ -305,20 +305,12 @@ def convert_to_onnx(source: Path, source_format: SourceFormat, sample: Mapping[s
 
 
 def _name_batch_axis(target: Path) -> None:
-    """Converters name each first axis apart (tf2onnx ``unk__8``, torch ``s77``); when
-    every input and output has a symbolic first axis, call them all ``batch``."""
+    """When every input and output has a dynamic first axis, call them all ``batch``."""
     import onnx
 
     proto = load_graph(target)
-    if not has_dynamic_batch(proto):
-        return
-    graph = proto.graph
-    symbols = {v.type.tensor_type.shape.dim[0].dim_param for v in [*graph.input, *graph.output]}
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param") and dim.dim_param in symbols:
-                dim.dim_param = "batch"
-    onnx.save(proto, str(target))  # external data, if any, stays where it is
+    if name_batch_axis(proto):
+        onnx.save(proto, str(target))  # external data, if any, stays where it is
 
 
 def _tf_to_onnx(source: Path, source_format: str, opset: int, target: Path) -> None:

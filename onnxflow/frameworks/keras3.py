@@ -21,13 +21,13 @@ from onnxflow.errors import ExportError, OnnxflowError, TrainingError
 from onnxflow.frameworks import (
     EpochCallback,
     Predictor,
-    save_exported,
     fold_standardization,
     format_metrics,
     image_side,
+    save_exported,
     standardized_splits,
 )
-from onnxflow.interface import BATCH_AXIS, INPUT_NAME, output_name
+from onnxflow.interface import INPUT_NAME, name_batch_axis, output_name
 from onnxflow.results import DatasetArtifact, DatasetInfo, ExportedModel, TrainedModel
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,8 @@ def export(
     if len(proto.graph.output) != 1:
         raise ExportError(f"tf2onnx produced {len(proto.graph.output)} outputs, expected 1")
     _rename_value(proto.graph, proto.graph.output[0].name, output_name(info.task))
-    _name_batch_axis(proto.graph)
+    if not name_batch_axis(proto):  # tf2onnx names the input's and output's batch axes apart
+        raise ExportError("tf2onnx wrote a static batch axis, expected it dynamic")
 
     return save_exported(proto, info, config.opset, out_dir, EXPORTER, started)
 
@@ -269,17 +270,3 @@ def _rename_value(graph, old: str, new: str) -> None:
     for value in [*graph.output, *graph.value_info]:
         if value.name == old:
             value.name = new
-
-
-def _name_batch_axis(graph) -> None:
-    """tf2onnx names the input's and the output's batch axes apart; call both ``batch``."""
-    symbols = set()
-    for value in [*graph.input, *graph.output]:
-        first = value.type.tensor_type.shape.dim[0]
-        if not first.HasField("dim_param"):
-            raise ExportError(f"{value.name!r} has a static batch axis, expected it dynamic")
-        symbols.add(first.dim_param)
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param") and dim.dim_param in symbols:
-                dim.dim_param = BATCH_AXIS
