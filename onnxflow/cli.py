@@ -404,7 +404,6 @@ def convert(
     typer.echo(f"report: {result.report_path}    time: {result.seconds:.1f} s")
 
 
-<<<<<<< HEAD
 class OnceOnlyCommand(TyperCommand):
     """A command whose single-value options may be given once: click would keep the last
     of ``--port 1 --port 2`` without a word, and a user who meant both loses one."""
@@ -440,7 +439,8 @@ def _refuse_repeated_options(typer_app: typer.Typer) -> None:
 
 
 _refuse_repeated_options(app)
-=======
+
+
 def main() -> None:
     """The console entry: every failure ends with one ``error: ...`` line, not a traceback.
 
@@ -458,7 +458,6 @@ def main() -> None:
             raise
         typer.secho(f"error: {explain(exc)}", fg=typer.colors.RED, err=True)
         sys.exit(1)
->>>>>>> main
 
 
 if __name__ == "__main__":  # pragma: no cover
