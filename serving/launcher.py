@@ -20,7 +20,7 @@ from pathlib import Path
 
 from onnxflow.errors import ServingError
 from onnxflow.processes import (
-    ProcessRecord, free_port, is_alive, start_process, stop_process, wait_until,
+    ProcessRecord, free_port, is_alive, port_free, start_process, stop_process, wait_until,
 )
 from onnxflow.serving.settings import ServingSettings
 
@@ -76,9 +76,18 @@ def serve(
         max_body_bytes=max_body_bytes, intra_op_threads=intra_op_threads,
         cache_dir=cache_dir, log_level=log_level,
     )
+    check_port(settings)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "onnxflow.serving"], _child_env(settings))
+
+
+def check_port(settings: ServingSettings) -> None:
+    """Refuse a port another process holds, before starting anything."""
+    if settings.port and not port_free(settings.host, settings.port):
+        raise ServingError(
+            f"port {settings.port} on {settings.host} is already in use: choose another with "
+            "--port, or stop what holds it (`onnxflow stop` stops an endpoint onnxflow started)")
 
 
 def run_server(settings: ServingSettings) -> None:
@@ -162,6 +171,7 @@ def start_background(settings: ServingSettings, state_dir: Path = DEFAULT_STATE_
                            f"{running.url}); stop it first with `onnxflow stop`")
     if settings.port == 0:
         settings = settings.model_copy(update={"port": free_port(settings.host)})
+    check_port(settings)
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{host}:{settings.port}"
     # Own session: outlives the flow that started it, and stops as one process group.
