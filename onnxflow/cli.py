@@ -89,6 +89,17 @@ def _setup(settings: Settings | None = None) -> Settings:
     return settings
 
 
+def _prefect_api(settings: Settings):
+    """The Prefect API for a command's flows; a server of the stack (`make up`) counts."""
+    local = None
+    if settings.prefect_server == "auto":
+        from onnxflow.stack.manager import running_settings
+        from onnxflow.stack.settings import StackSettings
+
+        local = running_settings(StackSettings()).prefect_api_url
+    return prefect_api(local, say=_say)
+
+
 def _say(line: str) -> None:
     typer.echo(line, err=True)
 
@@ -177,7 +188,7 @@ def run(
         _fail(str(exc), 2)
     check_tracking_store()
 
-    with prefect_api(settings.prefect_server, say=_say) as api:  # boots while we import
+    with _prefect_api(settings) as api:  # a temporary server boots while we import
         from onnxflow.flows.pipeline import run as run_flow
         from onnxflow.summary import print_table
 
@@ -223,7 +234,7 @@ def import_model(
     typer.echo(f"{path}: {found}")
     check_tracking_store()
     out_dir = settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-import-{uuid.uuid4().hex[:6]}"
-    with prefect_api(settings.prefect_server, say=_say) as api:  # boots while we import
+    with _prefect_api(settings) as api:  # a temporary server boots while we import
         from onnxflow.flows.importing import import_model as import_flow
         from onnxflow.summary import print_table, version_rows
 

@@ -86,10 +86,11 @@ class PrefectApi:
 
 
 @contextmanager
-def prefect_api(mode: str = "auto", say: Say = log.info) -> Iterator[PrefectApi]:
+def prefect_api(local_url: str | None = None, say: Say = log.info) -> Iterator[PrefectApi]:
     """The Prefect API for this command's flows (see the module's docstring).
 
-    A temporary server is launched on entry and stopped on exit; call ``wait()`` on the
+    ``local_url``: where a Prefect server running on this machine would answer (the
+    stack's API URL); None: do not look for one. A temporary server is launched on entry and stopped on exit; call ``wait()`` on the
     result before the first flow runs.
     """
     settings = _prefect_settings()
@@ -104,7 +105,7 @@ def prefect_api(mode: str = "auto", say: Say = log.info) -> Iterator[PrefectApi]
         say(f"Prefect: using {api.url} (PREFECT_API_URL)")
         yield api
         return
-    if mode != "temporary" and (local := _running_local_server()) is not None:
+    if local_url and (local := _running_local_server(local_url)) is not None:
         say(f"Prefect: using the server running at {local} (its UI shows these runs)")
         yield PrefectApi(url=local, kind="local")
         return
@@ -255,16 +256,12 @@ def _healthy(api_url: str, timeout_s: float = 2.0) -> bool:
     return response.status_code == 200
 
 
-def _running_local_server() -> str | None:
-    """The API URL of a Prefect server answering at the stack's address, if its Prefect
-    version is this one's (a client and server of different versions may not agree)."""
+def _running_local_server(url: str) -> str | None:
+    """``url`` if a Prefect server answers there and runs this Prefect version (a client
+    and a server of different versions may not agree)."""
     import httpx
     import prefect
 
-    from onnxflow.stack.manager import running_settings
-    from onnxflow.stack.settings import StackSettings
-
-    url = running_settings(StackSettings()).prefect_api_url
     try:
         if httpx.get(f"{url}/health", timeout=2).status_code != 200:
             return None
