@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## Create .venv and install everything (once; again when pyproject changes)
 
-demo: $(STAMP)  ## Train torch + keras + sklearn on digits, register, promote, serve champion
-	$(BIN)/onnxflow run --framework all --deploy
+DEMO_PORT ?= 8080
+
+demo: $(STAMP)  ## Train torch + keras + sklearn on digits, register, promote, serve champion (DEMO_PORT)
+	$(BIN)/onnxflow run --framework all --deploy --port $(DEMO_PORT)
 
 lint: $(STAMP)  ## ruff check and ruff format --check (make test runs it first)
 	$(BIN)/ruff check .
