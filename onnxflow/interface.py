@@ -163,6 +163,17 @@ def name_batch_axis(proto, name: str = BATCH_AXIS) -> bool:
     return True
 
 
+def rename_value(graph, old: str, new: str) -> None:
+    """Rename a graph value everywhere it appears: node inputs and outputs, graph inputs,
+    outputs and value_info (converters pick names onnxflow's interface does not use)."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.name == old:
+            value.name = new
+
+
 def default_opset(proto) -> int:
     """The model's default-domain (``ai.onnx``) opset version; 0 when it imports none."""
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)

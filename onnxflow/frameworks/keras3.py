@@ -1,4 +1,5 @@
-"""Keras 3 adapter (TensorFlow backend): train an MLP or a small CNN, save ``model.keras``, convert with tf2onnx.
+"""Keras 3 adapter (TensorFlow backend): train an MLP or a small CNN, save ``model.keras``,
+convert it with tf2onnx.
 
 ``tf2onnx.convert.from_keras`` fails on Keras 3 models (KeyError 'keras_tensor_1'), so the
 export wraps the model in a ``tf.function`` with an explicit input signature and uses
@@ -27,7 +28,7 @@ from onnxflow.frameworks import (
     save_exported,
     standardized_splits,
 )
-from onnxflow.interface import INPUT_NAME, name_batch_axis, output_name
+from onnxflow.interface import INPUT_NAME, name_batch_axis, output_name, rename_value
 from onnxflow.results import DatasetArtifact, DatasetInfo, ExportedModel, TrainedModel
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def export(
         raise ExportError(f"tf2onnx could not convert {trained.path}: {exc}") from exc
     if len(proto.graph.output) != 1:
         raise ExportError(f"tf2onnx produced {len(proto.graph.output)} outputs, expected 1")
-    _rename_value(proto.graph, proto.graph.output[0].name, output_name(info.task))
+    rename_value(proto.graph, proto.graph.output[0].name, output_name(info.task))
     if not name_batch_axis(proto):  # tf2onnx names the input's and output's batch axes apart
         raise ExportError("tf2onnx wrote a static batch axis, expected it dynamic")
 
@@ -261,12 +262,3 @@ def _cnn_inference_model(keras, model, info: DatasetInfo):
 
 
 # -- export ----------------------------------------------------------------------------
-
-
-def _rename_value(graph, old: str, new: str) -> None:
-    for node in graph.node:
-        node.input[:] = [new if name == old else name for name in node.input]
-        node.output[:] = [new if name == old else name for name in node.output]
-    for value in [*graph.output, *graph.value_info]:
-        if value.name == old:
-            value.name = new
