@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from onnxflow.config import PipelineConfig, Settings
 from onnxflow.errors import OnnxflowError
@@ -316,7 +317,8 @@ def _brief(predictions: Any) -> str:
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="NAME@ALIAS (followed as it moves) or NAME/VERSION.")] = "digits@champion",
+    model: Annotated[Optional[list[str]], typer.Option(help="NAME@ALIAS (followed as it moves) or NAME/VERSION; repeat it to serve several models from one endpoint (the first answers /invocations). Default: digits@champion, unless --all-models is given.")] = None,
+    all_models: Annotated[Optional[str], typer.Option(help="Also serve every registered model that has this alias (e.g. champion), picking up new ones as they appear.")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
     token: Annotated[Optional[str], typer.Option(envvar="ONNXFLOW_SERVE_TOKEN", show_envvar=True, help="Bearer token for inference and admin routes (admin routes are off without one).")] = None,
@@ -325,13 +327,20 @@ def serve(
     poll_interval_s: Annotated[Optional[float], typer.Option(help="How often the alias is checked (default 10 s).")] = None,
     max_body_bytes: Annotated[Optional[int], typer.Option(help="Largest request body (default 16 MiB).")] = None,
 ) -> None:
-    """Serve a registered model in the foreground with the onnxruntime endpoint."""
+    """Serve registered models in the foreground with the onnxruntime endpoint.
+
+    Each model is on /v2/models/NAME/infer (KServe V2) and /v2/models/NAME/invocations
+    (MLflow scoring); /invocations answers with the first.
+    """
     _setup()
     from onnxflow.serving.launcher import serve as serve_foreground
 
-    serve_foreground(model, host, port, token=token, max_batch_size=max_batch_size,
-                     max_batch_delay_ms=max_batch_delay_ms, poll_interval_s=poll_interval_s,
-                     max_body_bytes=max_body_bytes)
+    try:
+        serve_foreground(model, host, port, all_models=all_models, token=token,
+                         max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
+                         poll_interval_s=poll_interval_s, max_body_bytes=max_body_bytes)
+    except ValueError as exc:  # the settings refused an option
+        _fail(str(exc))
 
 
 @app.command()
@@ -404,6 +413,43 @@ def convert(
     if result.fallback_reason:
         typer.echo(f"not a torch.export program because {result.fallback_reason}")
     typer.echo(f"report: {result.report_path}    time: {result.seconds:.1f} s")
+
+
+class OnceOnlyCommand(TyperCommand):
+    """A command whose single-value options may be given once: click would keep the last
+    of ``--port 1 --port 2`` without a word, and a user who meant both loses one."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        single = {}
+        for param in self.get_params(ctx):
+            # typer ships its own click: look at the parameter, not at its class
+            if getattr(param, "param_type_name", "") == "option" and not (
+                    param.multiple or param.is_flag or param.count):
+                single.update(dict.fromkeys(param.opts + param.secondary_opts, param))
+        seen: dict[str, str] = {}  # parameter -> the option name it was given as
+        for arg in args:
+            if arg == "--":
+                break
+            name = arg.split("=", 1)[0]
+            param = single.get(name)
+            if param is None:
+                continue
+            if param.name in seen:
+                raise typer.BadParameter("given more than once; it takes one value",
+                                         ctx=ctx, param_hint=f"'{name}'")
+            seen[param.name] = name
+        return super().parse_args(ctx, args)
+
+
+def _refuse_repeated_options(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        if info.cls in (None, TyperCommand):
+            info.cls = OnceOnlyCommand
+    for group in typer_app.registered_groups:
+        _refuse_repeated_options(group.typer_instance)
+
+
+_refuse_repeated_options(app)
 
 
 def main() -> None:

@@ -56,10 +56,11 @@ def _child_env(settings: ServingSettings) -> dict[str, str]:
 
 
 def serve(
-    model: str | None = None,
+    model: str | list[str] | None = None,
     host: str | None = None,
     port: int | None = None,
     *,
+    all_models: str | None = None,
     token: str | None = None,
     max_batch_size: int | None = None,
     max_batch_delay_ms: float | None = None,
@@ -69,9 +70,13 @@ def serve(
     cache_dir: Path | None = None,
     log_level: str | None = None,
 ) -> None:
-    """Serve in the foreground (this process becomes the endpoint); None: env or default."""
+    """Serve in the foreground (this process becomes the endpoint); None: env or default.
+
+    ``model``: one reference or several (the first answers ``/invocations``)."""
+    if isinstance(model, list):
+        model = ",".join(model) or None
     settings = make_settings(
-        model=model, host=host, port=port, token=token, max_batch_size=max_batch_size,
+        model=model, all_models=all_models, host=host, port=port, token=token, max_batch_size=max_batch_size,
         max_batch_delay_ms=max_batch_delay_ms, poll_interval_s=poll_interval_s,
         max_body_bytes=max_body_bytes, intra_op_threads=intra_op_threads,
         cache_dir=cache_dir, log_level=log_level,
@@ -230,8 +235,9 @@ def background_status(state_dir: Path = DEFAULT_STATE_DIR) -> dict | None:
     try:
         response = httpx.get(f"{info.url}/v2/health/ready", timeout=2.0)
         status["ready"] = response.status_code == 200
-        name = info.model.split("@")[0].rsplit("/", 1)[0]
-        if status["ready"]:
+        first = info.model.split(",")[0]
+        name = first.split("@")[0].rsplit("/", 1)[0]
+        if status["ready"] and name:
             meta = httpx.get(f"{info.url}/v2/models/{name}/ready", timeout=2.0)
             status["version"] = meta.headers.get("x-model-version")
     except httpx.TransportError as exc:

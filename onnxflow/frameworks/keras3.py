@@ -1,4 +1,5 @@
-"""Keras 3 adapter (TensorFlow backend): train an MLP or a small CNN, save ``model.keras``, convert with tf2onnx.
+"""Keras 3 adapter (TensorFlow backend): train an MLP or a small CNN, save ``model.keras``,
+convert it with tf2onnx.
 
 ``tf2onnx.convert.from_keras`` fails on Keras 3 models (KeyError 'keras_tensor_1'), so the
 export wraps the model in a ``tf.function`` with an explicit input signature and uses
