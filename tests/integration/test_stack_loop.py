@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from onnxflow.endpoints import serving_version, wait_until_serving
+from onnxflow.stack import manager
 from tests.integration.conftest import record_timing, stack_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -150,8 +151,12 @@ def test_deployments_and_uis(stack):
     assert on_demand["schedules"] == []
     assert set(on_demand["parameter_openapi_schema"]["properties"]) == {
         "frameworks", "config", "endpoints", "endpoint_timeout_s"}, "the UI's run form"
-    for url in (stack.prefect_url, stack.mlflow_url):
-        page = httpx.get(url, timeout=10, follow_redirects=True)
+    # The MLflow UI asks for a login (the stack runs MLflow with authentication).
+    login = manager.account_env(stack, "reviewer")
+    auth = (login["MLFLOW_TRACKING_USERNAME"], login["MLFLOW_TRACKING_PASSWORD"])
+    assert httpx.get(stack.mlflow_url, timeout=10).status_code == 401
+    for url, url_auth in ((stack.prefect_url, None), (stack.mlflow_url, auth)):
+        page = httpx.get(url, timeout=10, follow_redirects=True, auth=url_auth)
         assert page.status_code == 200 and "<html" in page.text.lower(), url
 
 

@@ -79,7 +79,12 @@ def add_data_scientist(stack) -> tuple[str, str]:
 def try_champion_in_ui(page, stack, version: str):
     """On the version's page: Edit aliases, add ``champion``, Save; returns the dialog."""
     page.goto(f"{stack.mlflow_url}/#/models/digits/versions/{version}", wait_until="load")
-    page.get_by_title("Edit aliases").click()
+    # The pencil next to Aliases; a version without aliases shows "Add" there instead.
+    edit = page.get_by_title("Edit aliases")
+    page.get_by_text("Aliases:").first.wait_for()
+    if edit.count() == 0:
+        edit = page.get_by_role("button", name="Add", exact=True).first
+    edit.click()
     dialog = page.get_by_role("dialog")
     combobox = dialog.get_by_role("combobox")
     combobox.click()
