@@ -229,7 +229,7 @@ def test_reviewer_is_refused_a_version_without_validation_passed_in_the_mlflow_u
         page.screenshot(path=str(RESULTS / "auth-reviewer-refused-unvalidated.png"))
         # The audit trail, in the MLflow UI: the model's audit experiment.
         experiment = mlflow_client.get_experiment_by_name("onnxflow-audit/digits")
-        page.goto(f"{stack.mlflow_url}/#/experiments/{experiment.experiment_id}",
+        page.goto(f"{stack.mlflow_url}/#/experiments/{experiment.experiment_id}/runs",
                   wait_until="load")
         page.get_by_text(f"champion {champion.version} -> {unvalidated} by reviewer: refused"
                          ).first.wait_for()
