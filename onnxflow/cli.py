@@ -18,10 +18,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from onnxflow.cli_options import StrictTyper
 from onnxflow.config import PipelineConfig, Settings
 from onnxflow.errors import OnnxflowError
 
-app = typer.Typer(
+app = StrictTyper(
     help="Train in PyTorch or Keras, ship as ONNX: export, simplify, validate, register in "
     "MLflow, promote and serve with onnxruntime.",
     no_args_is_help=True,

@@ -49,3 +49,16 @@ def test_promote_and_models_name_what_is_missing(tmp_path):
     assert out.returncode == 1 and "no version 3" in out.stderr
     out = cli("models", "nope", cwd=tmp_path)
     assert out.returncode == 1 and "no registered model 'nope'" in out.stderr
+
+
+@pytest.mark.parametrize("args, option", [
+    (["serve", "--model", "a@champion", "--model", "b@champion"], "'--model'"),
+    (["serve", "--port", "8081", "--port=8082"], "'--port'"),
+    (["run", "--deploy", "--no-deploy"], "'--deploy'"),
+])
+def test_an_option_given_twice_is_an_error_not_the_last_one_wins(tmp_path, args, option):
+    """Click kept the last value: `serve --model a --model b` served only b, silently."""
+    out = cli(*args, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"Invalid value for {option}: given 2 times" in out.stderr, out.stderr
+    assert not (tmp_path / "mlflow.db").exists()

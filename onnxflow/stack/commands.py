@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import typer
 
+from onnxflow.cli_options import StrictTyper
 from onnxflow.errors import OnnxflowError
 
-stack_app = typer.Typer(
+stack_app = StrictTyper(
     help="The local service stack: MLflow and Prefect servers, worker, deployments, endpoint.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
