@@ -89,10 +89,13 @@ def release_memory() -> None:
 
 
 class ModelManager:
-    def __init__(self, settings: ServingSettings, metrics: ServingMetrics) -> None:
+    """One served model: follows ``reference`` (NAME@ALIAS or NAME/VERSION) and swaps."""
+
+    def __init__(self, settings: ServingSettings, metrics: ServingMetrics,
+                 reference: str) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.name, self.alias, self.pinned = parse_model_reference(settings.model)
+        self.name, self.alias, self.pinned = parse_model_reference(reference)
         self.current: LoadedModel | None = None
         self.refused: dict[str, str] = {}
         self.last_check: CheckOutcome | None = None
