@@ -20,13 +20,12 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperCommand
 
-from onnxflow.cli_options import StrictTyper
 from onnxflow.config import PipelineConfig, Settings
 from onnxflow.errors import OnnxflowError
 from onnxflow.explain import check_tracking_store, explain
 from onnxflow.prefect_api import prefect_api
 
-app = StrictTyper(
+app = typer.Typer(
     help="Train in PyTorch or Keras, ship as ONNX: export, simplify, validate, register in "
     "MLflow, promote and serve with onnxruntime.",
     no_args_is_help=True,
@@ -424,8 +423,9 @@ class OnceOnlyCommand(TyperCommand):
         single = {}
         for param in self.get_params(ctx):
             # typer ships its own click: look at the parameter, not at its class
+            # (a flag counts too: --deploy --no-deploy cannot both be honoured)
             if getattr(param, "param_type_name", "") == "option" and not (
-                    param.multiple or param.is_flag or param.count):
+                    param.multiple or param.count):
                 single.update(dict.fromkeys(param.opts + param.secondary_opts, param))
         seen: dict[str, str] = {}  # parameter -> the option name it was given as
         for arg in args:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import logging
 import typer
 
-from onnxflow.cli_options import StrictTyper
 from onnxflow.errors import OnnxflowError
 
-stack_app = StrictTyper(
+stack_app = typer.Typer(
     help="The local service stack: MLflow and Prefect servers, worker, deployments, endpoint.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
