@@ -18,7 +18,7 @@ from onnxflow.config import Framework, PipelineConfig, Settings
 from onnxflow.flows import FLOW_NAME
 from onnxflow.flows.pipeline import RunResult, run
 from onnxflow.tasks.endpoints import wait_for_endpoints_task
-from onnxflow.tasks.register import close_abandoned_runs_task
+from onnxflow.tasks.tracking import close_abandoned_runs_task
 
 
 @flow(name=FLOW_NAME)

@@ -9,7 +9,7 @@ from typing import Any
 from prefect.runtime import flow_run
 
 from onnxflow.results import DatasetArtifact
-from onnxflow.tasks.register import finish_run_task, start_run_task
+from onnxflow.tasks.tracking import finish_run_task, start_run_task
 
 
 @contextmanager
