@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from onnxflow.arrays import ArrayDataset
 from onnxflow.results import DatasetArtifact, ValidationSummary
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ def start_run(
     run_name: str,
     params: Mapping[str, Any],
     tags: Mapping[str, str],
-    dataset: DatasetArtifact,
+    dataset: DatasetArtifact | ArrayDataset,
 ) -> str:
     """Create the run, log params and tags and the dataset as a training input."""
     import mlflow
@@ -36,9 +37,7 @@ def start_run(
     run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
     run_id = run.info.run_id
     client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
-    with np.load(dataset.path) as npz:
-        X = np.concatenate([npz["X_train"], npz["X_val"], npz["X_test"]])
-        y = np.concatenate([npz["y_train"], npz["y_val"], npz["y_test"]])
+    X, y = _all_rows(dataset)
     # The digest of the table as loaded (split order differs), so the tags agree.
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways": harmless
         warnings.simplefilter("ignore", UserWarning)
@@ -51,6 +50,26 @@ def start_run(
     client.update_run(run_id, status="RUNNING")
     log.info("MLflow run %s (%s) in experiment %r", run_id, run_name, experiment)
     return run_id
+
+
+def _all_rows(dataset) -> tuple[Any, Any]:
+    """Features (an array, or named arrays for a recipe's dataset) and labels of every split."""
+    import numpy as np
+
+    with np.load(dataset.path, allow_pickle=False) as npz:
+        if "X_train" in npz.files:
+            return (np.concatenate([npz["X_train"], npz["X_val"], npz["X_test"]]),
+                    np.concatenate([npz["y_train"], npz["y_val"], npz["y_test"]]))
+        splits = ("train", "validation", "test")
+        names = dataset.info.input_names
+        return ({n: np.concatenate([npz[f"{s}.{n}"] for s in splits]) for n in names},
+                np.concatenate([npz[f"{s}.label"] for s in splits]))
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
 
 
 def log_epoch(run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:

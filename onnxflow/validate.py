@@ -169,6 +169,7 @@ def validate_imported(
     sample: dict[str, Any],
     reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None = None,
     expected: dict[str, np.ndarray] | None = None,
+    labels: np.ndarray | None = None,
 ) -> ValidationSummary:
     """Validate any ONNX model on its sample: every input and output, any tensor type.
 
@@ -178,6 +179,9 @@ def validate_imported(
     against atol/rtol, every other type must be equal. Batch-1 vs batch-N consistency runs
     only when every input and output has a dynamic first axis. ``source``: ``name``,
     ``path``, ``format`` of the imported file; ``sample``: ``name``, ``digest``, ``rows``.
+    ``labels`` (class indices of the sample's rows, with a ``reference``): the accuracy of
+    the first output's argmax through onnxruntime and the reference is the summary's
+    metric, and may drop at most ``max_accuracy_drop``.
     """
     import onnx
 
@@ -266,6 +270,12 @@ def validate_imported(
             report["outputs_not_compared"] = [n for n in output_names if n not in wanted]
     report["parity"] = parity
     record(_check_batches(run_onnx, feeds, config, report, dynamic_batch))
+    metric = None
+    if labels is not None and wanted is not None and output_names[0] in wanted:
+        first = output_names[0]
+        metric_check, metric = _check_accuracy(labels, wanted[first], outputs[first], config)
+        record(metric_check)
+        report["metric"] = metric
 
     latency = _sample_latencies(reference, run_onnx, feeds, dynamic_batch,
                                 config.latency_repeats)
@@ -275,9 +285,9 @@ def validate_imported(
     summary = ValidationSummary(
         report_dir=out_dir,
         passed=all(c.passed for c in checks),
-        metric_name=IMPORT_METRIC,
-        framework_metric=0.0 if checked else math.nan,
-        onnx_metric=max_abs,
+        metric_name=metric["name"] if metric else IMPORT_METRIC,
+        framework_metric=metric["framework"] if metric else 0.0 if checked else math.nan,
+        onnx_metric=metric["onnx"] if metric else max_abs,
         parity_max_abs=max_abs,
         parity_max_rel=max((p["max_rel"] for p in parity.values()), default=math.nan),
         latency_ms=latency,
@@ -500,11 +510,7 @@ def _check_batches(run_onnx: Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 def _check_metric(info: DatasetInfo, y: np.ndarray, framework_out: np.ndarray,
                   onnx_out: np.ndarray, config: ValidateConfig) -> tuple[Check, dict[str, Any]]:
     if info.task == "classification":
-        fw_pred, onnx_pred = framework_out.argmax(axis=1), onnx_out.argmax(axis=1)
-        fw, ox = float(np.mean(fw_pred == y)), float(np.mean(onnx_pred == y))
-        drop, allowed = fw - ox, config.max_accuracy_drop
-        metric = {"name": "accuracy", "framework": fw, "onnx": ox, "drop": drop,
-                  "prediction_agreement": float(np.mean(fw_pred == onnx_pred))}
+        return _check_accuracy(y, framework_out, onnx_out, config)
     else:
         fw = float(np.sqrt(np.mean((framework_out.reshape(-1) - y) ** 2)))
         ox = float(np.sqrt(np.mean((onnx_out.reshape(-1) - y) ** 2)))
@@ -516,6 +522,20 @@ def _check_metric(info: DatasetInfo, y: np.ndarray, framework_out: np.ndarray,
               f"{'loss' if name == 'accuracy' else 'increase'} {drop:.4f} "
               f"{'<=' if passed else '>'} allowed {allowed:.4g}")
     return Check(name, passed, detail), metric
+
+
+def _check_accuracy(y: np.ndarray, framework_out: np.ndarray, onnx_out: np.ndarray,
+                    config: ValidateConfig) -> tuple[Check, dict[str, Any]]:
+    """Accuracy of the class scores' argmax through onnxruntime vs the framework."""
+    fw_pred, onnx_pred = framework_out.argmax(axis=1), onnx_out.argmax(axis=1)
+    fw, ox = float(np.mean(fw_pred == y)), float(np.mean(onnx_pred == y))
+    drop, allowed = fw - ox, config.max_accuracy_drop
+    metric = {"name": "accuracy", "framework": fw, "onnx": ox, "drop": drop,
+              "prediction_agreement": float(np.mean(fw_pred == onnx_pred))}
+    passed = drop <= allowed + 1e-12  # float noise in the subtraction is not a drop
+    detail = (f"onnx {ox:.4f} vs framework {fw:.4f}, loss {drop:.4f} "
+              f"{'<=' if passed else '>'} allowed {allowed:.4g}")
+    return Check("accuracy", passed, detail), metric
 
 
 def _onnx_runner(session, feed_name: str) -> Callable[[np.ndarray], list[np.ndarray]]:
