@@ -34,7 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxflow.serving.cli import free_port, start_background, stop_background
+from onnxflow.processes import free_port
+from onnxflow.serving.launcher import start_background, stop_background
 from onnxflow.serving.settings import ServingSettings
 
 BIN = Path(sys.executable).parent

@@ -271,7 +271,7 @@ def promote(
 
 def _deploy(model: str, port: int) -> None:
     from onnxflow.tasks.serve import deploy_endpoint, smoke_test
-    from onnxflow.serving.cli import make_settings
+    from onnxflow.serving.launcher import make_settings
 
     try:
         url = deploy_endpoint(model, port=port)
@@ -308,7 +308,7 @@ def serve(
 ) -> None:
     """Serve a registered model in the foreground with the onnxruntime endpoint."""
     _setup()
-    from onnxflow.serving.cli import serve as serve_foreground
+    from onnxflow.serving.launcher import serve as serve_foreground
 
     serve_foreground(model, host, port, token=token, max_batch_size=max_batch_size,
                      max_batch_delay_ms=max_batch_delay_ms, poll_interval_s=poll_interval_s,

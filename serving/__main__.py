@@ -13,7 +13,7 @@ from onnxflow.serving import block_heavy_imports
 def main() -> None:
     block_heavy_imports()
 
-    from onnxflow.serving.cli import run_server
+    from onnxflow.serving.launcher import run_server
     from onnxflow.serving.settings import ServingSettings
 
     try:

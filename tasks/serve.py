@@ -14,8 +14,9 @@ import logging
 from pathlib import Path
 
 from onnxflow.errors import ServingError
-from onnxflow.serving.cli import (
-    DEFAULT_STATE_DIR, background_status, log_tail, make_settings, read_info, start_background,
+from onnxflow.processes import log_tail
+from onnxflow.serving.launcher import (
+    DEFAULT_STATE_DIR, background_status, make_settings, read_info, start_background,
     stop_background, wait_ready,
 )
 from onnxflow.serving.settings import ServingSettings

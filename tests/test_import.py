@@ -317,7 +317,8 @@ def test_a_bare_onnx_model_is_compared_with_expected_outputs(mlflow_store, tmp_p
 
 
 def _serve(model: str, root: Path):
-    from onnxflow.serving.cli import free_port, start_background, wait_ready
+    from onnxflow.processes import free_port
+    from onnxflow.serving.launcher import start_background, wait_ready
     from onnxflow.serving.settings import ServingSettings
 
     settings = ServingSettings(model=model, port=free_port(), cache_dir=root / "cache")
@@ -347,7 +348,7 @@ def test_any_typed_models_are_served_through_v2_with_onnxruntime_answers(
     import onnxruntime as ort
 
     from onnxflow.flows.importing import import_model
-    from onnxflow.serving.cli import stop_background
+    from onnxflow.serving.launcher import stop_background
 
     model, sample = files["onnx"]
     import_model(model, "anytype", sample, config=FAST, out_dir=tmp_path / "a")

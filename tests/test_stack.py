@@ -11,7 +11,7 @@ import pytest
 
 from onnxflow.stack import manager
 from onnxflow.stack.errors import StackError
-from onnxflow.stack.processes import (
+from onnxflow.processes import (
     ProcessRecord, is_alive, is_running, process_tree, start_process, stop_process, wait_until,
 )
 from onnxflow.stack.settings import StackSettings
@@ -106,7 +106,7 @@ def test_wait_until_reports_the_log_of_a_process_that_died(tmp_path):
     record = start_process("dies", [sys.executable, "-c", "print('bad config: no port'); raise SystemExit(3)"],
                            {}, tmp_path / "dies.log")
     with pytest.raises(StackError, match="(?s)dies exited before it was healthy.*bad config"):
-        wait_until(record, lambda: False, 20, "healthy")
+        wait_until(record, lambda: False, 20, "healthy", error=StackError)
 
 
 def test_up_refuses_a_taken_port_before_starting_anything(tmp_path):

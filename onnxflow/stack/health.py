@@ -1,7 +1,7 @@
 """Health checks of the stack's servers and the wait for a replica to serve a version.
 
 Each check is one HTTP request that returns True or False (or raises while the server
-is still starting); :func:`onnxflow.stack.processes.wait_until` polls them.
+is still starting); :func:`onnxflow.processes.wait_until` polls them.
 """
 
 from __future__ import annotations

@@ -22,11 +22,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from onnxflow.stack import health
-from onnxflow.stack.errors import StackError
-from onnxflow.stack.processes import (
+from onnxflow.processes import (
     ProcessRecord, is_running, start_process, stop_process, wait_until,
 )
+from onnxflow.stack import health
+from onnxflow.stack.errors import StackError
 from onnxflow.stack.settings import StackSettings
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def worker_env(settings: StackSettings) -> dict[str, str]:
 
 
 def endpoint_env(settings: StackSettings, port: int) -> dict[str, str]:
-    from onnxflow.serving.cli import settings_env
+    from onnxflow.serving.launcher import settings_env
     from onnxflow.serving.settings import ServingSettings
 
     serving = ServingSettings(
@@ -199,10 +199,10 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
         prefect = start("prefect-server", prefect_server_command(settings),
                         prefect_env(settings), settings.prefect_url)
         took = wait_until(mlflow, lambda: health.mlflow_healthy(settings.mlflow_url),
-                          settings.startup_timeout_s, "healthy")
+                          settings.startup_timeout_s, "healthy", StackError)
         progress(f"MLflow tracking server  {settings.mlflow_url}  ({took:.1f} s)")
         took = wait_until(prefect, lambda: health.prefect_healthy(settings.prefect_url),
-                          settings.startup_timeout_s, "healthy")
+                          settings.startup_timeout_s, "healthy", StackError)
         progress(f"Prefect server          {settings.prefect_url}  ({took:.1f} s)")
 
         from onnxflow.stack.deployments import apply_deployments
@@ -213,7 +213,7 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
         worker = start("worker", worker_command(settings), worker_env(settings), None)
         took = wait_until(worker, lambda: health.worker_online(settings.prefect_url,
                                                                settings.work_pool),
-                          settings.startup_timeout_s, "online")
+                          settings.startup_timeout_s, "online", StackError)
         progress(f"worker                  pool {settings.work_pool}  ({took:.1f} s)")
 
         endpoints = [start(f"endpoint-{port}", [sys.executable, "-m", "onnxflow.serving"],
@@ -221,7 +221,7 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
                      for port, url in zip(settings.endpoint_ports, settings.endpoint_urls)]
         for endpoint in endpoints:
             took = wait_until(endpoint, lambda u=endpoint.url: health.endpoint_live(u),
-                              settings.startup_timeout_s, "live")
+                              settings.startup_timeout_s, "live", StackError)
             version = health.serving_version(endpoint.url, settings.model_name)
             following = f"serving v{version}" if version else "waiting for a version"
             progress(f"endpoint                {endpoint.url}  follows {settings.model} "

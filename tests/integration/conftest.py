@@ -66,7 +66,7 @@ def postgres_databases():
 def stack(postgres_databases, tmp_path_factory):
     """The running stack's settings; stops it at the end and checks nothing is left."""
     from onnxflow.stack import manager
-    from onnxflow.stack.processes import is_alive, is_running, process_tree
+    from onnxflow.processes import is_alive, is_running, process_tree
     from onnxflow.stack.settings import StackSettings
 
     prefect_port, mlflow_port, *endpoint_ports = free_ports(4)

@@ -13,7 +13,7 @@ import pytest
 
 from onnxflow.stack import manager
 from onnxflow.stack.errors import StackError
-from onnxflow.stack.processes import is_alive, process_tree
+from onnxflow.processes import is_alive, process_tree
 from onnxflow.stack.settings import StackSettings
 from tests.integration.conftest import free_ports, record_timing
 

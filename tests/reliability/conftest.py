@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from onnxflow.serving.cli import free_port, read_info, start_background, stop_background, wait_ready
+from onnxflow.processes import free_port
+from onnxflow.serving.launcher import read_info, start_background, stop_background, wait_ready
 from onnxflow.serving.settings import ServingSettings
 from tests.serving import models
 from tests.serving.conftest import (  # noqa: F401  (fixtures, re-exported for this folder)

@@ -21,7 +21,8 @@ import time
 import httpx
 import pytest
 
-from onnxflow.serving.cli import free_port, read_info
+from onnxflow.processes import free_port
+from onnxflow.serving.launcher import read_info
 from onnxflow.serving.settings import ServingSettings
 from tests.reliability.conftest import (
     PROFILE, TOKEN, RssSampler, _example, endpoint_pid, finish, kill_process_group,

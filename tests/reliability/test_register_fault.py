@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from onnxflow.serving.cli import free_port
+from onnxflow.processes import free_port
 from tests.reliability.conftest import (
     SOAK, _example, kill_process_group, mlflow_healthy, tracking_server, tracking_server_pid,
     wait_for,

@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from onnxflow.serving.cli import free_port, start_background, stop_background
+from onnxflow.processes import free_port
+from onnxflow.serving.launcher import start_background, stop_background
 from onnxflow.serving.openapi import openapi_document
 from onnxflow.serving.settings import ServingSettings
 from tests.reliability.conftest import (

@@ -58,7 +58,7 @@ def running_flow_runs(settings) -> list[dict]:
 def crash_worker(record) -> list[int]:
     """SIGKILL the worker's process tree, every process group in it: its flow runs run in
     sessions of their own, and a dead machine takes them along."""
-    from onnxflow.stack.processes import _pgid, process_tree
+    from onnxflow.processes import _pgid, process_tree
 
     tree = process_tree(record.pid)
     groups = {_pgid(pid) for pid, _ in tree} - {None, os.getpgrp()}
@@ -73,7 +73,7 @@ def crash_worker(record) -> list[int]:
 def start_worker(settings):
     """What ``up`` does for the worker, alone: the operator's restart."""
     from onnxflow.stack import health, manager
-    from onnxflow.stack.processes import start_process, wait_until
+    from onnxflow.processes import start_process, wait_until
 
     record = start_process(
         "worker", manager.worker_command(settings),
@@ -90,7 +90,7 @@ def test_worker_killed_mid_flow_rerun_completes_and_registry_stays_clean(tmp_pat
     from onnxflow.config import PipelineConfig
     from onnxflow.stack import manager
     from onnxflow.stack.deployments import config_parameter, trigger
-    from onnxflow.stack.processes import is_alive, stop_process
+    from onnxflow.processes import is_alive, stop_process
     from onnxflow.stack.settings import StackSettings
 
     config = PipelineConfig.model_validate(

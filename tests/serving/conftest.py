@@ -31,7 +31,8 @@ import httpx
 import numpy as np
 import pytest
 
-from onnxflow.serving.cli import free_port, log_tail, start_background, stop_background, wait_ready
+from onnxflow.processes import free_port, log_tail
+from onnxflow.serving.launcher import start_background, stop_background, wait_ready
 from onnxflow.serving.settings import ServingSettings
 from tests.serving import models
 

@@ -95,7 +95,7 @@ def test_same_answers_as_mlflow_models_serve(digits, registry, tmp_path):
 
     import httpx
 
-    from onnxflow.serving.cli import free_port
+    from onnxflow.processes import free_port
     from tests.serving.conftest import wait_for
 
     port = free_port()

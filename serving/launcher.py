@@ -1,4 +1,4 @@
-"""Running the endpoint: in the foreground, or as a managed background process.
+"""Launching the endpoint: in the foreground, or as a managed background process.
 
 The endpoint always runs as its own ``python -m onnxflow.serving`` process, started with the
 settings in its environment (``ONNXFLOW_SERVE_*``; the token never appears on a command
@@ -14,15 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from onnxflow.errors import ServingError
+from onnxflow.processes import (
+    ProcessRecord, free_port, is_alive, start_process, stop_process, wait_until,
+)
 from onnxflow.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -128,7 +127,7 @@ def _available(module: str, fallback: str) -> str:
     return module if importlib.util.find_spec(module) else fallback
 
 
-# --- managed background process --------------------------------------------------------
+# --- managed background process (started and stopped by onnxflow.processes) -------------
 
 
 @dataclass(frozen=True)
@@ -138,12 +137,19 @@ class EndpointInfo:
     model: str
     log_path: str
     started_at: float
+    start_ticks: int = 0  # the process's start time: a recycled pid is never taken for ours
+
+    def record(self) -> ProcessRecord:
+        return ProcessRecord(name="endpoint", pid=self.pid, start_ticks=self.start_ticks,
+                             argv=ENDPOINT_ARGV, log_path=self.log_path, url=self.url,
+                             started_at=self.started_at)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+ENDPOINT_ARGV = [sys.executable, "-m", "onnxflow.serving"]
+
+
+def is_running(info: EndpointInfo) -> bool:
+    return is_alive(info.pid, info.start_ticks)
 
 
 def start_background(settings: ServingSettings, state_dir: Path = DEFAULT_STATE_DIR) -> EndpointInfo:
@@ -151,28 +157,23 @@ def start_background(settings: ServingSettings, state_dir: Path = DEFAULT_STATE_
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     running = read_info(state_dir)
-    if running is not None and _is_endpoint(running.pid):
+    if running is not None and is_running(running):
         raise ServingError(f"an endpoint already runs from {state_dir} (pid {running.pid}, "
-                           f"{running.url}); stop it first")
+                           f"{running.url}); stop it first with `onnxflow stop`")
     if settings.port == 0:
         settings = settings.model_copy(update={"port": free_port(settings.host)})
-    log_path = state_dir / LOG_FILE
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "onnxflow.serving"],
-            env=_child_env(settings),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # outlives the flow that started it; own signal group
-        )
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    info = EndpointInfo(pid=proc.pid, url=f"http://{host}:{settings.port}",
-                        model=settings.model, log_path=str(log_path), started_at=time.time())
-    (state_dir / PID_FILE).write_text(f"{proc.pid}\n")
+    url = f"http://{host}:{settings.port}"
+    # Own session: outlives the flow that started it, and stops as one process group.
+    record = start_process("endpoint", ENDPOINT_ARGV, _child_env(settings),
+                           state_dir / LOG_FILE, url=url)
+    info = EndpointInfo(pid=record.pid, url=url, model=settings.model,
+                        log_path=record.log_path, started_at=record.started_at,
+                        start_ticks=record.start_ticks)
+    (state_dir / PID_FILE).write_text(f"{record.pid}\n")
     (state_dir / INFO_FILE).write_text(json.dumps(asdict(info), indent=2))
-    log.info("started endpoint pid %s for %s at %s (log %s)", proc.pid, settings.model,
-             info.url, log_path)
+    log.info("started endpoint pid %s for %s at %s (log %s)", record.pid, settings.model,
+             url, record.log_path)
     return info
 
 
@@ -180,20 +181,11 @@ def wait_ready(info: EndpointInfo, timeout_s: float = 60.0) -> float:
     """Seconds until ``/v2/health/ready`` answered 200; raises with the log tail if not."""
     import httpx
 
-    start = time.monotonic()
     with httpx.Client(timeout=2.0) as client:
-        while time.monotonic() - start < timeout_s:
-            if not _is_endpoint(info.pid):
-                raise ServingError(f"endpoint pid {info.pid} exited before it was ready:\n"
-                                   f"{log_tail(info.log_path)}")
-            try:
-                if client.get(f"{info.url}/v2/health/ready").status_code == 200:
-                    return time.monotonic() - start
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-    raise ServingError(f"endpoint pid {info.pid} not ready after {timeout_s:.0f} s:\n"
-                       f"{log_tail(info.log_path)}")
+        return wait_until(
+            info.record(),
+            lambda: client.get(f"{info.url}/v2/health/ready").status_code == 200,
+            timeout_s, "ready", error=ServingError, interval_s=0.05)
 
 
 def read_info(state_dir: Path = DEFAULT_STATE_DIR) -> EndpointInfo | None:
@@ -205,22 +197,12 @@ def read_info(state_dir: Path = DEFAULT_STATE_DIR) -> EndpointInfo | None:
 
 
 def stop_background(state_dir: Path = DEFAULT_STATE_DIR, timeout_s: float = 15.0) -> bool:
-    """Stop the endpoint started from ``state_dir``; False if none was running."""
+    """Stop the endpoint started from ``state_dir`` (and anything it started); False if
+    none was running. uvicorn finishes in-flight requests on SIGTERM, then exits."""
     state_dir = Path(state_dir)
     info = read_info(state_dir)
-    stopped = False
-    if info is not None and _is_endpoint(info.pid):
-        os.kill(info.pid, signal.SIGTERM)  # uvicorn finishes in-flight requests, then exits
-        deadline = time.monotonic() + timeout_s
-        while _is_endpoint(info.pid) and time.monotonic() < deadline:
-            _reap(info.pid)
-            time.sleep(0.05)
-        if _is_endpoint(info.pid):
-            log.warning("endpoint pid %s ignored SIGTERM for %.0f s; killing it", info.pid,
-                        timeout_s)
-            os.kill(info.pid, signal.SIGKILL)
-        _reap(info.pid)
-        stopped = True
+    stopped = info is not None and stop_process(info.record(), timeout_s)
+    if stopped:
         log.info("stopped endpoint pid %s (%s)", info.pid, info.url)
     for name in (PID_FILE, INFO_FILE):
         (state_dir / name).unlink(missing_ok=True)
@@ -232,7 +214,7 @@ def background_status(state_dir: Path = DEFAULT_STATE_DIR) -> dict | None:
     import httpx
 
     info = read_info(state_dir)
-    if info is None or not _is_endpoint(info.pid):
+    if info is None or not is_running(info):
         return None
     status = {**asdict(info), "ready": False, "version": None}
     try:
@@ -245,35 +227,3 @@ def background_status(state_dir: Path = DEFAULT_STATE_DIR) -> dict | None:
     except httpx.TransportError as exc:
         status["error"] = str(exc)
     return status
-
-
-def log_tail(path: str | Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
-def _is_endpoint(pid: int) -> bool:
-    """True if ``pid`` is alive and is a ``python -m onnxflow.serving`` (not a recycled pid)."""
-    if not Path("/proc").is_dir():  # no procfs: trust the pid file
-        try:
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return False
-    if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # exited, not yet reaped
-        return False
-    return b"-m" in cmdline and b"onnxflow.serving" in cmdline

@@ -1,5 +1,9 @@
 """Managed background processes: start detached, record, wait for health, stop the tree.
 
+The one process supervisor of the project: the stack (``onnxflow.stack.manager``) and the
+endpoint launcher (``onnxflow.serving.launcher``) both start and stop their servers here.
+It imports nothing heavy (the endpoint process may import it).
+
 Each process starts as the leader of its own session, so its process group is the set
 of processes it started. Some servers start helpers in sessions of their own (Prefect's
 worker runs every flow run that way), so stopping snapshots the whole tree of
@@ -13,11 +17,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from onnxflow.errors import OnnxflowError
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +117,14 @@ def stop_process(record: ProcessRecord, timeout_s: float = 20.0) -> bool:
 
 def wait_until(
     record: ProcessRecord, check: Callable[[], bool], timeout_s: float, what: str,
+    error: type[Exception] = OnnxflowError, interval_s: float = 0.25,
 ) -> float:
-    """Seconds until ``check()`` is true; raises with the log's tail if the process dies
-    or the time runs out."""
-    from onnxflow.stack.errors import StackError
-
+    """Seconds until ``check()`` is true; raises ``error`` with the log's tail if the
+    process dies or the time runs out."""
     start = time.monotonic()
     while True:
         if not is_running(record):
-            raise StackError(f"{record.name} exited before it was {what}; "
+            raise error(f"{record.name} exited before it was {what}; "
                              f"last lines of {record.log_path}:\n{log_tail(record.log_path)}")
         try:
             if check():
@@ -126,9 +132,16 @@ def wait_until(
         except Exception as exc:  # the server is still starting: connection refused etc.
             log.debug("%s not %s yet: %s", record.name, what, exc)
         if time.monotonic() - start > timeout_s:
-            raise StackError(f"{record.name} not {what} after {timeout_s:.0f} s; last lines "
+            raise error(f"{record.name} not {what} after {timeout_s:.0f} s; last lines "
                              f"of {record.log_path}:\n{log_tail(record.log_path)}")
-        time.sleep(0.25)
+        time.sleep(interval_s)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def log_tail(path: str | Path, lines: int = 25) -> str:
