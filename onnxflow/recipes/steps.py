@@ -95,10 +95,16 @@ def train_recipe(recipe_ref: str, dataset: ArrayDataset, config: TrainConfig, ou
                 returned = recipe.call("fit", model, data, resolved, on_epoch)
         else:
             returned = recipe.call("fit", model, data, resolved, on_epoch)
-        model = model if returned is None else returned
-        if framework_adapter(model, recipe.ref)[0] != framework:
-            raise RecipeError(f"{recipe.ref}: fit(...) returned a {type(model).__name__}, "
-                              f"expected the {framework} model it was given")
+        if returned is not None:
+            try:
+                same = framework_adapter(returned, recipe.ref)[0] == framework
+            except RecipeError:
+                same = False
+            if not same:
+                raise RecipeError(f"{recipe.ref}: fit(...) returned a "
+                                  f"{type(returned).__name__}, expected the {framework} model "
+                                  "it was given (or None)")
+            model = returned
         metrics = {}
     else:
         metrics = adapter.fit(model, data, info, config, device, on_epoch)
