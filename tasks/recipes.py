@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
+from onnxflow.tasks.registry import registry_task
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -18,10 +19,13 @@ from onnxflow.arrays import ArrayDataset, ArrayDatasetInfo
 from onnxflow.config import DataConfig, ExportConfig, RegisterConfig, TrainConfig, ValidateConfig
 from onnxflow.errors import ValidationError
 from onnxflow.recipes.steps import (
-    export_recipe, prepare_recipe_data, register_recipe, train_recipe, validate_recipe,
+    export_recipe,
+    prepare_recipe_data,
+    register_recipe,
+    train_recipe,
+    validate_recipe,
 )
 from onnxflow.results import ExportedModel, RegisteredVersion, TrainedModel, ValidationSummary
-from onnxflow.tasks.registry import registry_task
 
 
 @task(name="recipe-data", cache_policy=NO_CACHE)

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from onnxflow.arrays import (
-    LABEL, NamedArrays, as_named_arrays, load_arrays, prepare_arrays, read_split,
+    LABEL,
+    NamedArrays,
+    as_named_arrays,
+    load_arrays,
+    prepare_arrays,
+    read_split,
 )
 from onnxflow.config import DataConfig
 from onnxflow.errors import DataError

@@ -19,8 +19,14 @@ from types import ModuleType
 import numpy as np
 
 from onnxflow.arrays import (
-    ArrayDataset, ArrayDatasetInfo, NamedArrays, SPLITS, as_named_arrays, load_arrays,
-    prepare_arrays, read_split,
+    SPLITS,
+    ArrayDataset,
+    ArrayDatasetInfo,
+    NamedArrays,
+    as_named_arrays,
+    load_arrays,
+    prepare_arrays,
+    read_split,
 )
 from onnxflow.config import DataConfig, ExportConfig, RegisterConfig, TrainConfig, ValidateConfig
 from onnxflow.errors import ExportError, RecipeError, RegistryError
