@@ -28,7 +28,7 @@ demo: $(STAMP)  ## Train torch + keras + sklearn on digits, register, promote, s
 test: $(STAMP) system-packages  ## Run the test suite (fast tests; CI runs this)
 	$(BIN)/pytest
 
-test-all: $(STAMP)  ## Run every test, slow ones included
+test-all: $(STAMP) system-packages image-packages  ## Run every test, slow ones included
 	$(BIN)/pytest -m ""
 
 soak: $(STAMP)  ## Reliability, long form: load, hot swaps, faults, 1,000+ fuzz cases; one table
@@ -55,7 +55,7 @@ clean:  ## Stop the endpoint and stack, then remove runs, registry, artifacts (k
 	find mlruns -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 
 # --- the service stack (onnxflow.stack; settings: ONNXFLOW_STACK_*) ---------------------
-.PHONY: up down status system-packages
+.PHONY: up down status system-packages image-packages images
 
 up: $(STAMP)  ## Start Prefect + MLflow servers, worker, deployments and endpoint on 127.0.0.1
 	$(BIN)/onnxflow stack up
@@ -69,3 +69,10 @@ down:  ## Stop everything `make up` started
 system-packages:  ## Debian's chromium (reviewer's browser test) and wrk (load tests); needs root + apt
 	@command -v chromium >/dev/null && command -v wrk >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium wrk)
+
+image-packages:  ## Debian's podman, runc and mmdebstrap (make images, the image tests); needs root + apt
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap)
+
+images: image-packages  ## Build the serving and pipeline images (infra/images.sh; ENGINE, BASE_IMAGE)
+	infra/images.sh all

@@ -36,7 +36,7 @@ from onnxflow.config import PipelineConfig
 from onnxflow.data import prepare_data
 from onnxflow.frameworks import get_adapter
 from onnxflow.simplify import simplify_model
-from onnxflow.validate import validate_model
+from onnxflow.validation import validate_model
 cfg, out, times = PipelineConfig(), Path("out"), {}
 t = time.perf_counter(); ds = prepare_data(cfg.data, out / "data"); times["data"] = time.perf_counter() - t
 for fw in ("torch", "keras"):

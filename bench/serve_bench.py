@@ -107,7 +107,7 @@ def start_tracking_server(work: Path) -> tuple[subprocess.Popen, str]:
 
 
 def register(tracking_uri: str, name: str, sizes: tuple[int, ...], work: Path) -> str:
-    from onnxflow.registry import register_onnx
+    from onnxflow.registration import register_onnx
     from tests.serving.models import mlp
 
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri

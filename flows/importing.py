@@ -16,14 +16,15 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from onnxflow.config import PipelineConfig
-from onnxflow.importing import ImportedModel
-from onnxflow.results import RegisteredVersion, SimplifiedModel, StepResult, ValidationSummary
+from onnxflow.results import (
+    ImportedModel, RegisteredVersion, SimplifiedModel, StepResult, ValidationSummary,
+)
 from onnxflow.tracking import git_commit
 from onnxflow.tasks.importing import (
     convert_import_task, register_import_task, start_import_run_task, validate_import_task,
 )
 from onnxflow.tasks.model import simplify_task
-from onnxflow.tasks.registry import finish_run_task
+from onnxflow.tasks.register import finish_run_task
 
 
 class ImportResult(StepResult):

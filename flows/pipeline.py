@@ -21,8 +21,8 @@ from prefect.runtime import flow_run
 from onnxflow.config import Framework, PipelineConfig
 from onnxflow.errors import OnnxflowError
 from onnxflow.promote import PromotionDecision
-from onnxflow.registry import lineage_tags
 from onnxflow.arrays import ArrayDataset
+from onnxflow.registration import lineage_tags
 from onnxflow.data import load_splits
 from onnxflow.recipes.steps import recipe_tags
 from onnxflow.results import (
@@ -37,7 +37,7 @@ from onnxflow.tasks.recipes import (
     export_recipe_task, prepare_recipe_data_task, register_recipe_task, train_recipe_task,
     validate_recipe_task,
 )
-from onnxflow.tasks.registry import finish_run_task, promote_task, register_task, start_run_task
+from onnxflow.tasks.register import finish_run_task, promote_task, register_task, start_run_task
 
 
 class RunResult(StepResult):

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from onnxflow.flows import FLOW_NAME
 from onnxflow.flows.pipeline import RunResult, run
 from onnxflow.config import Framework, PipelineConfig, Settings
 from onnxflow.recipes import with_recipe_defaults
-from onnxflow.stack.settings import FLOW_NAME
 from onnxflow.tasks.endpoints import wait_for_endpoints_task
-from onnxflow.tasks.registry import close_abandoned_runs_task
+from onnxflow.tasks.register import close_abandoned_runs_task
 
 
 @flow(name=FLOW_NAME)

@@ -260,7 +260,7 @@ def promote(
 ) -> None:
     """Move an alias to a version (rollback is the same command with an older version)."""
     _setup()
-    from onnxflow.registry import set_alias
+    from onnxflow.registration import set_alias
 
     try:
         set_alias(name, alias, version)
@@ -325,7 +325,7 @@ def stop() -> None:
 
 # --- the service stack: `onnxflow stack up|status|down|deploy` and `onnxflow trigger` ---
 
-from onnxflow.stack.cli import stack_app  # noqa: E402  (light: typer only)
+from onnxflow.stack.commands import stack_app  # noqa: E402  (light: typer only)
 
 app.add_typer(stack_app, name="stack")
 
@@ -353,7 +353,7 @@ def trigger(
     cfg = pipeline_config(config, data=data.resolve() if data else None, target=target,
                           epochs=epochs, model_name=model_name, promotion=promotion,
                           model=model, quantize=quantize, recipe=recipe)
-    from onnxflow.stack.cli import trigger_run
+    from onnxflow.stack.commands import trigger_run
 
     trigger_run(_frameworks(framework), cfg, wait=wait, timeout_s=timeout)
 
@@ -388,10 +388,6 @@ def convert(
     if result.fallback_reason:
         typer.echo(f"not a torch.export program because {result.fallback_reason}")
     typer.echo(f"report: {result.report_path}    time: {result.seconds:.1f} s")
-
-
-def main() -> None:  # pragma: no cover - console entry
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

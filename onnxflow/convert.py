@@ -35,12 +35,12 @@ from pydantic import Field
 
 from onnxflow.config import StepConfig
 from onnxflow.errors import ConversionError, ModelImportError
-from onnxflow.results import StepResult
+from onnxflow.interface import has_dynamic_batch, load_graph
+from onnxflow.results import ArtifactFormat, ConvertedModel
+from onnxflow.runtime import open_session
+from onnxflow.validation.checks import Check, one_line, parity_figures
 
 log = logging.getLogger(__name__)
-
-ArtifactFormat = Literal["torch_export", "torchscript"]
-_PROVIDERS = ["CPUExecutionProvider"]
 
 
 class ConvertConfig(StepConfig):
@@ -48,27 +48,6 @@ class ConvertConfig(StepConfig):
     atol: float = Field(1e-4, gt=0, description="Max absolute torch-vs-onnxruntime difference.")
     rtol: float = Field(1e-3, gt=0, description="Max relative difference (of values above atol).")
     max_rows: int = Field(512, ge=1, description="Sample rows compared (the first ones).")
-
-
-class ConvertedModel(StepResult):
-    source: str
-    """The registry URI or the path given."""
-    onnx_path: Path
-    """The ONNX model that was converted (a downloaded copy for a registry URI)."""
-    path: Path
-    """``model.pt2`` (torch.export program) or ``model.pt`` (TorchScript)."""
-    artifact_format: ArtifactFormat
-    fallback_reason: str | None = None
-    """Why TorchScript was saved instead of a torch.export program, when it was."""
-    dynamic_batch: bool
-    """The saved file was run on one row and on the whole sample."""
-    sample: str
-    rows: int
-    parity: dict[str, dict[str, float]]
-    """Per output: ``max_abs``, ``max_rel`` (as in the validation report)."""
-    parity_max_abs: float
-    report_path: Path
-    seconds: float
 
 
 # -- the step --------------------------------------------------------------------------
@@ -79,8 +58,6 @@ def convert_model(model: str | Path, config: ConvertConfig, out_dir: Path,
     """Convert ``model`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or an ``.onnx``
     path) to PyTorch in ``out_dir``, check parity against onnxruntime on the sample, write
     ``report.json``; raise :class:`ConversionError` naming every failed check."""
-    from onnxflow.validate import Check, _parity
-
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +67,7 @@ def convert_model(model: str | Path, config: ConvertConfig, out_dir: Path,
     saved, artifact_format, fallback = save_torch(module, onnx_path, feeds, out_dir)
     del module  # what is checked from here on is the file, as a user loads it
 
-    session = _session(onnx_path)
+    session = open_session(onnx_path)
     names = [o.name for o in session.get_outputs()]
     expected = dict(zip(names, session.run(names, feeds), strict=True))
     checks: list[Check] = []
@@ -99,7 +76,7 @@ def convert_model(model: str | Path, config: ConvertConfig, out_dir: Path,
         found = dict(zip(names, run_saved(saved, artifact_format, feeds, names), strict=True))
     except Exception as exc:  # torch raises RuntimeError, TypeError, ... with the reason
         checks.append(Check("the saved model runs the sample", False,
-                            f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"))
+                            f"{type(exc).__name__}: {one_line(exc)}"))
         found = {}
     for name, want in expected.items():
         if name not in found:
@@ -110,7 +87,7 @@ def convert_model(model: str | Path, config: ConvertConfig, out_dir: Path,
                                 f"torch {list(got.shape)}, onnxruntime {list(want.shape)}"))
             continue
         if want.dtype.kind in "fc":
-            parity[name] = _parity(got, want, config.atol)
+            parity[name] = parity_figures(got, want, config.atol)
             ok = parity[name]["max_abs"] <= config.atol and parity[name]["max_rel"] <= config.rtol
             checks.append(Check(f"output {name!r}", ok,
                                 f"max abs diff {parity[name]['max_abs']:.3g} (atol "
@@ -248,7 +225,7 @@ def _digits_test_split(onnx_path: Path, tags: Mapping[str, str]
         if dataset.info.digest != tags.get("dataset_digest"):
             return None
         X = load_splits(dataset)["X_test"]
-    name = _session(onnx_path).get_inputs()[0].name
+    name = open_session(onnx_path).get_inputs()[0].name
     return {name: X}
 
 
@@ -263,7 +240,7 @@ def _input_example(onnx_path: Path, folder: Path) -> dict[str, np.ndarray]:
     arrays = example if isinstance(example, Mapping) else {"": example}
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     try:
-        return bind_sample(arrays, _session(onnx_path).get_inputs(), "input example")
+        return bind_sample(arrays, open_session(onnx_path).get_inputs(), "input example")
     except ModelImportError as exc:
         raise ConversionError(str(exc)) from None
 
@@ -415,15 +392,5 @@ def run_saved(path: Path, artifact_format: ArtifactFormat, feeds: Mapping[str, n
     return [r.detach().numpy() for r in result]
 
 
-def _session(onnx_path: Path):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(onnx_path), providers=_PROVIDERS)
-
-
 def _has_dynamic_batch(onnx_path: Path) -> bool:
-    import onnx
-
-    from onnxflow.validate import has_dynamic_batch
-
-    return has_dynamic_batch(onnx.load(str(onnx_path), load_external_data=False))
+    return has_dynamic_batch(load_graph(onnx_path))

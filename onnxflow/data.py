@@ -6,7 +6,6 @@ Every problem with the input is found here, before any training, and raised as o
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -82,10 +81,6 @@ def dataset_digest(X: np.ndarray, y: np.ndarray) -> str:
     import mlflow.data
 
     return mlflow.data.from_numpy(X, targets=y).digest
-
-
-def read_dataset_info(out_dir: Path) -> DatasetInfo:
-    return DatasetInfo.model_validate(json.loads((out_dir / "dataset.json").read_text()))
 
 
 # -- loading ---------------------------------------------------------------------------

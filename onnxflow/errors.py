@@ -56,6 +56,14 @@ class ServingError(OnnxflowError):
     """The endpoint could not load, verify or serve a model."""
 
 
+class UnsafeModelError(OnnxflowError):
+    """The model refers to external data outside its own folder."""
+
+
+class StackError(OnnxflowError):
+    """A server of the stack could not start, become healthy or be reached."""
+
+
 class ModelImportError(OnnxflowError):
     """A model file or its sample cannot be imported: unknown or broken file, a sample that
     does not fit the model's inputs."""

@@ -30,16 +30,16 @@ import time
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from onnxflow.errors import ModelImportError
-from onnxflow.results import StepResult
+from onnxflow.interface import default_opset, has_dynamic_batch, load_graph, read_interface
+from onnxflow.results import ImportedModel, SourceFormat
+from onnxflow.runtime import open_session
 
 log = logging.getLogger(__name__)
 
-SourceFormat = Literal["keras", "savedmodel", "torch_export", "torchscript", "onnx"]
 FRAMEWORK_OF: dict[str, str] = {
     "keras": "keras", "savedmodel": "tensorflow", "torch_export": "torch",
     "torchscript": "torch", "onnx": "onnx",
@@ -52,20 +52,6 @@ TABLE_SUFFIXES = {".csv", ".txt", ".parquet", ".pq"}
 
 Outputs = dict[str, np.ndarray]
 Reference = Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]
-
-
-class ImportedModel(StepResult):
-    """An imported model converted to ONNX, as the validate and register steps need it."""
-
-    source: Path
-    source_format: SourceFormat
-    framework: str
-    """``keras``, ``tensorflow``, ``torch`` or ``onnx`` (no framework to compare with)."""
-    path: Path
-    """``model.onnx`` (external data, when any, beside it)."""
-    exporter: str
-    opset: int
-    export_seconds: float
 
 
 # -- detection --------------------------------------------------------------------------
@@ -107,10 +93,11 @@ def detect_format(path: Path) -> SourceFormat:
 def _check_onnx(path: Path) -> SourceFormat:
     import onnx
 
-    from onnxflow.onnxfiles import UnsafeModelError, check_external_data
+    from onnxflow.errors import UnsafeModelError
+    from onnxflow.onnxfiles import check_external_data
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = load_graph(path)
     except Exception as exc:  # protobuf DecodeError and friends
         raise ModelImportError(
             f"{path} is not a model file onnxflow knows: not a zip (.keras, .pt2, TorchScript), "
@@ -305,12 +292,9 @@ def convert_to_onnx(source: Path, source_format: SourceFormat, sample: Mapping[s
         message = " ".join(str(exc).split())[:600]
         raise ModelImportError(f"Cannot convert {source} ({source_format}) to ONNX: "
                                f"{type(exc).__name__}: {message}") from exc
-    import onnx
-
     if source_format != "onnx":  # a user's ONNX file is kept as it is
         _name_batch_axis(target)
-    proto = onnx.load(str(target), load_external_data=False)
-    found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    found = default_opset(load_graph(target))
     seconds = time.perf_counter() - started
     log.info("imported %s (%s) as %s, opset %d, in %.1f s", source, source_format, target,
              found, seconds)
@@ -325,9 +309,7 @@ def _name_batch_axis(target: Path) -> None:
     every input and output has a symbolic first axis, call them all ``batch``."""
     import onnx
 
-    from onnxflow.validate import has_dynamic_batch
-
-    proto = onnx.load(str(target), load_external_data=False)
+    proto = load_graph(target)
     if not has_dynamic_batch(proto):
         return
     graph = proto.graph
@@ -514,9 +496,7 @@ def load_reference(imported: ImportedModel) -> Reference | None:
 
 def sample_feeds(model_path: Path, sample_path: Path) -> dict[str, np.ndarray]:
     """The sample bound to the ONNX model's inputs; ModelImportError if it does not fit."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    session = open_session(model_path)
     table = Path(sample_path).suffix.lower() in TABLE_SUFFIXES
     return bind_sample(read_arrays(sample_path), session.get_inputs(), table=table)
 
@@ -530,15 +510,13 @@ def validate_import(
     out_dir: Path,
 ):
     """Bind the sample, load the source framework (or the expected outputs) and run
-    :func:`onnxflow.validate.validate_imported`; returns its summary or raises."""
-    import onnx
-
-    from onnxflow.validate import validate_imported
+    :func:`onnxflow.validation.validate_imported`; returns its summary or raises."""
+    from onnxflow.validation import validate_imported
 
     feeds = sample_feeds(model_path, sample_path)
     expected = None
     if expected_path is not None:
-        names = [o.name for o in onnx.load(str(model_path), load_external_data=False).graph.output]
+        names = [o.name for o in read_interface(load_graph(model_path)).outputs]
         table = Path(expected_path).suffix.lower() in TABLE_SUFFIXES
         expected = bind_expected(read_arrays(expected_path, "expected outputs"), names, table)
     reference = load_reference(imported)
@@ -586,7 +564,7 @@ def register_imported(
     """Register a validated imported model: the first sample row as its input example (the
     whole sample when the model has no dynamic batch axis), tags, alias ``challenger``."""
     from onnxflow.errors import RegistryError
-    from onnxflow.registry import register_onnx, validation_tags
+    from onnxflow.registration import register_onnx, validation_tags
 
     if not summary.passed:
         raise RegistryError(f"Refusing to register {model_path}: validation failed "

@@ -12,11 +12,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from onnxflow.errors import OnnxflowError
-
-
-class UnsafeModelError(OnnxflowError):
-    """The model refers to external data outside its own folder."""
+from onnxflow.errors import UnsafeModelError
 
 
 def external_data_locations(model_path: Path) -> list[str]:

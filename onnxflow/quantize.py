@@ -24,31 +24,13 @@ import numpy as np
 
 from onnxflow.config import QuantizeConfig
 from onnxflow.errors import QuantizationError
-from onnxflow.frameworks import INPUT_NAME
+from onnxflow.interface import INPUT_NAME
 from onnxflow.onnxfiles import model_size, node_count
-from onnxflow.results import DatasetArtifact, StepResult
-from onnxflow.validate import median_ms
+from onnxflow.results import DatasetArtifact, QuantizedModel
+from onnxflow.runtime import open_session
+from onnxflow.validation.timing import LATENCY_BATCHES, latencies
 
 log = logging.getLogger(__name__)
-
-LATENCY_BATCHES = (1, 32)
-
-
-class QuantizedModel(StepResult):
-    path: Path
-    mode: str
-    report_dir: Path
-    metric_name: str
-    float_metric: float
-    quantized_metric: float
-    drop: float
-    """Accuracy lost (fraction), or RMSE gained, through quantization."""
-    max_abs_diff: float
-    """Largest output difference from the float model on the test split."""
-    bytes_before: int
-    bytes_after: int
-    latency_ms: dict[str, float]
-    """``float_b1``, ``quantized_b1``, ``float_b32``, ``quantized_b32``: medians."""
 
 
 def quantize_model(model_path: Path, dataset: DatasetArtifact, config: QuantizeConfig,
@@ -70,8 +52,9 @@ def quantize_model(model_path: Path, dataset: DatasetArtifact, config: QuantizeC
                                 ) from exc
 
     X, y = splits["X_test"], splits["y_test"]
-    before, after = _session(model_path), _session(target)
-    float_out, quant_out = before(X), after(X)
+    before, after = _runner(model_path), _runner(target)
+    feeds = {INPUT_NAME: X}
+    float_out, quant_out = before(feeds)[0], after(feeds)[0]
     classification = dataset.info.task == "classification"
     if classification:
         name = "accuracy"
@@ -83,11 +66,7 @@ def quantize_model(model_path: Path, dataset: DatasetArtifact, config: QuantizeC
         float_metric = float(np.sqrt(np.mean((float_out.reshape(-1) - y) ** 2)))
         quant_metric = float(np.sqrt(np.mean((quant_out.reshape(-1) - y) ** 2)))
         drop, allowed = quant_metric - float_metric, config.max_accuracy_drop * float_metric
-    latency = {}
-    for batch in LATENCY_BATCHES:
-        rows = np.resize(X, (batch, X.shape[1])).astype(np.float32)
-        latency[f"float_b{batch}"] = median_ms(before, rows, config.latency_repeats)
-        latency[f"quantized_b{batch}"] = median_ms(after, rows, config.latency_repeats)
+    latency = latencies({"float": before, "quantized": after}, feeds, config.latency_repeats)
     result = QuantizedModel(
         path=target, mode=config.mode, report_dir=out_dir, metric_name=name,
         float_metric=float_metric, quantized_metric=quant_metric, drop=drop,
@@ -160,18 +139,14 @@ def _quantize(source: Path, target: Path, config: QuantizeConfig, calibration: n
     prepared.unlink(missing_ok=True)
 
 
-def _session(path: Path):
-    import onnxruntime as ort
+def _runner(path: Path):
+    """The model as a function of its feeds (``{features: X}``) -> its outputs."""
+    session = open_session(path)
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-
-    def run(features: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: features})[0]
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return session.run(None, feeds)
 
     return run
-
-
 
 
 def _write_report(result: QuantizedModel, source: Path, allowed: float, passed: bool,

@@ -7,10 +7,16 @@ a distributed task runner all work.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from onnxflow.config import Framework, Task
+
+SourceFormat = Literal["keras", "savedmodel", "torch_export", "torchscript", "onnx"]
+"""What ``import-model`` was given (see :mod:`onnxflow.importing`)."""
+ArtifactFormat = Literal["torch_export", "torchscript"]
+"""What ``convert --to torch`` saved: a ``.pt2`` program or TorchScript."""
 
 
 class StepResult(BaseModel):
@@ -122,3 +128,55 @@ class ChainResult(StepResult):
     """The int8 version registered next to ``version`` (``--quantize``), if it was kept."""
     quantize_note: str | None = None
     """Why no quantized version was registered although one was asked for."""
+
+
+class ImportedModel(StepResult):
+    """An imported model converted to ONNX, as the validate and register steps need it."""
+
+    source: Path
+    source_format: SourceFormat
+    framework: str
+    """``keras``, ``tensorflow``, ``torch`` or ``onnx`` (no framework to compare with)."""
+    path: Path
+    """``model.onnx`` (external data, when any, beside it)."""
+    exporter: str
+    opset: int
+    export_seconds: float
+
+
+class QuantizedModel(StepResult):
+    path: Path
+    mode: str
+    report_dir: Path
+    metric_name: str
+    float_metric: float
+    quantized_metric: float
+    drop: float
+    """Accuracy lost (fraction), or RMSE gained, through quantization."""
+    max_abs_diff: float
+    """Largest output difference from the float model on the test split."""
+    bytes_before: int
+    bytes_after: int
+    latency_ms: dict[str, float]
+    """``float_b1``, ``quantized_b1``, ``float_b32``, ``quantized_b32``: medians."""
+
+
+class ConvertedModel(StepResult):
+    source: str
+    """The registry URI or the path given."""
+    onnx_path: Path
+    """The ONNX model that was converted (a downloaded copy for a registry URI)."""
+    path: Path
+    """``model.pt2`` (torch.export program) or ``model.pt`` (TorchScript)."""
+    artifact_format: ArtifactFormat
+    fallback_reason: str | None = None
+    """Why TorchScript was saved instead of a torch.export program, when it was."""
+    dynamic_batch: bool
+    """The saved file was run on one row and on the whole sample."""
+    sample: str
+    rows: int
+    parity: dict[str, dict[str, float]]
+    """Per output: ``max_abs``, ``max_rel`` (as in the validation report)."""
+    parity_max_abs: float
+    report_path: Path
+    seconds: float

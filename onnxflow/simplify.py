@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 
 from onnxflow.config import SimplifyConfig
-from onnxflow.errors import SimplifyError
+from onnxflow.errors import SimplifyError, UnsafeModelError
 from onnxflow.onnxfiles import (
-    UnsafeModelError,
     copy_model,
     external_data_locations,
     model_files,
     model_size,
     node_count,
 )
+from onnxflow.interface import load_graph, read_interface
 from onnxflow.results import SimplifiedModel
+from onnxflow.runtime import PROVIDERS, open_session
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def _run_onnxsim(model_path: Path):
     # No overwrite_input_shapes: the batch axis stays symbolic. check_n=0 and certify=False:
     # the probe comparison below is our check, with our tolerance, on several batch sizes.
     simplified, check_ok = onnxsim.simplify(
-        model, check_n=0, certify=False, providers=["CPUExecutionProvider"]
+        model, check_n=0, certify=False, providers=list(PROVIDERS)
     )
     if not check_ok:
         raise _Rejected("onnxsim's own check failed")
@@ -131,30 +132,20 @@ def _check_simplified(target: Path, original_path: Path) -> None:
 
     onnx.checker.check_model(str(target), full_check=True)
     inferred = onnx.shape_inference.infer_shapes(
-        onnx.load(str(target), load_external_data=False), check_type=True, strict_mode=True
+        load_graph(target), check_type=True, strict_mode=True
     )
-    original = onnx.load(str(original_path), load_external_data=False)
-    for kind in ("input", "output"):
-        before = [_signature(v) for v in getattr(original.graph, kind)]
-        after = [_signature(v) for v in getattr(inferred.graph, kind)]
+    original, simplified = read_interface(load_graph(original_path)), read_interface(inferred)
+    for kind in ("inputs", "outputs"):
+        # dimension names are normalised to ``?``: renamed is fine, still dynamic is what counts
+        before = [t.with_dynamic_as("?").describe() for t in getattr(original, kind)]
+        after = [t.with_dynamic_as("?").describe() for t in getattr(simplified, kind)]
         if before != after:
-            raise _Rejected(f"graph {kind}s changed from {before} to {after}")
-
-
-def _signature(value) -> tuple[str, int, tuple[int | str, ...]]:
-    """Name, element type and shape; dimension names are normalised to ``?`` (still dynamic)."""
-    tensor = value.type.tensor_type
-    dims = tuple("?" if d.HasField("dim_param") or not d.HasField("dim_value") else d.dim_value
-                 for d in tensor.shape.dim)
-    return value.name, tensor.elem_type, dims
+            raise _Rejected(f"graph {kind} changed from {before} to {after}")
 
 
 def _probe_max_diff(original_path: Path, simplified_path: Path) -> float:
     """Largest output difference between the two models on seeded random batches."""
-    import onnxruntime as ort
-
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-                for p in (original_path, simplified_path)]
+    sessions = [open_session(p) for p in (original_path, simplified_path)]
     rng = np.random.default_rng(0)
     largest = 0.0
     for batch in PROBE_BATCHES:

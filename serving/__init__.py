@@ -1,8 +1,11 @@
 """The onnxflow endpoint: serves the registry's champion with onnxruntime.
 
-``python -m onnxflow.serving`` runs it; :mod:`onnxflow.serving.app` is the ASGI app, :mod:`onnxflow.serving.manager`
-follows the alias, :mod:`onnxflow.serving.v2` and :mod:`onnxflow.serving.mlflow_format` are the two wire
-protocols. Nothing is imported or started at import time.
+``python -m onnxflow.serving`` runs it. :mod:`onnxflow.serving.dataplane` owns the served
+models (resolve, check, execute, metadata, readiness), :mod:`onnxflow.serving.manager`
+follows each alias, :mod:`onnxflow.serving.errors` names every way a request can fail.
+The fronts parse their protocol and call the data plane: :mod:`onnxflow.serving.app` is
+the REST front (KServe V2 via :mod:`onnxflow.serving.v2`, MLflow scoring via
+:mod:`onnxflow.serving.mlflow_format`). Nothing is imported or started at import time.
 """
 
 import sys

@@ -1,4 +1,4 @@
-"""The ASGI app: KServe V2 and MLflow scoring routes over the model manager.
+"""The REST front: KServe V2 and MLflow scoring routes over the data plane.
 
 Every error is a JSON ``{"error": ...}``; bad input is a 4xx that names the problem.
 Inference responses carry ``X-Model-Name`` and ``X-Model-Version``: which version
@@ -13,37 +13,28 @@ the event loop (a thread hop costs more than the run), slow ones in worker threa
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hmac
 import logging
-import os
 import re
-import sys
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 
 import orjson
+from onnxflow.serving import mlflow_format, v2
+from onnxflow.serving.dataplane import DataPlane
+from onnxflow.serving.errors import BadInput, RequestError, TooLarge, UnsupportedMedia
+from onnxflow.serving.metrics import ServingMetrics
+from onnxflow.serving.model import LoadedModel
+from onnxflow.serving.openapi import openapi_document
+from onnxflow.serving.settings import ServingSettings
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from onnxflow.serving import mlflow_format, v2
-from onnxflow.serving.batching import Batcher
-from onnxflow.serving.manager import ModelManager
-from onnxflow.serving.metrics import ServingMetrics
-from onnxflow.serving.model import LoadedModel
-from onnxflow.serving.openapi import openapi_document
-from onnxflow.serving.settings import ServingSettings
-from onnxflow.serving.tensors import RequestError
-
 log = logging.getLogger(__name__)
 
-HEAVY_MODULES = ("torch", "tensorflow", "pandas", "sklearn", "jax")
-SERVER_VERSION = "0.1.0"
 JSON = "application/json"
 
 
@@ -56,65 +47,32 @@ def error_response(message: str, status: int, headers: dict | None = None) -> Re
     return json_response({"error": message}, status, headers)
 
 
-class Endpoint:
-    """State shared by the routes: settings, manager, metrics, executor, batcher."""
+class RestEndpoints:
+    """The REST routes: parse HTTP, call the :class:`DataPlane`, write HTTP. Nothing else."""
 
-    def __init__(self, settings: ServingSettings) -> None:
-        self.settings = settings
-        self.metrics = ServingMetrics()
-        self.manager = ModelManager(settings, self.metrics)
-        self.executor = ThreadPoolExecutor(settings.inference_threads,
-                                           thread_name_prefix="onnxruntime")
-        self.batcher: Batcher | None = None
-        self.token = settings.token.get_secret_value().encode() if settings.token else None
-        self.started = time.time()
-        self.watcher: asyncio.Task | None = None
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.settings = plane.settings
+        self.metrics = plane.metrics
 
-    # --- helpers ---------------------------------------------------------------------
-
-    def authorize(self, headers, admin: bool = False) -> None:
-        if self.token is None:
-            if admin:
-                raise RequestError("admin routes are off: start the endpoint with a token "
-                               "(--token or ONNXFLOW_SERVE_TOKEN) to use them", 403)
-            return
-        header = headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                 self.token):
-            raise RequestError("missing or wrong bearer token (Authorization: Bearer <token>)", 401)
-
-    def model_for(self, name: str, version: str | None = None) -> LoadedModel:
-        model = self.manager.current
-        if name != self.manager.name:
-            raise RequestError(f"unknown model {name!r}; this endpoint serves "
-                           f"{self.manager.name!r}", 404)
-        if model is None:
-            raise RequestError(f"model {name!r} is not loaded yet", 503)
-        if version is not None and version != model.version:
-            raise RequestError(f"version {version} of {name!r} is not loaded; serving version "
-                           f"{model.version}", 404)
-        return model
-
-    async def read_body(self, headers: dict[str, str], receive,
-                        content_types: tuple[str, ...], allow_missing: bool) -> bytes:
+    async def read_body(self, headers, receive, content_types: tuple[str, ...],
+                        allow_missing: bool) -> bytes:
         """The request body, after the content type and size limit are checked."""
         ctype = headers.get("content-type")
         if ctype is None:
             if not allow_missing:
-                raise RequestError(f"missing Content-Type; send one of {', '.join(content_types)}",
-                               415)
+                raise UnsupportedMedia(f"missing Content-Type; send one of "
+                                       f"{', '.join(content_types)}")
         elif ctype.split(";", 1)[0].strip().lower() not in content_types:
-            raise RequestError(f"unsupported Content-Type {ctype!r}; send one of "
-                           f"{', '.join(content_types)}", 415)
+            raise UnsupportedMedia(f"unsupported Content-Type {ctype!r}; send one of "
+                                   f"{', '.join(content_types)}")
         limit = self.settings.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
-                raise RequestError(f"Content-Length {declared!r} is not a number")
+                raise BadInput(f"Content-Length {declared!r} is not a number")
             if int(declared) > limit:
-                raise RequestError(f"body of {declared} bytes is over the limit of {limit} bytes",
-                               413)
+                raise TooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
         message = await receive()
         body = message.get("body", b"")
         if message.get("more_body"):
@@ -122,161 +80,100 @@ class Endpoint:
             while message.get("more_body"):
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise RequestError("client went away before sending the body")
+                    raise BadInput("client went away before sending the body")
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
-                    raise RequestError(f"body is over the limit of {limit} bytes", 413)
+                    raise TooLarge(f"body is over the limit of {limit} bytes")
                 chunks.append(chunk)
             body = b"".join(chunks)
         if len(body) > limit:
-            raise RequestError(f"body is over the limit of {limit} bytes", 413)
+            raise TooLarge(f"body is over the limit of {limit} bytes")
         encoding = headers.get("content-encoding")
         if encoding and encoding.lower() != "identity":
             body = _decompress(body, encoding.lower(), limit)
         return body
 
-    async def execute(self, model: LoadedModel, feeds: dict) -> list:
-        """Run the model on checked feeds: batched, on the loop, or in a worker thread."""
-        try:
-            if self.batcher is not None and model.batchable:
-                rows = {a.shape[0] for a in feeds.values()}
-                if len(rows) > 1:
-                    raise RequestError(f"inputs disagree on the batch size: {sorted(rows)}")
-                return await self.batcher.run(model, feeds)
-            if model.inline:
-                rows = max(a.shape[0] if a.ndim else 1 for a in feeds.values())
-                if rows <= model.inline_rows:
-                    return model.run(feeds)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, model.run, feeds)
-        except RequestError:
-            raise
-        except Exception as exc:  # onnxruntime refused this input at run time
-            raise RequestError(f"the model could not run on this input: {exc}", 422) from None
-
-    # --- lifecycle -------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def lifespan(self, app):
-        if self.settings.batching:
-            self.batcher = Batcher(self.settings.max_batch_size,
-                                   self.settings.max_batch_delay_ms, self.metrics,
-                                   self.executor)
-            self.batcher.start()
-        self.watcher = asyncio.get_running_loop().create_task(self.manager.watch(),
-                                                              name="alias-watcher")
-        try:
-            yield
-        finally:
-            self.watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.watcher
-            if self.batcher:
-                await self.batcher.stop()
-            self.executor.shutdown(wait=False, cancel_futures=True)
-
     # --- routes ----------------------------------------------------------------------
 
     async def server_metadata(self, request: Request) -> Response:
-        return json_response({"name": "onnxflow", "version": SERVER_VERSION,
-                              "extensions": ["binary_tensor_data"]})
+        return json_response(self.plane.server_metadata())
 
     async def live(self, request: Request) -> Response:
         return json_response({"live": True})
 
     async def ready(self, request: Request) -> Response:
-        ok = self.manager.current is not None
+        ok = self.plane.ready()
         return json_response({"ready": ok}, 200 if ok else 503)
 
     async def model_metadata(self, request: Request) -> Response:
         params = request.path_params
-        self.authorize(request.headers)
-        model = self.model_for(params["name"], params.get("version"))
+        self.plane.authorize(request.headers.get("authorization"))
+        model = self.plane.model(params["name"], params.get("version"))
         return json_response(model.metadata(), headers=_version_headers(model))
 
     async def model_ready(self, request: Request) -> Response:
         params = request.path_params
-        model = self.model_for(params["name"], params.get("version"))
+        model = self.plane.model(params["name"], params.get("version"))
         return json_response({"name": model.name, "ready": True},
                              headers=_version_headers(model))
 
     async def model_example(self, request: Request) -> Response:
-        self.authorize(request.headers)
-        model = self.model_for(request.path_params["name"])
+        self.plane.authorize(request.headers.get("authorization"))
+        model = self.plane.model(request.path_params["name"])
         return json_response(model.example_payload, headers=_version_headers(model))
 
-    async def infer(self, headers: dict[str, str], receive, params: dict) -> tuple:
-        self.authorize(headers)
-        model = self.model_for(params["name"], params.get("version"))
+    async def infer(self, headers, receive, params: dict) -> tuple:
+        self.plane.authorize(headers.get("authorization"))
+        model = self.plane.model(params["name"], params.get("version"))
         body = await self.read_body(headers, receive, (JSON, "application/octet-stream"), True)
         parsed = v2.decode_request(body, headers.get(v2.HEADER_LENGTH), model,
                                    self.settings.max_body_bytes)
-        results = await self.execute(model, parsed.feeds)
+        results = await self.plane.execute(model, parsed.feeds)
         content, response_headers = v2.encode_response(model, parsed, results)
         return 200, content, response_headers, model
 
-    async def invocations(self, headers: dict[str, str], receive, params: dict) -> tuple:
-        self.authorize(headers)
-        model = self.manager.current
-        if model is None:
-            raise RequestError(f"model {self.manager.name!r} is not loaded yet", 503)
+    async def invocations(self, headers, receive, params: dict) -> tuple:
+        self.plane.authorize(headers.get("authorization"))
+        model = self.plane.default_model()
         body = await self.read_body(headers, receive, (JSON, "text/csv"), False)
         if headers.get("content-type", "").lower().startswith("text/csv"):
             try:
                 text = body.decode("utf-8")
             except UnicodeDecodeError:
-                raise RequestError("CSV body is not UTF-8") from None
+                raise BadInput("CSV body is not UTF-8") from None
             feeds = mlflow_format.parse_csv(text, model.inputs)
         else:
             try:
                 payload = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
-                raise RequestError(f"malformed JSON: {exc}") from None
+                raise BadInput(f"malformed JSON: {exc}") from None
             feeds = mlflow_format.parse_payload(payload, model.inputs)
-        results = await self.execute(model, feeds)
+        results = await self.plane.execute(model, feeds)
         content = orjson.dumps(mlflow_format.predictions(model.output_names, results),
                                option=orjson.OPT_SERIALIZE_NUMPY)
         return 200, content, JSON_HEADERS, model
 
     async def ping(self, request: Request) -> Response:
-        ok = self.manager.current is not None
-        return Response(b"\n", 200 if ok else 503, media_type=JSON)
+        return Response(b"\n", 200 if self.plane.ready() else 503, media_type=JSON)
 
     async def metrics_route(self, request: Request) -> Response:
         return Response(self.metrics.render(), headers={"content-type": self.metrics.content_type})
 
     async def openapi(self, request: Request) -> Response:
-        return json_response(openapi_document(self.manager.name))
+        return json_response(openapi_document(self.plane.default_name))
 
     async def admin_reload(self, request: Request) -> Response:
-        self.authorize(request.headers, admin=True)
-        outcome = await self.manager.check(force=True)
+        self.plane.authorize(request.headers.get("authorization"), admin=True)
+        outcome = await self.plane.reload()
         status = 200 if outcome.outcome in ("swapped", "unchanged") else 409
         if outcome.outcome == "registry_error":
             status = 502
         return json_response(outcome.as_json(), status)
 
     async def admin_status(self, request: Request) -> Response:
-        self.authorize(request.headers, admin=True)
-        model = self.manager.current
-        return json_response({
-            "model": self.manager.reference,
-            "serving": None if model is None else {
-                "version": model.version, "onnx_sha256": model.digest,
-                "loaded_at": model.loaded_at, "warm_ms": model.warm_ms,
-                "inline": model.inline, "batchable": model.batchable,
-                "providers": model.providers, "folder": str(model.folder),
-            },
-            "refused": self.manager.refused,
-            "last_check": self.manager.last_check.as_json() if self.manager.last_check else None,
-            "pid": os.getpid(),
-            "rss_bytes": _rss_bytes(),
-            "heavy_modules_loaded": sorted(m for m in HEAVY_MODULES
-                                           if sys.modules.get(m) is not None),
-            "mlflow_loaded": sys.modules.get("mlflow") is not None,
-            "uptime_s": time.time() - self.started,
-        })
+        self.plane.authorize(request.headers.get("authorization"), admin=True)
+        return json_response(self.plane.status())
 
 
 def _version_headers(model: LoadedModel) -> dict[str, str]:
@@ -286,20 +183,20 @@ def _version_headers(model: LoadedModel) -> dict[str, str]:
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     wbits = {"gzip": 31, "deflate": 15}.get(encoding)
     if wbits is None:
-        raise RequestError(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate", 415)
+        raise UnsupportedMedia(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
     inflater = zlib.decompressobj(wbits)
     try:
         data = inflater.decompress(body, limit + 1)
     except zlib.error as exc:
-        raise RequestError(f"body is not valid {encoding}: {exc}") from None
+        raise BadInput(f"body is not valid {encoding}: {exc}") from None
     if len(data) > limit or inflater.unconsumed_tail:
-        raise RequestError(f"decompressed body is over the limit of {limit} bytes", 413)
+        raise TooLarge(f"decompressed body is over the limit of {limit} bytes")
     return data
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def error_content(exc: RequestError) -> tuple[int, dict | None]:
+    """The one mapping of a request error to HTTP: (status, extra headers)."""
+    return exc.status, (dict(exc.headers) or None)
 
 
 class MetricsMiddleware:
@@ -355,8 +252,9 @@ class InferenceRoute:
     and response wrappers, and record their own metrics.
     """
 
-    def __init__(self, ep: Endpoint, handler, route: str, mlflow_errors: bool = False) -> None:
-        self.ep = ep
+    def __init__(self, metrics: ServingMetrics, handler, route: str,
+                 mlflow_errors: bool = False) -> None:
+        self.metrics = metrics
         self.handler = handler
         self.route = route
         self.mlflow_errors = mlflow_errors
@@ -376,10 +274,9 @@ class InferenceRoute:
             status, content, response_headers, model = await self.handler(
                 headers, receive, params if params is not None else scope.get("path_params", {}))
         except RequestError as exc:
-            status, content = exc.status, self.error_body(str(exc), exc.status)
-            response_headers = {"content-type": JSON}
-            if exc.status == 401:
-                response_headers["www-authenticate"] = "Bearer"
+            status, extra = error_content(exc)
+            content = self.error_body(str(exc), status)
+            response_headers = {"content-type": JSON, **(extra or {})}
         except Exception as exc:
             log.exception("unhandled error on %s", self.route)
             status = 500
@@ -394,7 +291,7 @@ class InferenceRoute:
             raw += model.version_headers
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": content})
-        self.ep.metrics.observe_request(self.route, "POST", status, time.perf_counter() - start)
+        self.metrics.observe_request(self.route, "POST", status, time.perf_counter() - start)
 
 
 class FrontDoor:
@@ -427,9 +324,9 @@ class FrontDoor:
         await self.app(scope, receive, send)
 
 
-async def _bad_input(request: Request, exc: RequestError) -> Response:
-    headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
-    return error_response(str(exc), exc.status, headers)
+async def _request_error(request: Request, exc: RequestError) -> Response:
+    status, headers = error_content(exc)
+    return error_response(str(exc), status, headers)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -445,13 +342,15 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: ServingSettings) -> FrontDoor:
-    """The endpoint as an ASGI app (``.endpoint`` holds its state)."""
-    ep = Endpoint(settings)
+    """The endpoint as an ASGI app (``.plane`` is its data plane, ``.endpoints`` its routes)."""
+    plane = DataPlane(settings)
+    ep = RestEndpoints(plane)
     model = "/v2/models/{name}"
     version = model + "/versions/{version}"
-    invocations = InferenceRoute(ep, ep.invocations, "/invocations", mlflow_errors=True)
-    infer = InferenceRoute(ep, ep.infer, model + "/infer")
-    infer_version = InferenceRoute(ep, ep.infer, version + "/infer")
+    invocations = InferenceRoute(plane.metrics, ep.invocations, "/invocations",
+                                 mlflow_errors=True)
+    infer = InferenceRoute(plane.metrics, ep.infer, model + "/infer")
+    infer_version = InferenceRoute(plane.metrics, ep.infer, version + "/infer")
     routes = [
         Route("/v2", ep.server_metadata, methods=["GET"]),
         Route("/v2/health/live", ep.live, methods=["GET"]),
@@ -472,13 +371,23 @@ def create_app(settings: ServingSettings) -> FrontDoor:
         Route("/admin/reload", ep.admin_reload, methods=["POST"]),
         Route("/admin/status", ep.admin_status, methods=["GET"]),
     ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await plane.start()
+        try:
+            yield
+        finally:
+            await plane.stop()
+
     app = Starlette(
         routes=routes,
-        lifespan=ep.lifespan,
-        exception_handlers={RequestError: _bad_input, HTTPException: _http_error,
+        lifespan=lifespan,
+        exception_handlers={RequestError: _request_error, HTTPException: _http_error,
                             Exception: _server_error},
     )
-    app.add_middleware(MetricsMiddleware, metrics=ep.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=plane.metrics)
     front = FrontDoor(app, invocations, infer, infer_version)
-    front.endpoint = ep
+    front.plane = plane
+    front.endpoints = ep
     return front

@@ -2,8 +2,9 @@
 
 Everything a client sends is checked here before an array is allocated: name, datatype,
 rank and fixed dimensions against the model, element count against the data, and the
-declared size against the memory limit. Failures raise :class:`RequestError` with a message
-that names the input and what was expected.
+declared size against the memory limit. Failures raise
+:class:`~onnxflow.serving.errors.RequestError` (or :class:`~onnxflow.serving.errors.TooLarge`)
+with a message that names the input and what was expected.
 """
 
 from __future__ import annotations
@@ -13,21 +14,9 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from onnxflow.serving.errors import RequestError, TooLarge
 
 from onnxflow.errors import ServingError
-
-
-class RequestError(ServingError):
-    """The request cannot be served as sent; ``status`` is the HTTP status to answer with.
-
-    Mostly bad input (4xx naming the problem); also 401/403 (token), 404 (no such model or
-    version) and 503 (nothing loaded yet).
-    """
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
 
 # V2 datatype -> numpy dtype (little-endian, as the binary extension requires).
 V2_DTYPES: dict[str, np.dtype] = {
@@ -123,10 +112,9 @@ def check_shape(spec: TensorSpec, shape, max_bytes: int) -> tuple[int, ...]:
         raise RequestError(f"input {spec.name!r}: shape {shape} holds no elements")
     needed = count * itemsize(spec.datatype)
     if needed > max_bytes:
-        raise RequestError(
+        raise TooLarge(
             f"input {spec.name!r}: shape {shape} needs {needed} bytes, more than the "
-            f"limit of {max_bytes} bytes",
-            status=413,
+            f"limit of {max_bytes} bytes"
         )
     return tuple(shape)
 

@@ -14,10 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
-
+from onnxflow.serving.errors import RequestError
 from onnxflow.serving.model import LoadedModel
 from onnxflow.serving.tensors import (
-    V2_DTYPES, RequestError, array_from_binary, array_from_json, array_to_binary, array_to_json,
+    V2_DTYPES,
+    array_from_binary,
+    array_from_json,
+    array_to_binary,
+    array_to_json,
     check_shape,
 )
 

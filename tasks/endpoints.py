@@ -1,11 +1,11 @@
-"""Prefect task that waits for the serving replicas (logic: :mod:`onnxflow.stack.health`)."""
+"""Prefect task that waits for the serving replicas (logic: :mod:`onnxflow.endpoints`)."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from onnxflow.stack.health import wait_until_serving
+from onnxflow.endpoints import wait_until_serving
 
 
 @task(name="wait-for-endpoints", cache_policy=NO_CACHE)

@@ -12,11 +12,11 @@ from onnxflow import tracking
 from onnxflow.config import RegisterConfig, ValidateConfig
 from onnxflow.errors import ValidationError
 from onnxflow.importing import (
-    ImportedModel, convert_to_onnx, detect_format, read_arrays, register_imported,
+    convert_to_onnx, detect_format, read_arrays, register_imported,
     sample_feeds, start_import_run, validate_import,
 )
-from onnxflow.results import RegisteredVersion, ValidationSummary
-from onnxflow.tasks.registry import registry_task
+from onnxflow.results import ImportedModel, RegisteredVersion, ValidationSummary
+from onnxflow.tasks.register import registry_task
 
 
 @task(name="convert-to-onnx", cache_policy=NO_CACHE)

@@ -19,7 +19,7 @@ from onnxflow.results import (
     DatasetArtifact, DatasetInfo, ExportedModel, SimplifiedModel, TrainedModel, ValidationSummary,
 )
 from onnxflow.simplify import simplify_model
-from onnxflow.validate import validate_model
+from onnxflow.validation import validate_model
 
 
 @task(name="train", task_run_name="train-{framework}")

@@ -9,10 +9,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from onnxflow.config import QuantizeConfig, RegisterConfig
-from onnxflow.quantize import QuantizedModel, quantization_tags, quantize_model
-from onnxflow.registry import register_onnx
-from onnxflow.results import DatasetArtifact, RegisteredVersion
-from onnxflow.tasks.registry import registry_task
+from onnxflow.quantize import quantization_tags, quantize_model
+from onnxflow.registration import register_onnx
+from onnxflow.results import DatasetArtifact, QuantizedModel, RegisteredVersion
+from onnxflow.tasks.register import registry_task
 
 
 @task(name="quantize", cache_policy=NO_CACHE)

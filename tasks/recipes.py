@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
-from onnxflow.tasks.registry import registry_task
+from onnxflow.tasks.register import registry_task
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 

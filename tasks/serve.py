@@ -3,8 +3,8 @@
 ``deploy_endpoint`` starts ``python -m onnxflow.serving`` (pid and log files in ``state_dir``),
 waits until it is ready, sends the registered input example as a smoke test and returns
 the URL; ``stop_endpoint`` stops it; ``endpoint_status`` says what it serves. These are
-plain functions; the Prefect tasks at the bottom are created on first use, so importing
-this module does not import Prefect.
+plain functions (the CLI's ``run --deploy``, ``serve`` and ``stop`` call them); no
+Prefect here.
 """
 
 from __future__ import annotations
@@ -100,21 +100,3 @@ def endpoint_status(state_dir: Path = DEFAULT_STATE_DIR) -> dict | None:
                     state_dir, log_tail(info.log_path, 10))
     return status
 
-
-def __getattr__(name: str):
-    """``deploy_endpoint_task`` and friends: Prefect tasks, built on first access."""
-    from onnxflow.tasks.retry import transient_only
-
-    tasks = {  # starting a process and waiting on HTTP is I/O: retry, but not our errors
-        "deploy_endpoint_task": lambda task: task(
-            name="deploy-endpoint", retries=2, retry_delay_seconds=5,
-            retry_condition_fn=transient_only)(deploy_endpoint),
-        "stop_endpoint_task": lambda task: task(name="stop-endpoint")(stop_endpoint),
-    }
-    if name not in tasks:
-        raise AttributeError(name)
-    from prefect import task
-
-    value = tasks[name](task)
-    globals()[name] = value
-    return value

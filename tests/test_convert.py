@@ -23,7 +23,7 @@ from tests.fixtures_ml import built, onnx_session
 def _register_digits(model_path: Path, dataset) -> str:
     """Register through the real registry, with the tags the pipeline gives digits models."""
     from onnxflow.data import load_splits
-    from onnxflow.registry import register_onnx
+    from onnxflow.registration import register_onnx
 
     version = register_onnx(
         model_path, model_name="digits", input_example=load_splits(dataset)["X_test"][:1],
@@ -92,7 +92,7 @@ def test_a_torch_cnn_converts_despite_reshape_allowzero(mlflow_store, tmp_path,
 
 
 def test_a_version_without_digits_data_is_checked_on_its_input_example(mlflow_store, tmp_path):
-    from onnxflow.registry import register_onnx
+    from onnxflow.registration import register_onnx
 
     path = make_linear_onnx(tmp_path / "linear" / "model.onnx", n_in=5, n_out=3)
     x = np.random.default_rng(0).normal(size=(1, 5)).astype(np.float32)

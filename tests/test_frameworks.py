@@ -41,7 +41,7 @@ def test_unknown_framework_is_a_clear_error():
 
 def test_importing_the_steps_imports_no_framework():
     code = ("import sys, onnxflow.frameworks, onnxflow.frameworks.pytorch, "
-            "onnxflow.frameworks.keras3, onnxflow.simplify, onnxflow.validate; "
+            "onnxflow.frameworks.keras3, onnxflow.simplify, onnxflow.validation; "
             "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'onnxsim', 'matplotlib') "
             "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

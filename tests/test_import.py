@@ -221,9 +221,9 @@ def test_a_sample_that_does_not_fit_is_refused_before_any_run(
 
 def test_integer_inputs_refuse_non_integer_values(files, tmp_path):
     from onnxflow.importing import bind_sample
-    from onnxflow.validate import _open_session
+    from onnxflow.runtime import open_session
 
-    session, _ = _open_session(files["onnx"][0])
+    session = open_session(files["onnx"][0])
     sample = all_types_sample(2)
     sample["i32"] = sample["i32"].astype(np.float64) + 0.5
     with pytest.raises(ModelImportError, match="'i32' takes int32, the sample has non-integer"):

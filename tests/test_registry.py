@@ -13,7 +13,7 @@ from onnxflow.config import PromoteConfig, RegisterConfig
 from onnxflow.errors import PromotionError, RegistryError
 from onnxflow.onnxfiles import onnx_digest
 from onnxflow.promote import promote
-from onnxflow.registry import register_onnx, register_validated, set_alias
+from onnxflow.registration import register_onnx, register_validated, set_alias
 from onnxflow.results import ValidationSummary
 from tests.conftest import make_linear_onnx
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from onnxflow.stack import manager
-from onnxflow.stack.errors import StackError
+from onnxflow.errors import StackError
 from onnxflow.processes import (
     ProcessRecord, is_alive, is_running, process_tree, start_process, stop_process, wait_until,
 )

@@ -12,7 +12,7 @@ import pytest
 
 from onnxflow.config import ValidateConfig
 from onnxflow.errors import ValidationError
-from onnxflow.validate import validate_model
+from onnxflow.validation import validate_model
 from tests.fixtures_ml import FRAMEWORKS, Built, built
 
 FAST = ValidateConfig(latency_repeats=5)

@@ -4,10 +4,11 @@
 and ``load_predictor`` loads it back for validation. Adapters are imported lazily, so
 choosing PyTorch never imports TensorFlow (and the serving process imports neither).
 
-Every exported model has the same interface, whatever trained it: one input
-``features`` ``[batch, n_features]`` float32 taking RAW features (the standardisation is
-folded into the first layer) and one output, ``probabilities`` ``[batch, n_classes]`` for
-classifiers or ``prediction`` ``[batch, 1]`` for regressors, with a dynamic batch axis.
+Every exported model has the same interface, whatever trained it, declared once in
+:func:`onnxflow.interface.table_model_interface`: one input ``features``
+``[batch, n_features]`` float32 taking RAW features (the standardisation is folded into
+the first layer) and one output, ``probabilities`` ``[batch, n_classes]`` for classifiers
+or ``prediction`` ``[batch, 1]`` for regressors, with a dynamic batch axis.
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ from typing import Protocol, cast
 
 import numpy as np
 
-from onnxflow.config import ExportConfig, Task, TrainConfig
+from onnxflow.config import ExportConfig, TrainConfig
 from onnxflow.errors import ExportError, OnnxflowError
+from onnxflow.interface import default_opset, load_graph, read_interface, table_model_interface
 from onnxflow.results import DatasetArtifact, DatasetInfo, ExportedModel, TrainedModel
 
 log = logging.getLogger(__name__)
-
-INPUT_NAME = "features"
-BATCH_AXIS = "batch"
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 Predictor = Callable[[np.ndarray], np.ndarray]
@@ -64,11 +63,6 @@ def get_adapter(framework: str) -> FrameworkAdapter:
         known = ", ".join(sorted(_ADAPTERS))
         raise OnnxflowError(f"Unknown framework {framework!r}; expected one of: {known}.") from None
     return cast(FrameworkAdapter, importlib.import_module(module_name))
-
-
-def output_name(task: Task) -> str:
-    """Name of the single ONNX output for a task."""
-    return "probabilities" if task == "classification" else "prediction"
 
 
 def image_side(n_features: int, error: type[OnnxflowError]) -> int:
@@ -159,36 +153,14 @@ def check_exported_model(model_path: Path, info: DatasetInfo, opset: int) -> Non
         onnx.checker.check_model(str(model_path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"{model_path.name} fails onnx.checker: {exc}") from exc
-    model = onnx.load(str(model_path), load_external_data=False)
-    found_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-                       None)
+    model = load_graph(model_path)
     problems = []
-    if found_opset != opset:
-        problems.append(f"opset {found_opset}, expected {opset}")
-    expected = {
-        "input": (INPUT_NAME, info.n_features, model.graph.input),
-        "output": (output_name(info.task), info.n_outputs, model.graph.output),
-    }
-    for kind, (name, width, values) in expected.items():
-        found = [(v.name, _dims(v), v.type.tensor_type.elem_type) for v in values]
-        if len(found) != 1 or found[0][0] != name:
-            problems.append(f"{kind}s {[f[0] for f in found]}, expected [{name!r}]")
-            continue
-        _, dims, elem_type = found[0]
-        if dims != [BATCH_AXIS, width]:
-            problems.append(f"{kind} {name!r} shape {dims}, expected [{BATCH_AXIS!r}, {width}]")
-        if elem_type != onnx.TensorProto.FLOAT:
-            problems.append(
-                f"{kind} {name!r} type {onnx.TensorProto.DataType.Name(elem_type)}, expected FLOAT"
-            )
+    if default_opset(model) != opset:
+        problems.append(f"opset {default_opset(model)}, expected {opset}")
+    declared = table_model_interface(info.task, info.n_features, info.n_outputs)
+    problems += declared.mismatches(read_interface(model))
     if problems:
         raise ExportError(
             f"{model_path.name} does not have the expected interface: " + "; ".join(problems)
         )
 
-
-def _dims(value) -> list[int | str | None]:
-    return [
-        d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
-        for d in value.type.tensor_type.shape.dim
-    ]

@@ -20,17 +20,15 @@ import numpy as np
 from onnxflow.config import ExportConfig, TrainConfig
 from onnxflow.errors import ExportError, TrainingError
 from onnxflow.frameworks import (
-    BATCH_AXIS,
-    INPUT_NAME,
     EpochCallback,
     Predictor,
     check_exported_model,
     fold_standardization,
     format_metrics,
     image_side,
-    output_name,
     standardized_splits,
 )
+from onnxflow.interface import BATCH_AXIS, INPUT_NAME, output_name
 from onnxflow.results import DatasetArtifact, DatasetInfo, ExportedModel, TrainedModel
 
 log = logging.getLogger(__name__)

@@ -22,14 +22,12 @@ import numpy as np
 from onnxflow.config import ExportConfig, TrainConfig
 from onnxflow.errors import ExportError, TrainingError
 from onnxflow.frameworks import (
-    BATCH_AXIS,
-    INPUT_NAME,
     EpochCallback,
     Predictor,
     save_exported,
     format_metrics,
-    output_name,
 )
+from onnxflow.interface import BATCH_AXIS, INPUT_NAME, output_name
 from onnxflow.results import DatasetArtifact, DatasetInfo, ExportedModel, TrainedModel
 
 log = logging.getLogger(__name__)

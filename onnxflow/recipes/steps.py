@@ -30,6 +30,9 @@ from onnxflow.arrays import (
 )
 from onnxflow.config import DataConfig, ExportConfig, RegisterConfig, TrainConfig, ValidateConfig
 from onnxflow.errors import ExportError, RecipeError, RegistryError
+from onnxflow.interface import (
+    BATCH_AXIS, ModelInterface, TensorDecl, load_graph, output_name, read_interface,
+)
 from onnxflow.recipes import load_recipe
 from onnxflow.results import ExportedModel, RegisteredVersion, TrainedModel, ValidationSummary
 
@@ -183,24 +186,27 @@ def recipe_tags(trained: TrainedModel, info: ArrayDatasetInfo) -> dict[str, str]
     return tags
 
 
-def _check_interface(target: Path, info: ArrayDatasetInfo) -> None:
-    """The exported inputs are the data's, in order, typed as the data, batch dynamic."""
-    import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
+def recipe_interface(info: ArrayDatasetInfo) -> ModelInterface:
+    """What a recipe's exported model takes and gives: the data's inputs (names, types,
+    shapes) behind a dynamic batch axis, and ``probabilities`` ``[batch, n_classes]``."""
+    import numpy as np
+    from onnx import TensorProto
+    from onnx.helper import np_dtype_to_tensor_dtype
 
-    proto = onnx.load(str(target), load_external_data=False)
-    problems = []
-    found = [(v.name, str(tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)),
-              [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
-             for v in proto.graph.input]
-    wanted = [(s.name, s.dtype, ["batch", *s.shape]) for s in info.inputs]
-    if found != wanted:
-        problems.append(f"inputs {found}, expected {wanted}")
-    outputs = [(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
-               for v in proto.graph.output]
-    if outputs != [("probabilities", ["batch", info.n_classes])]:
-        problems.append(f"outputs {outputs}, expected [('probabilities', "
-                        f"['batch', {info.n_classes}])]")
+    def onnx_type(dtype: str) -> str:
+        return TensorProto.DataType.Name(np_dtype_to_tensor_dtype(np.dtype(dtype)))
+
+    return ModelInterface(
+        inputs=tuple(TensorDecl(s.name, onnx_type(s.dtype), (BATCH_AXIS, *s.shape))
+                     for s in info.inputs),
+        outputs=(TensorDecl(output_name("classification"), "FLOAT",
+                            (BATCH_AXIS, info.n_classes)),),
+    )
+
+
+def _check_interface(target: Path, info: ArrayDatasetInfo) -> None:
+    """The exported model has the data's interface (see :func:`recipe_interface`)."""
+    problems = recipe_interface(info).mismatches(read_interface(load_graph(target)))
     if problems:
         raise ExportError(f"{target} does not have the data's interface: " + "; ".join(problems))
 
@@ -243,7 +249,7 @@ def validate_recipe(model_path: Path, trained: TrainedModel, dataset: ArrayDatas
                     config: ValidateConfig, out_dir: Path) -> ValidationSummary:
     """Every input and output on the test split (the validation imported models get), with
     the framework model on CPU as the parity reference and test accuracy through both."""
-    from onnxflow.validate import validate_imported
+    from onnxflow.validation import validate_imported
 
     inputs, labels = read_split(dataset, "test")
     info = dataset.info
@@ -264,7 +270,7 @@ def register_recipe(model_path: Path, summary: ValidationSummary, lineage: Mappi
                     run_id: str) -> RegisteredVersion:
     """A validated recipe model becomes a version: the first test row as its input example
     (every input), lineage, validation and recipe tags, alias ``challenger``."""
-    from onnxflow.registry import register_onnx, validation_tags
+    from onnxflow.registration import register_onnx, validation_tags
 
     if not summary.passed:
         raise RegistryError(f"Refusing to register {model_path}: validation failed "

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from onnxflow.config import PipelineConfig
-from onnxflow.stack.errors import StackError
-from onnxflow.stack.settings import FLOW_NAME, ON_DEMAND, SCHEDULED, StackSettings
+from onnxflow.errors import StackError
+from onnxflow.flows import FLOW_NAME
+from onnxflow.stack.settings import ON_DEMAND, SCHEDULED, StackSettings
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from onnxflow.endpoints import serving_version
+from onnxflow.errors import StackError
 from onnxflow.processes import (
     ProcessRecord, is_running, start_process, stop_process, wait_until,
 )
 from onnxflow.stack import health
-from onnxflow.stack.errors import StackError
 from onnxflow.stack.settings import StackSettings
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
         for endpoint in endpoints:
             took = wait_until(endpoint, lambda u=endpoint.url: health.endpoint_live(u),
                               settings.startup_timeout_s, "live", StackError)
-            version = health.serving_version(endpoint.url, settings.model_name)
+            version = serving_version(endpoint.url, settings.model_name)
             following = f"serving v{version}" if version else "waiting for a version"
             progress(f"endpoint                {endpoint.url}  follows {settings.model} "
                      f"({following}; {took:.1f} s)")
@@ -255,7 +256,7 @@ def status(settings: StackSettings) -> list[dict[str, object]]:
         running = is_running(record)
         detail = ""
         if running and record.name.startswith("endpoint-") and record.url:
-            version = health.serving_version(record.url, settings.model_name)
+            version = serving_version(record.url, settings.model_name)
             detail = f"{settings.model} -> v{version}" if version else "no version loaded yet"
         elif running and record.name == "worker":
             try:

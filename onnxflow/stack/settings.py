@@ -11,8 +11,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-#: Name of the Prefect flow the deployments run (``flows.retrain.retrain_and_deploy``).
-FLOW_NAME = "retrain-and-deploy"
+#: The names of the two deployments of the flow (``onnxflow.flows.FLOW_NAME``).
 SCHEDULED = "scheduled"
 ON_DEMAND = "on-demand"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from onnxflow.stack import manager
-from onnxflow.stack.errors import StackError
+from onnxflow.errors import StackError
 from onnxflow.processes import is_alive, process_tree
 from onnxflow.stack.settings import StackSettings
 from tests.integration.conftest import free_ports, record_timing

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from onnxflow.stack import manager
-from onnxflow.stack.health import serving_version
+from onnxflow.endpoints import serving_version
 from onnxflow.stack.settings import StackSettings
 from tests.integration.conftest import SMALL_CONFIG, free_ports, record_timing
 

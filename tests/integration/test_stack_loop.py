@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from onnxflow.stack.health import serving_version, wait_until_serving
+from onnxflow.endpoints import serving_version, wait_until_serving
 from tests.integration.conftest import record_timing, stack_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from onnxflow.stack.deployments import trigger
-from onnxflow.stack.health import wait_until_serving
+from onnxflow.endpoints import wait_until_serving
 from tests.integration.conftest import RESULTS, SMALL_CONFIG, record_timing
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

@@ -48,7 +48,7 @@ def test_register_with_mlflow_down_retries_then_fails_clearly(registry, model_fi
 
     from onnxflow.config import DataConfig, RegisterConfig
     from onnxflow.data import prepare_data
-    from onnxflow.tasks.registry import register_task
+    from onnxflow.tasks.register import register_task
     from onnxflow.tasks.retry import REGISTRY_RETRY_DELAYS
 
     dataset = prepare_data(DataConfig(), tmp_path / "data")

@@ -97,7 +97,7 @@ def test_external_data_leaving_its_folder_is_refused_at_registration(registry, m
                                                                      tmp_path):
     from mlflow import MlflowClient
 
-    from onnxflow.onnxfiles import UnsafeModelError
+    from onnxflow.errors import UnsafeModelError
 
     bad = _escaping_copy(model_files["mlp"], tmp_path / "bad")
     with pytest.raises(UnsafeModelError, match="outside"):

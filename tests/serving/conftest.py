@@ -68,7 +68,7 @@ class Registry:
             mlflow.set_tracking_uri(None)
 
     def register(self, name: str, model_path: Path, example, aliases=("champion",)) -> str:
-        from onnxflow.registry import register_onnx
+        from onnxflow.registration import register_onnx
 
         with self.active():
             version = register_onnx(model_path, model_name=name, input_example=example,
@@ -76,7 +76,7 @@ class Registry:
         return version.version
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        from onnxflow.registry import set_alias
+        from onnxflow.registration import set_alias
 
         with self.active():
             set_alias(name, alias, version)

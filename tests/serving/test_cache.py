@@ -8,7 +8,7 @@ import mlflow  # noqa: F401  (loads pandas before MlflowRegistry blocks it for t
 import numpy as np
 
 from onnxflow.onnxfiles import onnx_digest
-from onnxflow.registry import register_onnx
+from onnxflow.registration import register_onnx
 from onnxflow.serving.manager import fetch_version
 from onnxflow.serving.registry import MlflowRegistry
 from tests.conftest import make_linear_onnx

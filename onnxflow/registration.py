@@ -21,6 +21,7 @@ from onnxflow.results import (
     DatasetArtifact, ExportedModel, RegisteredVersion, SimplifiedModel, TrainedModel,
     ValidationSummary,
 )
+from onnxflow.runtime import PROVIDERS, open_session
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def _log_onnx(model_path: Path, input_example):
     import onnxruntime
     from mlflow.models import infer_signature
 
-    session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    session = open_session(model_path)
     feeds = (
         dict(input_example)
         if isinstance(input_example, Mapping)
@@ -113,7 +114,7 @@ def _log_onnx(model_path: Path, input_example):
         input_example=example_in,
         # Passing requirements skips MLflow's inference subprocess (seconds per model).
         pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
-        onnx_execution_providers=["CPUExecutionProvider"],
+        onnx_execution_providers=list(PROVIDERS),
         # A stable name instead of onnx's random one: same model, same bytes, same digest.
         location="model.onnx.data",
     )

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from onnxflow import tracking
 from onnxflow.config import PromoteConfig, RegisterConfig
 from onnxflow.promote import PromotionDecision, promote
-from onnxflow.registry import register_validated
+from onnxflow.registration import register_validated
 from onnxflow.results import DatasetArtifact, RegisteredVersion, ValidationSummary
 from onnxflow.tasks.retry import REGISTRY_RETRY_DELAYS, transient_only
 

@@ -106,7 +106,7 @@ def trigger_run(frameworks: list[str], config, wait: bool, timeout_s: float | No
     """Create an on-demand run; with ``wait``, report how it ended and what is served."""
     import time
 
-    from onnxflow.stack import health
+    from onnxflow.endpoints import serving_version
     from onnxflow.stack.deployments import config_parameter, trigger
 
     from onnxflow.stack.manager import running_settings
@@ -128,7 +128,7 @@ def trigger_run(frameworks: list[str], config, wait: bool, timeout_s: float | No
                f"{time.perf_counter() - started:.1f} s{': ' + state.message if state and state.message else ''}")
     name = config.register_.model_name
     for url in settings.endpoint_urls:
-        version = health.serving_version(url, name)
+        version = serving_version(url, name)
         typer.echo(f"  {url} serves {name} v{version}" if version else f"  {url}: no version")
     if state is None or not state.is_completed():
         raise typer.Exit(1)

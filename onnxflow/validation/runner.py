@@ -1,0 +1,287 @@
+"""The two ways into validation, over one runner.
+
+* :func:`validate_model`: a model onnxflow trained and exported, against its framework
+  original on the held-out test split (interface, parity, batch consistency, accuracy or
+  RMSE, latency, plots).
+* :func:`validate_imported`: any ONNX model on its sample (every input and output, any
+  tensor type), against the source framework or given expected outputs.
+
+Modelled on optimum's ``validate_model_outputs``: check the interface (names, then
+shapes), then values against declared tolerances; log one ✓/✗ line per check; collect
+every failure; write the report (``report.json``, ``report.md``, plots); then raise one
+:class:`ValidationError` if anything failed. :class:`ValidationRun` is that skeleton.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxflow.config import ValidateConfig
+from onnxflow.data import load_splits
+from onnxflow.errors import ValidationError
+from onnxflow.frameworks import get_adapter
+from onnxflow.interface import (
+    default_opset, load_graph, output_name, read_interface, table_model_interface,
+)
+from onnxflow.results import DatasetArtifact, TrainedModel, ValidationSummary
+from onnxflow.validation import checks
+from onnxflow.validation.checks import Check, Feeds, one_line
+from onnxflow.validation.report import model_section, plots, write_report
+from onnxflow.validation.timing import latencies
+
+log = logging.getLogger(__name__)
+
+#: What an imported model's summary reports as its metric: there are no labels to score.
+IMPORT_METRIC = "parity_max_abs"
+
+
+class ValidationRun:
+    """One validation under way: the model, the checks recorded so far, and the report
+    they go into. ``finish`` writes the report, then raises or returns the summary."""
+
+    def __init__(self, model_path: Path, out_dir: Path, report: dict[str, Any]) -> None:
+        self.model_path, self.out_dir = Path(model_path), out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.proto = load_graph(self.model_path)
+        self.opset = default_opset(self.proto)
+        self.interface = read_interface(self.proto)
+        self.report: dict[str, Any] = {
+            "model": model_section(self.model_path, self.proto, self.opset), **report}
+        self.checks: list[Check] = []
+
+    def record(self, check: Check) -> None:
+        self.checks.append(check)
+        (log.info if check.passed else log.warning)("\t%s %s", "✓" if check.passed else "✗",
+                                                     check.line)
+
+    def open_session(self):
+        """Check the opset/IR against onnxruntime, then load the session (None if it fails)."""
+        self.record(checks.check_runtime_support(self.opset, self.proto.ir_version,
+                                                 self.report))
+        session, loaded = checks.check_session(self.model_path)
+        self.record(loaded)
+        return session
+
+    def run_or_fail(self, run: Callable[[Feeds], list[np.ndarray]], feeds: Feeds,
+                    what: str) -> list[np.ndarray] | None:
+        """The model's outputs on ``feeds``; None (and a failed check) when onnxruntime fails."""
+        try:
+            return run(feeds)
+        except Exception as exc:  # onnxruntime's Fail/InvalidArgument/RuntimeException
+            self.record(Check(f"onnxruntime runs {what}", False, one_line(exc)))
+            return None
+
+    def summary(self, *, metric_name: str, framework_metric: float, onnx_metric: float,
+                parity: dict[str, dict[str, float]], latency: dict[str, float],
+                missing: float) -> ValidationSummary:
+        """The figures the register step tags; ``missing`` stands for parity not measured."""
+        return ValidationSummary(
+            report_dir=self.out_dir,
+            passed=all(c.passed for c in self.checks),
+            metric_name=metric_name,
+            framework_metric=framework_metric,
+            onnx_metric=onnx_metric,
+            parity_max_abs=max((p["max_abs"] for p in parity.values()), default=missing),
+            parity_max_rel=max((p["max_rel"] for p in parity.values()), default=missing),
+            latency_ms=latency,
+            opset=self.opset,
+            ir_version=self.proto.ir_version,
+            model_bytes=self.report["model"]["bytes"],
+        )
+
+    def finish(self, summary: ValidationSummary | None = None,
+               plot_files: list[str] | None = None) -> ValidationSummary:
+        """Write the report; raise :class:`ValidationError` naming every failed check."""
+        json_path, failures = write_report(self.checks, self.report, self.out_dir, plot_files)
+        if failures:
+            log.warning("validation failed (%d of %d checks); report: %s",
+                        len(failures), len(self.checks), json_path)
+            raise ValidationError(failures, str(json_path))
+        assert summary is not None  # every early exit has a failure
+        log.info("validation passed (%d checks); report: %s", len(self.checks), json_path)
+        return summary
+
+
+def validate_model(
+    model_path: Path,
+    trained: TrainedModel,
+    dataset: DatasetArtifact,
+    config: ValidateConfig,
+    out_dir: Path,
+) -> ValidationSummary:
+    """Run every check on the test split, write the report into ``out_dir``, then raise
+    :class:`ValidationError` naming each failed check, or return the summary."""
+    info = dataset.info
+    splits = load_splits(dataset)
+    X, y = splits["X_test"], splits["y_test"]
+    run = ValidationRun(model_path, out_dir, {
+        "framework": {"name": trained.framework, "path": str(trained.path)},
+        "dataset": {"name": info.name, "digest": info.digest, "split": "test", "rows": len(y)},
+        "tolerances": config.model_dump(),
+    })
+    log.info("validating %s against %s on %d test rows", model_path, trained.path, len(y))
+    session = run.open_session()
+    declared = table_model_interface(info.task, info.n_features, info.n_outputs)
+    run.record(checks.check_inputs(declared, run.interface))
+    run.record(checks.check_output_names(declared, run.interface))
+    if session is None or len(session.get_inputs()) != 1 or not session.get_outputs():
+        return run.finish()  # nothing can be run: raises
+
+    input_name = session.get_inputs()[0].name
+    feeds = {input_name: X}
+
+    def run_onnx(batch: Feeds) -> list[np.ndarray]:
+        return session.run(None, batch)
+
+    onnx_out = run.run_or_fail(run_onnx, feeds, "the test split")
+    if onnx_out is None:
+        return run.finish()
+    framework = get_adapter(trained.framework).load_predictor(trained.path)
+    main = output_name(info.task)
+    reference = {main: framework(X)}
+    # pair outputs by name; a misnamed single output is still compared (its name check failed)
+    by_name = dict(zip([o.name for o in session.get_outputs()], onnx_out, strict=True))
+    outputs = {name: by_name.get(name, onnx_out[0]) for name in reference}
+
+    parity = {}
+    for name, expected in reference.items():
+        found = outputs[name]
+        shape_check = checks.check_output_shape(name, declared, run.interface, found, expected)
+        run.record(shape_check)
+        if shape_check.passed:
+            parity[name] = checks.parity_figures(found, expected, config.atol)
+            run.record(checks.check_abs(name, parity[name], config.atol))
+            run.record(checks.check_rel(name, parity[name], config.rtol))
+    run.report["parity"] = parity
+    run.record(checks.check_batches(run_onnx, feeds, config, run.report))
+    if len(parity) < len(reference):
+        return run.finish()  # wrong shapes: no metric to compare
+
+    metric_check, metric = checks.check_metric(info.task, y, reference[main], outputs[main],
+                                               config)
+    run.record(metric_check)
+    run.report["metric"] = metric
+
+    latency = latencies({"framework": lambda batch: framework(batch[input_name]),
+                         "onnx": run_onnx}, feeds, config.latency_repeats)
+    run.report["latency_ms"] = latency
+    log.info("latency (median ms): %s",
+             ", ".join(f"{k} {v:.3f}" for k, v in latency.items()))
+
+    plot_files = plots(out_dir, info, y, reference[main], outputs[main], latency)
+    summary = run.summary(metric_name=metric["name"], framework_metric=metric["framework"],
+                          onnx_metric=metric["onnx"], parity=parity, latency=latency,
+                          missing=math.inf)
+    return run.finish(summary, plot_files)
+
+
+def validate_imported(
+    model_path: Path,
+    feeds: dict[str, np.ndarray],
+    config: ValidateConfig,
+    out_dir: Path,
+    *,
+    source: dict[str, str],
+    sample: dict[str, Any],
+    reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None = None,
+    expected: dict[str, np.ndarray] | None = None,
+    labels: np.ndarray | None = None,
+) -> ValidationSummary:
+    """Validate any ONNX model on its sample: every input and output, any tensor type.
+
+    Parity is per output, by name: against ``reference`` (the source framework's outputs,
+    in the ONNX model's output order) when there is one, else against ``expected`` (given
+    outputs), else it is not checked and the report says so. Float outputs are compared
+    against atol/rtol, every other type must be equal. Batch-1 vs batch-N consistency runs
+    only when every input and output has a dynamic first axis. ``source``: ``name``,
+    ``path``, ``format`` of the imported file; ``sample``: ``name``, ``digest``, ``rows``.
+    ``labels`` (class indices of the sample's rows, with a ``reference``): the accuracy of
+    the first output's argmax through onnxruntime and the reference becomes the summary's
+    metric, and may drop at most ``max_accuracy_drop`` (a recipe's test split).
+    """
+    run = ValidationRun(model_path, out_dir, {
+        "framework": dict(source),
+        "dataset": {"split": "sample", **sample},
+        "tolerances": config.model_dump(),
+    })
+    dynamic_batch = run.interface.dynamic_batch
+    run.report["batch_axis"] = "dynamic" if dynamic_batch else "none"
+    log.info("validating %s (imported from %s) on %s", model_path, source.get("path"),
+             sample.get("name"))
+    session = run.open_session()
+    if session is None:
+        return run.finish()
+    run.record(Check("inputs fit the sample", True, ", ".join(
+        f"{k} {v.dtype} {list(v.shape)}" for k, v in feeds.items())))
+    output_names = [o.name for o in session.get_outputs()]
+
+    def run_onnx(batch: Feeds) -> list[np.ndarray]:
+        return session.run(output_names, batch)
+
+    produced = run.run_or_fail(run_onnx, feeds, "the sample")
+    if produced is None:
+        return run.finish()
+    outputs = dict(zip(output_names, produced, strict=True))
+
+    wanted, compared_with = None, None
+    if reference is not None:
+        framework_out = reference(feeds)
+        compared_with = source.get("name", "framework")
+        if len(framework_out) != len(output_names):
+            run.record(Check("output count", False, f"{compared_with} gives "
+                             f"{len(framework_out)} outputs, the ONNX model "
+                             f"{len(output_names)} ({output_names})"))
+        else:
+            wanted = dict(zip(output_names, (np.asarray(p) for p in framework_out),
+                              strict=True))
+    elif expected:
+        wanted, compared_with = dict(expected), "expected outputs"
+    parity: dict[str, dict[str, float]] = {}
+    if wanted is None and reference is None:
+        why = ("a bare ONNX model has no framework to compare with, and no expected outputs "
+               "were given (--expected)")
+        run.report["parity_checked"], run.report["parity_note"] = False, why
+        run.record(Check("parity", True, f"not checked: {why}"))
+    elif wanted is not None:
+        run.report["parity_checked"] = True
+        run.report["parity_against"] = compared_with
+        for name, reference_out in wanted.items():
+            compared, figures = checks.compare_output(name, outputs[name], reference_out,
+                                                      compared_with, config)
+            for check in compared:
+                run.record(check)
+            if figures is not None:
+                parity[name] = figures
+        if len(wanted) < len(output_names):
+            run.report["outputs_not_compared"] = [n for n in output_names if n not in wanted]
+    run.report["parity"] = parity
+    run.record(checks.check_batches(run_onnx, feeds, config, run.report, dynamic_batch))
+    metric = None
+    if labels is not None and wanted is not None and output_names[0] in wanted:
+        first = output_names[0]
+        metric_check, metric = checks.check_metric("classification", labels, wanted[first],
+                                                   outputs[first], config)
+        run.record(metric_check)
+        run.report["metric"] = metric
+
+    runners = {"framework": reference} if reference is not None else {}
+    latency = latencies({**runners, "onnx": run_onnx}, feeds, config.latency_repeats,
+                        dynamic_batch)
+    run.report["latency_ms"] = latency
+    max_abs = max((p["max_abs"] for p in parity.values()), default=math.nan)
+    if metric is not None:
+        summary = run.summary(metric_name=metric["name"], framework_metric=metric["framework"],
+                              onnx_metric=metric["onnx"], parity=parity, latency=latency,
+                              missing=math.nan)
+    else:
+        summary = run.summary(metric_name=IMPORT_METRIC,
+                              framework_metric=0.0 if parity else math.nan,
+                              onnx_metric=max_abs, parity=parity, latency=latency,
+                              missing=math.nan)
+    return run.finish(summary)

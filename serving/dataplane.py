@@ -1,0 +1,185 @@
+"""The data plane: which models are served, their checks and their runs, for every front.
+
+The fronts (:mod:`onnxflow.serving.app` for REST, the gRPC front) parse their protocol
+and call this: authorize a token, resolve a model by name and version, execute checked
+feeds, report metadata and readiness, reload and describe what is served. Nothing here
+knows HTTP; failures are the named errors of :mod:`onnxflow.serving.errors`.
+
+Each request reads the served model once (:meth:`DataPlane.model`) and keeps it, so a
+swap never mixes versions within a request. Fast models run on the event loop (a thread
+hop costs more than the run), slow ones in worker threads, or merged by the batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from onnxflow.serving.batching import Batcher
+from onnxflow.serving.errors import (
+    BadInput,
+    CannotRun,
+    Forbidden,
+    NotFound,
+    NotReady,
+    RequestError,
+    Unauthorized,
+)
+from onnxflow.serving.manager import CheckOutcome, ModelManager
+from onnxflow.serving.metrics import ServingMetrics
+from onnxflow.serving.model import LoadedModel
+from onnxflow.serving.settings import ServingSettings
+
+log = logging.getLogger(__name__)
+
+HEAVY_MODULES = ("torch", "tensorflow", "pandas", "sklearn", "jax")
+SERVER_NAME = "onnxflow"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data"]
+
+
+class DataPlane:
+    """Models, token, executor and batcher shared by the fronts."""
+
+    def __init__(self, settings: ServingSettings) -> None:
+        self.settings = settings
+        self.metrics = ServingMetrics()
+        manager = ModelManager(settings, self.metrics)
+        self.managers: dict[str, ModelManager] = {manager.name: manager}
+        self.default_name = manager.name
+        self.executor = ThreadPoolExecutor(settings.inference_threads,
+                                           thread_name_prefix="onnxruntime")
+        self.batcher: Batcher | None = None
+        self.token = settings.token.get_secret_value().encode() if settings.token else None
+        self.started = time.time()
+        self._watchers: list[asyncio.Task] = []
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the batcher and one alias watcher per model (on the running loop)."""
+        loop = asyncio.get_running_loop()
+        if self.settings.batching:
+            self.batcher = Batcher(self.settings.max_batch_size,
+                                   self.settings.max_batch_delay_ms, self.metrics,
+                                   self.executor)
+            self.batcher.start()
+        for name, manager in self.managers.items():
+            self._watchers.append(loop.create_task(manager.watch(), name=f"watch-{name}"))
+
+    async def stop(self) -> None:
+        for task in self._watchers:
+            task.cancel()
+        for task in self._watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._watchers.clear()
+        if self.batcher:
+            await self.batcher.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- checks ----------------------------------------------------------------------
+
+    def authorize(self, authorization: str | None, admin: bool = False) -> None:
+        """Check an ``Authorization`` value (HTTP header or gRPC metadata): ``Bearer <token>``."""
+        if self.token is None:
+            if admin:
+                raise Forbidden("admin routes are off: start the endpoint with a token "
+                                "(--token or ONNXFLOW_SERVE_TOKEN) to use them")
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 self.token):
+            raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    def manager(self, name: str) -> ModelManager:
+        manager = self.managers.get(name)
+        if manager is None:
+            served = ", ".join(repr(n) for n in self.managers)
+            raise NotFound(f"unknown model {name!r}; this endpoint serves {served}")
+        return manager
+
+    def model(self, name: str, version: str | None = None) -> LoadedModel:
+        """The version of ``name`` serving now (which must be ``version`` if given)."""
+        model = self.manager(name).current
+        if model is None:
+            raise NotReady(f"model {name!r} is not loaded yet")
+        if version is not None and version != model.version:
+            raise NotFound(f"version {version} of {name!r} is not loaded; serving version "
+                           f"{model.version}")
+        return model
+
+    def default_model(self) -> LoadedModel:
+        """The model of routes without a model name (``/invocations``)."""
+        return self.model(self.default_name)
+
+    # --- execution -------------------------------------------------------------------
+
+    async def execute(self, model: LoadedModel, feeds: dict) -> list:
+        """Run the model on checked feeds: batched, on the loop, or in a worker thread."""
+        try:
+            if self.batcher is not None and model.batchable:
+                rows = {a.shape[0] for a in feeds.values()}
+                if len(rows) > 1:
+                    raise BadInput(f"inputs disagree on the batch size: {sorted(rows)}")
+                return await self.batcher.run(model, feeds)
+            if model.inline:
+                rows = max(a.shape[0] if a.ndim else 1 for a in feeds.values())
+                if rows <= model.inline_rows:
+                    return model.run(feeds)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, model.run, feeds)
+        except RequestError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (onnxruntime refused this input at run time)
+            raise CannotRun(f"the model could not run on this input: {exc}") from None
+
+    # --- health and metadata ---------------------------------------------------------
+
+    def server_metadata(self) -> dict:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+
+    def ready(self) -> bool:
+        """Every served model has a version loaded."""
+        return all(m.current is not None for m in self.managers.values())
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict:
+        return self.model(name, version).metadata()
+
+    # --- administration --------------------------------------------------------------
+
+    async def reload(self, name: str | None = None) -> CheckOutcome:
+        """Check the alias of ``name`` (the default model) now, retrying a refused version."""
+        return await self.manager(name or self.default_name).check(force=True)
+
+    def status(self) -> dict:
+        manager = self.managers[self.default_name]
+        model = manager.current
+        return {
+            "model": manager.reference,
+            "serving": None if model is None else {
+                "version": model.version, "onnx_sha256": model.digest,
+                "loaded_at": model.loaded_at, "warm_ms": model.warm_ms,
+                "inline": model.inline, "batchable": model.batchable,
+                "providers": model.providers, "folder": str(model.folder),
+            },
+            "refused": manager.refused,
+            "last_check": manager.last_check.as_json() if manager.last_check else None,
+            "pid": os.getpid(),
+            "rss_bytes": rss_bytes(),
+            "heavy_modules_loaded": sorted(m for m in HEAVY_MODULES
+                                           if sys.modules.get(m) is not None),
+            "mlflow_loaded": sys.modules.get("mlflow") is not None,
+            "uptime_s": time.time() - self.started,
+        }
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,154 @@
+"""The serving image, built and run: ``make images`` then the container against a real MLflow
+tracking server (proxied artifacts, as the stack runs it), answered over V2 by tritonclient.
+
+Slow (an image build, minutes the first time): ``make test-all`` or ``pytest -m slow``.
+Needs podman (with runc) or ENGINE=docker; on these machines ``apt-get install podman runc
+mmdebstrap`` (``make system-packages-images``) is all it takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.integration.conftest import free_ports
+from tests.serving import models
+from tests.serving.conftest import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE = os.environ.get("ENGINE", "podman")
+SERVING_IMAGE = "localhost/onnxflow-serving:latest"
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def engine(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    flags = ["--runtime", "runc"] if ENGINE == "podman" and shutil.which("runc") else []
+    run_flags = flags if args and args[0] in ("run", "create") else []
+    command = [ENGINE, *args[:1], *run_flags, *args[1:]]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=check)
+
+
+@pytest.fixture(scope="module")
+def serving_image() -> str:
+    assert shutil.which(ENGINE), f"{ENGINE} is not installed: apt-get install podman runc mmdebstrap"
+    built = subprocess.run([str(ROOT / "infra" / "images.sh"), "serving"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=1800)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    return SERVING_IMAGE
+
+
+@pytest.fixture(scope="module")
+def proxied_tracking_server(tmp_path_factory):
+    """``mlflow server --serve-artifacts``: clients (the container too) reach the artifacts
+    through HTTP, never through this machine's file system."""
+    root = tmp_path_factory.mktemp("images-mlflow")
+    (port,) = free_ports(1)
+    log = open(root / "server.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _ok(f"{url}/health"), timeout=120)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        log.close()
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _register(tracking_uri: str, name: str, model_path: Path, example: np.ndarray) -> str:
+    import mlflow
+
+    from onnxflow.registration import register_onnx
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        version = register_onnx(model_path, model_name=name, input_example=example,
+                                tags={"source_framework": "onnx-helper"}, aliases=("champion",))
+    finally:
+        mlflow.set_tracking_uri(None)
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    return version.version
+
+
+def test_the_serving_container_serves_the_champion_to_tritonclient(
+        serving_image, proxied_tracking_server, tmp_path):
+    import onnxruntime as ort
+    import tritonclient.http as triton
+
+    model_path = models.mlp(tmp_path / "mlp" / "model.onnx", seed=3)
+    example = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    name = f"images-{uuid.uuid4().hex[:6]}"
+    version = _register(proxied_tracking_server, name, model_path, example[:1])
+
+    (port,) = free_ports(1)
+    container = f"onnxflow-serving-test-{uuid.uuid4().hex[:8]}"
+    engine("run", "-d", "--name", container, "--network", "host",
+           "--ulimit", "nofile=10000:10000", "--ulimit", "nproc=4096:4096",
+           "-e", f"MLFLOW_TRACKING_URI={proxied_tracking_server}",
+           "-e", f"ONNXFLOW_SERVE_MODEL={name}@champion",
+           "-e", "ONNXFLOW_SERVE_HOST=127.0.0.1", "-e", f"ONNXFLOW_SERVE_PORT={port}",
+           serving_image)
+    url = f"127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            state = engine("inspect", "-f", "{{.State.Running}}", container, check=False)
+            assert state.stdout.strip() == "true", "the container exited: see its log below"
+            return _ok(f"http://{url}/v2/health/ready")
+
+        wait_for(ready, timeout=180)
+        assert _ok(f"http://{url}/v2/health/live")
+        # The image's own HEALTHCHECK (kept by building in docker format) passes too.
+        if ENGINE == "podman":
+            assert engine("healthcheck", "run", container, check=False).returncode == 0
+
+        client = triton.InferenceServerClient(url)
+        assert client.is_server_live() and client.is_model_ready(name)
+        metadata = client.get_model_metadata(name)
+        assert [i["name"] for i in metadata["inputs"]] == ["features"]
+        features = triton.InferInput("features", list(example.shape), "FP32")
+        features.set_data_from_numpy(example, binary_data=True)
+        result = client.infer(name, [features])
+        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        (expected,) = session.run(None, {"features": example})
+        output = metadata["outputs"][0]["name"]
+        np.testing.assert_allclose(result.as_numpy(output), expected, rtol=1e-5, atol=1e-6)
+        assert result.get_response()["model_version"] == version
+        # Which image answered: the process inside has no torch, tensorflow or pandas.
+        probe = engine("exec", container, "python", "-c",
+                       "import importlib.util as u; print([m for m in ('torch', 'tensorflow',"
+                       " 'pandas') if u.find_spec(m)])")
+        assert probe.stdout.strip() == "[]", probe.stdout
+    finally:
+        logs = engine("logs", container, check=False)
+        engine("rm", "-f", container, check=False)
+        print(logs.stdout[-3000:], logs.stderr[-3000:])
