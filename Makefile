@@ -9,7 +9,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-all soak bench bench-pipeline bench-models ui stop clean help
+.PHONY: install demo lint test test-all soak bench bench-pipeline bench-models ui stop clean help
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,7 +25,11 @@ install: $(STAMP)  ## Create .venv and install everything (once; again when pypr
 demo: $(STAMP)  ## Train torch + keras + sklearn on digits, register, promote, serve champion
 	$(BIN)/onnxflow run --framework all --deploy
 
-test: $(STAMP) system-packages  ## Run the test suite (fast tests; CI runs this)
+lint: $(STAMP)  ## ruff check and ruff format --check (make test runs it first)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(STAMP) system-packages lint  ## Lint, then run the test suite (fast tests; CI runs this)
 	$(BIN)/pytest
 
 test-all: $(STAMP) system-packages image-packages  ## Run every test, slow ones included

@@ -26,14 +26,17 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = {"images": "examples/images/recipe.py", "text": "examples/text/recipe.py",
-            "keras_tabular": "examples/keras_tabular/recipe.py"}
+EXAMPLES = {
+    "images": "examples/images/recipe.py",
+    "text": "examples/text/recipe.py",
+    "keras_tabular": "examples/keras_tabular/recipe.py",
+}
 
 
 def interleaved_medians(fns: dict, feeds: dict, rounds: int) -> dict[str, float]:
     """Median ms per call of each fn, calling them in turn each round (after a warm-up)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for name, fn in fns.items():
+    for fn in fns.values():
         for _ in range(3):
             fn(feeds)
     for _ in range(rounds):
@@ -44,8 +47,9 @@ def interleaved_medians(fns: dict, feeds: dict, rounds: int) -> dict[str, float]
     return {name: float(np.median(t) * 1000) for name, t in times.items()}
 
 
-def requests_per_second(url: str, model: str, row: dict[str, np.ndarray], seconds: float,
-                        connections: int = 8) -> float:
+def requests_per_second(
+    url: str, model: str, row: dict[str, np.ndarray], seconds: float, connections: int = 8
+) -> float:
     import tritonclient.http as triton
 
     datatypes = {"float32": "FP32", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
@@ -56,8 +60,7 @@ def requests_per_second(url: str, model: str, row: dict[str, np.ndarray], second
         client = triton.InferenceServerClient(url.removeprefix("http://"))
         inputs = []
         for name, array in row.items():
-            inputs.append(triton.InferInput(name, list(array.shape),
-                                            datatypes[str(array.dtype)]))
+            inputs.append(triton.InferInput(name, list(array.shape), datatypes[str(array.dtype)]))
             inputs[-1].set_data_from_numpy(array, binary_data=True)
         outputs = [triton.InferRequestedOutput("probabilities", binary_data=True)]
         while time.monotonic() < stop:
@@ -76,19 +79,22 @@ def requests_per_second(url: str, model: str, row: dict[str, np.ndarray], second
 
 def bench_one(name: str, recipe: str, work: Path, seconds: float, rounds: int) -> dict[str, str]:
     import onnxruntime as ort
-    from onnxflow.flows.pipeline import run
-    from onnxflow.serving.launcher import start_background, stop_background, wait_ready
-    from onnxflow.serving.settings import ServingSettings
 
     from onnxflow.arrays import read_split
     from onnxflow.config import PipelineConfig
+    from onnxflow.flows.pipeline import run
     from onnxflow.processes import free_port
     from onnxflow.recipes import with_recipe_defaults
     from onnxflow.recipes.steps import recipe_reference
+    from onnxflow.serving.launcher import start_background, stop_background, wait_ready
+    from onnxflow.serving.settings import ServingSettings
 
     model_name = f"bench-{name.replace('_', '-')}"
-    config = with_recipe_defaults(PipelineConfig.model_validate(
-        {"recipe": str(ROOT / recipe), "register": {"model_name": model_name}}))
+    config = with_recipe_defaults(
+        PipelineConfig.model_validate(
+            {"recipe": str(ROOT / recipe), "register": {"model_name": model_name}}
+        )
+    )
     started = time.perf_counter()
     result = run(config=config, out_dir=work / name)
     chain_seconds = time.perf_counter() - started
@@ -98,27 +104,27 @@ def bench_one(name: str, recipe: str, work: Path, seconds: float, rounds: int) -
     dataset_dir = work / name / "data"
     from onnxflow.arrays import ArrayDataset, read_dataset_info
 
-    dataset = ArrayDataset(path=dataset_dir / "splits.npz",
-                           info=read_dataset_info(dataset_dir))
+    dataset = ArrayDataset(path=dataset_dir / "splits.npz", info=read_dataset_info(dataset_dir))
     inputs, _ = read_split(dataset, "test")
     reference = recipe_reference(chain.trained, dataset.info)
-    session = ort.InferenceSession(str(chain.simplified.path),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(chain.simplified.path), providers=["CPUExecutionProvider"])
     latency = {}
     for batch in (1, 32):
-        feeds = {k: np.resize(v, (batch, *v.shape[1:])).astype(v.dtype)
-                 for k, v in inputs.items()}
+        feeds = {k: np.resize(v, (batch, *v.shape[1:])).astype(v.dtype) for k, v in inputs.items()}
         medians = interleaved_medians(
-            {"onnx": lambda f: session.run(None, f), "framework": reference}, feeds, rounds)
+            {"onnx": lambda f: session.run(None, f), "framework": reference}, feeds, rounds
+        )
         latency[batch] = medians
 
-    settings = ServingSettings(model=f"{model_name}@champion", port=free_port(),
-                               cache_dir=work / "cache")
+    settings = ServingSettings(
+        model=f"{model_name}@champion", port=free_port(), cache_dir=work / "cache"
+    )
     info = start_background(settings, work / f"endpoint-{name}")
     try:
         wait_ready(info, timeout_s=120)
-        rps = requests_per_second(info.url, model_name, {k: v[:1] for k, v in inputs.items()},
-                                  seconds)
+        rps = requests_per_second(
+            info.url, model_name, {k: v[:1] for k, v in inputs.items()}, seconds
+        )
     finally:
         stop_background(work / f"endpoint-{name}")
 
@@ -129,7 +135,7 @@ def bench_one(name: str, recipe: str, work: Path, seconds: float, rounds: int) -
         "train s": f"{chain.trained.train_seconds:.0f}",
         "export s": f"{chain.exported.export_seconds:.1f}",
         "nodes (before → after)": f"{chain.simplified.nodes_before} → "
-                                  f"{chain.simplified.nodes_after}",
+        f"{chain.simplified.nodes_after}",
         "parity max abs / rel": f"{tags['parity_max_abs']} / {tags['parity_max_rel']}",
         "test accuracy (onnx)": f"{float(tags['accuracy']):.2%}",
         "model MB": f"{chain.validation.model_bytes / 1e6:.2f}",
@@ -142,8 +148,12 @@ def bench_one(name: str, recipe: str, work: Path, seconds: float, rounds: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=sorted(EXAMPLES), action="append",
-                        help="Bench only this example (repeatable).")
+    parser.add_argument(
+        "--only",
+        choices=sorted(EXAMPLES),
+        action="append",
+        help="Bench only this example (repeatable).",
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="Load per endpoint.")
     parser.add_argument("--rounds", type=int, default=30, help="Interleaved latency rounds.")
     args = parser.parse_args()

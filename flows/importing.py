@@ -16,15 +16,17 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from onnxflow.config import PipelineConfig
+from onnxflow.flows.runs import mlflow_run
+from onnxflow.importing import import_run_params
+from onnxflow.registration import lineage_tags
 from onnxflow.results import (
     ImportedModel, RegisteredVersion, SimplifiedModel, StepResult, ValidationSummary,
 )
-from onnxflow.tracking import git_commit
 from onnxflow.tasks.importing import (
-    convert_import_task, register_import_task, start_import_run_task, validate_import_task,
+    convert_import_task, register_import_task, validate_import_task,
 )
 from onnxflow.tasks.model import simplify_task
-from onnxflow.tasks.register import finish_run_task
+from onnxflow.tracking import git_commit
 
 
 class ImportResult(StepResult):
@@ -45,36 +47,18 @@ def import_model(
 ) -> ImportResult:
     """convert → simplify → validate → register, for a model trained elsewhere."""
     imported = convert_import_task(source, sample, config.export.opset, out_dir / "export")
-    run_id = start_import_run_task(config.experiment, model_name, imported, sample)
-    try:
+    run_name = f"import-{imported.source_format}-{model_name}"
+    with mlflow_run(config.experiment, run_name, import_run_params(imported, sample),
+                    {"source_framework": imported.framework,
+                     "source_format": imported.source_format}) as run_id:
         simplified = simplify_task(imported.path, config.simplify, out_dir / "simplify")
         validation = validate_import_task(imported, simplified.path, sample, expected,
                                           config.validate_, out_dir / "validate", run_id)
-        lineage = import_lineage(imported, simplified)
+        lineage = lineage_tags(imported.framework, imported, simplified, None,
+                               git_commit=git_commit(), flow_run_id=str(flow_run.id))
         version = register_import_task(
             imported, simplified.path, sample, validation, lineage,
             config.register_.model_copy(update={"model_name": model_name}), run_id,
         )
-    except BaseException:
-        finish_run_task(run_id, failed=True)
-        raise
-    finish_run_task(run_id)
     return ImportResult(imported=imported, simplified=simplified, validation=validation,
                         version=version)
-
-
-def import_lineage(imported: ImportedModel, simplified: SimplifiedModel) -> dict[str, str]:
-    tags = {
-        "source_framework": imported.framework,
-        "exporter": imported.exporter,
-        "opset": str(imported.opset),
-        "dataset_digest": "none (imported model)",
-        "git_commit": git_commit(),
-        "flow_run_id": str(flow_run.id),
-        "simplified": str(simplified.simplified).lower(),
-        "nodes_before": str(simplified.nodes_before),
-        "nodes_after": str(simplified.nodes_after),
-    }
-    if simplified.reason:
-        tags["simplify_reason"] = simplified.reason[:4000]
-    return tags

@@ -1,4 +1,4 @@
-"""The pipeline as Prefect flows; read it next to the diagram in DESIGN.md.
+"""The pipeline as Prefect flows; read it next to docs/architecture.md.
 
     data ─► train ─► export ─► simplify ─► validate ─► register ─► [quantize ─► register] ─► promote
             └──── train_and_register ─────────────────────────────────────────────┘
@@ -10,26 +10,25 @@ version. No step logic lives here, only the wiring.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from onnxflow.config import Framework, PipelineConfig
-from onnxflow.errors import OnnxflowError
-from onnxflow.promote import PromotionDecision
 from onnxflow.arrays import ArrayDataset
-from onnxflow.registration import lineage_tags
+from onnxflow.config import Framework, PipelineConfig
 from onnxflow.data import load_splits
+from onnxflow.errors import OnnxflowError
+from onnxflow.flows.runs import mlflow_run
+from onnxflow.promote import PromotionDecision
 from onnxflow.recipes.steps import recipe_tags
+from onnxflow.registration import lineage_tags
 from onnxflow.results import (
     ChainResult, DatasetArtifact, ExportedModel, RegisteredVersion, StepResult, TrainedModel,
 )
 from onnxflow.summary import to_markdown, version_rows
-from onnxflow.tracking import git_commit
 from onnxflow.tasks.data import prepare_data_task
 from onnxflow.tasks.model import export_task, simplify_task, train_task, validate_task
 from onnxflow.tasks.quantize import quantize_task, register_quantized_task
@@ -37,7 +36,8 @@ from onnxflow.tasks.recipes import (
     export_recipe_task, prepare_recipe_data_task, register_recipe_task, train_recipe_task,
     validate_recipe_task,
 )
-from onnxflow.tasks.register import finish_run_task, promote_task, register_task, start_run_task
+from onnxflow.tasks.register import promote_task, register_task
+from onnxflow.tracking import git_commit
 
 
 class RunResult(StepResult):
@@ -57,7 +57,9 @@ def train_and_register(
     """data → train → export → (validate_and_register), for one framework."""
     dataset = dataset or prepare_data_task(config.data, out_dir / "data")
     out = out_dir / framework
-    with mlflow_run(framework, config, dataset) as run_id:
+    run_name = f"{framework}-{config.register_.model_name}"
+    with mlflow_run(config.experiment, run_name, _params(config),
+                    {"source_framework": framework}, dataset) as run_id:
         trained = train_task(framework, dataset, config.train, out / "train", run_id)
         exported = export_task(framework, trained, dataset.info, config.export, out / "export")
         chain = validate_and_register(trained, exported, dataset, config, out, run_id)
@@ -77,26 +79,17 @@ def quantize_and_register(
 ) -> RegisteredVersion:
     """quantize → register, in a run of its own: an int8 copy of a registered version that
     loses at most ``quantize.max_accuracy_drop`` becomes a version tagged ``quantized``."""
-    run_id = start_run_task(
-        config.experiment,
-        f"{chain.framework}-{config.register_.model_name}-{config.quantize.mode}-int8",
-        _params(config),
-        {"source_framework": chain.framework, "flow_run_id": str(flow_run.id),
-         "quantized_from": chain.version.version},
-        dataset,
-    )
-    try:
+    run_name = f"{chain.framework}-{config.register_.model_name}-{config.quantize.mode}-int8"
+    with mlflow_run(config.experiment, run_name, _params(config),
+                    {"source_framework": chain.framework,
+                     "quantized_from": chain.version.version}, dataset) as run_id:
         quantized = quantize_task(chain.simplified.path, dataset, config.quantize, out_dir)
-        lineage = {**lineage_tags(chain.trained, chain.exported, chain.simplified, dataset,
-                                  git_commit=git_commit(), flow_run_id=str(flow_run.id)),
+        lineage = {**lineage_tags(chain.framework, chain.exported, chain.simplified,
+                                  dataset.info, git_commit=git_commit(),
+                                  flow_run_id=str(flow_run.id)),
                    "quantized_from": chain.version.version}
-        version = register_quantized_task(quantized, lineage, load_splits(dataset)["X_test"][:1],
-                                          config.register_, run_id)
-    except BaseException:
-        finish_run_task(run_id, failed=True)
-        raise
-    finish_run_task(run_id)
-    return version
+        return register_quantized_task(quantized, lineage, load_splits(dataset)["X_test"][:1],
+                                       config.register_, run_id)
 
 
 @flow(name="validate-and-register")
@@ -118,7 +111,7 @@ def validate_and_register(
         simplified.path, trained, dataset, config.validate_, out_dir / "validate", run_id
     )
     lineage = lineage_tags(
-        trained, exported, simplified, dataset,
+        trained.framework, exported, simplified, dataset.info,
         git_commit=git_commit(), flow_run_id=str(flow_run.id),
     )
     version = register_task(simplified.path, validation, lineage, dataset, config.register_, run_id)
@@ -134,26 +127,19 @@ def recipe_and_register(
 ) -> ChainResult:
     """train (build_model, fit) → export → simplify → validate → register, for a recipe."""
     out = out_dir / "recipe"
-    run_id = start_run_task(
-        config.experiment, f"recipe-{config.register_.model_name}", _params(config),
-        {"source_framework": "recipe", "recipe": recipe, "flow_run_id": str(flow_run.id)},
-        dataset,
-    )
-    try:
+    with mlflow_run(config.experiment, f"recipe-{config.register_.model_name}",
+                    _params(config), {"source_framework": "recipe", "recipe": recipe},
+                    dataset) as run_id:
         trained = train_recipe_task(recipe, dataset, config.train, out / "train", run_id)
         exported = export_recipe_task(trained, dataset.info, config.export, out / "export")
         simplified = simplify_task(exported.path, config.simplify, out / "simplify")
         validation = validate_recipe_task(simplified.path, trained, dataset, config.validate_,
                                           out / "validate", run_id)
-        lineage = {**lineage_tags(trained, exported, simplified, dataset,
+        lineage = {**lineage_tags(trained.framework, exported, simplified, dataset.info,
                                   git_commit=git_commit(), flow_run_id=str(flow_run.id)),
                    **recipe_tags(trained, dataset.info)}
         version = register_recipe_task(simplified.path, validation, lineage, dataset,
                                        config.register_, run_id)
-    except BaseException:
-        finish_run_task(run_id, failed=True)
-        raise
-    finish_run_task(run_id)
     return ChainResult(framework=trained.framework, trained=trained, exported=exported,
                        simplified=simplified, validation=validation, version=version)
 
@@ -171,14 +157,14 @@ def run(
     chains, failures = [], {}
     if config.recipe:  # the user's model code instead of the built-in frameworks
         dataset = prepare_recipe_data_task(config.recipe, config.data, out_dir / "data")
-        chain_states = {"recipe": recipe_and_register(config.recipe, config, out_dir, dataset,
-                                                      return_state=True)}
+        states = {"recipe": recipe_and_register(config.recipe, config, out_dir, dataset,
+                                                return_state=True)}
     else:
         dataset = prepare_data_task(config.data, out_dir / "data")
-        chain_states = {framework: train_and_register(framework, config, out_dir, dataset,
-                                                      return_state=True)
-                        for framework in frameworks}
-    for name, state in chain_states.items():
+        states = {framework: train_and_register(framework, config, out_dir, dataset,
+                                                return_state=True)
+                  for framework in frameworks}
+    for name, state in states.items():
         if state.is_completed():
             chains.append(state.result())
         else:
@@ -201,24 +187,6 @@ def run(
             "Chain(s) failed: " + "; ".join(f"{fw}: {msg}" for fw, msg in failures.items())
         )
     return RunResult(chains=chains, failures=failures, promotion=promotion, table=table)
-
-
-@contextmanager
-def mlflow_run(framework: Framework, config: PipelineConfig, dataset: DatasetArtifact) -> Iterator[str]:
-    """One MLflow run per chain, marked FAILED if any step inside fails."""
-    run_id = start_run_task(
-        config.experiment,
-        f"{framework}-{config.register_.model_name}",
-        _params(config),
-        {"source_framework": framework, "flow_run_id": str(flow_run.id)},
-        dataset,
-    )
-    try:
-        yield run_id
-    except BaseException:
-        finish_run_task(run_id, failed=True)
-        raise
-    finish_run_task(run_id)
 
 
 def _params(config: PipelineConfig) -> dict[str, object]:

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from onnxflow.config import Framework, PipelineConfig, Settings
 from onnxflow.flows import FLOW_NAME
 from onnxflow.flows.pipeline import RunResult, run
-from onnxflow.config import Framework, PipelineConfig, Settings
 from onnxflow.recipes import with_recipe_defaults
 from onnxflow.tasks.endpoints import wait_for_endpoints_task
 from onnxflow.tasks.register import close_abandoned_runs_task

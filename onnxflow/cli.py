@@ -114,7 +114,14 @@ PromotionOpt = Annotated[Optional[PromotionMode], typer.Option(help="auto moves 
 ModelNameOpt = Annotated[Optional[str], typer.Option(help="Registered model name (default: digits).")]
 EpochsOpt = Annotated[Optional[int], typer.Option(help="Training epochs (overrides the config).")]
 ModelOpt = Annotated[Optional[ModelChoice], typer.Option(help="mlp, or cnn: a small conv net on the features as a square image (digits: 8x8); torch and keras.")]
-RecipeOpt = Annotated[Optional[str], typer.Option(help="Your own model code: a .py file (or importable module) with build_model(info), optionally load_data(config) and fit(model, data, config, on_epoch). Replaces --framework/--model.")]
+RecipeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Your own model code: a .py file (or importable module) with build_model(info), "
+        "optionally load_data(config) and fit(model, data, config, on_epoch). Replaces "
+        "--framework/--model."
+    ),
+]
 QuantizeOpt = Annotated[Optional[QuantizeChoice], typer.Option(help="Also register an int8 version: dynamic, or static (calibrated on the training split); kept only if accuracy drops at most quantize.max_accuracy_drop.")]
 
 
@@ -270,7 +277,7 @@ def promote(
 
 
 def _deploy(model: str, port: int) -> None:
-    from onnxflow.tasks.serve import deploy_endpoint, smoke_test
+    from onnxflow.deploy import deploy_endpoint, smoke_test
     from onnxflow.serving.launcher import make_settings
 
     try:
@@ -318,7 +325,7 @@ def serve(
 @app.command()
 def stop() -> None:
     """Stop the endpoint started by `onnxflow run --deploy` (or `make demo`)."""
-    from onnxflow.tasks.serve import stop_endpoint
+    from onnxflow.deploy import stop_endpoint
 
     typer.echo("endpoint stopped" if stop_endpoint() else "no endpoint was running")
 
@@ -341,7 +348,13 @@ def trigger(
     epochs: EpochsOpt = None,
     model: ModelOpt = None,
     quantize: QuantizeOpt = None,
-    recipe: Annotated[Optional[str], typer.Option(help="Your own model code (see run --help): a .py file the worker can read, sent as an absolute path, or an importable module.")] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="Your own model code (see run --help): a .py file the worker can read, sent "
+            "as an absolute path, or an importable module."
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the run finished (and the replicas serve its champion).")] = False,
     timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:

@@ -29,7 +29,10 @@ def serving_version(url: str, model_name: str) -> str | None:
 
 
 def wait_until_serving(
-    urls: list[str], model_name: str, version: str, timeout_s: float = 120.0,
+    urls: list[str],
+    model_name: str,
+    version: str,
+    timeout_s: float = 120.0,
 ) -> dict[str, float]:
     """Seconds until each replica answered with ``version``; raises StackError on timeout."""
     start = time.monotonic()
@@ -39,12 +42,15 @@ def wait_until_serving(
             if serving_version(url, model_name) == str(version):
                 reached[url] = time.monotonic() - start
                 pending.remove(url)
-                log.info("%s serves %s version %s after %.1f s", url, model_name, version,
-                         reached[url])
+                log.info(
+                    "%s serves %s version %s after %.1f s", url, model_name, version, reached[url]
+                )
         if pending and time.monotonic() - start > timeout_s:
             found = {url: serving_version(url, model_name) for url in pending}
-            raise StackError(f"after {timeout_s:.0f} s, replica(s) still not serving "
-                             f"{model_name} version {version}: {found}")
+            raise StackError(
+                f"after {timeout_s:.0f} s, replica(s) still not serving "
+                f"{model_name} version {version}: {found}"
+            )
         if pending:
             time.sleep(0.2)
     return reached

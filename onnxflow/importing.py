@@ -578,18 +578,8 @@ def register_imported(
                          tags=tags, aliases=(config.alias,), run_id=run_id)
 
 
-def start_import_run(experiment: str, model_name: str, imported: ImportedModel,
-                     sample_path: Path) -> str:
-    """The MLflow run that holds an imported model (no training, so no dataset input)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    run = client.create_run(exp_id, run_name=f"import-{imported.source_format}-{model_name}",
-                            tags={"source_framework": imported.framework,
-                                  "source_format": imported.source_format})
-    for key, value in {"source": imported.source, "source_format": imported.source_format,
-                       "sample": sample_path, "opset": imported.opset}.items():
-        client.log_param(run.info.run_id, key, str(value)[:6000])
-    return run.info.run_id
+def import_run_params(imported: ImportedModel, sample_path: Path) -> dict[str, str]:
+    """The params of the MLflow run that holds an imported model (no training, so no
+    dataset input)."""
+    return {"source": str(imported.source), "source_format": imported.source_format,
+            "sample": str(sample_path), "opset": str(imported.opset)}

@@ -39,8 +39,7 @@ class TensorDecl:
     def with_dynamic_as(self, symbol: str) -> TensorDecl:
         """The same declaration with every dynamic (named or unknown) axis called ``symbol``:
         for comparing shapes where any dynamic axis will do."""
-        return replace(self, shape=tuple(d if isinstance(d, int) else symbol
-                                         for d in self.shape))
+        return replace(self, shape=tuple(d if isinstance(d, int) else symbol for d in self.shape))
 
     def describe(self) -> str:
         return f"{self.name} {self.dtype} {list(self.shape)}"
@@ -61,19 +60,25 @@ class ModelInterface:
         """What ``found`` does differently from this declaration, one phrase per difference
         (names, then each tensor's shape and type); empty when it matches."""
         problems = []
-        for kind, wanted, got in (("input", self.inputs, found.inputs),
-                                  ("output", self.outputs, found.outputs)):
+        for kind, wanted, got in (
+            ("input", self.inputs, found.inputs),
+            ("output", self.outputs, found.outputs),
+        ):
             if [t.name for t in got] != [t.name for t in wanted]:
-                problems.append(f"{kind}s {[t.name for t in got]}, expected "
-                                f"{[t.name for t in wanted]}")
+                problems.append(
+                    f"{kind}s {[t.name for t in got]}, expected {[t.name for t in wanted]}"
+                )
                 continue
             for want, have in zip(wanted, got, strict=True):
                 if have.shape != want.shape:
-                    problems.append(f"{kind} {want.name!r} shape {list(have.shape)}, expected "
-                                    f"{list(want.shape)}")
+                    problems.append(
+                        f"{kind} {want.name!r} shape {list(have.shape)}, expected "
+                        f"{list(want.shape)}"
+                    )
                 if have.dtype != want.dtype:
-                    problems.append(f"{kind} {want.name!r} type {have.dtype}, expected "
-                                    f"{want.dtype}")
+                    problems.append(
+                        f"{kind} {want.name!r} type {have.dtype}, expected {want.dtype}"
+                    )
         return problems
 
 
@@ -82,8 +87,9 @@ def output_name(task: Literal["classification", "regression"]) -> str:
     return "probabilities" if task == "classification" else "prediction"
 
 
-def table_model_interface(task: Literal["classification", "regression"], n_features: int,
-                          n_outputs: int) -> ModelInterface:
+def table_model_interface(
+    task: Literal["classification", "regression"], n_features: int, n_outputs: int
+) -> ModelInterface:
     """The interface of every model onnxflow trains on a table, whatever the framework.
 
     One input ``features`` ``[batch, n_features]`` FLOAT taking RAW features (the
@@ -116,16 +122,17 @@ def declared(value) -> TensorDecl:
     """The declaration of one graph value (``ValueInfoProto``)."""
     import onnx
 
-    return TensorDecl(value.name,
-                      onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type),
-                      tuple(dims(value)))
+    return TensorDecl(
+        value.name,
+        onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type),
+        tuple(dims(value)),
+    )
 
 
 def dims(value) -> list[Dim]:
     """Declared dimensions of a graph value: sizes, dynamic ones by name, unknown as None."""
     return [
-        d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value")
-        else None
+        d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
         for d in value.type.tensor_type.shape.dim
     ]
 

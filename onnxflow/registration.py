@@ -18,8 +18,8 @@ from onnxflow.config import RegisterConfig
 from onnxflow.errors import RegistryError
 from onnxflow.onnxfiles import check_external_data, onnx_digest
 from onnxflow.results import (
-    DatasetArtifact, ExportedModel, RegisteredVersion, SimplifiedModel, TrainedModel,
-    ValidationSummary,
+    DatasetArtifact, DatasetInfo, ExportedModel, ImportedModel, RegisteredVersion,
+    SimplifiedModel, ValidationSummary,
 )
 from onnxflow.runtime import PROVIDERS, open_session
 
@@ -186,7 +186,8 @@ def register_validated(
 
 
 def validation_tags(summary: ValidationSummary) -> dict[str, str]:
-    """The version tags a reviewer and the promote step read (see DESIGN.md)."""
+    """The version tags a reviewer and the promote step read (listed in the README's
+    "The registry")."""
     return {
         "validation": "passed" if summary.passed else "failed",
         "metric_name": summary.metric_name,
@@ -202,29 +203,33 @@ def validation_tags(summary: ValidationSummary) -> dict[str, str]:
 
 
 def lineage_tags(
-    trained: TrainedModel,
-    exported: ExportedModel,
+    framework: str,
+    exported: ExportedModel | ImportedModel,
     simplified: SimplifiedModel,
-    dataset: DatasetArtifact,
+    dataset: DatasetInfo | None,
     *,
     git_commit: str,
     flow_run_id: str,
 ) -> dict[str, str]:
-    """Where a version came from: code, data, framework, exporter and simplification."""
+    """Where a version came from: code, data, framework, exporter and simplification.
+
+    ``exported`` is the ONNX export of a trained model or an imported model's conversion;
+    ``dataset`` is None for an imported model (it was trained elsewhere)."""
     tags = {
-        "source_framework": trained.framework,
+        "source_framework": framework,
         "exporter": exported.exporter,
         "opset": str(exported.opset),
-        "dataset_digest": dataset.info.digest,
-        "dataset_name": dataset.info.name,
+        "dataset_digest": dataset.digest if dataset else "none (imported model)",
+        **({"dataset_name": dataset.name} if dataset else {}),
         "git_commit": git_commit,
         "flow_run_id": flow_run_id,
         "simplified": str(simplified.simplified).lower(),
         "nodes_before": str(simplified.nodes_before),
         "nodes_after": str(simplified.nodes_after),
     }
-    if exported.fallback_reason:
-        tags["export_fallback_reason"] = exported.fallback_reason[:4000]
+    fallback = getattr(exported, "fallback_reason", None)
+    if fallback:
+        tags["export_fallback_reason"] = fallback[:4000]
     if simplified.reason:
         tags["simplify_reason"] = simplified.reason[:4000]
     return tags

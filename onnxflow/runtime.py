@@ -35,6 +35,5 @@ def onnxruntime_limits() -> tuple[int | None, int | None]:
     except (ImportError, AttributeError, RuntimeError):
         return None, None
     max_opset = max(s.since_version for s in schemas if s.domain in ("", "ai.onnx"))
-    max_ir = max((row[1] for row in onnx.helper.VERSION_TABLE if row[2] <= max_opset),
-                 default=None)
+    max_ir = max((row[1] for row in onnx.helper.VERSION_TABLE if row[2] <= max_opset), default=None)
     return max_opset, max_ir

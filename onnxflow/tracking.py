@@ -24,11 +24,9 @@ def start_run(
     run_name: str,
     params: Mapping[str, Any],
     tags: Mapping[str, str],
-    dataset: DatasetArtifact | ArrayDataset,
+    dataset: DatasetArtifact | ArrayDataset | None = None,
 ) -> str:
-    """Create the run, log params and tags and the dataset as a training input."""
-    import mlflow
-    import numpy as np
+    """Create the run, log params and tags and the dataset (if any) as a training input."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -37,6 +35,16 @@ def start_run(
     run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
     run_id = run.info.run_id
     client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
+    if dataset is not None:
+        _log_dataset(run_id, dataset)
+    client.update_run(run_id, status="RUNNING")
+    log.info("MLflow run %s (%s) in experiment %r", run_id, run_name, experiment)
+    return run_id
+
+
+def _log_dataset(run_id: str, dataset: DatasetArtifact | ArrayDataset) -> None:
+    import mlflow
+
     X, y = _all_rows(dataset)
     # The digest of the table as loaded (split order differs), so the tags agree.
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways": harmless
@@ -47,9 +55,6 @@ def start_run(
         )
     with mlflow.start_run(run_id=run_id):
         mlflow.log_input(mlflow_dataset, context="training")
-    client.update_run(run_id, status="RUNNING")
-    log.info("MLflow run %s (%s) in experiment %r", run_id, run_name, experiment)
-    return run_id
 
 
 def _all_rows(dataset) -> tuple[Any, Any]:

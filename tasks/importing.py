@@ -13,7 +13,7 @@ from onnxflow.config import RegisterConfig, ValidateConfig
 from onnxflow.errors import ValidationError
 from onnxflow.importing import (
     convert_to_onnx, detect_format, read_arrays, register_imported,
-    sample_feeds, start_import_run, validate_import,
+    sample_feeds, validate_import,
 )
 from onnxflow.results import ImportedModel, RegisteredVersion, ValidationSummary
 from onnxflow.tasks.register import registry_task
@@ -26,12 +26,6 @@ def convert_import_task(source: Path, sample: Path, opset: int, out_dir: Path) -
     imported = convert_to_onnx(source, detect_format(source), read_arrays(sample), opset, out_dir)
     sample_feeds(imported.path, sample)
     return imported
-
-
-@registry_task
-def start_import_run_task(experiment: str, model_name: str, imported: ImportedModel,
-                          sample: Path) -> str:
-    return start_import_run(experiment, model_name, imported, sample)
 
 
 @task(name="validate-import", cache_policy=NO_CACHE)

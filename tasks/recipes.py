@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
-from onnxflow.tasks.register import registry_task
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -26,6 +25,7 @@ from onnxflow.recipes.steps import (
     validate_recipe,
 )
 from onnxflow.results import ExportedModel, RegisteredVersion, TrainedModel, ValidationSummary
+from onnxflow.tasks.register import registry_task
 
 
 @task(name="recipe-data", cache_policy=NO_CACHE)
@@ -34,24 +34,33 @@ def prepare_recipe_data_task(recipe: str, config: DataConfig, out_dir: Path) -> 
 
 
 @task(name="recipe-train", cache_policy=NO_CACHE)
-def train_recipe_task(recipe: str, dataset: ArrayDataset, config: TrainConfig, out_dir: Path,
-                      run_id: str) -> TrainedModel:
-    trained = train_recipe(recipe, dataset, config, out_dir,
-                           on_epoch=partial(tracking.log_epoch, run_id))
+def train_recipe_task(
+    recipe: str, dataset: ArrayDataset, config: TrainConfig, out_dir: Path, run_id: str
+) -> TrainedModel:
+    trained = train_recipe(
+        recipe, dataset, config, out_dir, on_epoch=partial(tracking.log_epoch, run_id)
+    )
     tracking.log_metrics(run_id, {"train_seconds": trained.train_seconds})
     tracking.log_params(run_id, {f"recipe.{k}": v for k, v in trained.params.items()})
     return trained
 
 
 @task(name="recipe-export", cache_policy=NO_CACHE)
-def export_recipe_task(trained: TrainedModel, info: ArrayDatasetInfo, config: ExportConfig,
-                       out_dir: Path) -> ExportedModel:
+def export_recipe_task(
+    trained: TrainedModel, info: ArrayDatasetInfo, config: ExportConfig, out_dir: Path
+) -> ExportedModel:
     return export_recipe(trained, info, config, out_dir)
 
 
 @task(name="recipe-validate", cache_policy=NO_CACHE)
-def validate_recipe_task(model_path: Path, trained: TrainedModel, dataset: ArrayDataset,
-                         config: ValidateConfig, out_dir: Path, run_id: str) -> ValidationSummary:
+def validate_recipe_task(
+    model_path: Path,
+    trained: TrainedModel,
+    dataset: ArrayDataset,
+    config: ValidateConfig,
+    out_dir: Path,
+    run_id: str,
+) -> ValidationSummary:
     """Validate, and attach the report to the run whether or not the model passed."""
     try:
         summary = validate_recipe(model_path, trained, dataset, config, out_dir)
@@ -63,7 +72,12 @@ def validate_recipe_task(model_path: Path, trained: TrainedModel, dataset: Array
 
 
 @registry_task
-def register_recipe_task(model_path: Path, summary: ValidationSummary,
-                         lineage: Mapping[str, str], dataset: ArrayDataset,
-                         config: RegisterConfig, run_id: str) -> RegisteredVersion:
+def register_recipe_task(
+    model_path: Path,
+    summary: ValidationSummary,
+    lineage: Mapping[str, str],
+    dataset: ArrayDataset,
+    config: RegisterConfig,
+    run_id: str,
+) -> RegisteredVersion:
     return register_recipe(model_path, summary, lineage, dataset, config, run_id)

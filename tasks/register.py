@@ -27,7 +27,7 @@ registry_task = task(
 @registry_task
 def start_run_task(
     experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
-    dataset: DatasetArtifact,
+    dataset: DatasetArtifact | None = None,
 ) -> str:
     return tracking.start_run(experiment, run_name, params, tags, dataset)
 

@@ -27,8 +27,9 @@ def _image_folder(root, per_class=10, size=20, classes=("cat", "dog", "eel")):
             pixels = np.full((size, size + 4, 3), 40 * (c + 1), np.uint8)
             pixels[..., c] = rng.integers(100, 255)
             suffix = ".png" if i % 2 else ".JPG"  # both kinds, any case
-            Image.fromarray(pixels).save(root / name / f"{i}{suffix}",
-                                         format="PNG" if i % 2 else "JPEG")
+            Image.fromarray(pixels).save(
+                root / name / f"{i}{suffix}", format="PNG" if i % 2 else "JPEG"
+            )
     (root / "cat" / "notes.txt").write_text("not an image")
     return root
 
@@ -46,7 +47,7 @@ def test_image_folder_is_resized_nchw_float32_split_seeded_and_stratified(tmp_pa
         assert np.bincount(arrays[LABEL]).tolist() == [rows // 3] * 3  # stratified
     # the class shows in its channel: the pixels were read in RGB order, channels first
     cat = data.train["image"][data.train[LABEL] == 0]
-    assert (cat[:, 0].mean() > cat[:, 2].mean())
+    assert cat[:, 0].mean() > cat[:, 2].mean()
     again = load_arrays(config)
     assert np.array_equal(again.test["image"], data.test["image"])  # seeded
     other = load_arrays(config.model_copy(update={"seed": 4}))
@@ -73,8 +74,13 @@ def test_npz_keeps_names_shapes_and_dtypes(tmp_path):
     rng = np.random.default_rng(0)
     n = 60
     path = tmp_path / "tokens.npz"
-    np.savez(path, ids=rng.integers(0, 100, (n, 16)), mask=rng.random((n, 16)) > 0.5,
-             scale=rng.random((n, 2, 3)), label=np.array(["no", "yes"] * (n // 2)))
+    np.savez(
+        path,
+        ids=rng.integers(0, 100, (n, 16)),
+        mask=rng.random((n, 16)) > 0.5,
+        scale=rng.random((n, 2, 3)),
+        label=np.array(["no", "yes"] * (n // 2)),
+    )
     data = load_arrays(DataConfig(path=path))
     assert data.classes == ("no", "yes")
     assert data.train["ids"].dtype == np.int64 and data.train["ids"].shape[1:] == (16,)
@@ -82,7 +88,10 @@ def test_npz_keeps_names_shapes_and_dtypes(tmp_path):
     assert data.train["scale"].dtype == np.float32  # float64 becomes float32
     dataset = prepare_arrays(data, DataConfig(path=path), tmp_path / "out")
     assert [(s.name, s.shape, s.dtype) for s in dataset.info.inputs] == [
-        ("ids", (16,), "int64"), ("mask", (16,), "bool"), ("scale", (2, 3), "float32")]
+        ("ids", (16,), "int64"),
+        ("mask", (16,), "bool"),
+        ("scale", (2, 3), "float32"),
+    ]
     inputs, labels = read_split(dataset, "test")
     assert np.array_equal(inputs["ids"], data.test["ids"]) and len(labels) == dataset.info.n_test
 
@@ -101,12 +110,15 @@ def test_parquet_list_column_becomes_a_fixed_length_input(tmp_path):
     import pandas as pd
 
     n = 30
-    frame = pd.DataFrame({
-        "age": np.arange(n, dtype=np.float64), "score": np.linspace(0, 1, n),
-        "tokens": [list(range(i, i + 5)) for i in range(n)],
-        "embedding": [np.full(3, i / n) for i in range(n)],
-        "y": ["a", "b", "c"] * (n // 3),
-    })
+    frame = pd.DataFrame(
+        {
+            "age": np.arange(n, dtype=np.float64),
+            "score": np.linspace(0, 1, n),
+            "tokens": [list(range(i, i + 5)) for i in range(n)],
+            "embedding": [np.full(3, i / n) for i in range(n)],
+            "y": ["a", "b", "c"] * (n // 3),
+        }
+    )
     frame.to_parquet(tmp_path / "t.parquet")
     data = load_arrays(DataConfig(path=tmp_path / "t.parquet", target="y"))
     assert set(data.train) == {"features", "tokens", "embedding", LABEL}
@@ -129,8 +141,11 @@ def test_load_data_results_are_checked(tmp_path):
     split = {"x": np.zeros((6, 2), np.float32), LABEL: np.array([0, 1] * 3)}
     bad = {**split, "x": np.zeros((6, 3), np.float32)}
     data = as_named_arrays({"train": split, "validation": split, "test": bad}, "r.py")
-    with pytest.raises(DataError, match=r"test.x is float32 \[3\] per row, train has float32 "
-                                        r"\[2\]"):
+    with pytest.raises(
+        DataError,
+        match=r"test.x is float32 \[3\] per row, train has float32 "
+        r"\[2\]",
+    ):
         prepare_arrays(data, DataConfig(), tmp_path)
     floats = NamedArrays(train={**split, LABEL: np.zeros(6)}, validation=split, test=split)
     with pytest.raises(DataError, match="expected 1-d integer class indices"):

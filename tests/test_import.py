@@ -35,9 +35,11 @@ def prefect_harness():
 def files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """format -> (model path, sample path)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import torch
+    import torch._dynamo  # noqa: F401  before TensorFlow: triton's import (by torch.export)
+    # segfaults in a process that already loaded TensorFlow
     import keras
     import tensorflow as tf
-    import torch
 
     root = tmp_path_factory.mktemp("byom")
     rng = np.random.default_rng(0)

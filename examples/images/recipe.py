@@ -20,9 +20,11 @@ PER_CLASS = 600
 SIZE = 32
 
 #: The recipe's own defaults; the YAML config and command-line options win over them.
-DEFAULTS = {"data": {"image_size": SIZE},
-            "train": {"epochs": 3, "batch_size": 64, "learning_rate": 1e-3},
-            "register": {"model_name": "shapes"}}
+DEFAULTS = {
+    "data": {"image_size": SIZE},
+    "train": {"epochs": 3, "batch_size": 64, "learning_rate": 1e-3},
+    "register": {"model_name": "shapes"},
+}
 
 
 def generate(folder: Path, per_class: int = PER_CLASS, size: int = SIZE, seed: int = 0) -> Path:
@@ -50,7 +52,8 @@ def generate(folder: Path, per_class: int = PER_CLASS, size: int = SIZE, seed: i
             pixels = np.asarray(image, dtype=np.float32)
             pixels += rng.normal(0, 12, pixels.shape)
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
-                partial / name / f"{i:05d}.png")
+                partial / name / f"{i:05d}.png"
+            )
     if folder.exists():
         shutil.rmtree(partial)  # another run wrote it first
     else:

@@ -20,8 +20,10 @@ ROWS = 6000
 CLASSES = ("low", "medium", "high")
 
 #: The recipe's own defaults; the YAML config and command-line options win over them.
-DEFAULTS = {"train": {"epochs": 20, "batch_size": 64, "learning_rate": 3e-3},
-            "register": {"model_name": "stores"}}
+DEFAULTS = {
+    "train": {"epochs": 20, "batch_size": 64, "learning_rate": 3e-3},
+    "register": {"model_name": "stores"},
+}
 
 
 def generate(path: Path, rows: int = ROWS, seed: int = 0) -> Path:

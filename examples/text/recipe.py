@@ -22,8 +22,10 @@ CLASSES = ("one", "two", "three")
 ROWS = 3000
 
 #: The recipe's own defaults; the YAML config and command-line options win over them.
-DEFAULTS = {"train": {"epochs": 8, "batch_size": 64, "learning_rate": 2e-3},
-            "register": {"model_name": "tokens"}}
+DEFAULTS = {
+    "train": {"epochs": 8, "batch_size": 64, "learning_rate": 2e-3},
+    "register": {"model_name": "tokens"},
+}
 
 
 def generate(path: Path, rows: int = ROWS, seed: int = 0) -> Path:
@@ -40,8 +42,7 @@ def generate(path: Path, rows: int = ROWS, seed: int = 0) -> Path:
             ids[i, rng.choice(pad)] = rng.integers(1, 4)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.npz")
-    np.savez(partial, ids=ids.astype(np.int64), mask=mask,
-             label=np.asarray(CLASSES)[labels])
+    np.savez(partial, ids=ids.astype(np.int64), mask=mask, label=np.asarray(CLASSES)[labels])
     partial.replace(path)
     return path
 
@@ -60,10 +61,10 @@ class Encoder(torch.nn.Module):
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, width)
         self.position = torch.nn.Parameter(torch.randn(1, length, width) * 0.02)
-        layer = torch.nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=64,
-                                                 dropout=0.0, batch_first=True)
-        self.encoder = torch.nn.TransformerEncoder(layer, num_layers=2,
-                                                   enable_nested_tensor=False)
+        layer = torch.nn.TransformerEncoderLayer(
+            width, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True
+        )
+        self.encoder = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
         self.head = torch.nn.Linear(width, n_classes)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -38,8 +38,11 @@ from onnxflow.errors import OnnxflowError, RecipeError
 log = logging.getLogger(__name__)
 
 #: name -> (required, positional arguments it is called with)
-FUNCTIONS = {"build_model": (True, "info"), "load_data": (False, "config"),
-             "fit": (False, "model, data, config, on_epoch")}
+FUNCTIONS = {
+    "build_model": (True, "info"),
+    "load_data": (False, "config"),
+    "fit": (False, "model, data, config, on_epoch"),
+}
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,10 @@ class Recipe:
             raise
         except Exception as exc:
             log.debug("%s: %s raised", self.ref, name, exc_info=True)
-            raise RecipeError(f"{self.ref}: {name}({FUNCTIONS[name][1]}) raised "
-                              f"{type(exc).__name__}: {_brief(exc)}") from exc
+            raise RecipeError(
+                f"{self.ref}: {name}({FUNCTIONS[name][1]}) raised "
+                f"{type(exc).__name__}: {_brief(exc)}"
+            ) from exc
 
 
 def load_recipe(ref: str | Path) -> Recipe:
@@ -77,11 +82,13 @@ def load_recipe(ref: str | Path) -> Recipe:
         try:
             module = importlib.import_module(text)
         except ImportError as exc:
-            raise RecipeError(f"Recipe {text!r} is neither a file nor an importable module: "
-                              f"{exc}") from None
+            raise RecipeError(
+                f"Recipe {text!r} is neither a file nor an importable module: {exc}"
+            ) from None
         except Exception as exc:
-            raise RecipeError(f"{text}: importing the recipe raised {type(exc).__name__}: "
-                              f"{_brief(exc)}") from exc
+            raise RecipeError(
+                f"{text}: importing the recipe raised {type(exc).__name__}: {_brief(exc)}"
+            ) from exc
     recipe = Recipe(ref=text, module=module)
     check_functions(recipe)
     return recipe
@@ -94,8 +101,10 @@ def check_functions(recipe: Recipe) -> None:
         fn = getattr(recipe.module, name, None)
         if fn is None:
             if required:
-                problems.append(f"no {name}({arguments}) function (a recipe needs "
-                                "build_model(info) returning a torch.nn.Module or keras.Model)")
+                problems.append(
+                    f"no {name}({arguments}) function (a recipe needs "
+                    "build_model(info) returning a torch.nn.Module or keras.Model)"
+                )
             continue
         if not callable(fn):
             problems.append(f"{name} is a {type(fn).__name__}, not a function")
@@ -103,8 +112,9 @@ def check_functions(recipe: Recipe) -> None:
         try:
             inspect.signature(fn).bind(*arguments.split(", "))
         except TypeError:
-            problems.append(f"{name}{inspect.signature(fn)} cannot be called as "
-                            f"{name}({arguments})")
+            problems.append(
+                f"{name}{inspect.signature(fn)} cannot be called as {name}({arguments})"
+            )
         except ValueError:  # builtins without a signature: let the call decide
             pass
     if problems:
@@ -128,8 +138,9 @@ def _import_file(path: Path) -> ModuleType:
         spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(name, None)
-        raise RecipeError(f"{path}: importing the recipe raised {type(exc).__name__}: "
-                          f"{_brief(exc)}") from exc
+        raise RecipeError(
+            f"{path}: importing the recipe raised {type(exc).__name__}: {_brief(exc)}"
+        ) from exc
     return module
 
 
@@ -145,19 +156,22 @@ def with_recipe_defaults(config):
     recipe = load_recipe(config.recipe)
     defaults = getattr(recipe.module, "DEFAULTS", None) or {}
     if not isinstance(defaults, dict):
-        raise RecipeError(f"{recipe.ref}: DEFAULTS is a {type(defaults).__name__}, expected a "
-                          "dict of config sections ({'train': {'epochs': 3}})")
+        raise RecipeError(
+            f"{recipe.ref}: DEFAULTS is a {type(defaults).__name__}, expected a "
+            "dict of config sections ({'train': {'epochs': 3}})"
+        )
     raw = config.model_dump(by_alias=True, exclude_unset=True)
     for section, values in defaults.items():
-        current = getattr(config, {"validate": "validate_", "register": "register_"}.get(
-            section, section), None)
+        current = getattr(
+            config, {"validate": "validate_", "register": "register_"}.get(section, section), None
+        )
         if current is None or not isinstance(values, dict):
-            raise RecipeError(f"{recipe.ref}: DEFAULTS[{section!r}] is not a config section "
-                              "with values")
+            raise RecipeError(
+                f"{recipe.ref}: DEFAULTS[{section!r}] is not a config section with values"
+            )
         merged = {k: v for k, v in values.items() if k not in current.model_fields_set}
         raw[section] = {**merged, **raw.get(section, {})}
     try:
         return type(config).model_validate(raw)
     except Exception as exc:  # pydantic's ValidationError names the bad key
-        raise RecipeError(f"{recipe.ref}: DEFAULTS do not fit the configuration: {exc}") \
-            from None
+        raise RecipeError(f"{recipe.ref}: DEFAULTS do not fit the configuration: {exc}") from None

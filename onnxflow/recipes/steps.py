@@ -31,7 +31,12 @@ from onnxflow.arrays import (
 from onnxflow.config import DataConfig, ExportConfig, RegisterConfig, TrainConfig, ValidateConfig
 from onnxflow.errors import ExportError, RecipeError, RegistryError
 from onnxflow.interface import (
-    BATCH_AXIS, ModelInterface, TensorDecl, load_graph, output_name, read_interface,
+    BATCH_AXIS,
+    ModelInterface,
+    TensorDecl,
+    load_graph,
+    output_name,
+    read_interface,
 )
 from onnxflow.recipes import load_recipe
 from onnxflow.results import ExportedModel, RegisteredVersion, TrainedModel, ValidationSummary
@@ -67,19 +72,30 @@ def framework_adapter(model, ref: str) -> tuple[str, ModuleType]:
         keras, _ = keras_recipe.import_keras()
         if isinstance(model, keras.Model):
             return "keras", keras_recipe
-    raise RecipeError(f"{ref}: build_model(info) returned {type(model).__module__}."
-                      f"{type(model).__qualname__}, expected a torch.nn.Module or a keras.Model")
+    raise RecipeError(
+        f"{ref}: build_model(info) returned {type(model).__module__}."
+        f"{type(model).__qualname__}, expected a torch.nn.Module or a keras.Model"
+    )
 
 
-def train_recipe(recipe_ref: str, dataset: ArrayDataset, config: TrainConfig, out_dir: Path,
-                 on_epoch: EpochCallback | None = None) -> TrainedModel:
+def train_recipe(
+    recipe_ref: str,
+    dataset: ArrayDataset,
+    config: TrainConfig,
+    out_dir: Path,
+    on_epoch: EpochCallback | None = None,
+) -> TrainedModel:
     """build_model → check it on two rows and that it can be captured for export → fit
     (the recipe's or onnxflow's) on the chosen device → ``model.pt2`` / ``model.keras``."""
     recipe = load_recipe(recipe_ref)
     info = dataset.info
-    data = NamedArrays(**{split: _split_arrays(dataset, split) for split in SPLITS},
-                       classes=info.class_names, name=info.name, source=info.source,
-                       preprocessing=dict(info.preprocessing))
+    data = NamedArrays(
+        **{split: _split_arrays(dataset, split) for split in SPLITS},
+        classes=info.class_names,
+        name=info.name,
+        source=info.source,
+        preprocessing=dict(info.preprocessing),
+    )
     _seed(config.seed)
     model = recipe.call("build_model", info)
     framework, adapter = framework_adapter(model, recipe.ref)
@@ -88,11 +104,17 @@ def train_recipe(recipe_ref: str, dataset: ArrayDataset, config: TrainConfig, ou
         try:
             adapter.inference_program(model, info, data.train)
         except RecipeError as exc:
-            raise RecipeError(f"{recipe.ref}: the model from build_model(info) cannot be "
-                              f"exported: {exc}") from exc
+            raise RecipeError(
+                f"{recipe.ref}: the model from build_model(info) cannot be exported: {exc}"
+            ) from exc
     device = adapter.resolve_device(config.device)
-    log.info("recipe %s: %s model with %s parameters, training on %s", recipe.ref, framework,
-             f"{adapter.count_parameters(model):,}", device)
+    log.info(
+        "recipe %s: %s model with %s parameters, training on %s",
+        recipe.ref,
+        framework,
+        f"{adapter.count_parameters(model):,}",
+        device,
+    )
 
     started = time.perf_counter()
     if framework == "torch":
@@ -110,9 +132,11 @@ def train_recipe(recipe_ref: str, dataset: ArrayDataset, config: TrainConfig, ou
             except RecipeError:
                 same = False
             if not same:
-                raise RecipeError(f"{recipe.ref}: fit(...) returned a "
-                                  f"{type(returned).__name__}, expected the {framework} model "
-                                  "it was given (or None)")
+                raise RecipeError(
+                    f"{recipe.ref}: fit(...) returned a "
+                    f"{type(returned).__name__}, expected the {framework} model "
+                    "it was given (or None)"
+                )
             model = returned
         metrics = {}
     else:
@@ -124,24 +148,32 @@ def train_recipe(recipe_ref: str, dataset: ArrayDataset, config: TrainConfig, ou
         try:
             program = adapter.inference_program(model, info, data.train)
         except RecipeError as exc:
-            raise RecipeError(f"{recipe.ref}: the trained model cannot be exported: {exc}") \
-                from exc
+            raise RecipeError(f"{recipe.ref}: the trained model cannot be exported: {exc}") from exc
         path = adapter.save(program, out)
     else:
         path = adapter.save(model, info, out)
     log.info("recipe model trained in %.1f s on %s -> %s", seconds, device, path)
     return TrainedModel(
-        framework=framework, path=path, metrics=metrics, train_seconds=seconds,
-        params={"recipe": recipe.ref, "train_device": device,
-                "n_parameters": str(adapter.count_parameters(model)),
-                "epochs": str(config.epochs), "learning_rate": str(config.learning_rate),
-                "batch_size": str(config.batch_size), "seed": str(config.seed),
-                "own_fit": str(recipe.has("fit")).lower()},
+        framework=framework,
+        path=path,
+        metrics=metrics,
+        train_seconds=seconds,
+        params={
+            "recipe": recipe.ref,
+            "train_device": device,
+            "n_parameters": str(adapter.count_parameters(model)),
+            "epochs": str(config.epochs),
+            "learning_rate": str(config.learning_rate),
+            "batch_size": str(config.batch_size),
+            "seed": str(config.seed),
+            "own_fit": str(recipe.has("fit")).lower(),
+        },
     )
 
 
-def export_recipe(trained: TrainedModel, info: ArrayDatasetInfo, config: ExportConfig,
-                  out_dir: Path) -> ExportedModel:
+def export_recipe(
+    trained: TrainedModel, info: ArrayDatasetInfo, config: ExportConfig, out_dir: Path
+) -> ExportedModel:
     """The trained model to ``out_dir/model.onnx``, its inputs named and typed as the data's,
     dynamic batch axis ``batch``; the exporter's own message when it fails."""
     from onnxflow.importing import _name_batch_axis
@@ -157,15 +189,18 @@ def export_recipe(trained: TrainedModel, info: ArrayDatasetInfo, config: ExportC
             adapter.export(trained.path, config.opset, target)
     except Exception as exc:  # the exporters raise whatever their framework raises
         recipe = trained.params.get("recipe", "the recipe")
-        raise ExportError(f"{recipe}: {adapter.EXPORTER} cannot export the model from "
-                          f"build_model(info): {type(exc).__name__}: "
-                          f"{' '.join(str(exc).split())[:1500]}") from exc
+        raise ExportError(
+            f"{recipe}: {adapter.EXPORTER} cannot export the model from "
+            f"build_model(info): {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:1500]}"
+        ) from exc
     _name_batch_axis(target)
     _check_interface(target, info)
     seconds = time.perf_counter() - started
     log.info("exported %s with %s in %.1f s", target, adapter.EXPORTER, seconds)
-    return ExportedModel(path=target, exporter=adapter.EXPORTER, opset=config.opset,
-                         export_seconds=seconds)
+    return ExportedModel(
+        path=target, exporter=adapter.EXPORTER, opset=config.opset, export_seconds=seconds
+    )
 
 
 def recipe_reference(trained: TrainedModel, info: ArrayDatasetInfo):
@@ -175,13 +210,18 @@ def recipe_reference(trained: TrainedModel, info: ArrayDatasetInfo):
 
 def recipe_tags(trained: TrainedModel, info: ArrayDatasetInfo) -> dict[str, str]:
     """Version tags a client needs to feed the model, and where it was trained."""
-    tags = {"recipe": trained.params.get("recipe", ""),
-            "train_device": trained.params.get("train_device", ""),
-            "reference_device": REFERENCE_DEVICE,
-            "inputs": "; ".join(f"{s.name} {s.dtype} [batch, {', '.join(map(str, s.shape))}]"
-                                if s.shape else f"{s.name} {s.dtype} [batch]"
-                                for s in info.inputs),
-            "classes": ", ".join(info.class_names)[:4000]}
+    tags = {
+        "recipe": trained.params.get("recipe", ""),
+        "train_device": trained.params.get("train_device", ""),
+        "reference_device": REFERENCE_DEVICE,
+        "inputs": "; ".join(
+            f"{s.name} {s.dtype} [batch, {', '.join(map(str, s.shape))}]"
+            if s.shape
+            else f"{s.name} {s.dtype} [batch]"
+            for s in info.inputs
+        ),
+        "classes": ", ".join(info.class_names)[:4000],
+    }
     tags.update({f"preprocessing.{k}": v for k, v in info.preprocessing.items()})
     return tags
 
@@ -197,10 +237,10 @@ def recipe_interface(info: ArrayDatasetInfo) -> ModelInterface:
         return TensorProto.DataType.Name(np_dtype_to_tensor_dtype(np.dtype(dtype)))
 
     return ModelInterface(
-        inputs=tuple(TensorDecl(s.name, onnx_type(s.dtype), (BATCH_AXIS, *s.shape))
-                     for s in info.inputs),
-        outputs=(TensorDecl(output_name("classification"), "FLOAT",
-                            (BATCH_AXIS, info.n_classes)),),
+        inputs=tuple(
+            TensorDecl(s.name, onnx_type(s.dtype), (BATCH_AXIS, *s.shape)) for s in info.inputs
+        ),
+        outputs=(TensorDecl(output_name("classification"), "FLOAT", (BATCH_AXIS, info.n_classes)),),
     )
 
 
@@ -245,8 +285,13 @@ def _seed(seed: int) -> None:
         sys.modules["keras"].utils.set_random_seed(seed)
 
 
-def validate_recipe(model_path: Path, trained: TrainedModel, dataset: ArrayDataset,
-                    config: ValidateConfig, out_dir: Path) -> ValidationSummary:
+def validate_recipe(
+    model_path: Path,
+    trained: TrainedModel,
+    dataset: ArrayDataset,
+    config: ValidateConfig,
+    out_dir: Path,
+) -> ValidationSummary:
     """Every input and output on the test split (the validation imported models get), with
     the framework model on CPU as the parity reference and test accuracy through both."""
     from onnxflow.validation import validate_imported
@@ -254,29 +299,48 @@ def validate_recipe(model_path: Path, trained: TrainedModel, dataset: ArrayDatas
     inputs, labels = read_split(dataset, "test")
     info = dataset.info
     return validate_imported(
-        model_path, inputs, config, out_dir,
-        source={"name": trained.framework, "path": str(trained.path), "format": "recipe",
-                "recipe": trained.params.get("recipe", ""),
-                "train_device": trained.params.get("train_device", ""),
-                "reference_device": REFERENCE_DEVICE},
+        model_path,
+        inputs,
+        config,
+        out_dir,
+        source={
+            "name": trained.framework,
+            "path": str(trained.path),
+            "format": "recipe",
+            "recipe": trained.params.get("recipe", ""),
+            "train_device": trained.params.get("train_device", ""),
+            "reference_device": REFERENCE_DEVICE,
+        },
         sample={"name": info.name, "digest": info.digest, "rows": len(labels), "split": "test"},
         reference=recipe_reference(trained, info),
         labels=labels,
     )
 
 
-def register_recipe(model_path: Path, summary: ValidationSummary, lineage: Mapping[str, str],
-                    dataset: ArrayDataset, config: RegisterConfig,
-                    run_id: str) -> RegisteredVersion:
+def register_recipe(
+    model_path: Path,
+    summary: ValidationSummary,
+    lineage: Mapping[str, str],
+    dataset: ArrayDataset,
+    config: RegisterConfig,
+    run_id: str,
+) -> RegisteredVersion:
     """A validated recipe model becomes a version: the first test row as its input example
     (every input), lineage, validation and recipe tags, alias ``challenger``."""
     from onnxflow.registration import register_onnx, validation_tags
 
     if not summary.passed:
-        raise RegistryError(f"Refusing to register {model_path}: validation failed "
-                            f"(see {summary.report_dir}).")
+        raise RegistryError(
+            f"Refusing to register {model_path}: validation failed (see {summary.report_dir})."
+        )
     inputs, _ = read_split(dataset, "test")
     example = {name: array[:1] for name, array in inputs.items()}
     tags = {**lineage, **validation_tags(summary)}
-    return register_onnx(model_path, model_name=config.model_name, input_example=example,
-                         tags=tags, aliases=(config.alias,), run_id=run_id)
+    return register_onnx(
+        model_path,
+        model_name=config.model_name,
+        input_example=example,
+        tags=tags,
+        aliases=(config.alias,),
+        run_id=run_id,
+    )

@@ -32,8 +32,10 @@ def resolve_device(requested: str) -> str:
 
     available = torch.cuda.is_available()
     if requested == "cuda" and not available:
-        raise TrainingError("train.device is cuda but torch sees no CUDA device "
-                            f"(torch {torch.__version__}); use auto or cpu")
+        raise TrainingError(
+            "train.device is cuda but torch sees no CUDA device "
+            f"(torch {torch.__version__}); use auto or cpu"
+        )
     return "cuda" if requested in ("auto", "cuda") and available else "cpu"
 
 
@@ -58,15 +60,26 @@ def check_output(model, data: NamedArrays, info: ArrayDatasetInfo, ref: str) -> 
             f"({_describe(rows)}): {type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
         ) from exc
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, info.n_classes):
-        found = (f"{type(out).__name__}" if not isinstance(out, torch.Tensor)
-                 else f"shape {list(out.shape)}")
-        raise RecipeError(f"{ref}: the model from build_model(info) returns {found} for 2 rows; "
-                          f"expected class scores of shape [2, {info.n_classes}] "
-                          f"({info.n_classes} classes: {', '.join(info.class_names[:10])})")
+        found = (
+            f"{type(out).__name__}"
+            if not isinstance(out, torch.Tensor)
+            else f"shape {list(out.shape)}"
+        )
+        raise RecipeError(
+            f"{ref}: the model from build_model(info) returns {found} for 2 rows; "
+            f"expected class scores of shape [2, {info.n_classes}] "
+            f"({info.n_classes} classes: {', '.join(info.class_names[:10])})"
+        )
 
 
-def fit(model, data: NamedArrays, info: ArrayDatasetInfo, config: TrainConfig, device: str,
-        on_epoch: Callable[[int, dict[str, float]], None] | None) -> dict[str, float]:
+def fit(
+    model,
+    data: NamedArrays,
+    info: ArrayDatasetInfo,
+    config: TrainConfig,
+    device: str,
+    on_epoch: Callable[[int, dict[str, float]], None] | None,
+) -> dict[str, float]:
     """Adam on cross-entropy, seeded mini-batches; validation loss and accuracy per epoch."""
     import torch
 
@@ -83,7 +96,7 @@ def fit(model, data: NamedArrays, info: ArrayDatasetInfo, config: TrainConfig, d
         order = torch.randperm(n, generator=generator)
         total, started = 0.0, time.perf_counter()
         for start in range(0, n, config.batch_size):
-            rows = order[start:start + config.batch_size]
+            rows = order[start : start + config.batch_size]
             optimizer.zero_grad()
             out = model(*(inputs[k][rows].to(device) for k in names))
             loss = loss_fn(out, labels[rows].to(device))
@@ -93,18 +106,25 @@ def fit(model, data: NamedArrays, info: ArrayDatasetInfo, config: TrainConfig, d
         val_loss, val_accuracy = evaluate(model, data.validation, names, device)
         metrics = {"train_loss": total / n, "val_loss": val_loss, "val_accuracy": val_accuracy}
         if not np.isfinite(list(metrics.values())).all():
-            raise TrainingError(f"training diverged at epoch {epoch}: {metrics}; try a lower "
-                                f"learning_rate than {config.learning_rate}")
-        log.info("recipe epoch %d/%d (%.1f s): %s", epoch, config.epochs,
-                 time.perf_counter() - started,
-                 " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            raise TrainingError(
+                f"training diverged at epoch {epoch}: {metrics}; try a lower "
+                f"learning_rate than {config.learning_rate}"
+            )
+        log.info(
+            "recipe epoch %d/%d (%.1f s): %s",
+            epoch,
+            config.epochs,
+            time.perf_counter() - started,
+            " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+        )
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     return metrics
 
 
-def evaluate(model, split: Mapping[str, np.ndarray], names: tuple[str, ...],
-             device: str) -> tuple[float, float]:
+def evaluate(
+    model, split: Mapping[str, np.ndarray], names: tuple[str, ...], device: str
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` (eval mode) on one split."""
     import torch
 
@@ -113,8 +133,8 @@ def evaluate(model, split: Mapping[str, np.ndarray], names: tuple[str, ...],
     total, correct = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(labels), _EVAL_BATCH):
-            rows = {n: split[n][start:start + _EVAL_BATCH] for n in names}
-            y = torch.from_numpy(labels[start:start + _EVAL_BATCH]).long().to(device)
+            rows = {n: split[n][start : start + _EVAL_BATCH] for n in names}
+            y = torch.from_numpy(labels[start : start + _EVAL_BATCH]).long().to(device)
             out = forward(model, rows, names, device)
             total += torch.nn.functional.cross_entropy(out, y, reduction="sum").item()
             correct += int((out.argmax(dim=1) == y).sum().item())
@@ -146,8 +166,10 @@ def inference_program(model, info: ArrayDatasetInfo, sample: Mapping[str, np.nda
     try:
         return torch.export.export(wrapped, args, dynamic_shapes=(tuple(shapes),))
     except Exception as exc:  # torch.export raises many types (Unsupported, UserError...)
-        raise RecipeError(f"torch.export cannot capture the model: {type(exc).__name__}: "
-                          f"{' '.join(str(exc).split())[:800]}") from exc
+        raise RecipeError(
+            f"torch.export cannot capture the model: {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:800]}"
+        ) from exc
 
 
 def save(program, out_dir: Path) -> Path:
@@ -167,14 +189,21 @@ def export(model_path: Path, info: ArrayDatasetInfo, opset: int, target: Path) -
     for stale in (target, target.with_name(target.name + ".data")):
         stale.unlink(missing_ok=True)
     onnx_program = torch.onnx.export(
-        program, (), None, dynamo=True, input_names=list(info.input_names),
-        output_names=[OUTPUT_NAME], opset_version=opset, verbose=False,
+        program,
+        (),
+        None,
+        dynamo=True,
+        input_names=list(info.input_names),
+        output_names=[OUTPUT_NAME],
+        opset_version=opset,
+        verbose=False,
     )
     onnx_program.save(str(target), external_data=True)
 
 
-def reference(model_path: Path, names: tuple[str, ...]
-              ) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
+def reference(
+    model_path: Path, names: tuple[str, ...]
+) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
     """The saved program on CPU as a function of the ONNX feeds -> [probabilities]."""
     import torch
 
@@ -185,7 +214,7 @@ def reference(model_path: Path, names: tuple[str, ...]
         parts = []
         with torch.inference_mode():
             for start in range(0, n, _EVAL_BATCH):
-                part = {k: v[start:start + _EVAL_BATCH] for k, v in feeds.items()}
+                part = {k: v[start : start + _EVAL_BATCH] for k, v in feeds.items()}
                 parts.append(forward(module, part, names).numpy())
         return [np.concatenate(parts)]
 

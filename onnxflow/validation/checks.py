@@ -62,16 +62,25 @@ def check_runtime_support(opset: int, ir_version: int, report: dict[str, Any]) -
     from onnxflow.runtime import onnxruntime_limits
 
     max_opset, max_ir = onnxruntime_limits()
-    report["onnxruntime"] = {"version": ort.__version__, "max_opset": max_opset,
-                             "max_ir_version": max_ir}
+    report["onnxruntime"] = {
+        "version": ort.__version__,
+        "max_opset": max_opset,
+        "max_ir_version": max_ir,
+    }
     name = f"opset/IR supported by onnxruntime {ort.__version__}"
     if max_opset is None:
-        return Check(name, True, f"opset {opset}, IR {ir_version} (limits not exposed; "
-                                 "loading the session decides)")
+        return Check(
+            name,
+            True,
+            f"opset {opset}, IR {ir_version} (limits not exposed; loading the session decides)",
+        )
     passed = opset <= max_opset and (max_ir is None or ir_version <= max_ir)
     relation = "<=" if passed else "exceeds"
-    return Check(name, passed,
-                 f"opset {opset}, IR {ir_version} {relation} max opset {max_opset}, IR {max_ir}")
+    return Check(
+        name,
+        passed,
+        f"opset {opset}, IR {ir_version} {relation} max opset {max_opset}, IR {max_ir}",
+    )
 
 
 def check_session(model_path) -> tuple[Any, Check]:
@@ -95,9 +104,12 @@ def check_inputs(declared: ModelInterface, found: ModelInterface) -> Check:
     got = [_row(t) for t in found.inputs]
     passed = got == expected
     what = ", ".join(repr(t.name) for t in declared.inputs)
-    return Check(f"input {what}", passed,
-                 f"{_fmt(got)}" + ("" if passed else f", expected {_fmt(expected)} "
-                                   f"({DYNAMIC} = a dynamic axis)"))
+    return Check(
+        f"input {what}",
+        passed,
+        f"{_fmt(got)}"
+        + ("" if passed else f", expected {_fmt(expected)} ({DYNAMIC} = a dynamic axis)"),
+    )
 
 
 def check_output_names(declared: ModelInterface, found: ModelInterface) -> Check:
@@ -107,8 +119,13 @@ def check_output_names(declared: ModelInterface, found: ModelInterface) -> Check
     return Check("output names", passed, f"{got}" + ("" if passed else f", expected {expected}"))
 
 
-def check_output_shape(name: str, declared: ModelInterface, found: ModelInterface,
-                       onnx_out: np.ndarray, reference: np.ndarray) -> Check:
+def check_output_shape(
+    name: str,
+    declared: ModelInterface,
+    found: ModelInterface,
+    onnx_out: np.ndarray,
+    reference: np.ndarray,
+) -> Check:
     """One output's declared shape, and the shapes both sides produced on the rows."""
     want = next(t for t in declared.outputs if t.name == name).with_dynamic_as(DYNAMIC)
     have = next((t for t in found.outputs if t.name == name), found.outputs[0])
@@ -152,61 +169,96 @@ def parity_figures(found: np.ndarray, expected: np.ndarray, atol: float) -> dict
 def check_abs(name: str, figures: dict[str, float], atol: float) -> Check:
     value = figures["max_abs"]
     passed = value <= atol  # False for NaN too
-    return Check(f"output {name!r}", passed,
-                 f"max abs diff {value:.3g} {'<=' if passed else '>'} atol {atol:g}"
-                 + (f" ({figures['non_finite']} non-finite values)"
-                    if figures["non_finite"] else ""))
+    return Check(
+        f"output {name!r}",
+        passed,
+        f"max abs diff {value:.3g} {'<=' if passed else '>'} atol {atol:g}"
+        + (f" ({figures['non_finite']} non-finite values)" if figures["non_finite"] else ""),
+    )
 
 
 def check_rel(name: str, figures: dict[str, float], rtol: float) -> Check:
     value = figures["max_rel"]
     passed = value <= rtol
-    return Check(f"output {name!r}", passed,
-                 f"max rel diff {value:.3g} {'<=' if passed else '>'} rtol {rtol:g} "
-                 f"(over {figures['rel_elements']} values with |framework| > atol)")
+    return Check(
+        f"output {name!r}",
+        passed,
+        f"max rel diff {value:.3g} {'<=' if passed else '>'} rtol {rtol:g} "
+        f"(over {figures['rel_elements']} values with |framework| > atol)",
+    )
 
 
 def equal_values(found: np.ndarray, expected: np.ndarray) -> int:
     """How many elements are equal (strings compared as text, bytes decoded)."""
     if found.dtype.kind in "OUS" or expected.dtype.kind in "OUS":
+
         def text(a):
-            return np.array([x.decode() if isinstance(x, bytes) else str(x)
-                             for x in a.reshape(-1)], dtype=object)
+            return np.array(
+                [x.decode() if isinstance(x, bytes) else str(x) for x in a.reshape(-1)],
+                dtype=object,
+            )
+
         return int(np.sum(text(found) == text(expected)))
     return int(np.sum(found == expected))
 
 
-def compare_output(name: str, found: np.ndarray, expected: np.ndarray, against: str,
-                   config: ValidateConfig) -> tuple[list[Check], dict[str, float] | None]:
+def compare_output(
+    name: str, found: np.ndarray, expected: np.ndarray, against: str, config: ValidateConfig
+) -> tuple[list[Check], dict[str, float] | None]:
     """Any-typed output against its reference: shape, then floats within atol/rtol and
     every other type equal. The checks, and the output's parity figures (None when the
     shapes differ)."""
     if found.shape != expected.shape:
-        return [Check(f"output {name!r} shape", False,
-                      f"onnx {list(found.shape)}, {against} {list(expected.shape)}")], None
+        return [
+            Check(
+                f"output {name!r} shape",
+                False,
+                f"onnx {list(found.shape)}, {against} {list(expected.shape)}",
+            )
+        ], None
     checks = [Check(f"output {name!r} shape", True, f"{list(found.shape)} {found.dtype}")]
     if found.dtype.kind in "fc" and expected.dtype.kind in "fciub":
         figures = parity_figures(found, expected, config.atol)
-        return [*checks, check_abs(name, figures, config.atol),
-                check_rel(name, figures, config.rtol)], figures
+        return [
+            *checks,
+            check_abs(name, figures, config.atol),
+            check_rel(name, figures, config.rtol),
+        ], figures
     differ = int(found.size - equal_values(found, expected))
-    figures = {"max_abs": 0.0 if not differ else math.inf, "max_rel": 0.0, "mean_abs": 0.0,
-               "rel_elements": 0, "non_finite": 0, "unequal": differ}
-    return [*checks, Check(f"output {name!r}", not differ,
-                           f"{found.dtype} values: {differ} of {found.size} differ")], figures
+    figures = {
+        "max_abs": 0.0 if not differ else math.inf,
+        "max_rel": 0.0,
+        "mean_abs": 0.0,
+        "rel_elements": 0,
+        "non_finite": 0,
+        "unequal": differ,
+    }
+    return [
+        *checks,
+        Check(
+            f"output {name!r}", not differ, f"{found.dtype} values: {differ} of {found.size} differ"
+        ),
+    ], figures
 
 
-def check_batches(run_onnx: Callable[[Feeds], list[np.ndarray]], feeds: Feeds,
-                  config: ValidateConfig, report: dict[str, Any],
-                  dynamic_batch: bool = True) -> Check:
+def check_batches(
+    run_onnx: Callable[[Feeds], list[np.ndarray]],
+    feeds: Feeds,
+    config: ValidateConfig,
+    report: dict[str, Any],
+    dynamic_batch: bool = True,
+) -> Check:
     """The first rows run one at a time vs in batches of ``config.batch_size``; floats are
     compared against atol, other types must be equal. Skipped (and said so) when the model
     has no dynamic batch axis or the sample has a single row."""
     name = f"batch 1 vs batch {config.batch_size}"
     n = min(len(v) for v in feeds.values()) if feeds else 0
     if not dynamic_batch or n < 2:
-        why = ("the model has no dynamic batch axis (first axis of every input and output)"
-               if not dynamic_batch else f"the sample has {n} row(s)")
+        why = (
+            "the model has no dynamic batch axis (first axis of every input and output)"
+            if not dynamic_batch
+            else f"the sample has {n} row(s)"
+        )
         report["batch_consistency"] = {"checked": False, "reason": why}
         return Check(name, True, f"not checked: {why}")
     rows = min(n, BATCH_ONE_ROWS)
@@ -215,8 +267,10 @@ def check_batches(run_onnx: Callable[[Feeds], list[np.ndarray]], feeds: Feeds,
         return {k: v[start:stop] for k, v in feeds.items()}
 
     singles = [run_onnx(part(i, i + 1)) for i in range(rows)]
-    batched = [run_onnx(part(i, min(i + config.batch_size, rows)))
-               for i in range(0, rows, config.batch_size)]
+    batched = [
+        run_onnx(part(i, min(i + config.batch_size, rows)))
+        for i in range(0, rows, config.batch_size)
+    ]
     largest, unequal = 0.0, 0
     for k in range(len(singles[0])):
         one = np.concatenate([s[k] for s in singles])
@@ -229,26 +283,42 @@ def check_batches(run_onnx: Callable[[Feeds], list[np.ndarray]], feeds: Feeds,
             largest = max(largest, float(np.max(diff)) if one.size else 0.0)
         else:
             unequal += int(np.sum(one != many))
-    report["batch_consistency"] = {"rows": rows, "batch_size": config.batch_size,
-                                   "max_abs": largest, "checked": True}
+    report["batch_consistency"] = {
+        "rows": rows,
+        "batch_size": config.batch_size,
+        "max_abs": largest,
+        "checked": True,
+    }
     passed = largest <= config.atol and not unequal
-    detail = (f"max abs diff {largest:.3g} {'<=' if largest <= config.atol else '>'} "
-              f"atol {config.atol:g} over {rows} rows")
+    detail = (
+        f"max abs diff {largest:.3g} {'<=' if largest <= config.atol else '>'} "
+        f"atol {config.atol:g} over {rows} rows"
+    )
     if unequal:
         detail += f"; {unequal} non-float values differ"
     return Check(name, passed, detail)
 
 
-def check_metric(task: str, y: np.ndarray, framework_out: np.ndarray,
-                 onnx_out: np.ndarray, config: ValidateConfig) -> tuple[Check, dict[str, Any]]:
+def check_metric(
+    task: str,
+    y: np.ndarray,
+    framework_out: np.ndarray,
+    onnx_out: np.ndarray,
+    config: ValidateConfig,
+) -> tuple[Check, dict[str, Any]]:
     """Accuracy (classification: argmax of the scores against class indices ``y``) or RMSE
     (regression) through both, and the drop allowed."""
     if task == "classification":
         fw_pred, onnx_pred = framework_out.argmax(axis=1), onnx_out.argmax(axis=1)
         fw, ox = float(np.mean(fw_pred == y)), float(np.mean(onnx_pred == y))
         drop, allowed = fw - ox, config.max_accuracy_drop
-        metric = {"name": "accuracy", "framework": fw, "onnx": ox, "drop": drop,
-                  "prediction_agreement": float(np.mean(fw_pred == onnx_pred))}
+        metric = {
+            "name": "accuracy",
+            "framework": fw,
+            "onnx": ox,
+            "drop": drop,
+            "prediction_agreement": float(np.mean(fw_pred == onnx_pred)),
+        }
     else:
         fw = float(np.sqrt(np.mean((framework_out.reshape(-1) - y) ** 2)))
         ox = float(np.sqrt(np.mean((onnx_out.reshape(-1) - y) ** 2)))
@@ -256,7 +326,9 @@ def check_metric(task: str, y: np.ndarray, framework_out: np.ndarray,
         metric = {"name": "rmse", "framework": fw, "onnx": ox, "drop": drop}
     passed = drop <= allowed + 1e-12  # float noise in the subtraction is not a drop
     name = metric["name"]
-    detail = (f"onnx {ox:.4f} vs framework {fw:.4f}, "
-              f"{'loss' if name == 'accuracy' else 'increase'} {drop:.4f} "
-              f"{'<=' if passed else '>'} allowed {allowed:.4g}")
+    detail = (
+        f"onnx {ox:.4f} vs framework {fw:.4f}, "
+        f"{'loss' if name == 'accuracy' else 'increase'} {drop:.4f} "
+        f"{'<=' if passed else '>'} allowed {allowed:.4g}"
+    )
     return Check(name, passed, detail), metric

@@ -36,12 +36,18 @@ def _described(value) -> dict[str, Any]:
     return {"name": tensor.name, "type": tensor.dtype, "shape": list(tensor.shape)}
 
 
-def write_report(checks: list[Check], report: dict[str, Any], out_dir: Path,
-                 plots: list[str] | None = None) -> tuple[Path, list[str]]:
+def write_report(
+    checks: list[Check], report: dict[str, Any], out_dir: Path, plots: list[str] | None = None
+) -> tuple[Path, list[str]]:
     """Write ``report.json`` and ``report.md``; the JSON's path and the failed checks' lines."""
     failures = [c.line for c in checks if not c.passed]
-    report = {"passed": not failures, "failures": failures,
-              "checks": [asdict(c) for c in checks], **report, "plots": plots or []}
+    report = {
+        "passed": not failures,
+        "failures": failures,
+        "checks": [asdict(c) for c in checks],
+        **report,
+        "plots": plots or [],
+    }
     json_path = out_dir / "report.json"
     json_path.write_text(json.dumps(_json_safe(report), indent=2) + "\n")
     (out_dir / "report.md").write_text(markdown(report))
@@ -76,24 +82,36 @@ def markdown(report: dict[str, Any]) -> str:
         if f"onnx_{key}" in latency:
             fw_ms = latency.get(f"framework_{key}")
             label = f"batch {key[1:]}" if key != "sample" else "the whole sample"
-            lines.append(f"| latency {label}, median ms | "
-                         f"{'-' if fw_ms is None else f'{fw_ms:.3f}'} | "
-                         f"{latency[f'onnx_{key}']:.3f} |")
+            lines.append(
+                f"| latency {label}, median ms | "
+                f"{'-' if fw_ms is None else f'{fw_ms:.3f}'} | "
+                f"{latency[f'onnx_{key}']:.3f} |"
+            )
     for name, parity in report.get("parity", {}).items():
-        lines.append(f"| `{name}` max abs / max rel diff | | "
-                     f"{parity['max_abs']:.3g} / {parity['max_rel']:.3g} |")
+        lines.append(
+            f"| `{name}` max abs / max rel diff | | "
+            f"{parity['max_abs']:.3g} / {parity['max_rel']:.3g} |"
+        )
     if report.get("parity_note"):
         lines += ["", f"**Parity not checked**: {report['parity_note']}."]
     if report.get("batch_axis") == "none":
-        lines += ["", "**No dynamic batch axis**: served without batching; batch "
-                  "consistency not checked."]
+        lines += [
+            "",
+            "**No dynamic batch axis**: served without batching; batch consistency not checked.",
+        ]
     if report["plots"]:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     return "\n".join(lines) + "\n"
 
 
-def plots(out_dir: Path, info: DatasetInfo, y: np.ndarray, framework_out: np.ndarray,
-          onnx_out: np.ndarray, latency: dict[str, float]) -> list[str]:
+def plots(
+    out_dir: Path,
+    info: DatasetInfo,
+    y: np.ndarray,
+    framework_out: np.ndarray,
+    onnx_out: np.ndarray,
+    latency: dict[str, float],
+) -> list[str]:
     """PNG files for a reviewer; matplotlib's Agg canvas, no pyplot global state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -116,16 +134,23 @@ def plots(out_dir: Path, info: DatasetInfo, y: np.ndarray, framework_out: np.nda
         scatter.set(xlabel="framework", ylabel="onnxruntime", title="output parity (test split)")
         diff = np.abs(fw.astype(np.float64) - ox.astype(np.float64))
         hist.hist(np.log10(diff + 1e-12), bins=50)
-        hist.set(xlabel="log10 |onnx - framework| (+1e-12)", ylabel="values",
-                 title=f"max abs diff {diff.max():.3g}")
+        hist.set(
+            xlabel="log10 |onnx - framework| (+1e-12)",
+            ylabel="values",
+            title=f"max abs diff {diff.max():.3g}",
+        )
         save(fig, "parity.png")
 
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
     positions = np.arange(len(LATENCY_BATCHES))
     for offset, who in ((-0.2, "framework"), (0.2, "onnx")):
-        ax.bar(positions + offset, [latency[f"{who}_b{b}"] for b in LATENCY_BATCHES], width=0.4,
-               label="onnxruntime" if who == "onnx" else "framework")
+        ax.bar(
+            positions + offset,
+            [latency[f"{who}_b{b}"] for b in LATENCY_BATCHES],
+            width=0.4,
+            label="onnxruntime" if who == "onnx" else "framework",
+        )
     ax.set_xticks(positions, [f"batch {b}" for b in LATENCY_BATCHES])
     ax.set(ylabel="median ms per call", title="latency")
     ax.legend()
@@ -140,8 +165,15 @@ def plots(out_dir: Path, info: DatasetInfo, y: np.ndarray, framework_out: np.nda
         ax.imshow(matrix, cmap="Blues")
         for (i, j), count in np.ndenumerate(matrix):
             if count:
-                ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                        color="white" if count > matrix.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if count > matrix.max() / 2 else "black",
+                )
         ax.set_xticks(range(n), info.class_names, rotation=90 if n > 12 else 0)
         ax.set_yticks(range(n), info.class_names)
         ax.set(xlabel="predicted (onnxruntime)", ylabel="true", title="confusion matrix (test)")

@@ -27,7 +27,11 @@ from onnxflow.data import load_splits
 from onnxflow.errors import ValidationError
 from onnxflow.frameworks import get_adapter
 from onnxflow.interface import (
-    default_opset, load_graph, output_name, read_interface, table_model_interface,
+    default_opset,
+    load_graph,
+    output_name,
+    read_interface,
+    table_model_interface,
 )
 from onnxflow.results import DatasetArtifact, TrainedModel, ValidationSummary
 from onnxflow.validation import checks
@@ -52,24 +56,27 @@ class ValidationRun:
         self.opset = default_opset(self.proto)
         self.interface = read_interface(self.proto)
         self.report: dict[str, Any] = {
-            "model": model_section(self.model_path, self.proto, self.opset), **report}
+            "model": model_section(self.model_path, self.proto, self.opset),
+            **report,
+        }
         self.checks: list[Check] = []
 
     def record(self, check: Check) -> None:
         self.checks.append(check)
-        (log.info if check.passed else log.warning)("\t%s %s", "✓" if check.passed else "✗",
-                                                     check.line)
+        (log.info if check.passed else log.warning)(
+            "\t%s %s", "✓" if check.passed else "✗", check.line
+        )
 
     def open_session(self):
         """Check the opset/IR against onnxruntime, then load the session (None if it fails)."""
-        self.record(checks.check_runtime_support(self.opset, self.proto.ir_version,
-                                                 self.report))
+        self.record(checks.check_runtime_support(self.opset, self.proto.ir_version, self.report))
         session, loaded = checks.check_session(self.model_path)
         self.record(loaded)
         return session
 
-    def run_or_fail(self, run: Callable[[Feeds], list[np.ndarray]], feeds: Feeds,
-                    what: str) -> list[np.ndarray] | None:
+    def run_or_fail(
+        self, run: Callable[[Feeds], list[np.ndarray]], feeds: Feeds, what: str
+    ) -> list[np.ndarray] | None:
         """The model's outputs on ``feeds``; None (and a failed check) when onnxruntime fails."""
         try:
             return run(feeds)
@@ -77,9 +84,16 @@ class ValidationRun:
             self.record(Check(f"onnxruntime runs {what}", False, one_line(exc)))
             return None
 
-    def summary(self, *, metric_name: str, framework_metric: float, onnx_metric: float,
-                parity: dict[str, dict[str, float]], latency: dict[str, float],
-                missing: float) -> ValidationSummary:
+    def summary(
+        self,
+        *,
+        metric_name: str,
+        framework_metric: float,
+        onnx_metric: float,
+        parity: dict[str, dict[str, float]],
+        latency: dict[str, float],
+        missing: float,
+    ) -> ValidationSummary:
         """The figures the register step tags; ``missing`` stands for parity not measured."""
         return ValidationSummary(
             report_dir=self.out_dir,
@@ -95,13 +109,18 @@ class ValidationRun:
             model_bytes=self.report["model"]["bytes"],
         )
 
-    def finish(self, summary: ValidationSummary | None = None,
-               plot_files: list[str] | None = None) -> ValidationSummary:
+    def finish(
+        self, summary: ValidationSummary | None = None, plot_files: list[str] | None = None
+    ) -> ValidationSummary:
         """Write the report; raise :class:`ValidationError` naming every failed check."""
         json_path, failures = write_report(self.checks, self.report, self.out_dir, plot_files)
         if failures:
-            log.warning("validation failed (%d of %d checks); report: %s",
-                        len(failures), len(self.checks), json_path)
+            log.warning(
+                "validation failed (%d of %d checks); report: %s",
+                len(failures),
+                len(self.checks),
+                json_path,
+            )
             raise ValidationError(failures, str(json_path))
         assert summary is not None  # every early exit has a failure
         log.info("validation passed (%d checks); report: %s", len(self.checks), json_path)
@@ -120,11 +139,15 @@ def validate_model(
     info = dataset.info
     splits = load_splits(dataset)
     X, y = splits["X_test"], splits["y_test"]
-    run = ValidationRun(model_path, out_dir, {
-        "framework": {"name": trained.framework, "path": str(trained.path)},
-        "dataset": {"name": info.name, "digest": info.digest, "split": "test", "rows": len(y)},
-        "tolerances": config.model_dump(),
-    })
+    run = ValidationRun(
+        model_path,
+        out_dir,
+        {
+            "framework": {"name": trained.framework, "path": str(trained.path)},
+            "dataset": {"name": info.name, "digest": info.digest, "split": "test", "rows": len(y)},
+            "tolerances": config.model_dump(),
+        },
+    )
     log.info("validating %s against %s on %d test rows", model_path, trained.path, len(y))
     session = run.open_session()
     declared = table_model_interface(info.task, info.n_features, info.n_outputs)
@@ -168,16 +191,23 @@ def validate_model(
     run.record(metric_check)
     run.report["metric"] = metric
 
-    latency = latencies({"framework": lambda batch: framework(batch[input_name]),
-                         "onnx": run_onnx}, feeds, config.latency_repeats)
+    latency = latencies(
+        {"framework": lambda batch: framework(batch[input_name]), "onnx": run_onnx},
+        feeds,
+        config.latency_repeats,
+    )
     run.report["latency_ms"] = latency
-    log.info("latency (median ms): %s",
-             ", ".join(f"{k} {v:.3f}" for k, v in latency.items()))
+    log.info("latency (median ms): %s", ", ".join(f"{k} {v:.3f}" for k, v in latency.items()))
 
     plot_files = plots(out_dir, info, y, reference[main], outputs[main], latency)
-    summary = run.summary(metric_name=metric["name"], framework_metric=metric["framework"],
-                          onnx_metric=metric["onnx"], parity=parity, latency=latency,
-                          missing=math.inf)
+    summary = run.summary(
+        metric_name=metric["name"],
+        framework_metric=metric["framework"],
+        onnx_metric=metric["onnx"],
+        parity=parity,
+        latency=latency,
+        missing=math.inf,
+    )
     return run.finish(summary, plot_files)
 
 
@@ -205,20 +235,30 @@ def validate_imported(
     the first output's argmax through onnxruntime and the reference becomes the summary's
     metric, and may drop at most ``max_accuracy_drop`` (a recipe's test split).
     """
-    run = ValidationRun(model_path, out_dir, {
-        "framework": dict(source),
-        "dataset": {"split": "sample", **sample},
-        "tolerances": config.model_dump(),
-    })
+    run = ValidationRun(
+        model_path,
+        out_dir,
+        {
+            "framework": dict(source),
+            "dataset": {"split": "sample", **sample},
+            "tolerances": config.model_dump(),
+        },
+    )
     dynamic_batch = run.interface.dynamic_batch
     run.report["batch_axis"] = "dynamic" if dynamic_batch else "none"
-    log.info("validating %s (imported from %s) on %s", model_path, source.get("path"),
-             sample.get("name"))
+    log.info(
+        "validating %s (imported from %s) on %s", model_path, source.get("path"), sample.get("name")
+    )
     session = run.open_session()
     if session is None:
         return run.finish()
-    run.record(Check("inputs fit the sample", True, ", ".join(
-        f"{k} {v.dtype} {list(v.shape)}" for k, v in feeds.items())))
+    run.record(
+        Check(
+            "inputs fit the sample",
+            True,
+            ", ".join(f"{k} {v.dtype} {list(v.shape)}" for k, v in feeds.items()),
+        )
+    )
     output_names = [o.name for o in session.get_outputs()]
 
     def run_onnx(batch: Feeds) -> list[np.ndarray]:
@@ -234,26 +274,34 @@ def validate_imported(
         framework_out = reference(feeds)
         compared_with = source.get("name", "framework")
         if len(framework_out) != len(output_names):
-            run.record(Check("output count", False, f"{compared_with} gives "
-                             f"{len(framework_out)} outputs, the ONNX model "
-                             f"{len(output_names)} ({output_names})"))
+            run.record(
+                Check(
+                    "output count",
+                    False,
+                    f"{compared_with} gives "
+                    f"{len(framework_out)} outputs, the ONNX model "
+                    f"{len(output_names)} ({output_names})",
+                )
+            )
         else:
-            wanted = dict(zip(output_names, (np.asarray(p) for p in framework_out),
-                              strict=True))
+            wanted = dict(zip(output_names, (np.asarray(p) for p in framework_out), strict=True))
     elif expected:
         wanted, compared_with = dict(expected), "expected outputs"
     parity: dict[str, dict[str, float]] = {}
     if wanted is None and reference is None:
-        why = ("a bare ONNX model has no framework to compare with, and no expected outputs "
-               "were given (--expected)")
+        why = (
+            "a bare ONNX model has no framework to compare with, and no expected outputs "
+            "were given (--expected)"
+        )
         run.report["parity_checked"], run.report["parity_note"] = False, why
         run.record(Check("parity", True, f"not checked: {why}"))
     elif wanted is not None:
         run.report["parity_checked"] = True
         run.report["parity_against"] = compared_with
         for name, reference_out in wanted.items():
-            compared, figures = checks.compare_output(name, outputs[name], reference_out,
-                                                      compared_with, config)
+            compared, figures = checks.compare_output(
+                name, outputs[name], reference_out, compared_with, config
+            )
             for check in compared:
                 run.record(check)
             if figures is not None:
@@ -271,8 +319,7 @@ def validate_imported(
         run.report["metric"] = metric
 
     runners = {"framework": reference} if reference is not None else {}
-    latency = latencies({**runners, "onnx": run_onnx}, feeds, config.latency_repeats,
-                        dynamic_batch)
+    latency = latencies({**runners, "onnx": run_onnx}, feeds, config.latency_repeats, dynamic_batch)
     run.report["latency_ms"] = latency
     max_abs = max((p["max_abs"] for p in parity.values()), default=math.nan)
     if metric is not None:

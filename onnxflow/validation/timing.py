@@ -35,8 +35,12 @@ def resized(feeds: Feeds, batch: int) -> Feeds:
     return {k: np.resize(v, (batch, *v.shape[1:])).astype(v.dtype) for k, v in feeds.items()}
 
 
-def latencies(runners: Mapping[str, Callable[[Feeds], object]], feeds: Feeds, repeats: int,
-              dynamic_batch: bool = True) -> dict[str, float]:
+def latencies(
+    runners: Mapping[str, Callable[[Feeds], object]],
+    feeds: Feeds,
+    repeats: int,
+    dynamic_batch: bool = True,
+) -> dict[str, float]:
     """``{"<runner>_b1": ms, "<runner>_b32": ms, ...}``: the median ms of each runner on each
     of :data:`LATENCY_BATCHES`; without a dynamic batch axis, on the whole sample as it is
     (``"<runner>_sample"``)."""

@@ -29,15 +29,31 @@ def test_on_demand_deployment_retrains_a_recipe_on_the_worker(stack, mlflow_clie
     data = text.generate(tmp_path / "tiny.npz", rows=240)
     params = {
         "recipe": str(RECIPE),  # the recipe's code reaches the worker as a readable path
-        "config": {"data": {"path": str(data)}, "train": {"epochs": 2},
-                   "validate": {"latency_repeats": 3},
-                   "register": {"model_name": "tokens-worker"}, "promote": {"mode": "review"}},
+        "config": {
+            "data": {"path": str(data)},
+            "train": {"epochs": 2},
+            "validate": {"latency_repeats": 3},
+            "register": {"model_name": "tokens-worker"},
+            "promote": {"mode": "review"},
+        },
         "endpoints": stack.endpoint_urls,
     }
     out = subprocess.run(
-        [BIN / "prefect", "deployment", "run", "retrain-and-deploy/on-demand",
-         "--params", json.dumps(params), "--watch", "--watch-interval", "1"],
-        env=stack_env(stack), capture_output=True, text=True, timeout=800,
+        [
+            BIN / "prefect",
+            "deployment",
+            "run",
+            "retrain-and-deploy/on-demand",
+            "--params",
+            json.dumps(params),
+            "--watch",
+            "--watch-interval",
+            "1",
+        ],
+        env=stack_env(stack),
+        capture_output=True,
+        text=True,
+        timeout=800,
     )
     assert out.returncode == 0, out.stdout + out.stderr
 

@@ -115,7 +115,7 @@ def test_corrupt_new_champion_is_refused_and_old_keeps_serving(swappy, registry,
 
 def test_killed_endpoint_is_noticed_and_a_redeploy_restores_it(registry, versions, tmp_path,
                                                                monkeypatch, report):
-    from onnxflow.tasks.serve import deploy_endpoint, endpoint_status, stop_endpoint
+    from onnxflow.deploy import deploy_endpoint, endpoint_status, stop_endpoint
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
     state = tmp_path / "deployed"

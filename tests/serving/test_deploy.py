@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 def test_deploy_status_stop(registry, registered, tmp_path, monkeypatch):
-    from onnxflow.tasks.serve import deploy_endpoint, endpoint_status, stop_endpoint
+    from onnxflow.deploy import deploy_endpoint, endpoint_status, stop_endpoint
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
     monkeypatch.setenv("ONNXFLOW_SERVE_CACHE_DIR", str(tmp_path / "cache"))
@@ -38,7 +38,7 @@ def test_deploy_status_stop(registry, registered, tmp_path, monkeypatch):
 def test_with_a_tracking_server_mlflow_stays_out(mlflow_server, endpoints, tmp_path,
                                                  monkeypatch):
     """Via a tracking server the endpoint never imports MLflow: fast start, small RSS."""
-    from onnxflow.tasks.serve import deploy_endpoint, stop_endpoint
+    from onnxflow.deploy import deploy_endpoint, stop_endpoint
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     state = tmp_path / "serve"
@@ -53,7 +53,7 @@ def test_with_a_tracking_server_mlflow_stays_out(mlflow_server, endpoints, tmp_p
 
 def test_deploy_fails_clearly_for_an_unknown_model(registry, tmp_path, monkeypatch):
     from onnxflow.errors import ServingError
-    from onnxflow.tasks.serve import deploy_endpoint
+    from onnxflow.deploy import deploy_endpoint
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
     with pytest.raises(ServingError, match="not ready"):
@@ -62,8 +62,8 @@ def test_deploy_fails_clearly_for_an_unknown_model(registry, tmp_path, monkeypat
     assert not (tmp_path / "serve" / "endpoint.pid").exists()
 
 
-def test_task_module_does_not_import_prefect():
-    code = "import sys, onnxflow.tasks.serve; print('prefect' in sys.modules)"
+def test_the_deploy_step_does_not_import_prefect():
+    code = "import sys, onnxflow.deploy; print('prefect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=os.getcwd())
     assert out.stdout.strip() == "False"

@@ -1,4 +1,4 @@
-"""The serve step: run the endpoint as a managed background process.
+"""deploy: run the endpoint as a managed background process, and stop it.
 
 ``deploy_endpoint`` starts ``python -m onnxflow.serving`` (pid and log files in ``state_dir``),
 waits until it is ready, sends the registered input example as a smoke test and returns
