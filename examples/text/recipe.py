@@ -23,7 +23,7 @@ ROWS = 3000
 
 #: The recipe's own defaults; the YAML config and command-line options win over them.
 DEFAULTS = {
-    "train": {"epochs": 8, "batch_size": 64, "learning_rate": 2e-3},
+    "train": {"epochs": 3, "batch_size": 64, "learning_rate": 2e-3},
     "register": {"model_name": "tokens"},
 }
 
