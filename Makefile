@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## Create .venv and install everything (once; again when pyproject changes)
 
-demo: $(STAMP)  ## Train torch + keras + sklearn on digits, register, promote, serve champion
-	$(BIN)/onnxflow run --framework all --deploy
+DEMO_PORT ?= 8080
+
+demo: $(STAMP)  ## Train torch + keras + sklearn on digits, register, promote, serve champion (DEMO_PORT)
+	$(BIN)/onnxflow run --framework all --deploy --port $(DEMO_PORT)
 
 lint: $(STAMP)  ## ruff check and ruff format --check (make test runs it first)
 	$(BIN)/ruff check .
@@ -71,8 +73,16 @@ down:  ## Stop everything `make up` started
 	@if [ -x $(BIN)/onnxflow ]; then $(BIN)/onnxflow stack down; else echo "nothing was running"; fi
 
 system-packages:  ## Debian's chromium (reviewer's browser test) and wrk (load tests); needs root + apt
-	@command -v chromium >/dev/null && command -v wrk >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium wrk)
+	@command -v chromium >/dev/null && command -v wrk >/dev/null || { \
+	  if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	    echo "make test needs chromium (the reviewer's browser test) and wrk (load tests)," >&2; \
+	    echo "installed with apt-get, which needs root. Install them once, then run make test again:" >&2; \
+	    echo "    sudo apt-get install chromium wrk     (or: sudo make system-packages)" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "installing Debian's chromium and wrk with apt-get (once)"; \
+	  apt-get -o DPkg::Lock::Timeout=120 update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get -o DPkg::Lock::Timeout=120 install -y -qq chromium wrk; }
 
 image-packages:  ## Debian's podman, runc and mmdebstrap (make images, the image tests); needs root + apt
 	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || \

@@ -38,13 +38,18 @@ from onnxflow.frameworks import get_adapter
 from onnxflow.simplify import simplify_model
 from onnxflow.validation import validate_model
 cfg, out, times = PipelineConfig(), Path("out"), {}
-t = time.perf_counter(); ds = prepare_data(cfg.data, out / "data"); times["data"] = time.perf_counter() - t
+def step(name, fn, *args):
+    t = time.perf_counter()
+    result = fn(*args)
+    times[name] = time.perf_counter() - t
+    return result
+ds = step("data", prepare_data, cfg.data, out / "data")
 for fw in ("torch", "keras"):
     a = get_adapter(fw)
-    t = time.perf_counter(); tr = a.train(ds, cfg.train, out / fw / "train"); times[f"{fw} train"] = time.perf_counter() - t
-    t = time.perf_counter(); ex = a.export(tr, ds.info, cfg.export, out / fw / "export"); times[f"{fw} export"] = time.perf_counter() - t
-    t = time.perf_counter(); si = simplify_model(ex.path, cfg.simplify, out / fw / "simplify"); times[f"{fw} simplify"] = time.perf_counter() - t
-    t = time.perf_counter(); validate_model(si.path, tr, ds, cfg.validate_, out / fw / "validate"); times[f"{fw} validate"] = time.perf_counter() - t
+    tr = step(f"{fw} train", a.train, ds, cfg.train, out / fw / "train")
+    ex = step(f"{fw} export", a.export, tr, ds.info, cfg.export, out / fw / "export")
+    si = step(f"{fw} simplify", simplify_model, ex.path, cfg.simplify, out / fw / "simplify")
+    step(f"{fw} validate", validate_model, si.path, tr, ds, cfg.validate_, out / fw / "validate")
 times["total in process"] = time.perf_counter() - t0
 print("RESULT " + json.dumps(times))
 """

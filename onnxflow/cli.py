@@ -2,7 +2,8 @@
 
 Settings that depend on the machine (tracking URI, artifact folder) are read here, in
 the entry point, and passed down; heavy libraries are imported inside each command so
-that ``onnxflow --help`` stays instant.
+that ``onnxflow --help`` stays instant. A command that fails ends with one ``error: ...``
+line (:func:`main`); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from onnxflow.config import PipelineConfig, Settings
 from onnxflow.errors import OnnxflowError
+from onnxflow.explain import check_tracking_store, explain
+from onnxflow.prefect_api import prefect_api
 
 app = typer.Typer(
     help="Train in PyTorch or Keras, ship as ONNX: export, simplify, validate, register in "
@@ -28,6 +32,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+_DEBUG = {"on": os.environ.get("ONNXFLOW_DEBUG", "") not in ("", "0", "false")}
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", envvar="ONNXFLOW_DEBUG", help="On failure, show the full traceback (not just the error line).")] = False,
+) -> None:
+    _DEBUG["on"] = _DEBUG["on"] or debug
 
 
 class FrameworkChoice(str, Enum):
@@ -65,12 +79,29 @@ def _setup(settings: Settings | None = None) -> Settings:
     settings = settings or Settings()
     os.environ.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri)
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "onnxflow")
+    # onnxflow's own lines outside a flow (starting a server...) go to the terminal only
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING, datefmt="%H:%M:%S",
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("onnxflow").setLevel(logging.INFO)  # progress lines; libraries stay quiet
     return settings
+
+
+def _prefect_api(settings: Settings):
+    """The Prefect API for a command's flows; a server of the stack (`make up`) counts."""
+    local = None
+    if settings.prefect_server == "auto":
+        from onnxflow.stack.manager import running_settings
+        from onnxflow.stack.settings import StackSettings
+
+        local = running_settings(StackSettings()).prefect_api_url
+    return prefect_api(local, say=_say)
+
+
+def _say(line: str) -> None:
+    typer.echo(line, err=True)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -181,15 +212,18 @@ def run(
             prepare_data(cfg.data, out_dir / "data-check")
     except OnnxflowError as exc:
         _fail(str(exc), 2)
+    check_tracking_store()
 
-    from onnxflow.flows.pipeline import run as run_flow
-    from onnxflow.summary import print_table
+    with _prefect_api(settings) as api:  # a temporary server boots while we import
+        from onnxflow.flows.pipeline import run as run_flow
+        from onnxflow.summary import print_table
 
-    started = time.perf_counter()
-    try:
-        result = run_flow(frameworks, cfg, out_dir)
-    except OnnxflowError as exc:
-        _fail(str(exc))
+        api.wait()
+        started = time.perf_counter()
+        try:
+            result = run_flow(frameworks, cfg, out_dir)
+        except OnnxflowError as exc:
+            _fail(str(exc))
     print_table(result.table, title=f"{cfg.register_.model_name}: versions from this run")
     decision = result.promotion
     if decision:
@@ -224,14 +258,17 @@ def import_model(
     except OnnxflowError as exc:
         _fail(str(exc), 2)
     typer.echo(f"{path}: {found}")
-    from onnxflow.flows.importing import import_model as import_flow
-    from onnxflow.summary import print_table, version_rows
-
+    check_tracking_store()
     out_dir = settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-import-{uuid.uuid4().hex[:6]}"
-    try:
-        result = import_flow(path, name, sample, expected, cfg, out_dir)
-    except OnnxflowError as exc:
-        _fail(str(exc))
+    with _prefect_api(settings) as api:  # a temporary server boots while we import
+        from onnxflow.flows.importing import import_model as import_flow
+        from onnxflow.summary import print_table, version_rows
+
+        api.wait()
+        try:
+            result = import_flow(path, name, sample, expected, cfg, out_dir)
+        except OnnxflowError as exc:
+            _fail(str(exc))
     print_table(version_rows(name, [result.version.version]), title=f"{name}: imported version")
     tags = result.version.tags
     parity = (f"max abs diff {tags.get('parity_max_abs')} against {tags.get('parity_against')}"
@@ -248,6 +285,7 @@ def models(
 ) -> None:
     """List a registered model's versions with aliases and key tags."""
     _setup()
+    check_tracking_store()
     from mlflow.exceptions import MlflowException
 
     from onnxflow.summary import print_table, version_rows
@@ -267,6 +305,7 @@ def promote(
 ) -> None:
     """Move an alias to a version (rollback is the same command with an older version)."""
     _setup()
+    check_tracking_store()
     from onnxflow.registration import set_alias
 
     try:
@@ -304,7 +343,8 @@ def _brief(predictions: Any) -> str:
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="NAME@ALIAS (followed as it moves) or NAME/VERSION.")] = "digits@champion",
+    model: Annotated[Optional[list[str]], typer.Option(help="NAME@ALIAS (followed as it moves) or NAME/VERSION; repeat it to serve several models from one endpoint (the first answers /invocations). Default: digits@champion, unless --all-models is given.")] = None,
+    all_models: Annotated[Optional[str], typer.Option(help="Also serve every registered model that has this alias (e.g. champion), picking up new ones as they appear.")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
     token: Annotated[Optional[str], typer.Option(envvar="ONNXFLOW_SERVE_TOKEN", show_envvar=True, help="Bearer token for inference and admin routes (admin routes are off without one).")] = None,
@@ -313,13 +353,20 @@ def serve(
     poll_interval_s: Annotated[Optional[float], typer.Option(help="How often the alias is checked (default 10 s).")] = None,
     max_body_bytes: Annotated[Optional[int], typer.Option(help="Largest request body (default 16 MiB).")] = None,
 ) -> None:
-    """Serve a registered model in the foreground with the onnxruntime endpoint."""
+    """Serve registered models in the foreground with the onnxruntime endpoint.
+
+    Each model is on /v2/models/NAME/infer (KServe V2) and /v2/models/NAME/invocations
+    (MLflow scoring); /invocations answers with the first.
+    """
     _setup()
     from onnxflow.serving.launcher import serve as serve_foreground
 
-    serve_foreground(model, host, port, token=token, max_batch_size=max_batch_size,
-                     max_batch_delay_ms=max_batch_delay_ms, poll_interval_s=poll_interval_s,
-                     max_body_bytes=max_body_bytes)
+    try:
+        serve_foreground(model, host, port, all_models=all_models, token=token,
+                         max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
+                         poll_interval_s=poll_interval_s, max_body_bytes=max_body_bytes)
+    except ValueError as exc:  # the settings refused an option
+        _fail(str(exc))
 
 
 @app.command()
@@ -403,5 +450,61 @@ def convert(
     typer.echo(f"report: {result.report_path}    time: {result.seconds:.1f} s")
 
 
+class OnceOnlyCommand(TyperCommand):
+    """A command whose single-value options may be given once: click would keep the last
+    of ``--port 1 --port 2`` without a word, and a user who meant both loses one."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        single = {}
+        for param in self.get_params(ctx):
+            # typer ships its own click: look at the parameter, not at its class
+            if getattr(param, "param_type_name", "") == "option" and not (
+                    param.multiple or param.is_flag or param.count):
+                single.update(dict.fromkeys(param.opts + param.secondary_opts, param))
+        seen: dict[str, str] = {}  # parameter -> the option name it was given as
+        for arg in args:
+            if arg == "--":
+                break
+            name = arg.split("=", 1)[0]
+            param = single.get(name)
+            if param is None:
+                continue
+            if param.name in seen:
+                raise typer.BadParameter("given more than once; it takes one value",
+                                         ctx=ctx, param_hint=f"'{name}'")
+            seen[param.name] = name
+        return super().parse_args(ctx, args)
+
+
+def _refuse_repeated_options(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        if info.cls in (None, TyperCommand):
+            info.cls = OnceOnlyCommand
+    for group in typer_app.registered_groups:
+        _refuse_repeated_options(group.typer_instance)
+
+
+_refuse_repeated_options(app)
+
+
+def main() -> None:
+    """The console entry: every failure ends with one ``error: ...`` line, not a traceback.
+
+    SIGTERM unwinds the command like Ctrl-C, so whatever it started (a temporary Prefect
+    server, an endpoint half-deployed) is stopped on the way out.
+    """
+    from onnxflow.processes import interrupt_on_sigterm, stop_with_make
+
+    interrupt_on_sigterm()
+    stop_with_make()
+    try:
+        app()  # click's standalone mode: usage errors, typer.Exit and Ctrl-C ("Aborted!")
+    except Exception as exc:
+        if _DEBUG["on"]:
+            raise
+        typer.secho(f"error: {explain(exc)}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    main()

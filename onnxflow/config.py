@@ -141,3 +141,9 @@ class Settings(BaseSettings):
         description="MLflow tracking URI (MLFLOW_TRACKING_URI wins when set).",
     )
     artifacts_dir: Path = Field(Path("artifacts"), description="Where steps write their files.")
+    prefect_server: Literal["auto", "temporary"] = Field(
+        "auto",
+        description="Without PREFECT_API_URL: auto uses a Prefect server running at the "
+        "stack's address (make up) and starts a temporary one otherwise; temporary always "
+        "starts a temporary one.",
+    )

@@ -52,7 +52,7 @@ def deploy_endpoint(
     try:
         seconds = wait_ready(info, timeout_s)
         prediction = smoke_test(info.url, settings)
-    except Exception:
+    except BaseException:  # Ctrl-C or SIGTERM while it starts: no half-deployed endpoint
         stop_background(state_dir)
         raise
     (Path(state_dir) / SMOKE_FILE).write_text(json.dumps(prediction))

@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from onnxflow.errors import ModelImportError
-from onnxflow.interface import default_opset, has_dynamic_batch, load_graph, read_interface
+from onnxflow.interface import (
+    default_opset, load_graph, name_batch_axis, read_interface, rename_value,
+)
 from onnxflow.results import ImportedModel, SourceFormat
 from onnxflow.runtime import open_session
 
@@ -305,20 +307,12 @@ def convert_to_onnx(source: Path, source_format: SourceFormat, sample: Mapping[s
 
 
 def _name_batch_axis(target: Path) -> None:
-    """Converters name each first axis apart (tf2onnx ``unk__8``, torch ``s77``); when
-    every input and output has a symbolic first axis, call them all ``batch``."""
+    """When every input and output has a dynamic first axis, call them all ``batch``."""
     import onnx
 
     proto = load_graph(target)
-    if not has_dynamic_batch(proto):
-        return
-    graph = proto.graph
-    symbols = {v.type.tensor_type.shape.dim[0].dim_param for v in [*graph.input, *graph.output]}
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param") and dim.dim_param in symbols:
-                dim.dim_param = "batch"
-    onnx.save(proto, str(target))  # external data, if any, stays where it is
+    if name_batch_axis(proto):
+        onnx.save(proto, str(target))  # external data, if any, stays where it is
 
 
 def _tf_to_onnx(source: Path, source_format: str, opset: int, target: Path) -> None:
@@ -333,10 +327,10 @@ def _tf_to_onnx(source: Path, source_format: str, opset: int, target: Path) -> N
         output_names = [o.name.split(":")[0] for o in graph.output]
     for value, name in zip(list(graph.output), output_names, strict=True):
         if value.name != name:
-            _rename(graph, value.name, name)
+            rename_value(graph, value.name, name)
     for value, name in zip(list(graph.input), input_names):
         if value.name != name:
-            _rename(graph, value.name, name)
+            rename_value(graph, value.name, name)
     onnx.save(proto, str(target))
 
 
@@ -385,15 +379,6 @@ def _tf_function(source: Path, source_format: str):
 
 def _tf_name(name: str) -> str:
     return name.split(":")[0]
-
-
-def _rename(graph, old: str, new: str) -> None:
-    for node in graph.node:
-        node.input[:] = [new if n == old else n for n in node.input]
-        node.output[:] = [new if n == old else n for n in node.output]
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        if value.name == old:
-            value.name = new
 
 
 def _torch_export_to_onnx(source: Path, opset: int, target: Path) -> None:

@@ -142,6 +142,38 @@ def has_dynamic_batch(proto) -> bool:
     return read_interface(proto).dynamic_batch
 
 
+def name_batch_axis(proto, name: str = BATCH_AXIS) -> bool:
+    """Call the first axis of every input and output ``name``, and every other axis that
+    shares its symbol (converters name them apart: tf2onnx ``unk__8``, torch ``s77``;
+    skl2onnx leaves them unnamed). Edits ``proto`` in place; False, changing nothing, when
+    an input or output has a fixed first axis (no batch axis to name)."""
+    if not has_dynamic_batch(proto):
+        return False
+    graph = proto.graph
+    initializers = {t.name for t in graph.initializer}
+    ends = [v for v in [*graph.input, *graph.output] if v.name not in initializers]
+    firsts = [v.type.tensor_type.shape.dim[0] for v in ends]
+    symbols = {d.dim_param for d in firsts if d.HasField("dim_param")}
+    for value in [*ends, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in symbols:
+                dim.dim_param = name
+    for dim in firsts:
+        dim.dim_param = name
+    return True
+
+
+def rename_value(graph, old: str, new: str) -> None:
+    """Rename a graph value everywhere it appears: node inputs and outputs, graph inputs,
+    outputs and value_info (converters pick names onnxflow's interface does not use)."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.name == old:
+            value.name = new
+
+
 def default_opset(proto) -> int:
     """The model's default-domain (``ai.onnx``) opset version; 0 when it imports none."""
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)

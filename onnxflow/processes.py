@@ -44,9 +44,13 @@ class ProcessRecord:
 
 def start_process(
     name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path,
-    url: str | None = None, cwd: Path | None = None,
+    url: str | None = None, cwd: Path | None = None, die_with_parent: bool = False,
 ) -> ProcessRecord:
-    """Start ``argv`` detached (own session), stdout and stderr appended to ``log_path``."""
+    """Start ``argv`` detached (own session), stdout and stderr appended to ``log_path``.
+
+    ``die_with_parent``: the kernel sends the process SIGTERM when this process ends,
+    however it ends (SIGKILL included); for helpers that must not outlive a command.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
         log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
@@ -54,11 +58,54 @@ def start_process(
         proc = subprocess.Popen(
             list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_file,
             stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_parent_death_signal() if die_with_parent else None,  # noqa: PLW1509 - one prctl call
         )
     record = ProcessRecord(name=name, pid=proc.pid, start_ticks=_start_ticks(proc.pid) or 0,
                            argv=list(argv), log_path=str(log_path), url=url)
     log.info("started %s (pid %s): %s", name, proc.pid, " ".join(argv))
     return record
+
+
+def _parent_death_signal() -> Callable[[], None]:
+    """A function that asks the kernel for SIGTERM when the caller's parent ends (Linux
+    ``prctl(PR_SET_PDEATHSIG)``; elsewhere it does nothing). Resolved before any fork."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM (and SIGHUP) act like Ctrl-C in this process: a KeyboardInterrupt
+    unwinds it, so every ``finally`` and fixture teardown stops what it started. A second
+    signal kills at once."""
+
+    def interrupt(signum: int, _frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, interrupt)
+
+
+def stop_with_make() -> None:
+    """SIGTERM this process when its parent, if it is ``make``, ends.
+
+    ``make`` killed by SIGTERM does not pass the signal on to what its recipe runs (only
+    a signal to the whole process group reaches it); without this a killed ``make test``
+    leaves pytest, and every server it started, running. Only for a ``make`` parent: a
+    command started from a shell with ``nohup`` must outlive the shell.
+    """
+    try:
+        parent = Path(f"/proc/{os.getppid()}/comm").read_text().strip()
+    except OSError:
+        return
+    if parent in ("make", "gmake"):
+        _parent_death_signal()()
 
 
 def is_running(record: ProcessRecord) -> bool:
@@ -97,6 +144,9 @@ def stop_process(record: ProcessRecord, timeout_s: float = 20.0) -> bool:
     groups = {pgid for pid, _ in tree if (pgid := _pgid(pid)) is not None}
     for pgid in groups:
         _signal_group(pgid, signal.SIGTERM)
+    for pid, _ in tree:  # those in our own group, which is never signalled as a whole
+        if _pgid(pid) == os.getpgrp() and pid != os.getpid():
+            _signal_pid(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and any(is_alive(p, t) for p, t in tree):
         _reap(record.pid)
@@ -142,6 +192,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def port_free(host: str, port: int) -> bool:
+    """True if a server could bind ``host:port`` now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def log_tail(path: str | Path, lines: int = 25) -> str:

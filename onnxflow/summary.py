@@ -38,7 +38,9 @@ def version_rows(model_name: str, versions: Sequence[str] | None = None) -> list
             "latency ms b1 (onnx / fw)": (
                 f"{t.get('latency_ms_onnx_b1', '-')} / {t.get('latency_ms_framework_b1', '-')}"
             ),
-            "nodes (before → after)": f"{t.get('nodes_before', '-')} → {t.get('nodes_after', '-')}",
+            "nodes (before → after)": (
+                f"{t.get('nodes_before', '-')} → {t.get('nodes_after', '-')}"
+            ),
             "aliases": ", ".join(sorted(aliases.get(str(mv.version), []))),
         })
     return rows

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxflow.arrays import ArrayDataset
+from onnxflow.errors import ValidationError
 from onnxflow.results import DatasetArtifact, ValidationSummary
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,20 @@ def log_validation(run_id: str, report_dir: Path, summary: ValidationSummary | N
     client.set_tag(run_id, "validation", "passed" if summary and summary.passed else "failed")
     if summary is not None:
         log_metrics(run_id, validation_metrics(summary))
+
+
+def logged_validation(
+    run_id: str, report_dir: Path, validate: Callable[[], ValidationSummary]
+) -> ValidationSummary:
+    """Run ``validate`` and attach its report to the run whether the model passed or not
+    (a failed model's report is what a reviewer reads to see why)."""
+    try:
+        summary = validate()
+    except ValidationError:
+        log_validation(run_id, report_dir, None)
+        raise
+    log_validation(run_id, report_dir, summary)
+    return summary
 
 
 def validation_metrics(summary: ValidationSummary) -> dict[str, float]:

@@ -20,6 +20,12 @@ import time
 import zlib
 
 import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
 from onnxflow.serving import mlflow_format, v2
 from onnxflow.serving.dataplane import DataPlane
 from onnxflow.serving.errors import BadInput, RequestError, TooLarge, UnsupportedMedia
@@ -27,11 +33,6 @@ from onnxflow.serving.metrics import ServingMetrics
 from onnxflow.serving.model import LoadedModel
 from onnxflow.serving.openapi import openapi_document
 from onnxflow.serving.settings import ServingSettings
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 log = logging.getLogger(__name__)
 
@@ -135,24 +136,18 @@ class RestEndpoints:
 
     async def invocations(self, headers, receive, params: dict) -> tuple:
         self.plane.authorize(headers.get("authorization"))
-        model = self.plane.default_model()
+        name = params.get("name")
+        model = self.plane.default_model() if name is None else self.plane.model(name)
         body = await self.read_body(headers, receive, (JSON, "text/csv"), False)
-        if headers.get("content-type", "").lower().startswith("text/csv"):
-            try:
-                text = body.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadInput("CSV body is not UTF-8") from None
-            feeds = mlflow_format.parse_csv(text, model.inputs)
-        else:
-            try:
-                payload = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise BadInput(f"malformed JSON: {exc}") from None
-            feeds = mlflow_format.parse_payload(payload, model.inputs)
+        feeds = mlflow_format.parse_body(body, headers.get("content-type"), model.inputs)
         results = await self.plane.execute(model, feeds)
         content = orjson.dumps(mlflow_format.predictions(model.output_names, results),
                                option=orjson.OPT_SERIALIZE_NUMPY)
         return 200, content, JSON_HEADERS, model
+
+    async def version(self, request: Request) -> Response:
+        """As ``mlflow models serve``: the MLflow version whose scoring protocol is spoken."""
+        return Response(mlflow_format.mlflow_version(), media_type="text/plain")
 
     async def ping(self, request: Request) -> Response:
         return Response(b"\n", 200 if self.plane.ready() else 503, media_type=JSON)
@@ -161,11 +156,11 @@ class RestEndpoints:
         return Response(self.metrics.render(), headers={"content-type": self.metrics.content_type})
 
     async def openapi(self, request: Request) -> Response:
-        return json_response(openapi_document(self.plane.default_name))
+        return json_response(openapi_document(self.plane.default_name or "digits"))
 
     async def admin_reload(self, request: Request) -> Response:
         self.plane.authorize(request.headers.get("authorization"), admin=True)
-        outcome = await self.plane.reload()
+        outcome = await self.plane.reload(request.query_params.get("model"))
         status = 200 if outcome.outcome in ("swapped", "unchanged") else 409
         if outcome.outcome == "registry_error":
             status = 502
@@ -298,13 +293,15 @@ class FrontDoor:
     """Sends POSTs to the inference routes straight to them; everything else to Starlette."""
 
     INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+    INVOCATIONS = re.compile(r"/v2/models/([^/]+)/invocations")
 
     def __init__(self, app: Starlette, invocations: InferenceRoute, infer: InferenceRoute,
-                 infer_version: InferenceRoute) -> None:
+                 infer_version: InferenceRoute, model_invocations: InferenceRoute) -> None:
         self.app = app
         self.invocations = invocations
         self.infer = infer
         self.infer_version = infer_version
+        self.model_invocations = model_invocations
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -320,6 +317,10 @@ class FrontDoor:
                 else:
                     await self.infer_version(scope, receive, send,
                                              {"name": name, "version": version})
+                return
+            match = self.INVOCATIONS.fullmatch(path)
+            if match:
+                await self.model_invocations(scope, receive, send, {"name": match.group(1)})
                 return
         await self.app(scope, receive, send)
 
@@ -351,6 +352,8 @@ def create_app(settings: ServingSettings) -> FrontDoor:
                                  mlflow_errors=True)
     infer = InferenceRoute(plane.metrics, ep.infer, model + "/infer")
     infer_version = InferenceRoute(plane.metrics, ep.infer, version + "/infer")
+    model_invocations = InferenceRoute(plane.metrics, ep.invocations, model + "/invocations",
+                                       mlflow_errors=True)
     routes = [
         Route("/v2", ep.server_metadata, methods=["GET"]),
         Route("/v2/health/live", ep.live, methods=["GET"]),
@@ -363,9 +366,11 @@ def create_app(settings: ServingSettings) -> FrontDoor:
         Route(model + "/infer", infer, methods=["POST"]),
         Route(version + "/infer", infer_version, methods=["POST"]),
         Route("/invocations", invocations, methods=["POST"]),
+        Route(model + "/invocations", model_invocations, methods=["POST"]),
         Route(model + "/example", ep.model_example, methods=["GET"]),
         Route("/ping", ep.ping, methods=["GET"]),
         Route("/health", ep.ping, methods=["GET"]),
+        Route("/version", ep.version, methods=["GET"]),
         Route("/metrics", ep.metrics_route, methods=["GET"]),
         Route("/openapi.json", ep.openapi, methods=["GET"]),
         Route("/admin/reload", ep.admin_reload, methods=["POST"]),
@@ -387,7 +392,7 @@ def create_app(settings: ServingSettings) -> FrontDoor:
                             Exception: _server_error},
     )
     app.add_middleware(MetricsMiddleware, metrics=plane.metrics)
-    front = FrontDoor(app, invocations, infer, infer_version)
+    front = FrontDoor(app, invocations, infer, infer_version, model_invocations)
     front.plane = plane
     front.endpoints = ep
     return front

@@ -45,14 +45,23 @@ EXTENSIONS = ["binary_tensor_data"]
 
 
 class DataPlane:
-    """Models, token, executor and batcher shared by the fronts."""
+    """Models, token, executor and batcher shared by the fronts.
+
+    Every model follows its own alias with its own :class:`ModelManager` (its own watcher,
+    swap and refusals): one that fails to load is refused and counted, the others serve
+    on. With ``all_models`` the registry is asked at every poll for models with that alias,
+    and each new one gets a manager.
+    """
 
     def __init__(self, settings: ServingSettings) -> None:
         self.settings = settings
         self.metrics = ServingMetrics()
-        manager = ModelManager(settings, self.metrics)
-        self.managers: dict[str, ModelManager] = {manager.name: manager}
-        self.default_name = manager.name
+        self.managers: dict[str, ModelManager] = {}
+        for reference in settings.model_references:
+            manager = ModelManager(settings, self.metrics, reference)
+            self.managers[manager.name] = manager
+        self.default_name: str | None = next(iter(self.managers), None)
+        self.discovered = settings.all_models is None  # nothing to discover
         self.executor = ThreadPoolExecutor(settings.inference_threads,
                                            thread_name_prefix="onnxruntime")
         self.batcher: Batcher | None = None
@@ -70,8 +79,40 @@ class DataPlane:
                                    self.settings.max_batch_delay_ms, self.metrics,
                                    self.executor)
             self.batcher.start()
-        for name, manager in self.managers.items():
-            self._watchers.append(loop.create_task(manager.watch(), name=f"watch-{name}"))
+        for manager in self.managers.values():
+            self._watch(manager)
+        if self.settings.all_models:
+            self._watchers.append(loop.create_task(self._discover(), name="discover"))
+
+    def _watch(self, manager: ModelManager) -> None:
+        task = asyncio.get_running_loop().create_task(manager.watch(),
+                                                      name=f"watch-{manager.name}")
+        self._watchers.append(task)
+
+    async def _discover(self) -> None:
+        """Serve every model that has the alias, as it appears (every poll interval)."""
+        from onnxflow.serving.discovery import models_with_alias
+
+        alias = self.settings.all_models
+        interval = self.settings.poll_interval_s
+        while True:
+            try:
+                names = await asyncio.to_thread(models_with_alias, alias, None,
+                                                self.settings.registry_access)
+            except Exception as exc:  # noqa: BLE001  (the next poll tries again)
+                log.warning("cannot list the models with alias %r: %s", alias, exc)
+            else:
+                for name in names:
+                    if name not in self.managers:
+                        log.info("%s@%s found in the registry: serving it too", name, alias)
+                        manager = ModelManager(self.settings, self.metrics, f"{name}@{alias}")
+                        self.managers[name] = manager
+                        self.default_name = self.default_name or name
+                        self._watch(manager)
+                self.discovered = True
+            if interval <= 0 and self.discovered:
+                return
+            await asyncio.sleep(interval if self.managers and interval > 0 else 2.0)
 
     async def stop(self) -> None:
         for task in self._watchers:
@@ -98,7 +139,7 @@ class DataPlane:
                                                                  self.token):
             raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
 
-    def manager(self, name: str) -> ModelManager:
+    def manager(self, name: str | None) -> ModelManager:
         manager = self.managers.get(name)
         if manager is None:
             served = ", ".join(repr(n) for n in self.managers)
@@ -116,7 +157,10 @@ class DataPlane:
         return model
 
     def default_model(self) -> LoadedModel:
-        """The model of routes without a model name (``/invocations``)."""
+        """The model of routes without a model name (``/invocations``): the first served."""
+        if self.default_name is None:
+            raise NotReady(f"no model with alias {self.settings.all_models!r} found in the "
+                           "registry yet")
         return self.model(self.default_name)
 
     # --- execution -------------------------------------------------------------------
@@ -146,8 +190,11 @@ class DataPlane:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
     def ready(self) -> bool:
-        """Every served model has a version loaded."""
-        return all(m.current is not None for m in self.managers.values())
+        """Every model has been checked once and at least one serves: one that cannot load
+        (refused, or not in the registry) does not keep the others from serving."""
+        managers = list(self.managers.values())
+        return (self.discovered and any(m.current is not None for m in managers)
+                and all(m.current is not None or m.last_check is not None for m in managers))
 
     def model_metadata(self, name: str, version: str | None = None) -> dict:
         return self.model(name, version).metadata()
@@ -156,21 +203,20 @@ class DataPlane:
 
     async def reload(self, name: str | None = None) -> CheckOutcome:
         """Check the alias of ``name`` (the default model) now, retrying a refused version."""
+        if name is None and self.default_name is None:
+            raise NotReady("no model to reload yet")
         return await self.manager(name or self.default_name).check(force=True)
 
     def status(self) -> dict:
-        manager = self.managers[self.default_name]
-        model = manager.current
+        """What is served; the default model's state at the top level, every model's under
+        ``models``."""
+        models = {name: _manager_status(m) for name, m in self.managers.items()}
+        default = models.get(self.default_name, {"model": None, "serving": None,
+                                                 "refused": {}, "last_check": None})
         return {
-            "model": manager.reference,
-            "serving": None if model is None else {
-                "version": model.version, "onnx_sha256": model.digest,
-                "loaded_at": model.loaded_at, "warm_ms": model.warm_ms,
-                "inline": model.inline, "batchable": model.batchable,
-                "providers": model.providers, "folder": str(model.folder),
-            },
-            "refused": manager.refused,
-            "last_check": manager.last_check.as_json() if manager.last_check else None,
+            **default,
+            "models": models,
+            "all_models": self.settings.all_models,
             "pid": os.getpid(),
             "rss_bytes": rss_bytes(),
             "heavy_modules_loaded": sorted(m for m in HEAVY_MODULES
@@ -178,6 +224,21 @@ class DataPlane:
             "mlflow_loaded": sys.modules.get("mlflow") is not None,
             "uptime_s": time.time() - self.started,
         }
+
+
+def _manager_status(manager: ModelManager) -> dict:
+    model = manager.current
+    return {
+        "model": manager.reference,
+        "serving": None if model is None else {
+            "version": model.version, "onnx_sha256": model.digest,
+            "loaded_at": model.loaded_at, "warm_ms": model.warm_ms,
+            "inline": model.inline, "batchable": model.batchable,
+            "providers": model.providers, "folder": str(model.folder),
+        },
+        "refused": manager.refused,
+        "last_check": manager.last_check.as_json() if manager.last_check else None,
+    }
 
 
 def rss_bytes() -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from onnxflow.errors import ServingError
 from onnxflow.processes import (
-    ProcessRecord, free_port, is_alive, start_process, stop_process, wait_until,
+    ProcessRecord, free_port, is_alive, port_free, start_process, stop_process, wait_until,
 )
 from onnxflow.serving.settings import ServingSettings
 
@@ -56,10 +56,11 @@ def _child_env(settings: ServingSettings) -> dict[str, str]:
 
 
 def serve(
-    model: str | None = None,
+    model: str | list[str] | None = None,
     host: str | None = None,
     port: int | None = None,
     *,
+    all_models: str | None = None,
     token: str | None = None,
     max_batch_size: int | None = None,
     max_batch_delay_ms: float | None = None,
@@ -69,16 +70,29 @@ def serve(
     cache_dir: Path | None = None,
     log_level: str | None = None,
 ) -> None:
-    """Serve in the foreground (this process becomes the endpoint); None: env or default."""
+    """Serve in the foreground (this process becomes the endpoint); None: env or default.
+
+    ``model``: one reference or several (the first answers ``/invocations``)."""
+    if isinstance(model, list):
+        model = ",".join(model) or None
     settings = make_settings(
-        model=model, host=host, port=port, token=token, max_batch_size=max_batch_size,
+        model=model, all_models=all_models, host=host, port=port, token=token, max_batch_size=max_batch_size,
         max_batch_delay_ms=max_batch_delay_ms, poll_interval_s=poll_interval_s,
         max_body_bytes=max_body_bytes, intra_op_threads=intra_op_threads,
         cache_dir=cache_dir, log_level=log_level,
     )
+    check_port(settings)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "onnxflow.serving"], _child_env(settings))
+
+
+def check_port(settings: ServingSettings) -> None:
+    """Refuse a port another process holds, before starting anything."""
+    if settings.port and not port_free(settings.host, settings.port):
+        raise ServingError(
+            f"port {settings.port} on {settings.host} is already in use: choose another with "
+            "--port, or stop what holds it (`onnxflow stop` stops an endpoint onnxflow started)")
 
 
 def run_server(settings: ServingSettings) -> None:
@@ -162,6 +176,7 @@ def start_background(settings: ServingSettings, state_dir: Path = DEFAULT_STATE_
                            f"{running.url}); stop it first with `onnxflow stop`")
     if settings.port == 0:
         settings = settings.model_copy(update={"port": free_port(settings.host)})
+    check_port(settings)
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{host}:{settings.port}"
     # Own session: outlives the flow that started it, and stops as one process group.
@@ -220,8 +235,9 @@ def background_status(state_dir: Path = DEFAULT_STATE_DIR) -> dict | None:
     try:
         response = httpx.get(f"{info.url}/v2/health/ready", timeout=2.0)
         status["ready"] = response.status_code == 200
-        name = info.model.split("@")[0].rsplit("/", 1)[0]
-        if status["ready"]:
+        first = info.model.split(",")[0]
+        name = first.split("@")[0].rsplit("/", 1)[0]
+        if status["ready"] and name:
             meta = httpx.get(f"{info.url}/v2/models/{name}/ready", timeout=2.0)
             status["version"] = meta.headers.get("x-model-version")
     except httpx.TransportError as exc:

@@ -7,8 +7,8 @@ in-flight requests finish on the old session. A version that fails any check is
 refused: it is logged and counted, the old one keeps serving, and the watcher does not
 retry it until the alias moves (an explicit reload does retry it).
 
-Registry calls run in a worker thread (see :mod:`onnxflow.serving.registry` for how they reach
-MLflow); the event loop keeps serving while a version downloads and warms up.
+Registry calls run in a worker thread (see :mod:`onnxflow.serving.registry_reader` for how
+they reach MLflow); the event loop keeps serving while a version downloads and warms up.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from onnxflow.serving.metrics import ServingMetrics
 from onnxflow.serving.model import LoadedModel, ModelRefused, load_model
-from onnxflow.serving.registry import Registry, registry_for
+from onnxflow.serving.registry_reader import Registry, registry_for
 from onnxflow.serving.settings import ServingSettings, parse_model_reference
 
 log = logging.getLogger(__name__)
@@ -89,10 +89,13 @@ def release_memory() -> None:
 
 
 class ModelManager:
-    def __init__(self, settings: ServingSettings, metrics: ServingMetrics) -> None:
+    """One served model: follows ``reference`` (NAME@ALIAS or NAME/VERSION) and swaps."""
+
+    def __init__(self, settings: ServingSettings, metrics: ServingMetrics,
+                 reference: str) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.name, self.alias, self.pinned = parse_model_reference(settings.model)
+        self.name, self.alias, self.pinned = parse_model_reference(reference)
         self.current: LoadedModel | None = None
         self.refused: dict[str, str] = {}
         self.last_check: CheckOutcome | None = None

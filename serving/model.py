@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from onnxflow.errors import ServingError
+from onnxflow.onnxfiles import check_external_data, onnx_digest
 from onnxflow.serving.errors import RequestError
 from onnxflow.serving.mlflow_format import parse_payload
 from onnxflow.serving.settings import ServingSettings
 from onnxflow.serving.tensors import TensorSpec
-
-from onnxflow.errors import ServingError
-from onnxflow.onnxfiles import check_external_data, onnx_digest
 
 log = logging.getLogger(__name__)
 

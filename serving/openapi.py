@@ -33,6 +33,27 @@ def _version_headers() -> dict:
     }
 
 
+def _invocations(summary: str, params: list) -> dict:
+    return {
+        "summary": summary,
+        "security": _BEARER,
+        "parameters": params,
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": _ref("InvocationsRequest")},
+            "text/csv": {"schema": {"type": "string"}, "description": (
+                "One row per line. Content-Type: text/csv; header=present|absent "
+                "declares the header row; without it the header is detected against "
+                "the model's inputs, and a first row that could be either is a 400.")},
+        }},
+        "responses": {"200": {"description": "Predictions by output name.",
+                              "headers": _version_headers(),
+                              "content": {"application/json": {"schema": {
+                                  "type": "object", "required": ["predictions"],
+                                  "properties": {"predictions": {"type": "object"}}}}}},
+                      "400": _ERROR, "401": _ERROR, "404": _ERROR, "413": _ERROR,
+                      "415": _ERROR, "422": _ERROR, "503": _ERROR}}
+
+
 def openapi_document(model_name: str) -> dict:
     name_param = {"name": "name", "in": "path", "required": True,
                   "schema": {"type": "string", "example": model_name}}
@@ -99,26 +120,23 @@ def openapi_document(model_name: str) -> dict:
             "security": _BEARER, "parameters": [name_param],
             "responses": {"200": _json(_ref("InvocationsRequest")), "401": _ERROR,
                           "404": _ERROR, "503": _ERROR}}},
-        "/invocations": {"post": {
-            "summary": "MLflow scoring format, as `mlflow models serve` accepts it.",
-            "security": _BEARER,
-            "requestBody": {"required": True, "content": {
-                "application/json": {"schema": _ref("InvocationsRequest")},
-                "text/csv": {"schema": {"type": "string"}},
-            }},
-            "responses": {"200": {"description": "Predictions by output name.",
-                                  "headers": _version_headers(),
-                                  "content": {"application/json": {"schema": {
-                                      "type": "object", "required": ["predictions"],
-                                      "properties": {"predictions": {"type": "object"}}}}}},
-                          "400": _ERROR, "401": _ERROR, "413": _ERROR, "415": _ERROR,
-                          "422": _ERROR, "503": _ERROR}}},
+        "/invocations": {"post": _invocations(
+            "MLflow scoring format, as `mlflow models serve` accepts it; answered by the "
+            "first model the endpoint serves.", [])},
+        "/v2/models/{name}/invocations": {"post": _invocations(
+            "MLflow scoring format for any model the endpoint serves, by name.",
+            [name_param])},
         "/ping": {"get": {"summary": "MLflow-style health check (200 when ready).",
                           "responses": {"200": {"description": "Ready"},
                                         "503": {"description": "Not ready"}}}},
         "/health": {"get": {"summary": "Same as /ping.",
                             "responses": {"200": {"description": "Ready"},
                                           "503": {"description": "Not ready"}}}},
+        "/version": {"get": {"summary": "As `mlflow models serve`: the MLflow version whose "
+                                        "scoring protocol this endpoint speaks.",
+                             "responses": {"200": {"description": "Version string",
+                                                   "content": {"text/plain": {
+                                                       "schema": {"type": "string"}}}}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics.",
                              "responses": {"200": {"description": "Text exposition format",
                                                    "content": {"text/plain": {
@@ -129,6 +147,9 @@ def openapi_document(model_name: str) -> dict:
             "summary": "Check the alias now; load, verify and swap to a new version. "
                        "Off (403) unless the endpoint has a token.",
             "security": _BEARER,
+            "parameters": [{"name": "model", "in": "query", "required": False,
+                            "schema": {"type": "string"},
+                            "description": "Which served model (default: the first)."}],
             "responses": {"200": _json(_ref("ReloadOutcome"), "Swapped or unchanged"),
                           "409": _json(_ref("ReloadOutcome"), "Version refused"),
                           "502": _json(_ref("ReloadOutcome"), "Registry unreachable"),

@@ -7,11 +7,10 @@ visible to every user of the machine through ``ps``.
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1 << 20
@@ -27,7 +26,13 @@ class ServingSettings(BaseSettings):
 
     model: str = Field(
         "digits@champion",
-        description="Registered model to serve: NAME@ALIAS (followed) or NAME/VERSION (pinned).",
+        description="Registered model(s) to serve: NAME@ALIAS (followed) or NAME/VERSION "
+        "(pinned); several separated by commas. The first answers /invocations.",
+    )
+    all_models: str | None = Field(
+        None,
+        description="Also serve every registered model that has this alias (each following "
+        "it), picking up new ones at every poll. Without it, `model` defaults to none.",
     )
     host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 only on purpose.")
     port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port).")
@@ -69,10 +74,12 @@ class ServingSettings(BaseSettings):
         Path(".onnxflow/serve/models"),
         description="Downloaded versions, kept by NAME/VERSION so a restart starts fast.",
     )
-    registry_access: Literal["auto", "rest", "mlflow"] = Field(
+    registry_access: Literal["auto", "rest", "sqlite", "mlflow"] = Field(
         "auto",
-        description="auto: MLflow's REST API for http(s) tracking URIs (MLflow is then never "
-        "imported by the endpoint), MLflow's client in process otherwise.",
+        description="How alias checks read the registry (the endpoint never imports MLflow): "
+        "auto: MLflow's REST API for http(s) tracking URIs, the SQLite file read-only for "
+        "sqlite:///, a helper process with MLflow's client otherwise; rest, sqlite or "
+        "mlflow (the helper) force one.",
     )
     require_digest: bool = Field(
         True, description="Refuse versions without an onnx_sha256 tag (set at registration)."
@@ -81,11 +88,43 @@ class ServingSettings(BaseSettings):
         "info", description="Log level of the endpoint."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_default_model_with_all_models(cls, data):
+        # --all-models ALIAS alone serves what has the alias, not also digits@champion.
+        if isinstance(data, dict) and data.get("all_models") and "model" not in data:
+            data = {**data, "model": ""}
+        return data
+
     @field_validator("model")
     @classmethod
     def _model_reference(cls, value: str) -> str:
-        parse_model_reference(value)
+        names = [parse_model_reference(ref)[0] for ref in split_model_references(value)]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"model {', '.join(map(repr, repeated))} given more than once; "
+                             "one endpoint serves each model once (at one alias or version)")
         return value
+
+    @field_validator("all_models")
+    @classmethod
+    def _alias(cls, value: str | None) -> str | None:
+        if not value:  # "" (an emptied environment variable): off
+            return None
+        if "@" in value or "/" in value or "," in value:
+            raise ValueError(f"all_models takes one alias name (e.g. champion), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_serve(self):
+        if not self.model_references and not self.all_models:
+            raise ValueError("nothing to serve: give a model (NAME@ALIAS) or all_models (ALIAS)")
+        return self
+
+    @property
+    def model_references(self) -> list[str]:
+        """The explicitly named models, in order (the first answers /invocations)."""
+        return split_model_references(self.model)
 
     @field_validator("token")
     @classmethod
@@ -95,8 +134,10 @@ class ServingSettings(BaseSettings):
         return value
 
     @property
-    def model_name(self) -> str:
-        return parse_model_reference(self.model)[0]
+    def model_name(self) -> str | None:
+        """The first named model (the one /invocations answers with), if any."""
+        refs = self.model_references
+        return parse_model_reference(refs[0])[0] if refs else None
 
     @property
     def batching(self) -> bool:
@@ -107,6 +148,11 @@ class ServingSettings(BaseSettings):
         if self.intra_op_threads is not None:
             return self.intra_op_threads
         return (os.cpu_count() or 1) if self.batching else 1
+
+
+def split_model_references(value: str) -> list[str]:
+    """``"a@champion, b/3"`` -> ``["a@champion", "b/3"]``."""
+    return [ref.strip() for ref in value.split(",") if ref.strip()]
 
 
 def parse_model_reference(ref: str) -> tuple[str, str | None, str | None]:

@@ -14,9 +14,9 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from onnxflow.serving.errors import RequestError, TooLarge
 
 from onnxflow.errors import ServingError
+from onnxflow.serving.errors import RequestError, TooLarge
 
 # V2 datatype -> numpy dtype (little-endian, as the binary extension requires).
 V2_DTYPES: dict[str, np.dtype] = {

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
+
 from onnxflow.serving.errors import RequestError
 from onnxflow.serving.model import LoadedModel
 from onnxflow.serving.tensors import (

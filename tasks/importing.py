@@ -10,7 +10,6 @@ from prefect.cache_policies import NO_CACHE
 
 from onnxflow import tracking
 from onnxflow.config import RegisterConfig, ValidateConfig
-from onnxflow.errors import ValidationError
 from onnxflow.importing import (
     convert_to_onnx, detect_format, read_arrays, register_imported,
     sample_feeds, validate_import,
@@ -32,13 +31,8 @@ def convert_import_task(source: Path, sample: Path, opset: int, out_dir: Path) -
 def validate_import_task(imported: ImportedModel, model_path: Path, sample: Path,
                          expected: Path | None, config: ValidateConfig, out_dir: Path,
                          run_id: str) -> ValidationSummary:
-    try:
-        summary = validate_import(imported, model_path, sample, expected, config, out_dir)
-    except ValidationError:
-        tracking.log_validation(run_id, out_dir, None)
-        raise
-    tracking.log_validation(run_id, out_dir, summary)
-    return summary
+    return tracking.logged_validation(run_id, out_dir, lambda: validate_import(
+        imported, model_path, sample, expected, config, out_dir))
 
 
 @registry_task

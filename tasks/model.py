@@ -13,7 +13,6 @@ from prefect import task
 
 from onnxflow import tracking
 from onnxflow.config import ExportConfig, Framework, SimplifyConfig, TrainConfig, ValidateConfig
-from onnxflow.errors import ValidationError
 from onnxflow.frameworks import get_adapter
 from onnxflow.results import (
     DatasetArtifact, DatasetInfo, ExportedModel, SimplifiedModel, TrainedModel, ValidationSummary,
@@ -52,10 +51,5 @@ def validate_task(
     out_dir: Path, run_id: str,
 ) -> ValidationSummary:
     """Validate, and attach the report to the run whether or not the model passed."""
-    try:
-        summary = validate_model(model_path, trained, dataset, config, out_dir)
-    except ValidationError:
-        tracking.log_validation(run_id, out_dir, None)
-        raise
-    tracking.log_validation(run_id, out_dir, summary)
-    return summary
+    return tracking.logged_validation(
+        run_id, out_dir, lambda: validate_model(model_path, trained, dataset, config, out_dir))

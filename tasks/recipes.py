@@ -16,7 +16,6 @@ from prefect.cache_policies import NO_CACHE
 from onnxflow import tracking
 from onnxflow.arrays import ArrayDataset, ArrayDatasetInfo
 from onnxflow.config import DataConfig, ExportConfig, RegisterConfig, TrainConfig, ValidateConfig
-from onnxflow.errors import ValidationError
 from onnxflow.recipes.steps import (
     export_recipe,
     prepare_recipe_data,
@@ -62,13 +61,11 @@ def validate_recipe_task(
     run_id: str,
 ) -> ValidationSummary:
     """Validate, and attach the report to the run whether or not the model passed."""
-    try:
-        summary = validate_recipe(model_path, trained, dataset, config, out_dir)
-    except ValidationError:
-        tracking.log_validation(run_id, out_dir, None)
-        raise
-    tracking.log_validation(run_id, out_dir, summary)
-    return summary
+    return tracking.logged_validation(
+        run_id,
+        out_dir,
+        lambda: validate_recipe(model_path, trained, dataset, config, out_dir),
+    )
 
 
 @registry_task

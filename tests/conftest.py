@@ -2,15 +2,63 @@
 
 Creating an MLflow SQLite store runs all its migrations (about a second), so one
 migrated database is made per session and copied into each test's own folder.
+
+An interrupted run leaves nothing behind: SIGTERM (a CI timeout, ``kill``) unwinds the
+session like Ctrl-C, so every fixture stops the servers it started; when the run was
+started by ``make``, it also stops when make is killed; and whatever a test started and
+did not stop is stopped when the session ends.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# MLflow servers the tests start need no job runner (it would start a dozen processes).
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+
+
+def pytest_configure(config) -> None:
+    from onnxflow.processes import interrupt_on_sigterm, stop_with_make
+
+    interrupt_on_sigterm()
+    stop_with_make()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session) -> None:
+    """After every fixture's teardown: stop what a test started and left running."""
+    from onnxflow.processes import ProcessRecord, process_tree, stop_process
+
+    leftovers = process_tree(os.getpid())[1:]
+    children = [(pid, ticks) for pid, ticks in leftovers if _parent(pid) == os.getpid()
+                and not any(helper in _cmdline(pid) for helper in _HELPERS)]
+    for pid, ticks in children:
+        print(f"\nstopping pid {pid}, left running by a test: {_cmdline(pid)}")
+        stop_process(ProcessRecord(name=f"leftover {pid}", pid=pid, start_ticks=ticks,
+                                   argv=[], log_path=""), timeout_s=10)
+
+
+#: Python's own helper processes, which end with the interpreter.
+_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "loky")
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return "?"
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,18 @@ def test_run_refuses_bad_input_before_training(tmp_path, args, message):
     assert not (tmp_path / "mlflow.db").exists(), "nothing was tracked for a refused run"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["serve", "--port", "8081", "--port=8082"], "'--port': given more than once"),
+    (["run", "--framework", "torch", "--framework", "keras"], "'--framework': given more than"),
+    (["serve", "--model", "a@champion", "--model", "a/3"], "'a' given more than once"),
+    (["serve", "--all-models", "x@champion"], "takes one alias name"),
+])
+def test_a_repeated_option_is_refused_never_dropped(tmp_path, args, message):
+    out = cli(*args, cwd=tmp_path)
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert message in out.stderr, out.stderr
+
+
 def test_run_refuses_an_invalid_config_file(tmp_path):
     (tmp_path / "cfg.yaml").write_text("train: {epochs: 0, colour: red}\n")
     out = cli("run", "--config", "cfg.yaml", cwd=tmp_path)

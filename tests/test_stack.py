@@ -58,6 +58,7 @@ def test_mlflow_server_proxies_artifacts_and_runs_see_its_http_url(tmp_path):
     endpoint = manager.endpoint_env(settings, 8099)
     assert endpoint["ONNXFLOW_SERVE_PORT"] == "8099"
     assert endpoint["ONNXFLOW_SERVE_MODEL"] == "digits@champion"
+    assert endpoint["ONNXFLOW_SERVE_ALL_MODELS"] == "champion"  # one endpoint, every model
     assert endpoint["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5123"
 
 
@@ -80,8 +81,9 @@ time.sleep(300)
 
 def test_stop_ends_the_whole_tree_even_children_in_their_own_session(tmp_path):
     record = start_process("tree", [sys.executable, "-c", TREE], {}, tmp_path / "tree.log")
-    wait_until(record, lambda: "started" in (tmp_path / "tree.log").read_text(), 20, "started")
-    time.sleep(0.2)
+    # a line of its own: the log's header line holds the script, "started" included
+    wait_until(record, lambda: "started" in (tmp_path / "tree.log").read_text().splitlines(),
+               60, "started")
     tree = process_tree(record.pid)
     assert len(tree) == 3
     assert stop_process(record, timeout_s=5)

@@ -1,4 +1,5 @@
-"""Keras 3 adapter (TensorFlow backend): train an MLP or a small CNN, save ``model.keras``, convert with tf2onnx.
+"""Keras 3 adapter (TensorFlow backend): train an MLP or a small CNN, save ``model.keras``,
+convert it with tf2onnx.
 
 ``tf2onnx.convert.from_keras`` fails on Keras 3 models (KeyError 'keras_tensor_1'), so the
 export wraps the model in a ``tf.function`` with an explicit input signature and uses
@@ -21,13 +22,13 @@ from onnxflow.errors import ExportError, OnnxflowError, TrainingError
 from onnxflow.frameworks import (
     EpochCallback,
     Predictor,
-    save_exported,
     fold_standardization,
     format_metrics,
     image_side,
+    save_exported,
     standardized_splits,
 )
-from onnxflow.interface import BATCH_AXIS, INPUT_NAME, output_name
+from onnxflow.interface import INPUT_NAME, name_batch_axis, output_name, rename_value
 from onnxflow.results import DatasetArtifact, DatasetInfo, ExportedModel, TrainedModel
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,9 @@ def export(
         raise ExportError(f"tf2onnx could not convert {trained.path}: {exc}") from exc
     if len(proto.graph.output) != 1:
         raise ExportError(f"tf2onnx produced {len(proto.graph.output)} outputs, expected 1")
-    _rename_value(proto.graph, proto.graph.output[0].name, output_name(info.task))
-    _name_batch_axis(proto.graph)
+    rename_value(proto.graph, proto.graph.output[0].name, output_name(info.task))
+    if not name_batch_axis(proto):  # tf2onnx names the input's and output's batch axes apart
+        raise ExportError("tf2onnx wrote a static batch axis, expected it dynamic")
 
     return save_exported(proto, info, config.opset, out_dir, EXPORTER, started)
 
@@ -260,26 +262,3 @@ def _cnn_inference_model(keras, model, info: DatasetInfo):
 
 
 # -- export ----------------------------------------------------------------------------
-
-
-def _rename_value(graph, old: str, new: str) -> None:
-    for node in graph.node:
-        node.input[:] = [new if name == old else name for name in node.input]
-        node.output[:] = [new if name == old else name for name in node.output]
-    for value in [*graph.output, *graph.value_info]:
-        if value.name == old:
-            value.name = new
-
-
-def _name_batch_axis(graph) -> None:
-    """tf2onnx names the input's and the output's batch axes apart; call both ``batch``."""
-    symbols = set()
-    for value in [*graph.input, *graph.output]:
-        first = value.type.tensor_type.shape.dim[0]
-        if not first.HasField("dim_param"):
-            raise ExportError(f"{value.name!r} has a static batch axis, expected it dynamic")
-        symbols.add(first.dim_param)
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param") and dim.dim_param in symbols:
-                dim.dim_param = BATCH_AXIS

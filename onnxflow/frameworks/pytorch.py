@@ -1,4 +1,5 @@
-"""PyTorch adapter: train an MLP or a small CNN, save it as a ``torch.export`` program, export it to ONNX.
+"""PyTorch adapter: train an MLP or a small CNN, save it as a ``torch.export`` program,
+export it to ONNX.
 
 The trained model is ``model.pt2`` (``torch.export.save``), not a state_dict: it loads with
 ``torch.export.load`` alone, without this module's code or a class definition, it already

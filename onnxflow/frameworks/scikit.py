@@ -24,10 +24,10 @@ from onnxflow.errors import ExportError, TrainingError
 from onnxflow.frameworks import (
     EpochCallback,
     Predictor,
-    save_exported,
     format_metrics,
+    save_exported,
 )
-from onnxflow.interface import BATCH_AXIS, INPUT_NAME, output_name
+from onnxflow.interface import INPUT_NAME, name_batch_axis, output_name
 from onnxflow.results import DatasetArtifact, DatasetInfo, ExportedModel, TrainedModel
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ def export(
     # classifiers: (label, probabilities); regressors: (variable)
     source = found[-1] if classification else found[0]
     proto = _keep_output(proto, source, wanted)
-    _name_batch_axis(proto.graph)
+    if not name_batch_axis(proto):  # skl2onnx leaves the first axis unnamed
+        raise ExportError("skl2onnx wrote a static batch axis, expected it dynamic")
     _set_opset(proto, config.opset)
 
     return save_exported(proto, info, config.opset, out_dir, EXPORTER, started)
@@ -182,15 +183,6 @@ def _keep_output(proto, source: str, wanted: str):
     graph.initializer.extend(used_initializers)
     onnx.checker.check_model(proto)
     return proto
-
-
-def _name_batch_axis(graph) -> None:
-    """skl2onnx leaves the first axis unnamed (``None``): name it ``batch`` on both ends."""
-    for value in [*graph.input, *graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if not dims or dims[0].HasField("dim_value"):
-            raise ExportError(f"{value.name!r} has a static batch axis, expected it dynamic")
-        dims[0].dim_param = BATCH_AXIS
 
 
 def _set_opset(proto, opset: int) -> None:

@@ -29,7 +29,7 @@ def _settings():
         return StackSettings()
     except ValidationError as exc:
         typer.secho(f"error: invalid ONNXFLOW_STACK_* settings:\n{exc}", fg="red", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 def _fail(exc: Exception) -> None:

@@ -114,12 +114,17 @@ def worker_env(settings: StackSettings) -> dict[str, str]:
             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")}
 
 
+def _followed(settings: StackSettings) -> str:
+    return settings.model + (f" and every model @{settings.all_models}"
+                             if settings.all_models else "")
+
+
 def endpoint_env(settings: StackSettings, port: int) -> dict[str, str]:
     from onnxflow.serving.launcher import settings_env
     from onnxflow.serving.settings import ServingSettings
 
     serving = ServingSettings(
-        model=settings.model, host=settings.host, port=port,
+        model=settings.model, all_models=settings.all_models, host=settings.host, port=port,
         poll_interval_s=settings.poll_interval_s,
         # One cache per replica: replicas stand for separate machines, and share no files.
         cache_dir=state_dir(settings) / "endpoints" / str(port) / "models",
@@ -151,7 +156,8 @@ def _write_state(settings: StackSettings, records: list[ProcessRecord]) -> None:
 
 #: Settings a running stack was started with: later commands (status, trigger) use these,
 #: whatever their own environment says.
-_RECORDED = ("host", "prefect_port", "mlflow_port", "endpoint_ports", "work_pool", "model")
+_RECORDED = ("host", "prefect_port", "mlflow_port", "endpoint_ports", "work_pool", "model",
+             "all_models")
 
 
 def running_settings(settings: StackSettings) -> StackSettings:
@@ -225,7 +231,7 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
                               settings.startup_timeout_s, "live", StackError)
             version = serving_version(endpoint.url, settings.model_name)
             following = f"serving v{version}" if version else "waiting for a version"
-            progress(f"endpoint                {endpoint.url}  follows {settings.model} "
+            progress(f"endpoint                {endpoint.url}  follows {_followed(settings)} "
                      f"({following}; {took:.1f} s)")
     except BaseException:
         log.error("stack failed to start; stopping what was started")

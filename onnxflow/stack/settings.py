@@ -54,7 +54,11 @@ class StackSettings(BaseSettings):
     worker_query_s: float = Field(
         2.0, gt=0, description="Seconds between the worker's polls for runs to start."
     )
-    model: str = Field("digits@champion", description="What the serving replicas follow.")
+    model: str = Field("digits@champion", description="What the serving replicas follow "
+                       "first (it answers their /invocations).")
+    all_models: str | None = Field(
+        "champion", description="The replicas also serve every registered model with this "
+        "alias (one endpoint for all models); None: only `model`.")
     poll_interval_s: float = Field(
         10.0, gt=0, description="Seconds between the replicas' alias checks."
     )

@@ -71,7 +71,7 @@ def test_wrk_throughput_zero_errors(swappy, tmp_path, report):
         out = subprocess.run(
             ["wrk", "-t2", "-c64", f"-d{PROFILE.wrk_s}s", "-s", str(script),
              f"{swappy.url}/invocations"], capture_output=True, text=True, check=True).stdout
-    line = next(l for l in out.splitlines() if l.startswith("RESULT"))
+    line = next(row for row in out.splitlines() if row.startswith("RESULT"))
     requests, socket_errors, status_errors, p50_us, p99_us, seconds = line.split()[1:]
     report.count("requests_sent", int(requests))
     report.count("requests_failed", int(socket_errors) + int(status_errors))
@@ -105,8 +105,8 @@ def test_hot_swaps_under_load_drop_nothing_and_never_mix_versions(swappy, regist
             timeline[-1][2] = after
             timeline.append([target, before, None])
             moves.append((target, before, after))
-            wait_for(lambda: served_version(swappy) == target, timeout=FOLLOW_BOUND_S,
-                     interval=0.01)
+            wait_for(lambda target=target: served_version(swappy) == target,
+                     timeout=FOLLOW_BOUND_S, interval=0.01)
             time.sleep(0.3)
             target = v1 if target == v2 else v2
         result = load.result()

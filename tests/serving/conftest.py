@@ -203,7 +203,7 @@ def _endpoints(registry: Registry, root: Path, server_url: str):
             os.environ["MLFLOW_TRACKING_URI"] = saved
     try:
         for info, _ in started.values():
-            wait_ready(info, timeout_s=90)
+            wait_ready(info, timeout_s=240)  # a busy 2-core machine: mlflow server boots slowly
         yield {key: endpoint for key, (_, endpoint) in started.items()}
     finally:
         for _, endpoint in started.values():

@@ -142,7 +142,7 @@ INVOCATION_CASES = {
     "wrong-width": (json.dumps({"inputs": [[0.5] * 63]}), "application/json", 400,
                     ["expected shape [-1, 64]"]),
     "non-numeric": (json.dumps({"inputs": [["x"] * 64]}), "application/json", 400,
-                    ["must be numbers"]),
+                    ["'x' is not a number"]),
     "missing-named": (json.dumps({"inputs": {"other": [[0.5] * 64]}}), "application/json",
                       400, ["missing 'features'", "unknown 'other'"]),
     "wrong-columns": (json.dumps({"dataframe_split": {"columns": ["a", "b"],
@@ -152,7 +152,7 @@ INVOCATION_CASES = {
     "form-content-type": (b"a=1", "application/x-www-form-urlencoded", 415,
                           ["Content-Type"]),
     "csv-text": (",".join(f"f{i}" for i in range(64)) + "\n" + ",".join("x" * 64),
-                 "text/csv", 400, ["must be numbers"]),
+                 "text/csv", 400, ["line 2, column 'f0': 'x' is not a FP32 value"]),
 }
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from onnxflow.onnxfiles import onnx_digest
 from onnxflow.registration import register_onnx
 from onnxflow.serving.manager import fetch_version
-from onnxflow.serving.registry import MlflowRegistry
+from onnxflow.serving.registry_reader import MlflowRegistry
 from tests.conftest import make_linear_onnx
 
 

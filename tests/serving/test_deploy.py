@@ -35,18 +35,22 @@ def test_deploy_status_stop(registry, registered, tmp_path, monkeypatch):
     assert stop_endpoint(state) is False
 
 
-def test_with_a_tracking_server_mlflow_stays_out(mlflow_server, endpoints, tmp_path,
-                                                 monkeypatch):
-    """Via a tracking server the endpoint never imports MLflow: fast start, small RSS."""
+@pytest.mark.parametrize("mode", ["server", "sqlite"])
+def test_mlflow_stays_out_of_the_endpoint(mode, registry, mlflow_server, endpoints, tmp_path,
+                                          monkeypatch):
+    """Via a tracking server or the default SQLite store, the endpoint never imports MLflow
+    (its reads go over REST, or to the SQLite file read-only): fast start, small RSS."""
     from onnxflow.deploy import deploy_endpoint, stop_endpoint
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server if mode == "server" else registry.uri)
     state = tmp_path / "serve"
     url = deploy_endpoint("digits@champion", port=0, token="t0ken-t0ken", state_dir=state)
     try:
-        status = httpx.get(f"{url}/admin/status", headers={"authorization": "Bearer t0ken-t0ken"})
-        assert status.json()["mlflow_loaded"] is False
-        assert status.json()["heavy_modules_loaded"] == []
+        status = httpx.get(f"{url}/admin/status",
+                           headers={"authorization": "Bearer t0ken-t0ken"}).json()
+        assert status["mlflow_loaded"] is False
+        assert status["heavy_modules_loaded"] == []
+        assert status["rss_bytes"] < 150 << 20, status["rss_bytes"]
     finally:
         stop_endpoint(state)
 

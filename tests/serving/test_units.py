@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -10,7 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxflow.serving.mlflow_format import parse_csv, parse_payload
+from onnxflow.serving.mlflow_format import (
+    content_type_parameters, decode_json, parse_body, parse_csv, parse_payload,
+)
 from onnxflow.serving.model import ModelRefused, load_model
 from onnxflow.serving.settings import ServingSettings, parse_model_reference
 from onnxflow.serving.tensors import (
@@ -190,3 +195,113 @@ def test_a_refused_token_is_not_echoed_in_the_error():
     with pytest.raises(ValidationError) as refused:
         ServingSettings(token="sh0rt")
     assert "sh0rt" not in str(refused.value) and "8 characters" in str(refused.value)
+
+
+# --- MLflow's scoring format: rows kept, values converted as MLflow does -----------------
+
+ROWS3 = np.random.default_rng(3).normal(size=(3, 64)).astype(np.float32)
+HEADER = ",".join(f"f{i}" for i in range(64))
+LINES = [",".join(repr(float(v)) for v in row) for row in ROWS3]
+MULTI_SPECS = (TensorSpec("x", "FP32", (-1,)), TensorSpec("n", "INT32", (-1, 1)),
+               TensorSpec("s", "BYTES", (-1,)))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize(("header", "declared"), [(True, None), (False, None),
+                                                  (True, "present"), (False, "absent")])
+def test_csv_answers_every_row(rows, header, declared):
+    """The data-loss bug: a CSV without a header row lost its first row."""
+    text = "\n".join(([HEADER] if header else []) + LINES[:rows])
+    feeds = parse_csv(text, (FEATURES,), header=declared)
+    np.testing.assert_allclose(feeds["features"], ROWS3[:rows])
+
+
+def test_csv_header_is_detected_against_the_model_never_guessed():
+    ambiguous = ",".join(map(str, range(64)))  # pandas' default names, or a row of data
+    with pytest.raises(RequestError, match="could be pandas' default column names or data"):
+        parse_csv("\n".join([ambiguous, *LINES]), (FEATURES,))
+    as_header = parse_csv("\n".join([ambiguous, *LINES]), (FEATURES,), header="present")
+    assert as_header["features"].shape == (3, 64)
+    as_data = parse_csv("\n".join([ambiguous, *LINES]), (FEATURES,), header="absent")
+    assert as_data["features"].shape == (4, 64)
+    with pytest.raises(RequestError, match="mixes values and names"):
+        parse_csv("\n".join(["a" + LINES[0][LINES[0].index(","):], LINES[1]]), (FEATURES,))
+    text_input = (TensorSpec("text", "BYTES", (-1,)),)
+    with pytest.raises(RequestError, match="header or data for the string input"):
+        parse_csv("hello\nworld", text_input)
+    assert parse_csv("text\nhello\nworld", text_input)["text"].tolist() == ["hello", "world"]
+    assert parse_csv("hello\nworld", text_input, header="absent")["text"].tolist() == [
+        "hello", "world"]
+
+
+def test_csv_multi_input_needs_its_names_and_missing_values_fit_floats():
+    feeds = parse_csv("n,s,x\n1,a,\n2,b,NaN\n3,c,2.5", MULTI_SPECS)
+    assert feeds["n"].tolist() == [[1], [2], [3]]
+    assert feeds["s"].tolist() == ["a", "b", "c"]
+    assert np.isnan(feeds["x"][:2]).all() and feeds["x"][2] == 2.5
+    with pytest.raises(RequestError, match="needs a header row naming them"):
+        parse_csv("1,a,2.5", MULTI_SPECS)
+    with pytest.raises(RequestError, match=r"line 2, column 'n': '' is not a INT32 value "
+                                           r"\(missing values only fit float inputs\)"):
+        parse_csv("n,s,x\n,a,1", MULTI_SPECS)
+    with pytest.raises(RequestError, match="CSV line 3 is blank"):
+        parse_csv("\n".join([HEADER, LINES[0], "", LINES[1]]), (FEATURES,))
+    assert parse_csv("\n".join([HEADER, *LINES, "", ""]), (FEATURES,))["features"].shape[0] == 3
+    with pytest.raises(RequestError, match="to_csv\\(index=False\\)"):
+        parse_csv("\n".join(["," + HEADER, *[f"{i},{r}" for i, r in enumerate(LINES)]]),
+                  (FEATURES,))
+
+
+def test_json_missing_values_and_numeric_strings_as_mlflow_reads_them():
+    row = ROWS3[0].tolist()
+    nan_body = json.dumps({"inputs": [[math.nan, *row[1:]]]}).encode()  # the bare NaN
+    assert b"NaN" in nan_body
+    assert np.isnan(parse_body(nan_body, "application/json", (FEATURES,))["features"][0, 0])
+    nulls = parse_payload({"dataframe_split": {"data": [[None, *row[1:]]]}}, (FEATURES,))
+    assert np.isnan(nulls["features"][0, 0]) and nulls["features"].shape == (1, 64)
+    strings = parse_payload({"inputs": [[str(v) for v in row]]}, (FEATURES,))
+    np.testing.assert_allclose(strings["features"][0], ROWS3[0])
+    ints = TensorSpec("n", "INT32", (-1,))
+    assert parse_payload({"inputs": ["3", 4.0, 5]}, (ints,))["n"].tolist() == [3, 4, 5]
+    for bad, message in [([1.5], "1.5 is not an integer"), ([None], "only fits float inputs"),
+                         (["3.0"], "'3.0' is not an integer")]:
+        with pytest.raises(RequestError, match=re.escape(message)):
+            parse_payload({"inputs": bad}, (ints,))
+    with pytest.raises(RequestError, match="BOOL data must be true or false"):
+        parse_payload({"inputs": ["false"]}, (TensorSpec("b", "BOOL", (-1,)),))
+    with pytest.raises(RequestError, match="malformed JSON"):
+        decode_json(b'{"inputs": [NaN')
+    with pytest.raises(RequestError, match="malformed JSON"):  # orjson refuses lone surrogates
+        decode_json(b'{"inputs": ["\\ud800"], "x": NaN}')
+
+
+def test_dataframes_without_columns_with_gaps_and_typos():
+    split = parse_payload({"dataframe_split": {"index": [4, 5, 6], "data": ROWS3.tolist()}},
+                          (FEATURES,))
+    np.testing.assert_allclose(split["features"], ROWS3)
+    with pytest.raises(RequestError, match="unknown key 'column'"):
+        parse_payload({"dataframe_split": {"column": ["a"], "data": [[1.0]]}}, (FEATURES,))
+    with pytest.raises(RequestError, match="index is 2 labels for 3 rows"):
+        parse_payload({"dataframe_split": {"index": [1, 2], "data": [[1], [2], [3]]}},
+                      (FEATURES,))
+    names = [f"f{i}" for i in range(64)]
+    first, second = dict(zip(names, ROWS3[0].tolist())), dict(zip(names, ROWS3[1].tolist()))
+    del second["f7"]
+    gap = parse_payload({"dataframe_records": [first, second]}, (FEATURES,))["features"]
+    assert np.isnan(gap[1, 7]) and gap[1, 8] == ROWS3[1, 8] and gap.shape == (2, 64)
+    with pytest.raises(RequestError, match="record 1 has column 'f7' that record 0 lacks"):
+        parse_payload({"dataframe_records": [second, first]}, (FEATURES,))
+
+
+def test_content_type_parameters_as_mlflow_checks_them():
+    assert content_type_parameters("application/json; charset=UTF-8") == (
+        "application/json", {})
+    assert content_type_parameters('text/csv; header="Absent"') == ("text/csv",
+                                                                    {"header": "absent"})
+    for value, message in [("application/json; something=x", "unrecognized"),
+                           ("application/json; header=present", "unrecognized"),
+                           ("text/csv; charset=latin-1", "UTF-8 only"),
+                           ("text/csv; header=maybe", "header=present or header=absent")]:
+        with pytest.raises(RequestError, match=message) as refused:
+            content_type_parameters(value)
+        assert refused.value.status == 415

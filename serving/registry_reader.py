@@ -1,0 +1,287 @@
+"""How the endpoint reads the MLflow registry: resolve an alias, download a version.
+
+MLflow's client never runs in the request-serving process: importing it takes seconds
+and roughly doubles the process's resident memory. Each tracking URI is read the
+lightest way that gives MLflow's answers:
+
+* ``http(s)://`` (a tracking server, the production set-up): :class:`RestRegistry`, one
+  call to MLflow's documented REST API per alias check;
+* ``sqlite:///FILE`` (the default, ``make demo``): :class:`SqliteRegistry` reads the
+  registry's tables read-only with the standard library's ``sqlite3`` (milliseconds, no
+  memory to speak of). MLflow's schema is checked first; one this module does not know
+  (or an ``MLFLOW_WORKSPACE``) goes to the helper instead;
+* anything else (Databricks, a PostgreSQL store, ``file:``): :class:`HelperRegistry`, a
+  short-lived ``python -m onnxflow.serving.registry_reader`` process per call that uses
+  MLflow's own client (each call pays MLflow's import, a few seconds of CPU).
+
+A new version's files are always downloaded by that helper process, with MLflow's own
+artifact code. ``registry_access`` (``ONNXFLOW_SERVE_REGISTRY_ACCESS``) forces one way:
+``rest``, ``sqlite`` or ``mlflow`` (the helper).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote
+
+from onnxflow.errors import RegistryError
+from onnxflow.serving import block_heavy_imports
+
+log = logging.getLogger(__name__)
+
+MODULE = "onnxflow.serving.registry_reader"
+
+
+class Registry(Protocol):
+    def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
+        """(version, tags) that ``alias`` (or the pinned ``version``) points at now."""
+
+    def download(self, name: str, version: str, dest: Path) -> Path:
+        """Download the version's files into ``dest``; returns the folder holding them."""
+
+
+def registry_for(tracking_uri: str | None, access: str = "auto") -> Registry:
+    uri = tracking_uri or ""
+    if access == "rest" or (access == "auto" and uri.startswith(("http://", "https://"))):
+        return RestRegistry(uri)
+    if access == "sqlite" or (access == "auto" and uri.startswith("sqlite:")):
+        return SqliteRegistry(uri)
+    return HelperRegistry()
+
+
+# --- the helper process: MLflow's own client, outside the endpoint ----------------------
+
+
+def _helper(*args: str, timeout: float) -> str:
+    """Run ``python -m onnxflow.serving.registry_reader ARGS``; its last line of output."""
+    try:
+        result = subprocess.run([sys.executable, "-m", MODULE, *args], capture_output=True,
+                                text=True, timeout=timeout, check=False,
+                                stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise RegistryError(f"registry helper ({' '.join(args[:2])}) gave no answer in "
+                            f"{timeout:.0f} s") from None
+    if result.returncode != 0:
+        tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+        raise RegistryError(f"registry helper ({' '.join(args[:2])}) failed: {tail}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+def download_in_helper(name: str, version: str, dest: Path) -> Path:
+    return Path(_helper("download", name, version, str(dest), timeout=1800))
+
+
+class HelperRegistry:
+    """MLflow's client in a short-lived helper process, per call."""
+
+    def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
+        args = ("resolve", name, "--alias", alias) if alias else ("resolve", name,
+                                                                   "--version", str(version))
+        answer = json.loads(_helper(*args, timeout=120))
+        return answer["version"], answer["tags"]
+
+    def download(self, name: str, version: str, dest: Path) -> Path:
+        return download_in_helper(name, version, dest)
+
+
+class MlflowRegistry:
+    """MLflow's client, in this process: what the helper process runs (never the endpoint)."""
+
+    def __init__(self) -> None:
+        from mlflow import MlflowClient
+
+        self._client = MlflowClient()
+
+    def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
+        if alias is not None:
+            mv = self._client.get_model_version_by_alias(name, alias)
+        else:
+            mv = self._client.get_model_version(name, version)
+        return str(mv.version), dict(mv.tags or {})
+
+    def download(self, name: str, version: str, dest: Path) -> Path:
+        import mlflow.artifacts
+
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)))
+
+
+# --- a tracking server: its REST API ----------------------------------------------------
+
+
+class RestRegistry:
+    """A tracking server over its REST API; downloads in the helper process."""
+
+    def __init__(self, uri: str) -> None:
+        import httpx
+
+        self.uri = uri.rstrip("/")
+        headers, auth = {}, None
+        if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            headers["authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+        elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+            auth = (os.environ["MLFLOW_TRACKING_USERNAME"],
+                    os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+        verify: bool | str = True
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            verify = False
+        elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+            verify = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+        self._http = httpx.Client(base_url=self.uri, headers=headers, auth=auth, verify=verify,
+                                  timeout=10.0)
+
+    def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
+        if alias is not None:
+            path, params = "/api/2.0/mlflow/registered-models/alias", {"name": name,
+                                                                        "alias": alias}
+        else:
+            path, params = "/api/2.0/mlflow/model-versions/get", {"name": name,
+                                                                   "version": version}
+        response = self._http.get(path, params=params)
+        if response.status_code != 200:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            raise RegistryError(f"{self.uri}{path} answered {response.status_code}: {message}")
+        mv = response.json()["model_version"]
+        tags = {t["key"]: t.get("value", "") for t in mv.get("tags", [])}
+        return str(mv["version"]), tags
+
+    def download(self, name: str, version: str, dest: Path) -> Path:
+        return download_in_helper(name, version, dest)
+
+
+# --- a local SQLite store: its tables, read-only ------------------------------------------
+
+#: The columns this reader queries, per table (MLflow's registry schema since 2.3).
+SQLITE_SCHEMA = {
+    "registered_models": {"name"},
+    "registered_model_aliases": {"name", "alias", "version"},
+    "model_versions": {"name", "version", "current_stage"},
+    "model_version_tags": {"name", "version", "key", "value"},
+}
+DELETED = "Deleted_Internal"  # MLflow's stage of a soft-deleted version
+DEFAULT_WORKSPACE = "default"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """``sqlite:///rel.db`` or ``sqlite:////abs.db`` (SQLAlchemy's form) -> the file."""
+    if not uri.startswith("sqlite:///"):
+        return None  # sqlite:// (in memory) or another driver form
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path).resolve() if path else None
+
+
+class SqliteRegistry:
+    """MLflow's SQLite store read directly (read-only), with MLflow's answers; downloads
+    in the helper process. A schema it does not know goes to the helper instead."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.path = sqlite_path(uri)
+        self._fallback: HelperRegistry | None = None
+        self._workspace: bool | None = None  # has MLflow 3's workspace column
+        if self.path is None or os.environ.get("MLFLOW_WORKSPACE", DEFAULT_WORKSPACE) != (
+                DEFAULT_WORKSPACE):
+            self._use_helper(f"{uri!r} is not a plain SQLite file URI or MLFLOW_WORKSPACE is set")
+
+    def _use_helper(self, why: str) -> None:
+        log.warning("reading the registry through the helper process (MLflow's client): %s",
+                    why)
+        self._fallback = HelperRegistry()
+
+    def _connect(self) -> sqlite3.Connection:
+        if not self.path.is_file():
+            raise RegistryError(f"no MLflow store at {self.path} (MLFLOW_TRACKING_URI="
+                                f"{self.uri}); run the pipeline first, or point it elsewhere")
+        return sqlite3.connect(f"file:{quote(str(self.path))}?mode=ro", uri=True, timeout=10,
+                               check_same_thread=False)
+
+    def _check_schema(self, db: sqlite3.Connection) -> bool:
+        for table, needed in SQLITE_SCHEMA.items():
+            columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            if not needed <= columns:
+                self._use_helper(f"{self.path} has no {table}({', '.join(sorted(needed))}) "
+                                 "(not a registry schema this reader knows)")
+                return False
+            if table == "registered_model_aliases":
+                self._workspace = "workspace" in columns
+        return True
+
+    def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
+        if self._fallback is not None:
+            return self._fallback.resolve(name, alias, version)
+        try:
+            with self._connect() as db:
+                if self._workspace is None and not self._check_schema(db):
+                    return self._fallback.resolve(name, alias, version)
+                return self._resolve(db, name, alias, version)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"reading the registry in {self.path}: {exc}") from None
+
+    def _query(self, db, sql: str, *params) -> list[tuple]:
+        if self._workspace:  # MLflow's store reads the default workspace
+            sql += " AND workspace = ?"
+            params = (*params, DEFAULT_WORKSPACE)
+        return db.execute(sql, params).fetchall()
+
+    def _resolve(self, db, name: str, alias: str | None, version: str | None):
+        if not self._query(db, "SELECT 1 FROM registered_models WHERE name = ?", name):
+            raise RegistryError(f"Registered Model with name={name} not found")
+        live = f"name = ? AND current_stage != '{DELETED}'"
+        if alias is not None and alias.lower() == "latest":  # MLflow's reserved alias
+            rows = self._query(db, f"SELECT MAX(CAST(version AS INTEGER)) FROM model_versions "
+                                   f"WHERE {live}", name)
+            if not rows or rows[0][0] is None:
+                raise RegistryError(f"Latest version not found for model {name}.")
+            version = str(rows[0][0])
+        elif alias is not None:
+            rows = self._query(db, "SELECT version FROM registered_model_aliases "
+                                   "WHERE name = ? AND alias = ?", name, alias)
+            if not rows:
+                raise RegistryError(f"Registered model alias {alias} not found.")
+            version = str(rows[0][0])
+        if not self._query(db, f"SELECT 1 FROM model_versions WHERE {live} AND version = ?",
+                           name, int(version)):
+            raise RegistryError(f"Model Version (name={name}, version={version}) not found")
+        tags = self._query(db, "SELECT key, value FROM model_version_tags "
+                               "WHERE name = ? AND version = ?", name, int(version))
+        return version, {key: value or "" for key, value in tags}
+
+    def download(self, name: str, version: str, dest: Path) -> Path:
+        return download_in_helper(name, version, dest)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The helper process: MLflow's client for one call, answer on the last line of stdout.
+
+    ``download NAME VERSION DEST`` prints the local folder;
+    ``resolve NAME (--alias ALIAS | --version VERSION)`` prints ``{"version", "tags"}``.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    usage = (f"usage: python -m {MODULE} download NAME VERSION DEST\n"
+             f"       python -m {MODULE} resolve NAME (--alias ALIAS | --version VERSION)")
+    block_heavy_imports()
+    logging.basicConfig(level=logging.WARNING)
+    if len(args) == 4 and args[0] == "download":
+        _, name, version, dest = args
+        print(MlflowRegistry().download(name, version, Path(dest)))
+    elif len(args) == 4 and args[0] == "resolve" and args[2] in ("--alias", "--version"):
+        _, name, flag, value = args
+        alias, version = (value, None) if flag == "--alias" else (None, value)
+        resolved, tags = MlflowRegistry().resolve(name, alias, version)
+        print(json.dumps({"version": resolved, "tags": tags}))
+    else:
+        sys.exit(usage)
+
+
+if __name__ == "__main__":
+    main()
