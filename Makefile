@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.installed
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# MLflow servers started here (make ui, the tests' and benchmarks' servers) run no GenAI
+# job runner: nothing here submits jobs, and it starts a dozen huey processes.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
 .PHONY: install demo lint test test-all soak bench bench-pipeline bench-models ui stop clean help
 

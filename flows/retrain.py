@@ -19,7 +19,7 @@ from onnxflow.flows import FLOW_NAME
 from onnxflow.flows.pipeline import RunResult, run
 from onnxflow.recipes import with_recipe_defaults
 from onnxflow.tasks.endpoints import wait_for_endpoints_task
-from onnxflow.tasks.register import close_abandoned_runs_task
+from onnxflow.tasks.tracking import close_abandoned_runs_task
 
 
 @flow(name=FLOW_NAME)

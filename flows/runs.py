@@ -10,7 +10,7 @@ from prefect.runtime import flow_run
 
 from onnxflow.arrays import ArrayDataset
 from onnxflow.results import DatasetArtifact
-from onnxflow.tasks.register import finish_run_task, start_run_task
+from onnxflow.tasks.tracking import finish_run_task, start_run_task
 
 
 @contextmanager

@@ -315,6 +315,28 @@ def promote(
     typer.echo(f"{name}@{alias} -> version {version}")
 
 
+@app.command()
+def audit(
+    name: Annotated[str, typer.Argument(help="Registered model.")] = "digits",
+) -> None:
+    """Who moved (or tried to move) the model's aliases, when, and what the server decided.
+
+    Reads the audit experiment the stack's MLflow server writes (onnxflow-audit/NAME) at
+    MLFLOW_TRACKING_URI, logged in as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+    """
+    _setup()
+    from mlflow.exceptions import MlflowException
+
+    from onnxflow.stack.audit import format_trail, read_trail
+
+    try:
+        rows = read_trail(name)
+    except MlflowException as exc:
+        _fail(f"cannot read the audit trail of {name!r} at "
+              f"{os.environ['MLFLOW_TRACKING_URI']}: {exc.message}")
+    typer.echo(format_trail(name, rows))
+
+
 def _deploy(model: str, port: int) -> None:
     from onnxflow.deploy import deploy_endpoint, smoke_test
     from onnxflow.serving.launcher import make_settings
@@ -347,6 +369,7 @@ def serve(
     all_models: Annotated[Optional[str], typer.Option(help="Also serve every registered model that has this alias (e.g. champion), picking up new ones as they appear.")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    grpc_port: Annotated[Optional[int], typer.Option(help="Also serve KServe V2 / Triton gRPC on this port.")] = None,
     token: Annotated[Optional[str], typer.Option(envvar="ONNXFLOW_SERVE_TOKEN", show_envvar=True, help="Bearer token for inference and admin routes (admin routes are off without one).")] = None,
     max_batch_size: Annotated[Optional[int], typer.Option(help="Enable dynamic batching up to this many rows per run.")] = None,
     max_batch_delay_ms: Annotated[Optional[float], typer.Option(help="Longest wait to fill a batch.")] = None,
@@ -362,7 +385,8 @@ def serve(
     from onnxflow.serving.launcher import serve as serve_foreground
 
     try:
-        serve_foreground(model, host, port, all_models=all_models, token=token,
+        serve_foreground(model, host, port, all_models=all_models, grpc_port=grpc_port,
+                         token=token,
                          max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
                          poll_interval_s=poll_interval_s, max_body_bytes=max_body_bytes)
     except ValueError as exc:  # the settings refused an option

@@ -380,9 +380,17 @@ def create_app(settings: ServingSettings) -> FrontDoor:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await plane.start()
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from onnxflow.serving.grpc_front import start_grpc
+
+            grpc_server, front.grpc_port = await start_grpc(plane, settings.host,
+                                                            settings.grpc_port)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(5)
             await plane.stop()
 
     app = Starlette(
@@ -394,5 +402,6 @@ def create_app(settings: ServingSettings) -> FrontDoor:
     app.add_middleware(MetricsMiddleware, metrics=plane.metrics)
     front = FrontDoor(app, invocations, infer, infer_version, model_invocations)
     front.plane = plane
+    front.grpc_port = None  # the bound gRPC port once started
     front.endpoints = ep
     return front

@@ -199,6 +199,23 @@ class DataPlane:
     def model_metadata(self, name: str, version: str | None = None) -> dict:
         return self.model(name, version).metadata()
 
+    def repository_index(self, ready_only: bool = False) -> list[dict]:
+        """Every model this endpoint serves or was told to: name, version, state, reason."""
+        entries = []
+        for name, manager in self.managers.items():
+            model = manager.current
+            if model is not None:
+                entry = {"name": name, "version": model.version, "state": "READY",
+                         "reason": ""}
+            else:
+                check = manager.last_check
+                entry = {"name": name, "version": (check.version or "") if check else "",
+                         "state": "UNAVAILABLE",
+                         "reason": check.detail if check else "not loaded yet"}
+            if entry["state"] == "READY" or not ready_only:
+                entries.append(entry)
+        return entries
+
     # --- administration --------------------------------------------------------------
 
     async def reload(self, name: str | None = None) -> CheckOutcome:

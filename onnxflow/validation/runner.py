@@ -74,15 +74,21 @@ class ValidationRun:
         self.record(loaded)
         return session
 
-    def run_or_fail(
-        self, run: Callable[[Feeds], list[np.ndarray]], feeds: Feeds, what: str
-    ) -> list[np.ndarray] | None:
-        """The model's outputs on ``feeds``; None (and a failed check) when onnxruntime fails."""
+    def first_run(
+        self, session, feeds: Feeds, what: str
+    ) -> tuple[Callable[[Feeds], list[np.ndarray]], dict[str, np.ndarray] | None]:
+        """The model as a function of its feeds, and its outputs by name on ``feeds``; None
+        for the outputs (and a failed check) when onnxruntime cannot run them."""
+        names = [o.name for o in session.get_outputs()]
+
+        def run_onnx(batch: Feeds) -> list[np.ndarray]:
+            return session.run(names, batch)
+
         try:
-            return run(feeds)
+            return run_onnx, dict(zip(names, run_onnx(feeds), strict=True))
         except Exception as exc:  # onnxruntime's Fail/InvalidArgument/RuntimeException
             self.record(Check(f"onnxruntime runs {what}", False, one_line(exc)))
-            return None
+            return run_onnx, None
 
     def summary(
         self,
@@ -158,19 +164,14 @@ def validate_model(
 
     input_name = session.get_inputs()[0].name
     feeds = {input_name: X}
-
-    def run_onnx(batch: Feeds) -> list[np.ndarray]:
-        return session.run(None, batch)
-
-    onnx_out = run.run_or_fail(run_onnx, feeds, "the test split")
-    if onnx_out is None:
+    run_onnx, by_name = run.first_run(session, feeds, "the test split")
+    if by_name is None:
         return run.finish()
     framework = get_adapter(trained.framework).load_predictor(trained.path)
     main = output_name(info.task)
     reference = {main: framework(X)}
     # pair outputs by name; a misnamed single output is still compared (its name check failed)
-    by_name = dict(zip([o.name for o in session.get_outputs()], onnx_out, strict=True))
-    outputs = {name: by_name.get(name, onnx_out[0]) for name in reference}
+    outputs = {name: by_name.get(name, next(iter(by_name.values()))) for name in reference}
 
     parity = {}
     for name, expected in reference.items():
@@ -259,15 +260,10 @@ def validate_imported(
             ", ".join(f"{k} {v.dtype} {list(v.shape)}" for k, v in feeds.items()),
         )
     )
-    output_names = [o.name for o in session.get_outputs()]
-
-    def run_onnx(batch: Feeds) -> list[np.ndarray]:
-        return session.run(output_names, batch)
-
-    produced = run.run_or_fail(run_onnx, feeds, "the sample")
-    if produced is None:
+    run_onnx, outputs = run.first_run(session, feeds, "the sample")
+    if outputs is None:
         return run.finish()
-    outputs = dict(zip(output_names, produced, strict=True))
+    output_names = list(outputs)
 
     wanted, compared_with = None, None
     if reference is not None:
