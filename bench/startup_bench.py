@@ -154,7 +154,9 @@ def report(results: dict) -> str:
         "",
         "Start to ready: process spawn to the first 200 on `/v2/health/ready`, models in "
         "the cache. Memory: VmRSS summed over the endpoint's process tree 2 s after ready. "
-        f"Median of {results['runs']} starts (min-max).",
+        f"Median of {results['runs']} starts (min-max). Load average (1 min) at the start "
+        f"and end: {results.get('load', ['?', '?'])[0]} and {results.get('load', ['?', '?'])[1]}"
+        " (times stretch with it; memory does not).",
         "",
         "| registry | models | start to ready (s) | process tree RSS (MB) |",
         "|---|---:|---:|---:|",
@@ -188,6 +190,7 @@ def main() -> None:
         else:
             print("this endpoint serves one model: measuring 1 model only")
     sqlite_uri = f"sqlite:///{work / 'mlflow.db'}"
+    load_at_start = round(os.getloadavg()[0], 1)
     import platform
 
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -205,6 +208,7 @@ def main() -> None:
                 results["rows"].append(measure(label, names[:count], args.runs, work))
     finally:
         stop_group(server)
+    results["load"] = [load_at_start, round(os.getloadavg()[0], 1)]
     (work / "results.json").write_text(json.dumps(results, indent=2))
     text = report(results)
     if args.output:
