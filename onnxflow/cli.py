@@ -482,8 +482,9 @@ class OnceOnlyCommand(TyperCommand):
         single = {}
         for param in self.get_params(ctx):
             # typer ships its own click: look at the parameter, not at its class
+            # (a flag counts too: --deploy --no-deploy cannot both be honoured)
             if getattr(param, "param_type_name", "") == "option" and not (
-                    param.multiple or param.is_flag or param.count):
+                    param.multiple or param.count):
                 single.update(dict.fromkeys(param.opts + param.secondary_opts, param))
         seen: dict[str, str] = {}  # parameter -> the option name it was given as
         for arg in args:
