@@ -159,6 +159,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Prefect's temporary server may take longer than its default 20 s on a busy machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     rows = []
     with tempfile.TemporaryDirectory(prefix="models-bench-") as tmp:
         work = Path(tmp)
