@@ -45,6 +45,7 @@ soak: $(STAMP)  ## Reliability, long form: load, hot swaps, faults, 1,000+ fuzz 
 
 bench: $(STAMP)  ## Serving benchmarks: our endpoint vs mlflow models serve
 	$(BIN)/python bench/serve_bench.py --install-wrk
+	$(BIN)/python bench/team_bench.py
 
 bench-pipeline: $(STAMP)  ## Demo pipeline wall time, and how much is Prefect + MLflow overhead
 	$(BIN)/python bench/pipeline_bench.py
