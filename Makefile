@@ -45,6 +45,7 @@ soak: $(STAMP)  ## Reliability, long form: load, hot swaps, faults, 1,000+ fuzz 
 
 bench: $(STAMP)  ## Serving benchmarks: our endpoint vs mlflow models serve; start-up and memory
 	$(BIN)/python bench/serve_bench.py --install-wrk
+	$(BIN)/python bench/team_bench.py
 	$(BIN)/python bench/startup_bench.py --runs 5 --models 5 --output docs/startup.md
 
 bench-pipeline: $(STAMP)  ## Demo pipeline wall time, and how much is Prefect + MLflow overhead

@@ -349,3 +349,37 @@ def test_example_full_size_reaches_90_percent_and_is_served(
     dataset = ArrayDataset(path=data_dir / "splits.npz", info=read_dataset_info(data_dir))
     inputs, _ = read_split(dataset, "test")
     serve_and_ask(name, chain.simplified.path, {k: v[:4] for k, v in inputs.items()}, tmp_path)
+
+
+def test_an_operator_the_onnx_exporter_cannot_handle_is_named_with_its_message(
+    tmp_path, small_dataset
+):
+    """torch.export captures eigvalsh; the ONNX exporter has no translation for it: the error
+    names the recipe, the function and carries the exporter's own message."""
+    from onnxflow.config import ExportConfig
+    from onnxflow.errors import ExportError
+    from onnxflow.recipes.steps import export_recipe
+
+    path = _recipe(
+        tmp_path,
+        HEAD
+        + """
+class Eigen(Net):
+    def forward(self, a, b):
+        x = torch.cat([a, b], dim=1)
+        values = torch.linalg.eigvalsh(x[:, :4, None] * x[:, None, :4] + torch.eye(4))
+        return self.linear(x) + values[:, :3]
+
+def build_model(info):
+    return Eigen()
+""",
+    )
+    trained = train_recipe(str(path), small_dataset, TrainConfig(epochs=1), tmp_path / "train")
+    with pytest.raises(
+        ExportError,
+        match=r"recipe.py: torch.onnx.export\(dynamo=True\) cannot "
+        r"export the model from build_model\(info\): ConversionError",
+    ) as caught:
+        export_recipe(trained, small_dataset.info, ExportConfig(), tmp_path / "export")
+    assert "eigh" in str(caught.value)  # the operator, in the exporter's own words
+    assert not (tmp_path / "export" / "model.onnx").exists()
