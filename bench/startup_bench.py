@@ -75,7 +75,11 @@ def start_tracking_server(work: Path) -> tuple[subprocess.Popen, str]:
              "--workers", "1"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/health", 300, proc)
+    try:
+        wait_http(f"{url}/health", 300, proc)
+    except BaseException:  # never leave a server behind
+        stop_group(proc)
+        raise
     return proc, url
 
 
