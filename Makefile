@@ -43,9 +43,10 @@ test-all: $(STAMP) system-packages image-packages  ## Run every test, slow ones 
 soak: $(STAMP)  ## Reliability, long form: load, hot swaps, faults, 1,000+ fuzz cases; one table
 	ONNXFLOW_SOAK=1 $(BIN)/pytest tests/reliability -m reliability
 
-bench: $(STAMP)  ## Serving benchmarks: our endpoint vs mlflow models serve
+bench: $(STAMP)  ## Serving benchmarks: our endpoint vs mlflow models serve; start-up and memory
 	$(BIN)/python bench/serve_bench.py --install-wrk
 	$(BIN)/python bench/team_bench.py
+	$(BIN)/python bench/startup_bench.py --runs 5 --models 5 --output docs/startup.md
 
 bench-pipeline: $(STAMP)  ## Demo pipeline wall time, and how much is Prefect + MLflow overhead
 	$(BIN)/python bench/pipeline_bench.py

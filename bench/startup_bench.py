@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import start_tracking_server, stop_group  # noqa: E402
+from bench.serve_bench import BIN, stop_group, wait_http  # noqa: E402
 from onnxflow.serving.launcher import free_port, start_background, stop_background  # noqa: E402
 from onnxflow.serving.settings import ServingSettings  # noqa: E402
 
@@ -59,6 +60,23 @@ def tree_rss_mb(pid: int) -> float:
         total += rss.get(current, 0)
         todo.extend(children.get(current, []))
     return total / 1024
+
+
+def start_tracking_server(work: Path) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on ``work/mlflow.db`` (local artifact root: the SQLite set-up reads
+    the same files); waits up to 5 min, as a loaded 2-core machine needs."""
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    with open(work / "mlflow-server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+             f"sqlite:///{work / 'mlflow.db'}", "--default-artifact-root",
+             str(work / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", 300, proc)
+    return proc, url
 
 
 def register_models(tracking_uri: str, count: int, work: Path) -> list[str]:
@@ -136,7 +154,9 @@ def report(results: dict) -> str:
         "",
         "Start to ready: process spawn to the first 200 on `/v2/health/ready`, models in "
         "the cache. Memory: VmRSS summed over the endpoint's process tree 2 s after ready. "
-        f"Median of {results['runs']} starts (min-max).",
+        f"Median of {results['runs']} starts (min-max). Load average (1 min) at the start "
+        f"and end: {results.get('load', ['?', '?'])[0]} and {results.get('load', ['?', '?'])[1]}"
+        " (times stretch with it; memory does not).",
         "",
         "| registry | models | start to ready (s) | process tree RSS (MB) |",
         "|---|---:|---:|---:|",
@@ -170,6 +190,7 @@ def main() -> None:
         else:
             print("this endpoint serves one model: measuring 1 model only")
     sqlite_uri = f"sqlite:///{work / 'mlflow.db'}"
+    load_at_start = round(os.getloadavg()[0], 1)
     import platform
 
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -179,7 +200,7 @@ def main() -> None:
     server, server_uri = start_tracking_server(work)  # registers through it: one store
     try:
         names = register_models(server_uri, max(counts), work)
-        for label, uri in (("server", server_uri), ("sqlite", sqlite_uri)):  # server first: it fills the cache
+        for label, uri in (("server", server_uri), ("sqlite", sqlite_uri)):
             if args.only and args.only != label:
                 continue
             os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -187,6 +208,7 @@ def main() -> None:
                 results["rows"].append(measure(label, names[:count], args.runs, work))
     finally:
         stop_group(server)
+    results["load"] = [load_at_start, round(os.getloadavg()[0], 1)]
     (work / "results.json").write_text(json.dumps(results, indent=2))
     text = report(results)
     if args.output:
