@@ -267,3 +267,39 @@ def test_model_control_unload_and_load(triton_endpoint):
         http.load_model("no_such_model")
     extensions = http.get_server_metadata()["extensions"]
     assert {"statistics", "model_repository"} <= set(extensions)
+
+
+def test_triton_http_example_clients_logic(triton_endpoint):
+    """What simple_http_infer_client.py, simple_http_async_infer_client.py and
+    simple_http_string_infer_client.py do, against the same process."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(triton_endpoint.url.removeprefix("http://"),
+                                              concurrency=4)
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.ones((1, 16), dtype=np.int32)
+    inputs = [httpclient.InferInput("INPUT0", [1, 16], "INT32"),
+              httpclient.InferInput("INPUT1", [1, 16], "INT32")]
+    inputs[0].set_data_from_numpy(a, binary_data=False)
+    inputs[1].set_data_from_numpy(b, binary_data=True)
+    outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=True),
+               httpclient.InferRequestedOutput("OUTPUT1", binary_data=False)]
+    result = client.infer("simple", inputs, outputs=outputs, request_id="1")
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+    assert result.get_response()["id"] == "1"
+
+    pending = [client.async_infer("simple", inputs, request_id=str(i)) for i in range(8)]
+    for request in pending:
+        np.testing.assert_array_equal(request.get_result().as_numpy("OUTPUT0"), a + b)
+
+    words = np.array([[str(i) for i in range(16)]], dtype=object)
+    ones = np.array([["1"] * 16], dtype=object)
+    strings = [httpclient.InferInput("INPUT0", [1, 16], "BYTES"),
+               httpclient.InferInput("INPUT1", [1, 16], "BYTES")]
+    strings[0].set_data_from_numpy(words, binary_data=True)
+    strings[1].set_data_from_numpy(ones, binary_data=False)
+    answer = client.infer("simple_string", strings)
+    assert [int(x) for x in answer.as_numpy("OUTPUT0").ravel()] == list(range(1, 17))
+    assert [int(x) for x in answer.as_numpy("OUTPUT1").ravel()] == list(range(-1, 15))
+    client.close()
