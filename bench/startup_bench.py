@@ -66,7 +66,8 @@ def start_tracking_server(work: Path) -> tuple[subprocess.Popen, str]:
     """``mlflow server`` on ``work/mlflow.db`` (local artifact root: the SQLite set-up reads
     the same files); waits up to 5 min, as a loaded 2-core machine needs."""
     port = free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: a dozen processes
     with open(work / "mlflow-server.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
