@@ -123,6 +123,10 @@ def load_config(path: Path | None, overrides: dict[str, dict[str, Any]]) -> Pipe
             _fail(f"{path} must hold a mapping of sections (data:, train:, ...)", 2)
         raw = loaded
     for section, values in overrides.items():
+        if not isinstance(values, dict):  # a top-level key such as recipe
+            if values is not None:
+                raw[section] = values
+            continue
         values = {k: v for k, v in values.items() if v is not None}
         if values:
             raw[section] = {**(raw.get(section) or {}), **values}
@@ -141,22 +145,41 @@ PromotionOpt = Annotated[Optional[PromotionMode], typer.Option(help="auto moves 
 ModelNameOpt = Annotated[Optional[str], typer.Option(help="Registered model name (default: digits).")]
 EpochsOpt = Annotated[Optional[int], typer.Option(help="Training epochs (overrides the config).")]
 ModelOpt = Annotated[Optional[ModelChoice], typer.Option(help="mlp, or cnn: a small conv net on the features as a square image (digits: 8x8); torch and keras.")]
+RecipeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Your own model code: a .py file (or importable module) with build_model(info), "
+        "optionally load_data(config) and fit(model, data, config, on_epoch). Replaces "
+        "--framework/--model."
+    ),
+]
 QuantizeOpt = Annotated[Optional[QuantizeChoice], typer.Option(help="Also register an int8 version: dynamic, or static (calibrated on the training split); kept only if accuracy drops at most quantize.max_accuracy_drop.")]
 
 
 def pipeline_config(
     config: Path | None, *, data: Path | None, target: str | None, epochs: int | None,
     model_name: str | None, promotion: PromotionMode | None, model: ModelChoice | None,
-    quantize: QuantizeChoice | None,
+    quantize: QuantizeChoice | None, recipe: str | None = None,
 ) -> PipelineConfig:
-    """The YAML file with the command-line options of `run` and `trigger` on top."""
-    return load_config(config, {
+    """The YAML file with the command-line options of `run` and `trigger` on top, and a
+    recipe's DEFAULTS under both."""
+    cfg = load_config(config, {
+        "recipe": recipe,
         "data": {"path": data, "target": target},
         "train": {"epochs": epochs, "model": model.value if model else None},
         "register": {"model_name": model_name},
         "promote": {"mode": promotion.value if promotion else None},
         "quantize": {"mode": quantize.value if quantize else None},
     })
+    if not cfg.recipe:
+        return cfg
+    from onnxflow.recipes import with_recipe_defaults
+
+    try:
+        return with_recipe_defaults(cfg)
+    except OnnxflowError as exc:
+        _fail(str(exc), 2)
+        raise  # unreachable, for type checkers
 
 
 @app.command()
@@ -172,18 +195,21 @@ def run(
     port: Annotated[int, typer.Option(help="Port of the endpoint with --deploy.")] = 8080,
     model: ModelOpt = None,
     quantize: QuantizeOpt = None,
+    recipe: RecipeOpt = None,
 ) -> None:
     """Train, export, simplify, validate, register and promote."""
     settings = _setup()
     cfg = pipeline_config(config, data=data, target=target, epochs=epochs, model_name=model_name,
-                          promotion=promotion, model=model, quantize=quantize)
+                          promotion=promotion, model=model, quantize=quantize, recipe=recipe)
     frameworks = _frameworks(framework)
     out_dir = settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    # Bad data fails here, in seconds, before Prefect or any framework starts.
+    # Bad data fails here, in seconds, before Prefect or any framework starts (a recipe's
+    # data is checked by the flow's first task, before any training).
     from onnxflow.data import prepare_data
 
     try:
-        prepare_data(cfg.data, out_dir / "data-check")
+        if not cfg.recipe:
+            prepare_data(cfg.data, out_dir / "data-check")
     except OnnxflowError as exc:
         _fail(str(exc), 2)
     check_tracking_store()
@@ -289,6 +315,28 @@ def promote(
     typer.echo(f"{name}@{alias} -> version {version}")
 
 
+@app.command()
+def audit(
+    name: Annotated[str, typer.Argument(help="Registered model.")] = "digits",
+) -> None:
+    """Who moved (or tried to move) the model's aliases, when, and what the server decided.
+
+    Reads the audit experiment the stack's MLflow server writes (onnxflow-audit/NAME) at
+    MLFLOW_TRACKING_URI, logged in as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+    """
+    _setup()
+    from mlflow.exceptions import MlflowException
+
+    from onnxflow.stack.audit import format_trail, read_trail
+
+    try:
+        rows = read_trail(name)
+    except MlflowException as exc:
+        _fail(f"cannot read the audit trail of {name!r} at "
+              f"{os.environ['MLFLOW_TRACKING_URI']}: {exc.message}")
+    typer.echo(format_trail(name, rows))
+
+
 def _deploy(model: str, port: int) -> None:
     from onnxflow.deploy import deploy_endpoint, smoke_test
     from onnxflow.serving.launcher import make_settings
@@ -321,6 +369,7 @@ def serve(
     all_models: Annotated[Optional[str], typer.Option(help="Also serve every registered model that has this alias (e.g. champion), picking up new ones as they appear.")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    grpc_port: Annotated[Optional[int], typer.Option(help="Also serve KServe V2 / Triton gRPC on this port.")] = None,
     token: Annotated[Optional[str], typer.Option(envvar="ONNXFLOW_SERVE_TOKEN", show_envvar=True, help="Bearer token for inference and admin routes (admin routes are off without one).")] = None,
     max_batch_size: Annotated[Optional[int], typer.Option(help="Enable dynamic batching up to this many rows per run.")] = None,
     max_batch_delay_ms: Annotated[Optional[float], typer.Option(help="Longest wait to fill a batch.")] = None,
@@ -336,7 +385,8 @@ def serve(
     from onnxflow.serving.launcher import serve as serve_foreground
 
     try:
-        serve_foreground(model, host, port, all_models=all_models, token=token,
+        serve_foreground(model, host, port, all_models=all_models, grpc_port=grpc_port,
+                         token=token,
                          max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
                          poll_interval_s=poll_interval_s, max_body_bytes=max_body_bytes)
     except ValueError as exc:  # the settings refused an option
@@ -369,15 +419,24 @@ def trigger(
     epochs: EpochsOpt = None,
     model: ModelOpt = None,
     quantize: QuantizeOpt = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="Your own model code (see run --help): a .py file the worker can read, sent "
+            "as an absolute path, or an importable module."
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the run finished (and the replicas serve its champion).")] = False,
     timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
     """Run the on-demand retrain-and-deploy deployment on the stack's worker."""
-    if data is not None and not data.is_file():
+    if data is not None and not data.exists():
         _fail(f"data file not found: {data}", 2)
+    if recipe is not None and Path(recipe).is_file():
+        recipe = str(Path(recipe).resolve())
     cfg = pipeline_config(config, data=data.resolve() if data else None, target=target,
                           epochs=epochs, model_name=model_name, promotion=promotion,
-                          model=model, quantize=quantize)
+                          model=model, quantize=quantize, recipe=recipe)
     from onnxflow.stack.commands import trigger_run
 
     trigger_run(_frameworks(framework), cfg, wait=wait, timeout_s=timeout)
@@ -423,8 +482,9 @@ class OnceOnlyCommand(TyperCommand):
         single = {}
         for param in self.get_params(ctx):
             # typer ships its own click: look at the parameter, not at its class
+            # (a flag counts too: --deploy --no-deploy cannot both be honoured)
             if getattr(param, "param_type_name", "") == "option" and not (
-                    param.multiple or param.is_flag or param.count):
+                    param.multiple or param.count):
                 single.update(dict.fromkeys(param.opts + param.secondary_opts, param))
         seen: dict[str, str] = {}  # parameter -> the option name it was given as
         for arg in args:

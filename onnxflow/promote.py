@@ -42,6 +42,7 @@ def is_better(metric: str, new: float, old: float) -> bool:
 def promote(model_name: str, candidates: Sequence[str], config: PromoteConfig) -> PromotionDecision:
     """Pick the best of ``candidates`` and decide whether it becomes ``config.alias``."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     if not candidates:
         raise PromotionError("Nothing to promote: no version was registered by this run.")
@@ -76,7 +77,15 @@ def promote(model_name: str, candidates: Sequence[str], config: PromoteConfig) -
         reason = f"review mode: a reviewer moves {config.alias!r} ({reason})"
 
     if decision == "promoted":
-        client.set_registered_model_alias(model_name, config.alias, best.version)
+        try:
+            client.set_registered_model_alias(model_name, config.alias, best.version)
+        except MlflowException as exc:
+            # The MLflow server's promotion policy (onnxflow.stack.policy) may keep this
+            # model's champion for a reviewer: the run then ends like review mode.
+            if exc.error_code != "PERMISSION_DENIED":
+                raise
+            decision = "awaiting_review"
+            reason = f"the MLflow server refused auto promotion: {exc.message}"
     client.set_model_version_tag(model_name, best.version, "promotion_decision", decision)
     client.set_model_version_tag(model_name, best.version, "promotion_reason", reason)
     log.info("promote %s v%s: %s (%s)", model_name, best.version, decision, reason)

@@ -88,7 +88,11 @@ def set_alias(model_name: str, alias: str, version: str | int) -> None:
         client.get_model_version(model_name, str(version))
     except MlflowException as exc:
         raise RegistryError(f"Model {model_name!r} has no version {version}: {exc.message}") from None
-    client.set_registered_model_alias(model_name, alias, str(version))
+    try:
+        client.set_registered_model_alias(model_name, alias, str(version))
+    except MlflowException as exc:  # e.g. the server's promotion policy, naming its rule
+        raise RegistryError(f"cannot point {model_name}@{alias} at version {version}: "
+                            f"{exc.message}") from None
 
 
 def _log_onnx(model_path: Path, input_example):

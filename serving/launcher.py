@@ -61,6 +61,7 @@ def serve(
     port: int | None = None,
     *,
     all_models: str | None = None,
+    grpc_port: int | None = None,
     token: str | None = None,
     max_batch_size: int | None = None,
     max_batch_delay_ms: float | None = None,
@@ -76,7 +77,8 @@ def serve(
     if isinstance(model, list):
         model = ",".join(model) or None
     settings = make_settings(
-        model=model, all_models=all_models, host=host, port=port, token=token, max_batch_size=max_batch_size,
+        model=model, all_models=all_models, grpc_port=grpc_port, host=host, port=port,
+        token=token, max_batch_size=max_batch_size,
         max_batch_delay_ms=max_batch_delay_ms, poll_interval_s=poll_interval_s,
         max_body_bytes=max_body_bytes, intra_op_threads=intra_op_threads,
         cache_dir=cache_dir, log_level=log_level,
@@ -93,6 +95,9 @@ def check_port(settings: ServingSettings) -> None:
         raise ServingError(
             f"port {settings.port} on {settings.host} is already in use: choose another with "
             "--port, or stop what holds it (`onnxflow stop` stops an endpoint onnxflow started)")
+    if settings.grpc_port and not port_free(settings.host, settings.grpc_port):
+        raise ServingError(f"gRPC port {settings.grpc_port} on {settings.host} is already in "
+                           "use: choose another with --grpc-port")
 
 
 def run_server(settings: ServingSettings) -> None:

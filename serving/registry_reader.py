@@ -260,6 +260,31 @@ class SqliteRegistry:
         return download_in_helper(name, version, dest)
 
 
+def check_login(tracking_uri: str | None) -> None:
+    """At start-up: one request to a tracking server with the endpoint's login
+    (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``); refused credentials raise RegistryError
+    with what to fix. An unreachable server passes: the alias watcher retries it."""
+    import httpx
+
+    if not (tracking_uri or "").startswith(("http://", "https://")):
+        return
+    client = RestRegistry(tracking_uri)
+    try:
+        response = client._http.get("/api/2.0/mlflow/registered-models/search",
+                                    params={"max_results": 1})
+    except httpx.HTTPError:
+        return
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if response.status_code == 401:
+        who = (f"the login of MLFLOW_TRACKING_USERNAME={user!r}" if user else
+               "no login (set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)")
+        raise RegistryError(f"the MLflow server at {client.uri} refuses {who}: 401 "
+                            f"unauthenticated")
+    if response.status_code == 403:
+        raise RegistryError(f"the MLflow server at {client.uri} lets {user!r} log in but not "
+                            f"read the registry (403): grant the account READ")
+
+
 def main(argv: list[str] | None = None) -> None:
     """The helper process: MLflow's client for one call, answer on the last line of stdout.
 

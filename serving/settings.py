@@ -36,6 +36,11 @@ class ServingSettings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 only on purpose.")
     port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port).")
+    grpc_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Also serve KServe V2 / Triton gRPC (GRPCInferenceService) on this port; "
+        "0: any free port (logged). None: no gRPC.",
+    )
     token: SecretStr | None = Field(
         None,
         description="Bearer token for inference and admin routes; admin routes are off without.",

@@ -15,7 +15,7 @@ from onnxflow.importing import (
     sample_feeds, validate_import,
 )
 from onnxflow.results import ImportedModel, RegisteredVersion, ValidationSummary
-from onnxflow.tasks.register import registry_task
+from onnxflow.tasks.retry import registry_task
 
 
 @task(name="convert-to-onnx", cache_policy=NO_CACHE)

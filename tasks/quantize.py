@@ -12,7 +12,7 @@ from onnxflow.config import QuantizeConfig, RegisterConfig
 from onnxflow.quantize import quantization_tags, quantize_model
 from onnxflow.registration import register_onnx
 from onnxflow.results import DatasetArtifact, QuantizedModel, RegisteredVersion
-from onnxflow.tasks.register import registry_task
+from onnxflow.tasks.retry import registry_task
 
 
 @task(name="quantize", cache_policy=NO_CACHE)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from onnxflow.errors import OnnxflowError
 
 #: Backoff between attempts of a registry task, in seconds.
@@ -17,3 +20,12 @@ def transient_only(task, task_run, state) -> bool:
     except Exception:
         return True
     return False
+
+
+#: The decorator of every task that talks to the MLflow registry or tracking server.
+registry_task = task(
+    retries=len(REGISTRY_RETRY_DELAYS),
+    retry_delay_seconds=REGISTRY_RETRY_DELAYS,
+    retry_condition_fn=transient_only,
+    cache_policy=NO_CACHE,
+)

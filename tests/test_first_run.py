@@ -126,9 +126,11 @@ def test_an_interrupted_command_stops_its_temporary_prefect_server(tmp_path, _mi
     _wait_gone(tree)
 
 
-def test_an_interrupted_test_run_stops_the_servers_its_fixtures_started(tmp_path):
-    """SIGTERM to pytest (a CI timeout) while a fixture's server runs in a session of its
-    own: the fixture's teardown runs, and the server is gone."""
+@pytest.mark.parametrize("killed", ["pytest", "make"])
+def test_an_interrupted_test_run_stops_the_servers_its_fixtures_started(tmp_path, killed):
+    """SIGTERM to pytest (a CI timeout), or SIGKILL to the ``make`` that runs it, while a
+    fixture's server runs in a session of its own: the fixture's teardown runs, the server
+    is gone. (make passes SIGTERM on to its recipe; nothing passes on its SIGKILL.)"""
     (tmp_path / "test_inner.py").write_text(f'''
 import sys, time
 from pathlib import Path
@@ -147,22 +149,32 @@ def test_waits(server):
     time.sleep(300)
 ''')
     repo = Path(__file__).resolve().parents[1]
-    inner = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-q", "-p", "no:cacheprovider",
-         "--rootdir", str(tmp_path), str(tmp_path / "test_inner.py")],
-        cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    pid_file = tmp_path / "server.pid"
-    deadline = time.monotonic() + 120
-    while not pid_file.exists() and time.monotonic() < deadline and inner.poll() is None:
-        time.sleep(0.1)
-    assert pid_file.exists(), inner.communicate()[0]
-    tree = process_tree(inner.pid)
-    server = int(pid_file.read_text())
-    assert server in [pid for pid, _ in tree]
-    os.kill(inner.pid, signal.SIGTERM)
-    out, _ = inner.communicate(timeout=60)
-    assert inner.returncode != 0, out
-    _wait_gone(tree)
+    pytest_argv = [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-q",
+                   "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+                   str(tmp_path / "test_inner.py")]
+    if killed == "make":  # make runs a recipe's simple command itself, without a shell
+        (tmp_path / "Makefile").write_text(f"test:\n\t{' '.join(pytest_argv)}\n")
+        argv = ["make", "-s", "-f", str(tmp_path / "Makefile"), "test"]
+    else:
+        argv = pytest_argv
+    run = subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)
+    try:
+        pid_file = tmp_path / "server.pid"
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.1)
+        assert pid_file.exists(), run.communicate()[0]
+        tree = process_tree(run.pid)
+        assert int(pid_file.read_text()) in [pid for pid, _ in tree]
+        # that one process only, not its group
+        os.kill(run.pid, signal.SIGKILL if killed == "make" else signal.SIGTERM)
+        out, _ = run.communicate(timeout=60)
+        assert run.returncode != 0, out
+        _wait_gone(tree)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
 
 
 # --- errors, not tracebacks -------------------------------------------------------------

@@ -27,7 +27,8 @@ from onnxflow.errors import StackError
 from onnxflow.processes import (
     ProcessRecord, is_running, start_process, stop_process, wait_until,
 )
-from onnxflow.stack import health
+from onnxflow.stack import accounts, health
+from onnxflow.stack.accounts import Credentials
 from onnxflow.stack.settings import StackSettings
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,11 @@ STATE_FILE = "stack.json"
 #: Variables of the caller that must not leak into the stack's processes.
 _OVERRIDDEN = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILES_PATH",
                "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL",
-               "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+               "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
+               # each process gets its own account (or none), never the caller's
+               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+               "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+               "MLFLOW_AUTH_ADMIN_PASSWORD", "ONNXFLOW_PROMOTION_POLICY")
 
 Progress = Callable[[str], None]
 
@@ -57,7 +62,7 @@ def mlflow_backend_uri(settings: StackSettings) -> str:
 def base_env(settings: StackSettings) -> dict[str, str]:
     """The caller's environment, less what would point a process at another store."""
     env = {k: v for k, v in os.environ.items()
-           if k not in _OVERRIDDEN and not k.startswith("ONNXFLOW_SERVE_")}
+           if k not in _OVERRIDDEN and not k.startswith(("ONNXFLOW_SERVE_", "ONNXFLOW_AUTH_"))}
     env.update({"PYTHONUNBUFFERED": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "TF_CPP_MIN_LOG_LEVEL": "2"})
     return env
@@ -79,6 +84,10 @@ def prefect_env(settings: StackSettings) -> dict[str, str]:
     return env
 
 
+#: The MLflow app of the stack: basic-auth plus the promotion policy (pyproject's mlflow.app).
+MLFLOW_APP = "onnxflow-auth"
+
+
 def mlflow_server_command(settings: StackSettings) -> list[str]:
     return [
         sys.executable, "-m", "mlflow", "server",
@@ -87,7 +96,65 @@ def mlflow_server_command(settings: StackSettings) -> list[str]:
         "--serve-artifacts",
         "--artifacts-destination", str(state_dir(settings) / "mlflow-artifacts"),
         "--workers", str(settings.mlflow_workers),
+        *(["--app-name", MLFLOW_APP] if settings.auth else []),
     ]
+
+
+def credentials_dir(settings: StackSettings) -> Path:
+    return (settings.credentials_dir or state_dir(settings) / "credentials").resolve()
+
+
+def auth_database_uri(settings: StackSettings) -> str:
+    """MLflow's user store: its own URL, else the MLflow database on PostgreSQL (its tables
+    are apart: users, roles, *_permissions), else SQLite next to the tracking store."""
+    if settings.auth_database_url is not None:
+        return settings.auth_database_url.get_secret_value()
+    backend = mlflow_backend_uri(settings)
+    if backend.startswith("postgresql"):
+        return backend
+    return f"sqlite:///{state_dir(settings) / 'mlflow-auth.db'}"
+
+
+def mlflow_server_env(settings: StackSettings,
+                      credentials: Credentials | None = None) -> dict[str, str]:
+    # MLflow's job runner (GenAI jobs, a dozen huey processes) has nothing to do here.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if settings.auth and credentials is not None:
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(state_dir(settings) / "mlflow-auth.ini")
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = credentials.passwords[accounts.SECRET_KEY]
+        if settings.promotion_policy is not None:
+            env["ONNXFLOW_PROMOTION_POLICY"] = str(Path(settings.promotion_policy).resolve())
+    return env
+
+
+def stack_credentials(settings: StackSettings,
+                      given: Credentials | None = None) -> Credentials | None:
+    """The accounts' passwords of an authenticated stack (None when auth is off)."""
+    if given is not None or not settings.auth:
+        return given
+    return accounts.load_credentials(credentials_dir(settings))
+
+
+def account_env(settings: StackSettings, account: str) -> dict[str, str]:
+    """What an MLflow client needs to act as one of the stack's accounts (empty: no auth)."""
+    credentials = stack_credentials(settings)
+    return credentials.env_for(account) if credentials is not None else {}
+
+
+def prepare_auth(settings: StackSettings) -> Credentials:
+    """Passwords (created if missing), basic-auth's ini, the users and reviewer roles."""
+    from onnxflow.stack.policy import load_policy
+
+    try:
+        policy = load_policy(settings.promotion_policy)
+    except ValueError as exc:  # pydantic's ValidationError is one
+        raise StackError(f"promotion policy {settings.promotion_policy}: {exc}") from exc
+    credentials = accounts.load_credentials(credentials_dir(settings))
+    accounts.write_auth_config(state_dir(settings) / "mlflow-auth.ini",
+                               auth_database_uri(settings))
+    accounts.provision(auth_database_uri(settings), credentials,
+                       accounts.reviewer_roles(policy))
+    return credentials
 
 
 def prefect_server_command(settings: StackSettings) -> list[str]:
@@ -100,10 +167,14 @@ def worker_command(settings: StackSettings) -> list[str]:
             "--type", "process", "--name", f"{settings.work_pool}-worker"]
 
 
-def worker_env(settings: StackSettings) -> dict[str, str]:
+def worker_env(settings: StackSettings,
+               credentials: Credentials | None = None) -> dict[str, str]:
     """The worker passes its environment to every flow run it starts: this is how runs
-    find the tracking server and where they write their files."""
-    return {**prefect_env(settings), "MLFLOW_TRACKING_URI": settings.mlflow_url,
+    find the tracking server, log in to it (the pipeline account) and where they write
+    their files."""
+    credentials = stack_credentials(settings, credentials)
+    login = credentials.env_for(accounts.PIPELINE) if credentials is not None else {}
+    return {**prefect_env(settings), **login, "MLFLOW_TRACKING_URI": settings.mlflow_url,
             "ONNXFLOW_ARTIFACTS_DIR": str(state_dir(settings) / "runs"),
             # Heartbeats let the server mark a run Crashed when its worker dies with it
             # (the automation apply_deployments creates); without them it stays Running.
@@ -119,7 +190,8 @@ def _followed(settings: StackSettings) -> str:
                              if settings.all_models else "")
 
 
-def endpoint_env(settings: StackSettings, port: int) -> dict[str, str]:
+def endpoint_env(settings: StackSettings, port: int,
+                 credentials: Credentials | None = None) -> dict[str, str]:
     from onnxflow.serving.launcher import settings_env
     from onnxflow.serving.settings import ServingSettings
 
@@ -129,7 +201,9 @@ def endpoint_env(settings: StackSettings, port: int) -> dict[str, str]:
         # One cache per replica: replicas stand for separate machines, and share no files.
         cache_dir=state_dir(settings) / "endpoints" / str(port) / "models",
     )
-    return {**settings_env(serving), "MLFLOW_TRACKING_URI": settings.mlflow_url}
+    credentials = stack_credentials(settings, credentials)
+    login = credentials.env_for(accounts.ENDPOINT) if credentials is not None else {}
+    return {**settings_env(serving), **login, "MLFLOW_TRACKING_URI": settings.mlflow_url}
 
 
 # --- state file
@@ -199,15 +273,20 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
         _write_state(settings, records)
         return record
 
+    credentials = prepare_auth(settings) if settings.auth else None
     try:
-        # MLflow's job runner (GenAI jobs, a dozen huey processes) has nothing to do here.
         mlflow = start("mlflow", mlflow_server_command(settings),
-                       {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, settings.mlflow_url)
+                       mlflow_server_env(settings, credentials), settings.mlflow_url)
         prefect = start("prefect-server", prefect_server_command(settings),
                         prefect_env(settings), settings.prefect_url)
         took = wait_until(mlflow, lambda: health.mlflow_healthy(settings.mlflow_url),
                           settings.startup_timeout_s, "healthy", StackError)
         progress(f"MLflow tracking server  {settings.mlflow_url}  ({took:.1f} s)")
+        if credentials is not None:
+            for account in (accounts.PIPELINE, accounts.ENDPOINT):
+                accounts.check_login(settings.mlflow_url, credentials, account)
+            progress(f"MLflow accounts         {', '.join(accounts.ACCOUNTS)}; the reviewer's "
+                     f"password is in {credentials.path(accounts.REVIEWER)}")
         took = wait_until(prefect, lambda: health.prefect_healthy(settings.prefect_url),
                           settings.startup_timeout_s, "healthy", StackError)
         progress(f"Prefect server          {settings.prefect_url}  ({took:.1f} s)")
@@ -217,14 +296,15 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
         names = apply_deployments(settings)
         progress(f"deployments             {', '.join(names)} (pool {settings.work_pool})")
 
-        worker = start("worker", worker_command(settings), worker_env(settings), None)
+        worker = start("worker", worker_command(settings), worker_env(settings, credentials),
+                       None)
         took = wait_until(worker, lambda: health.worker_online(settings.prefect_url,
                                                                settings.work_pool),
                           settings.startup_timeout_s, "online", StackError)
         progress(f"worker                  pool {settings.work_pool}  ({took:.1f} s)")
 
         endpoints = [start(f"endpoint-{port}", [sys.executable, "-m", "onnxflow.serving"],
-                           endpoint_env(settings, port), url)
+                           endpoint_env(settings, port, credentials), url)
                      for port, url in zip(settings.endpoint_ports, settings.endpoint_urls)]
         for endpoint in endpoints:
             took = wait_until(endpoint, lambda u=endpoint.url: health.endpoint_live(u),

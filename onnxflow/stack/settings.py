@@ -50,6 +50,18 @@ class StackSettings(BaseSettings):
         "None: SQLite in state_dir.",
     )
     mlflow_workers: int = Field(1, ge=1, description="Worker processes of the MLflow server.")
+    auth: bool = Field(
+        True, description="Run MLflow with authentication and the promotion policy "
+        "(accounts: admin, pipeline, endpoint, reviewer); false: an open server.")
+    credentials_dir: Path | None = Field(
+        None, description="One file per account holding its password (0600), created when "
+        "missing; None: state_dir/credentials. ONNXFLOW_AUTH_<ACCOUNT>_PASSWORD overrides.")
+    promotion_policy: Path | None = Field(
+        None, description="YAML promotion policy the MLflow server enforces on aliases "
+        "(who may move champion, the evidence, four eyes); None: the defaults.")
+    auth_database_url: SecretStr | None = Field(
+        None, description="MLflow's user and permission store; None: the MLflow database "
+        "when it is PostgreSQL, else SQLite in state_dir.")
     work_pool: str = Field("onnxflow-process", description="Prefect process work pool.")
     worker_query_s: float = Field(
         2.0, gt=0, description="Seconds between the worker's polls for runs to start."

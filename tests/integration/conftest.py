@@ -85,7 +85,16 @@ def stack(postgres_databases, tmp_path_factory):
         manager.down(settings)
         raise
     record_timing("stack_up_s", time.monotonic() - started)
+    # This process inspects and reviews as the stack's reviewer account (MLflow's client
+    # reads the login from the environment); the CLI subprocesses inherit it.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ.update(manager.account_env(settings, "reviewer"))
     yield settings
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
     tree = [pid for r in records for pid in process_tree(r.pid)]
     started = time.monotonic()

@@ -18,7 +18,7 @@ from tests.integration.conftest import SMALL_CONFIG, free_ports, record_timing
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def test_the_scheduled_deployment_runs_both_frameworks_and_deploys(tmp_path):
+def test_the_scheduled_deployment_runs_both_frameworks_and_deploys(tmp_path, monkeypatch):
     config = tmp_path / "nightly.yaml"
     config.write_text(yaml.safe_dump(SMALL_CONFIG))
     prefect_port, mlflow_port, endpoint_port = free_ports(3)
@@ -46,6 +46,8 @@ def test_the_scheduled_deployment_runs_both_frameworks_and_deploys(tmp_path):
         # Both frameworks registered; the flow waited for the replica before finishing.
         from mlflow import MlflowClient
 
+        for key, value in manager.account_env(settings, "endpoint").items():
+            monkeypatch.setenv(key, value)
         client = MlflowClient(tracking_uri=settings.mlflow_url, registry_uri=settings.mlflow_url)
         versions = client.search_model_versions("name='digits'")
         assert {v.tags["source_framework"] for v in versions} == {"torch", "keras"}

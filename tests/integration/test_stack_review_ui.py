@@ -1,21 +1,35 @@
 """The reviewer's part, done the way a reviewer does it: in the MLflow UI, in a browser.
 
-Playwright drives Debian's headless Chromium (``make browser`` installs it; Playwright's
-own browser download does not work on these machines). The reviewer opens the model,
-finds the challenger, reads its validation report from the source run's artifacts, sets
-``champion`` on it by clicking, and both serving replicas then answer with it.
-Screenshots go to ``test-results/``.
+Playwright drives Debian's headless Chromium (``make system-packages`` installs it;
+Playwright's own browser download does not work on these machines). Everyone logs in to
+the MLflow UI with their own account (the stack runs MLflow with authentication and the
+promotion policy). In file order:
+
+1. a data scientist, who may edit the model, tries to set ``champion`` on the
+   challenger: refused, and the dialog shows the rule;
+2. the reviewer opens the model, finds the challenger, reads its validation report from
+   the source run's artifacts, sets ``champion`` on it by clicking, and both serving
+   replicas then answer with it;
+3. the reviewer tries ``champion`` on a version a data scientist registered without
+   ``validation: passed``: refused, the rule on screen, the replicas keep serving.
+
+Every attempt is in the model's audit trail. Screenshots go to ``test-results/``.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
+from onnxflow.stack import manager
+from onnxflow.stack.audit import read_trail
 from onnxflow.stack.deployments import trigger
-from onnxflow.endpoints import wait_until_serving
+from onnxflow.endpoints import serving_version, wait_until_serving
 from tests.integration.conftest import RESULTS, SMALL_CONFIG, record_timing
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -38,6 +52,43 @@ def browser():
         browser.close()
 
 
+def login(browser, stack, user: str, password: str | None = None):
+    """A page in a fresh browser context logged in to the MLflow UI as ``user``."""
+    password = password or manager.account_env(stack, user)["MLFLOW_TRACKING_PASSWORD"]
+    context = browser.new_context(viewport={"width": 1400, "height": 1000},
+                                  http_credentials={"username": user, "password": password})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    return page
+
+
+def add_data_scientist(stack) -> tuple[str, str]:
+    """As the admin: a data scientist's account, with EDIT on the model (they work on it)."""
+    admin = manager.account_env(stack, "admin")
+    auth = (admin["MLFLOW_TRACKING_USERNAME"], admin["MLFLOW_TRACKING_PASSWORD"])
+    name, password = f"ds-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    with httpx.Client(base_url=stack.mlflow_url, auth=auth, timeout=30) as http:
+        http.post("/api/2.0/mlflow/users/create",
+                  json={"username": name, "password": password}).raise_for_status()
+        http.post("/api/3.0/mlflow/users/permissions/grant", json={
+            "username": name, "resource_type": "registered_model", "resource_id": "digits",
+            "permission": "EDIT"}).raise_for_status()
+    return name, password
+
+
+def try_champion_in_ui(page, stack, version: str):
+    """On the version's page: Edit aliases, add ``champion``, Save; returns the dialog."""
+    page.goto(f"{stack.mlflow_url}/#/models/digits/versions/{version}", wait_until="load")
+    page.get_by_title("Edit aliases").click()
+    dialog = page.get_by_role("dialog")
+    combobox = dialog.get_by_role("combobox")
+    combobox.click()
+    combobox.press_sequentially("champion")
+    combobox.press("Enter")
+    dialog.get_by_role("button", name="Save aliases").click()
+    return dialog
+
+
 def pending_challenger(stack, client) -> str:
     """The version a reviewer has to decide on: a challenger that is not champion yet.
 
@@ -58,12 +109,40 @@ def pending_challenger(stack, client) -> str:
             continue
         config = {**SMALL_CONFIG, "train": {**SMALL_CONFIG["train"], "seed": seed},
                   "promote": {"mode": mode}}
-        run = trigger(stack, {"frameworks": ["torch"], "config": config,
-                              "endpoints": stack.endpoint_urls}, wait=True, timeout_s=300)
+        # In a thread of its own: Playwright's sync API runs an event loop in this one, and
+        # Prefect's run_deployment would then hand back a coroutine instead of running.
+        with ThreadPoolExecutor(1) as pool:
+            run = pool.submit(trigger, stack, {"frameworks": ["torch"], "config": config,
+                                               "endpoints": stack.endpoint_urls},
+                              wait=True, timeout_s=300).result()
         assert run.state.is_completed(), run.state
     champion, challenger = alias("champion"), alias("challenger")
     assert champion and challenger and champion != challenger, (champion, challenger)
     return challenger
+
+
+def test_a_data_scientist_is_refused_champion_in_the_mlflow_ui_with_the_rule_on_screen(
+    stack, mlflow_client, browser,
+):
+    version = pending_challenger(stack, mlflow_client)
+    champion_before = mlflow_client.get_model_version_by_alias("digits", "champion").version
+    name, password = add_data_scientist(stack)
+    RESULTS.mkdir(exist_ok=True)
+    page = login(browser, stack, name, password)
+    try:
+        dialog = try_champion_in_ui(page, stack, version)
+        dialog.get_by_text("Promotion policy, rule 'reviewers'").wait_for()
+        dialog.get_by_text(f"refused for '{name}'").wait_for()
+        page.screenshot(path=str(RESULTS / "auth-data-scientist-refused.png"))
+    except Exception:
+        page.screenshot(path=str(RESULTS / "auth-data-scientist-failure.png"), full_page=True)
+        raise
+    finally:
+        page.context.close()
+    assert mlflow_client.get_model_version_by_alias("digits", "champion").version == champion_before
+    last = read_trail("digits", mlflow_client)[-1]
+    assert (last["user"], last["to_version"], last["decision"], last["rule"], last["via"]) == (
+        name, version, "refused", "reviewers", "ui")
 
 
 def test_reviewer_reads_the_report_and_promotes_the_challenger_in_the_mlflow_ui(
@@ -72,8 +151,7 @@ def test_reviewer_reads_the_report_and_promotes_the_challenger_in_the_mlflow_ui(
     version = pending_challenger(stack, mlflow_client)
     champion_before = mlflow_client.get_model_version_by_alias("digits", "champion").version
     RESULTS.mkdir(exist_ok=True)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(30_000)
+    page = login(browser, stack, "reviewer")
     try:
         # The model's page: the challenger is the row tagged "@ challenger".
         page.goto(f"{stack.mlflow_url}/#/models/digits", wait_until="load")
@@ -81,7 +159,9 @@ def test_reviewer_reads_the_report_and_promotes_the_challenger_in_the_mlflow_ui(
         row.get_by_role("link", name=f"Version {version}").click()
         page.wait_for_url(f"**/#/models/digits/versions/{version}")
         version_url = page.url
-        page.get_by_text("awaiting_review").first.wait_for()
+        # The pipeline's decision (awaiting_review, or kept_champion when run alone and the
+        # new version did not beat the champion) and the evidence, as tags.
+        page.get_by_role("cell", name="promotion_decision", exact=True).wait_for()
         page.get_by_role("cell", name="validation", exact=True).wait_for()
 
         # Its validation report, from the source run's artifacts.
@@ -110,8 +190,55 @@ def test_reviewer_reads_the_report_and_promotes_the_challenger_in_the_mlflow_ui(
         page.screenshot(path=str(RESULTS / "reviewer-failure.png"), full_page=True)
         raise
     finally:
-        page.close()
+        page.context.close()
 
     assert mlflow_client.get_model_version_by_alias("digits", "champion").version == version
     wait_until_serving(stack.endpoint_urls, "digits", version, timeout_s=30)
     record_timing("ui_promotion_to_both_replicas_serving_s", time.monotonic() - clicked)
+    last = read_trail("digits", mlflow_client)[-1]
+    assert (last["user"], last["from_version"], last["to_version"], last["decision"]) == (
+        "reviewer", champion_before, version, "allowed")
+    assert mlflow_client.get_model_version("digits", version).tags[
+        "audit.champion_set_by"] == "reviewer"
+
+
+def test_reviewer_is_refused_a_version_without_validation_passed_in_the_mlflow_ui(
+    stack, mlflow_client, browser,
+):
+    champion = mlflow_client.get_model_version_by_alias("digits", "champion")
+    # A data scientist registers their own, unvalidated copy of a model as a new version.
+    name, password = add_data_scientist(stack)
+    with httpx.Client(base_url=stack.mlflow_url, auth=(name, password), timeout=30) as http:
+        created = http.post("/api/2.0/mlflow/model-versions/create", json={
+            "name": "digits", "source": f"models:/digits/{champion.version}",
+            "tags": [{"key": "validation", "value": "failed"}]})
+    assert created.status_code == 200, created.text
+    unvalidated = created.json()["model_version"]["version"]
+    assert mlflow_client.get_model_version("digits", unvalidated).tags["registered_by"] == name
+
+    page = login(browser, stack, "reviewer")
+    try:
+        dialog = try_champion_in_ui(page, stack, unvalidated)
+        dialog.get_by_text("Promotion policy, rule 'evidence'").wait_for()
+        dialog.get_by_text("validation='failed', expected 'passed'", exact=False).wait_for()
+        page.screenshot(path=str(RESULTS / "auth-reviewer-refused-unvalidated.png"))
+        # The audit trail, in the MLflow UI: the model's audit experiment.
+        experiment = mlflow_client.get_experiment_by_name("onnxflow-audit/digits")
+        page.goto(f"{stack.mlflow_url}/#/experiments/{experiment.experiment_id}",
+                  wait_until="load")
+        page.get_by_text(f"champion {champion.version} -> {unvalidated} by reviewer: refused"
+                         ).first.wait_for()
+        page.screenshot(path=str(RESULTS / "auth-audit-trail.png"), full_page=True)
+    except Exception:
+        page.screenshot(path=str(RESULTS / "auth-reviewer-failure.png"), full_page=True)
+        raise
+    finally:
+        page.context.close()
+
+    assert mlflow_client.get_model_version_by_alias("digits", "champion").version == (
+        champion.version)
+    for url in stack.endpoint_urls:
+        assert serving_version(url, "digits") == champion.version
+    last = read_trail("digits", mlflow_client)[-1]
+    assert (last["user"], last["to_version"], last["decision"], last["rule"]) == (
+        "reviewer", unvalidated, "refused", "evidence")

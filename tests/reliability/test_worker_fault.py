@@ -84,7 +84,8 @@ def start_worker(settings):
     return record
 
 
-def test_worker_killed_mid_flow_rerun_completes_and_registry_stays_clean(tmp_path, report):
+def test_worker_killed_mid_flow_rerun_completes_and_registry_stays_clean(tmp_path, report,
+                                                                         monkeypatch):
     from mlflow import MlflowClient
 
     from onnxflow.config import PipelineConfig
@@ -106,6 +107,8 @@ def test_worker_killed_mid_flow_rerun_completes_and_registry_stays_clean(tmp_pat
     manager.up(settings)
     restarted = None
     try:
+        for key, value in manager.account_env(settings, "endpoint").items():  # read-only login
+            monkeypatch.setenv(key, value)
         client = MlflowClient(settings.mlflow_url, settings.mlflow_url)
         worker = next(r for r in manager.read_state(settings) if r.name == "worker")
 

@@ -90,3 +90,51 @@ def multi_example(rows: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
         "wide": rng.normal(size=(rows, 1)),
         "names": np.array([f"name-{i}-é" for i in range(rows)], dtype=object),
     }
+
+
+# --- the models Triton's example clients expect (names, tensor names and shapes) ----------
+
+
+def triton_simple(path: Path) -> Path:
+    """Triton's ``simple``: INPUT0, INPUT1 INT32 [1, 16] -> OUTPUT0 = sum, OUTPUT1 = difference."""
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT32, [1, 16])
+              for n in ("INPUT0", "INPUT1")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.INT32, [1, 16])
+               for n in ("OUTPUT0", "OUTPUT1")]
+    nodes = [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+             helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])]
+    return _save(helper.make_graph(nodes, "simple", inputs, outputs), path)
+
+
+def triton_simple_string(path: Path) -> Path:
+    """Triton's ``simple_string``: the same on numbers written as strings (BYTES [1, 16])."""
+    inputs = [helper.make_tensor_value_info(n, TensorProto.STRING, [1, 16])
+              for n in ("INPUT0", "INPUT1")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.STRING, [1, 16])
+               for n in ("OUTPUT0", "OUTPUT1")]
+    nodes = [helper.make_node("Cast", ["INPUT0"], ["a"], to=TensorProto.INT32),
+             helper.make_node("Cast", ["INPUT1"], ["b"], to=TensorProto.INT32),
+             helper.make_node("Add", ["a", "b"], ["sum"]),
+             helper.make_node("Sub", ["a", "b"], ["diff"]),
+             helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=TensorProto.STRING),
+             helper.make_node("Cast", ["diff"], ["OUTPUT1"], to=TensorProto.STRING)]
+    return _save(helper.make_graph(nodes, "simple_string", inputs, outputs), path)
+
+
+def triton_simple_identity(path: Path) -> Path:
+    """Triton's ``simple_identity``: INPUT0 BYTES [-1, -1] -> OUTPUT0, unchanged."""
+    inputs = [helper.make_tensor_value_info("INPUT0", TensorProto.STRING, ["batch", "n"])]
+    outputs = [helper.make_tensor_value_info("OUTPUT0", TensorProto.STRING, ["batch", "n"])]
+    nodes = [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])]
+    return _save(helper.make_graph(nodes, "simple_identity", inputs, outputs), path)
+
+
+def triton_examples() -> dict[str, dict[str, np.ndarray]]:
+    """An input example per Triton model, for registration."""
+    ints = np.arange(16, dtype=np.int32).reshape(1, 16)
+    words = np.array([[str(i) for i in range(16)]], dtype=object)
+    return {
+        "simple": {"INPUT0": ints, "INPUT1": np.ones((1, 16), np.int32)},
+        "simple_string": {"INPUT0": words, "INPUT1": words},
+        "simple_identity": {"INPUT0": np.array([["hello"]], dtype=object)},
+    }

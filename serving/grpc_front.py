@@ -1,0 +1,257 @@
+"""The gRPC front: KServe V2 / Triton's ``inference.GRPCInferenceService`` over the data plane.
+
+Served with grpcio's asyncio server on the endpoint's own event loop, against the
+protocol stubs tritonclient ships (``tritonclient.grpc.service_pb2``), so Triton's and
+KServe's gRPC clients work unchanged. The same checks as REST: the token as
+``authorization`` metadata (``Bearer <token>``), the body size limit as the largest
+message, every tensor checked against the model before an array is made. Errors are the
+data plane's named errors as gRPC status codes (``RequestError.grpc_code``).
+
+Tensors come as ``raw_input_contents`` (little-endian, BYTES length-prefixed: what
+tritonclient sends) or as typed ``contents``; outputs go back as ``raw_output_contents``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from onnxflow.serving.dataplane import DataPlane
+from onnxflow.serving.errors import BadInput, NotFound, NotReady, RequestError
+from onnxflow.serving.model import LoadedModel
+from onnxflow.serving.tensors import (
+    array_from_binary,
+    array_from_json,
+    array_to_binary,
+    check_shape,
+)
+
+log = logging.getLogger(__name__)
+
+# InferTensorContents field holding each datatype's values (FP16 only travels raw).
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+    "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+    "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+# Triton's model-config data types, for ModelConfig.
+CONFIG_TYPES = {
+    "BOOL": 1, "UINT8": 2, "UINT16": 3, "UINT32": 4, "UINT64": 5, "INT8": 6, "INT16": 7,
+    "INT32": 8, "INT64": 9, "FP16": 10, "FP32": 11, "FP64": 12, "BYTES": 13,
+}
+
+
+def _stubs():
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    return service_pb2, service_pb2_grpc
+
+
+def decode_infer_request(request, model: LoadedModel, max_bytes: int) -> dict[str, np.ndarray]:
+    """The request's inputs as checked arrays, keyed by name."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise BadInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
+                       "send one per input, in input order")
+    feeds: dict[str, np.ndarray] = {}
+    for i, item in enumerate(request.inputs):
+        spec = model.input_by_name.get(item.name)
+        if spec is None:
+            raise BadInput(f"unknown input {item.name!r}; model inputs: "
+                           f"{', '.join(model.input_by_name)}")
+        if item.name in feeds:
+            raise BadInput(f"input {item.name!r} is given twice")
+        if item.datatype != spec.datatype:
+            raise BadInput(f"input {item.name!r}: wrong datatype {item.datatype or '(none)'}; "
+                           f"the model takes {spec.datatype}")
+        for key in ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"):
+            if key in item.parameters:
+                raise BadInput(f"input {item.name!r}: parameter {key!r} is not supported over "
+                               "gRPC by this endpoint")
+        shape = check_shape(spec, [int(d) for d in item.shape], max_bytes)
+        if raw:
+            feeds[item.name] = array_from_binary(spec, memoryview(raw[i]), shape)
+        else:
+            field = CONTENTS_FIELD.get(spec.datatype)
+            if field is None:
+                raise BadInput(f"input {item.name!r}: {spec.datatype} travels only as "
+                               "raw_input_contents")
+            values = list(getattr(item.contents, field))
+            if spec.datatype == "BYTES":
+                values = [v.decode("utf-8", "surrogateescape") for v in values]
+            feeds[item.name] = array_from_json(spec, values, shape)
+    missing = [n for n in model.input_by_name if n not in feeds]
+    if missing:
+        raise BadInput(f"missing input(s) {', '.join(map(repr, missing))}; model inputs: "
+                       f"{', '.join(model.input_by_name)}")
+    return feeds
+
+
+class InferenceService:
+    """The servicer: each RPC authorizes, asks the data plane, and maps its errors."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.pb, _ = _stubs()
+
+    # --- helpers ---------------------------------------------------------------------
+
+    async def _call(self, rpc: str, context, handler, *, guarded: bool = True):
+        start = time.perf_counter()
+        status = 200
+        try:
+            if guarded:
+                metadata = dict(context.invocation_metadata() or ())
+                self.plane.authorize(metadata.get("authorization"))
+            return await handler()
+        except RequestError as exc:
+            import grpc
+
+            status = exc.status
+            await context.abort(grpc.StatusCode[exc.grpc_code], str(exc))
+        except Exception as exc:  # noqa: BLE001  (answered as INTERNAL, logged)
+            import grpc
+
+            status = 500
+            log.exception("unhandled error in gRPC %s", rpc)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        finally:
+            self.plane.metrics.observe_request(f"grpc:{rpc}", "GRPC", status,
+                                               time.perf_counter() - start)
+
+    # --- health and metadata ---------------------------------------------------------
+
+    async def ServerLive(self, request, context):  # noqa: N802  (the protocol's names)
+        async def handler():
+            return self.pb.ServerLiveResponse(live=True)
+        return await self._call("ServerLive", context, handler, guarded=False)
+
+    async def ServerReady(self, request, context):  # noqa: N802
+        async def handler():
+            return self.pb.ServerReadyResponse(ready=self.plane.ready())
+        return await self._call("ServerReady", context, handler, guarded=False)
+
+    async def ModelReady(self, request, context):  # noqa: N802
+        async def handler():
+            try:
+                self.plane.model(request.name, request.version or None)
+            except (NotFound, NotReady):
+                return self.pb.ModelReadyResponse(ready=False)
+            return self.pb.ModelReadyResponse(ready=True)
+        return await self._call("ModelReady", context, handler, guarded=False)
+
+    async def ServerMetadata(self, request, context):  # noqa: N802
+        async def handler():
+            meta = self.plane.server_metadata()
+            return self.pb.ServerMetadataResponse(name=meta["name"], version=meta["version"],
+                                                  extensions=meta["extensions"])
+        return await self._call("ServerMetadata", context, handler, guarded=False)
+
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        async def handler():
+            model = self.plane.model(request.name, request.version or None)
+            tensor = self.pb.ModelMetadataResponse.TensorMetadata
+            return self.pb.ModelMetadataResponse(
+                name=model.name, versions=[model.version], platform="onnxruntime_onnx",
+                inputs=[tensor(name=s.name, datatype=s.datatype, shape=list(s.shape))
+                        for s in model.inputs],
+                outputs=[tensor(name=s.name, datatype=s.datatype, shape=list(s.shape))
+                         for s in model.outputs])
+        return await self._call("ModelMetadata", context, handler)
+
+    async def ModelConfig(self, request, context):  # noqa: N802
+        async def handler():
+            from tritonclient.grpc import model_config_pb2 as config
+
+            model = self.plane.model(request.name, request.version or None)
+
+            def tensors(specs, kind):
+                return [kind(name=s.name, data_type=CONFIG_TYPES[s.datatype],
+                             dims=list(s.shape)) for s in specs]
+            return self.pb.ModelConfigResponse(config=config.ModelConfig(
+                name=model.name, platform="onnxruntime_onnx", backend="onnxruntime",
+                max_batch_size=0, input=tensors(model.inputs, config.ModelInput),
+                output=tensors(model.outputs, config.ModelOutput)))
+        return await self._call("ModelConfig", context, handler)
+
+    async def RepositoryIndex(self, request, context):  # noqa: N802
+        async def handler():
+            entries = []
+            for entry in self.plane.repository_index(ready_only=request.ready):
+                entries.append(self.pb.RepositoryIndexResponse.ModelIndex(**entry))
+            return self.pb.RepositoryIndexResponse(models=entries)
+        return await self._call("RepositoryIndex", context, handler)
+
+    async def RepositoryModelLoad(self, request, context):  # noqa: N802
+        async def handler():
+            await self.plane.load(request.model_name)
+            return self.pb.RepositoryModelLoadResponse()
+        return await self._call("RepositoryModelLoad", context, handler)
+
+    async def RepositoryModelUnload(self, request, context):  # noqa: N802
+        async def handler():
+            await self.plane.unload(request.model_name)
+            return self.pb.RepositoryModelUnloadResponse()
+        return await self._call("RepositoryModelUnload", context, handler)
+
+    async def ModelStatistics(self, request, context):  # noqa: N802
+        async def handler():
+            from google.protobuf import json_format
+
+            report = self.plane.statistics(request.name or None, request.version or None)
+            return json_format.ParseDict(report, self.pb.ModelStatisticsResponse(),
+                                         ignore_unknown_fields=True)
+        return await self._call("ModelStatistics", context, handler)
+
+    # --- inference -------------------------------------------------------------------
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        async def handler():
+            model = self.plane.model(request.model_name, request.model_version or None)
+            wanted = [o.name for o in request.outputs] or model.output_names
+
+            def decode():
+                for name in wanted:
+                    if name not in model.output_by_name:
+                        raise BadInput(f"unknown output {name!r}; model outputs: "
+                                       f"{', '.join(model.output_names)}")
+                return decode_infer_request(request, model, self.plane.settings.max_body_bytes)
+
+            def encode(outputs):
+                results = dict(zip(model.output_names, outputs, strict=True))
+                response = self.pb.ModelInferResponse(
+                    model_name=model.name, model_version=model.version, id=request.id)
+                for name in dict.fromkeys(wanted):
+                    arr = results[name]
+                    datatype = model.output_by_name[name].datatype
+                    response.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
+                    response.raw_output_contents.append(array_to_binary(datatype, arr))
+                return response
+
+            return await self.plane.run_request(model, decode, encode)
+        return await self._call("ModelInfer", context, handler)
+
+
+async def start_grpc(plane: DataPlane, host: str, port: int):
+    """Start the gRPC server on the running loop; returns (server, bound port)."""
+    import grpc
+
+    _, stubs = _stubs()
+    limit = plane.settings.max_body_bytes + 64 * 1024  # the body limit, plus the envelope
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", -1),
+                                      ("grpc.so_reuseport", 0)])
+    # The generated base answers UNIMPLEMENTED for what is not served here (streaming,
+    # CUDA shared memory, trace and log settings).
+    servicer = type("Servicer", (InferenceService, stubs.GRPCInferenceServiceServicer), {})
+    stubs.add_GRPCInferenceServiceServicer_to_server(servicer(plane), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC to {host}:{port}")
+    await server.start()
+    log.info("gRPC (KServe V2 / Triton GRPCInferenceService) on %s:%s", host, bound)
+    return server, bound
+

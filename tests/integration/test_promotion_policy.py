@@ -1,0 +1,553 @@
+"""The promotion policy, rule by rule, through a real ``mlflow server --app-name onnxflow-auth``.
+
+One MLflow server per backend (SQLite in a temporary folder, and a fresh PostgreSQL
+database), with the stack's accounts provisioned as ``make up`` does and a policy file
+that guards two models differently. Every request is a real HTTP request as one account
+(basic auth); every attempt's audit record is read back from the tracking store.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from onnxflow.errors import StackError
+from onnxflow.processes import ProcessRecord, start_process, stop_process, wait_until
+from onnxflow.stack import accounts
+from onnxflow.stack.audit import read_trail
+from onnxflow.stack.manager import MLFLOW_APP
+from onnxflow.stack.policy import load_policy
+from tests.integration.conftest import PG_ADMIN_URL, free_ports
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+ALIAS = "/api/2.0/mlflow/registered-models/alias"
+UI_ALIAS = "/ajax-api/2.0/mlflow/registered-models/alias"
+EVIDENCE = {
+    "validation": "passed",
+    "onnx_sha256": "ab" * 32,
+    "parity_max_abs": "1e-06",
+    "parity_max_rel": "1e-05",
+    "metric_name": "accuracy",
+    "accuracy": "0.95",
+}
+POLICY = {
+    "models": {
+        # Reviewed by its own role, never promoted by the pipeline, four eyes.
+        "strict": {"reviewers": "strict-reviewers", "allow_auto": False, "four_eyes": True},
+    },
+}
+
+
+class Server:
+    """The running server, its passwords, and helpers to act as one account."""
+
+    def __init__(self, url: str, credentials: accounts.Credentials, backend: str) -> None:
+        self.url, self.credentials, self.backend = url, credentials, backend
+        self.passwords = dict(credentials.passwords)
+
+    def http(self, user: str) -> httpx.Client:
+        return httpx.Client(base_url=self.url, auth=(user, self.passwords[user]), timeout=30)
+
+    def call(self, user: str, method: str, path: str, **kwargs) -> httpx.Response:
+        with self.http(user) as client:
+            return client.request(method, path, **kwargs)
+
+    def ok(self, user: str, method: str, path: str, **kwargs) -> dict:
+        response = self.call(user, method, path, **kwargs)
+        assert response.status_code == 200, (path, response.status_code, response.text)
+        return response.json()
+
+    def add_user(self, name: str, roles: tuple[str, ...] = (), edit: tuple[str, ...] = ()) -> str:
+        """As the admin: a user, their roles, EDIT on some models (how a team adds people)."""
+        self.passwords[name] = f"pw-{uuid.uuid4().hex}"
+        self.ok(
+            "admin",
+            "POST",
+            "/api/2.0/mlflow/users/create",
+            json={"username": name, "password": self.passwords[name]},
+        )
+        listed = self.ok(
+            "admin", "GET", "/api/3.0/mlflow/roles/list", params={"workspace": "default"}
+        )["roles"]
+        for role in roles:
+            role_id = next(r["id"] for r in listed if r["name"] == role)
+            self.ok(
+                "admin",
+                "POST",
+                "/api/3.0/mlflow/roles/assign",
+                json={"username": name, "role_id": role_id},
+            )
+        for model in edit:
+            self.ok(
+                "admin",
+                "POST",
+                "/api/3.0/mlflow/users/permissions/grant",
+                json={
+                    "username": name,
+                    "resource_type": "registered_model",
+                    "resource_id": model,
+                    "permission": "EDIT",
+                },
+            )
+        return name
+
+    def new_model(self, prefix: str = "m", owner: str = "pipeline") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:6]}" if prefix != "strict" else "strict"
+        if (
+            prefix == "strict"
+            and self.call(
+                owner, "GET", "/api/2.0/mlflow/registered-models/get", params={"name": name}
+            ).status_code
+            == 200
+        ):
+            return name
+        self.ok(owner, "POST", "/api/2.0/mlflow/registered-models/create", json={"name": name})
+        return name
+
+    def new_version(self, model: str, tags: dict[str, str], user: str = "pipeline") -> str:
+        experiment = self.ok(
+            user,
+            "POST",
+            "/api/2.0/mlflow/experiments/create",
+            json={"name": f"e-{uuid.uuid4().hex}"},
+        )["experiment_id"]
+        run = self.ok(
+            user, "POST", "/api/2.0/mlflow/runs/create", json={"experiment_id": experiment}
+        )["run"]["info"]["run_id"]
+        created = self.ok(
+            user,
+            "POST",
+            "/api/2.0/mlflow/model-versions/create",
+            json={
+                "name": model,
+                "source": f"runs:/{run}/model",
+                "run_id": run,
+                "tags": [{"key": k, "value": v} for k, v in tags.items()],
+            },
+        )
+        return created["model_version"]["version"]
+
+    def set_alias(
+        self, user: str, model: str, version: str, alias: str = "champion", path: str = ALIAS
+    ) -> httpx.Response:
+        return self.call(
+            user, "POST", path, json={"name": model, "alias": alias, "version": version}
+        )
+
+    def alias(self, model: str, alias: str = "champion") -> str | None:
+        response = self.call("endpoint", "GET", ALIAS, params={"name": model, "alias": alias})
+        return response.json()["model_version"]["version"] if response.status_code == 200 else None
+
+    def tags(self, model: str, version: str) -> dict[str, str]:
+        mv = self.ok(
+            "endpoint",
+            "GET",
+            "/api/2.0/mlflow/model-versions/get",
+            params={"name": model, "version": version},
+        )["model_version"]
+        return {t["key"]: t.get("value", "") for t in mv.get("tags", [])}
+
+    def trail(self, model: str) -> list[dict[str, str]]:
+        from mlflow import MlflowClient
+
+        env = {
+            "MLFLOW_TRACKING_USERNAME": "endpoint",
+            "MLFLOW_TRACKING_PASSWORD": self.passwords["endpoint"],
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return read_trail(model, MlflowClient(self.url, self.url))
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _postgres_database():
+    import psycopg
+
+    name = f"onnxflow_auth_{uuid.uuid4().hex[:8]}"
+    conn = psycopg.connect(f"{PG_ADMIN_URL}/postgres", connect_timeout=3, autocommit=True)
+    conn.execute(f'CREATE DATABASE "{name}"')
+    return conn, name
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"auth-{request.param}")
+    conn = None
+    if request.param == "postgresql":
+        try:
+            conn, name = _postgres_database()
+        except Exception as exc:
+            pytest.fail(f"no PostgreSQL at {PG_ADMIN_URL} (set ONNXFLOW_TEST_POSTGRES): {exc}")
+        backend = f"postgresql://{PG_ADMIN_URL.split('://', 1)[1]}/{name}"
+        auth_db = backend
+    else:
+        backend = f"sqlite:///{folder / 'mlflow.db'}"
+        auth_db = f"sqlite:///{folder / 'auth.db'}"
+    policy_path = folder / "policy.yaml"
+    policy_path.write_text(yaml.safe_dump(POLICY))
+    credentials = accounts.load_credentials(folder / "credentials")
+    ini = accounts.write_auth_config(folder / "auth.ini", auth_db)
+    accounts.provision(auth_db, credentials, accounts.reviewer_roles(load_policy(policy_path)))
+    (port,) = free_ports(1)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "ONNXFLOW_PROMOTION_POLICY": str(policy_path),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": credentials.passwords[accounts.SECRET_KEY],
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--workers",
+        "1",
+        "--app-name",
+        MLFLOW_APP,
+    ]
+    record: ProcessRecord = start_process(
+        "mlflow", argv, env, folder / "mlflow.log", url=f"http://127.0.0.1:{port}"
+    )
+    try:
+        wait_until(
+            record, lambda: httpx.get(f"{record.url}/health").status_code == 200, 120, "healthy"
+        )
+        yield Server(record.url, credentials, request.param)
+    finally:
+        stop_process(record)
+        if conn is not None:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.close()
+
+
+# --- rule 1: reviewers
+
+
+def test_a_data_scientist_with_edit_on_the_model_is_refused_champion_naming_the_rule(server):
+    model = server.new_model()
+    version = server.new_version(model, EVIDENCE)
+    alice = server.add_user(f"alice-{uuid.uuid4().hex[:4]}", edit=(model,))
+
+    refused = server.set_alias(alice, model, version)
+    assert refused.status_code == 403
+    body = refused.json()
+    assert body["error_code"] == "PERMISSION_DENIED"
+    assert "rule 'reviewers'" in body["message"] and "'reviewers'" in body["message"]
+    assert server.alias(model) is None
+    # The same request from the UI (its ajax route) gets the same answer.
+    ui = server.set_alias(alice, model, version, path=UI_ALIAS)
+    assert ui.status_code == 403 and "rule 'reviewers'" in ui.json()["message"]
+    # Deleting the alias is a move too.
+    assert server.set_alias("reviewer", model, version).status_code == 200
+    deleted = server.call(alice, "DELETE", ALIAS, json={"name": model, "alias": "champion"})
+    assert deleted.status_code == 403 and "rule 'reviewers'" in deleted.json()["message"]
+    assert server.alias(model) == version
+    # Aliases the policy does not protect follow MLflow's permissions: EDIT may set them.
+    assert server.set_alias(alice, model, version, alias="candidate").status_code == 200
+
+
+def test_the_endpoint_account_is_read_only_for_aliases(server):
+    model = server.new_model()
+    version = server.new_version(model, EVIDENCE)
+    assert server.set_alias("endpoint", model, version).status_code == 403
+    # Not a protected alias, but the endpoint has no EDIT: MLflow's own permission refuses.
+    assert server.set_alias("endpoint", model, version, alias="challenger").status_code == 403
+    assert server.alias(model, "challenger") is None
+
+
+def test_the_pipeline_promotes_where_auto_is_allowed_and_is_refused_where_it_is_not(server):
+    model = server.new_model()
+    version = server.new_version(model, EVIDENCE)
+    assert server.set_alias("pipeline", model, version, alias="challenger").status_code == 200
+    assert server.set_alias("pipeline", model, version).status_code == 200
+    assert server.alias(model) == version
+
+    strict = server.new_model("strict")
+    strict_version = server.new_version(strict, EVIDENCE)
+    assert (
+        server.set_alias("pipeline", strict, strict_version, alias="challenger").status_code == 200
+    )
+    refused = server.set_alias("pipeline", strict, strict_version)
+    assert refused.status_code == 403
+    assert "auto promotion is off for 'strict'" in refused.json()["message"]
+
+
+def test_a_reviewer_of_another_role_may_not_move_champion_of_a_model_it_does_not_review(server):
+    strict = server.new_model("strict")
+    version = server.new_version(strict, EVIDENCE)
+    refused = server.set_alias("reviewer", strict, version)  # in 'reviewers', not 'strict-...'
+    assert refused.status_code == 403
+    assert "'strict-reviewers'" in refused.json()["message"]
+
+
+# --- rule 2: evidence
+
+
+@pytest.mark.parametrize(
+    "change, phrase",
+    [
+        ({"validation": "failed"}, "validation='failed', expected 'passed'"),
+        ({"validation": None}, "no 'validation' tag"),
+        ({"onnx_sha256": None}, "no 'onnx_sha256' tag"),
+        ({"parity_max_abs": None}, "no 'parity_max_abs' tag"),
+        ({"accuracy": None}, "no 'accuracy' tag (its metric_name)"),
+    ],
+)
+def test_a_reviewer_is_refused_a_version_without_the_evidence(server, change, phrase):
+    model = server.new_model()
+    tags = {k: v for k, v in {**EVIDENCE, **change}.items() if v is not None}
+    version = server.new_version(model, tags)
+    refused = server.set_alias("reviewer", model, version)
+    assert refused.status_code == 403
+    message = refused.json()["message"]
+    assert "rule 'evidence'" in message and phrase in message
+    assert server.alias(model) is None
+
+
+def test_an_override_reason_lets_a_reviewer_promote_without_evidence_and_is_recorded(server):
+    model = server.new_model()
+    version = server.new_version(model, {"validation": "failed"})
+    reason = "INC-42: validation data was corrupt; parity checked by hand"
+    server.ok(
+        "reviewer",
+        "POST",
+        "/api/2.0/mlflow/model-versions/set-tag",
+        json={"name": model, "version": version, "key": "promotion_override", "value": reason},
+    )
+    assert server.set_alias("reviewer", model, version).status_code == 200
+    assert server.alias(model) == version
+    tags = server.tags(model, version)
+    assert tags["audit.champion_set_by"] == "reviewer"
+    assert tags["audit.champion_override_reason"] == reason
+    (row,) = server.trail(model)
+    assert (row["decision"], row["override_reason"]) == ("allowed", reason)
+    # The override does not make a non-reviewer a reviewer.
+    assert server.set_alias("endpoint", model, version).status_code == 403
+
+
+# --- rule 3: four eyes
+
+
+def test_four_eyes_a_reviewer_may_not_promote_a_version_they_registered(server):
+    strict = server.new_model("strict")
+    bob = server.add_user(f"bob-{uuid.uuid4().hex[:4]}", roles=("strict-reviewers",))
+    carol = server.add_user(f"carol-{uuid.uuid4().hex[:4]}", roles=("strict-reviewers",))
+    version = server.new_version(strict, EVIDENCE, user=bob)
+    assert server.tags(strict, version)["registered_by"] == bob  # stamped by the server
+
+    refused = server.set_alias(bob, strict, version)
+    assert refused.status_code == 403
+    assert "rule 'four_eyes'" in refused.json()["message"]
+    assert server.set_alias(carol, strict, version).status_code == 200
+    assert server.alias(strict) == version
+
+
+def test_nobody_but_the_server_writes_registered_by_or_audit_tags(server):
+    model = server.new_model()
+    version = server.new_version(model, EVIDENCE)
+    for key in ("registered_by", "audit.champion_set_by"):
+        refused = server.call(
+            "pipeline",
+            "POST",
+            "/api/2.0/mlflow/model-versions/set-tag",
+            json={"name": model, "version": version, "key": key, "value": "someone-else"},
+        )
+        assert refused.status_code == 403, key
+        assert "written by the MLflow server" in refused.json()["message"]
+    forged = server.call(
+        "pipeline",
+        "POST",
+        "/api/2.0/mlflow/model-versions/create",
+        json={
+            "name": model,
+            "source": "runs:/0/model",
+            "tags": [{"key": "registered_by", "value": "reviewer"}],
+        },
+    )
+    assert forged.status_code == 403
+    assert server.tags(model, version)["registered_by"] == "pipeline"
+
+
+# --- the audit trail
+
+
+def test_every_alias_attempt_is_audited_with_who_from_to_decision_and_rule(server, tmp_path):
+    model = server.new_model()
+    good = server.new_version(model, EVIDENCE)
+    bad = server.new_version(model, {"validation": "failed"})
+    attempts = [
+        ("pipeline", good, "challenger", 200),
+        ("reviewer", good, "champion", 200),
+        ("endpoint", good, "champion", 403),
+        ("reviewer", bad, "champion", 403),
+    ]
+    for user, version, alias, status in attempts:
+        assert server.set_alias(user, model, version, alias=alias).status_code == status
+    # The policy allows a reviewer to remove champion; MLflow's permissions do not (EDIT is
+    # not DELETE): the policy adds rules, it never lifts MLflow's.
+    deleted = server.call("reviewer", "DELETE", ALIAS, json={"name": model, "alias": "champion"})
+    assert deleted.status_code == 403
+    assert server.alias(model) == good
+
+    rows = server.trail(model)
+    got = [
+        (r["user"], r["alias"], r["from_version"], r["to_version"], r["decision"], r["rule"])
+        for r in rows
+    ]
+    assert got == [
+        ("pipeline", "challenger", "-", good, "allowed", "unprotected"),
+        ("reviewer", "champion", "-", good, "allowed", "ok"),
+        ("endpoint", "champion", good, good, "refused", "reviewers"),
+        ("reviewer", "champion", good, bad, "refused", "evidence"),
+        ("reviewer", "champion", good, "-", "refused", "mlflow_403"),
+    ]
+    assert all(r["time"].endswith("Z") and r["via"] == "api" for r in rows)
+    assert "rule 'evidence'" in rows[3]["message"]
+    assert server.tags(model, bad)["audit.champion_refused"].endswith("reviewer: rule evidence")
+
+    # `onnxflow audit MODEL` prints the same trail.
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": server.url,
+        "MLFLOW_TRACKING_USERNAME": "endpoint",
+        "MLFLOW_TRACKING_PASSWORD": server.passwords["endpoint"],
+    }
+    onnxflow = str(Path(sys.executable).parent / "onnxflow")
+    printed = subprocess.run(
+        [onnxflow, "audit", model],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert printed.returncode == 0, printed.stderr
+    lines = printed.stdout.strip().splitlines()
+    assert len(lines) == 1 + len(got)
+    assert "refused" in lines[3] and "endpoint" in lines[3] and "reviewers" in lines[3]
+    assert server.passwords["endpoint"] not in printed.stdout + printed.stderr
+
+
+def test_audit_experiments_cannot_be_written_by_accounts(server):
+    model = server.new_model()
+    version = server.new_version(model, EVIDENCE)
+    assert server.set_alias("reviewer", model, version).status_code == 200
+    experiment = server.ok(
+        "pipeline",
+        "GET",
+        "/api/2.0/mlflow/experiments/get-by-name",
+        params={"experiment_name": f"onnxflow-audit/{model}"},
+    )["experiment"]
+    for user in ("pipeline", "reviewer"):
+        forged = server.call(
+            user,
+            "POST",
+            "/api/2.0/mlflow/runs/create",
+            json={"experiment_id": experiment["experiment_id"]},
+        )
+        assert forged.status_code == 403, user
+    assert len(server.trail(model)) == 1
+
+
+# --- logins
+
+
+def test_a_wrong_password_is_a_clear_error_naming_the_account(server):
+    check_password = accounts.Credentials(
+        folder=server.credentials.folder, passwords={**server.passwords, "endpoint": "x" * 16}
+    )
+    accounts.check_login(server.url, server.credentials, "endpoint")  # the right one passes
+    with pytest.raises(StackError, match="refuses the password of the 'endpoint' account"):
+        accounts.check_login(server.url, check_password, "endpoint")
+    assert httpx.get(f"{server.url}/api/2.0/mlflow/registered-models/search").status_code == 401
+
+
+@pytest.mark.parametrize(
+    "login, phrase",
+    [
+        (
+            {
+                "MLFLOW_TRACKING_USERNAME": "endpoint",
+                "MLFLOW_TRACKING_PASSWORD": "not-the-password",
+            },
+            "refuses the login of MLFLOW_TRACKING_USERNAME='endpoint'",
+        ),
+        ({}, "refuses no login (set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"),
+    ],
+)
+def test_the_endpoint_stops_at_start_up_with_a_clear_error_on_a_refused_login(
+    server,
+    tmp_path,
+    login,
+    phrase,
+):
+    (port,) = free_ports(1)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ONNXFLOW_"))},
+        **login,
+        "MLFLOW_TRACKING_URI": server.url,
+        "ONNXFLOW_SERVE_MODEL": "m@champion",
+        "ONNXFLOW_SERVE_PORT": str(port),
+        "ONNXFLOW_SERVE_CACHE_DIR": str(tmp_path),
+    }
+    ended = subprocess.run(
+        [sys.executable, "-m", "onnxflow.serving"],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ended.returncode == 1
+    assert phrase in ended.stderr, ended.stderr
+    assert "not-the-password" not in ended.stderr + ended.stdout
+
+
+def test_auto_promotion_refused_by_the_policy_leaves_the_version_for_a_reviewer(
+    server,
+    monkeypatch,
+):
+    from onnxflow.config import PromoteConfig
+    from onnxflow.errors import RegistryError
+    from onnxflow.promote import promote
+    from onnxflow.registration import set_alias
+
+    strict = server.new_model("strict")
+    version = server.new_version(strict, {**EVIDENCE, "accuracy": "0.999"})  # beats champion
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", server.passwords["pipeline"])
+    champion_before = server.alias(strict)
+    decision = promote(strict, [version], PromoteConfig(mode="auto"))
+    assert decision.decision == "awaiting_review"
+    assert "rule 'reviewers'" in decision.reason and "auto promotion is off" in decision.reason
+    assert server.alias(strict) == champion_before
+    assert server.alias(strict, "challenger") == version
+    # `onnxflow promote` (set_alias) says the rule instead of a traceback.
+    with pytest.raises(RegistryError, match="rule 'reviewers'"):
+        set_alias(strict, "champion", version)

@@ -1,0 +1,182 @@
+"""The promotion policy's rules and the stack's credentials, without a server.
+
+The same rules through a real MLflow server: tests/integration/test_promotion_policy.py.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import yaml
+
+from onnxflow.errors import StackError
+from onnxflow.stack import accounts
+from onnxflow.stack.policy import PromotionPolicy, decide, is_reserved_tag, load_policy
+
+EVIDENCE = {
+    "validation": "passed",
+    "onnx_sha256": "ab",
+    "parity_max_abs": "1e-6",
+    "parity_max_rel": "1e-5",
+    "metric_name": "accuracy",
+    "accuracy": "0.9",
+}
+
+
+def judge(
+    policy=None,
+    *,
+    user="reviewer",
+    roles=("reviewers",),
+    tags=EVIDENCE,
+    alias="champion",
+    version="2",
+    model="digits",
+    is_admin=False,
+):
+    return decide(
+        policy or PromotionPolicy(),
+        model=model,
+        alias=alias,
+        version=version,
+        user=user,
+        is_admin=is_admin,
+        roles=set(roles),
+        version_tags=tags,
+    )
+
+
+def test_a_reviewer_may_move_champion_onto_a_validated_version():
+    decision = judge()
+    assert decision.allowed and decision.rule == "ok" and decision.override_reason is None
+
+
+def test_only_reviewers_may_move_a_protected_alias():
+    decision = judge(user="alice", roles=())
+    assert not decision.allowed and decision.rule == "reviewers"
+    assert "'alice', who is not in the role 'reviewers'" in decision.message
+    assert judge(user="alice", roles=(), alias="candidate").allowed  # not protected
+    assert judge(user="alice", roles=(), version=None).rule == "reviewers"  # delete
+    assert judge(user="root", roles=(), is_admin=True).allowed
+
+
+def test_auto_promotion_by_the_pipeline_follows_the_model_setting():
+    assert judge(user="pipeline", roles=()).allowed
+    policy = PromotionPolicy(models={"digits": {"allow_auto": False}})
+    decision = judge(policy, user="pipeline", roles=())
+    assert not decision.allowed and "auto promotion is off for 'digits'" in decision.message
+    assert judge(policy, user="pipeline", roles=(), model="other").allowed
+
+
+@pytest.mark.parametrize(
+    "change, phrase",
+    [
+        ({"validation": "failed"}, "validation='failed', expected 'passed'"),
+        ({"onnx_sha256": None}, "no 'onnx_sha256' tag"),
+        ({"parity_max_rel": ""}, "no 'parity_max_rel' tag"),
+        ({"accuracy": None}, "no 'accuracy' tag (its metric_name)"),
+    ],
+)
+def test_the_version_must_carry_the_evidence(change, phrase):
+    tags = {k: v for k, v in {**EVIDENCE, **change}.items() if v is not None}
+    decision = judge(tags=tags)
+    assert not decision.allowed and decision.rule == "evidence" and phrase in decision.message
+
+
+def test_an_override_reason_bypasses_the_evidence_and_is_returned_for_the_audit():
+    decision = judge(tags={"validation": "failed", "promotion_override": "INC-1: hand-checked"})
+    assert decision.allowed and decision.override_reason == "INC-1: hand-checked"
+    assert judge(tags={"promotion_override": "  "}).rule == "evidence"  # blank is no reason
+    assert judge(tags={**EVIDENCE, "promotion_override": "x"}).override_reason is None
+
+
+def test_four_eyes_where_configured():
+    tags = {**EVIDENCE, "registered_by": "reviewer"}
+    assert judge(tags=tags).allowed  # off by default
+    policy = PromotionPolicy(models={"digits": {"four_eyes": True}})
+    decision = judge(policy, tags=tags)
+    assert not decision.allowed and decision.rule == "four_eyes"
+    assert judge(policy, tags=tags, user="bob").allowed
+
+
+def test_per_model_reviewer_roles():
+    policy = PromotionPolicy(models={"fraud": {"reviewers": "risk"}})
+    assert not judge(policy, model="fraud").allowed
+    assert judge(policy, model="fraud", roles=("risk",)).allowed
+    assert accounts.reviewer_roles(policy) == {"reviewers": "*", "risk": "fraud"}
+
+
+def test_policy_file_defaults_and_typos(tmp_path):
+    assert load_policy(None) == PromotionPolicy()
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_policy(empty) == PromotionPolicy()
+    partial = tmp_path / "p.yaml"
+    partial.write_text(yaml.safe_dump({"models": {"digits": {"four_eyes": True}}}))
+    rules = load_policy(partial).rules_for("digits")
+    assert rules.four_eyes and rules.reviewers == "reviewers" and rules.allow_auto
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({"models": {"digits": {"four_eye": True}}}))
+    with pytest.raises(ValueError, match="four_eye"):
+        load_policy(typo)
+    with pytest.raises(ValueError, match="not a file"):
+        load_policy(tmp_path / "missing.yaml")
+
+
+def test_reserved_tags():
+    assert is_reserved_tag("registered_by") and is_reserved_tag("audit.champion_set_by")
+    assert not is_reserved_tag("validation")
+
+
+def test_credentials_are_created_once_private_and_never_in_repr(tmp_path, monkeypatch):
+    for account in (*accounts.ACCOUNTS, accounts.SECRET_KEY):
+        monkeypatch.delenv(
+            f"ONNXFLOW_AUTH_{account.upper().replace('-', '_')}_PASSWORD", raising=False
+        )
+    folder = tmp_path / "credentials"
+    first = accounts.load_credentials(folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for account in accounts.ACCOUNTS:
+        assert stat.S_IMODE(first.path(account).stat().st_mode) == 0o600
+        assert len(first.passwords[account]) >= 12
+    assert accounts.load_credentials(folder).passwords == first.passwords
+    assert first.passwords["reviewer"] not in repr(first)
+    assert first.env_for("endpoint") == {
+        "MLFLOW_TRACKING_USERNAME": "endpoint",
+        "MLFLOW_TRACKING_PASSWORD": first.passwords["endpoint"],
+    }
+
+    monkeypatch.setenv("ONNXFLOW_AUTH_REVIEWER_PASSWORD", "from-the-environment")
+    assert accounts.load_credentials(folder).passwords["reviewer"] == "from-the-environment"
+    monkeypatch.setenv("ONNXFLOW_AUTH_REVIEWER_PASSWORD", "short")
+    with pytest.raises(StackError, match="at least 12"):
+        accounts.load_credentials(folder)
+    monkeypatch.delenv("ONNXFLOW_AUTH_REVIEWER_PASSWORD")
+
+    os.chmod(first.path("pipeline"), 0o644)
+    with pytest.raises(StackError, match="chmod 600"):
+        accounts.load_credentials(folder)
+
+
+def test_the_stack_gives_each_process_its_own_account(tmp_path, monkeypatch):
+    from onnxflow.stack import manager
+    from onnxflow.stack.settings import StackSettings
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "someone")
+    monkeypatch.setenv("ONNXFLOW_AUTH_ADMIN_PASSWORD", "the-admin-password")
+    settings = StackSettings(state_dir=tmp_path)
+    credentials = accounts.load_credentials(manager.credentials_dir(settings))
+    assert manager.worker_env(settings)["MLFLOW_TRACKING_USERNAME"] == "pipeline"
+    assert manager.endpoint_env(settings, 8080)["MLFLOW_TRACKING_USERNAME"] == "endpoint"
+    base = manager.base_env(settings)
+    assert "MLFLOW_TRACKING_USERNAME" not in base and "ONNXFLOW_AUTH_ADMIN_PASSWORD" not in base
+    command = manager.mlflow_server_command(settings)
+    assert command[-2:] == ["--app-name", "onnxflow-auth"]
+    assert not any(p in " ".join(command) for p in credentials.passwords.values())
+    server_env = manager.mlflow_server_env(settings, credentials)
+    assert "MLFLOW_TRACKING_PASSWORD" not in server_env
+    off = StackSettings(state_dir=tmp_path, auth=False)
+    assert "--app-name" not in manager.mlflow_server_command(off)
+    assert "MLFLOW_TRACKING_USERNAME" not in manager.worker_env(off)
