@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # job runner: nothing here submits jobs, and it starts a dozen huey processes.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
-.PHONY: install demo lint test test-all soak bench bench-pipeline ui stop clean help
+.PHONY: install demo lint test test-all soak bench bench-pipeline bench-models ui stop clean help
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,11 +43,16 @@ test-all: $(STAMP) system-packages image-packages  ## Run every test, slow ones 
 soak: $(STAMP)  ## Reliability, long form: load, hot swaps, faults, 1,000+ fuzz cases; one table
 	ONNXFLOW_SOAK=1 $(BIN)/pytest tests/reliability -m reliability
 
-bench: $(STAMP)  ## Serving benchmarks: our endpoint vs mlflow models serve
+bench: $(STAMP)  ## Serving benchmarks: our endpoint vs mlflow models serve; start-up and memory
 	$(BIN)/python bench/serve_bench.py --install-wrk
+	$(BIN)/python bench/team_bench.py
+	$(BIN)/python bench/startup_bench.py --runs 5 --models 5 --output docs/startup.md
 
 bench-pipeline: $(STAMP)  ## Demo pipeline wall time, and how much is Prefect + MLflow overhead
 	$(BIN)/python bench/pipeline_bench.py
+
+bench-models: $(STAMP)  ## Example recipes full size: train/export/parity/latency/endpoint req/s
+	$(BIN)/python bench/models_bench.py
 
 ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import start_tracking_server, stop_group  # noqa: E402
+from bench.serve_bench import BIN, stop_group, wait_http  # noqa: E402
 from onnxflow.serving.launcher import free_port, start_background, stop_background  # noqa: E402
 from onnxflow.serving.settings import ServingSettings  # noqa: E402
 
@@ -61,6 +62,28 @@ def tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def start_tracking_server(work: Path) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on ``work/mlflow.db`` (local artifact root: the SQLite set-up reads
+    the same files); waits up to 5 min, as a loaded 2-core machine needs."""
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: a dozen processes
+    with open(work / "mlflow-server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+             f"sqlite:///{work / 'mlflow.db'}", "--default-artifact-root",
+             str(work / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", 300, proc)
+    except BaseException:  # never leave a server behind
+        stop_group(proc)
+        raise
+    return proc, url
+
+
 def register_models(tracking_uri: str, count: int, work: Path) -> list[str]:
     from onnxflow.registration import register_onnx
     from tests.serving.models import mlp
@@ -78,15 +101,13 @@ def register_models(tracking_uri: str, count: int, work: Path) -> list[str]:
 
 
 def serves_several_models() -> bool:
-    fields = ServingSettings.model_fields
-    return "models" in fields or "model" in fields and "list" in str(fields["model"].annotation)
+    return hasattr(ServingSettings, "model_references")  # model: "a@champion,b@champion"
 
 
 def settings_for(names: list[str], work: Path) -> ServingSettings:
     refs = [f"{n}@champion" for n in names]
-    options = {"models": refs} if "models" in ServingSettings.model_fields else {"model": refs[0]}
-    return ServingSettings(port=free_port(), cache_dir=work / "cache", log_level="warning",
-                           poll_interval_s=10, **options)
+    return ServingSettings(model=",".join(refs), port=free_port(), cache_dir=work / "cache",
+                           log_level="warning", poll_interval_s=10)
 
 
 def one_start(settings: ServingSettings, state: Path) -> dict:
@@ -138,7 +159,9 @@ def report(results: dict) -> str:
         "",
         "Start to ready: process spawn to the first 200 on `/v2/health/ready`, models in "
         "the cache. Memory: VmRSS summed over the endpoint's process tree 2 s after ready. "
-        f"Median of {results['runs']} starts (min-max).",
+        f"Median of {results['runs']} starts (min-max). Load average (1 min) at the start "
+        f"and end: {results.get('load', ['?', '?'])[0]} and {results.get('load', ['?', '?'])[1]}"
+        " (times stretch with it; memory does not).",
         "",
         "| registry | models | start to ready (s) | process tree RSS (MB) |",
         "|---|---:|---:|---:|",
@@ -168,10 +191,11 @@ def main() -> None:
     counts = [1]
     if args.models > 1:
         if serves_several_models():
-            counts = sorted({1, 2, args.models})
+            counts = sorted({1, 2, args.models})  # the cost per extra model
         else:
             print("this endpoint serves one model: measuring 1 model only")
     sqlite_uri = f"sqlite:///{work / 'mlflow.db'}"
+    load_at_start = round(os.getloadavg()[0], 1)
     import platform
 
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -181,7 +205,7 @@ def main() -> None:
     server, server_uri = start_tracking_server(work)  # registers through it: one store
     try:
         names = register_models(server_uri, max(counts), work)
-        for label, uri in (("server", server_uri), ("sqlite", sqlite_uri)):  # server first: it fills the cache
+        for label, uri in (("server", server_uri), ("sqlite", sqlite_uri)):
             if args.only and args.only != label:
                 continue
             os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -189,6 +213,7 @@ def main() -> None:
                 results["rows"].append(measure(label, names[:count], args.runs, work))
     finally:
         stop_group(server)
+    results["load"] = [load_at_start, round(os.getloadavg()[0], 1)]
     (work / "results.json").write_text(json.dumps(results, indent=2))
     text = report(results)
     if args.output:

@@ -17,11 +17,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from onnxflow.arrays import ArrayDataset
 from onnxflow.config import Framework, PipelineConfig
 from onnxflow.data import load_splits
 from onnxflow.errors import OnnxflowError
 from onnxflow.flows.runs import mlflow_run
 from onnxflow.promote import PromotionDecision
+from onnxflow.recipes.steps import recipe_tags
 from onnxflow.registration import lineage_tags
 from onnxflow.results import (
     ChainResult, DatasetArtifact, ExportedModel, RegisteredVersion, StepResult, TrainedModel,
@@ -30,6 +32,10 @@ from onnxflow.summary import to_markdown, version_rows
 from onnxflow.tasks.data import prepare_data_task
 from onnxflow.tasks.model import export_task, simplify_task, train_task, validate_task
 from onnxflow.tasks.quantize import quantize_task, register_quantized_task
+from onnxflow.tasks.recipes import (
+    export_recipe_task, prepare_recipe_data_task, register_recipe_task, train_recipe_task,
+    validate_recipe_task,
+)
 from onnxflow.tasks.register import promote_task, register_task
 from onnxflow.tracking import git_commit
 
@@ -115,23 +121,55 @@ def validate_and_register(
     )
 
 
+@flow(name="recipe-and-register")
+def recipe_and_register(
+    recipe: str, config: PipelineConfig, out_dir: Path, dataset: ArrayDataset,
+) -> ChainResult:
+    """train (build_model, fit) → export → simplify → validate → register, for a recipe."""
+    out = out_dir / "recipe"
+    with mlflow_run(config.experiment, f"recipe-{config.register_.model_name}",
+                    _params(config), {"source_framework": "recipe", "recipe": recipe},
+                    dataset) as run_id:
+        trained = train_recipe_task(recipe, dataset, config.train, out / "train", run_id)
+        exported = export_recipe_task(trained, dataset.info, config.export, out / "export")
+        simplified = simplify_task(exported.path, config.simplify, out / "simplify")
+        validation = validate_recipe_task(simplified.path, trained, dataset, config.validate_,
+                                          out / "validate", run_id)
+        lineage = {**lineage_tags(trained.framework, exported, simplified, dataset.info,
+                                  git_commit=git_commit(), flow_run_id=str(flow_run.id)),
+                   **recipe_tags(trained, dataset.info)}
+        version = register_recipe_task(simplified.path, validation, lineage, dataset,
+                                       config.register_, run_id)
+    return ChainResult(framework=trained.framework, trained=trained, exported=exported,
+                       simplified=simplified, validation=validation, version=version)
+
+
 @flow(name="onnxflow-run")
 def run(
     frameworks: Sequence[Framework] = ("torch", "keras"),
     config: PipelineConfig = PipelineConfig(),
     out_dir: Path = Path("artifacts"),
 ) -> RunResult:
-    """Every framework's chain on one dataset, then promote the best new version."""
+    """Every framework's chain on one dataset (or the recipe's chain, when
+    ``config.recipe`` is set: ``frameworks`` is then ignored, the model says which
+    framework it is), then promote the best new version."""
     logger = get_run_logger()
-    dataset = prepare_data_task(config.data, out_dir / "data")
     chains, failures = [], {}
-    for framework in frameworks:
-        state = train_and_register(framework, config, out_dir, dataset, return_state=True)
+    if config.recipe:  # the user's model code instead of the built-in frameworks
+        dataset = prepare_recipe_data_task(config.recipe, config.data, out_dir / "data")
+        states = {"recipe": recipe_and_register(config.recipe, config, out_dir, dataset,
+                                                return_state=True)}
+    else:
+        dataset = prepare_data_task(config.data, out_dir / "data")
+        states = {framework: train_and_register(framework, config, out_dir, dataset,
+                                                return_state=True)
+                  for framework in frameworks}
+    for name, state in states.items():
         if state.is_completed():
             chains.append(state.result())
         else:
-            failures[framework] = _failure_message(state)
-            logger.error("%s chain failed: %s", framework, failures[framework])
+            failures[name] = _failure_message(state)
+            logger.error("%s chain failed: %s", name, failures[name])
 
     model_name = config.register_.model_name
     versions = [v.version for c in chains for v in (c.version, c.quantized) if v is not None]

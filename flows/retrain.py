@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from onnxflow.config import Framework, PipelineConfig, Settings
 from onnxflow.flows import FLOW_NAME
 from onnxflow.flows.pipeline import RunResult, run
+from onnxflow.recipes import with_recipe_defaults
 from onnxflow.tasks.endpoints import wait_for_endpoints_task
 from onnxflow.tasks.tracking import close_abandoned_runs_task
 
@@ -27,10 +28,17 @@ def retrain_and_deploy(
     config: PipelineConfig = PipelineConfig(),
     endpoints: Sequence[str] = (),
     endpoint_timeout_s: float = 120.0,
+    recipe: str | None = None,
 ) -> RunResult:
     """Train, validate, register and promote; then wait for the replicas at ``endpoints``
-    to serve the new champion (review mode: nothing to wait for, a reviewer decides)."""
+    to serve the new champion (review mode: nothing to wait for, a reviewer decides).
+
+    ``recipe``: the path (readable by the worker) or module name of the user's model code;
+    it replaces ``frameworks``, and its DEFAULTS fill what ``config`` does not set."""
     logger = get_run_logger()
+    if recipe:
+        config = config.model_copy(update={"recipe": recipe})
+    config = with_recipe_defaults(config)
     out_dir = Settings().artifacts_dir / (flow_run.name or str(flow_run.id))
     # Runs a killed worker left RUNNING (their flow run since marked Crashed) are closed.
     # Housekeeping: its failure is logged, and never stops the retrain.

@@ -8,6 +8,7 @@ from typing import Any
 
 from prefect.runtime import flow_run
 
+from onnxflow.arrays import ArrayDataset
 from onnxflow.results import DatasetArtifact
 from onnxflow.tasks.tracking import finish_run_task, start_run_task
 
@@ -18,7 +19,7 @@ def mlflow_run(
     run_name: str,
     params: Mapping[str, Any],
     tags: Mapping[str, str],
-    dataset: DatasetArtifact | None = None,
+    dataset: DatasetArtifact | ArrayDataset | None = None,
 ) -> Iterator[str]:
     """Start an MLflow run tagged with this flow run's id (so a retrain can close it if
     the flow run dies), yield its id; FINISHED when the block ends, FAILED if it raises."""

@@ -123,6 +123,10 @@ def load_config(path: Path | None, overrides: dict[str, dict[str, Any]]) -> Pipe
             _fail(f"{path} must hold a mapping of sections (data:, train:, ...)", 2)
         raw = loaded
     for section, values in overrides.items():
+        if not isinstance(values, dict):  # a top-level key such as recipe
+            if values is not None:
+                raw[section] = values
+            continue
         values = {k: v for k, v in values.items() if v is not None}
         if values:
             raw[section] = {**(raw.get(section) or {}), **values}
@@ -141,22 +145,41 @@ PromotionOpt = Annotated[Optional[PromotionMode], typer.Option(help="auto moves 
 ModelNameOpt = Annotated[Optional[str], typer.Option(help="Registered model name (default: digits).")]
 EpochsOpt = Annotated[Optional[int], typer.Option(help="Training epochs (overrides the config).")]
 ModelOpt = Annotated[Optional[ModelChoice], typer.Option(help="mlp, or cnn: a small conv net on the features as a square image (digits: 8x8); torch and keras.")]
+RecipeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Your own model code: a .py file (or importable module) with build_model(info), "
+        "optionally load_data(config) and fit(model, data, config, on_epoch). Replaces "
+        "--framework/--model."
+    ),
+]
 QuantizeOpt = Annotated[Optional[QuantizeChoice], typer.Option(help="Also register an int8 version: dynamic, or static (calibrated on the training split); kept only if accuracy drops at most quantize.max_accuracy_drop.")]
 
 
 def pipeline_config(
     config: Path | None, *, data: Path | None, target: str | None, epochs: int | None,
     model_name: str | None, promotion: PromotionMode | None, model: ModelChoice | None,
-    quantize: QuantizeChoice | None,
+    quantize: QuantizeChoice | None, recipe: str | None = None,
 ) -> PipelineConfig:
-    """The YAML file with the command-line options of `run` and `trigger` on top."""
-    return load_config(config, {
+    """The YAML file with the command-line options of `run` and `trigger` on top, and a
+    recipe's DEFAULTS under both."""
+    cfg = load_config(config, {
+        "recipe": recipe,
         "data": {"path": data, "target": target},
         "train": {"epochs": epochs, "model": model.value if model else None},
         "register": {"model_name": model_name},
         "promote": {"mode": promotion.value if promotion else None},
         "quantize": {"mode": quantize.value if quantize else None},
     })
+    if not cfg.recipe:
+        return cfg
+    from onnxflow.recipes import with_recipe_defaults
+
+    try:
+        return with_recipe_defaults(cfg)
+    except OnnxflowError as exc:
+        _fail(str(exc), 2)
+        raise  # unreachable, for type checkers
 
 
 @app.command()
@@ -172,18 +195,21 @@ def run(
     port: Annotated[int, typer.Option(help="Port of the endpoint with --deploy.")] = 8080,
     model: ModelOpt = None,
     quantize: QuantizeOpt = None,
+    recipe: RecipeOpt = None,
 ) -> None:
     """Train, export, simplify, validate, register and promote."""
     settings = _setup()
     cfg = pipeline_config(config, data=data, target=target, epochs=epochs, model_name=model_name,
-                          promotion=promotion, model=model, quantize=quantize)
+                          promotion=promotion, model=model, quantize=quantize, recipe=recipe)
     frameworks = _frameworks(framework)
     out_dir = settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    # Bad data fails here, in seconds, before Prefect or any framework starts.
+    # Bad data fails here, in seconds, before Prefect or any framework starts (a recipe's
+    # data is checked by the flow's first task, before any training).
     from onnxflow.data import prepare_data
 
     try:
-        prepare_data(cfg.data, out_dir / "data-check")
+        if not cfg.recipe:
+            prepare_data(cfg.data, out_dir / "data-check")
     except OnnxflowError as exc:
         _fail(str(exc), 2)
     check_tracking_store()
@@ -393,15 +419,24 @@ def trigger(
     epochs: EpochsOpt = None,
     model: ModelOpt = None,
     quantize: QuantizeOpt = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="Your own model code (see run --help): a .py file the worker can read, sent "
+            "as an absolute path, or an importable module."
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the run finished (and the replicas serve its champion).")] = False,
     timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
     """Run the on-demand retrain-and-deploy deployment on the stack's worker."""
-    if data is not None and not data.is_file():
+    if data is not None and not data.exists():
         _fail(f"data file not found: {data}", 2)
+    if recipe is not None and Path(recipe).is_file():
+        recipe = str(Path(recipe).resolve())
     cfg = pipeline_config(config, data=data.resolve() if data else None, target=target,
                           epochs=epochs, model_name=model_name, promotion=promotion,
-                          model=model, quantize=quantize)
+                          model=model, quantize=quantize, recipe=recipe)
     from onnxflow.stack.commands import trigger_run
 
     trigger_run(_frameworks(framework), cfg, wait=wait, timeout_s=timeout)
@@ -447,8 +482,9 @@ class OnceOnlyCommand(TyperCommand):
         single = {}
         for param in self.get_params(ctx):
             # typer ships its own click: look at the parameter, not at its class
+            # (a flag counts too: --deploy --no-deploy cannot both be honoured)
             if getattr(param, "param_type_name", "") == "option" and not (
-                    param.multiple or param.is_flag or param.count):
+                    param.multiple or param.count):
                 single.update(dict.fromkeys(param.opts + param.secondary_opts, param))
         seen: dict[str, str] = {}  # parameter -> the option name it was given as
         for arg in args:

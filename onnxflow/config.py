@@ -40,6 +40,10 @@ class DataConfig(StepConfig):
     test_size: float = Field(0.2, gt=0, lt=1, description="Fraction held out for the test split.")
     val_size: float = Field(0.1, gt=0, lt=1, description="Fraction held out for validation.")
     seed: int = Field(42, description="Seed of the split.")
+    image_size: int = Field(
+        32, ge=8, le=1024, description="Images (a folder of class subfolders) are resized to "
+        "image_size x image_size pixels (recipes only)."
+    )
 
 
 class TrainConfig(StepConfig):
@@ -52,6 +56,10 @@ class TrainConfig(StepConfig):
         "mlp",
         description="mlp, or cnn: a small conv net that reads the features as a square "
         "one-channel image (digits: 8x8); torch and keras only, scikit-learn ignores it.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where a recipe's model trains: auto uses a CUDA device when the "
+        "framework sees one; export and validation always run on a CPU copy."
     )
 
 
@@ -106,6 +114,11 @@ class PromoteConfig(StepConfig):
 
 class PipelineConfig(StepConfig):
     experiment: str = Field("onnxflow", description="MLflow experiment of the runs.")
+    recipe: str | None = Field(
+        None, description="Your own model code: a Python file (or importable module) with "
+        "build_model(info) and optionally load_data(config) and fit(model, data, config, "
+        "on_epoch). Replaces the built-in models; must be readable where the flow runs."
+    )
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()

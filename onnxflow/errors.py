@@ -15,6 +15,12 @@ class DataError(OnnxflowError):
     """The input table cannot be used: missing file, unknown column, bad values..."""
 
 
+class RecipeError(OnnxflowError):
+    """A recipe (the user's model code) cannot be used: a missing or failing function, a
+    wrong return type, a model that does not fit the data or cannot be exported. The
+    message names the recipe file and the function."""
+
+
 class TrainingError(OnnxflowError):
     """Training failed or produced an unusable model."""
 

@@ -263,9 +263,10 @@ def _running_local_server(url: str) -> str | None:
     import prefect
 
     try:
-        if httpx.get(f"{url}/health", timeout=2).status_code != 200:
+        # generous: a busy server answers late; nothing listening is refused at once
+        if httpx.get(f"{url}/health", timeout=10).status_code != 200:
             return None
-        version = httpx.get(f"{url}/admin/version", timeout=2).json()
+        version = httpx.get(f"{url}/admin/version", timeout=10).json()
     except (httpx.HTTPError, ValueError):
         return None
     if str(version).split(".")[:2] != prefect.__version__.split(".")[:2]:

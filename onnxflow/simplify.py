@@ -144,18 +144,16 @@ def _check_simplified(target: Path, original_path: Path) -> None:
 
 
 def _probe_max_diff(original_path: Path, simplified_path: Path) -> float:
-    """Largest output difference between the two models on seeded random float batches."""
+    """Largest output difference between the two models on seeded random batches."""
     sessions = [open_session(p) for p in (original_path, simplified_path)]
     rng = np.random.default_rng(0)
     largest = 0.0
     for batch in PROBE_BATCHES:
         feeds = {}
         for spec in sessions[0].get_inputs():
-            if spec.type != "tensor(float)":
-                raise _Rejected(f"probes are float batches; input {spec.name!r} is {spec.type}")
             shape = [d if isinstance(d, int) else batch if i == 0 else 1
                      for i, d in enumerate(spec.shape)]
-            feeds[spec.name] = (rng.standard_normal(shape) * 5).astype(np.float32)
+            feeds[spec.name] = _probe(rng, spec, shape)
         before, after = (s.run(None, feeds) for s in sessions)
         for a, b in zip(before, after, strict=True):
             if a.shape != b.shape:
@@ -165,6 +163,22 @@ def _probe_max_diff(original_path: Path, simplified_path: Path) -> float:
             diff = np.abs(a.astype(np.float64) - b.astype(np.float64))  # inf where only one is
             largest = max(largest, float(np.nanmax(diff, initial=0.0)))
     return largest
+
+
+#: Integer probes are 0 or 1: valid token ids for any embedding, and valid mask values.
+_PROBE_INTEGERS = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def _probe(rng, spec, shape: list[int]) -> np.ndarray:
+    """A seeded random batch for one input: floats, small integers (ids, masks) or bools."""
+    if spec.type == "tensor(float)":
+        return (rng.standard_normal(shape) * 5).astype(np.float32)
+    if spec.type in _PROBE_INTEGERS:
+        return rng.integers(0, 2, shape).astype(_PROBE_INTEGERS[spec.type])
+    if spec.type == "tensor(bool)":
+        return rng.integers(0, 2, shape).astype(bool)
+    raise _Rejected(f"probes are float, int32/int64 or bool batches; input {spec.name!r} is "
+                    f"{spec.type}")
 
 
 def _remove_stale(target: Path) -> None:

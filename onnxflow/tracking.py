@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from onnxflow.arrays import ArrayDataset
 from onnxflow.errors import ValidationError
 from onnxflow.results import DatasetArtifact, ValidationSummary
 
@@ -24,7 +25,7 @@ def start_run(
     run_name: str,
     params: Mapping[str, Any],
     tags: Mapping[str, str],
-    dataset: DatasetArtifact | None = None,
+    dataset: DatasetArtifact | ArrayDataset | None = None,
 ) -> str:
     """Create the run, log params and tags and the dataset (if any) as a training input."""
     from mlflow import MlflowClient
@@ -42,13 +43,10 @@ def start_run(
     return run_id
 
 
-def _log_dataset(run_id: str, dataset: DatasetArtifact) -> None:
+def _log_dataset(run_id: str, dataset: DatasetArtifact | ArrayDataset) -> None:
     import mlflow
-    import numpy as np
 
-    with np.load(dataset.path) as npz:
-        X = np.concatenate([npz["X_train"], npz["X_val"], npz["X_test"]])
-        y = np.concatenate([npz["y_train"], npz["y_val"], npz["y_test"]])
+    X, y = _all_rows(dataset)
     # The digest of the table as loaded (split order differs), so the tags agree.
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways": harmless
         warnings.simplefilter("ignore", UserWarning)
@@ -58,6 +56,26 @@ def _log_dataset(run_id: str, dataset: DatasetArtifact) -> None:
         )
     with mlflow.start_run(run_id=run_id):
         mlflow.log_input(mlflow_dataset, context="training")
+
+
+def _all_rows(dataset) -> tuple[Any, Any]:
+    """Features (an array, or named arrays for a recipe's dataset) and labels of every split."""
+    import numpy as np
+
+    with np.load(dataset.path, allow_pickle=False) as npz:
+        if "X_train" in npz.files:
+            return (np.concatenate([npz["X_train"], npz["X_val"], npz["X_test"]]),
+                    np.concatenate([npz["y_train"], npz["y_val"], npz["y_test"]]))
+        splits = ("train", "validation", "test")
+        names = dataset.info.input_names
+        return ({n: np.concatenate([npz[f"{s}.{n}"] for s in splits]) for n in names},
+                np.concatenate([npz[f"{s}.label"] for s in splits]))
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
 
 
 def log_epoch(run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:

@@ -128,10 +128,16 @@ class RestEndpoints:
         self.plane.authorize(headers.get("authorization"))
         model = self.plane.model(params["name"], params.get("version"))
         body = await self.read_body(headers, receive, (JSON, "application/octet-stream"), True)
-        parsed = v2.decode_request(body, headers.get(v2.HEADER_LENGTH), model,
-                                   self.settings.max_body_bytes)
-        results = await self.plane.execute(model, parsed.feeds)
-        content, response_headers = v2.encode_response(model, parsed, results)
+        parsed = None
+
+        def decode():
+            nonlocal parsed
+            parsed = v2.decode_request(body, headers.get(v2.HEADER_LENGTH), model,
+                                       self.settings.max_body_bytes)
+            return parsed.feeds
+
+        content, response_headers = await self.plane.run_request(
+            model, decode, lambda results: v2.encode_response(model, parsed, results))
         return 200, content, response_headers, model
 
     async def invocations(self, headers, receive, params: dict) -> tuple:
@@ -139,11 +145,41 @@ class RestEndpoints:
         name = params.get("name")
         model = self.plane.default_model() if name is None else self.plane.model(name)
         body = await self.read_body(headers, receive, (JSON, "text/csv"), False)
-        feeds = mlflow_format.parse_body(body, headers.get("content-type"), model.inputs)
-        results = await self.plane.execute(model, feeds)
-        content = orjson.dumps(mlflow_format.predictions(model.output_names, results),
-                               option=orjson.OPT_SERIALIZE_NUMPY)
+        content = await self.plane.run_request(
+            model,
+            lambda: mlflow_format.parse_body(body, headers.get("content-type"), model.inputs),
+            lambda results: orjson.dumps(mlflow_format.predictions(model.output_names, results),
+                                         option=orjson.OPT_SERIALIZE_NUMPY))
         return 200, content, JSON_HEADERS, model
+
+    # --- Triton's extensions: statistics, model repository -----------------------------
+
+    async def statistics(self, request: Request) -> Response:
+        self.plane.authorize(request.headers.get("authorization"))
+        params = request.path_params
+        return json_response(self.plane.statistics(params.get("name"), params.get("version")))
+
+    async def repository_index(self, request: Request) -> Response:
+        self.plane.authorize(request.headers.get("authorization"))
+        ready_only = False
+        body = await request.body()
+        if body.strip():
+            try:
+                ready_only = bool(orjson.loads(body).get("ready", False))
+            except (orjson.JSONDecodeError, AttributeError):
+                raise BadInput('the index request must be a JSON object like {"ready": true}'
+                               ) from None
+        return json_response(self.plane.repository_index(ready_only))
+
+    async def repository_load(self, request: Request) -> Response:
+        self.plane.authorize(request.headers.get("authorization"))
+        outcome = await self.plane.load(request.path_params["name"])
+        return json_response(outcome.as_json())
+
+    async def repository_unload(self, request: Request) -> Response:
+        self.plane.authorize(request.headers.get("authorization"))
+        await self.plane.unload(request.path_params["name"])
+        return json_response({})
 
     async def version(self, request: Request) -> Response:
         """As ``mlflow models serve``: the MLflow version whose scoring protocol is spoken."""
@@ -356,6 +392,8 @@ def create_app(settings: ServingSettings) -> FrontDoor:
                                        mlflow_errors=True)
     routes = [
         Route("/v2", ep.server_metadata, methods=["GET"]),
+        # before /v2/models/{name}: "stats" is no model name here
+        Route("/v2/models/stats", ep.statistics, methods=["GET"]),
         Route("/v2/health/live", ep.live, methods=["GET"]),
         Route("/v2/health/ready", ep.ready, methods=["GET"]),
         Route(model, ep.model_metadata, methods=["GET"]),
@@ -368,6 +406,11 @@ def create_app(settings: ServingSettings) -> FrontDoor:
         Route("/invocations", invocations, methods=["POST"]),
         Route(model + "/invocations", model_invocations, methods=["POST"]),
         Route(model + "/example", ep.model_example, methods=["GET"]),
+        Route(model + "/stats", ep.statistics, methods=["GET"]),
+        Route(version + "/stats", ep.statistics, methods=["GET"]),
+        Route("/v2/repository/index", ep.repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", ep.repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", ep.repository_unload, methods=["POST"]),
         Route("/ping", ep.ping, methods=["GET"]),
         Route("/health", ep.ping, methods=["GET"]),
         Route("/version", ep.version, methods=["GET"]),

@@ -25,6 +25,7 @@ from onnxflow.serving.batching import Batcher
 from onnxflow.serving.errors import (
     BadInput,
     CannotRun,
+    Conflict,
     Forbidden,
     NotFound,
     NotReady,
@@ -35,13 +36,14 @@ from onnxflow.serving.manager import CheckOutcome, ModelManager
 from onnxflow.serving.metrics import ServingMetrics
 from onnxflow.serving.model import LoadedModel
 from onnxflow.serving.settings import ServingSettings
+from onnxflow.serving.statistics import Statistics
 
 log = logging.getLogger(__name__)
 
 HEAVY_MODULES = ("torch", "tensorflow", "pandas", "sklearn", "jax")
 SERVER_NAME = "onnxflow"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository"]
 
 
 class DataPlane:
@@ -67,7 +69,9 @@ class DataPlane:
         self.batcher: Batcher | None = None
         self.token = settings.token.get_secret_value().encode() if settings.token else None
         self.started = time.time()
-        self._watchers: list[asyncio.Task] = []
+        self._watchers: dict[str, asyncio.Task] = {}  # "discover" and one per model
+        self.unloaded: set[str] = set()  # models unloaded through the repository API
+        self.stats = Statistics()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -82,12 +86,11 @@ class DataPlane:
         for manager in self.managers.values():
             self._watch(manager)
         if self.settings.all_models:
-            self._watchers.append(loop.create_task(self._discover(), name="discover"))
+            self._watchers["discover"] = loop.create_task(self._discover(), name="discover")
 
     def _watch(self, manager: ModelManager) -> None:
-        task = asyncio.get_running_loop().create_task(manager.watch(),
-                                                      name=f"watch-{manager.name}")
-        self._watchers.append(task)
+        self._watchers[manager.name] = asyncio.get_running_loop().create_task(
+            manager.watch(), name=f"watch-{manager.name}")
 
     async def _discover(self) -> None:
         """Serve every model that has the alias, as it appears (every poll interval)."""
@@ -115,9 +118,9 @@ class DataPlane:
             await asyncio.sleep(interval if self.managers and interval > 0 else 2.0)
 
     async def stop(self) -> None:
-        for task in self._watchers:
+        for task in self._watchers.values():
             task.cancel()
-        for task in self._watchers:
+        for task in self._watchers.values():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._watchers.clear()
@@ -143,13 +146,18 @@ class DataPlane:
         manager = self.managers.get(name)
         if manager is None:
             served = ", ".join(repr(n) for n in self.managers)
-            raise NotFound(f"unknown model {name!r}; this endpoint serves {served}")
+            # Triton's clients look for this wording
+            raise NotFound(f"Request for unknown model: {name!r} is not found; this endpoint "
+                           f"serves {served or 'no model yet'}")
         return manager
 
     def model(self, name: str, version: str | None = None) -> LoadedModel:
         """The version of ``name`` serving now (which must be ``version`` if given)."""
         model = self.manager(name).current
         if model is None:
+            if name in self.unloaded:
+                raise NotReady(f"model {name!r} is unloaded; POST "
+                               f"/v2/repository/models/{name}/load loads it again")
             raise NotReady(f"model {name!r} is not loaded yet")
         if version is not None and version != model.version:
             raise NotFound(f"version {version} of {name!r} is not loaded; serving version "
@@ -184,6 +192,44 @@ class DataPlane:
         except Exception as exc:  # noqa: BLE001  (onnxruntime refused this input at run time)
             raise CannotRun(f"the model could not run on this input: {exc}") from None
 
+    async def run_request(self, model: LoadedModel, decode, encode):
+        """One inference request, timed for the statistics: ``decode()`` gives the checked
+        feeds, :meth:`execute` runs them, ``encode(results)`` gives the answer."""
+        start = time.perf_counter_ns()
+        try:
+            feeds = decode()
+            decoded = time.perf_counter_ns()
+            results = await self.execute(model, feeds)
+            ran = time.perf_counter_ns()
+            answer = encode(results)
+        except Exception:
+            self.stats.failure(model.name, model.version, time.perf_counter_ns() - start)
+            raise
+        done = time.perf_counter_ns()
+        rows = max((a.shape[0] if a.ndim else 1) for a in feeds.values())
+        self.stats.success(model.name, model.version, rows, total_ns=done - start,
+                           input_ns=decoded - start, infer_ns=ran - decoded,
+                           output_ns=done - ran)
+        return answer
+
+    def statistics(self, name: str | None = None, version: str | None = None) -> dict:
+        """Triton's statistics: every model (``name`` None), or one model (and version)."""
+        if name is None:
+            entries = [s.as_json() for s in self.stats.models.values()]
+            served = {(m.name, m.version) for m in (x.current for x in self.managers.values())
+                      if m is not None}
+            entries += [self.stats.of(*key).as_json() for key in sorted(served)
+                        if key not in self.stats.models]
+            return {"model_stats": entries}
+        manager = self.manager(name)
+        if version is None:
+            versions = sorted({v for (n, v) in self.stats.models if n == name}
+                              | ({manager.current.version} if manager.current else set()),
+                              key=int)
+        else:
+            versions = [version]
+        return {"model_stats": self.stats.report(name, versions)}
+
     # --- health and metadata ---------------------------------------------------------
 
     def server_metadata(self) -> dict:
@@ -192,7 +238,7 @@ class DataPlane:
     def ready(self) -> bool:
         """Every model has been checked once and at least one serves: one that cannot load
         (refused, or not in the registry) does not keep the others from serving."""
-        managers = list(self.managers.values())
+        managers = [m for n, m in self.managers.items() if n not in self.unloaded]
         return (self.discovered and any(m.current is not None for m in managers)
                 and all(m.current is not None or m.last_check is not None for m in managers))
 
@@ -209,12 +255,47 @@ class DataPlane:
                          "reason": ""}
             else:
                 check = manager.last_check
+                reason = ("unloaded" if name in self.unloaded
+                          else check.detail if check else "not loaded yet")
                 entry = {"name": name, "version": (check.version or "") if check else "",
-                         "state": "UNAVAILABLE",
-                         "reason": check.detail if check else "not loaded yet"}
+                         "state": "UNAVAILABLE", "reason": reason}
             if entry["state"] == "READY" or not ready_only:
                 entries.append(entry)
         return entries
+
+    async def load(self, name: str) -> CheckOutcome:
+        """Load (or reload) ``name`` from the registry: a model not served yet follows
+        ``NAME@ALIAS`` (the all_models alias, else champion). Raises if nothing serves."""
+        manager = self.managers.get(name)
+        fresh = manager is None
+        if fresh:
+            alias = self.settings.all_models or "champion"
+            manager = ModelManager(self.settings, self.metrics, f"{name}@{alias}")
+        outcome = await manager.check(force=True)
+        if manager.current is None:
+            raise (NotFound if outcome.outcome == "registry_error" else Conflict)(
+                f"failed to load {name!r} ({manager.reference}): {outcome.outcome}: "
+                f"{outcome.detail or 'no version'}")
+        if fresh:
+            self.managers[name] = manager
+            self.default_name = self.default_name or name
+        self.unloaded.discard(name)
+        task = self._watchers.get(name)
+        if task is None or task.done():
+            self._watch(manager)
+        return outcome
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name`` (and following its alias) until it is loaded again."""
+        manager = self.manager(name)
+        task = self._watchers.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        manager.current = None
+        self.unloaded.add(name)
+        log.info("unloaded %s", name)
 
     # --- administration --------------------------------------------------------------
 

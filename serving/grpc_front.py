@@ -185,27 +185,53 @@ class InferenceService:
             return self.pb.RepositoryIndexResponse(models=entries)
         return await self._call("RepositoryIndex", context, handler)
 
+    async def RepositoryModelLoad(self, request, context):  # noqa: N802
+        async def handler():
+            await self.plane.load(request.model_name)
+            return self.pb.RepositoryModelLoadResponse()
+        return await self._call("RepositoryModelLoad", context, handler)
+
+    async def RepositoryModelUnload(self, request, context):  # noqa: N802
+        async def handler():
+            await self.plane.unload(request.model_name)
+            return self.pb.RepositoryModelUnloadResponse()
+        return await self._call("RepositoryModelUnload", context, handler)
+
+    async def ModelStatistics(self, request, context):  # noqa: N802
+        async def handler():
+            from google.protobuf import json_format
+
+            report = self.plane.statistics(request.name or None, request.version or None)
+            return json_format.ParseDict(report, self.pb.ModelStatisticsResponse(),
+                                         ignore_unknown_fields=True)
+        return await self._call("ModelStatistics", context, handler)
+
     # --- inference -------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):  # noqa: N802
         async def handler():
             model = self.plane.model(request.model_name, request.model_version or None)
-            feeds = decode_infer_request(request, model, self.plane.settings.max_body_bytes)
             wanted = [o.name for o in request.outputs] or model.output_names
-            for name in wanted:
-                if name not in model.output_by_name:
-                    raise BadInput(f"unknown output {name!r}; model outputs: "
-                                   f"{', '.join(model.output_names)}")
-            results = dict(zip(model.output_names,
-                               await self.plane.execute(model, feeds), strict=True))
-            response = self.pb.ModelInferResponse(model_name=model.name,
-                                                  model_version=model.version, id=request.id)
-            for name in dict.fromkeys(wanted):
-                arr = results[name]
-                datatype = model.output_by_name[name].datatype
-                response.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
-                response.raw_output_contents.append(array_to_binary(datatype, arr))
-            return response
+
+            def decode():
+                for name in wanted:
+                    if name not in model.output_by_name:
+                        raise BadInput(f"unknown output {name!r}; model outputs: "
+                                       f"{', '.join(model.output_names)}")
+                return decode_infer_request(request, model, self.plane.settings.max_body_bytes)
+
+            def encode(outputs):
+                results = dict(zip(model.output_names, outputs, strict=True))
+                response = self.pb.ModelInferResponse(
+                    model_name=model.name, model_version=model.version, id=request.id)
+                for name in dict.fromkeys(wanted):
+                    arr = results[name]
+                    datatype = model.output_by_name[name].datatype
+                    response.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
+                    response.raw_output_contents.append(array_to_binary(datatype, arr))
+                return response
+
+            return await self.plane.run_request(model, decode, encode)
         return await self._call("ModelInfer", context, handler)
 
 

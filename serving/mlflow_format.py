@@ -293,6 +293,7 @@ def parse_csv(text: str, specs: tuple[TensorSpec, ...], header: str | None = Non
     input, a mix) is refused: declare the header. Missing values (empty, ``NaN``, ``NA``...
     as pandas reads them) fit float inputs. Blank lines between rows are refused.
     """
+    text = text.removeprefix("\ufeff")  # the byte-order mark Excel writes, as pandas drops it
     # newline="": the csv module reads line endings itself (a bare \r is one, not an error)
     reader = csv.reader(io.StringIO(text, newline=""))
     rows, lines, blank = [], [], None

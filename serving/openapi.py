@@ -54,6 +54,13 @@ def _invocations(summary: str, params: list) -> dict:
                       "415": _ERROR, "422": _ERROR, "503": _ERROR}}
 
 
+def _stats(summary: str, params: list) -> dict:
+    return {"summary": summary, "security": _BEARER, "parameters": params,
+            "responses": {"200": _json({"type": "object", "required": ["model_stats"],
+                                        "properties": {"model_stats": {"type": "array"}}}),
+                          "401": _ERROR, "404": _ERROR}}
+
+
 def openapi_document(model_name: str) -> dict:
     name_param = {"name": "name", "in": "path", "required": True,
                   "schema": {"type": "string", "example": model_name}}
@@ -126,6 +133,28 @@ def openapi_document(model_name: str) -> dict:
         "/v2/models/{name}/invocations": {"post": _invocations(
             "MLflow scoring format for any model the endpoint serves, by name.",
             [name_param])},
+        "/v2/models/stats": {"get": _stats("Triton statistics of every model served.", [])},
+        "/v2/models/{name}/stats": {"get": _stats(
+            "Triton statistics of one model, every version it served.", [name_param])},
+        "/v2/models/{name}/versions/{version}/stats": {"get": _stats(
+            "Triton statistics of one model version.", [name_param, version_param])},
+        "/v2/repository/index": {"post": {
+            "summary": "Triton model repository: every model with its state.",
+            "security": _BEARER,
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"ready": {"type": "boolean"}}}}}},
+            "responses": {"200": _json({"type": "array", "items": {"type": "object"}}),
+                          "400": _ERROR, "401": _ERROR}}},
+        "/v2/repository/models/{name}/load": {"post": {
+            "summary": "Load (or reload) a registered model: NAME@champion, or the "
+                       "all-models alias.",
+            "security": _BEARER, "parameters": [name_param],
+            "responses": {"200": _json(_ref("ReloadOutcome")), "401": _ERROR,
+                          "404": _ERROR, "409": _ERROR}}},
+        "/v2/repository/models/{name}/unload": {"post": {
+            "summary": "Stop serving a model until it is loaded again.",
+            "security": _BEARER, "parameters": [name_param],
+            "responses": {"200": _json({"type": "object"}), "401": _ERROR, "404": _ERROR}}},
         "/ping": {"get": {"summary": "MLflow-style health check (200 when ready).",
                           "responses": {"200": {"description": "Ready"},
                                         "503": {"description": "Not ready"}}}},

@@ -61,3 +61,19 @@ def test_promote_and_models_name_what_is_missing(tmp_path):
     assert out.returncode == 1 and "no version 3" in out.stderr
     out = cli("models", "nope", cwd=tmp_path)
     assert out.returncode == 1 and "no registered model 'nope'" in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["serve", "--port", "8081", "--port=8082"], "Invalid value for '--port': given more"),
+    (["serve", "--token", "abcdefgh1", "--token", "abcdefgh2"], "'--token': given more"),
+    (["run", "--deploy", "--no-deploy"], "Invalid value for '--no-deploy': given more"),
+    (["serve", "--model", "digits@champion", "--model", "digits@challenger"],
+     "'digits' given more than once"),
+])
+def test_an_option_that_cannot_be_honoured_is_an_error(tmp_path, args, message):
+    """Click keeps the last value of a repeated option: refused instead, before anything
+    starts (`serve --model` repeats on purpose: one endpoint, several models, each once)."""
+    out = cli(*args, cwd=tmp_path)
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert message in out.stderr, out.stderr
+    assert not (tmp_path / "mlflow.db").exists()

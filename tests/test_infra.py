@@ -1,7 +1,8 @@
-"""infra/ cannot run here (no Docker engine, no cluster), so what can be checked is: every
-file parses, every command and module it names exists in the project, and every
-environment variable it sets is one that a settings class (ours, Prefect's, MLflow's)
-reads."""
+"""infra/ checked without a container engine (the images are built and run by the slow tests
+in tests/integration/test_images.py): every file parses, every command and module it names
+exists in the project, every environment variable it sets is one that a settings class
+(ours, Prefect's, MLflow's) reads, and the Kubernetes manifests validate against the current
+Kubernetes schema."""
 
 from __future__ import annotations
 

@@ -121,3 +121,34 @@ def test_unusable_inputs_raise(torch_export, tmp_path):
         simplify_model(garbage, SimplifyConfig(), tmp_path / "out")
     with pytest.raises(SimplifyError, match="never overwrites its input"):
         simplify_model(torch_export, SimplifyConfig(), torch_export.parent)
+
+
+def test_token_id_and_mask_inputs_are_probed_and_simplified(tmp_path):
+    """int64 ids and a bool mask (a recipe's text model): probes fit each input's type."""
+    from onnx import TensorProto, helper
+
+    table = onnx.numpy_helper.from_array(
+        np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32), "table")
+    shape = onnx.numpy_helper.from_array(np.array([0, -1], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["embedded"]),
+         helper.make_node("Cast", ["mask"], ["weights"], to=TensorProto.FLOAT),
+         helper.make_node("Unsqueeze", ["weights", "axis"], ["weights3"]),
+         helper.make_node("Mul", ["embedded", "weights3"], ["masked"]),
+         helper.make_node("Reshape", ["masked", "shape"], ["flat"]),
+         helper.make_node("Identity", ["flat"], ["flat2"]),  # what onnxsim removes
+         helper.make_node("Softmax", ["flat2"], ["probabilities"], axis=-1)],
+        "tokens",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 3]),
+         helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 12])],
+        [table, shape, onnx.numpy_helper.from_array(np.array([2], np.int64), "axis")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    path = tmp_path / "export" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(model, str(path))
+    result = simplify_model(path, SimplifyConfig(), tmp_path / "simplified")
+    assert result.simplified, result.reason
+    assert result.nodes_after < result.nodes_before

@@ -40,8 +40,9 @@ def scheduled_config(settings: StackSettings) -> PipelineConfig:
 
 
 def config_parameter(config: PipelineConfig) -> dict[str, Any]:
-    """A config as the JSON a deployment parameter holds (aliases as in the YAML file)."""
-    return config.model_dump(mode="json", by_alias=True)
+    """A config as the JSON a deployment parameter holds (aliases as in the YAML file):
+    only the values it sets, so a recipe's DEFAULTS can fill the rest on the worker."""
+    return config.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
 def apply_deployments(settings: StackSettings) -> list[str]:

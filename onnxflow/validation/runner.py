@@ -74,15 +74,21 @@ class ValidationRun:
         self.record(loaded)
         return session
 
-    def run_or_fail(
-        self, run: Callable[[Feeds], list[np.ndarray]], feeds: Feeds, what: str
-    ) -> list[np.ndarray] | None:
-        """The model's outputs on ``feeds``; None (and a failed check) when onnxruntime fails."""
+    def first_run(
+        self, session, feeds: Feeds, what: str
+    ) -> tuple[Callable[[Feeds], list[np.ndarray]], dict[str, np.ndarray] | None]:
+        """The model as a function of its feeds, and its outputs by name on ``feeds``; None
+        for the outputs (and a failed check) when onnxruntime cannot run them."""
+        names = [o.name for o in session.get_outputs()]
+
+        def run_onnx(batch: Feeds) -> list[np.ndarray]:
+            return session.run(names, batch)
+
         try:
-            return run(feeds)
+            return run_onnx, dict(zip(names, run_onnx(feeds), strict=True))
         except Exception as exc:  # onnxruntime's Fail/InvalidArgument/RuntimeException
             self.record(Check(f"onnxruntime runs {what}", False, one_line(exc)))
-            return None
+            return run_onnx, None
 
     def summary(
         self,
@@ -158,19 +164,14 @@ def validate_model(
 
     input_name = session.get_inputs()[0].name
     feeds = {input_name: X}
-
-    def run_onnx(batch: Feeds) -> list[np.ndarray]:
-        return session.run(None, batch)
-
-    onnx_out = run.run_or_fail(run_onnx, feeds, "the test split")
-    if onnx_out is None:
+    run_onnx, by_name = run.first_run(session, feeds, "the test split")
+    if by_name is None:
         return run.finish()
     framework = get_adapter(trained.framework).load_predictor(trained.path)
     main = output_name(info.task)
     reference = {main: framework(X)}
     # pair outputs by name; a misnamed single output is still compared (its name check failed)
-    by_name = dict(zip([o.name for o in session.get_outputs()], onnx_out, strict=True))
-    outputs = {name: by_name.get(name, onnx_out[0]) for name in reference}
+    outputs = {name: by_name.get(name, next(iter(by_name.values()))) for name in reference}
 
     parity = {}
     for name, expected in reference.items():
@@ -186,7 +187,8 @@ def validate_model(
     if len(parity) < len(reference):
         return run.finish()  # wrong shapes: no metric to compare
 
-    metric_check, metric = checks.check_metric(info, y, reference[main], outputs[main], config)
+    metric_check, metric = checks.check_metric(info.task, y, reference[main], outputs[main],
+                                               config)
     run.record(metric_check)
     run.report["metric"] = metric
 
@@ -220,6 +222,7 @@ def validate_imported(
     sample: dict[str, Any],
     reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None = None,
     expected: dict[str, np.ndarray] | None = None,
+    labels: np.ndarray | None = None,
 ) -> ValidationSummary:
     """Validate any ONNX model on its sample: every input and output, any tensor type.
 
@@ -229,6 +232,9 @@ def validate_imported(
     against atol/rtol, every other type must be equal. Batch-1 vs batch-N consistency runs
     only when every input and output has a dynamic first axis. ``source``: ``name``,
     ``path``, ``format`` of the imported file; ``sample``: ``name``, ``digest``, ``rows``.
+    ``labels`` (class indices of the sample's rows, with a ``reference``): the accuracy of
+    the first output's argmax through onnxruntime and the reference becomes the summary's
+    metric, and may drop at most ``max_accuracy_drop`` (a recipe's test split).
     """
     run = ValidationRun(
         model_path,
@@ -254,15 +260,10 @@ def validate_imported(
             ", ".join(f"{k} {v.dtype} {list(v.shape)}" for k, v in feeds.items()),
         )
     )
-    output_names = [o.name for o in session.get_outputs()]
-
-    def run_onnx(batch: Feeds) -> list[np.ndarray]:
-        return session.run(output_names, batch)
-
-    produced = run.run_or_fail(run_onnx, feeds, "the sample")
-    if produced is None:
+    run_onnx, outputs = run.first_run(session, feeds, "the sample")
+    if outputs is None:
         return run.finish()
-    outputs = dict(zip(output_names, produced, strict=True))
+    output_names = list(outputs)
 
     wanted, compared_with = None, None
     if reference is not None:
@@ -305,17 +306,25 @@ def validate_imported(
             run.report["outputs_not_compared"] = [n for n in output_names if n not in wanted]
     run.report["parity"] = parity
     run.record(checks.check_batches(run_onnx, feeds, config, run.report, dynamic_batch))
+    metric = None
+    if labels is not None and wanted is not None and output_names[0] in wanted:
+        first = output_names[0]
+        metric_check, metric = checks.check_metric("classification", labels, wanted[first],
+                                                   outputs[first], config)
+        run.record(metric_check)
+        run.report["metric"] = metric
 
     runners = {"framework": reference} if reference is not None else {}
     latency = latencies({**runners, "onnx": run_onnx}, feeds, config.latency_repeats, dynamic_batch)
     run.report["latency_ms"] = latency
     max_abs = max((p["max_abs"] for p in parity.values()), default=math.nan)
-    summary = run.summary(
-        metric_name=IMPORT_METRIC,
-        framework_metric=0.0 if parity else math.nan,
-        onnx_metric=max_abs,
-        parity=parity,
-        latency=latency,
-        missing=math.nan,
-    )
+    if metric is not None:
+        summary = run.summary(metric_name=metric["name"], framework_metric=metric["framework"],
+                              onnx_metric=metric["onnx"], parity=parity, latency=latency,
+                              missing=math.nan)
+    else:
+        summary = run.summary(metric_name=IMPORT_METRIC,
+                              framework_metric=0.0 if parity else math.nan,
+                              onnx_metric=max_abs, parity=parity, latency=latency,
+                              missing=math.nan)
     return run.finish(summary)

@@ -28,6 +28,7 @@ from tests.serving.conftest import wait_for
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = os.environ.get("ENGINE", "podman")
 SERVING_IMAGE = "localhost/onnxflow-serving:latest"
+PIPELINE_IMAGE = "localhost/onnxflow:latest"
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -39,13 +40,23 @@ def engine(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=check)
 
 
+def build(which: str) -> None:
+    assert shutil.which(ENGINE), f"{ENGINE} is not installed: apt-get install podman runc mmdebstrap"
+    built = subprocess.run([str(ROOT / "infra" / "images.sh"), which], cwd=ROOT,
+                           capture_output=True, text=True, timeout=3600)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def serving_image() -> str:
-    assert shutil.which(ENGINE), f"{ENGINE} is not installed: apt-get install podman runc mmdebstrap"
-    built = subprocess.run([str(ROOT / "infra" / "images.sh"), "serving"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=1800)
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    build("serving")
     return SERVING_IMAGE
+
+
+@pytest.fixture(scope="module")
+def pipeline_image() -> str:
+    build("pipeline")
+    return PIPELINE_IMAGE
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +163,22 @@ def test_the_serving_container_serves_the_champion_to_tritonclient(
         logs = engine("logs", container, check=False)
         engine("rm", "-f", container, check=False)
         print(logs.stdout[-3000:], logs.stderr[-3000:])
+
+
+def test_a_flow_runs_inside_the_pipeline_container(pipeline_image, proxied_tracking_server):
+    """``onnxflow run`` inside the pipeline image, against the tracking server outside it: the
+    version it registers carries the validation evidence."""
+    from mlflow import MlflowClient
+
+    name = f"in-container-{uuid.uuid4().hex[:6]}"
+    ran = engine("run", "--rm", "--network", "host",
+                 "--ulimit", "nofile=10000:10000", "--ulimit", "nproc=4096:4096",
+                 "-e", f"MLFLOW_TRACKING_URI={proxied_tracking_server}",
+                 pipeline_image, "onnxflow", "run", "--framework", "sklearn",
+                 "--model-name", name, check=False, timeout=1200)
+    assert ran.returncode == 0, ran.stdout[-4000:] + ran.stderr[-4000:]
+    client = MlflowClient(tracking_uri=proxied_tracking_server)
+    (version,) = client.search_model_versions(f"name='{name}'")
+    assert version.tags["validation"] == "passed"
+    assert version.tags["source_framework"] == "sklearn"
+    assert client.get_model_version_by_alias(name, "champion").version == version.version

@@ -97,6 +97,10 @@ def test_generated_requests_never_get_a_5xx(label, mode, fuzzy, report):
         report.count("fuzz_cases")
         if response.status_code >= 500:
             errors.append((response.status_code, response.text[:300], case.as_curl_command()))
+        if label.endswith("/unload") and response.status_code == 200:  # serve on for the rest
+            loaded = httpx.post(f"{fuzzy.url}/v2/repository/models/{fuzzy.name}/load",
+                                headers=AUTH, timeout=60)
+            assert loaded.status_code == 200, loaded.text
 
     try:
         run()

@@ -90,7 +90,7 @@ def test_unknown_model_and_version_are_404(digits):
         version = http.post("/v2/models/digits/versions/9/infer", json=GOOD)
         meta = http.get("/v2/models/nope")
         route = http.get("/v3/whatever")
-    assert unknown.status_code == 404 and "unknown model 'nope'" in unknown.json()["error"]
+    assert unknown.status_code == 404 and "Request for unknown model: 'nope'" in unknown.json()["error"]
     assert version.status_code == 404 and "version 9" in version.json()["error"]
     assert meta.status_code == 404
     assert route.status_code == 404 and "error" in route.json()

@@ -159,7 +159,7 @@ def test_errors_are_grpc_status_codes_naming_the_problem(triton_endpoint):
     with pytest.raises(InferenceServerException) as unknown:
         client.infer("nope", _simple_inputs(grpcclient, a, a))
     assert unknown.value.status() == "StatusCode.NOT_FOUND"
-    assert "unknown model 'nope'" in unknown.value.message()
+    assert "Request for unknown model: 'nope'" in unknown.value.message()
     wrong = grpcclient.InferInput("INPUT0", [2, 16], "INT32")
     wrong.set_data_from_numpy(np.zeros((2, 16), np.int32))
     with pytest.raises(InferenceServerException) as shape:
@@ -202,3 +202,104 @@ def test_token_as_metadata_and_the_size_limit(guarded):
                      headers={"authorization": f"Bearer {TOKEN}"})
     assert too_big.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     assert client.is_server_live()
+
+
+# --- Triton's extensions, as its example clients use them (simple_http_model_control.py,
+# --- simple_http_health_metadata.py's statistics, and their gRPC twins) -------------------
+
+
+def test_statistics_count_successes_and_failures_per_version(triton_endpoint):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    http = httpclient.InferenceServerClient(triton_endpoint.url.removeprefix("http://"))
+    before = http.get_inference_statistics("simple")["model_stats"][0]
+    a = np.ones((1, 16), np.int32)
+    inputs = [httpclient.InferInput("INPUT0", [1, 16], "INT32"),
+              httpclient.InferInput("INPUT1", [1, 16], "INT32")]
+    for tensor in inputs:
+        tensor.set_data_from_numpy(a)
+    for _ in range(3):
+        http.infer("simple", inputs)
+    bad = httpclient.InferInput("INPUT0", [1, 16], "INT32")
+    bad.set_data_from_numpy(a)
+    with pytest.raises(InferenceServerException):
+        http.infer("simple", [bad])  # INPUT1 missing: a failure of version 1
+    after = http.get_inference_statistics("simple", "1")["model_stats"][0]
+    assert after["name"] == "simple" and after["version"] == "1"
+    stats, old = after["inference_stats"], before["inference_stats"]
+    assert stats["success"]["count"] - old["success"]["count"] == 3
+    assert stats["fail"]["count"] - old["fail"]["count"] == 1
+    assert after["inference_count"] - before["inference_count"] == 3  # rows
+    assert stats["compute_infer"]["ns"] > old["compute_infer"]["ns"]
+    assert after["last_inference"] > 0
+    every = {s["name"] for s in http.get_inference_statistics()["model_stats"]}
+    assert {"simple", "digits"} <= every
+    grpc_stats = grpcclient.InferenceServerClient(triton_endpoint.grpc).get_inference_statistics(
+        "simple", as_json=True)["model_stats"][0]
+    assert int(grpc_stats["inference_stats"]["success"]["count"]) >= 3
+    with pytest.raises(InferenceServerException, match="Request for unknown model"):
+        http.get_inference_statistics("nope")
+
+
+def test_model_control_unload_and_load(triton_endpoint):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    http = httpclient.InferenceServerClient(triton_endpoint.url.removeprefix("http://"))
+    assert http.is_model_ready("simple_identity")
+    http.unload_model("simple_identity")
+    assert not http.is_model_ready("simple_identity")
+    index = {m["name"]: m for m in http.get_model_repository_index()}
+    assert index["simple_identity"]["state"] == "UNAVAILABLE"
+    assert index["simple"]["state"] == "READY"
+    assert http.is_server_ready()  # the others serve on
+    http.load_model("simple_identity")
+    assert http.is_model_ready("simple_identity")
+    grpc = grpcclient.InferenceServerClient(triton_endpoint.grpc)
+    grpc.unload_model("simple_identity")
+    assert not grpc.is_model_ready("simple_identity")
+    grpc.load_model("simple_identity")
+    assert grpc.is_model_ready("simple_identity")
+    with pytest.raises(InferenceServerException, match="failed to load 'no_such_model'"):
+        http.load_model("no_such_model")
+    extensions = http.get_server_metadata()["extensions"]
+    assert {"statistics", "model_repository"} <= set(extensions)
+
+
+def test_triton_http_example_clients_logic(triton_endpoint):
+    """What simple_http_infer_client.py, simple_http_async_infer_client.py and
+    simple_http_string_infer_client.py do, against the same process."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(triton_endpoint.url.removeprefix("http://"),
+                                              concurrency=4)
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.ones((1, 16), dtype=np.int32)
+    inputs = [httpclient.InferInput("INPUT0", [1, 16], "INT32"),
+              httpclient.InferInput("INPUT1", [1, 16], "INT32")]
+    inputs[0].set_data_from_numpy(a, binary_data=False)
+    inputs[1].set_data_from_numpy(b, binary_data=True)
+    outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=True),
+               httpclient.InferRequestedOutput("OUTPUT1", binary_data=False)]
+    result = client.infer("simple", inputs, outputs=outputs, request_id="1")
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+    assert result.get_response()["id"] == "1"
+
+    pending = [client.async_infer("simple", inputs, request_id=str(i)) for i in range(8)]
+    for request in pending:
+        np.testing.assert_array_equal(request.get_result().as_numpy("OUTPUT0"), a + b)
+
+    words = np.array([[str(i) for i in range(16)]], dtype=object)
+    ones = np.array([["1"] * 16], dtype=object)
+    strings = [httpclient.InferInput("INPUT0", [1, 16], "BYTES"),
+               httpclient.InferInput("INPUT1", [1, 16], "BYTES")]
+    strings[0].set_data_from_numpy(words, binary_data=True)
+    strings[1].set_data_from_numpy(ones, binary_data=False)
+    answer = client.infer("simple_string", strings)
+    assert [int(x) for x in answer.as_numpy("OUTPUT0").ravel()] == list(range(1, 17))
+    assert [int(x) for x in answer.as_numpy("OUTPUT1").ravel()] == list(range(-1, 15))
+    client.close()

@@ -106,7 +106,8 @@ def test_each_model_by_name_and_invocations_on_the_first(team, local_session):
         assert named.status_code == 200 and named.headers["x-model-name"] == "team_a"
 
         unknown = http.post("/v2/models/nope/invocations", json=ROW)
-        assert unknown.status_code == 404 and "unknown model 'nope'" in unknown.json()["error"]
+        assert unknown.status_code == 404
+        assert "Request for unknown model: 'nope'" in unknown.json()["error"]
         assert "'team_a'" in unknown.json()["error"]  # names what is served
 
 

@@ -247,6 +247,8 @@ def test_csv_multi_input_needs_its_names_and_missing_values_fit_floats():
     with pytest.raises(RequestError, match="CSV line 3 is blank"):
         parse_csv("\n".join([HEADER, LINES[0], "", LINES[1]]), (FEATURES,))
     assert parse_csv("\n".join([HEADER, *LINES, "", ""]), (FEATURES,))["features"].shape[0] == 3
+    excel = "\ufeff" + "\r\n".join(LINES)  # a byte-order mark and CRLF, no header
+    np.testing.assert_allclose(parse_csv(excel, (FEATURES,))["features"], ROWS3)
     with pytest.raises(RequestError, match="to_csv\\(index=False\\)"):
         parse_csv("\n".join(["," + HEADER, *[f"{i},{r}" for i, r in enumerate(LINES)]]),
                   (FEATURES,))

@@ -1,0 +1,192 @@
+"""Serving a team, measured: REST against gRPC, and one model against five in one process.
+
+Five 64->128->10 MLPs are registered as ``champion`` in a fresh SQLite registry. Each
+figure comes from one run on this machine, with Triton's own Python clients
+(``tritonclient.http`` / ``tritonclient.grpc``, one synchronous client per thread, batch-1
+FP32 requests): the clients share the machine's cores with the endpoint, so the
+figures compare the two fronts and the two set-ups, not the endpoint's ceiling (see
+``bench/serve_bench.py`` for that, with wrk).
+
+1. REST vs gRPC: one endpoint serving one model on both fronts; requests/s and p99.
+2. One model vs five in one process: start to ready, resident memory after load, and
+   requests/s spread over every model served.
+
+Results are printed and written into ``docs/benchmarks.md`` (the "Serving a team"
+section) and ``bench-results/team.json``.
+
+    python bench/team_bench.py [--duration 8] [--threads 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnxflow.processes import free_port  # noqa: E402
+from onnxflow.serving.launcher import start_background, stop_background, wait_ready  # noqa: E402
+from onnxflow.serving.settings import ServingSettings  # noqa: E402
+
+NAMES = [f"team{i}" for i in range(5)]
+START = "<!-- team-bench:start -->"
+END = "<!-- team-bench:end -->"
+
+
+def register_models(work: Path) -> str:
+    from onnxflow.registration import register_onnx
+    from tests.serving.models import mlp
+
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    example = np.random.default_rng(0).normal(size=(1, 64)).astype(np.float32)
+    for i, name in enumerate(NAMES):
+        path = mlp(work / "models" / name / "model.onnx", seed=i)
+        register_onnx(path, model_name=name, input_example=example,
+                      tags={"source_framework": "bench"}, aliases=("champion",))
+    return uri
+
+
+def start(work: Path, key: str, models: list[str]) -> tuple[object, ServingSettings, float]:
+    settings = ServingSettings(model=",".join(f"{m}@champion" for m in models),
+                               port=free_port(), grpc_port=free_port(),
+                               cache_dir=work / "cache", log_level="warning")
+    info = start_background(settings, work / key)
+    took = wait_ready(info, timeout_s=180)
+    return info, settings, took
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) / 1024
+
+
+def drive(kind: str, address: str, models: list[str], threads: int, duration: float) -> dict:
+    """Batch-1 requests from ``threads`` synchronous clients for ``duration`` seconds."""
+    if kind == "grpc":
+        import tritonclient.grpc as client_lib
+    else:
+        import tritonclient.http as client_lib
+    data = np.random.default_rng(1).normal(size=(1, 64)).astype(np.float32)
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    errors = [0] * threads
+    stop = time.perf_counter() + duration
+
+    def work(slot: int) -> None:
+        client = client_lib.InferenceServerClient(address)
+        tensor = client_lib.InferInput("features", [1, 64], "FP32")
+        tensor.set_data_from_numpy(data)
+        i = slot
+        while time.perf_counter() < stop:
+            begin = time.perf_counter()
+            try:
+                client.infer(models[i % len(models)], [tensor])
+            except Exception:  # noqa: BLE001  (counted; the figure says how many)
+                errors[slot] += 1
+            latencies[slot].append(time.perf_counter() - begin)
+            i += 1
+
+    pool = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    began = time.perf_counter()
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    every = sorted(x for lane in latencies for x in lane)
+    return {"requests_per_s": len(every) / elapsed, "errors": sum(errors),
+            "p50_ms": statistics.median(every) * 1000,
+            "p99_ms": every[int(len(every) * 0.99) - 1] * 1000, "requests": len(every)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--threads", type=int, default=4)
+    args = parser.parse_args()
+    results: dict = {"threads": args.threads, "duration_s": args.duration,
+                     "load_average": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory(prefix="team-bench-") as tmp:
+        work = Path(tmp)
+        print("registering five models ...", flush=True)
+        register_models(work)
+        for key, models in (("one", NAMES[:1]), ("five", NAMES)):
+            info, settings, took = start(work, key, models)
+            try:
+                # a second start with the models cached: what a restart costs
+                stop_background(work / key)
+                info, settings, took = start(work, key, models)
+                entry = {"models": len(models), "ready_s": took, "rss_mb": rss_mb(info.pid)}
+                rest = drive("rest", info.url.removeprefix("http://"), models, args.threads,
+                             args.duration)
+                grpc = drive("grpc", f"127.0.0.1:{settings.grpc_port}", models, args.threads,
+                             args.duration)
+                entry.update(rest=rest, grpc=grpc, rss_after_mb=rss_mb(info.pid))
+                results[key] = entry
+                print(f"{key}: ready {took:.2f} s, {entry['rss_mb']:.0f} MB; REST "
+                      f"{rest['requests_per_s']:,.0f} req/s (p99 {rest['p99_ms']:.2f} ms), "
+                      f"gRPC {grpc['requests_per_s']:,.0f} req/s "
+                      f"(p99 {grpc['p99_ms']:.2f} ms)", flush=True)
+            finally:
+                stop_background(work / key)
+    (ROOT / "bench-results").mkdir(exist_ok=True)
+    (ROOT / "bench-results" / "team.json").write_text(json.dumps(results, indent=2))
+    write_report(results)
+
+
+def write_report(results: dict) -> None:
+    one, five = results["one"], results["five"]
+    rows = []
+    for label, entry in (("1 model", one), ("5 models", five)):
+        for front in ("rest", "grpc"):
+            fig = entry[front]
+            rows.append(f"| {label} | {front.upper() if front == 'rest' else 'gRPC'} | "
+                        f"{fig['requests_per_s']:,.0f} | {fig['p50_ms']:.2f} | "
+                        f"{fig['p99_ms']:.2f} | {fig['errors']} |")
+    text = f"""{START}
+## Serving a team: REST vs gRPC, one model vs five
+
+`python bench/team_bench.py --duration {results['duration_s']:g} --threads \
+{results['threads']}` (run by `make bench`): one endpoint process, 64->128->10 MLPs,
+batch-1 FP32 requests from {results['threads']} threads of Triton's own synchronous Python
+clients on the same 2-core machine (the clients take much of the CPU, so these compare
+the fronts and set-ups; `wrk` figures above give the endpoint's ceiling). With five
+models, requests go round-robin over all five. Load average when it started:
+{results['load_average']:.1f} (on a busy machine these figures drop and swing).
+
+| served | front | requests/s | p50 ms | p99 ms | errors |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+gRPC / REST: {one['grpc']['requests_per_s'] / one['rest']['requests_per_s']:.2f}x with one
+model. Start to ready with the models cached: {one['ready_s']:.2f} s for one model,
+{five['ready_s']:.2f} s for five. Resident memory after load: {one['rss_mb']:.0f} MB for one
+model, {five['rss_mb']:.0f} MB for five ({(five['rss_mb'] - one['rss_mb']) / 4:.1f} MB per
+extra model of this size). The champion's p99 with the challenger in shadow is not
+measured: the shadow is not built yet.
+{END}
+"""
+    doc = ROOT / "docs" / "benchmarks.md"
+    current = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if START in current:
+        current = current[:current.index(START)] + text + current[current.index(END) +
+                                                                  len(END) + 1:]
+    else:
+        current = current.rstrip("\n") + "\n\n" + text
+    doc.write_text(current)
+    print(f"written to {doc}")
+
+
+if __name__ == "__main__":
+    main()

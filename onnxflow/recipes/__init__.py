@@ -1,0 +1,177 @@
+"""Recipes: the user's own model code in onnxflow's loop.
+
+A recipe is a plain Python file (or an importable module) with no Prefect or MLflow in it:
+
+* ``build_model(info)`` (required) -> a ``torch.nn.Module`` or a ``keras.Model`` whose
+  output is the class scores (logits) ``[batch, n_classes]``. ``info`` is
+  :class:`onnxflow.arrays.ArrayDatasetInfo`: ``info.inputs`` (name, shape without the batch
+  axis, dtype, in the order the model takes them), ``info.class_names``, ``info.n_classes``.
+* ``load_data(config)`` (optional) -> :class:`onnxflow.arrays.NamedArrays` or a dict
+  ``{"train": {...}, "validation": {...}, "test": {...}, "classes": [...]}`` of named arrays
+  with the labels under ``"label"``; without it, ``data.path`` is read by the built-in
+  loaders (image folder, .npz, CSV/Parquet). ``config`` is the ``data`` section.
+* ``fit(model, data, config, on_epoch)`` (optional) -> the trained model, when onnxflow's
+  loop (Adam, cross-entropy) does not fit; ``data`` is NamedArrays, ``config`` the ``train``
+  section with ``device`` resolved to ``cpu`` or ``cuda`` (the model is already there), and
+  ``on_epoch(epoch, {"name": value})`` sends epoch metrics to MLflow.
+
+onnxflow exports the trained model with a softmax on top (output ``probabilities``), the
+inputs named and typed as the data's, and a dynamic batch axis. The flow passes the recipe's
+path between tasks, never the module; each task loads it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from onnxflow.errors import OnnxflowError, RecipeError
+
+log = logging.getLogger(__name__)
+
+#: name -> (required, positional arguments it is called with)
+FUNCTIONS = {
+    "build_model": (True, "info"),
+    "load_data": (False, "config"),
+    "fit": (False, "model, data, config, on_epoch"),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A loaded recipe: where it came from, and its module."""
+
+    ref: str
+    module: ModuleType
+
+    def has(self, name: str) -> bool:
+        return callable(getattr(self.module, name, None))
+
+    def call(self, name: str, *args: Any) -> Any:
+        """Call one of the recipe's functions; any exception it raises becomes a RecipeError
+        naming the recipe and the function (onnxflow's own errors pass through)."""
+        fn = getattr(self.module, name)
+        try:
+            return fn(*args)
+        except OnnxflowError:
+            raise
+        except Exception as exc:
+            log.debug("%s: %s raised", self.ref, name, exc_info=True)
+            raise RecipeError(
+                f"{self.ref}: {name}({FUNCTIONS[name][1]}) raised "
+                f"{type(exc).__name__}: {_brief(exc)}"
+            ) from exc
+
+
+def load_recipe(ref: str | Path) -> Recipe:
+    """Import the recipe at ``ref`` (a ``.py`` file, or a dotted module name) and check its
+    functions; RecipeError naming the recipe and what is wrong, before anything runs."""
+    text = str(ref)
+    path = Path(text)
+    if text.endswith(".py") or path.exists() or "/" in text:
+        module = _import_file(path)
+    else:
+        try:
+            module = importlib.import_module(text)
+        except ImportError as exc:
+            raise RecipeError(
+                f"Recipe {text!r} is neither a file nor an importable module: {exc}"
+            ) from None
+        except Exception as exc:
+            raise RecipeError(
+                f"{text}: importing the recipe raised {type(exc).__name__}: {_brief(exc)}"
+            ) from exc
+    recipe = Recipe(ref=text, module=module)
+    check_functions(recipe)
+    return recipe
+
+
+def check_functions(recipe: Recipe) -> None:
+    """build_model is there; every function present takes the arguments it will be given."""
+    problems = []
+    for name, (required, arguments) in FUNCTIONS.items():
+        fn = getattr(recipe.module, name, None)
+        if fn is None:
+            if required:
+                problems.append(
+                    f"no {name}({arguments}) function (a recipe needs "
+                    "build_model(info) returning a torch.nn.Module or keras.Model)"
+                )
+            continue
+        if not callable(fn):
+            problems.append(f"{name} is a {type(fn).__name__}, not a function")
+            continue
+        try:
+            inspect.signature(fn).bind(*arguments.split(", "))
+        except TypeError:
+            problems.append(
+                f"{name}{inspect.signature(fn)} cannot be called as {name}({arguments})"
+            )
+        except ValueError:  # builtins without a signature: let the call decide
+            pass
+    if problems:
+        raise RecipeError(f"{recipe.ref}: " + "; ".join(problems))
+
+
+def _import_file(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise RecipeError(f"Recipe file not found: {path}")
+    resolved = path.resolve()
+    name = "onnxflow_recipe_" + hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    if spec is None or spec.loader is None:
+        raise RecipeError(f"{path} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    # the recipe may import helpers that sit beside it (e.g. its data generator)
+    if str(resolved.parent) not in sys.path:
+        sys.path.insert(0, str(resolved.parent))
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise RecipeError(
+            f"{path}: importing the recipe raised {type(exc).__name__}: {_brief(exc)}"
+        ) from exc
+    return module
+
+
+def _brief(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:600] or type(exc).__name__
+
+
+def with_recipe_defaults(config):
+    """``config`` with the recipe's ``DEFAULTS`` (``{"train": {"epochs": 3}, ...}``) filled
+    in wherever the config did not set a value itself (YAML and command line win)."""
+    if not config.recipe:
+        return config
+    recipe = load_recipe(config.recipe)
+    defaults = getattr(recipe.module, "DEFAULTS", None) or {}
+    if not isinstance(defaults, dict):
+        raise RecipeError(
+            f"{recipe.ref}: DEFAULTS is a {type(defaults).__name__}, expected a "
+            "dict of config sections ({'train': {'epochs': 3}})"
+        )
+    raw = config.model_dump(by_alias=True, exclude_unset=True)
+    for section, values in defaults.items():
+        current = getattr(
+            config, {"validate": "validate_", "register": "register_"}.get(section, section), None
+        )
+        if current is None or not isinstance(values, dict):
+            raise RecipeError(
+                f"{recipe.ref}: DEFAULTS[{section!r}] is not a config section with values"
+            )
+        merged = {k: v for k, v in values.items() if k not in current.model_fields_set}
+        raw[section] = {**merged, **raw.get(section, {})}
+    try:
+        return type(config).model_validate(raw)
+    except Exception as exc:  # pydantic's ValidationError names the bad key
+        raise RecipeError(f"{recipe.ref}: DEFAULTS do not fit the configuration: {exc}") from None

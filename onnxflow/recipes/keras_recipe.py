@@ -1,0 +1,186 @@
+"""A recipe's Keras model: check it against the data, train it, save and export it.
+
+The saved ``model.keras`` is a new functional model over the trained one: fresh inputs
+named and typed as the data's, a softmax on top (``probabilities``). It is converted with
+tf2onnx through the same ``tf.function`` wrapper as an imported ``.keras`` file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from onnxflow.arrays import LABEL, ArrayDatasetInfo, NamedArrays
+from onnxflow.config import TrainConfig
+from onnxflow.errors import RecipeError, TrainingError
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAME = "probabilities"
+EXPORTER = "tf2onnx"
+_EVAL_BATCH = 256
+
+
+def import_keras():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    return keras, tf
+
+
+def resolve_device(requested: str) -> str:
+    _, tf = import_keras()
+    available = bool(tf.config.list_physical_devices("GPU"))
+    if requested == "cuda" and not available:
+        raise TrainingError("train.device is cuda but TensorFlow sees no GPU; use auto or cpu")
+    return "cuda" if requested in ("auto", "cuda") and available else "cpu"
+
+
+def device_scope(device: str):
+    _, tf = import_keras()
+    return tf.device("/GPU:0" if device == "cuda" else "/CPU:0")
+
+
+def model_inputs(model, split: Mapping[str, np.ndarray], names: tuple[str, ...]):
+    """The split's inputs as the model takes them: by name when its inputs carry the data's
+    names, else as a list in the data's order (a single array for one input)."""
+    declared = [getattr(t, "name", "").split(":")[0] for t in getattr(model, "inputs", []) or []]
+    if sorted(declared) == sorted(names):
+        return {n: split[n] for n in names}
+    arrays = [split[n] for n in names]
+    return arrays[0] if len(arrays) == 1 else arrays
+
+
+def check_output(model, data: NamedArrays, info: ArrayDatasetInfo, ref: str) -> None:
+    rows = {n: data.train[n][:2] for n in info.input_names}
+    try:
+        out = model(model_inputs(model, rows, info.input_names), training=False)
+        shape = tuple(int(d) for d in out.shape)
+    except Exception as exc:
+        raise RecipeError(
+            f"{ref}: the model from build_model(info) fails on two training rows: "
+            f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+        ) from exc
+    if shape != (2, info.n_classes):
+        raise RecipeError(
+            f"{ref}: the model from build_model(info) returns shape {list(shape)} "
+            f"for 2 rows; expected class scores of shape [2, {info.n_classes}] "
+            f"({info.n_classes} classes)"
+        )
+
+
+def fit(
+    model,
+    data: NamedArrays,
+    info: ArrayDatasetInfo,
+    config: TrainConfig,
+    device: str,
+    on_epoch: Callable[[int, dict[str, float]], None] | None,
+) -> dict[str, float]:
+    """Adam on sparse categorical cross-entropy (from logits), via ``model.fit``."""
+    keras, _ = import_keras()
+    names = info.input_names
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=False,
+    )
+    history: dict[str, float] = {}
+
+    class Reporter(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logs = logs or {}
+            metrics = {
+                "train_loss": float(logs["loss"]),
+                "val_loss": float(logs["val_loss"]),
+                "val_accuracy": float(logs["val_accuracy"]),
+            }
+            if not np.isfinite(list(metrics.values())).all():
+                raise TrainingError(f"training diverged at epoch {epoch + 1}: {metrics}")
+            history.clear()
+            history.update(metrics)
+            log.info(
+                "recipe epoch %d/%d: %s",
+                epoch + 1,
+                config.epochs,
+                " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+            )
+            if on_epoch is not None:
+                on_epoch(epoch + 1, metrics)
+
+    with device_scope(device):
+        model.fit(
+            model_inputs(model, data.train, names),
+            data.train[LABEL],
+            validation_data=(model_inputs(model, data.validation, names), data.validation[LABEL]),
+            batch_size=config.batch_size,
+            epochs=config.epochs,
+            shuffle=True,
+            verbose=0,
+            callbacks=[Reporter()],
+        )
+    return history
+
+
+def save(model, info: ArrayDatasetInfo, out_dir: Path) -> Path:
+    """``model.keras``: data-named inputs -> the trained model -> softmax ``probabilities``."""
+    keras, _ = import_keras()
+    inputs = [
+        keras.Input(shape=spec.shape, dtype=spec.dtype, name=spec.name) for spec in info.inputs
+    ]
+    fed = (
+        {i.name: i for i in inputs}
+        if isinstance(model_inputs(model, {n: n for n in info.input_names}, info.input_names), dict)
+        else inputs[0]
+        if len(inputs) == 1
+        else inputs
+    )
+    outputs = keras.layers.Softmax(name=OUTPUT_NAME)(model(fed))
+    inference = keras.Model(inputs, outputs, name="inference")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.keras"
+    inference.save(path)
+    return path
+
+
+def export(model_path: Path, opset: int, target: Path) -> None:
+    from onnxflow.importing import _tf_to_onnx
+
+    _tf_to_onnx(model_path, "keras", opset, target)
+
+
+def reference(
+    model_path: Path, names: tuple[str, ...]
+) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
+    """The saved model on CPU as a function of the ONNX feeds -> [probabilities]."""
+    from onnxflow.importing import _tf_function
+
+    _, tf = import_keras()
+    fn, input_names, _ = _tf_function(model_path, "keras")
+
+    def run(feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        n = len(next(iter(feeds.values())))
+        parts = []
+        with tf.device("/CPU:0"):
+            for start in range(0, n, _EVAL_BATCH):
+                result = fn(
+                    *(
+                        tf.convert_to_tensor(feeds[k][start : start + _EVAL_BATCH])
+                        for k in input_names
+                    )
+                )
+                result = result[0] if isinstance(result, list | tuple) else result
+                parts.append(result.numpy())
+        return [np.concatenate(parts)]
+
+    return run
+
+
+def count_parameters(model) -> int:
+    return int(model.count_params())

@@ -1,0 +1,346 @@
+"""The steps of a recipe's chain, as plain functions (tasks: :mod:`onnxflow.tasks.recipes`).
+
+    data (load_data or a built-in loader) ─► train (build_model, fit) ─► export ─► simplify
+    ─► validate (every input and output, parity on CPU, accuracy) ─► register
+
+Each step takes the recipe's path (never its module) and loads it again, so tasks can
+retry or run in another process. Problems with the recipe are RecipeErrors naming the
+recipe file and the function, raised before training whenever they can be.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from onnxflow.arrays import (
+    SPLITS,
+    ArrayDataset,
+    ArrayDatasetInfo,
+    NamedArrays,
+    as_named_arrays,
+    load_arrays,
+    prepare_arrays,
+    read_split,
+)
+from onnxflow.config import DataConfig, ExportConfig, RegisterConfig, TrainConfig, ValidateConfig
+from onnxflow.errors import ExportError, RecipeError, RegistryError
+from onnxflow.interface import (
+    BATCH_AXIS,
+    ModelInterface,
+    TensorDecl,
+    load_graph,
+    output_name,
+    read_interface,
+)
+from onnxflow.recipes import load_recipe
+from onnxflow.results import ExportedModel, RegisteredVersion, TrainedModel, ValidationSummary
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+#: Where the parity reference runs, whatever device trained the model.
+REFERENCE_DEVICE = "cpu"
+
+
+def prepare_recipe_data(recipe_ref: str, config: DataConfig, out_dir: Path) -> ArrayDataset:
+    """The recipe's ``load_data(config)``, or the built-in loader of ``data.path``; checked
+    and written as ``splits.npz``."""
+    recipe = load_recipe(recipe_ref)
+    if recipe.has("load_data"):
+        data = as_named_arrays(recipe.call("load_data", config), f"{recipe.ref}: load_data(config)")
+    else:
+        data = load_arrays(config)
+    return prepare_arrays(data, config, out_dir)
+
+
+def framework_adapter(model, ref: str) -> tuple[str, ModuleType]:
+    """``("torch", torch_recipe)`` or ``("keras", keras_recipe)`` for a built model."""
+    kind = type(model).__module__.split(".")[0]
+    if kind == "torch" or _is_torch_module(model):
+        from onnxflow.recipes import torch_recipe
+
+        return "torch", torch_recipe
+    if kind in ("keras", "tensorflow", "tf_keras"):
+        from onnxflow.recipes import keras_recipe
+
+        keras, _ = keras_recipe.import_keras()
+        if isinstance(model, keras.Model):
+            return "keras", keras_recipe
+    raise RecipeError(
+        f"{ref}: build_model(info) returned {type(model).__module__}."
+        f"{type(model).__qualname__}, expected a torch.nn.Module or a keras.Model"
+    )
+
+
+def train_recipe(
+    recipe_ref: str,
+    dataset: ArrayDataset,
+    config: TrainConfig,
+    out_dir: Path,
+    on_epoch: EpochCallback | None = None,
+) -> TrainedModel:
+    """build_model → check it on two rows and that it can be captured for export → fit
+    (the recipe's or onnxflow's) on the chosen device → ``model.pt2`` / ``model.keras``."""
+    recipe = load_recipe(recipe_ref)
+    info = dataset.info
+    data = NamedArrays(
+        **{split: _split_arrays(dataset, split) for split in SPLITS},
+        classes=info.class_names,
+        name=info.name,
+        source=info.source,
+        preprocessing=dict(info.preprocessing),
+    )
+    _seed(config.seed)
+    model = recipe.call("build_model", info)
+    framework, adapter = framework_adapter(model, recipe.ref)
+    adapter.check_output(model, data, info, recipe.ref)
+    if framework == "torch":  # torch.export problems show before any training
+        try:
+            adapter.inference_program(model, info, data.train)
+        except RecipeError as exc:
+            raise RecipeError(
+                f"{recipe.ref}: the model from build_model(info) cannot be exported: {exc}"
+            ) from exc
+    device = adapter.resolve_device(config.device)
+    log.info(
+        "recipe %s: %s model with %s parameters, training on %s",
+        recipe.ref,
+        framework,
+        f"{adapter.count_parameters(model):,}",
+        device,
+    )
+
+    started = time.perf_counter()
+    if framework == "torch":
+        model = model.to(device)
+    if recipe.has("fit"):
+        resolved = config.model_copy(update={"device": device})
+        if framework == "keras":
+            with adapter.device_scope(device):
+                returned = recipe.call("fit", model, data, resolved, on_epoch)
+        else:
+            returned = recipe.call("fit", model, data, resolved, on_epoch)
+        if returned is not None:
+            try:
+                same = framework_adapter(returned, recipe.ref)[0] == framework
+            except RecipeError:
+                same = False
+            if not same:
+                raise RecipeError(
+                    f"{recipe.ref}: fit(...) returned a "
+                    f"{type(returned).__name__}, expected the {framework} model "
+                    "it was given (or None)"
+                )
+            model = returned
+        metrics = {}
+    else:
+        metrics = adapter.fit(model, data, info, config, device, on_epoch)
+    seconds = time.perf_counter() - started
+
+    out = out_dir
+    if framework == "torch":
+        try:
+            program = adapter.inference_program(model, info, data.train)
+        except RecipeError as exc:
+            raise RecipeError(f"{recipe.ref}: the trained model cannot be exported: {exc}") from exc
+        path = adapter.save(program, out)
+    else:
+        path = adapter.save(model, info, out)
+    log.info("recipe model trained in %.1f s on %s -> %s", seconds, device, path)
+    return TrainedModel(
+        framework=framework,
+        path=path,
+        metrics=metrics,
+        train_seconds=seconds,
+        params={
+            "recipe": recipe.ref,
+            "train_device": device,
+            "n_parameters": str(adapter.count_parameters(model)),
+            "epochs": str(config.epochs),
+            "learning_rate": str(config.learning_rate),
+            "batch_size": str(config.batch_size),
+            "seed": str(config.seed),
+            "own_fit": str(recipe.has("fit")).lower(),
+        },
+    )
+
+
+def export_recipe(
+    trained: TrainedModel, info: ArrayDatasetInfo, config: ExportConfig, out_dir: Path
+) -> ExportedModel:
+    """The trained model to ``out_dir/model.onnx``, its inputs named and typed as the data's,
+    dynamic batch axis ``batch``; the exporter's own message when it fails."""
+    from onnxflow.importing import _name_batch_axis
+
+    adapter = _adapter(trained.framework)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "model.onnx"
+    started = time.perf_counter()
+    try:
+        if trained.framework == "torch":
+            adapter.export(trained.path, info, config.opset, target)
+        else:
+            adapter.export(trained.path, config.opset, target)
+    except Exception as exc:  # the exporters raise whatever their framework raises
+        recipe = trained.params.get("recipe", "the recipe")
+        raise ExportError(
+            f"{recipe}: {adapter.EXPORTER} cannot export the model from "
+            f"build_model(info): {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:1500]}"
+        ) from exc
+    _name_batch_axis(target)
+    _check_interface(target, info)
+    seconds = time.perf_counter() - started
+    log.info("exported %s with %s in %.1f s", target, adapter.EXPORTER, seconds)
+    return ExportedModel(
+        path=target, exporter=adapter.EXPORTER, opset=config.opset, export_seconds=seconds
+    )
+
+
+def recipe_reference(trained: TrainedModel, info: ArrayDatasetInfo):
+    """The framework model, on CPU, as a function of ONNX feeds -> [probabilities]."""
+    return _adapter(trained.framework).reference(trained.path, info.input_names)
+
+
+def recipe_tags(trained: TrainedModel, info: ArrayDatasetInfo) -> dict[str, str]:
+    """Version tags a client needs to feed the model, and where it was trained."""
+    tags = {
+        "recipe": trained.params.get("recipe", ""),
+        "train_device": trained.params.get("train_device", ""),
+        "reference_device": REFERENCE_DEVICE,
+        "inputs": "; ".join(
+            f"{s.name} {s.dtype} [batch, {', '.join(map(str, s.shape))}]"
+            if s.shape
+            else f"{s.name} {s.dtype} [batch]"
+            for s in info.inputs
+        ),
+        "classes": ", ".join(info.class_names)[:4000],
+    }
+    tags.update({f"preprocessing.{k}": v for k, v in info.preprocessing.items()})
+    return tags
+
+
+def recipe_interface(info: ArrayDatasetInfo) -> ModelInterface:
+    """What a recipe's exported model takes and gives: the data's inputs (names, types,
+    shapes) behind a dynamic batch axis, and ``probabilities`` ``[batch, n_classes]``."""
+    import numpy as np
+    from onnx import TensorProto
+    from onnx.helper import np_dtype_to_tensor_dtype
+
+    def onnx_type(dtype: str) -> str:
+        return TensorProto.DataType.Name(np_dtype_to_tensor_dtype(np.dtype(dtype)))
+
+    return ModelInterface(
+        inputs=tuple(
+            TensorDecl(s.name, onnx_type(s.dtype), (BATCH_AXIS, *s.shape)) for s in info.inputs
+        ),
+        outputs=(TensorDecl(output_name("classification"), "FLOAT", (BATCH_AXIS, info.n_classes)),),
+    )
+
+
+def _check_interface(target: Path, info: ArrayDatasetInfo) -> None:
+    """The exported model has the data's interface (see :func:`recipe_interface`)."""
+    problems = recipe_interface(info).mismatches(read_interface(load_graph(target)))
+    if problems:
+        raise ExportError(f"{target} does not have the data's interface: " + "; ".join(problems))
+
+
+def _adapter(framework: str) -> ModuleType:
+    if framework == "torch":
+        from onnxflow.recipes import torch_recipe
+
+        return torch_recipe
+    from onnxflow.recipes import keras_recipe
+
+    return keras_recipe
+
+
+def _split_arrays(dataset: ArrayDataset, split: str) -> dict[str, np.ndarray]:
+    inputs, labels = read_split(dataset, split)
+    return {**inputs, "label": labels}
+
+
+def _is_torch_module(model) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+def _seed(seed: int) -> None:
+    import random
+    import sys
+
+    random.seed(seed)
+    np.random.seed(seed)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(seed)
+    if "keras" in sys.modules:
+        sys.modules["keras"].utils.set_random_seed(seed)
+
+
+def validate_recipe(
+    model_path: Path,
+    trained: TrainedModel,
+    dataset: ArrayDataset,
+    config: ValidateConfig,
+    out_dir: Path,
+) -> ValidationSummary:
+    """Every input and output on the test split (the validation imported models get), with
+    the framework model on CPU as the parity reference and test accuracy through both."""
+    from onnxflow.validation import validate_imported
+
+    inputs, labels = read_split(dataset, "test")
+    info = dataset.info
+    return validate_imported(
+        model_path,
+        inputs,
+        config,
+        out_dir,
+        source={
+            "name": trained.framework,
+            "path": str(trained.path),
+            "format": "recipe",
+            "recipe": trained.params.get("recipe", ""),
+            "train_device": trained.params.get("train_device", ""),
+            "reference_device": REFERENCE_DEVICE,
+        },
+        sample={"name": info.name, "digest": info.digest, "rows": len(labels), "split": "test"},
+        reference=recipe_reference(trained, info),
+        labels=labels,
+    )
+
+
+def register_recipe(
+    model_path: Path,
+    summary: ValidationSummary,
+    lineage: Mapping[str, str],
+    dataset: ArrayDataset,
+    config: RegisterConfig,
+    run_id: str,
+) -> RegisteredVersion:
+    """A validated recipe model becomes a version: the first test row as its input example
+    (every input), lineage, validation and recipe tags, alias ``challenger``."""
+    from onnxflow.registration import register_onnx, validation_tags
+
+    if not summary.passed:
+        raise RegistryError(
+            f"Refusing to register {model_path}: validation failed (see {summary.report_dir})."
+        )
+    inputs, _ = read_split(dataset, "test")
+    example = {name: array[:1] for name, array in inputs.items()}
+    tags = {**lineage, **validation_tags(summary)}
+    return register_onnx(
+        model_path,
+        model_name=config.model_name,
+        input_example=example,
+        tags=tags,
+        aliases=(config.alias,),
+        run_id=run_id,
+    )
