@@ -56,8 +56,12 @@ print("RESULT " + json.dumps(times))
 
 
 def timed(cmd: list[str], cwd: Path, prefect_home: Path) -> tuple[float, str]:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db",
-           "PREFECT_HOME": str(prefect_home), "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db",
+        "PREFECT_HOME": str(prefect_home),
+        "PYTHONPATH": str(ROOT),
+    }
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -69,8 +73,11 @@ def timed(cmd: list[str], cwd: Path, prefect_home: Path) -> tuple[float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--fresh-prefect", action="store_true",
-                        help="give each flow run a new PREFECT_HOME (first-run database migration included)")
+    parser.add_argument(
+        "--fresh-prefect",
+        action="store_true",
+        help="give each flow run a new PREFECT_HOME (first-run database migration included)",
+    )
     args = parser.parse_args()
     steps_walls, flow_walls, breakdown = [], [], None
     prefect_home = Path(tempfile.mkdtemp(prefix="onnxflow-prefect-"))
@@ -84,14 +91,18 @@ def main() -> None:
             cmd = [str(BIN / "onnxflow"), "run", "--framework", "both"]
             wall, _ = timed(cmd, Path(tmp), home)
             flow_walls.append(wall)
-        print(f"run {i + 1}: steps only {steps_walls[-1]:.1f} s, onnxflow run {flow_walls[-1]:.1f} s",
-              flush=True)
+        print(
+            f"run {i + 1}: steps only {steps_walls[-1]:.1f} s, onnxflow run {flow_walls[-1]:.1f} s",
+            flush=True,
+        )
     s, f = statistics.median(steps_walls), statistics.median(flow_walls)
     print("\nstep times in the last steps-only run (s):")
     for name, seconds in breakdown.items():
         print(f"  {name:<18} {seconds:6.2f}")
-    print(f"\nmedian of {args.repeats}: steps only {s:.1f} s | onnxflow run (make demo without "
-          f"--deploy) {f:.1f} s | Prefect + MLflow overhead {f - s:.1f} s ({(f - s) / f:.0%})")
+    print(
+        f"\nmedian of {args.repeats}: steps only {s:.1f} s | onnxflow run (make demo without "
+        f"--deploy) {f:.1f} s | Prefect + MLflow overhead {f - s:.1f} s ({(f - s) / f:.0%})"
+    )
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ BIN = Path(sys.executable).parent
 
 # --- load generator ----------------------------------------------------------------------
 
+
 def ensure_wrk(install: bool) -> str:
     found = shutil.which("wrk")
     if found:
@@ -55,9 +56,11 @@ def ensure_wrk(install: bool) -> str:
         found = shutil.which("wrk")
         if found:
             return found
-    sys.exit("wrk (HTTP load generator) is not installed.\n"
-             "  Debian/Ubuntu: sudo apt-get update && sudo apt-get install -y wrk\n"
-             "  or run: python bench/serve_bench.py --install-wrk")
+    sys.exit(
+        "wrk (HTTP load generator) is not installed.\n"
+        "  Debian/Ubuntu: sudo apt-get update && sudo apt-get install -y wrk\n"
+        "  or run: python bench/serve_bench.py --install-wrk"
+    )
 
 
 def wrk_script(path: Path, body: str) -> Path:
@@ -69,19 +72,32 @@ def wrk_script(path: Path, body: str) -> Path:
     return path
 
 
-def run_wrk(wrk: str, url: str, script: Path, connections: int, duration: int,
-            threads: int = 1) -> dict:
-    cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
-           "-s", str(script), url]
+def run_wrk(
+    wrk: str, url: str, script: Path, connections: int, duration: int, threads: int = 1
+) -> dict:
+    cmd = [
+        wrk,
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     latency = {p: _ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.MULTILINE)}
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     socket_errors = re.search(r"Socket errors:.*", out)
-    return {"rps": rps, "p50_ms": latency["50"], "p99_ms": latency["99"],
-            "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
-            "socket_errors": socket_errors.group(0) if socket_errors else "",
-            "command": " ".join(cmd[:-2] + ["<post.lua>", url])}
+    return {
+        "rps": rps,
+        "p50_ms": latency["50"],
+        "p99_ms": latency["99"],
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "socket_errors": socket_errors.group(0) if socket_errors else "",
+        "command": " ".join(cmd[:-2] + ["<post.lua>", url]),
+    }
 
 
 def _ms(value: str) -> float:
@@ -91,16 +107,33 @@ def _ms(value: str) -> float:
 
 # --- registry and servers ----------------------------------------------------------------
 
+
 def start_tracking_server(work: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     with open(work / "mlflow-server.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-             f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination",
-             str(work / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{work / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(work / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", 120, proc)
     return proc, url
@@ -113,8 +146,13 @@ def register(tracking_uri: str, name: str, sizes: tuple[int, ...], work: Path) -
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     path = mlp(work / "models" / name / "model.onnx", sizes=sizes, seed=0)
     example = np.random.default_rng(0).normal(size=(1, sizes[0])).astype(np.float32)
-    version = register_onnx(path, model_name=name, input_example=example,
-                            tags={"source_framework": "bench"}, aliases=("champion",))
+    version = register_onnx(
+        path,
+        model_name=name,
+        input_example=example,
+        tags={"source_framework": "bench"},
+        aliases=("champion",),
+    )
     return version.version
 
 
@@ -146,8 +184,9 @@ def stop_group(proc: subprocess.Popen) -> None:
 class OurEndpoint:
     def __init__(self, work: Path, key: str, **options) -> None:
         self.state = work / key
-        self.settings = ServingSettings(port=free_port(), cache_dir=work / "cache",
-                                        log_level="warning", **options)
+        self.settings = ServingSettings(
+            port=free_port(), cache_dir=work / "cache", log_level="warning", **options
+        )
         self.info = None
 
     def start(self) -> float:
@@ -171,9 +210,26 @@ def mlflow_serve(model_uri: str, work: Path) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     with open(work / "mlflow-serve.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                model_uri,
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/ping", 180, proc)
     return proc, url
@@ -181,25 +237,30 @@ def mlflow_serve(model_uri: str, work: Path) -> tuple[subprocess.Popen, str]:
 
 def group_rss_mb(pid: int) -> tuple[float, float]:
     """(all, largest child) resident MB: ``mlflow models serve`` runs a uvicorn worker."""
-    parent = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True,
-                            text=True, check=False).stdout.split()
-    children = subprocess.run(["ps", "-o", "rss=", "--ppid", str(pid)], capture_output=True,
-                              text=True, check=False).stdout.split()
+    parent = subprocess.run(
+        ["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    children = subprocess.run(
+        ["ps", "-o", "rss=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    ).stdout.split()
     sizes = [int(x) / 1024 for x in children]
     return sum(int(x) for x in parent) / 1024 + sum(sizes), max(sizes, default=0.0)
 
 
 def check_answer(url: str, body: str) -> dict:
-    response = httpx.post(f"{url}/invocations", content=body,
-                          headers={"content-type": "application/json"}, timeout=30)
+    response = httpx.post(
+        f"{url}/invocations", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
     response.raise_for_status()
     return response.json()
 
 
 # --- the benchmarks ----------------------------------------------------------------------
 
-def measure_rounds(wrk: str, targets: dict[str, str], script: Path, connections: int,
-                   args) -> dict[str, dict]:
+
+def measure_rounds(
+    wrk: str, targets: dict[str, str], script: Path, connections: int, args
+) -> dict[str, dict]:
     """Alternate wrk runs over the targets, ``args.rounds`` times; medians per target.
 
     Alternating spreads any drift in the machine's load (other processes) over all
@@ -249,8 +310,9 @@ def bench_vs_mlflow(args, wrk: str, work: Path, tracking_uri: str) -> dict:
         if not args.skip_mlflow:
             proc, url = mlflow_serve(f"models:/{name}@champion", work)
             theirs = check_answer(url, body)
-            np.testing.assert_allclose(answer["predictions"]["logits"],
-                                       theirs["predictions"]["logits"], rtol=1e-5)
+            np.testing.assert_allclose(
+                answer["predictions"]["logits"], theirs["predictions"]["logits"], rtol=1e-5
+            )
             targets["mlflow"] = f"{url}/invocations"
         result.update(measure_rounds(wrk, targets, script, args.connections, args))
         result["ours"]["rss_mb"], result["ours"]["rss_peak_mb"] = ours.rss_mb()
@@ -286,18 +348,23 @@ def sqlite_registry_figures(wrk: str, work: Path, name: str, script: Path) -> di
 def bench_batching(args, wrk: str, work: Path, tracking_uri: str) -> dict:
     name = "bench-heavy"
     version = register(tracking_uri, name, (64, 2048, 2048, 2048, 2048, 10), work)
-    body = json.dumps({"inputs": np.random.default_rng(2).normal(size=(1, 64)).round(6)
-                       .tolist()})
+    body = json.dumps({"inputs": np.random.default_rng(2).normal(size=(1, 64)).round(6).tolist()})
     script = wrk_script(work / "post-heavy.lua", body)
-    result = {"model": f"{name} v{version} (64->2048x4->10 MLP)",
-              "connections": args.batch_connections}
+    result = {
+        "model": f"{name} v{version} (64->2048x4->10 MLP)",
+        "connections": args.batch_connections,
+    }
     configs = {
         "unbatched": {},
-        "batched": {"max_batch_size": args.max_batch_size,
-                    "max_batch_delay_ms": args.max_batch_delay_ms},
+        "batched": {
+            "max_batch_size": args.max_batch_size,
+            "max_batch_delay_ms": args.max_batch_delay_ms,
+        },
     }
-    endpoints = {key: OurEndpoint(work, f"heavy-{key}", model=f"{name}@champion", **options)
-                 for key, options in configs.items()}
+    endpoints = {
+        key: OurEndpoint(work, f"heavy-{key}", model=f"{name}@champion", **options)
+        for key, options in configs.items()
+    }
     try:
         for endpoint in endpoints.values():
             endpoint.start()
@@ -315,6 +382,7 @@ def bench_batching(args, wrk: str, work: Path, tracking_uri: str) -> dict:
 
 # --- report ------------------------------------------------------------------------------
 
+
 def machine() -> dict:
     cpu = "unknown"
     try:
@@ -324,8 +392,12 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "load_average_at_start": os.getloadavg()}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
 
 
 def report(results: dict) -> str:
@@ -337,7 +409,7 @@ def report(results: dict) -> str:
         f"{m['cpus']} CPUs ({m['cpu']}), Python {m['python']}, load average at start "
         f"{', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}. "
         "Load generator: `wrk` (Debian package) on the same machine, one thread, "
-        "batch-1 JSON `{\"inputs\": [[64 floats]]}` POSTed to `/invocations`; "
+        'batch-1 JSON `{"inputs": [[64 floats]]}` POSTed to `/invocations`; '
         "our endpoint has metrics on (every request counted and timed). "
         f"Each figure is the median of {results['rounds']} runs of {results['duration']} s, "
         "the servers measured in turn within each round.",
@@ -358,11 +430,15 @@ def report(results: dict) -> str:
         ]
         if "mlflow" in v:
             t = v["mlflow"]
-            lines.append(f"| mlflow models serve | {t['rps']:,.0f} | {t['p50_ms']:.2f} | "
-                         f"{t['p99_ms']:.2f} | {t['non_2xx']} | {t['rss_mb']:.0f} "
-                         f"(uvicorn worker {t['rss_worker_mb']:.0f}) |")
-            lines += ["", f"**Ratio: {v['ratio']:.1f}×** the requests/s of mlflow models "
-                          "serve (goal ≥ 10×)."]
+            lines.append(
+                f"| mlflow models serve | {t['rps']:,.0f} | {t['p50_ms']:.2f} | "
+                f"{t['p99_ms']:.2f} | {t['non_2xx']} | {t['rss_mb']:.0f} "
+                f"(uvicorn worker {t['rss_worker_mb']:.0f}) |"
+            )
+            lines += [
+                "",
+                f"**Ratio: {v['ratio']:.1f}×** the requests/s of mlflow models serve (goal ≥ 10×).",
+            ]
         starts = v["start_to_ready_s"]
         sq = v["sqlite_registry"]
         lines += [
@@ -390,13 +466,23 @@ def report(results: dict) -> str:
         ]
         for key in ("unbatched", "batched"):
             r = b[key]
-            label = key if not r["settings"] else (
-                f"batched (max {r['settings']['max_batch_size']} rows, "
-                f"{r['settings']['max_batch_delay_ms']} ms)")
-            lines.append(f"| {label} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "
-                         f"{r['p99_ms']:.2f} | {r['non_2xx']} |")
-        lines += ["", f"**Batched / unbatched: {b['ratio']:.1f}×** (goal ≥ 4×; the in-process "
-                      "ceiling quoted in the issue is 6.9×)."]
+            label = (
+                key
+                if not r["settings"]
+                else (
+                    f"batched (max {r['settings']['max_batch_size']} rows, "
+                    f"{r['settings']['max_batch_delay_ms']} ms)"
+                )
+            )
+            lines.append(
+                f"| {label} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "
+                f"{r['p99_ms']:.2f} | {r['non_2xx']} |"
+            )
+        lines += [
+            "",
+            f"**Batched / unbatched: {b['ratio']:.1f}×** (goal ≥ 4×; the in-process "
+            "ceiling quoted in the issue is 6.9×).",
+        ]
     lines += [
         "",
         "## Notes",
@@ -429,12 +515,16 @@ def main() -> None:
     parser.add_argument("--skip-mlflow", action="store_true", help="only our endpoint")
     parser.add_argument("--skip-batching", action="store_true")
     parser.add_argument("--only-batching", action="store_true")
-    parser.add_argument("--install-wrk", action="store_true",
-                        help="apt-get install wrk when it is missing")
+    parser.add_argument(
+        "--install-wrk", action="store_true", help="apt-get install wrk when it is missing"
+    )
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench-results")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rewrite the report from the last results.json, run nothing")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the report from the last results.json, run nothing",
+    )
     args = parser.parse_args()
 
     if args.report_only:
@@ -448,9 +538,13 @@ def main() -> None:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     os.environ.pop("ONNXFLOW_SERVE_TOKEN", None)
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-               "connections": args.connections, "duration": args.duration,
-               "rounds": args.rounds}
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "connections": args.connections,
+        "duration": args.duration,
+        "rounds": args.rounds,
+    }
     server, tracking_uri = start_tracking_server(work)
     try:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri

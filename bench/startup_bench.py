@@ -66,15 +66,34 @@ def start_tracking_server(work: Path) -> tuple[subprocess.Popen, str]:
     """``mlflow server`` on ``work/mlflow.db`` (local artifact root: the SQLite set-up reads
     the same files); waits up to 5 min, as a loaded 2-core machine needs."""
     port = free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: a dozen processes
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }  # no job runner: a dozen processes
     with open(work / "mlflow-server.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-             f"sqlite:///{work / 'mlflow.db'}", "--default-artifact-root",
-             str(work / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{work / 'mlflow.db'}",
+                "--default-artifact-root",
+                str(work / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", 300, proc)
@@ -94,8 +113,13 @@ def register_models(tracking_uri: str, count: int, work: Path) -> list[str]:
         name = f"startup-{i}"
         path = mlp(work / "models" / name / "model.onnx", seed=i)
         example = np.random.default_rng(i).normal(size=(1, 64)).astype(np.float32)
-        register_onnx(path, model_name=name, input_example=example,
-                      tags={"source_framework": "bench"}, aliases=("champion",))
+        register_onnx(
+            path,
+            model_name=name,
+            input_example=example,
+            tags={"source_framework": "bench"},
+            aliases=("champion",),
+        )
         names.append(name)
     return names
 
@@ -106,8 +130,13 @@ def serves_several_models() -> bool:
 
 def settings_for(names: list[str], work: Path) -> ServingSettings:
     refs = [f"{n}@champion" for n in names]
-    return ServingSettings(model=",".join(refs), port=free_port(), cache_dir=work / "cache",
-                           log_level="warning", poll_interval_s=10)
+    return ServingSettings(
+        model=",".join(refs),
+        port=free_port(),
+        cache_dir=work / "cache",
+        log_level="warning",
+        poll_interval_s=10,
+    )
 
 
 def one_start(settings: ServingSettings, state: Path) -> dict:
@@ -141,12 +170,14 @@ def measure(label: str, names: list[str], runs: int, work: Path) -> dict:
     summary = {"label": label, "models": len(names), "runs": samples}
     for key in ("ready_s", "rss_mb", "rss_at_ready_mb"):
         values = [s[key] for s in samples]
-        summary[key] = {"median": statistics.median(values), "min": min(values),
-                        "max": max(values)}
-    print(f"{label:>10} {len(names)} model(s): ready {summary['ready_s']['median']:.2f} s "
-          f"(min {summary['ready_s']['min']:.2f}, max {summary['ready_s']['max']:.2f}), "
-          f"tree RSS {summary['rss_mb']['median']:.0f} MB (min {summary['rss_mb']['min']:.0f}"
-          f", max {summary['rss_mb']['max']:.0f})", flush=True)
+        summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    print(
+        f"{label:>10} {len(names)} model(s): ready {summary['ready_s']['median']:.2f} s "
+        f"(min {summary['ready_s']['min']:.2f}, max {summary['ready_s']['max']:.2f}), "
+        f"tree RSS {summary['rss_mb']['median']:.0f} MB (min {summary['rss_mb']['min']:.0f}"
+        f", max {summary['rss_mb']['max']:.0f})",
+        flush=True,
+    )
     return summary
 
 
@@ -168,21 +199,28 @@ def report(results: dict) -> str:
     ]
     for row in results["rows"]:
         r, m = row["ready_s"], row["rss_mb"]
-        lines.append(f"| {row['label']} | {row['models']} | {r['median']:.2f} "
-                     f"({r['min']:.2f}-{r['max']:.2f}) | {m['median']:.0f} "
-                     f"({m['min']:.0f}-{m['max']:.0f}) |")
+        lines.append(
+            f"| {row['label']} | {row['models']} | {r['median']:.2f} "
+            f"({r['min']:.2f}-{r['max']:.2f}) | {m['median']:.0f} "
+            f"({m['min']:.0f}-{m['max']:.0f}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="starts per set-up (median)")
-    parser.add_argument("--models", type=int, default=1,
-                        help="also measure 2..N models in one endpoint (if it serves several)")
+    parser.add_argument(
+        "--models",
+        type=int,
+        default=1,
+        help="also measure 2..N models in one endpoint (if it serves several)",
+    )
     parser.add_argument("--only", choices=("sqlite", "server"), help="one registry set-up")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench-results" / "startup")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="write the Markdown table here too")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="write the Markdown table here too"
+    )
     args = parser.parse_args()
     work = args.workdir.resolve()
     shutil.rmtree(work, ignore_errors=True)
@@ -198,10 +236,14 @@ def main() -> None:
     load_at_start = round(os.getloadavg()[0], 1)
     import platform
 
-    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "machine": f"{platform.processor() or platform.machine()}, "
-                          f"{os.cpu_count()} cores, Python {platform.python_version()}",
-               "runs": args.runs, "max_models": max(counts), "rows": []}
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}",
+        "runs": args.runs,
+        "max_models": max(counts),
+        "rows": [],
+    }
     server, server_uri = start_tracking_server(work)  # registers through it: one store
     try:
         names = register_models(server_uri, max(counts), work)

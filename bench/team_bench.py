@@ -53,15 +53,24 @@ def register_models(work: Path) -> str:
     example = np.random.default_rng(0).normal(size=(1, 64)).astype(np.float32)
     for i, name in enumerate(NAMES):
         path = mlp(work / "models" / name / "model.onnx", seed=i)
-        register_onnx(path, model_name=name, input_example=example,
-                      tags={"source_framework": "bench"}, aliases=("champion",))
+        register_onnx(
+            path,
+            model_name=name,
+            input_example=example,
+            tags={"source_framework": "bench"},
+            aliases=("champion",),
+        )
     return uri
 
 
 def start(work: Path, key: str, models: list[str]) -> tuple[object, ServingSettings, float]:
-    settings = ServingSettings(model=",".join(f"{m}@champion" for m in models),
-                               port=free_port(), grpc_port=free_port(),
-                               cache_dir=work / "cache", log_level="warning")
+    settings = ServingSettings(
+        model=",".join(f"{m}@champion" for m in models),
+        port=free_port(),
+        grpc_port=free_port(),
+        cache_dir=work / "cache",
+        log_level="warning",
+    )
     info = start_background(settings, work / key)
     took = wait_ready(info, timeout_s=180)
     return info, settings, took
@@ -105,9 +114,13 @@ def drive(kind: str, address: str, models: list[str], threads: int, duration: fl
         thread.join()
     elapsed = time.perf_counter() - began
     every = sorted(x for lane in latencies for x in lane)
-    return {"requests_per_s": len(every) / elapsed, "errors": sum(errors),
-            "p50_ms": statistics.median(every) * 1000,
-            "p99_ms": every[int(len(every) * 0.99) - 1] * 1000, "requests": len(every)}
+    return {
+        "requests_per_s": len(every) / elapsed,
+        "errors": sum(errors),
+        "p50_ms": statistics.median(every) * 1000,
+        "p99_ms": every[int(len(every) * 0.99) - 1] * 1000,
+        "requests": len(every),
+    }
 
 
 def main() -> None:
@@ -115,8 +128,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--threads", type=int, default=4)
     args = parser.parse_args()
-    results: dict = {"threads": args.threads, "duration_s": args.duration,
-                     "load_average": os.getloadavg()[0]}
+    results: dict = {
+        "threads": args.threads,
+        "duration_s": args.duration,
+        "load_average": os.getloadavg()[0],
+    }
     with tempfile.TemporaryDirectory(prefix="team-bench-") as tmp:
         work = Path(tmp)
         print("registering five models ...", flush=True)
@@ -128,16 +144,21 @@ def main() -> None:
                 stop_background(work / key)
                 info, settings, took = start(work, key, models)
                 entry = {"models": len(models), "ready_s": took, "rss_mb": rss_mb(info.pid)}
-                rest = drive("rest", info.url.removeprefix("http://"), models, args.threads,
-                             args.duration)
-                grpc = drive("grpc", f"127.0.0.1:{settings.grpc_port}", models, args.threads,
-                             args.duration)
+                rest = drive(
+                    "rest", info.url.removeprefix("http://"), models, args.threads, args.duration
+                )
+                grpc = drive(
+                    "grpc", f"127.0.0.1:{settings.grpc_port}", models, args.threads, args.duration
+                )
                 entry.update(rest=rest, grpc=grpc, rss_after_mb=rss_mb(info.pid))
                 results[key] = entry
-                print(f"{key}: ready {took:.2f} s, {entry['rss_mb']:.0f} MB; REST "
-                      f"{rest['requests_per_s']:,.0f} req/s (p99 {rest['p99_ms']:.2f} ms), "
-                      f"gRPC {grpc['requests_per_s']:,.0f} req/s "
-                      f"(p99 {grpc['p99_ms']:.2f} ms)", flush=True)
+                print(
+                    f"{key}: ready {took:.2f} s, {entry['rss_mb']:.0f} MB; REST "
+                    f"{rest['requests_per_s']:,.0f} req/s (p99 {rest['p99_ms']:.2f} ms), "
+                    f"gRPC {grpc['requests_per_s']:,.0f} req/s "
+                    f"(p99 {grpc['p99_ms']:.2f} ms)",
+                    flush=True,
+                )
             finally:
                 stop_background(work / key)
     (ROOT / "bench-results").mkdir(exist_ok=True)
@@ -151,28 +172,30 @@ def write_report(results: dict) -> None:
     for label, entry in (("1 model", one), ("5 models", five)):
         for front in ("rest", "grpc"):
             fig = entry[front]
-            rows.append(f"| {label} | {front.upper() if front == 'rest' else 'gRPC'} | "
-                        f"{fig['requests_per_s']:,.0f} | {fig['p50_ms']:.2f} | "
-                        f"{fig['p99_ms']:.2f} | {fig['errors']} |")
+            rows.append(
+                f"| {label} | {front.upper() if front == 'rest' else 'gRPC'} | "
+                f"{fig['requests_per_s']:,.0f} | {fig['p50_ms']:.2f} | "
+                f"{fig['p99_ms']:.2f} | {fig['errors']} |"
+            )
     text = f"""{START}
 ## Serving a team: REST vs gRPC, one model vs five
 
-`python bench/team_bench.py --duration {results['duration_s']:g} --threads \
-{results['threads']}` (run by `make bench`): one endpoint process, 64->128->10 MLPs,
-batch-1 FP32 requests from {results['threads']} threads of Triton's own synchronous Python
+`python bench/team_bench.py --duration {results["duration_s"]:g} --threads \
+{results["threads"]}` (run by `make bench`): one endpoint process, 64->128->10 MLPs,
+batch-1 FP32 requests from {results["threads"]} threads of Triton's own synchronous Python
 clients on the same 2-core machine (the clients take much of the CPU, so these compare
 the fronts and set-ups; `wrk` figures above give the endpoint's ceiling). With five
 models, requests go round-robin over all five. Load average when it started:
-{results['load_average']:.1f} (on a busy machine these figures drop and swing).
+{results["load_average"]:.1f} (on a busy machine these figures drop and swing).
 
 | served | front | requests/s | p50 ms | p99 ms | errors |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-gRPC / REST: {one['grpc']['requests_per_s'] / one['rest']['requests_per_s']:.2f}x with one
-model. Start to ready with the models cached: {one['ready_s']:.2f} s for one model,
-{five['ready_s']:.2f} s for five. Resident memory after load: {one['rss_mb']:.0f} MB for one
-model, {five['rss_mb']:.0f} MB for five ({(five['rss_mb'] - one['rss_mb']) / 4:.1f} MB per
+gRPC / REST: {one["grpc"]["requests_per_s"] / one["rest"]["requests_per_s"]:.2f}x with one
+model. Start to ready with the models cached: {one["ready_s"]:.2f} s for one model,
+{five["ready_s"]:.2f} s for five. Resident memory after load: {one["rss_mb"]:.0f} MB for one
+model, {five["rss_mb"]:.0f} MB for five ({(five["rss_mb"] - one["rss_mb"]) / 4:.1f} MB per
 extra model of this size). The champion's p99 with the challenger in shadow is not
 measured: the shadow is not built yet.
 {END}
@@ -180,8 +203,9 @@ measured: the shadow is not built yet.
     doc = ROOT / "docs" / "benchmarks.md"
     current = doc.read_text() if doc.exists() else "# Benchmarks\n"
     if START in current:
-        current = current[:current.index(START)] + text + current[current.index(END) +
-                                                                  len(END) + 1:]
+        current = (
+            current[: current.index(START)] + text + current[current.index(END) + len(END) + 1 :]
+        )
     else:
         current = current.rstrip("\n") + "\n\n" + text
     doc.write_text(current)

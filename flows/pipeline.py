@@ -26,14 +26,22 @@ from onnxflow.promote import PromotionDecision
 from onnxflow.recipes.steps import recipe_tags
 from onnxflow.registration import lineage_tags
 from onnxflow.results import (
-    ChainResult, DatasetArtifact, ExportedModel, RegisteredVersion, StepResult, TrainedModel,
+    ChainResult,
+    DatasetArtifact,
+    ExportedModel,
+    RegisteredVersion,
+    StepResult,
+    TrainedModel,
 )
 from onnxflow.summary import to_markdown, version_rows
 from onnxflow.tasks.data import prepare_data_task
 from onnxflow.tasks.model import export_task, simplify_task, train_task, validate_task
 from onnxflow.tasks.quantize import quantize_task, register_quantized_task
 from onnxflow.tasks.recipes import (
-    export_recipe_task, prepare_recipe_data_task, register_recipe_task, train_recipe_task,
+    export_recipe_task,
+    prepare_recipe_data_task,
+    register_recipe_task,
+    train_recipe_task,
     validate_recipe_task,
 )
 from onnxflow.tasks.register import promote_task, register_task
@@ -58,8 +66,9 @@ def train_and_register(
     dataset = dataset or prepare_data_task(config.data, out_dir / "data")
     out = out_dir / framework
     run_name = f"{framework}-{config.register_.model_name}"
-    with mlflow_run(config.experiment, run_name, _params(config),
-                    {"source_framework": framework}, dataset) as run_id:
+    with mlflow_run(
+        config.experiment, run_name, _params(config), {"source_framework": framework}, dataset
+    ) as run_id:
         trained = train_task(framework, dataset, config.train, out / "train", run_id)
         exported = export_task(framework, trained, dataset.info, config.export, out / "export")
         chain = validate_and_register(trained, exported, dataset, config, out, run_id)
@@ -75,21 +84,36 @@ def train_and_register(
 
 @flow(name="quantize-and-register")
 def quantize_and_register(
-    chain: ChainResult, dataset: DatasetArtifact, config: PipelineConfig, out_dir: Path,
+    chain: ChainResult,
+    dataset: DatasetArtifact,
+    config: PipelineConfig,
+    out_dir: Path,
 ) -> RegisteredVersion:
     """quantize → register, in a run of its own: an int8 copy of a registered version that
     loses at most ``quantize.max_accuracy_drop`` becomes a version tagged ``quantized``."""
     run_name = f"{chain.framework}-{config.register_.model_name}-{config.quantize.mode}-int8"
-    with mlflow_run(config.experiment, run_name, _params(config),
-                    {"source_framework": chain.framework,
-                     "quantized_from": chain.version.version}, dataset) as run_id:
+    with mlflow_run(
+        config.experiment,
+        run_name,
+        _params(config),
+        {"source_framework": chain.framework, "quantized_from": chain.version.version},
+        dataset,
+    ) as run_id:
         quantized = quantize_task(chain.simplified.path, dataset, config.quantize, out_dir)
-        lineage = {**lineage_tags(chain.framework, chain.exported, chain.simplified,
-                                  dataset.info, git_commit=git_commit(),
-                                  flow_run_id=str(flow_run.id)),
-                   "quantized_from": chain.version.version}
-        return register_quantized_task(quantized, lineage, load_splits(dataset)["X_test"][:1],
-                                       config.register_, run_id)
+        lineage = {
+            **lineage_tags(
+                chain.framework,
+                chain.exported,
+                chain.simplified,
+                dataset.info,
+                git_commit=git_commit(),
+                flow_run_id=str(flow_run.id),
+            ),
+            "quantized_from": chain.version.version,
+        }
+        return register_quantized_task(
+            quantized, lineage, load_splits(dataset)["X_test"][:1], config.register_, run_id
+        )
 
 
 @flow(name="validate-and-register")
@@ -111,37 +135,68 @@ def validate_and_register(
         simplified.path, trained, dataset, config.validate_, out_dir / "validate", run_id
     )
     lineage = lineage_tags(
-        trained.framework, exported, simplified, dataset.info,
-        git_commit=git_commit(), flow_run_id=str(flow_run.id),
+        trained.framework,
+        exported,
+        simplified,
+        dataset.info,
+        git_commit=git_commit(),
+        flow_run_id=str(flow_run.id),
     )
     version = register_task(simplified.path, validation, lineage, dataset, config.register_, run_id)
     return ChainResult(
-        framework=trained.framework, trained=trained, exported=exported, simplified=simplified,
-        validation=validation, version=version,
+        framework=trained.framework,
+        trained=trained,
+        exported=exported,
+        simplified=simplified,
+        validation=validation,
+        version=version,
     )
 
 
 @flow(name="recipe-and-register")
 def recipe_and_register(
-    recipe: str, config: PipelineConfig, out_dir: Path, dataset: ArrayDataset,
+    recipe: str,
+    config: PipelineConfig,
+    out_dir: Path,
+    dataset: ArrayDataset,
 ) -> ChainResult:
     """train (build_model, fit) → export → simplify → validate → register, for a recipe."""
     out = out_dir / "recipe"
-    with mlflow_run(config.experiment, f"recipe-{config.register_.model_name}",
-                    _params(config), {"source_framework": "recipe", "recipe": recipe},
-                    dataset) as run_id:
+    with mlflow_run(
+        config.experiment,
+        f"recipe-{config.register_.model_name}",
+        _params(config),
+        {"source_framework": "recipe", "recipe": recipe},
+        dataset,
+    ) as run_id:
         trained = train_recipe_task(recipe, dataset, config.train, out / "train", run_id)
         exported = export_recipe_task(trained, dataset.info, config.export, out / "export")
         simplified = simplify_task(exported.path, config.simplify, out / "simplify")
-        validation = validate_recipe_task(simplified.path, trained, dataset, config.validate_,
-                                          out / "validate", run_id)
-        lineage = {**lineage_tags(trained.framework, exported, simplified, dataset.info,
-                                  git_commit=git_commit(), flow_run_id=str(flow_run.id)),
-                   **recipe_tags(trained, dataset.info)}
-        version = register_recipe_task(simplified.path, validation, lineage, dataset,
-                                       config.register_, run_id)
-    return ChainResult(framework=trained.framework, trained=trained, exported=exported,
-                       simplified=simplified, validation=validation, version=version)
+        validation = validate_recipe_task(
+            simplified.path, trained, dataset, config.validate_, out / "validate", run_id
+        )
+        lineage = {
+            **lineage_tags(
+                trained.framework,
+                exported,
+                simplified,
+                dataset.info,
+                git_commit=git_commit(),
+                flow_run_id=str(flow_run.id),
+            ),
+            **recipe_tags(trained, dataset.info),
+        }
+        version = register_recipe_task(
+            simplified.path, validation, lineage, dataset, config.register_, run_id
+        )
+    return ChainResult(
+        framework=trained.framework,
+        trained=trained,
+        exported=exported,
+        simplified=simplified,
+        validation=validation,
+        version=version,
+    )
 
 
 @flow(name="onnxflow-run")
@@ -157,13 +212,17 @@ def run(
     chains, failures = [], {}
     if config.recipe:  # the user's model code instead of the built-in frameworks
         dataset = prepare_recipe_data_task(config.recipe, config.data, out_dir / "data")
-        states = {"recipe": recipe_and_register(config.recipe, config, out_dir, dataset,
-                                                return_state=True)}
+        states = {
+            "recipe": recipe_and_register(
+                config.recipe, config, out_dir, dataset, return_state=True
+            )
+        }
     else:
         dataset = prepare_data_task(config.data, out_dir / "data")
-        states = {framework: train_and_register(framework, config, out_dir, dataset,
-                                                return_state=True)
-                  for framework in frameworks}
+        states = {
+            framework: train_and_register(framework, config, out_dir, dataset, return_state=True)
+            for framework in frameworks
+        }
     for name, state in states.items():
         if state.is_completed():
             chains.append(state.result())
@@ -191,8 +250,16 @@ def run(
 
 def _params(config: PipelineConfig) -> dict[str, object]:
     params = {}
-    for section in ("data", "train", "export", "simplify", "validate", "register", "promote",
-                    "quantize"):
+    for section in (
+        "data",
+        "train",
+        "export",
+        "simplify",
+        "validate",
+        "register",
+        "promote",
+        "quantize",
+    ):
         values = config.model_dump(by_alias=True)[section]
         params.update({f"{section}.{k}": v for k, v in values.items()})
     return params

@@ -50,11 +50,17 @@ def retrain_and_deploy(
     result = run(frameworks, config, out_dir)
     decision = result.promotion
     if decision is None or decision.decision != "promoted":
-        logger.info("champion unchanged (%s); replicas keep their version",
-                    decision.decision if decision else "nothing registered")
+        logger.info(
+            "champion unchanged (%s); replicas keep their version",
+            decision.decision if decision else "nothing registered",
+        )
     elif endpoints:
-        took = wait_for_endpoints_task(list(endpoints), decision.model_name,
-                                       decision.champion_after, endpoint_timeout_s)
-        logger.info("version %s served by %s", decision.champion_after,
-                    ", ".join(f"{url} after {s:.1f} s" for url, s in took.items()))
+        took = wait_for_endpoints_task(
+            list(endpoints), decision.model_name, decision.champion_after, endpoint_timeout_s
+        )
+        logger.info(
+            "version %s served by %s",
+            decision.champion_after,
+            ", ".join(f"{url} after {s:.1f} s" for url, s in took.items()),
+        )
     return result

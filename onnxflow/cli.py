@@ -15,7 +15,7 @@ import time
 import uuid
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperCommand
@@ -39,7 +39,14 @@ _DEBUG = {"on": os.environ.get("ONNXFLOW_DEBUG", "") not in ("", "0", "false")}
 
 @app.callback()
 def _options(
-    debug: Annotated[bool, typer.Option("--debug", envvar="ONNXFLOW_DEBUG", help="On failure, show the full traceback (not just the error line).")] = False,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            envvar="ONNXFLOW_DEBUG",
+            help="On failure, show the full traceback (not just the error line).",
+        ),
+    ] = False,
 ) -> None:
     _DEBUG["on"] = _DEBUG["on"] or debug
 
@@ -54,8 +61,10 @@ class FrameworkChoice(str, Enum):
 
 def _frameworks(choice: FrameworkChoice) -> list[str]:
     """both = torch + keras (the neural nets); all = torch + keras + sklearn."""
-    return {FrameworkChoice.both: ["torch", "keras"],
-            FrameworkChoice.all: ["torch", "keras", "sklearn"]}.get(choice, [choice.value])
+    return {
+        FrameworkChoice.both: ["torch", "keras"],
+        FrameworkChoice.all: ["torch", "keras", "sklearn"],
+    }.get(choice, [choice.value])
 
 
 class ModelChoice(str, Enum):
@@ -83,8 +92,11 @@ def _setup(settings: Settings | None = None) -> Settings:
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.WARNING, datefmt="%H:%M:%S",
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING,
+        datefmt="%H:%M:%S",
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
     logging.getLogger("onnxflow").setLevel(logging.INFO)  # progress lines; libraries stay quiet
     return settings
 
@@ -138,13 +150,26 @@ def load_config(path: Path | None, overrides: dict[str, dict[str, Any]]) -> Pipe
 
 
 FrameworkOpt = Annotated[FrameworkChoice, typer.Option(help="Which framework(s) to train.")]
-DataOpt = Annotated[Optional[Path], typer.Option(help="CSV or Parquet table (default: the bundled digits).")]
-TargetOpt = Annotated[Optional[str], typer.Option(help="Label column of --data.")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with step settings.")]
-PromotionOpt = Annotated[Optional[PromotionMode], typer.Option(help="auto moves champion when better; review leaves it to a reviewer.")]
-ModelNameOpt = Annotated[Optional[str], typer.Option(help="Registered model name (default: digits).")]
-EpochsOpt = Annotated[Optional[int], typer.Option(help="Training epochs (overrides the config).")]
-ModelOpt = Annotated[Optional[ModelChoice], typer.Option(help="mlp, or cnn: a small conv net on the features as a square image (digits: 8x8); torch and keras.")]
+DataOpt = Annotated[
+    Path | None, typer.Option(help="CSV or Parquet table (default: the bundled digits).")
+]
+TargetOpt = Annotated[str | None, typer.Option(help="Label column of --data.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file with step settings.")]
+PromotionOpt = Annotated[
+    PromotionMode | None,
+    typer.Option(help="auto moves champion when better; review leaves it to a reviewer."),
+]
+ModelNameOpt = Annotated[str | None, typer.Option(help="Registered model name (default: digits).")]
+EpochsOpt = Annotated[int | None, typer.Option(help="Training epochs (overrides the config).")]
+ModelOpt = Annotated[
+    ModelChoice | None,
+    typer.Option(
+        help=(
+            "mlp, or cnn: a small conv net on the features as a square image (digits: 8x8); torch "
+            "and keras."
+        )
+    ),
+]
 RecipeOpt = Annotated[
     str | None,
     typer.Option(
@@ -153,24 +178,42 @@ RecipeOpt = Annotated[
         "--framework/--model."
     ),
 ]
-QuantizeOpt = Annotated[Optional[QuantizeChoice], typer.Option(help="Also register an int8 version: dynamic, or static (calibrated on the training split); kept only if accuracy drops at most quantize.max_accuracy_drop.")]
+QuantizeOpt = Annotated[
+    QuantizeChoice | None,
+    typer.Option(
+        help=(
+            "Also register an int8 version: dynamic, or static (calibrated on the training split); "
+            "kept only if accuracy drops at most quantize.max_accuracy_drop."
+        )
+    ),
+]
 
 
 def pipeline_config(
-    config: Path | None, *, data: Path | None, target: str | None, epochs: int | None,
-    model_name: str | None, promotion: PromotionMode | None, model: ModelChoice | None,
-    quantize: QuantizeChoice | None, recipe: str | None = None,
+    config: Path | None,
+    *,
+    data: Path | None,
+    target: str | None,
+    epochs: int | None,
+    model_name: str | None,
+    promotion: PromotionMode | None,
+    model: ModelChoice | None,
+    quantize: QuantizeChoice | None,
+    recipe: str | None = None,
 ) -> PipelineConfig:
     """The YAML file with the command-line options of `run` and `trigger` on top, and a
     recipe's DEFAULTS under both."""
-    cfg = load_config(config, {
-        "recipe": recipe,
-        "data": {"path": data, "target": target},
-        "train": {"epochs": epochs, "model": model.value if model else None},
-        "register": {"model_name": model_name},
-        "promote": {"mode": promotion.value if promotion else None},
-        "quantize": {"mode": quantize.value if quantize else None},
-    })
+    cfg = load_config(
+        config,
+        {
+            "recipe": recipe,
+            "data": {"path": data, "target": target},
+            "train": {"epochs": epochs, "model": model.value if model else None},
+            "register": {"model_name": model_name},
+            "promote": {"mode": promotion.value if promotion else None},
+            "quantize": {"mode": quantize.value if quantize else None},
+        },
+    )
     if not cfg.recipe:
         return cfg
     from onnxflow.recipes import with_recipe_defaults
@@ -191,7 +234,9 @@ def run(
     promotion: PromotionOpt = None,
     model_name: ModelNameOpt = None,
     epochs: EpochsOpt = None,
-    deploy: Annotated[bool, typer.Option(help="End by serving champion with the endpoint.")] = False,
+    deploy: Annotated[
+        bool, typer.Option(help="End by serving champion with the endpoint.")
+    ] = False,
     port: Annotated[int, typer.Option(help="Port of the endpoint with --deploy.")] = 8080,
     model: ModelOpt = None,
     quantize: QuantizeOpt = None,
@@ -199,8 +244,17 @@ def run(
 ) -> None:
     """Train, export, simplify, validate, register and promote."""
     settings = _setup()
-    cfg = pipeline_config(config, data=data, target=target, epochs=epochs, model_name=model_name,
-                          promotion=promotion, model=model, quantize=quantize, recipe=recipe)
+    cfg = pipeline_config(
+        config,
+        data=data,
+        target=target,
+        epochs=epochs,
+        model_name=model_name,
+        promotion=promotion,
+        model=model,
+        quantize=quantize,
+        recipe=recipe,
+    )
     frameworks = _frameworks(framework)
     out_dir = settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     # Bad data fails here, in seconds, before Prefect or any framework starts (a recipe's
@@ -227,9 +281,13 @@ def run(
     print_table(result.table, title=f"{cfg.register_.model_name}: versions from this run")
     decision = result.promotion
     if decision:
-        typer.echo(f"promotion ({decision.metric}): v{decision.candidate} {decision.decision.replace('_', ' ')}"
-                   f" — {decision.reason}")
-        typer.echo(f"champion: v{decision.champion_after or '-'}    challenger: v{decision.candidate}")
+        typer.echo(
+            f"promotion ({decision.metric}): v{decision.candidate} "
+            f"{decision.decision.replace('_', ' ')} — {decision.reason}"
+        )
+        typer.echo(
+            f"champion: v{decision.champion_after or '-'}    challenger: v{decision.candidate}"
+        )
     typer.echo(f"artifacts: {out_dir}    run time: {time.perf_counter() - started:.1f} s")
     if deploy:
         _deploy(f"{cfg.register_.model_name}@champion", port)
@@ -237,12 +295,37 @@ def run(
 
 @app.command("import-model")
 def import_model(
-    path: Annotated[Path, typer.Argument(help="A .keras file, a TensorFlow SavedModel folder, a torch.export .pt2, a TorchScript file or an .onnx model.")],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help=(
+                "A .keras file, a TensorFlow SavedModel folder, a torch.export .pt2, a TorchScript "
+                "file or an .onnx model."
+            )
+        ),
+    ],
     name: Annotated[str, typer.Option(help="Registered model to add the version to.")],
-    sample: Annotated[Path, typer.Option(help="Sample inputs: .npz (one array per input name), or a CSV/Parquet table.")],
-    expected: Annotated[Optional[Path], typer.Option(help="Expected outputs (.npz by output name, or a table for one output): what a bare ONNX model is compared with.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with step settings.")] = None,
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset of the conversion (framework models).")] = None,
+    sample: Annotated[
+        Path,
+        typer.Option(
+            help="Sample inputs: .npz (one array per input name), or a CSV/Parquet table."
+        ),
+    ],
+    expected: Annotated[
+        Path | None,
+        typer.Option(
+            help=(
+                "Expected outputs (.npz by output name, or a table for one output): what a bare "
+                "ONNX model is compared with."
+            )
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML file with step settings.")
+    ] = None,
+    opset: Annotated[
+        int | None, typer.Option(help="ONNX opset of the conversion (framework models).")
+    ] = None,
 ) -> None:
     """Import a model trained elsewhere: convert to ONNX, simplify, validate, register."""
     settings = _setup()
@@ -259,7 +342,9 @@ def import_model(
         _fail(str(exc), 2)
     typer.echo(f"{path}: {found}")
     check_tracking_store()
-    out_dir = settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-import-{uuid.uuid4().hex[:6]}"
+    out_dir = (
+        settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-import-{uuid.uuid4().hex[:6]}"
+    )
     with _prefect_api(settings) as api:  # a temporary server boots while we import
         from onnxflow.flows.importing import import_model as import_flow
         from onnxflow.summary import print_table, version_rows
@@ -271,12 +356,17 @@ def import_model(
             _fail(str(exc))
     print_table(version_rows(name, [result.version.version]), title=f"{name}: imported version")
     tags = result.version.tags
-    parity = (f"max abs diff {tags.get('parity_max_abs')} against {tags.get('parity_against')}"
-              if tags.get("parity_checked") == "true" else f"not checked: {tags.get('parity_note')}")
+    parity = (
+        f"max abs diff {tags.get('parity_max_abs')} against {tags.get('parity_against')}"
+        if tags.get("parity_checked") == "true"
+        else f"not checked: {tags.get('parity_note')}"
+    )
     typer.echo(f"parity: {parity}")
     typer.echo(f"batch axis: {tags.get('batch_axis')}    report: {result.validation.report_dir}")
-    typer.echo(f"{name} v{result.version.version} is challenger; to serve it: "
-               f"onnxflow promote {name} {result.version.version}")
+    typer.echo(
+        f"{name} v{result.version.version} is challenger; to serve it: "
+        f"onnxflow promote {name} {result.version.version}"
+    )
 
 
 @app.command()
@@ -332,8 +422,10 @@ def audit(
     try:
         rows = read_trail(name)
     except MlflowException as exc:
-        _fail(f"cannot read the audit trail of {name!r} at "
-              f"{os.environ['MLFLOW_TRACKING_URI']}: {exc.message}")
+        _fail(
+            f"cannot read the audit trail of {name!r} at "
+            f"{os.environ['MLFLOW_TRACKING_URI']}: {exc.message}"
+        )
     typer.echo(format_trail(name, rows))
 
 
@@ -347,7 +439,9 @@ def _deploy(model: str, port: int) -> None:
     except OnnxflowError as exc:
         _fail(str(exc))
     typer.echo(f"serving {model} (version {answer['version']}) at {url}")
-    typer.echo(f"sample prediction for the registered input example: {_brief(answer['predictions'])}")
+    typer.echo(
+        f"sample prediction for the registered input example: {_brief(answer['predictions'])}"
+    )
     typer.echo(f"try: curl -s {url}/v2/models/{model.split('@')[0]}")
     typer.echo("stop it with: onnxflow stop   (or: make stop)")
 
@@ -365,16 +459,52 @@ def _brief(predictions: Any) -> str:
 
 @app.command()
 def serve(
-    model: Annotated[Optional[list[str]], typer.Option(help="NAME@ALIAS (followed as it moves) or NAME/VERSION; repeat it to serve several models from one endpoint (the first answers /invocations). Default: digits@champion, unless --all-models is given.")] = None,
-    all_models: Annotated[Optional[str], typer.Option(help="Also serve every registered model that has this alias (e.g. champion), picking up new ones as they appear.")] = None,
-    host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean it.")] = "127.0.0.1",
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=(
+                "NAME@ALIAS (followed as it moves) or NAME/VERSION; repeat it to serve several "
+                "models from one endpoint (the first answers /invocations). Default: "
+                "digits@champion, unless --all-models is given."
+            )
+        ),
+    ] = None,
+    all_models: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Also serve every registered model that has this alias (e.g. champion), picking up "
+                "new ones as they appear."
+            )
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; loopback unless you mean it.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
-    grpc_port: Annotated[Optional[int], typer.Option(help="Also serve KServe V2 / Triton gRPC on this port.")] = None,
-    token: Annotated[Optional[str], typer.Option(envvar="ONNXFLOW_SERVE_TOKEN", show_envvar=True, help="Bearer token for inference and admin routes (admin routes are off without one).")] = None,
-    max_batch_size: Annotated[Optional[int], typer.Option(help="Enable dynamic batching up to this many rows per run.")] = None,
-    max_batch_delay_ms: Annotated[Optional[float], typer.Option(help="Longest wait to fill a batch.")] = None,
-    poll_interval_s: Annotated[Optional[float], typer.Option(help="How often the alias is checked (default 10 s).")] = None,
-    max_body_bytes: Annotated[Optional[int], typer.Option(help="Largest request body (default 16 MiB).")] = None,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="Also serve KServe V2 / Triton gRPC on this port.")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ONNXFLOW_SERVE_TOKEN",
+            show_envvar=True,
+            help="Bearer token for inference and admin routes (admin routes are off without one).",
+        ),
+    ] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option(help="Enable dynamic batching up to this many rows per run.")
+    ] = None,
+    max_batch_delay_ms: Annotated[
+        float | None, typer.Option(help="Longest wait to fill a batch.")
+    ] = None,
+    poll_interval_s: Annotated[
+        float | None, typer.Option(help="How often the alias is checked (default 10 s).")
+    ] = None,
+    max_body_bytes: Annotated[
+        int | None, typer.Option(help="Largest request body (default 16 MiB).")
+    ] = None,
 ) -> None:
     """Serve registered models in the foreground with the onnxruntime endpoint.
 
@@ -385,10 +515,18 @@ def serve(
     from onnxflow.serving.launcher import serve as serve_foreground
 
     try:
-        serve_foreground(model, host, port, all_models=all_models, grpc_port=grpc_port,
-                         token=token,
-                         max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
-                         poll_interval_s=poll_interval_s, max_body_bytes=max_body_bytes)
+        serve_foreground(
+            model,
+            host,
+            port,
+            all_models=all_models,
+            grpc_port=grpc_port,
+            token=token,
+            max_batch_size=max_batch_size,
+            max_batch_delay_ms=max_batch_delay_ms,
+            poll_interval_s=poll_interval_s,
+            max_body_bytes=max_body_bytes,
+        )
     except ValueError as exc:  # the settings refused an option
         _fail(str(exc))
 
@@ -411,7 +549,12 @@ app.add_typer(stack_app, name="stack")
 @app.command()
 def trigger(
     framework: FrameworkOpt = FrameworkChoice.both,
-    data: Annotated[Optional[Path], typer.Option(help="CSV or Parquet table the worker can read (default: the bundled digits).")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV or Parquet table the worker can read (default: the bundled digits)."
+        ),
+    ] = None,
     target: TargetOpt = None,
     config: ConfigOpt = None,
     promotion: PromotionOpt = None,
@@ -426,17 +569,30 @@ def trigger(
             "as an absolute path, or an importable module."
         ),
     ] = None,
-    wait: Annotated[bool, typer.Option(help="Wait until the run finished (and the replicas serve its champion).")] = False,
-    timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(help="Wait until the run finished (and the replicas serve its champion)."),
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this many seconds.")
+    ] = None,
 ) -> None:
     """Run the on-demand retrain-and-deploy deployment on the stack's worker."""
     if data is not None and not data.exists():
         _fail(f"data file not found: {data}", 2)
     if recipe is not None and Path(recipe).is_file():
         recipe = str(Path(recipe).resolve())
-    cfg = pipeline_config(config, data=data.resolve() if data else None, target=target,
-                          epochs=epochs, model_name=model_name, promotion=promotion,
-                          model=model, quantize=quantize, recipe=recipe)
+    cfg = pipeline_config(
+        config,
+        data=data.resolve() if data else None,
+        target=target,
+        epochs=epochs,
+        model_name=model_name,
+        promotion=promotion,
+        model=model,
+        quantize=quantize,
+        recipe=recipe,
+    )
     from onnxflow.stack.commands import trigger_run
 
     trigger_run(_frameworks(framework), cfg, wait=wait, timeout_s=timeout)
@@ -448,27 +604,61 @@ class ConvertTarget(str, Enum):
 
 @app.command()
 def convert(
-    model: Annotated[str, typer.Argument(help="A registry URI (models:/digits@champion, models:/digits/3) or an .onnx file.")],
-    to: Annotated[ConvertTarget, typer.Option(help="Framework to convert to.")] = ConvertTarget.torch,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for the saved model and report.json (default: a new one under the artifacts folder).")] = None,
-    sample: Annotated[Optional[Path], typer.Option(help="Inputs to check parity on (.npz, CSV or Parquet); default: a registry version's digits test split or input example.")] = None,
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A registry URI (models:/digits@champion, models:/digits/3) or an .onnx file."
+        ),
+    ],
+    to: Annotated[
+        ConvertTarget, typer.Option(help="Framework to convert to.")
+    ] = ConvertTarget.torch,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help=(
+                "Folder for the saved model and report.json (default: a new one under the artifacts"
+                " folder)."
+            )
+        ),
+    ] = None,
+    sample: Annotated[
+        Path | None,
+        typer.Option(
+            help=(
+                "Inputs to check parity on (.npz, CSV or Parquet); default: a registry version's "
+                "digits test split or input example."
+            )
+        ),
+    ] = None,
 ) -> None:
     """Convert an ONNX model back into PyTorch (onnx2torch) and check parity against onnxruntime."""
     settings = _setup()
     from onnxflow.convert import ConvertConfig, convert_model
 
-    out_dir = out or settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-convert-{uuid.uuid4().hex[:6]}"
+    out_dir = (
+        out
+        or settings.artifacts_dir
+        / f"{time.strftime('%Y%m%d-%H%M%S')}-convert-{uuid.uuid4().hex[:6]}"
+    )
     try:
         result = convert_model(model, ConvertConfig(to=to.value), out_dir, sample)
     except OnnxflowError as exc:
         _fail(str(exc))
     for name, figures in result.parity.items():
-        typer.echo(f"✓ {name}: max abs diff {figures['max_abs']:.3g} against onnxruntime "
-                   f"({result.rows} rows of the {result.sample})")
-    load = ("torch.export.load(PATH).module()" if result.artifact_format == "torch_export"
-            else "torch.jit.load(PATH)")
-    typer.echo(f"saved {result.path} ({result.artifact_format}"
-               f"{', dynamic batch' if result.dynamic_batch else ', fixed batch'}); load with {load}")
+        typer.echo(
+            f"✓ {name}: max abs diff {figures['max_abs']:.3g} against onnxruntime "
+            f"({result.rows} rows of the {result.sample})"
+        )
+    load = (
+        "torch.export.load(PATH).module()"
+        if result.artifact_format == "torch_export"
+        else "torch.jit.load(PATH)"
+    )
+    typer.echo(
+        f"saved {result.path} ({result.artifact_format}"
+        f"{', dynamic batch' if result.dynamic_batch else ', fixed batch'}); load with {load}"
+    )
     if result.fallback_reason:
         typer.echo(f"not a torch.export program because {result.fallback_reason}")
     typer.echo(f"report: {result.report_path}    time: {result.seconds:.1f} s")
@@ -484,7 +674,8 @@ class OnceOnlyCommand(TyperCommand):
             # typer ships its own click: look at the parameter, not at its class
             # (a flag counts too: --deploy --no-deploy cannot both be honoured)
             if getattr(param, "param_type_name", "") == "option" and not (
-                    param.multiple or param.count):
+                param.multiple or param.count
+            ):
                 single.update(dict.fromkeys(param.opts + param.secondary_opts, param))
         seen: dict[str, str] = {}  # parameter -> the option name it was given as
         for arg in args:
@@ -495,8 +686,9 @@ class OnceOnlyCommand(TyperCommand):
             if param is None:
                 continue
             if param.name in seen:
-                raise typer.BadParameter("given more than once; it takes one value",
-                                         ctx=ctx, param_hint=f"'{name}'")
+                raise typer.BadParameter(
+                    "given more than once; it takes one value", ctx=ctx, param_hint=f"'{name}'"
+                )
             seen[param.name] = name
         return super().parse_args(ctx, args)
 

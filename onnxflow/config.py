@@ -41,8 +41,11 @@ class DataConfig(StepConfig):
     val_size: float = Field(0.1, gt=0, lt=1, description="Fraction held out for validation.")
     seed: int = Field(42, description="Seed of the split.")
     image_size: int = Field(
-        32, ge=8, le=1024, description="Images (a folder of class subfolders) are resized to "
-        "image_size x image_size pixels (recipes only)."
+        32,
+        ge=8,
+        le=1024,
+        description="Images (a folder of class subfolders) are resized to "
+        "image_size x image_size pixels (recipes only).",
     )
 
 
@@ -58,8 +61,9 @@ class TrainConfig(StepConfig):
         "one-channel image (digits: 8x8); torch and keras only, scikit-learn ignores it.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where a recipe's model trains: auto uses a CUDA device when the "
-        "framework sees one; export and validation always run on a CPU copy."
+        "auto",
+        description="Where a recipe's model trains: auto uses a CUDA device when the "
+        "framework sees one; export and validation always run on a CPU copy.",
     )
 
 
@@ -89,11 +93,14 @@ class QuantizeConfig(StepConfig):
         "(int8 weights and activations, calibrated on the training split).",
     )
     max_accuracy_drop: float = Field(
-        0.01, ge=0, description="Largest allowed test accuracy loss vs the float model "
-        "(fraction; for regression the allowed RMSE increase relative to it)."
+        0.01,
+        ge=0,
+        description="Largest allowed test accuracy loss vs the float model "
+        "(fraction; for regression the allowed RMSE increase relative to it).",
     )
-    calibration_rows: int = Field(256, ge=1, description="Training rows used to calibrate "
-                                  "static quantization.")
+    calibration_rows: int = Field(
+        256, ge=1, description="Training rows used to calibrate static quantization."
+    )
     latency_repeats: int = Field(50, ge=1, description="Timed runs per latency figure.")
 
 
@@ -115,9 +122,10 @@ class PromoteConfig(StepConfig):
 class PipelineConfig(StepConfig):
     experiment: str = Field("onnxflow", description="MLflow experiment of the runs.")
     recipe: str | None = Field(
-        None, description="Your own model code: a Python file (or importable module) with "
+        None,
+        description="Your own model code: a Python file (or importable module) with "
         "build_model(info) and optionally load_data(config) and fit(model, data, config, "
-        "on_epoch). Replaces the built-in models; must be readable where the flow runs."
+        "on_epoch). Replaces the built-in models; must be readable where the flow runs.",
     )
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()

@@ -53,8 +53,9 @@ class ConvertConfig(StepConfig):
 # -- the step --------------------------------------------------------------------------
 
 
-def convert_model(model: str | Path, config: ConvertConfig, out_dir: Path,
-                  sample: Path | None = None) -> ConvertedModel:
+def convert_model(
+    model: str | Path, config: ConvertConfig, out_dir: Path, sample: Path | None = None
+) -> ConvertedModel:
     """Convert ``model`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or an ``.onnx``
     path) to PyTorch in ``out_dir``, check parity against onnxruntime on the sample, write
     ``report.json``; raise :class:`ConversionError` naming every failed check."""
@@ -75,71 +76,115 @@ def convert_model(model: str | Path, config: ConvertConfig, out_dir: Path,
     try:
         found = dict(zip(names, run_saved(saved, artifact_format, feeds, names), strict=True))
     except Exception as exc:  # torch raises RuntimeError, TypeError, ... with the reason
-        checks.append(Check("the saved model runs the sample", False,
-                            f"{type(exc).__name__}: {one_line(exc)}"))
+        checks.append(
+            Check(
+                "the saved model runs the sample", False, f"{type(exc).__name__}: {one_line(exc)}"
+            )
+        )
         found = {}
     for name, want in expected.items():
         if name not in found:
             continue
         got = found[name]
         if got.shape != want.shape:
-            checks.append(Check(f"output {name!r} shape", False,
-                                f"torch {list(got.shape)}, onnxruntime {list(want.shape)}"))
+            checks.append(
+                Check(
+                    f"output {name!r} shape",
+                    False,
+                    f"torch {list(got.shape)}, onnxruntime {list(want.shape)}",
+                )
+            )
             continue
         if want.dtype.kind in "fc":
             parity[name] = parity_figures(got, want, config.atol)
             ok = parity[name]["max_abs"] <= config.atol and parity[name]["max_rel"] <= config.rtol
-            checks.append(Check(f"output {name!r}", ok,
-                                f"max abs diff {parity[name]['max_abs']:.3g} (atol "
-                                f"{config.atol:g}), max rel {parity[name]['max_rel']:.3g} "
-                                f"(rtol {config.rtol:g})"))
+            checks.append(
+                Check(
+                    f"output {name!r}",
+                    ok,
+                    f"max abs diff {parity[name]['max_abs']:.3g} (atol "
+                    f"{config.atol:g}), max rel {parity[name]['max_rel']:.3g} "
+                    f"(rtol {config.rtol:g})",
+                )
+            )
         else:
             differ = int(np.sum(got != want))
             parity[name] = {"max_abs": 0.0 if not differ else math.inf, "max_rel": 0.0}
-            checks.append(Check(f"output {name!r}", not differ,
-                                f"{want.dtype} values: {differ} of {want.size} differ"))
+            checks.append(
+                Check(
+                    f"output {name!r}",
+                    not differ,
+                    f"{want.dtype} values: {differ} of {want.size} differ",
+                )
+            )
     dynamic = False
     rows = min((len(v) for v in feeds.values() if v.ndim), default=1)
     if found and _has_dynamic_batch(onnx_path):
         # another batch size than the sample's: its first row alone, or that row twice
         take = 1 if rows > 1 else 2
-        other = {k: np.resize(v[:1], (take, *v.shape[1:])).astype(v.dtype)
-                 for k, v in feeds.items()}
+        other = {
+            k: np.resize(v[:1], (take, *v.shape[1:])).astype(v.dtype) for k, v in feeds.items()
+        }
         wanted = session.run(names, other)
         try:
             got = run_saved(saved, artifact_format, other, names)
-            dynamic = all(np.allclose(f, e, atol=config.atol, rtol=config.rtol)
-                          for f, e in zip(got, wanted))
+            dynamic = all(
+                np.allclose(f, e, atol=config.atol, rtol=config.rtol) for f, e in zip(got, wanted)
+            )
             detail = f"{take} row(s): {'same as onnxruntime' if dynamic else 'differ'}"
         except Exception as exc:  # a traced module can hold the sample's batch size
-            detail = (f"fixed at {rows} rows: {take} row(s) fail ({type(exc).__name__}); a "
-                      "TorchScript trace can hold the sample's batch size")
-        checks.append(Check("batch size other than the sample's", dynamic
-                            or artifact_format == "torchscript", detail))
+            detail = (
+                f"fixed at {rows} rows: {take} row(s) fail ({type(exc).__name__}); a "
+                "TorchScript trace can hold the sample's batch size"
+            )
+        checks.append(
+            Check(
+                "batch size other than the sample's",
+                dynamic or artifact_format == "torchscript",
+                detail,
+            )
+        )
 
     for check in checks:
-        (log.info if check.passed else log.warning)("\t%s %s", "✓" if check.passed else "✗",
-                                                     check.line)
+        (log.info if check.passed else log.warning)(
+            "\t%s %s", "✓" if check.passed else "✗", check.line
+        )
     max_abs = max((p["max_abs"] for p in parity.values()), default=math.nan)
     failures = [c.line for c in checks if not c.passed]
     report = {
-        "passed": not failures, "failures": failures,
+        "passed": not failures,
+        "failures": failures,
         "checks": [asdict(c) for c in checks],
-        "source": str(model), "onnx_path": str(onnx_path), "path": str(saved),
-        "artifact_format": artifact_format, "fallback_reason": fallback,
-        "dynamic_batch": dynamic, "sample": sample_name, "rows": rows,
-        "parity": parity, "tolerances": config.model_dump(),
+        "source": str(model),
+        "onnx_path": str(onnx_path),
+        "path": str(saved),
+        "artifact_format": artifact_format,
+        "fallback_reason": fallback,
+        "dynamic_batch": dynamic,
+        "sample": sample_name,
+        "rows": rows,
+        "parity": parity,
+        "tolerances": config.model_dump(),
     }
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     if failures:
-        raise ConversionError(f"{len(failures)} check(s) failed converting {model} to "
-                              f"PyTorch:\n" + "\n".join(f"  ✗ {f}" for f in failures)
-                              + f"\nReport: {report_path}")
+        raise ConversionError(
+            f"{len(failures)} check(s) failed converting {model} to "
+            f"PyTorch:\n" + "\n".join(f"  ✗ {f}" for f in failures) + f"\nReport: {report_path}"
+        )
     return ConvertedModel(
-        source=str(model), onnx_path=onnx_path, path=saved, artifact_format=artifact_format,
-        fallback_reason=fallback, dynamic_batch=dynamic, sample=sample_name, rows=rows,
-        parity=parity, parity_max_abs=max_abs, report_path=report_path,
+        source=str(model),
+        onnx_path=onnx_path,
+        path=saved,
+        artifact_format=artifact_format,
+        fallback_reason=fallback,
+        dynamic_batch=dynamic,
+        sample=sample_name,
+        rows=rows,
+        parity=parity,
+        parity_max_abs=max_abs,
+        report_path=report_path,
         seconds=time.perf_counter() - started,
     )
 
@@ -147,8 +192,9 @@ def convert_model(model: str | Path, config: ConvertConfig, out_dir: Path,
 # -- source and sample -------------------------------------------------------------------
 
 
-def resolve_source(model: str, out_dir: Path, sample: Path | None
-                   ) -> tuple[Path, dict[str, np.ndarray], str]:
+def resolve_source(
+    model: str, out_dir: Path, sample: Path | None
+) -> tuple[Path, dict[str, np.ndarray], str]:
     """The ONNX file to convert, the feeds to compare on, and what the feeds are."""
     if model.startswith("models:/"):
         onnx_path, tags, folder = _download(model, out_dir)
@@ -167,12 +213,16 @@ def resolve_source(model: str, out_dir: Path, sample: Path | None
     except ModelImportError as exc:
         raise ConversionError(f"Cannot convert {path}: {exc}") from None
     if found != "onnx":
-        raise ConversionError(f"{path} is a {found} model, not ONNX: convert takes an .onnx "
-                              "file or a registry URI (models:/NAME@ALIAS); bring it in with "
-                              "`onnxflow import-model` first")
+        raise ConversionError(
+            f"{path} is a {found} model, not ONNX: convert takes an .onnx "
+            "file or a registry URI (models:/NAME@ALIAS); bring it in with "
+            "`onnxflow import-model` first"
+        )
     if sample is None:
-        raise ConversionError(f"{path}: a model file needs --sample FILE (.npz, CSV or "
-                              "Parquet) to check parity on; a registry URI has its own")
+        raise ConversionError(
+            f"{path}: a model file needs --sample FILE (.npz, CSV or "
+            "Parquet) to check parity on; a registry URI has its own"
+        )
     return path, _sample_feeds(path, sample), Path(sample).name
 
 
@@ -189,14 +239,19 @@ def _download(uri: str, out_dir: Path) -> tuple[Path, dict[str, str], Path]:
         else:
             name, _, version = name.partition("/")
             mv = client.get_model_version(name, version)
-        folder = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(out_dir)))
+        folder = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(out_dir)
+            )
+        )
     except MlflowException as exc:
         raise ConversionError(f"Cannot read {uri} from the registry: {exc.message}") from None
     onnx_path = folder / "model.onnx"
     if not onnx_path.is_file():
-        raise ConversionError(f"{uri} (version {mv.version}) holds no model.onnx: not an "
-                              "ONNX model registered by onnxflow")
+        raise ConversionError(
+            f"{uri} (version {mv.version}) holds no model.onnx: not an "
+            "ONNX model registered by onnxflow"
+        )
     log.info("converting %s (version %s) from %s", uri, mv.version, onnx_path)
     return onnx_path, dict(mv.tags or {}), folder
 
@@ -210,8 +265,7 @@ def _sample_feeds(onnx_path: Path, sample: Path) -> dict[str, np.ndarray]:
         raise ConversionError(str(exc)) from None
 
 
-def _digits_test_split(onnx_path: Path, tags: Mapping[str, str]
-                       ) -> dict[str, np.ndarray] | None:
+def _digits_test_split(onnx_path: Path, tags: Mapping[str, str]) -> dict[str, np.ndarray] | None:
     """The bundled digits' test split when the version was trained on that very table."""
     if tags.get("dataset_name") != "digits":
         return None
@@ -259,14 +313,16 @@ def onnx_to_torch(onnx_path: Path):
     if unsupported:
         raise ConversionError(
             f"{onnx_path}: onnx2torch has no converter for {', '.join(unsupported)}; "
-            "such a model (e.g. a scikit-learn pipeline's ai.onnx.ml operators) stays ONNX")
+            "such a model (e.g. a scikit-learn pipeline's ai.onnx.ml operators) stays ONNX"
+        )
     _drop_redundant_allowzero(proto)
     try:
         module = convert(proto).eval()
     except Exception as exc:  # onnx2torch raises NotImplementedError, ValueError, ...
-        raise ConversionError(f"onnx2torch could not convert {onnx_path}: "
-                              f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
-                              ) from exc
+        raise ConversionError(
+            f"onnx2torch could not convert {onnx_path}: "
+            f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
+        ) from exc
     _freeze_constant_reshapes(module)
     return module
 
@@ -318,13 +374,13 @@ def _freeze_constant_reshapes(module) -> None:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             # ONNX Reshape (allowzero=0): a 0 copies that dimension of the input
-            return torch.reshape(x, [x.shape[i] if d == 0 else d
-                                     for i, d in enumerate(self.shape)])
+            return torch.reshape(x, [x.shape[i] if d == 0 else d for i, d in enumerate(self.shape)])
 
     changed = False
     for node in list(module.graph.nodes):
-        if node.op != "call_module" or not isinstance(module.get_submodule(node.target),
-                                                      OnnxReshape):
+        if node.op != "call_module" or not isinstance(
+            module.get_submodule(node.target), OnnxReshape
+        ):
             continue
         shape_node = node.args[1] if len(node.args) > 1 else None
         if getattr(shape_node, "op", None) != "get_attr":
@@ -340,8 +396,9 @@ def _freeze_constant_reshapes(module) -> None:
         module.recompile()
 
 
-def save_torch(module, onnx_path: Path, feeds: Mapping[str, np.ndarray], out_dir: Path
-               ) -> tuple[Path, ArtifactFormat, str | None]:
+def save_torch(
+    module, onnx_path: Path, feeds: Mapping[str, np.ndarray], out_dir: Path
+) -> tuple[Path, ArtifactFormat, str | None]:
     """``model.pt2`` (torch.export, dynamic first axis when the ONNX model has one), else
     ``model.pt`` (TorchScript traced on the sample)."""
     import torch
@@ -371,24 +428,30 @@ def save_torch(module, onnx_path: Path, feeds: Mapping[str, np.ndarray], out_dir
         raise ConversionError(
             f"Neither torch.export nor TorchScript can save the converted {onnx_path}: "
             f"{reason}; torch.jit.trace: {type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:300]}") from exc
+            f"{' '.join(str(exc).split())[:300]}"
+        ) from exc
     return target, "torchscript", reason
 
 
-def run_saved(path: Path, artifact_format: ArtifactFormat, feeds: Mapping[str, np.ndarray],
-              names: list[str]) -> list[np.ndarray]:
+def run_saved(
+    path: Path, artifact_format: ArtifactFormat, feeds: Mapping[str, np.ndarray], names: list[str]
+) -> list[np.ndarray]:
     """Load the saved file as a user would and run it on ``feeds`` (ONNX input order)."""
     import torch
 
-    module = (torch.export.load(str(path)).module() if artifact_format == "torch_export"
-              else torch.jit.load(str(path)))
+    module = (
+        torch.export.load(str(path)).module()
+        if artifact_format == "torch_export"
+        else torch.jit.load(str(path))
+    )
     args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
     with torch.no_grad():
         result = module(*args)
     result = list(result) if isinstance(result, tuple | list) else [result]
     if len(result) != len(names):
-        raise ConversionError(f"the saved model gives {len(result)} outputs, the ONNX model "
-                              f"{len(names)} ({names})")
+        raise ConversionError(
+            f"the saved model gives {len(result)} outputs, the ONNX model {len(names)} ({names})"
+        )
     return [r.detach().numpy() for r in result]
 
 

@@ -65,7 +65,13 @@ def prepare_data(config: DataConfig, out_dir: Path) -> DatasetArtifact:
     (out_dir / "dataset.json").write_text(info.model_dump_json(indent=2))
     log.info(
         "data %s: %s, %d features, %d/%d/%d train/val/test rows, digest %s",
-        name, task, info.n_features, info.n_train, info.n_val, info.n_test, info.digest,
+        name,
+        task,
+        info.n_features,
+        info.n_train,
+        info.n_val,
+        info.n_test,
+        info.digest,
     )
     return DatasetArtifact(path=path, info=info)
 
@@ -136,8 +142,11 @@ def _load(config: DataConfig):
             f"first at row {int(np.flatnonzero(labels.isna().to_numpy())[0])}."
         )
     non_numeric = [
-        str(c) for c in features.columns
-        if not (pd.api.types.is_numeric_dtype(features[c]) or pd.api.types.is_bool_dtype(features[c]))
+        str(c)
+        for c in features.columns
+        if not (
+            pd.api.types.is_numeric_dtype(features[c]) or pd.api.types.is_bool_dtype(features[c])
+        )
     ]
     if non_numeric:
         raise DataError(
@@ -168,8 +177,12 @@ def _infer_task(labels: np.ndarray, config: DataConfig) -> Task:
 
 
 def _encode_classes(labels: np.ndarray, target: str) -> tuple[tuple[str, ...], np.ndarray]:
-    values, indices = np.unique(np.asarray(labels).astype(str) if np.asarray(labels).dtype.kind in "OUS"
-                                else np.asarray(labels), return_inverse=True)
+    values, indices = np.unique(
+        np.asarray(labels).astype(str)
+        if np.asarray(labels).dtype.kind in "OUS"
+        else np.asarray(labels),
+        return_inverse=True,
+    )
     if len(values) < 2:
         raise DataError(f"Target column {target!r} has a single class ({values[0]!r}); need two.")
     counts = np.bincount(indices)
@@ -187,7 +200,9 @@ def _numeric_target(labels: np.ndarray, target: str) -> np.ndarray:
     try:
         y = np.asarray(labels, dtype=np.float64)
     except (TypeError, ValueError):
-        raise DataError(f"Target column {target!r} is not numeric; regression needs numbers.") from None
+        raise DataError(
+            f"Target column {target!r} is not numeric; regression needs numbers."
+        ) from None
     if not np.isfinite(y).all():
         raise DataError(f"Target column {target!r} contains infinite values.")
     return y.astype(np.float32)
@@ -210,10 +225,14 @@ def _split(X, y, task: Task, class_names, config: DataConfig) -> dict[str, np.nd
             X, y, test_size=n_test, random_state=config.seed, stratify=stratify
         )
         X_train, X_val, y_train, y_val = train_test_split(
-            X_rest, y_rest, test_size=n_val, random_state=config.seed,
+            X_rest,
+            y_rest,
+            test_size=n_val,
+            random_state=config.seed,
             stratify=y_rest if stratify is not None else None,
         )
     except ValueError as exc:
         raise DataError(f"Cannot split the table: {exc}") from exc
-    return dict(X_train=X_train, y_train=y_train, X_val=X_val, y_val=y_val,
-                X_test=X_test, y_test=y_test)
+    return dict(
+        X_train=X_train, y_train=y_train, X_val=X_val, y_val=y_val, X_test=X_test, y_test=y_test
+    )

@@ -16,8 +16,13 @@ from pathlib import Path
 from onnxflow.errors import ServingError
 from onnxflow.processes import log_tail
 from onnxflow.serving.launcher import (
-    DEFAULT_STATE_DIR, background_status, make_settings, read_info, start_background,
-    stop_background, wait_ready,
+    DEFAULT_STATE_DIR,
+    background_status,
+    make_settings,
+    read_info,
+    start_background,
+    stop_background,
+    wait_ready,
 )
 from onnxflow.serving.settings import ServingSettings
 
@@ -43,8 +48,13 @@ def deploy_endpoint(
     ``state_dir`` is stopped first: deploying again replaces it.
     """
     base = settings.model_dump() if settings is not None else {}
-    base.update({k: v for k, v in dict(model=model, port=port, host=host, token=token).items()
-                 if v is not None})
+    base.update(
+        {
+            k: v
+            for k, v in dict(model=model, port=port, host=host, token=token).items()
+            if v is not None
+        }
+    )
     settings = make_settings(**base)
     if stop_endpoint(state_dir):
         log.info("stopped the previous endpoint from %s", state_dir)
@@ -56,8 +66,12 @@ def deploy_endpoint(
         stop_background(state_dir)
         raise
     (Path(state_dir) / SMOKE_FILE).write_text(json.dumps(prediction))
-    log.info("endpoint ready in %.1f s at %s; the registered example gave %s", seconds,
-             info.url, prediction)
+    log.info(
+        "endpoint ready in %.1f s at %s; the registered example gave %s",
+        seconds,
+        info.url,
+        prediction,
+    )
     return info.url
 
 
@@ -71,15 +85,16 @@ def smoke_test(url: str, settings: ServingSettings) -> dict:
     with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
         example = http.get(f"/v2/models/{settings.model_name}/example")
         if example.status_code != 200:
-            raise ServingError(f"smoke test: GET the example failed ({example.status_code}): "
-                               f"{example.text}")
+            raise ServingError(
+                f"smoke test: GET the example failed ({example.status_code}): {example.text}"
+            )
         response = http.post("/invocations", json=example.json())
     if response.status_code != 200:
-        raise ServingError(f"smoke test: the registered input example got "
-                           f"{response.status_code}: {response.text}")
+        raise ServingError(
+            f"smoke test: the registered input example got {response.status_code}: {response.text}"
+        )
     body = response.json()
-    return {"version": response.headers.get("x-model-version"),
-            "predictions": body["predictions"]}
+    return {"version": response.headers.get("x-model-version"), "predictions": body["predictions"]}
 
 
 def stop_endpoint(state_dir: Path = DEFAULT_STATE_DIR) -> bool:
@@ -96,7 +111,10 @@ def endpoint_status(state_dir: Path = DEFAULT_STATE_DIR) -> dict | None:
         status["smoke_test"] = json.loads(smoke.read_text())
     if status is None and read_info(state_dir) is not None:
         info = read_info(state_dir)
-        log.warning("endpoint pid %s from %s is gone; last log lines:\n%s", info.pid,
-                    state_dir, log_tail(info.log_path, 10))
+        log.warning(
+            "endpoint pid %s from %s is gone; last log lines:\n%s",
+            info.pid,
+            state_dir,
+            log_tail(info.log_path, 10),
+        )
     return status
-

@@ -25,8 +25,10 @@ def explain(exc: BaseException) -> str:
     if _is_unreachable(chain, text) and _names_tracking_store(text):
         return unreachable_tracking_store(os.environ.get("MLFLOW_TRACKING_URI", "?"), text)
     if "prefect" in text.lower() and _is_unreachable(chain, text):
-        return (f"lost the Prefect API at {os.environ.get('PREFECT_API_URL', '?')} during the "
-                f"run ({_first_line(chain[-1])}); check the server and run again ({DEBUG_HINT})")
+        return (
+            f"lost the Prefect API at {os.environ.get('PREFECT_API_URL', '?')} during the "
+            f"run ({_first_line(chain[-1])}); check the server and run again ({DEBUG_HINT})"
+        )
     for e in chain:
         if isinstance(e, FileNotFoundError) and e.filename:
             return f"{e.filename}: no such file or directory ({DEBUG_HINT})"
@@ -36,9 +38,11 @@ def explain(exc: BaseException) -> str:
 
 
 def unreachable_tracking_store(uri: str, reason: str) -> str:
-    return (f"the MLflow tracking store at {uri} (MLFLOW_TRACKING_URI) cannot be reached "
-            f"({_shorten(reason)}): start it (`make up` starts one) or point "
-            f"MLFLOW_TRACKING_URI at a store you can reach")
+    return (
+        f"the MLflow tracking store at {uri} (MLFLOW_TRACKING_URI) cannot be reached "
+        f"({_shorten(reason)}): start it (`make up` starts one) or point "
+        f"MLFLOW_TRACKING_URI at a store you can reach"
+    )
 
 
 def check_tracking_store(uri: str | None = None, timeout_s: float = 10.0) -> None:
@@ -54,7 +58,9 @@ def check_tracking_store(uri: str | None = None, timeout_s: float = 10.0) -> Non
     try:
         httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)  # any answer will do
     except httpx.HTTPError as exc:
-        raise OnnxflowError(unreachable_tracking_store(uri, f"{type(exc).__name__}: {exc}")) from exc
+        raise OnnxflowError(
+            unreachable_tracking_store(uri, f"{type(exc).__name__}: {exc}")
+        ) from exc
 
 
 def _chain(exc: BaseException):
@@ -66,11 +72,23 @@ def _chain(exc: BaseException):
 
 
 def _is_unreachable(chain: list[BaseException], text: str) -> bool:
-    return (any(isinstance(e, ConnectionError) for e in chain)
-            or any(type(e).__name__ in ("ConnectError", "ConnectTimeout", "ConnectionError",
-                                        "MaxRetryError", "NewConnectionError") for e in chain)
-            or "Connection refused" in text or "Max retries exceeded" in text
-            or "unable to open database file" in text)
+    return (
+        any(isinstance(e, ConnectionError) for e in chain)
+        or any(
+            type(e).__name__
+            in (
+                "ConnectError",
+                "ConnectTimeout",
+                "ConnectionError",
+                "MaxRetryError",
+                "NewConnectionError",
+            )
+            for e in chain
+        )
+        or "Connection refused" in text
+        or "Max retries exceeded" in text
+        or "unable to open database file" in text
+    )
 
 
 def _names_tracking_store(text: str) -> bool:

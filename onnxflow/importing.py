@@ -35,7 +35,11 @@ import numpy as np
 
 from onnxflow.errors import ModelImportError
 from onnxflow.interface import (
-    default_opset, load_graph, name_batch_axis, read_interface, rename_value,
+    default_opset,
+    load_graph,
+    name_batch_axis,
+    read_interface,
+    rename_value,
 )
 from onnxflow.results import ImportedModel, SourceFormat
 from onnxflow.runtime import open_session
@@ -43,12 +47,18 @@ from onnxflow.runtime import open_session
 log = logging.getLogger(__name__)
 
 FRAMEWORK_OF: dict[str, str] = {
-    "keras": "keras", "savedmodel": "tensorflow", "torch_export": "torch",
-    "torchscript": "torch", "onnx": "onnx",
+    "keras": "keras",
+    "savedmodel": "tensorflow",
+    "torch_export": "torch",
+    "torchscript": "torch",
+    "onnx": "onnx",
 }
 EXPORTER_OF: dict[str, str] = {
-    "keras": "tf2onnx", "savedmodel": "tf2onnx", "torch_export": "torch.onnx.export(dynamo=True)",
-    "torchscript": "torch.onnx.export(dynamo=False)", "onnx": "none (imported as ONNX)",
+    "keras": "tf2onnx",
+    "savedmodel": "tf2onnx",
+    "torch_export": "torch.onnx.export(dynamo=True)",
+    "torchscript": "torch.onnx.export(dynamo=False)",
+    "onnx": "none (imported as ONNX)",
 }
 TABLE_SUFFIXES = {".csv", ".txt", ".parquet", ".pq"}
 
@@ -79,11 +89,16 @@ def detect_format(path: Path) -> SourceFormat:
             raise ModelImportError(f"{path} is a broken zip archive: {exc}") from None
         if "config.json" in names and any(n.endswith(".weights.h5") for n in names):
             return "keras"
-        if any(n.endswith("serialized_exported_program.json") or "/models/" in n
-               and n.endswith(".json") for n in names):
+        if any(
+            n.endswith("serialized_exported_program.json")
+            or "/models/" in n
+            and n.endswith(".json")
+            for n in names
+        ):
             return "torch_export"
-        if any(n.endswith("/code/__torch__.py") or "/code/__torch__/" in n for n in names) \
-                or any(n.endswith("constants.pkl") for n in names):
+        if any(n.endswith("/code/__torch__.py") or "/code/__torch__/" in n for n in names) or any(
+            n.endswith("constants.pkl") for n in names
+        ):
             return "torchscript"
         raise ModelImportError(
             f"{path} is a zip archive but neither a Keras 3 .keras file, a torch.export "
@@ -114,8 +129,9 @@ def _check_onnx(path: Path) -> SourceFormat:
     except UnsafeModelError as exc:
         raise ModelImportError(str(exc)) from None
     except Exception as exc:  # onnx.checker's ValidationError, InferenceError
-        raise ModelImportError(f"{path} is a broken ONNX model: {' '.join(str(exc).split())}"
-                               ) from None
+        raise ModelImportError(
+            f"{path} is a broken ONNX model: {' '.join(str(exc).split())}"
+        ) from None
     return "onnx"
 
 
@@ -138,8 +154,9 @@ def read_arrays(path: Path, what: str = "sample") -> dict[str, np.ndarray]:
             frame = pd.read_parquet(path) if suffix in {".parquet", ".pq"} else pd.read_csv(path)
             arrays = {str(c): frame[c].to_numpy() for c in frame.columns}
         else:
-            raise ModelImportError(f"Unsupported {what} file {path}: expected .npz, .csv or "
-                                   ".parquet")
+            raise ModelImportError(
+                f"Unsupported {what} file {path}: expected .npz, .csv or .parquet"
+            )
     except ModelImportError:
         raise
     except Exception as exc:  # numpy, pandas and pyarrow raise many types
@@ -149,8 +166,9 @@ def read_arrays(path: Path, what: str = "sample") -> dict[str, np.ndarray]:
     return {k: (v.astype(object) if v.dtype.kind in "US" else v) for k, v in arrays.items()}
 
 
-def bind_sample(arrays: Mapping[str, np.ndarray], inputs: list, what: str = "sample",
-                table: bool = False) -> dict[str, np.ndarray]:
+def bind_sample(
+    arrays: Mapping[str, np.ndarray], inputs: list, what: str = "sample", table: bool = False
+) -> dict[str, np.ndarray]:
     """The sample as onnxruntime feeds for ``inputs`` (onnxruntime NodeArg-like: name, type,
     shape); ModelImportError naming every mismatch.
 
@@ -162,8 +180,9 @@ def bind_sample(arrays: Mapping[str, np.ndarray], inputs: list, what: str = "sam
     arrays = dict(arrays)
     if table and len(inputs) == 1 and names[0] not in arrays:
         columns = list(arrays.values())
-        arrays = {names[0]: np.column_stack(columns) if len(inputs[0].shape or ()) != 1
-                  else columns[0]}
+        arrays = {
+            names[0]: np.column_stack(columns) if len(inputs[0].shape or ()) != 1 else columns[0]
+        }
     elif len(inputs) == 1 and len(arrays) == 1 and names[0] not in arrays:
         arrays = {names[0]: next(iter(arrays.values()))}  # one unnamed array for one input
     problems = []
@@ -186,18 +205,27 @@ def bind_sample(arrays: Mapping[str, np.ndarray], inputs: list, what: str = "sam
             rows.add(feeds[spec.name].shape[0])
     if problems:
         wanted = ", ".join(f"{i.name} {i.type} {list(i.shape or [])}" for i in inputs)
-        raise ModelImportError(f"The {what} does not match the model's inputs ({wanted}): "
-                               + "; ".join(problems))
+        raise ModelImportError(
+            f"The {what} does not match the model's inputs ({wanted}): " + "; ".join(problems)
+        )
     if len(rows) > 1:
         log.warning("%s inputs have different first dimensions %s", what, sorted(rows))
     return feeds
 
 
 _ORT_DTYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
-    "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
     "tensor(string)": object,
 }
 
@@ -208,12 +236,16 @@ def _fit_input(spec, array: np.ndarray) -> np.ndarray:
     if dtype is None:
         raise ModelImportError(f"input {name!r} has type {spec.type}, which onnxflow does not feed")
     if array.ndim != len(shape):
-        raise ModelImportError(f"input {name!r}: {array.ndim} dimensions {list(array.shape)}, "
-                               f"expected {len(shape)} {shape}")
+        raise ModelImportError(
+            f"input {name!r}: {array.ndim} dimensions {list(array.shape)}, "
+            f"expected {len(shape)} {shape}"
+        )
     for i, (want, got) in enumerate(zip(shape, array.shape)):
         if isinstance(want, int) and want >= 0 and want != got:
-            raise ModelImportError(f"input {name!r}: dimension {i} is {got}, the model fixes it "
-                                   f"at {want} (shape {shape})")
+            raise ModelImportError(
+                f"input {name!r}: dimension {i} is {got}, the model fixes it "
+                f"at {want} (shape {shape})"
+            )
     if dtype is object:
         if array.dtype.kind not in "OUS":
             raise ModelImportError(f"input {name!r} takes strings, the sample has {array.dtype}")
@@ -228,17 +260,21 @@ def _fit_input(spec, array: np.ndarray) -> np.ndarray:
     if target.kind in "iu":
         if array.dtype.kind == "f":
             if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-                raise ModelImportError(f"input {name!r} takes {target}, the sample has "
-                                       f"non-integer {array.dtype} values")
+                raise ModelImportError(
+                    f"input {name!r} takes {target}, the sample has "
+                    f"non-integer {array.dtype} values"
+                )
         info = np.iinfo(target)
         if array.size and (array.min() < info.min or array.max() > info.max):
-            raise ModelImportError(f"input {name!r}: values {array.min()}..{array.max()} do not "
-                                   f"fit {target}")
+            raise ModelImportError(
+                f"input {name!r}: values {array.min()}..{array.max()} do not fit {target}"
+            )
     return array.astype(target)
 
 
-def bind_expected(arrays: Mapping[str, np.ndarray], output_names: list[str],
-                  table: bool = False) -> Outputs:
+def bind_expected(
+    arrays: Mapping[str, np.ndarray], output_names: list[str], table: bool = False
+) -> Outputs:
     """Expected outputs by output name; a table is the single output of a one-output model."""
     arrays = dict(arrays)
     if table and len(output_names) == 1 and output_names[0] not in arrays:
@@ -248,8 +284,9 @@ def bind_expected(arrays: Mapping[str, np.ndarray], output_names: list[str],
         arrays = {output_names[0]: next(iter(arrays.values()))}
     extra = [n for n in arrays if n not in output_names]
     if extra:
-        raise ModelImportError(f"expected outputs {extra} are not outputs of the model "
-                               f"({output_names})")
+        raise ModelImportError(
+            f"expected outputs {extra} are not outputs of the model ({output_names})"
+        )
     return {name: np.asarray(value) for name, value in arrays.items()}
 
 
@@ -267,8 +304,13 @@ def file_digest(path: Path) -> str:
 # -- conversion -------------------------------------------------------------------------
 
 
-def convert_to_onnx(source: Path, source_format: SourceFormat, sample: Mapping[str, np.ndarray],
-                    opset: int, out_dir: Path) -> ImportedModel:
+def convert_to_onnx(
+    source: Path,
+    source_format: SourceFormat,
+    sample: Mapping[str, np.ndarray],
+    opset: int,
+    out_dir: Path,
+) -> ImportedModel:
     """``out_dir/model.onnx`` from the source model; ``sample`` (raw arrays as read) gives
     TorchScript its example inputs. Never modifies the source."""
     from onnxflow.onnxfiles import copy_model
@@ -292,18 +334,25 @@ def convert_to_onnx(source: Path, source_format: SourceFormat, sample: Mapping[s
         raise
     except Exception as exc:  # converters raise whatever their framework raises
         message = " ".join(str(exc).split())[:600]
-        raise ModelImportError(f"Cannot convert {source} ({source_format}) to ONNX: "
-                               f"{type(exc).__name__}: {message}") from exc
+        raise ModelImportError(
+            f"Cannot convert {source} ({source_format}) to ONNX: {type(exc).__name__}: {message}"
+        ) from exc
     if source_format != "onnx":  # a user's ONNX file is kept as it is
         _name_batch_axis(target)
     found = default_opset(load_graph(target))
     seconds = time.perf_counter() - started
-    log.info("imported %s (%s) as %s, opset %d, in %.1f s", source, source_format, target,
-             found, seconds)
-    return ImportedModel(source=source, source_format=source_format,
-                         framework=FRAMEWORK_OF[source_format], path=target,
-                         exporter=EXPORTER_OF[source_format], opset=found,
-                         export_seconds=seconds)
+    log.info(
+        "imported %s (%s) as %s, opset %d, in %.1f s", source, source_format, target, found, seconds
+    )
+    return ImportedModel(
+        source=source,
+        source_format=source_format,
+        framework=FRAMEWORK_OF[source_format],
+        path=target,
+        exporter=EXPORTER_OF[source_format],
+        opset=found,
+        export_seconds=seconds,
+    )
 
 
 def _name_batch_axis(target: Path) -> None:
@@ -320,8 +369,7 @@ def _tf_to_onnx(source: Path, source_format: str, opset: int, target: Path) -> N
     import tf2onnx
 
     fn, input_names, output_names = _tf_function(source, source_format)
-    proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature,
-                                             opset=opset)
+    proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=opset)
     graph = proto.graph
     if len(graph.output) != len(output_names):
         output_names = [o.name.split(":")[0] for o in graph.output]
@@ -360,8 +408,10 @@ def _tf_function(source: Path, source_format: str):
 
     loaded = tf.saved_model.load(str(source))
     if "serving_default" not in loaded.signatures:
-        raise ModelImportError(f"SavedModel {source} has no serving_default signature "
-                               f"(it has: {', '.join(loaded.signatures) or 'none'})")
+        raise ModelImportError(
+            f"SavedModel {source} has no serving_default signature "
+            f"(it has: {', '.join(loaded.signatures) or 'none'})"
+        )
     signature = loaded.signatures["serving_default"]
     inputs = signature.structured_input_signature[1]
     input_names = sorted(inputs)
@@ -390,9 +440,14 @@ def _torch_export_to_onnx(source: Path, opset: int, target: Path) -> None:
     # the program carries its own shapes (and dynamic dims): no example arguments needed;
     # the sample is checked against the ONNX inputs afterwards, like every format's
     onnx_program = torch.onnx.export(
-        program, (), None, dynamo=True, input_names=names,
+        program,
+        (),
+        None,
+        dynamo=True,
+        input_names=names,
         output_names=["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)],
-        opset_version=opset, verbose=False,
+        opset_version=opset,
+        verbose=False,
     )
     onnx_program.save(str(target), external_data=True)
 
@@ -402,8 +457,9 @@ def torch_input_names(program) -> list[str]:
     return list(program.graph_signature.user_inputs)
 
 
-def _torchscript_to_onnx(source: Path, sample: Mapping[str, np.ndarray], opset: int,
-                         target: Path) -> None:
+def _torchscript_to_onnx(
+    source: Path, sample: Mapping[str, np.ndarray], opset: int, target: Path
+) -> None:
     """The legacy (TorchScript) exporter, the one that takes a ScriptModule; the first axis
     of every input and output is declared dynamic (``batch``)."""
     import torch
@@ -415,9 +471,16 @@ def _torchscript_to_onnx(source: Path, sample: Mapping[str, np.ndarray], opset: 
         result = module(*args)
     n_out = len(result) if isinstance(result, tuple | list) else 1
     outputs = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-    torch.onnx.export(module, args, str(target), dynamo=False, input_names=names,
-                      output_names=outputs, opset_version=opset,
-                      dynamic_axes={n: {0: "batch"} for n in (*names, *outputs)})
+    torch.onnx.export(
+        module,
+        args,
+        str(target),
+        dynamo=False,
+        input_names=names,
+        output_names=outputs,
+        opset_version=opset,
+        dynamic_axes={n: {0: "batch"} for n in (*names, *outputs)},
+    )
 
 
 def torchscript_input_names(module) -> list[str]:
@@ -431,9 +494,11 @@ def _ordered(sample: Mapping[str, np.ndarray], names: list[str]) -> list[np.ndar
     missing = [n for n in names if n not in sample]
     if missing:
         extra = [n for n in sample if n not in names]
-        raise ModelImportError(f"The sample does not match the model's inputs ({', '.join(names)}): "
-                               f"no array for input(s) {missing}; array(s) {extra} are not "
-                               "inputs of the model")
+        raise ModelImportError(
+            f"The sample does not match the model's inputs ({', '.join(names)}): "
+            f"no array for input(s) {missing}; array(s) {extra} are not "
+            "inputs of the model"
+        )
     return [np.asarray(sample[n]) for n in names]
 
 
@@ -507,11 +572,20 @@ def validate_import(
     reference = load_reference(imported)
     rows = min((len(v) for v in feeds.values() if v.ndim), default=1)
     return validate_imported(
-        model_path, feeds, config, out_dir,
-        source={"name": imported.framework, "path": str(imported.source),
-                "format": imported.source_format},
-        sample={"name": Path(sample_path).name, "digest": file_digest(sample_path)[:16],
-                "rows": rows},
+        model_path,
+        feeds,
+        config,
+        out_dir,
+        source={
+            "name": imported.framework,
+            "path": str(imported.source),
+            "format": imported.source_format,
+        },
+        sample={
+            "name": Path(sample_path).name,
+            "digest": file_digest(sample_path)[:16],
+            "rows": rows,
+        },
         reference=reference,
         expected=expected,
     )
@@ -552,19 +626,30 @@ def register_imported(
     from onnxflow.registration import register_onnx, validation_tags
 
     if not summary.passed:
-        raise RegistryError(f"Refusing to register {model_path}: validation failed "
-                            f"(see {summary.report_dir}).")
+        raise RegistryError(
+            f"Refusing to register {model_path}: validation failed (see {summary.report_dir})."
+        )
     feeds = sample_feeds(model_path, sample_path)
     extra = import_tags(imported, summary.report_dir, sample_path)
     if extra["batch_axis"] == "dynamic":
         feeds = {k: v[:1] for k, v in feeds.items()}
     tags = {**lineage, **validation_tags(summary), **extra}
-    return register_onnx(model_path, model_name=config.model_name, input_example=feeds,
-                         tags=tags, aliases=(config.alias,), run_id=run_id)
+    return register_onnx(
+        model_path,
+        model_name=config.model_name,
+        input_example=feeds,
+        tags=tags,
+        aliases=(config.alias,),
+        run_id=run_id,
+    )
 
 
 def import_run_params(imported: ImportedModel, sample_path: Path) -> dict[str, str]:
     """The params of the MLflow run that holds an imported model (no training, so no
     dataset input)."""
-    return {"source": str(imported.source), "source_format": imported.source_format,
-            "sample": str(sample_path), "opset": str(imported.opset)}
+    return {
+        "source": str(imported.source),
+        "source_format": imported.source_format,
+        "sample": str(sample_path),
+        "opset": str(imported.opset),
+    }

@@ -43,7 +43,9 @@ def check_external_data(model_path: Path) -> list[Path]:
                 f"the model's folder; refusing to load it."
             )
         if not target.is_file():
-            raise UnsafeModelError(f"{model_path.name}: external data file {location!r} is missing.")
+            raise UnsafeModelError(
+                f"{model_path.name}: external data file {location!r} is missing."
+            )
         files.append(target)
     return files
 

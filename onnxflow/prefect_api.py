@@ -40,7 +40,12 @@ from pathlib import Path
 
 from onnxflow.errors import OnnxflowError
 from onnxflow.processes import (
-    ProcessRecord, free_port, log_tail, start_process, stop_process, wait_until,
+    ProcessRecord,
+    free_port,
+    log_tail,
+    start_process,
+    stop_process,
+    wait_until,
 )
 
 log = logging.getLogger(__name__)
@@ -76,10 +81,14 @@ class PrefectApi:
         waited = 0.0
         if not self._ready and self.record is not None:
             waited = wait_until(
-                self.record, lambda: _healthy(self.url), self.timeout_s,
-                "answering", error=PrefectUnavailableError, interval_s=0.2)
-            log.info("temporary Prefect server ready after %.1f s",
-                     time.monotonic() - self.started)
+                self.record,
+                lambda: _healthy(self.url),
+                self.timeout_s,
+                "answering",
+                error=PrefectUnavailableError,
+                interval_s=0.2,
+            )
+            log.info("temporary Prefect server ready after %.1f s", time.monotonic() - self.started)
         self._ready = True
         _point_prefect_at(self.url)
         return waited
@@ -90,8 +99,8 @@ def prefect_api(local_url: str | None = None, say: Say = log.info) -> Iterator[P
     """The Prefect API for this command's flows (see the module's docstring).
 
     ``local_url``: where a Prefect server running on this machine would answer (the
-    stack's API URL); None: do not look for one. A temporary server is launched on entry and stopped on exit; call ``wait()`` on the
-    result before the first flow runs.
+    stack's API URL); None: do not look for one. A temporary server is launched on entry and
+    stopped on exit; call ``wait()`` on the result before the first flow runs.
     """
     settings = _prefect_settings()
     configured = settings.api.url
@@ -101,7 +110,8 @@ def prefect_api(local_url: str | None = None, say: Say = log.info) -> Iterator[P
             raise PrefectUnavailableError(
                 f"the Prefect server at {api.url} (PREFECT_API_URL, "
                 f"{_where_set('PREFECT_API_URL')}) does not answer: start it, or unset "
-                "PREFECT_API_URL to let onnxflow start a temporary server")
+                "PREFECT_API_URL to let onnxflow start a temporary server"
+            )
         say(f"Prefect: using {api.url} (PREFECT_API_URL)")
         yield api
         return
@@ -120,14 +130,20 @@ def start_temporary_server(settings=None, say: Say = log.info) -> PrefectApi:
     """Prepare the database, then launch Prefect's ephemeral server on a free port."""
     settings = settings or _prefect_settings()
     ephemeral = settings.server.ephemeral
-    timeout_s = (ephemeral.startup_timeout_seconds
-                 if "startup_timeout_seconds" in ephemeral.model_fields_set
-                 else TEMPORARY_STARTUP_TIMEOUT_S)
+    timeout_s = (
+        ephemeral.startup_timeout_seconds
+        if "startup_timeout_seconds" in ephemeral.model_fields_set
+        else TEMPORARY_STARTUP_TIMEOUT_S
+    )
     migrated = prepare_database(settings, say)
-    env = {**os.environ, **settings.to_environment_variables(exclude_unset=True),
-           # What Prefect's SubprocessASGIServer sets: no UI, the ephemeral set of services.
-           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-           "PREFECT__SERVER_FINAL": "1"}
+    env = {
+        **os.environ,
+        **settings.to_environment_variables(exclude_unset=True),
+        # What Prefect's SubprocessASGIServer sets: no UI, the ephemeral set of services.
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+    }
     if migrated and "PREFECT_API_DATABASE_MIGRATE_ON_START" not in os.environ:
         env["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"  # done above, under a lock
     import prefect
@@ -135,14 +151,35 @@ def start_temporary_server(settings=None, say: Say = log.info) -> PrefectApi:
     fd, log_path = tempfile.mkstemp(prefix="onnxflow-prefect-server-", suffix=".log")
     os.close(fd)
     port = free_port()
-    argv = [sys.executable, "-m", "uvicorn", "--app-dir",
-            str(Path(prefect.__file__).parent.parent), "--factory",
-            "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-            "--port", str(port), "--log-level", "error", "--lifespan", "on"]
-    record = start_process("prefect-temporary-server", argv, env, Path(log_path),
-                           url=f"http://127.0.0.1:{port}/api", die_with_parent=True)
-    say(f"Prefect: starting a temporary server on http://127.0.0.1:{port} "
-        f"(no Prefect server configured or running; state in {settings.home})")
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        str(Path(prefect.__file__).parent.parent),
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+    ]
+    record = start_process(
+        "prefect-temporary-server",
+        argv,
+        env,
+        Path(log_path),
+        url=f"http://127.0.0.1:{port}/api",
+        die_with_parent=True,
+    )
+    say(
+        f"Prefect: starting a temporary server on http://127.0.0.1:{port} "
+        f"(no Prefect server configured or running; state in {settings.home})"
+    )
     return PrefectApi(url=record.url, kind="temporary", timeout_s=timeout_s, record=record)
 
 
@@ -196,12 +233,17 @@ def prepare_database(settings=None, say: Say = log.info) -> bool:
         done = subprocess.run(
             [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
             env={**os.environ, **settings.to_environment_variables(exclude_unset=True)},
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0:
             tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
             raise PrefectUnavailableError(
                 f"could not migrate Prefect's database {path}:\n{tail}\n"
-                f"move the file aside (or set PREFECT_HOME to a new folder) and retry")
+                f"move the file aside (or set PREFECT_HOME to a new folder) and retry"
+            )
         marker.write_text(json.dumps({**expected, "revision": _revision(path)}))
         log.info("Prefect database ready in %.1f s", time.monotonic() - started)
         return True
@@ -211,7 +253,7 @@ def _sqlite_path(url: str) -> Path | None:
     prefix = "sqlite+aiosqlite:///"
     if not url.startswith(prefix) or ":memory:" in url:
         return None
-    return Path(url[len(prefix):]).expanduser()
+    return Path(url[len(prefix) :]).expanduser()
 
 
 def _revision(path: Path) -> str | None:
@@ -270,8 +312,12 @@ def _running_local_server(url: str) -> str | None:
     except (httpx.HTTPError, ValueError):
         return None
     if str(version).split(".")[:2] != prefect.__version__.split(".")[:2]:
-        log.info("not using the Prefect server at %s: it runs Prefect %s, this is %s", url,
-                 version, prefect.__version__)
+        log.info(
+            "not using the Prefect server at %s: it runs Prefect %s, this is %s",
+            url,
+            version,
+            prefect.__version__,
+        )
         return None
     return url
 
@@ -298,9 +344,11 @@ def _drain_prefect_workers() -> None:
 
 
 def describe(api: PrefectApi) -> str:
-    return {"configured": "the configured Prefect server",
-            "local": "the local Prefect server",
-            "temporary": "a temporary Prefect server"}[api.kind] + f" at {api.url}"
+    return {
+        "configured": "the configured Prefect server",
+        "local": "the local Prefect server",
+        "temporary": "a temporary Prefect server",
+    }[api.kind] + f" at {api.url}"
 
 
 def log_of(api: PrefectApi, lines: int = 20) -> str:

@@ -43,8 +43,13 @@ class ProcessRecord:
 
 
 def start_process(
-    name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path,
-    url: str | None = None, cwd: Path | None = None, die_with_parent: bool = False,
+    name: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    log_path: Path,
+    url: str | None = None,
+    cwd: Path | None = None,
+    die_with_parent: bool = False,
 ) -> ProcessRecord:
     """Start ``argv`` detached (own session), stdout and stderr appended to ``log_path``.
 
@@ -56,12 +61,23 @@ def start_process(
         log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         log_file.flush()
         proc = subprocess.Popen(
-            list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_file,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            list(argv),
+            env=dict(env),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             preexec_fn=_parent_death_signal() if die_with_parent else None,  # noqa: PLW1509 - one prctl call
         )
-    record = ProcessRecord(name=name, pid=proc.pid, start_ticks=_start_ticks(proc.pid) or 0,
-                           argv=list(argv), log_path=str(log_path), url=url)
+    record = ProcessRecord(
+        name=name,
+        pid=proc.pid,
+        start_ticks=_start_ticks(proc.pid) or 0,
+        argv=list(argv),
+        log_path=str(log_path),
+        url=url,
+    )
     log.info("started %s (pid %s): %s", name, proc.pid, " ".join(argv))
     return record
 
@@ -153,8 +169,9 @@ def stop_process(record: ProcessRecord, timeout_s: float = 20.0) -> bool:
         time.sleep(0.1)
     leftovers = [(p, t) for p, t in tree if is_alive(p, t)]
     for pid, _ in leftovers:
-        log.warning("%s: pid %s outlived SIGTERM by %.0f s; killing it", record.name, pid,
-                    timeout_s)
+        log.warning(
+            "%s: pid %s outlived SIGTERM by %.0f s; killing it", record.name, pid, timeout_s
+        )
         _signal_pid(pid, signal.SIGKILL)
     for _ in range(50):
         _reap(record.pid)
@@ -166,24 +183,32 @@ def stop_process(record: ProcessRecord, timeout_s: float = 20.0) -> bool:
 
 
 def wait_until(
-    record: ProcessRecord, check: Callable[[], bool], timeout_s: float, what: str,
-    error: type[Exception] = OnnxflowError, interval_s: float = 0.25,
+    record: ProcessRecord,
+    check: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    error: type[Exception] = OnnxflowError,
+    interval_s: float = 0.25,
 ) -> float:
     """Seconds until ``check()`` is true; raises ``error`` with the log's tail if the
     process dies or the time runs out."""
     start = time.monotonic()
     while True:
         if not is_running(record):
-            raise error(f"{record.name} exited before it was {what}; "
-                             f"last lines of {record.log_path}:\n{log_tail(record.log_path)}")
+            raise error(
+                f"{record.name} exited before it was {what}; "
+                f"last lines of {record.log_path}:\n{log_tail(record.log_path)}"
+            )
         try:
             if check():
                 return time.monotonic() - start
         except Exception as exc:  # the server is still starting: connection refused etc.
             log.debug("%s not %s yet: %s", record.name, what, exc)
         if time.monotonic() - start > timeout_s:
-            raise error(f"{record.name} not {what} after {timeout_s:.0f} s; last lines "
-                             f"of {record.log_path}:\n{log_tail(record.log_path)}")
+            raise error(
+                f"{record.name} not {what} after {timeout_s:.0f} s; last lines "
+                f"of {record.log_path}:\n{log_tail(record.log_path)}"
+            )
         time.sleep(interval_s)
 
 

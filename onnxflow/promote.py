@@ -64,13 +64,17 @@ def promote(model_name: str, candidates: Sequence[str], config: PromoteConfig) -
         decision, reason = "promoted", f"no {config.alias} yet; {metric}={best_value:.4f}"
     elif champion_value is None:
         decision = "promoted"
-        reason = f"{config.alias} v{champion.version} has no {metric!r} tag; {metric}={best_value:.4f}"
+        reason = (
+            f"{config.alias} v{champion.version} has no {metric!r} tag; {metric}={best_value:.4f}"
+        )
     elif is_better(metric, best_value, champion_value):
         decision = "promoted"
         reason = f"{metric} {best_value:.4f} beats v{champion.version}'s {champion_value:.4f}"
     else:
         decision = "kept_champion"
-        reason = f"{metric} {best_value:.4f} does not beat v{champion.version}'s {champion_value:.4f}"
+        reason = (
+            f"{metric} {best_value:.4f} does not beat v{champion.version}'s {champion_value:.4f}"
+        )
 
     if decision == "promoted" and config.mode == "review":
         decision = "awaiting_review"

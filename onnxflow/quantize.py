@@ -33,8 +33,9 @@ from onnxflow.validation.timing import LATENCY_BATCHES, latencies
 log = logging.getLogger(__name__)
 
 
-def quantize_model(model_path: Path, dataset: DatasetArtifact, config: QuantizeConfig,
-                   out_dir: Path) -> QuantizedModel:
+def quantize_model(
+    model_path: Path, dataset: DatasetArtifact, config: QuantizeConfig, out_dir: Path
+) -> QuantizedModel:
     """Write ``out_dir/model.onnx`` (int8) and the report; raise QuantizationError when the
     metric drops more than allowed. Never modifies ``model_path``."""
     from onnxflow.data import load_splits
@@ -45,11 +46,12 @@ def quantize_model(model_path: Path, dataset: DatasetArtifact, config: QuantizeC
     target = out_dir / "model.onnx"
     splits = load_splits(dataset)
     try:
-        _quantize(Path(model_path), target, config, splits["X_train"][:config.calibration_rows])
+        _quantize(Path(model_path), target, config, splits["X_train"][: config.calibration_rows])
     except Exception as exc:  # onnxruntime.quantization raises many types
-        raise QuantizationError(f"{config.mode} quantization of {model_path} failed: "
-                                f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
-                                ) from exc
+        raise QuantizationError(
+            f"{config.mode} quantization of {model_path} failed: "
+            f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
+        ) from exc
 
     X, y = splits["X_test"], splits["y_test"]
     before, after = _runner(model_path), _runner(target)
@@ -68,18 +70,32 @@ def quantize_model(model_path: Path, dataset: DatasetArtifact, config: QuantizeC
         drop, allowed = quant_metric - float_metric, config.max_accuracy_drop * float_metric
     latency = latencies({"float": before, "quantized": after}, feeds, config.latency_repeats)
     result = QuantizedModel(
-        path=target, mode=config.mode, report_dir=out_dir, metric_name=name,
-        float_metric=float_metric, quantized_metric=quant_metric, drop=drop,
+        path=target,
+        mode=config.mode,
+        report_dir=out_dir,
+        metric_name=name,
+        float_metric=float_metric,
+        quantized_metric=quant_metric,
+        drop=drop,
         max_abs_diff=float(np.max(np.abs(quant_out.astype(np.float64) - float_out))),
-        bytes_before=model_size(Path(model_path)), bytes_after=model_size(target),
+        bytes_before=model_size(Path(model_path)),
+        bytes_after=model_size(target),
         latency_ms=latency,
     )
     passed = drop <= allowed + 1e-12
     _write_report(result, Path(model_path), allowed, passed, out_dir)
-    log.info("quantize (%s): %s %.4f -> %.4f, %d -> %d bytes, b1 %.3f -> %.3f ms: %s",
-             config.mode, name, float_metric, quant_metric, result.bytes_before,
-             result.bytes_after, latency["float_b1"], latency["quantized_b1"],
-             "kept" if passed else "refused")
+    log.info(
+        "quantize (%s): %s %.4f -> %.4f, %d -> %d bytes, b1 %.3f -> %.3f ms: %s",
+        config.mode,
+        name,
+        float_metric,
+        quant_metric,
+        result.bytes_before,
+        result.bytes_after,
+        latency["float_b1"],
+        latency["quantized_b1"],
+        "kept" if passed else "refused",
+    )
     if not passed:
         what = "lost" if classification else "gained"
         raise QuantizationError(
@@ -111,7 +127,11 @@ def quantization_tags(result: QuantizedModel) -> dict[str, str]:
 
 def _quantize(source: Path, target: Path, config: QuantizeConfig, calibration: np.ndarray) -> None:
     from onnxruntime.quantization import (
-        CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static,
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -127,15 +147,21 @@ def _quantize(source: Path, target: Path, config: QuantizeConfig, calibration: n
 
     class TrainingRows(CalibrationDataReader):
         def __init__(self) -> None:
-            self.rows = iter(calibration[i:i + 16] for i in range(0, len(calibration), 16))
+            self.rows = iter(calibration[i : i + 16] for i in range(0, len(calibration), 16))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.rows, None)
             return None if batch is None else {INPUT_NAME: batch.astype(np.float32)}
 
-    quantize_static(str(source), str(target), TrainingRows(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    per_channel=True)
+    quantize_static(
+        str(source),
+        str(target),
+        TrainingRows(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+    )
     prepared.unlink(missing_ok=True)
 
 
@@ -149,16 +175,21 @@ def _runner(path: Path):
     return run
 
 
-def _write_report(result: QuantizedModel, source: Path, allowed: float, passed: bool,
-                  out_dir: Path) -> None:
+def _write_report(
+    result: QuantizedModel, source: Path, allowed: float, passed: bool, out_dir: Path
+) -> None:
     report: dict[str, Any] = {
         "passed": passed,
         "mode": result.mode,
         "float_model": str(source),
         "quantized_model": str(result.path),
-        "metric": {"name": result.metric_name, "float": result.float_metric,
-                   "quantized": result.quantized_metric, "drop": result.drop,
-                   "allowed": allowed},
+        "metric": {
+            "name": result.metric_name,
+            "float": result.float_metric,
+            "quantized": result.quantized_metric,
+            "drop": result.drop,
+            "allowed": allowed,
+        },
         "max_abs_diff": result.max_abs_diff,
         "bytes": {"float": result.bytes_before, "quantized": result.bytes_after},
         "latency_ms": result.latency_ms,
@@ -173,8 +204,11 @@ def _write_report(result: QuantizedModel, source: Path, allowed: float, passed: 
         f"| {result.metric_name} (test split) | {result.float_metric:.4f} | "
         f"{result.quantized_metric:.4f} |",
         f"| size, bytes | {result.bytes_before:,} | {result.bytes_after:,} |",
-        *(f"| latency batch {b}, median ms | {lat[f'float_b{b}']:.3f} | "
-          f"{lat[f'quantized_b{b}']:.3f} |" for b in LATENCY_BATCHES),
+        *(
+            f"| latency batch {b}, median ms | {lat[f'float_b{b}']:.3f} | "
+            f"{lat[f'quantized_b{b}']:.3f} |"
+            for b in LATENCY_BATCHES
+        ),
         "",
         f"Change: {result.drop:+.4f} {result.metric_name} "
         f"({'loss' if result.metric_name == 'accuracy' else 'increase'}; allowed {allowed:.4g}); "

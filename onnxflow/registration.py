@@ -18,8 +18,13 @@ from onnxflow.config import RegisterConfig
 from onnxflow.errors import RegistryError
 from onnxflow.onnxfiles import check_external_data, onnx_digest
 from onnxflow.results import (
-    DatasetArtifact, DatasetInfo, ExportedModel, ImportedModel, RegisteredVersion,
-    SimplifiedModel, ValidationSummary,
+    DatasetArtifact,
+    DatasetInfo,
+    ExportedModel,
+    ImportedModel,
+    RegisteredVersion,
+    SimplifiedModel,
+    ValidationSummary,
 )
 from onnxflow.runtime import PROVIDERS, open_session
 
@@ -61,8 +66,12 @@ def register_onnx(
         version = _register(client, info.model_uri, model_name, all_tags)
         log.info("registered %s version %s from run %s", model_name, version.version, run_id)
     else:
-        log.info("run %s already registered %s version %s: reusing it",
-                 run_id, model_name, version.version)
+        log.info(
+            "run %s already registered %s version %s: reusing it",
+            run_id,
+            model_name,
+            version.version,
+        )
         stored = _stored_digest(f"models:/{model_name}/{version.version}")
         all_tags = {**(tags or {}), "onnx_sha256": stored}
         for key, value in all_tags.items():
@@ -87,12 +96,15 @@ def set_alias(model_name: str, alias: str, version: str | int) -> None:
     try:
         client.get_model_version(model_name, str(version))
     except MlflowException as exc:
-        raise RegistryError(f"Model {model_name!r} has no version {version}: {exc.message}") from None
+        raise RegistryError(
+            f"Model {model_name!r} has no version {version}: {exc.message}"
+        ) from None
     try:
         client.set_registered_model_alias(model_name, alias, str(version))
     except MlflowException as exc:  # e.g. the server's promotion policy, naming its rule
-        raise RegistryError(f"cannot point {model_name}@{alias} at version {version}: "
-                            f"{exc.message}") from None
+        raise RegistryError(
+            f"cannot point {model_name}@{alias} at version {version}: {exc.message}"
+        ) from None
 
 
 def _log_onnx(model_path: Path, input_example):

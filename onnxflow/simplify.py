@@ -15,6 +15,7 @@ import numpy as np
 
 from onnxflow.config import SimplifyConfig
 from onnxflow.errors import SimplifyError, UnsafeModelError
+from onnxflow.interface import load_graph, read_interface
 from onnxflow.onnxfiles import (
     copy_model,
     external_data_locations,
@@ -22,7 +23,6 @@ from onnxflow.onnxfiles import (
     model_size,
     node_count,
 )
-from onnxflow.interface import load_graph, read_interface
 from onnxflow.results import SimplifiedModel
 from onnxflow.runtime import PROVIDERS, open_session
 
@@ -60,8 +60,10 @@ def simplify_model(model_path: Path, config: SimplifyConfig, out_dir: Path) -> S
             _check_simplified(target, model_path)
             diff = _probe_max_diff(model_path, target)
             if not diff <= config.check_atol:
-                raise _Rejected(f"outputs changed by {diff:.3g} on probe batches "
-                                f"> check_atol {config.check_atol:g}")
+                raise _Rejected(
+                    f"outputs changed by {diff:.3g} on probe batches "
+                    f"> check_atol {config.check_atol:g}"
+                )
         except Exception as exc:  # onnxsim, onnx and onnxruntime raise many types
             message = " ".join(str(exc).split())[:500]  # C++ errors span several lines
             reason = message if isinstance(exc, _Rejected) else f"{type(exc).__name__}: {message}"
@@ -71,8 +73,14 @@ def simplify_model(model_path: Path, config: SimplifyConfig, out_dir: Path) -> S
         _remove_stale(target)
         copy_model(model_path, out_dir, MODEL_NAME)
     nodes_after, bytes_after = node_count(target), model_size(target)
-    log.info("simplify: %d -> %d nodes, %d -> %d bytes: %s",
-             nodes_before, nodes_after, bytes_before, bytes_after, target)
+    log.info(
+        "simplify: %d -> %d nodes, %d -> %d bytes: %s",
+        nodes_before,
+        nodes_after,
+        bytes_before,
+        bytes_after,
+        target,
+    )
     return SimplifiedModel(
         path=target,
         simplified=reason is None,
@@ -120,8 +128,13 @@ def _save(model, target: Path, external: bool) -> None:
     import onnx
 
     if external:
-        onnx.save_model(model, str(target), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=EXTERNAL_DATA_NAME)
+        onnx.save_model(
+            model,
+            str(target),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_NAME,
+        )
     else:
         onnx.save_model(model, str(target))
 
@@ -151,8 +164,10 @@ def _probe_max_diff(original_path: Path, simplified_path: Path) -> float:
     for batch in PROBE_BATCHES:
         feeds = {}
         for spec in sessions[0].get_inputs():
-            shape = [d if isinstance(d, int) else batch if i == 0 else 1
-                     for i, d in enumerate(spec.shape)]
+            shape = [
+                d if isinstance(d, int) else batch if i == 0 else 1
+                for i, d in enumerate(spec.shape)
+            ]
             feeds[spec.name] = _probe(rng, spec, shape)
         before, after = (s.run(None, feeds) for s in sessions)
         for a, b in zip(before, after, strict=True):
@@ -177,8 +192,9 @@ def _probe(rng, spec, shape: list[int]) -> np.ndarray:
         return rng.integers(0, 2, shape).astype(_PROBE_INTEGERS[spec.type])
     if spec.type == "tensor(bool)":
         return rng.integers(0, 2, shape).astype(bool)
-    raise _Rejected(f"probes are float, int32/int64 or bool batches; input {spec.name!r} is "
-                    f"{spec.type}")
+    raise _Rejected(
+        f"probes are float, int32/int64 or bool batches; input {spec.name!r} is {spec.type}"
+    )
 
 
 def _remove_stale(target: Path) -> None:

@@ -9,8 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 COLUMNS = (
-    "version", "framework", "metric", "framework value", "onnxruntime value",
-    "parity max abs", "latency ms b1 (onnx / fw)", "nodes (before → after)", "aliases",
+    "version",
+    "framework",
+    "metric",
+    "framework value",
+    "onnxruntime value",
+    "parity max abs",
+    "latency ms b1 (onnx / fw)",
+    "nodes (before → after)",
+    "aliases",
 )
 
 
@@ -28,21 +35,23 @@ def version_rows(model_name: str, versions: Sequence[str] | None = None) -> list
     for mv in sorted(found, key=lambda v: -int(v.version)):
         t = mv.tags
         metric = t.get("metric_name", "accuracy")
-        rows.append({
-            "version": str(mv.version),
-            "framework": t.get("source_framework", "?"),
-            "metric": metric,
-            "framework value": _pct(t.get(f"framework_{metric}"), metric),
-            "onnxruntime value": _pct(t.get(metric), metric),
-            "parity max abs": t.get("parity_max_abs", "-"),
-            "latency ms b1 (onnx / fw)": (
-                f"{t.get('latency_ms_onnx_b1', '-')} / {t.get('latency_ms_framework_b1', '-')}"
-            ),
-            "nodes (before → after)": (
-                f"{t.get('nodes_before', '-')} → {t.get('nodes_after', '-')}"
-            ),
-            "aliases": ", ".join(sorted(aliases.get(str(mv.version), []))),
-        })
+        rows.append(
+            {
+                "version": str(mv.version),
+                "framework": t.get("source_framework", "?"),
+                "metric": metric,
+                "framework value": _pct(t.get(f"framework_{metric}"), metric),
+                "onnxruntime value": _pct(t.get(metric), metric),
+                "parity max abs": t.get("parity_max_abs", "-"),
+                "latency ms b1 (onnx / fw)": (
+                    f"{t.get('latency_ms_onnx_b1', '-')} / {t.get('latency_ms_framework_b1', '-')}"
+                ),
+                "nodes (before → after)": (
+                    f"{t.get('nodes_before', '-')} → {t.get('nodes_after', '-')}"
+                ),
+                "aliases": ", ".join(sorted(aliases.get(str(mv.version), []))),
+            }
+        )
     return rows
 
 

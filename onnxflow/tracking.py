@@ -51,7 +51,10 @@ def _log_dataset(run_id: str, dataset: DatasetArtifact | ArrayDataset) -> None:
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways": harmless
         warnings.simplefilter("ignore", UserWarning)
         mlflow_dataset = mlflow.data.from_numpy(
-            X, targets=y, source=dataset.info.source, name=dataset.info.name,
+            X,
+            targets=y,
+            source=dataset.info.source,
+            name=dataset.info.name,
             digest=dataset.info.digest,
         )
     with mlflow.start_run(run_id=run_id):
@@ -64,12 +67,16 @@ def _all_rows(dataset) -> tuple[Any, Any]:
 
     with np.load(dataset.path, allow_pickle=False) as npz:
         if "X_train" in npz.files:
-            return (np.concatenate([npz["X_train"], npz["X_val"], npz["X_test"]]),
-                    np.concatenate([npz["y_train"], npz["y_val"], npz["y_test"]]))
+            return (
+                np.concatenate([npz["X_train"], npz["X_val"], npz["X_test"]]),
+                np.concatenate([npz["y_train"], npz["y_val"], npz["y_test"]]),
+            )
         splits = ("train", "validation", "test")
         names = dataset.info.input_names
-        return ({n: np.concatenate([npz[f"{s}.{n}"] for s in splits]) for n in names},
-                np.concatenate([npz[f"{s}.label"] for s in splits]))
+        return (
+            {n: np.concatenate([npz[f"{s}.{n}"] for s in splits]) for n in names},
+            np.concatenate([npz[f"{s}.label"] for s in splits]),
+        )
 
 
 def log_params(run_id: str, params: Mapping[str, Any]) -> None:
@@ -79,9 +86,10 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> None:
 
 
 def log_epoch(run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
+    import time
+
     from mlflow import MlflowClient
     from mlflow.entities import Metric
-    import time
 
     now = int(time.time() * 1000)
     MlflowClient().log_batch(
@@ -150,15 +158,22 @@ def close_abandoned_runs(experiment: str, flow_run_over: Callable[[str], bool]) 
     if exp is None:
         return []
     closed = []
-    for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'",
-                                  max_results=1000):
+    for run in client.search_runs(
+        [exp.experiment_id], "attributes.status = 'RUNNING'", max_results=1000
+    ):
         flow_run_id = run.data.tags.get("flow_run_id")
         if flow_run_id and flow_run_over(flow_run_id):
-            client.set_tag(run.info.run_id, "abandoned",
-                           f"flow run {flow_run_id} ended without finishing this run")
+            client.set_tag(
+                run.info.run_id,
+                "abandoned",
+                f"flow run {flow_run_id} ended without finishing this run",
+            )
             client.set_terminated(run.info.run_id, status="FAILED")
-            log.warning("MLflow run %s of ended flow run %s was still RUNNING: marked FAILED",
-                        run.info.run_id, flow_run_id)
+            log.warning(
+                "MLflow run %s of ended flow run %s was still RUNNING: marked FAILED",
+                run.info.run_id,
+                flow_run_id,
+            )
             closed.append(run.info.run_id)
     return closed
 

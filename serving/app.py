@@ -40,8 +40,9 @@ JSON = "application/json"
 
 
 def json_response(content, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status,
-                    headers, media_type=JSON)
+    return Response(
+        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, media_type=JSON
+    )
 
 
 def error_response(message: str, status: int, headers: dict | None = None) -> Response:
@@ -56,17 +57,20 @@ class RestEndpoints:
         self.settings = plane.settings
         self.metrics = plane.metrics
 
-    async def read_body(self, headers, receive, content_types: tuple[str, ...],
-                        allow_missing: bool) -> bytes:
+    async def read_body(
+        self, headers, receive, content_types: tuple[str, ...], allow_missing: bool
+    ) -> bytes:
         """The request body, after the content type and size limit are checked."""
         ctype = headers.get("content-type")
         if ctype is None:
             if not allow_missing:
-                raise UnsupportedMedia(f"missing Content-Type; send one of "
-                                       f"{', '.join(content_types)}")
+                raise UnsupportedMedia(
+                    f"missing Content-Type; send one of {', '.join(content_types)}"
+                )
         elif ctype.split(";", 1)[0].strip().lower() not in content_types:
-            raise UnsupportedMedia(f"unsupported Content-Type {ctype!r}; send one of "
-                                   f"{', '.join(content_types)}")
+            raise UnsupportedMedia(
+                f"unsupported Content-Type {ctype!r}; send one of {', '.join(content_types)}"
+            )
         limit = self.settings.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None:
@@ -116,8 +120,7 @@ class RestEndpoints:
     async def model_ready(self, request: Request) -> Response:
         params = request.path_params
         model = self.plane.model(params["name"], params.get("version"))
-        return json_response({"name": model.name, "ready": True},
-                             headers=_version_headers(model))
+        return json_response({"name": model.name, "ready": True}, headers=_version_headers(model))
 
     async def model_example(self, request: Request) -> Response:
         self.plane.authorize(request.headers.get("authorization"))
@@ -132,12 +135,14 @@ class RestEndpoints:
 
         def decode():
             nonlocal parsed
-            parsed = v2.decode_request(body, headers.get(v2.HEADER_LENGTH), model,
-                                       self.settings.max_body_bytes)
+            parsed = v2.decode_request(
+                body, headers.get(v2.HEADER_LENGTH), model, self.settings.max_body_bytes
+            )
             return parsed.feeds
 
         content, response_headers = await self.plane.run_request(
-            model, decode, lambda results: v2.encode_response(model, parsed, results))
+            model, decode, lambda results: v2.encode_response(model, parsed, results)
+        )
         return 200, content, response_headers, model
 
     async def invocations(self, headers, receive, params: dict) -> tuple:
@@ -148,8 +153,11 @@ class RestEndpoints:
         content = await self.plane.run_request(
             model,
             lambda: mlflow_format.parse_body(body, headers.get("content-type"), model.inputs),
-            lambda results: orjson.dumps(mlflow_format.predictions(model.output_names, results),
-                                         option=orjson.OPT_SERIALIZE_NUMPY))
+            lambda results: orjson.dumps(
+                mlflow_format.predictions(model.output_names, results),
+                option=orjson.OPT_SERIALIZE_NUMPY,
+            ),
+        )
         return 200, content, JSON_HEADERS, model
 
     # --- Triton's extensions: statistics, model repository -----------------------------
@@ -167,8 +175,9 @@ class RestEndpoints:
             try:
                 ready_only = bool(orjson.loads(body).get("ready", False))
             except (orjson.JSONDecodeError, AttributeError):
-                raise BadInput('the index request must be a JSON object like {"ready": true}'
-                               ) from None
+                raise BadInput(
+                    'the index request must be a JSON object like {"ready": true}'
+                ) from None
         return json_response(self.plane.repository_index(ready_only))
 
     async def repository_load(self, request: Request) -> Response:
@@ -254,8 +263,12 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             route = scope.get("route")
-            self.metrics.observe_request(route.path if route is not None else "unmatched",
-                                         scope["method"], status, time.perf_counter() - start)
+            self.metrics.observe_request(
+                route.path if route is not None else "unmatched",
+                scope["method"],
+                status,
+                time.perf_counter() - start,
+            )
 
 
 JSON_HEADERS = {"content-type": JSON}
@@ -283,8 +296,9 @@ class InferenceRoute:
     and response wrappers, and record their own metrics.
     """
 
-    def __init__(self, metrics: ServingMetrics, handler, route: str,
-                 mlflow_errors: bool = False) -> None:
+    def __init__(
+        self, metrics: ServingMetrics, handler, route: str, mlflow_errors: bool = False
+    ) -> None:
         self.metrics = metrics
         self.handler = handler
         self.route = route
@@ -303,7 +317,8 @@ class InferenceRoute:
         model = None
         try:
             status, content, response_headers, model = await self.handler(
-                headers, receive, params if params is not None else scope.get("path_params", {}))
+                headers, receive, params if params is not None else scope.get("path_params", {})
+            )
         except RequestError as exc:
             status, extra = error_content(exc)
             content = self.error_body(str(exc), status)
@@ -331,8 +346,14 @@ class FrontDoor:
     INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
     INVOCATIONS = re.compile(r"/v2/models/([^/]+)/invocations")
 
-    def __init__(self, app: Starlette, invocations: InferenceRoute, infer: InferenceRoute,
-                 infer_version: InferenceRoute, model_invocations: InferenceRoute) -> None:
+    def __init__(
+        self,
+        app: Starlette,
+        invocations: InferenceRoute,
+        infer: InferenceRoute,
+        infer_version: InferenceRoute,
+        model_invocations: InferenceRoute,
+    ) -> None:
         self.app = app
         self.invocations = invocations
         self.infer = infer
@@ -351,8 +372,9 @@ class FrontDoor:
                 if version is None:
                     await self.infer(scope, receive, send, {"name": name})
                 else:
-                    await self.infer_version(scope, receive, send,
-                                             {"name": name, "version": version})
+                    await self.infer_version(
+                        scope, receive, send, {"name": name, "version": version}
+                    )
                 return
             match = self.INVOCATIONS.fullmatch(path)
             if match:
@@ -367,10 +389,11 @@ async def _request_error(request: Request, exc: RequestError) -> Response:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-    messages = {404: f"no route {request.url.path}; see /openapi.json",
-                405: f"method {request.method} is not allowed on {request.url.path}"}
-    return error_response(messages.get(exc.status_code, exc.detail), exc.status_code,
-                          exc.headers)
+    messages = {
+        404: f"no route {request.url.path}; see /openapi.json",
+        405: f"method {request.method} is not allowed on {request.url.path}",
+    }
+    return error_response(messages.get(exc.status_code, exc.detail), exc.status_code, exc.headers)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -384,12 +407,12 @@ def create_app(settings: ServingSettings) -> FrontDoor:
     ep = RestEndpoints(plane)
     model = "/v2/models/{name}"
     version = model + "/versions/{version}"
-    invocations = InferenceRoute(plane.metrics, ep.invocations, "/invocations",
-                                 mlflow_errors=True)
+    invocations = InferenceRoute(plane.metrics, ep.invocations, "/invocations", mlflow_errors=True)
     infer = InferenceRoute(plane.metrics, ep.infer, model + "/infer")
     infer_version = InferenceRoute(plane.metrics, ep.infer, version + "/infer")
-    model_invocations = InferenceRoute(plane.metrics, ep.invocations, model + "/invocations",
-                                       mlflow_errors=True)
+    model_invocations = InferenceRoute(
+        plane.metrics, ep.invocations, model + "/invocations", mlflow_errors=True
+    )
     routes = [
         Route("/v2", ep.server_metadata, methods=["GET"]),
         # before /v2/models/{name}: "stats" is no model name here
@@ -427,8 +450,9 @@ def create_app(settings: ServingSettings) -> FrontDoor:
         if settings.grpc_port is not None:
             from onnxflow.serving.grpc_front import start_grpc
 
-            grpc_server, front.grpc_port = await start_grpc(plane, settings.host,
-                                                            settings.grpc_port)
+            grpc_server, front.grpc_port = await start_grpc(
+                plane, settings.host, settings.grpc_port
+            )
         try:
             yield
         finally:
@@ -439,8 +463,11 @@ def create_app(settings: ServingSettings) -> FrontDoor:
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={RequestError: _request_error, HTTPException: _http_error,
-                            Exception: _server_error},
+        exception_handlers={
+            RequestError: _request_error,
+            HTTPException: _http_error,
+            Exception: _server_error,
+        },
     )
     app.add_middleware(MetricsMiddleware, metrics=plane.metrics)
     front = FrontDoor(app, invocations, infer, infer_version, model_invocations)

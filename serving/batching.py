@@ -36,8 +36,13 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, max_batch_size: int, max_delay_ms: float, metrics: ServingMetrics,
-                 executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_delay_ms: float,
+        metrics: ServingMetrics,
+        executor: ThreadPoolExecutor,
+    ) -> None:
         self.max_rows = max_batch_size
         self.max_delay = max_delay_ms / 1000
         self.metrics = metrics

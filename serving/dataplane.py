@@ -64,8 +64,9 @@ class DataPlane:
             self.managers[manager.name] = manager
         self.default_name: str | None = next(iter(self.managers), None)
         self.discovered = settings.all_models is None  # nothing to discover
-        self.executor = ThreadPoolExecutor(settings.inference_threads,
-                                           thread_name_prefix="onnxruntime")
+        self.executor = ThreadPoolExecutor(
+            settings.inference_threads, thread_name_prefix="onnxruntime"
+        )
         self.batcher: Batcher | None = None
         self.token = settings.token.get_secret_value().encode() if settings.token else None
         self.started = time.time()
@@ -79,9 +80,12 @@ class DataPlane:
         """Start the batcher and one alias watcher per model (on the running loop)."""
         loop = asyncio.get_running_loop()
         if self.settings.batching:
-            self.batcher = Batcher(self.settings.max_batch_size,
-                                   self.settings.max_batch_delay_ms, self.metrics,
-                                   self.executor)
+            self.batcher = Batcher(
+                self.settings.max_batch_size,
+                self.settings.max_batch_delay_ms,
+                self.metrics,
+                self.executor,
+            )
             self.batcher.start()
         for manager in self.managers.values():
             self._watch(manager)
@@ -90,7 +94,8 @@ class DataPlane:
 
     def _watch(self, manager: ModelManager) -> None:
         self._watchers[manager.name] = asyncio.get_running_loop().create_task(
-            manager.watch(), name=f"watch-{manager.name}")
+            manager.watch(), name=f"watch-{manager.name}"
+        )
 
     async def _discover(self) -> None:
         """Serve every model that has the alias, as it appears (every poll interval)."""
@@ -100,8 +105,9 @@ class DataPlane:
         interval = self.settings.poll_interval_s
         while True:
             try:
-                names = await asyncio.to_thread(models_with_alias, alias, None,
-                                                self.settings.registry_access)
+                names = await asyncio.to_thread(
+                    models_with_alias, alias, None, self.settings.registry_access
+                )
             except Exception as exc:  # noqa: BLE001  (the next poll tries again)
                 log.warning("cannot list the models with alias %r: %s", alias, exc)
             else:
@@ -134,12 +140,15 @@ class DataPlane:
         """Check an ``Authorization`` value (HTTP header or gRPC metadata): ``Bearer <token>``."""
         if self.token is None:
             if admin:
-                raise Forbidden("admin routes are off: start the endpoint with a token "
-                                "(--token or ONNXFLOW_SERVE_TOKEN) to use them")
+                raise Forbidden(
+                    "admin routes are off: start the endpoint with a token "
+                    "(--token or ONNXFLOW_SERVE_TOKEN) to use them"
+                )
             return
         scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                 self.token):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.token
+        ):
             raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
 
     def manager(self, name: str | None) -> ModelManager:
@@ -147,8 +156,10 @@ class DataPlane:
         if manager is None:
             served = ", ".join(repr(n) for n in self.managers)
             # Triton's clients look for this wording
-            raise NotFound(f"Request for unknown model: {name!r} is not found; this endpoint "
-                           f"serves {served or 'no model yet'}")
+            raise NotFound(
+                f"Request for unknown model: {name!r} is not found; this endpoint "
+                f"serves {served or 'no model yet'}"
+            )
         return manager
 
     def model(self, name: str, version: str | None = None) -> LoadedModel:
@@ -156,19 +167,23 @@ class DataPlane:
         model = self.manager(name).current
         if model is None:
             if name in self.unloaded:
-                raise NotReady(f"model {name!r} is unloaded; POST "
-                               f"/v2/repository/models/{name}/load loads it again")
+                raise NotReady(
+                    f"model {name!r} is unloaded; POST "
+                    f"/v2/repository/models/{name}/load loads it again"
+                )
             raise NotReady(f"model {name!r} is not loaded yet")
         if version is not None and version != model.version:
-            raise NotFound(f"version {version} of {name!r} is not loaded; serving version "
-                           f"{model.version}")
+            raise NotFound(
+                f"version {version} of {name!r} is not loaded; serving version {model.version}"
+            )
         return model
 
     def default_model(self) -> LoadedModel:
         """The model of routes without a model name (``/invocations``): the first served."""
         if self.default_name is None:
-            raise NotReady(f"no model with alias {self.settings.all_models!r} found in the "
-                           "registry yet")
+            raise NotReady(
+                f"no model with alias {self.settings.all_models!r} found in the registry yet"
+            )
         return self.model(self.default_name)
 
     # --- execution -------------------------------------------------------------------
@@ -207,25 +222,39 @@ class DataPlane:
             raise
         done = time.perf_counter_ns()
         rows = max((a.shape[0] if a.ndim else 1) for a in feeds.values())
-        self.stats.success(model.name, model.version, rows, total_ns=done - start,
-                           input_ns=decoded - start, infer_ns=ran - decoded,
-                           output_ns=done - ran)
+        self.stats.success(
+            model.name,
+            model.version,
+            rows,
+            total_ns=done - start,
+            input_ns=decoded - start,
+            infer_ns=ran - decoded,
+            output_ns=done - ran,
+        )
         return answer
 
     def statistics(self, name: str | None = None, version: str | None = None) -> dict:
         """Triton's statistics: every model (``name`` None), or one model (and version)."""
         if name is None:
             entries = [s.as_json() for s in self.stats.models.values()]
-            served = {(m.name, m.version) for m in (x.current for x in self.managers.values())
-                      if m is not None}
-            entries += [self.stats.of(*key).as_json() for key in sorted(served)
-                        if key not in self.stats.models]
+            served = {
+                (m.name, m.version)
+                for m in (x.current for x in self.managers.values())
+                if m is not None
+            }
+            entries += [
+                self.stats.of(*key).as_json()
+                for key in sorted(served)
+                if key not in self.stats.models
+            ]
             return {"model_stats": entries}
         manager = self.manager(name)
         if version is None:
-            versions = sorted({v for (n, v) in self.stats.models if n == name}
-                              | ({manager.current.version} if manager.current else set()),
-                              key=int)
+            versions = sorted(
+                {v for (n, v) in self.stats.models if n == name}
+                | ({manager.current.version} if manager.current else set()),
+                key=int,
+            )
         else:
             versions = [version]
         return {"model_stats": self.stats.report(name, versions)}
@@ -239,8 +268,11 @@ class DataPlane:
         """Every model has been checked once and at least one serves: one that cannot load
         (refused, or not in the registry) does not keep the others from serving."""
         managers = [m for n, m in self.managers.items() if n not in self.unloaded]
-        return (self.discovered and any(m.current is not None for m in managers)
-                and all(m.current is not None or m.last_check is not None for m in managers))
+        return (
+            self.discovered
+            and any(m.current is not None for m in managers)
+            and all(m.current is not None or m.last_check is not None for m in managers)
+        )
 
     def model_metadata(self, name: str, version: str | None = None) -> dict:
         return self.model(name, version).metadata()
@@ -251,14 +283,22 @@ class DataPlane:
         for name, manager in self.managers.items():
             model = manager.current
             if model is not None:
-                entry = {"name": name, "version": model.version, "state": "READY",
-                         "reason": ""}
+                entry = {"name": name, "version": model.version, "state": "READY", "reason": ""}
             else:
                 check = manager.last_check
-                reason = ("unloaded" if name in self.unloaded
-                          else check.detail if check else "not loaded yet")
-                entry = {"name": name, "version": (check.version or "") if check else "",
-                         "state": "UNAVAILABLE", "reason": reason}
+                reason = (
+                    "unloaded"
+                    if name in self.unloaded
+                    else check.detail
+                    if check
+                    else "not loaded yet"
+                )
+                entry = {
+                    "name": name,
+                    "version": (check.version or "") if check else "",
+                    "state": "UNAVAILABLE",
+                    "reason": reason,
+                }
             if entry["state"] == "READY" or not ready_only:
                 entries.append(entry)
         return entries
@@ -275,7 +315,8 @@ class DataPlane:
         if manager.current is None:
             raise (NotFound if outcome.outcome == "registry_error" else Conflict)(
                 f"failed to load {name!r} ({manager.reference}): {outcome.outcome}: "
-                f"{outcome.detail or 'no version'}")
+                f"{outcome.detail or 'no version'}"
+            )
         if fresh:
             self.managers[name] = manager
             self.default_name = self.default_name or name
@@ -309,16 +350,18 @@ class DataPlane:
         """What is served; the default model's state at the top level, every model's under
         ``models``."""
         models = {name: _manager_status(m) for name, m in self.managers.items()}
-        default = models.get(self.default_name, {"model": None, "serving": None,
-                                                 "refused": {}, "last_check": None})
+        default = models.get(
+            self.default_name, {"model": None, "serving": None, "refused": {}, "last_check": None}
+        )
         return {
             **default,
             "models": models,
             "all_models": self.settings.all_models,
             "pid": os.getpid(),
             "rss_bytes": rss_bytes(),
-            "heavy_modules_loaded": sorted(m for m in HEAVY_MODULES
-                                           if sys.modules.get(m) is not None),
+            "heavy_modules_loaded": sorted(
+                m for m in HEAVY_MODULES if sys.modules.get(m) is not None
+            ),
             "mlflow_loaded": sys.modules.get("mlflow") is not None,
             "uptime_s": time.time() - self.started,
         }
@@ -328,11 +371,17 @@ def _manager_status(manager: ModelManager) -> dict:
     model = manager.current
     return {
         "model": manager.reference,
-        "serving": None if model is None else {
-            "version": model.version, "onnx_sha256": model.digest,
-            "loaded_at": model.loaded_at, "warm_ms": model.warm_ms,
-            "inline": model.inline, "batchable": model.batchable,
-            "providers": model.providers, "folder": str(model.folder),
+        "serving": None
+        if model is None
+        else {
+            "version": model.version,
+            "onnx_sha256": model.digest,
+            "loaded_at": model.loaded_at,
+            "warm_ms": model.warm_ms,
+            "inline": model.inline,
+            "batchable": model.batchable,
+            "providers": model.providers,
+            "folder": str(model.folder),
         },
         "refused": manager.refused,
         "last_check": manager.last_check.as_json() if manager.last_check else None,

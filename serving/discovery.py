@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 MODULE = "onnxflow.serving.discovery"
 
 
-def models_with_alias(alias: str, tracking_uri: str | None = None,
-                      access: str = "auto") -> list[str]:
+def models_with_alias(
+    alias: str, tracking_uri: str | None = None, access: str = "auto"
+) -> list[str]:
     """Names of the registered models where ``alias`` is set, sorted."""
     uri = tracking_uri if tracking_uri is not None else os.environ.get("MLFLOW_TRACKING_URI", "")
     if access == "rest" or (access == "auto" and uri.startswith(("http://", "https://"))):
@@ -46,21 +47,25 @@ def _from_rest(uri: str, alias: str) -> set[str]:
     if os.environ.get("MLFLOW_TRACKING_TOKEN"):
         headers["authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
     elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
-        auth = (os.environ["MLFLOW_TRACKING_USERNAME"],
-                os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+        auth = (
+            os.environ["MLFLOW_TRACKING_USERNAME"],
+            os.environ.get("MLFLOW_TRACKING_PASSWORD", ""),
+        )
     verify: bool | str = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
     if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
         verify = False
     names: set[str] = set()
     path = "/api/2.0/mlflow/registered-models/search"
     params: dict[str, str | int] = {"max_results": 1000}
-    with httpx.Client(base_url=uri.rstrip("/"), headers=headers, auth=auth, verify=verify,
-                      timeout=10.0) as http:
+    with httpx.Client(
+        base_url=uri.rstrip("/"), headers=headers, auth=auth, verify=verify, timeout=10.0
+    ) as http:
         while True:
             response = http.get(path, params=params)
             if response.status_code != 200:
-                raise RegistryError(f"{uri}{path} answered {response.status_code}: "
-                                    f"{response.text[:300]}")
+                raise RegistryError(
+                    f"{uri}{path} answered {response.status_code}: {response.text[:300]}"
+                )
             page = response.json()
             for model in page.get("registered_models", []):
                 if any(a.get("alias") == alias for a in model.get("aliases", [])):
@@ -74,7 +79,7 @@ def _from_rest(uri: str, alias: str) -> set[str]:
 def _sqlite_file(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
     return Path(path).resolve() if path else None
 
 
@@ -96,8 +101,14 @@ def _from_sqlite(path: Path, alias: str) -> set[str]:
 
 
 def _from_helper(alias: str) -> set[str]:
-    result = subprocess.run([sys.executable, "-m", MODULE, alias], capture_output=True, text=True,
-                            timeout=120, check=False, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [sys.executable, "-m", MODULE, alias],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-5:])
         raise RegistryError(f"listing models with alias {alias!r} failed: {tail}")

@@ -32,15 +32,34 @@ log = logging.getLogger(__name__)
 
 # InferTensorContents field holding each datatype's values (FP16 only travels raw).
 CONTENTS_FIELD = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
-    "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
-    "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
-    "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
 }
 # Triton's model-config data types, for ModelConfig.
 CONFIG_TYPES = {
-    "BOOL": 1, "UINT8": 2, "UINT16": 3, "UINT32": 4, "UINT64": 5, "INT8": 6, "INT16": 7,
-    "INT32": 8, "INT64": 9, "FP16": 10, "FP32": 11, "FP64": 12, "BYTES": 13,
+    "BOOL": 1,
+    "UINT8": 2,
+    "UINT16": 3,
+    "UINT32": 4,
+    "UINT64": 5,
+    "INT8": 6,
+    "INT16": 7,
+    "INT32": 8,
+    "INT64": 9,
+    "FP16": 10,
+    "FP32": 11,
+    "FP64": 12,
+    "BYTES": 13,
 }
 
 
@@ -54,39 +73,49 @@ def decode_infer_request(request, model: LoadedModel, max_bytes: int) -> dict[st
     """The request's inputs as checked arrays, keyed by name."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
-        raise BadInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
-                       "send one per input, in input order")
+        raise BadInput(
+            f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
+            "send one per input, in input order"
+        )
     feeds: dict[str, np.ndarray] = {}
     for i, item in enumerate(request.inputs):
         spec = model.input_by_name.get(item.name)
         if spec is None:
-            raise BadInput(f"unknown input {item.name!r}; model inputs: "
-                           f"{', '.join(model.input_by_name)}")
+            raise BadInput(
+                f"unknown input {item.name!r}; model inputs: {', '.join(model.input_by_name)}"
+            )
         if item.name in feeds:
             raise BadInput(f"input {item.name!r} is given twice")
         if item.datatype != spec.datatype:
-            raise BadInput(f"input {item.name!r}: wrong datatype {item.datatype or '(none)'}; "
-                           f"the model takes {spec.datatype}")
+            raise BadInput(
+                f"input {item.name!r}: wrong datatype {item.datatype or '(none)'}; "
+                f"the model takes {spec.datatype}"
+            )
         for key in ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"):
             if key in item.parameters:
-                raise BadInput(f"input {item.name!r}: parameter {key!r} is not supported over "
-                               "gRPC by this endpoint")
+                raise BadInput(
+                    f"input {item.name!r}: parameter {key!r} is not supported over "
+                    "gRPC by this endpoint"
+                )
         shape = check_shape(spec, [int(d) for d in item.shape], max_bytes)
         if raw:
             feeds[item.name] = array_from_binary(spec, memoryview(raw[i]), shape)
         else:
             field = CONTENTS_FIELD.get(spec.datatype)
             if field is None:
-                raise BadInput(f"input {item.name!r}: {spec.datatype} travels only as "
-                               "raw_input_contents")
+                raise BadInput(
+                    f"input {item.name!r}: {spec.datatype} travels only as raw_input_contents"
+                )
             values = list(getattr(item.contents, field))
             if spec.datatype == "BYTES":
                 values = [v.decode("utf-8", "surrogateescape") for v in values]
             feeds[item.name] = array_from_json(spec, values, shape)
     missing = [n for n in model.input_by_name if n not in feeds]
     if missing:
-        raise BadInput(f"missing input(s) {', '.join(map(repr, missing))}; model inputs: "
-                       f"{', '.join(model.input_by_name)}")
+        raise BadInput(
+            f"missing input(s) {', '.join(map(repr, missing))}; model inputs: "
+            f"{', '.join(model.input_by_name)}"
+        )
     return feeds
 
 
@@ -119,19 +148,22 @@ class InferenceService:
             log.exception("unhandled error in gRPC %s", rpc)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
         finally:
-            self.plane.metrics.observe_request(f"grpc:{rpc}", "GRPC", status,
-                                               time.perf_counter() - start)
+            self.plane.metrics.observe_request(
+                f"grpc:{rpc}", "GRPC", status, time.perf_counter() - start
+            )
 
     # --- health and metadata ---------------------------------------------------------
 
     async def ServerLive(self, request, context):  # noqa: N802  (the protocol's names)
         async def handler():
             return self.pb.ServerLiveResponse(live=True)
+
         return await self._call("ServerLive", context, handler, guarded=False)
 
     async def ServerReady(self, request, context):  # noqa: N802
         async def handler():
             return self.pb.ServerReadyResponse(ready=self.plane.ready())
+
         return await self._call("ServerReady", context, handler, guarded=False)
 
     async def ModelReady(self, request, context):  # noqa: N802
@@ -141,13 +173,16 @@ class InferenceService:
             except (NotFound, NotReady):
                 return self.pb.ModelReadyResponse(ready=False)
             return self.pb.ModelReadyResponse(ready=True)
+
         return await self._call("ModelReady", context, handler, guarded=False)
 
     async def ServerMetadata(self, request, context):  # noqa: N802
         async def handler():
             meta = self.plane.server_metadata()
-            return self.pb.ServerMetadataResponse(name=meta["name"], version=meta["version"],
-                                                  extensions=meta["extensions"])
+            return self.pb.ServerMetadataResponse(
+                name=meta["name"], version=meta["version"], extensions=meta["extensions"]
+            )
+
         return await self._call("ServerMetadata", context, handler, guarded=False)
 
     async def ModelMetadata(self, request, context):  # noqa: N802
@@ -155,11 +190,19 @@ class InferenceService:
             model = self.plane.model(request.name, request.version or None)
             tensor = self.pb.ModelMetadataResponse.TensorMetadata
             return self.pb.ModelMetadataResponse(
-                name=model.name, versions=[model.version], platform="onnxruntime_onnx",
-                inputs=[tensor(name=s.name, datatype=s.datatype, shape=list(s.shape))
-                        for s in model.inputs],
-                outputs=[tensor(name=s.name, datatype=s.datatype, shape=list(s.shape))
-                         for s in model.outputs])
+                name=model.name,
+                versions=[model.version],
+                platform="onnxruntime_onnx",
+                inputs=[
+                    tensor(name=s.name, datatype=s.datatype, shape=list(s.shape))
+                    for s in model.inputs
+                ],
+                outputs=[
+                    tensor(name=s.name, datatype=s.datatype, shape=list(s.shape))
+                    for s in model.outputs
+                ],
+            )
+
         return await self._call("ModelMetadata", context, handler)
 
     async def ModelConfig(self, request, context):  # noqa: N802
@@ -169,12 +212,22 @@ class InferenceService:
             model = self.plane.model(request.name, request.version or None)
 
             def tensors(specs, kind):
-                return [kind(name=s.name, data_type=CONFIG_TYPES[s.datatype],
-                             dims=list(s.shape)) for s in specs]
-            return self.pb.ModelConfigResponse(config=config.ModelConfig(
-                name=model.name, platform="onnxruntime_onnx", backend="onnxruntime",
-                max_batch_size=0, input=tensors(model.inputs, config.ModelInput),
-                output=tensors(model.outputs, config.ModelOutput)))
+                return [
+                    kind(name=s.name, data_type=CONFIG_TYPES[s.datatype], dims=list(s.shape))
+                    for s in specs
+                ]
+
+            return self.pb.ModelConfigResponse(
+                config=config.ModelConfig(
+                    name=model.name,
+                    platform="onnxruntime_onnx",
+                    backend="onnxruntime",
+                    max_batch_size=0,
+                    input=tensors(model.inputs, config.ModelInput),
+                    output=tensors(model.outputs, config.ModelOutput),
+                )
+            )
+
         return await self._call("ModelConfig", context, handler)
 
     async def RepositoryIndex(self, request, context):  # noqa: N802
@@ -183,18 +236,21 @@ class InferenceService:
             for entry in self.plane.repository_index(ready_only=request.ready):
                 entries.append(self.pb.RepositoryIndexResponse.ModelIndex(**entry))
             return self.pb.RepositoryIndexResponse(models=entries)
+
         return await self._call("RepositoryIndex", context, handler)
 
     async def RepositoryModelLoad(self, request, context):  # noqa: N802
         async def handler():
             await self.plane.load(request.model_name)
             return self.pb.RepositoryModelLoadResponse()
+
         return await self._call("RepositoryModelLoad", context, handler)
 
     async def RepositoryModelUnload(self, request, context):  # noqa: N802
         async def handler():
             await self.plane.unload(request.model_name)
             return self.pb.RepositoryModelUnloadResponse()
+
         return await self._call("RepositoryModelUnload", context, handler)
 
     async def ModelStatistics(self, request, context):  # noqa: N802
@@ -202,8 +258,10 @@ class InferenceService:
             from google.protobuf import json_format
 
             report = self.plane.statistics(request.name or None, request.version or None)
-            return json_format.ParseDict(report, self.pb.ModelStatisticsResponse(),
-                                         ignore_unknown_fields=True)
+            return json_format.ParseDict(
+                report, self.pb.ModelStatisticsResponse(), ignore_unknown_fields=True
+            )
+
         return await self._call("ModelStatistics", context, handler)
 
     # --- inference -------------------------------------------------------------------
@@ -216,14 +274,17 @@ class InferenceService:
             def decode():
                 for name in wanted:
                     if name not in model.output_by_name:
-                        raise BadInput(f"unknown output {name!r}; model outputs: "
-                                       f"{', '.join(model.output_names)}")
+                        raise BadInput(
+                            f"unknown output {name!r}; model outputs: "
+                            f"{', '.join(model.output_names)}"
+                        )
                 return decode_infer_request(request, model, self.plane.settings.max_body_bytes)
 
             def encode(outputs):
                 results = dict(zip(model.output_names, outputs, strict=True))
                 response = self.pb.ModelInferResponse(
-                    model_name=model.name, model_version=model.version, id=request.id)
+                    model_name=model.name, model_version=model.version, id=request.id
+                )
                 for name in dict.fromkeys(wanted):
                     arr = results[name]
                     datatype = model.output_by_name[name].datatype
@@ -232,6 +293,7 @@ class InferenceService:
                 return response
 
             return await self.plane.run_request(model, decode, encode)
+
         return await self._call("ModelInfer", context, handler)
 
 
@@ -241,9 +303,13 @@ async def start_grpc(plane: DataPlane, host: str, port: int):
 
     _, stubs = _stubs()
     limit = plane.settings.max_body_bytes + 64 * 1024  # the body limit, plus the envelope
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", -1),
-                                      ("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
     # The generated base answers UNIMPLEMENTED for what is not served here (streaming,
     # CUDA shared memory, trace and log settings).
     servicer = type("Servicer", (InferenceService, stubs.GRPCInferenceServiceServicer), {})
@@ -254,4 +320,3 @@ async def start_grpc(plane: DataPlane, host: str, port: int):
     await server.start()
     log.info("gRPC (KServe V2 / Triton GRPCInferenceService) on %s:%s", host, bound)
     return server, bound
-

@@ -20,7 +20,13 @@ from pathlib import Path
 
 from onnxflow.errors import ServingError
 from onnxflow.processes import (
-    ProcessRecord, free_port, is_alive, port_free, start_process, stop_process, wait_until,
+    ProcessRecord,
+    free_port,
+    is_alive,
+    port_free,
+    start_process,
+    stop_process,
+    wait_until,
 )
 from onnxflow.serving.settings import ServingSettings
 
@@ -77,11 +83,19 @@ def serve(
     if isinstance(model, list):
         model = ",".join(model) or None
     settings = make_settings(
-        model=model, all_models=all_models, grpc_port=grpc_port, host=host, port=port,
-        token=token, max_batch_size=max_batch_size,
-        max_batch_delay_ms=max_batch_delay_ms, poll_interval_s=poll_interval_s,
-        max_body_bytes=max_body_bytes, intra_op_threads=intra_op_threads,
-        cache_dir=cache_dir, log_level=log_level,
+        model=model,
+        all_models=all_models,
+        grpc_port=grpc_port,
+        host=host,
+        port=port,
+        token=token,
+        max_batch_size=max_batch_size,
+        max_batch_delay_ms=max_batch_delay_ms,
+        poll_interval_s=poll_interval_s,
+        max_body_bytes=max_body_bytes,
+        intra_op_threads=intra_op_threads,
+        cache_dir=cache_dir,
+        log_level=log_level,
     )
     check_port(settings)
     sys.stdout.flush()
@@ -94,14 +108,17 @@ def check_port(settings: ServingSettings) -> None:
     if settings.port and not port_free(settings.host, settings.port):
         raise ServingError(
             f"port {settings.port} on {settings.host} is already in use: choose another with "
-            "--port, or stop what holds it (`onnxflow stop` stops an endpoint onnxflow started)")
+            "--port, or stop what holds it (`onnxflow stop` stops an endpoint onnxflow started)"
+        )
     if settings.grpc_port and not port_free(settings.host, settings.grpc_port):
-        raise ServingError(f"gRPC port {settings.grpc_port} on {settings.host} is already in "
-                           "use: choose another with --grpc-port")
+        raise ServingError(
+            f"gRPC port {settings.grpc_port} on {settings.host} is already in "
+            "use: choose another with --grpc-port"
+        )
 
 
 def run_server(settings: ServingSettings) -> None:
-    """The endpoint's main: called by ``python -m onnxflow.serving`` after heavy imports are blocked."""
+    """The endpoint's main: ``python -m onnxflow.serving`` calls it, heavy imports blocked."""
     import uvicorn
 
     from onnxflow.serving.app import create_app
@@ -113,8 +130,9 @@ def run_server(settings: ServingSettings) -> None:
     for noisy in ("alembic", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:
-        log.warning("binding %s without a token: anyone who can reach it can run the model",
-                    settings.host)
+        log.warning(
+            "binding %s without a token: anyone who can reach it can run the model", settings.host
+        )
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -159,9 +177,15 @@ class EndpointInfo:
     start_ticks: int = 0  # the process's start time: a recycled pid is never taken for ours
 
     def record(self) -> ProcessRecord:
-        return ProcessRecord(name="endpoint", pid=self.pid, start_ticks=self.start_ticks,
-                             argv=ENDPOINT_ARGV, log_path=self.log_path, url=self.url,
-                             started_at=self.started_at)
+        return ProcessRecord(
+            name="endpoint",
+            pid=self.pid,
+            start_ticks=self.start_ticks,
+            argv=ENDPOINT_ARGV,
+            log_path=self.log_path,
+            url=self.url,
+            started_at=self.started_at,
+        )
 
 
 ENDPOINT_ARGV = [sys.executable, "-m", "onnxflow.serving"]
@@ -171,29 +195,44 @@ def is_running(info: EndpointInfo) -> bool:
     return is_alive(info.pid, info.start_ticks)
 
 
-def start_background(settings: ServingSettings, state_dir: Path = DEFAULT_STATE_DIR) -> EndpointInfo:
+def start_background(
+    settings: ServingSettings, state_dir: Path = DEFAULT_STATE_DIR
+) -> EndpointInfo:
     """Start ``python -m onnxflow.serving`` detached, logging to ``state_dir/endpoint.log``."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     running = read_info(state_dir)
     if running is not None and is_running(running):
-        raise ServingError(f"an endpoint already runs from {state_dir} (pid {running.pid}, "
-                           f"{running.url}); stop it first with `onnxflow stop`")
+        raise ServingError(
+            f"an endpoint already runs from {state_dir} (pid {running.pid}, "
+            f"{running.url}); stop it first with `onnxflow stop`"
+        )
     if settings.port == 0:
         settings = settings.model_copy(update={"port": free_port(settings.host)})
     check_port(settings)
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{host}:{settings.port}"
     # Own session: outlives the flow that started it, and stops as one process group.
-    record = start_process("endpoint", ENDPOINT_ARGV, _child_env(settings),
-                           state_dir / LOG_FILE, url=url)
-    info = EndpointInfo(pid=record.pid, url=url, model=settings.model,
-                        log_path=record.log_path, started_at=record.started_at,
-                        start_ticks=record.start_ticks)
+    record = start_process(
+        "endpoint", ENDPOINT_ARGV, _child_env(settings), state_dir / LOG_FILE, url=url
+    )
+    info = EndpointInfo(
+        pid=record.pid,
+        url=url,
+        model=settings.model,
+        log_path=record.log_path,
+        started_at=record.started_at,
+        start_ticks=record.start_ticks,
+    )
     (state_dir / PID_FILE).write_text(f"{record.pid}\n")
     (state_dir / INFO_FILE).write_text(json.dumps(asdict(info), indent=2))
-    log.info("started endpoint pid %s for %s at %s (log %s)", record.pid, settings.model,
-             url, record.log_path)
+    log.info(
+        "started endpoint pid %s for %s at %s (log %s)",
+        record.pid,
+        settings.model,
+        url,
+        record.log_path,
+    )
     return info
 
 
@@ -205,7 +244,11 @@ def wait_ready(info: EndpointInfo, timeout_s: float = 60.0) -> float:
         return wait_until(
             info.record(),
             lambda: client.get(f"{info.url}/v2/health/ready").status_code == 200,
-            timeout_s, "ready", error=ServingError, interval_s=0.05)
+            timeout_s,
+            "ready",
+            error=ServingError,
+            interval_s=0.05,
+        )
 
 
 def read_info(state_dir: Path = DEFAULT_STATE_DIR) -> EndpointInfo | None:

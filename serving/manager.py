@@ -40,8 +40,12 @@ class CheckOutcome:
     detail: str = ""
 
     def as_json(self) -> dict:
-        return {"outcome": self.outcome, "version": self.version, "serving": self.serving,
-                "detail": self.detail}
+        return {
+            "outcome": self.outcome,
+            "version": self.version,
+            "serving": self.serving,
+            "detail": self.detail,
+        }
 
 
 def cached_folder(cache_dir: Path, name: str, version: str, digest: str | None = None) -> Path:
@@ -50,8 +54,9 @@ def cached_folder(cache_dir: Path, name: str, version: str, digest: str | None =
     return Path(cache_dir) / name / (f"{version}-{digest[:16]}" if digest else version)
 
 
-def fetch_version(registry: Registry, cache_dir: Path, name: str, version: str,
-                  digest: str | None = None) -> Path:
+def fetch_version(
+    registry: Registry, cache_dir: Path, name: str, version: str, digest: str | None = None
+) -> Path:
     """The version's files in the cache, downloading them once (atomically) if needed."""
     target = cached_folder(cache_dir, name, version, digest)
     if (target / COMPLETE).is_file():
@@ -91,8 +96,7 @@ def release_memory() -> None:
 class ModelManager:
     """One served model: follows ``reference`` (NAME@ALIAS or NAME/VERSION) and swaps."""
 
-    def __init__(self, settings: ServingSettings, metrics: ServingMetrics,
-                 reference: str) -> None:
+    def __init__(self, settings: ServingSettings, metrics: ServingMetrics, reference: str) -> None:
         self.settings = settings
         self.metrics = metrics
         self.name, self.alias, self.pinned = parse_model_reference(reference)
@@ -108,11 +112,14 @@ class ModelManager:
 
     def _registry_client(self) -> Registry:
         if self._registry is None:
-            self._registry = registry_for(os.environ.get("MLFLOW_TRACKING_URI"),
-                                          self.settings.registry_access)
-            log.info("reading the registry at %s via %s",
-                     os.environ.get("MLFLOW_TRACKING_URI", "(MLflow default)"),
-                     type(self._registry).__name__)
+            self._registry = registry_for(
+                os.environ.get("MLFLOW_TRACKING_URI"), self.settings.registry_access
+            )
+            log.info(
+                "reading the registry at %s via %s",
+                os.environ.get("MLFLOW_TRACKING_URI", "(MLflow default)"),
+                type(self._registry).__name__,
+            )
         return self._registry
 
     def _resolve(self) -> tuple[str, dict]:
@@ -137,32 +144,46 @@ class ModelManager:
             return CheckOutcome("unchanged", version, serving)
         if version in self.refused and not force:
             return CheckOutcome("refused", version, serving, self.refused[version])
-        log.info("%s points at version %s (serving %s): loading it", self.reference, version,
-                 serving)
+        log.info(
+            "%s points at version %s (serving %s): loading it", self.reference, version, serving
+        )
         try:
-            folder = await asyncio.to_thread(fetch_version, self._registry_client(),
-                                             self.settings.cache_dir, self.name, version,
-                                             tags.get("onnx_sha256"))
+            folder = await asyncio.to_thread(
+                fetch_version,
+                self._registry_client(),
+                self.settings.cache_dir,
+                self.name,
+                version,
+                tags.get("onnx_sha256"),
+            )
         except Exception as exc:  # transient: not a refusal, the next check tries again
             log.warning("cannot download %s version %s: %s", self.name, version, exc)
             return CheckOutcome("registry_error", version, serving, f"download failed: {exc}")
         try:
-            model = await asyncio.to_thread(load_model, folder, name=self.name,
-                                            version=version, tags=tags,
-                                            settings=self.settings)
+            model = await asyncio.to_thread(
+                load_model,
+                folder,
+                name=self.name,
+                version=version,
+                tags=tags,
+                settings=self.settings,
+            )
         except ModelRefused as exc:
             shutil.rmtree(folder, ignore_errors=True)  # a forced retry downloads afresh
             self.refused[version] = str(exc)
             self.metrics.refusals.labels(self.name, version).inc()
-            log.error("refused %s version %s; still serving %s: %s", self.name, version,
-                      serving, exc)
+            log.error(
+                "refused %s version %s; still serving %s: %s", self.name, version, serving, exc
+            )
             return CheckOutcome("refused", version, serving, str(exc))
         await asyncio.to_thread(release_memory)
         previous = self.current
         self.current = model  # the swap: new requests see the new session from here on
         self.refused.pop(version, None)
         self.metrics.serving(
-            model.name, model.version, model.digest,
+            model.name,
+            model.version,
+            model.digest,
             (previous.name, previous.version, previous.digest) if previous else None,
         )
         log.info("now serving %s version %s (was %s)", self.name, version, serving)

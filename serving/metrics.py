@@ -21,28 +21,40 @@ class ServingMetrics:
         self.requests = RequestStats(LATENCY_BUCKETS)
         r.register(self.requests)
         self.batch_size = Histogram(
-            "onnxflow_batch_rows", "Rows per onnxruntime run (1 request or a merged batch).",
-            buckets=BATCH_BUCKETS, registry=r,
+            "onnxflow_batch_rows",
+            "Rows per onnxruntime run (1 request or a merged batch).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.batch_requests = Histogram(
-            "onnxflow_batch_requests", "Requests merged into one onnxruntime run.",
-            buckets=BATCH_BUCKETS, registry=r,
+            "onnxflow_batch_requests",
+            "Requests merged into one onnxruntime run.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.model_version = Gauge(
-            "onnxflow_model_version", "Registry version of the model being served.",
-            ["model"], registry=r,
+            "onnxflow_model_version",
+            "Registry version of the model being served.",
+            ["model"],
+            registry=r,
         )
         self.model_info = Gauge(
-            "onnxflow_model_info", "1 for the version being served, with its digest.",
-            ["model", "version", "onnx_sha256"], registry=r,
+            "onnxflow_model_info",
+            "1 for the version being served, with its digest.",
+            ["model", "version", "onnx_sha256"],
+            registry=r,
         )
         self.reloads = Counter(
-            "onnxflow_reloads", "Alias checks by outcome: swapped, unchanged, refused, "
-            "registry_error.", ["outcome"], registry=r,
+            "onnxflow_reloads",
+            "Alias checks by outcome: swapped, unchanged, refused, registry_error.",
+            ["outcome"],
+            registry=r,
         )
         self.refusals = Counter(
-            "onnxflow_model_refusals", "Versions refused on load (verification, load or "
-            "example failed); the previous version kept serving.", ["model", "version"],
+            "onnxflow_model_refusals",
+            "Versions refused on load (verification, load or "
+            "example failed); the previous version kept serving.",
+            ["model", "version"],
             registry=r,
         )
         self.ready = Gauge("onnxflow_ready", "1 when a model is loaded and serving.", registry=r)
@@ -88,14 +100,18 @@ class RequestStats:
 
     def collect(self):
         counter = CounterMetricFamily(
-            "onnxflow_requests", "HTTP requests by route template, method and status.",
-            labels=["route", "method", "status"])
+            "onnxflow_requests",
+            "HTTP requests by route template, method and status.",
+            labels=["route", "method", "status"],
+        )
         for (route, method, status), count in list(self.counts.items()):
             counter.add_metric([route, method, str(status)], count)
         yield counter
         latency = HistogramMetricFamily(
-            "onnxflow_request_duration_seconds", "Time from request to response, by route.",
-            labels=["route"])
+            "onnxflow_request_duration_seconds",
+            "Time from request to response, by route.",
+            labels=["route"],
+        )
         for route, histogram in list(self.histograms.items()):
             cumulative, buckets = 0, []
             for bound, count in zip((*self.buckets, float("inf")), histogram):

@@ -42,10 +42,29 @@ FORMATS = ("inputs", "instances", "dataframe_split", "dataframe_records")
 JSON = "application/json"
 CSV = "text/csv"
 #: What pandas.read_csv (so ``mlflow models serve``) reads as a missing value by default.
-CSV_MISSING = frozenset({
-    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
-})
+CSV_MISSING = frozenset(
+    {
+        "",
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    }
+)
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")
 
 
@@ -60,8 +79,9 @@ def mlflow_version() -> str:
         return "unknown"
 
 
-def parse_body(body: bytes, content_type: str, specs: tuple[TensorSpec, ...]
-               ) -> dict[str, np.ndarray]:
+def parse_body(
+    body: bytes, content_type: str, specs: tuple[TensorSpec, ...]
+) -> dict[str, np.ndarray]:
     """A request body of ``content_type`` (JSON or CSV, parameters checked) -> feeds."""
     mime, params = content_type_parameters(content_type)
     if mime == CSV:
@@ -94,14 +114,19 @@ def content_type_parameters(content_type: str) -> tuple[str, dict[str, str]]:
     if unknown:
         raise UnsupportedMedia(
             f"unrecognized Content-Type parameter {', '.join(unknown)} for {mime}; "
-            + ("text/csv takes charset=utf-8 and header=present|absent" if mime == CSV
-               else f"{mime} takes charset=utf-8 only")
+            + (
+                "text/csv takes charset=utf-8 and header=present|absent"
+                if mime == CSV
+                else f"{mime} takes charset=utf-8 only"
+            )
         )
     if "header" in params:
         params["header"] = params["header"].lower()
         if params["header"] not in ("present", "absent"):
-            raise UnsupportedMedia(f"Content-Type parameter header={params['header']}: "
-                                     "expected header=present or header=absent")
+            raise UnsupportedMedia(
+                f"Content-Type parameter header={params['header']}: "
+                "expected header=present or header=absent"
+            )
     return mime, params
 
 
@@ -163,12 +188,16 @@ def parse_payload(payload, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarra
 
 def _split(value) -> tuple[list, list]:
     if not isinstance(value, dict) or not isinstance(value.get("data"), list):
-        raise RequestError('dataframe_split must be an object with a "data" list (and '
-                           'optionally "columns" and "index")')
+        raise RequestError(
+            'dataframe_split must be an object with a "data" list (and '
+            'optionally "columns" and "index")'
+        )
     extra = sorted(set(value) - {"columns", "data", "index"})
     if extra:
-        raise RequestError(f"dataframe_split: unknown key {', '.join(map(repr, extra))}; "
-                           'expected "data" and optionally "columns" and "index"')
+        raise RequestError(
+            f"dataframe_split: unknown key {', '.join(map(repr, extra))}; "
+            'expected "data" and optionally "columns" and "index"'
+        )
     rows = value["data"]
     index = value.get("index")
     if index is not None and (not isinstance(index, list) or len(index) != len(rows)):
@@ -192,7 +221,8 @@ def _records(value) -> tuple[list, list]:
         if extra:  # pandas would append the column last, shifting the features after it
             raise RequestError(
                 f"dataframe_records: record {i} has column {extra[0]!r} that record 0 lacks; "
-                "give record 0 every column (null for a missing value)")
+                "give record 0 every column (null for a missing value)"
+            )
         rows.append([record.get(c) for c in columns])  # left out: a missing value, as pandas
     return columns, rows
 
@@ -253,24 +283,30 @@ def _to_float(spec: TensorSpec, value):
         try:
             return float(value)
         except ValueError:
-            raise RequestError(f"input {spec.name!r}: {_short(value)} is not a number "
-                               f"({spec.datatype})") from None
+            raise RequestError(
+                f"input {spec.name!r}: {_short(value)} is not a number ({spec.datatype})"
+            ) from None
     return value
 
 
 def _to_int(spec: TensorSpec, value):
     if value is None:
-        raise RequestError(f"input {spec.name!r}: null (a missing value) only fits float "
-                           f"inputs; this one is {spec.datatype}")
+        raise RequestError(
+            f"input {spec.name!r}: null (a missing value) only fits float "
+            f"inputs; this one is {spec.datatype}"
+        )
     if isinstance(value, str):
         if not _INTEGER.fullmatch(value):
-            raise RequestError(f"input {spec.name!r}: {_short(value)} is not an integer "
-                               f"({spec.datatype})")
+            raise RequestError(
+                f"input {spec.name!r}: {_short(value)} is not an integer ({spec.datatype})"
+            )
         return int(value)
     if isinstance(value, float):
         if not value.is_integer():  # MLflow would truncate it
-            raise RequestError(f"input {spec.name!r}: {value!r} is not an integer "
-                               f"({spec.datatype}); send whole numbers")
+            raise RequestError(
+                f"input {spec.name!r}: {value!r} is not an integer "
+                f"({spec.datatype}); send whole numbers"
+            )
         return int(value)
     return value
 
@@ -282,8 +318,9 @@ def _short(text: str) -> str:
 # --- CSV ------------------------------------------------------------------------------
 
 
-def parse_csv(text: str, specs: tuple[TensorSpec, ...], header: str | None = None
-              ) -> dict[str, np.ndarray]:
+def parse_csv(
+    text: str, specs: tuple[TensorSpec, ...], header: str | None = None
+) -> dict[str, np.ndarray]:
     """``text/csv`` -> feeds: one row per line, every line answered.
 
     ``header`` is RFC 4180's ``present`` or ``absent`` (from the Content-Type); without it
@@ -303,15 +340,18 @@ def parse_csv(text: str, specs: tuple[TensorSpec, ...], header: str | None = Non
                 blank = blank or reader.line_num
                 continue
             if blank is not None:
-                raise RequestError(f"CSV line {blank} is blank; every line between the first "
-                                   "and the last must be a row")
+                raise RequestError(
+                    f"CSV line {blank} is blank; every line between the first "
+                    "and the last must be a row"
+                )
             rows.append(row)
             lines.append(reader.line_num)
     except csv.Error as exc:  # NUL bytes, fields over the size limit, bad quoting
         raise RequestError(f"malformed CSV: {exc}") from None
     if not rows:
-        raise RequestError("CSV body is empty; expected rows of values (and optionally a "
-                           "header row)")
+        raise RequestError(
+            "CSV body is empty; expected rows of values (and optionally a header row)"
+        )
     columns = _csv_columns(rows[0], specs, header)
     if columns is None:
         columns = list(range(len(rows[0])))
@@ -321,8 +361,7 @@ def parse_csv(text: str, specs: tuple[TensorSpec, ...], header: str | None = Non
             raise RequestError("CSV has a header row but no data rows")
     for row, line in zip(rows, lines):
         if len(row) != len(columns):
-            raise RequestError(f"CSV line {line} has {len(row)} values for {len(columns)} "
-                               "columns")
+            raise RequestError(f"CSV line {line} has {len(row)} values for {len(columns)} columns")
     if len(specs) == 1:
         return {specs[0].name: _csv_array(specs[0], rows, lines, columns)}
     _check_names(columns, specs, "CSV header")
@@ -349,7 +388,8 @@ def _csv_columns(first: list[str], specs, header: str | None) -> list[str] | Non
             return first
         raise RequestError(
             f"a CSV for a model with {len(specs)} inputs needs a header row naming them "
-            f"({', '.join(names)}); the first row is {_row(first)}")
+            f"({', '.join(names)}); the first row is {_row(first)}"
+        )
     if header == "absent":
         return None
     spec = specs[0]
@@ -359,7 +399,8 @@ def _csv_columns(first: list[str], specs, header: str | None) -> list[str] | Non
         raise RequestError(
             f"cannot tell whether the first CSV row {_row(first)} is a header or data for the "
             f"string input {spec.name!r}: declare it with Content-Type: text/csv; "
-            "header=present (or header=absent)")
+            "header=present (or header=absent)"
+        )
     filled = [cell for cell in first if cell.strip()]  # an empty cell: a gap or no name
     values = [_is_value(spec, cell) for cell in filled]
     if all(values):
@@ -367,7 +408,8 @@ def _csv_columns(first: list[str], specs, header: str | None) -> list[str] | Non
             raise RequestError(
                 f"the first CSV row {_row(first)} could be pandas' default column names or "
                 "data: declare it with Content-Type: text/csv; header=present (or "
-                "header=absent)")
+                "header=absent)"
+            )
         return None
     if not any(values):
         return first
@@ -375,7 +417,8 @@ def _csv_columns(first: list[str], specs, header: str | None) -> list[str] | Non
     raise RequestError(
         f"the first CSV row mixes values and names (not {spec.datatype} values: "
         f"{', '.join(map(repr, names))}): send a header of names only, or declare it with "
-        "Content-Type: text/csv; header=present|absent")
+        "Content-Type: text/csv; header=present|absent"
+    )
 
 
 def _row(cells: list[str]) -> str:
@@ -416,13 +459,16 @@ def _csv_array(spec: TensorSpec, rows, lines, columns) -> np.ndarray:
     else:
         fits = len(spec.shape) == 2 and width in (None, len(columns))
     if not fits:
-        hint = ("a CSV row holds one value per column; send JSON for tensors of other "
-                "shapes")
+        hint = "a CSV row holds one value per column; send JSON for tensors of other shapes"
         if columns and columns[0] == "" and width == len(columns) - 1:
-            hint = ("the first column has no name: a DataFrame's index? Write the CSV with "
-                    "to_csv(index=False)")
-        raise RequestError(f"{len(columns)} CSV columns do not fit input {spec.name!r} of "
-                           f"shape {list(spec.shape)}: {hint}")
+            hint = (
+                "the first column has no name: a DataFrame's index? Write the CSV with "
+                "to_csv(index=False)"
+            )
+        raise RequestError(
+            f"{len(columns)} CSV columns do not fit input {spec.name!r} of "
+            f"shape {list(spec.shape)}: {hint}"
+        )
     out = []
     for row, line in zip(rows, lines):
         for j, cell in enumerate(row):
@@ -432,8 +478,12 @@ def _csv_array(spec: TensorSpec, rows, lines, columns) -> np.ndarray:
                 column = columns[j] if isinstance(columns[j], str) else j + 1
                 raise RequestError(
                     f"CSV line {line}, column {column!r}: {_short(cell)} is not a "
-                    f"{spec.datatype} value" + (" (missing values only fit float inputs)"
-                                                if cell.strip() in CSV_MISSING else "")
+                    f"{spec.datatype} value"
+                    + (
+                        " (missing values only fit float inputs)"
+                        if cell.strip() in CSV_MISSING
+                        else ""
+                    )
                 ) from None
     shape = (len(rows),) if len(spec.shape) == 1 else (len(rows), len(columns))
     arr = array_from_json(spec, out, shape)
@@ -505,8 +555,7 @@ def _from_columns(columns, rows, specs) -> dict[str, np.ndarray]:
     for i, row in enumerate(rows):
         if not isinstance(row, list) or len(row) != len(columns):
             count = len(row) if isinstance(row, list) else "no"
-            raise RequestError(f"dataframe row {i} has {count} values for {len(columns)} "
-                               "columns")
+            raise RequestError(f"dataframe row {i} has {count} values for {len(columns)} columns")
     names = _names(specs)
     if len(specs) == 1 and columns == [0] and _is_single_column(rows):
         columns = [specs[0].name]  # unnamed single column: whole tensors of the one input

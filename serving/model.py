@@ -58,8 +58,10 @@ class LoadedModel:
         self.output_names = [s.name for s in self.outputs]
         # Requests up to this many rows run on the event loop when the model is inline.
         self.inline_rows = 4 * max((a.shape[0] if a.ndim else 1) for a in self.example.values())
-        self.version_headers = [(b"x-model-name", self.name.encode()),
-                                (b"x-model-version", self.version.encode())]
+        self.version_headers = [
+            (b"x-model-name", self.name.encode()),
+            (b"x-model-version", self.version.encode()),
+        ]
         self._run = self.session.run
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -143,18 +145,35 @@ def _load(folder: Path, *, name, version, tags, settings) -> LoadedModel:
         raise ModelRefused(f"{what} failed to answer its input example: {exc}") from None
     warm_ms = sorted(timings)[len(timings) // 2] * 1000
 
-    batchable = settings.batching and _batch_consistent(session, names, inputs, outputs,
-                                                        example, first, what)
+    batchable = settings.batching and _batch_consistent(
+        session, names, inputs, outputs, example, first, what
+    )
     model = LoadedModel(
-        name=name, version=version, folder=folder, digest=digest, session=session,
-        inputs=inputs, outputs=outputs, example=example, example_payload=payload,
-        tags=dict(tags), providers=providers, warm_ms=warm_ms, batchable=batchable,
+        name=name,
+        version=version,
+        folder=folder,
+        digest=digest,
+        session=session,
+        inputs=inputs,
+        outputs=outputs,
+        example=example,
+        example_payload=payload,
+        tags=dict(tags),
+        providers=providers,
+        warm_ms=warm_ms,
+        batchable=batchable,
         inline=warm_ms < settings.inline_run_ms,
     )
-    log.info("%s ready: %s in, %s out, warm run %.3f ms (%s), providers %s%s",
-             what, [s.as_json() for s in inputs], [s.as_json() for s in outputs], warm_ms,
-             "on the event loop" if model.inline else "in worker threads", providers,
-             ", dynamic batching" if batchable else "")
+    log.info(
+        "%s ready: %s in, %s out, warm run %.3f ms (%s), providers %s%s",
+        what,
+        [s.as_json() for s in inputs],
+        [s.as_json() for s in outputs],
+        warm_ms,
+        "on the event loop" if model.inline else "in worker threads",
+        providers,
+        ", dynamic batching" if batchable else "",
+    )
     return model
 
 
@@ -211,8 +230,11 @@ def _synthetic(spec: TensorSpec) -> np.ndarray:
 def _batch_consistent(session, names, inputs, outputs, example, first, what) -> bool:
     """Batching is safe when every batch axis is dynamic and rows don't affect each other."""
     if not all(s.shape and s.shape[0] == -1 for s in (*inputs, *outputs)):
-        log.warning("%s: not every input and output has a dynamic first axis; "
-                    "serving without dynamic batching", what)
+        log.warning(
+            "%s: not every input and output has a dynamic first axis; "
+            "serving without dynamic batching",
+            what,
+        )
         return False
     doubled = {k: np.concatenate([v, v]) for k, v in example.items()}
     rows = next(iter(example.values())).shape[0]
@@ -223,8 +245,11 @@ def _batch_consistent(session, names, inputs, outputs, example, first, what) -> 
         return False
     for single, pair in zip(first, both):
         if pair.shape[0] != 2 * rows or not _close(pair[rows:], single):
-            log.warning("%s: outputs of a merged batch differ from single runs; "
-                        "serving without dynamic batching", what)
+            log.warning(
+                "%s: outputs of a merged batch differ from single runs; "
+                "serving without dynamic batching",
+                what,
+            )
             return False
     return True
 

@@ -62,12 +62,18 @@ def registry_for(tracking_uri: str | None, access: str = "auto") -> Registry:
 def _helper(*args: str, timeout: float) -> str:
     """Run ``python -m onnxflow.serving.registry_reader ARGS``; its last line of output."""
     try:
-        result = subprocess.run([sys.executable, "-m", MODULE, *args], capture_output=True,
-                                text=True, timeout=timeout, check=False,
-                                stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [sys.executable, "-m", MODULE, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
-        raise RegistryError(f"registry helper ({' '.join(args[:2])}) gave no answer in "
-                            f"{timeout:.0f} s") from None
+        raise RegistryError(
+            f"registry helper ({' '.join(args[:2])}) gave no answer in {timeout:.0f} s"
+        ) from None
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-5:])
         raise RegistryError(f"registry helper ({' '.join(args[:2])}) failed: {tail}")
@@ -82,8 +88,11 @@ class HelperRegistry:
     """MLflow's client in a short-lived helper process, per call."""
 
     def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
-        args = ("resolve", name, "--alias", alias) if alias else ("resolve", name,
-                                                                   "--version", str(version))
+        args = (
+            ("resolve", name, "--alias", alias)
+            if alias
+            else ("resolve", name, "--version", str(version))
+        )
         answer = json.loads(_helper(*args, timeout=120))
         return answer["version"], answer["tags"]
 
@@ -109,8 +118,11 @@ class MlflowRegistry:
     def download(self, name: str, version: str, dest: Path) -> Path:
         import mlflow.artifacts
 
-        return Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)
+            )
+        )
 
 
 # --- a tracking server: its REST API ----------------------------------------------------
@@ -127,23 +139,24 @@ class RestRegistry:
         if os.environ.get("MLFLOW_TRACKING_TOKEN"):
             headers["authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
         elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
-            auth = (os.environ["MLFLOW_TRACKING_USERNAME"],
-                    os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+            auth = (
+                os.environ["MLFLOW_TRACKING_USERNAME"],
+                os.environ.get("MLFLOW_TRACKING_PASSWORD", ""),
+            )
         verify: bool | str = True
         if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
             verify = False
         elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
             verify = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
-        self._http = httpx.Client(base_url=self.uri, headers=headers, auth=auth, verify=verify,
-                                  timeout=10.0)
+        self._http = httpx.Client(
+            base_url=self.uri, headers=headers, auth=auth, verify=verify, timeout=10.0
+        )
 
     def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
         if alias is not None:
-            path, params = "/api/2.0/mlflow/registered-models/alias", {"name": name,
-                                                                        "alias": alias}
+            path, params = "/api/2.0/mlflow/registered-models/alias", {"name": name, "alias": alias}
         else:
-            path, params = "/api/2.0/mlflow/model-versions/get", {"name": name,
-                                                                   "version": version}
+            path, params = "/api/2.0/mlflow/model-versions/get", {"name": name, "version": version}
         response = self._http.get(path, params=params)
         if response.status_code != 200:
             try:
@@ -176,7 +189,7 @@ def sqlite_path(uri: str) -> Path | None:
     """``sqlite:///rel.db`` or ``sqlite:////abs.db`` (SQLAlchemy's form) -> the file."""
     if not uri.startswith("sqlite:///"):
         return None  # sqlite:// (in memory) or another driver form
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
     return Path(path).resolve() if path else None
 
 
@@ -190,27 +203,32 @@ class SqliteRegistry:
         self._fallback: HelperRegistry | None = None
         self._workspace: bool | None = None  # has MLflow 3's workspace column
         if self.path is None or os.environ.get("MLFLOW_WORKSPACE", DEFAULT_WORKSPACE) != (
-                DEFAULT_WORKSPACE):
+            DEFAULT_WORKSPACE
+        ):
             self._use_helper(f"{uri!r} is not a plain SQLite file URI or MLFLOW_WORKSPACE is set")
 
     def _use_helper(self, why: str) -> None:
-        log.warning("reading the registry through the helper process (MLflow's client): %s",
-                    why)
+        log.warning("reading the registry through the helper process (MLflow's client): %s", why)
         self._fallback = HelperRegistry()
 
     def _connect(self) -> sqlite3.Connection:
         if not self.path.is_file():
-            raise RegistryError(f"no MLflow store at {self.path} (MLFLOW_TRACKING_URI="
-                                f"{self.uri}); run the pipeline first, or point it elsewhere")
-        return sqlite3.connect(f"file:{quote(str(self.path))}?mode=ro", uri=True, timeout=10,
-                               check_same_thread=False)
+            raise RegistryError(
+                f"no MLflow store at {self.path} (MLFLOW_TRACKING_URI="
+                f"{self.uri}); run the pipeline first, or point it elsewhere"
+            )
+        return sqlite3.connect(
+            f"file:{quote(str(self.path))}?mode=ro", uri=True, timeout=10, check_same_thread=False
+        )
 
     def _check_schema(self, db: sqlite3.Connection) -> bool:
         for table, needed in SQLITE_SCHEMA.items():
             columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
             if not needed <= columns:
-                self._use_helper(f"{self.path} has no {table}({', '.join(sorted(needed))}) "
-                                 "(not a registry schema this reader knows)")
+                self._use_helper(
+                    f"{self.path} has no {table}({', '.join(sorted(needed))}) "
+                    "(not a registry schema this reader knows)"
+                )
                 return False
             if table == "registered_model_aliases":
                 self._workspace = "workspace" in columns
@@ -238,22 +256,32 @@ class SqliteRegistry:
             raise RegistryError(f"Registered Model with name={name} not found")
         live = f"name = ? AND current_stage != '{DELETED}'"
         if alias is not None and alias.lower() == "latest":  # MLflow's reserved alias
-            rows = self._query(db, f"SELECT MAX(CAST(version AS INTEGER)) FROM model_versions "
-                                   f"WHERE {live}", name)
+            rows = self._query(
+                db, f"SELECT MAX(CAST(version AS INTEGER)) FROM model_versions WHERE {live}", name
+            )
             if not rows or rows[0][0] is None:
                 raise RegistryError(f"Latest version not found for model {name}.")
             version = str(rows[0][0])
         elif alias is not None:
-            rows = self._query(db, "SELECT version FROM registered_model_aliases "
-                                   "WHERE name = ? AND alias = ?", name, alias)
+            rows = self._query(
+                db,
+                "SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?",
+                name,
+                alias,
+            )
             if not rows:
                 raise RegistryError(f"Registered model alias {alias} not found.")
             version = str(rows[0][0])
-        if not self._query(db, f"SELECT 1 FROM model_versions WHERE {live} AND version = ?",
-                           name, int(version)):
+        if not self._query(
+            db, f"SELECT 1 FROM model_versions WHERE {live} AND version = ?", name, int(version)
+        ):
             raise RegistryError(f"Model Version (name={name}, version={version}) not found")
-        tags = self._query(db, "SELECT key, value FROM model_version_tags "
-                               "WHERE name = ? AND version = ?", name, int(version))
+        tags = self._query(
+            db,
+            "SELECT key, value FROM model_version_tags WHERE name = ? AND version = ?",
+            name,
+            int(version),
+        )
         return version, {key: value or "" for key, value in tags}
 
     def download(self, name: str, version: str, dest: Path) -> Path:
@@ -270,19 +298,24 @@ def check_login(tracking_uri: str | None) -> None:
         return
     client = RestRegistry(tracking_uri)
     try:
-        response = client._http.get("/api/2.0/mlflow/registered-models/search",
-                                    params={"max_results": 1})
+        response = client._http.get(
+            "/api/2.0/mlflow/registered-models/search", params={"max_results": 1}
+        )
     except httpx.HTTPError:
         return
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
     if response.status_code == 401:
-        who = (f"the login of MLFLOW_TRACKING_USERNAME={user!r}" if user else
-               "no login (set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)")
-        raise RegistryError(f"the MLflow server at {client.uri} refuses {who}: 401 "
-                            f"unauthenticated")
+        who = (
+            f"the login of MLFLOW_TRACKING_USERNAME={user!r}"
+            if user
+            else "no login (set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
+        )
+        raise RegistryError(f"the MLflow server at {client.uri} refuses {who}: 401 unauthenticated")
     if response.status_code == 403:
-        raise RegistryError(f"the MLflow server at {client.uri} lets {user!r} log in but not "
-                            f"read the registry (403): grant the account READ")
+        raise RegistryError(
+            f"the MLflow server at {client.uri} lets {user!r} log in but not "
+            f"read the registry (403): grant the account READ"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -292,8 +325,10 @@ def main(argv: list[str] | None = None) -> None:
     ``resolve NAME (--alias ALIAS | --version VERSION)`` prints ``{"version", "tags"}``.
     """
     args = sys.argv[1:] if argv is None else argv
-    usage = (f"usage: python -m {MODULE} download NAME VERSION DEST\n"
-             f"       python -m {MODULE} resolve NAME (--alias ALIAS | --version VERSION)")
+    usage = (
+        f"usage: python -m {MODULE} download NAME VERSION DEST\n"
+        f"       python -m {MODULE} resolve NAME (--alias ALIAS | --version VERSION)"
+    )
     block_heavy_imports()
     logging.basicConfig(level=logging.WARNING)
     if len(args) == 4 and args[0] == "download":

@@ -21,8 +21,9 @@ class ServingSettings(BaseSettings):
 
     # hide_input_in_errors: a refused value is never echoed (a too-short token is still a
     # secret, and these errors reach the endpoint's log and the caller's task state).
-    model_config = SettingsConfigDict(env_prefix="ONNXFLOW_SERVE_", extra="ignore", frozen=True,
-                                      hide_input_in_errors=True)
+    model_config = SettingsConfigDict(
+        env_prefix="ONNXFLOW_SERVE_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     model: str = Field(
         "digits@champion",
@@ -37,7 +38,9 @@ class ServingSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 only on purpose.")
     port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port).")
     grpc_port: int | None = Field(
-        None, ge=0, le=65535,
+        None,
+        ge=0,
+        le=65535,
         description="Also serve KServe V2 / Triton gRPC (GRPCInferenceService) on this port; "
         "0: any free port (logged). None: no gRPC.",
     )
@@ -58,7 +61,8 @@ class ServingSettings(BaseSettings):
         2.0, ge=0, description="Longest a request waits for others to share its batch."
     )
     intra_op_threads: int | None = Field(
-        None, ge=0,
+        None,
+        ge=0,
         description="onnxruntime threads inside one run. Default: 1 without batching "
         "(concurrent requests run side by side on the worker threads), every core with "
         "batching (one merged batch runs at a time). 0: onnxruntime decides.",
@@ -107,8 +111,10 @@ class ServingSettings(BaseSettings):
         names = [parse_model_reference(ref)[0] for ref in split_model_references(value)]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
-            raise ValueError(f"model {', '.join(map(repr, repeated))} given more than once; "
-                             "one endpoint serves each model once (at one alias or version)")
+            raise ValueError(
+                f"model {', '.join(map(repr, repeated))} given more than once; "
+                "one endpoint serves each model once (at one alias or version)"
+            )
         return value
 
     @field_validator("all_models")

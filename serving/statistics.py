@@ -13,8 +13,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
-          "cache_hit", "cache_miss")
+PHASES = (
+    "success",
+    "fail",
+    "queue",
+    "compute_input",
+    "compute_infer",
+    "compute_output",
+    "cache_hit",
+    "cache_miss",
+)
 
 
 @dataclass
@@ -24,8 +32,7 @@ class ModelStats:
     last_inference_ms: int = 0
     inference_count: int = 0
     execution_count: int = 0
-    phases: dict[str, list[int]] = field(
-        default_factory=lambda: {p: [0, 0] for p in PHASES})
+    phases: dict[str, list[int]] = field(default_factory=lambda: {p: [0, 0] for p in PHASES})
 
     def add(self, phase: str, ns: int) -> None:
         entry = self.phases[phase]
@@ -34,12 +41,14 @@ class ModelStats:
 
     def as_json(self) -> dict:
         return {
-            "name": self.name, "version": self.version,
+            "name": self.name,
+            "version": self.version,
             "last_inference": self.last_inference_ms,
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
             "inference_stats": {p: {"count": c, "ns": ns} for p, (c, ns) in self.phases.items()},
-            "batch_stats": [], "memory_usage": [],
+            "batch_stats": [],
+            "memory_usage": [],
         }
 
 
@@ -54,8 +63,17 @@ class Statistics:
             stats = self.models[key] = ModelStats(name, version)
         return stats
 
-    def success(self, name: str, version: str, rows: int, *, total_ns: int, input_ns: int,
-                infer_ns: int, output_ns: int) -> None:
+    def success(
+        self,
+        name: str,
+        version: str,
+        rows: int,
+        *,
+        total_ns: int,
+        input_ns: int,
+        infer_ns: int,
+        output_ns: int,
+    ) -> None:
         stats = self.of(name, version)
         stats.last_inference_ms = int(time.time() * 1000)
         stats.inference_count += rows

@@ -150,22 +150,27 @@ def array_from_json(spec: TensorSpec, values, shape: tuple[int, ...] | None) -> 
         raw = np.array(values)
     except (ValueError, OverflowError):
         raise RequestError(
-            f"input {name!r}: data is not a regular (rectangular) array of {spec.datatype} "
-            "values"
+            f"input {name!r}: data is not a regular (rectangular) array of {spec.datatype} values"
         ) from None
     kind = raw.dtype.kind
     dtype = spec.dtype
     if spec.datatype == "BYTES":
         if kind != "U" and raw.size:
-            raise RequestError(f"input {name!r}: BYTES data must be strings, got {_kind_name(kind)}")
+            raise RequestError(
+                f"input {name!r}: BYTES data must be strings, got {_kind_name(kind)}"
+            )
         arr = raw.astype(object)
     elif spec.datatype == "BOOL":
         if kind != "b" and raw.size:
-            raise RequestError(f"input {name!r}: BOOL data must be true or false, got {_kind_name(kind)}")
+            raise RequestError(
+                f"input {name!r}: BOOL data must be true or false, got {_kind_name(kind)}"
+            )
         arr = raw.astype(np.bool_)
     elif dtype.kind == "f":
         if kind not in "iufb" and raw.size:
-            raise RequestError(f"input {name!r}: {spec.datatype} data must be numbers, got {_kind_name(kind)}")
+            raise RequestError(
+                f"input {name!r}: {spec.datatype} data must be numbers, got {_kind_name(kind)}"
+            )
         arr = raw.astype(dtype)
     else:
         if kind == "f" and spec.datatype == "UINT64":

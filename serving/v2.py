@@ -27,8 +27,12 @@ from onnxflow.serving.tensors import (
 )
 
 HEADER_LENGTH = "inference-header-content-length"
-UNSUPPORTED_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size",
-                          "shared_memory_offset", "classification")
+UNSUPPORTED_PARAMETERS = (
+    "shared_memory_region",
+    "shared_memory_byte_size",
+    "shared_memory_offset",
+    "classification",
+)
 
 
 @dataclass
@@ -46,24 +50,29 @@ def _parameters(obj: dict, where: str) -> dict:
         raise RequestError(f"{where}: parameters must be an object")
     for key in UNSUPPORTED_PARAMETERS:
         if key in params:
-            raise RequestError(f"{where}: parameter {key!r} is not supported by this endpoint "
-                           "(no shared-memory or classification extension)")
+            raise RequestError(
+                f"{where}: parameter {key!r} is not supported by this endpoint "
+                "(no shared-memory or classification extension)"
+            )
     return params
 
 
-def decode_request(body: bytes, header_length: str | None, model: LoadedModel,
-                   max_bytes: int) -> V2Request:
+def decode_request(
+    body: bytes, header_length: str | None, model: LoadedModel, max_bytes: int
+) -> V2Request:
     """Parse and check an inference request against ``model``; returns its feeds."""
     binary = memoryview(b"")
     if header_length is not None:
         try:
             n = int(header_length)
         except ValueError:
-            raise RequestError(f"Inference-Header-Content-Length must be an integer, "
-                           f"got {header_length!r}") from None
+            raise RequestError(
+                f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
+            ) from None
         if not 0 < n <= len(body):
-            raise RequestError(f"Inference-Header-Content-Length is {n}, but the body has "
-                           f"{len(body)} bytes")
+            raise RequestError(
+                f"Inference-Header-Content-Length is {n}, but the body has {len(body)} bytes"
+            )
         binary = memoryview(body)[n:]
         body = body[:n]
     try:
@@ -84,32 +93,41 @@ def decode_request(body: bytes, header_length: str | None, model: LoadedModel,
     offset = 0
     for i, item in enumerate(inputs):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise RequestError(f"inputs[{i}] must be an object with a name, datatype, shape and data")
+            raise RequestError(
+                f"inputs[{i}] must be an object with a name, datatype, shape and data"
+            )
         name = item["name"]
         spec = model.input_by_name.get(name)
         if spec is None:
-            raise RequestError(f"unknown input {name!r}; model inputs: "
-                           f"{', '.join(model.input_by_name)}")
+            raise RequestError(
+                f"unknown input {name!r}; model inputs: {', '.join(model.input_by_name)}"
+            )
         if name in feeds:
             raise RequestError(f"input {name!r} is given twice")
         datatype = item.get("datatype")
         if datatype not in V2_DTYPES:
-            raise RequestError(f"input {name!r}: unknown datatype {datatype!r}; expected "
-                           f"{spec.datatype}")
+            raise RequestError(
+                f"input {name!r}: unknown datatype {datatype!r}; expected {spec.datatype}"
+            )
         if datatype != spec.datatype:
-            raise RequestError(f"input {name!r}: wrong datatype {datatype}; the model takes "
-                           f"{spec.datatype}")
+            raise RequestError(
+                f"input {name!r}: wrong datatype {datatype}; the model takes {spec.datatype}"
+            )
         shape = check_shape(spec, item.get("shape"), max_bytes)
         size = _parameters(item, f"input {name!r}").get("binary_data_size")
         if size is not None:
             if "data" in item:
                 raise RequestError(f"input {name!r} has both data and binary_data_size")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise RequestError(f"input {name!r}: binary_data_size must be a non-negative integer")
+                raise RequestError(
+                    f"input {name!r}: binary_data_size must be a non-negative integer"
+                )
             if offset + size > len(binary):
-                raise RequestError(f"input {name!r}: binary_data_size {size} runs past the "
-                               f"{len(binary)} bytes of binary data in the body")
-            feeds[name] = array_from_binary(spec, binary[offset:offset + size], shape)
+                raise RequestError(
+                    f"input {name!r}: binary_data_size {size} runs past the "
+                    f"{len(binary)} bytes of binary data in the body"
+                )
+            feeds[name] = array_from_binary(spec, binary[offset : offset + size], shape)
             offset += size
         elif "data" in item:
             feeds[name] = array_from_json(spec, item["data"], shape)
@@ -117,11 +135,14 @@ def decode_request(body: bytes, header_length: str | None, model: LoadedModel,
             raise RequestError(f"input {name!r} has neither data nor parameters.binary_data_size")
     missing = [n for n in model.input_by_name if n not in feeds]
     if missing:
-        raise RequestError(f"missing input(s) {', '.join(map(repr, missing))}; model inputs: "
-                       f"{', '.join(model.input_by_name)}")
+        raise RequestError(
+            f"missing input(s) {', '.join(map(repr, missing))}; model inputs: "
+            f"{', '.join(model.input_by_name)}"
+        )
     if offset != len(binary):
-        raise RequestError(f"{len(binary) - offset} bytes of binary data after the JSON header "
-                       "belong to no input")
+        raise RequestError(
+            f"{len(binary) - offset} bytes of binary data after the JSON header belong to no input"
+        )
 
     default_binary = params.get("binary_data_output", False)
     if not isinstance(default_binary, bool):
@@ -138,8 +159,9 @@ def decode_request(body: bytes, header_length: str | None, model: LoadedModel,
                 raise RequestError(f"outputs[{i}] must be an object with a name")
             name = item["name"]
             if name not in model.output_by_name:
-                raise RequestError(f"unknown output {name!r}; model outputs: "
-                               f"{', '.join(model.output_names)}")
+                raise RequestError(
+                    f"unknown output {name!r}; model outputs: {', '.join(model.output_names)}"
+                )
             as_binary = _parameters(item, f"output {name!r}").get("binary_data", default_binary)
             if not isinstance(as_binary, bool):
                 raise RequestError(f"output {name!r}: binary_data must be true or false")
@@ -149,8 +171,9 @@ def decode_request(body: bytes, header_length: str | None, model: LoadedModel,
     return V2Request(request_id, feeds, outputs)
 
 
-def encode_response(model: LoadedModel, request: V2Request,
-                    results: list[np.ndarray]) -> tuple[bytes, dict[str, str]]:
+def encode_response(
+    model: LoadedModel, request: V2Request, results: list[np.ndarray]
+) -> tuple[bytes, dict[str, str]]:
     """Body and headers of the response; binary outputs follow the JSON header."""
     by_name = dict(zip(model.output_names, results))
     entries, blobs = [], []

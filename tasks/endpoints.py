@@ -10,6 +10,9 @@ from onnxflow.endpoints import wait_until_serving
 
 @task(name="wait-for-endpoints", cache_policy=NO_CACHE)
 def wait_for_endpoints_task(
-    urls: list[str], model_name: str, version: str, timeout_s: float,
+    urls: list[str],
+    model_name: str,
+    version: str,
+    timeout_s: float,
 ) -> dict[str, float]:
     return wait_until_serving(urls, model_name, version, timeout_s)

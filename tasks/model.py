@@ -15,7 +15,12 @@ from onnxflow import tracking
 from onnxflow.config import ExportConfig, Framework, SimplifyConfig, TrainConfig, ValidateConfig
 from onnxflow.frameworks import get_adapter
 from onnxflow.results import (
-    DatasetArtifact, DatasetInfo, ExportedModel, SimplifiedModel, TrainedModel, ValidationSummary,
+    DatasetArtifact,
+    DatasetInfo,
+    ExportedModel,
+    SimplifiedModel,
+    TrainedModel,
+    ValidationSummary,
 )
 from onnxflow.simplify import simplify_model
 from onnxflow.validation import validate_model
@@ -34,7 +39,10 @@ def train_task(
 
 @task(name="export", task_run_name="export-{framework}")
 def export_task(
-    framework: Framework, trained: TrainedModel, info: DatasetInfo, config: ExportConfig,
+    framework: Framework,
+    trained: TrainedModel,
+    info: DatasetInfo,
+    config: ExportConfig,
     out_dir: Path,
 ) -> ExportedModel:
     return get_adapter(framework).export(trained, info, config, out_dir)
@@ -47,9 +55,14 @@ def simplify_task(model_path: Path, config: SimplifyConfig, out_dir: Path) -> Si
 
 @task(name="validate")
 def validate_task(
-    model_path: Path, trained: TrainedModel, dataset: DatasetArtifact, config: ValidateConfig,
-    out_dir: Path, run_id: str,
+    model_path: Path,
+    trained: TrainedModel,
+    dataset: DatasetArtifact,
+    config: ValidateConfig,
+    out_dir: Path,
+    run_id: str,
 ) -> ValidationSummary:
     """Validate, and attach the report to the run whether or not the model passed."""
     return tracking.logged_validation(
-        run_id, out_dir, lambda: validate_model(model_path, trained, dataset, config, out_dir))
+        run_id, out_dir, lambda: validate_model(model_path, trained, dataset, config, out_dir)
+    )

@@ -15,8 +15,12 @@ from onnxflow.tasks.retry import registry_task
 
 @registry_task
 def register_task(
-    model_path: Path, summary: ValidationSummary, lineage: Mapping[str, str],
-    dataset: DatasetArtifact, config: RegisterConfig, run_id: str,
+    model_path: Path,
+    summary: ValidationSummary,
+    lineage: Mapping[str, str],
+    dataset: DatasetArtifact,
+    config: RegisterConfig,
+    run_id: str,
 ) -> RegisteredVersion:
     return register_validated(
         model_path, summary=summary, lineage=lineage, dataset=dataset, config=config, run_id=run_id
@@ -24,5 +28,7 @@ def register_task(
 
 
 @registry_task
-def promote_task(model_name: str, candidates: Sequence[str], config: PromoteConfig) -> PromotionDecision:
+def promote_task(
+    model_name: str, candidates: Sequence[str], config: PromoteConfig
+) -> PromotionDecision:
     return promote(model_name, candidates, config)

@@ -13,7 +13,10 @@ from onnxflow.tasks.retry import registry_task
 
 @registry_task
 def start_run_task(
-    experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
     dataset: DatasetArtifact | None = None,
 ) -> str:
     return tracking.start_run(experiment, run_name, params, tags, dataset)

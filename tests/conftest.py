@@ -35,12 +35,17 @@ def pytest_sessionfinish(session) -> None:
     from onnxflow.processes import ProcessRecord, process_tree, stop_process
 
     leftovers = process_tree(os.getpid())[1:]
-    children = [(pid, ticks) for pid, ticks in leftovers if _parent(pid) == os.getpid()
-                and not any(helper in _cmdline(pid) for helper in _HELPERS)]
+    children = [
+        (pid, ticks)
+        for pid, ticks in leftovers
+        if _parent(pid) == os.getpid() and not any(helper in _cmdline(pid) for helper in _HELPERS)
+    ]
     for pid, ticks in children:
         print(f"\nstopping pid {pid}, left running by a test: {_cmdline(pid)}")
-        stop_process(ProcessRecord(name=f"leftover {pid}", pid=pid, start_ticks=ticks,
-                                   argv=[], log_path=""), timeout_s=10)
+        stop_process(
+            ProcessRecord(name=f"leftover {pid}", pid=pid, start_ticks=ticks, argv=[], log_path=""),
+            timeout_s=10,
+        )
 
 
 #: Python's own helper processes, which end with the interpreter.
@@ -89,8 +94,9 @@ def mlflow_store(tmp_path, monkeypatch, _migrated_db) -> str:
     assert leaked is None, f"test leaked an active MLflow run: {leaked.info.run_id}"
 
 
-def make_linear_onnx(path: Path, n_in: int = 64, n_out: int = 10, seed: int = 0,
-                     external_data: bool = False) -> Path:
+def make_linear_onnx(
+    path: Path, n_in: int = 64, n_out: int = 10, seed: int = 0, external_data: bool = False
+) -> Path:
     """A real softmax-regression model: features[batch, n_in] -> probabilities[batch, n_out]."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -113,8 +119,13 @@ def make_linear_onnx(path: Path, n_in: int = 64, n_out: int = 10, seed: int = 0,
     model.ir_version = 9
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=external_data,
-                    location=f"{path.name}.data", size_threshold=0)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external_data,
+        location=f"{path.name}.data",
+        size_threshold=0,
+    )
     return path
 
 

@@ -20,8 +20,9 @@ from onnxflow.results import DatasetArtifact, ExportedModel, TrainedModel
 
 FRAMEWORKS = ("torch", "keras")
 TINY = TrainConfig(epochs=2, hidden_sizes=(16,), batch_size=32, learning_rate=1e-2, seed=7)
-TINY_REGRESSION = TrainConfig(epochs=15, hidden_sizes=(16,), batch_size=16, learning_rate=1e-2,
-                              seed=7)
+TINY_REGRESSION = TrainConfig(
+    epochs=15, hidden_sizes=(16,), batch_size=16, learning_rate=1e-2, seed=7
+)
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,9 @@ def built(framework: str, task: str, factory: pytest.TempPathFactory) -> Built:
         out = factory.mktemp(f"{framework}_{task}")
         epochs_seen: list[tuple[int, dict[str, float]]] = []
         config = TINY if task == "classification" else TINY_REGRESSION
-        trained = adapter.train(data, config, out / "train",
-                                on_epoch=lambda e, m: epochs_seen.append((e, m)))
+        trained = adapter.train(
+            data, config, out / "train", on_epoch=lambda e, m: epochs_seen.append((e, m))
+        )
         exported = adapter.export(trained, data.info, ExportConfig(opset=18), out / "export")
         _models[key] = Built(data, trained, exported, epochs_seen)
     return _models[key]

@@ -26,9 +26,12 @@ def _register_digits(model_path: Path, dataset) -> str:
     from onnxflow.registration import register_onnx
 
     version = register_onnx(
-        model_path, model_name="digits", input_example=load_splits(dataset)["X_test"][:1],
+        model_path,
+        model_name="digits",
+        input_example=load_splits(dataset)["X_test"][:1],
         tags={"dataset_name": dataset.info.name, "dataset_digest": dataset.info.digest},
-        aliases=("champion",))
+        aliases=("champion",),
+    )
     return version.version
 
 
@@ -47,8 +50,13 @@ def _load_in_fresh_process(saved: Path, inputs: Path, outputs: Path) -> None:
         leaked = [m for m in ("onnxflow", "onnx2torch", "onnx") if m in sys.modules]
         assert not leaked, leaked
     """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=saved.parent,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=saved.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -72,8 +80,7 @@ def test_a_registered_digits_model_converts_to_a_torch_export_program(
     assert np.abs(torch_out - onnx_out).max() <= 1e-4
 
 
-def test_a_torch_cnn_converts_despite_reshape_allowzero(mlflow_store, tmp_path,
-                                                        tmp_path_factory):
+def test_a_torch_cnn_converts_despite_reshape_allowzero(mlflow_store, tmp_path, tmp_path_factory):
     """torch's exporter writes Reshape(allowzero=1), which onnx2torch refuses as such."""
     from onnxflow.frameworks import get_adapter
 
@@ -81,8 +88,13 @@ def test_a_torch_cnn_converts_despite_reshape_allowzero(mlflow_store, tmp_path,
     adapter = get_adapter("torch")
     trained = adapter.train(data, TrainConfig(epochs=1, model="cnn", seed=7), tmp_path / "t")
     exported = adapter.export(trained, data.info, ExportConfig(), tmp_path / "e")
-    allowzero = [a.i for n in onnx.load(str(exported.path)).graph.node if n.op_type == "Reshape"
-                 for a in n.attribute if a.name == "allowzero"]
+    allowzero = [
+        a.i
+        for n in onnx.load(str(exported.path)).graph.node
+        if n.op_type == "Reshape"
+        for a in n.attribute
+        if a.name == "allowzero"
+    ]
     assert 1 in allowzero  # the case this test is about
     version = _register_digits(exported.path, data)
 
@@ -106,26 +118,34 @@ def test_a_version_without_digits_data_is_checked_on_its_input_example(mlflow_st
 
 def _ml_scaler_model(path: Path) -> Path:
     """A valid ONNX model made only of an ai.onnx.ml operator (as skl2onnx writes)."""
-    node = helper.make_node("Scaler", ["x"], ["y"], domain="ai.onnx.ml", offset=[0.0, 1.0],
-                            scale=[2.0, 3.0])
-    graph = helper.make_graph([node], "scaler",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid("ai.onnx.ml", 3)])
+    node = helper.make_node(
+        "Scaler", ["x"], ["y"], domain="ai.onnx.ml", offset=[0.0, 1.0], scale=[2.0, 3.0]
+    )
+    graph = helper.make_graph(
+        [node],
+        "scaler",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.onnx.ml", 3)]
+    )
     model.ir_version = 9
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
 
 
-@pytest.mark.parametrize("case, message", [
-    ("broken", "is not a model file onnxflow knows"),
-    ("npz", "neither a Keras 3 .keras file"),
-    ("no_sample", "needs --sample FILE"),
-    ("sklearn_ops", "no converter for ai.onnx.ml::Scaler"),
-    ("missing", "No model at"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("broken", "is not a model file onnxflow knows"),
+        ("npz", "neither a Keras 3 .keras file"),
+        ("no_sample", "needs --sample FILE"),
+        ("sklearn_ops", "no converter for ai.onnx.ml::Scaler"),
+        ("missing", "No model at"),
+    ],
+)
 def test_what_cannot_be_converted_is_refused_with_a_clear_error(tmp_path, case, message):
     sample = tmp_path / "x.npz"
     np.savez(sample, x=np.ones((3, 2), np.float32))
@@ -138,9 +158,11 @@ def test_what_cannot_be_converted_is_refused_with_a_clear_error(tmp_path, case, 
     }[case]
     if case == "broken":
         model.write_bytes(b"\x08\x07garbage, not protobuf")
-    with pytest.raises(ConversionError, match="Cannot convert|needs --sample|no converter") \
-            as caught:
-        convert_model(model, ConvertConfig(), tmp_path / "out",
-                      None if case == "no_sample" else sample)
+    with pytest.raises(
+        ConversionError, match="Cannot convert|needs --sample|no converter"
+    ) as caught:
+        convert_model(
+            model, ConvertConfig(), tmp_path / "out", None if case == "no_sample" else sample
+        )
     assert message in str(caught.value)
     assert not list((tmp_path / "out").glob("model.pt*"))

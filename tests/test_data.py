@@ -27,7 +27,11 @@ def _table(n=60, seed=0) -> pd.DataFrame:
 def test_digits_default_split_and_lineage(digits):
     info = digits.info
     assert (info.name, info.task, info.n_features, info.class_names) == (
-        "digits", "classification", 64, tuple(str(i) for i in range(10)))
+        "digits",
+        "classification",
+        64,
+        tuple(str(i) for i in range(10)),
+    )
     assert info.n_train + info.n_val + info.n_test == 1797
     splits = load_splits(digits)
     assert splits["X_test"].dtype == np.float32 and splits["y_test"].dtype == np.int64
@@ -68,7 +72,10 @@ def test_string_labels_are_classes(tmp_path):
     frame["label"] = frame["label"].map({0: "cat", 1: "dog", 2: "eel"})
     frame.to_csv(path, index=False)
     assert prepare_data(DataConfig(path=path, target="label"), tmp_path / "o").info.class_names == (
-        "cat", "dog", "eel")
+        "cat",
+        "dog",
+        "eel",
+    )
 
 
 def _write(tmp_path, frame, name="t.csv"):
@@ -86,21 +93,33 @@ BAD_TABLES = {
     "missing file": (lambda tmp: tmp / "nope.csv", "label", "not found"),
     "unknown column": (lambda tmp: _write(tmp, _table()), "colour", "'colour' is not in"),
     "non-numeric feature": (
-        lambda tmp: _write(tmp, _table().assign(city=["x"] * 60)), "label", "not numeric: city"),
+        lambda tmp: _write(tmp, _table().assign(city=["x"] * 60)),
+        "label",
+        "not numeric: city",
+    ),
     "NaN labels": (
-        lambda tmp: _write(tmp, _table().assign(label=[np.nan] + [1.0] * 59)), "label",
-        "1 missing (NaN) label"),
+        lambda tmp: _write(tmp, _table().assign(label=[np.nan] + [1.0] * 59)),
+        "label",
+        "1 missing (NaN) label",
+    ),
     "too few rows in a class": (
-        lambda tmp: _write(tmp, _table().assign(label=[0] * 30 + [1] * 28 + [2] * 2)), "label",
-        "'2' (2 rows)"),
+        lambda tmp: _write(tmp, _table().assign(label=[0] * 30 + [1] * 28 + [2] * 2)),
+        "label",
+        "'2' (2 rows)",
+    ),
     "empty table": (lambda tmp: _write(tmp, _table().iloc[:0]), "label", "no rows"),
     "empty file": (lambda tmp: _touch(tmp / "e.csv", ""), "label", "empty"),
     "NaN feature": (
-        lambda tmp: _write(tmp, _table().assign(b=[np.nan] + [0.0] * 59)), "label", "NaN or infinite"),
-    "unsupported format": (
-        lambda tmp: _touch(tmp / "t.xlsx", "x"), "label", "expected .csv"),
+        lambda tmp: _write(tmp, _table().assign(b=[np.nan] + [0.0] * 59)),
+        "label",
+        "NaN or infinite",
+    ),
+    "unsupported format": (lambda tmp: _touch(tmp / "t.xlsx", "x"), "label", "expected .csv"),
     "only the target column": (
-        lambda tmp: _write(tmp, _table()[["label"]]), "label", "no feature columns"),
+        lambda tmp: _write(tmp, _table()[["label"]]),
+        "label",
+        "no feature columns",
+    ),
 }
 
 

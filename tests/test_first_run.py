@@ -33,25 +33,38 @@ def project(folder: Path, mlflow_db: Path | None = None) -> Path:
     if mlflow_db is not None:
         shutil.copyfile(mlflow_db, folder / "mlflow.db")
     make_linear_onnx(folder / "linear" / "model.onnx", n_in=4, n_out=3)
-    np.savez(folder / "x.npz", features=np.random.default_rng(0).normal(size=(6, 4))
-             .astype(np.float32))
+    np.savez(
+        folder / "x.npz", features=np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    )
     return folder
 
 
 def onnxflow_env(folder: Path, prefect_home: Path, **extra: str) -> dict[str, str]:
     """A user's environment with no Prefect configured: only a fresh PREFECT_HOME."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "ONNXFLOW_", "MLFLOW_"))}
-    return {**env, "PREFECT_HOME": str(prefect_home),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db",
-            # no server another run on this machine left at the stack's address
-            "ONNXFLOW_PREFECT_SERVER": "temporary", **extra}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_", "ONNXFLOW_", "MLFLOW_"))
+    }
+    return {
+        **env,
+        "PREFECT_HOME": str(prefect_home),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db",
+        # no server another run on this machine left at the stack's address
+        "ONNXFLOW_PREFECT_SERVER": "temporary",
+        **extra,
+    }
 
 
 def import_model(folder: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         [*ONNXFLOW, "import-model", "linear/model.onnx", "--name", "byom", "--sample", "x.npz"],
-        cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def versions(folder: Path) -> list[tuple[str, int]]:
@@ -63,9 +76,12 @@ def versions(folder: Path) -> list[tuple[str, int]]:
 def busy_cpu():
     """Every core kept busy (two loops per core, at least two) for BUSY_S seconds;
     the loops are killed when the test ends, whatever happened."""
-    loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(seconds=BUSY_S)],
-                              start_new_session=True)
-             for _ in range(max(2, 2 * (os.cpu_count() or 1)))]
+    loops = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUSY_LOOP.format(seconds=BUSY_S)], start_new_session=True
+        )
+        for _ in range(max(2, 2 * (os.cpu_count() or 1)))
+    ]
     yield loops
     for loop in loops:
         os.killpg(loop.pid, signal.SIGKILL)
@@ -73,7 +89,9 @@ def busy_cpu():
 
 
 def test_first_flow_run_on_a_busy_machine_with_an_empty_prefect_home(
-    tmp_path, busy_cpu, _migrated_db,
+    tmp_path,
+    busy_cpu,
+    _migrated_db,
 ):
     """Issue 9's failure: Prefect's temporary server timed out (20 s) migrating a new
     database on a busy machine. Prefect's start-up timeout is left at its default here."""
@@ -102,8 +120,9 @@ def test_two_projects_run_flows_at_the_same_time(tmp_path, _migrated_db):
         assert run.returncode == 0, out[-4000:]
     for folder in folders:
         assert versions(folder) == [("byom", 1)]
-    assert sum("preparing its database" in out for out in outputs) == 1, \
+    assert sum("preparing its database" in out for out in outputs) == 1, (
         "the database is migrated once, by whichever run took the lock first"
+    )
 
 
 def test_an_interrupted_command_stops_its_temporary_prefect_server(tmp_path, _migrated_db):
@@ -114,7 +133,8 @@ def test_an_interrupted_command_stops_its_temporary_prefect_server(tmp_path, _mi
     deadline = time.monotonic() + 300
     tree: list[tuple[int, int]] = []
     while time.monotonic() < deadline and not any(
-            "prefect.server.api.server" in _cmd(pid) for pid, _ in tree):
+        "prefect.server.api.server" in _cmd(pid) for pid, _ in tree
+    ):
         tree = process_tree(run.pid)  # the command and the server it started
         assert run.poll() is None, run.stdout.read()
         time.sleep(0.2)
@@ -131,7 +151,7 @@ def test_an_interrupted_test_run_stops_the_servers_its_fixtures_started(tmp_path
     """SIGTERM to pytest (a CI timeout), or SIGKILL to the ``make`` that runs it, while a
     fixture's server runs in a session of its own: the fixture's teardown runs, the server
     is gone. (make passes SIGTERM on to its recipe; nothing passes on its SIGKILL.)"""
-    (tmp_path / "test_inner.py").write_text(f'''
+    (tmp_path / "test_inner.py").write_text(f"""
 import sys, time
 from pathlib import Path
 import pytest
@@ -147,18 +167,34 @@ def server():
 def test_waits(server):
     Path({str(tmp_path)!r}, "server.pid").write_text(str(server.pid))
     time.sleep(300)
-''')
+""")
     repo = Path(__file__).resolve().parents[1]
-    pytest_argv = [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-q",
-                   "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-                   str(tmp_path / "test_inner.py")]
+    pytest_argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "tests.conftest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        str(tmp_path),
+        str(tmp_path / "test_inner.py"),
+    ]
     if killed == "make":  # make runs a recipe's simple command itself, without a shell
         (tmp_path / "Makefile").write_text(f"test:\n\t{' '.join(pytest_argv)}\n")
         argv = ["make", "-s", "-f", str(tmp_path / "Makefile"), "test"]
     else:
         argv = pytest_argv
-    run = subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, start_new_session=True)
+    run = subprocess.Popen(
+        argv,
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         pid_file = tmp_path / "server.pid"
         deadline = time.monotonic() + 120
@@ -182,8 +218,15 @@ def test_waits(server):
 
 def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     full = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", **env}
-    return subprocess.run([*ONNXFLOW, *args], cwd=cwd, env=full, capture_output=True,
-                          text=True, timeout=300, check=False)
+    return subprocess.run(
+        [*ONNXFLOW, *args],
+        cwd=cwd,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def error_line(out: subprocess.CompletedProcess) -> str:
@@ -203,8 +246,16 @@ def dead_url() -> str:
 def test_an_unreachable_prefect_server_is_named_with_what_to_do(tmp_path):
     project(tmp_path)
     url = f"{dead_url()}/api"
-    out = cli("import-model", "linear/model.onnx", "--name", "byom", "--sample", "x.npz",
-              cwd=tmp_path, PREFECT_API_URL=url)
+    out = cli(
+        "import-model",
+        "linear/model.onnx",
+        "--name",
+        "byom",
+        "--sample",
+        "x.npz",
+        cwd=tmp_path,
+        PREFECT_API_URL=url,
+    )
     line = error_line(out)
     assert f"the Prefect server at {url} (PREFECT_API_URL, from the environment)" in line
     assert "unset PREFECT_API_URL" in line
@@ -230,8 +281,9 @@ def test_a_data_file_that_does_not_exist(tmp_path):
     line = error_line(cli("run", "--data", "missing.csv", "--target", "y", cwd=tmp_path))
     assert "missing.csv" in line
     np.savez(tmp_path / "x.npz", features=np.zeros((2, 4), np.float32))
-    line = error_line(cli("import-model", "missing.onnx", "--name", "m", "--sample", "x.npz",
-                          cwd=tmp_path))
+    line = error_line(
+        cli("import-model", "missing.onnx", "--name", "m", "--sample", "x.npz", cwd=tmp_path)
+    )
     assert "missing.onnx" in line
 
 

@@ -15,8 +15,17 @@ from onnxflow.config import PipelineConfig
 from onnxflow.errors import DataError, ValidationError
 
 DESIGN_TAGS = {
-    "source_framework", "exporter", "opset", "onnx_sha256", "parity_max_abs", "parity_max_rel",
-    "accuracy", "validation", "dataset_digest", "git_commit", "flow_run_id",
+    "source_framework",
+    "exporter",
+    "opset",
+    "onnx_sha256",
+    "parity_max_abs",
+    "parity_max_rel",
+    "accuracy",
+    "validation",
+    "dataset_digest",
+    "git_commit",
+    "flow_run_id",
 }
 
 
@@ -29,11 +38,13 @@ def prefect_harness():
 
 
 def small_config(**promote) -> PipelineConfig:
-    return PipelineConfig.model_validate({
-        "train": {"epochs": 4, "hidden_sizes": [32]},
-        "validate": {"latency_repeats": 3, "max_accuracy_drop": 0.01},
-        "promote": promote,
-    })
+    return PipelineConfig.model_validate(
+        {
+            "train": {"epochs": 4, "hidden_sizes": [32]},
+            "validate": {"latency_repeats": 3, "max_accuracy_drop": 0.01},
+            "promote": promote,
+        }
+    )
 
 
 def test_run_both_frameworks_registers_and_promotes_the_better(mlflow_store, tmp_path):
@@ -93,9 +104,9 @@ def _tamper(model_path: Path, out_dir: Path) -> Path:
 
 
 def test_tampered_onnx_output_fails_validation_and_registry_is_unchanged(mlflow_store, tmp_path):
-    from onnxflow.flows.pipeline import validate_and_register
     from onnxflow import tracking
     from onnxflow.data import prepare_data
+    from onnxflow.flows.pipeline import validate_and_register
     from onnxflow.frameworks import get_adapter
 
     cfg = small_config()
@@ -118,7 +129,12 @@ def test_tampered_onnx_output_fails_validation_and_registry_is_unchanged(mlflow_
 def test_bad_data_fails_before_any_run_is_created(mlflow_store, tmp_path):
     from onnxflow.flows.pipeline import run
 
-    cfg = PipelineConfig.model_validate({"data": {"path": str(tmp_path / "gone.csv"), "target": "y"}})
+    cfg = PipelineConfig.model_validate(
+        {"data": {"path": str(tmp_path / "gone.csv"), "target": "y"}}
+    )
     with pytest.raises(DataError, match="not found"):
         run(["torch"], cfg, tmp_path / "art")
-    assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
+    assert (
+        MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+        == []
+    )

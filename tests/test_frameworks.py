@@ -34,18 +34,22 @@ def _declared(value) -> list:
 
 
 def test_unknown_framework_is_a_clear_error():
-    with pytest.raises(OnnxflowError,
-                       match=r"Unknown framework 'jax'; expected one of: keras, sklearn, torch"):
+    with pytest.raises(
+        OnnxflowError, match=r"Unknown framework 'jax'; expected one of: keras, sklearn, torch"
+    ):
         get_adapter("jax")
 
 
 def test_importing_the_steps_imports_no_framework():
-    code = ("import sys, onnxflow.frameworks, onnxflow.frameworks.pytorch, "
-            "onnxflow.frameworks.keras3, onnxflow.simplify, onnxflow.validation; "
-            "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'onnxsim', 'matplotlib') "
-            "if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
+    code = (
+        "import sys, onnxflow.frameworks, onnxflow.frameworks.pytorch, "
+        "onnxflow.frameworks.keras3, onnxflow.simplify, onnxflow.validation; "
+        "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'onnxsim', 'matplotlib') "
+        "if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "[]"
 
 
@@ -64,8 +68,12 @@ def test_export_has_the_onnxflow_interface(digits_model: Built):
         ("probabilities", ["batch", info.n_outputs])
     ]
     assert exported.opset == 18 and exported.fallback_reason is None
-    assert exported.exporter == {"torch": "torch.onnx.export(dynamo=True)",
-                                 "keras": "tf2onnx"}[digits_model.trained.framework]
+    assert (
+        exported.exporter
+        == {"torch": "torch.onnx.export(dynamo=True)", "keras": "tf2onnx"}[
+            digits_model.trained.framework
+        ]
+    )
 
 
 def test_predictor_matches_onnxruntime_on_raw_features(digits_model: Built):
@@ -108,8 +116,9 @@ def test_torch_falls_back_to_the_legacy_exporter_with_its_reason(tmp_path_factor
     # Below opset 18 the dynamo exporter converts down and keeps 18 when it cannot: a real
     # case where only the TorchScript exporter delivers what the config asks for.
     model = built("torch", "classification", tmp_path_factory)
-    exported = get_adapter("torch").export(model.trained, model.dataset.info,
-                                           ExportConfig(opset=13), tmp_path)
+    exported = get_adapter("torch").export(
+        model.trained, model.dataset.info, ExportConfig(opset=13), tmp_path
+    )
     assert exported.exporter == "torch.onnx.export(dynamo=False)"
     assert "opset 18, not the requested 13" in exported.fallback_reason
     proto = onnx.load(str(exported.path))
@@ -123,8 +132,9 @@ def test_torch_falls_back_to_the_legacy_exporter_with_its_reason(tmp_path_factor
 def test_keras_refuses_an_opset_tf2onnx_cannot_write(tmp_path_factory, tmp_path):
     model = built("keras", "classification", tmp_path_factory)
     with pytest.raises(ExportError, match=r"tf2onnx .* up to 18; .* asks for opset 21"):
-        get_adapter("keras").export(model.trained, model.dataset.info, ExportConfig(opset=21),
-                                    tmp_path)
+        get_adapter("keras").export(
+            model.trained, model.dataset.info, ExportConfig(opset=21), tmp_path
+        )
 
 
 def test_regression_folds_the_target_scaling_into_the_model(regression_model: Built):
@@ -135,7 +145,8 @@ def test_regression_folds_the_target_scaling_into_the_model(regression_model: Bu
     assert [(v.name, _declared(v)) for v in model.graph.output] == [("prediction", ["batch", 1])]
     (onnx_out,) = onnx_session(regression_model.exported.path).run(None, {"features": X})
     predict = get_adapter(regression_model.trained.framework).load_predictor(
-        regression_model.trained.path)
+        regression_model.trained.path
+    )
     np.testing.assert_allclose(onnx_out, predict(X), atol=PARITY_ATOL, rtol=1e-5)
     rmse = float(np.sqrt(np.mean((onnx_out[:, 0] - y) ** 2)))
     assert rmse < 0.5 * info.target_std, (rmse, info.target_mean, info.target_std)

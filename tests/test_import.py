@@ -35,11 +35,11 @@ def prefect_harness():
 def files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """format -> (model path, sample path)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import torch
-    import torch._dynamo  # noqa: F401  before TensorFlow: triton's import (by torch.export)
     # segfaults in a process that already loaded TensorFlow
     import keras
     import tensorflow as tf
+    import torch
+    import torch._dynamo  # noqa: F401  before TensorFlow: triton's import (by torch.export)
 
     root = tmp_path_factory.mktemp("byom")
     rng = np.random.default_rng(0)
@@ -52,8 +52,9 @@ def files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     probs = keras.layers.Dense(4, activation="softmax", name="probs")(hidden)
     score = keras.layers.Dense(1, name="score")(hidden)
     keras.Model([a, b], [probs, score]).save(root / "multi.keras")
-    np.savez(root / "ab.npz", a=rng.normal(size=(10, 3)).astype(np.float32),
-             b=rng.normal(size=(10, 2)))
+    np.savez(
+        root / "ab.npz", a=rng.normal(size=(10, 3)).astype(np.float32), b=rng.normal(size=(10, 2))
+    )
 
     class Projection(tf.Module):
         def __init__(self) -> None:
@@ -64,8 +65,9 @@ def files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
             return {"y": tf.matmul(x, self.w), "z": tf.reduce_sum(x, axis=1)}
 
     module = Projection()
-    tf.saved_model.save(module, str(root / "saved"),
-                        signatures={"serving_default": module.__call__})
+    tf.saved_model.save(
+        module, str(root / "saved"), signatures={"serving_default": module.__call__}
+    )
 
     torch.manual_seed(0)
 
@@ -77,8 +79,11 @@ def files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         def forward(self, x):
             return torch.softmax(self.linear(x), -1)
 
-    program = torch.export.export(Classifier().eval(), (torch.zeros(2, 4),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    program = torch.export.export(
+        Classifier().eval(),
+        (torch.zeros(2, 4),),
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+    )
     torch.export.save(program, root / "model.pt2")
 
     class TwoHeads(torch.nn.Module):
@@ -106,10 +111,18 @@ def files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 #: Every tensor type onnxruntime runs and V2 carries, with a symbolic non-batch axis too.
 ALL_TYPES = {
-    "f16": TensorProto.FLOAT16, "f32": TensorProto.FLOAT, "f64": TensorProto.DOUBLE,
-    "i8": TensorProto.INT8, "i16": TensorProto.INT16, "i32": TensorProto.INT32,
-    "i64": TensorProto.INT64, "u8": TensorProto.UINT8, "u16": TensorProto.UINT16,
-    "u32": TensorProto.UINT32, "u64": TensorProto.UINT64, "flag": TensorProto.BOOL,
+    "f16": TensorProto.FLOAT16,
+    "f32": TensorProto.FLOAT,
+    "f64": TensorProto.DOUBLE,
+    "i8": TensorProto.INT8,
+    "i16": TensorProto.INT16,
+    "i32": TensorProto.INT32,
+    "i64": TensorProto.INT64,
+    "u8": TensorProto.UINT8,
+    "u16": TensorProto.UINT16,
+    "u32": TensorProto.UINT32,
+    "u64": TensorProto.UINT64,
+    "flag": TensorProto.BOOL,
     "text": TensorProto.STRING,
 }
 
@@ -119,22 +132,33 @@ def _all_types_model(path: Path, external_data: bool = False, batch="batch") -> 
     plus ``total`` = mean over ``seq`` of f32 times a 1x1 weight (kept in external data)."""
     weight = numpy_helper.from_array(np.array([[3.0]], np.float32), "weight")
     nodes = [helper.make_node("Identity", [n], [f"{n}_out"]) for n in ALL_TYPES]
-    nodes += [helper.make_node("Mul", ["f32", "weight"], ["scaled"]),
-              helper.make_node("ReduceMean", ["scaled"], ["total"], axes=[1], keepdims=0),
-              helper.make_node("Not", ["flag"], ["flag_not"])]
+    nodes += [
+        helper.make_node("Mul", ["f32", "weight"], ["scaled"]),
+        helper.make_node("ReduceMean", ["scaled"], ["total"], axes=[1], keepdims=0),
+        helper.make_node("Not", ["flag"], ["flag_not"]),
+    ]
     inputs = [helper.make_tensor_value_info(n, t, [batch, "seq"]) for n, t in ALL_TYPES.items()]
-    outputs = [helper.make_tensor_value_info(f"{n}_out", t, [batch, "seq"])
-               for n, t in ALL_TYPES.items()]
-    outputs += [helper.make_tensor_value_info("total", TensorProto.FLOAT, [batch]),
-                helper.make_tensor_value_info("flag_not", TensorProto.BOOL, [batch, "seq"])]
-    model = helper.make_model(helper.make_graph(nodes, "all_types", inputs, outputs,
-                                                [weight]),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    outputs = [
+        helper.make_tensor_value_info(f"{n}_out", t, [batch, "seq"]) for n, t in ALL_TYPES.items()
+    ]
+    outputs += [
+        helper.make_tensor_value_info("total", TensorProto.FLOAT, [batch]),
+        helper.make_tensor_value_info("flag_not", TensorProto.BOOL, [batch, "seq"]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "all_types", inputs, outputs, [weight]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     model.ir_version = 9
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=external_data,
-                    location="model.onnx.data", size_threshold=0)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external_data,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     return path
 
 
@@ -152,8 +176,7 @@ def all_types_sample(rows: int, seq: int = 3, seed: int = 1) -> dict[str, np.nda
             sample[name] = rng.normal(size=shape).astype(dtype)
         else:
             info = np.iinfo(dtype)
-            sample[name] = rng.integers(info.min, info.max, size=shape, dtype=dtype,
-                                        endpoint=True)
+            sample[name] = rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
     return sample
 
 
@@ -175,10 +198,13 @@ def test_the_format_is_detected_from_the_content(files, fmt, tmp_path):
             assert detect_format(renamed) == fmt
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"not a model at all", "not a model file onnxflow knows"),
-    (b"PK\x03\x04 truncated zip", "not a model file onnxflow knows"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"not a model at all", "not a model file onnxflow knows"),
+        (b"PK\x03\x04 truncated zip", "not a model file onnxflow knows"),
+    ],
+)
 def test_an_unknown_or_broken_file_is_refused_and_nothing_registered(
     mlflow_store, tmp_path, files, content, message
 ):
@@ -189,8 +215,10 @@ def test_an_unknown_or_broken_file_is_refused_and_nothing_registered(
     with pytest.raises(ModelImportError, match=message):
         import_model(bad, "byom", files["torch_export"][1], config=FAST, out_dir=tmp_path / "a")
     assert _versions("byom") == []
-    assert MlflowClient().search_runs(
-        [e.experiment_id for e in MlflowClient().search_experiments()]) == []
+    assert (
+        MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+        == []
+    )
 
 
 def test_an_onnx_model_missing_its_external_data_is_refused(files, tmp_path):
@@ -202,12 +230,15 @@ def test_an_onnx_model_missing_its_external_data_is_refused(files, tmp_path):
         detect_format(tmp_path)
 
 
-@pytest.mark.parametrize("arrays, message", [
-    ({"y": np.zeros((2, 4), np.float32), "z": np.zeros(2)}, "no array for input(s) ['x']"),
-    ({"x": np.zeros((2, 5), np.float32)}, "dimension 1 is 5, the model fixes it at 4"),
-    ({"x": np.zeros((2, 4, 1), np.float32)}, "3 dimensions"),
-    ({"x": np.full((2, 4), "a")}, "the sample has strings"),
-])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"y": np.zeros((2, 4), np.float32), "z": np.zeros(2)}, "no array for input(s) ['x']"),
+        ({"x": np.zeros((2, 5), np.float32)}, "dimension 1 is 5, the model fixes it at 4"),
+        ({"x": np.zeros((2, 4, 1), np.float32)}, "3 dimensions"),
+        ({"x": np.full((2, 4), "a")}, "the sample has strings"),
+    ],
+)
 def test_a_sample_that_does_not_fit_is_refused_before_any_run(
     mlflow_store, tmp_path, files, arrays, message
 ):
@@ -215,8 +246,13 @@ def test_a_sample_that_does_not_fit_is_refused_before_any_run(
 
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(ModelImportError, match="does not match the model's inputs") as caught:
-        import_model(files["torch_export"][0], "byom", tmp_path / "bad.npz", config=FAST,
-                     out_dir=tmp_path / "a")
+        import_model(
+            files["torch_export"][0],
+            "byom",
+            tmp_path / "bad.npz",
+            config=FAST,
+            out_dir=tmp_path / "a",
+        )
     assert message in str(caught.value)
     assert _versions("byom") == []
 
@@ -295,11 +331,14 @@ def test_a_bare_onnx_model_is_compared_with_expected_outputs(mlflow_store, tmp_p
     feeds = dict(np.load(sample))
     feeds["text"] = feeds["text"].astype(object)
     names = [o.name for o in session.get_outputs()]
-    expected = {k: v.astype(str) if v.dtype == object else v  # npz holds text as str
-                for k, v in zip(names, session.run(names, feeds))}
+    expected = {
+        k: v.astype(str) if v.dtype == object else v  # npz holds text as str
+        for k, v in zip(names, session.run(names, feeds))
+    }
     np.savez(tmp_path / "expected.npz", **expected)
-    result = import_model(model, "anytype", sample, tmp_path / "expected.npz", config=FAST,
-                          out_dir=tmp_path / "a")
+    result = import_model(
+        model, "anytype", sample, tmp_path / "expected.npz", config=FAST, out_dir=tmp_path / "a"
+    )
     assert result.version.tags["parity_checked"] == "true"
     assert result.validation.parity_max_abs == 0.0
 
@@ -307,8 +346,9 @@ def test_a_bare_onnx_model_is_compared_with_expected_outputs(mlflow_store, tmp_p
     expected["total"] = expected["total"] + 0.5
     np.savez(tmp_path / "wrong.npz", **expected)
     with pytest.raises(ValidationError) as caught:
-        import_model(model, "anytype", sample, tmp_path / "wrong.npz", config=FAST,
-                     out_dir=tmp_path / "b")
+        import_model(
+            model, "anytype", sample, tmp_path / "wrong.npz", config=FAST, out_dir=tmp_path / "b"
+        )
     failures = "\n".join(caught.value.failures)
     assert "output 'i64_out': int64 values: 15 of 15 differ" in failures
     assert "output 'total': max abs diff 0.5 > atol" in failures
@@ -332,8 +372,12 @@ def _serve(model: str, root: Path):
 def _v2_input(name: str, array: np.ndarray) -> dict:
     from onnxflow.serving.tensors import ONNX_TO_V2
 
-    kind = {np.dtype(np.float16): "tensor(float16)", np.dtype(np.float32): "tensor(float)",
-            np.dtype(np.float64): "tensor(double)", np.dtype(bool): "tensor(bool)"}
+    kind = {
+        np.dtype(np.float16): "tensor(float16)",
+        np.dtype(np.float32): "tensor(float)",
+        np.dtype(np.float64): "tensor(double)",
+        np.dtype(bool): "tensor(bool)",
+    }
     if array.dtype.kind in "OU":
         datatype, data = "BYTES", [str(x) for x in array.reshape(-1)]
     else:
@@ -356,8 +400,9 @@ def test_any_typed_models_are_served_through_v2_with_onnxruntime_answers(
     import_model(model, "anytype", sample, config=FAST, out_dir=tmp_path / "a")
     fixed = _all_types_model(tmp_path / "fixed" / "model.onnx", batch=2)
     np.savez(tmp_path / "two.npz", **all_types_sample(2))
-    static = import_model(fixed, "fixedbatch", tmp_path / "two.npz", config=FAST,
-                          out_dir=tmp_path / "b")
+    static = import_model(
+        fixed, "fixedbatch", tmp_path / "two.npz", config=FAST, out_dir=tmp_path / "b"
+    )
     assert static.version.tags["batch_axis"] == "none"
     report = json.loads((static.validation.report_dir / "report.json").read_text())
     assert report["batch_consistency"]["checked"] is False

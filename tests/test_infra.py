@@ -22,8 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 BIN = Path(sys.executable).parent
 #: Variables read by Python, pip, the shell or the postgres image, not by a settings class.
-OUTSIDE_SETTINGS = {"PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "TF_CPP_MIN_LOG_LEVEL",
-                    "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "PATH", "VIRTUAL_ENV"}
+OUTSIDE_SETTINGS = {
+    "PYTHONUNBUFFERED",
+    "PIP_NO_CACHE_DIR",
+    "TF_CPP_MIN_LOG_LEVEL",
+    "POSTGRES_USER",
+    "POSTGRES_PASSWORD",
+    "POSTGRES_DB",
+    "PATH",
+    "VIRTUAL_ENV",
+}
 
 
 def compose() -> dict:
@@ -31,14 +39,20 @@ def compose() -> dict:
 
 
 def k8s_documents() -> list[dict]:
-    return [doc for path in sorted((INFRA / "k8s").glob("*.yaml"))
-            for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [
+        doc
+        for path in sorted((INFRA / "k8s").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
 
 
 def dockerfile(name: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) per instruction, continuation lines joined."""
     text = re.sub(r"\\\n\s*", " ", (INFRA / name).read_text())
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
 
 
@@ -62,13 +76,16 @@ def read_by_settings(name: str) -> bool:
     import mlflow.environment_variables as mlflow_env
 
     from onnxflow.config import Settings
-    from onnxflow.stack.settings import StackSettings
     from onnxflow.serving.settings import ServingSettings
+    from onnxflow.stack.settings import StackSettings
 
-    for prefix, cls in (("ONNXFLOW_SERVE_", ServingSettings), ("ONNXFLOW_STACK_", StackSettings),
-                        ("ONNXFLOW_", Settings)):
+    for prefix, cls in (
+        ("ONNXFLOW_SERVE_", ServingSettings),
+        ("ONNXFLOW_STACK_", StackSettings),
+        ("ONNXFLOW_", Settings),
+    ):
         if name.startswith(prefix):
-            return name[len(prefix):].lower() in cls.model_fields
+            return name[len(prefix) :].lower() in cls.model_fields
     if name.startswith("PREFECT_"):
         return name in prefect_setting_names()
     if name.startswith("MLFLOW_"):
@@ -79,8 +96,13 @@ def read_by_settings(name: str) -> bool:
 def test_every_file_parses():
     files = sorted(p for p in INFRA.rglob("*") if p.is_file())
     names = {p.relative_to(INFRA).as_posix() for p in files}
-    assert {"Dockerfile", "Dockerfile.serving", "docker-compose.yml", "k8s/serving.yaml",
-            "k8s/prefect-base-job-template.json"} <= names
+    assert {
+        "Dockerfile",
+        "Dockerfile.serving",
+        "docker-compose.yml",
+        "k8s/serving.yaml",
+        "k8s/prefect-base-job-template.json",
+    } <= names
     for path in files:
         if path.suffix in (".yml", ".yaml"):
             assert list(yaml.safe_load_all(path.read_text())), path
@@ -93,7 +115,9 @@ def test_every_file_parses():
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.serving"])
 def test_dockerfiles_copy_what_exists_and_install_known_extras(name):
-    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    extras = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    )
     for instruction, args in dockerfile(name):
         if instruction == "COPY":
             for source in args.split()[:-1]:
@@ -114,8 +138,11 @@ def test_dockerfiles_take_their_base_image_as_a_build_argument(name):
 
 
 def test_the_serving_image_installs_only_the_base_dependencies():
-    runs = [args for instruction, args in dockerfile("Dockerfile.serving")
-            if instruction == "RUN" and "pip install" in args]
+    runs = [
+        args
+        for instruction, args in dockerfile("Dockerfile.serving")
+        if instruction == "RUN" and "pip install" in args
+    ]
     assert runs == ["pip install ."], "the slim image takes no extras"
     base = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     heavy = [d for d in base if re.match(r"(torch|tensorflow|pandas|mlflow)([<>=~!\[ ;]|$)", d)]
@@ -126,19 +153,26 @@ def test_the_serving_image_installs_only_the_base_dependencies():
 
 
 def test_every_command_names_an_existing_program_and_subcommand():
-    commands = [service["command"] for service in compose()["services"].values()
-                if "command" in service]
+    commands = [
+        service["command"] for service in compose()["services"].values() if "command" in service
+    ]
     commands.append(json.loads(dict(dockerfile("Dockerfile"))["CMD"]))
     for command in commands:
         assert (BIN / command[0]).is_file(), f"no {command[0]} in the environment: {command}"
     # `onnxflow stack deploy`, `prefect worker start`, ...: each answers --help.
     subcommands = {tuple(c[:3]) if c[0] != "mlflow" else tuple(c[:2]) for c in commands}
     for sub in subcommands:
-        out = subprocess.run([BIN / sub[0], *sub[1:], "--help"], capture_output=True, text=True,
-                             timeout=120)
+        out = subprocess.run(
+            [BIN / sub[0], *sub[1:], "--help"], capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0, f"{' '.join(sub)} --help: {out.stderr[-500:]}"
-        options = [a.split("=")[0] for c in commands if tuple(c[:len(sub)]) == sub
-                   for a in c[len(sub):] if a.startswith("--")]
+        options = [
+            a.split("=")[0]
+            for c in commands
+            if tuple(c[: len(sub)]) == sub
+            for a in c[len(sub) :]
+            if a.startswith("--")
+        ]
         for option in options:
             assert option in out.stdout, f"{' '.join(sub)} has no option {option}"
 
@@ -152,40 +186,55 @@ def test_every_environment_variable_is_read_by_a_settings_class():
         for var in docker_env(name):
             sets.setdefault(var, set()).add(name)
     for doc in k8s_documents():
-        for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+        for container in (
+            doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+        ):
             for var in container.get("env", []):
                 sets.setdefault(var["name"], set()).add(f"k8s {doc['metadata']['name']}")
     template = json.loads((INFRA / "k8s" / "prefect-base-job-template.json").read_text())
-    for container in template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"]:
+    for container in template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"][
+        "containers"
+    ]:
         for var in container["env"]:
             sets.setdefault(var["name"], set()).add("prefect job template")
     unknown = {name: where for name, where in sets.items() if not read_by_settings(name)}
     assert not unknown, f"set but read by no settings class: {unknown}"
-    assert {"MLFLOW_TRACKING_URI", "ONNXFLOW_SERVE_MODEL", "PREFECT_API_URL",
-            "PREFECT_API_DATABASE_CONNECTION_URL", "ONNXFLOW_STACK_RUN_ENDPOINTS"} <= set(sets)
+    assert {
+        "MLFLOW_TRACKING_URI",
+        "ONNXFLOW_SERVE_MODEL",
+        "PREFECT_API_URL",
+        "PREFECT_API_DATABASE_CONNECTION_URL",
+        "ONNXFLOW_STACK_RUN_ENDPOINTS",
+    } <= set(sets)
 
 
 def test_compose_values_parse_with_the_settings_that_read_them():
-    from onnxflow.stack.settings import StackSettings
     from onnxflow.serving.settings import ServingSettings
+    from onnxflow.stack.settings import StackSettings
 
     services = compose()["services"]
-    stack_env = {k[len("ONNXFLOW_STACK_"):].lower(): v
-                 for k, v in services["deployments"]["environment"].items()}
-    stack = StackSettings(**{k: json.loads(v) if v.startswith("[") else v
-                             for k, v in stack_env.items()})
+    stack_env = {
+        k[len("ONNXFLOW_STACK_") :].lower(): v
+        for k, v in services["deployments"]["environment"].items()
+    }
+    stack = StackSettings(
+        **{k: json.loads(v) if v.startswith("[") else v for k, v in stack_env.items()}
+    )
     assert stack.prefect_api_url == services["worker"]["environment"]["PREFECT_API_URL"]
-    serve_env = {k[len("ONNXFLOW_SERVE_"):].lower(): v
-                 for k, v in services["endpoint"]["environment"].items()
-                 if k.startswith("ONNXFLOW_SERVE_")}
+    serve_env = {
+        k[len("ONNXFLOW_SERVE_") :].lower(): v
+        for k, v in services["endpoint"]["environment"].items()
+        if k.startswith("ONNXFLOW_SERVE_")
+    }
     serving = ServingSettings(**serve_env)
     assert f"http://endpoint:{serving.port}" in stack.endpoints_for_runs
     assert f"{serving.port}:{serving.port}" in services["endpoint"]["ports"]
     mlflow_url = services["worker"]["environment"]["MLFLOW_TRACKING_URI"]
     assert services["endpoint"]["environment"]["MLFLOW_TRACKING_URI"] == mlflow_url
     assert "--serve-artifacts" in services["mlflow"]["command"]
-    assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"] \
-        .startswith("postgresql+asyncpg://")
+    assert services["prefect-server"]["environment"][
+        "PREFECT_API_DATABASE_CONNECTION_URL"
+    ].startswith("postgresql+asyncpg://")
 
 
 def test_kubernetes_serving_probes_the_v2_health_routes():
@@ -193,7 +242,9 @@ def test_kubernetes_serving_probes_the_v2_health_routes():
     assert set(docs) == {"Deployment", "Service", "HorizontalPodAutoscaler"}
     deployment = docs["Deployment"]
     pod = deployment["spec"]["template"]
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert (
+        deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    )
     (container,) = pod["spec"]["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
@@ -230,10 +281,17 @@ def test_kubernetes_manifests_validate_against_a_current_kubernetes_schema():
     from prefect.utilities.templating import apply_values
 
     template = json.loads((INFRA / "k8s" / "prefect-base-job-template.json").read_text())
-    values = {name: spec["default"] for name, spec in template["variables"]["properties"].items()
-              if "default" in spec}
-    values |= {"name": "flow-run-1", "command": "prefect flow-run execute",
-               "labels": {"prefect.io/flow-run-id": "1"}, "env": {"PREFECT_API_URL": "http://x"}}
+    values = {
+        name: spec["default"]
+        for name, spec in template["variables"]["properties"].items()
+        if "default" in spec
+    }
+    values |= {
+        "name": "flow-run-1",
+        "command": "prefect flow-run execute",
+        "labels": {"prefect.io/flow-run-id": "1"},
+        "env": {"PREFECT_API_URL": "http://x"},
+    }
     job = apply_values(template["job_configuration"]["job_manifest"], values)
     for container in job["spec"]["template"]["spec"]["containers"]:
         if isinstance(container.get("args"), str):  # the worker shlex-splits "{{ command }}"

@@ -23,11 +23,13 @@ def prefect_harness():
 def test_sklearn_and_a_torch_cnn_run_end_to_end_with_a_quantized_version(mlflow_store, tmp_path):
     from onnxflow.flows.pipeline import run
 
-    config = PipelineConfig.model_validate({
-        "train": {"epochs": 3, "hidden_sizes": [32], "model": "cnn"},
-        "validate": {"latency_repeats": 3},
-        "quantize": {"mode": "dynamic", "latency_repeats": 3, "max_accuracy_drop": 0.05},
-    })
+    config = PipelineConfig.model_validate(
+        {
+            "train": {"epochs": 3, "hidden_sizes": [32], "model": "cnn"},
+            "validate": {"latency_repeats": 3},
+            "quantize": {"mode": "dynamic", "latency_repeats": 3, "max_accuracy_drop": 0.05},
+        }
+    )
     result = run(["sklearn", "torch"], config, tmp_path / "art")
 
     assert not result.failures and len(result.chains) == 2
@@ -48,8 +50,7 @@ def test_sklearn_and_a_torch_cnn_run_end_to_end_with_a_quantized_version(mlflow_
     assert {row["framework"] for row in result.table} == {"sklearn", "torch"}
 
 
-def test_a_quantized_model_that_loses_too_much_is_refused_with_a_report(tmp_path_factory,
-                                                                       tmp_path):
+def test_a_quantized_model_that_loses_too_much_is_refused_with_a_report(tmp_path_factory, tmp_path):
     from onnxflow.quantize import quantize_model
 
     model = built("torch", "regression", tmp_path_factory)
@@ -58,5 +59,4 @@ def test_a_quantized_model_that_loses_too_much_is_refused_with_a_report(tmp_path
         quantize_model(model.exported.path, model.dataset, strict, tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] is False and report["bytes"]["quantized"] > 0
-    assert set(report["latency_ms"]) == {"float_b1", "quantized_b1", "float_b32",
-                                         "quantized_b32"}
+    assert set(report["latency_ms"]) == {"float_b1", "quantized_b1", "float_b32", "quantized_b32"}

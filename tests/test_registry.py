@@ -25,54 +25,82 @@ def _versions(name="digits"):
 
 
 def _register(path: Path, **tags) -> str:
-    return register_onnx(path, model_name="digits", input_example=EXAMPLE,
-                         tags={k: str(v) for k, v in tags.items()}).version
+    return register_onnx(
+        path, model_name="digits", input_example=EXAMPLE, tags={k: str(v) for k, v in tags.items()}
+    ).version
 
 
 def test_register_logs_files_signature_tags_and_alias(mlflow_store, tmp_path):
     path = make_linear_onnx(tmp_path / "m" / "model.onnx", external_data=True)
-    registered = register_onnx(path, model_name="digits", input_example=EXAMPLE,
-                               tags={"source_framework": "torch"})
+    registered = register_onnx(
+        path, model_name="digits", input_example=EXAMPLE, tags={"source_framework": "torch"}
+    )
     client = MlflowClient()
     mv = client.get_model_version_by_alias("digits", "challenger")
     assert str(mv.version) == registered.version == "1"
     assert mv.tags["source_framework"] == "torch"
 
-    local = Path(mlflow.artifacts.download_artifacts(registered.model_uri, dst_path=str(tmp_path / "dl")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(registered.model_uri, dst_path=str(tmp_path / "dl"))
+    )
     assert {"model.onnx", "model.onnx.data", "MLmodel", "input_example.json"} <= {
-        p.name for p in local.iterdir()}
+        p.name for p in local.iterdir()
+    }
     assert mv.tags["onnx_sha256"] == onnx_digest(local / "model.onnx")
     info = mlflow.models.get_model_info(registered.model_uri)
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 64]
     loaded = mlflow.pyfunc.load_model(registered.model_uri)
-    np.testing.assert_allclose(loaded.predict(EXAMPLE)["probabilities"], _onnx(path, EXAMPLE), rtol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(EXAMPLE)["probabilities"], _onnx(path, EXAMPLE), rtol=1e-6
+    )
 
 
 def _onnx(path, x):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"features": x})[0]
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"features": x}
+    )[0]
 
 
 def test_retried_register_reuses_the_version_of_its_run(mlflow_store, linear_onnx):
     client = MlflowClient()
     run_id = client.create_run(client.create_experiment("e")).info.run_id
     first = register_onnx(linear_onnx, model_name="digits", input_example=EXAMPLE, run_id=run_id)
-    again = register_onnx(linear_onnx, model_name="digits", input_example=EXAMPLE, run_id=run_id,
-                          tags={"note": "retry"})
+    again = register_onnx(
+        linear_onnx,
+        model_name="digits",
+        input_example=EXAMPLE,
+        run_id=run_id,
+        tags={"note": "retry"},
+    )
     assert first.version == again.version and len(_versions()) == 1
     assert client.get_model_version("digits", first.version).tags["note"] == "retry"
 
 
 def test_unvalidated_model_is_never_registered(mlflow_store, linear_onnx, tmp_path):
     failed = ValidationSummary(
-        report_dir=tmp_path, passed=False, metric_name="accuracy", framework_metric=0.9,
-        onnx_metric=0.5, parity_max_abs=0.5, parity_max_rel=1.0, latency_ms={}, opset=18,
-        ir_version=9, model_bytes=1,
+        report_dir=tmp_path,
+        passed=False,
+        metric_name="accuracy",
+        framework_metric=0.9,
+        onnx_metric=0.5,
+        parity_max_abs=0.5,
+        parity_max_rel=1.0,
+        latency_ms={},
+        opset=18,
+        ir_version=9,
+        model_bytes=1,
     )
     with pytest.raises(RegistryError, match="validation failed"):
-        register_validated(linear_onnx, summary=failed, lineage={}, dataset=None,
-                           config=RegisterConfig(), run_id="x")
+        register_validated(
+            linear_onnx,
+            summary=failed,
+            lineage={},
+            dataset=None,
+            config=RegisterConfig(),
+            run_id="x",
+        )
     assert _versions() == []
 
 
@@ -102,7 +130,10 @@ def test_auto_promotion_moves_champion_only_when_better(mlflow_store, linear_onn
     tie = promote("digits", [v4], PromoteConfig())
     assert (tie.decision, _champion()) == ("kept_champion", v2)
     tags = MlflowClient().get_model_version("digits", v4).tags
-    assert tags["promotion_decision"] == "kept_champion" and "does not beat" in tags["promotion_reason"]
+    assert (
+        tags["promotion_decision"] == "kept_champion"
+        and "does not beat" in tags["promotion_reason"]
+    )
 
 
 def test_review_mode_leaves_champion_for_a_reviewer(mlflow_store, linear_onnx):
@@ -111,7 +142,10 @@ def test_review_mode_leaves_champion_for_a_reviewer(mlflow_store, linear_onnx):
     v2 = _register(linear_onnx, accuracy=0.99)
     decision = promote("digits", [v2], PromoteConfig(mode="review"))
     assert (decision.decision, decision.champion_after, _champion()) == ("awaiting_review", v1, v1)
-    assert MlflowClient().get_model_version("digits", v2).tags["promotion_decision"] == "awaiting_review"
+    assert (
+        MlflowClient().get_model_version("digits", v2).tags["promotion_decision"]
+        == "awaiting_review"
+    )
 
 
 def test_lower_is_better_metrics(mlflow_store, linear_onnx):

@@ -51,8 +51,9 @@ def test_simplify_carries_external_data_and_keeps_the_batch_dynamic(torch_export
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # still symbolic
     for batch in (1, 7):
         rows = _rows(batch)
-        np.testing.assert_allclose(_outputs(moved, rows), _outputs(torch_export, rows),
-                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            _outputs(moved, rows), _outputs(torch_export, rows), atol=1e-5, rtol=0
+        )
 
 
 def test_simplify_inline_model_stays_inline(keras_export, tmp_path):
@@ -61,8 +62,9 @@ def test_simplify_inline_model_stays_inline(keras_export, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
     assert 0 < result.nodes_after <= result.nodes_before
     rows = _rows(5)
-    np.testing.assert_allclose(_outputs(result.path, rows), _outputs(keras_export, rows),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        _outputs(result.path, rows), _outputs(keras_export, rows), atol=1e-5, rtol=0
+    )
 
 
 def test_simplify_disabled_copies_the_model(torch_export, tmp_path):
@@ -95,10 +97,12 @@ def test_outputs_changed_by_simplification_are_rejected(keras_export, tmp_path):
     final = proto.graph.output[0].name
     for node in proto.graph.node:
         node.output[:] = ["pre_dropout" if name == final else name for name in node.output]
-    proto.graph.initializer.extend([
-        onnx.numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
-        onnx.numpy_helper.from_array(np.array(True), "training_mode"),
-    ])
+    proto.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+            onnx.numpy_helper.from_array(np.array(True), "training_mode"),
+        ]
+    )
     proto.graph.node.append(
         onnx.helper.make_node("Dropout", ["pre_dropout", "ratio", "training_mode"], [final])
     )
@@ -128,19 +132,24 @@ def test_token_id_and_mask_inputs_are_probed_and_simplified(tmp_path):
     from onnx import TensorProto, helper
 
     table = onnx.numpy_helper.from_array(
-        np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32), "table")
+        np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32), "table"
+    )
     shape = onnx.numpy_helper.from_array(np.array([0, -1], np.int64), "shape")
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "ids"], ["embedded"]),
-         helper.make_node("Cast", ["mask"], ["weights"], to=TensorProto.FLOAT),
-         helper.make_node("Unsqueeze", ["weights", "axis"], ["weights3"]),
-         helper.make_node("Mul", ["embedded", "weights3"], ["masked"]),
-         helper.make_node("Reshape", ["masked", "shape"], ["flat"]),
-         helper.make_node("Identity", ["flat"], ["flat2"]),  # what onnxsim removes
-         helper.make_node("Softmax", ["flat2"], ["probabilities"], axis=-1)],
+        [
+            helper.make_node("Gather", ["table", "ids"], ["embedded"]),
+            helper.make_node("Cast", ["mask"], ["weights"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["weights", "axis"], ["weights3"]),
+            helper.make_node("Mul", ["embedded", "weights3"], ["masked"]),
+            helper.make_node("Reshape", ["masked", "shape"], ["flat"]),
+            helper.make_node("Identity", ["flat"], ["flat2"]),  # what onnxsim removes
+            helper.make_node("Softmax", ["flat2"], ["probabilities"], axis=-1),
+        ],
         "tokens",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 3]),
-         helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 3])],
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 3]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 3]),
+        ],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 12])],
         [table, shape, onnx.numpy_helper.from_array(np.array([2], np.int64), "axis")],
     )

@@ -5,15 +5,20 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from onnxflow.stack import manager
 from onnxflow.errors import StackError
 from onnxflow.processes import (
-    ProcessRecord, is_alive, is_running, process_tree, start_process, stop_process, wait_until,
+    ProcessRecord,
+    is_alive,
+    is_running,
+    process_tree,
+    start_process,
+    stop_process,
+    wait_until,
 )
+from onnxflow.stack import manager
 from onnxflow.stack.settings import StackSettings
 
 
@@ -44,13 +49,15 @@ def test_replica_ports_must_differ():
 
 def test_mlflow_server_proxies_artifacts_and_runs_see_its_http_url(tmp_path):
     settings = StackSettings(
-        state_dir=tmp_path, mlflow_port=5123,
+        state_dir=tmp_path,
+        mlflow_port=5123,
         prefect_database_url="postgresql+asyncpg://p@127.0.0.1:5432/prefect",
     )
     command = manager.mlflow_server_command(settings)
     assert "--serve-artifacts" in command
     assert command[command.index("--artifacts-destination") + 1] == str(
-        tmp_path.resolve() / "mlflow-artifacts")
+        tmp_path.resolve() / "mlflow-artifacts"
+    )
     worker = manager.worker_env(settings)
     assert worker["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5123"
     assert worker["PREFECT_API_URL"] == settings.prefect_api_url
@@ -82,8 +89,9 @@ time.sleep(300)
 def test_stop_ends_the_whole_tree_even_children_in_their_own_session(tmp_path):
     record = start_process("tree", [sys.executable, "-c", TREE], {}, tmp_path / "tree.log")
     # a line of its own: the log's header line holds the script, "started" included
-    wait_until(record, lambda: "started" in (tmp_path / "tree.log").read_text().splitlines(),
-               60, "started")
+    wait_until(
+        record, lambda: "started" in (tmp_path / "tree.log").read_text().splitlines(), 60, "started"
+    )
     tree = process_tree(record.pid)
     assert len(tree) == 3
     assert stop_process(record, timeout_s=5)
@@ -105,8 +113,12 @@ def test_a_recycled_pid_is_not_mistaken_for_ours(tmp_path):
 
 
 def test_wait_until_reports_the_log_of_a_process_that_died(tmp_path):
-    record = start_process("dies", [sys.executable, "-c", "print('bad config: no port'); raise SystemExit(3)"],
-                           {}, tmp_path / "dies.log")
+    record = start_process(
+        "dies",
+        [sys.executable, "-c", "print('bad config: no port'); raise SystemExit(3)"],
+        {},
+        tmp_path / "dies.log",
+    )
     with pytest.raises(StackError, match="(?s)dies exited before it was healthy.*bad config"):
         wait_until(record, lambda: False, 20, "healthy", error=StackError)
 
@@ -116,9 +128,15 @@ def test_up_refuses_a_taken_port_before_starting_anything(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        settings = StackSettings(state_dir=tmp_path, mlflow_port=port, prefect_port=port + 1 if port < 65535 else port - 1,
-                                 endpoint_ports=[])
-        with pytest.raises(StackError, match=f"port {port} on 127.0.0.1, wanted by the MLflow server"):
+        settings = StackSettings(
+            state_dir=tmp_path,
+            mlflow_port=port,
+            prefect_port=port + 1 if port < 65535 else port - 1,
+            endpoint_ports=[],
+        )
+        with pytest.raises(
+            StackError, match=f"port {port} on 127.0.0.1, wanted by the MLflow server"
+        ):
             manager.up(settings)
     assert manager.read_state(settings) == []
 

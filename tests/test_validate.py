@@ -30,7 +30,8 @@ def _tamper(model_path, out_dir, delta: float = 0.5):
     for node in proto.graph.node:
         node.output[:] = ["untampered" if name == final else name for name in node.output]
     proto.graph.initializer.append(
-        onnx.numpy_helper.from_array(np.array(delta, np.float32), "delta"))
+        onnx.numpy_helper.from_array(np.array(delta, np.float32), "delta")
+    )
     proto.graph.node.append(onnx.helper.make_node("Add", ["untampered", "delta"], [final]))
     out_dir.mkdir()
     onnx.save(proto, str(out_dir / "model.onnx"))
@@ -60,7 +61,10 @@ def test_a_faithful_export_passes(framework, tmp_path_factory, tmp_path):
     assert report["dataset"]["rows"] == model.dataset.info.n_test
     assert report["parity"]["probabilities"]["max_abs"] == summary.parity_max_abs
     assert {c["name"] for c in report["checks"]} >= {
-        "output names", "output 'probabilities' shape", "batch 1 vs batch 32", "accuracy",
+        "output names",
+        "output 'probabilities' shape",
+        "batch 1 vs batch 32",
+        "accuracy",
         "onnxruntime loads the model",
     }
     assert report["plots"] == ["parity.png", "latency.png", "confusion_matrix.png"]
@@ -103,8 +107,13 @@ def test_a_model_onnxruntime_cannot_load_is_reported(torch_digits, tmp_path):
     onnx.save(proto, str(tmp_path / "future" / "model.onnx"))
 
     with pytest.raises(ValidationError) as caught:
-        validate_model(tmp_path / "future" / "model.onnx", torch_digits.trained,
-                       torch_digits.dataset, FAST, tmp_path / "report")
+        validate_model(
+            tmp_path / "future" / "model.onnx",
+            torch_digits.trained,
+            torch_digits.dataset,
+            FAST,
+            tmp_path / "report",
+        )
 
     failures = caught.value.failures
     assert any("opset 99, IR" in f and "exceeds max opset" in f for f in failures)
@@ -142,14 +151,20 @@ def test_an_output_of_the_wrong_shape_is_reported(torch_digits, tmp_path):
         for name, v in (("starts", 0), ("ends", 5), ("axes", 1))
     )
     proto.graph.node.append(
-        onnx.helper.make_node("Slice", ["all_classes", "starts", "ends", "axes"], [final]))
+        onnx.helper.make_node("Slice", ["all_classes", "starts", "ends", "axes"], [final])
+    )
     proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 5
     (tmp_path / "sliced").mkdir()
     onnx.save(proto, str(tmp_path / "sliced" / "model.onnx"))
 
     with pytest.raises(ValidationError) as caught:
-        validate_model(tmp_path / "sliced" / "model.onnx", torch_digits.trained,
-                       torch_digits.dataset, FAST, tmp_path / "report")
+        validate_model(
+            tmp_path / "sliced" / "model.onnx",
+            torch_digits.trained,
+            torch_digits.dataset,
+            FAST,
+            tmp_path / "report",
+        )
 
     n = torch_digits.dataset.info.n_test
     assert caught.value.failures == [

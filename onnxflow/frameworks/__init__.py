@@ -71,7 +71,7 @@ def image_side(n_features: int, error: type[OnnxflowError]) -> int:
     A CNN keeps the common interface: it takes the flat ``[batch, n_features]`` raw
     features and reshapes them inside the model, so serving and validation see no change.
     """
-    side = int(round(n_features ** 0.5))
+    side = int(round(n_features**0.5))
     if side * side != n_features or side < 4:
         raise error(
             f"--model cnn reads the features as a square image of at least 4x4 pixels; "
@@ -129,8 +129,9 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
 
 
-def save_exported(proto, info: DatasetInfo, opset: int, out_dir: Path, exporter: str,
-                  started: float) -> ExportedModel:
+def save_exported(
+    proto, info: DatasetInfo, opset: int, out_dir: Path, exporter: str, started: float
+) -> ExportedModel:
     """Write an in-memory export as ``out_dir/model.onnx``, check it, and describe it."""
     import time
 
@@ -163,4 +164,3 @@ def check_exported_model(model_path: Path, info: DatasetInfo, opset: int) -> Non
         raise ExportError(
             f"{model_path.name} does not have the expected interface: " + "; ".join(problems)
         )
-

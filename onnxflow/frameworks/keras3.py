@@ -65,8 +65,7 @@ def train(
     if side:
         model = _cnn(keras, side, config.hidden_sizes, info.n_outputs, classification)
     else:
-        model = _mlp(keras, info.n_features, config.hidden_sizes, info.n_outputs,
-                     classification)
+        model = _mlp(keras, info.n_features, config.hidden_sizes, info.n_outputs, classification)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
         loss="sparse_categorical_crossentropy" if classification else "mean_squared_error",
@@ -82,12 +81,19 @@ def train(
     )
     val_data = tf.data.Dataset.from_tensor_slices((X_val, y_val)).batch(_EVAL_BATCH)
     reporter = _epoch_reporter(keras, info, config, on_epoch)
-    model.fit(train_data, validation_data=val_data, epochs=config.epochs, verbose=0,
-              shuffle=False, callbacks=[reporter])  # the pipeline shuffles, seeded
+    model.fit(
+        train_data,
+        validation_data=val_data,
+        epochs=config.epochs,
+        verbose=0,
+        shuffle=False,
+        callbacks=[reporter],
+    )  # the pipeline shuffles, seeded
     metrics = reporter.last_metrics
 
-    inference = (_cnn_inference_model(keras, model, info) if side
-                 else _inference_model(keras, model, info))
+    inference = (
+        _cnn_inference_model(keras, model, info) if side else _inference_model(keras, model, info)
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.keras"
     inference.save(path)
@@ -129,8 +135,9 @@ def export(
     signature = (tf.TensorSpec([None, info.n_features], tf.float32, name=INPUT_NAME),)
     serve = tf.function(lambda features: model(features, training=False))
     try:
-        proto, _ = tf2onnx.convert.from_function(serve, input_signature=signature,
-                                                 opset=config.opset)
+        proto, _ = tf2onnx.convert.from_function(
+            serve, input_signature=signature, opset=config.opset
+        )
     except Exception as exc:  # tf2onnx raises whatever TensorFlow or its handlers raise
         raise ExportError(f"tf2onnx could not convert {trained.path}: {exc}") from exc
     if len(proto.graph.output) != 1:
@@ -176,16 +183,16 @@ def _import_keras(error: type[OnnxflowError]):
 # -- training --------------------------------------------------------------------------
 
 
-def _mlp(keras, n_features: int, hidden_sizes: tuple[int, ...], n_outputs: int,
-         classification: bool):
+def _mlp(
+    keras, n_features: int, hidden_sizes: tuple[int, ...], n_outputs: int, classification: bool
+):
     layers = [keras.Input((n_features,), name=INPUT_NAME)]
     layers += [keras.layers.Dense(width, activation="relu") for width in hidden_sizes]
     layers.append(keras.layers.Dense(n_outputs, activation="softmax" if classification else None))
     return keras.Sequential(layers)
 
 
-def _cnn(keras, side: int, hidden_sizes: tuple[int, ...], n_outputs: int,
-         classification: bool):
+def _cnn(keras, side: int, hidden_sizes: tuple[int, ...], n_outputs: int, classification: bool):
     """The torch adapter's CNN in Keras: the flat features reshaped to ``side x side x 1``
     (channels last) inside the model, two 3x3 convolutions, a 2x2 max-pool, a dense head."""
     layers = [
@@ -201,8 +208,7 @@ def _cnn(keras, side: int, hidden_sizes: tuple[int, ...], n_outputs: int,
     return keras.Sequential(layers)
 
 
-def _epoch_reporter(keras, info: DatasetInfo, config: TrainConfig,
-                    on_epoch: EpochCallback | None):
+def _epoch_reporter(keras, info: DatasetInfo, config: TrainConfig, on_epoch: EpochCallback | None):
     """A callback that logs one line per epoch and hands the metrics to ``on_epoch``."""
 
     class EpochReporter(keras.callbacks.Callback):
@@ -252,8 +258,10 @@ def _cnn_inference_model(keras, model, info: DatasetInfo):
     mean = np.asarray(info.feature_mean, dtype=np.float64)
     inv_std = 1.0 / np.asarray(info.feature_std, dtype=np.float64)
     inputs = keras.Input((info.n_features,), name=INPUT_NAME)
-    x = keras.layers.Rescaling(scale=inv_std.astype(np.float32).tolist(),
-                               offset=(-mean * inv_std).astype(np.float32).tolist())(inputs)
+    x = keras.layers.Rescaling(
+        scale=inv_std.astype(np.float32).tolist(),
+        offset=(-mean * inv_std).astype(np.float32).tolist(),
+    )(inputs)
     for layer in model.layers:
         x = layer(x)
     if info.task == "regression":

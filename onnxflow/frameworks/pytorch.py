@@ -197,8 +197,12 @@ def _cnn(side: int, hidden_sizes: tuple[int, ...], n_outputs: int):
 
     layers: list[torch.nn.Module] = [
         torch.nn.Unflatten(1, (1, side, side)),
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Conv2d(1, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
     ]
     width = 32 * (side // 2) ** 2
     for hidden in hidden_sizes:
@@ -208,8 +212,16 @@ def _cnn(side: int, hidden_sizes: tuple[int, ...], n_outputs: int):
     return torch.nn.Sequential(*layers)
 
 
-def _fit(net, X_train, y_train, X_val, y_val, info: DatasetInfo, config: TrainConfig,
-         on_epoch: EpochCallback | None) -> dict[str, float]:
+def _fit(
+    net,
+    X_train,
+    y_train,
+    X_val,
+    y_val,
+    info: DatasetInfo,
+    config: TrainConfig,
+    on_epoch: EpochCallback | None,
+) -> dict[str, float]:
     import torch
 
     classification = info.task == "classification"
@@ -229,7 +241,7 @@ def _fit(net, X_train, y_train, X_val, y_val, info: DatasetInfo, config: TrainCo
         order = torch.randperm(n, generator=generator)
         total = 0.0
         for start in range(0, n, config.batch_size):
-            rows = order[start:start + config.batch_size]
+            rows = order[start : start + config.batch_size]
             optimizer.zero_grad()
             loss = loss_fn(net(X[rows]), y[rows])
             loss.backward()
@@ -314,8 +326,14 @@ def _export_dynamo(program, sample, out_name: str, opset: int, target: Path) -> 
     import torch
 
     onnx_program = torch.onnx.export(
-        program, (sample,), None, dynamo=True, input_names=[INPUT_NAME],
-        output_names=[out_name], opset_version=opset, verbose=False,
+        program,
+        (sample,),
+        None,
+        dynamo=True,
+        input_names=[INPUT_NAME],
+        output_names=[out_name],
+        opset_version=opset,
+        verbose=False,
     )
     found = onnx_program.model.opset_imports.get("")
     if found != opset:
@@ -336,11 +354,14 @@ def _name_batch_axis(model) -> None:
     values = [*graph.inputs, *graph.outputs, *(v for node in graph for v in node.outputs)]
     for value in values:
         if value.shape is not None:
-            value.shape = ir.Shape([
-                ir.SymbolicDim(BATCH_AXIS)
-                if isinstance(d, ir.SymbolicDim) and d.value == symbol.value else d
-                for d in value.shape
-            ])
+            value.shape = ir.Shape(
+                [
+                    ir.SymbolicDim(BATCH_AXIS)
+                    if isinstance(d, ir.SymbolicDim) and d.value == symbol.value
+                    else d
+                    for d in value.shape
+                ]
+            )
 
 
 def _export_legacy(program, sample, out_name: str, opset: int, target: Path) -> None:
@@ -360,8 +381,13 @@ def _export_legacy(program, sample, out_name: str, opset: int, target: Path) -> 
     module = program.module()
     module.requires_grad_(False)  # the tracer folds the weights in as constants
     torch.onnx.export(
-        Traceable(module), (sample,), str(target), dynamo=False, input_names=[INPUT_NAME],
-        output_names=[out_name], opset_version=opset,
+        Traceable(module),
+        (sample,),
+        str(target),
+        dynamo=False,
+        input_names=[INPUT_NAME],
+        output_names=[out_name],
+        opset_version=opset,
         dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, out_name: {0: BATCH_AXIS}},
     )
 

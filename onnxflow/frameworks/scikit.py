@@ -63,8 +63,11 @@ def train(
     info = dataset.info
     splits = load_splits(dataset)
     classification = info.task == "classification"
-    estimator = (LogisticRegression(max_iter=MAX_ITER, random_state=config.seed)
-                 if classification else Ridge(alpha=1.0, random_state=config.seed))
+    estimator = (
+        LogisticRegression(max_iter=MAX_ITER, random_state=config.seed)
+        if classification
+        else Ridge(alpha=1.0, random_state=config.seed)
+    )
     pipeline = make_pipeline(StandardScaler(), estimator)
     started = time.perf_counter()
     pipeline.fit(splits["X_train"], splits["y_train"])
@@ -86,8 +89,9 @@ def train(
             "val_rmse": float(np.sqrt(val_mse)),
         }
     if not np.isfinite(list(metrics.values())).all():
-        raise TrainingError(f"scikit-learn training produced non-finite metrics: "
-                            f"{format_metrics(metrics)}")
+        raise TrainingError(
+            f"scikit-learn training produced non-finite metrics: {format_metrics(metrics)}"
+        )
     if on_epoch is not None:
         on_epoch(1, metrics)
 
@@ -201,5 +205,8 @@ def _set_opset(proto, opset: int) -> None:
 
 
 def _n_parameters(estimator) -> int:
-    return int(sum(np.size(getattr(estimator, a)) for a in ("coef_", "intercept_")
-                   if hasattr(estimator, a)))
+    return int(
+        sum(
+            np.size(getattr(estimator, a)) for a in ("coef_", "intercept_") if hasattr(estimator, a)
+        )
+    )

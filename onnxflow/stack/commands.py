@@ -7,6 +7,7 @@ entry point.
 from __future__ import annotations
 
 import logging
+
 import typer
 
 from onnxflow.errors import OnnxflowError
@@ -73,8 +74,10 @@ def status() -> None:
         return
     for row in rows:
         mark = "✓" if row["running"] else "✗"
-        typer.echo(f"  {mark} {row['name']:<16} pid {row['pid']:<7} {row['url']:<24} "
-                   f"{row['detail'] if row['running'] else 'NOT RUNNING, log: ' + row['log']}")
+        typer.echo(
+            f"  {mark} {row['name']:<16} pid {row['pid']:<7} {row['url']:<24} "
+            f"{row['detail'] if row['running'] else 'NOT RUNNING, log: ' + row['log']}"
+        )
     _print_urls(settings)
     if not all(row["running"] for row in rows):
         raise typer.Exit(1)
@@ -91,8 +94,7 @@ def deploy() -> None:
         names = apply_deployments(settings)
     except OnnxflowError as exc:
         _fail(exc)
-    typer.echo(f"deployed {', '.join(names)} to {settings.prefect_url} "
-               f"(pool {settings.work_pool})")
+    typer.echo(f"deployed {', '.join(names)} to {settings.prefect_url} (pool {settings.work_pool})")
 
 
 def _print_urls(settings) -> None:
@@ -101,31 +103,39 @@ def _print_urls(settings) -> None:
         typer.echo(f"  endpoint     {url}   (model {settings.model})")
 
 
-
 def trigger_run(frameworks: list[str], config, wait: bool, timeout_s: float | None) -> None:
     """Create an on-demand run; with ``wait``, report how it ended and what is served."""
     import time
 
     from onnxflow.endpoints import serving_version
     from onnxflow.stack.deployments import config_parameter, trigger
-
     from onnxflow.stack.manager import running_settings
 
     settings = running_settings(_settings())
-    parameters = {"frameworks": frameworks, "config": config_parameter(config),
-                  "endpoints": settings.endpoints_for_runs}
+    parameters = {
+        "frameworks": frameworks,
+        "config": config_parameter(config),
+        "endpoints": settings.endpoints_for_runs,
+    }
     started = time.perf_counter()
     try:
         run = trigger(settings, parameters, wait=wait, timeout_s=timeout_s)
     except Exception as exc:  # no server, unknown deployment: say where we looked
-        _fail(RuntimeError(f"cannot run the on-demand deployment on {settings.prefect_url} "
-                           f"(is the stack up? `make status`): {exc}"))
+        _fail(
+            RuntimeError(
+                f"cannot run the on-demand deployment on {settings.prefect_url} "
+                f"(is the stack up? `make status`): {exc}"
+            )
+        )
     typer.echo(f"flow run {run.name}: {settings.prefect_url}/runs/flow-run/{run.id}")
     if not wait:
         return
     state = run.state
-    typer.echo(f"finished {state.type.value if state else 'UNKNOWN'} after "
-               f"{time.perf_counter() - started:.1f} s{': ' + state.message if state and state.message else ''}")
+    note = f": {state.message}" if state and state.message else ""
+    typer.echo(
+        f"finished {state.type.value if state else 'UNKNOWN'} after "
+        f"{time.perf_counter() - started:.1f} s{note}"
+    )
     name = config.register_.model_name
     for url in settings.endpoint_urls:
         version = serving_version(url, name)

@@ -53,15 +53,17 @@ def apply_deployments(settings: StackSettings) -> list[str]:
 
     from onnxflow.flows.retrain import retrain_and_deploy
 
-    common: dict[str, Any] = dict(entrypoint_type=EntrypointType.MODULE_PATH,
-                                  work_pool_name=settings.work_pool, tags=["onnxflow"])
+    common: dict[str, Any] = dict(
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        work_pool_name=settings.work_pool,
+        tags=["onnxflow"],
+    )
     endpoints = settings.endpoints_for_runs
     scheduled = retrain_and_deploy.to_deployment(
         SCHEDULED,
         schedules=[Cron(settings.schedule_cron, timezone=settings.schedule_timezone)],
         paused=settings.schedule_paused,
-        parameters={"config": config_parameter(scheduled_config(settings)),
-                    "endpoints": endpoints},
+        parameters={"config": config_parameter(scheduled_config(settings)), "endpoints": endpoints},
         description="Nightly retrain: both frameworks, auto promotion; finishes when every "
         "replica serves the new champion.",
         **common,
@@ -113,18 +115,25 @@ def zombie_automation(after_s: int):
         name=ZOMBIE_AUTOMATION,
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
-                    "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
-                    "prefect.flow-run.Crashed"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
             within=timedelta(seconds=after_s),
         ),
-        actions=[ChangeFlowRunState(
-            state=StateType.CRASHED,
-            message=f"no heartbeat for {after_s} s: the worker running it died")],
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {after_s} s: the worker running it died",
+            )
+        ],
     )
 
 
@@ -139,7 +148,9 @@ def _ensure_zombie_automation(after_s: int) -> None:
 
 
 def trigger(
-    settings: StackSettings, parameters: dict[str, Any], wait: bool = False,
+    settings: StackSettings,
+    parameters: dict[str, Any],
+    wait: bool = False,
     timeout_s: float | None = None,
 ):
     """Create a run of the on-demand deployment; with ``wait``, block until it finishes.
@@ -151,6 +162,9 @@ def trigger(
 
     with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
         return run_deployment(
-            f"{FLOW_NAME}/{ON_DEMAND}", parameters=parameters,
-            timeout=(timeout_s if wait else 0), poll_interval=2, as_subflow=False,
+            f"{FLOW_NAME}/{ON_DEMAND}",
+            parameters=parameters,
+            timeout=(timeout_s if wait else 0),
+            poll_interval=2,
+            as_subflow=False,
         )

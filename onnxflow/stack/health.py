@@ -23,10 +23,8 @@ def prefect_healthy(url: str) -> bool:
 
 def worker_online(url: str, pool: str) -> bool:
     """True once a worker of ``pool`` has sent its heartbeat to the Prefect server."""
-    response = httpx.post(f"{url}/api/work_pools/{pool}/workers/filter", json={},
-                          timeout=TIMEOUT)
-    return response.status_code == 200 and any(
-        w.get("status") == "ONLINE" for w in response.json())
+    response = httpx.post(f"{url}/api/work_pools/{pool}/workers/filter", json={}, timeout=TIMEOUT)
+    return response.status_code == 200 and any(w.get("status") == "ONLINE" for w in response.json())
 
 
 def endpoint_live(url: str) -> bool:

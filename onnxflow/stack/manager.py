@@ -25,7 +25,11 @@ from pathlib import Path
 from onnxflow.endpoints import serving_version
 from onnxflow.errors import StackError
 from onnxflow.processes import (
-    ProcessRecord, is_running, start_process, stop_process, wait_until,
+    ProcessRecord,
+    is_running,
+    start_process,
+    stop_process,
+    wait_until,
 )
 from onnxflow.stack import accounts, health
 from onnxflow.stack.accounts import Credentials
@@ -35,13 +39,23 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "stack.json"
 #: Variables of the caller that must not leak into the stack's processes.
-_OVERRIDDEN = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILES_PATH",
-               "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL",
-               "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
-               # each process gets its own account (or none), never the caller's
-               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-               "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_FLASK_SERVER_SECRET_KEY",
-               "MLFLOW_AUTH_ADMIN_PASSWORD", "ONNXFLOW_PROMOTION_POLICY")
+_OVERRIDDEN = (
+    "PREFECT_API_URL",
+    "PREFECT_HOME",
+    "PREFECT_PROFILES_PATH",
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    # each process gets its own account (or none), never the caller's
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_AUTH_CONFIG_PATH",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "ONNXFLOW_PROMOTION_POLICY",
+)
 
 Progress = Callable[[str], None]
 
@@ -61,10 +75,18 @@ def mlflow_backend_uri(settings: StackSettings) -> str:
 
 def base_env(settings: StackSettings) -> dict[str, str]:
     """The caller's environment, less what would point a process at another store."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in _OVERRIDDEN and not k.startswith(("ONNXFLOW_SERVE_", "ONNXFLOW_AUTH_"))}
-    env.update({"PYTHONUNBUFFERED": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "TF_CPP_MIN_LOG_LEVEL": "2"})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _OVERRIDDEN and not k.startswith(("ONNXFLOW_SERVE_", "ONNXFLOW_AUTH_"))
+    }
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+    )
     return env
 
 
@@ -80,7 +102,8 @@ def prefect_env(settings: StackSettings) -> dict[str, str]:
     }
     if settings.prefect_database_url is not None:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
-            settings.prefect_database_url.get_secret_value())
+            settings.prefect_database_url.get_secret_value()
+        )
     return env
 
 
@@ -90,12 +113,21 @@ MLFLOW_APP = "onnxflow-auth"
 
 def mlflow_server_command(settings: StackSettings) -> list[str]:
     return [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", settings.host, "--port", str(settings.mlflow_port),
-        "--backend-store-uri", mlflow_backend_uri(settings),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.mlflow_port),
+        "--backend-store-uri",
+        mlflow_backend_uri(settings),
         "--serve-artifacts",
-        "--artifacts-destination", str(state_dir(settings) / "mlflow-artifacts"),
-        "--workers", str(settings.mlflow_workers),
+        "--artifacts-destination",
+        str(state_dir(settings) / "mlflow-artifacts"),
+        "--workers",
+        str(settings.mlflow_workers),
         *(["--app-name", MLFLOW_APP] if settings.auth else []),
     ]
 
@@ -115,8 +147,9 @@ def auth_database_uri(settings: StackSettings) -> str:
     return f"sqlite:///{state_dir(settings) / 'mlflow-auth.db'}"
 
 
-def mlflow_server_env(settings: StackSettings,
-                      credentials: Credentials | None = None) -> dict[str, str]:
+def mlflow_server_env(
+    settings: StackSettings, credentials: Credentials | None = None
+) -> dict[str, str]:
     # MLflow's job runner (GenAI jobs, a dozen huey processes) has nothing to do here.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     if settings.auth and credentials is not None:
@@ -127,8 +160,9 @@ def mlflow_server_env(settings: StackSettings,
     return env
 
 
-def stack_credentials(settings: StackSettings,
-                      given: Credentials | None = None) -> Credentials | None:
+def stack_credentials(
+    settings: StackSettings, given: Credentials | None = None
+) -> Credentials | None:
     """The accounts' passwords of an authenticated stack (None when auth is off)."""
     if given is not None or not settings.auth:
         return given
@@ -150,53 +184,81 @@ def prepare_auth(settings: StackSettings) -> Credentials:
     except ValueError as exc:  # pydantic's ValidationError is one
         raise StackError(f"promotion policy {settings.promotion_policy}: {exc}") from exc
     credentials = accounts.load_credentials(credentials_dir(settings))
-    accounts.write_auth_config(state_dir(settings) / "mlflow-auth.ini",
-                               auth_database_uri(settings))
-    accounts.provision(auth_database_uri(settings), credentials,
-                       accounts.reviewer_roles(policy))
+    accounts.write_auth_config(state_dir(settings) / "mlflow-auth.ini", auth_database_uri(settings))
+    accounts.provision(auth_database_uri(settings), credentials, accounts.reviewer_roles(policy))
     return credentials
 
 
 def prefect_server_command(settings: StackSettings) -> list[str]:
-    return [sys.executable, "-m", "prefect", "server", "start",
-            "--host", settings.host, "--port", str(settings.prefect_port)]
+    return [
+        sys.executable,
+        "-m",
+        "prefect",
+        "server",
+        "start",
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.prefect_port),
+    ]
 
 
 def worker_command(settings: StackSettings) -> list[str]:
-    return [sys.executable, "-m", "prefect", "worker", "start", "--pool", settings.work_pool,
-            "--type", "process", "--name", f"{settings.work_pool}-worker"]
+    return [
+        sys.executable,
+        "-m",
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        settings.work_pool,
+        "--type",
+        "process",
+        "--name",
+        f"{settings.work_pool}-worker",
+    ]
 
 
-def worker_env(settings: StackSettings,
-               credentials: Credentials | None = None) -> dict[str, str]:
+def worker_env(settings: StackSettings, credentials: Credentials | None = None) -> dict[str, str]:
     """The worker passes its environment to every flow run it starts: this is how runs
     find the tracking server, log in to it (the pipeline account) and where they write
     their files."""
     credentials = stack_credentials(settings, credentials)
     login = credentials.env_for(accounts.PIPELINE) if credentials is not None else {}
-    return {**prefect_env(settings), **login, "MLFLOW_TRACKING_URI": settings.mlflow_url,
-            "ONNXFLOW_ARTIFACTS_DIR": str(state_dir(settings) / "runs"),
-            # Heartbeats let the server mark a run Crashed when its worker dies with it
-            # (the automation apply_deployments creates); without them it stays Running.
-            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.heartbeat_s),
-            # MLflow's client alone would retry a refused connection 7 times with growing
-            # waits (minutes); the register task's Prefect retries own the backoff instead.
-            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
-            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")}
+    return {
+        **prefect_env(settings),
+        **login,
+        "MLFLOW_TRACKING_URI": settings.mlflow_url,
+        "ONNXFLOW_ARTIFACTS_DIR": str(state_dir(settings) / "runs"),
+        # Heartbeats let the server mark a run Crashed when its worker dies with it
+        # (the automation apply_deployments creates); without them it stays Running.
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.heartbeat_s),
+        # MLflow's client alone would retry a refused connection 7 times with growing
+        # waits (minutes); the register task's Prefect retries own the backoff instead.
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": os.environ.get(
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"
+        ),
+    }
 
 
 def _followed(settings: StackSettings) -> str:
-    return settings.model + (f" and every model @{settings.all_models}"
-                             if settings.all_models else "")
+    return settings.model + (
+        f" and every model @{settings.all_models}" if settings.all_models else ""
+    )
 
 
-def endpoint_env(settings: StackSettings, port: int,
-                 credentials: Credentials | None = None) -> dict[str, str]:
+def endpoint_env(
+    settings: StackSettings, port: int, credentials: Credentials | None = None
+) -> dict[str, str]:
     from onnxflow.serving.launcher import settings_env
     from onnxflow.serving.settings import ServingSettings
 
     serving = ServingSettings(
-        model=settings.model, all_models=settings.all_models, host=settings.host, port=port,
+        model=settings.model,
+        all_models=settings.all_models,
+        host=settings.host,
+        port=port,
         poll_interval_s=settings.poll_interval_s,
         # One cache per replica: replicas stand for separate machines, and share no files.
         cache_dir=state_dir(settings) / "endpoints" / str(port) / "models",
@@ -220,9 +282,12 @@ def read_state(settings: StackSettings) -> list[ProcessRecord]:
 def _write_state(settings: StackSettings, records: list[ProcessRecord]) -> None:
     path = state_dir(settings) / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"processes": [asdict(r) for r in records], "urls": urls(settings),
-               "settings": settings.model_dump(mode="json", include=set(_RECORDED)),
-               "updated_at": time.time()}
+    payload = {
+        "processes": [asdict(r) for r in records],
+        "urls": urls(settings),
+        "settings": settings.model_dump(mode="json", include=set(_RECORDED)),
+        "updated_at": time.time(),
+    }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
@@ -230,8 +295,15 @@ def _write_state(settings: StackSettings, records: list[ProcessRecord]) -> None:
 
 #: Settings a running stack was started with: later commands (status, trigger) use these,
 #: whatever their own environment says.
-_RECORDED = ("host", "prefect_port", "mlflow_port", "endpoint_ports", "work_pool", "model",
-             "all_models")
+_RECORDED = (
+    "host",
+    "prefect_port",
+    "mlflow_port",
+    "endpoint_ports",
+    "work_pool",
+    "model",
+    "all_models",
+)
 
 
 def running_settings(settings: StackSettings) -> StackSettings:
@@ -244,8 +316,11 @@ def running_settings(settings: StackSettings) -> StackSettings:
 
 
 def urls(settings: StackSettings) -> dict[str, object]:
-    return {"prefect_ui": settings.prefect_url, "mlflow_ui": settings.mlflow_url,
-            "endpoints": settings.endpoint_urls}
+    return {
+        "prefect_ui": settings.prefect_url,
+        "mlflow_ui": settings.mlflow_url,
+        "endpoints": settings.endpoint_urls,
+    }
 
 
 # --- up / down / status
@@ -258,8 +333,10 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
     """
     running = [r for r in read_state(settings) if is_running(r)]
     if running:
-        raise StackError(f"the stack in {state_dir(settings)} already runs "
-                         f"({', '.join(r.name for r in running)}); stop it with `make down`")
+        raise StackError(
+            f"the stack in {state_dir(settings)} already runs "
+            f"({', '.join(r.name for r in running)}); stop it with `make down`"
+        )
     _check_ports_free(settings)
     _check_databases(settings)
     folder = state_dir(settings)
@@ -267,28 +344,54 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
     records: list[ProcessRecord] = []
 
     def start(name: str, argv: list[str], env: dict[str, str], url: str | None) -> ProcessRecord:
-        record = start_process(name, argv, {**base_env(settings), **env},
-                               folder / "logs" / f"{name}.log", url=url, cwd=Path.cwd())
+        record = start_process(
+            name,
+            argv,
+            {**base_env(settings), **env},
+            folder / "logs" / f"{name}.log",
+            url=url,
+            cwd=Path.cwd(),
+        )
         records.append(record)
         _write_state(settings, records)
         return record
 
     credentials = prepare_auth(settings) if settings.auth else None
     try:
-        mlflow = start("mlflow", mlflow_server_command(settings),
-                       mlflow_server_env(settings, credentials), settings.mlflow_url)
-        prefect = start("prefect-server", prefect_server_command(settings),
-                        prefect_env(settings), settings.prefect_url)
-        took = wait_until(mlflow, lambda: health.mlflow_healthy(settings.mlflow_url),
-                          settings.startup_timeout_s, "healthy", StackError)
+        mlflow = start(
+            "mlflow",
+            mlflow_server_command(settings),
+            mlflow_server_env(settings, credentials),
+            settings.mlflow_url,
+        )
+        prefect = start(
+            "prefect-server",
+            prefect_server_command(settings),
+            prefect_env(settings),
+            settings.prefect_url,
+        )
+        took = wait_until(
+            mlflow,
+            lambda: health.mlflow_healthy(settings.mlflow_url),
+            settings.startup_timeout_s,
+            "healthy",
+            StackError,
+        )
         progress(f"MLflow tracking server  {settings.mlflow_url}  ({took:.1f} s)")
         if credentials is not None:
             for account in (accounts.PIPELINE, accounts.ENDPOINT):
                 accounts.check_login(settings.mlflow_url, credentials, account)
-            progress(f"MLflow accounts         {', '.join(accounts.ACCOUNTS)}; the reviewer's "
-                     f"password is in {credentials.path(accounts.REVIEWER)}")
-        took = wait_until(prefect, lambda: health.prefect_healthy(settings.prefect_url),
-                          settings.startup_timeout_s, "healthy", StackError)
+            progress(
+                f"MLflow accounts         {', '.join(accounts.ACCOUNTS)}; the reviewer's "
+                f"password is in {credentials.path(accounts.REVIEWER)}"
+            )
+        took = wait_until(
+            prefect,
+            lambda: health.prefect_healthy(settings.prefect_url),
+            settings.startup_timeout_s,
+            "healthy",
+            StackError,
+        )
         progress(f"Prefect server          {settings.prefect_url}  ({took:.1f} s)")
 
         from onnxflow.stack.deployments import apply_deployments
@@ -296,23 +399,39 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
         names = apply_deployments(settings)
         progress(f"deployments             {', '.join(names)} (pool {settings.work_pool})")
 
-        worker = start("worker", worker_command(settings), worker_env(settings, credentials),
-                       None)
-        took = wait_until(worker, lambda: health.worker_online(settings.prefect_url,
-                                                               settings.work_pool),
-                          settings.startup_timeout_s, "online", StackError)
+        worker = start("worker", worker_command(settings), worker_env(settings, credentials), None)
+        took = wait_until(
+            worker,
+            lambda: health.worker_online(settings.prefect_url, settings.work_pool),
+            settings.startup_timeout_s,
+            "online",
+            StackError,
+        )
         progress(f"worker                  pool {settings.work_pool}  ({took:.1f} s)")
 
-        endpoints = [start(f"endpoint-{port}", [sys.executable, "-m", "onnxflow.serving"],
-                           endpoint_env(settings, port, credentials), url)
-                     for port, url in zip(settings.endpoint_ports, settings.endpoint_urls)]
+        endpoints = [
+            start(
+                f"endpoint-{port}",
+                [sys.executable, "-m", "onnxflow.serving"],
+                endpoint_env(settings, port, credentials),
+                url,
+            )
+            for port, url in zip(settings.endpoint_ports, settings.endpoint_urls)
+        ]
         for endpoint in endpoints:
-            took = wait_until(endpoint, lambda u=endpoint.url: health.endpoint_live(u),
-                              settings.startup_timeout_s, "live", StackError)
+            took = wait_until(
+                endpoint,
+                lambda u=endpoint.url: health.endpoint_live(u),
+                settings.startup_timeout_s,
+                "live",
+                StackError,
+            )
             version = serving_version(endpoint.url, settings.model_name)
             following = f"serving v{version}" if version else "waiting for a version"
-            progress(f"endpoint                {endpoint.url}  follows {_followed(settings)} "
-                     f"({following}; {took:.1f} s)")
+            progress(
+                f"endpoint                {endpoint.url}  follows {_followed(settings)} "
+                f"({following}; {took:.1f} s)"
+            )
     except BaseException:
         log.error("stack failed to start; stopping what was started")
         for record in reversed(records):
@@ -351,14 +470,21 @@ def status(settings: StackSettings) -> list[dict[str, object]]:
                 online = False
             detail = f"pool {settings.work_pool}: {'online' if online else 'not online'}"
         elif running and record.url:
-            check = (health.mlflow_healthy if record.name == "mlflow"
-                     else health.prefect_healthy)
+            check = health.mlflow_healthy if record.name == "mlflow" else health.prefect_healthy
             try:
                 detail = "healthy" if check(record.url) else "unhealthy"
             except Exception as exc:
                 detail = f"unreachable: {type(exc).__name__}"
-        rows.append({"name": record.name, "pid": record.pid, "running": running,
-                     "url": record.url or "", "detail": detail, "log": record.log_path})
+        rows.append(
+            {
+                "name": record.name,
+                "pid": record.pid,
+                "running": running,
+                "url": record.url or "",
+                "detail": detail,
+                "log": record.log_path,
+            }
+        )
     return rows
 
 
@@ -374,8 +500,10 @@ def _check_databases(settings: StackSettings) -> None:
     import sqlalchemy
     from sqlalchemy.engine import make_url
 
-    for what, secret in (("MLflow", settings.mlflow_database_url),
-                         ("Prefect", settings.prefect_database_url)):
+    for what, secret in (
+        ("MLflow", settings.mlflow_database_url),
+        ("Prefect", settings.prefect_database_url),
+    ):
         if secret is None:
             continue
         url = make_url(secret.get_secret_value())
@@ -387,8 +515,10 @@ def _check_databases(settings: StackSettings) -> None:
                 pass
         except Exception as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            raise StackError(f"cannot connect to the {what} database "
-                             f"{url.render_as_string(hide_password=True)}: {reason}") from exc
+            raise StackError(
+                f"cannot connect to the {what} database "
+                f"{url.render_as_string(hide_password=True)}: {reason}"
+            ) from exc
         finally:
             engine.dispose()
 
@@ -398,10 +528,14 @@ def _connect_timeout(url) -> dict[str, int]:
 
 
 def _check_ports_free(settings: StackSettings) -> None:
-    wanted = {"the MLflow server (ONNXFLOW_STACK_MLFLOW_PORT)": settings.mlflow_port,
-              "the Prefect server (ONNXFLOW_STACK_PREFECT_PORT)": settings.prefect_port,
-              **{f"an endpoint (ONNXFLOW_STACK_ENDPOINT_PORTS={settings.endpoint_ports})": p
-                 for p in settings.endpoint_ports}}
+    wanted = {
+        "the MLflow server (ONNXFLOW_STACK_MLFLOW_PORT)": settings.mlflow_port,
+        "the Prefect server (ONNXFLOW_STACK_PREFECT_PORT)": settings.prefect_port,
+        **{
+            f"an endpoint (ONNXFLOW_STACK_ENDPOINT_PORTS={settings.endpoint_ports})": p
+            for p in settings.endpoint_ports
+        },
+    }
     if len(set(wanted.values())) != len(wanted):
         raise StackError(f"every server needs its own port, got {wanted}")
     for what, port in wanted.items():
@@ -412,4 +546,5 @@ def _check_ports_free(settings: StackSettings) -> None:
             except OSError as exc:
                 raise StackError(
                     f"port {port} on {settings.host}, wanted by {what}, is taken "
-                    f"({exc.strerror}): stop what uses it or choose another port") from exc
+                    f"({exc.strerror}): stop what uses it or choose another port"
+                ) from exc

@@ -20,8 +20,9 @@ class StackSettings(BaseSettings):
     """Where the stack's servers listen and what they store; ``ONNXFLOW_STACK_<FIELD>``."""
 
     # hide_input_in_errors: a database URL carries its password; keep it out of messages.
-    model_config = SettingsConfigDict(env_prefix="ONNXFLOW_STACK_", extra="ignore", frozen=True,
-                                      hide_input_in_errors=True)
+    model_config = SettingsConfigDict(
+        env_prefix="ONNXFLOW_STACK_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     host: str = Field("127.0.0.1", description="Interface every server binds.")
     state_dir: Path = Field(
@@ -51,26 +52,38 @@ class StackSettings(BaseSettings):
     )
     mlflow_workers: int = Field(1, ge=1, description="Worker processes of the MLflow server.")
     auth: bool = Field(
-        True, description="Run MLflow with authentication and the promotion policy "
-        "(accounts: admin, pipeline, endpoint, reviewer); false: an open server.")
+        True,
+        description="Run MLflow with authentication and the promotion policy "
+        "(accounts: admin, pipeline, endpoint, reviewer); false: an open server.",
+    )
     credentials_dir: Path | None = Field(
-        None, description="One file per account holding its password (0600), created when "
-        "missing; None: state_dir/credentials. ONNXFLOW_AUTH_<ACCOUNT>_PASSWORD overrides.")
+        None,
+        description="One file per account holding its password (0600), created when "
+        "missing; None: state_dir/credentials. ONNXFLOW_AUTH_<ACCOUNT>_PASSWORD overrides.",
+    )
     promotion_policy: Path | None = Field(
-        None, description="YAML promotion policy the MLflow server enforces on aliases "
-        "(who may move champion, the evidence, four eyes); None: the defaults.")
+        None,
+        description="YAML promotion policy the MLflow server enforces on aliases "
+        "(who may move champion, the evidence, four eyes); None: the defaults.",
+    )
     auth_database_url: SecretStr | None = Field(
-        None, description="MLflow's user and permission store; None: the MLflow database "
-        "when it is PostgreSQL, else SQLite in state_dir.")
+        None,
+        description="MLflow's user and permission store; None: the MLflow database "
+        "when it is PostgreSQL, else SQLite in state_dir.",
+    )
     work_pool: str = Field("onnxflow-process", description="Prefect process work pool.")
     worker_query_s: float = Field(
         2.0, gt=0, description="Seconds between the worker's polls for runs to start."
     )
-    model: str = Field("digits@champion", description="What the serving replicas follow "
-                       "first (it answers their /invocations).")
+    model: str = Field(
+        "digits@champion",
+        description="What the serving replicas follow first (it answers their /invocations).",
+    )
     all_models: str | None = Field(
-        "champion", description="The replicas also serve every registered model with this "
-        "alias (one endpoint for all models); None: only `model`.")
+        "champion",
+        description="The replicas also serve every registered model with this "
+        "alias (one endpoint for all models); None: only `model`.",
+    )
     poll_interval_s: float = Field(
         10.0, gt=0, description="Seconds between the replicas' alias checks."
     )
@@ -83,11 +96,13 @@ class StackSettings(BaseSettings):
         None, description="YAML pipeline config of the scheduled runs (default: PipelineConfig())."
     )
     heartbeat_s: int = Field(
-        30, ge=30,
+        30,
+        ge=30,
         description="Seconds between a flow run's heartbeats (PREFECT_FLOWS_HEARTBEAT_FREQUENCY).",
     )
     zombie_after_s: int = Field(
-        90, gt=0,
+        90,
+        gt=0,
         description="A Running flow run without a heartbeat for this long is marked Crashed "
         "(its worker or machine died); keep it a few heartbeats long.",
     )

@@ -187,8 +187,7 @@ def validate_model(
     if len(parity) < len(reference):
         return run.finish()  # wrong shapes: no metric to compare
 
-    metric_check, metric = checks.check_metric(info.task, y, reference[main], outputs[main],
-                                               config)
+    metric_check, metric = checks.check_metric(info.task, y, reference[main], outputs[main], config)
     run.record(metric_check)
     run.report["metric"] = metric
 
@@ -309,8 +308,9 @@ def validate_imported(
     metric = None
     if labels is not None and wanted is not None and output_names[0] in wanted:
         first = output_names[0]
-        metric_check, metric = checks.check_metric("classification", labels, wanted[first],
-                                                   outputs[first], config)
+        metric_check, metric = checks.check_metric(
+            "classification", labels, wanted[first], outputs[first], config
+        )
         run.record(metric_check)
         run.report["metric"] = metric
 
@@ -319,12 +319,21 @@ def validate_imported(
     run.report["latency_ms"] = latency
     max_abs = max((p["max_abs"] for p in parity.values()), default=math.nan)
     if metric is not None:
-        summary = run.summary(metric_name=metric["name"], framework_metric=metric["framework"],
-                              onnx_metric=metric["onnx"], parity=parity, latency=latency,
-                              missing=math.nan)
+        summary = run.summary(
+            metric_name=metric["name"],
+            framework_metric=metric["framework"],
+            onnx_metric=metric["onnx"],
+            parity=parity,
+            latency=latency,
+            missing=math.nan,
+        )
     else:
-        summary = run.summary(metric_name=IMPORT_METRIC,
-                              framework_metric=0.0 if parity else math.nan,
-                              onnx_metric=max_abs, parity=parity, latency=latency,
-                              missing=math.nan)
+        summary = run.summary(
+            metric_name=IMPORT_METRIC,
+            framework_metric=0.0 if parity else math.nan,
+            onnx_metric=max_abs,
+            parity=parity,
+            latency=latency,
+            missing=math.nan,
+        )
     return run.finish(summary)

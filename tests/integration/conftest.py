@@ -65,18 +65,22 @@ def postgres_databases():
 @pytest.fixture(scope="session")
 def stack(postgres_databases, tmp_path_factory):
     """The running stack's settings; stops it at the end and checks nothing is left."""
-    from onnxflow.stack import manager
     from onnxflow.processes import is_alive, is_running, process_tree
+    from onnxflow.stack import manager
     from onnxflow.stack.settings import StackSettings
 
     prefect_port, mlflow_port, *endpoint_ports = free_ports(4)
     server = PG_ADMIN_URL.split("://", 1)[1]
     settings = StackSettings(
         state_dir=tmp_path_factory.mktemp("stack"),
-        prefect_port=prefect_port, mlflow_port=mlflow_port, endpoint_ports=endpoint_ports,
+        prefect_port=prefect_port,
+        mlflow_port=mlflow_port,
+        endpoint_ports=endpoint_ports,
         mlflow_database_url=f"postgresql://{server}/{postgres_databases['mlflow']}",
         prefect_database_url=f"postgresql+asyncpg://{server}/{postgres_databases['prefect']}",
-        poll_interval_s=1.0, worker_query_s=1.0, schedule_paused=True,
+        poll_interval_s=1.0,
+        worker_query_s=1.0,
+        schedule_paused=True,
     )
     started = time.monotonic()
     try:
@@ -124,15 +128,17 @@ def small_config_file(tmp_path_factory) -> Path:
 def stack_env(settings) -> dict[str, str]:
     """Environment for a CLI subprocess that talks to ``settings``' stack."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ONNXFLOW_STACK_", "PREFECT_"))}
-    env.update({
-        "ONNXFLOW_STACK_STATE_DIR": str(settings.state_dir),
-        "ONNXFLOW_STACK_PREFECT_PORT": str(settings.prefect_port),
-        "ONNXFLOW_STACK_MLFLOW_PORT": str(settings.mlflow_port),
-        "ONNXFLOW_STACK_ENDPOINT_PORTS": json.dumps(settings.endpoint_ports),
-        "PREFECT_API_URL": settings.prefect_api_url,
-        "PREFECT_HOME": str(Path(settings.state_dir) / "cli-prefect-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    })
+    env.update(
+        {
+            "ONNXFLOW_STACK_STATE_DIR": str(settings.state_dir),
+            "ONNXFLOW_STACK_PREFECT_PORT": str(settings.prefect_port),
+            "ONNXFLOW_STACK_MLFLOW_PORT": str(settings.mlflow_port),
+            "ONNXFLOW_STACK_ENDPOINT_PORTS": json.dumps(settings.endpoint_ports),
+            "PREFECT_API_URL": settings.prefect_api_url,
+            "PREFECT_HOME": str(Path(settings.state_dir) / "cli-prefect-home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+    )
     return env
 
 

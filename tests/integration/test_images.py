@@ -41,9 +41,16 @@ def engine(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
 
 
 def build(which: str) -> None:
-    assert shutil.which(ENGINE), f"{ENGINE} is not installed: apt-get install podman runc mmdebstrap"
-    built = subprocess.run([str(ROOT / "infra" / "images.sh"), which], cwd=ROOT,
-                           capture_output=True, text=True, timeout=3600)
+    assert shutil.which(ENGINE), (
+        f"{ENGINE} is not installed: apt-get install podman runc mmdebstrap"
+    )
+    built = subprocess.run(
+        [str(ROOT / "infra" / "images.sh"), which],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
 
 
@@ -67,12 +74,28 @@ def proxied_tracking_server(tmp_path_factory):
     (port,) = free_ports(1)
     log = open(root / "server.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _ok(f"{url}/health"), timeout=120)
@@ -100,8 +123,13 @@ def _register(tracking_uri: str, name: str, model_path: Path, example: np.ndarra
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        version = register_onnx(model_path, model_name=name, input_example=example,
-                                tags={"source_framework": "onnx-helper"}, aliases=("champion",))
+        version = register_onnx(
+            model_path,
+            model_name=name,
+            input_example=example,
+            tags={"source_framework": "onnx-helper"},
+            aliases=("champion",),
+        )
     finally:
         mlflow.set_tracking_uri(None)
         if saved is None:
@@ -112,7 +140,8 @@ def _register(tracking_uri: str, name: str, model_path: Path, example: np.ndarra
 
 
 def test_the_serving_container_serves_the_champion_to_tritonclient(
-        serving_image, proxied_tracking_server, tmp_path):
+    serving_image, proxied_tracking_server, tmp_path
+):
     import onnxruntime as ort
     import tritonclient.http as triton
 
@@ -123,14 +152,30 @@ def test_the_serving_container_serves_the_champion_to_tritonclient(
 
     (port,) = free_ports(1)
     container = f"onnxflow-serving-test-{uuid.uuid4().hex[:8]}"
-    engine("run", "-d", "--name", container, "--network", "host",
-           "--ulimit", "nofile=10000:10000", "--ulimit", "nproc=4096:4096",
-           "-e", f"MLFLOW_TRACKING_URI={proxied_tracking_server}",
-           "-e", f"ONNXFLOW_SERVE_MODEL={name}@champion",
-           "-e", "ONNXFLOW_SERVE_HOST=127.0.0.1", "-e", f"ONNXFLOW_SERVE_PORT={port}",
-           serving_image)
+    engine(
+        "run",
+        "-d",
+        "--name",
+        container,
+        "--network",
+        "host",
+        "--ulimit",
+        "nofile=10000:10000",
+        "--ulimit",
+        "nproc=4096:4096",
+        "-e",
+        f"MLFLOW_TRACKING_URI={proxied_tracking_server}",
+        "-e",
+        f"ONNXFLOW_SERVE_MODEL={name}@champion",
+        "-e",
+        "ONNXFLOW_SERVE_HOST=127.0.0.1",
+        "-e",
+        f"ONNXFLOW_SERVE_PORT={port}",
+        serving_image,
+    )
     url = f"127.0.0.1:{port}"
     try:
+
         def ready() -> bool:
             state = engine("inspect", "-f", "{{.State.Running}}", container, check=False)
             assert state.stdout.strip() == "true", "the container exited: see its log below"
@@ -155,9 +200,14 @@ def test_the_serving_container_serves_the_champion_to_tritonclient(
         np.testing.assert_allclose(result.as_numpy(output), expected, rtol=1e-5, atol=1e-6)
         assert result.get_response()["model_version"] == version
         # Which image answered: the process inside has no torch, tensorflow or pandas.
-        probe = engine("exec", container, "python", "-c",
-                       "import importlib.util as u; print([m for m in ('torch', 'tensorflow',"
-                       " 'pandas') if u.find_spec(m)])")
+        probe = engine(
+            "exec",
+            container,
+            "python",
+            "-c",
+            "import importlib.util as u; print([m for m in ('torch', 'tensorflow',"
+            " 'pandas') if u.find_spec(m)])",
+        )
         assert probe.stdout.strip() == "[]", probe.stdout
     finally:
         logs = engine("logs", container, check=False)
@@ -171,11 +221,27 @@ def test_a_flow_runs_inside_the_pipeline_container(pipeline_image, proxied_track
     from mlflow import MlflowClient
 
     name = f"in-container-{uuid.uuid4().hex[:6]}"
-    ran = engine("run", "--rm", "--network", "host",
-                 "--ulimit", "nofile=10000:10000", "--ulimit", "nproc=4096:4096",
-                 "-e", f"MLFLOW_TRACKING_URI={proxied_tracking_server}",
-                 pipeline_image, "onnxflow", "run", "--framework", "sklearn",
-                 "--model-name", name, check=False, timeout=1200)
+    ran = engine(
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "--ulimit",
+        "nofile=10000:10000",
+        "--ulimit",
+        "nproc=4096:4096",
+        "-e",
+        f"MLFLOW_TRACKING_URI={proxied_tracking_server}",
+        pipeline_image,
+        "onnxflow",
+        "run",
+        "--framework",
+        "sklearn",
+        "--model-name",
+        name,
+        check=False,
+        timeout=1200,
+    )
     assert ran.returncode == 0, ran.stdout[-4000:] + ran.stderr[-4000:]
     client = MlflowClient(tracking_uri=proxied_tracking_server)
     (version,) = client.search_model_versions(f"name='{name}'")

@@ -10,8 +10,8 @@ import httpx
 import pytest
 import yaml
 
-from onnxflow.stack import manager
 from onnxflow.endpoints import serving_version
+from onnxflow.stack import manager
 from onnxflow.stack.settings import StackSettings
 from tests.integration.conftest import SMALL_CONFIG, free_ports, record_timing
 
@@ -23,18 +23,27 @@ def test_the_scheduled_deployment_runs_both_frameworks_and_deploys(tmp_path, mon
     config.write_text(yaml.safe_dump(SMALL_CONFIG))
     prefect_port, mlflow_port, endpoint_port = free_ports(3)
     settings = StackSettings(
-        state_dir=tmp_path / "stack", prefect_port=prefect_port, mlflow_port=mlflow_port,
-        endpoint_ports=[endpoint_port], poll_interval_s=1, worker_query_s=1,
-        schedule_cron="* * * * *", schedule_config=config,
+        state_dir=tmp_path / "stack",
+        prefect_port=prefect_port,
+        mlflow_port=mlflow_port,
+        endpoint_ports=[endpoint_port],
+        poll_interval_s=1,
+        worker_query_s=1,
+        schedule_cron="* * * * *",
+        schedule_config=config,
     )
     manager.up(settings)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            runs = httpx.post(f"{settings.prefect_api_url}/flow_runs/filter", timeout=10, json={
-                "flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}},
-                "deployments": {"name": {"any_": ["scheduled"]}},
-            }).json()
+            runs = httpx.post(
+                f"{settings.prefect_api_url}/flow_runs/filter",
+                timeout=10,
+                json={
+                    "flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}},
+                    "deployments": {"name": {"any_": ["scheduled"]}},
+                },
+            ).json()
             if runs:
                 break
             time.sleep(2)

@@ -47,22 +47,41 @@ def predict(url: str) -> tuple[str, int]:
     """One V2 inference with a digits row; (version that answered, predicted class)."""
     row = np.zeros(64, dtype=np.float32).tolist()
     meta = httpx.get(f"{url}/v2/models/digits", timeout=10).json()
-    body = {"inputs": [{"name": meta["inputs"][0]["name"], "shape": [1, 64], "datatype": "FP32",
-                        "data": row}]}
+    body = {
+        "inputs": [
+            {"name": meta["inputs"][0]["name"], "shape": [1, 64], "datatype": "FP32", "data": row}
+        ]
+    }
     response = httpx.post(f"{url}/v2/models/digits/infer", json=body, timeout=10)
     assert response.status_code == 200, response.text
-    return response.headers["x-model-version"], int(np.argmax(response.json()["outputs"][0]["data"]))
+    return response.headers["x-model-version"], int(
+        np.argmax(response.json()["outputs"][0]["data"])
+    )
 
 
 def test_triggered_run_goes_through_worker_registers_and_both_replicas_serve_it(
-    stack, mlflow_client, small_config_file,
+    stack,
+    mlflow_client,
+    small_config_file,
 ):
     assert [serving_version(u, "digits") for u in stack.endpoint_urls] == [None, None]
     started = time.monotonic()
     trigger = subprocess.Popen(
-        [BIN / "onnxflow", "trigger", "--framework", "torch", "--config", small_config_file,
-         "--promotion", "auto", "--wait"],
-        env=stack_env(stack), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            BIN / "onnxflow",
+            "trigger",
+            "--framework",
+            "torch",
+            "--config",
+            small_config_file,
+            "--promotion",
+            "auto",
+            "--wait",
+        ],
+        env=stack_env(stack),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         reached = wait_until_serving(stack.endpoint_urls, "digits", "1", timeout_s=240)
@@ -70,8 +89,10 @@ def test_triggered_run_goes_through_worker_registers_and_both_replicas_serve_it(
         stdout, stderr = trigger.communicate(timeout=240)
     trigger_to_serving = max(reached.values())
     record_timing("trigger_to_both_replicas_serving_s", trigger_to_serving)
-    print(f"trigger -> both replicas serve v1: {trigger_to_serving:.1f} s ({reached}); "
-          f"`onnxflow trigger --wait` returned after {time.monotonic() - started:.1f} s")
+    print(
+        f"trigger -> both replicas serve v1: {trigger_to_serving:.1f} s ({reached}); "
+        f"`onnxflow trigger --wait` returned after {time.monotonic() - started:.1f} s"
+    )
     assert trigger.returncode == 0, stdout + stderr
     assert "finished COMPLETED" in stdout and stdout.count("serves digits v1") == 2, stdout
     run_id = stdout.split("/runs/flow-run/")[1].split()[0]
@@ -98,18 +119,34 @@ def test_triggered_run_goes_through_worker_registers_and_both_replicas_serve_it(
 
 
 def test_review_mode_waits_for_the_reviewer_then_both_replicas_follow(
-    stack, mlflow_client, small_config_file,
+    stack,
+    mlflow_client,
+    small_config_file,
 ):
     import yaml
 
-    config = {**yaml.safe_load(small_config_file.read_text()),
-              "train": {"epochs": 4, "hidden_sizes": [32], "seed": 7},
-              "promote": {"mode": "review"}}
+    config = {
+        **yaml.safe_load(small_config_file.read_text()),
+        "train": {"epochs": 4, "hidden_sizes": [32], "seed": 7},
+        "promote": {"mode": "review"},
+    }
     params = {"frameworks": ["torch"], "config": config, "endpoints": stack.endpoint_urls}
     out = subprocess.run(
-        [BIN / "prefect", "deployment", "run", "retrain-and-deploy/on-demand",
-         "--params", json.dumps(params), "--watch", "--watch-interval", "1"],
-        env=stack_env(stack), capture_output=True, text=True, timeout=300,
+        [
+            BIN / "prefect",
+            "deployment",
+            "run",
+            "retrain-and-deploy/on-demand",
+            "--params",
+            json.dumps(params),
+            "--watch",
+            "--watch-interval",
+            "1",
+        ],
+        env=stack_env(stack),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -150,7 +187,11 @@ def test_deployments_and_uis(stack):
     on_demand = httpx.get(f"{api}/deployments/name/retrain-and-deploy/on-demand", timeout=10).json()
     assert on_demand["schedules"] == []
     assert set(on_demand["parameter_openapi_schema"]["properties"]) == {
-        "frameworks", "config", "endpoints", "endpoint_timeout_s"}, "the UI's run form"
+        "frameworks",
+        "config",
+        "endpoints",
+        "endpoint_timeout_s",
+    }, "the UI's run form"
     # The MLflow UI asks for a login (the stack runs MLflow with authentication).
     login = manager.account_env(stack, "reviewer")
     auth = (login["MLFLOW_TRACKING_USERNAME"], login["MLFLOW_TRACKING_PASSWORD"])
@@ -161,10 +202,20 @@ def test_deployments_and_uis(stack):
 
 
 def test_status_reports_every_part_and_the_served_version(stack):
-    out = subprocess.run([BIN / "onnxflow", "stack", "status"], env=stack_env(stack),
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [BIN / "onnxflow", "stack", "status"],
+        env=stack_env(stack),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
-    for part in ("mlflow", "prefect-server", "worker", *(f"endpoint-{p}" for p in stack.endpoint_ports)):
+    for part in (
+        "mlflow",
+        "prefect-server",
+        "worker",
+        *(f"endpoint-{p}" for p in stack.endpoint_ports),
+    ):
         assert part in out.stdout
     assert "healthy" in out.stdout and "online" in out.stdout
     assert out.stdout.count("digits@champion -> v1") == 2

@@ -26,18 +26,25 @@ from pathlib import Path
 import httpx
 import pytest
 
+from onnxflow.endpoints import serving_version, wait_until_serving
 from onnxflow.stack import manager
 from onnxflow.stack.audit import read_trail
 from onnxflow.stack.deployments import trigger
-from onnxflow.endpoints import serving_version, wait_until_serving
 from tests.integration.conftest import RESULTS, SMALL_CONFIG, record_timing
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync",
-                 "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +62,10 @@ def browser():
 def login(browser, stack, user: str, password: str | None = None):
     """A page in a fresh browser context logged in to the MLflow UI as ``user``."""
     password = password or manager.account_env(stack, user)["MLFLOW_TRACKING_PASSWORD"]
-    context = browser.new_context(viewport={"width": 1400, "height": 1000},
-                                  http_credentials={"username": user, "password": password})
+    context = browser.new_context(
+        viewport={"width": 1400, "height": 1000},
+        http_credentials={"username": user, "password": password},
+    )
     page = context.new_page()
     page.set_default_timeout(30_000)
     return page
@@ -68,11 +77,18 @@ def add_data_scientist(stack) -> tuple[str, str]:
     auth = (admin["MLFLOW_TRACKING_USERNAME"], admin["MLFLOW_TRACKING_PASSWORD"])
     name, password = f"ds-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
     with httpx.Client(base_url=stack.mlflow_url, auth=auth, timeout=30) as http:
-        http.post("/api/2.0/mlflow/users/create",
-                  json={"username": name, "password": password}).raise_for_status()
-        http.post("/api/3.0/mlflow/users/permissions/grant", json={
-            "username": name, "resource_type": "registered_model", "resource_id": "digits",
-            "permission": "EDIT"}).raise_for_status()
+        http.post(
+            "/api/2.0/mlflow/users/create", json={"username": name, "password": password}
+        ).raise_for_status()
+        http.post(
+            "/api/3.0/mlflow/users/permissions/grant",
+            json={
+                "username": name,
+                "resource_type": "registered_model",
+                "resource_id": "digits",
+                "permission": "EDIT",
+            },
+        ).raise_for_status()
     return name, password
 
 
@@ -100,6 +116,7 @@ def pending_challenger(stack, client) -> str:
     After the loop tests there is one (champion rolled back to v1, challenger v2); run
     alone, this test makes it with one or two runs on the worker.
     """
+
     def alias(name):
         try:
             return client.get_model_version_by_alias("digits", name).version
@@ -112,14 +129,21 @@ def pending_challenger(stack, client) -> str:
             return challenger
         if mode == "auto" and champion:
             continue
-        config = {**SMALL_CONFIG, "train": {**SMALL_CONFIG["train"], "seed": seed},
-                  "promote": {"mode": mode}}
+        config = {
+            **SMALL_CONFIG,
+            "train": {**SMALL_CONFIG["train"], "seed": seed},
+            "promote": {"mode": mode},
+        }
         # In a thread of its own: Playwright's sync API runs an event loop in this one, and
         # Prefect's run_deployment would then hand back a coroutine instead of running.
         with ThreadPoolExecutor(1) as pool:
-            run = pool.submit(trigger, stack, {"frameworks": ["torch"], "config": config,
-                                               "endpoints": stack.endpoint_urls},
-                              wait=True, timeout_s=300).result()
+            run = pool.submit(
+                trigger,
+                stack,
+                {"frameworks": ["torch"], "config": config, "endpoints": stack.endpoint_urls},
+                wait=True,
+                timeout_s=300,
+            ).result()
         assert run.state.is_completed(), run.state
     champion, challenger = alias("champion"), alias("challenger")
     assert champion and challenger and champion != challenger, (champion, challenger)
@@ -127,7 +151,9 @@ def pending_challenger(stack, client) -> str:
 
 
 def test_a_data_scientist_is_refused_champion_in_the_mlflow_ui_with_the_rule_on_screen(
-    stack, mlflow_client, browser,
+    stack,
+    mlflow_client,
+    browser,
 ):
     version = pending_challenger(stack, mlflow_client)
     champion_before = mlflow_client.get_model_version_by_alias("digits", "champion").version
@@ -147,11 +173,18 @@ def test_a_data_scientist_is_refused_champion_in_the_mlflow_ui_with_the_rule_on_
     assert mlflow_client.get_model_version_by_alias("digits", "champion").version == champion_before
     last = read_trail("digits", mlflow_client)[-1]
     assert (last["user"], last["to_version"], last["decision"], last["rule"], last["via"]) == (
-        name, version, "refused", "reviewers", "ui")
+        name,
+        version,
+        "refused",
+        "reviewers",
+        "ui",
+    )
 
 
 def test_reviewer_reads_the_report_and_promotes_the_challenger_in_the_mlflow_ui(
-    stack, mlflow_client, browser,
+    stack,
+    mlflow_client,
+    browser,
 ):
     version = pending_challenger(stack, mlflow_client)
     champion_before = mlflow_client.get_model_version_by_alias("digits", "champion").version
@@ -202,21 +235,34 @@ def test_reviewer_reads_the_report_and_promotes_the_challenger_in_the_mlflow_ui(
     record_timing("ui_promotion_to_both_replicas_serving_s", time.monotonic() - clicked)
     last = read_trail("digits", mlflow_client)[-1]
     assert (last["user"], last["from_version"], last["to_version"], last["decision"]) == (
-        "reviewer", champion_before, version, "allowed")
-    assert mlflow_client.get_model_version("digits", version).tags[
-        "audit.champion_set_by"] == "reviewer"
+        "reviewer",
+        champion_before,
+        version,
+        "allowed",
+    )
+    assert (
+        mlflow_client.get_model_version("digits", version).tags["audit.champion_set_by"]
+        == "reviewer"
+    )
 
 
 def test_reviewer_is_refused_a_version_without_validation_passed_in_the_mlflow_ui(
-    stack, mlflow_client, browser,
+    stack,
+    mlflow_client,
+    browser,
 ):
     champion = mlflow_client.get_model_version_by_alias("digits", "champion")
     # A data scientist registers their own, unvalidated copy of a model as a new version.
     name, password = add_data_scientist(stack)
     with httpx.Client(base_url=stack.mlflow_url, auth=(name, password), timeout=30) as http:
-        created = http.post("/api/2.0/mlflow/model-versions/create", json={
-            "name": "digits", "source": f"models:/digits/{champion.version}",
-            "tags": [{"key": "validation", "value": "failed"}]})
+        created = http.post(
+            "/api/2.0/mlflow/model-versions/create",
+            json={
+                "name": "digits",
+                "source": f"models:/digits/{champion.version}",
+                "tags": [{"key": "validation", "value": "failed"}],
+            },
+        )
     assert created.status_code == 200, created.text
     unvalidated = created.json()["model_version"]["version"]
     assert mlflow_client.get_model_version("digits", unvalidated).tags["registered_by"] == name
@@ -229,10 +275,12 @@ def test_reviewer_is_refused_a_version_without_validation_passed_in_the_mlflow_u
         page.screenshot(path=str(RESULTS / "auth-reviewer-refused-unvalidated.png"))
         # The audit trail, in the MLflow UI: the model's audit experiment.
         experiment = mlflow_client.get_experiment_by_name("onnxflow-audit/digits")
-        page.goto(f"{stack.mlflow_url}/#/experiments/{experiment.experiment_id}/runs",
-                  wait_until="load")
-        page.get_by_text(f"champion {champion.version} -> {unvalidated} by reviewer: refused"
-                         ).first.wait_for()
+        page.goto(
+            f"{stack.mlflow_url}/#/experiments/{experiment.experiment_id}/runs", wait_until="load"
+        )
+        page.get_by_text(
+            f"champion {champion.version} -> {unvalidated} by reviewer: refused"
+        ).first.wait_for()
         page.screenshot(path=str(RESULTS / "auth-audit-trail.png"), full_page=True)
     except Exception:
         page.screenshot(path=str(RESULTS / "auth-reviewer-failure.png"), full_page=True)
@@ -241,9 +289,14 @@ def test_reviewer_is_refused_a_version_without_validation_passed_in_the_mlflow_u
         page.context.close()
 
     assert mlflow_client.get_model_version_by_alias("digits", "champion").version == (
-        champion.version)
+        champion.version
+    )
     for url in stack.endpoint_urls:
         assert serving_version(url, "digits") == champion.version
     last = read_trail("digits", mlflow_client)[-1]
     assert (last["user"], last["to_version"], last["decision"], last["rule"]) == (
-        "reviewer", unvalidated, "refused", "evidence")
+        "reviewer",
+        unvalidated,
+        "refused",
+        "evidence",
+    )

@@ -27,7 +27,14 @@ from onnxflow.serving.launcher import read_info, start_background, stop_backgrou
 from onnxflow.serving.settings import ServingSettings
 from tests.serving import models
 from tests.serving.conftest import (  # noqa: F401  (fixtures, re-exported for this folder)
-    TOKEN, Endpoint, Registry, _example, model_files, registry, tracking_server, wait_for,
+    TOKEN,
+    Endpoint,
+    Registry,
+    _example,
+    model_files,
+    registry,
+    tracking_server,
+    wait_for,
 )
 
 SOAK = os.environ.get("ONNXFLOW_SOAK", "") not in ("", "0", "false")
@@ -37,18 +44,20 @@ RESULTS = Path(__file__).resolve().parents[2] / "test-results"
 @dataclass(frozen=True)
 class Profile:
     name: str
-    load_s: float          # the plain load run
-    swaps: int             # alias moves under load
-    fault_load_s: float    # load kept up while the MLflow server is down
-    fuzz_per_route: int    # schemathesis examples per operation
+    load_s: float  # the plain load run
+    swaps: int  # alias moves under load
+    fault_load_s: float  # load kept up while the MLflow server is down
+    fuzz_per_route: int  # schemathesis examples per operation
     slow_clients: int
-    wrk_s: int             # seconds of the wrk run
+    wrk_s: int  # seconds of the wrk run
 
 
-SHORT = Profile("short", load_s=4, swaps=10, fault_load_s=3, fuzz_per_route=12,
-                slow_clients=32, wrk_s=3)
-LONG = Profile("long", load_s=60, swaps=30, fault_load_s=10, fuzz_per_route=80,
-               slow_clients=256, wrk_s=20)
+SHORT = Profile(
+    "short", load_s=4, swaps=10, fault_load_s=3, fuzz_per_route=12, slow_clients=32, wrk_s=3
+)
+LONG = Profile(
+    "long", load_s=60, swaps=30, fault_load_s=10, fuzz_per_route=80, slow_clients=256, wrk_s=20
+)
 PROFILE = LONG if SOAK else SHORT
 
 
@@ -85,22 +94,39 @@ class Report:
             ("requests failed", f"{f.get('requests_failed', 0):,}"),
             ("load p50 / p99 (64 conn)", f"{ms('load_p50_ms')} / {ms('load_p99_ms')}"),
             ("load throughput", f"{f['load_rps']:,.0f} req/s" if "load_rps" in f else "-"),
-            ("wrk throughput / p99", f"{f['wrk_rps']:,.0f} req/s / {f['wrk_p99_ms']:.2f} ms"
-             if "wrk_rps" in f else "-"),
+            (
+                "wrk throughput / p99",
+                f"{f['wrk_rps']:,.0f} req/s / {f['wrk_p99_ms']:.2f} ms" if "wrk_rps" in f else "-",
+            ),
             ("swaps done (under load)", str(len(swaps))),
-            ("swap latency median / max",
-             f"{sorted(swaps)[len(swaps) // 2] * 1000:.0f} / {max(swaps) * 1000:.0f} ms"
-             if swaps else "-"),
-            ("faults injected / survived", f"{len(self.faults)} / {survived}"
-             + (f" ({', '.join(k for k, v in self.faults.items() if not v)} failed)"
-                if survived < len(self.faults) else "")),
-            ("fuzz cases run", f"{f.get('fuzz_cases', 0):,} schemathesis + "
-                               f"{f.get('hostile_cases', 0):,} hostile"),
+            (
+                "swap latency median / max",
+                f"{sorted(swaps)[len(swaps) // 2] * 1000:.0f} / {max(swaps) * 1000:.0f} ms"
+                if swaps
+                else "-",
+            ),
+            (
+                "faults injected / survived",
+                f"{len(self.faults)} / {survived}"
+                + (
+                    f" ({', '.join(k for k, v in self.faults.items() if not v)} failed)"
+                    if survived < len(self.faults)
+                    else ""
+                ),
+            ),
+            (
+                "fuzz cases run",
+                f"{f.get('fuzz_cases', 0):,} schemathesis + {f.get('hostile_cases', 0):,} hostile",
+            ),
             ("5xx seen", str(f.get("5xx", 0))),
-            ("endpoint peak memory (RSS)",
-             f"{f['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in f else "-"),
-            ("memory growth under load", f"{f['load_rss_growth_mb']:+.1f} MB"
-             if "load_rss_growth_mb" in f else "-"),
+            (
+                "endpoint peak memory (RSS)",
+                f"{f['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in f else "-",
+            ),
+            (
+                "memory growth under load",
+                f"{f['load_rss_growth_mb']:+.1f} MB" if "load_rss_growth_mb" in f else "-",
+            ),
         ]
         return rows
 
@@ -112,8 +138,12 @@ class Report:
     def write(self) -> Path:
         RESULTS.mkdir(exist_ok=True)
         stem = "soak-report" if SOAK else "reliability-short"
-        data = {"profile": PROFILE.name, "figures": self.figures, "faults": self.faults,
-                "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        data = {
+            "profile": PROFILE.name,
+            "figures": self.figures,
+            "faults": self.faults,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2))
         md = ["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in self.rows())]
         (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
@@ -187,7 +217,7 @@ def server_errors(endpoint: Endpoint) -> int:
 
     text = httpx.get(f"{endpoint.url}/metrics", timeout=10).text
     total = 0
-    for labels, value in re.findall(r'^onnxflow_requests_total\{([^}]*)\} (\S+)$', text, re.M):
+    for labels, value in re.findall(r"^onnxflow_requests_total\{([^}]*)\} (\S+)$", text, re.M):
         if 'status="5' not in labels:
             continue
         if 'status="503"' in labels and any(f'route="{r}"' in labels for r in READINESS):
@@ -213,8 +243,12 @@ def tracking_server_pid(url: str) -> int:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"mlflow" in argv and b"server" in argv and port.encode() in argv \
-                and os.getpgid(int(proc.name)) == int(proc.name):
+        if (
+            b"mlflow" in argv
+            and b"server" in argv
+            and port.encode() in argv
+            and os.getpgid(int(proc.name)) == int(proc.name)
+        ):
             return int(proc.name)
     raise AssertionError(f"no mlflow server on port {port}")
 
@@ -236,19 +270,22 @@ def versions(registry, model_files) -> dict[str, str]:
     """``swappy`` versions 1 and 2 (champion: 1), both good."""
     return {
         "v1": registry.register("swappy", model_files["mlp"], _example()),
-        "v2": registry.register("swappy", model_files["mlp_v2"], _example(),
-                                aliases=("challenger",)),
+        "v2": registry.register(
+            "swappy", model_files["mlp_v2"], _example(), aliases=("challenger",)
+        ),
     }
 
 
-def start_endpoint(registry: Registry, state_dir: Path, tracking_uri: str | None = None,
-                   **options) -> Endpoint:
-    """A ``python -m onnxflow.serving`` process (waits until ready); stop it with stop_background."""
+def start_endpoint(
+    registry: Registry, state_dir: Path, tracking_uri: str | None = None, **options
+) -> Endpoint:
+    """A ``python -m onnxflow.serving`` process (waits until ready); stop_background stops it."""
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri or registry.uri
     try:
-        settings = ServingSettings(port=free_port(), cache_dir=state_dir / "cache",
-                                   log_level="info", **options)
+        settings = ServingSettings(
+            port=free_port(), cache_dir=state_dir / "cache", log_level="info", **options
+        )
         info = start_background(settings, state_dir)
     finally:
         if saved is None:
@@ -271,8 +308,13 @@ def endpoint_pid(endpoint: Endpoint) -> int:
 @pytest.fixture(scope="session")
 def swappy(registry, versions, tmp_path_factory, report):
     """``swappy@champion`` with a token and a 0.2 s watcher, on the SQLite registry."""
-    endpoint = start_endpoint(registry, tmp_path_factory.mktemp("swappy"),
-                              model="swappy@champion", token=TOKEN, poll_interval_s=0.2)
+    endpoint = start_endpoint(
+        registry,
+        tmp_path_factory.mktemp("swappy"),
+        model="swappy@champion",
+        token=TOKEN,
+        poll_interval_s=0.2,
+    )
     yield endpoint
     finish(endpoint, report)
 

@@ -23,8 +23,9 @@ from pathlib import Path
 ROW = {"inputs": [[0.25] * 64]}
 
 
-async def _worker(session, url: str, body: bytes, headers: dict, until: float,
-                  samples: list) -> None:
+async def _worker(
+    session, url: str, body: bytes, headers: dict, until: float, samples: list
+) -> None:
     import aiohttp
 
     while time.time() < until:
@@ -32,9 +33,16 @@ async def _worker(session, url: str, body: bytes, headers: dict, until: float,
         try:
             async with session.post(url, data=body, headers=headers) as response:
                 await response.read()
-                samples.append((sent, time.time(), response.status,
-                                response.headers.get("x-model-version"), None))
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                samples.append(
+                    (
+                        sent,
+                        time.time(),
+                        response.status,
+                        response.headers.get("x-model-version"),
+                        None,
+                    )
+                )
+        except (TimeoutError, aiohttp.ClientError) as exc:
             samples.append((sent, time.time(), 0, None, f"{type(exc).__name__}: {exc}"))
 
 
@@ -52,8 +60,12 @@ async def run_load(url: str, connections: int, duration: float, token: str | Non
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         until = time.time() + duration
-        await asyncio.gather(*(_worker(session, f"{url}/invocations", body, headers, until,
-                                       samples) for _ in range(connections)))
+        await asyncio.gather(
+            *(
+                _worker(session, f"{url}/invocations", body, headers, until, samples)
+                for _ in range(connections)
+            )
+        )
     return samples
 
 
@@ -80,16 +92,35 @@ class LoadResult:
 class LoadProcess:
     """The generator as a child process: start it, do things, then :meth:`result`."""
 
-    def __init__(self, url: str, out: Path, *, connections: int = 64, duration: float = 5.0,
-                 token: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        out: Path,
+        *,
+        connections: int = 64,
+        duration: float = 5.0,
+        token: str | None = None,
+    ) -> None:
         env = {**os.environ}
         if token:
             env["LOAD_TOKEN"] = token  # not on the command line, where ps shows it
         self.out = Path(out)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.reliability.load", url, "--connections",
-             str(connections), "--duration", str(duration), "--out", str(self.out)],
-            env=env, cwd=Path(__file__).resolve().parents[2])
+            [
+                sys.executable,
+                "-m",
+                "tests.reliability.load",
+                url,
+                "--connections",
+                str(connections),
+                "--duration",
+                str(duration),
+                "--out",
+                str(self.out),
+            ],
+            env=env,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         self.duration = duration
 
     def result(self) -> LoadResult:
@@ -107,11 +138,13 @@ def main() -> None:
     args = parser.parse_args()
     try:
         import uvloop
+
         uvloop.install()
     except ImportError:
         pass
-    samples = asyncio.run(run_load(args.url, args.connections, args.duration,
-                                   os.environ.get("LOAD_TOKEN")))
+    samples = asyncio.run(
+        run_load(args.url, args.connections, args.duration, os.environ.get("LOAD_TOKEN"))
+    )
     Path(args.out).write_text(json.dumps(samples))
 
 

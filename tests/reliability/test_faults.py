@@ -25,8 +25,18 @@ from onnxflow.processes import free_port
 from onnxflow.serving.launcher import read_info
 from onnxflow.serving.settings import ServingSettings
 from tests.reliability.conftest import (
-    PROFILE, TOKEN, RssSampler, _example, endpoint_pid, finish, kill_process_group,
-    mlflow_healthy, served_version, start_endpoint, tracking_server, tracking_server_pid,
+    PROFILE,
+    TOKEN,
+    RssSampler,
+    _example,
+    endpoint_pid,
+    finish,
+    kill_process_group,
+    mlflow_healthy,
+    served_version,
+    start_endpoint,
+    tracking_server,
+    tracking_server_pid,
     wait_for,
 )
 from tests.reliability.load import LoadProcess
@@ -43,11 +53,22 @@ def test_mlflow_server_killed_while_serving(registry, model_files, tmp_path, rep
     survived = False
     with tracking_server(registry, log, port) as url:
         wait_for(lambda: mlflow_healthy(url), timeout=90)
-        endpoint = start_endpoint(registry, tmp_path / "remote", tracking_uri=url,
-                                  model="remote@champion", token=TOKEN, poll_interval_s=0.2)
+        endpoint = start_endpoint(
+            registry,
+            tmp_path / "remote",
+            tracking_uri=url,
+            model="remote@champion",
+            token=TOKEN,
+            poll_interval_s=0.2,
+        )
         try:
-            load = LoadProcess(endpoint.url, tmp_path / "load.json", connections=16,
-                               duration=PROFILE.fault_load_s * 2 + 4, token=TOKEN)
+            load = LoadProcess(
+                endpoint.url,
+                tmp_path / "load.json",
+                connections=16,
+                duration=PROFILE.fault_load_s * 2 + 4,
+                token=TOKEN,
+            )
             time.sleep(1)
             kill_process_group(tracking_server_pid(url))
             report.fault("mlflow server killed while serving", False)
@@ -78,8 +99,9 @@ def test_mlflow_server_killed_while_serving(registry, model_files, tmp_path, rep
     report.fault("mlflow server killed while serving", survived)
 
 
-def test_corrupt_new_champion_is_refused_and_old_keeps_serving(swappy, registry, versions,
-                                                               model_files, tmp_path, report):
+def test_corrupt_new_champion_is_refused_and_old_keeps_serving(
+    swappy, registry, versions, model_files, tmp_path, report
+):
     v1 = versions["v1"]
     registry.set_alias("swappy", "champion", v1)
     wait_for(lambda: served_version(swappy) == v1, timeout=15)
@@ -87,15 +109,19 @@ def test_corrupt_new_champion_is_refused_and_old_keeps_serving(swappy, registry,
     corrupt_stored_model(registry.stored_folder("swappy", broken))  # after registration
 
     report.fault("corrupt new champion", False)
-    load = LoadProcess(swappy.url, tmp_path / "load.json", connections=64,
-                       duration=PROFILE.fault_load_s + 2, token=TOKEN)
+    load = LoadProcess(
+        swappy.url,
+        tmp_path / "load.json",
+        connections=64,
+        duration=PROFILE.fault_load_s + 2,
+        token=TOKEN,
+    )
     try:
         with RssSampler(endpoint_pid(swappy)) as rss:
             time.sleep(1)
             registry.set_alias("swappy", "champion", broken)
             with swappy.client() as http:
-                wait_for(lambda: broken in http.get("/admin/status").json()["refused"],
-                         timeout=15)
+                wait_for(lambda: broken in http.get("/admin/status").json()["refused"], timeout=15)
                 detail = http.get("/admin/status").json()["refused"][broken]
                 metrics = http.get("/metrics").text
             result = load.result()
@@ -105,7 +131,8 @@ def test_corrupt_new_champion_is_refused_and_old_keeps_serving(swappy, registry,
     assert not result.failed, f"{len(result.failed)} failed, e.g. {result.failed[:3]}"
     assert result.versions() == {v1}, "only the old version may answer"
     refusals = re.search(
-        rf'onnxflow_model_refusals_total{{model="swappy",version="{broken}"}} (\S+)', metrics)
+        rf'onnxflow_model_refusals_total{{model="swappy",version="{broken}"}} (\S+)', metrics
+    )
     assert refusals and float(refusals.group(1)) >= 1
     report.count("requests_sent", result.sent)
     report.count("requests_failed", len(result.failed))
@@ -113,14 +140,16 @@ def test_corrupt_new_champion_is_refused_and_old_keeps_serving(swappy, registry,
     report.fault("corrupt new champion", True)
 
 
-def test_killed_endpoint_is_noticed_and_a_redeploy_restores_it(registry, versions, tmp_path,
-                                                               monkeypatch, report):
+def test_killed_endpoint_is_noticed_and_a_redeploy_restores_it(
+    registry, versions, tmp_path, monkeypatch, report
+):
     from onnxflow.deploy import deploy_endpoint, endpoint_status, stop_endpoint
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
     state = tmp_path / "deployed"
-    settings = ServingSettings(model="swappy@champion", port=free_port(), token=TOKEN,
-                               cache_dir=tmp_path / "cache")
+    settings = ServingSettings(
+        model="swappy@champion", port=free_port(), token=TOKEN, cache_dir=tmp_path / "cache"
+    )
     report.fault("endpoint process killed", False)
     deploy_endpoint("swappy@champion", settings=settings, state_dir=state)
     try:

@@ -23,7 +23,14 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.errors import Unsatisfiable
 
 from tests.reliability.conftest import (
-    PROFILE, TOKEN, RssSampler, endpoint_pid, finish, models, rss_mb, server_errors,
+    PROFILE,
+    TOKEN,
+    RssSampler,
+    endpoint_pid,
+    finish,
+    models,
+    rss_mb,
+    server_errors,
     start_endpoint,
 )
 
@@ -38,10 +45,18 @@ CASES = {"run": 0}
 
 @pytest.fixture(scope="module")
 def fuzzy(registry, tmp_path_factory, report):
-    registry.register("multi", models.multi_io(tmp_path_factory.mktemp("multi") / "model.onnx"),
-                      models.multi_example())
-    endpoint = start_endpoint(registry, tmp_path_factory.mktemp("fuzzy"),
-                              model="multi@champion", token=TOKEN, poll_interval_s=2)
+    registry.register(
+        "multi",
+        models.multi_io(tmp_path_factory.mktemp("multi") / "model.onnx"),
+        models.multi_example(),
+    )
+    endpoint = start_endpoint(
+        registry,
+        tmp_path_factory.mktemp("fuzzy"),
+        model="multi@champion",
+        token=TOKEN,
+        poll_interval_s=2,
+    )
     endpoint.pid = endpoint_pid(endpoint)
     endpoint.rss_start = rss_mb(endpoint.pid)
     yield endpoint
@@ -81,9 +96,14 @@ def test_generated_requests_never_get_a_5xx(label, mode, fuzzy, report):
     errors = []
 
     @given(case=strategy)
-    @settings(max_examples=PROFILE.fuzz_per_route, deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate],
-              database=None)
+    @settings(
+        max_examples=PROFILE.fuzz_per_route,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
+        database=None,
+    )
     def run(case):
         CASES["run"] += 1
         if case.path_parameters and "name" in case.path_parameters and CASES["run"] % 5:
@@ -98,8 +118,9 @@ def test_generated_requests_never_get_a_5xx(label, mode, fuzzy, report):
         if response.status_code >= 500:
             errors.append((response.status_code, response.text[:300], case.as_curl_command()))
         if label.endswith("/unload") and response.status_code == 200:  # serve on for the rest
-            loaded = httpx.post(f"{fuzzy.url}/v2/repository/models/{fuzzy.name}/load",
-                                headers=AUTH, timeout=60)
+            loaded = httpx.post(
+                f"{fuzzy.url}/v2/repository/models/{fuzzy.name}/load", headers=AUTH, timeout=60
+            )
             assert loaded.status_code == 200, loaded.text
 
     try:
@@ -127,59 +148,151 @@ def _hostile() -> list[tuple[str, str, dict, bytes, set[int]]]:
     """(name, path, headers, body, acceptable statuses)."""
     infer = "/v2/models/multi/infer"
     js = {"content-type": "application/json"}
-    huge = 2 ** 62
+    huge = 2**62
     cases = [
-        ("nested JSON 100k deep", "/invocations", js, b'{"inputs": ' + _nested(100_000) + b"}",
-         {400}),
-        ("nested JSON 500 deep", "/invocations", js, b'{"inputs": ' + _nested(500) + b"}",
-         {400, 422}),
+        (
+            "nested JSON 100k deep",
+            "/invocations",
+            js,
+            b'{"inputs": ' + _nested(100_000) + b"}",
+            {400},
+        ),
+        (
+            "nested JSON 500 deep",
+            "/invocations",
+            js,
+            b'{"inputs": ' + _nested(500) + b"}",
+            {400, 422},
+        ),
         ("nested V2 data", infer, js, _v2([{**X, "data": json.loads(_nested(200))}]), {400}),
         ("huge declared shape", infer, js, _v2([{**X, "shape": [huge, 3]}]), {400, 413}),
-        ("shape product overflows int64", infer, js, _v2([{**X, "shape": [huge, huge]}]),
-         {400, 413}),
-        ("shape beyond 64 bits", infer, js,
-         b'{"inputs":[{"name":"x","datatype":"FP32","shape":[99999999999999999999999,3],'
-         b'"data":[1,2,3]}]}', {400, 413}),
+        (
+            "shape product overflows int64",
+            infer,
+            js,
+            _v2([{**X, "shape": [huge, huge]}]),
+            {400, 413},
+        ),
+        (
+            "shape beyond 64 bits",
+            infer,
+            js,
+            b'{"inputs":[{"name":"x","datatype":"FP32","shape":[99999999999999999999999,3],'
+            b'"data":[1,2,3]}]}',
+            {400, 413},
+        ),
         ("negative shape", infer, js, _v2([{**X, "shape": [-1, 3]}]), {400}),
         ("NaN literal", "/invocations", js, b'{"inputs": {"x": [[NaN, 1, 2]]}}', {400}),
-        ("Infinity literal", "/invocations", js, b'{"inputs": {"x": [[Infinity, 1, 2]]}}',
-         {400}),
-        ("1e999 overflows to inf", infer, js,
-         b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,3],"data":[1e999,1,2]}]}',
-         {400, 422}),
+        ("Infinity literal", "/invocations", js, b'{"inputs": {"x": [[Infinity, 1, 2]]}}', {400}),
+        (
+            "1e999 overflows to inf",
+            infer,
+            js,
+            b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,3],"data":[1e999,1,2]}]}',
+            {400, 422},
+        ),
         ("NaN as a string", infer, js, _v2([{**X, "data": ["NaN", 1, 2]}]), {400}),
-        ("int beyond UINT8", infer, js,
-         _v2([{"name": "small", "datatype": "UINT8", "shape": [1, 2], "data": [300, -1]}]),
-         {400}),
-        ("FP16 overflow", infer, js,
-         _v2([{"name": "half", "datatype": "FP16", "shape": [1, 2], "data": [1e10, 1]}]),
-         {400, 422}),
+        (
+            "int beyond UINT8",
+            infer,
+            js,
+            _v2([{"name": "small", "datatype": "UINT8", "shape": [1, 2], "data": [300, -1]}]),
+            {400},
+        ),
+        (
+            "FP16 overflow",
+            infer,
+            js,
+            _v2([{"name": "half", "datatype": "FP16", "shape": [1, 2], "data": [1e10, 1]}]),
+            {400, 422},
+        ),
     ]
     # The binary tensor data extension with lying header lengths.
-    header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3],
-                                     "parameters": {"binary_data_size": 12}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [1, 3],
+                    "parameters": {"binary_data_size": 12},
+                }
+            ]
+        }
+    ).encode()
     blob = b"\0" * 12
     octet = {"content-type": "application/octet-stream"}
-    for label, value in [("zero", "0"), ("negative", "-5"), ("past the body", "999999"),
-                         ("not a number", "abc"), ("short by one", str(len(header) - 1)),
-                         ("long by one", str(len(header) + 1)), ("huge", str(2 ** 70)),
-                         ("empty", ""), ("float", "12.5")]:
-        cases.append((f"binary header length {label}", infer,
-                      {**octet, "inference-header-content-length": value}, header + blob,
-                      {400}))
-    short_blob = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3],
-                                         "parameters": {"binary_data_size": 1 << 40}}]}).encode()
-    cases.append(("binary_data_size past the body", infer,
-                  {**octet, "inference-header-content-length": str(len(short_blob))},
-                  short_blob + blob, {400}))
-    cases.append(("gzip bomb", "/invocations", {**js, "content-encoding": "gzip"},
-                  gzip.compress(b" " * (200 << 20)), {413}))
-    cases.append(("CSV with a bare carriage return", "/invocations",
-                  {"content-type": "text/csv"}, b"x\r1\r2", {400}))
-    cases.append(("CSV field over the csv module's limit", "/invocations",
-                  {"content-type": "text/csv"}, b"x\n" + b"1" * 200_000, {400}))
-    cases.append(("invalid UTF-8 CSV", "/invocations", {"content-type": "text/csv"},
-                  b"x\n\xff\xfe\n", {400}))
+    for label, value in [
+        ("zero", "0"),
+        ("negative", "-5"),
+        ("past the body", "999999"),
+        ("not a number", "abc"),
+        ("short by one", str(len(header) - 1)),
+        ("long by one", str(len(header) + 1)),
+        ("huge", str(2**70)),
+        ("empty", ""),
+        ("float", "12.5"),
+    ]:
+        cases.append(
+            (
+                f"binary header length {label}",
+                infer,
+                {**octet, "inference-header-content-length": value},
+                header + blob,
+                {400},
+            )
+        )
+    short_blob = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [1, 3],
+                    "parameters": {"binary_data_size": 1 << 40},
+                }
+            ]
+        }
+    ).encode()
+    cases.append(
+        (
+            "binary_data_size past the body",
+            infer,
+            {**octet, "inference-header-content-length": str(len(short_blob))},
+            short_blob + blob,
+            {400},
+        )
+    )
+    cases.append(
+        (
+            "gzip bomb",
+            "/invocations",
+            {**js, "content-encoding": "gzip"},
+            gzip.compress(b" " * (200 << 20)),
+            {413},
+        )
+    )
+    cases.append(
+        (
+            "CSV with a bare carriage return",
+            "/invocations",
+            {"content-type": "text/csv"},
+            b"x\r1\r2",
+            {400},
+        )
+    )
+    cases.append(
+        (
+            "CSV field over the csv module's limit",
+            "/invocations",
+            {"content-type": "text/csv"},
+            b"x\n" + b"1" * 200_000,
+            {400},
+        )
+    )
+    cases.append(
+        ("invalid UTF-8 CSV", "/invocations", {"content-type": "text/csv"}, b"x\n\xff\xfe\n", {400})
+    )
     return cases
 
 
@@ -188,8 +301,11 @@ def test_hostile_payloads_get_a_4xx_that_names_the_problem(fuzzy, report):
         for name, path, headers, body, expected in _hostile():
             response = http.post(path, content=body, headers=headers)
             report.count("hostile_cases")
-            assert response.status_code in expected, (name, response.status_code,
-                                                       response.text[:300])
+            assert response.status_code in expected, (
+                name,
+                response.status_code,
+                response.text[:300],
+            )
             assert response.json().get("error"), name
             assert http.get("/v2/health/live").status_code == 200, name
 
@@ -198,14 +314,17 @@ def test_100_mb_bodies_are_refused_without_being_buffered(fuzzy, report):
     body = b"[" + b"1.0," * (25 << 20) + b"1.0]"  # ~100 MB
     with RssSampler(fuzzy.pid, interval=0.05) as rss:
         with httpx.Client(base_url=fuzzy.url, headers=AUTH, timeout=60) as http:
-            declared = http.post("/invocations", content=body,
-                                 headers={"content-type": "application/json"})
+            declared = http.post(
+                "/invocations", content=body, headers={"content-type": "application/json"}
+            )
             assert declared.status_code == 413, declared.text
             # Chunked (no Content-Length): read only up to the limit, then refused.
             try:
-                streamed = http.post("/invocations", content=iter([body[i:i + (1 << 20)]
-                                     for i in range(0, len(body), 1 << 20)]),
-                                     headers={"content-type": "application/json"})
+                streamed = http.post(
+                    "/invocations",
+                    content=iter([body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20)]),
+                    headers={"content-type": "application/json"},
+                )
                 assert streamed.status_code == 413, streamed.text
             except httpx.TransportError:
                 pass  # the server may close the socket while we still send: that is fine
@@ -222,12 +341,14 @@ def test_slow_clients_do_not_starve_the_others(fuzzy, report):
     def trickle(i: int) -> None:
         try:
             with socket.create_connection((host, int(port)), timeout=30) as sock:
-                head = (f"POST /invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                        f"{TOKEN}\r\nContent-Type: application/json\r\n")
+                head = (
+                    f"POST /invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                    f"{TOKEN}\r\nContent-Type: application/json\r\n"
+                )
                 if i % 2:  # slow body: full headers, then a byte at a time
                     sock.sendall((head + "Content-Length: 100000\r\n\r\n").encode())
                     chunk = b"["
-                else:      # slow headers
+                else:  # slow headers
                     chunk = b"X-Slow: y\r\n"
                 while not stop.is_set():
                     sock.sendall(chunk)
@@ -235,8 +356,10 @@ def test_slow_clients_do_not_starve_the_others(fuzzy, report):
         except OSError:
             pass  # the server may drop a slow client: allowed
 
-    threads = [threading.Thread(target=trickle, args=(i,), daemon=True)
-               for i in range(PROFILE.slow_clients)]
+    threads = [
+        threading.Thread(target=trickle, args=(i,), daemon=True)
+        for i in range(PROFILE.slow_clients)
+    ]
     for t in threads:
         t.start()
     try:

@@ -15,7 +15,12 @@ import time
 import pytest
 
 from tests.reliability.conftest import (
-    PROFILE, TOKEN, RssSampler, endpoint_pid, served_version, wait_for,
+    PROFILE,
+    TOKEN,
+    RssSampler,
+    endpoint_pid,
+    served_version,
+    wait_for,
 )
 from tests.reliability.load import ROW, LoadProcess
 
@@ -28,8 +33,9 @@ FOLLOW_BOUND_S = 3.0
 
 def test_load_64_connections_zero_failures_and_stable_memory(swappy, tmp_path, report):
     pid = endpoint_pid(swappy)
-    load = LoadProcess(swappy.url, tmp_path / "load.json", connections=64,
-                       duration=PROFILE.load_s, token=TOKEN)
+    load = LoadProcess(
+        swappy.url, tmp_path / "load.json", connections=64, duration=PROFILE.load_s, token=TOKEN
+    )
     with RssSampler(pid) as rss:
         result = load.result()
     assert result.sent > 0
@@ -66,11 +72,23 @@ def test_wrk_throughput_zero_errors(swappy, tmp_path, report):
         " summary.errors.connect + summary.errors.read + summary.errors.write +"
         " summary.errors.timeout, summary.errors.status, latency:percentile(50),"
         " latency:percentile(99), summary.duration / 1e6))\n"
-        "end\n")
+        "end\n"
+    )
     with RssSampler(endpoint_pid(swappy)) as rss:
         out = subprocess.run(
-            ["wrk", "-t2", "-c64", f"-d{PROFILE.wrk_s}s", "-s", str(script),
-             f"{swappy.url}/invocations"], capture_output=True, text=True, check=True).stdout
+            [
+                "wrk",
+                "-t2",
+                "-c64",
+                f"-d{PROFILE.wrk_s}s",
+                "-s",
+                str(script),
+                f"{swappy.url}/invocations",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     line = next(row for row in out.splitlines() if row.startswith("RESULT"))
     requests, socket_errors, status_errors, p50_us, p99_us, seconds = line.split()[1:]
     report.count("requests_sent", int(requests))
@@ -81,16 +99,18 @@ def test_wrk_throughput_zero_errors(swappy, tmp_path, report):
     assert int(socket_errors) == 0 and int(status_errors) == 0, out
 
 
-def test_hot_swaps_under_load_drop_nothing_and_never_mix_versions(swappy, registry, versions,
-                                                                  tmp_path, report):
+def test_hot_swaps_under_load_drop_nothing_and_never_mix_versions(
+    swappy, registry, versions, tmp_path, report
+):
     v1, v2 = versions["v1"], versions["v2"]
     registry.set_alias("swappy", "champion", v1)
     wait_for(lambda: served_version(swappy) == v1, timeout=15)
 
     # Enough load to cover every swap: each takes well under FOLLOW_BOUND_S.
     duration = PROFILE.swaps * 1.2 + 2
-    load = LoadProcess(swappy.url, tmp_path / "swap-load.json", connections=64,
-                       duration=duration, token=TOKEN)
+    load = LoadProcess(
+        swappy.url, tmp_path / "swap-load.json", connections=64, duration=duration, token=TOKEN
+    )
     # The champion timeline as the registry saw it: (version, from, to). An alias move
     # happens at some moment inside the set_alias call, so each interval is widened to it.
     timeline = [[v1, 0.0, None]]
@@ -105,8 +125,11 @@ def test_hot_swaps_under_load_drop_nothing_and_never_mix_versions(swappy, regist
             timeline[-1][2] = after
             timeline.append([target, before, None])
             moves.append((target, before, after))
-            wait_for(lambda target=target: served_version(swappy) == target,
-                     timeout=FOLLOW_BOUND_S, interval=0.01)
+            wait_for(
+                lambda target=target: served_version(swappy) == target,
+                timeout=FOLLOW_BOUND_S,
+                interval=0.01,
+            )
             time.sleep(0.3)
             target = v1 if target == v2 else v2
         result = load.result()
@@ -118,8 +141,10 @@ def test_hot_swaps_under_load_drop_nothing_and_never_mix_versions(swappy, regist
     # Every answer names a version that was champion at some moment of its request,
     # widened at the start by the follow bound (the endpoint learns of a move by polling).
     def was_champion(version, sent, received) -> bool:
-        return any(v == version and start <= received and sent - FOLLOW_BOUND_S <= end
-                   for v, start, end in timeline)
+        return any(
+            v == version and start <= received and sent - FOLLOW_BOUND_S <= end
+            for v, start, end in timeline
+        )
 
     wrong = [s for s in result.samples if not was_champion(s[3], s[0], s[1])]
     assert not wrong, f"{len(wrong)} answers from a version that was not champion: {wrong[:3]}"
@@ -131,11 +156,12 @@ def test_hot_swaps_under_load_drop_nothing_and_never_mix_versions(swappy, regist
     latencies = []
     for i, (target, before, after) in enumerate(moves):
         until = moves[i + 1][1] if i + 1 < len(moves) else float("inf")
-        first_new = min((s[1] for s in result.samples
-                         if s[3] == target and s[0] >= before and s[1] < until), default=None)
+        first_new = min(
+            (s[1] for s in result.samples if s[3] == target and s[0] >= before and s[1] < until),
+            default=None,
+        )
         assert first_new is not None, f"move {i} to version {target} never answered"
-        stale = [s for s in result.samples
-                 if s[0] > first_new and s[1] < until and s[3] != target]
+        stale = [s for s in result.samples if s[0] > first_new and s[1] < until and s[3] != target]
         assert not stale, f"move {i}: old version answered after the new one: {stale[:3]}"
         latencies.append(max(0.0, first_new - after))
 

@@ -13,7 +13,12 @@ import pytest
 
 from onnxflow.processes import free_port
 from tests.reliability.conftest import (
-    SOAK, _example, kill_process_group, mlflow_healthy, tracking_server, tracking_server_pid,
+    SOAK,
+    _example,
+    kill_process_group,
+    mlflow_healthy,
+    tracking_server,
+    tracking_server_pid,
     wait_for,
 )
 
@@ -32,14 +37,23 @@ def _summary(tmp_path, model_path):
     from onnxflow.results import ValidationSummary
 
     return ValidationSummary(
-        report_dir=tmp_path, passed=True, metric_name="accuracy", framework_metric=0.9,
-        onnx_metric=0.9, parity_max_abs=0.0, parity_max_rel=0.0,
-        latency_ms={"onnx_b1": 0.1, "framework_b1": 0.2}, opset=18, ir_version=9,
-        model_bytes=model_path.stat().st_size)
+        report_dir=tmp_path,
+        passed=True,
+        metric_name="accuracy",
+        framework_metric=0.9,
+        onnx_metric=0.9,
+        parity_max_abs=0.0,
+        parity_max_rel=0.0,
+        latency_ms={"onnx_b1": 0.1, "framework_b1": 0.2},
+        opset=18,
+        ir_version=9,
+        model_bytes=model_path.stat().st_size,
+    )
 
 
-def test_register_with_mlflow_down_retries_then_fails_clearly(registry, model_files, tmp_path,
-                                                              monkeypatch, report):
+def test_register_with_mlflow_down_retries_then_fails_clearly(
+    registry, model_files, tmp_path, monkeypatch, report
+):
     import mlflow
     from mlflow import MlflowClient
     from prefect import flow
@@ -77,9 +91,14 @@ def test_register_with_mlflow_down_retries_then_fails_clearly(registry, model_fi
 
         @flow(name="reach-register")
         def reach_register():
-            return task(model_files["mlp"], _summary(tmp_path, model_files["mlp"]),
-                        {"source_framework": "onnx-helper"}, dataset,
-                        RegisterConfig(model_name="guarded"), run_id)
+            return task(
+                model_files["mlp"],
+                _summary(tmp_path, model_files["mlp"]),
+                {"source_framework": "onnx-helper"},
+                dataset,
+                RegisterConfig(model_name="guarded"),
+                run_id,
+            )
 
         started = time.monotonic()
         try:
@@ -96,8 +115,11 @@ def test_register_with_mlflow_down_retries_then_fails_clearly(registry, model_fi
     assert "refused" in message.lower() or "connect" in message.lower(), message
     # Every attempt was made, with the backoff between them.
     with get_client(sync_client=True) as prefect:
-        runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
         assert len(runs) == 1
         assert runs[0].run_count == len(delays) + 1, runs[0]
     assert took >= sum(delays), f"{len(delays)} retries took {took:.1f} s"

@@ -20,13 +20,25 @@ from onnxflow.serving.launcher import start_background, stop_background
 from onnxflow.serving.openapi import openapi_document
 from onnxflow.serving.settings import ServingSettings
 from tests.reliability.conftest import (
-    TOKEN, _example, endpoint_pid, finish, served_version, start_endpoint, wait_for,
+    TOKEN,
+    _example,
+    endpoint_pid,
+    finish,
+    served_version,
+    start_endpoint,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration, pytest.mark.timeout(300)]
 
-WRONG = ["", "Bearer", "Bearer wrong-token-000", f"Bearer {TOKEN}x",
-         f"Basic {TOKEN}", f"bearer {TOKEN[:-1]}"]
+WRONG = [
+    "",
+    "Bearer",
+    "Bearer wrong-token-000",
+    f"Bearer {TOKEN}x",
+    f"Basic {TOKEN}",
+    f"bearer {TOKEN[:-1]}",
+]
 
 
 def _guarded_routes(name: str, version: str) -> list[tuple[str, str]]:
@@ -35,22 +47,29 @@ def _guarded_routes(name: str, version: str) -> list[tuple[str, str]]:
     for template, methods in openapi_document(name)["paths"].items():
         for method, spec in methods.items():
             if spec.get("security"):
-                routes.append((method.upper(), template.replace("{name}", name)
-                               .replace("{version}", version)))
+                routes.append(
+                    (method.upper(), template.replace("{name}", name).replace("{version}", version))
+                )
     return routes
 
 
 def test_every_inference_and_admin_route_refuses_a_missing_or_wrong_token(swappy, versions):
     routes = _guarded_routes("swappy", versions["v1"])
     paths = {p for _, p in routes}
-    assert {"/invocations", "/v2/models/swappy/infer", "/admin/reload", "/admin/status",
-            f"/v2/models/swappy/versions/{versions['v1']}/infer"} <= paths
+    assert {
+        "/invocations",
+        "/v2/models/swappy/infer",
+        "/admin/reload",
+        "/admin/status",
+        f"/v2/models/swappy/versions/{versions['v1']}/infer",
+    } <= paths
     with httpx.Client(base_url=swappy.url, timeout=10) as http:
         for method, path in routes:
             for header in WRONG:
                 headers = {"authorization": header} if header else {}
-                response = http.request(method, path, headers=headers,
-                                        json={"inputs": [[0.0] * 64]})
+                response = http.request(
+                    method, path, headers=headers, json={"inputs": [[0.0] * 64]}
+                )
                 assert response.status_code == 401, (method, path, header, response.text)
                 assert response.headers.get("www-authenticate") == "Bearer"
                 assert TOKEN not in response.text and TOKEN[:-1] not in response.text
@@ -81,8 +100,13 @@ def _escaping_copy(model: Path, folder: Path) -> Path:
 
     proto = onnx.load(str(model))
     folder.mkdir(parents=True)
-    onnx.save_model(proto, str(folder / "model.onnx"), save_as_external_data=True,
-                    location="model.onnx.data", size_threshold=0)
+    onnx.save_model(
+        proto,
+        str(folder / "model.onnx"),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     (folder / "model.onnx.data").rename(folder.parent / "stolen.data")
     proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     for tensor in proto.graph.initializer:
@@ -93,8 +117,9 @@ def _escaping_copy(model: Path, folder: Path) -> Path:
     return folder / "model.onnx"
 
 
-def test_external_data_leaving_its_folder_is_refused_at_registration(registry, model_files,
-                                                                     tmp_path):
+def test_external_data_leaving_its_folder_is_refused_at_registration(
+    registry, model_files, tmp_path
+):
     from mlflow import MlflowClient
 
     from onnxflow.errors import UnsafeModelError
@@ -106,8 +131,9 @@ def test_external_data_leaving_its_folder_is_refused_at_registration(registry, m
         assert MlflowClient().search_model_versions("name='escapee'") == []
 
 
-def test_external_data_leaving_its_folder_is_refused_at_load(swappy, registry, versions,
-                                                             model_files, tmp_path):
+def test_external_data_leaving_its_folder_is_refused_at_load(
+    swappy, registry, versions, model_files, tmp_path
+):
     """A registered version whose stored files are rewritten to read outside their folder:
     refused by the endpoint (before the digest is even computed), old one keeps serving."""
     import shutil
@@ -124,15 +150,16 @@ def test_external_data_leaving_its_folder_is_refused_at_load(swappy, registry, v
     registry.set_alias("swappy", "champion", version)
     try:
         with swappy.client() as http:
-            refused = wait_for(lambda: http.get("/admin/status").json()["refused"].get(version),
-                               timeout=15)
+            refused = wait_for(
+                lambda: http.get("/admin/status").json()["refused"].get(version), timeout=15
+            )
         assert "outside" in refused, refused
         assert served_version(swappy) == v1
     finally:
         registry.set_alias("swappy", "champion", v1)
 
 
-SITECUSTOMIZE = textwrap.dedent('''
+SITECUSTOMIZE = textwrap.dedent("""
     import os, sys
     _log = os.environ.get("ONNXFLOW_AUDIT_PICKLE")
     if _log:
@@ -143,7 +170,7 @@ SITECUSTOMIZE = textwrap.dedent('''
                 with open(_log, "a") as fh:
                     fh.write(f"{event} {args!r}\\n")
         sys.addaudithook(_audit)
-''')
+""")
 
 
 def test_the_endpoint_never_unpickles(registry, versions, tmp_path, monkeypatch, report):
@@ -160,8 +187,14 @@ def test_the_endpoint_never_unpickles(registry, versions, tmp_path, monkeypatch,
     monkeypatch.setenv("ONNXFLOW_AUDIT_PICKLE", str(audit))
 
     # The hook sees unpickling (the control: a pickle that names a class).
-    subprocess.run([sys.executable, "-c", "import pickle, collections; "
-                    "pickle.loads(pickle.dumps(collections.OrderedDict()))"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import pickle, collections; pickle.loads(pickle.dumps(collections.OrderedDict()))",
+        ],
+        check=True,
+    )
     assert "pickle.find_class" in audit.read_text()
     audit.unlink()
 
@@ -175,7 +208,8 @@ def test_the_endpoint_never_unpickles(registry, versions, tmp_path, monkeypatch,
     (folder / "MLmodel").write_text(
         "flavors:\n  python_function:\n    loader_module: mlflow.sklearn\n"
         "    model_path: model.pkl\n    pickled_model: model.pkl\n"
-        "  sklearn:\n    pickled_model: model.pkl\n    serialization_format: cloudpickle\n")
+        "  sklearn:\n    pickled_model: model.pkl\n    serialization_format: cloudpickle\n"
+    )
     with registry.active():
         import mlflow
 
@@ -185,8 +219,9 @@ def test_the_endpoint_never_unpickles(registry, versions, tmp_path, monkeypatch,
         mlflow.MlflowClient().set_registered_model_alias("pickled", "champion", mv.version)
         mlflow.MlflowClient().set_model_version_tag("pickled", mv.version, "onnx_sha256", "0")
 
-    endpoint = start_endpoint(registry, tmp_path / "audited", model="swappy@champion",
-                              token=TOKEN, poll_interval_s=0.2)
+    endpoint = start_endpoint(
+        registry, tmp_path / "audited", model="swappy@champion", token=TOKEN, poll_interval_s=0.2
+    )
     pickled = None
     try:
         with endpoint.client() as http:
@@ -196,9 +231,15 @@ def test_the_endpoint_never_unpickles(registry, versions, tmp_path, monkeypatch,
         # The same process set up on the pickled model: refused, nothing unpickled.
         os.environ["MLFLOW_TRACKING_URI"] = registry.uri
         try:
-            pickled = start_background(ServingSettings(
-                model="pickled@champion", port=free_port(), cache_dir=tmp_path / "pc",
-                poll_interval_s=0.2), tmp_path / "pickled")
+            pickled = start_background(
+                ServingSettings(
+                    model="pickled@champion",
+                    port=free_port(),
+                    cache_dir=tmp_path / "pc",
+                    poll_interval_s=0.2,
+                ),
+                tmp_path / "pickled",
+            )
         finally:
             os.environ.pop("MLFLOW_TRACKING_URI")
         log = tmp_path / "pickled" / "endpoint.log"
@@ -216,10 +257,15 @@ def test_tokens_never_reach_logs_or_error_messages(swappy, tmp_path, monkeypatch
 
     # The endpoint's own traces: its log, its state files, its command line, its answers.
     with httpx.Client(base_url=swappy.url, timeout=10) as http:
-        bodies = [http.post("/invocations", json={"inputs": [[0.0] * 64]},
-                            headers={"authorization": f"Bearer {TOKEN}x"}).text,
-                  http.get("/metrics").text,
-                  http.get("/admin/status", headers={"authorization": f"Bearer {TOKEN}"}).text]
+        bodies = [
+            http.post(
+                "/invocations",
+                json={"inputs": [[0.0] * 64]},
+                headers={"authorization": f"Bearer {TOKEN}x"},
+            ).text,
+            http.get("/metrics").text,
+            http.get("/admin/status", headers={"authorization": f"Bearer {TOKEN}"}).text,
+        ]
     files = [p.read_text(errors="replace") for p in swappy.state_dir.iterdir() if p.is_file()]
     cmdline = Path(f"/proc/{endpoint_pid(swappy)}/cmdline").read_bytes().decode()
     for text in (*bodies, *files, cmdline):
@@ -231,8 +277,9 @@ def test_tokens_never_reach_logs_or_error_messages(swappy, tmp_path, monkeypatch
             ServingSettings(token=value)
         assert value not in str(bad.value) and "8 characters" in str(bad.value)
     monkeypatch.setenv("ONNXFLOW_SERVE_TOKEN", "sh0rt")
-    started = subprocess.run([sys.executable, "-m", "onnxflow.serving"], capture_output=True,
-                             text=True, timeout=60)
+    started = subprocess.run(
+        [sys.executable, "-m", "onnxflow.serving"], capture_output=True, text=True, timeout=60
+    )
     assert started.returncode != 0 and "sh0rt" not in started.stderr + started.stdout
     assert "8 characters" in started.stderr
     monkeypatch.delenv("ONNXFLOW_SERVE_TOKEN")
@@ -242,8 +289,12 @@ def test_tokens_never_reach_logs_or_error_messages(swappy, tmp_path, monkeypatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", secret)
     state = tmp_path / "unreachable"
-    start_background(ServingSettings(model="swappy@champion", port=free_port(),
-                                     cache_dir=tmp_path / "c", token=TOKEN), state)
+    start_background(
+        ServingSettings(
+            model="swappy@champion", port=free_port(), cache_dir=tmp_path / "c", token=TOKEN
+        ),
+        state,
+    )
     try:
         wait_for(lambda: "cannot resolve" in (state / "endpoint.log").read_text(), timeout=30)
         time.sleep(0.5)

@@ -31,7 +31,9 @@ from tests.integration.conftest import SMALL_CONFIG, free_ports
 from tests.reliability.conftest import wait_for
 
 pytestmark = [
-    pytest.mark.reliability, pytest.mark.integration, pytest.mark.timeout(900),
+    pytest.mark.reliability,
+    pytest.mark.integration,
+    pytest.mark.timeout(900),
     pytest.mark.slow,  # long form only (make soak, or -m slow): about 2 minutes
 ]
 
@@ -44,15 +46,22 @@ def flow_run_state(settings, run_id) -> str:
 
 
 def flow_runs_named(settings, name: str, state: str) -> list[dict]:
-    return httpx.post(f"{settings.prefect_api_url}/flow_runs/filter", timeout=10, json={
-        "flows": {"name": {"any_": [name]}},
-        "flow_runs": {"state": {"type": {"any_": [state]}}},
-    }).json()
+    return httpx.post(
+        f"{settings.prefect_api_url}/flow_runs/filter",
+        timeout=10,
+        json={
+            "flows": {"name": {"any_": [name]}},
+            "flow_runs": {"state": {"type": {"any_": [state]}}},
+        },
+    ).json()
 
 
 def running_flow_runs(settings) -> list[dict]:
-    return httpx.post(f"{settings.prefect_api_url}/flow_runs/filter", timeout=10, json={
-        "flow_runs": {"state": {"type": {"any_": ["RUNNING", "PENDING"]}}}}).json()
+    return httpx.post(
+        f"{settings.prefect_api_url}/flow_runs/filter",
+        timeout=10,
+        json={"flow_runs": {"state": {"type": {"any_": ["RUNNING", "PENDING"]}}}},
+    ).json()
 
 
 def crash_worker(record) -> list[int]:
@@ -72,37 +81,52 @@ def crash_worker(record) -> list[int]:
 
 def start_worker(settings):
     """What ``up`` does for the worker, alone: the operator's restart."""
-    from onnxflow.stack import health, manager
     from onnxflow.processes import start_process, wait_until
+    from onnxflow.stack import health, manager
 
     record = start_process(
-        "worker", manager.worker_command(settings),
+        "worker",
+        manager.worker_command(settings),
         {**manager.base_env(settings), **manager.worker_env(settings)},
-        manager.state_dir(settings) / "logs" / "worker.log", cwd=Path.cwd())
-    wait_until(record, lambda: health.worker_online(settings.prefect_url, settings.work_pool),
-               settings.startup_timeout_s, "online")
+        manager.state_dir(settings) / "logs" / "worker.log",
+        cwd=Path.cwd(),
+    )
+    wait_until(
+        record,
+        lambda: health.worker_online(settings.prefect_url, settings.work_pool),
+        settings.startup_timeout_s,
+        "online",
+    )
     return record
 
 
-def test_worker_killed_mid_flow_rerun_completes_and_registry_stays_clean(tmp_path, report,
-                                                                         monkeypatch):
+def test_worker_killed_mid_flow_rerun_completes_and_registry_stays_clean(
+    tmp_path, report, monkeypatch
+):
     from mlflow import MlflowClient
 
     from onnxflow.config import PipelineConfig
+    from onnxflow.processes import is_alive, stop_process
     from onnxflow.stack import manager
     from onnxflow.stack.deployments import config_parameter, trigger
-    from onnxflow.processes import is_alive, stop_process
     from onnxflow.stack.settings import StackSettings
 
     config = PipelineConfig.model_validate(
-        {**SMALL_CONFIG, "train": {"epochs": 4, "hidden_sizes": [32]},
-         "promote": {"mode": "auto"}})
+        {**SMALL_CONFIG, "train": {"epochs": 4, "hidden_sizes": [32]}, "promote": {"mode": "auto"}}
+    )
     name = config.register_.model_name
     parameters = {"frameworks": ["torch"], "config": config_parameter(config), "endpoints": []}
     prefect_port, mlflow_port = free_ports(2)
-    settings = StackSettings(state_dir=tmp_path / "stack", prefect_port=prefect_port,
-                             mlflow_port=mlflow_port, endpoint_ports=[], worker_query_s=1,
-                             schedule_paused=True, heartbeat_s=30, zombie_after_s=60)
+    settings = StackSettings(
+        state_dir=tmp_path / "stack",
+        prefect_port=prefect_port,
+        mlflow_port=mlflow_port,
+        endpoint_ports=[],
+        worker_query_s=1,
+        schedule_paused=True,
+        heartbeat_s=30,
+        zombie_after_s=60,
+    )
     report.fault("worker killed mid-flow", False)
     manager.up(settings)
     restarted = None
@@ -127,18 +151,25 @@ def test_worker_killed_mid_flow_rerun_completes_and_registry_stays_clean(tmp_pat
         assert flow_run_state(settings, crashed.id) == "RUNNING"
         killed = crash_worker(worker)
         assert len(killed) >= 2, "the flow run was not a process under the worker"
-        wait_for(lambda: not any(is_alive(p, t) for p, t in
-                                 [(worker.pid, worker.start_ticks)]), timeout=10)
+        wait_for(
+            lambda: not any(is_alive(p, t) for p, t in [(worker.pid, worker.start_ticks)]),
+            timeout=10,
+        )
         killed_at = time.monotonic()
-        registered_by_killed = client.search_model_versions(
-            f"name='{name}' and run_id='{killed_run.info.run_id}'") if _model_exists(
-            client, name) else []
+        registered_by_killed = (
+            client.search_model_versions(f"name='{name}' and run_id='{killed_run.info.run_id}'")
+            if _model_exists(client, name)
+            else []
+        )
 
         # 2. The operator starts a worker again. The killed run stops heartbeating, and
         #    the stack's automation marks it (and its subflows) Crashed.
         restarted = start_worker(settings)
-        wait_for(lambda: not running_flow_runs(settings),  # the run and its subflows
-                 timeout=settings.heartbeat_s + settings.zombie_after_s + 60, interval=1)
+        wait_for(
+            lambda: not running_flow_runs(settings),  # the run and its subflows
+            timeout=settings.heartbeat_s + settings.zombie_after_s + 60,
+            interval=1,
+        )
         final = flow_run_state(settings, crashed.id)
         report.add("zombie_run_crashed_after_s", time.monotonic() - killed_at)
         assert final == "CRASHED", f"killed flow run {crashed.id} is {final}"
@@ -153,7 +184,9 @@ def test_worker_killed_mid_flow_rerun_completes_and_registry_stays_clean(tmp_pat
         chains = flow_runs_named(settings, "train-and-register", "COMPLETED")
         versions = client.search_model_versions(f"name='{name}'")
         assert len(versions) == len(chains) == 1, (
-            [(v.version, v.run_id) for v in versions], registered_by_killed)
+            [(v.version, v.run_id) for v in versions],
+            registered_by_killed,
+        )
         assert len({v.run_id for v in versions}) == len(versions), "two versions, one run"
         for v in versions:
             assert v.tags.get("onnx_sha256") and v.tags.get("validation") == "passed", v.tags

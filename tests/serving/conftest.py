@@ -55,7 +55,8 @@ class Registry:
         mlflow.set_tracking_uri(self.uri)
         if self.experiment_id is None:
             self.experiment_id = mlflow.MlflowClient().create_experiment(
-                "serving-tests", artifact_location=str(self.root / "artifacts"))
+                "serving-tests", artifact_location=str(self.root / "artifacts")
+            )
         os.environ["MLFLOW_EXPERIMENT_ID"] = self.experiment_id
         try:
             yield
@@ -71,8 +72,13 @@ class Registry:
         from onnxflow.registration import register_onnx
 
         with self.active():
-            version = register_onnx(model_path, model_name=name, input_example=example,
-                                    tags={"source_framework": "onnx-helper"}, aliases=aliases)
+            version = register_onnx(
+                model_path,
+                model_name=name,
+                input_example=example,
+                tags={"source_framework": "onnx-helper"},
+                aliases=aliases,
+            )
         return version.version
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
@@ -134,8 +140,9 @@ def registered(registry, model_files) -> dict[str, str]:
         "digits": registry.register("digits", model_files["mlp"], _example()),
         "multi": registry.register("multi", model_files["multi"], models.multi_example()),
         "reloady_1": registry.register("reloady", model_files["mlp"], _example()),
-        "reloady_2": registry.register("reloady", model_files["mlp_v2"], _example(),
-                                       aliases=("challenger",)),
+        "reloady_2": registry.register(
+            "reloady", model_files["mlp_v2"], _example(), aliases=("challenger",)
+        ),
     }
 
 
@@ -148,9 +155,25 @@ def tracking_server(registry: Registry, log_path: Path, port: int | None = None)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", registry.uri,
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                registry.uri,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -182,8 +205,9 @@ def _endpoints(registry: Registry, root: Path, server_url: str):
     specs = {
         "digits": dict(model="digits@champion", tracking_uri=server_url),
         "multi": dict(model="multi@champion"),
-        "batchy": dict(model="digits@champion", max_batch_size=32, max_batch_delay_ms=20,
-                       inference_threads=1),
+        "batchy": dict(
+            model="digits@champion", max_batch_size=32, max_batch_delay_ms=20, inference_threads=1
+        ),
         "reloady": dict(model="reloady@champion", token=TOKEN, poll_interval_s=0.5),
     }
     saved = os.environ.get("MLFLOW_TRACKING_URI")  # endpoint processes inherit it
@@ -191,11 +215,16 @@ def _endpoints(registry: Registry, root: Path, server_url: str):
     try:
         for key, options in specs.items():
             os.environ["MLFLOW_TRACKING_URI"] = options.pop("tracking_uri", registry.uri)
-            settings = ServingSettings(port=free_port(), cache_dir=cache, log_level="info",
-                                       **options)
+            settings = ServingSettings(
+                port=free_port(), cache_dir=cache, log_level="info", **options
+            )
             info = start_background(settings, root / key)
-            started[key] = (info, Endpoint(info.url, options["model"].split("@")[0],
-                                           root / key, options.get("token")))
+            started[key] = (
+                info,
+                Endpoint(
+                    info.url, options["model"].split("@")[0], root / key, options.get("token")
+                ),
+            )
     finally:
         if saved is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -28,12 +28,15 @@ def mlp(path: Path, sizes=(64, 128, 10), seed: int = 0) -> Path:
         inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"b{i}")]
         last = i == len(sizes) - 2
         out = "logits" if last else f"h{i}"
-        nodes.append(helper.make_node("Gemm", [current, f"W{i}", f"b{i}"], [out if last else f"z{i}"]))
+        nodes.append(
+            helper.make_node("Gemm", [current, f"W{i}", f"b{i}"], [out if last else f"z{i}"])
+        )
         if not last:
             nodes.append(helper.make_node("Relu", [f"z{i}"], [out]))
         current = out
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", sizes[0]])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", sizes[-1]])],
         inits,
@@ -97,27 +100,36 @@ def multi_example(rows: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
 
 def triton_simple(path: Path) -> Path:
     """Triton's ``simple``: INPUT0, INPUT1 INT32 [1, 16] -> OUTPUT0 = sum, OUTPUT1 = difference."""
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT32, [1, 16])
-              for n in ("INPUT0", "INPUT1")]
-    outputs = [helper.make_tensor_value_info(n, TensorProto.INT32, [1, 16])
-               for n in ("OUTPUT0", "OUTPUT1")]
-    nodes = [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
-             helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])]
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.INT32, [1, 16]) for n in ("INPUT0", "INPUT1")
+    ]
+    outputs = [
+        helper.make_tensor_value_info(n, TensorProto.INT32, [1, 16]) for n in ("OUTPUT0", "OUTPUT1")
+    ]
+    nodes = [
+        helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+        helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+    ]
     return _save(helper.make_graph(nodes, "simple", inputs, outputs), path)
 
 
 def triton_simple_string(path: Path) -> Path:
     """Triton's ``simple_string``: the same on numbers written as strings (BYTES [1, 16])."""
-    inputs = [helper.make_tensor_value_info(n, TensorProto.STRING, [1, 16])
-              for n in ("INPUT0", "INPUT1")]
-    outputs = [helper.make_tensor_value_info(n, TensorProto.STRING, [1, 16])
-               for n in ("OUTPUT0", "OUTPUT1")]
-    nodes = [helper.make_node("Cast", ["INPUT0"], ["a"], to=TensorProto.INT32),
-             helper.make_node("Cast", ["INPUT1"], ["b"], to=TensorProto.INT32),
-             helper.make_node("Add", ["a", "b"], ["sum"]),
-             helper.make_node("Sub", ["a", "b"], ["diff"]),
-             helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=TensorProto.STRING),
-             helper.make_node("Cast", ["diff"], ["OUTPUT1"], to=TensorProto.STRING)]
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.STRING, [1, 16]) for n in ("INPUT0", "INPUT1")
+    ]
+    outputs = [
+        helper.make_tensor_value_info(n, TensorProto.STRING, [1, 16])
+        for n in ("OUTPUT0", "OUTPUT1")
+    ]
+    nodes = [
+        helper.make_node("Cast", ["INPUT0"], ["a"], to=TensorProto.INT32),
+        helper.make_node("Cast", ["INPUT1"], ["b"], to=TensorProto.INT32),
+        helper.make_node("Add", ["a", "b"], ["sum"]),
+        helper.make_node("Sub", ["a", "b"], ["diff"]),
+        helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=TensorProto.STRING),
+        helper.make_node("Cast", ["diff"], ["OUTPUT1"], to=TensorProto.STRING),
+    ]
     return _save(helper.make_graph(nodes, "simple_string", inputs, outputs), path)
 
 

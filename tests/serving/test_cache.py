@@ -32,7 +32,9 @@ def test_same_name_and_version_from_two_registries_do_not_share_a_cache_entry(
         registry = MlflowRegistry()
         resolved, tags = registry.resolve("digits", "challenger", None)
         folder = fetch_version(registry, cache, "digits", resolved, tags["onnx_sha256"])
-        assert onnx_digest(folder / "model.onnx") == tags["onnx_sha256"] == version.tags["onnx_sha256"]
+        assert (
+            onnx_digest(folder / "model.onnx") == tags["onnx_sha256"] == version.tags["onnx_sha256"]
+        )
         served[seed] = folder
     assert served[1] != served[2] and served[1].is_dir() and served[2].is_dir()
 
@@ -41,6 +43,7 @@ def test_building_a_registry_client_leaves_the_callers_imports_alone(mlflow_stor
     import sys
 
     MlflowRegistry()
-    assert all(sys.modules.get(name, "absent") is not None
-               for name in ("pandas", "pyarrow", "torch", "tensorflow")), (
-        "only the endpoint's own processes block heavy imports")
+    assert all(
+        sys.modules.get(name, "absent") is not None
+        for name in ("pandas", "pyarrow", "torch", "tensorflow")
+    ), "only the endpoint's own processes block heavy imports"

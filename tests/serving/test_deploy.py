@@ -36,8 +36,9 @@ def test_deploy_status_stop(registry, registered, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["server", "sqlite"])
-def test_mlflow_stays_out_of_the_endpoint(mode, registry, mlflow_server, endpoints, tmp_path,
-                                          monkeypatch):
+def test_mlflow_stays_out_of_the_endpoint(
+    mode, registry, mlflow_server, endpoints, tmp_path, monkeypatch
+):
     """Via a tracking server or the default SQLite store, the endpoint never imports MLflow
     (its reads go over REST, or to the SQLite file read-only): fast start, small RSS."""
     from onnxflow.deploy import deploy_endpoint, stop_endpoint
@@ -46,8 +47,9 @@ def test_mlflow_stays_out_of_the_endpoint(mode, registry, mlflow_server, endpoin
     state = tmp_path / "serve"
     url = deploy_endpoint("digits@champion", port=0, token="t0ken-t0ken", state_dir=state)
     try:
-        status = httpx.get(f"{url}/admin/status",
-                           headers={"authorization": "Bearer t0ken-t0ken"}).json()
+        status = httpx.get(
+            f"{url}/admin/status", headers={"authorization": "Bearer t0ken-t0ken"}
+        ).json()
         assert status["mlflow_loaded"] is False
         assert status["heavy_modules_loaded"] == []
         assert status["rss_bytes"] < 150 << 20, status["rss_bytes"]
@@ -56,18 +58,18 @@ def test_mlflow_stays_out_of_the_endpoint(mode, registry, mlflow_server, endpoin
 
 
 def test_deploy_fails_clearly_for_an_unknown_model(registry, tmp_path, monkeypatch):
-    from onnxflow.errors import ServingError
     from onnxflow.deploy import deploy_endpoint
+    from onnxflow.errors import ServingError
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
     with pytest.raises(ServingError, match="not ready"):
-        deploy_endpoint("nosuchmodel@champion", port=0, state_dir=tmp_path / "serve",
-                        timeout_s=3)
+        deploy_endpoint("nosuchmodel@champion", port=0, state_dir=tmp_path / "serve", timeout_s=3)
     assert not (tmp_path / "serve" / "endpoint.pid").exists()
 
 
 def test_the_deploy_step_does_not_import_prefect():
     code = "import sys, onnxflow.deploy; print('prefect' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=os.getcwd())
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.getcwd()
+    )
     assert out.stdout.strip() == "False"

@@ -27,9 +27,12 @@ TRITON_MODELS = ("simple", "simple_string", "simple_identity")
 def triton_registered(registry, registered, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("triton-models")
     examples = models.triton_examples()
-    return {name: registry.register(name, getattr(models, f"triton_{name}")(
-                root / name / "model.onnx"), examples[name])
-            for name in TRITON_MODELS}
+    return {
+        name: registry.register(
+            name, getattr(models, f"triton_{name}")(root / name / "model.onnx"), examples[name]
+        )
+        for name in TRITON_MODELS
+    }
 
 
 def _start(registry, root, **options):
@@ -38,8 +41,9 @@ def _start(registry, root, **options):
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = registry.uri
     try:
-        settings = ServingSettings(port=free_port(), grpc_port=free_port(),
-                                   cache_dir=root / "cache", **options)
+        settings = ServingSettings(
+            port=free_port(), grpc_port=free_port(), cache_dir=root / "cache", **options
+        )
         info = start_background(settings, root)
     finally:
         if saved is None:
@@ -67,8 +71,9 @@ def triton_endpoint(registry, triton_registered, tmp_path_factory):
 @pytest.fixture(scope="module")
 def guarded(registry, triton_registered, tmp_path_factory):
     root = tmp_path_factory.mktemp("grpc-guarded")
-    settings, info = _start(registry, root, model="simple@champion", token=TOKEN,
-                            max_body_bytes=4096)
+    settings, info = _start(
+        registry, root, model="simple@champion", token=TOKEN, max_body_bytes=4096
+    )
     try:
         wait_ready(info, timeout_s=180)
         endpoint = Endpoint(info.url, "simple", root, TOKEN)
@@ -79,8 +84,10 @@ def guarded(registry, triton_registered, tmp_path_factory):
 
 
 def _simple_inputs(grpcclient, a, b):
-    inputs = [grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
-              grpcclient.InferInput("INPUT1", [1, 16], "INT32")]
+    inputs = [
+        grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
+        grpcclient.InferInput("INPUT1", [1, 16], "INT32"),
+    ]
     inputs[0].set_data_from_numpy(a)
     inputs[1].set_data_from_numpy(b)
     return inputs
@@ -97,7 +104,9 @@ def test_health_and_metadata(triton_endpoint):
     meta = client.get_model_metadata("simple", as_json=True)
     assert meta["name"] == "simple" and meta["versions"] == ["1"]
     assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
-        ("INPUT0", "INT32", ["1", "16"]), ("INPUT1", "INT32", ["1", "16"])]
+        ("INPUT0", "INT32", ["1", "16"]),
+        ("INPUT1", "INT32", ["1", "16"]),
+    ]
     config = client.get_model_config("simple", as_json=True)["config"]
     assert config["platform"] == "onnxruntime_onnx"
     assert [i["name"] for i in config["input"]] == ["INPUT0", "INPUT1"]
@@ -113,8 +122,12 @@ def test_infer_raw_and_typed_contents(triton_endpoint):
     client = grpcclient.InferenceServerClient(triton_endpoint.grpc)
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
     b = np.full((1, 16), 3, dtype=np.int32)
-    result = client.infer("simple", _simple_inputs(grpcclient, a, b), request_id="r1",
-                          outputs=[grpcclient.InferRequestedOutput("OUTPUT1")])
+    result = client.infer(
+        "simple",
+        _simple_inputs(grpcclient, a, b),
+        request_id="r1",
+        outputs=[grpcclient.InferRequestedOutput("OUTPUT1")],
+    )
     assert result.get_response().id == "r1"
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
     assert result.as_numpy("OUTPUT0") is None  # only what was asked for
@@ -138,8 +151,10 @@ def test_strings_over_grpc(triton_endpoint):
     client = grpcclient.InferenceServerClient(triton_endpoint.grpc)
     a = np.array([[str(i) for i in range(16)]], dtype=object)
     b = np.array([["1"] * 16], dtype=object)
-    inputs = [grpcclient.InferInput("INPUT0", [1, 16], "BYTES"),
-              grpcclient.InferInput("INPUT1", [1, 16], "BYTES")]
+    inputs = [
+        grpcclient.InferInput("INPUT0", [1, 16], "BYTES"),
+        grpcclient.InferInput("INPUT1", [1, 16], "BYTES"),
+    ]
     inputs[0].set_data_from_numpy(a)
     inputs[1].set_data_from_numpy(b)
     result = client.infer("simple_string", inputs)
@@ -188,18 +203,25 @@ def test_token_as_metadata_and_the_size_limit(guarded):
         client.infer("simple", _simple_inputs(grpcclient, a, a))
     assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
     with pytest.raises(InferenceServerException) as wrong:
-        client.infer("simple", _simple_inputs(grpcclient, a, a),
-                     headers={"authorization": "Bearer not-the-token"})
+        client.infer(
+            "simple",
+            _simple_inputs(grpcclient, a, a),
+            headers={"authorization": "Bearer not-the-token"},
+        )
     assert wrong.value.status() == "StatusCode.UNAUTHENTICATED"
-    ok = client.infer("simple", _simple_inputs(grpcclient, a, a),
-                      headers={"authorization": f"Bearer {TOKEN}"})
+    ok = client.infer(
+        "simple", _simple_inputs(grpcclient, a, a), headers={"authorization": f"Bearer {TOKEN}"}
+    )
     np.testing.assert_array_equal(ok.as_numpy("OUTPUT0"), a + a)
 
     big = grpcclient.InferInput("INPUT0", [1, 16], "INT32")
     big._raw_content = b"\0" * 200_000  # far over the 4096-byte limit of this endpoint
     with pytest.raises(InferenceServerException) as too_big:
-        client.infer("simple", [big, _simple_inputs(grpcclient, a, a)[1]],
-                     headers={"authorization": f"Bearer {TOKEN}"})
+        client.infer(
+            "simple",
+            [big, _simple_inputs(grpcclient, a, a)[1]],
+            headers={"authorization": f"Bearer {TOKEN}"},
+        )
     assert too_big.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     assert client.is_server_live()
 
@@ -216,8 +238,10 @@ def test_statistics_count_successes_and_failures_per_version(triton_endpoint):
     http = httpclient.InferenceServerClient(triton_endpoint.url.removeprefix("http://"))
     before = http.get_inference_statistics("simple")["model_stats"][0]
     a = np.ones((1, 16), np.int32)
-    inputs = [httpclient.InferInput("INPUT0", [1, 16], "INT32"),
-              httpclient.InferInput("INPUT1", [1, 16], "INT32")]
+    inputs = [
+        httpclient.InferInput("INPUT0", [1, 16], "INT32"),
+        httpclient.InferInput("INPUT1", [1, 16], "INT32"),
+    ]
     for tensor in inputs:
         tensor.set_data_from_numpy(a)
     for _ in range(3):
@@ -237,7 +261,8 @@ def test_statistics_count_successes_and_failures_per_version(triton_endpoint):
     every = {s["name"] for s in http.get_inference_statistics()["model_stats"]}
     assert {"simple", "digits"} <= every
     grpc_stats = grpcclient.InferenceServerClient(triton_endpoint.grpc).get_inference_statistics(
-        "simple", as_json=True)["model_stats"][0]
+        "simple", as_json=True
+    )["model_stats"][0]
     assert int(grpc_stats["inference_stats"]["success"]["count"]) >= 3
     with pytest.raises(InferenceServerException, match="Request for unknown model"):
         http.get_inference_statistics("nope")
@@ -274,16 +299,21 @@ def test_triton_http_example_clients_logic(triton_endpoint):
     simple_http_string_infer_client.py do, against the same process."""
     import tritonclient.http as httpclient
 
-    client = httpclient.InferenceServerClient(triton_endpoint.url.removeprefix("http://"),
-                                              concurrency=4)
+    client = httpclient.InferenceServerClient(
+        triton_endpoint.url.removeprefix("http://"), concurrency=4
+    )
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
     b = np.ones((1, 16), dtype=np.int32)
-    inputs = [httpclient.InferInput("INPUT0", [1, 16], "INT32"),
-              httpclient.InferInput("INPUT1", [1, 16], "INT32")]
+    inputs = [
+        httpclient.InferInput("INPUT0", [1, 16], "INT32"),
+        httpclient.InferInput("INPUT1", [1, 16], "INT32"),
+    ]
     inputs[0].set_data_from_numpy(a, binary_data=False)
     inputs[1].set_data_from_numpy(b, binary_data=True)
-    outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=True),
-               httpclient.InferRequestedOutput("OUTPUT1", binary_data=False)]
+    outputs = [
+        httpclient.InferRequestedOutput("OUTPUT0", binary_data=True),
+        httpclient.InferRequestedOutput("OUTPUT1", binary_data=False),
+    ]
     result = client.infer("simple", inputs, outputs=outputs, request_id="1")
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
@@ -295,8 +325,10 @@ def test_triton_http_example_clients_logic(triton_endpoint):
 
     words = np.array([[str(i) for i in range(16)]], dtype=object)
     ones = np.array([["1"] * 16], dtype=object)
-    strings = [httpclient.InferInput("INPUT0", [1, 16], "BYTES"),
-               httpclient.InferInput("INPUT1", [1, 16], "BYTES")]
+    strings = [
+        httpclient.InferInput("INPUT0", [1, 16], "BYTES"),
+        httpclient.InferInput("INPUT1", [1, 16], "BYTES"),
+    ]
     strings[0].set_data_from_numpy(words, binary_data=True)
     strings[1].set_data_from_numpy(ones, binary_data=False)
     answer = client.infer("simple_string", strings)

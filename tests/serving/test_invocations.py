@@ -17,19 +17,37 @@ def expected(local_session):
     return local_session("mlp").run(None, {"features": ROWS})[0]
 
 
-@pytest.mark.parametrize("payload", [
-    {"inputs": ROWS.tolist()},
-    {"inputs": {"features": ROWS.tolist()}},
-    {"instances": ROWS.tolist()},
-    {"instances": [{"features": r} for r in ROWS.tolist()]},
-    {"dataframe_split": {"columns": ["features"], "data": [[r] for r in ROWS.tolist()]}},
-    {"dataframe_split": {"columns": [f"f{i}" for i in range(64)], "data": ROWS.tolist(),
-                         "index": [0, 1, 2]}},
-    {"dataframe_records": [{f"f{i}": v for i, v in enumerate(r)} for r in ROWS.tolist()]},
-    {"dataframe_records": [{"features": r} for r in ROWS.tolist()]},
-    {"inputs": ROWS.tolist(), "params": {"ignored": True}},
-], ids=["inputs", "inputs-named", "instances", "instances-named", "split-named",
-        "split-columns", "records-columns", "records-named", "params"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"inputs": ROWS.tolist()},
+        {"inputs": {"features": ROWS.tolist()}},
+        {"instances": ROWS.tolist()},
+        {"instances": [{"features": r} for r in ROWS.tolist()]},
+        {"dataframe_split": {"columns": ["features"], "data": [[r] for r in ROWS.tolist()]}},
+        {
+            "dataframe_split": {
+                "columns": [f"f{i}" for i in range(64)],
+                "data": ROWS.tolist(),
+                "index": [0, 1, 2],
+            }
+        },
+        {"dataframe_records": [{f"f{i}": v for i, v in enumerate(r)} for r in ROWS.tolist()]},
+        {"dataframe_records": [{"features": r} for r in ROWS.tolist()]},
+        {"inputs": ROWS.tolist(), "params": {"ignored": True}},
+    ],
+    ids=[
+        "inputs",
+        "inputs-named",
+        "instances",
+        "instances-named",
+        "split-named",
+        "split-columns",
+        "records-columns",
+        "records-named",
+        "params",
+    ],
+)
 def test_payload_formats(digits, expected, payload):
     with digits.client() as http:
         response = http.post("/invocations", json=payload)
@@ -43,8 +61,11 @@ def test_csv(digits, expected):
     header = ",".join(f"f{i}" for i in range(64))
     lines = [",".join(repr(float(v)) for v in row) for row in ROWS]
     with digits.client() as http:
-        response = http.post("/invocations", content="\n".join([header, *lines]),
-                             headers={"content-type": "text/csv"})
+        response = http.post(
+            "/invocations",
+            content="\n".join([header, *lines]),
+            headers={"content-type": "text/csv"},
+        )
     assert response.status_code == 200, response.text
     np.testing.assert_allclose(response.json()["predictions"]["logits"], expected, rtol=1e-5)
 
@@ -56,8 +77,14 @@ def test_multi_input_model(multi, local_session):
     payload = {"inputs": {k: v.tolist() for k, v in example.items()}}
     with multi.client() as http:
         response = http.post("/invocations", json=payload)
-        records = http.post("/invocations", json={"dataframe_records": [
-            {k: v.tolist()[i] for k, v in example.items()} for i in range(2)]})
+        records = http.post(
+            "/invocations",
+            json={
+                "dataframe_records": [
+                    {k: v.tolist()[i] for k, v in example.items()} for i in range(2)
+                ]
+            },
+        )
     assert response.status_code == 200, response.text
     assert records.status_code == 200, records.text
     for body in (response.json(), records.json()):
@@ -99,15 +126,36 @@ def test_same_answers_as_mlflow_models_serve(digits, registry, tmp_path):
     from tests.serving.conftest import wait_for
 
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registry.uri,
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": registry.uri,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     with open(tmp_path / "mlflow-serve.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/digits@champion",
-             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                "models:/digits@champion",
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def up():
             try:
                 return httpx.get(f"{url}/ping").status_code == 200
@@ -118,10 +166,12 @@ def test_same_answers_as_mlflow_models_serve(digits, registry, tmp_path):
         payloads = {
             "inputs": {"inputs": ROWS.tolist()},
             "instances": {"instances": ROWS.tolist()},
-            "split": {"dataframe_split": {"columns": [f"f{i}" for i in range(64)],
-                                          "data": ROWS.tolist()}},
-            "records": {"dataframe_records": [{f"f{i}": v for i, v in enumerate(r)}
-                                              for r in ROWS.tolist()]},
+            "split": {
+                "dataframe_split": {"columns": [f"f{i}" for i in range(64)], "data": ROWS.tolist()}
+            },
+            "records": {
+                "dataframe_records": [{f"f{i}": v for i, v in enumerate(r)} for r in ROWS.tolist()]
+            },
         }
         with digits.client() as ours:
             for key, payload in payloads.items():
@@ -129,9 +179,12 @@ def test_same_answers_as_mlflow_models_serve(digits, registry, tmp_path):
                 mine = ours.post("/invocations", json=payload)
                 assert theirs.status_code == mine.status_code == 200, (key, theirs.text)
                 assert theirs.json().keys() == mine.json().keys()
-                np.testing.assert_allclose(mine.json()["predictions"]["logits"],
-                                           theirs.json()["predictions"]["logits"], rtol=1e-5,
-                                           err_msg=key)
+                np.testing.assert_allclose(
+                    mine.json()["predictions"]["logits"],
+                    theirs.json()["predictions"]["logits"],
+                    rtol=1e-5,
+                    err_msg=key,
+                )
     finally:
         import signal
 

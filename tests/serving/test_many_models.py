@@ -28,18 +28,25 @@ ROW = {"inputs": [[0.25] * 64]}
 @pytest.fixture(scope="module")
 def team(registry, registered, model_files, tmp_path_factory, monkeypatch_module):
     versions = {
-        "team_a": registry.register("team_a", model_files["mlp"], _example(),
-                                    aliases=("team",)),
-        "team_multi": registry.register("team_multi", model_files["multi"],
-                                        models.multi_example(), aliases=("team",)),
-        "team_broken": registry.register("team_broken", model_files["mlp"], _example(),
-                                         aliases=("team",)),
+        "team_a": registry.register("team_a", model_files["mlp"], _example(), aliases=("team",)),
+        "team_multi": registry.register(
+            "team_multi", model_files["multi"], models.multi_example(), aliases=("team",)
+        ),
+        "team_broken": registry.register(
+            "team_broken", model_files["mlp"], _example(), aliases=("team",)
+        ),
     }
     corrupt_stored_model(registry.stored_folder("team_broken", versions["team_broken"]))
     root = tmp_path_factory.mktemp("team")
     monkeypatch_module.setenv("MLFLOW_TRACKING_URI", registry.uri)
-    settings = ServingSettings(model="digits@champion", all_models="team", port=free_port(),
-                               cache_dir=root / "cache", token=TOKEN, poll_interval_s=0.5)
+    settings = ServingSettings(
+        model="digits@champion",
+        all_models="team",
+        port=free_port(),
+        cache_dir=root / "cache",
+        token=TOKEN,
+        poll_interval_s=0.5,
+    )
     info = start_background(settings, root)
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI")
     try:
@@ -84,21 +91,41 @@ def test_each_model_by_name_and_invocations_on_the_first(team, local_session):
     features = np.random.default_rng(3).normal(size=(2, 64)).astype(np.float32)
     expected = local_session("mlp").run(None, {"features": features})[0]
     with endpoint.client() as http:
-        infer = http.post("/v2/models/team_a/infer", json={"inputs": [{
-            "name": "features", "datatype": "FP32", "shape": [2, 64],
-            "data": features.ravel().tolist()}]})
+        infer = http.post(
+            "/v2/models/team_a/infer",
+            json={
+                "inputs": [
+                    {
+                        "name": "features",
+                        "datatype": "FP32",
+                        "shape": [2, 64],
+                        "data": features.ravel().tolist(),
+                    }
+                ]
+            },
+        )
         assert infer.status_code == 200, infer.text
         assert infer.headers["x-model-name"] == "team_a"
-        np.testing.assert_allclose(np.array(infer.json()["outputs"][0]["data"]).reshape(2, 10),
-                                   expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            np.array(infer.json()["outputs"][0]["data"]).reshape(2, 10),
+            expected,
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
         example = http.get("/v2/models/team_multi/example").json()
         multi = http.post("/v2/models/team_multi/invocations", json=example)
         assert multi.status_code == 200, multi.text
         assert multi.headers["x-model-name"] == "team_multi"
-        assert set(multi.json()["predictions"]) == {"masked", "inverted", "ids_doubled",
-                                                     "half_doubled", "small_out",
-                                                     "wide_doubled", "names_out"}
+        assert set(multi.json()["predictions"]) == {
+            "masked",
+            "inverted",
+            "ids_doubled",
+            "half_doubled",
+            "small_out",
+            "wide_doubled",
+            "names_out",
+        }
 
         first = http.post("/invocations", json=ROW)  # the first named model: digits
         assert first.status_code == 200 and first.headers["x-model-name"] == "digits"
@@ -122,19 +149,26 @@ def test_a_broken_model_is_refused_and_the_others_serve(team):
         assert status["models"]["team_a"]["serving"]["version"] == versions["team_a"]
         assert status["model"] == "digits@champion"  # the first named model at the top
         metrics = http.get("/metrics").text
-    pattern = (rf'onnxflow_model_refusals_total{{model="team_broken",'
-               rf'version="{versions["team_broken"]}"}} (\S+)')
+    pattern = (
+        rf'onnxflow_model_refusals_total{{model="team_broken",'
+        rf'version="{versions["team_broken"]}"}} (\S+)'
+    )
     assert float(re.search(pattern, metrics).group(1)) >= 1
 
 
 def test_new_models_with_the_alias_are_picked_up(team, registry, model_files):
     endpoint, _ = team
-    version = registry.register("team_late", model_files["mlp_v3"], _example(),
-                                aliases=("team",))
+    version = registry.register("team_late", model_files["mlp_v3"], _example(), aliases=("team",))
     with endpoint.client() as http:
         wait_for(lambda: http.get("/v2/models/team_late/ready").status_code == 200, 60)
-        response = http.post("/v2/models/team_late/infer", json={"inputs": [{
-            "name": "features", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]})
+        response = http.post(
+            "/v2/models/team_late/infer",
+            json={
+                "inputs": [
+                    {"name": "features", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}
+                ]
+            },
+        )
     assert response.status_code == 200 and response.headers["x-model-version"] == version
 
 
@@ -143,8 +177,13 @@ def test_each_model_follows_its_own_alias(team, registry, model_files):
     newer = registry.register("team_a", model_files["mlp_v2"], _example(), aliases=())
     registry.set_alias("team_a", "team", newer)
     with endpoint.client() as http:
-        wait_for(lambda: http.post("/v2/models/team_a/invocations", json=ROW)
-                 .headers.get("x-model-version") == newer, 60)
+        wait_for(
+            lambda: (
+                http.post("/v2/models/team_a/invocations", json=ROW).headers.get("x-model-version")
+                == newer
+            ),
+            60,
+        )
         multi = http.get("/v2/models/team_multi/ready")
         assert multi.headers["x-model-version"] == versions["team_multi"]
         reload = http.post("/admin/reload", params={"model": "team_multi"})

@@ -34,8 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def _send(http: httpx.Client, case) -> httpx.Response:
-    return http.post("/invocations", content=case.body,
-                     headers={"content-type": case.content_type})
+    return http.post("/invocations", content=case.body, headers={"content-type": case.content_type})
 
 
 def _check_table(answer_of_mlflow, endpoints) -> None:
@@ -54,8 +53,9 @@ def _check_table(answer_of_mlflow, endpoints) -> None:
             if case.rows is None:
                 problems.append(f"{case.id}: answered 200 to a request it should refuse")
             elif row_count(ours.text) != case.rows:
-                problems.append(f"{case.id}: {row_count(ours.text)} answers for {case.rows} "
-                                "rows sent")
+                problems.append(
+                    f"{case.id}: {row_count(ours.text)} answers for {case.rows} rows sent"
+                )
         difference = compare(case, status, body, ours.status_code, ours.text)
         if difference:
             differences[case.id] = difference
@@ -72,14 +72,16 @@ def mlflow_scoring(registry, registered):
     from mlflow.pyfunc import load_model, scoring_server
 
     with registry.active():
-        loaded = {name: load_model(f"models:/{name}/{registered[name]}")
-                  for name in ("digits", "multi")}
+        loaded = {
+            name: load_model(f"models:/{name}/{registered[name]}") for name in ("digits", "multi")
+        }
 
     def answer(case) -> tuple[int, str]:
         model = loaded[case.model]
         try:
-            result = scoring_server.invocations(case.body, case.content_type, model,
-                                                model.metadata.get_input_schema())
+            result = scoring_server.invocations(
+                case.body, case.content_type, model, model.metadata.get_input_schema()
+            )
         except Exception as exc:  # what the server's exception handler turns into a response
             return exc.get_http_status_code(), json.dumps({"message": str(exc)})
         return result.status, result.response
@@ -125,8 +127,9 @@ def test_mlflow_scoring_server_client(digits, local_session):
     frame = client.invoke(pd.DataFrame(rows))  # dataframe_split, integer columns, index
     array = client.invoke(rows)  # {"inputs": [...]}
     for response in (frame, array):
-        np.testing.assert_allclose(np.array(response["predictions"]["logits"]), want,
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.array(response["predictions"]["logits"]), want, rtol=1e-5, atol=1e-6
+        )
     gap = pd.DataFrame(rows)
     gap.iloc[1, 5] = np.nan  # the client writes the bare NaN literal
     answered = np.array(client.invoke(gap)["predictions"]["logits"], dtype=float)
@@ -139,20 +142,42 @@ def test_mlflow_scoring_server_client(digits, local_session):
 def mlflow_models_serve(registry, registered, tmp_path_factory):
     """A real ``mlflow models serve`` per model, on the same registered versions."""
     root = tmp_path_factory.mktemp("mlflow-models-serve")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registry.uri,
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": registry.uri,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     procs, urls = [], {}
     try:
         for name in ("digits", "multi"):
             port = free_port()
             with open(root / f"{name}.log", "wb") as log:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                     f"models:/{name}/{registered[name]}", "--env-manager", "local",
-                     "--host", "127.0.0.1", "--port", str(port)],
-                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "mlflow",
+                            "models",
+                            "serve",
+                            "-m",
+                            f"models:/{name}/{registered[name]}",
+                            "--env-manager",
+                            "local",
+                            "--host",
+                            "127.0.0.1",
+                            "--port",
+                            str(port),
+                        ],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
             urls[name] = f"http://127.0.0.1:{port}"
-        for name, url in urls.items():
+        for url in urls.values():
+
             def up(url=url):
                 try:
                     return httpx.get(f"{url}/ping").status_code == 200
@@ -170,9 +195,12 @@ def mlflow_models_serve(registry, registered, tmp_path_factory):
 @pytest.mark.slow
 def test_every_case_against_a_real_mlflow_models_serve(mlflow_models_serve, digits, multi):
     def answer(case) -> tuple[int, str]:
-        response = httpx.post(f"{mlflow_models_serve[case.model]}/invocations",
-                              content=case.body, headers={"content-type": case.content_type},
-                              timeout=60)
+        response = httpx.post(
+            f"{mlflow_models_serve[case.model]}/invocations",
+            content=case.body,
+            headers={"content-type": case.content_type},
+            timeout=60,
+        )
         return response.status_code, response.text
 
     _check_table(answer, {"digits": digits, "multi": multi})

@@ -17,7 +17,10 @@ import pytest
 from onnxflow.errors import RegistryError
 from onnxflow.registration import register_onnx, set_alias
 from onnxflow.serving.registry_reader import (
-    HelperRegistry, MlflowRegistry, SqliteRegistry, registry_for,
+    HelperRegistry,
+    MlflowRegistry,
+    SqliteRegistry,
+    registry_for,
 )
 from tests.conftest import make_linear_onnx
 
@@ -30,21 +33,38 @@ def store(mlflow_store, tmp_path):
     from mlflow import MlflowClient
 
     for seed in (1, 2, 3):
-        register_onnx(make_linear_onnx(tmp_path / f"m{seed}" / "model.onnx", seed=seed),
-                      model_name="digits", input_example=EXAMPLE,
-                      aliases=("champion",) if seed == 1 else ("challenger",))
+        register_onnx(
+            make_linear_onnx(tmp_path / f"m{seed}" / "model.onnx", seed=seed),
+            model_name="digits",
+            input_example=EXAMPLE,
+            aliases=("champion",) if seed == 1 else ("challenger",),
+        )
     MlflowClient().delete_model_version("digits", "3")
     set_alias("digits", "challenger", "2")
-    register_onnx(make_linear_onnx(tmp_path / "o" / "model.onnx", seed=4), model_name="other",
-                  input_example=EXAMPLE, tags={"note": ""})
+    register_onnx(
+        make_linear_onnx(tmp_path / "o" / "model.onnx", seed=4),
+        model_name="other",
+        input_example=EXAMPLE,
+        tags={"note": ""},
+    )
     return mlflow_store
 
 
-QUESTIONS = [("digits", "champion", None), ("digits", "challenger", None),
-             ("digits", None, "1"), ("digits", None, "2"), ("digits", "latest", None),
-             ("other", "challenger", None), ("other", None, "1")]
-REFUSED = [("digits", "nope", None), ("nope", "champion", None), ("digits", None, "3"),
-           ("digits", None, "9")]
+QUESTIONS = [
+    ("digits", "champion", None),
+    ("digits", "challenger", None),
+    ("digits", None, "1"),
+    ("digits", None, "2"),
+    ("digits", "latest", None),
+    ("other", "challenger", None),
+    ("other", None, "1"),
+]
+REFUSED = [
+    ("digits", "nope", None),
+    ("nope", "champion", None),
+    ("digits", None, "3"),
+    ("digits", None, "9"),
+]
 
 
 def test_sqlite_reader_answers_as_mlflow(store):
@@ -72,8 +92,7 @@ def test_sqlite_reader_never_writes_and_never_imports_mlflow(store, tmp_path):
     )
     db = tmp_path / "mlflow.db"
     before = db.stat().st_mtime_ns
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
     assert db.stat().st_mtime_ns == before
 
@@ -82,7 +101,8 @@ def test_helper_process_answers_as_mlflow(store):
     helper = HelperRegistry()
     assert isinstance(registry_for("databricks"), HelperRegistry)
     assert helper.resolve("digits", "challenger", None) == MlflowRegistry().resolve(
-        "digits", "challenger", None)
+        "digits", "challenger", None
+    )
     with pytest.raises(RegistryError, match="alias nope"):
         helper.resolve("digits", "nope", None)
 

@@ -29,12 +29,17 @@ def _served_version(endpoint) -> str:
 
 def test_token_guards_inference_and_admin(reloady):
     plain = httpx.Client(base_url=reloady.url, timeout=10)
-    wrong = httpx.Client(base_url=reloady.url, timeout=10,
-                         headers={"authorization": "Bearer not-the-token"})
+    wrong = httpx.Client(
+        base_url=reloady.url, timeout=10, headers={"authorization": "Bearer not-the-token"}
+    )
     for client in (plain, wrong):
-        for method, path in [("POST", "/invocations"), ("POST", "/v2/models/reloady/infer"),
-                             ("GET", "/v2/models/reloady"), ("POST", "/admin/reload"),
-                             ("GET", "/admin/status")]:
+        for method, path in [
+            ("POST", "/invocations"),
+            ("POST", "/v2/models/reloady/infer"),
+            ("GET", "/v2/models/reloady"),
+            ("POST", "/admin/reload"),
+            ("GET", "/admin/status"),
+        ]:
             response = client.request(method, path, json=ROW)
             assert response.status_code == 401, (path, response.text)
             assert "bearer token" in response.json()["error"]
@@ -80,12 +85,14 @@ def test_watcher_follows_a_rollback(reloady, registry, registered):
     assert 'onnxflow_reloads_total{outcome="swapped"}' in metrics
 
 
-def test_broken_version_is_refused_and_old_keeps_serving(reloady, registry, model_files,
-                                                         registered):
+def test_broken_version_is_refused_and_old_keeps_serving(
+    reloady, registry, model_files, registered
+):
     from tests.serving.conftest import _example
 
-    broken = registry.register("reloady", model_files["mlp_v3"], _example(),
-                               aliases=("challenger",))
+    broken = registry.register(
+        "reloady", model_files["mlp_v3"], _example(), aliases=("challenger",)
+    )
     corrupt_stored_model(registry.stored_folder("reloady", broken))
     registry.set_alias("reloady", "champion", broken)
     try:

@@ -64,19 +64,29 @@ def test_infer_default_outputs_are_binary(digits, local_session):
     inp.set_data_from_numpy(x)
     result = _client(digits).infer("digits", [inp], model_version="1")
     assert result.get_output("logits")["parameters"]["binary_data_size"] == 2 * 10 * 4
-    np.testing.assert_allclose(result.as_numpy("logits"),
-                               local_session("mlp").run(None, {"features": x})[0], rtol=1e-5)
+    np.testing.assert_allclose(
+        result.as_numpy("logits"), local_session("mlp").run(None, {"features": x})[0], rtol=1e-5
+    )
 
 
 def test_every_datatype_binary_and_json(multi, local_session):
     """Seven inputs of seven datatypes (BOOL, INT32, FP16, UINT8, FP64, FP32, BYTES)."""
     example = models.multi_example(rows=3, seed=5)
-    expected = dict(zip(
-        [o.name for o in local_session("multi").get_outputs()],
-        local_session("multi").run(None, example),
-    ))
-    datatypes = {"x": "FP32", "mask": "BOOL", "ids": "INT32", "half": "FP16",
-                 "small": "UINT8", "wide": "FP64", "names": "BYTES"}
+    expected = dict(
+        zip(
+            [o.name for o in local_session("multi").get_outputs()],
+            local_session("multi").run(None, example),
+        )
+    )
+    datatypes = {
+        "x": "FP32",
+        "mask": "BOOL",
+        "ids": "INT32",
+        "half": "FP16",
+        "small": "UINT8",
+        "wide": "FP64",
+        "names": "BYTES",
+    }
     client = _client(multi)
     for binary in (True, False):
         inputs = []
@@ -97,20 +107,30 @@ def test_every_datatype_binary_and_json(multi, local_session):
 
 def test_requested_outputs_subset_and_mixed_encoding(multi):
     example = models.multi_example(rows=2)
-    datatypes = {"x": "FP32", "mask": "BOOL", "ids": "INT32", "half": "FP16",
-                 "small": "UINT8", "wide": "FP64", "names": "BYTES"}
+    datatypes = {
+        "x": "FP32",
+        "mask": "BOOL",
+        "ids": "INT32",
+        "half": "FP16",
+        "small": "UINT8",
+        "wide": "FP64",
+        "names": "BYTES",
+    }
     inputs = []
     for name, value in example.items():
         inp = triton.InferInput(name, list(value.shape), datatypes[name])
         inp.set_data_from_numpy(value, binary_data=name != "x")
         inputs.append(inp)
-    outputs = [triton.InferRequestedOutput("ids_doubled", binary_data=True),
-               triton.InferRequestedOutput("masked", binary_data=False)]
+    outputs = [
+        triton.InferRequestedOutput("ids_doubled", binary_data=True),
+        triton.InferRequestedOutput("masked", binary_data=False),
+    ]
     result = _client(multi).infer("multi", inputs, outputs=outputs)
     names = [o["name"] for o in result.get_response()["outputs"]]
     assert names == ["ids_doubled", "masked"]
-    np.testing.assert_array_equal(result.as_numpy("ids_doubled"),
-                                  example["ids"].astype(np.int64) * 2)
+    np.testing.assert_array_equal(
+        result.as_numpy("ids_doubled"), example["ids"].astype(np.int64) * 2
+    )
     assert result.as_numpy("inverted") is None
 
 
@@ -118,31 +138,52 @@ def test_raw_json_nested_data_and_headers(digits, local_session):
     """Plain JSON, data nested (row-major) instead of flat; the version header is set."""
     x = np.arange(128, dtype=np.float32).reshape(2, 64) / 100
     with digits.client() as http:
-        response = http.post("/v2/models/digits/infer", json={
-            "inputs": [{"name": "features", "datatype": "FP32", "shape": [2, 64],
-                        "data": x.tolist()}]})
+        response = http.post(
+            "/v2/models/digits/infer",
+            json={
+                "inputs": [
+                    {"name": "features", "datatype": "FP32", "shape": [2, 64], "data": x.tolist()}
+                ]
+            },
+        )
     assert response.status_code == 200, response.text
     assert response.headers["x-model-version"] == "1"
     assert response.headers["x-model-name"] == "digits"
     body = response.json()
     out = body["outputs"][0]
     assert out["shape"] == [2, 10] and out["datatype"] == "FP32"
-    np.testing.assert_allclose(np.array(out["data"]).reshape(2, 10),
-                               local_session("mlp").run(None, {"features": x})[0], rtol=1e-5)
+    np.testing.assert_allclose(
+        np.array(out["data"]).reshape(2, 10),
+        local_session("mlp").run(None, {"features": x})[0],
+        rtol=1e-5,
+    )
 
 
 def test_raw_binary_request_per_spec(digits):
     """A hand-built binary request: JSON header, then the tensor bytes (no tritonclient)."""
     x = np.full((1, 64), 0.25, np.float32)
-    header = json.dumps({
-        "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 64],
-                    "parameters": {"binary_data_size": x.nbytes}}],
-        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
-    }).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "features",
+                    "datatype": "FP32",
+                    "shape": [1, 64],
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
     with digits.client() as http:
-        response = http.post("/v2/models/digits/versions/1/infer", content=header + x.tobytes(),
-                             headers={"Inference-Header-Content-Length": str(len(header)),
-                                      "Content-Type": "application/octet-stream"})
+        response = http.post(
+            "/v2/models/digits/versions/1/infer",
+            content=header + x.tobytes(),
+            headers={
+                "Inference-Header-Content-Length": str(len(header)),
+                "Content-Type": "application/octet-stream",
+            },
+        )
     assert response.status_code == 200, response.text
     n = int(response.headers["inference-header-content-length"])
     meta = json.loads(response.content[:n])
@@ -156,17 +197,36 @@ def test_bytes_binary_encoding_is_length_prefixed(multi):
     names = [b"alpha", "βeta".encode()]
     blob = b"".join(struct.pack("<I", len(n)) + n for n in names)
     inputs = [
-        {"name": k, "datatype": d, "shape": list(example[k].shape),
-         "data": example[k].ravel().tolist()}
-        for k, d in [("x", "FP32"), ("mask", "BOOL"), ("ids", "INT32"), ("half", "FP16"),
-                     ("small", "UINT8"), ("wide", "FP64")]
+        {
+            "name": k,
+            "datatype": d,
+            "shape": list(example[k].shape),
+            "data": example[k].ravel().tolist(),
+        }
+        for k, d in [
+            ("x", "FP32"),
+            ("mask", "BOOL"),
+            ("ids", "INT32"),
+            ("half", "FP16"),
+            ("small", "UINT8"),
+            ("wide", "FP64"),
+        ]
     ]
-    inputs.append({"name": "names", "datatype": "BYTES", "shape": [2],
-                   "parameters": {"binary_data_size": len(blob)}})
+    inputs.append(
+        {
+            "name": "names",
+            "datatype": "BYTES",
+            "shape": [2],
+            "parameters": {"binary_data_size": len(blob)},
+        }
+    )
     header = json.dumps({"inputs": inputs, "outputs": [{"name": "names_out"}]}).encode()
     with multi.client() as http:
-        response = http.post("/v2/models/multi/infer", content=header + blob,
-                             headers={"Inference-Header-Content-Length": str(len(header))})
+        response = http.post(
+            "/v2/models/multi/infer",
+            content=header + blob,
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        )
     assert response.status_code == 200, response.text
     assert response.json()["outputs"][0]["data"] == ["alpha", "βeta"]
 
