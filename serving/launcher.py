@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,8 +104,15 @@ def serve(
     os.execve(sys.executable, [sys.executable, "-m", "onnxflow.serving"], _child_env(settings))
 
 
-def check_port(settings: ServingSettings) -> None:
-    """Refuse a port another process holds, before starting anything."""
+def check_port(settings: ServingSettings, grace_s: float = 5.0) -> None:
+    """Refuse a port another process holds, before starting anything. A port is given
+    ``grace_s`` to come free: an endpoint that was just stopped or killed may still be
+    releasing it (a redeploy on the same URL)."""
+    deadline = time.monotonic() + grace_s
+    while settings.port and not port_free(settings.host, settings.port):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     if settings.port and not port_free(settings.host, settings.port):
         raise ServingError(
             f"port {settings.port} on {settings.host} is already in use: choose another with "

@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from onnxflow.errors import RegistryError
 from onnxflow.serving import block_heavy_imports
@@ -285,7 +286,33 @@ class SqliteRegistry:
         return version, {key: value or "" for key, value in tags}
 
     def download(self, name: str, version: str, dest: Path) -> Path:
-        return download_in_helper(name, version, dest)
+        """A version stored on this machine's disk (the store's default ``./mlruns``) is
+        copied as MLflow's own download would copy it, without paying MLflow's import in a
+        helper (seconds: a hot swap to an uncached version waited on it). Anything else
+        (a remote artifact store, a relative or unknown location) goes to the helper."""
+        local = None if self._fallback is not None else self._local_artifacts(name, version)
+        if local is None:
+            return download_in_helper(name, version, dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(local, dest, dirs_exist_ok=True)
+        return dest
+
+    def _local_artifacts(self, name: str, version: str) -> Path | None:
+        try:
+            with self._connect() as db:
+                rows = self._query(
+                    db,
+                    "SELECT storage_location FROM model_versions WHERE name = ? AND version = ?",
+                    name,
+                    int(version),
+                )
+        except (sqlite3.Error, ValueError):
+            return None
+        location = rows[0][0] if rows and rows[0][0] else ""
+        if location.startswith("file://"):
+            location = unquote(location.removeprefix("file://"))
+        path = Path(location)
+        return path if location and path.is_absolute() and path.is_dir() else None
 
 
 def check_login(tracking_uri: str | None) -> None:
