@@ -15,7 +15,9 @@ from mlflow import MlflowClient
 
 from onnxflow.config import PipelineConfig
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+# Each Dask worker process imports torch, Prefect and MLflow before its first trial: on a
+# busy 2-core machine these take 2-3 minutes each.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module", autouse=True)
