@@ -505,6 +505,16 @@ def serve(
     max_body_bytes: Annotated[
         int | None, typer.Option(help="Largest request body (default 16 MiB).")
     ] = None,
+    shared_memory: Annotated[
+        bool | None,
+        typer.Option(
+            "--shared-memory/--no-shared-memory",
+            help=(
+                "Serve Triton's system shared-memory extension to clients on this host "
+                "(guard it with a token: a client names any /dev/shm object this user can open)."
+            ),
+        ),
+    ] = None,
 ) -> None:
     """Serve registered models in the foreground with the onnxruntime endpoint.
 
@@ -526,6 +536,7 @@ def serve(
             max_batch_delay_ms=max_batch_delay_ms,
             poll_interval_s=poll_interval_s,
             max_body_bytes=max_body_bytes,
+            shared_memory=shared_memory,
         )
     except ValueError as exc:  # the settings refused an option
         _fail(str(exc))
