@@ -515,6 +515,20 @@ def serve(
             ),
         ),
     ] = None,
+    shadow: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Run the version holding this alias (e.g. challenger) in shadow beside each "
+                "served model: live requests mirrored to it off the request path, its agreement "
+                "and latency written onto its registry version (POST /admin/shadow/flush, or "
+                "every 5 min)."
+            )
+        ),
+    ] = None,
+    shadow_fraction: Annotated[
+        float | None, typer.Option(help="Share of requests mirrored to the shadow (default 1).")
+    ] = None,
 ) -> None:
     """Serve registered models in the foreground with the onnxruntime endpoint.
 
@@ -537,6 +551,8 @@ def serve(
             poll_interval_s=poll_interval_s,
             max_body_bytes=max_body_bytes,
             shared_memory=shared_memory,
+            shadow=shadow,
+            shadow_fraction=shadow_fraction,
         )
     except ValueError as exc:  # the settings refused an option
         _fail(str(exc))

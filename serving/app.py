@@ -216,6 +216,12 @@ class RestEndpoints:
             status = 502
         return json_response(outcome.as_json(), status)
 
+    async def admin_shadow_flush(self, request: Request) -> Response:
+        self.plane.authorize(request.headers.get("authorization"), admin=True)
+        written = await self.plane.flush_shadow()
+        failed = any("error" in entry for entry in written)
+        return json_response({"written": written}, 502 if failed else 200)
+
     async def admin_status(self, request: Request) -> Response:
         self.plane.authorize(request.headers.get("authorization"), admin=True)
         return json_response(self.plane.status())
@@ -447,6 +453,7 @@ def create_app(settings: ServingSettings) -> FrontDoor:
         Route("/admin/reload", ep.admin_reload, methods=["POST"]),
         Route("/admin/status", ep.admin_status, methods=["GET"]),
         *shared_memory_routes(plane),
+        Route("/admin/shadow/flush", ep.admin_shadow_flush, methods=["POST"]),
     ]
 
     @contextlib.asynccontextmanager

@@ -78,6 +78,8 @@ def serve(
     cache_dir: Path | None = None,
     log_level: str | None = None,
     shared_memory: bool | None = None,
+    shadow: str | None = None,
+    shadow_fraction: float | None = None,
 ) -> None:
     """Serve in the foreground (this process becomes the endpoint); None: env or default.
 
@@ -99,6 +101,8 @@ def serve(
         cache_dir=cache_dir,
         log_level=log_level,
         shared_memory=shared_memory,
+        shadow=shadow,
+        shadow_fraction=shadow_fraction,
     )
     check_port(settings)
     sys.stdout.flush()

@@ -412,6 +412,20 @@ def openapi_document(model_name: str) -> dict:
                 },
             }
         },
+        "/admin/shadow/flush": {
+            "post": {
+                "summary": "Write the shadow's figures (shadow_* tags, shadow/report.md) onto "
+                "each shadow version in the registry now. Needs the token and --shadow.",
+                "security": _BEARER,
+                "responses": {
+                    "200": _json({"type": "object"}, "What was written, per shadow version"),
+                    "409": _ERROR,
+                    "502": _json({"type": "object"}, "A registry write failed"),
+                    "401": _ERROR,
+                    "403": _ERROR,
+                },
+            }
+        },
         "/admin/status": {
             "get": {
                 "summary": "What is served, refused versions, process facts. Needs the token.",
