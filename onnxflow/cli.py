@@ -577,6 +577,30 @@ def serve(
     max_body_bytes: Annotated[
         int | None, typer.Option(help="Largest request body (default 16 MiB).")
     ] = None,
+    shared_memory: Annotated[
+        bool | None,
+        typer.Option(
+            "--shared-memory/--no-shared-memory",
+            help=(
+                "Serve Triton's system shared-memory extension to clients on this host "
+                "(guard it with a token: a client names any /dev/shm object this user can open)."
+            ),
+        ),
+    ] = None,
+    shadow: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Run the version holding this alias (e.g. challenger) in shadow beside each "
+                "served model: live requests mirrored to it off the request path, its agreement "
+                "and latency written onto its registry version (POST /admin/shadow/flush, or "
+                "every 5 min)."
+            )
+        ),
+    ] = None,
+    shadow_fraction: Annotated[
+        float | None, typer.Option(help="Share of requests mirrored to the shadow (default 1).")
+    ] = None,
 ) -> None:
     """Serve registered models in the foreground with the onnxruntime endpoint.
 
@@ -598,6 +622,9 @@ def serve(
             max_batch_delay_ms=max_batch_delay_ms,
             poll_interval_s=poll_interval_s,
             max_body_bytes=max_body_bytes,
+            shared_memory=shared_memory,
+            shadow=shadow,
+            shadow_fraction=shadow_fraction,
         )
     except ValueError as exc:  # the settings refused an option
         _fail(str(exc))

@@ -33,6 +33,7 @@ from onnxflow.serving.metrics import ServingMetrics
 from onnxflow.serving.model import LoadedModel
 from onnxflow.serving.openapi import openapi_document
 from onnxflow.serving.settings import ServingSettings
+from onnxflow.serving.shared_memory_routes import shared_memory_routes
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,11 @@ class RestEndpoints:
         def decode():
             nonlocal parsed
             parsed = v2.decode_request(
-                body, headers.get(v2.HEADER_LENGTH), model, self.settings.max_body_bytes
+                body,
+                headers.get(v2.HEADER_LENGTH),
+                model,
+                self.settings.max_body_bytes,
+                self.plane.shared_memory,
             )
             return parsed.feeds
 
@@ -210,6 +215,12 @@ class RestEndpoints:
         if outcome.outcome == "registry_error":
             status = 502
         return json_response(outcome.as_json(), status)
+
+    async def admin_shadow_flush(self, request: Request) -> Response:
+        self.plane.authorize(request.headers.get("authorization"), admin=True)
+        written = await self.plane.flush_shadow()
+        failed = any("error" in entry for entry in written)
+        return json_response({"written": written}, 502 if failed else 200)
 
     async def admin_status(self, request: Request) -> Response:
         self.plane.authorize(request.headers.get("authorization"), admin=True)
@@ -441,6 +452,8 @@ def create_app(settings: ServingSettings) -> FrontDoor:
         Route("/openapi.json", ep.openapi, methods=["GET"]),
         Route("/admin/reload", ep.admin_reload, methods=["POST"]),
         Route("/admin/status", ep.admin_status, methods=["GET"]),
+        *shared_memory_routes(plane),
+        Route("/admin/shadow/flush", ep.admin_shadow_flush, methods=["POST"]),
     ]
 
     @contextlib.asynccontextmanager

@@ -5,6 +5,9 @@ and call this: authorize a token, resolve a model by name and version, execute c
 feeds, report metadata and readiness, reload and describe what is served. Nothing here
 knows HTTP; failures are the named errors of :mod:`onnxflow.serving.errors`.
 
+With a shadow alias (``--shadow challenger``) every answered request is also offered to
+:mod:`onnxflow.serving.shadow`, which mirrors it off the request path.
+
 Each request reads the served model once (:meth:`DataPlane.model`) and keeps it, so a
 swap never mixes versions within a request. Fast models run on the event loop (a thread
 hop costs more than the run), slow ones in worker threads, or merged by the batcher.
@@ -36,6 +39,7 @@ from onnxflow.serving.manager import CheckOutcome, ModelManager
 from onnxflow.serving.metrics import ServingMetrics
 from onnxflow.serving.model import LoadedModel
 from onnxflow.serving.settings import ServingSettings
+from onnxflow.serving.shared_memory import SharedMemoryRegistry
 from onnxflow.serving.statistics import Statistics
 
 log = logging.getLogger(__name__)
@@ -73,12 +77,20 @@ class DataPlane:
         self._watchers: dict[str, asyncio.Task] = {}  # "discover" and one per model
         self.unloaded: set[str] = set()  # models unloaded through the repository API
         self.stats = Statistics()
+        self.shared_memory = SharedMemoryRegistry() if settings.shared_memory else None
+        self.shadow = None
+        if settings.shadow:
+            from onnxflow.serving.shadow import Shadow
+
+            self.shadow = Shadow(settings, self.metrics)
 
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the batcher and one alias watcher per model (on the running loop)."""
         loop = asyncio.get_running_loop()
+        if self.shadow is not None:
+            self.shadow.start()
         if self.settings.batching:
             self.batcher = Batcher(
                 self.settings.max_batch_size,
@@ -96,6 +108,8 @@ class DataPlane:
         self._watchers[manager.name] = asyncio.get_running_loop().create_task(
             manager.watch(), name=f"watch-{manager.name}"
         )
+        if self.shadow is not None:
+            self.shadow.follow(manager)
 
     async def _discover(self) -> None:
         """Serve every model that has the alias, as it appears (every poll interval)."""
@@ -130,9 +144,13 @@ class DataPlane:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._watchers.clear()
+        if self.shadow is not None:
+            await self.shadow.stop()
         if self.batcher:
             await self.batcher.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.shared_memory is not None:
+            self.shared_memory.unregister()
 
     # --- checks ----------------------------------------------------------------------
 
@@ -221,6 +239,8 @@ class DataPlane:
             self.stats.failure(model.name, model.version, time.perf_counter_ns() - start)
             raise
         done = time.perf_counter_ns()
+        if self.shadow is not None:  # after the answer exists; never waits, never raises
+            self.shadow.offer(model, feeds, results, (ran - decoded) / 1e9)
         rows = max((a.shape[0] if a.ndim else 1) for a in feeds.values())
         self.stats.success(
             model.name,
@@ -262,7 +282,8 @@ class DataPlane:
     # --- health and metadata ---------------------------------------------------------
 
     def server_metadata(self) -> dict:
-        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+        extensions = EXTENSIONS + ([] if self.shared_memory is None else ["system_shared_memory"])
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": extensions}
 
     def ready(self) -> bool:
         """Every model has been checked once and at least one serves: one that cannot load
@@ -346,6 +367,12 @@ class DataPlane:
             raise NotReady("no model to reload yet")
         return await self.manager(name or self.default_name).check(force=True)
 
+    async def flush_shadow(self) -> list[dict]:
+        """Write the shadow's figures onto the shadow versions in the registry now."""
+        if self.shadow is None:
+            raise Conflict("no shadow: start the endpoint with --shadow ALIAS (e.g. challenger)")
+        return await self.shadow.flush()
+
     def status(self) -> dict:
         """What is served; the default model's state at the top level, every model's under
         ``models``."""
@@ -363,6 +390,7 @@ class DataPlane:
                 m for m in HEAVY_MODULES if sys.modules.get(m) is not None
             ),
             "mlflow_loaded": sys.modules.get("mlflow") is not None,
+            "shadow": self.shadow.status() if self.shadow is not None else None,
             "uptime_s": time.time() - self.started,
         }
 

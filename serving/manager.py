@@ -7,6 +7,10 @@ in-flight requests finish on the old session. A version that fails any check is
 refused: it is logged and counted, the old one keeps serving, and the watcher does not
 retry it until the alias moves (an explicit reload does retry it).
 
+A manager made with ``shadow_of`` follows a second alias (``--shadow challenger``) beside
+a served model: it publishes nothing as served, and when its alias points at the version
+the served model already runs it shares that model instead of loading it twice.
+
 Registry calls run in a worker thread (see :mod:`onnxflow.serving.registry_reader` for how
 they reach MLflow); the event loop keeps serving while a version downloads and warms up.
 """
@@ -96,8 +100,16 @@ def release_memory() -> None:
 class ModelManager:
     """One served model: follows ``reference`` (NAME@ALIAS or NAME/VERSION) and swaps."""
 
-    def __init__(self, settings: ServingSettings, metrics: ServingMetrics, reference: str) -> None:
+    def __init__(
+        self,
+        settings: ServingSettings,
+        metrics: ServingMetrics,
+        reference: str,
+        *,
+        shadow_of: ModelManager | None = None,
+    ) -> None:
         self.settings = settings
+        self.shadow_of = shadow_of
         self.metrics = metrics
         self.name, self.alias, self.pinned = parse_model_reference(reference)
         self.current: LoadedModel | None = None
@@ -110,7 +122,7 @@ class ModelManager:
     def reference(self) -> str:
         return f"{self.name}@{self.alias}" if self.alias else f"{self.name}/{self.pinned}"
 
-    def _registry_client(self) -> Registry:
+    def registry_client(self) -> Registry:
         if self._registry is None:
             self._registry = registry_for(
                 os.environ.get("MLFLOW_TRACKING_URI"), self.settings.registry_access
@@ -123,14 +135,15 @@ class ModelManager:
         return self._registry
 
     def _resolve(self) -> tuple[str, dict]:
-        return self._registry_client().resolve(self.name, self.alias, self.pinned)
+        return self.registry_client().resolve(self.name, self.alias, self.pinned)
 
     async def check(self, *, force: bool = False) -> CheckOutcome:
         """Resolve the alias and swap to its version if it is new and passes every check."""
         async with self._lock:
             outcome = await self._check(force)
         self.last_check = outcome
-        self.metrics.reloads.labels(outcome.outcome).inc()
+        if self.shadow_of is None:
+            self.metrics.reloads.labels(outcome.outcome).inc()
         return outcome
 
     async def _check(self, force: bool) -> CheckOutcome:
@@ -138,10 +151,26 @@ class ModelManager:
         try:
             version, tags = await asyncio.to_thread(self._resolve)
         except Exception as exc:
-            log.warning("cannot resolve %s in the registry: %s", self.reference, exc)
+            # A shadow alias that is missing (no challenger yet) is said once, not every poll.
+            repeated = (
+                self.shadow_of is not None
+                and self.last_check is not None
+                and (self.last_check.detail == str(exc))
+            )
+            log.log(
+                logging.DEBUG if repeated else logging.WARNING,
+                "cannot resolve %s in the registry: %s",
+                self.reference,
+                exc,
+            )
             return CheckOutcome("registry_error", None, serving, str(exc))
         if version == serving:
             return CheckOutcome("unchanged", version, serving)
+        served = self.shadow_of.current if self.shadow_of is not None else None
+        if served is not None and served.version == version:
+            self.current = served  # the served model itself: share it, load nothing
+            log.info("%s is version %s, the one served: sharing it", self.reference, version)
+            return CheckOutcome("swapped", version, version)
         if version in self.refused and not force:
             return CheckOutcome("refused", version, serving, self.refused[version])
         log.info(
@@ -150,7 +179,7 @@ class ModelManager:
         try:
             folder = await asyncio.to_thread(
                 fetch_version,
-                self._registry_client(),
+                self.registry_client(),
                 self.settings.cache_dir,
                 self.name,
                 version,
@@ -180,6 +209,9 @@ class ModelManager:
         previous = self.current
         self.current = model  # the swap: new requests see the new session from here on
         self.refused.pop(version, None)
+        if self.shadow_of is not None:
+            log.info("%s: version %s loaded (was %s)", self.reference, version, serving)
+            return CheckOutcome("swapped", version, version)
         self.metrics.serving(
             model.name,
             model.version,
@@ -197,7 +229,9 @@ class ModelManager:
                 await self.check()
             except Exception:  # the watcher must outlive any single failure
                 log.exception("alias check failed")
-            if self.current is not None and interval <= 0:
+            # A shadow alias may never exist: it is checked at the poll interval, not retried.
+            settled = self.current is not None or self.shadow_of is not None
+            if settled and interval <= 0:
                 return
-            delay = interval if self.current is not None else min(interval or 2.0, 2.0)
+            delay = interval if settled else min(interval or 2.0, 2.0)
             await asyncio.sleep(delay)

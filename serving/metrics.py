@@ -5,7 +5,11 @@ from __future__ import annotations
 from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
@@ -61,6 +65,10 @@ class ServingMetrics:
         for outcome in ("swapped", "unchanged", "refused", "registry_error"):
             self.reloads.labels(outcome)
         self.observe_request = self.requests.observe
+
+    def watch_shadow(self, reports) -> None:
+        """Expose the shadow's figures: ``reports()`` gives its pairs' snapshots at scrape."""
+        self.registry.register(ShadowCollector(reports))
 
     def serving(self, name: str, version: str, digest: str, previous: tuple | None) -> None:
         if previous is not None:
@@ -119,6 +127,71 @@ class RequestStats:
                 buckets.append((floatToGoString(bound), cumulative))
             latency.add_metric([route], buckets, sum_value=histogram[-1])
         yield latency
+
+    def describe(self):
+        return []
+
+
+class ShadowCollector:
+    """The challenger in shadow, per pair of versions (``version`` served, ``shadow_version``
+    mirrored to), read from :mod:`onnxflow.serving.shadow`'s figures at scrape time."""
+
+    LABELS = ["model", "version", "shadow_version"]
+
+    def __init__(self, reports) -> None:
+        self.reports = reports
+
+    def collect(self):
+        labels = self.LABELS
+        compared = CounterMetricFamily(
+            "onnxflow_shadow_requests", "Requests compared with the shadow version.", labels=labels
+        )
+        dropped = CounterMetricFamily(
+            "onnxflow_shadow_dropped",
+            "Requests not mirrored to the shadow: its queue was full.",
+            labels=labels,
+        )
+        errors = CounterMetricFamily(
+            "onnxflow_shadow_errors",
+            "Mirrored requests the shadow version failed to run or answered incomparably.",
+            labels=labels,
+        )
+        agreement = GaugeMetricFamily(
+            "onnxflow_shadow_agreement",
+            "Share of compared rows where both versions give the same class.",
+            labels=labels,
+        )
+        max_abs = GaugeMetricFamily(
+            "onnxflow_shadow_abs_diff_max",
+            "Largest absolute difference between the versions' outputs.",
+            labels=[*labels, "output"],
+        )
+        mean_abs = GaugeMetricFamily(
+            "onnxflow_shadow_abs_diff_mean",
+            "Mean absolute difference between the versions' outputs (mean over requests).",
+            labels=[*labels, "output"],
+        )
+        latency = HistogramMetricFamily(
+            "onnxflow_shadow_duration_seconds",
+            "onnxruntime run of the shadow version on a mirrored request.",
+            labels=labels,
+        )
+        for report in self.reports():
+            key = [report.model, report.served, report.shadow]
+            compared.add_metric(key, report.compared)
+            dropped.add_metric(key, report.dropped)
+            errors.add_metric(key, report.errors)
+            if report.agreement is not None:
+                agreement.add_metric(key, report.agreement)
+            for output, value in report.max_abs.items():
+                max_abs.add_metric([*key, output], value)
+                mean_abs.add_metric([*key, output], report.mean_abs[output])
+            cumulative, buckets = 0, []
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), report.buckets):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            latency.add_metric(key, buckets, sum_value=report.buckets[-1])
+        yield from (compared, dropped, errors, agreement, max_abs, mean_abs, latency)
 
     def describe(self):
         return []

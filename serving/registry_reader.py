@@ -1,4 +1,5 @@
-"""How the endpoint reads the MLflow registry: resolve an alias, download a version.
+"""How the endpoint reaches the MLflow registry: resolve an alias, download a version,
+and annotate one (the shadow's figures: version tags and a report in the version's run).
 
 MLflow's client never runs in the request-serving process: importing it takes seconds
 and roughly doubles the process's resident memory. Each tracking URI is read the
@@ -15,8 +16,11 @@ lightest way that gives MLflow's answers:
   MLflow's own client (each call pays MLflow's import, a few seconds of CPU).
 
 A new version's files are always downloaded by that helper process, with MLflow's own
-artifact code. ``registry_access`` (``ONNXFLOW_SERVE_REGISTRY_ACCESS``) forces one way:
-``rest``, ``sqlite`` or ``mlflow`` (the helper).
+artifact code. Annotations go to a tracking server's REST API (tags; a report through its
+``mlflow-artifacts`` proxy when the run's artifacts live there) and otherwise to the
+helper, which writes with MLflow's client: the SQLite file is only ever read here.
+``registry_access`` (``ONNXFLOW_SERVE_REGISTRY_ACCESS``) forces one way: ``rest``,
+``sqlite`` or ``mlflow`` (the helper).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote, unquote
@@ -40,12 +45,25 @@ log = logging.getLogger(__name__)
 MODULE = "onnxflow.serving.registry_reader"
 
 
+@dataclass(frozen=True)
+class Annotation:
+    """What to write onto one version: tags, and files (path in its run -> text)."""
+
+    name: str
+    version: str
+    tags: dict[str, str]
+    files: dict[str, str]
+
+
 class Registry(Protocol):
     def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
         """(version, tags) that ``alias`` (or the pinned ``version``) points at now."""
 
     def download(self, name: str, version: str, dest: Path) -> Path:
         """Download the version's files into ``dest``; returns the folder holding them."""
+
+    def annotate(self, notes: list[Annotation]) -> None:
+        """Set each note's tags on its version; write its files into the version's run."""
 
 
 def registry_for(tracking_uri: str | None, access: str = "auto") -> Registry:
@@ -85,6 +103,18 @@ def download_in_helper(name: str, version: str, dest: Path) -> Path:
     return Path(_helper("download", name, version, str(dest), timeout=1800))
 
 
+def annotate_in_helper(notes: list[Annotation]) -> None:
+    """Every note in one helper process: MLflow's import is paid once per flush."""
+    import tempfile
+
+    if not notes:
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="onnxflow-annotate-") as fh:
+        json.dump([asdict(note) for note in notes], fh)
+        fh.flush()
+        _helper("annotate", fh.name, timeout=180)
+
+
 class HelperRegistry:
     """MLflow's client in a short-lived helper process, per call."""
 
@@ -99,6 +129,9 @@ class HelperRegistry:
 
     def download(self, name: str, version: str, dest: Path) -> Path:
         return download_in_helper(name, version, dest)
+
+    def annotate(self, notes: list[Annotation]) -> None:
+        annotate_in_helper(notes)
 
 
 class MlflowRegistry:
@@ -124,6 +157,18 @@ class MlflowRegistry:
                 artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)
             )
         )
+
+    def annotate(self, notes: list[Annotation]) -> None:
+        for note in notes:
+            for key, value in note.tags.items():
+                self._client.set_model_version_tag(note.name, note.version, key, str(value))
+            if not note.files:
+                continue
+            run_id = self._client.get_model_version(note.name, note.version).run_id
+            if not run_id:
+                log.warning("%s version %s has no run: files not written", note.name, note.version)
+            for path, text in note.files.items() if run_id else ():
+                self._client.log_text(run_id, text, path)
 
 
 # --- a tracking server: its REST API ----------------------------------------------------
@@ -171,6 +216,56 @@ class RestRegistry:
 
     def download(self, name: str, version: str, dest: Path) -> Path:
         return download_in_helper(name, version, dest)
+
+    def _call(self, method: str, path: str, **kwargs) -> dict:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code != 200:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            raise RegistryError(f"{self.uri}{path} answered {response.status_code}: {message}")
+        return response.json() if response.content else {}
+
+    def annotate(self, notes: list[Annotation]) -> None:
+        """Tags through the REST API; files through the server's artifact proxy when the
+        run's artifacts live behind it, else with MLflow's own code in the helper."""
+        elsewhere = []
+        for note in notes:
+            for key, value in note.tags.items():
+                self._call(
+                    "POST",
+                    "/api/2.0/mlflow/model-versions/set-tag",
+                    json={"name": note.name, "version": note.version, "key": key, "value": value},
+                )
+            if note.files and not self._write_proxied(note):
+                elsewhere.append(Annotation(note.name, note.version, {}, note.files))
+        annotate_in_helper(elsewhere)
+
+    def _write_proxied(self, note: Annotation) -> bool:
+        mv = self._call(
+            "GET",
+            "/api/2.0/mlflow/model-versions/get",
+            params={"name": note.name, "version": note.version},
+        )["model_version"]
+        if not mv.get("run_id"):
+            log.warning("%s version %s has no run: files not written", note.name, note.version)
+            return True
+        run = self._call("GET", "/api/2.0/mlflow/runs/get", params={"run_id": mv["run_id"]})
+        root = run["run"]["info"]["artifact_uri"]
+        if not root.startswith("mlflow-artifacts:"):  # s3://, a path ...
+            return False
+        # mlflow-artifacts:/EXP/RUN/artifacts or mlflow-artifacts://host:port/EXP/RUN/artifacts
+        rest = root.removeprefix("mlflow-artifacts:").lstrip("/")
+        if root.startswith("mlflow-artifacts://"):
+            rest = rest.partition("/")[2]
+        for path, text in note.files.items():
+            self._call(
+                "PUT",
+                f"/api/2.0/mlflow-artifacts/artifacts/{rest.rstrip('/')}/{path}",
+                content=text.encode(),
+            )
+        return True
 
 
 # --- a local SQLite store: its tables, read-only ------------------------------------------
@@ -285,6 +380,10 @@ class SqliteRegistry:
         )
         return version, {key: value or "" for key, value in tags}
 
+    def annotate(self, notes: list[Annotation]) -> None:
+        """Written by MLflow's client in the helper: this reader never writes the file."""
+        annotate_in_helper(notes)
+
     def download(self, name: str, version: str, dest: Path) -> Path:
         """A version stored on this machine's disk (the store's default ``./mlruns``) is
         copied as MLflow's own download would copy it, without paying MLflow's import in a
@@ -349,12 +448,14 @@ def main(argv: list[str] | None = None) -> None:
     """The helper process: MLflow's client for one call, answer on the last line of stdout.
 
     ``download NAME VERSION DEST`` prints the local folder;
-    ``resolve NAME (--alias ALIAS | --version VERSION)`` prints ``{"version", "tags"}``.
+    ``resolve NAME (--alias ALIAS | --version VERSION)`` prints ``{"version", "tags"}``;
+    ``annotate FILE`` writes the notes of a JSON list of :class:`Annotation` and prints ``ok``.
     """
     args = sys.argv[1:] if argv is None else argv
     usage = (
         f"usage: python -m {MODULE} download NAME VERSION DEST\n"
-        f"       python -m {MODULE} resolve NAME (--alias ALIAS | --version VERSION)"
+        f"       python -m {MODULE} resolve NAME (--alias ALIAS | --version VERSION)\n"
+        f"       python -m {MODULE} annotate FILE"
     )
     block_heavy_imports()
     logging.basicConfig(level=logging.WARNING)
@@ -366,6 +467,10 @@ def main(argv: list[str] | None = None) -> None:
         alias, version = (value, None) if flag == "--alias" else (None, value)
         resolved, tags = MlflowRegistry().resolve(name, alias, version)
         print(json.dumps({"version": resolved, "tags": tags}))
+    elif len(args) == 2 and args[0] == "annotate":
+        notes = [Annotation(**note) for note in json.loads(Path(args[1]).read_text())]
+        MlflowRegistry().annotate(notes)
+        print("ok")
     else:
         sys.exit(usage)
 

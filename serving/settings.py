@@ -90,8 +90,35 @@ class ServingSettings(BaseSettings):
         "sqlite:///, a helper process with MLflow's client otherwise; rest, sqlite or "
         "mlflow (the helper) force one.",
     )
+    shared_memory: bool = Field(
+        False,
+        description="Serve Triton's system shared-memory extension: clients on this host "
+        "register POSIX shared-memory objects (/dev/shm) and pass tensors through them. Off "
+        "by default (as Triton's --allow-client-shm): a registered key opens any shared-memory "
+        "object this process's user can open; guard it with a token.",
+    )
     require_digest: bool = Field(
         True, description="Refuse versions without an onnx_sha256 tag (set at registration)."
+    )
+    shadow: str | None = Field(
+        None,
+        description="Registry alias to run in shadow beside each served model (e.g. "
+        "challenger): live requests are mirrored to the version it points at, off the request "
+        "path, and compared with the served answers. None: no shadow.",
+    )
+    shadow_fraction: float = Field(
+        1.0, ge=0, le=1, description="Share of requests mirrored to the shadow version."
+    )
+    shadow_queue: int = Field(
+        256,
+        ge=1,
+        description="Mirrored requests waiting for the shadow; more are dropped and counted.",
+    )
+    shadow_flush_interval_s: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds between writes of the shadow's figures onto the shadow version "
+        "in the registry (tags and shadow/report.md); 0: only on POST /admin/shadow/flush.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the endpoint."
@@ -136,6 +163,15 @@ class ServingSettings(BaseSettings):
     def model_references(self) -> list[str]:
         """The explicitly named models, in order (the first answers /invocations)."""
         return split_model_references(self.model)
+
+    @field_validator("shadow")
+    @classmethod
+    def _shadow_alias(cls, value: str | None) -> str | None:
+        if not value:  # "" (an emptied environment variable): off
+            return None
+        if "@" in value or "/" in value or "," in value:
+            raise ValueError(f"shadow takes one alias name (e.g. challenger), got {value!r}")
+        return value
 
     @field_validator("token")
     @classmethod

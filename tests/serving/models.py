@@ -18,8 +18,10 @@ def _save(graph, path: Path) -> Path:
     return path
 
 
-def mlp(path: Path, sizes=(64, 128, 10), seed: int = 0) -> Path:
-    """features[batch, sizes[0]] -> logits[batch, sizes[-1]]: Gemm+Relu layers."""
+def mlp(path: Path, sizes=(64, 128, 10), seed: int = 0, batch: str | int = "batch") -> Path:
+    """features[batch, sizes[0]] -> logits[batch, sizes[-1]]: Gemm+Relu layers.
+
+    ``batch``: the first axis, dynamic (a name) or fixed (a size)."""
     rng = np.random.default_rng(seed)
     nodes, inits, current = [], [], "features"
     for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
@@ -37,8 +39,8 @@ def mlp(path: Path, sizes=(64, 128, 10), seed: int = 0) -> Path:
     graph = helper.make_graph(
         nodes,
         "mlp",
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", sizes[0]])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", sizes[-1]])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [batch, sizes[0]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, sizes[-1]])],
         inits,
     )
     return _save(graph, path)
