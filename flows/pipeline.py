@@ -270,7 +270,13 @@ def chain_task(
 ) -> ChainResult:
     """One framework's whole chain as one task, so that chains run side by side on Dask
     workers (the chain's own flow and tasks run inside it, in the worker)."""
-    return train_and_register(framework, config, out_dir, dataset)
+    # Dask ships this task's function by value (its module attribute is the task, not the
+    # function), and with it a by-value copy of the flow whose globals lack the names its
+    # annotations use; Prefect then cannot validate the flow's parameters. The flow taken
+    # from the module as the worker imports it has them all.
+    from onnxflow.flows import pipeline
+
+    return pipeline.train_and_register(framework, config, out_dir, dataset)
 
 
 @flow(name="chains-on-dask")
