@@ -47,6 +47,7 @@ from onnxflow.tasks.recipes import (
     validate_recipe_task,
 )
 from onnxflow.tasks.register import promote_task, register_task
+from onnxflow.tasks.tracking import ensure_experiment_task
 from onnxflow.tracking import git_commit
 
 
@@ -224,7 +225,9 @@ def run(
             )
         }
     elif dask:
+        out_dir = out_dir.resolve()  # workers need not share this process's working directory
         dataset = prepare_data_task(config.data, out_dir / "data")
+        ensure_experiment_task(config.experiment)  # here, not in every worker at once
         logger.info("chains of %s on a %s", ", ".join(frameworks), describe(config.dask))
         on_dask = chains_on_dask.with_options(task_runner=task_runner(config.dask))
         states = on_dask(frameworks, config, out_dir, dataset)
