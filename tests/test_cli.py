@@ -33,7 +33,7 @@ def test_help_lists_the_commands(tmp_path):
         (["--target", "y"], "without --data"),
         (["--framework", "jax"], "jax"),
         (["--sweep", "8", "--framework", "all"], "--sweep trains one framework"),
-        (["--sweep", "0"], "0 is not in the range x>=1"),
+        (["--sweep", "0"], "greater than or equal to 1"),
         (["--sweep", "4", "--recipe", "r.py"], "--sweep with --recipe is not supported"),
     ],
 )
