@@ -88,7 +88,7 @@ class DataPlane:
         """Start the batcher and one alias watcher per model (on the running loop)."""
         loop = asyncio.get_running_loop()
         if self.shadow is not None:
-            self.shadow.start()
+            await self.shadow.start()
         if self.settings.batching:
             self.batcher = Batcher(
                 self.settings.max_batch_size,

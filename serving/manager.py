@@ -8,8 +8,9 @@ refused: it is logged and counted, the old one keeps serving, and the watcher do
 retry it until the alias moves (an explicit reload does retry it).
 
 A manager made with ``shadow_of`` follows a second alias (``--shadow challenger``) beside
-a served model: it publishes nothing as served, and when its alias points at the version
-the served model already runs it shares that model instead of loading it twice.
+a served model: it publishes nothing as served, loads with the shadow's ``loader`` (in its
+worker process), and when its alias points at the version the served model already runs
+it shares that model instead of loading it twice.
 
 Registry calls run in a worker thread (see :mod:`onnxflow.serving.registry_reader` for how
 they reach MLflow); the event loop keeps serving while a version downloads and warms up.
@@ -107,9 +108,11 @@ class ModelManager:
         reference: str,
         *,
         shadow_of: ModelManager | None = None,
+        loader=load_model,
     ) -> None:
         self.settings = settings
         self.shadow_of = shadow_of
+        self.loader = loader  # (folder, name=, version=, tags=, settings=) -> the loaded model
         self.metrics = metrics
         self.name, self.alias, self.pinned = parse_model_reference(reference)
         self.current: LoadedModel | None = None
@@ -190,7 +193,7 @@ class ModelManager:
             return CheckOutcome("registry_error", version, serving, f"download failed: {exc}")
         try:
             model = await asyncio.to_thread(
-                load_model,
+                self.loader,
                 folder,
                 name=self.name,
                 version=version,

@@ -102,10 +102,11 @@ class ServingSettings(BaseSettings):
     shadow_fraction: float = Field(
         1.0, ge=0, le=1, description="Share of requests mirrored to the shadow version."
     )
-    shadow_queue: int = Field(
-        256,
-        ge=1,
-        description="Mirrored requests waiting for the shadow; more are dropped and counted.",
+    shadow_queue_bytes: int = Field(
+        16 * MIB,
+        ge=64 * 1024,
+        description="Mirrored requests waiting for the shadow's worker, in bytes; beyond this "
+        "a request is not mirrored (dropped and counted).",
     )
     shadow_flush_interval_s: float = Field(
         300.0,

@@ -19,9 +19,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from onnxflow.processes import free_port
+from onnxflow.serving.comparison import ShadowMismatch, compare
 from onnxflow.serving.launcher import start_background, stop_background, wait_ready
 from onnxflow.serving.settings import ServingSettings
-from onnxflow.serving.shadow import REPORT_PATH, ShadowMismatch, compare
+from onnxflow.serving.shadow import REPORT_PATH
 from tests.serving import models
 from tests.serving.conftest import TOKEN, Endpoint, _example, wait_for
 
@@ -85,7 +86,6 @@ def shadowed(registry, files, tmp_path_factory):
         settings = ServingSettings(
             model="shadow_a@champion,shadow_b@champion",
             shadow="challenger",
-            shadow_queue=1024,
             shadow_flush_interval_s=0,  # only on /admin/shadow/flush
             port=free_port(),
             cache_dir=root / "cache",
