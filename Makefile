@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # job runner: nothing here submits jobs, and it starts a dozen huey processes.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
-.PHONY: install demo lint test test-all soak bench bench-pipeline bench-models ui stop clean help
+.PHONY: install demo lint test test-all triton-examples soak bench bench-pipeline bench-models bench-sweep ui stop clean help
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,7 +38,11 @@ test: $(STAMP) system-packages lint  ## Lint, then run the test suite (fast test
 	$(BIN)/pytest
 
 test-all: $(STAMP) system-packages image-packages  ## Run every test, slow ones included
-	$(BIN)/pytest -m ""
+	$(BIN)/pytest -m "not triton_examples"
+
+triton-examples: $(STAMP)  ## Triton's own example clients against onnxflow serve (TRITON_EXAMPLES=DIR)
+	@test -n "$(TRITON_EXAMPLES)" || { echo "set TRITON_EXAMPLES to a folder of Triton's examples (see tests/serving/triton_examples/README.md)"; exit 2; }
+	ONNXFLOW_TRITON_EXAMPLES=$(TRITON_EXAMPLES) $(BIN)/pytest tests/serving/test_triton_examples.py -m triton_examples
 
 soak: $(STAMP)  ## Reliability, long form: load, hot swaps, faults, 1,000+ fuzz cases; one table
 	ONNXFLOW_SOAK=1 $(BIN)/pytest tests/reliability -m reliability
@@ -53,6 +57,9 @@ bench-pipeline: $(STAMP)  ## Demo pipeline wall time, and how much is Prefect + 
 
 bench-models: $(STAMP)  ## Example recipes full size: train/export/parity/latency/endpoint req/s
 	$(BIN)/python bench/models_bench.py
+
+bench-sweep: $(STAMP)  ## --framework all, and an 8-trial sweep on 1 vs 2 Dask workers: wall times
+	$(BIN)/python bench/sweep_bench.py
 
 ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000

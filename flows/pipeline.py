@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from onnxflow.arrays import ArrayDataset
 from onnxflow.config import Framework, PipelineConfig
+from onnxflow.dask_cluster import describe, task_runner
 from onnxflow.data import load_splits
 from onnxflow.errors import OnnxflowError
 from onnxflow.flows.runs import mlflow_run
@@ -67,7 +69,7 @@ def train_and_register(
     out = out_dir / framework
     run_name = f"{framework}-{config.register_.model_name}"
     with mlflow_run(
-        config.experiment, run_name, _params(config), {"source_framework": framework}, dataset
+        config.experiment, run_name, run_params(config), {"source_framework": framework}, dataset
     ) as run_id:
         trained = train_task(framework, dataset, config.train, out / "train", run_id)
         exported = export_task(framework, trained, dataset.info, config.export, out / "export")
@@ -77,7 +79,7 @@ def train_and_register(
     state = quantize_and_register(chain, dataset, config, out / "quantize", return_state=True)
     if state.is_completed():
         return chain.model_copy(update={"quantized": state.result()})
-    note = _failure_message(state)
+    note = failure_message(state)
     get_run_logger().warning("%s: no quantized version: %s", framework, note)
     return chain.model_copy(update={"quantize_note": note})
 
@@ -95,7 +97,7 @@ def quantize_and_register(
     with mlflow_run(
         config.experiment,
         run_name,
-        _params(config),
+        run_params(config),
         {"source_framework": chain.framework, "quantized_from": chain.version.version},
         dataset,
     ) as run_id:
@@ -165,7 +167,7 @@ def recipe_and_register(
     with mlflow_run(
         config.experiment,
         f"recipe-{config.register_.model_name}",
-        _params(config),
+        run_params(config),
         {"source_framework": "recipe", "recipe": recipe},
         dataset,
     ) as run_id:
@@ -204,10 +206,14 @@ def run(
     frameworks: Sequence[Framework] = ("torch", "keras"),
     config: PipelineConfig = PipelineConfig(),
     out_dir: Path = Path("artifacts"),
+    dask: bool = False,
 ) -> RunResult:
     """Every framework's chain on one dataset (or the recipe's chain, when
     ``config.recipe`` is set: ``frameworks`` is then ignored, the model says which
-    framework it is), then promote the best new version."""
+    framework it is), then promote the best new version.
+
+    ``dask``: the chains run side by side as tasks on the Dask cluster of ``config.dask``
+    (one after the other in this process otherwise)."""
     logger = get_run_logger()
     chains, failures = [], {}
     if config.recipe:  # the user's model code instead of the built-in frameworks
@@ -217,6 +223,11 @@ def run(
                 config.recipe, config, out_dir, dataset, return_state=True
             )
         }
+    elif dask:
+        dataset = prepare_data_task(config.data, out_dir / "data")
+        logger.info("chains of %s on a %s", ", ".join(frameworks), describe(config.dask))
+        on_dask = chains_on_dask.with_options(task_runner=task_runner(config.dask))
+        states = on_dask(frameworks, config, out_dir, dataset)
     else:
         dataset = prepare_data_task(config.data, out_dir / "data")
         states = {
@@ -224,10 +235,15 @@ def run(
             for framework in frameworks
         }
     for name, state in states.items():
-        if state.is_completed():
+        if isinstance(state, ChainResult):
+            chains.append(state)
+        elif isinstance(state, str):
+            failures[name] = state
+        elif state.is_completed():
             chains.append(state.result())
         else:
-            failures[name] = _failure_message(state)
+            failures[name] = failure_message(state)
+        if name in failures:
             logger.error("%s chain failed: %s", name, failures[name])
 
     model_name = config.register_.model_name
@@ -237,7 +253,7 @@ def run(
         promotion = promote_task(model_name, versions, config.promote)
     table = version_rows(model_name, versions) if chains else []
     create_markdown_artifact(
-        markdown=_run_markdown(table, promotion, failures),
+        markdown=run_markdown(table, promotion, failures),
         key=f"{model_name}-run-summary".lower().replace("_", "-"),
         description=f"onnxflow run on {dataset.info.name}",
     )
@@ -248,7 +264,35 @@ def run(
     return RunResult(chains=chains, failures=failures, promotion=promotion, table=table)
 
 
-def _params(config: PipelineConfig) -> dict[str, object]:
+@task(name="chain", task_run_name="chain-{framework}", cache_policy=NO_CACHE)
+def chain_task(
+    framework: Framework, config: PipelineConfig, out_dir: Path, dataset: DatasetArtifact
+) -> ChainResult:
+    """One framework's whole chain as one task, so that chains run side by side on Dask
+    workers (the chain's own flow and tasks run inside it, in the worker)."""
+    return train_and_register(framework, config, out_dir, dataset)
+
+
+@flow(name="chains-on-dask")
+def chains_on_dask(
+    frameworks: Sequence[Framework],
+    config: PipelineConfig,
+    out_dir: Path,
+    dataset: DatasetArtifact,
+) -> dict[str, ChainResult | str]:
+    """Each framework's chain as a task on this flow's task runner (Dask); a chain's result,
+    or the message of its failure."""
+    futures = {fw: chain_task.submit(fw, config, out_dir, dataset) for fw in frameworks}
+    outcomes: dict[str, ChainResult | str] = {}
+    for framework, future in futures.items():
+        try:
+            outcomes[framework] = future.result()
+        except Exception as exc:  # the chain's error, or its worker died
+            outcomes[framework] = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
+    return outcomes
+
+
+def run_params(config: PipelineConfig) -> dict[str, object]:
     params = {}
     for section in (
         "data",
@@ -265,7 +309,7 @@ def _params(config: PipelineConfig) -> dict[str, object]:
     return params
 
 
-def _failure_message(state) -> str:
+def failure_message(state) -> str:
     try:
         state.result()
     except Exception as exc:  # the chain's own error, as raised by its failing task
@@ -273,7 +317,7 @@ def _failure_message(state) -> str:
     return state.message or "unknown failure"
 
 
-def _run_markdown(table, promotion: PromotionDecision | None, failures: dict[str, str]) -> str:
+def run_markdown(table, promotion: PromotionDecision | None, failures: dict[str, str]) -> str:
     parts = [to_markdown(table, title="Versions registered by this run")] if table else []
     if promotion:
         parts.append(

@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from onnxflow.config import Framework, PipelineConfig, Settings
 from onnxflow.flows import FLOW_NAME
 from onnxflow.flows.pipeline import RunResult, run
+from onnxflow.flows.sweep import sweep as sweep_flow
 from onnxflow.recipes import with_recipe_defaults
 from onnxflow.tasks.endpoints import wait_for_endpoints_task
 from onnxflow.tasks.tracking import close_abandoned_runs_task
@@ -29,17 +30,26 @@ def retrain_and_deploy(
     endpoints: Sequence[str] = (),
     endpoint_timeout_s: float = 120.0,
     recipe: str | None = None,
+    sweep: bool = False,
 ) -> RunResult:
     """Train, validate, register and promote; then wait for the replicas at ``endpoints``
     to serve the new champion (review mode: nothing to wait for, a reviewer decides).
 
     ``recipe``: the path (readable by the worker) or module name of the user's model code;
-    it replaces ``frameworks``, and its DEFAULTS fill what ``config`` does not set."""
+    it replaces ``frameworks``, and its DEFAULTS fill what ``config`` does not set.
+
+    ``sweep``: a sweep of ``config.sweep.trials`` trials of ``frameworks[0]`` on Dask (the
+    config's cluster, else the worker's ``ONNXFLOW_DASK_ADDRESS``, else a local one)."""
     logger = get_run_logger()
     if recipe:
         config = config.model_copy(update={"recipe": recipe})
     config = with_recipe_defaults(config)
-    out_dir = Settings().artifacts_dir / (flow_run.name or str(flow_run.id))
+    settings = Settings()
+    if config.dask.address is None and settings.dask_address:
+        config = config.model_copy(
+            update={"dask": config.dask.model_copy(update={"address": settings.dask_address})}
+        )
+    out_dir = settings.artifacts_dir / (flow_run.name or str(flow_run.id))
     # Runs a killed worker left RUNNING (their flow run since marked Crashed) are closed.
     # Housekeeping: its failure is logged, and never stops the retrain.
     swept = close_abandoned_runs_task(config.experiment, return_state=True)
@@ -47,7 +57,10 @@ def retrain_and_deploy(
         logger.warning("abandoned MLflow runs not checked: %s", swept.message)
     elif closed := swept.result():
         logger.warning("closed %d abandoned MLflow run(s): %s", len(closed), ", ".join(closed))
-    result = run(frameworks, config, out_dir)
+    if sweep:
+        result = sweep_flow(frameworks[0], config, out_dir)
+    else:
+        result = run(frameworks, config, out_dir)
     decision = result.promotion
     if decision is None or decision.decision != "promoted":
         logger.info(

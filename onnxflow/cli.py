@@ -59,12 +59,18 @@ class FrameworkChoice(str, Enum):
     all = "all"
 
 
-def _frameworks(choice: FrameworkChoice) -> list[str]:
-    """both = torch + keras (the neural nets); all = torch + keras + sklearn."""
-    return {
+def _frameworks(choice: FrameworkChoice | None, sweep: int | None = None) -> list[str]:
+    """both = torch + keras (the neural nets); all = torch + keras + sklearn. The default
+    is both, or torch for a sweep (a sweep trains one framework)."""
+    if choice is None:
+        choice = FrameworkChoice.torch if sweep else FrameworkChoice.both
+    frameworks = {
         FrameworkChoice.both: ["torch", "keras"],
         FrameworkChoice.all: ["torch", "keras", "sklearn"],
     }.get(choice, [choice.value])
+    if sweep and len(frameworks) > 1:
+        _fail(f"--sweep trains one framework; --framework {choice.value} names several", 2)
+    return frameworks
 
 
 class ModelChoice(str, Enum):
@@ -149,7 +155,35 @@ def load_config(path: Path | None, overrides: dict[str, dict[str, Any]]) -> Pipe
         raise  # unreachable, for type checkers
 
 
-FrameworkOpt = Annotated[FrameworkChoice, typer.Option(help="Which framework(s) to train.")]
+FrameworkOpt = Annotated[
+    FrameworkChoice | None,
+    typer.Option(help="Which framework(s) to train (default: both; with --sweep: torch)."),
+]
+SweepOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Sweep: train this many trials (Optuna; search space in the YAML's sweep: "
+        "section) as tasks on a Dask cluster; the best is validated and registered. One "
+        "framework."
+    ),
+]
+DaskOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dask", help="Run the framework chains side by side as tasks on a Dask cluster."
+    ),
+]
+DaskWorkersOpt = Annotated[
+    int | None, typer.Option(help="Worker processes of the local Dask cluster (default 2).")
+]
+DaskAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="ONNXFLOW_DASK_ADDRESS",
+        show_envvar=True,
+        help="Scheduler of an existing Dask cluster (tcp://host:8786) instead of a local one.",
+    ),
+]
 DataOpt = Annotated[
     Path | None, typer.Option(help="CSV or Parquet table (default: the bundled digits).")
 ]
@@ -200,6 +234,9 @@ def pipeline_config(
     model: ModelChoice | None,
     quantize: QuantizeChoice | None,
     recipe: str | None = None,
+    sweep: int | None = None,
+    dask_workers: int | None = None,
+    dask_address: str | None = None,
 ) -> PipelineConfig:
     """The YAML file with the command-line options of `run` and `trigger` on top, and a
     recipe's DEFAULTS under both."""
@@ -212,8 +249,12 @@ def pipeline_config(
             "register": {"model_name": model_name},
             "promote": {"mode": promotion.value if promotion else None},
             "quantize": {"mode": quantize.value if quantize else None},
+            "sweep": {"trials": sweep},
+            "dask": {"workers": dask_workers, "address": dask_address},
         },
     )
+    if cfg.recipe and sweep:
+        _fail("--sweep with --recipe is not supported yet: sweep a built-in framework", 2)
     if not cfg.recipe:
         return cfg
     from onnxflow.recipes import with_recipe_defaults
@@ -241,6 +282,10 @@ def run(
     model: ModelOpt = None,
     quantize: QuantizeOpt = None,
     recipe: RecipeOpt = None,
+    sweep: SweepOpt = None,
+    dask: DaskOpt = False,
+    dask_workers: DaskWorkersOpt = None,
+    dask_address: DaskAddressOpt = None,
 ) -> None:
     """Train, export, simplify, validate, register and promote."""
     settings = _setup()
@@ -254,8 +299,11 @@ def run(
         model=model,
         quantize=quantize,
         recipe=recipe,
+        sweep=sweep,
+        dask_workers=dask_workers,
+        dask_address=dask_address,
     )
-    frameworks = _frameworks(framework)
+    frameworks = _frameworks(framework, sweep)
     out_dir = settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     # Bad data fails here, in seconds, before Prefect or any framework starts (a recipe's
     # data is checked by the flow's first task, before any training).
@@ -275,9 +323,17 @@ def run(
         api.wait()
         started = time.perf_counter()
         try:
-            result = run_flow(frameworks, cfg, out_dir)
+            if sweep:
+                from onnxflow.flows.sweep import sweep as sweep_flow
+
+                result = sweep_flow(frameworks[0], cfg, out_dir)
+            else:
+                result = run_flow(frameworks, cfg, out_dir, dask=dask or bool(dask_address))
         except OnnxflowError as exc:
             _fail(str(exc))
+    for chain in result.chains:
+        if chain.sweep is not None:
+            _print_sweep(chain.sweep)
     print_table(result.table, title=f"{cfg.register_.model_name}: versions from this run")
     decision = result.promotion
     if decision:
@@ -291,6 +347,22 @@ def run(
     typer.echo(f"artifacts: {out_dir}    run time: {time.perf_counter() - started:.1f} s")
     if deploy:
         _deploy(f"{cfg.register_.model_name}@champion", port)
+
+
+def _print_sweep(outcome) -> None:
+    from onnxflow.sweep import summary_line
+
+    typer.echo(f"sweep {outcome.study}: {summary_line(outcome.trials)}")
+    for t in outcome.trials:
+        value = f"{t.value:.4f}" if t.value is not None else "-"
+        mark = " <- best" if outcome.best and t.number == outcome.best.number else ""
+        note = f"  ({t.note[:100]})" if t.state in ("lost", "failed") and t.note else ""
+        typer.echo(
+            f"  trial {t.number:>2} {t.state:<8} {outcome.metric}={value} {t.params}{mark}{note}"
+        )
+    if outcome.lost:
+        lost = ", ".join(f"#{t.number}" for t in outcome.lost)
+        typer.echo(f"lost trials (their Dask worker died): {lost}")
 
 
 @app.command("import-model")
@@ -505,6 +577,16 @@ def serve(
     max_body_bytes: Annotated[
         int | None, typer.Option(help="Largest request body (default 16 MiB).")
     ] = None,
+    shared_memory: Annotated[
+        bool | None,
+        typer.Option(
+            "--shared-memory/--no-shared-memory",
+            help=(
+                "Serve Triton's system shared-memory extension to clients on this host "
+                "(guard it with a token: a client names any /dev/shm object this user can open)."
+            ),
+        ),
+    ] = None,
     shadow: Annotated[
         str | None,
         typer.Option(
@@ -540,6 +622,7 @@ def serve(
             max_batch_delay_ms=max_batch_delay_ms,
             poll_interval_s=poll_interval_s,
             max_body_bytes=max_body_bytes,
+            shared_memory=shared_memory,
             shadow=shadow,
             shadow_fraction=shadow_fraction,
         )
@@ -564,7 +647,7 @@ app.add_typer(stack_app, name="stack")
 
 @app.command()
 def trigger(
-    framework: FrameworkOpt = FrameworkChoice.both,
+    framework: FrameworkOpt = None,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -583,6 +666,15 @@ def trigger(
         typer.Option(
             help="Your own model code (see run --help): a .py file the worker can read, sent "
             "as an absolute path, or an importable module."
+        ),
+    ] = None,
+    sweep: SweepOpt = None,
+    dask_workers: DaskWorkersOpt = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Scheduler of an existing Dask cluster the worker can reach (default: the "
+            "worker's ONNXFLOW_DASK_ADDRESS, else a local cluster on the worker's machine)."
         ),
     ] = None,
     wait: Annotated[
@@ -608,10 +700,13 @@ def trigger(
         model=model,
         quantize=quantize,
         recipe=recipe,
+        sweep=sweep,
+        dask_workers=dask_workers,
+        dask_address=dask_address,
     )
     from onnxflow.stack.commands import trigger_run
 
-    trigger_run(_frameworks(framework), cfg, wait=wait, timeout_s=timeout)
+    trigger_run(_frameworks(framework, sweep), cfg, wait=wait, timeout_s=timeout, sweep=bool(sweep))
 
 
 class ConvertTarget(str, Enum):

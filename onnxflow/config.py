@@ -12,9 +12,9 @@ one section per step, e.g.::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Framework = Literal["torch", "keras", "sklearn"]
@@ -119,6 +119,134 @@ class PromoteConfig(StepConfig):
     alias: str = Field("champion", description="Alias that is served.")
 
 
+class ParamRange(StepConfig):
+    """A numeric range of a train setting: integers for integer settings (epochs,
+    batch_size), floats otherwise (learning_rate)."""
+
+    low: float = Field(description="Smallest value tried.")
+    high: float = Field(description="Largest value tried.")
+    log: bool = Field(False, description="Sample on a log scale (learning rates).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ParamRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+class ParamChoice(StepConfig):
+    """A list of values of a train setting, one of which each trial takes."""
+
+    choices: list[object] = Field(
+        min_length=1,
+        description="Values to choose from, e.g. hidden_sizes: [[64], [128, 64]].",
+    )
+
+
+def _param_kind(value: object) -> str:
+    """``{choices: [...]}`` is a choice, anything else a range (errors then name one kind)."""
+    if isinstance(value, ParamChoice) or (isinstance(value, dict) and "choices" in value):
+        return "choice"
+    return "range"
+
+
+ParamSpec = Annotated[
+    Annotated[ParamRange, Tag("range")] | Annotated[ParamChoice, Tag("choice")],
+    Discriminator(_param_kind),
+]
+
+
+def default_search_space() -> dict[str, ParamSpec]:
+    return {
+        "learning_rate": ParamRange(low=1e-4, high=1e-2, log=True),
+        "hidden_sizes": ParamChoice(choices=[[64], [128, 64], [256, 128]]),
+        "batch_size": ParamChoice(choices=[32, 64, 128]),
+    }
+
+
+class SweepConfig(StepConfig):
+    """A hyperparameter sweep (``onnxflow run --sweep N``): Optuna asks for trials, each
+    trains one model on the Dask cluster; the best is exported, validated and registered."""
+
+    trials: int = Field(8, ge=1, description="Trials to run (--sweep N overrides it).")
+    space: dict[str, ParamSpec] = Field(
+        default_factory=default_search_space,
+        description="Search space: train settings (learning_rate, hidden_sizes, epochs, "
+        "batch_size, ...) -> {low, high, log} or {choices: [...]}; the train section gives "
+        "the settings not in it.",
+    )
+    metric: str | None = Field(
+        None,
+        description="Epoch metric the trials are ranked and pruned on; None: val_accuracy "
+        "(classification, maximised) or val_rmse (regression, minimised). Names ending in "
+        "loss or rmse are minimised, others maximised.",
+    )
+    parallel: int | None = Field(
+        None, ge=1, description="Trials in flight at once; None: one per Dask worker thread."
+    )
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna's sampler.")
+    seed: int = Field(42, description="Seed of the sampler.")
+    pruning: bool = Field(True, description="Stop trials whose epochs trail the median.")
+    prune_after_trials: int = Field(
+        2, ge=0, description="Finished trials needed before any trial is pruned."
+    )
+    prune_warmup_epochs: int = Field(
+        2, ge=0, description="Epochs a trial always runs before it can be pruned."
+    )
+    storage: str | None = Field(
+        None,
+        description="Optuna storage the study and the workers share: an RDB URL "
+        "(postgresql://..., sqlite:///...) or a journal file path; None: a journal file in "
+        "the run's folder (workers on this machine or a shared disk).",
+    )
+
+    @model_validator(mode="after")
+    def _known_settings(self) -> SweepConfig:
+        unknown = sorted(set(self.space) - set(TrainConfig.model_fields))
+        if unknown:
+            known = ", ".join(sorted(TrainConfig.model_fields))
+            raise ValueError(
+                f"sweep.space names {', '.join(unknown)}, which the train section does not "
+                f"have; known settings: {known}"
+            )
+        for name, spec in self.space.items():
+            annotation = TrainConfig.model_fields[name].annotation
+            if isinstance(spec, ParamRange) and annotation not in (int, float):
+                raise ValueError(
+                    f"sweep.space.{name} is not a number: give {{choices: [...]}}, "
+                    "not a low/high range"
+                )
+            if isinstance(spec, ParamRange) and annotation is int:
+                if spec.low != int(spec.low) or spec.high != int(spec.high):
+                    raise ValueError(f"sweep.space.{name} is an integer setting: whole bounds")
+            values = spec.choices if isinstance(spec, ParamChoice) else [spec.low, spec.high]
+            for value in values:
+                try:
+                    TrainConfig.model_validate({name: value})
+                except ValueError as exc:
+                    problem = exc.errors()[0]["msg"] if hasattr(exc, "errors") else exc
+                    raise ValueError(
+                        f"sweep.space.{name}: {value!r} is not valid: {problem}"
+                    ) from None
+        return self
+
+
+class DaskConfig(StepConfig):
+    """Where tasks run when they run on Dask (``--dask``, ``--sweep``)."""
+
+    address: str | None = Field(
+        None,
+        description="Scheduler of an existing Dask cluster (tcp://host:8786); None: a local "
+        "cluster of worker processes on this machine, for the flow run's length.",
+    )
+    workers: int = Field(2, ge=1, description="Worker processes of the local cluster.")
+    threads_per_worker: int = Field(
+        1, ge=1, description="Threads per local worker (1: one trial per process)."
+    )
+
+
 class PipelineConfig(StepConfig):
     experiment: str = Field("onnxflow", description="MLflow experiment of the runs.")
     recipe: str | None = Field(
@@ -135,6 +263,8 @@ class PipelineConfig(StepConfig):
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     promote: PromoteConfig = PromoteConfig()
     quantize: QuantizeConfig = QuantizeConfig()
+    sweep: SweepConfig = SweepConfig()
+    dask: DaskConfig = DaskConfig()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -149,6 +279,11 @@ class Settings(BaseSettings):
         description="MLflow tracking URI (MLFLOW_TRACKING_URI wins when set).",
     )
     artifacts_dir: Path = Field(Path("artifacts"), description="Where steps write their files.")
+    dask_address: str | None = Field(
+        None,
+        description="Scheduler of the Dask cluster that sweeps and --dask runs use when the "
+        "config names none (a deployment's worker reads it too); None: a local cluster.",
+    )
     prefect_server: Literal["auto", "temporary"] = Field(
         "auto",
         description="Without PREFECT_API_URL: auto uses a Prefect server running at the "

@@ -75,3 +75,7 @@ class QuantizationError(OnnxflowError):
 
 class ConversionError(OnnxflowError):
     """An ONNX model could not be converted back into a framework, or lost parity."""
+
+
+class SweepError(OnnxflowError):
+    """A sweep could not produce a model: no trial completed, or its settings do not fit."""

@@ -7,7 +7,7 @@ a distributed task runner all work.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -128,6 +128,8 @@ class ChainResult(StepResult):
     """The int8 version registered next to ``version`` (``--quantize``), if it was kept."""
     quantize_note: str | None = None
     """Why no quantized version was registered although one was asked for."""
+    sweep: SweepOutcome | None = None
+    """The sweep whose best trial this chain registered (``--sweep``)."""
 
 
 class ImportedModel(StepResult):
@@ -180,3 +182,38 @@ class ConvertedModel(StepResult):
     parity_max_abs: float
     report_path: Path
     seconds: float
+
+
+TrialState = Literal["complete", "pruned", "failed", "lost"]
+"""How a sweep trial ended; ``lost``: its Dask worker died (or it was cancelled) first."""
+
+
+class TrialResult(StepResult):
+    """One sweep trial: its settings, how it ended, and (when complete) the trained model."""
+
+    number: int
+    params: dict[str, Any]
+    state: TrialState
+    run_id: str
+    """The trial's MLflow child run."""
+    value: float | None = None
+    """The sweep metric at the last epoch (pruned: at the epoch it was stopped)."""
+    epochs: int = 0
+    trained: TrainedModel | None = None
+    note: str | None = None
+    """Why it was pruned, failed or lost."""
+    seconds: float = 0.0
+
+
+class SweepOutcome(StepResult):
+    """Every trial of a sweep and the best one (None if no trial completed)."""
+
+    study: str
+    metric: str
+    direction: Literal["maximize", "minimize"]
+    trials: list[TrialResult]
+    best: TrialResult | None
+
+    @property
+    def lost(self) -> list[TrialResult]:
+        return [t for t in self.trials if t.state == "lost"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from onnxflow.arrays import ArrayDataset
 from onnxflow.errors import ValidationError
-from onnxflow.results import DatasetArtifact, ValidationSummary
+from onnxflow.results import DatasetArtifact, TrialResult, ValidationSummary
 
 log = logging.getLogger(__name__)
 
@@ -193,3 +193,49 @@ def _param(key: str, value: Any):
     from mlflow.entities import Param
 
     return Param(key, str(value)[:6000])
+
+
+def use_tracking_uri(uri: str) -> None:
+    """Point this process's MLflow client at ``uri``: a Dask worker process (maybe on
+    another host) does not share the flow's environment, so the flow passes it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+
+
+def finish_trial(run_id: str, result: TrialResult) -> None:
+    """Close a sweep trial's child run: its state and note as tags, its figures as metrics;
+    FINISHED when it completed or was pruned, FAILED when it failed or was lost."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.set_tag(run_id, "trial_state", result.state)
+    if result.note:
+        client.set_tag(run_id, "trial_note", result.note[:5000])
+    figures = {"trial_seconds": result.seconds, "trial_epochs": float(result.epochs)}
+    if result.value is not None:
+        figures["trial_value"] = result.value
+    log_metrics(run_id, figures)
+    failed = result.state in ("failed", "lost")
+    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifact_file(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def process_tags() -> dict[str, str]:
+    """Where this code runs (a Dask worker's host and pid), for a trial's run."""
+    import os
+    import socket
+
+    return {"worker_host": socket.gethostname(), "worker_pid": str(os.getpid())}

@@ -33,6 +33,7 @@ from onnxflow.serving.metrics import ServingMetrics
 from onnxflow.serving.model import LoadedModel
 from onnxflow.serving.openapi import openapi_document
 from onnxflow.serving.settings import ServingSettings
+from onnxflow.serving.shared_memory_routes import shared_memory_routes
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,11 @@ class RestEndpoints:
         def decode():
             nonlocal parsed
             parsed = v2.decode_request(
-                body, headers.get(v2.HEADER_LENGTH), model, self.settings.max_body_bytes
+                body,
+                headers.get(v2.HEADER_LENGTH),
+                model,
+                self.settings.max_body_bytes,
+                self.plane.shared_memory,
             )
             return parsed.feeds
 
@@ -447,6 +452,7 @@ def create_app(settings: ServingSettings) -> FrontDoor:
         Route("/openapi.json", ep.openapi, methods=["GET"]),
         Route("/admin/reload", ep.admin_reload, methods=["POST"]),
         Route("/admin/status", ep.admin_status, methods=["GET"]),
+        *shared_memory_routes(plane),
         Route("/admin/shadow/flush", ep.admin_shadow_flush, methods=["POST"]),
     ]
 

@@ -39,6 +39,7 @@ from onnxflow.serving.manager import CheckOutcome, ModelManager
 from onnxflow.serving.metrics import ServingMetrics
 from onnxflow.serving.model import LoadedModel
 from onnxflow.serving.settings import ServingSettings
+from onnxflow.serving.shared_memory import SharedMemoryRegistry
 from onnxflow.serving.statistics import Statistics
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class DataPlane:
         self._watchers: dict[str, asyncio.Task] = {}  # "discover" and one per model
         self.unloaded: set[str] = set()  # models unloaded through the repository API
         self.stats = Statistics()
+        self.shared_memory = SharedMemoryRegistry() if settings.shared_memory else None
         self.shadow = None
         if settings.shadow:
             from onnxflow.serving.shadow import Shadow
@@ -147,6 +149,8 @@ class DataPlane:
         if self.batcher:
             await self.batcher.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.shared_memory is not None:
+            self.shared_memory.unregister()
 
     # --- checks ----------------------------------------------------------------------
 
@@ -278,7 +282,8 @@ class DataPlane:
     # --- health and metadata ---------------------------------------------------------
 
     def server_metadata(self) -> dict:
-        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+        extensions = EXTENSIONS + ([] if self.shared_memory is None else ["system_shared_memory"])
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": extensions}
 
     def ready(self) -> bool:
         """Every model has been checked once and at least one serves: one that cannot load

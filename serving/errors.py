@@ -87,3 +87,10 @@ class UpstreamError(RequestError):
 
     status = 502
     grpc_code = "UNAVAILABLE"
+
+
+class NotSupported(RequestError):
+    """A protocol feature this endpoint does not offer (CUDA shared memory, say): a 400, as
+    Triton answers it (bad input is never a 5xx here), UNIMPLEMENTED over gRPC."""
+
+    grpc_code = "UNIMPLEMENTED"

@@ -8,7 +8,9 @@ message, every tensor checked against the model before an array is made. Errors 
 data plane's named errors as gRPC status codes (``RequestError.grpc_code``).
 
 Tensors come as ``raw_input_contents`` (little-endian, BYTES length-prefixed: what
-tritonclient sends) or as typed ``contents``; outputs go back as ``raw_output_contents``.
+tritonclient sends), as typed ``contents``, or from a registered system shared-memory
+region (``--shared-memory``); outputs go back as ``raw_output_contents``, or into the
+region the request names.
 """
 
 from __future__ import annotations
@@ -19,14 +21,21 @@ import time
 import numpy as np
 
 from onnxflow.serving.dataplane import DataPlane
-from onnxflow.serving.errors import BadInput, NotFound, NotReady, RequestError
+from onnxflow.serving.errors import BadInput, NotFound, NotReady, NotSupported, RequestError
 from onnxflow.serving.model import LoadedModel
+from onnxflow.serving.shared_memory import (
+    MemoryReference,
+    SharedMemoryRegistry,
+    cuda_not_supported,
+    memory_reference,
+)
 from onnxflow.serving.tensors import (
     array_from_binary,
     array_from_json,
     array_to_binary,
     check_shape,
 )
+from onnxflow.serving.v2 import refuse_memory_parameters
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +78,19 @@ def _stubs():
     return service_pb2, service_pb2_grpc
 
 
-def decode_infer_request(request, model: LoadedModel, max_bytes: int) -> dict[str, np.ndarray]:
-    """The request's inputs as checked arrays, keyed by name."""
+def parameters(message) -> dict:
+    """A ``map<string, InferParameter>`` as a plain dict of its values."""
+    return {
+        k: getattr(v, v.WhichOneof("parameter_choice") or "string_param")
+        for k, v in message.items()
+    }
+
+
+def decode_infer_request(
+    request, model: LoadedModel, max_bytes: int, memory: SharedMemoryRegistry | None = None
+) -> dict[str, np.ndarray]:
+    """The request's inputs as checked arrays, keyed by name (``memory``: the registered
+    shared-memory regions, if the extension is served)."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise BadInput(
@@ -91,14 +111,17 @@ def decode_infer_request(request, model: LoadedModel, max_bytes: int) -> dict[st
                 f"input {item.name!r}: wrong datatype {item.datatype or '(none)'}; "
                 f"the model takes {spec.datatype}"
             )
-        for key in ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"):
-            if key in item.parameters:
-                raise BadInput(
-                    f"input {item.name!r}: parameter {key!r} is not supported over "
-                    "gRPC by this endpoint"
-                )
+        where = f"input {item.name!r}"
+        params = parameters(item.parameters)
+        if memory is None:
+            refuse_memory_parameters(params, where)
         shape = check_shape(spec, [int(d) for d in item.shape], max_bytes)
-        if raw:
+        ref = memory_reference(params, where) if memory is not None else None
+        if ref is not None:
+            if item.HasField("contents") or (raw and raw[i]):
+                raise BadInput(f"{where} has shared-memory parameters and contents")
+            feeds[item.name] = array_from_binary(spec, memoryview(memory.read(ref, where)), shape)
+        elif raw:
             feeds[item.name] = array_from_binary(spec, memoryview(raw[i]), shape)
         else:
             field = CONTENTS_FIELD.get(spec.datatype)
@@ -270,6 +293,8 @@ class InferenceService:
         async def handler():
             model = self.plane.model(request.model_name, request.model_version or None)
             wanted = [o.name for o in request.outputs] or model.output_names
+            memory = self.plane.shared_memory
+            targets: dict[str, MemoryReference] = {}
 
             def decode():
                 for name in wanted:
@@ -278,23 +303,111 @@ class InferenceService:
                             f"unknown output {name!r}; model outputs: "
                             f"{', '.join(model.output_names)}"
                         )
-                return decode_infer_request(request, model, self.plane.settings.max_body_bytes)
+                for output in request.outputs:
+                    where = f"output {output.name!r}"
+                    params = parameters(output.parameters)
+                    if memory is None:
+                        refuse_memory_parameters(params, where)
+                    elif (ref := memory_reference(params, where)) is not None:
+                        targets[output.name] = ref
+                return decode_infer_request(
+                    request, model, self.plane.settings.max_body_bytes, memory
+                )
 
             def encode(outputs):
                 results = dict(zip(model.output_names, outputs, strict=True))
                 response = self.pb.ModelInferResponse(
                     model_name=model.name, model_version=model.version, id=request.id
                 )
+                # tritonclient finds an output's raw contents by its index among the
+                # outputs: a shared-memory output keeps its place with empty contents when
+                # others travel raw.
+                all_in_memory = all(name in targets for name in wanted)
                 for name in dict.fromkeys(wanted):
                     arr = results[name]
                     datatype = model.output_by_name[name].datatype
-                    response.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
-                    response.raw_output_contents.append(array_to_binary(datatype, arr))
+                    tensor = response.outputs.add(
+                        name=name, datatype=datatype, shape=list(arr.shape)
+                    )
+                    blob = array_to_binary(datatype, arr)
+                    ref = targets.get(name)
+                    if ref is None:
+                        response.raw_output_contents.append(blob)
+                        continue
+                    memory.write(ref, blob, f"output {name!r}")
+                    for key, value in ref.as_parameters(len(blob)).items():
+                        if isinstance(value, str):
+                            tensor.parameters[key].string_param = value
+                        else:
+                            tensor.parameters[key].int64_param = value
+                    if not all_in_memory:
+                        response.raw_output_contents.append(b"")
                 return response
 
             return await self.plane.run_request(model, decode, encode)
 
         return await self._call("ModelInfer", context, handler)
+
+
+class SharedMemoryService:
+    """Triton's shared-memory RPCs: system shared memory when served, CUDA never (the
+    clearing calls Triton's clients make first still succeed)."""
+
+    def _registry(self) -> SharedMemoryRegistry:
+        if self.plane.shared_memory is None:
+            raise NotSupported(
+                "system shared memory is not served by this endpoint "
+                "(start it with --shared-memory)"
+            )
+        return self.plane.shared_memory
+
+    async def SystemSharedMemoryStatus(self, request, context):  # noqa: N802
+        async def handler():
+            if self.plane.shared_memory is None and not request.name:
+                regions = []
+            else:
+                regions = self._registry().status(request.name or None)
+            response = self.pb.SystemSharedMemoryStatusResponse()
+            for region in regions:
+                response.regions[region["name"]].CopyFrom(response.RegionStatus(**region))
+            return response
+
+        return await self._call("SystemSharedMemoryStatus", context, handler)
+
+    async def SystemSharedMemoryRegister(self, request, context):  # noqa: N802
+        async def handler():
+            self._registry().register(request.name, request.key, request.offset, request.byte_size)
+            return self.pb.SystemSharedMemoryRegisterResponse()
+
+        return await self._call("SystemSharedMemoryRegister", context, handler)
+
+    async def SystemSharedMemoryUnregister(self, request, context):  # noqa: N802
+        async def handler():
+            if self.plane.shared_memory is not None:
+                self.plane.shared_memory.unregister(request.name or None)
+            return self.pb.SystemSharedMemoryUnregisterResponse()
+
+        return await self._call("SystemSharedMemoryUnregister", context, handler)
+
+    async def CudaSharedMemoryStatus(self, request, context):  # noqa: N802
+        async def handler():
+            if request.name:
+                raise cuda_not_supported()
+            return self.pb.CudaSharedMemoryStatusResponse()
+
+        return await self._call("CudaSharedMemoryStatus", context, handler)
+
+    async def CudaSharedMemoryRegister(self, request, context):  # noqa: N802
+        async def handler():
+            raise cuda_not_supported()
+
+        return await self._call("CudaSharedMemoryRegister", context, handler)
+
+    async def CudaSharedMemoryUnregister(self, request, context):  # noqa: N802
+        async def handler():
+            return self.pb.CudaSharedMemoryUnregisterResponse()  # none can be registered
+
+        return await self._call("CudaSharedMemoryUnregister", context, handler)
 
 
 async def start_grpc(plane: DataPlane, host: str, port: int):
@@ -311,8 +424,12 @@ async def start_grpc(plane: DataPlane, host: str, port: int):
         ]
     )
     # The generated base answers UNIMPLEMENTED for what is not served here (streaming,
-    # CUDA shared memory, trace and log settings).
-    servicer = type("Servicer", (InferenceService, stubs.GRPCInferenceServiceServicer), {})
+    # trace and log settings).
+    servicer = type(
+        "Servicer",
+        (InferenceService, SharedMemoryService, stubs.GRPCInferenceServiceServicer),
+        {},
+    )
     stubs.add_GRPCInferenceServiceServicer_to_server(servicer(plane), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

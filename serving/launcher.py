@@ -77,6 +77,7 @@ def serve(
     intra_op_threads: int | None = None,
     cache_dir: Path | None = None,
     log_level: str | None = None,
+    shared_memory: bool | None = None,
     shadow: str | None = None,
     shadow_fraction: float | None = None,
 ) -> None:
@@ -99,6 +100,7 @@ def serve(
         intra_op_threads=intra_op_threads,
         cache_dir=cache_dir,
         log_level=log_level,
+        shared_memory=shared_memory,
         shadow=shadow,
         shadow_fraction=shadow_fraction,
     )

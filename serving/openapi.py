@@ -98,6 +98,72 @@ def _stats(summary: str, params: list) -> dict:
     }
 
 
+def _shared_memory_paths() -> dict:
+    """Triton's shared-memory extensions: system (with --shared-memory) and CUDA (refused)."""
+    region = {"name": "region", "in": "path", "required": True, "schema": {"type": "string"}}
+    status = _json(
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "key": {"type": "string"},
+                    "offset": {"type": "integer"},
+                    "byte_size": {"type": "integer"},
+                },
+            },
+        }
+    )
+    done = {"200": _json({"type": "object"}), "400": _ERROR, "401": _ERROR}
+    register_body = {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["key", "byte_size"],
+                    "properties": {
+                        "key": {"type": "string", "example": "/input_simple"},
+                        "offset": {"type": "integer", "minimum": 0},
+                        "byte_size": {"type": "integer", "minimum": 1},
+                    },
+                }
+            }
+        },
+    }
+    paths = {}
+    for kind, what in (("systemsharedmemory", "system"), ("cudasharedmemory", "CUDA")):
+        note = "" if what == "system" else " (not supported: no region can be registered)"
+        base, named = f"/v2/{kind}", f"/v2/{kind}/region/{{region}}"
+
+        def op(summary: str, params: list, responses: dict, note=note, **extra) -> dict:
+            return {
+                "summary": summary + note,
+                "security": _BEARER,
+                "parameters": params,
+                "responses": responses,
+                **extra,
+            }
+
+        with_404 = {**status, "400": _ERROR, "401": _ERROR, "404": _ERROR}
+        paths[base + "/status"] = {"get": op(f"Every registered {what} region.", [], with_404)}
+        paths[named + "/status"] = {"get": op(f"One registered {what} region.", [region], with_404)}
+        paths[named + "/register"] = {
+            "post": op(
+                f"Register a {what} shared-memory region.",
+                [region],
+                done,
+                requestBody=register_body,
+            )
+        }
+        paths[base + "/unregister"] = {"post": op(f"Unregister every {what} region.", [], done)}
+        paths[named + "/unregister"] = {
+            "post": op(f"Unregister one {what} region (none such: no error).", [region], done)
+        }
+    return paths
+
+
 def openapi_document(model_name: str) -> dict:
     name_param = {
         "name": "name",
@@ -284,6 +350,7 @@ def openapi_document(model_name: str) -> dict:
                 "responses": {"200": _json({"type": "object"}), "401": _ERROR, "404": _ERROR},
             }
         },
+        **_shared_memory_paths(),
         "/ping": {
             "get": {
                 "summary": "MLflow-style health check (200 when ready).",

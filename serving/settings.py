@@ -90,6 +90,13 @@ class ServingSettings(BaseSettings):
         "sqlite:///, a helper process with MLflow's client otherwise; rest, sqlite or "
         "mlflow (the helper) force one.",
     )
+    shared_memory: bool = Field(
+        False,
+        description="Serve Triton's system shared-memory extension: clients on this host "
+        "register POSIX shared-memory objects (/dev/shm) and pass tensors through them. Off "
+        "by default (as Triton's --allow-client-shm): a registered key opens any shared-memory "
+        "object this process's user can open; guard it with a token.",
+    )
     require_digest: bool = Field(
         True, description="Refuse versions without an onnx_sha256 tag (set at registration)."
     )

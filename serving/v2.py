@@ -5,18 +5,26 @@ header the body is that many bytes of JSON followed by the binary data of every 
 that declares ``parameters.binary_data_size``, in input order. Outputs are returned as
 binary when the request asks (``binary_data`` per output, or ``binary_data_output`` for
 all), with the same header on the response. Tensor data in JSON is row-major, flat or
-nested. Shared-memory and classification extensions are not offered and are refused.
+nested. With the system shared-memory extension on (a registry given), inputs may be
+read from and outputs written to registered regions (:mod:`onnxflow.serving.shared_memory`);
+the classification extension is not offered and is refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
 
 from onnxflow.serving.errors import RequestError
 from onnxflow.serving.model import LoadedModel
+from onnxflow.serving.shared_memory import PARAMETERS as MEMORY_PARAMETERS
+from onnxflow.serving.shared_memory import (
+    MemoryReference,
+    SharedMemoryRegistry,
+    memory_reference,
+)
 from onnxflow.serving.tensors import (
     V2_DTYPES,
     array_from_binary,
@@ -27,12 +35,7 @@ from onnxflow.serving.tensors import (
 )
 
 HEADER_LENGTH = "inference-header-content-length"
-UNSUPPORTED_PARAMETERS = (
-    "shared_memory_region",
-    "shared_memory_byte_size",
-    "shared_memory_offset",
-    "classification",
-)
+UNSUPPORTED_PARAMETERS = ("classification",)
 
 
 @dataclass
@@ -40,9 +43,12 @@ class V2Request:
     id: str | None
     feeds: dict[str, np.ndarray]
     outputs: list[tuple[str, bool]]  # (name, as binary)
+    # outputs to write into shared memory, and where
+    memory_outputs: dict[str, MemoryReference] = field(default_factory=dict)
+    memory: SharedMemoryRegistry | None = None
 
 
-def _parameters(obj: dict, where: str) -> dict:
+def _parameters(obj: dict, where: str, memory: SharedMemoryRegistry | None = None) -> dict:
     params = obj.get("parameters")
     if params is None:
         return {}
@@ -52,15 +58,32 @@ def _parameters(obj: dict, where: str) -> dict:
         if key in params:
             raise RequestError(
                 f"{where}: parameter {key!r} is not supported by this endpoint "
-                "(no shared-memory or classification extension)"
+                "(no classification extension)"
             )
+    if memory is None:
+        refuse_memory_parameters(params, where)
     return params
 
 
+def refuse_memory_parameters(params, where: str) -> None:
+    """Shared-memory parameters on an endpoint that does not serve the extension."""
+    for key in MEMORY_PARAMETERS:
+        if key in params:
+            raise RequestError(
+                f"{where}: parameter {key!r} is not supported: this endpoint does not serve "
+                "the system shared-memory extension (start it with --shared-memory)"
+            )
+
+
 def decode_request(
-    body: bytes, header_length: str | None, model: LoadedModel, max_bytes: int
+    body: bytes,
+    header_length: str | None,
+    model: LoadedModel,
+    max_bytes: int,
+    memory: SharedMemoryRegistry | None = None,
 ) -> V2Request:
-    """Parse and check an inference request against ``model``; returns its feeds."""
+    """Parse and check an inference request against ``model``; returns its feeds.
+    ``memory``: the registered shared-memory regions, if the extension is served."""
     binary = memoryview(b"")
     if header_length is not None:
         try:
@@ -114,8 +137,15 @@ def decode_request(
                 f"input {name!r}: wrong datatype {datatype}; the model takes {spec.datatype}"
             )
         shape = check_shape(spec, item.get("shape"), max_bytes)
-        size = _parameters(item, f"input {name!r}").get("binary_data_size")
-        if size is not None:
+        where = f"input {name!r}"
+        item_params = _parameters(item, where, memory)
+        size = item_params.get("binary_data_size")
+        ref = memory_reference(item_params, where) if memory is not None else None
+        if ref is not None:
+            if "data" in item or size is not None:
+                raise RequestError(f"{where} has shared-memory parameters and data")
+            feeds[name] = array_from_binary(spec, memoryview(memory.read(ref, where)), shape)
+        elif size is not None:
             if "data" in item:
                 raise RequestError(f"input {name!r} has both data and binary_data_size")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -148,6 +178,7 @@ def decode_request(
     if not isinstance(default_binary, bool):
         raise RequestError("parameters.binary_data_output must be true or false")
     wanted = request.get("outputs")
+    memory_outputs: dict[str, MemoryReference] = {}
     if wanted is None:
         outputs = [(n, default_binary) for n in model.output_names]
     else:
@@ -162,13 +193,17 @@ def decode_request(
                 raise RequestError(
                     f"unknown output {name!r}; model outputs: {', '.join(model.output_names)}"
                 )
-            as_binary = _parameters(item, f"output {name!r}").get("binary_data", default_binary)
+            out_params = _parameters(item, f"output {name!r}", memory)
+            as_binary = out_params.get("binary_data", default_binary)
             if not isinstance(as_binary, bool):
                 raise RequestError(f"output {name!r}: binary_data must be true or false")
             if name not in seen:
                 seen.add(name)
                 outputs.append((name, as_binary))
-    return V2Request(request_id, feeds, outputs)
+                ref = memory_reference(out_params, f"output {name!r}") if memory else None
+                if ref is not None:
+                    memory_outputs[name] = ref
+    return V2Request(request_id, feeds, outputs, memory_outputs, memory)
 
 
 def encode_response(
@@ -181,7 +216,12 @@ def encode_response(
         arr = by_name[name]
         datatype = model.output_by_name[name].datatype
         entry = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
-        if as_binary:
+        ref = request.memory_outputs.get(name)
+        if ref is not None:
+            blob = array_to_binary(datatype, arr)
+            request.memory.write(ref, blob, f"output {name!r}")
+            entry["parameters"] = ref.as_parameters(len(blob))
+        elif as_binary:
             blob = array_to_binary(datatype, arr)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)

@@ -103,7 +103,9 @@ def _print_urls(settings) -> None:
         typer.echo(f"  endpoint     {url}   (model {settings.model})")
 
 
-def trigger_run(frameworks: list[str], config, wait: bool, timeout_s: float | None) -> None:
+def trigger_run(
+    frameworks: list[str], config, wait: bool, timeout_s: float | None, sweep: bool = False
+) -> None:
     """Create an on-demand run; with ``wait``, report how it ended and what is served."""
     import time
 
@@ -117,6 +119,8 @@ def trigger_run(frameworks: list[str], config, wait: bool, timeout_s: float | No
         "config": config_parameter(config),
         "endpoints": settings.endpoints_for_runs,
     }
+    if sweep:
+        parameters["sweep"] = True
     started = time.perf_counter()
     try:
         run = trigger(settings, parameters, wait=wait, timeout_s=timeout_s)

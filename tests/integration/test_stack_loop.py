@@ -195,6 +195,7 @@ def test_deployments_and_uis(stack):
         "config",
         "endpoints",
         "endpoint_timeout_s",
+        "recipe",
     }, "the UI's run form"
     # The MLflow UI asks for a login (the stack runs MLflow with authentication).
     login = manager.account_env(stack, "reviewer")

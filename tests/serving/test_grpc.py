@@ -72,7 +72,12 @@ def triton_endpoint(registry, triton_registered, tmp_path_factory):
 def guarded(registry, triton_registered, tmp_path_factory):
     root = tmp_path_factory.mktemp("grpc-guarded")
     settings, info = _start(
-        registry, root, model="simple@champion", token=TOKEN, max_body_bytes=4096
+        registry,
+        root,
+        model="simple@champion",
+        token=TOKEN,
+        max_body_bytes=4096,
+        shared_memory=True,
     )
     try:
         wait_ready(info, timeout_s=180)
@@ -224,6 +229,27 @@ def test_token_as_metadata_and_the_size_limit(guarded):
         )
     assert too_big.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     assert client.is_server_live()
+
+
+def test_shared_memory_registration_needs_the_token(guarded):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    http = httpclient.InferenceServerClient(guarded.url.removeprefix("http://"))
+    grpc = grpcclient.InferenceServerClient(guarded.grpc)
+    for client in (http, grpc):
+        for call, args in (
+            (client.register_system_shared_memory, ("r", "/onnxflow-any", 8)),
+            (client.unregister_system_shared_memory, ()),
+            (client.get_system_shared_memory_status, ()),
+        ):
+            with pytest.raises(InferenceServerException, match="bearer token"):
+                call(*args)
+        client.unregister_system_shared_memory(headers=auth)
+        with pytest.raises(InferenceServerException, match="no shared-memory object"):
+            client.register_system_shared_memory("r", "/onnxflow-no-such-object", 8, headers=auth)
 
 
 # --- Triton's extensions, as its example clients use them (simple_http_model_control.py,

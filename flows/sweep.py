@@ -1,0 +1,274 @@
+"""Sweeps as Prefect flows: Optuna's trials as tasks on a Dask cluster, the best one through
+the normal chain.
+
+    data ─► [ask ─► trial on a Dask worker ─► tell] x N ─► best trial ─► export ─►
+            (validate_and_register) ─► promote
+
+``sweep`` is what ``onnxflow run --sweep N`` runs. Each trial is an MLflow child run of the
+sweep's run (per-epoch metrics, its settings as params, how it ended as ``trial_state``);
+trials whose worker died are recorded as lost, and the sweep finishes with the others.
+The logic (study, search space, pruning, best trial) is :mod:`onnxflow.sweep`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from onnxflow import sweep as sweeps
+from onnxflow.config import Framework, PipelineConfig
+from onnxflow.dask_cluster import describe, is_lost, task_runner
+from onnxflow.errors import OnnxflowError, SweepError
+from onnxflow.flows.pipeline import (
+    RunResult,
+    failure_message,
+    run_markdown,
+    run_params,
+    validate_and_register,
+)
+from onnxflow.flows.runs import mlflow_run
+from onnxflow.results import ChainResult, DatasetArtifact, SweepOutcome, TrialResult
+from onnxflow.summary import version_rows
+from onnxflow.tasks.data import prepare_data_task
+from onnxflow.tasks.model import export_task
+from onnxflow.tasks.register import promote_task
+from onnxflow.tasks.sweep import finish_trial_task, train_trial_task
+from onnxflow.tasks.tracking import start_run_task
+
+
+@flow(name="onnxflow-sweep")
+def sweep(
+    framework: Framework = "torch",
+    config: PipelineConfig = PipelineConfig(),
+    out_dir: Path = Path("artifacts"),
+) -> RunResult:
+    """Sweep ``config.sweep.trials`` trials of ``framework`` on the Dask cluster of
+    ``config.dask``, register the best trial's validated model and promote it."""
+    logger = get_run_logger()
+    dataset = prepare_data_task(config.data, out_dir / "data")
+    logger.info("sweep of %d trials on a %s", config.sweep.trials, describe(config.dask))
+    on_dask = sweep_and_register.with_options(task_runner=task_runner(config.dask))
+    state = on_dask(framework, config, out_dir, dataset, _tracking_uri(), return_state=True)
+    model_name = config.register_.model_name
+    chains, failures, promotion = [], {}, None
+    if state.is_completed():
+        chains.append(state.result())
+    else:
+        failures[f"{framework} sweep"] = failure_message(state)
+    versions = [c.version.version for c in chains]
+    if chains:
+        promotion = promote_task(model_name, versions, config.promote)
+    table = version_rows(model_name, versions) if chains else []
+    create_markdown_artifact(
+        markdown=(_trials_markdown(chains[0].sweep) if chains else "")
+        + run_markdown(table, promotion, failures),
+        key=f"{model_name}-sweep-summary".lower().replace("_", "-"),
+        description=f"onnxflow sweep on {dataset.info.name}",
+    )
+    if failures:
+        raise OnnxflowError("; ".join(f"{name}: {msg}" for name, msg in failures.items()))
+    return RunResult(chains=chains, failures=failures, promotion=promotion, table=table)
+
+
+@flow(name="sweep-and-register", flow_run_name="sweep-{framework}")
+def sweep_and_register(
+    framework: Framework,
+    config: PipelineConfig,
+    out_dir: Path,
+    dataset: DatasetArtifact,
+    tracking_uri: str,
+) -> ChainResult:
+    """The trials as tasks on this flow's task runner (Dask), then the best trial's model
+    through export → simplify → validate → register, in the sweep's own MLflow run."""
+    logger = get_run_logger()
+    settings = config.sweep
+    out = out_dir / f"sweep-{framework}"
+    metric = sweeps.objective_metric(settings, dataset.info.task)
+    study_ref = sweeps.StudyRef(
+        name=f"{config.register_.model_name}-{framework}-{flow_run.id}",
+        storage=sweeps.storage_url(settings, out),
+        direction=sweeps.direction_of(metric),
+        metric=metric,
+    )
+    study = sweeps.create_study(settings, study_ref)
+    tags = {"source_framework": framework, "sweep_study": study_ref.name, "sweep_metric": metric}
+    with mlflow_run(
+        config.experiment,
+        f"sweep-{framework}-{config.register_.model_name}",
+        run_params(config),
+        tags,
+        dataset,
+    ) as run_id:
+        parallel = settings.parallel or _worker_threads()
+        pending: dict = {}  # future -> TrialSpec
+        finished: queue.SimpleQueue = queue.SimpleQueue()  # futures as they finish
+        results: list[TrialResult] = []
+        asked = 0
+        while asked < settings.trials or pending:
+            while asked < settings.trials and len(pending) < parallel:
+                trial = study.ask()
+                params = sweeps.suggest(trial, settings.space)
+                child = start_run_task(
+                    config.experiment,
+                    f"trial-{trial.number}-{framework}",
+                    {f"train.{k}": json.dumps(v) for k, v in params.items()},
+                    {
+                        "mlflow.parentRunId": run_id,
+                        "sweep_study": study_ref.name,
+                        "sweep_trial": str(trial.number),
+                        "source_framework": framework,
+                        "flow_run_id": str(flow_run.id),
+                    },
+                )
+                spec = sweeps.TrialSpec(
+                    number=trial.number, trial_id=trial._trial_id, params=params, run_id=child
+                )
+                future = train_trial_task.submit(
+                    framework,
+                    dataset,
+                    config.train,
+                    spec,
+                    study_ref,
+                    settings,
+                    out / f"trial-{trial.number}",
+                    tracking_uri,
+                )
+                pending[future] = spec
+                future.wrapped_future.add_done_callback(lambda _, f=future: finished.put(f))
+                asked += 1
+            for future in _drain(finished):
+                result = _trial_result(future, pending.pop(future))
+                if result.state == "lost":
+                    finish_trial_task(result.run_id, result)
+                    logger.warning("trial %d lost: %s", result.number, result.note)
+                sweeps.tell(study, result)
+                results.append(result)
+                logger.info(
+                    "trial %d %s: %s=%s %s",
+                    result.number,
+                    result.state,
+                    metric,
+                    result.value,
+                    result.params,
+                )
+
+        results.sort(key=lambda r: r.number)
+        best = sweeps.best_trial(results, study_ref.direction)
+        outcome = SweepOutcome(
+            study=study_ref.name,
+            metric=metric,
+            direction=study_ref.direction,
+            trials=results,
+            best=best,
+        )
+        _log_outcome(run_id, outcome, out)
+        logger.info("%s", sweeps.summary_line(results))
+        if best is None or best.trained is None:
+            raise SweepError(
+                f"No trial of the sweep completed ({sweeps.summary_line(results)}); "
+                + "; ".join(f"#{r.number}: {r.note}" for r in results if r.note)[:2000]
+            )
+        best_config = config.model_copy(
+            update={"train": sweeps.trial_train_config(config.train, best.params)}
+        )
+        exported = export_task(
+            framework, best.trained, dataset.info, config.export, out / "best" / "export"
+        )
+        chain = validate_and_register(
+            best.trained, exported, dataset, best_config, out / "best", run_id
+        )
+    return chain.model_copy(update={"sweep": outcome})
+
+
+def _drain(finished: queue.SimpleQueue) -> list:
+    """The futures that finished: waits for the first, then takes those already there."""
+    done = [finished.get()]
+    while not finished.empty():
+        done.append(finished.get())
+    return done
+
+
+def _trial_result(future, spec: sweeps.TrialSpec) -> TrialResult:
+    """The trial's result; a dead worker or cancelled future makes it lost, any other
+    error (the task raised) failed."""
+    try:
+        return future.result()
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+        if is_lost(exc):
+            return sweeps.lost_result(spec, reason)
+        return TrialResult(
+            number=spec.number,
+            params=spec.params,
+            run_id=spec.run_id,
+            state="failed",
+            note=reason,
+        )
+
+
+def _log_outcome(run_id: str, outcome: SweepOutcome, out: Path) -> None:
+    from onnxflow import tracking
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "sweep.json"
+    path.write_text(outcome.model_dump_json(indent=2, exclude={"trials": {"__all__": {"trained"}}}))
+    tracking.log_artifact_file(run_id, path)
+    tags = {
+        "sweep_trials": str(len(outcome.trials)),
+        "sweep_lost": ",".join(str(t.number) for t in outcome.lost) or "none",
+        "sweep_summary": sweeps.summary_line(outcome.trials),
+    }
+    if outcome.best is not None:
+        tags["sweep_best_trial"] = str(outcome.best.number)
+        tags["sweep_best_run_id"] = outcome.best.run_id
+        tracking.log_metrics(run_id, {f"best_{outcome.metric}": outcome.best.value})
+        tracking.log_params(
+            run_id, {f"best.{k}": json.dumps(v) for k, v in outcome.best.params.items()}
+        )
+    tracking.set_tags(run_id, tags)
+
+
+def _trials_markdown(outcome: SweepOutcome | None) -> str:
+    if outcome is None:
+        return ""
+    lines = [
+        f"**Sweep** `{outcome.study}` ({outcome.metric}, {outcome.direction}): "
+        f"{sweeps.summary_line(outcome.trials)}\n",
+        "| trial | state | value | epochs | settings | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in outcome.trials:
+        best = " (best)" if outcome.best and t.number == outcome.best.number else ""
+        value = f"{t.value:.4g}" if t.value is not None else "-"
+        lines.append(
+            f"| {t.number}{best} | {t.state} | {value} | {t.epochs} | "
+            f"{json.dumps(t.params)} | {(t.note or '')[:120]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _worker_threads() -> int:
+    """Threads of the Dask cluster this flow runs on (one trial each)."""
+    from prefect.context import get_run_context
+
+    runner = get_run_context().task_runner
+    info = runner.client.scheduler_info(n_workers=-1)
+    return max(1, sum(w.get("nthreads", 1) for w in info["workers"].values()))
+
+
+def _tracking_uri() -> str:
+    """This process's tracking URI with a relative SQLite path made absolute: Dask workers
+    get it explicitly and need not share the flow's working directory."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri

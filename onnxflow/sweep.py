@@ -1,0 +1,246 @@
+"""Hyperparameter sweeps with Optuna: the study, a trial's settings, pruning, the outcome.
+
+Plain functions, no Prefect. The sweep flow (:mod:`onnxflow.flows.sweep`) asks the study
+for trials, trains each as a task on the Dask cluster (:func:`run_trial`, in a worker
+process), and tells the study how each ended; the best trial's model then goes through
+the normal export → simplify → validate → register chain.
+
+The study lives in an Optuna storage that the flow and the workers share (a journal file
+in the run's folder by default, any RDB URL for a remote cluster): a worker reports each
+epoch's metric into it, and the median pruner compares it there with the other trials'.
+A trial whose worker died is *lost*: the study records it as failed and the sweep goes
+on with the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from onnxflow.config import ParamChoice, ParamRange, SweepConfig, Task, TrainConfig
+from onnxflow.errors import OnnxflowError, SweepError
+from onnxflow.results import StepResult, TrainedModel, TrialResult
+
+if TYPE_CHECKING:  # optuna is imported where it is used
+    import optuna
+
+log = logging.getLogger(__name__)
+
+Direction = Literal["maximize", "minimize"]
+EpochCallback = Callable[[int, dict[str, float]], None]
+#: Trains one trial's model: (train settings, out_dir, on_epoch) -> the trained model.
+Trainer = Callable[[TrainConfig, Path, EpochCallback], TrainedModel]
+
+
+class StudyRef(StepResult):
+    """What a worker needs to open the study: its name and the shared storage."""
+
+    name: str
+    storage: str
+    direction: Direction
+    metric: str
+
+
+class TrialSpec(StepResult):
+    """One asked trial, as the flow hands it to a worker."""
+
+    number: int
+    trial_id: int
+    params: dict[str, Any]
+    run_id: str
+    """The trial's MLflow child run (created by the flow, so a lost trial can be closed)."""
+
+
+def objective_metric(config: SweepConfig, task: Task) -> str:
+    """The epoch metric trials are ranked on: the configured one, or the task's default."""
+    if config.metric:
+        return config.metric
+    return "val_accuracy" if task == "classification" else "val_rmse"
+
+
+def direction_of(metric: str) -> Direction:
+    """Losses and errors are minimised, everything else (accuracy, r2, ...) maximised."""
+    lowered = metric.lower()
+    return "minimize" if lowered.endswith(("loss", "rmse", "mse", "mae", "error")) else "maximize"
+
+
+def storage_url(config: SweepConfig, out_dir: Path) -> str:
+    """The configured storage, or a journal file in the run's folder (absolute: workers
+    may run in another working directory)."""
+    if config.storage:
+        return config.storage
+    return str((out_dir / "optuna-journal.log").resolve())
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An RDB storage for a URL (``sqlite:///``, ``postgresql://``), a journal file otherwise."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if "://" in url:
+        return optuna.storages.RDBStorage(url)
+    Path(url).parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(url))
+
+
+def make_pruner(config: SweepConfig) -> optuna.pruners.BasePruner:
+    import optuna
+
+    if not config.pruning:
+        return optuna.pruners.NopPruner()
+    # epochs are reported as steps 1, 2, ...; Optuna prunes from step n_warmup_steps on
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=config.prune_after_trials,
+        n_warmup_steps=config.prune_warmup_epochs + 1,
+    )
+
+
+def create_study(config: SweepConfig, ref: StudyRef) -> optuna.Study:
+    import optuna
+
+    sampler = (
+        optuna.samplers.TPESampler(seed=config.seed)
+        if config.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=config.seed)
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(
+        study_name=ref.name,
+        storage=open_storage(ref.storage),
+        sampler=sampler,
+        pruner=make_pruner(config),
+        direction=ref.direction,
+    )
+
+
+def suggest(trial: optuna.Trial, space: dict[str, ParamRange | ParamChoice]) -> dict[str, Any]:
+    """One value per setting of the space, as the train section takes it."""
+    params: dict[str, Any] = {}
+    for name, spec in space.items():
+        if isinstance(spec, ParamChoice):
+            # Optuna's choices are scalars: a list (hidden_sizes) travels as its JSON text
+            labels = [json.dumps(c) for c in spec.choices]
+            params[name] = json.loads(trial.suggest_categorical(name, labels))
+        elif TrainConfig.model_fields[name].annotation is int:
+            params[name] = trial.suggest_int(name, int(spec.low), int(spec.high), log=spec.log)
+        else:
+            params[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log)
+    return params
+
+
+def trial_train_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
+    """The train section with a trial's values on top, validated as the YAML would be."""
+    return TrainConfig.model_validate({**base.model_dump(), **params})
+
+
+def run_trial(
+    trainer: Trainer,
+    base: TrainConfig,
+    spec: TrialSpec,
+    study: StudyRef,
+    config: SweepConfig,
+    out_dir: Path,
+    log_epoch: EpochCallback,
+) -> TrialResult:
+    """Train one trial; every epoch goes to ``log_epoch`` and to the pruner. Pruned and
+    failed trials are results too (the flow tells the study); only a dead worker raises."""
+    import optuna
+
+    train_config = trial_train_config(base, spec.params)
+    reported: dict[int, float] = {}
+    trial = optuna.Trial(_load_study(study, config), spec.trial_id)
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        log_epoch(epoch, metrics)
+        if study.metric not in metrics:
+            return
+        reported[epoch] = float(metrics[study.metric])
+        trial.report(reported[epoch], epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(
+                f"epoch {epoch}: {study.metric} {reported[epoch]:.4g} trails the median"
+            )
+
+    started = time.perf_counter()
+
+    def result(state: str, **figures: Any) -> TrialResult:
+        return TrialResult(
+            number=spec.number,
+            params=spec.params,
+            run_id=spec.run_id,
+            state=state,
+            epochs=len(reported),
+            seconds=time.perf_counter() - started,
+            **figures,
+        )
+
+    try:
+        trained = trainer(train_config, out_dir, on_epoch)
+    except optuna.TrialPruned as exc:
+        return result("pruned", value=reported[max(reported)] if reported else None, note=str(exc))
+    except OnnxflowError as exc:  # diverged, bad settings: this trial's fault, not the sweep's
+        return result("failed", note=str(exc))
+    value = trained.metrics.get(study.metric)
+    if value is None:
+        raise SweepError(
+            f"sweep.metric {study.metric!r} is not an epoch metric of this model; it "
+            f"reports: {', '.join(sorted(trained.metrics))}"
+        )
+    return result("complete", value=float(value), trained=trained)
+
+
+def _load_study(ref: StudyRef, config: SweepConfig) -> optuna.Study:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(
+        study_name=ref.name, storage=open_storage(ref.storage), pruner=make_pruner(config)
+    )
+
+
+def lost_result(spec: TrialSpec, reason: str) -> TrialResult:
+    """A trial whose worker died (or whose future was cancelled) before it returned."""
+    return TrialResult(
+        number=spec.number, params=spec.params, run_id=spec.run_id, state="lost", note=reason
+    )
+
+
+def tell(study: optuna.Study, result: TrialResult) -> None:
+    """Record how a trial ended: its value, pruned, or failed (lost trials count as failed)."""
+    from optuna.trial import TrialState
+
+    if result.state == "complete":
+        study.tell(result.number, result.value)
+    elif result.state == "pruned":
+        study.tell(result.number, state=TrialState.PRUNED)
+    else:
+        study.tell(result.number, state=TrialState.FAIL)
+
+
+def best_trial(results: Iterable[TrialResult], direction: Direction) -> TrialResult | None:
+    """The completed trial with the best value (the earliest among equals), or None."""
+    complete = [r for r in results if r.state == "complete" and r.value is not None]
+    if not complete:
+        return None
+    sign = -1.0 if direction == "maximize" else 1.0
+    return min(complete, key=lambda r: (sign * r.value, r.number))
+
+
+def summary_line(results: Iterable[TrialResult]) -> str:
+    """``8 trials: 5 complete, 2 pruned, 1 lost (#3)``."""
+    results = list(results)
+    counts = {}
+    for r in results:
+        counts.setdefault(r.state, []).append(r.number)
+    parts = []
+    for state in ("complete", "pruned", "failed", "lost"):
+        if state in counts:
+            numbers = (
+                f" (#{', #'.join(map(str, counts[state]))})" if state in ("failed", "lost") else ""
+            )
+            parts.append(f"{len(counts[state])} {state}{numbers}")
+    return f"{len(results)} trials: " + ", ".join(parts)

@@ -1,0 +1,172 @@
+"""Sweeps on a real local Dask cluster of two worker processes: trials as Prefect tasks on
+Dask, MLflow child runs, the best trial registered validated; and a worker killed with
+SIGKILL in the middle of a trial, after which the sweep still finishes and says which
+trial was lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from onnxflow.config import PipelineConfig
+
+# Each Dask worker process imports torch, Prefect and MLflow before its first trial: on a
+# busy 2-core machine these take 2-3 minutes each.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def sweep_config(trials: int, epochs: tuple[int, int], **dask) -> PipelineConfig:
+    return PipelineConfig.model_validate(
+        {
+            "train": {"hidden_sizes": [16], "epochs": epochs[0]},
+            "validate": {"latency_repeats": 3, "max_accuracy_drop": 0.01},
+            "sweep": {
+                "trials": trials,
+                "space": {
+                    "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True},
+                    "epochs": {"low": epochs[0], "high": epochs[1]},
+                    "hidden_sizes": {"choices": [[16], [32]]},
+                },
+                "prune_after_trials": 1,
+                "prune_warmup_epochs": 1,
+            },
+            "dask": {"workers": 2, **dask},
+        }
+    )
+
+
+def trial_runs(client: MlflowClient, parent_run_id: str) -> list:
+    exp = client.get_experiment_by_name("onnxflow")
+    return client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=100
+    )
+
+
+def test_sweep_on_two_dask_workers_registers_the_best_trial(mlflow_store, tmp_path):
+    from onnxflow.flows.sweep import sweep
+
+    started = time.perf_counter()
+    result = sweep("torch", sweep_config(4, (2, 3)), tmp_path / "art")
+    took = time.perf_counter() - started
+
+    chain = result.chains[0]
+    outcome = chain.sweep
+    assert len(outcome.trials) == 4 and not outcome.lost
+    assert outcome.best is not None and outcome.best.state == "complete"
+    complete = [t for t in outcome.trials if t.state == "complete"]
+    assert outcome.best.value == max(t.value for t in complete)
+
+    client = MlflowClient()
+    version = client.get_model_version("digits", chain.version.version)
+    assert version.tags["validation"] == "passed"
+    assert client.get_model_version_by_alias("digits", "champion").version == version.version
+    parent = client.get_run(version.run_id)
+    assert parent.data.tags["sweep_best_trial"] == str(outcome.best.number)
+    assert parent.data.tags["sweep_lost"] == "none"
+    # the registered model is the best trial's: same settings, same trained file
+    assert chain.trained.path == outcome.best.trained.path
+    assert parent.data.params["best.epochs"] == str(outcome.best.params["epochs"])
+
+    children = trial_runs(client, version.run_id)
+    assert len(children) == 4
+    for run in children:
+        assert run.data.tags["trial_state"] in ("complete", "pruned")
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert len(history) >= 1, "per-epoch metrics of every trial"
+    # the trials ran in Dask worker processes, not in this one
+    worker_pids = {run.data.tags["worker_pid"] for run in children}
+    assert str(os.getpid()) not in worker_pids
+    print(f"\nsweep of 4 trials on 2 local Dask workers: {took:.1f} s")
+
+
+def test_a_worker_killed_mid_sweep_loses_its_trial_and_the_sweep_finishes(mlflow_store, tmp_path):
+    """The test runs its own 2-worker cluster and hands the flow its address (as for a
+    remote cluster); when a trial has logged an epoch, the worker running it is killed."""
+    from distributed import Client, LocalCluster
+
+    from onnxflow.flows.sweep import sweep
+
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            scheduler_kwargs={"allowed_failures": 0},
+        ) as cluster,
+        Client(cluster) as dask_client,
+    ):
+        killed: dict[str, object] = {}
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def kill_a_worker_mid_trial() -> None:
+            mlflow = MlflowClient()
+            while not stop.is_set():
+                try:
+                    victim = _worker_mid_trial(mlflow, dask_client)
+                except Exception as exc:  # the store is busy: look again
+                    errors[:] = [exc]
+                    victim = None
+                if victim:
+                    killed.update(victim)
+                    os.kill(victim["pid"], signal.SIGKILL)
+                    return
+                stop.wait(0.2)
+
+        killer = threading.Thread(target=kill_a_worker_mid_trial, daemon=True)
+        killer.start()
+        try:
+            result = sweep(
+                "torch",
+                sweep_config(4, (6, 8), address=cluster.scheduler_address),
+                tmp_path / "art",
+            )
+        finally:
+            stop.set()
+            killer.join(timeout=10)
+
+    assert killed, f"no worker was killed, the test did not exercise a loss: {errors}"
+    outcome = result.chains[0].sweep
+    lost = outcome.lost
+    assert len(lost) == 1 and lost[0].run_id == killed["run_id"], (outcome.trials, killed)
+    assert "KilledWorker" in lost[0].note
+    assert len(outcome.trials) == 4 and outcome.best is not None
+
+    client = MlflowClient()
+    version = client.get_model_version("digits", result.chains[0].version.version)
+    assert version.tags["validation"] == "passed"
+    parent = client.get_run(version.run_id)
+    assert parent.data.tags["sweep_lost"] == str(lost[0].number)
+    lost_run = client.get_run(killed["run_id"])
+    assert lost_run.data.tags["trial_state"] == "lost" and lost_run.info.status == "FAILED"
+
+
+def _worker_mid_trial(mlflow: MlflowClient, dask_client) -> dict | None:
+    """A trial's child run that has logged an epoch and is still running, and the pid of
+    the Dask worker process training it (its ``worker_pid`` tag), if that is one of the
+    cluster's workers."""
+    exp = mlflow.get_experiment_by_name("onnxflow")
+    if exp is None:
+        return None
+    pids = set(dask_client.run(os.getpid).values())  # each worker's pid, from the worker
+    for run in mlflow.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'"):
+        pid = int(run.data.tags.get("worker_pid", 0))
+        mid_trial = pid in pids and "sweep_trial" in run.data.tags
+        if mid_trial and mlflow.get_metric_history(run.info.run_id, "val_accuracy"):
+            return {"pid": pid, "run_id": run.info.run_id}
+    return None
