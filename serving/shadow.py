@@ -42,6 +42,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from onnxflow.serving.comparison import PairReport, PairStats, compare, markdown_report
 from onnxflow.serving.manager import ModelManager
 from onnxflow.serving.metrics import ServingMetrics
@@ -78,6 +80,18 @@ def unframe(buffer: bytearray) -> tuple[list, int]:
         messages.append(pickle.loads(buffer[start : start + size]))
         pos = start + size
     return messages, pos
+
+
+def pack_arrays(arrays) -> list:
+    """Arrays as (dtype, shape, bytes): several times cheaper to pickle than the arrays
+    themselves, which matters on the request path. Object arrays (strings) stay arrays."""
+    return [a if a.dtype.kind == "O" else (a.dtype.str, a.shape, a.tobytes()) for a in arrays]
+
+
+def unpack_arrays(packed: list) -> list:
+    return [
+        p if isinstance(p, np.ndarray) else np.frombuffer(p[2], p[0]).reshape(p[1]) for p in packed
+    ]
 
 
 @dataclass(frozen=True)
@@ -221,7 +235,16 @@ class Shadow:
             ):
                 self.dropped[key] = self.dropped.get(key, 0) + 1
                 return
-            data = frame(("mirror", key, model.output_names, feeds, served, served_s))
+            message = (
+                "mirror",
+                key,
+                model.output_names,
+                list(feeds),
+                pack_arrays(feeds.values()),
+                pack_arrays(served),
+                served_s,
+            )
+            data = frame(message)
             if not self._outgoing:  # one write per turn of the loop, however many requests
                 self._loop.call_soon(self._write_outgoing)
             self._outgoing.append(data)
@@ -434,7 +457,9 @@ class Worker:
         self.newest[name] = version
         return {"digest": model.digest, "outputs": model.output_names}
 
-    def mirror(self, key, names: list[str], feeds: dict, served: list, served_s: float) -> None:
+    def mirror(self, key, names, inputs, feeds, served, served_s: float) -> None:
+        feeds = dict(zip(inputs, unpack_arrays(feeds)))
+        served = unpack_arrays(served)
         pair = self.pairs.get(key)
         if pair is None:
             pair = self.pairs[key] = PairStats(*key)
