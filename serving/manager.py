@@ -202,6 +202,9 @@ class ModelManager:
                 tags=tags,
                 settings=self.settings,
             )
+        except ConnectionError as exc:  # the shadow's worker went away: the next check retries
+            log.warning("cannot load %s version %s: %s", self.name, version, exc)
+            return CheckOutcome("registry_error", version, serving, f"load failed: {exc}")
         except ModelRefused as exc:
             shutil.rmtree(folder, ignore_errors=True)  # a forced retry downloads afresh
             self.refused[version] = str(exc)

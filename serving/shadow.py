@@ -34,6 +34,7 @@ import os
 import pickle
 import random
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -158,13 +159,23 @@ class Shadow:
         self._ids = itertools.count()
         self._flush_lock = asyncio.Lock()
         self._registry: Registry | None = None
+        self._stopping = False
+        self._started_at = 0.0
+        self._backoff = 0.5
+        self.restarts = 0
         metrics.watch_shadow(self.reports)
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the worker process, connected by a socket pair, and the periodic flush."""
+        """Start the worker process and the periodic flush."""
         self._loop = asyncio.get_running_loop()
+        await self._start_worker()
+        if self.flush_interval_s > 0:
+            self._tasks.append(self._loop.create_task(self._flush_every(), name="shadow-flush"))
+
+    async def _start_worker(self) -> None:
+        """The worker process, connected by a socket pair."""
         ours, theirs = socket.socketpair()
         with theirs:
             self._process = subprocess.Popen(
@@ -173,9 +184,8 @@ class Shadow:
                 stdin=subprocess.DEVNULL,
             )
         _, self._channel = await self._loop.create_connection(lambda: _Channel(self), sock=ours)
+        self._started_at = time.monotonic()
         log.info("shadow worker pid %s follows %r of every model", self._process.pid, self.alias)
-        if self.flush_interval_s > 0:
-            self._tasks.append(self._loop.create_task(self._flush_every(), name="shadow-flush"))
 
     def follow(self, served: ModelManager) -> None:
         """Start following ``NAME@ALIAS`` beside the served model (once per model)."""
@@ -194,6 +204,7 @@ class Shadow:
         )
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -209,13 +220,35 @@ class Shadow:
                 self._process.kill()
 
     def worker_lost(self) -> None:
-        code = self._process.poll() if self._process is not None else None
-        if self._channel is not None:
-            log.error("the shadow worker went away (exit code %s): nothing is mirrored", code)
+        """The worker exited (a challenger that crashed onnxruntime, a kill): start another,
+        which loads the shadow versions again; each pair's figures start afresh in it."""
         self._channel = None
         for future in self._replies.values():
             if not future.done():
                 future.set_exception(ConnectionError("the shadow worker went away"))
+        if self._stopping:
+            return
+        for manager in self.managers.values():
+            manager.current = None  # nothing is mirrored until the new worker loaded it
+        # a worker that keeps dying waits longer each time (up to a minute) to start again
+        lived = time.monotonic() - self._started_at
+        self.restarts += 1
+        self._backoff = 1.0 if lived > 60 else min(60.0, self._backoff * 2)
+        log.error(
+            "the shadow worker (pid %s) went away after %.0f s; another starts in %.0f s",
+            self._process.pid if self._process else None,
+            lived,
+            self._backoff,
+        )
+        self._tasks.append(self._loop.create_task(self._restart_worker(self._backoff)))
+
+    async def _restart_worker(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._process is not None:
+            await asyncio.to_thread(self._process.wait)  # reap the one that went away
+        await self._start_worker()
+        for manager in self.managers.values():  # load the shadow versions now, not at the
+            self._tasks.append(self._loop.create_task(manager.check()))  # next poll
 
     # --- the request path: never waits, never raises ------------------------------------
 
@@ -295,8 +328,11 @@ class Shadow:
             answer = asyncio.run_coroutine_threadsafe(
                 self._ask("load", request), self._loop
             ).result(LOAD_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001  (no worker, or it gave no answer in time)
-            raise ModelRefused(f"{name} version {version}: shadow worker: {exc}") from None
+        except TimeoutError:
+            raise ModelRefused(
+                f"{name} version {version}: the shadow worker did not load it in "
+                f"{LOAD_TIMEOUT_S:.0f} s"
+            ) from None
         if "refused" in answer:
             raise ModelRefused(answer["refused"])
         return RemoteModel(name, version, answer["digest"], tuple(answer["outputs"]), folder)
@@ -318,6 +354,7 @@ class Shadow:
             "fraction": self.fraction,
             "worker_pid": self._process.pid if self._process else None,
             "worker_running": transport is not None,
+            "worker_restarts": self.restarts,
             "queued_bytes": transport.get_write_buffer_size() if transport else 0,
             "models": {
                 name: {
@@ -494,6 +531,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     with contextlib.suppress(OSError):  # the endpoint's requests come first
         os.nice(NICENESS)
+    # Signals to the endpoint's process group (Ctrl-C, a stop) are the endpoint's to act
+    # on: it closes the socket as it stops, and the worker ends when it reads that.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with socket.socket(fileno=int(fd)) as sock:
         Worker(sock).run()
 

@@ -299,3 +299,41 @@ def test_the_shadow_follows_both_aliases_when_they_move(shadowed, files, registr
     assert "## against version 2" in report
     tags, report = _tags(registry, "shadow_b", "1")
     assert tags["shadow_champion_version"] == "2" and tags["shadow_requests"] == "20"
+
+
+def test_the_champion_outlives_the_shadow_worker(shadowed, files):
+    """A worker that goes away (a challenger crashing onnxruntime, a kill) fails no
+    champion answer; another worker starts, loads the challengers and compares again."""
+    import os
+    import signal
+
+    with shadowed.client() as http:
+        status = http.get("/admin/status").json()["shadow"]
+        assert status["worker_running"] and status["worker_restarts"] == 0
+        killed = status["worker_pid"]
+        os.kill(killed, signal.SIGKILL)
+    expected = {
+        "shadow_a": ("2", _local(files["a2"])),
+        "shadow_b": ("2", _local(files["b2_fixed"])),
+    }
+    _send(shadowed, [("shadow_a", 2), ("shadow_b", 1)] * 10, expected)  # while it is down
+
+    with shadowed.client() as http:
+
+        def restarted():
+            status = http.get("/admin/status").json()["shadow"]
+            return (
+                status["worker_restarts"] == 1
+                and status["worker_running"]
+                and status["worker_pid"] != killed
+                and all(m["shadow"] for m in status["models"].values())
+            )
+
+        wait_for(restarted, timeout=120, interval=0.25)
+        _send(shadowed, [("shadow_a", 1)] * 10, expected)
+
+        def compared_afresh():
+            figures = _shadow_metrics(http)
+            return figures.get(("onnxflow_shadow_requests_total", "shadow_a", "2", "3")) == 10
+
+        wait_for(compared_afresh, timeout=120, interval=0.25)
