@@ -337,3 +337,40 @@ def test_the_champion_outlives_the_shadow_worker(shadowed, files):
             return figures.get(("onnxflow_shadow_requests_total", "shadow_a", "2", "3")) == 10
 
         wait_for(compared_afresh, timeout=120, interval=0.25)
+
+
+def test_a_tracking_server_gets_the_figures_over_its_rest_api(mlflow_server, registry):
+    """The production set-up: tags through the REST API, the report through the server's
+    artifact proxy (the run's artifacts are ``mlflow-artifacts:/``): no MLflow, no helper."""
+    import httpx
+    import mlflow
+    from mlflow import MlflowClient
+
+    from onnxflow.serving.registry_reader import Annotation, RestRegistry
+
+    def up():
+        try:
+            return httpx.get(f"{mlflow_server}/health", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(up, timeout=180, interval=0.5)  # it may still boot
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    experiment = client.create_experiment("shadow-rest")
+    run = client.create_run(experiment)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    client.create_registered_model("shadow_rest")
+    version = client.create_model_version(
+        "shadow_rest", f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    ).version
+
+    RestRegistry(mlflow_server).annotate(
+        [Annotation("shadow_rest", version, {"shadow_requests": "5"}, {REPORT_PATH: "# seen\n"})]
+    )
+    assert client.get_model_version("shadow_rest", version).tags["shadow_requests"] == "5"
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{REPORT_PATH}")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert text == "# seen\n"
