@@ -88,6 +88,7 @@ def shadowed(registry, files, tmp_path_factory):
             shadow="challenger",
             shadow_flush_interval_s=0,  # only on /admin/shadow/flush
             port=free_port(),
+            grpc_port=free_port(),
             cache_dir=root / "cache",
             token=TOKEN,
             poll_interval_s=0.5,
@@ -95,7 +96,9 @@ def shadowed(registry, files, tmp_path_factory):
         info = start_background(settings, root)
     try:
         wait_ready(info, timeout_s=240)
-        yield Endpoint(info.url, "shadow_a", root, TOKEN)
+        endpoint = Endpoint(info.url, "shadow_a", root, TOKEN)
+        endpoint.grpc = f"127.0.0.1:{settings.grpc_port}"
+        yield endpoint
     finally:
         stop_background(root)
 
@@ -162,6 +165,22 @@ def _send(endpoint, plan: list[tuple[str, int]], expected: dict) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _send_grpc(endpoint, name: str, count: int, expected: dict) -> None:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(endpoint.grpc)
+    version, session = expected[name]
+    for i in range(count):
+        features = np.random.default_rng(100 + i).normal(size=(1, 64)).astype(np.float32)
+        tensor = grpcclient.InferInput("features", [1, 64], "FP32")
+        tensor.set_data_from_numpy(features)
+        result = client.infer(name, [tensor], headers={"authorization": f"Bearer {TOKEN}"})
+        assert result.get_response().model_version == version
+        np.testing.assert_allclose(
+            result.as_numpy("logits"), session.run(None, {"features": features})[0], atol=1e-5
+        )
+
+
 def _shadow_metrics(http) -> dict:
     """{(metric, model, version, shadow_version[, output]): value} of the shadow's families."""
     figures = {}
@@ -215,18 +234,19 @@ def test_champion_answers_stay_right_and_the_shadow_compares(shadowed, files, re
     plan = [plan[i] for i in np.random.default_rng(0).permutation(len(plan))]
     expected = {"shadow_a": ("1", _local(files["a1"])), "shadow_b": ("1", _local(files["b1"]))}
     _send(endpoint, plan, expected)  # every answer 200, from version 1, the champion's values
+    _send_grpc(endpoint, "shadow_a", 10, expected)  # the gRPC front is mirrored alike
 
     with endpoint.client() as http:
-        _settled_counts(http, "shadow_a", "1", "2", 60)
+        _settled_counts(http, "shadow_a", "1", "2", 70)
         figures = _settled_counts(http, "shadow_b", "1", "2", 60)
         status = http.get("/admin/status").json()["shadow"]
     a = ("shadow_a", "1", "2")
-    assert figures[("onnxflow_shadow_requests_total", *a)] == 60
+    assert figures[("onnxflow_shadow_requests_total", *a)] == 70
     assert figures[("onnxflow_shadow_errors_total", *a)] == 0
     assert figures[("onnxflow_shadow_dropped_total", *a)] == 0
     assert 0 <= figures[("onnxflow_shadow_agreement", *a)] < 1  # two different MLPs
     assert figures[("onnxflow_shadow_abs_diff_max", *a, "logits")] > 0.01
-    assert figures[("onnxflow_shadow_duration_seconds_count", *a)] == 60
+    assert figures[("onnxflow_shadow_duration_seconds_count", *a)] == 70
     b = ("shadow_b", "1", "2")
     # the fixed-batch challenger: same weights, so 1-row requests agree exactly ...
     assert figures[("onnxflow_shadow_requests_total", *b)] == 30
@@ -250,13 +270,13 @@ def test_flush_writes_the_figures_onto_the_challenger_version(shadowed, registry
 
     tags, report = _tags(registry, "shadow_a", "2")
     assert tags["shadow_champion_version"] == "1"
-    assert tags["shadow_requests"] == "60"
+    assert tags["shadow_requests"] == "70"
     assert tags["shadow_errors"] == "0" and tags["shadow_dropped"] == "0"
     assert 0 <= float(tags["shadow_agreement"]) < 1
     assert float(tags["shadow_max_abs_diff"]) > 0.01
     assert float(tags["shadow_latency_p99_ms"]) >= float(tags["shadow_latency_p50_ms"]) > 0
     assert "# shadow_a version 2 in shadow (`challenger`)" in report
-    assert "## against version 1" in report and "| requests compared | 60 (90 rows) |" in report
+    assert "## against version 1" in report and "| requests compared | 70 (100 rows) |" in report
 
     tags, report = _tags(registry, "shadow_b", "2")
     assert tags["shadow_requests"] == "30" and tags["shadow_errors"] == "30"
@@ -290,7 +310,7 @@ def test_the_shadow_follows_both_aliases_when_they_move(shadowed, files, registr
         assert figures[("onnxflow_shadow_agreement", *pair)] == 1.0  # the same weights
         assert figures[("onnxflow_shadow_errors_total", *pair)] == 0
     # the old pairs keep their counts; they are not mixed into the new ones
-    assert figures[("onnxflow_shadow_requests_total", "shadow_a", "1", "2")] == 60
+    assert figures[("onnxflow_shadow_requests_total", "shadow_a", "1", "2")] == 70
 
     tags, report = _tags(registry, "shadow_a", "3")
     assert tags["shadow_champion_version"] == "2"
