@@ -602,6 +602,16 @@ def serve(
     shadow_fraction: Annotated[
         float | None, typer.Option(help="Share of requests mirrored to the shadow (default 1).")
     ] = None,
+    canary_percent: Annotated[
+        float | None,
+        typer.Option(
+            help=(
+                "Answer this percent of requests with the challenger; it stops (and its version "
+                "is tagged canary_stopped) when its error rate or p99 does worse than the "
+                "champion's beyond the ONNXFLOW_SERVE_CANARY_* limits."
+            )
+        ),
+    ] = None,
 ) -> None:
     """Serve registered models in the foreground with the onnxruntime endpoint.
 
@@ -626,6 +636,7 @@ def serve(
             shared_memory=shared_memory,
             shadow=shadow,
             shadow_fraction=shadow_fraction,
+            canary_percent=canary_percent,
         )
     except ValueError as exc:  # the settings refused an option
         _fail(str(exc))

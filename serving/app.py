@@ -130,7 +130,7 @@ class RestEndpoints:
 
     async def infer(self, headers, receive, params: dict) -> tuple:
         self.plane.authorize(headers.get("authorization"))
-        model = self.plane.model(params["name"], params.get("version"))
+        model = self.plane.inference_model(params["name"], params.get("version"))
         body = await self.read_body(headers, receive, (JSON, "application/octet-stream"), True)
         parsed = None
 
@@ -153,7 +153,7 @@ class RestEndpoints:
     async def invocations(self, headers, receive, params: dict) -> tuple:
         self.plane.authorize(headers.get("authorization"))
         name = params.get("name")
-        model = self.plane.default_model() if name is None else self.plane.model(name)
+        model = self.plane.inference_model(name)
         body = await self.read_body(headers, receive, (JSON, "text/csv"), False)
         content = await self.plane.run_request(
             model,

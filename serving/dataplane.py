@@ -83,6 +83,11 @@ class DataPlane:
             from onnxflow.serving.shadow import Shadow
 
             self.shadow = Shadow(settings, self.metrics)
+        self.canary = None
+        if settings.canary_percent > 0:
+            from onnxflow.serving.canary import Canary
+
+            self.canary = Canary(settings, self.metrics)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -90,7 +95,7 @@ class DataPlane:
         """Start the batcher and one alias watcher per model (on the running loop)."""
         loop = asyncio.get_running_loop()
         if self.shadow is not None:
-            self.shadow.start()
+            await self.shadow.start()
         if self.settings.batching:
             self.batcher = Batcher(
                 self.settings.max_batch_size,
@@ -110,6 +115,8 @@ class DataPlane:
         )
         if self.shadow is not None:
             self.shadow.follow(manager)
+        if self.canary is not None:
+            self.canary.follow(manager)
 
     async def _discover(self) -> None:
         """Serve every model that has the alias, as it appears (every poll interval)."""
@@ -146,6 +153,8 @@ class DataPlane:
         self._watchers.clear()
         if self.shadow is not None:
             await self.shadow.stop()
+        if self.canary is not None:
+            await self.canary.stop()
         if self.batcher:
             await self.batcher.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -196,6 +205,14 @@ class DataPlane:
             )
         return model
 
+    def inference_model(self, name: str | None, version: str | None = None) -> LoadedModel:
+        """The version that answers an inference request: the served one, or the canary for
+        its share (only when no version is asked for). ``name`` None: the default model."""
+        model = self.default_model() if name is None else self.model(name, version)
+        if self.canary is not None and version is None:
+            return self.canary.choose(model)
+        return model
+
     def default_model(self) -> LoadedModel:
         """The model of routes without a model name (``/invocations``): the first served."""
         if self.default_name is None:
@@ -237,10 +254,14 @@ class DataPlane:
             answer = encode(results)
         except Exception:
             self.stats.failure(model.name, model.version, time.perf_counter_ns() - start)
+            if self.canary is not None:
+                self.canary.record(model, False, (time.perf_counter_ns() - start) / 1e9)
             raise
         done = time.perf_counter_ns()
         if self.shadow is not None:  # after the answer exists; never waits, never raises
             self.shadow.offer(model, feeds, results, (ran - decoded) / 1e9)
+        if self.canary is not None:
+            self.canary.record(model, True, (done - start) / 1e9)
         rows = max((a.shape[0] if a.ndim else 1) for a in feeds.values())
         self.stats.success(
             model.name,
@@ -391,6 +412,7 @@ class DataPlane:
             ),
             "mlflow_loaded": sys.modules.get("mlflow") is not None,
             "shadow": self.shadow.status() if self.shadow is not None else None,
+            "canary": self.canary.status() if self.canary is not None else None,
             "uptime_s": time.time() - self.started,
         }
 

@@ -291,7 +291,7 @@ class InferenceService:
 
     async def ModelInfer(self, request, context):  # noqa: N802
         async def handler():
-            model = self.plane.model(request.model_name, request.model_version or None)
+            model = self.plane.inference_model(request.model_name, request.model_version or None)
             wanted = [o.name for o in request.outputs] or model.output_names
             memory = self.plane.shared_memory
             targets: dict[str, MemoryReference] = {}

@@ -80,6 +80,7 @@ def serve(
     shared_memory: bool | None = None,
     shadow: str | None = None,
     shadow_fraction: float | None = None,
+    canary_percent: float | None = None,
 ) -> None:
     """Serve in the foreground (this process becomes the endpoint); None: env or default.
 
@@ -103,6 +104,7 @@ def serve(
         shared_memory=shared_memory,
         shadow=shadow,
         shadow_fraction=shadow_fraction,
+        canary_percent=canary_percent,
     )
     check_port(settings)
     sys.stdout.flush()

@@ -8,8 +8,9 @@ refused: it is logged and counted, the old one keeps serving, and the watcher do
 retry it until the alias moves (an explicit reload does retry it).
 
 A manager made with ``shadow_of`` follows a second alias (``--shadow challenger``) beside
-a served model: it publishes nothing as served, and when its alias points at the version
-the served model already runs it shares that model instead of loading it twice.
+a served model: it publishes nothing as served, loads with the shadow's ``loader`` (in its
+worker process), and while its alias points at the version being served it holds nothing
+(there is nothing to compare).
 
 Registry calls run in a worker thread (see :mod:`onnxflow.serving.registry_reader` for how
 they reach MLflow); the event loop keeps serving while a version downloads and warms up.
@@ -107,9 +108,11 @@ class ModelManager:
         reference: str,
         *,
         shadow_of: ModelManager | None = None,
+        loader=load_model,
     ) -> None:
         self.settings = settings
         self.shadow_of = shadow_of
+        self.loader = loader  # (folder, name=, version=, tags=, settings=) -> the loaded model
         self.metrics = metrics
         self.name, self.alias, self.pinned = parse_model_reference(reference)
         self.current: LoadedModel | None = None
@@ -168,9 +171,11 @@ class ModelManager:
             return CheckOutcome("unchanged", version, serving)
         served = self.shadow_of.current if self.shadow_of is not None else None
         if served is not None and served.version == version:
-            self.current = served  # the served model itself: share it, load nothing
-            log.info("%s is version %s, the one served: sharing it", self.reference, version)
-            return CheckOutcome("swapped", version, version)
+            # the served version itself: nothing to compare, nothing to load (until one moves)
+            if self.current is not None:
+                log.info("%s is version %s, the one served: not mirrored", self.reference, version)
+            self.current = None
+            return CheckOutcome("unchanged", version, None, "the served version: not mirrored")
         if version in self.refused and not force:
             return CheckOutcome("refused", version, serving, self.refused[version])
         log.info(
@@ -190,13 +195,16 @@ class ModelManager:
             return CheckOutcome("registry_error", version, serving, f"download failed: {exc}")
         try:
             model = await asyncio.to_thread(
-                load_model,
+                self.loader,
                 folder,
                 name=self.name,
                 version=version,
                 tags=tags,
                 settings=self.settings,
             )
+        except ConnectionError as exc:  # the shadow's worker went away: the next check retries
+            log.warning("cannot load %s version %s: %s", self.name, version, exc)
+            return CheckOutcome("registry_error", version, serving, f"load failed: {exc}")
         except ModelRefused as exc:
             shutil.rmtree(folder, ignore_errors=True)  # a forced retry downloads afresh
             self.refused[version] = str(exc)

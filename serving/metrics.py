@@ -62,6 +62,18 @@ class ServingMetrics:
             registry=r,
         )
         self.ready = Gauge("onnxflow_ready", "1 when a model is loaded and serving.", registry=r)
+        self.canary_requests = Counter(
+            "onnxflow_canary_requests",
+            "Inference requests answered by the canary version, by outcome (ok, error).",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
+        self.canary_stopped = Gauge(
+            "onnxflow_canary_stopped",
+            "1 for a canary version stopped for doing worse than the served one.",
+            ["model", "version"],
+            registry=r,
+        )
         for outcome in ("swapped", "unchanged", "refused", "registry_error"):
             self.reloads.labels(outcome)
         self.observe_request = self.requests.observe

@@ -109,16 +109,39 @@ class ServingSettings(BaseSettings):
     shadow_fraction: float = Field(
         1.0, ge=0, le=1, description="Share of requests mirrored to the shadow version."
     )
-    shadow_queue: int = Field(
-        256,
-        ge=1,
-        description="Mirrored requests waiting for the shadow; more are dropped and counted.",
+    shadow_queue_bytes: int = Field(
+        16 * MIB,
+        ge=64 * 1024,
+        description="Mirrored requests waiting for the shadow's worker, in bytes; beyond this "
+        "a request is not mirrored (dropped and counted).",
     )
     shadow_flush_interval_s: float = Field(
         300.0,
         ge=0,
         description="Seconds between writes of the shadow's figures onto the shadow version "
         "in the registry (tags and shadow/report.md); 0: only on POST /admin/shadow/flush.",
+    )
+    canary_percent: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Answer this share (percent) of each model's requests with the version "
+        "holding canary_alias; 0: no canary.",
+    )
+    canary_alias: str = Field("challenger", description="The alias the canary answers with.")
+    canary_max_error_rate: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Stop the canary when its error rate exceeds the served version's by this.",
+    )
+    canary_max_p99_ratio: float = Field(
+        2.0,
+        gt=0,
+        description="Stop the canary when its p99 exceeds the served one's this many times.",
+    )
+    canary_min_requests: int = Field(
+        50, ge=1, description="Canary answers before its error rate and p99 are judged."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the endpoint."

@@ -260,6 +260,9 @@ def endpoint_env(
         host=settings.host,
         port=port,
         poll_interval_s=settings.poll_interval_s,
+        shadow=settings.shadow,
+        shadow_fraction=settings.shadow_fraction,
+        canary_percent=settings.canary_percent,
         # One cache per replica: replicas stand for separate machines, and share no files.
         cache_dir=state_dir(settings) / "endpoints" / str(port) / "models",
     )

@@ -87,6 +87,17 @@ class StackSettings(BaseSettings):
     poll_interval_s: float = Field(
         10.0, gt=0, description="Seconds between the replicas' alias checks."
     )
+    shadow: str | None = Field(
+        None,
+        description="The replicas run the version holding this alias (e.g. challenger) in "
+        "shadow (onnxflow serve --shadow); None: no shadow.",
+    )
+    shadow_fraction: float = Field(
+        1.0, ge=0, le=1, description="Share of requests the replicas mirror to the shadow."
+    )
+    canary_percent: float = Field(
+        0.0, ge=0, le=100, description="Percent of requests the replicas answer with challenger."
+    )
     schedule_cron: str = Field(
         "0 2 * * *", description="Cron of the scheduled retrain-and-deploy (default 02:00 daily)."
     )

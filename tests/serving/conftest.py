@@ -168,6 +168,10 @@ def tracking_server(registry: Registry, log_path: Path, port: int | None = None)
                 str(port),
                 "--workers",
                 "1",
+                # proxied artifacts (runs of experiments created through the server) stay
+                # beside its log, not in ./mlartifacts of the working directory
+                "--artifacts-destination",
+                str(log_path.parent / "mlartifacts"),
             ],
             env=env,
             stdout=log_file,

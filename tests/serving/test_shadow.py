@@ -19,9 +19,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from onnxflow.processes import free_port
+from onnxflow.serving.comparison import ShadowMismatch, compare
 from onnxflow.serving.launcher import start_background, stop_background, wait_ready
 from onnxflow.serving.settings import ServingSettings
-from onnxflow.serving.shadow import REPORT_PATH, ShadowMismatch, compare
+from onnxflow.serving.shadow import REPORT_PATH
 from tests.serving import models
 from tests.serving.conftest import TOKEN, Endpoint, _example, wait_for
 
@@ -85,9 +86,9 @@ def shadowed(registry, files, tmp_path_factory):
         settings = ServingSettings(
             model="shadow_a@champion,shadow_b@champion",
             shadow="challenger",
-            shadow_queue=1024,
             shadow_flush_interval_s=0,  # only on /admin/shadow/flush
             port=free_port(),
+            grpc_port=free_port(),
             cache_dir=root / "cache",
             token=TOKEN,
             poll_interval_s=0.5,
@@ -95,7 +96,9 @@ def shadowed(registry, files, tmp_path_factory):
         info = start_background(settings, root)
     try:
         wait_ready(info, timeout_s=240)
-        yield Endpoint(info.url, "shadow_a", root, TOKEN)
+        endpoint = Endpoint(info.url, "shadow_a", root, TOKEN)
+        endpoint.grpc = f"127.0.0.1:{settings.grpc_port}"
+        yield endpoint
     finally:
         stop_background(root)
 
@@ -162,6 +165,22 @@ def _send(endpoint, plan: list[tuple[str, int]], expected: dict) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _send_grpc(endpoint, name: str, count: int, expected: dict) -> None:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(endpoint.grpc)
+    version, session = expected[name]
+    for i in range(count):
+        features = np.random.default_rng(100 + i).normal(size=(1, 64)).astype(np.float32)
+        tensor = grpcclient.InferInput("features", [1, 64], "FP32")
+        tensor.set_data_from_numpy(features)
+        result = client.infer(name, [tensor], headers={"authorization": f"Bearer {TOKEN}"})
+        assert result.get_response().model_version == version
+        np.testing.assert_allclose(
+            result.as_numpy("logits"), session.run(None, {"features": features})[0], atol=1e-5
+        )
+
+
 def _shadow_metrics(http) -> dict:
     """{(metric, model, version, shadow_version[, output]): value} of the shadow's families."""
     figures = {}
@@ -215,18 +234,19 @@ def test_champion_answers_stay_right_and_the_shadow_compares(shadowed, files, re
     plan = [plan[i] for i in np.random.default_rng(0).permutation(len(plan))]
     expected = {"shadow_a": ("1", _local(files["a1"])), "shadow_b": ("1", _local(files["b1"]))}
     _send(endpoint, plan, expected)  # every answer 200, from version 1, the champion's values
+    _send_grpc(endpoint, "shadow_a", 10, expected)  # the gRPC front is mirrored alike
 
     with endpoint.client() as http:
-        _settled_counts(http, "shadow_a", "1", "2", 60)
+        _settled_counts(http, "shadow_a", "1", "2", 70)
         figures = _settled_counts(http, "shadow_b", "1", "2", 60)
         status = http.get("/admin/status").json()["shadow"]
     a = ("shadow_a", "1", "2")
-    assert figures[("onnxflow_shadow_requests_total", *a)] == 60
+    assert figures[("onnxflow_shadow_requests_total", *a)] == 70
     assert figures[("onnxflow_shadow_errors_total", *a)] == 0
     assert figures[("onnxflow_shadow_dropped_total", *a)] == 0
     assert 0 <= figures[("onnxflow_shadow_agreement", *a)] < 1  # two different MLPs
     assert figures[("onnxflow_shadow_abs_diff_max", *a, "logits")] > 0.01
-    assert figures[("onnxflow_shadow_duration_seconds_count", *a)] == 60
+    assert figures[("onnxflow_shadow_duration_seconds_count", *a)] == 70
     b = ("shadow_b", "1", "2")
     # the fixed-batch challenger: same weights, so 1-row requests agree exactly ...
     assert figures[("onnxflow_shadow_requests_total", *b)] == 30
@@ -250,13 +270,13 @@ def test_flush_writes_the_figures_onto_the_challenger_version(shadowed, registry
 
     tags, report = _tags(registry, "shadow_a", "2")
     assert tags["shadow_champion_version"] == "1"
-    assert tags["shadow_requests"] == "60"
+    assert tags["shadow_requests"] == "70"
     assert tags["shadow_errors"] == "0" and tags["shadow_dropped"] == "0"
     assert 0 <= float(tags["shadow_agreement"]) < 1
     assert float(tags["shadow_max_abs_diff"]) > 0.01
     assert float(tags["shadow_latency_p99_ms"]) >= float(tags["shadow_latency_p50_ms"]) > 0
     assert "# shadow_a version 2 in shadow (`challenger`)" in report
-    assert "## against version 1" in report and "| requests compared | 60 (90 rows) |" in report
+    assert "## against version 1" in report and "| requests compared | 70 (100 rows) |" in report
 
     tags, report = _tags(registry, "shadow_b", "2")
     assert tags["shadow_requests"] == "30" and tags["shadow_errors"] == "30"
@@ -290,7 +310,7 @@ def test_the_shadow_follows_both_aliases_when_they_move(shadowed, files, registr
         assert figures[("onnxflow_shadow_agreement", *pair)] == 1.0  # the same weights
         assert figures[("onnxflow_shadow_errors_total", *pair)] == 0
     # the old pairs keep their counts; they are not mixed into the new ones
-    assert figures[("onnxflow_shadow_requests_total", "shadow_a", "1", "2")] == 60
+    assert figures[("onnxflow_shadow_requests_total", "shadow_a", "1", "2")] == 70
 
     tags, report = _tags(registry, "shadow_a", "3")
     assert tags["shadow_champion_version"] == "2"
@@ -299,3 +319,78 @@ def test_the_shadow_follows_both_aliases_when_they_move(shadowed, files, registr
     assert "## against version 2" in report
     tags, report = _tags(registry, "shadow_b", "1")
     assert tags["shadow_champion_version"] == "2" and tags["shadow_requests"] == "20"
+
+
+def test_the_champion_outlives_the_shadow_worker(shadowed, files):
+    """A worker that goes away (a challenger crashing onnxruntime, a kill) fails no
+    champion answer; another worker starts, loads the challengers and compares again."""
+    import os
+    import signal
+
+    with shadowed.client() as http:
+        status = http.get("/admin/status").json()["shadow"]
+        assert status["worker_running"] and status["worker_restarts"] == 0
+        killed = status["worker_pid"]
+        os.kill(killed, signal.SIGKILL)
+    expected = {
+        "shadow_a": ("2", _local(files["a2"])),
+        "shadow_b": ("2", _local(files["b2_fixed"])),
+    }
+    _send(shadowed, [("shadow_a", 2), ("shadow_b", 1)] * 10, expected)  # while it is down
+
+    with shadowed.client() as http:
+
+        def restarted():
+            status = http.get("/admin/status").json()["shadow"]
+            return (
+                status["worker_restarts"] == 1
+                and status["worker_running"]
+                and status["worker_pid"] != killed
+                and all(m["shadow"] for m in status["models"].values())
+            )
+
+        wait_for(restarted, timeout=120, interval=0.25)
+        _send(shadowed, [("shadow_a", 1)] * 10, expected)
+
+        def compared_afresh():
+            figures = _shadow_metrics(http)
+            return figures.get(("onnxflow_shadow_requests_total", "shadow_a", "2", "3")) == 10
+
+        wait_for(compared_afresh, timeout=120, interval=0.25)
+
+
+def test_a_tracking_server_gets_the_figures_over_its_rest_api(mlflow_server, registry):
+    """The production set-up: tags through the REST API, the report through the server's
+    artifact proxy (the run's artifacts are ``mlflow-artifacts:/``): no MLflow, no helper."""
+    import httpx
+    import mlflow
+    from mlflow import MlflowClient
+
+    from onnxflow.serving.registry_reader import Annotation, RestRegistry
+
+    def up():
+        try:
+            return httpx.get(f"{mlflow_server}/health", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(up, timeout=180, interval=0.5)  # it may still boot
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    experiment = client.create_experiment("shadow-rest")
+    run = client.create_run(experiment)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    client.create_registered_model("shadow_rest")
+    version = client.create_model_version(
+        "shadow_rest", f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    ).version
+
+    RestRegistry(mlflow_server).annotate(
+        [Annotation("shadow_rest", version, {"shadow_requests": "5"}, {REPORT_PATH: "# seen\n"})]
+    )
+    assert client.get_model_version("shadow_rest", version).tags["shadow_requests"] == "5"
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{REPORT_PATH}")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert text == "# seen\n"
