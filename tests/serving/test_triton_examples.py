@@ -4,7 +4,9 @@ and Triton's own example scripts (``simple_*_client.py``) run unmodified as subp
 
 The process serves Triton's example models ``simple``, ``simple_string`` and
 ``simple_identity`` (built with onnx.helper, in a registry of this module's own) with
-REST, gRPC and ``--shared-memory``; no token, as Triton's example clients send none.
+REST, gRPC and ``--shared-memory``; no token, as Triton's example clients send none. The
+model-control scripts each get a process of their own serving exactly as many models as
+they count in Triton's test repository (7 over HTTP, 8 over gRPC).
 """
 
 from __future__ import annotations
