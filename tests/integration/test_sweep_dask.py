@@ -75,7 +75,7 @@ def test_framework_chains_run_side_by_side_on_dask_workers(mlflow_store, tmp_pat
     client = MlflowClient()
     versions = client.search_model_versions("name='digits'")
     assert len(versions) == 2 and all(v.tags["validation"] == "passed" for v in versions)
-    assert client.get_model_version_by_alias("digits", "champion").version in {
+    assert str(client.get_model_version_by_alias("digits", "champion").version) in {
         c.version.version for c in result.chains
     }
 
