@@ -12,7 +12,8 @@
 #
 # Settings (environment): POSTGRES_IMAGE (localhost/onnxflow-postgres:latest), BASE_IMAGE
 # (localhost/onnxflow-base:bookworm, used only if compose has to build), COMPOSE
-# (podman-compose), HEALTH_TIMEOUT_S (900).
+# (podman-compose), HEALTH_TIMEOUT_S (900), COMPOSE_PROJECT_NAME (infra), and the compose file's
+# MLFLOW_HOST_PORT, PREFECT_HOST_PORT, ENDPOINT_HOST_PORT.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -20,13 +21,13 @@ export POSTGRES_IMAGE=${POSTGRES_IMAGE:-localhost/onnxflow-postgres:latest}
 export BASE_IMAGE=${BASE_IMAGE:-localhost/onnxflow-base:bookworm}
 COMPOSE=${COMPOSE:-podman-compose}
 TIMEOUT=${HEALTH_TIMEOUT_S:-900}
-PROJECT=infra
+PROJECT=${COMPOSE_PROJECT_NAME:-infra}
 
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 compose() {
-  "$COMPOSE" -f infra/docker-compose.yml --in-pod false \
+  "$COMPOSE" -f infra/docker-compose.yml -p "$PROJECT" --in-pod false \
     --podman-run-args="--ulimit nofile=10000:10000 --ulimit nproc=4096:4096" "$@"
 }
 

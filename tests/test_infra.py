@@ -228,7 +228,14 @@ def test_compose_values_parse_with_the_settings_that_read_them():
     }
     serving = ServingSettings(**serve_env)
     assert f"http://endpoint:{serving.port}" in stack.endpoints_for_runs
-    assert f"{serving.port}:{serving.port}" in services["endpoint"]["ports"]
+    assert (
+        f"${{ENDPOINT_HOST_PORT:-{serving.port}}}:{serving.port}" in services["endpoint"]["ports"]
+    )
+    # A live run sends heartbeats more often than the zombie automation waits for one
+    # (Prefect's default, 180 s, had `stack deploy`'s automation crash live compose runs).
+    worker_env = services["worker"]["environment"]
+    heartbeat = int(worker_env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
+    assert heartbeat == stack.heartbeat_s and 2 * heartbeat < stack.zombie_after_s
     mlflow_url = services["worker"]["environment"]["MLFLOW_TRACKING_URI"]
     assert services["endpoint"]["environment"]["MLFLOW_TRACKING_URI"] == mlflow_url
     assert "--serve-artifacts" in services["mlflow"]["command"]
