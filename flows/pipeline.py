@@ -47,6 +47,7 @@ from onnxflow.tasks.recipes import (
     validate_recipe_task,
 )
 from onnxflow.tasks.register import promote_task, register_task
+from onnxflow.tasks.tracking import ensure_experiment_task
 from onnxflow.tracking import git_commit
 
 
@@ -224,7 +225,9 @@ def run(
             )
         }
     elif dask:
+        out_dir = out_dir.resolve()  # workers need not share this process's working directory
         dataset = prepare_data_task(config.data, out_dir / "data")
+        ensure_experiment_task(config.experiment)  # here, not in every worker at once
         logger.info("chains of %s on a %s", ", ".join(frameworks), describe(config.dask))
         on_dask = chains_on_dask.with_options(task_runner=task_runner(config.dask))
         states = on_dask(frameworks, config, out_dir, dataset)
@@ -270,7 +273,13 @@ def chain_task(
 ) -> ChainResult:
     """One framework's whole chain as one task, so that chains run side by side on Dask
     workers (the chain's own flow and tasks run inside it, in the worker)."""
-    return train_and_register(framework, config, out_dir, dataset)
+    # Dask ships this task's function by value (its module attribute is the task, not the
+    # function), and with it a by-value copy of the flow whose globals lack the names its
+    # annotations use; Prefect then cannot validate the flow's parameters. The flow taken
+    # from the module as the worker imports it has them all.
+    from onnxflow.flows import pipeline
+
+    return pipeline.train_and_register(framework, config, out_dir, dataset)
 
 
 @flow(name="chains-on-dask")

@@ -51,6 +51,7 @@ def sweep(
     """Sweep ``config.sweep.trials`` trials of ``framework`` on the Dask cluster of
     ``config.dask``, register the best trial's validated model and promote it."""
     logger = get_run_logger()
+    out_dir = out_dir.resolve()  # workers need not share this process's working directory
     dataset = prepare_data_task(config.data, out_dir / "data")
     logger.info("sweep of %d trials on a %s", config.sweep.trials, describe(config.dask))
     on_dask = sweep_and_register.with_options(task_runner=task_runner(config.dask))
@@ -126,7 +127,7 @@ def sweep_and_register(
                         "flow_run_id": str(flow_run.id),
                     },
                 )
-                spec = sweeps.TrialSpec(
+                spec = sweeps.TrialSpec(  # a worker reopens the trial by its storage id
                     number=trial.number, trial_id=trial._trial_id, params=params, run_id=child
                 )
                 future = train_trial_task.submit(
@@ -143,10 +144,10 @@ def sweep_and_register(
                 future.wrapped_future.add_done_callback(lambda _, f=future: finished.put(f))
                 asked += 1
             for future in _drain(finished):
-                result = _trial_result(future, pending.pop(future))
-                if result.state == "lost":
+                result, returned = _trial_result(future, pending.pop(future))
+                if not returned:  # the worker died or the task raised: close its run here
                     finish_trial_task(result.run_id, result)
-                    logger.warning("trial %d lost: %s", result.number, result.note)
+                    logger.warning("trial %d %s: %s", result.number, result.state, result.note)
                 sweeps.tell(study, result)
                 results.append(result)
                 logger.info(
@@ -194,22 +195,20 @@ def _drain(finished: queue.SimpleQueue) -> list:
     return done
 
 
-def _trial_result(future, spec: sweeps.TrialSpec) -> TrialResult:
-    """The trial's result; a dead worker or cancelled future makes it lost, any other
-    error (the task raised) failed."""
+def _trial_result(future, spec: sweeps.TrialSpec) -> tuple[TrialResult, bool]:
+    """The trial's result and whether the task returned it (then it also closed the trial's
+    run). A dead worker or a cancelled future makes the trial lost; any other error (the
+    task raised) failed."""
     try:
-        return future.result()
+        return future.result(), True
     except Exception as exc:
         reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
         if is_lost(exc):
-            return sweeps.lost_result(spec, reason)
-        return TrialResult(
-            number=spec.number,
-            params=spec.params,
-            run_id=spec.run_id,
-            state="failed",
-            note=reason,
+            return sweeps.lost_result(spec, reason), False
+        failed = TrialResult(
+            number=spec.number, params=spec.params, run_id=spec.run_id, state="failed", note=reason
         )
+        return failed, False
 
 
 def _log_outcome(run_id: str, outcome: SweepOutcome, out: Path) -> None:

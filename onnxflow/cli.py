@@ -162,9 +162,10 @@ FrameworkOpt = Annotated[
 SweepOpt = Annotated[
     int | None,
     typer.Option(
+        min=1,
         help="Sweep: train this many trials (Optuna; search space in the YAML's sweep: "
         "section) as tasks on a Dask cluster; the best is validated and registered. One "
-        "framework."
+        "framework.",
     ),
 ]
 DaskOpt = Annotated[
@@ -268,7 +269,7 @@ def pipeline_config(
 
 @app.command()
 def run(
-    framework: FrameworkOpt = FrameworkChoice.both,
+    framework: FrameworkOpt = None,
     data: DataOpt = None,
     target: TargetOpt = None,
     config: ConfigOpt = None,

@@ -31,9 +31,7 @@ def start_run(
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+    run = client.create_run(ensure_experiment(experiment), run_name=run_name, tags=dict(tags))
     run_id = run.info.run_id
     client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
     if dataset is not None:
@@ -41,6 +39,17 @@ def start_run(
     client.update_run(run_id, status="RUNNING")
     log.info("MLflow run %s (%s) in experiment %r", run_id, run_name, experiment)
     return run_id
+
+
+def ensure_experiment(experiment: str) -> str:
+    """The experiment's id, created if need be. Called once before tasks fan out to Dask
+    workers, it also creates a new store's tables: workers that each found an empty SQLite
+    store would race to create them."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    return exp.experiment_id if exp else client.create_experiment(experiment)
 
 
 def _log_dataset(run_id: str, dataset: DatasetArtifact | ArrayDataset) -> None:

@@ -23,6 +23,11 @@ def start_run_task(
 
 
 @registry_task
+def ensure_experiment_task(experiment: str) -> str:
+    return tracking.ensure_experiment(experiment)
+
+
+@registry_task
 def finish_run_task(run_id: str, failed: bool = False) -> None:
     tracking.finish_run(run_id, failed)
 

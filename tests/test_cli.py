@@ -32,6 +32,9 @@ def test_help_lists_the_commands(tmp_path):
         (["--data", "missing.csv", "--target", "y"], "Data file not found: missing.csv"),
         (["--target", "y"], "without --data"),
         (["--framework", "jax"], "jax"),
+        (["--sweep", "8", "--framework", "all"], "--sweep trains one framework"),
+        (["--sweep", "0"], "greater than or equal to 1"),
+        (["--sweep", "4", "--recipe", "r.py"], "--sweep with --recipe is not supported"),
     ],
 )
 def test_run_refuses_bad_input_before_training(tmp_path, args, message):

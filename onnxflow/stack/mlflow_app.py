@@ -11,7 +11,13 @@ generic permission check:
 * set or delete a version tag the server owns (``registered_by``, ``audit.*``): admins
   only;
 * after a new model version is created, the server tags it ``registered_by`` with the
-  account that created it (the four-eyes rule reads it).
+  account that created it (the four-eyes rule reads it);
+* the live evidence of the serving replicas: an account in the policy's
+  ``live_evidence_accounts`` (the ``endpoint``, READ otherwise) may set version tags
+  ``shadow_*``/``canary_*`` and put files under ``shadow/`` in an existing run through the
+  artifact proxy, and nothing more. For those requests alone basic-auth's permission check
+  is skipped: its Flask hook is wrapped (tags), and the artifact proxy's own upload
+  handler is called from a middleware outside basic-auth's (files; FastAPI serves them).
 
 Every alias request, allowed or refused (by the policy or by MLflow's permissions), is
 recorded by :mod:`onnxflow.stack.audit` once the response is known.
@@ -24,14 +30,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 from onnxflow.stack import audit
 from onnxflow.stack.policy import (
+    LIVE_EVIDENCE_FOLDER,
     REGISTERED_BY,
     Decision,
     PromotionPolicy,
     decide,
+    is_live_evidence_tag,
     is_reserved_tag,
     load_policy,
 )
@@ -42,6 +51,11 @@ POLICY_ENV = "ONNXFLOW_PROMOTION_POLICY"
 ALIAS_PATH = "/mlflow/registered-models/alias"
 CREATE_VERSION_PATH = "/mlflow/model-versions/create"
 VERSION_TAG_PATHS = ("/mlflow/model-versions/set-tag", "/mlflow/model-versions/delete-tag")
+#: PUT of one file through the artifact proxy: .../artifacts/EXPERIMENT/RUN/artifacts/PATH
+ARTIFACT_PUT = re.compile(
+    r"^/api/2\.0/mlflow-artifacts/artifacts/(?P<experiment>[^/]+)/(?P<run>[0-9a-f]{32})"
+    r"/artifacts/(?P<path>.+)$"
+)
 
 
 def create_app(app=None):
@@ -53,12 +67,34 @@ def create_app(app=None):
     guard = AliasGuard(load_policy(os.environ.get(POLICY_ENV) or None))
     flask_app.before_request(guard.before_request)  # ahead of basic-auth's own hook
     served = basic_auth_app(flask_app)
+    _let_live_evidence_through(flask_app)
     flask_app.after_request(guard.after_request)
+    if hasattr(served, "middleware"):  # FastAPI under uvicorn: it serves the artifact proxy
+        served.middleware("http")(guard.live_evidence_upload)
     log.warning(
         "onnxflow promotion policy on: protected aliases %s",
         ", ".join(guard.policy.protected_aliases),
     )
     return served
+
+
+def _let_live_evidence_through(flask_app) -> None:
+    """Wrap basic-auth's ``before_request`` hook: it is skipped for a request the guard
+    has judged to be live evidence from a serving replica (``g.onnxflow_live_evidence``)."""
+    from flask import g
+    from mlflow.server import auth
+
+    hooks = flask_app.before_request_funcs.setdefault(None, [])
+    basic_auth_hook = auth._before_request
+    if basic_auth_hook not in hooks:
+        raise RuntimeError("MLflow's basic-auth hook is not registered: cannot wrap it")
+
+    def before_request():
+        if g.get("onnxflow_live_evidence"):
+            return None
+        return basic_auth_hook()
+
+    hooks[hooks.index(basic_auth_hook)] = before_request
 
 
 def _forbidden(message: str):
@@ -107,7 +143,45 @@ class AliasGuard:
             )
         if create:
             g.onnxflow_stamp_registered_by = user.username
+        elif (
+            request.method == "POST"
+            and user.username in self.policy.live_evidence_accounts
+            and all(is_live_evidence_tag(k) for k in keys)
+        ):
+            g.onnxflow_live_evidence = True
         return None
+
+    async def live_evidence_upload(self, request, call_next):
+        """A serving replica's shadow report, written by the artifact proxy's own handler;
+        every other request goes on to basic-auth's middleware and MLflow."""
+        upload = ARTIFACT_PUT.match(request.url.path) if request.method == "PUT" else None
+        if upload is None:
+            return await call_next(request)
+        import asyncio
+
+        from mlflow.server.artifact_router import upload_artifact
+        from mlflow.server.auth import _authenticate_fastapi_request
+
+        user = await asyncio.to_thread(_authenticate_fastapi_request, request)
+        if user is None or not await asyncio.to_thread(self._is_live_evidence_file, user, upload):
+            return await call_next(request)
+        relative = request.url.path.partition("/mlflow-artifacts/artifacts/")[2]
+        return await upload_artifact(relative, request)
+
+    def _is_live_evidence_file(self, user, upload: re.Match) -> bool:
+        """A serving replica's file under shadow/ in a run that exists in that experiment."""
+        from mlflow.server.handlers import _get_tracking_store
+
+        relative = upload["path"]
+        if user.username not in self.policy.live_evidence_accounts:
+            return False
+        if not relative.startswith(LIVE_EVIDENCE_FOLDER) or ".." in relative.split("/"):
+            return False
+        try:
+            run = _get_tracking_store().get_run(upload["run"])
+        except Exception:
+            return False
+        return run.info.experiment_id == upload["experiment"]
 
     def _tag_keys(self, create: bool) -> list[str]:
         from flask import request

@@ -66,6 +66,12 @@ class PromotionPolicy(BaseModel):
     pipeline_accounts: list[str] = Field(
         ["pipeline"], description="Accounts of the pipeline (auto promotion)."
     )
+    live_evidence_accounts: list[str] = Field(
+        ["endpoint"],
+        description="Accounts of the serving replicas: with READ alone they may write "
+        "the live evidence onto a version (tags shadow_* and canary_*, files under "
+        "shadow/ in its run), and nothing else.",
+    )
     override_tag: str = Field(
         "promotion_override",
         description="A version tag whose value (the reason) lets a "
@@ -214,3 +220,14 @@ def missing_evidence(rules: ModelRules, tags: dict[str, str]) -> list[str]:
 def is_reserved_tag(key: str) -> bool:
     """Version tags only the server (or an admin) writes: who registered it, the audit."""
     return key == REGISTERED_BY or key.startswith(RESERVED_TAG_PREFIX)
+
+
+#: Version tags a serving replica writes: the challenger's shadow and canary figures.
+LIVE_EVIDENCE_TAG_PREFIXES = ("shadow_", "canary_")
+#: Where in a run a serving replica writes its files (the shadow report).
+LIVE_EVIDENCE_FOLDER = "shadow/"
+
+
+def is_live_evidence_tag(key: str) -> bool:
+    """A version tag the serving replicas write (shadow and canary figures)."""
+    return key.startswith(LIVE_EVIDENCE_TAG_PREFIXES)

@@ -279,6 +279,70 @@ def test_the_endpoint_account_is_read_only_for_aliases(server):
     assert server.alias(model, "challenger") is None
 
 
+def test_the_endpoint_writes_live_evidence_and_nothing_else(server):
+    """The shadow's figures and report reach the challenger's version from the read-only
+    endpoint account (the serving replicas); any other tag or file stays refused."""
+    model = server.new_model()
+    version = server.new_version(model, EVIDENCE)
+    set_tag = "/api/2.0/mlflow/model-versions/set-tag"
+    for key in ("shadow_agreement", "canary_stopped"):
+        server.ok(
+            "endpoint",
+            "POST",
+            set_tag,
+            json={"name": model, "version": version, "key": key, "value": "0.97"},
+        )
+    assert server.tags(model, version)["shadow_agreement"] == "0.97"
+    for key in ("validation", "accuracy", "audit.champion_set_by"):
+        refused = server.call(
+            "endpoint",
+            "POST",
+            set_tag,
+            json={"name": model, "version": version, "key": key, "value": "x"},
+        )
+        assert refused.status_code == 403, key
+    assert server.tags(model, version)["validation"] == "passed"
+    # A data scientist without EDIT on the model gets no such licence.
+    bob = server.add_user(f"bob-{uuid.uuid4().hex[:4]}")
+    refused = server.call(
+        bob,
+        "POST",
+        set_tag,
+        json={"name": model, "version": version, "key": "shadow_agreement", "value": "1.0"},
+    )
+    assert refused.status_code == 403
+
+    run_id = server.ok(
+        "endpoint",
+        "GET",
+        "/api/2.0/mlflow/model-versions/get",
+        params={"name": model, "version": version},
+    )["model_version"]["run_id"]
+    run = server.ok("endpoint", "GET", "/api/2.0/mlflow/runs/get", params={"run_id": run_id})
+    experiment = run["run"]["info"]["experiment_id"]
+    files = f"/api/2.0/mlflow-artifacts/artifacts/{experiment}/{run_id}/artifacts"
+    report = server.call("endpoint", "PUT", f"{files}/shadow/report.md", content=b"# shadow\n")
+    assert report.status_code == 200, report.text
+    listed = server.ok(
+        "endpoint",
+        "GET",
+        "/api/2.0/mlflow/artifacts/list",
+        params={"run_id": run_id, "path": "shadow"},
+    )
+    assert [f["path"] for f in listed["files"]] == ["shadow/report.md"]
+    for path in ("model/model.onnx", "shadow/../model/model.onnx", "report.md"):
+        put = server.call("endpoint", "PUT", f"{files}/{path}", content=b"x")
+        assert put.status_code == 403, path
+    other = "0" * 32  # no such run: nothing is written under its name
+    put = server.call(
+        "endpoint",
+        "PUT",
+        f"/api/2.0/mlflow-artifacts/artifacts/{experiment}/{other}/artifacts/shadow/report.md",
+        content=b"x",
+    )
+    assert put.status_code == 403
+
+
 def test_the_pipeline_promotes_where_auto_is_allowed_and_is_refused_where_it_is_not(server):
     model = server.new_model()
     version = server.new_version(model, EVIDENCE)

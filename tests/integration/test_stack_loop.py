@@ -196,6 +196,7 @@ def test_deployments_and_uis(stack):
         "endpoints",
         "endpoint_timeout_s",
         "recipe",
+        "sweep",
     }, "the UI's run form"
     # The MLflow UI asks for a login (the stack runs MLflow with authentication).
     login = manager.account_env(stack, "reviewer")

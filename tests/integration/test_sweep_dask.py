@@ -12,12 +12,14 @@ import time
 
 import pytest
 from mlflow import MlflowClient
+from prefect import task
 
 from onnxflow.config import PipelineConfig
 
-# Each Dask worker process imports torch, Prefect and MLflow before its first trial: on a
-# busy 2-core machine these take 2-3 minutes each.
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+#: Each Dask worker process imports torch, Prefect and MLflow before its first trial: on a
+#: busy 2-core machine the sweeps below take 2-3 minutes each.
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,6 +28,35 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+def test_the_dask_runner_reports_a_task_whose_worker_died_as_lost(tmp_path):
+    """onnxflow's DaskTaskRunner (local cluster of 2 worker processes, no second attempt):
+    a task whose worker process dies comes back lost, the other task's result as it was."""
+    from prefect import flow
+
+    from onnxflow.config import DaskConfig
+    from onnxflow.dask_cluster import task_runner
+    from onnxflow.flows.sweep import _trial_result
+    from onnxflow.sweep import TrialSpec
+
+    @flow
+    def two_tasks() -> list:
+        results = []
+        for number in (0, 1):  # one after the other: the death takes no bystander with it
+            spec = TrialSpec(number=number, trial_id=number, params={}, run_id=f"r{number}")
+            future = _die_or_answer.submit(spec, die=number == 1)
+            results.append(_trial_result(future, spec))
+        return results
+
+    started = time.perf_counter()
+    on_dask = two_tasks.with_options(task_runner=task_runner(DaskConfig(workers=2)))
+    (answered, returned), (lost, lost_returned) = on_dask()
+    assert returned and not lost_returned
+    assert answered.state == "complete" and answered.value == 0.5
+    assert answered.note != str(os.getpid()), "ran in a worker process"
+    assert lost.state == "lost" and lost.note.startswith("KilledWorker"), lost
+    print(f"\ntwo tasks on a local 2-worker Dask cluster: {time.perf_counter() - started:.1f} s")
 
 
 def sweep_config(trials: int, epochs: tuple[int, int], **dask) -> PipelineConfig:
@@ -55,6 +86,7 @@ def trial_runs(client: MlflowClient, parent_run_id: str) -> list:
     )
 
 
+@slow
 def test_sweep_on_two_dask_workers_registers_the_best_trial(mlflow_store, tmp_path):
     from onnxflow.flows.sweep import sweep
 
@@ -93,6 +125,7 @@ def test_sweep_on_two_dask_workers_registers_the_best_trial(mlflow_store, tmp_pa
     print(f"\nsweep of 4 trials on 2 local Dask workers: {took:.1f} s")
 
 
+@slow
 def test_a_worker_killed_mid_sweep_loses_its_trial_and_the_sweep_finishes(mlflow_store, tmp_path):
     """The test runs its own 2-worker cluster and hands the flow its address (as for a
     remote cluster); when a trial has logged an epoch, the worker running it is killed."""
@@ -154,6 +187,24 @@ def test_a_worker_killed_mid_sweep_loses_its_trial_and_the_sweep_finishes(mlflow
     assert parent.data.tags["sweep_lost"] == str(lost[0].number)
     lost_run = client.get_run(killed["run_id"])
     assert lost_run.data.tags["trial_state"] == "lost" and lost_run.info.status == "FAILED"
+
+
+def _die_task(spec, die: bool):
+    from onnxflow.results import TrialResult
+
+    if die:  # what an OOM kill or a lost node does to a worker
+        os.kill(os.getpid(), signal.SIGKILL)
+    return TrialResult(
+        number=spec.number,
+        params={},
+        run_id=spec.run_id,
+        state="complete",
+        value=0.5,
+        note=str(os.getpid()),
+    )
+
+
+_die_or_answer = task(_die_task, name="die-or-answer")
 
 
 def _worker_mid_trial(mlflow: MlflowClient, dask_client) -> dict | None:

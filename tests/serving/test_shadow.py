@@ -13,6 +13,7 @@ One endpoint process serves two models with ``--shadow challenger``:
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import numpy as np
 import pytest
@@ -129,8 +130,9 @@ def _wait_for_pairs(http, served: dict, shadow: dict) -> None:
         ) from None
 
 
-def _send(endpoint, plan: list[tuple[str, int]], expected: dict) -> None:
-    """Send (model, rows) requests from 8 threads; every answer must be the champion's."""
+def _send(endpoint, plan: list[tuple[str, int]], expected: dict) -> list[float]:
+    """Send (model, rows) requests from 8 threads; every answer must be the champion's.
+    Returns each request's latency in seconds."""
     rng = np.random.default_rng(7)
     features = [rng.normal(size=(rows, 64)).astype(np.float32) for _, rows in plan]
 
@@ -138,6 +140,7 @@ def _send(endpoint, plan: list[tuple[str, int]], expected: dict) -> None:
 
         def one(i: int):
             name, rows = plan[i]
+            begin = time.perf_counter()
             response = http.post(
                 f"/v2/models/{name}/infer",
                 json={
@@ -151,11 +154,11 @@ def _send(endpoint, plan: list[tuple[str, int]], expected: dict) -> None:
                     ]
                 },
             )
-            return i, response
+            return i, response, time.perf_counter() - begin
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(one, range(len(plan))))
-    for i, response in answers:
+    for i, response, _ in answers:
         name, rows = plan[i]
         assert response.status_code == 200, response.text
         version, session = expected[name]
@@ -163,6 +166,7 @@ def _send(endpoint, plan: list[tuple[str, int]], expected: dict) -> None:
         got = np.array(response.json()["outputs"][0]["data"], np.float32).reshape(rows, 10)
         want = session.run(None, {"features": features[i]})[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    return [seconds for _, _, seconds in answers]
 
 
 def _send_grpc(endpoint, name: str, count: int, expected: dict) -> None:
@@ -394,3 +398,72 @@ def test_a_tracking_server_gets_the_figures_over_its_rest_api(mlflow_server, reg
     finally:
         mlflow.set_tracking_uri(None)
     assert text == "# seen\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_under_load_the_shadow_fails_and_slows_no_champion_answer(registry, tmp_path):
+    """Two models, their challengers in shadow, thousands of concurrent requests: every
+    champion answer right, and its p99 within a generous bound of an endpoint without the
+    shadow, driven in alternating rounds on the same machine (the bench has the figures)."""
+    root = tmp_path
+    files = {
+        "1": models.mlp(root / "m1" / "model.onnx", seed=30),
+        "2": models.mlp(root / "m2" / "model.onnx", seed=31),
+    }
+    for name in ("load_a", "load_b"):
+        registry.register(name, files["1"], _example())
+        registry.register(name, files["2"], _example(), aliases=("challenger",))
+    started = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", registry.uri)
+        for key, options in (("off", {}), ("on", {"shadow": "challenger"})):
+            settings = ServingSettings(
+                model="load_a@champion,load_b@champion",
+                port=free_port(),
+                cache_dir=root / "cache",
+                token=TOKEN,
+                **options,
+            )
+            started[key] = start_background(settings, root / key)
+    try:
+        for info in started.values():
+            wait_ready(info, timeout_s=240)
+        off, on = (Endpoint(started[k].url, "load_a", root / k, TOKEN) for k in ("off", "on"))
+        with on.client() as http:
+            wait_for(
+                lambda: all(
+                    m["shadow"] == "2"
+                    for m in http.get("/admin/status").json()["shadow"]["models"].values()
+                ),
+                timeout=120,
+            )
+        session = _local(files["1"])
+        expected = {"load_a": ("1", session), "load_b": ("1", session)}
+        plan = [("load_a" if i % 2 else "load_b", 1 + i % 3) for i in range(1000)]
+        latencies = {"off": [], "on": []}
+        for _ in range(2):
+            for key, endpoint in (("off", off), ("on", on)):
+                begin = time.perf_counter()
+                latencies[key] += _send(endpoint, plan, expected)
+                assert time.perf_counter() - begin < 300
+        with on.client() as http:
+            total = 0
+            for name in ("load_a", "load_b"):
+                figures = _settled_counts(http, name, "1", "2", 1000)
+                pair = (name, "1", "2")
+                total += figures[("onnxflow_shadow_requests_total", *pair)]
+                assert figures[("onnxflow_shadow_errors_total", *pair)] == 0
+        assert (
+            total
+            + sum(
+                figures.get(("onnxflow_shadow_dropped_total", n, "1", "2"), 0)
+                for n in ("load_a", "load_b")
+            )
+            >= 2000
+        )
+        p99 = {k: sorted(v)[int(0.99 * len(v)) - 1] for k, v in latencies.items()}
+        assert p99["on"] <= max(3 * p99["off"], p99["off"] + 0.05), p99
+    finally:
+        for key in started:
+            stop_background(root / key)
