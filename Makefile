@@ -73,7 +73,7 @@ clean:  ## Stop the endpoint and stack, then remove runs, registry, artifacts (k
 	find mlruns -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 
 # --- the service stack (onnxflow.stack; settings: ONNXFLOW_STACK_*) ---------------------
-.PHONY: up down status system-packages image-packages images
+.PHONY: up down status system-packages image-packages images compose-up compose-down
 
 up: $(STAMP)  ## Start Prefect + MLflow servers, worker, deployments and endpoint on 127.0.0.1
 	$(BIN)/onnxflow stack up
@@ -102,3 +102,11 @@ image-packages:  ## Debian's podman, runc and mmdebstrap (make images, the image
 
 images: image-packages  ## Build the serving and pipeline images (infra/images.sh; ENGINE, BASE_IMAGE)
 	infra/images.sh all
+
+compose-up: $(STAMP) images  ## infra/docker-compose.yml under podman-compose, on images built here
+	infra/images.sh postgres
+	PATH="$(CURDIR)/$(BIN):$$PATH" infra/compose-up.sh
+
+compose-down:  ## Stop what compose-up started and remove its containers and volumes
+	POSTGRES_IMAGE=localhost/onnxflow-postgres:latest $(BIN)/podman-compose \
+	  -f infra/docker-compose.yml --in-pod false down -v

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# `make images`: build the serving and pipeline images from infra/Dockerfile*.
+# `make images`: build the serving and pipeline images from infra/Dockerfile*; `postgres`
+# builds docker-compose.yml's PostgreSQL from Debian's packages (infra/Dockerfile.postgres)
+# for machines that cannot pull postgres:16.
 #
 # With Docker Hub in reach, the Dockerfiles' default base (python:3.11-slim) is used:
 #   BASE_IMAGE=python:3.11-slim ENGINE=docker infra/images.sh
@@ -8,7 +10,7 @@
 # built on it. The machine's extra CA certificates (a TLS-inspecting proxy's) go into that
 # base so pip inside the build reaches the registry as the host does.
 #
-#   infra/images.sh [serving|pipeline|all]     (default: all)
+#   infra/images.sh [serving|pipeline|postgres|all]     (default: all: serving, pipeline)
 #
 # Settings (environment): ENGINE (podman), BASE_IMAGE (built here when unset),
 # ONNXFLOW_IMAGES_DIR (where the base tarball is cached: /var/tmp/onnxflow-images),
@@ -82,10 +84,17 @@ build_pipeline() {
     -t "localhost/onnxflow:$TAG" .
 }
 
+build_postgres() {
+  say "building onnxflow-postgres:$TAG (infra/Dockerfile.postgres)"
+  "$ENGINE" build "${engine_flags[@]}" -f infra/Dockerfile.postgres \
+    --build-arg BASE_IMAGE="$BASE_IMAGE" -t "localhost/onnxflow-postgres:$TAG" .
+}
+
 case "$WHAT" in
   serving) build_serving ;;
   pipeline) build_pipeline ;;
+  postgres) build_postgres ;;
   all) build_serving; build_pipeline ;;
-  *) die "unknown target '$WHAT' (serving, pipeline or all)" ;;
+  *) die "unknown target '$WHAT' (serving, pipeline, postgres or all)" ;;
 esac
 say "done: $("$ENGINE" images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep onnxflow | tr '\n' ' ')"

@@ -228,7 +228,14 @@ def test_compose_values_parse_with_the_settings_that_read_them():
     }
     serving = ServingSettings(**serve_env)
     assert f"http://endpoint:{serving.port}" in stack.endpoints_for_runs
-    assert f"{serving.port}:{serving.port}" in services["endpoint"]["ports"]
+    assert (
+        f"${{ENDPOINT_HOST_PORT:-{serving.port}}}:{serving.port}" in services["endpoint"]["ports"]
+    )
+    # A live run sends heartbeats more often than the zombie automation waits for one
+    # (Prefect's default, 180 s, had `stack deploy`'s automation crash live compose runs).
+    worker_env = services["worker"]["environment"]
+    heartbeat = int(worker_env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
+    assert heartbeat == stack.heartbeat_s and 2 * heartbeat < stack.zombie_after_s
     mlflow_url = services["worker"]["environment"]["MLFLOW_TRACKING_URI"]
     assert services["endpoint"]["environment"]["MLFLOW_TRACKING_URI"] == mlflow_url
     assert "--serve-artifacts" in services["mlflow"]["command"]
@@ -302,3 +309,88 @@ def test_kubernetes_manifests_validate_against_a_current_kubernetes_schema():
     broken["spec"]["replicas"] = "two"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, version, strict=True)
+
+
+def test_the_local_postgres_image_takes_what_compose_gives_the_official_one():
+    """infra/Dockerfile.postgres stands in for postgres:16 (POSTGRES_IMAGE): the same
+    variables, init-script folder, data folder and pg_isready healthcheck."""
+    service = compose()["services"]["postgres"]
+    assert service["image"] == "${POSTGRES_IMAGE:-postgres:16}", "Docker Hub's stays the default"
+    entrypoint = (INFRA / "postgres-entrypoint.sh").read_text()
+    assert set(service["environment"]) <= set(re.findall(r"\b(POSTGRES_[A-Z]+)\b", entrypoint))
+    targets = [volume.split(":")[1] for volume in service["volumes"]]
+    env = docker_env("Dockerfile.postgres")
+    assert env["PGDATA"] in targets
+    assert any(t.startswith("/docker-entrypoint-initdb.d/") for t in targets)
+    assert "/docker-entrypoint-initdb.d" in entrypoint
+    assert service["healthcheck"]["test"][1] == "pg_isready"
+    assert env["PATH"].startswith("/usr/lib/postgresql/15/bin:")
+    steps = dockerfile("Dockerfile.postgres")
+    assert any(i == "RUN" and "postgresql-15" in a for i, a in steps)
+    assert ("COPY", "infra/postgres-entrypoint.sh /usr/local/bin/postgres-entrypoint.sh") in steps
+
+
+def test_the_postgres_entrypoint_initialises_and_serves_as_compose_asks():
+    """The image's entrypoint, run on this machine's PostgreSQL 15 (the packages the image
+    installs) with the compose file's environment and init SQL: as root it hands the data
+    folder to postgres and drops root, creates the user with its password, the database and
+    the init SQL's databases, then serves TCP with password authentication."""
+    import os
+    import shutil
+    import signal
+    import tempfile
+    import time
+
+    import psycopg
+
+    from tests.integration.conftest import free_ports
+
+    bindir = Path("/usr/lib/postgresql/15/bin")
+    assert (bindir / "initdb").is_file(), "needs Debian's postgresql-15 (the stack tests' server)"
+    service = compose()["services"]["postgres"]
+    root = Path(tempfile.mkdtemp(prefix="onnxflow-pg-"))
+    root.chmod(0o755)  # the postgres user reads the init SQL and owns the data folder below
+    try:
+        init = root / "initdb.d"
+        init.mkdir()
+        shutil.copy(INFRA / "postgres-init.sql", init / "init.sql")
+        (port,) = free_ports(1)
+        env = {
+            "PATH": f"{bindir}:{os.environ['PATH']}",
+            "PGDATA": str(root / "data"),
+            "PGPORT": str(port),
+            "POSTGRES_INITDB_DIR": str(init),
+            **service["environment"],
+        }
+        log = open(root / "postgres.log", "wb")
+        proc = subprocess.Popen(
+            [str(INFRA / "postgres-entrypoint.sh")], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        user, password = env["POSTGRES_USER"], env["POSTGRES_PASSWORD"]
+        url = f"postgresql://{user}:{password}@127.0.0.1:{port}/{env['POSTGRES_DB']}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None, (root / "postgres.log").read_text()[-2000:]
+                ready = subprocess.run(
+                    [bindir / "pg_isready", "-h", "127.0.0.1", "-p", str(port), "-U", user],
+                    capture_output=True,
+                )
+                if ready.returncode == 0:
+                    break
+                assert time.monotonic() < deadline, (root / "postgres.log").read_text()[-2000:]
+                time.sleep(0.5)
+            with psycopg.connect(url) as conn:
+                names = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
+                (owner,) = conn.execute("SELECT current_user").fetchone()
+            assert {"onnxflow", "mlflow", "prefect"} <= names
+            assert owner == user
+            with pytest.raises(psycopg.OperationalError, match="password authentication"):
+                psycopg.connect(url.replace(f":{password}@", ":wrong@"), connect_timeout=10)
+            assert (root / "data").stat().st_uid != 0, "the server runs as postgres, not root"
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+            log.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

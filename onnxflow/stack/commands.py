@@ -114,11 +114,9 @@ def trigger_run(
     from onnxflow.stack.manager import running_settings
 
     settings = running_settings(_settings())
-    parameters = {
-        "frameworks": frameworks,
-        "config": config_parameter(config),
-        "endpoints": settings.endpoints_for_runs,
-    }
+    # No "endpoints": the deployment's own (set by `stack up` / `stack deploy`, which know how
+    # runs reach the replicas: http://endpoint:8080 in docker-compose, not this machine's URL).
+    parameters = {"frameworks": frameworks, "config": config_parameter(config)}
     if sweep:
         parameters["sweep"] = True
     started = time.perf_counter()

@@ -248,3 +248,103 @@ def test_a_flow_runs_inside_the_pipeline_container(pipeline_image, proxied_track
     assert version.tags["validation"] == "passed"
     assert version.tags["source_framework"] == "sklearn"
     assert client.get_model_version_by_alias(name, "champion").version == version.version
+
+
+@pytest.fixture(scope="module")
+def postgres_image() -> str:
+    build("postgres")
+    return "localhost/onnxflow-postgres:latest"
+
+
+def test_docker_compose_runs_under_podman_compose(
+    serving_image, pipeline_image, postgres_image, tmp_path
+):
+    """infra/docker-compose.yml brought up by ``infra/compose-up.sh`` (podman-compose, each
+    healthcheck a gate): PostgreSQL, MLflow, the Prefect server and UI, the deployments, the
+    worker; the endpoint waits for ``digits@champion`` until ``onnxflow trigger`` runs the
+    on-demand deployment on the compose's worker, then serves it to tritonclient.
+    ``podman-compose down -v`` leaves no container or volume behind."""
+    import tritonclient.http as triton
+
+    assert ENGINE == "podman", "podman-compose drives podman"
+    project = f"onnxflow-test-{uuid.uuid4().hex[:6]}"
+    mlflow_port, prefect_port, endpoint_port = free_ports(3)
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "COMPOSE_PROJECT_NAME": project,
+        "POSTGRES_IMAGE": postgres_image,
+        "MLFLOW_HOST_PORT": str(mlflow_port),
+        "PREFECT_HOST_PORT": str(prefect_port),
+        "ENDPOINT_HOST_PORT": str(endpoint_port),
+    }
+    endpoint = f"http://127.0.0.1:{endpoint_port}"
+
+    def in_project(kind: str) -> list[str]:
+        label = f"label=com.docker.compose.project={project}"
+        listed = engine(
+            *(("volume", "ls") if kind == "volume" else ("ps", "-a")), "-q", "--filter", label
+        )
+        return listed.stdout.split()
+
+    try:
+        up = subprocess.run(
+            [str(ROOT / "infra" / "compose-up.sh")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
+        for service in ("postgres", "mlflow", "prefect-server", "endpoint"):
+            assert f"==> {service} healthy" in up.stdout, up.stdout
+        assert "deployed retrain-and-deploy/scheduled, retrain-and-deploy/on-demand" in up.stdout
+        assert _ok(f"http://127.0.0.1:{mlflow_port}/health")
+        assert _ok(f"http://127.0.0.1:{prefect_port}/api/health")
+        assert "<!DOCTYPE html>" in httpx.get(f"http://127.0.0.1:{prefect_port}/").text
+        # No champion yet: alive, not ready.
+        assert _ok(f"{endpoint}/v2/health/live")
+        assert httpx.get(f"{endpoint}/v2/health/ready", timeout=5).status_code == 503
+
+        triggered = subprocess.run(
+            [bin_dir / "onnxflow", "trigger", "--framework", "sklearn", "--wait"],
+            env={
+                **env,
+                "ONNXFLOW_STACK_HOST": "127.0.0.1",
+                "ONNXFLOW_STACK_PREFECT_PORT": str(prefect_port),
+                "ONNXFLOW_STACK_MLFLOW_PORT": str(mlflow_port),
+                "ONNXFLOW_STACK_ENDPOINT_PORTS": f"[{endpoint_port}]",
+                "ONNXFLOW_STACK_STATE_DIR": str(tmp_path / "no-local-stack"),
+            },
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        assert triggered.returncode == 0, triggered.stdout[-3000:] + triggered.stderr[-3000:]
+        assert "finished COMPLETED" in triggered.stdout
+        assert f"{endpoint} serves digits v1" in triggered.stdout
+
+        client = triton.InferenceServerClient(f"127.0.0.1:{endpoint_port}")
+        assert client.is_model_ready("digits")
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        features = triton.InferInput("features", [100, 64], "FP32")
+        features.set_data_from_numpy(digits.data[:100].astype(np.float32), binary_data=True)
+        result = client.infer("digits", [features])
+        assert result.get_response()["model_version"] == "1"
+        accuracy = (result.as_numpy("probabilities").argmax(1) == digits.target[:100]).mean()
+        assert accuracy > 0.8, accuracy
+    finally:
+        logs = engine("ps", "-a", "--filter", f"label=com.docker.compose.project={project}")
+        print(logs.stdout)
+        subprocess.run(
+            [bin_dir / "podman-compose", "-f", "infra/docker-compose.yml", "down", "-v"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
+    assert in_project("container") == [] and in_project("volume") == []

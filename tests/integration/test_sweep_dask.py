@@ -59,6 +59,27 @@ def test_the_dask_runner_reports_a_task_whose_worker_died_as_lost(tmp_path):
     print(f"\ntwo tasks on a local 2-worker Dask cluster: {time.perf_counter() - started:.1f} s")
 
 
+@slow
+def test_framework_chains_run_side_by_side_on_dask_workers(mlflow_store, tmp_path):
+    from onnxflow.flows.pipeline import run
+
+    config = PipelineConfig.model_validate(
+        {
+            "train": {"epochs": 3, "hidden_sizes": [16]},
+            "validate": {"latency_repeats": 3, "max_accuracy_drop": 0.01},
+            "dask": {"workers": 2},
+        }
+    )
+    result = run(["sklearn", "torch"], config, tmp_path / "art", dask=True)
+    assert not result.failures and {c.framework for c in result.chains} == {"sklearn", "torch"}
+    client = MlflowClient()
+    versions = client.search_model_versions("name='digits'")
+    assert len(versions) == 2 and all(v.tags["validation"] == "passed" for v in versions)
+    assert str(client.get_model_version_by_alias("digits", "champion").version) in {
+        c.version.version for c in result.chains
+    }
+
+
 def sweep_config(trials: int, epochs: tuple[int, int], **dask) -> PipelineConfig:
     return PipelineConfig.model_validate(
         {
@@ -187,6 +208,16 @@ def test_a_worker_killed_mid_sweep_loses_its_trial_and_the_sweep_finishes(mlflow
     assert parent.data.tags["sweep_lost"] == str(lost[0].number)
     lost_run = client.get_run(killed["run_id"])
     assert lost_run.data.tags["trial_state"] == "lost" and lost_run.info.status == "FAILED"
+    # its Prefect task run is Crashed, not left Running
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[f"trial-{lost[0].number}"]))
+        )
+    states = [r.state.type.value for r in runs]  # earlier sweeps' trials share the name
+    assert "CRASHED" in states and "RUNNING" not in states, states
 
 
 def _die_task(spec, die: bool):
