@@ -173,25 +173,37 @@ def recipe_and_register(
         dataset,
     ) as run_id:
         trained = train_recipe_task(recipe, dataset, config.train, out / "train", run_id)
-        exported = export_recipe_task(trained, dataset.info, config.export, out / "export")
-        simplified = simplify_task(exported.path, config.simplify, out / "simplify")
-        validation = validate_recipe_task(
-            simplified.path, trained, dataset, config.validate_, out / "validate", run_id
-        )
-        lineage = {
-            **lineage_tags(
-                trained.framework,
-                exported,
-                simplified,
-                dataset.info,
-                git_commit=git_commit(),
-                flow_run_id=str(flow_run.id),
-            ),
-            **recipe_tags(trained, dataset.info),
-        }
-        version = register_recipe_task(
-            simplified.path, validation, lineage, dataset, config.register_, run_id
-        )
+        return register_recipe_model(trained, dataset, config, out, run_id)
+
+
+def register_recipe_model(
+    trained: TrainedModel,
+    dataset: ArrayDataset,
+    config: PipelineConfig,
+    out: Path,
+    run_id: str,
+) -> ChainResult:
+    """export → simplify → validate → register of a trained recipe model, in the run
+    ``run_id`` (a recipe's chain, and the best trial of a recipe's sweep)."""
+    exported = export_recipe_task(trained, dataset.info, config.export, out / "export")
+    simplified = simplify_task(exported.path, config.simplify, out / "simplify")
+    validation = validate_recipe_task(
+        simplified.path, trained, dataset, config.validate_, out / "validate", run_id
+    )
+    lineage = {
+        **lineage_tags(
+            trained.framework,
+            exported,
+            simplified,
+            dataset.info,
+            git_commit=git_commit(),
+            flow_run_id=str(flow_run.id),
+        ),
+        **recipe_tags(trained, dataset.info),
+    }
+    version = register_recipe_task(
+        simplified.path, validation, lineage, dataset, config.register_, run_id
+    )
     return ChainResult(
         framework=trained.framework,
         trained=trained,

@@ -4,7 +4,9 @@ the normal chain.
     data ─► [ask ─► trial on a Dask worker ─► tell] x N ─► best trial ─► export ─►
             (validate_and_register) ─► promote
 
-``sweep`` is what ``onnxflow run --sweep N`` runs. Each trial is an MLflow child run of the
+``sweep`` is what ``onnxflow run --sweep N`` runs: of a built-in framework, or of the recipe
+in ``config.recipe`` (its trials train through the recipe's build_model and fit, its best
+trial goes through the recipe's chain). Each trial is an MLflow child run of the
 sweep's run (per-epoch metrics, its settings as params, how it ended as ``trial_state``);
 trials whose worker died are recorded as lost, and the sweep finishes with the others.
 The logic (study, search space, pruning, best trial) is :mod:`onnxflow.sweep`.
@@ -16,18 +18,21 @@ import json
 import os
 import queue
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from onnxflow import sweep as sweeps
+from onnxflow.arrays import ArrayDataset
 from onnxflow.config import Framework, PipelineConfig
 from onnxflow.dask_cluster import describe, is_lost, task_runner
 from onnxflow.errors import OnnxflowError, SweepError
 from onnxflow.flows.pipeline import (
     RunResult,
     failure_message,
+    register_recipe_model,
     run_markdown,
     run_params,
     validate_and_register,
@@ -37,8 +42,14 @@ from onnxflow.results import ChainResult, DatasetArtifact, SweepOutcome, TrialRe
 from onnxflow.summary import version_rows
 from onnxflow.tasks.data import prepare_data_task
 from onnxflow.tasks.model import export_task
+from onnxflow.tasks.recipes import prepare_recipe_data_task
 from onnxflow.tasks.register import promote_task
-from onnxflow.tasks.sweep import crash_task_run_task, finish_trial_task, train_trial_task
+from onnxflow.tasks.sweep import (
+    crash_task_run_task,
+    finish_trial_task,
+    train_recipe_trial_task,
+    train_trial_task,
+)
 from onnxflow.tasks.tracking import start_run_task
 
 
@@ -48,11 +59,16 @@ def sweep(
     config: PipelineConfig = PipelineConfig(),
     out_dir: Path = Path("artifacts"),
 ) -> RunResult:
-    """Sweep ``config.sweep.trials`` trials of ``framework`` on the Dask cluster of
-    ``config.dask``, register the best trial's validated model and promote it."""
+    """Sweep ``config.sweep.trials`` trials of ``framework`` (or of ``config.recipe``, when
+    set: ``framework`` is then ignored) on the Dask cluster of ``config.dask``, register the
+    best trial's validated model and promote it."""
     logger = get_run_logger()
     out_dir = out_dir.resolve()  # workers need not share this process's working directory
-    dataset = prepare_data_task(config.data, out_dir / "data")
+    if config.recipe:  # loaded once, here; the trials read its files
+        dataset = prepare_recipe_data_task(config.recipe, config.data, out_dir / "data")
+        framework = "recipe"
+    else:
+        dataset = prepare_data_task(config.data, out_dir / "data")
     logger.info("sweep of %d trials on a %s", config.sweep.trials, describe(config.dask))
     on_dask = sweep_and_register.with_options(task_runner=task_runner(config.dask))
     state = on_dask(framework, config, out_dir, dataset, _tracking_uri(), return_state=True)
@@ -79,14 +95,15 @@ def sweep(
 
 @flow(name="sweep-and-register", flow_run_name="sweep-{framework}")
 def sweep_and_register(
-    framework: Framework,
+    framework: Framework | Literal["recipe"],
     config: PipelineConfig,
     out_dir: Path,
-    dataset: DatasetArtifact,
+    dataset: DatasetArtifact | ArrayDataset,
     tracking_uri: str,
 ) -> ChainResult:
     """The trials as tasks on this flow's task runner (Dask), then the best trial's model
-    through export → simplify → validate → register, in the sweep's own MLflow run."""
+    through export → simplify → validate → register, in the sweep's own MLflow run
+    (``framework`` "recipe": the trials and the chain of ``config.recipe``)."""
     logger = get_run_logger()
     settings = config.sweep
     out = out_dir / f"sweep-{framework}"
@@ -99,6 +116,8 @@ def sweep_and_register(
     )
     study = sweeps.create_study(settings, study_ref)
     tags = {"source_framework": framework, "sweep_study": study_ref.name, "sweep_metric": metric}
+    if config.recipe:
+        tags["recipe"] = config.recipe
     with mlflow_run(
         config.experiment,
         f"sweep-{framework}-{config.register_.model_name}",
@@ -130,8 +149,13 @@ def sweep_and_register(
                 spec = sweeps.TrialSpec(  # a worker reopens the trial by its storage id
                     number=trial.number, trial_id=trial._trial_id, params=params, run_id=child
                 )
-                future = train_trial_task.submit(
-                    framework,
+                trial_task, subject = (
+                    (train_recipe_trial_task, config.recipe)
+                    if framework == "recipe"
+                    else (train_trial_task, framework)
+                )
+                future = trial_task.submit(
+                    subject,
                     dataset,
                     config.train,
                     spec,
@@ -180,12 +204,15 @@ def sweep_and_register(
         best_config = config.model_copy(
             update={"train": sweeps.trial_train_config(config.train, best.params)}
         )
-        exported = export_task(
-            framework, best.trained, dataset.info, config.export, out / "best" / "export"
-        )
-        chain = validate_and_register(
-            best.trained, exported, dataset, best_config, out / "best", run_id
-        )
+        if framework == "recipe":
+            chain = register_recipe_model(best.trained, dataset, best_config, out / "best", run_id)
+        else:
+            exported = export_task(
+                framework, best.trained, dataset.info, config.export, out / "best" / "export"
+            )
+            chain = validate_and_register(
+                best.trained, exported, dataset, best_config, out / "best", run_id
+            )
     return chain.model_copy(update={"sweep": outcome})
 
 

@@ -254,8 +254,6 @@ def pipeline_config(
             "dask": {"workers": dask_workers, "address": dask_address},
         },
     )
-    if cfg.recipe and sweep:
-        _fail("--sweep with --recipe is not supported yet: sweep a built-in framework", 2)
     if not cfg.recipe:
         return cfg
     from onnxflow.recipes import with_recipe_defaults

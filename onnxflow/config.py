@@ -12,7 +12,7 @@ one section per step, e.g.::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +64,12 @@ class TrainConfig(StepConfig):
         "auto",
         description="Where a recipe's model trains: auto uses a CUDA device when the "
         "framework sees one; export and validation always run on a CPU copy.",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="A recipe's own parameters (width, dropout, ...): build_model(info, "
+        "params) receives them when it takes a second argument, fit(...) as config.params; "
+        "a sweep's space names them params.NAME. The built-in models ignore them.",
     )
 
 
@@ -123,8 +129,8 @@ class ParamRange(StepConfig):
     """A numeric range of a train setting: integers for integer settings (epochs,
     batch_size), floats otherwise (learning_rate)."""
 
-    low: float = Field(description="Smallest value tried.")
-    high: float = Field(description="Largest value tried.")
+    low: int | float = Field(description="Smallest value tried.")
+    high: int | float = Field(description="Largest value tried.")
     log: bool = Field(False, description="Sample on a log scale (learning rates).")
 
     @model_validator(mode="after")
@@ -166,6 +172,10 @@ def default_search_space() -> dict[str, ParamSpec]:
     }
 
 
+#: Sweep-space names of a recipe's own parameters: ``params.width`` is ``train.params.width``.
+RECIPE_PARAM_PREFIX = "params."
+
+
 class SweepConfig(StepConfig):
     """A hyperparameter sweep (``onnxflow run --sweep N``): Optuna asks for trials, each
     trains one model on the Dask cluster; the best is exported, validated and registered."""
@@ -174,7 +184,8 @@ class SweepConfig(StepConfig):
     space: dict[str, ParamSpec] = Field(
         default_factory=default_search_space,
         description="Search space: train settings (learning_rate, hidden_sizes, epochs, "
-        "batch_size, ...) -> {low, high, log} or {choices: [...]}; the train section gives "
+        "batch_size, ...) and a recipe's own parameters (params.NAME: integers when both "
+        "bounds are) -> {low, high, log} or {choices: [...]}; the train section gives "
         "the settings not in it.",
     )
     metric: str | None = Field(
@@ -204,14 +215,21 @@ class SweepConfig(StepConfig):
 
     @model_validator(mode="after")
     def _known_settings(self) -> SweepConfig:
-        unknown = sorted(set(self.space) - set(TrainConfig.model_fields))
+        settings = set(TrainConfig.model_fields) - {"params"}  # params: one name at a time
+        names = {n for n in self.space if not n.startswith(RECIPE_PARAM_PREFIX)}
+        unknown = sorted(names - settings)
         if unknown:
-            known = ", ".join(sorted(TrainConfig.model_fields))
+            known = ", ".join(sorted(settings))
             raise ValueError(
                 f"sweep.space names {', '.join(unknown)}, which the train section does not "
-                f"have; known settings: {known}"
+                f"have; known settings: {known}, and a recipe's own parameters as "
+                f"{RECIPE_PARAM_PREFIX}NAME"
             )
         for name, spec in self.space.items():
+            if name.startswith(RECIPE_PARAM_PREFIX):
+                if name == RECIPE_PARAM_PREFIX:
+                    raise ValueError("sweep.space: params. needs a parameter name (params.width)")
+                continue  # the recipe says what its parameters take
             annotation = TrainConfig.model_fields[name].annotation
             if isinstance(spec, ParamRange) and annotation not in (int, float):
                 raise ValueError(
@@ -252,8 +270,9 @@ class PipelineConfig(StepConfig):
     recipe: str | None = Field(
         None,
         description="Your own model code: a Python file (or importable module) with "
-        "build_model(info) and optionally load_data(config) and fit(model, data, config, "
-        "on_epoch). Replaces the built-in models; must be readable where the flow runs.",
+        "build_model(info) or build_model(info, params) (params: train.params) and optionally "
+        "load_data(config) and fit(model, data, config, on_epoch). Replaces the built-in "
+        "models; must be readable where the flow runs.",
     )
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()

@@ -21,7 +21,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from onnxflow.config import ParamChoice, ParamRange, SweepConfig, Task, TrainConfig
+from onnxflow.config import (
+    RECIPE_PARAM_PREFIX,
+    ParamChoice,
+    ParamRange,
+    SweepConfig,
+    Task,
+    TrainConfig,
+)
 from onnxflow.errors import OnnxflowError, SweepError
 from onnxflow.results import StepResult, TrainedModel, TrialResult
 
@@ -125,16 +132,33 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamRange | ParamChoice]) -> 
             # Optuna's choices are scalars: a list (hidden_sizes) travels as its JSON text
             labels = [json.dumps(c) for c in spec.choices]
             params[name] = json.loads(trial.suggest_categorical(name, labels))
-        elif TrainConfig.model_fields[name].annotation is int:
+        elif _is_integer(name, spec):
             params[name] = trial.suggest_int(name, int(spec.low), int(spec.high), log=spec.log)
         else:
             params[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log)
     return params
 
 
+def _is_integer(name: str, spec: ParamRange) -> bool:
+    """Integer train settings (epochs, batch_size); a recipe's parameter when both bounds
+    are integers in the YAML (``{low: 16, high: 128}``)."""
+    if name.startswith(RECIPE_PARAM_PREFIX):
+        return isinstance(spec.low, int) and isinstance(spec.high, int)
+    return TrainConfig.model_fields[name].annotation is int
+
+
 def trial_train_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
-    """The train section with a trial's values on top, validated as the YAML would be."""
-    return TrainConfig.model_validate({**base.model_dump(), **params})
+    """The train section with a trial's values on top, validated as the YAML would be;
+    ``params.width`` goes into ``train.params`` beside the recipe parameters already there."""
+    settings = {k: v for k, v in params.items() if not k.startswith(RECIPE_PARAM_PREFIX)}
+    recipe = {
+        k[len(RECIPE_PARAM_PREFIX) :]: v
+        for k, v in params.items()
+        if k.startswith(RECIPE_PARAM_PREFIX)
+    }
+    return TrainConfig.model_validate(
+        {**base.model_dump(), **settings, "params": {**base.params, **recipe}}
+    )
 
 
 def run_trial(

@@ -1,5 +1,6 @@
-"""Prefect tasks of a sweep (logic: :mod:`onnxflow.sweep`): train one trial on a Dask worker,
-and close a trial's MLflow child run. They pass paths and small frozen results."""
+"""Prefect tasks of a sweep (logic: :mod:`onnxflow.sweep`): train one trial on a Dask worker
+(a built-in framework's or a recipe's), and close a trial's MLflow child run. They pass
+paths and small frozen results."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from onnxflow import tracking
+from onnxflow.arrays import ArrayDataset
 from onnxflow.config import Framework, SweepConfig, TrainConfig
 from onnxflow.frameworks import get_adapter
 from onnxflow.results import DatasetArtifact, TrialResult
-from onnxflow.sweep import StudyRef, TrialSpec, run_trial
+from onnxflow.sweep import StudyRef, Trainer, TrialSpec, run_trial
 from onnxflow.tasks.retry import registry_task
 
 
@@ -29,13 +31,47 @@ def train_trial_task(
     out_dir: Path,
     tracking_uri: str,
 ) -> TrialResult:
-    tracking.use_tracking_uri(tracking_uri)
-    tracking.set_tags(spec.run_id, tracking.process_tags())
     adapter = get_adapter(framework)
 
     def trainer(config, trial_dir, on_epoch):
         return adapter.train(dataset, config, trial_dir, on_epoch=on_epoch)
 
+    return _tracked_trial(trainer, base, spec, study, sweep, out_dir, tracking_uri)
+
+
+@task(name="recipe-trial", task_run_name="trial-{spec.number}", cache_policy=NO_CACHE)
+def train_recipe_trial_task(
+    recipe: str,
+    dataset: ArrayDataset,
+    base: TrainConfig,
+    spec: TrialSpec,
+    study: StudyRef,
+    sweep: SweepConfig,
+    out_dir: Path,
+    tracking_uri: str,
+) -> TrialResult:
+    """One trial of a recipe, trained as the recipe's chain trains it (its build_model and
+    fit, with the trial's train settings and parameters)."""
+    from onnxflow.recipes.steps import train_recipe
+
+    def trainer(config, trial_dir, on_epoch):
+        return train_recipe(recipe, dataset, config, trial_dir, on_epoch=on_epoch)
+
+    return _tracked_trial(trainer, base, spec, study, sweep, out_dir, tracking_uri)
+
+
+def _tracked_trial(
+    trainer: Trainer,
+    base: TrainConfig,
+    spec: TrialSpec,
+    study: StudyRef,
+    sweep: SweepConfig,
+    out_dir: Path,
+    tracking_uri: str,
+) -> TrialResult:
+    """The trial in its MLflow child run: epochs logged, the run closed with its outcome."""
+    tracking.use_tracking_uri(tracking_uri)
+    tracking.set_tags(spec.run_id, tracking.process_tags())
     result = run_trial(
         trainer, base, spec, study, sweep, out_dir, partial(tracking.log_epoch, spec.run_id)
     )

@@ -34,7 +34,7 @@ def test_help_lists_the_commands(tmp_path):
         (["--framework", "jax"], "jax"),
         (["--sweep", "8", "--framework", "all"], "--sweep trains one framework"),
         (["--sweep", "0"], "greater than or equal to 1"),
-        (["--sweep", "4", "--recipe", "r.py"], "--sweep with --recipe is not supported"),
+        (["--sweep", "4", "--recipe", "r.py"], "Recipe file not found: r.py"),
     ],
 )
 def test_run_refuses_bad_input_before_training(tmp_path, args, message):

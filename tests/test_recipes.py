@@ -191,6 +191,60 @@ def test_recipe_defaults_fill_only_what_the_config_leaves_unset():
     assert merged.register_.model_name == "tokens"
 
 
+def test_build_model_and_fit_receive_the_recipes_parameters(tmp_path, small_dataset):
+    from onnxflow.recipes.steps import recipe_tags
+
+    path = _recipe(
+        tmp_path,
+        HEAD
+        + """
+def build_model(info, params):
+    assert params == {"width": 7, "tag": "x"}, params
+    return Net(n_out=info.n_classes)
+
+def fit(model, data, config, on_epoch):
+    assert config.params["width"] == 7
+    on_epoch(1, {"val_accuracy": 0.5})
+    return model
+""",
+    )
+    trained = train_recipe(
+        str(path), small_dataset, TrainConfig(params={"width": 7, "tag": "x"}), tmp_path / "out"
+    )
+    assert trained.params["param.width"] == "7" and trained.metrics == {"val_accuracy": 0.5}
+    tags = recipe_tags(trained, small_dataset.info)
+    assert tags["recipe_param.width"] == "7" and tags["recipe_param.tag"] == '"x"'
+
+
+def test_parameters_nothing_can_receive_are_refused(tmp_path, small_dataset):
+    path = _recipe(tmp_path, HEAD + "def build_model(info):\n    return Net()\n")
+    with pytest.raises(RecipeError, match=r"train.params \['width'\] are set, but neither"):
+        train_recipe(str(path), small_dataset, TrainConfig(params={"width": 3}), tmp_path / "o")
+    # without parameters a one-argument build_model works as before
+    load_recipe(path)
+    bad = _recipe(tmp_path, "def build_model(info, params, more):\n    pass\n", "bad.py")
+    with pytest.raises(RecipeError, match=r"or build_model\(info, params\)"):
+        load_recipe(bad)
+
+
+def test_recipe_default_parameters_merge_one_by_one(tmp_path):
+    path = _recipe(
+        tmp_path,
+        HEAD
+        + """
+DEFAULTS = {"train": {"epochs": 2, "params": {"width": 16, "depth": 2}}}
+
+def build_model(info, params):
+    return Net()
+""",
+    )
+    config = PipelineConfig.model_validate(
+        {"recipe": str(path), "train": {"params": {"width": 64}}}
+    )
+    merged = with_recipe_defaults(config)
+    assert merged.train.params == {"width": 64, "depth": 2} and merged.train.epochs == 2
+
+
 # -- the whole chain, on a tiny slice of the text example ---------------------------------
 
 
@@ -383,3 +437,97 @@ def build_model(info):
         export_recipe(trained, small_dataset.info, ExportConfig(), tmp_path / "export")
     assert "eigh" in str(caught.value)  # the operator, in the exporter's own words
     assert not (tmp_path / "export" / "model.onnx").exists()
+
+
+# -- sweeping a recipe, its own parameters included -----------------------------------------
+
+SWEPT_RECIPE = """
+import numpy as np
+import torch
+
+DEFAULTS = {"register": {"model_name": "swept"}}
+
+def load_data(config):
+    rng = np.random.default_rng(0)
+
+    def split(rows):
+        labels = np.arange(rows) % 3
+        x = rng.normal(size=(rows, 6)).astype(np.float32) + labels[:, None] * 2.0
+        return {"x": x.astype(np.float32), "label": labels}
+
+    return {"train": split(90), "validation": split(30), "test": split(30),
+            "classes": ["a", "b", "c"]}
+
+def build_model(info, params):
+    width = params.get("width", 8)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, width), torch.nn.ReLU(), torch.nn.Linear(width, info.n_classes)
+    )
+"""
+
+
+def swept_recipe_config(tmp_path: Path, trials: int, **sweep) -> PipelineConfig:
+    path = _recipe(tmp_path, SWEPT_RECIPE, "swept.py")
+    config = PipelineConfig.model_validate(
+        {
+            "recipe": str(path),
+            "train": {"epochs": 2, "batch_size": 16, "params": {"width": 8}},
+            "validate": {"latency_repeats": 3, "max_accuracy_drop": 0.05},
+            "sweep": {
+                "trials": trials,
+                "space": {
+                    "params.width": {"choices": [4, 16]},
+                    "learning_rate": {"low": 1e-3, "high": 3e-2, "log": True},
+                },
+                "pruning": False,
+                **sweep,
+            },
+        }
+    )
+    return with_recipe_defaults(config)
+
+
+def assert_best_trial_registered(chain, n_trials: int) -> None:
+    from mlflow import MlflowClient
+
+    outcome = chain.sweep
+    assert len(outcome.trials) == n_trials and outcome.best is not None, outcome
+    assert all(t.state == "complete" for t in outcome.trials), outcome.trials
+    assert outcome.best.value == max(t.value for t in outcome.trials)
+    client = MlflowClient()
+    version = client.get_model_version("swept", chain.version.version)
+    assert version.tags["validation"] == "passed" and version.tags["recipe"].endswith("swept.py")
+    width = outcome.best.params["params.width"]
+    assert version.tags["recipe_param.width"] == str(width), "the best trial's own parameter"
+    assert chain.trained.path == outcome.best.trained.path
+    parent = client.get_run(version.run_id)
+    assert parent.data.params["best.params.width"] == str(width)
+    assert parent.data.tags["source_framework"] == "recipe"
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert len(children) == n_trials
+    for run in children:
+        assert run.data.tags["trial_state"] == "complete" and run.info.status == "FINISHED"
+        assert "train.params.width" in run.data.params
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert len(history) == 2, "one val_accuracy per epoch of every trial"
+
+
+def test_a_recipe_sweep_registers_the_best_trial_with_its_parameters(
+    prefect_harness, mlflow_store, tmp_path
+):
+    """The sweep's flow on Prefect's default (thread) runner, one trial at a time: the
+    recipe's data loaded once, 3 trials through the recipe's training step, the best
+    through the recipe's export → simplify → validate → register."""
+    from onnxflow.flows.sweep import _tracking_uri, sweep_and_register
+    from onnxflow.recipes.steps import prepare_recipe_data
+
+    config = swept_recipe_config(tmp_path, 3, parallel=1)
+    out = tmp_path / "art"
+    started = time.perf_counter()
+    dataset = prepare_recipe_data(config.recipe, config.data, out / "data")
+    chain = sweep_and_register("recipe", config, out, dataset, _tracking_uri())
+    took = time.perf_counter() - started
+    assert_best_trial_registered(chain, 3)
+    print(f"\nrecipe sweep of 3 trials without Dask: {took:.1f} s")

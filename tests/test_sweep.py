@@ -166,3 +166,51 @@ def test_pruning_stops_a_trial_that_trails_the_median_and_lost_trials_count_as_f
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
     assert best_trial([good, bad, lost], "maximize") == good
+
+
+# -- a recipe's own parameters (train.params) in the space ---------------------------------
+
+
+def test_a_recipes_parameters_are_swept_as_params_names(tmp_path):
+    config = SweepConfig.model_validate(
+        {
+            "space": {
+                "params.width": {"choices": [32, 64]},
+                "params.depth": {"low": 1, "high": 3},
+                "params.dropout": {"low": 0.1, "high": 0.5},
+                "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+            }
+        }
+    )
+    study = create_study(config, study_ref(tmp_path))
+    base = TrainConfig(params={"width": 16, "activation": "relu"}, epochs=4)
+    for _ in range(4):
+        trial = study.ask()
+        params = suggest(trial, config.space)
+        assert isinstance(params["params.depth"], int) and 1 <= params["params.depth"] <= 3
+        assert isinstance(params["params.dropout"], float)
+        train = trial_train_config(base, params)
+        assert train.params["width"] in (32, 64) and train.params["activation"] == "relu"
+        assert train.params["depth"] == params["params.depth"] and train.epochs == 4
+        assert 1e-4 <= train.learning_rate <= 1e-2
+        study.tell(trial, 0.5)
+    assert base.params == {"width": 16, "activation": "relu"}, "the base is not changed"
+
+
+def test_the_params_section_from_yaml_is_empty_by_default():
+    assert TrainConfig().params == {}
+    config = PipelineConfig.model_validate({"train": {"params": {"width": 64}}})
+    assert config.train.params == {"width": 64}
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"widht": {"choices": [1, 2]}}, r"widht, which the train section.*params\.NAME"),
+        ({"params": {"choices": [{"width": 3}]}}, "params, which the train section"),
+        ({"params.": {"choices": [1]}}, r"needs a parameter name \(params.width\)"),
+    ],
+)
+def test_unknown_names_still_fail_with_recipe_params_allowed(space, message):
+    with pytest.raises(ValidationError, match=message):
+        SweepConfig.model_validate({"space": space})

@@ -2,17 +2,21 @@
 
 A recipe is a plain Python file (or an importable module) with no Prefect or MLflow in it:
 
-* ``build_model(info)`` (required) -> a ``torch.nn.Module`` or a ``keras.Model`` whose
-  output is the class scores (logits) ``[batch, n_classes]``. ``info`` is
-  :class:`onnxflow.arrays.ArrayDatasetInfo`: ``info.inputs`` (name, shape without the batch
-  axis, dtype, in the order the model takes them), ``info.class_names``, ``info.n_classes``.
+* ``build_model(info)`` or ``build_model(info, params)`` (required) -> a
+  ``torch.nn.Module`` or a ``keras.Model`` whose output is the class scores (logits)
+  ``[batch, n_classes]``. ``info`` is :class:`onnxflow.arrays.ArrayDatasetInfo`:
+  ``info.inputs`` (name, shape without the batch axis, dtype, in the order the model takes
+  them), ``info.class_names``, ``info.n_classes``. ``params`` is the dict ``train.params``:
+  the recipe's own parameters (width, dropout, ...), which a sweep can search
+  (``sweep.space: {params.width: {choices: [32, 64]}}``).
 * ``load_data(config)`` (optional) -> :class:`onnxflow.arrays.NamedArrays` or a dict
   ``{"train": {...}, "validation": {...}, "test": {...}, "classes": [...]}`` of named arrays
   with the labels under ``"label"``; without it, ``data.path`` is read by the built-in
   loaders (image folder, .npz, CSV/Parquet). ``config`` is the ``data`` section.
 * ``fit(model, data, config, on_epoch)`` (optional) -> the trained model, when onnxflow's
   loop (Adam, cross-entropy) does not fit; ``data`` is NamedArrays, ``config`` the ``train``
-  section with ``device`` resolved to ``cpu`` or ``cuda`` (the model is already there), and
+  section with ``device`` resolved to ``cpu`` or ``cuda`` (the model is already there) and the
+  recipe's parameters in ``config.params``, and
   ``on_epoch(epoch, {"name": value})`` sends epoch metrics to MLflow.
 
 onnxflow exports the trained model with a softmax on top (output ``probabilities``), the
@@ -112,13 +116,25 @@ def check_functions(recipe: Recipe) -> None:
         try:
             inspect.signature(fn).bind(*arguments.split(", "))
         except TypeError:
+            if name == "build_model" and takes_params(fn):
+                continue
+            also = " or build_model(info, params)" if name == "build_model" else ""
             problems.append(
-                f"{name}{inspect.signature(fn)} cannot be called as {name}({arguments})"
+                f"{name}{inspect.signature(fn)} cannot be called as {name}({arguments}){also}"
             )
         except ValueError:  # builtins without a signature: let the call decide
             pass
     if problems:
         raise RecipeError(f"{recipe.ref}: " + "; ".join(problems))
+
+
+def takes_params(build_model) -> bool:
+    """Whether ``build_model`` can be called as ``build_model(info, params)``."""
+    try:
+        inspect.signature(build_model).bind("info", "params")
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _import_file(path: Path) -> ModuleType:
@@ -171,6 +187,9 @@ def with_recipe_defaults(config):
             )
         merged = {k: v for k, v in values.items() if k not in current.model_fields_set}
         raw[section] = {**merged, **raw.get(section, {})}
+        if section == "train" and isinstance(values.get("params"), dict):
+            # the recipe's parameters one by one: the config's win, the others stay
+            raw[section]["params"] = {**values["params"], **current.params}
     try:
         return type(config).model_validate(raw)
     except Exception as exc:  # pydantic's ValidationError names the bad key

@@ -10,6 +10,7 @@ recipe file and the function, raised before training whenever they can be.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -38,7 +39,7 @@ from onnxflow.interface import (
     output_name,
     read_interface,
 )
-from onnxflow.recipes import load_recipe
+from onnxflow.recipes import load_recipe, takes_params
 from onnxflow.results import ExportedModel, RegisteredVersion, TrainedModel, ValidationSummary
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,15 @@ def train_recipe(
         preprocessing=dict(info.preprocessing),
     )
     _seed(config.seed)
-    model = recipe.call("build_model", info)
+    if takes_params(recipe.module.build_model):
+        model = recipe.call("build_model", info, dict(config.params))
+    elif config.params and not recipe.has("fit"):
+        raise RecipeError(
+            f"{recipe.ref}: train.params {sorted(config.params)} are set, but neither "
+            "build_model(info) nor a fit(...) can receive them: write build_model(info, params)"
+        )
+    else:
+        model = recipe.call("build_model", info)
     framework, adapter = framework_adapter(model, recipe.ref)
     adapter.check_output(model, data, info, recipe.ref)
     if framework == "torch":  # torch.export problems show before any training
@@ -119,13 +128,20 @@ def train_recipe(
     started = time.perf_counter()
     if framework == "torch":
         model = model.to(device)
+    last_epoch: dict[str, float] = {}  # what the recipe's own fit reported last
+
+    def reported(epoch: int, metrics: dict[str, float]) -> None:
+        last_epoch.update(metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
     if recipe.has("fit"):
         resolved = config.model_copy(update={"device": device})
         if framework == "keras":
             with adapter.device_scope(device):
-                returned = recipe.call("fit", model, data, resolved, on_epoch)
+                returned = recipe.call("fit", model, data, resolved, reported)
         else:
-            returned = recipe.call("fit", model, data, resolved, on_epoch)
+            returned = recipe.call("fit", model, data, resolved, reported)
         if returned is not None:
             try:
                 same = framework_adapter(returned, recipe.ref)[0] == framework
@@ -138,7 +154,7 @@ def train_recipe(
                     "it was given (or None)"
                 )
             model = returned
-        metrics = {}
+        metrics = {k: float(v) for k, v in last_epoch.items()}
     else:
         metrics = adapter.fit(model, data, info, config, device, on_epoch)
     seconds = time.perf_counter() - started
@@ -167,6 +183,7 @@ def train_recipe(
             "batch_size": str(config.batch_size),
             "seed": str(config.seed),
             "own_fit": str(recipe.has("fit")).lower(),
+            **{f"param.{k}": json.dumps(v) for k, v in sorted(config.params.items())},
         },
     )
 
@@ -222,6 +239,8 @@ def recipe_tags(trained: TrainedModel, info: ArrayDatasetInfo) -> dict[str, str]
         ),
         "classes": ", ".join(info.class_names)[:4000],
     }
+    # the recipe's own parameters (train.params), as the trained model had them
+    tags.update({f"recipe_{k}": v for k, v in trained.params.items() if k.startswith("param.")})
     tags.update({f"preprocessing.{k}": v for k, v in info.preprocessing.items()})
     return tags
 

@@ -252,3 +252,25 @@ def _worker_mid_trial(mlflow: MlflowClient, dask_client) -> dict | None:
         if mid_trial and mlflow.get_metric_history(run.info.run_id, "val_accuracy"):
             return {"pid": pid, "run_id": run.info.run_id}
     return None
+
+
+@slow
+def test_a_recipe_swept_on_dask_workers_registers_and_promotes_its_best_trial(
+    mlflow_store, tmp_path
+):
+    """``onnxflow run --sweep 3 --recipe swept.py``'s flow: the recipe's trials on two Dask
+    worker processes, its own ``width`` swept, the best trial registered and promoted."""
+    from onnxflow.flows.sweep import sweep
+    from tests.test_recipes import assert_best_trial_registered, swept_recipe_config
+
+    config = swept_recipe_config(tmp_path, 3)
+    config = PipelineConfig.model_validate(
+        {**config.model_dump(by_alias=True), "dask": {"workers": 2}}
+    )
+    result = sweep("torch", config, tmp_path / "art")
+    chain = result.chains[0]
+    assert_best_trial_registered(chain, 3)
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("swept", "champion").version == chain.version.version
+    children = trial_runs(client, chain.version.run_id)
+    assert str(os.getpid()) not in {run.data.tags["worker_pid"] for run in children}
