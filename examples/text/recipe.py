@@ -6,6 +6,9 @@ its real part, which is its class; the padding after it is filled with random to
 markers included, so the model must use the mask to get it right.
 
     onnxflow run --recipe examples/text/recipe.py
+
+Its own parameter ``width`` (the encoder's, a multiple of 4) is ``train.params.width``; a
+sweep can search it: ``sweep: {space: {params.width: {choices: [16, 32, 64]}}}``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ ROWS = 3000
 
 #: The recipe's own defaults; the YAML config and command-line options win over them.
 DEFAULTS = {
-    "train": {"epochs": 3, "batch_size": 64, "learning_rate": 2e-3},
+    "train": {"epochs": 3, "batch_size": 64, "learning_rate": 2e-3, "params": {"width": 32}},
     "register": {"model_name": "tokens"},
 }
 
@@ -75,6 +78,6 @@ class Encoder(torch.nn.Module):
         return self.head(pooled)
 
 
-def build_model(info):
+def build_model(info, params):
     ids = next(s for s in info.inputs if s.name == "ids")
-    return Encoder(VOCAB, ids.shape[0], info.n_classes)
+    return Encoder(VOCAB, ids.shape[0], info.n_classes, width=int(params.get("width", 32)))

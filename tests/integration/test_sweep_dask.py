@@ -271,6 +271,7 @@ def test_a_recipe_swept_on_dask_workers_registers_and_promotes_its_best_trial(
     chain = result.chains[0]
     assert_best_trial_registered(chain, 3)
     client = MlflowClient()
-    assert client.get_model_version_by_alias("swept", "champion").version == chain.version.version
+    champion = client.get_model_version_by_alias("swept", "champion")
+    assert str(champion.version) == chain.version.version
     children = trial_runs(client, chain.version.run_id)
     assert str(os.getpid()) not in {run.data.tags["worker_pid"] for run in children}
