@@ -38,7 +38,7 @@ from onnxflow.summary import version_rows
 from onnxflow.tasks.data import prepare_data_task
 from onnxflow.tasks.model import export_task
 from onnxflow.tasks.register import promote_task
-from onnxflow.tasks.sweep import finish_trial_task, train_trial_task
+from onnxflow.tasks.sweep import crash_task_run_task, finish_trial_task, train_trial_task
 from onnxflow.tasks.tracking import start_run_task
 
 
@@ -147,6 +147,8 @@ def sweep_and_register(
                 result, returned = _trial_result(future, pending.pop(future))
                 if not returned:  # the worker died or the task raised: close its run here
                     finish_trial_task(result.run_id, result)
+                if result.state == "lost":
+                    crash_task_run_task(future.task_run_id, f"Dask worker lost: {result.note}")
                     logger.warning("trial %d %s: %s", result.number, result.state, result.note)
                 sweeps.tell(study, result)
                 results.append(result)

@@ -118,6 +118,14 @@ class RestEndpoints:
         model = self.plane.model(params["name"], params.get("version"))
         return json_response(model.metadata(), headers=_version_headers(model))
 
+    async def model_config(self, request: Request) -> Response:
+        """Triton's model config in its JSON form (what ``get_model_config`` reads)."""
+        params = request.path_params
+        self.plane.authorize(request.headers.get("authorization"))
+        model = self.plane.model(params["name"], params.get("version"))
+        config = self.plane.model_config(params["name"], params.get("version"))
+        return json_response(config, headers=_version_headers(model))
+
     async def model_ready(self, request: Request) -> Response:
         params = request.path_params
         model = self.plane.model(params["name"], params.get("version"))
@@ -187,7 +195,19 @@ class RestEndpoints:
 
     async def repository_load(self, request: Request) -> Response:
         self.plane.authorize(request.headers.get("authorization"))
-        outcome = await self.plane.load(request.path_params["name"])
+        parameters = {}
+        body = await request.body()
+        if body.strip():
+            try:
+                parameters = orjson.loads(body).get("parameters", {})
+            except (orjson.JSONDecodeError, AttributeError):
+                parameters = None
+            if not isinstance(parameters, dict):
+                raise BadInput(
+                    'the load request must be a JSON object like {"parameters": '
+                    '{"config": "{\\"max_batch_size\\": 16}"}}'
+                )
+        outcome = await self.plane.load(request.path_params["name"], parameters)
         return json_response(outcome.as_json())
 
     async def repository_unload(self, request: Request) -> Response:
@@ -432,6 +452,8 @@ def create_app(settings: ServingSettings) -> FrontDoor:
         Route("/v2/health/ready", ep.ready, methods=["GET"]),
         Route(model, ep.model_metadata, methods=["GET"]),
         Route(version, ep.model_metadata, methods=["GET"]),
+        Route(model + "/config", ep.model_config, methods=["GET"]),
+        Route(version + "/config", ep.model_config, methods=["GET"]),
         Route(model + "/ready", ep.model_ready, methods=["GET"]),
         Route(version + "/ready", ep.model_ready, methods=["GET"]),
         # POSTs reach these through FrontDoor; here they answer other methods with 405.

@@ -4,8 +4,10 @@ Requests queue up; one worker takes as many as fit ``max_batch_size`` rows (wait
 most ``max_batch_delay_ms`` after the oldest arrived), concatenates them along the batch
 axis, runs them in a worker thread and hands every caller exactly its own rows. While a
 batch runs, the next one fills. Requests are merged only with requests for the same
-model version and the same per-row shapes; a merged run that fails is retried request
-by request, so one bad request cannot fail its neighbours.
+model version and the same per-row shapes, never more rows than the model's own
+``max_batch_size`` where a load set one (:mod:`onnxflow.serving.model_config`); a merged
+run that fails is retried request by request, so one bad request cannot fail its
+neighbours.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class _Pending:
     rows: int
     key: tuple
     future: asyncio.Future
+    max_rows: int
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -62,11 +65,17 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
 
-    async def run(self, model: LoadedModel, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    async def run(
+        self, model: LoadedModel, feeds: dict[str, np.ndarray], max_rows: int = 0
+    ) -> list[np.ndarray]:
+        """Run ``feeds`` merged with others; ``max_rows`` > 0: the model's own limit."""
         rows = next(iter(feeds.values())).shape[0]
-        key = (id(model),) + tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(feeds.items()))
+        key = (id(model), max_rows) + tuple(
+            (k, v.shape[1:], v.dtype.str) for k, v in sorted(feeds.items())
+        )
+        limit = min(self.max_rows, max_rows) if max_rows > 0 else self.max_rows
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(model, feeds, rows, key, future))
+        self._queue.append(_Pending(model, feeds, rows, key, future, limit))
         self._wakeup.set()
         return await future
 
@@ -76,7 +85,7 @@ class Batcher:
         batch, rows, keep = [first], first.rows, deque()
         while self._queue:
             item = self._queue.popleft()
-            if item.key == first.key and rows + item.rows <= self.max_rows:
+            if item.key == first.key and rows + item.rows <= first.max_rows:
                 batch.append(item)
                 rows += item.rows
             else:
@@ -96,7 +105,7 @@ class Batcher:
                 await self._wakeup.wait()
             oldest = self._queue[0]
             deadline = oldest.arrived + self.max_delay
-            while self._queued_rows(oldest.key) < self.max_rows:
+            while self._queued_rows(oldest.key) < oldest.max_rows:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

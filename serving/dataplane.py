@@ -38,6 +38,7 @@ from onnxflow.serving.errors import (
 from onnxflow.serving.manager import CheckOutcome, ModelManager
 from onnxflow.serving.metrics import ServingMetrics
 from onnxflow.serving.model import LoadedModel
+from onnxflow.serving.model_config import ConfigOverride, parse_load_parameters, triton_config
 from onnxflow.serving.settings import ServingSettings
 from onnxflow.serving.shared_memory import SharedMemoryRegistry
 from onnxflow.serving.statistics import Statistics
@@ -76,6 +77,7 @@ class DataPlane:
         self.started = time.time()
         self._watchers: dict[str, asyncio.Task] = {}  # "discover" and one per model
         self.unloaded: set[str] = set()  # models unloaded through the repository API
+        self.overrides: dict[str, ConfigOverride] = {}  # config given on load, until unload
         self.stats = Statistics()
         self.shared_memory = SharedMemoryRegistry() if settings.shared_memory else None
         self.shadow = None
@@ -230,7 +232,7 @@ class DataPlane:
                 rows = {a.shape[0] for a in feeds.values()}
                 if len(rows) > 1:
                     raise BadInput(f"inputs disagree on the batch size: {sorted(rows)}")
-                return await self.batcher.run(model, feeds)
+                return await self.batcher.run(model, feeds, self.max_batch_size(model.name))
             if model.inline:
                 rows = max(a.shape[0] if a.ndim else 1 for a in feeds.values())
                 if rows <= model.inline_rows:
@@ -242,12 +244,29 @@ class DataPlane:
         except Exception as exc:  # noqa: BLE001  (onnxruntime refused this input at run time)
             raise CannotRun(f"the model could not run on this input: {exc}") from None
 
+    def max_batch_size(self, name: str) -> int:
+        """The most rows a request for ``name`` may carry (0: no limit), as loaded."""
+        override = self.overrides.get(name)
+        return override.max_batch_size if override is not None else 0
+
+    def check_batch(self, name: str, feeds: dict) -> None:
+        limit = self.max_batch_size(name)
+        if limit <= 0:
+            return
+        rows = max((a.shape[0] if a.ndim else 1) for a in feeds.values())
+        if rows > limit:
+            raise BadInput(
+                f"a batch of {rows} rows is over max_batch_size {limit} of model {name!r} "
+                "(the config it was loaded with)"
+            )
+
     async def run_request(self, model: LoadedModel, decode, encode):
         """One inference request, timed for the statistics: ``decode()`` gives the checked
         feeds, :meth:`execute` runs them, ``encode(results)`` gives the answer."""
         start = time.perf_counter_ns()
         try:
             feeds = decode()
+            self.check_batch(model.name, feeds)
             decoded = time.perf_counter_ns()
             results = await self.execute(model, feeds)
             ran = time.perf_counter_ns()
@@ -319,6 +338,10 @@ class DataPlane:
     def model_metadata(self, name: str, version: str | None = None) -> dict:
         return self.model(name, version).metadata()
 
+    def model_config(self, name: str, version: str | None = None) -> dict:
+        """Triton's model config (JSON form), with the override it was loaded with."""
+        return triton_config(self.model(name, version), self.max_batch_size(name))
+
     def repository_index(self, ready_only: bool = False) -> list[dict]:
         """Every model this endpoint serves or was told to: name, version, state, reason."""
         entries = []
@@ -345,9 +368,14 @@ class DataPlane:
                 entries.append(entry)
         return entries
 
-    async def load(self, name: str) -> CheckOutcome:
+    async def load(self, name: str, parameters: dict | None = None) -> CheckOutcome:
         """Load (or reload) ``name`` from the registry: a model not served yet follows
-        ``NAME@ALIAS`` (the all_models alias, else champion). Raises if nothing serves."""
+        ``NAME@ALIAS`` (the all_models alias, else champion). Raises if nothing serves.
+
+        ``parameters``: Triton's load parameters; ``config`` (a JSON model config) may set
+        ``max_batch_size``, kept until the model is unloaded (a load without ``config``
+        keeps it). Checked before anything loads."""
+        override = parse_load_parameters(name, parameters or {})
         manager = self.managers.get(name)
         fresh = manager is None
         if fresh:
@@ -363,6 +391,9 @@ class DataPlane:
             self.managers[name] = manager
             self.default_name = self.default_name or name
         self.unloaded.discard(name)
+        if override is not None:
+            self.overrides[name] = override
+            log.info("%s loaded with max_batch_size %d", name, override.max_batch_size)
         task = self._watchers.get(name)
         if task is None or task.done():
             self._watch(manager)
@@ -377,6 +408,7 @@ class DataPlane:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         manager.current = None
+        self.overrides.pop(name, None)
         self.unloaded.add(name)
         log.info("unloaded %s", name)
 

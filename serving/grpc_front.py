@@ -54,22 +54,6 @@ CONTENTS_FIELD = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-# Triton's model-config data types, for ModelConfig.
-CONFIG_TYPES = {
-    "BOOL": 1,
-    "UINT8": 2,
-    "UINT16": 3,
-    "UINT32": 4,
-    "UINT64": 5,
-    "INT8": 6,
-    "INT16": 7,
-    "INT32": 8,
-    "INT64": 9,
-    "FP16": 10,
-    "FP32": 11,
-    "FP64": 12,
-    "BYTES": 13,
-}
 
 
 def _stubs():
@@ -230,25 +214,12 @@ class InferenceService:
 
     async def ModelConfig(self, request, context):  # noqa: N802
         async def handler():
-            from tritonclient.grpc import model_config_pb2 as config
+            from google.protobuf import json_format
+            from tritonclient.grpc import model_config_pb2
 
-            model = self.plane.model(request.name, request.version or None)
-
-            def tensors(specs, kind):
-                return [
-                    kind(name=s.name, data_type=CONFIG_TYPES[s.datatype], dims=list(s.shape))
-                    for s in specs
-                ]
-
+            config = self.plane.model_config(request.name, request.version or None)
             return self.pb.ModelConfigResponse(
-                config=config.ModelConfig(
-                    name=model.name,
-                    platform="onnxruntime_onnx",
-                    backend="onnxruntime",
-                    max_batch_size=0,
-                    input=tensors(model.inputs, config.ModelInput),
-                    output=tensors(model.outputs, config.ModelOutput),
-                )
+                config=json_format.ParseDict(config, model_config_pb2.ModelConfig())
             )
 
         return await self._call("ModelConfig", context, handler)
@@ -264,7 +235,7 @@ class InferenceService:
 
     async def RepositoryModelLoad(self, request, context):  # noqa: N802
         async def handler():
-            await self.plane.load(request.model_name)
+            await self.plane.load(request.model_name, parameters(request.parameters))
             return self.pb.RepositoryModelLoadResponse()
 
         return await self._call("RepositoryModelLoad", context, handler)

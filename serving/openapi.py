@@ -240,6 +240,20 @@ def openapi_document(model_name: str) -> dict:
                     },
                 }
             },
+            base + "/config": {
+                "get": {
+                    "summary": "Triton's model config (JSON): platform, max_batch_size (as "
+                    "set by a load's config override; 0: no limit), inputs and outputs.",
+                    "security": _BEARER,
+                    "parameters": params,
+                    "responses": {
+                        "200": _json(_ref("ModelConfig")),
+                        "401": _ERROR,
+                        "404": _ERROR,
+                        "503": _ERROR,
+                    },
+                }
+            },
             base + "/ready": {
                 "get": {
                     "summary": "Whether this model (version) is ready.",
@@ -331,11 +345,35 @@ def openapi_document(model_name: str) -> dict:
         "/v2/repository/models/{name}/load": {
             "post": {
                 "summary": "Load (or reload) a registered model: NAME@champion, or the "
-                "all-models alias.",
+                "all-models alias. parameters.config, a Triton JSON model config, may set "
+                "max_batch_size (kept until the model is unloaded); other fields and model "
+                "files (file:PATH) are refused.",
                 "security": _BEARER,
                 "parameters": [name_param],
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "parameters": {
+                                        "type": "object",
+                                        "properties": {
+                                            "config": {
+                                                "type": "string",
+                                                "example": '{"max_batch_size": 16}',
+                                            }
+                                        },
+                                    }
+                                },
+                            }
+                        }
+                    },
+                },
                 "responses": {
                     "200": _json(_ref("ReloadOutcome")),
+                    "400": _ERROR,
                     "401": _ERROR,
                     "404": _ERROR,
                     "409": _ERROR,
@@ -478,6 +516,25 @@ def openapi_document(model_name: str) -> dict:
                 "name": {"type": "string"},
                 "version": {"type": "string"},
                 "extensions": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "ModelConfig": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "platform": {"type": "string", "example": "onnxruntime_onnx"},
+                "backend": {"type": "string", "example": "onnxruntime"},
+                "max_batch_size": {"type": "integer", "minimum": 0},
+                "input": {"type": "array", "items": _ref("ModelConfigTensor")},
+                "output": {"type": "array", "items": _ref("ModelConfigTensor")},
+            },
+        },
+        "ModelConfigTensor": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "data_type": {"type": "string", "example": "TYPE_FP32"},
+                "dims": {"type": "array", "items": {"type": "integer"}},
             },
         },
         "ModelMetadata": {

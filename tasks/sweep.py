@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from uuid import UUID
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -45,3 +46,14 @@ def train_trial_task(
 @registry_task
 def finish_trial_task(run_id: str, result: TrialResult) -> None:
     tracking.finish_trial(run_id, result)
+
+
+@registry_task
+def crash_task_run_task(task_run_id: UUID, message: str) -> None:
+    """Mark Crashed the Prefect task run of a trial whose worker died: nothing else will
+    finish it, and the UI would show it running for ever."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        client.set_task_run_state(task_run_id, Crashed(message=message), force=True)

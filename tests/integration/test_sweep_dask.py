@@ -208,6 +208,16 @@ def test_a_worker_killed_mid_sweep_loses_its_trial_and_the_sweep_finishes(mlflow
     assert parent.data.tags["sweep_lost"] == str(lost[0].number)
     lost_run = client.get_run(killed["run_id"])
     assert lost_run.data.tags["trial_state"] == "lost" and lost_run.info.status == "FAILED"
+    # its Prefect task run is Crashed, not left Running
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[f"trial-{lost[0].number}"]))
+        )
+    states = [r.state.type.value for r in runs]  # earlier sweeps' trials share the name
+    assert "CRASHED" in states and "RUNNING" not in states, states
 
 
 def _die_task(spec, die: bool):
