@@ -15,7 +15,7 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 .PHONY: install demo lint test test-all triton-examples soak bench bench-pipeline bench-models bench-sweep ui stop clean help
 
 help:  ## Show the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
