@@ -104,7 +104,36 @@ def _setup(settings: Settings | None = None) -> Settings:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     logging.getLogger("onnxflow").setLevel(logging.INFO)  # progress lines; libraries stay quiet
+    if not _DEBUG["on"]:
+        route_failures_to_file(settings.artifacts_dir / "logs" / f"onnxflow-{os.getpid()}.log")
     return settings
+
+
+class _NoFailureDetails(logging.Filter):
+    """The terminal shows no failure's traceback nor its repeats: a failed step or flow run
+    is said once, by the command's last line (``error: ...``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or not record.name.startswith(("prefect", "onnxflow"))
+
+
+_LOG_FILE: dict[str, Path] = {}
+
+
+def route_failures_to_file(path: Path) -> None:
+    """Every log line, with tracebacks, to ``path`` (opened on the first line); the
+    terminal's handlers keep the progress lines and drop the failures' details (Prefect
+    still sends them to its UI). ``--debug`` leaves the terminal as it is."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if not any(isinstance(f, _NoFailureDetails) for f in handler.filters):
+            handler.addFilter(_NoFailureDetails())
+    if not any(isinstance(h, logging.FileHandler) for h in root.handlers):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(path, delay=True)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        root.addHandler(to_file)
+        _LOG_FILE["path"] = path
 
 
 def _prefect_api(settings: Settings):
@@ -123,8 +152,17 @@ def _say(line: str) -> None:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {_one_line(message)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _one_line(message: str) -> str:
+    """The message on one line, pointing at the log file when details went there."""
+    line = " ".join(message.split())
+    log_file = _LOG_FILE.get("path")
+    if log_file is not None and log_file.exists() and log_file.stat().st_size:
+        line += f" (details: {log_file})"
+    return line
 
 
 def load_config(path: Path | None, overrides: dict[str, dict[str, Any]]) -> PipelineConfig:
@@ -321,6 +359,7 @@ def run(
 
         api.wait()
         started = time.perf_counter()
+        failure = None
         try:
             if sweep:
                 from onnxflow.flows.sweep import sweep as sweep_flow
@@ -329,7 +368,9 @@ def run(
             else:
                 result = run_flow(frameworks, cfg, out_dir, dask=dask or bool(dask_address))
         except OnnxflowError as exc:
-            _fail(str(exc))
+            failure = str(exc)
+    if failure is not None:  # said after the temporary server stopped: the last line
+        _fail(failure)
     for chain in result.chains:
         if chain.sweep is not None:
             _print_sweep(chain.sweep)
@@ -417,14 +458,24 @@ def import_model(
         settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-import-{uuid.uuid4().hex[:6]}"
     )
     with _prefect_api(settings) as api:  # a temporary server boots while we import
-        from onnxflow.flows.importing import import_model as import_flow
+        from onnxflow.flows.pipeline import chain
+        from onnxflow.sources import ImportSource
         from onnxflow.summary import print_table, version_rows
 
         api.wait()
+        source = ImportSource(
+            source=path, sample_path=sample, expected_path=expected, opset=cfg.export.opset
+        )
+        cfg = cfg.model_copy(
+            update={"register_": cfg.register_.model_copy(update={"model_name": name})}
+        )
+        failure = None
         try:
-            result = import_flow(path, name, sample, expected, cfg, out_dir)
+            result = chain(source, cfg, out_dir)
         except OnnxflowError as exc:
-            _fail(str(exc))
+            failure = str(exc)
+    if failure is not None:  # said after the temporary server stopped: the last line
+        _fail(failure)
     print_table(version_rows(name, [result.version.version]), title=f"{name}: imported version")
     tags = result.version.tags
     parity = (
@@ -840,7 +891,7 @@ def main() -> None:
     except Exception as exc:
         if _DEBUG["on"]:
             raise
-        typer.secho(f"error: {explain(exc)}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {_one_line(explain(exc))}", fg=typer.colors.RED, err=True)
         sys.exit(1)
 
 
