@@ -114,7 +114,14 @@ class _NoFailureDetails(logging.Filter):
     is said once, by the command's last line (``error: ...``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR or not record.name.startswith(("prefect", "onnxflow"))
+        if not record.name.startswith(("prefect", "onnxflow")):
+            return True
+        if record.levelno >= logging.ERROR:
+            return False
+        # a run's end in a failed state repeats the error (Prefect logs it at INFO)
+        return not str(record.msg).startswith(
+            ("Finished in state Failed", "Finished in state Crashed")
+        )
 
 
 _LOG_FILE: dict[str, Path] = {}
