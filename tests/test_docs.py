@@ -243,6 +243,55 @@ def test_every_onnxflow_command_line_in_the_docs_parses():
     assert not problems, "commands in the docs that the app does not take:\n" + "\n".join(problems)
 
 
+# Options of other tools that the pages name in inline code on their own (`--serve-artifacts`).
+# An option of onnxflow's is never listed here: a name missing from the app fails the test.
+FOREIGN_OPTIONS = {
+    "--allow-client-shm",  # Triton's server
+    "--serve-artifacts",  # mlflow server
+    "--in-pod",  # podman-compose
+    "--only",  # bench/serve_bench.py
+    "--runs",  # bench/startup_bench.py
+}
+BARE_OPTION = re.compile(r"^--[a-z][\w-]*")
+
+
+def bare_options(path: Path, text: str | None = None) -> list[tuple[str, str]]:
+    """(file:line, option) for inline code that starts with an option (`--grpc-port 8081`)."""
+    text = path.read_text() if text is None else text
+    rel = path.relative_to(ROOT) if path.is_absolute() else path
+    found = []
+    for number, line in enumerate(text.split("\n"), 1):
+        for span in INLINE.findall(line):
+            if BARE_OPTION.match(span):
+                for option in re.findall(r"(?:^|[\s/\[(])(--[a-z][\w-]*)", span):
+                    found.append((f"{rel}:{number}", option))
+    return found
+
+
+def all_options(root) -> set[str]:
+    names = {"--help"}
+    for _, command, _ in _hook("cli_reference").commands(root):
+        names.update(_options(command))
+    return names
+
+
+def test_every_option_named_alone_in_the_docs_is_an_option_of_the_app():
+    known = all_options(_hook("cli_reference").root_command()) | FOREIGN_OPTIONS
+    named = [found for page in pages() for found in bare_options(page)]
+    assert len(named) > 20, "the parser of the pages found too few options"
+    unknown = [f"{where}: {option}" for where, option in named if option not in known]
+    assert not unknown, "options named in the docs that no onnxflow command has:\n" + "\n".join(
+        unknown
+    )
+
+
+def test_the_option_check_fails_on_an_option_the_app_does_not_have():
+    known = all_options(_hook("cli_reference").root_command())
+    named = bare_options(Path("page.md"), "Add `--grpc-portt 8081` (or `--shadow challenger`).")
+    assert [option for _, option in named] == ["--grpc-portt", "--shadow"]
+    assert [option for _, option in named if option not in known] == ["--grpc-portt"]
+
+
 @pytest.mark.parametrize(
     "markdown",
     [
