@@ -358,3 +358,51 @@ def test_the_readme_links_lead_to_files_in_the_site():
     nav = (ROOT / "mkdocs.yml").read_text()
     outside = [link for link in local if link.startswith("docs/") and link[5:] not in nav]
     assert not outside, f"README links to pages that are not in the site's nav: {outside}"
+
+
+def readme_shell_lines() -> list[str]:
+    """The README's shell lines that start with ``onnxflow``, as a user would paste them."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+        for _, line in _shell_lines(block.split("\n"), 1):
+            if line.startswith("onnxflow "):
+                lines.append(line.strip())
+    return lines
+
+
+#: The README's lines that run offline on a fresh project, in this order (the rest need a
+#: data file of the user's, a server, or the stack).
+OFFLINE = (
+    "onnxflow run --recipe my_recipe.py",
+    "onnxflow models digits",
+    "onnxflow promote digits",
+)
+
+
+@pytest.mark.slow
+def test_the_readme_recipe_runs_through_the_cli_as_written(tmp_path, _migrated_db):
+    """The README's own lines, pasted into a shell in a fresh folder: the recipe block saved
+    as my_recipe.py, then run, models, promote, through Prefect and MLflow."""
+    import os
+    import shutil
+
+    lines = [
+        next(line for line in readme_shell_lines() if line.startswith(start)) for start in OFFLINE
+    ]
+    (tmp_path / "my_recipe.py").write_text(readme_recipe())
+    shutil.copyfile(_migrated_db, tmp_path / "mlflow.db")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ONNXFLOW_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ONNXFLOW_PREFECT_SERVER="temporary",
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+    )
+    outputs = []
+    for line in lines:
+        done = subprocess.run(
+            ["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+        )
+        assert done.returncode == 0, f"{line}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        outputs.append(done.stdout)
+    assert "champion" in outputs[1], outputs[1]  # the recipe's version, promoted
