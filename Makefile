@@ -67,8 +67,10 @@ ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000
 docs: $(STAMP)  ## Build the docs site into site/ (strict: a broken link or docstring fails)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-docs-serve: $(STAMP)  ## Serve the docs site on http://127.0.0.1:8000, rebuilt on every change
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
+DOCS_ADDR ?= 127.0.0.1:8000
+
+docs-serve: $(STAMP)  ## Serve the docs site on http://DOCS_ADDR (127.0.0.1:8000), rebuilt on change
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr $(DOCS_ADDR)
 
 stop: $(STAMP)  ## Stop the endpoint started by make demo
 	$(BIN)/onnxflow stop
