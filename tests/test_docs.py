@@ -407,3 +407,39 @@ def test_the_readme_recipe_runs_through_the_cli_as_written(tmp_path, _migrated_d
         assert done.returncode == 0, f"{line}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         outputs.append(done.stdout)
     assert "champion" in outputs[1], outputs[1]  # the recipe's version, promoted
+
+
+def config_blocks() -> list[tuple[str, str]]:
+    """(file:line, text) of every YAML block on the pages that is an ``onnxflow run --config``
+    file: one whose top-level keys include a section of PipelineConfig."""
+    import yaml
+
+    from onnxflow.config import PipelineConfig
+
+    sections = {field.alias or name for name, field in PipelineConfig.model_fields.items()}
+    found = []
+    for page in pages():
+        text = page.read_text()
+        for match in re.finditer(r"```ya?ml\n(.*?)```", text, flags=re.S):
+            loaded = yaml.safe_load(match.group(1))
+            if isinstance(loaded, dict) and sections & set(loaded):
+                line = text[: match.start()].count("\n") + 2
+                found.append((f"{page.relative_to(ROOT)}:{line}", match.group(1)))
+    return found
+
+
+def test_every_config_file_on_the_pages_is_a_valid_config():
+    """A renamed or removed key of the YAML config fails here (unknown keys are errors)."""
+    import yaml
+
+    from onnxflow.config import PipelineConfig
+
+    blocks = config_blocks()
+    assert len(blocks) >= 3, blocks
+    problems = []
+    for where, text in blocks:
+        try:
+            PipelineConfig.model_validate(yaml.safe_load(text))
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+    assert not problems, "\n".join(problems)
