@@ -610,6 +610,19 @@ def serve(
             )
         ),
     ] = None,
+    capture: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Record every answered request (inputs, outputs, latency, request id) as "
+                "Parquet under this folder or fsspec URL, off the request path "
+                "(ONNXFLOW_SERVE_CAPTURE_* settings: queue, segments, retention)."
+            )
+        ),
+    ] = None,
+    capture_fraction: Annotated[
+        float | None, typer.Option(help="Share of answered requests captured (default 1).")
+    ] = None,
 ) -> None:
     """Serve registered models in the foreground with the onnxruntime endpoint.
 
@@ -635,6 +648,8 @@ def serve(
             shadow=shadow,
             shadow_fraction=shadow_fraction,
             canary_percent=canary_percent,
+            capture=capture,
+            capture_fraction=capture_fraction,
         )
     except ValueError as exc:  # the settings refused an option
         _fail(str(exc))
