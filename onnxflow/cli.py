@@ -656,6 +656,27 @@ def serve(
 
 
 @app.command()
+def feedback(
+    name: Annotated[str, typer.Argument(help="The served model the labels are for.")],
+    labels_csv: Annotated[
+        Path, typer.Argument(help="CSV with request_id,label (and optionally row).")
+    ],
+    url: Annotated[
+        str, typer.Option(help="The endpoint that captured the requests.")
+    ] = "http://127.0.0.1:8080",
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="ONNXFLOW_SERVE_TOKEN", show_envvar=True, help="Its bearer token."),
+    ] = None,
+) -> None:
+    """Send ground truth for captured requests (all stored, or none with the reason)."""
+    from onnxflow.feedback import read_labels_csv, send_feedback
+
+    stored = send_feedback(url, name, read_labels_csv(labels_csv), token)
+    typer.echo(f"{stored} label(s) stored for {name}")
+
+
+@app.command()
 def stop() -> None:
     """Stop the endpoint started by `onnxflow run --deploy` (or `make demo`)."""
     from onnxflow.deploy import stop_endpoint

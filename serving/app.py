@@ -251,6 +251,16 @@ class RestEndpoints:
             status = 502
         return json_response(outcome.as_json(), status)
 
+    async def feedback(self, request: Request) -> Response:
+        """Labels for captured requests: ``{"request_id", "label"[, "row"]}`` or a list."""
+        self.plane.authorize(request.headers.get("authorization"))
+        try:
+            payload = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            raise BadInput(f"malformed JSON: {exc}") from None
+        stored = await self.plane.store_feedback(request.path_params["name"], payload)
+        return json_response({"stored": stored})
+
     async def admin_shadow_flush(self, request: Request) -> Response:
         self.plane.authorize(request.headers.get("authorization"), admin=True)
         written = await self.plane.flush_shadow()
@@ -477,6 +487,7 @@ def create_app(settings: ServingSettings) -> FrontDoor:
         Route("/invocations", invocations, methods=["POST"]),
         Route(model + "/invocations", model_invocations, methods=["POST"]),
         Route(model + "/example", ep.model_example, methods=["GET"]),
+        Route(model + "/feedback", ep.feedback, methods=["POST"]),
         Route(model + "/stats", ep.statistics, methods=["GET"]),
         Route(version + "/stats", ep.statistics, methods=["GET"]),
         Route("/v2/repository/index", ep.repository_index, methods=["POST"]),

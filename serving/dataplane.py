@@ -92,6 +92,11 @@ class DataPlane:
             from onnxflow.serving.capture import Capture
 
             self.capture = Capture(settings, self.metrics)
+        self.feedback = None
+        if self.capture is not None:
+            from onnxflow.serving.feedback import FeedbackStore
+
+            self.feedback = FeedbackStore(self.capture)
         self.canary = None
         if settings.canary_percent > 0:
             from onnxflow.serving.canary import Canary
@@ -444,6 +449,15 @@ class DataPlane:
         if name is None and self.default_name is None:
             raise NotReady("no model to reload yet")
         return await self.manager(name or self.default_name).check(force=True)
+
+    async def store_feedback(self, name: str, payload) -> int:
+        """Ground truth for captured requests of ``name`` (see :mod:`.feedback`)."""
+        if self.feedback is None:
+            raise Conflict("no capture to join labels to: start the endpoint with --capture DIR")
+        from onnxflow.serving.feedback import label_kind, parse_labels
+
+        labels = parse_labels(payload, label_kind(self.model(name).outputs[0]))
+        return await asyncio.to_thread(self.feedback.submit, name, labels)
 
     async def flush_shadow(self) -> list[dict]:
         """Write the shadow's figures onto the shadow versions in the registry now."""

@@ -167,6 +167,66 @@ def _metric(text: str, name: str) -> dict:
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
+def test_feedback_joins_labels_by_id_and_refuses_bad_ones_whole(captured, tmp_path):
+    import subprocess
+    import sys
+
+    import pyarrow.dataset as ds
+
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=captured.url, headers=headers, timeout=30) as http:
+        assert _rest(http, 0, "fb-1")[:2] == (200, "fb-1")  # 1 row
+        assert _rest(http, 1, "fb-2")[:2] == (200, "fb-2")  # 2 rows
+        status, generated, _ = _rest(http, 3, None)
+        assert status == 200 and len(generated) == 32
+
+        def post(body):
+            return http.post("/v2/models/cap_a/feedback", json=body)
+
+        ok = post({"request_id": "fb-1", "label": 7})
+        assert ok.status_code == 200 and ok.json() == {"stored": 1}
+        again = post({"request_id": "fb-1", "label": 3})
+        assert again.status_code == 409 and "never overwritten" in again.json()["error"]
+        twice = post({"labels": [{"request_id": "fb-2", "label": 1}] * 2})
+        assert twice.status_code == 409 and "given twice" in twice.json()["error"]
+        unknown = post({"labels": [{"request_id": "fb-2", "label": 1}, {"request_id": "nope"}]})
+        assert unknown.status_code == 400  # the missing label is named first
+        unknown = post(
+            {"labels": [{"request_id": "fb-2", "label": 1}, {"request_id": "nope", "label": 2}]}
+        )
+        assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
+        for bad, words in (
+            ("seven", "class index"),
+            (12, "out of range 0..9"),
+            (1.5, "class index"),
+            (True, "class index"),
+        ):
+            refused = post({"request_id": "fb-2", "label": bad})
+            assert refused.status_code == 400 and words in refused.json()["error"], refused.text
+        row = post({"request_id": "fb-2", "label": 1, "row": 5})
+        assert row.status_code == 400 and "the request had 2" in row.json()["error"]
+        assert http.post("/v2/models/cap_a/feedback", content=b"{").status_code == 400
+        assert post({"request_id": "fb-2", "label": 4}).json() == {"stored": 1}  # row 0
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"request_id,label,row\n{generated},5,\nfb-2,6,1\n")
+    command = [sys.executable, "-m", "onnxflow.cli", "feedback", "cap_a", str(labels)]
+    command += ["--url", captured.url]
+    env = {**__import__("os").environ, "ONNXFLOW_SERVE_TOKEN": TOKEN}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and "2 label(s) stored for cap_a" in done.stdout, done.stderr
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and "already stored" in done.stderr, done.stderr
+
+    stored = ds.dataset(captured.folder / "_feedback", format="parquet", partitioning="hive")
+    table = stored.to_table(columns=["request_id", "row", "label"]).to_pydict()
+    got = sorted(zip(*table.values()))
+    want = [("fb-1", 0, "7"), ("fb-2", 0, "4"), (generated, 0, "5"), ("fb-2", 1, "6")]
+    assert got == sorted(want)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
 def test_every_answer_is_captured_under_load_and_sigterm_loses_nothing(captured):
     import pyarrow.dataset as ds
     import tritonclient.grpc as grpcclient
