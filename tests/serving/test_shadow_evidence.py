@@ -131,8 +131,10 @@ def test_identical_files_show_equal_figures_and_a_nan_poisons_nothing(twins):
         shadow_p50 = pair["shadow_latency_ms"]["p50"]
         served_p50 = pair["served_latency_ms"]["p50"]
         # the same measurement on both sides (the bare onnxruntime run): the same order of
-        # magnitude for the same file, where it was 17x apart at p99 before
-        assert 1 / 3 < shadow_p50 / served_p50 < 3, pair
+        # magnitude for the same file, where it was 17x apart at p99 before. The two sides
+        # run in two processes: on a busy 2-core machine one of them is descheduled more
+        # often (3.1x seen at load 9), so the bound is an order of magnitude, not a ratio.
+        assert 1 / 10 < shadow_p50 / served_p50 < 10, pair
 
         client = grpcclient.InferenceServerClient(twins.grpc)
         x = rng.normal(size=(2, 64)).astype(np.float32)
