@@ -610,6 +610,19 @@ def serve(
             )
         ),
     ] = None,
+    capture: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Record every answered request (inputs, outputs, latency, request id) as "
+                "Parquet under this folder or fsspec URL, off the request path "
+                "(ONNXFLOW_SERVE_CAPTURE_* settings: queue, segments, retention)."
+            )
+        ),
+    ] = None,
+    capture_fraction: Annotated[
+        float | None, typer.Option(help="Share of answered requests captured (default 1).")
+    ] = None,
 ) -> None:
     """Serve registered models in the foreground with the onnxruntime endpoint.
 
@@ -635,9 +648,32 @@ def serve(
             shadow=shadow,
             shadow_fraction=shadow_fraction,
             canary_percent=canary_percent,
+            capture=capture,
+            capture_fraction=capture_fraction,
         )
     except ValueError as exc:  # the settings refused an option
         _fail(str(exc))
+
+
+@app.command()
+def feedback(
+    name: Annotated[str, typer.Argument(help="The served model the labels are for.")],
+    labels_csv: Annotated[
+        Path, typer.Argument(help="CSV with request_id,label (and optionally row).")
+    ],
+    url: Annotated[
+        str, typer.Option(help="The endpoint that captured the requests.")
+    ] = "http://127.0.0.1:8080",
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="ONNXFLOW_SERVE_TOKEN", show_envvar=True, help="Its bearer token."),
+    ] = None,
+) -> None:
+    """Send ground truth for captured requests (all stored, or none with the reason)."""
+    from onnxflow.feedback import read_labels_csv, send_feedback
+
+    stored = send_feedback(url, name, read_labels_csv(labels_csv), token)
+    typer.echo(f"{stored} label(s) stored for {name}")
 
 
 @app.command()
