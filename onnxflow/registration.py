@@ -36,6 +36,10 @@ MODEL_ARTIFACT = "model"
 """Name of the logged model inside its run (the version's files sit under it)."""
 
 
+#: Where a version's reference profile lies in its run (:mod:`onnxflow.profile`).
+PROFILE_PATH = "profile/reference.json"
+
+
 def register_onnx(
     model_path: Path,
     *,
@@ -44,11 +48,15 @@ def register_onnx(
     tags: Mapping[str, str] | None = None,
     aliases: Sequence[str] = ("challenger",),
     run_id: str | None = None,
+    profile: Mapping | None = None,
 ) -> RegisteredVersion:
     """Log ``model_path`` (with its external data) and register it as a new version.
 
     The low-level call (benchmarks and tests use it directly); the pipeline's register
     step, for every source, is :func:`register_validated`, which has the validation sample.
+
+    ``profile``: the version's reference profile (:mod:`onnxflow.profile`), logged as
+    ``profile/reference.json`` on its run, for the drift monitor.
 
     With ``run_id`` the model is logged into that run, and a version already registered
     from that run is reused instead of creating a second one: a retried register step
@@ -81,6 +89,8 @@ def register_onnx(
         all_tags = {**(tags or {}), "onnx_sha256": stored}
         for key, value in all_tags.items():
             client.set_model_version_tag(model_name, version.version, key, str(value))
+    if profile is not None:
+        client.log_dict(run_id, dict(profile), PROFILE_PATH)
     for alias in aliases:
         client.set_registered_model_alias(model_name, alias, version.version)
     return RegisteredVersion(
@@ -191,14 +201,19 @@ def register_validated(
     dataset digest, git commit, flow run, simplify figures, the source's own); validation
     adds its own. ``sample`` is the validation sample (:func:`onnxflow.sources.read_sample`
     gives its input arrays and labels): its first row is the version's input example (the
-    whole sample for a model without a dynamic batch axis); what is computed from the
-    training data at registration (a reference profile) starts here.
+    whole sample for a model without a dynamic batch axis). A source that trained the
+    model also gives its training inputs (:func:`onnxflow.sources.read_training_inputs`):
+    the version's reference profile (:mod:`onnxflow.profile`) is computed from them here.
     """
     if not summary.passed:
         raise RegistryError(
             f"Refusing to register {model_path}: validation failed (see {summary.report_dir})."
         )
-    from onnxflow.sources import read_sample
+    from onnxflow.profile import profile_model
+    from onnxflow.sources import read_sample, read_training_inputs
+
+    training = read_training_inputs(sample)
+    profile = profile_model(model_path, *training) if training else None
 
     report = report_tags(summary.report_dir)
     inputs = read_sample(sample).inputs
@@ -212,6 +227,7 @@ def register_validated(
         tags=tags,
         aliases=(config.alias,),
         run_id=run_id,
+        profile=profile,
     )
 
 

@@ -68,6 +68,10 @@ class ValidationSample(StepResult):
     task: Literal["classification", "regression"] | None = None
     """None: the sample has no labels (an imported model's)."""
     class_names: tuple[str, ...] = ()
+    training: Path | None = None
+    """``training.npz``: the inputs the model was trained on (``train.NAME``) and
+    validated on during training (``validation.NAME``), for the version's reference
+    profile; None when the source trained nothing (an imported file)."""
 
 
 @dataclass(frozen=True)
@@ -88,10 +92,19 @@ def write_sample(
     task: Literal["classification", "regression"] | None = None,
     class_names: tuple[str, ...] = (),
     expected: Mapping[str, np.ndarray] | None = None,
+    training: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> ValidationSample:
-    """``out_dir/sample.npz`` and its description."""
+    """``out_dir/sample.npz`` and its description (``training``: the train and validation
+    inputs by name, written beside it as ``training.npz``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "sample.npz"
+    training_path = None
+    if training is not None:
+        training_path = out_dir / "training.npz"
+        np.savez(
+            training_path,
+            **{f"{split}.{k}": v for split, arrays in training.items() for k, v in arrays.items()},
+        )
     arrays = {**inputs}
     if labels is not None:
         arrays[LABELS] = labels
@@ -106,6 +119,7 @@ def write_sample(
         rows=rows,
         task=task if labels is not None else None,
         class_names=class_names,
+        training=training_path,
     )
 
 
@@ -117,6 +131,20 @@ def read_sample(sample: ValidationSample) -> SampleArrays:
     labels = arrays.pop(LABELS, None)
     expected = {k[len(EXPECTED) :]: arrays.pop(k) for k in list(arrays) if k.startswith(EXPECTED)}
     return SampleArrays(inputs=arrays, labels=labels, expected=expected or None)
+
+
+def read_training_inputs(
+    sample: ValidationSample,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+    """The (train, validation) inputs by name the model was trained on, if it was."""
+    if sample.training is None:
+        return None
+    with np.load(sample.training, allow_pickle=True) as npz:
+        split = {k: npz[k] for k in npz.files}
+    return tuple(  # type: ignore[return-value]
+        {k.split(".", 1)[1]: v for k, v in split.items() if k.startswith(f"{name}.")}
+        for name in ("train", "validation")
+    )
 
 
 class SourcedModel(StepResult):
@@ -227,6 +255,10 @@ class TableSource(StepResult):
             labels=splits["y_test"],
             task=info.task,
             class_names=info.class_names,
+            training={
+                "train": {INPUT_NAME: splits["X_train"]},
+                "validation": {INPUT_NAME: splits["X_val"]},
+            },
         )
         return SourcedModel(
             framework=self.framework,
@@ -295,8 +327,9 @@ class RecipeSource(StepResult):
             digest=info.digest,
             split="test",
             labels=labels,
-            task=info.task,  # type: ignore[arg-type]
+            task=info.task,
             class_names=info.class_names,
+            training={s: read_split(self.dataset, s)[0] for s in ("train", "validation")},
         )
         return SourcedModel(
             framework=trained.framework,
@@ -402,6 +435,11 @@ class ImportSource(StepResult):
                 "imported_from": str(imported.source)[:4000],
                 "source_format": imported.source_format,
                 "sample_digest": digest,
+                **(
+                    {"upgraded_from_opset": str(imported.upgraded_from_opset)}
+                    if imported.upgraded_from_opset
+                    else {}
+                ),
             },
             origin={
                 "name": imported.framework,
