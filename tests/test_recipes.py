@@ -628,3 +628,23 @@ def test_a_regression_recipe_registers_with_rmse_and_parity(
     assert float(tags["parity_max_abs"]) <= 1e-4 and tags["parity_checked"] == "true"
     report = (chain.validation.report_dir / "report.json").read_text()
     assert '"mae_onnx"' in report and "predictions.png" in report
+
+
+def test_the_recipe_page_example_trains_exports_and_validates(tmp_path):
+    """docs/guide/recipes.md's example recipe, as `onnxflow run --recipe` runs it, without
+    Prefect and MLflow."""
+    import re
+
+    from onnxflow.config import ValidateConfig
+    from onnxflow.recipes.steps import prepare_recipe_data
+    from onnxflow.sources import RecipeSource, validate_sourced
+
+    page = (ROOT / "docs" / "guide" / "recipes.md").read_text()
+    (block,) = re.findall(r"```python\n(# my_recipe\.py\n.*?)```", page, flags=re.S)
+    recipe = _recipe(tmp_path, block, "my_recipe.py")
+    dataset = prepare_recipe_data(str(recipe), DataConfig(), tmp_path / "data")
+    source = RecipeSource(recipe=str(recipe), dataset=dataset, train_config=TrainConfig(epochs=3))
+    model = source.export(source.train(tmp_path / "train"), tmp_path / "source")
+    path = model.exported.path
+    summary = validate_sourced(source, model, path, ValidateConfig(), tmp_path / "v")
+    assert summary.passed and summary.metric_name == "accuracy" and summary.onnx_metric > 0.8
