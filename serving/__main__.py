@@ -5,7 +5,6 @@ pyarrow when they are installed (inside ``suppress(ImportError)``), and the endp
 no use for either, nor for torch or tensorflow. A blocked module raises ImportError.
 """
 
-import os
 import sys
 
 from onnxflow.serving import block_heavy_imports
@@ -25,7 +24,7 @@ def main() -> None:
     from onnxflow.serving.registry_reader import check_login
 
     try:  # a wrong login is a clear error now, not an endpoint that never becomes ready
-        check_login(os.environ.get("MLFLOW_TRACKING_URI"))
+        check_login(settings.tracking_uri)
     except RegistryError as exc:
         sys.exit(f"onnxflow endpoint: {exc}")
     run_server(settings)
