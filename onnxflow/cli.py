@@ -667,6 +667,8 @@ def trigger(
 
 class ConvertTarget(str, Enum):
     torch = "torch"
+    tensorflow = "tensorflow"
+    tflite = "tflite"
 
 
 @app.command()
@@ -674,9 +676,16 @@ def convert(
     model: Annotated[
         str,
         typer.Argument(
-            help="A registry URI (models:/digits@champion, models:/digits/3) or an .onnx file."
+            help=(
+                "A registry URI (models:/digits@champion, models:/digits/3), a registered "
+                "model's NAME (with VERSION), or an .onnx file."
+            )
         ),
     ],
+    version: Annotated[
+        str | None,
+        typer.Argument(help="With a NAME: the version number, or an alias such as champion."),
+    ] = None,
     to: Annotated[
         ConvertTarget, typer.Option(help="Framework to convert to.")
     ] = ConvertTarget.torch,
@@ -699,9 +708,14 @@ def convert(
         ),
     ] = None,
 ) -> None:
-    """Convert an ONNX model back into PyTorch (onnx2torch) and check parity against onnxruntime."""
+    """Convert an ONNX model into PyTorch (onnx2torch), a TensorFlow SavedModel or a TFLite
+    file (onnx2tf, in its own venv) and check parity against onnxruntime."""
     settings = _setup()
     from onnxflow.convert import ConvertConfig, convert_model
+
+    if version is not None:
+        sep = "/" if version.isdigit() else "@"
+        model = f"models:/{model}{sep}{version}"
 
     out_dir = (
         out
@@ -717,6 +731,19 @@ def convert(
             f"✓ {name}: max abs diff {figures['max_abs']:.3g} against onnxruntime "
             f"({result.rows} rows of the {result.sample})"
         )
+    if result.artifact_format in ("savedmodel", "tflite"):
+        figures = result.figures
+        typer.echo(
+            f"✓ TensorFlow max abs diff {figures['parity_max_abs']['tensorflow']:.3g}, TFLite "
+            f"{figures['parity_max_abs']['tflite']:.3g} against onnxruntime"
+        )
+        typer.echo(
+            f"saved {Path(result.report_path).parent / 'tensorflow' / 'saved_model'} (SavedModel, "
+            f"tf.saved_model.load(PATH).signatures['serving_default']) and "
+            f"{figures['tflite_path']} (ai_edge_litert Interpreter)"
+        )
+        typer.echo(f"report: {result.report_path}    time: {result.seconds:.1f} s")
+        return
     load = (
         "torch.export.load(PATH).module()"
         if result.artifact_format == "torch_export"

@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from onnxflow.serving.batching import Batcher
+from onnxflow.serving.comparison import timed_run
 from onnxflow.serving.errors import (
     BadInput,
     CannotRun,
@@ -140,22 +141,23 @@ class DataPlane:
 
     # --- execution -------------------------------------------------------------------
 
-    async def execute(self, model: LoadedModel, feeds: dict) -> list:
-        """Run the model on checked feeds: batched, on the loop, or in a worker thread."""
+    async def execute(self, model: LoadedModel, feeds: dict) -> tuple[list, float | None]:
+        """Run the model on checked feeds: batched, on the loop, or in a worker thread.
+        Returns the outputs and the onnxruntime run's seconds (:func:`timed_run`, as the
+        shadow times its own), None when the batcher merged the request with others."""
         try:
             if self.batcher is not None and model.batchable:
                 rows = {a.shape[0] for a in feeds.values()}
                 if len(rows) > 1:
                     raise BadInput(f"inputs disagree on the batch size: {sorted(rows)}")
-                return await self.batcher.run(
-                    model, feeds, self.repository.max_batch_size(model.name)
-                )
+                limit = self.repository.max_batch_size(model.name)
+                return await self.batcher.run(model, feeds, limit), None
             if model.inline:
                 rows = max(a.shape[0] if a.ndim else 1 for a in feeds.values())
                 if rows <= model.inline_rows:
-                    return model.run(feeds)
+                    return timed_run(model.run, feeds)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, model.run, feeds)
+            return await loop.run_in_executor(self.executor, timed_run, model.run, feeds)
         except RequestError:
             raise
         except Exception as exc:  # noqa: BLE001  (onnxruntime refused this input at run time)
@@ -188,7 +190,7 @@ class DataPlane:
             feeds = bound.feeds
             self.check_batch(model.name, feeds)
             decoded = time.perf_counter_ns()
-            results = await self.execute(model, feeds)
+            results, run_s = await self.execute(model, feeds)
             ran = time.perf_counter_ns()
             answer = encode(model, bound, results)
         except Exception:
@@ -198,7 +200,7 @@ class DataPlane:
             raise
         done = time.perf_counter_ns()
         if self.shadow is not None:  # after the answer exists; never waits, never raises
-            self.shadow.offer(model, feeds, results, (ran - decoded) / 1e9)
+            self.shadow.offer(model, feeds, results, run_s)
         if self.canary is not None:
             self.canary.record(model, True, (done - start) / 1e9)
         rows = max((a.shape[0] if a.ndim else 1) for a in feeds.values())
