@@ -1,11 +1,13 @@
 """The gRPC front: KServe V2 / Triton's ``inference.GRPCInferenceService`` over the data plane.
 
-Served with grpcio's asyncio server on the endpoint's own event loop, against the
-protocol stubs tritonclient ships (``tritonclient.grpc.service_pb2``), so Triton's and
-KServe's gRPC clients work unchanged. The same checks as REST: the token as
-``authorization`` metadata (``Bearer <token>``), the body size limit as the largest
-message, every tensor checked against the model before an array is made. Errors are the
-data plane's named errors as gRPC status codes (``RequestError.grpc_code``).
+Served with grpcio's asyncio server on the endpoint's own event loop (no worker thread per
+request), against the protocol stubs tritonclient ships (``tritonclient.grpc.service_pb2``),
+so Triton's and KServe's gRPC clients work unchanged. ``ModelInfer`` reads the message into
+the neutral :class:`~onnxflow.serving.inference.InferRequest` and takes the one request
+path REST takes (:meth:`DataPlane.run_request`, where the V2 rules bind it to the model);
+only the answer's encoding is gRPC's own. The token is ``authorization`` metadata
+(``Bearer <token>``), the body size limit the largest message. Errors are the data plane's
+named errors as gRPC status codes (``RequestError.grpc_code``).
 
 Tensors come as ``raw_input_contents`` (little-endian, BYTES length-prefixed: what
 tritonclient sends), as typed ``contents``, or from a registered system shared-memory
