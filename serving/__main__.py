@@ -11,16 +11,17 @@ from onnxflow.serving import block_heavy_imports
 
 
 def main() -> None:
-    block_heavy_imports()
-
-    from onnxflow.serving.launcher import run_server
-    from onnxflow.serving.settings import ServingSettings
+    from onnxflow.serving.settings import ServingSettings  # pydantic only
 
     try:
         settings = ServingSettings()
     except ValueError as exc:
         sys.exit(f"onnxflow endpoint: bad settings: {exc}")
+    # --capture writes Parquet with pyarrow (never pandas)
+    block_heavy_imports(allow=("pyarrow",) if settings.capture else ())
+
     from onnxflow.errors import RegistryError
+    from onnxflow.serving.launcher import run_server
     from onnxflow.serving.registry_reader import check_login
 
     try:  # a wrong login is a clear error now, not an endpoint that never becomes ready

@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from onnxflow.serving.batching import Batcher
+from onnxflow.serving.capture import new_request_id
 from onnxflow.serving.comparison import timed_run
 from onnxflow.serving.errors import (
     BadInput,
@@ -73,6 +74,16 @@ class DataPlane:
             from onnxflow.serving.shadow import Shadow
 
             self.shadow = Shadow(settings, self.metrics)
+        self.capture = None
+        if settings.capture:
+            from onnxflow.serving.capture import Capture
+
+            self.capture = Capture(settings, self.metrics)
+        self.feedback = None
+        if self.capture is not None:
+            from onnxflow.serving.feedback import FeedbackStore
+
+            self.feedback = FeedbackStore(self.capture)
         self.canary = None
         if settings.canary_percent > 0:
             from onnxflow.serving.canary import Canary
@@ -82,7 +93,10 @@ class DataPlane:
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the batcher and the repository's alias watchers (on the running loop)."""
+        """Start the capture, the batcher and the repository's alias watchers (on the
+        running loop)."""
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.start)
         if self.shadow is not None:
             await self.shadow.start()
         if self.settings.batching:
@@ -109,6 +123,9 @@ class DataPlane:
             await self.canary.stop()
         if self.batcher:
             await self.batcher.stop()
+        if self.capture is not None:  # every record accepted so far is written
+            self.capture.stopping()
+            await asyncio.to_thread(self.capture.stop)
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.shared_memory is not None:
             self.shared_memory.unregister()
@@ -174,12 +191,22 @@ class DataPlane:
                 "(the config it was loaded with)"
             )
 
-    async def run_request(self, model: LoadedModel, read, encode):
+    def request_id(self, given: str | None) -> str | None:
+        """The id a request is known by: the client's, else (when capturing) a new one that
+        the response carries back, for feedback to refer to."""
+        if given or self.capture is None:
+            return given or None
+        return new_request_id()
+
+    async def run_request(self, model: LoadedModel, read, encode, request_id=None):
         """One inference request, the one path every front takes (timed for the
-        statistics, offered to the shadow and the canary): ``read()`` gives the request,
-        an :class:`InferRequest` (bound to ``model`` here: the V2 rules) or a
+        statistics, offered to the shadow, the canary and the capture): ``read()`` gives
+        the request, an :class:`InferRequest` (bound to ``model`` here: the V2 rules) or a
         :class:`BoundRequest` already checked (MLflow's format); :meth:`execute` runs its
-        feeds; ``encode(model, bound, results)`` gives the answer."""
+        feeds; ``encode(model, bound, results)`` gives the answer. ``request_id``: the id
+        the front was given beside the body (``X-Request-ID``); when capturing, the
+        request is known by it, else by its V2 ``id``, else by a new one
+        (``bound.request_id``, which the front returns)."""
         start = time.perf_counter_ns()
         try:
             request = read()
@@ -188,6 +215,10 @@ class DataPlane:
             else:
                 bound = bind(request, model, self.settings.max_body_bytes, self.shared_memory)
             feeds = bound.feeds
+            if self.capture is not None:
+                bound.request_id = self.request_id(request_id or bound.id)
+            else:
+                bound.request_id = request_id
             self.check_batch(model.name, feeds)
             decoded = time.perf_counter_ns()
             results, run_s = await self.execute(model, feeds)
@@ -203,6 +234,10 @@ class DataPlane:
             self.shadow.offer(model, feeds, results, run_s)
         if self.canary is not None:
             self.canary.record(model, True, (done - start) / 1e9)
+        if self.capture is not None:  # never waits, never raises
+            self.capture.offer(
+                model, lambda: bound.request_id, feeds, results, (done - start) / 1e9
+            )
         rows = max((a.shape[0] if a.ndim else 1) for a in feeds.values())
         self.stats.success(
             model.name,
@@ -245,6 +280,15 @@ class DataPlane:
 
     # --- administration --------------------------------------------------------------
 
+    async def store_feedback(self, name: str, payload) -> int:
+        """Ground truth for captured requests of ``name`` (see :mod:`.feedback`)."""
+        if self.feedback is None:
+            raise Conflict("no capture to join labels to: start the endpoint with --capture DIR")
+        from onnxflow.serving.feedback import label_kind, parse_labels
+
+        labels = parse_labels(payload, label_kind(self.repository.model(name).outputs[0]))
+        return await asyncio.to_thread(self.feedback.submit, name, labels)
+
     async def flush_shadow(self) -> list[dict]:
         """Write the shadow's figures onto the shadow versions in the registry now."""
         if self.shadow is None:
@@ -272,6 +316,7 @@ class DataPlane:
             "mlflow_loaded": sys.modules.get("mlflow") is not None,
             "shadow": self.shadow.status() if self.shadow is not None else None,
             "canary": self.canary.status() if self.canary is not None else None,
+            "capture": self.capture.status() if self.capture is not None else None,
             "uptime_s": time.time() - self.started,
         }
 

@@ -182,7 +182,9 @@ class InferenceService:
     def _encode(self, model, bound, results):
         """The answer as a ``ModelInferResponse``: outputs as ``raw_output_contents``."""
         response = self.pb.ModelInferResponse(
-            model_name=model.name, model_version=model.version, id=bound.id or ""
+            model_name=model.name,
+            model_version=model.version,
+            id=bound.request_id or bound.id or "",
         )
         tensors = output_tensors(model, bound, results)
         # tritonclient finds an output's raw contents by its index among the outputs: a

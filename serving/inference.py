@@ -223,6 +223,8 @@ class BoundRequest:
     outputs: list[tuple[str, bool]]  # (name, as binary), in the order asked
     memory_outputs: dict[str, MemoryReference] = field(default_factory=dict)
     memory: SharedMemoryRegistry | None = None
+    # the id the request is known by (capture, feedback), set on the request path
+    request_id: str | None = None
 
     @classmethod
     def of_feeds(cls, feeds: dict[str, np.ndarray], output_names: list[str]) -> BoundRequest:
