@@ -348,8 +348,8 @@ models, requests go round-robin over all five. Load average when it started:
 {results["load_average"]:.1f} (on a busy machine these figures drop and swing).
 
 **The two fronts side by side**, one model, the same clients at 1, 8 and 64 threads
-(`--connections`), REST and gRPC in four alternating rounds at each (so a change in the
-machine's load weighs on both alike); CPU/request is the endpoint's user + system
+(`team_bench.py --connections`), REST and gRPC in four alternating rounds at each (so
+a change in the machine's load weighs on both alike); CPU/request is the endpoint's user + system
 time over the requests it answered in that run (µs); p99 in ms:
 
 | threads | REST req/s | gRPC req/s | ratio | REST p99 | gRPC p99 | REST CPU | gRPC CPU |
