@@ -623,6 +623,19 @@ def serve(
             )
         ),
     ] = None,
+    capture: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Record every answered request (inputs, outputs, latency, request id) as "
+                "Parquet under this folder or fsspec URL, off the request path "
+                "(ONNXFLOW_SERVE_CAPTURE_* settings: queue, segments, retention)."
+            )
+        ),
+    ] = None,
+    capture_fraction: Annotated[
+        float | None, typer.Option(help="Share of answered requests captured (default 1).")
+    ] = None,
 ) -> None:
     """Serve registered models in the foreground with the onnxruntime endpoint.
 
@@ -648,9 +661,32 @@ def serve(
             shadow=shadow,
             shadow_fraction=shadow_fraction,
             canary_percent=canary_percent,
+            capture=capture,
+            capture_fraction=capture_fraction,
         )
     except ValueError as exc:  # the settings refused an option
         _fail(str(exc))
+
+
+@app.command()
+def feedback(
+    name: Annotated[str, typer.Argument(help="The served model the labels are for.")],
+    labels_csv: Annotated[
+        Path, typer.Argument(help="CSV with request_id,label (and optionally row).")
+    ],
+    url: Annotated[
+        str, typer.Option(help="The endpoint that captured the requests.")
+    ] = "http://127.0.0.1:8080",
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="ONNXFLOW_SERVE_TOKEN", show_envvar=True, help="Its bearer token."),
+    ] = None,
+) -> None:
+    """Send ground truth for captured requests (all stored, or none with the reason)."""
+    from onnxflow.feedback import read_labels_csv, send_feedback
+
+    stored = send_feedback(url, name, read_labels_csv(labels_csv), token)
+    typer.echo(f"{stored} label(s) stored for {name}")
 
 
 @app.command()
@@ -734,6 +770,8 @@ def trigger(
 
 class ConvertTarget(str, Enum):
     torch = "torch"
+    tensorflow = "tensorflow"
+    tflite = "tflite"
 
 
 @app.command()
@@ -741,9 +779,16 @@ def convert(
     model: Annotated[
         str,
         typer.Argument(
-            help="A registry URI (models:/digits@champion, models:/digits/3) or an .onnx file."
+            help=(
+                "A registry URI (models:/digits@champion, models:/digits/3), a registered "
+                "model's NAME (with VERSION), or an .onnx file."
+            )
         ),
     ],
+    version: Annotated[
+        str | None,
+        typer.Argument(help="With a NAME: the version number, or an alias such as champion."),
+    ] = None,
     to: Annotated[
         ConvertTarget, typer.Option(help="Framework to convert to.")
     ] = ConvertTarget.torch,
@@ -766,9 +811,14 @@ def convert(
         ),
     ] = None,
 ) -> None:
-    """Convert an ONNX model back into PyTorch (onnx2torch) and check parity against onnxruntime."""
+    """Convert an ONNX model into PyTorch (onnx2torch), a TensorFlow SavedModel or a TFLite
+    file (onnx2tf, in its own venv) and check parity against onnxruntime."""
     settings = _setup()
     from onnxflow.convert import ConvertConfig, convert_model
+
+    if version is not None:
+        sep = "/" if version.isdigit() else "@"
+        model = f"models:/{model}{sep}{version}"
 
     out_dir = (
         out
@@ -784,6 +834,19 @@ def convert(
             f"✓ {name}: max abs diff {figures['max_abs']:.3g} against onnxruntime "
             f"({result.rows} rows of the {result.sample})"
         )
+    if result.artifact_format in ("savedmodel", "tflite"):
+        figures = result.figures
+        typer.echo(
+            f"✓ TensorFlow max abs diff {figures['parity_max_abs']['tensorflow']:.3g}, TFLite "
+            f"{figures['parity_max_abs']['tflite']:.3g} against onnxruntime"
+        )
+        typer.echo(
+            f"saved {Path(result.report_path).parent / 'tensorflow' / 'saved_model'} (SavedModel, "
+            f"tf.saved_model.load(PATH).signatures['serving_default']) and "
+            f"{figures['tflite_path']} (ai_edge_litert Interpreter)"
+        )
+        typer.echo(f"report: {result.report_path}    time: {result.seconds:.1f} s")
+        return
     load = (
         "torch.export.load(PATH).module()"
         if result.artifact_format == "torch_export"

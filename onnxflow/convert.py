@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 
 
 class ConvertConfig(StepConfig):
-    to: Literal["torch"] = Field("torch", description="Target framework (PyTorch only).")
+    to: Literal["torch", "tensorflow", "tflite"] = Field(
+        "torch", description="PyTorch (onnx2torch), or a SavedModel/TFLite file (onnx2tf)."
+    )
     atol: float = Field(1e-4, gt=0, description="Max absolute torch-vs-onnxruntime difference.")
     rtol: float = Field(1e-3, gt=0, description="Max relative difference (of values above atol).")
     max_rows: int = Field(512, ge=1, description="Sample rows compared (the first ones).")
@@ -59,6 +61,10 @@ def convert_model(
     """Convert ``model`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or an ``.onnx``
     path) to PyTorch in ``out_dir``, check parity against onnxruntime on the sample, write
     ``report.json``; raise :class:`ConversionError` naming every failed check."""
+    if config.to != "torch":
+        from onnxflow.convert_tf import convert_to_tensorflow
+
+        return convert_to_tensorflow(model, config, out_dir, sample)
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +78,6 @@ def convert_model(
     names = [o.name for o in session.get_outputs()]
     expected = dict(zip(names, session.run(names, feeds), strict=True))
     checks: list[Check] = []
-    parity: dict[str, dict[str, float]] = {}
     try:
         found = dict(zip(names, run_saved(saved, artifact_format, feeds, names), strict=True))
     except Exception as exc:  # torch raises RuntimeError, TypeError, ... with the reason
@@ -82,41 +87,8 @@ def convert_model(
             )
         )
         found = {}
-    for name, want in expected.items():
-        if name not in found:
-            continue
-        got = found[name]
-        if got.shape != want.shape:
-            checks.append(
-                Check(
-                    f"output {name!r} shape",
-                    False,
-                    f"torch {list(got.shape)}, onnxruntime {list(want.shape)}",
-                )
-            )
-            continue
-        if want.dtype.kind in "fc":
-            parity[name] = parity_figures(got, want, config.atol)
-            ok = parity[name]["max_abs"] <= config.atol and parity[name]["max_rel"] <= config.rtol
-            checks.append(
-                Check(
-                    f"output {name!r}",
-                    ok,
-                    f"max abs diff {parity[name]['max_abs']:.3g} (atol "
-                    f"{config.atol:g}), max rel {parity[name]['max_rel']:.3g} "
-                    f"(rtol {config.rtol:g})",
-                )
-            )
-        else:
-            differ = int(np.sum(got != want))
-            parity[name] = {"max_abs": 0.0 if not differ else math.inf, "max_rel": 0.0}
-            checks.append(
-                Check(
-                    f"output {name!r}",
-                    not differ,
-                    f"{want.dtype} values: {differ} of {want.size} differ",
-                )
-            )
+    more_checks, parity = compare_outputs(found, expected, config, "torch")
+    checks += more_checks
     dynamic = False
     rows = min((len(v) for v in feeds.values() if v.ndim), default=1)
     if found and _has_dynamic_batch(onnx_path):
@@ -187,6 +159,48 @@ def convert_model(
         report_path=report_path,
         seconds=time.perf_counter() - started,
     )
+
+
+def compare_outputs(
+    found: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+    config: ConvertConfig,
+    label: str,
+) -> tuple[list[Check], dict[str, dict[str, float]]]:
+    """One check per output present in ``found``: shape, then values (float outputs
+    against atol/rtol, others exactly); and the parity figures per output."""
+    checks: list[Check] = []
+    parity: dict[str, dict[str, float]] = {}
+    for name, want in expected.items():
+        if name not in found:
+            continue
+        got = np.asarray(found[name])
+        if got.shape != want.shape:
+            checks.append(
+                Check(
+                    f"{label} output {name!r} shape",
+                    False,
+                    f"{label} {list(got.shape)}, onnxruntime {list(want.shape)}",
+                )
+            )
+            continue
+        if want.dtype.kind in "fc":
+            parity[name] = parity_figures(got, want, config.atol)
+            ok = parity[name]["max_abs"] <= config.atol and parity[name]["max_rel"] <= config.rtol
+            detail = (
+                f"max abs diff {parity[name]['max_abs']:.3g} (atol {config.atol:g}), max rel "
+                f"{parity[name]['max_rel']:.3g} (rtol {config.rtol:g})"
+            )
+        else:
+            differ = int(np.sum(got != want))
+            parity[name] = {"max_abs": 0.0 if not differ else math.inf, "max_rel": 0.0}
+            ok, detail = not differ, f"{want.dtype} values: {differ} of {want.size} differ"
+        checks.append(
+            Check(
+                f"{label} output {name!r}" if label != "torch" else f"output {name!r}", ok, detail
+            )
+        )
+    return checks, parity
 
 
 # -- source and sample -------------------------------------------------------------------

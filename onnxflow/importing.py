@@ -314,6 +314,7 @@ def convert_to_onnx(
     """``out_dir/model.onnx`` from the source model; ``sample`` (raw arrays as read) gives
     TorchScript its example inputs. Never modifies the source."""
     from onnxflow.onnxfiles import copy_model
+    from onnxflow.opset_upgrade import upgrade_for_runtime
 
     source = Path(source)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -321,9 +322,11 @@ def convert_to_onnx(
     for stale in (target, target.with_name("model.onnx.data")):
         stale.unlink(missing_ok=True)
     started = time.perf_counter()
+    upgraded_from = None
     try:
         if source_format == "onnx":
             copy_model(source, out_dir)
+            upgraded_from = upgrade_for_runtime(target, sample)  # opset ort no longer runs
         elif source_format in ("keras", "savedmodel"):
             _tf_to_onnx(source, source_format, opset, target)
         elif source_format == "torch_export":
@@ -352,6 +355,7 @@ def convert_to_onnx(
         exporter=EXPORTER_OF[source_format],
         opset=found,
         export_seconds=seconds,
+        upgraded_from_opset=upgraded_from,
     )
 
 
@@ -603,6 +607,8 @@ def import_tags(imported: ImportedModel, report_dir: Path, sample_path: Path) ->
         "batch_axis": report.get("batch_axis", "unknown"),
         "parity_checked": str(report.get("parity_checked", False)).lower(),
     }
+    if imported.upgraded_from_opset:
+        tags["upgraded_from_opset"] = str(imported.upgraded_from_opset)
     if report.get("parity_checked"):
         tags["parity_against"] = report.get("parity_against", "")
     else:

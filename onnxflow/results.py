@@ -15,7 +15,7 @@ from onnxflow.config import Framework, Task
 
 SourceFormat = Literal["keras", "savedmodel", "torch_export", "torchscript", "onnx"]
 """What ``import-model`` was given (see :mod:`onnxflow.importing`)."""
-ArtifactFormat = Literal["torch_export", "torchscript"]
+ArtifactFormat = Literal["torch_export", "torchscript", "savedmodel", "tflite"]
 """What ``convert --to torch`` saved: a ``.pt2`` program or TorchScript."""
 
 
@@ -144,6 +144,8 @@ class ImportedModel(StepResult):
     exporter: str
     opset: int
     export_seconds: float
+    upgraded_from_opset: int | None = None
+    """The opset an ONNX file had before :mod:`onnxflow.opset_upgrade` moved it forward."""
 
 
 class QuantizedModel(StepResult):
@@ -169,7 +171,8 @@ class ConvertedModel(StepResult):
     onnx_path: Path
     """The ONNX model that was converted (a downloaded copy for a registry URI)."""
     path: Path
-    """``model.pt2`` (torch.export program) or ``model.pt`` (TorchScript)."""
+    """``model.pt2`` (torch.export program), ``model.pt`` (TorchScript), a SavedModel
+    folder or a ``.tflite`` file."""
     artifact_format: ArtifactFormat
     fallback_reason: str | None = None
     """Why TorchScript was saved instead of a torch.export program, when it was."""
@@ -182,6 +185,8 @@ class ConvertedModel(StepResult):
     parity_max_abs: float
     report_path: Path
     seconds: float
+    figures: dict[str, Any] = {}
+    """TensorFlow conversions: sizes, latencies and parity of both files (report.json)."""
 
 
 TrialState = Literal["complete", "pruned", "failed", "lost"]

@@ -25,6 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from onnxflow.serving.batching import Batcher
+from onnxflow.serving.capture import new_request_id
+from onnxflow.serving.comparison import timed_run
 from onnxflow.serving.errors import (
     BadInput,
     CannotRun,
@@ -85,6 +87,16 @@ class DataPlane:
             from onnxflow.serving.shadow import Shadow
 
             self.shadow = Shadow(settings, self.metrics)
+        self.capture = None
+        if settings.capture:
+            from onnxflow.serving.capture import Capture
+
+            self.capture = Capture(settings, self.metrics)
+        self.feedback = None
+        if self.capture is not None:
+            from onnxflow.serving.feedback import FeedbackStore
+
+            self.feedback = FeedbackStore(self.capture)
         self.canary = None
         if settings.canary_percent > 0:
             from onnxflow.serving.canary import Canary
@@ -96,6 +108,8 @@ class DataPlane:
     async def start(self) -> None:
         """Start the batcher and one alias watcher per model (on the running loop)."""
         loop = asyncio.get_running_loop()
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.start)
         if self.shadow is not None:
             await self.shadow.start()
         if self.settings.batching:
@@ -159,6 +173,9 @@ class DataPlane:
             await self.canary.stop()
         if self.batcher:
             await self.batcher.stop()
+        if self.capture is not None:  # every record accepted so far is written
+            self.capture.stopping()
+            await asyncio.to_thread(self.capture.stop)
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.shared_memory is not None:
             self.shared_memory.unregister()
@@ -225,20 +242,23 @@ class DataPlane:
 
     # --- execution -------------------------------------------------------------------
 
-    async def execute(self, model: LoadedModel, feeds: dict) -> list:
-        """Run the model on checked feeds: batched, on the loop, or in a worker thread."""
+    async def execute(self, model: LoadedModel, feeds: dict) -> tuple[list, float | None]:
+        """Run the model on checked feeds: batched, on the loop, or in a worker thread.
+        Returns the outputs and the onnxruntime run's seconds (:func:`timed_run`, as the
+        shadow times its own), None when the batcher merged the request with others."""
         try:
             if self.batcher is not None and model.batchable:
                 rows = {a.shape[0] for a in feeds.values()}
                 if len(rows) > 1:
                     raise BadInput(f"inputs disagree on the batch size: {sorted(rows)}")
-                return await self.batcher.run(model, feeds, self.max_batch_size(model.name))
+                limit = self.max_batch_size(model.name)
+                return await self.batcher.run(model, feeds, limit), None
             if model.inline:
                 rows = max(a.shape[0] if a.ndim else 1 for a in feeds.values())
                 if rows <= model.inline_rows:
-                    return model.run(feeds)
+                    return timed_run(model.run, feeds)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, model.run, feeds)
+            return await loop.run_in_executor(self.executor, timed_run, model.run, feeds)
         except RequestError:
             raise
         except Exception as exc:  # noqa: BLE001  (onnxruntime refused this input at run time)
@@ -260,15 +280,23 @@ class DataPlane:
                 "(the config it was loaded with)"
             )
 
-    async def run_request(self, model: LoadedModel, decode, encode):
+    def request_id(self, given: str | None) -> str | None:
+        """The id a request is known by: the client's, else (when capturing) a new one that
+        the response carries back, for feedback to refer to."""
+        if given or self.capture is None:
+            return given or None
+        return new_request_id()
+
+    async def run_request(self, model: LoadedModel, decode, encode, request_id=None):
         """One inference request, timed for the statistics: ``decode()`` gives the checked
-        feeds, :meth:`execute` runs them, ``encode(results)`` gives the answer."""
+        feeds, :meth:`execute` runs them, ``encode(results)`` gives the answer.
+        ``request_id()``: the request's id, read once the request is decoded (capture)."""
         start = time.perf_counter_ns()
         try:
             feeds = decode()
             self.check_batch(model.name, feeds)
             decoded = time.perf_counter_ns()
-            results = await self.execute(model, feeds)
+            results, run_s = await self.execute(model, feeds)
             ran = time.perf_counter_ns()
             answer = encode(results)
         except Exception:
@@ -278,9 +306,11 @@ class DataPlane:
             raise
         done = time.perf_counter_ns()
         if self.shadow is not None:  # after the answer exists; never waits, never raises
-            self.shadow.offer(model, feeds, results, (ran - decoded) / 1e9)
+            self.shadow.offer(model, feeds, results, run_s)
         if self.canary is not None:
             self.canary.record(model, True, (done - start) / 1e9)
+        if self.capture is not None:  # never waits, never raises
+            self.capture.offer(model, request_id, feeds, results, (done - start) / 1e9)
         rows = max((a.shape[0] if a.ndim else 1) for a in feeds.values())
         self.stats.success(
             model.name,
@@ -420,6 +450,15 @@ class DataPlane:
             raise NotReady("no model to reload yet")
         return await self.manager(name or self.default_name).check(force=True)
 
+    async def store_feedback(self, name: str, payload) -> int:
+        """Ground truth for captured requests of ``name`` (see :mod:`.feedback`)."""
+        if self.feedback is None:
+            raise Conflict("no capture to join labels to: start the endpoint with --capture DIR")
+        from onnxflow.serving.feedback import label_kind, parse_labels
+
+        labels = parse_labels(payload, label_kind(self.model(name).outputs[0]))
+        return await asyncio.to_thread(self.feedback.submit, name, labels)
+
     async def flush_shadow(self) -> list[dict]:
         """Write the shadow's figures onto the shadow versions in the registry now."""
         if self.shadow is None:
@@ -445,6 +484,7 @@ class DataPlane:
             "mlflow_loaded": sys.modules.get("mlflow") is not None,
             "shadow": self.shadow.status() if self.shadow is not None else None,
             "canary": self.canary.status() if self.canary is not None else None,
+            "capture": self.capture.status() if self.capture is not None else None,
             "uptime_s": time.time() - self.started,
         }
 

@@ -180,7 +180,13 @@ class ShadowCollector:
         )
         mean_abs = GaugeMetricFamily(
             "onnxflow_shadow_abs_diff_mean",
-            "Mean absolute difference between the versions' outputs (mean over requests).",
+            "Mean absolute difference between the versions' outputs (over the values "
+            "finite on both sides).",
+            labels=[*labels, "output"],
+        )
+        nonfinite = CounterMetricFamily(
+            "onnxflow_shadow_nonfinite_values",
+            "Output values NaN or infinite on either side: left out of the differences.",
             labels=[*labels, "output"],
         )
         latency = HistogramMetricFamily(
@@ -197,13 +203,15 @@ class ShadowCollector:
                 agreement.add_metric(key, report.agreement)
             for output, value in report.max_abs.items():
                 max_abs.add_metric([*key, output], value)
-                mean_abs.add_metric([*key, output], report.mean_abs[output])
+                if output in report.mean_abs:
+                    mean_abs.add_metric([*key, output], report.mean_abs[output])
+                nonfinite.add_metric([*key, output], report.nonfinite.get(output, 0))
             cumulative, buckets = 0, []
             for bound, count in zip((*LATENCY_BUCKETS, float("inf")), report.buckets):
                 cumulative += count
                 buckets.append((floatToGoString(bound), cumulative))
             latency.add_metric(key, buckets, sum_value=report.buckets[-1])
-        yield from (compared, dropped, errors, agreement, max_abs, mean_abs, latency)
+        yield from (compared, dropped, errors, agreement, max_abs, mean_abs, nonfinite, latency)
 
     def describe(self):
         return []

@@ -209,8 +209,10 @@ class Shadow:
 
     # --- the request path: never waits, never raises ------------------------------------
 
-    def offer(self, model: LoadedModel, feeds: dict, served: list, served_s: float) -> None:
-        """Mirror one answered request to the shadow version, if there is one to compare."""
+    def offer(self, model: LoadedModel, feeds: dict, served: list, served_s: float | None) -> None:
+        """Mirror one answered request to the shadow version, if there is one to compare.
+        ``served_s``: the served run as :func:`~onnxflow.serving.comparison.timed_run`
+        timed it (None: merged by the batcher)."""
         try:
             manager = self.managers.get(model.name)
             shadow = manager.current if manager is not None else None
