@@ -479,25 +479,38 @@ def promote(
 @app.command()
 def audit(
     name: Annotated[str, typer.Argument(help="Registered model.")] = "digits",
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify", help="Recompute the audit chain's hashes; exit 1 if it was tampered with."
+        ),
+    ] = False,
 ) -> None:
     """Who moved (or tried to move) the model's aliases, when, and what the server decided.
 
-    Reads the audit experiment the stack's MLflow server writes (onnxflow-audit/NAME) at
-    MLFLOW_TRACKING_URI, logged in as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+    Reads the append-only, hash-chained audit table the stack's MLflow server writes
+    (GET /api/2.0/onnxflow/audit) at MLFLOW_TRACKING_URI, logged in as
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
     """
     _setup()
     from mlflow.exceptions import MlflowException
 
-    from onnxflow.stack.audit import format_trail, read_trail
+    from onnxflow.stack.audit import fetch_rows, format_trail, verify_chain
 
     try:
-        rows = read_trail(name)
+        rows = fetch_rows()
     except MlflowException as exc:
         _fail(
             f"cannot read the audit trail of {name!r} at "
             f"{os.environ['MLFLOW_TRACKING_URI']}: {exc.message}"
         )
-    typer.echo(format_trail(name, rows))
+    typer.echo(format_trail(name, [r for r in rows if r["model"] == name]))
+    if verify:
+        problem = verify_chain(rows)
+        if problem is not None:
+            _fail(f"audit trail TAMPERED: {problem}")
+        head = rows[-1]["hash"] if rows else "(empty)"
+        typer.echo(f"audit chain intact: {len(rows)} rows, head {head}")
 
 
 def _deploy(model: str, port: int) -> None:

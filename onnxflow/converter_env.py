@@ -108,10 +108,14 @@ def _create(venv: Path) -> None:
         [str(_python_of(venv)), "-c", "import onnx2tf, ai_edge_litert.interpreter"],
     ]
     for step in steps:
-        done = subprocess.run(step, capture_output=True, text=True)
-        if done.returncode:
-            last = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
-            reason = last[-1].strip() if last else f"exit status {done.returncode}"
+        try:
+            done = subprocess.run(step, capture_output=True, text=True)
+            output, code = done.stderr or done.stdout, done.returncode
+        except OSError as exc:  # no such Python, not executable
+            output, code = f"{type(exc).__name__}: {exc}", -1
+        if code:
+            last = [line for line in output.splitlines() if line.strip()]
+            reason = last[-1].strip() if last else f"exit status {code}"
             raise ConversionError(
                 f"Cannot create the converter venv at {venv} ({' '.join(step[:4])}...): "
                 f"{reason[:300]}"

@@ -19,7 +19,6 @@ import contextlib
 import io
 import json
 import re
-import shutil
 import sys
 import time
 import traceback
@@ -54,11 +53,10 @@ def _run(onnx_path: Path, out_dir: Path, feeds_path: Path, result: dict) -> None
 
     import onnx2tf
 
-    # onnx2tf runs onnxsim over its input file in place: it gets a copy
+    # onnx2tf runs onnxsim over its input file in place: it gets a copy, weights inside
+    # (onnx.load read any external data) unless they pass protobuf's 2 GB
     work = out_dir / "model.onnx"
-    shutil.copyfile(onnx_path, work)
-    for data in {i.external_data[0].value for i in model.graph.initializer if i.external_data}:
-        shutil.copyfile(onnx_path.parent / data, out_dir / data)
+    onnx.save(model, str(work), save_as_external_data=model.ByteSize() > 1_800_000_000)
     log = io.StringIO()
     started = time.perf_counter()
     try:
