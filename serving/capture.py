@@ -234,9 +234,10 @@ class Capture:
         self.dropped: collections.Counter = collections.Counter()  # (model, reason)
         self.segments_rolled = 0
         self.last_error = ""
-        self.recent_ids: collections.OrderedDict[str, tuple[str, str, int]] = (
-            collections.OrderedDict()
-        )
+        # model -> {request id: rows}: the ids feedback may name before their segment is
+        # closed. Plain dicts of strings and ints, which the cyclic GC does not track (a
+        # container of 200,000 tuples made every full collection walk them).
+        self.recent_ids: dict[str, dict[str, int]] = {}
         self.recent_limit = 200_000
         if metrics is not None:
             metrics.registry.register(CaptureCollector(self))
@@ -298,9 +299,14 @@ class Capture:
             self._queue.append(record)
             self.accepted[(model.name, model.version)] += 1
             rows = rows_of(next(iter(feeds.values())))
-            self.recent_ids[request_id] = (model.name, model.version, rows)
-            if len(self.recent_ids) > self.recent_limit:
-                self.recent_ids.popitem(last=False)
+            recent = self.recent_ids.get(model.name)
+            if recent is None:
+                recent = self.recent_ids[model.name] = {}
+            recent[request_id] = rows
+            if len(recent) > self.recent_limit:  # keep the newer half (insertion order)
+                kept = list(recent.items())[self.recent_limit // 2 :]
+                recent.clear()
+                recent.update(kept)
         except Exception:  # noqa: BLE001  (the answer must not notice the capture)
             self.dropped[(getattr(model, "name", "?"), "error")] += 1
             log.exception("capturing a request failed")
