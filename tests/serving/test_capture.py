@@ -85,6 +85,22 @@ def test_a_full_queue_drops_and_counts_instead_of_waiting():
     assert capture.accepted[("m", "1")] == 2 and capture.dropped[("m", "queue_full")] == 3
 
 
+def test_retention_deletes_date_partitions_older_than_its_days():
+    import datetime as dt
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    today = dt.datetime.now(dt.UTC).date()
+    days = {n: (today - dt.timedelta(days=n)).isoformat() for n in (0, 6, 8, 40)}
+    for day in days.values():
+        fs.pipe(f"/capture-old/model=m/version=1/date={day}/part-x.parquet", b"x")
+    capture = Capture(_settings("memory://capture-old", capture_retention_days=7))
+    capture._apply_retention()
+    left = {p.split("date=")[1].split("/")[0] for p in fs.find("/capture-old")}
+    assert left == {days[0], days[6]}
+
+
 def test_an_unknown_filesystem_is_refused_by_name():
     with pytest.raises(ValueError, match="capture location 'nosuchfs://x'"):
         Capture(_settings("nosuchfs://x"))
