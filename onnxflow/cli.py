@@ -679,6 +679,54 @@ def feedback(
 
 
 @app.command()
+def monitor(
+    name: Annotated[str, typer.Argument(help="The registered model to monitor.")],
+    capture: Annotated[
+        str, typer.Option(help="Where the endpoints capture (serve --capture): folder or URL.")
+    ],
+    since: Annotated[
+        str, typer.Option(help="The window: a duration back from now (30m, 6h, 2d) or ISO time.")
+    ] = "1d",
+    alias: Annotated[str, typer.Option(help="The alias of the version served.")] = "champion",
+    max_drift_share: Annotated[
+        float, typer.Option(help="Retrain when more than this share of features drift.")
+    ] = 0.3,
+    min_live_accuracy: Annotated[
+        float, typer.Option(help="Retrain when live accuracy is below this ...")
+    ] = 0.8,
+    min_labels: Annotated[int, typer.Option(help="... on at least this many labels.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Captured traffic and feedback of a window against the served version's profile:
+    drift per feature, live accuracy, the retrain decision; report and tags on the version."""
+    import dataclasses
+    import json
+
+    from onnxflow.monitor import RetrainPolicy, parse_since
+
+    settings = _setup()
+    parse_since(since)  # a bad window is refused before a Prefect server starts
+    policy = RetrainPolicy(
+        max_drift_share=max_drift_share, min_live_accuracy=min_live_accuracy, min_labels=min_labels
+    )
+    with _prefect_api(settings) as api:
+        from onnxflow.flows.monitor import monitor as monitor_flow
+
+        api.wait()
+        figures = monitor_flow(name, capture, since, policy, alias)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(figures), indent=2))
+        return
+    accuracy = "n/a" if figures.live_accuracy is None else f"{figures.live_accuracy:.4f}"
+    typer.echo(
+        f"{figures.model} version {figures.version}, {figures.window}: {figures.rows} rows "
+        f"({figures.labelled} labelled); drift share {figures.drift_share:.4f} "
+        f"({', '.join(figures.drifted[:8]) or 'no feature drifts'}); live accuracy "
+        f"{accuracy}; retrain: {'yes' if figures.retrain else 'no'} ({figures.reason})"
+    )
+
+
+@app.command()
 def stop() -> None:
     """Stop the endpoint started by `onnxflow run --deploy` (or `make demo`)."""
     from onnxflow.deploy import stop_endpoint
