@@ -86,6 +86,8 @@ def _run(onnx_path: Path, out_dir: Path, feeds_path: Path, result: dict) -> None
         result["operator"] = failed_operator(log.getvalue())
         raise RuntimeError(f"onnx2tf wrote no SavedModel/TFLite to {saved}")
     result["tflite"] = str(tflite)
+    for unchecked in saved.glob("*_float16.tflite"):  # only what is checked is handed out
+        unchecked.unlink()
 
     result["batch"], result["latency_ms"] = {}, {}
     for kind, runner in (
