@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # job runner: nothing here submits jobs, and it starts a dozen huey processes.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
-.PHONY: install converter-env demo lint test test-all triton-examples soak bench bench-pipeline bench-convert bench-models bench-sweep ui stop clean help
+.PHONY: install converter-env demo lint test test-all docs docs-serve triton-examples soak bench bench-pipeline bench-convert bench-models bench-sweep ui stop clean help
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -70,6 +70,14 @@ bench-sweep: $(STAMP)  ## --framework all, and an 8-trial sweep on 1 vs 2 Dask w
 
 ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+docs: $(STAMP)  ## Build the docs site into site/ (strict: a broken link or docstring fails)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+DOCS_ADDR ?= 127.0.0.1:8000
+
+docs-serve: $(STAMP)  ## Serve the docs site on http://DOCS_ADDR (127.0.0.1:8000), rebuilt on change
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr $(DOCS_ADDR)
 
 stop: $(STAMP)  ## Stop the endpoint started by make demo
 	$(BIN)/onnxflow stop

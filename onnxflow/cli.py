@@ -479,25 +479,38 @@ def promote(
 @app.command()
 def audit(
     name: Annotated[str, typer.Argument(help="Registered model.")] = "digits",
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify", help="Recompute the audit chain's hashes; exit 1 if it was tampered with."
+        ),
+    ] = False,
 ) -> None:
     """Who moved (or tried to move) the model's aliases, when, and what the server decided.
 
-    Reads the audit experiment the stack's MLflow server writes (onnxflow-audit/NAME) at
-    MLFLOW_TRACKING_URI, logged in as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+    Reads the append-only, hash-chained audit table the stack's MLflow server writes
+    (GET /api/2.0/onnxflow/audit) at MLFLOW_TRACKING_URI, logged in as
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
     """
     _setup()
     from mlflow.exceptions import MlflowException
 
-    from onnxflow.stack.audit import format_trail, read_trail
+    from onnxflow.stack.audit import fetch_rows, format_trail, verify_chain
 
     try:
-        rows = read_trail(name)
+        rows = fetch_rows()
     except MlflowException as exc:
         _fail(
             f"cannot read the audit trail of {name!r} at "
             f"{os.environ['MLFLOW_TRACKING_URI']}: {exc.message}"
         )
-    typer.echo(format_trail(name, rows))
+    typer.echo(format_trail(name, [r for r in rows if r["model"] == name]))
+    if verify:
+        problem = verify_chain(rows)
+        if problem is not None:
+            _fail(f"audit trail TAMPERED: {problem}")
+        head = rows[-1]["hash"] if rows else "(empty)"
+        typer.echo(f"audit chain intact: {len(rows)} rows, head {head}")
 
 
 def _deploy(model: str, port: int) -> None:
@@ -610,6 +623,19 @@ def serve(
             )
         ),
     ] = None,
+    capture: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Record every answered request (inputs, outputs, latency, request id) as "
+                "Parquet under this folder or fsspec URL, off the request path "
+                "(ONNXFLOW_SERVE_CAPTURE_* settings: queue, segments, retention)."
+            )
+        ),
+    ] = None,
+    capture_fraction: Annotated[
+        float | None, typer.Option(help="Share of answered requests captured (default 1).")
+    ] = None,
 ) -> None:
     """Serve registered models in the foreground with the onnxruntime endpoint.
 
@@ -635,9 +661,32 @@ def serve(
             shadow=shadow,
             shadow_fraction=shadow_fraction,
             canary_percent=canary_percent,
+            capture=capture,
+            capture_fraction=capture_fraction,
         )
     except ValueError as exc:  # the settings refused an option
         _fail(str(exc))
+
+
+@app.command()
+def feedback(
+    name: Annotated[str, typer.Argument(help="The served model the labels are for.")],
+    labels_csv: Annotated[
+        Path, typer.Argument(help="CSV with request_id,label (and optionally row).")
+    ],
+    url: Annotated[
+        str, typer.Option(help="The endpoint that captured the requests.")
+    ] = "http://127.0.0.1:8080",
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="ONNXFLOW_SERVE_TOKEN", show_envvar=True, help="Its bearer token."),
+    ] = None,
+) -> None:
+    """Send ground truth for captured requests (all stored, or none with the reason)."""
+    from onnxflow.feedback import read_labels_csv, send_feedback
+
+    stored = send_feedback(url, name, read_labels_csv(labels_csv), token)
+    typer.echo(f"{stored} label(s) stored for {name}")
 
 
 @app.command()

@@ -34,6 +34,10 @@ MODEL_ARTIFACT = "model"
 """Name of the logged model inside its run (the version's files sit under it)."""
 
 
+#: Where a version's reference profile lies in its run (:mod:`onnxflow.profile`).
+PROFILE_PATH = "profile/reference.json"
+
+
 def register_onnx(
     model_path: Path,
     *,
@@ -42,8 +46,12 @@ def register_onnx(
     tags: Mapping[str, str] | None = None,
     aliases: Sequence[str] = ("challenger",),
     run_id: str | None = None,
+    profile: Mapping | None = None,
 ) -> RegisteredVersion:
     """Log ``model_path`` (with its external data) and register it as a new version.
+
+    ``profile``: the version's reference profile (:mod:`onnxflow.profile`), logged as
+    ``profile/reference.json`` on its run, for the drift monitor.
 
     With ``run_id`` the model is logged into that run, and a version already registered
     from that run is reused instead of creating a second one: a retried register step
@@ -76,6 +84,8 @@ def register_onnx(
         all_tags = {**(tags or {}), "onnx_sha256": stored}
         for key, value in all_tags.items():
             client.set_model_version_tag(model_name, version.version, key, str(value))
+    if profile is not None:
+        client.log_dict(run_id, dict(profile), PROFILE_PATH)
     for alias in aliases:
         client.set_registered_model_alias(model_name, alias, version.version)
     return RegisteredVersion(
@@ -189,15 +199,18 @@ def register_validated(
             f"Refusing to register {model_path}: validation failed (see {summary.report_dir})."
         )
     from onnxflow.data import load_splits
+    from onnxflow.profile import profile_model
 
     tags = {**lineage, **validation_tags(summary)}
+    splits = load_splits(dataset)
     return register_onnx(
         model_path,
         model_name=config.model_name,
-        input_example=load_splits(dataset)["X_test"][:1],
+        input_example=splits["X_test"][:1],
         tags=tags,
         aliases=(config.alias,),
         run_id=run_id,
+        profile=profile_model(model_path, splits["X_train"], splits["X_val"]),
     )
 
 

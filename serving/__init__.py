@@ -16,8 +16,23 @@ import sys
 BLOCKED_MODULES = ("pandas", "pyarrow", "torch", "tensorflow")
 
 
-def block_heavy_imports() -> None:
+class _Blocked:
+    """A meta-path finder that refuses the blocked modules. (A None in ``sys.modules``
+    blocks ``import`` too, but Cython modules such as pyarrow's then get the None itself
+    from their own import of pandas.)"""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in self.names:
+            raise ModuleNotFoundError(f"import of {name} halted: the endpoint never loads it")
+        return None
+
+
+def block_heavy_imports(allow: tuple[str, ...] = ()) -> None:
     """Call first thing in an endpoint process's main, never in a library function: it
-    changes ``sys.modules`` for the whole process."""
-    for name in BLOCKED_MODULES:
-        sys.modules.setdefault(name, None)
+    changes the imports of the whole process. ``allow``: blocked modules to leave
+    importable (``pyarrow`` when the endpoint captures requests as Parquet)."""
+    blocked = tuple(n for n in BLOCKED_MODULES if n not in allow and n not in sys.modules)
+    sys.meta_path.insert(0, _Blocked(blocked))

@@ -12,7 +12,8 @@ from onnxflow.serving import block_heavy_imports
 
 
 def main() -> None:
-    block_heavy_imports()
+    # --capture writes Parquet with pyarrow (never pandas)
+    block_heavy_imports(allow=("pyarrow",) if os.environ.get("ONNXFLOW_SERVE_CAPTURE") else ())
 
     from onnxflow.serving.launcher import run_server
     from onnxflow.serving.settings import ServingSettings

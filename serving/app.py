@@ -141,6 +141,7 @@ class RestEndpoints:
         model = self.plane.inference_model(params["name"], params.get("version"))
         body = await self.read_body(headers, receive, (JSON, "application/octet-stream"), True)
         parsed = None
+        given = headers.get("x-request-id")
 
         def decode():
             nonlocal parsed
@@ -153,9 +154,16 @@ class RestEndpoints:
             )
             return parsed.feeds
 
+        def request_id():  # X-Request-ID, else the V2 body's "id", else a new one
+            nonlocal given
+            given = self.plane.request_id(given or parsed.id)
+            return given
+
         content, response_headers = await self.plane.run_request(
-            model, decode, lambda results: v2.encode_response(model, parsed, results)
+            model, decode, lambda results: v2.encode_response(model, parsed, results), request_id
         )
+        if given:
+            response_headers = {**response_headers, "x-request-id": given}
         return 200, content, response_headers, model
 
     async def invocations(self, headers, receive, params: dict) -> tuple:
@@ -163,6 +171,7 @@ class RestEndpoints:
         name = params.get("name")
         model = self.plane.inference_model(name)
         body = await self.read_body(headers, receive, (JSON, "text/csv"), False)
+        given = self.plane.request_id(headers.get("x-request-id"))
         content = await self.plane.run_request(
             model,
             lambda: mlflow_format.parse_body(body, headers.get("content-type"), model.inputs),
@@ -170,8 +179,14 @@ class RestEndpoints:
                 mlflow_format.predictions(model.output_names, results),
                 option=orjson.OPT_SERIALIZE_NUMPY,
             ),
+            lambda: given,
         )
-        return 200, content, JSON_HEADERS, model
+        return (
+            200,
+            content,
+            {**JSON_HEADERS, "x-request-id": given} if given else JSON_HEADERS,
+            model,
+        )
 
     # --- Triton's extensions: statistics, model repository -----------------------------
 
@@ -235,6 +250,16 @@ class RestEndpoints:
         if outcome.outcome == "registry_error":
             status = 502
         return json_response(outcome.as_json(), status)
+
+    async def feedback(self, request: Request) -> Response:
+        """Labels for captured requests: ``{"request_id", "label"[, "row"]}`` or a list."""
+        self.plane.authorize(request.headers.get("authorization"))
+        try:
+            payload = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            raise BadInput(f"malformed JSON: {exc}") from None
+        stored = await self.plane.store_feedback(request.path_params["name"], payload)
+        return json_response({"stored": stored})
 
     async def admin_shadow_flush(self, request: Request) -> Response:
         self.plane.authorize(request.headers.get("authorization"), admin=True)
@@ -462,6 +487,7 @@ def create_app(settings: ServingSettings) -> FrontDoor:
         Route("/invocations", invocations, methods=["POST"]),
         Route(model + "/invocations", model_invocations, methods=["POST"]),
         Route(model + "/example", ep.model_example, methods=["GET"]),
+        Route(model + "/feedback", ep.feedback, methods=["POST"]),
         Route(model + "/stats", ep.statistics, methods=["GET"]),
         Route(version + "/stats", ep.statistics, methods=["GET"]),
         Route("/v2/repository/index", ep.repository_index, methods=["POST"]),

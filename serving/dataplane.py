@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from onnxflow.serving.batching import Batcher
+from onnxflow.serving.capture import new_request_id
 from onnxflow.serving.comparison import timed_run
 from onnxflow.serving.errors import (
     BadInput,
@@ -86,6 +87,16 @@ class DataPlane:
             from onnxflow.serving.shadow import Shadow
 
             self.shadow = Shadow(settings, self.metrics)
+        self.capture = None
+        if settings.capture:
+            from onnxflow.serving.capture import Capture
+
+            self.capture = Capture(settings, self.metrics)
+        self.feedback = None
+        if self.capture is not None:
+            from onnxflow.serving.feedback import FeedbackStore
+
+            self.feedback = FeedbackStore(self.capture)
         self.canary = None
         if settings.canary_percent > 0:
             from onnxflow.serving.canary import Canary
@@ -97,6 +108,8 @@ class DataPlane:
     async def start(self) -> None:
         """Start the batcher and one alias watcher per model (on the running loop)."""
         loop = asyncio.get_running_loop()
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.start)
         if self.shadow is not None:
             await self.shadow.start()
         if self.settings.batching:
@@ -160,6 +173,9 @@ class DataPlane:
             await self.canary.stop()
         if self.batcher:
             await self.batcher.stop()
+        if self.capture is not None:  # every record accepted so far is written
+            self.capture.stopping()
+            await asyncio.to_thread(self.capture.stop)
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.shared_memory is not None:
             self.shared_memory.unregister()
@@ -264,9 +280,17 @@ class DataPlane:
                 "(the config it was loaded with)"
             )
 
-    async def run_request(self, model: LoadedModel, decode, encode):
+    def request_id(self, given: str | None) -> str | None:
+        """The id a request is known by: the client's, else (when capturing) a new one that
+        the response carries back, for feedback to refer to."""
+        if given or self.capture is None:
+            return given or None
+        return new_request_id()
+
+    async def run_request(self, model: LoadedModel, decode, encode, request_id=None):
         """One inference request, timed for the statistics: ``decode()`` gives the checked
-        feeds, :meth:`execute` runs them, ``encode(results)`` gives the answer."""
+        feeds, :meth:`execute` runs them, ``encode(results)`` gives the answer.
+        ``request_id()``: the request's id, read once the request is decoded (capture)."""
         start = time.perf_counter_ns()
         try:
             feeds = decode()
@@ -285,6 +309,8 @@ class DataPlane:
             self.shadow.offer(model, feeds, results, run_s)
         if self.canary is not None:
             self.canary.record(model, True, (done - start) / 1e9)
+        if self.capture is not None:  # never waits, never raises
+            self.capture.offer(model, request_id, feeds, results, (done - start) / 1e9)
         rows = max((a.shape[0] if a.ndim else 1) for a in feeds.values())
         self.stats.success(
             model.name,
@@ -424,6 +450,15 @@ class DataPlane:
             raise NotReady("no model to reload yet")
         return await self.manager(name or self.default_name).check(force=True)
 
+    async def store_feedback(self, name: str, payload) -> int:
+        """Ground truth for captured requests of ``name`` (see :mod:`.feedback`)."""
+        if self.feedback is None:
+            raise Conflict("no capture to join labels to: start the endpoint with --capture DIR")
+        from onnxflow.serving.feedback import label_kind, parse_labels
+
+        labels = parse_labels(payload, label_kind(self.model(name).outputs[0]))
+        return await asyncio.to_thread(self.feedback.submit, name, labels)
+
     async def flush_shadow(self) -> list[dict]:
         """Write the shadow's figures onto the shadow versions in the registry now."""
         if self.shadow is None:
@@ -449,6 +484,7 @@ class DataPlane:
             "mlflow_loaded": sys.modules.get("mlflow") is not None,
             "shadow": self.shadow.status() if self.shadow is not None else None,
             "canary": self.canary.status() if self.canary is not None else None,
+            "capture": self.capture.status() if self.capture is not None else None,
             "uptime_s": time.time() - self.started,
         }
 

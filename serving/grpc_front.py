@@ -263,6 +263,7 @@ class InferenceService:
     async def ModelInfer(self, request, context):  # noqa: N802
         async def handler():
             model = self.plane.inference_model(request.model_name, request.model_version or None)
+            request_id = self.plane.request_id(request.id)
             wanted = [o.name for o in request.outputs] or model.output_names
             memory = self.plane.shared_memory
             targets: dict[str, MemoryReference] = {}
@@ -288,7 +289,7 @@ class InferenceService:
             def encode(outputs):
                 results = dict(zip(model.output_names, outputs, strict=True))
                 response = self.pb.ModelInferResponse(
-                    model_name=model.name, model_version=model.version, id=request.id
+                    model_name=model.name, model_version=model.version, id=request_id or ""
                 )
                 # tritonclient finds an output's raw contents by its index among the
                 # outputs: a shared-memory output keeps its place with empty contents when
@@ -315,7 +316,7 @@ class InferenceService:
                         response.raw_output_contents.append(b"")
                 return response
 
-            return await self.plane.run_request(model, decode, encode)
+            return await self.plane.run_request(model, decode, encode, lambda: request_id)
 
         return await self._call("ModelInfer", context, handler)
 

@@ -81,6 +81,8 @@ def serve(
     shadow: str | None = None,
     shadow_fraction: float | None = None,
     canary_percent: float | None = None,
+    capture: str | None = None,
+    capture_fraction: float | None = None,
 ) -> None:
     """Serve in the foreground (this process becomes the endpoint); None: env or default.
 
@@ -104,6 +106,8 @@ def serve(
         shared_memory=shared_memory,
         shadow=shadow,
         shadow_fraction=shadow_fraction,
+        capture=capture,
+        capture_fraction=capture_fraction,
         canary_percent=canary_percent,
     )
     check_port(settings)

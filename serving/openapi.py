@@ -301,6 +301,25 @@ def openapi_document(model_name: str) -> dict:
                 },
             }
         },
+        "/v2/models/{name}/feedback": {
+            "post": {
+                "summary": "Ground truth for captured requests (needs --capture): "
+                '{"request_id", "label"[, "row"]} or {"labels": [...]}; all stored or none.',
+                "security": _BEARER,
+                "parameters": [name_param],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": _json({"type": "object"}, "How many labels were stored"),
+                    "400": _ERROR,
+                    "401": _ERROR,
+                    "404": _ERROR,
+                    "409": _ERROR,
+                },
+            }
+        },
         "/invocations": {
             "post": _invocations(
                 "MLflow scoring format, as `mlflow models serve` accepts it; answered by the "

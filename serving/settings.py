@@ -121,6 +121,36 @@ class ServingSettings(BaseSettings):
         description="Seconds between writes of the shadow's figures onto the shadow version "
         "in the registry (tags and shadow/report.md); 0: only on POST /admin/shadow/flush.",
     )
+    capture: str | None = Field(
+        None,
+        description="Record every answered request (inputs, outputs, latency, request id) "
+        "as Parquet under this folder or fsspec URL (model=/version=/date= partitions), off "
+        "the request path. None: no capture.",
+    )
+    capture_fraction: float = Field(
+        1.0, ge=0, le=1, description="Share of answered requests captured."
+    )
+    capture_queue_bytes: int = Field(
+        64 * MIB,
+        ge=64 * 1024,
+        description="Captured requests waiting for the writer, in bytes; beyond this a "
+        "request is not captured (counted in onnxflow_capture_dropped_total).",
+    )
+    capture_flush_interval_s: float = Field(
+        0.5, gt=0, description="Seconds between the capture writer's appends to its segments."
+    )
+    capture_segment_bytes: int = Field(
+        64 * MIB, ge=1024, description="A capture segment is closed past this size."
+    )
+    capture_segment_s: float = Field(
+        300.0, gt=0, description="A capture segment is closed this long after it opened."
+    )
+    capture_retention_days: int = Field(
+        30,
+        ge=0,
+        description="Capture date partitions older than this many days are deleted by the "
+        "endpoint's writer; 0: kept forever.",
+    )
     canary_percent: float = Field(
         0.0,
         ge=0,
@@ -195,6 +225,11 @@ class ServingSettings(BaseSettings):
         if "@" in value or "/" in value or "," in value:
             raise ValueError(f"shadow takes one alias name (e.g. challenger), got {value!r}")
         return value
+
+    @field_validator("capture")
+    @classmethod
+    def _capture_location(cls, value: str | None) -> str | None:
+        return value or None  # "" (an emptied environment variable): off
 
     @field_validator("token")
     @classmethod

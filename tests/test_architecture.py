@@ -1,5 +1,6 @@
 """The architecture a contributor can see: imports point one way, the wheel holds only
-``onnxflow*``, and the README's layout table matches the tree (docs/architecture.md)."""
+``onnxflow*``, and the layout table of docs/development.md matches the tree
+(docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -173,13 +174,13 @@ def test_every_package_folder_is_in_the_wheel(wheel):
     assert not missing, missing
 
 
-# -- the README's layout table ----------------------------------------------------------------
+# -- the layout table (docs/development.md) --------------------------------------------------
 
 
 def layout_table() -> list[str]:
-    """The paths in the first column of the README's "Layout" table."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    """The paths in the first column of the "Layout" table of docs/development.md."""
+    page = (ROOT / "docs" / "development.md").read_text()
+    section = page.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"^\| `([^`]+)` \|", section, flags=re.M)
 
 
@@ -196,8 +197,8 @@ def test_the_readme_layout_names_every_folder_and_package_and_nothing_else():
 def test_the_readme_lists_every_framework_choice():
     from onnxflow.cli import FrameworkChoice
 
-    readme = (ROOT / "README.md").read_text()
-    listed = re.findall(r"onnxflow (run|trigger) \[--framework ([a-z|]+)\]", readme)
+    docs = "\n".join(p.read_text() for p in sorted((ROOT / "docs").rglob("*.md")))
+    listed = re.findall(r"onnxflow (run|trigger) \[--framework ([a-z|]+)\]", docs)
     assert {command for command, _ in listed} == {"run", "trigger"}
     for command, choices in listed:
         assert choices.split("|") == [c.value for c in FrameworkChoice], command

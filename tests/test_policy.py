@@ -180,3 +180,75 @@ def test_the_stack_gives_each_process_its_own_account(tmp_path, monkeypatch):
     off = StackSettings(state_dir=tmp_path, auth=False)
     assert "--app-name" not in manager.mlflow_server_command(off)
     assert "MLFLOW_TRACKING_USERNAME" not in manager.worker_env(off)
+
+
+def test_every_version_tag_has_one_writer_and_evidence_is_the_default():
+    from onnxflow.stack.policy import tag_writers
+
+    policy = PromotionPolicy()
+    writers = {
+        key: tag_writers(policy, key)
+        for key in (
+            "validation",
+            "onnx_sha256",
+            "f1",
+            "a_tag_added_later",
+            "registered_by",
+            "audit.x",
+            "shadow_agreement",
+            "promotion_override",
+            "note.why",
+        )
+    }
+    assert writers == {
+        "validation": "pipeline",
+        "onnx_sha256": "pipeline",
+        "f1": "pipeline",
+        "a_tag_added_later": "pipeline",
+        "registered_by": "server",
+        "audit.x": "server",
+        "shadow_agreement": "live",
+        "promotion_override": "reviewers",
+        "note.why": "anyone",
+    }
+
+
+def test_four_eyes_fails_closed_and_compares_the_person_who_asked_for_the_run():
+    policy = PromotionPolicy(default={"four_eyes": True})
+    unstamped = judge(policy, tags=EVIDENCE)  # no registered_by: nobody can vouch
+    assert (unstamped.allowed, unstamped.rule) == (False, "four_eyes")
+    asked = {**EVIDENCE, "registered_by": "pipeline", "requested_by": "reviewer"}
+    assert judge(policy, tags=asked).rule == "four_eyes"
+    other = {**EVIDENCE, "registered_by": "pipeline", "requested_by": "alice"}
+    assert judge(policy, tags=other).allowed
+
+
+def test_the_audit_chain_detects_an_edit_a_deletion_and_an_insertion(tmp_path):
+    import sqlalchemy as sa
+
+    from onnxflow.stack import audit
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    for n in range(3):
+        attempt = audit.AliasAttempt(
+            model="m",
+            alias="champion",
+            user=f"u{n}",
+            from_version=None,
+            to_version=str(n),
+            decision="refused",
+            rule="reviewers",
+            message="no",
+            via="api",
+            time_ms=n,
+        )
+        assert audit.record(engine, attempt) == n + 1
+    rows = audit.read_rows(engine)
+    assert audit.verify_chain(rows) is None
+    edited = [dict(r) for r in rows]
+    edited[1]["decision"] = "allowed"
+    assert "row 2 was altered" in audit.verify_chain(edited)
+    assert "row 2 is missing" in audit.verify_chain([rows[0], rows[2]])
+    forged = {**rows[1], "seq": 2}
+    assert "row 3 does not follow" in audit.verify_chain([rows[0], forged, {**rows[1], "seq": 3}])
+    engine.dispose()

@@ -26,7 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 #: Version tags the server writes itself; no account but an admin may set or delete them.
 REGISTERED_BY = "registered_by"
+#: Who asked for the run that produced a version (the authenticated ``onnxflow trigger``).
+REQUESTED_BY = "requested_by"
 RESERVED_TAG_PREFIX = "audit."
+#: Version tags anyone with EDIT on the model may write (free-form notes).
+NOTE_TAG_PREFIX = "note."
 ANY = "*"
 
 
@@ -182,13 +186,17 @@ def decide(
                 f"pipeline's validation, or tag it {policy.override_tag!r} with a reason."
             ),
         )
-    registered_by = version_tags.get(REGISTERED_BY)
-    if rules.four_eyes and registered_by is not None and registered_by == user:
+    # The person behind the version: who asked for the run (``requested_by``, stamped from
+    # the authenticated trigger) and who registered it; both must differ from the mover.
+    # Four eyes fails closed: a version without ``registered_by`` is not promoted under it.
+    behind = {version_tags.get(REGISTERED_BY), version_tags.get(REQUESTED_BY)} - {None, ""}
+    if rules.four_eyes and (not version_tags.get(REGISTERED_BY) or user in behind):
         return Decision(
             allowed=False,
             rule="four_eyes",
             message=(
-                f"Promotion policy, rule 'four_eyes': {user!r} registered {model!r} {target} "
+                f"Promotion policy, rule 'four_eyes': {user!r} registered or asked for "
+                f"{model!r} {target} (or nobody is recorded as having registered it) "
                 f"and may not also move {alias!r} onto it; another reviewer must."
             ),
         )
@@ -218,8 +226,27 @@ def missing_evidence(rules: ModelRules, tags: dict[str, str]) -> list[str]:
 
 
 def is_reserved_tag(key: str) -> bool:
-    """Version tags only the server (or an admin) writes: who registered it, the audit."""
+    """Version tags only the server writes (no account, not even the admin): who
+    registered it, the audit marks."""
     return key == REGISTERED_BY or key.startswith(RESERVED_TAG_PREFIX)
+
+
+def tag_writers(policy: PromotionPolicy, key: str) -> str:
+    """Who may write version tag ``key``: ``server``, ``live`` (serving replicas),
+    ``reviewers`` (the override, audited), ``anyone`` (notes: MLflow's EDIT) or
+    ``pipeline`` (everything else: the evidence the policy judges a version by).
+
+    Every tag that is not explicitly someone else's is evidence: a new tag the pipeline
+    starts writing is protected without a list to keep in step."""
+    if is_reserved_tag(key):
+        return "server"
+    if is_live_evidence_tag(key):
+        return "live"
+    if key == policy.override_tag:
+        return "reviewers"
+    if key.startswith(NOTE_TAG_PREFIX):
+        return "anyone"
+    return "pipeline"
 
 
 #: Version tags a serving replica writes: the challenger's shadow and canary figures.

@@ -8,6 +8,7 @@ that guards two models differently. Every request is a real HTTP request as one 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -30,9 +31,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 ALIAS = "/api/2.0/mlflow/registered-models/alias"
 UI_ALIAS = "/ajax-api/2.0/mlflow/registered-models/alias"
+STORED = "(digest of the stored model.onnx)"  # new_version puts the real digest here
 EVIDENCE = {
     "validation": "passed",
-    "onnx_sha256": "ab" * 32,
+    "onnx_sha256": STORED,
     "parity_max_abs": "1e-06",
     "parity_max_rel": "1e-05",
     "metric_name": "accuracy",
@@ -46,11 +48,26 @@ POLICY = {
 }
 
 
+def tiny_onnx() -> bytes:
+    """A valid one-node ONNX model, different on every call (its doc string)."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.doc_string = uuid.uuid4().hex
+    return model.SerializeToString()
+
+
 class Server:
     """The running server, its passwords, and helpers to act as one account."""
 
-    def __init__(self, url: str, credentials: accounts.Credentials, backend: str) -> None:
+    def __init__(
+        self, url: str, credentials: accounts.Credentials, backend: str, database_uri: str = ""
+    ) -> None:
         self.url, self.credentials, self.backend = url, credentials, backend
+        self.database_uri = database_uri  # SQLAlchemy URI of the tracking database
         self.passwords = dict(credentials.passwords)
 
     def http(self, user: str) -> httpx.Client:
@@ -113,6 +130,9 @@ class Server:
         return name
 
     def new_version(self, model: str, tags: dict[str, str], user: str = "pipeline") -> str:
+        """A run holding a real ``model/model.onnx`` (uploaded as ``user``), registered as
+        a version by ``user``; the evidence tags are written by the pipeline, as on the
+        stack (``onnx_sha256``: :data:`STORED` becomes the uploaded file's digest)."""
         experiment = self.ok(
             user,
             "POST",
@@ -122,6 +142,13 @@ class Server:
         run = self.ok(
             user, "POST", "/api/2.0/mlflow/runs/create", json={"experiment_id": experiment}
         )["run"]["info"]["run_id"]
+        model_bytes = tiny_onnx()
+        put = self.call(
+            user, "PUT", f"{self.files(experiment, run)}/model/model.onnx", content=model_bytes
+        )
+        assert put.status_code == 200, put.text
+        digest = hashlib.sha256(b"model.onnx\0" + model_bytes).hexdigest()
+        tags = {k: (digest if v == STORED else v) for k, v in tags.items()}
         created = self.ok(
             user,
             "POST",
@@ -130,10 +157,26 @@ class Server:
                 "name": model,
                 "source": f"runs:/{run}/model",
                 "run_id": run,
-                "tags": [{"key": k, "value": v} for k, v in tags.items()],
+                "tags": [{"key": k, "value": v} for k, v in tags.items() if user in ("pipeline",)],
             },
         )
-        return created["model_version"]["version"]
+        version = created["model_version"]["version"]
+        if user != "pipeline":
+            for key, value in tags.items():
+                self.set_tag("pipeline", model, version, key, value)
+        return version
+
+    @staticmethod
+    def files(experiment: str, run: str) -> str:
+        return f"/api/2.0/mlflow-artifacts/artifacts/{experiment}/{run}/artifacts"
+
+    def set_tag(self, user: str, model: str, version: str, key: str, value: str) -> None:
+        self.ok(
+            user,
+            "POST",
+            "/api/2.0/mlflow/model-versions/set-tag",
+            json={"name": model, "version": version, "key": key, "value": value},
+        )
 
     def set_alias(
         self, user: str, model: str, version: str, alias: str = "champion", path: str = ALIAS
@@ -156,8 +199,6 @@ class Server:
         return {t["key"]: t.get("value", "") for t in mv.get("tags", [])}
 
     def trail(self, model: str) -> list[dict[str, str]]:
-        from mlflow import MlflowClient
-
         env = {
             "MLFLOW_TRACKING_USERNAME": "endpoint",
             "MLFLOW_TRACKING_PASSWORD": self.passwords["endpoint"],
@@ -165,7 +206,7 @@ class Server:
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            return read_trail(model, MlflowClient(self.url, self.url))
+            return read_trail(model, self.url)
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -236,7 +277,8 @@ def server(request, tmp_path_factory):
         wait_until(
             record, lambda: httpx.get(f"{record.url}/health").status_code == 200, 120, "healthy"
         )
-        yield Server(record.url, credentials, request.param)
+        database = backend.replace("postgresql://", "postgresql+psycopg://")
+        yield Server(record.url, credentials, request.param, database)
     finally:
         stop_process(record)
         if conn is not None:
@@ -407,8 +449,28 @@ def test_an_override_reason_lets_a_reviewer_promote_without_evidence_and_is_reco
     tags = server.tags(model, version)
     assert tags["audit.champion_set_by"] == "reviewer"
     assert tags["audit.champion_override_reason"] == reason
-    (row,) = server.trail(model)
-    assert (row["decision"], row["override_reason"]) == ("allowed", reason)
+    # Setting the override is on the record itself, with its reason, then the move.
+    override, moved = server.trail(model)
+    assert (override["action"], override["user"], override["override_reason"]) == (
+        "override",
+        "reviewer",
+        reason,
+    )
+    assert (moved["action"], moved["decision"], moved["override_reason"]) == (
+        "set_alias",
+        "allowed",
+        reason,
+    )
+    # Only the model's reviewers may write an override; nobody may rewrite the evidence.
+    dana = server.add_user(f"dana-{uuid.uuid4().hex[:4]}", edit=(model,))
+    for user, key in ((dana, "promotion_override"), ("reviewer", "validation")):
+        refused = server.call(
+            user,
+            "POST",
+            "/api/2.0/mlflow/model-versions/set-tag",
+            json={"name": model, "version": version, "key": key, "value": "passed"},
+        )
+        assert refused.status_code == 403, (user, key)
     # The override does not make a non-reviewer a reviewer.
     assert server.set_alias("endpoint", model, version).status_code == 403
 
@@ -517,25 +579,313 @@ def test_every_alias_attempt_is_audited_with_who_from_to_decision_and_rule(serve
     assert server.passwords["endpoint"] not in printed.stdout + printed.stderr
 
 
-def test_audit_experiments_cannot_be_written_by_accounts(server):
+def test_the_audit_trail_is_the_servers_alone_whatever_an_account_pre_creates(server):
+    """Weakness 7: a data scientist pre-created the audit experiment and rewrote it. The
+    trail is now a table no route writes: an experiment of that name changes nothing."""
+    model = server.new_model()
+    dana = server.add_user(f"dana-{uuid.uuid4().hex[:4]}", edit=(model,))
+    server.ok(
+        dana, "POST", "/api/2.0/mlflow/experiments/create", json={"name": f"onnxflow-audit/{model}"}
+    )
+    version = server.new_version(model, EVIDENCE)
+    assert server.set_alias("reviewer", model, version).status_code == 200
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        assert server.call(dana, method, "/api/2.0/onnxflow/audit").status_code in (403, 405)
+        assert server.call("admin", method, "/api/2.0/onnxflow/audit").status_code == 405
+    assert httpx.get(f"{server.url}/api/2.0/onnxflow/audit").status_code == 401
+    (row,) = server.trail(model)
+    assert (row["user"], row["decision"], row["action"]) == ("reviewer", "allowed", "set_alias")
+
+
+# --- an attacker's routes (issue 18)
+
+
+def test_evidence_is_written_by_the_pipeline_alone(server):
+    """Weakness 2: evidence tags were ordinary tags any EDIT holder (or a reviewer) wrote."""
+    model = server.new_model()
+    version = server.new_version(model, {**EVIDENCE, "validation": "failed"})
+    dana = server.add_user(f"dana-{uuid.uuid4().hex[:4]}", edit=(model,))
+    for user in (dana, "reviewer", "admin", "endpoint"):
+        for key, value in (("validation", "passed"), ("onnx_sha256", "00"), ("accuracy", "1")):
+            refused = server.call(
+                user,
+                "POST",
+                "/api/2.0/mlflow/model-versions/set-tag",
+                json={"name": model, "version": version, "key": key, "value": value},
+            )
+            assert refused.status_code == 403, (user, key)
+        deleted = server.call(
+            user,
+            "DELETE",
+            "/api/2.0/mlflow/model-versions/delete-tag",
+            json={"name": model, "version": version, "key": "validation"},
+        )
+        assert deleted.status_code == 403, user
+    assert server.tags(model, version)["validation"] == "failed"
+    # A version created with evidence tags by anyone but the pipeline is refused whole.
+    forged = server.call(
+        dana,
+        "POST",
+        "/api/2.0/mlflow/model-versions/create",
+        json={
+            "name": model,
+            "source": "runs:/0/model",
+            "tags": [{"key": "validation", "value": "passed"}],
+        },
+    )
+    assert forged.status_code == 403 and "pipeline" in forged.json()["message"]
+    # Notes stay free for anyone with EDIT.
+    server.set_tag(dana, model, version, "note.why", "looked at it")
+
+
+def test_a_model_replaced_after_validation_is_refused_by_its_digest(server):
+    """The server recomputes onnx_sha256 from the stored model.onnx at promotion; the files
+    of a registered run are the pipeline's alone."""
+    model = server.new_model()
+    version = server.new_version(model, EVIDENCE)
+    run_id = server.ok(
+        "endpoint",
+        "GET",
+        "/api/2.0/mlflow/model-versions/get",
+        params={"name": model, "version": version},
+    )["model_version"]["run_id"]
+    experiment = server.ok(
+        "endpoint", "GET", "/api/2.0/mlflow/runs/get", params={"run_id": run_id}
+    )["run"]["info"]["experiment_id"]
+    dana = server.add_user(f"dana-{uuid.uuid4().hex[:4]}", edit=(model,))
+    server.ok(
+        "admin",
+        "POST",
+        "/api/3.0/mlflow/users/permissions/grant",
+        json={
+            "username": dana,
+            "resource_type": "experiment",
+            "resource_id": experiment,
+            "permission": "EDIT",
+        },
+    )
+    target = f"{server.files(experiment, run_id)}/model/model.onnx"
+    assert server.call(dana, "PUT", target, content=tiny_onnx()).status_code == 403
+    # Someone who reaches the files anyway (here: the pipeline's own account) swaps them.
+    assert server.call("pipeline", "PUT", target, content=tiny_onnx()).status_code == 200
+    refused = server.set_alias("reviewer", model, version)
+    assert refused.status_code == 403
+    assert "cannot be verified" in refused.json()["message"]
+    server.set_tag("reviewer", model, version, "promotion_override", "trust me")
+    assert server.set_alias("reviewer", model, version).status_code == 403  # no override
+    assert server.alias(model) is None
+
+
+def test_a_model_holding_champion_cannot_be_renamed_deleted_or_staged_away(server):
+    """Weaknesses 3 and 7: renames moved champion, its rules and trail between names;
+    deleting the version that held champion removed it with no check and no record."""
     model = server.new_model()
     version = server.new_version(model, EVIDENCE)
     assert server.set_alias("reviewer", model, version).status_code == 200
-    experiment = server.ok(
-        "pipeline",
-        "GET",
-        "/api/2.0/mlflow/experiments/get-by-name",
-        params={"experiment_name": f"onnxflow-audit/{model}"},
-    )["experiment"]
-    for user in ("pipeline", "reviewer"):
-        forged = server.call(
-            user,
+    other = server.new_model()
+    attempts = [
+        (
+            "reviewer",
             "POST",
-            "/api/2.0/mlflow/runs/create",
-            json={"experiment_id": experiment["experiment_id"]},
+            "/api/2.0/mlflow/registered-models/rename",
+            {"name": model, "new_name": f"{model}-x"},
+        ),
+        (
+            "pipeline",
+            "POST",
+            "/api/2.0/mlflow/registered-models/rename",
+            {"name": model, "new_name": f"{model}-x"},
+        ),
+        (
+            "admin",
+            "POST",
+            "/ajax-api/2.0/mlflow/registered-models/rename",
+            {"name": model, "new_name": other},
+        ),
+        (
+            "pipeline",
+            "DELETE",
+            "/api/2.0/mlflow/model-versions/delete",
+            {"name": model, "version": version},
+        ),
+        (
+            "admin",
+            "DELETE",
+            "/api/2.0/mlflow/model-versions/delete",
+            {"name": model, "version": version},
+        ),
+        ("admin", "DELETE", "/api/2.0/mlflow/registered-models/delete", {"name": model}),
+        (
+            "admin",
+            "POST",
+            "/api/2.0/mlflow/model-versions/transition-stage",
+            {
+                "name": model,
+                "version": version,
+                "stage": "Production",
+                "archive_existing_versions": False,
+            },
+        ),
+    ]
+    for user, method, path, body in attempts:
+        refused = server.call(user, method, path, json=body)
+        assert refused.status_code == 403, (user, path, refused.text)
+        assert (
+            "Promotion policy" in refused.json()["message"] or "stage" in refused.json()["message"]
         )
-        assert forged.status_code == 403, user
-    assert len(server.trail(model)) == 1
+    assert server.alias(model) == version
+    rows = server.trail(model)
+    got = [(r["action"], r["user"], r["decision"]) for r in rows[1:]]
+    assert got == [
+        ("rename", "reviewer", "refused"),
+        ("rename", "pipeline", "refused"),
+        ("rename", "admin", "refused"),
+        ("delete_version", "pipeline", "refused"),
+        ("delete_version", "admin", "refused"),
+        ("delete_model", "admin", "refused"),
+        ("transition_stage", "admin", "refused"),
+    ]
+    # A model without a protected alias, rules or history may be renamed: on the record.
+    fresh = server.new_model()
+    server.ok(
+        "pipeline",
+        "POST",
+        "/api/2.0/mlflow/registered-models/rename",
+        json={"name": fresh, "new_name": f"{fresh}-r"},
+    )
+    assert [(r["action"], r["decision"]) for r in server.trail(fresh)] == [("rename", "allowed")]
+
+
+def test_unauthenticated_attempts_are_on_the_record(server):
+    model = server.new_model()
+    version = server.new_version(model, EVIDENCE)
+    body = {"name": model, "alias": "champion", "version": version}
+    assert httpx.post(f"{server.url}{ALIAS}", json=body).status_code == 401
+    assert (
+        httpx.post(
+            f"{server.url}{UI_ALIAS}", json=body, auth=("reviewer", "wrong-password-123")
+        ).status_code
+        == 401
+    )
+    rows = server.trail(model)
+    assert [(r["user"], r["decision"], r["rule"]) for r in rows] == [
+        ("(unauthenticated)", "refused", "unauthenticated"),
+        ("(unauthenticated: reviewer)", "refused", "unauthenticated"),
+    ]
+
+
+def test_an_alias_onto_a_version_not_yet_created_is_refused_not_let_through(server):
+    """Weakness 4: a request for a version that did not exist yet skipped the checks and
+    raced the version's creation. Now the check and the change hold the model's lock,
+    and a missing version is the policy's refusal."""
+    import threading
+
+    model = server.new_model()
+    dana = server.add_user(f"dana-{uuid.uuid4().hex[:4]}", edit=(model,))
+    server.new_version(model, EVIDENCE)
+    landed, stop = [], threading.Event()
+
+    def promote_next() -> None:
+        with server.http("reviewer") as client:
+            while not stop.is_set():
+                for ahead in range(2, 6):
+                    response = client.post(
+                        ALIAS, json={"name": model, "alias": "champion", "version": str(ahead)}
+                    )
+                    if response.status_code == 200:
+                        landed.append(str(ahead))
+
+    thread = threading.Thread(target=promote_next)
+    thread.start()
+    try:
+        for _ in range(4):  # unvalidated versions (a data scientist's), created meanwhile
+            server.new_version(model, {}, user=dana)
+    finally:
+        stop.set()
+        thread.join()
+    assert landed == [], f"champion landed on unvalidated versions {landed}"
+    assert server.alias(model) is None
+    missing = [r for r in server.trail(model) if r["rule"] == "no_version"]
+    assert missing, "a request for a version that did not exist is on the record"
+
+
+def test_the_endpoint_account_has_least_privilege(server):
+    """Weakness 6: the endpoint created experiments, models, versions and files."""
+    model = server.new_model()
+    version = server.new_version(model, EVIDENCE)
+    attempts = [
+        ("POST", "/api/2.0/mlflow/experiments/create", {"name": f"x-{uuid.uuid4().hex}"}),
+        ("POST", "/api/2.0/mlflow/runs/create", {"experiment_id": "0"}),
+        ("POST", "/api/2.0/mlflow/registered-models/create", {"name": f"x-{uuid.uuid4().hex}"}),
+        ("POST", "/api/2.0/mlflow/model-versions/create", {"name": model, "source": "runs:/0/m"}),
+        ("POST", ALIAS, {"name": model, "alias": "challenger", "version": version}),
+        (
+            "DELETE",
+            "/api/2.0/mlflow/model-versions/delete-tag",
+            {"name": model, "version": version, "key": "shadow_x"},
+        ),
+        (
+            "POST",
+            "/api/2.0/mlflow/registered-models/set-tag",
+            {"name": model, "key": "k", "value": "v"},
+        ),
+    ]
+    for method, path, body in attempts:
+        assert server.call("endpoint", method, path, json=body).status_code == 403, path
+    # What it needs still works: reads (also those sent as POST) and the live evidence.
+    assert (
+        server.call(
+            "endpoint", "POST", "/api/2.0/mlflow/runs/search", json={"experiment_ids": ["0"]}
+        ).status_code
+        == 200
+    )
+    server.set_tag("endpoint", model, version, "shadow_agreement", "0.99")
+
+
+def test_audit_verify_detects_a_tampered_row(server, tmp_path):
+    """Weakness 7: the trail was editable. Edit a row in the database, as someone with
+    access to it would: `onnxflow audit --verify` fails naming the row; restored, it passes."""
+    import sqlalchemy as sa
+
+    model = server.new_model()
+    version = server.new_version(model, EVIDENCE)
+    assert server.set_alias("endpoint", model, version).status_code == 403
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": server.url,
+        "MLFLOW_TRACKING_USERNAME": "endpoint",
+        "MLFLOW_TRACKING_PASSWORD": server.passwords["endpoint"],
+    }
+    onnxflow = str(Path(sys.executable).parent / "onnxflow")
+
+    def verify() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [onnxflow, "audit", model, "--verify"],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+
+    intact = verify()
+    assert intact.returncode == 0, intact.stderr
+    assert "audit chain intact" in intact.stdout
+    (row,) = server.trail(model)
+    engine = sa.create_engine(server.database_uri)
+    update = sa.text("UPDATE onnxflow_audit SET decision = :d WHERE seq = :s")
+    try:
+        with engine.begin() as conn:
+            conn.execute(update, {"d": "allowed", "s": row["seq"]})
+        tampered = verify()
+        assert tampered.returncode == 1
+        assert f"row {row['seq']} was altered" in tampered.stderr
+    finally:
+        with engine.begin() as conn:
+            conn.execute(update, {"d": "refused", "s": row["seq"]})
+        engine.dispose()
+    assert verify().returncode == 0
 
 
 # --- logins

@@ -171,7 +171,7 @@ def test_a_data_scientist_is_refused_champion_in_the_mlflow_ui_with_the_rule_on_
     finally:
         page.context.close()
     assert mlflow_client.get_model_version_by_alias("digits", "champion").version == champion_before
-    last = read_trail("digits", mlflow_client)[-1]
+    last = read_trail("digits", stack.mlflow_url)[-1]
     assert (last["user"], last["to_version"], last["decision"], last["rule"], last["via"]) == (
         name,
         version,
@@ -233,7 +233,7 @@ def test_reviewer_reads_the_report_and_promotes_the_challenger_in_the_mlflow_ui(
     assert mlflow_client.get_model_version_by_alias("digits", "champion").version == version
     wait_until_serving(stack.endpoint_urls, "digits", version, timeout_s=30)
     record_timing("ui_promotion_to_both_replicas_serving_s", time.monotonic() - clicked)
-    last = read_trail("digits", mlflow_client)[-1]
+    last = read_trail("digits", stack.mlflow_url)[-1]
     assert (last["user"], last["from_version"], last["to_version"], last["decision"]) == (
         "reviewer",
         champion_before,
@@ -252,7 +252,8 @@ def test_reviewer_is_refused_a_version_without_validation_passed_in_the_mlflow_u
     browser,
 ):
     champion = mlflow_client.get_model_version_by_alias("digits", "champion")
-    # A data scientist registers their own, unvalidated copy of a model as a new version.
+    # A data scientist registers their own, unvalidated copy of a model as a new version
+    # (evidence tags are the pipeline's to write: the data scientist may add none).
     name, password = add_data_scientist(stack)
     with httpx.Client(base_url=stack.mlflow_url, auth=(name, password), timeout=30) as http:
         created = http.post(
@@ -260,7 +261,6 @@ def test_reviewer_is_refused_a_version_without_validation_passed_in_the_mlflow_u
             json={
                 "name": "digits",
                 "source": f"models:/digits/{champion.version}",
-                "tags": [{"key": "validation", "value": "failed"}],
             },
         )
     assert created.status_code == 200, created.text
@@ -271,17 +271,8 @@ def test_reviewer_is_refused_a_version_without_validation_passed_in_the_mlflow_u
     try:
         dialog = try_champion_in_ui(page, stack, unvalidated)
         dialog.get_by_text("Promotion policy, rule 'evidence'").wait_for()
-        dialog.get_by_text("validation='failed', expected 'passed'", exact=False).wait_for()
+        dialog.get_by_text("no 'validation' tag", exact=False).wait_for()
         page.screenshot(path=str(RESULTS / "auth-reviewer-refused-unvalidated.png"))
-        # The audit trail, in the MLflow UI: the model's audit experiment.
-        experiment = mlflow_client.get_experiment_by_name("onnxflow-audit/digits")
-        page.goto(
-            f"{stack.mlflow_url}/#/experiments/{experiment.experiment_id}/runs", wait_until="load"
-        )
-        page.get_by_text(
-            f"champion {champion.version} -> {unvalidated} by reviewer: refused"
-        ).first.wait_for()
-        page.screenshot(path=str(RESULTS / "auth-audit-trail.png"), full_page=True)
     except Exception:
         page.screenshot(path=str(RESULTS / "auth-reviewer-failure.png"), full_page=True)
         raise
@@ -293,7 +284,7 @@ def test_reviewer_is_refused_a_version_without_validation_passed_in_the_mlflow_u
     )
     for url in stack.endpoint_urls:
         assert serving_version(url, "digits") == champion.version
-    last = read_trail("digits", mlflow_client)[-1]
+    last = read_trail("digits", stack.mlflow_url)[-1]
     assert (last["user"], last["to_version"], last["decision"], last["rule"]) == (
         "reviewer",
         unvalidated,

@@ -1,0 +1,289 @@
+"""The monitor: a window of captured traffic and its feedback against the served version's
+reference profile; the figures, a report on the version's run, and the retrain decision.
+
+Plain functions: :func:`read_window` (Parquet written by the endpoint's capture, labels
+joined by request id and row), :func:`evaluate` (drift per feature and of the predictions,
+:mod:`onnxflow.profile`; live accuracy where labels exist), :func:`decide` (the
+:class:`RetrainPolicy`), :func:`report_html`; :func:`monitor_model` wires them to the
+registry: the ``champion`` version's profile in, ``monitor/report.html`` and
+``monitor/report.json`` on its run and ``monitor_*`` tags on the version out.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from onnxflow.errors import OnnxflowError
+from onnxflow.profile import drift, predictions_of
+
+log = logging.getLogger(__name__)
+
+REPORT_HTML = "monitor/report.html"
+REPORT_JSON = "monitor/report.json"
+FEEDBACK_DIR = "_feedback"
+
+
+class MonitorError(OnnxflowError):
+    """The monitor could not read its window or the version's profile."""
+
+
+class RetrainPolicy(BaseModel):
+    """When the monitor asks for a retrain (per model, in the pipeline config)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_drift_share: float = Field(
+        0.3, ge=0, le=1, description="Retrain when more than this share of features drift."
+    )
+    min_live_accuracy: float = Field(
+        0.8, ge=0, le=1, description="Retrain when live accuracy falls below this ..."
+    )
+    min_labels: int = Field(50, ge=1, description="... measured on at least this many labels.")
+    min_rows: int = Field(100, ge=1, description="No decision on a window with fewer rows.")
+
+
+@dataclass
+class Window:
+    """The captured rows of one model version since a time, with their labels."""
+
+    model: str
+    version: str
+    since: str
+    rows: int
+    inputs: dict[str, np.ndarray]
+    predictions: np.ndarray
+    labels: np.ndarray  # per row: the label (as text), "" where none
+    request_ids: list[str] = field(default_factory=list)
+    row_numbers: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Figures:
+    model: str
+    version: str
+    window: str
+    rows: int
+    labelled: int
+    drift_share: float
+    prediction_drift: float | None
+    live_accuracy: float | None
+    drifted: list[str]
+    features: dict[str, float]
+    retrain: bool
+    reason: str
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "monitor_drift_share": f"{self.drift_share:.4f}",
+            "monitor_live_accuracy": "n/a"
+            if self.live_accuracy is None
+            else f"{self.live_accuracy:.4f}",
+            "monitor_prediction_drift": "n/a"
+            if self.prediction_drift is None
+            else f"{self.prediction_drift:.4f}",
+            "monitor_window": self.window,
+            "monitor_rows": str(self.rows),
+            "monitor_labelled_rows": str(self.labelled),
+            "monitor_retrain": "yes" if self.retrain else "no",
+        }
+
+
+def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """``30m``, ``6h``, ``2d`` ago, or an ISO time (UTC when it names no zone)."""
+    now = now or dt.datetime.now(dt.UTC)
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+    if text and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
+        return now - dt.timedelta(**{units[text[-1]]: float(text[:-1])})
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise MonitorError(
+            f"--since {text!r}: expected a duration (30m, 6h, 2d) or an ISO time"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def read_window(capture: str, model: str, version: str, since: dt.datetime) -> Window:
+    """The rows ``model`` version ``version`` answered since ``since`` (capture folder or
+    fsspec URL ``capture``), with the labels fed back for them."""
+    import fsspec
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    fs, root = fsspec.core.url_to_fs(capture)
+    root = root.rstrip("/")
+    folder = f"{root}/model={model}/version={version}"
+    if not fs.exists(folder):
+        raise MonitorError(f"nothing captured for {model} version {version} under {capture}")
+    dataset = ds.dataset(folder, filesystem=fs, format="parquet", partitioning="hive")
+    table = dataset.to_table(filter=pc.field("time") >= pc.scalar(since))
+    shapes = json.loads((dataset.schema.metadata or {}).get(b"onnxflow.shapes", b"{}"))
+    inputs, outputs = {}, []
+    for name in table.column_names:
+        if name.startswith(("input.", "output.")):
+            values = _stack(table.column(name), shapes.get(name))
+            if name.startswith("input."):
+                inputs[name.removeprefix("input.")] = values
+            else:
+                outputs.append(values)
+    ids, rows = table.column("request_id").to_pylist(), table.column("row").to_pylist()
+    labels = _labels(fs, f"{root}/{FEEDBACK_DIR}/model={model}", ids, rows)
+    return Window(
+        model,
+        version,
+        since.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        table.num_rows,
+        inputs,
+        predictions_of(outputs[0]) if outputs and table.num_rows else np.array([]),
+        labels,
+        ids,
+        rows,
+    )
+
+
+def _stack(column, shape: list | None) -> np.ndarray:
+    rows = column.to_pylist()
+    if not rows:
+        return np.zeros((0,))
+    array = np.array(rows)
+    return array.reshape(len(rows), *shape) if shape is not None else array
+
+
+def _labels(fs, folder: str, ids: list[str], rows: list[int]) -> np.ndarray:
+    import pyarrow.dataset as ds
+
+    labels = np.full(len(ids), "", dtype=object)
+    if not fs.exists(folder):
+        return labels
+    table = ds.dataset(folder, filesystem=fs, format="parquet", partitioning="hive").to_table(
+        columns=["request_id", "row", "label"]
+    )
+    known = {
+        (r, n): label
+        for r, n, label in zip(
+            table["request_id"].to_pylist(), table["row"].to_pylist(), table["label"].to_pylist()
+        )
+    }
+    for i, key in enumerate(zip(ids, rows)):
+        labels[i] = known.get(key, "")
+    return labels
+
+
+def evaluate(profile: dict, window: Window, policy: RetrainPolicy) -> Figures:
+    """The window's figures against the profile, and the policy's decision."""
+    figures = drift(profile, window.inputs, window.predictions) if window.rows else None
+    labelled = window.labels != ""
+    accuracy = None
+    if labelled.any():
+        predicted = np.asarray(window.predictions).astype(str)[labelled]
+        accuracy = float((predicted == window.labels[labelled].astype(str)).mean())
+    drift_share = figures["drift_share"] if figures else 0.0
+    retrain, reason = decide(policy, window.rows, drift_share, accuracy, int(labelled.sum()))
+    return Figures(
+        model=window.model,
+        version=window.version,
+        window=f"since {window.since}",
+        rows=window.rows,
+        labelled=int(labelled.sum()),
+        drift_share=drift_share,
+        prediction_drift=figures.get("prediction") if figures else None,
+        live_accuracy=accuracy,
+        drifted=figures["drifted"] if figures else [],
+        features=figures["features"] if figures else {},
+        retrain=retrain,
+        reason=reason,
+    )
+
+
+def decide(
+    policy: RetrainPolicy, rows: int, drift_share: float, accuracy: float | None, labels: int
+) -> tuple[bool, str]:
+    """Retrain or not, and why (the policy's rule that decided)."""
+    if rows < policy.min_rows:
+        return False, f"{rows} rows in the window, fewer than min_rows {policy.min_rows}"
+    if drift_share > policy.max_drift_share:
+        return True, f"drift share {drift_share:.2f} > max_drift_share {policy.max_drift_share}"
+    if accuracy is not None and labels >= policy.min_labels:
+        if accuracy < policy.min_live_accuracy:
+            return True, (
+                f"live accuracy {accuracy:.3f} < min_live_accuracy {policy.min_live_accuracy} "
+                f"on {labels} labels"
+            )
+    return False, "within the policy"
+
+
+def report_html(figures: Figures) -> str:
+    """The reviewer's page: the figures, the decision, every feature's distance."""
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{value:.4f}</td>"
+        f"<td>{'drift' if name in figures.drifted else ''}</td></tr>"
+        for name, value in sorted(figures.features.items(), key=lambda kv: -kv[1])
+    )
+    accuracy = "n/a" if figures.live_accuracy is None else f"{figures.live_accuracy:.4f}"
+    return (
+        f"<html><head><title>{html.escape(figures.model)} v{figures.version} monitor</title>"
+        "</head><body>"
+        f"<h1>{html.escape(figures.model)} version {figures.version}: monitor</h1>"
+        f"<p>Window {html.escape(figures.window)}: {figures.rows} rows, {figures.labelled} "
+        f"labelled. Drift share {figures.drift_share:.4f} ({len(figures.drifted)} of "
+        f"{len(figures.features)} features past the Jensen-Shannon distance threshold). "
+        f"Live accuracy {accuracy}. Retrain: <b>{'yes' if figures.retrain else 'no'}</b> "
+        f"({html.escape(figures.reason)}).</p>"
+        "<table><tr><th>feature</th><th>JS distance</th><th></th></tr>"
+        f"{rows}</table></body></html>"
+    )
+
+
+def monitor_model(
+    name: str,
+    capture: str,
+    since: dt.datetime,
+    policy: RetrainPolicy,
+    alias: str = "champion",
+    write: bool = True,
+) -> Figures:
+    """Monitor the version ``name@alias`` serves: figures logged on its run, tags on it."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from onnxflow.registration import PROFILE_PATH
+
+    client = MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        raise MonitorError(f"{name}@{alias}: {exc.message}") from None
+    try:
+        profile = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/{PROFILE_PATH}")
+    except Exception as exc:  # noqa: BLE001  (MLflow raises several kinds for a missing file)
+        raise MonitorError(
+            f"{name} version {version.version} has no reference profile ({PROFILE_PATH} in "
+            f"run {version.run_id}); versions registered before profiles existed have none: "
+            f"{exc}"
+        ) from None
+    window = read_window(capture, name, str(version.version), since)
+    figures = evaluate(profile, window, policy)
+    if write:
+        client.log_text(version.run_id, report_html(figures), REPORT_HTML)
+        client.log_text(version.run_id, json.dumps(asdict(figures), indent=2), REPORT_JSON)
+        for key, value in figures.tags().items():
+            client.set_model_version_tag(name, version.version, key, value)
+    log.info(
+        "%s version %s: %d rows, drift share %.3f, live accuracy %s: retrain %s (%s)",
+        name,
+        version.version,
+        figures.rows,
+        figures.drift_share,
+        figures.live_accuracy,
+        figures.retrain,
+        figures.reason,
+    )
+    return figures

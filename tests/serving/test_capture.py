@@ -1,0 +1,287 @@
+"""Inference capture: every answered request of every model, on both fronts, as Parquet
+segments written off the request path; nothing lost silently, SIGTERM flushes.
+
+The writer on its own first (fsspec's in-memory filesystem), then a real endpoint serving
+two models with ``capture`` on a local folder, under load from 8 threads over REST and gRPC,
+stopped with SIGTERM while requests are still coming.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from onnxflow.processes import free_port
+from onnxflow.serving.capture import Capture
+from onnxflow.serving.launcher import start_background, stop_background, wait_ready
+from onnxflow.serving.settings import ServingSettings
+from tests.serving import models
+from tests.serving.conftest import TOKEN, _example, wait_for
+
+
+def _read(fs, root: str):
+    import pyarrow.dataset as ds
+
+    return ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive").to_table()
+
+
+def _settings(url: str, **kw) -> ServingSettings:
+    return ServingSettings(model="m@champion", capture=url, capture_flush_interval_s=0.05, **kw)
+
+
+# --- the writer on its own -----------------------------------------------------------------
+
+
+def test_the_writer_keeps_every_accepted_record_by_name_and_counts_the_rest():
+    import fsspec
+
+    url = "memory://capture-unit"
+    capture = Capture(_settings(url, capture_segment_bytes=1024, capture_queue_bytes=65536))
+    model = SimpleNamespace(name="m", version="3", output_names=["p", "label"])
+    capture.start()
+    rng = np.random.default_rng(0)
+    sent = {}
+    for i in range(200):
+        x = rng.normal(size=(2, 4)).astype(np.float32)
+        p, label = x * 2, np.array(["a", "b"], dtype=object)
+        capture.offer(model, lambda i=i: f"id-{i}", {"x": x}, [p, label], 0.001)
+        sent[f"id-{i}"] = x
+        if i % 50 == 49:  # in rounds: each round a row group, and a segment past 1 KiB
+            wait_for(lambda: capture.written[("m", "3")] == 2 * capture.accepted[("m", "3")])
+    capture.stopping()
+    capture.stop()
+    fs = fsspec.filesystem("memory")
+    table = _read(fs, "/capture-unit")
+    accepted = capture.accepted[("m", "3")]
+    dropped = sum(capture.dropped.values())
+    assert accepted + dropped == 200 and accepted > 0  # nothing silently lost
+    assert table.num_rows == 2 * accepted == capture.written[("m", "3")]
+    assert capture.segments_rolled > 1  # rolled by size
+    assert not [p for p in fs.find("/capture-unit") if p.rsplit("/", 1)[1].startswith(".")]
+    rows = table.to_pylist()
+    first = next(r for r in rows if r["request_id"] == "id-0" and r["row"] == 1)
+    assert first["model"] == "m" and str(first["version"]) == "3" and first["latency_ms"] == 1.0
+    np.testing.assert_allclose(first["input.x"], sent["id-0"][1])
+    np.testing.assert_allclose(first["output.p"], sent["id-0"][1] * 2)
+    assert first["output.label"] == ["b"]
+    assert {r["date"] for r in rows} and {str(r["version"]) for r in rows} == {"3"}
+    # after stop nothing more is taken, and that is counted too
+    capture.offer(model, None, {"x": np.zeros((1, 4), np.float32)}, [np.zeros(1)] * 2, 0)
+    assert capture.dropped[("m", "stopped")] == 1
+
+
+def test_a_full_queue_drops_and_counts_instead_of_waiting():
+    capture = Capture(_settings("memory://capture-full", capture_queue_bytes=65536))
+    model = SimpleNamespace(name="m", version="1", output_names=["p"])
+    big = np.zeros((1, 4096), np.float32)  # 16 KiB in, 16 KiB out: two fit
+    for _ in range(5):  # the writer is not started: nothing is taken off the queue
+        capture.offer(model, None, {"x": big}, [big], 0.0)
+    assert capture.accepted[("m", "1")] == 2 and capture.dropped[("m", "queue_full")] == 3
+
+
+def test_an_unknown_filesystem_is_refused_by_name():
+    with pytest.raises(ValueError, match="capture location 'nosuchfs://x'"):
+        Capture(_settings("nosuchfs://x"))
+
+
+# --- a real endpoint: two models, both fronts, load, SIGTERM --------------------------------
+
+
+@pytest.fixture(scope="module")
+def captured(registry, tmp_path_factory):
+    root = tmp_path_factory.mktemp("capture-models")
+    assert registry.register("cap_a", models.mlp(root / "a" / "model.onnx"), _example()) == "1"
+    multi = models.multi_io(root / "b" / "model.onnx")
+    assert registry.register("cap_b", multi, models.multi_example()) == "1"
+    state = tmp_path_factory.mktemp("capture-endpoint")
+    folder = state / "captured"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", registry.uri)
+        settings = ServingSettings(
+            model="cap_a@champion,cap_b@champion",
+            capture=str(folder),
+            port=free_port(),
+            grpc_port=free_port(),
+            cache_dir=state / "cache",
+            token=TOKEN,
+            poll_interval_s=0,
+        )
+        info = start_background(settings, state)
+    try:
+        wait_ready(info, timeout_s=240)
+        yield SimpleNamespace(
+            url=info.url, grpc=f"127.0.0.1:{settings.grpc_port}", folder=folder, state=state
+        )
+    finally:
+        stop_background(state)
+
+
+def _rest(http: httpx.Client, i: int, rid: str | None) -> tuple[int, str | None, int]:
+    x = np.random.default_rng(i).normal(size=(1 + i % 3, 64)).astype(np.float32)
+    body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": list(x.shape)}]}
+    body["inputs"][0]["data"] = x.ravel().tolist()
+    headers = {"x-request-id": rid} if rid else {}
+    response = http.post("/v2/models/cap_a/infer", json=body, headers=headers)
+    return response.status_code, response.headers.get("x-request-id"), x.shape[0]
+
+
+def _grpc(client, i: int) -> tuple[int, str, int]:
+    import tritonclient.grpc as grpcclient
+
+    example = models.multi_example(rows=2, seed=i)
+    tensors = []
+    for name, array in example.items():
+        datatype = {"O": "BYTES", "b": "BOOL"}.get(array.dtype.kind) or {
+            np.float32: "FP32",
+            np.int32: "INT32",
+            np.float16: "FP16",
+            np.uint8: "UINT8",
+            np.float64: "FP64",
+        }.get(array.dtype.type)
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    given = f"grpc-{i}" if i % 2 else ""
+    result = client.infer(
+        "cap_b", tensors, request_id=given, headers={"authorization": f"Bearer {TOKEN}"}
+    )
+    answered = result.get_response().id
+    assert not given or answered == given
+    return 200, answered, 2
+
+
+def _metric(text: str, name: str) -> dict:
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name
+    }
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_feedback_joins_labels_by_id_and_refuses_bad_ones_whole(captured, tmp_path):
+    import subprocess
+    import sys
+
+    import pyarrow.dataset as ds
+
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=captured.url, headers=headers, timeout=30) as http:
+        assert _rest(http, 0, "fb-1")[:2] == (200, "fb-1")  # 1 row
+        assert _rest(http, 1, "fb-2")[:2] == (200, "fb-2")  # 2 rows
+        status, generated, _ = _rest(http, 3, None)
+        assert status == 200 and len(generated) == 32
+
+        def post(body):
+            return http.post("/v2/models/cap_a/feedback", json=body)
+
+        ok = post({"request_id": "fb-1", "label": 7})
+        assert ok.status_code == 200 and ok.json() == {"stored": 1}
+        again = post({"request_id": "fb-1", "label": 3})
+        assert again.status_code == 409 and "never overwritten" in again.json()["error"]
+        twice = post({"labels": [{"request_id": "fb-2", "label": 1}] * 2})
+        assert twice.status_code == 409 and "given twice" in twice.json()["error"]
+        unknown = post({"labels": [{"request_id": "fb-2", "label": 1}, {"request_id": "nope"}]})
+        assert unknown.status_code == 400  # the missing label is named first
+        unknown = post(
+            {"labels": [{"request_id": "fb-2", "label": 1}, {"request_id": "nope", "label": 2}]}
+        )
+        assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
+        for bad, words in (
+            ("seven", "class index"),
+            (12, "out of range 0..9"),
+            (1.5, "class index"),
+            (True, "class index"),
+        ):
+            refused = post({"request_id": "fb-2", "label": bad})
+            assert refused.status_code == 400 and words in refused.json()["error"], refused.text
+        row = post({"request_id": "fb-2", "label": 1, "row": 5})
+        assert row.status_code == 400 and "the request had 2" in row.json()["error"]
+        assert http.post("/v2/models/cap_a/feedback", content=b"{").status_code == 400
+        assert post({"request_id": "fb-2", "label": 4}).json() == {"stored": 1}  # row 0
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"request_id,label,row\n{generated},5,\nfb-2,6,1\n")
+    command = [sys.executable, "-m", "onnxflow.cli", "feedback", "cap_a", str(labels)]
+    command += ["--url", captured.url]
+    env = {**__import__("os").environ, "ONNXFLOW_SERVE_TOKEN": TOKEN}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and "2 label(s) stored for cap_a" in done.stdout, done.stderr
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and "already stored" in done.stderr, done.stderr
+
+    stored = ds.dataset(captured.folder / "_feedback", format="parquet", partitioning="hive")
+    table = stored.to_table(columns=["request_id", "row", "label"]).to_pydict()
+    got = sorted(zip(*table.values()))
+    want = [("fb-1", 0, "7"), ("fb-2", 0, "4"), (generated, 0, "5"), ("fb-2", 1, "6")]
+    assert got == sorted(want)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_every_answer_is_captured_under_load_and_sigterm_loses_nothing(captured):
+    import pyarrow.dataset as ds
+    import tritonclient.grpc as grpcclient
+
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    answered: dict[str, int] = {}  # request id -> rows
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker(w: int) -> None:
+        client = grpcclient.InferenceServerClient(captured.grpc)
+        with httpx.Client(base_url=captured.url, headers=headers, timeout=30) as http:
+            for i in range(w * 100_000, w * 100_000 + 100_000):
+                if stop.is_set():
+                    return
+                try:
+                    if w % 4 == 3:
+                        status, rid, rows = _grpc(client, i)
+                    else:
+                        status, rid, rows = _rest(http, i, f"rest-{i}" if i % 2 else None)
+                except Exception:  # noqa: BLE001  (the endpoint went away under SIGTERM)
+                    return
+                if status == 200:
+                    assert rid, "an answer without its request id"
+                    with lock:
+                        answered[rid] = rows
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(worker, w) for w in range(8)]
+        try:
+            wait_for(lambda: len(answered) >= 600, timeout=180, interval=0.05)
+            with httpx.Client(base_url=captured.url, headers=headers, timeout=30) as http:
+                metrics = http.get("/metrics").text
+                status = http.get("/admin/status").json()["capture"]
+            stop_background(captured.state)  # SIGTERM while the 8 clients keep sending
+        finally:
+            stop.set()
+        for future in futures:
+            future.result()
+    assert sum(_metric(metrics, "onnxflow_capture_dropped_total").values()) == 0
+    assert status["dropped"] == {} and status["accepted"]
+
+    table = ds.dataset(captured.folder, format="parquet", partitioning="hive").to_table()
+    ids = table.column("request_id").to_pylist()
+    rows_per_id: dict[str, int] = {}
+    for rid in ids:
+        rows_per_id[rid] = rows_per_id.get(rid, 0) + 1
+    missing = [rid for rid in answered if rid not in rows_per_id]
+    assert not missing, f"{len(missing)} answered requests were not captured: {missing[:5]}"
+    assert all(rows_per_id[rid] == rows for rid, rows in answered.items())
+    # the generated ids were returned; the given ones kept (both fronts, both models)
+    assert {str(m) for m in table.column("model").to_pylist()} == {"cap_a", "cap_b"}
+    assert any(r.startswith("rest-") for r in answered)
+    assert any(r.startswith("grpc-") for r in answered)
+    assert any(len(r) == 32 and "-" not in r for r in answered)  # generated (uuid4 hex)
+    assert not list(captured.folder.rglob(".*inprogress"))  # every segment closed
+    b = ds.dataset(captured.folder / "model=cap_b", format="parquet").to_table().to_pylist()
+    assert b[0]["input.names"][0].startswith("name-") and len(b[0]["input.x"]) == 3

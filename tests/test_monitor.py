@@ -1,0 +1,159 @@
+"""The reference profile, drift against it, and the monitor on real captured traffic.
+
+Drift on its own: unshifted samples of the training distribution are not flagged (the
+false-alarm rate is measured over 50 samples), shifted features are, and only those.
+Then a version registered with its profile in a real SQLite MLflow store, traffic written
+by the endpoint's own capture writer and labels by its feedback store, and the monitor
+logging its report and tags onto the version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from onnxflow.monitor import MonitorError, RetrainPolicy, decide, monitor_model, parse_since
+from onnxflow.profile import build_profile, drift, features, profile_model
+from tests.conftest import make_linear_onnx
+
+# --- the profile and the drift figure ------------------------------------------------------
+
+
+def _table(rng, rows: int, shift: float = 0.0, shifted: int = 0) -> np.ndarray:
+    x = rng.normal(size=(rows, 8)).astype(np.float32)
+    x[:, :shifted] += shift
+    return x
+
+
+def test_unshifted_samples_do_not_alarm_and_shifted_features_do():
+    rng = np.random.default_rng(0)
+    profile = build_profile({"x": _table(rng, 5000)}, None)
+    assert len(profile["features"]) == 8 and profile["metric"] == "jensen_shannon_distance"
+
+    alarms = sum(len(drift(profile, {"x": _table(rng, 500)})["drifted"]) for _ in range(50))
+    false_alarm_rate = alarms / (50 * 8)
+    assert false_alarm_rate == 0.0, false_alarm_rate  # 0 of 400 feature checks at 500 rows
+
+    shifted = drift(profile, {"x": _table(rng, 500, shift=1.0, shifted=3)})
+    assert shifted["drifted"] == ["x[0]", "x[1]", "x[2]"]
+    assert shifted["drift_share"] == pytest.approx(3 / 8)
+    assert min(shifted["features"][f"x[{i}]"] for i in range(3)) > 0.3
+
+
+def test_categories_images_and_predictions_are_profiled():
+    rng = np.random.default_rng(1)
+    images = rng.uniform(size=(200, 3, 8, 8)).astype(np.float32)
+    words = np.array(["a", "b", "c"], dtype=object)[rng.integers(0, 3, 200)]
+    profile = build_profile({"image": images, "word": words}, rng.integers(0, 10, 200))
+    assert set(profile["features"]) == {"image[c0]", "image[c1]", "image[c2]", "word"}
+    assert profile["features"]["word"]["kind"] == "categorical"
+    assert profile["features"]["image[c1]"]["mean"] == pytest.approx(0.5, abs=0.05)
+    darker = drift(
+        profile, {"image": images * 0.5, "word": np.array(["z"] * 200, dtype=object)}, [0] * 200
+    )
+    assert darker["drifted"] == ["image[c0]", "image[c1]", "image[c2]", "word"]
+    assert darker["prediction"] > 0.5
+    assert list(features({"v": np.zeros((4, 1))})) == ["v"]
+
+
+def test_the_policy_decides_by_its_rules():
+    policy = RetrainPolicy(max_drift_share=0.3, min_live_accuracy=0.8, min_labels=50)
+    assert decide(policy, 1000, 0.5, None, 0)[0]
+    assert not decide(policy, 1000, 0.1, 0.5, 49)[0]  # too few labels to judge
+    assert decide(policy, 1000, 0.1, 0.5, 50) == (
+        True,
+        "live accuracy 0.500 < min_live_accuracy 0.8 on 50 labels",
+    )
+    assert not decide(policy, 10, 0.9, 0.1, 100)[0]  # too few rows
+    now = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
+    assert parse_since("6h", now) == dt.datetime(2026, 1, 1, 18, tzinfo=dt.UTC)
+    with pytest.raises(MonitorError, match="expected a duration"):
+        parse_since("yesterday")
+
+
+# --- the monitor on captured traffic --------------------------------------------------------
+
+
+def _capture(folder, model, x: np.ndarray, labels=None):
+    """Write ``x`` as the endpoint would (its capture writer), one request per row; labels
+    through its feedback store."""
+    import onnxruntime as ort
+
+    from onnxflow.serving.capture import Capture
+    from onnxflow.serving.feedback import FeedbackStore, Label
+    from onnxflow.serving.settings import ServingSettings
+
+    session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    settings = ServingSettings(model="m@champion", capture=str(folder))
+    capture = Capture(settings)
+    capture.start()
+    ids = []
+    for i, row in enumerate(x):
+        feeds = {"features": row[None]}
+        outputs = session.run(None, feeds)
+        rid = f"{model.tag}-{i}"
+        capture.offer(model, lambda rid=rid: rid, feeds, outputs, 0.001)
+        ids.append((rid, int(outputs[0].argmax())))
+    capture.stopping()
+    capture.stop()
+    if labels is not None:
+        store = FeedbackStore(capture)
+        store.submit(
+            model.name, [Label(rid, 0, str(labels(i, p))) for i, (rid, p) in enumerate(ids)]
+        )
+
+
+def test_the_monitor_flags_shifted_traffic_and_writes_onto_the_version(mlflow_store, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from onnxflow.registration import register_onnx
+
+    rng = np.random.default_rng(2)
+    path = make_linear_onnx(tmp_path / "m" / "model.onnx")
+    train = rng.normal(size=(3000, 64)).astype(np.float32)
+    profile = profile_model(path, train, train[:500])
+    registered = register_onnx(
+        path, model_name="mon", input_example=train[:1], aliases=("champion",), profile=profile
+    )
+    model = SimpleNamespace(
+        name="mon", version=registered.version, output_names=["probabilities"], path=path
+    )
+    policy = RetrainPolicy(max_drift_share=0.3, min_live_accuracy=0.8, min_labels=50)
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+
+    calm = tmp_path / "calm"
+    _capture(
+        calm,
+        SimpleNamespace(**vars(model), tag="calm"),
+        rng.normal(size=(400, 64)).astype(np.float32),
+        labels=lambda i, p: p,
+    )
+    figures = monitor_model("mon", str(calm), since, policy)
+    assert (figures.rows, figures.labelled, figures.live_accuracy) == (400, 400, 1.0)
+    assert figures.drift_share == 0.0 and not figures.retrain, figures.reason
+
+    shifted = tmp_path / "shifted"
+    x = rng.normal(size=(400, 64)).astype(np.float32)
+    x[:, :32] += 1.5
+    _capture(
+        shifted, SimpleNamespace(**vars(model), tag="shift"), x, labels=lambda i, p: (p + 1) % 10
+    )
+    figures = monitor_model("mon", str(shifted), since, policy)
+    assert figures.drifted == [f"features[{j}]" for j in sorted(range(32), key=str)] or (
+        set(figures.drifted) == {f"features[{j}]" for j in range(32)}
+    )
+    assert figures.drift_share == 0.5 and figures.live_accuracy == 0.0
+    assert figures.retrain and "drift share 0.50" in figures.reason
+
+    version = MlflowClient().get_model_version("mon", registered.version)
+    assert version.tags["monitor_drift_share"] == "0.5000"
+    assert version.tags["monitor_live_accuracy"] == "0.0000"
+    assert version.tags["monitor_rows"] == "400" and version.tags["monitor_retrain"] == "yes"
+    report = mlflow.artifacts.load_dict(f"runs:/{registered.run_id}/monitor/report.json")
+    assert report["drift_share"] == 0.5
+    page = mlflow.artifacts.load_text(f"runs:/{registered.run_id}/monitor/report.html")
+    assert "Retrain: <b>yes</b>" in page
