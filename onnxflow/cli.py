@@ -696,9 +696,19 @@ def monitor(
     ] = 0.8,
     min_labels: Annotated[int, typer.Option(help="... on at least this many labels.")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    retrain: Annotated[
+        bool,
+        typer.Option(
+            help="When the policy is crossed, retrain on the original data plus the labelled "
+            "captured rows; the new version lands as challenger (default: report only)."
+        ),
+    ] = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Captured traffic and feedback of a window against the served version's profile:
-    drift per feature, live accuracy, the retrain decision; report and tags on the version."""
+    drift per feature, live accuracy, the retrain decision; report and tags on the version.
+    With --retrain, a retrain on that evidence (--config: the pipeline's settings; its data,
+    when it names none, is the table the served version was trained on)."""
     import dataclasses
     import json
 
@@ -713,7 +723,17 @@ def monitor(
         from onnxflow.flows.monitor import monitor as monitor_flow
 
         api.wait()
-        figures = monitor_flow(name, capture, since, policy, alias)
+        cfg = load_config(config, {}) if retrain else PipelineConfig()
+        figures = monitor_flow(
+            name,
+            capture,
+            since,
+            policy,
+            alias,
+            retrain=retrain,
+            config=cfg,
+            out_dir=settings.artifacts_dir / "retrain",
+        )
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(figures), indent=2))
         return
@@ -724,6 +744,11 @@ def monitor(
         f"({', '.join(figures.drifted[:8]) or 'no feature drifts'}); live accuracy "
         f"{accuracy}; retrain: {'yes' if figures.retrain else 'no'} ({figures.reason})"
     )
+    if figures.retrained:
+        typer.echo(
+            f"retrained on the evidence: {name} version(s) {', '.join(figures.retrained)} "
+            "registered as challenger"
+        )
 
 
 @app.command()

@@ -78,6 +78,8 @@ class Figures:
     features: dict[str, float]
     retrain: bool
     reason: str
+    #: the versions a retrain on evidence registered (``monitor --retrain``), as challenger
+    retrained: list[str] = field(default_factory=list)
 
     def tags(self) -> dict[str, str]:
         return {
