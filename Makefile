@@ -48,11 +48,12 @@ triton-examples: $(STAMP)  ## Triton's own example clients against onnxflow serv
 	ONNXFLOW_TRITON_EXAMPLES=$(TRITON_EXAMPLES) $(BIN)/pytest tests/serving/test_triton_examples.py -m triton_examples
 
 soak: $(STAMP)  ## Reliability, long form: load, hot swaps, faults, 1,000+ fuzz cases; one table
-	ONNXFLOW_SOAK=1 $(BIN)/pytest tests/reliability -m reliability
+	ONNXFLOW_SOAK=1 $(BIN)/pytest tests/reliability tests/integration/test_hostile.py -m reliability
 
-bench: $(STAMP)  ## Serving benchmarks: our endpoint vs mlflow models serve; start-up and memory
+bench: $(STAMP)  ## Serving benchmarks: vs mlflow models serve; start-up, memory; capture cost
 	$(BIN)/python bench/serve_bench.py --install-wrk
 	$(BIN)/python bench/team_bench.py
+	$(BIN)/python bench/capture_bench.py
 	$(BIN)/python bench/startup_bench.py --runs 5 --models 5 --output docs/startup.md
 
 bench-pipeline: $(STAMP)  ## Demo pipeline wall time, and how much is Prefect + MLflow overhead
