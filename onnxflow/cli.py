@@ -8,6 +8,7 @@ line (:func:`main`); ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -581,102 +582,44 @@ def _brief(predictions: Any) -> str:
     return str(row)[:200]
 
 
-@app.command()
-def serve(
-    model: Annotated[
-        list[str] | None,
-        typer.Option(
-            help=(
-                "NAME@ALIAS (followed as it moves) or NAME/VERSION; repeat it to serve several "
-                "models from one endpoint (the first answers /invocations). Default: "
-                "digits@champion, unless --all-models is given."
+def _serve_options() -> inspect.Signature:
+    """The `serve` command's options: one per :class:`ServingSettings` field, with its type
+    and description (each option is declared once, there). None: the setting's
+    ``ONNXFLOW_SERVE_*`` variable, else its default."""
+    import types
+    import typing
+
+    from pydantic import SecretStr
+
+    from onnxflow.serving.settings import ServingSettings
+
+    parameters = []
+    for name, field in ServingSettings.model_fields.items():
+        kind = field.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        help_text = field.description
+        extra: dict = {}
+        if kind is SecretStr:
+            kind = str
+            extra = {"envvar": "ONNXFLOW_SERVE_TOKEN", "show_envvar": True}
+        if name == "model":  # repeatable: one endpoint, several models
+            kind = list[str]
+            help_text += " Repeat --model to serve several."
+            extra = {"metavar": "NAME@ALIAS"}
+        option = typer.Option(help=help_text, **extra)
+        parameters.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[kind | None, option],
             )
-        ),
-    ] = None,
-    all_models: Annotated[
-        str | None,
-        typer.Option(
-            help=(
-                "Also serve every registered model that has this alias (e.g. champion), picking up "
-                "new ones as they appear."
-            )
-        ),
-    ] = None,
-    host: Annotated[
-        str, typer.Option(help="Interface to bind; loopback unless you mean it.")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
-    grpc_port: Annotated[
-        int | None, typer.Option(help="Also serve KServe V2 / Triton gRPC on this port.")
-    ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            envvar="ONNXFLOW_SERVE_TOKEN",
-            show_envvar=True,
-            help="Bearer token for inference and admin routes (admin routes are off without one).",
-        ),
-    ] = None,
-    max_batch_size: Annotated[
-        int | None, typer.Option(help="Enable dynamic batching up to this many rows per run.")
-    ] = None,
-    max_batch_delay_ms: Annotated[
-        float | None, typer.Option(help="Longest wait to fill a batch.")
-    ] = None,
-    poll_interval_s: Annotated[
-        float | None, typer.Option(help="How often the alias is checked (default 10 s).")
-    ] = None,
-    max_body_bytes: Annotated[
-        int | None, typer.Option(help="Largest request body (default 16 MiB).")
-    ] = None,
-    shared_memory: Annotated[
-        bool | None,
-        typer.Option(
-            "--shared-memory/--no-shared-memory",
-            help=(
-                "Serve Triton's system shared-memory extension to clients on this host "
-                "(guard it with a token: a client names any /dev/shm object this user can open)."
-            ),
-        ),
-    ] = None,
-    shadow: Annotated[
-        str | None,
-        typer.Option(
-            help=(
-                "Run the version holding this alias (e.g. challenger) in shadow beside each "
-                "served model: live requests mirrored to it off the request path, its agreement "
-                "and latency written onto its registry version (POST /admin/shadow/flush, or "
-                "every 5 min)."
-            )
-        ),
-    ] = None,
-    shadow_fraction: Annotated[
-        float | None, typer.Option(help="Share of requests mirrored to the shadow (default 1).")
-    ] = None,
-    canary_percent: Annotated[
-        float | None,
-        typer.Option(
-            help=(
-                "Answer this percent of requests with the challenger; it stops (and its version "
-                "is tagged canary_stopped) when its error rate or p99 does worse than the "
-                "champion's beyond the ONNXFLOW_SERVE_CANARY_* limits."
-            )
-        ),
-    ] = None,
-    capture: Annotated[
-        str | None,
-        typer.Option(
-            help=(
-                "Record every answered request (inputs, outputs, latency, request id) as "
-                "Parquet under this folder or fsspec URL, off the request path "
-                "(ONNXFLOW_SERVE_CAPTURE_* settings: queue, segments, retention)."
-            )
-        ),
-    ] = None,
-    capture_fraction: Annotated[
-        float | None, typer.Option(help="Share of answered requests captured (default 1).")
-    ] = None,
-) -> None:
+        )
+    return inspect.Signature(parameters, return_annotation=None)
+
+
+def serve(**options: Any) -> None:
     """Serve registered models in the foreground with the onnxruntime endpoint.
 
     Each model is on /v2/models/NAME/infer (KServe V2) and /v2/models/NAME/invocations
@@ -686,26 +629,14 @@ def serve(
     from onnxflow.serving.launcher import serve as serve_foreground
 
     try:
-        serve_foreground(
-            model,
-            host,
-            port,
-            all_models=all_models,
-            grpc_port=grpc_port,
-            token=token,
-            max_batch_size=max_batch_size,
-            max_batch_delay_ms=max_batch_delay_ms,
-            poll_interval_s=poll_interval_s,
-            max_body_bytes=max_body_bytes,
-            shared_memory=shared_memory,
-            shadow=shadow,
-            shadow_fraction=shadow_fraction,
-            canary_percent=canary_percent,
-            capture=capture,
-            capture_fraction=capture_fraction,
-        )
+        serve_foreground(**options)
     except ValueError as exc:  # the settings refused an option
         _fail(str(exc))
+
+
+serve.__signature__ = _serve_options()
+serve.__annotations__ = {p.name: p.annotation for p in serve.__signature__.parameters.values()}
+app.command()(serve)
 
 
 @app.command()
@@ -727,6 +658,54 @@ def feedback(
 
     stored = send_feedback(url, name, read_labels_csv(labels_csv), token)
     typer.echo(f"{stored} label(s) stored for {name}")
+
+
+@app.command()
+def monitor(
+    name: Annotated[str, typer.Argument(help="The registered model to monitor.")],
+    capture: Annotated[
+        str, typer.Option(help="Where the endpoints capture (serve --capture): folder or URL.")
+    ],
+    since: Annotated[
+        str, typer.Option(help="The window: a duration back from now (30m, 6h, 2d) or ISO time.")
+    ] = "1d",
+    alias: Annotated[str, typer.Option(help="The alias of the version served.")] = "champion",
+    max_drift_share: Annotated[
+        float, typer.Option(help="Retrain when more than this share of features drift.")
+    ] = 0.3,
+    min_live_accuracy: Annotated[
+        float, typer.Option(help="Retrain when live accuracy is below this ...")
+    ] = 0.8,
+    min_labels: Annotated[int, typer.Option(help="... on at least this many labels.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Captured traffic and feedback of a window against the served version's profile:
+    drift per feature, live accuracy, the retrain decision; report and tags on the version."""
+    import dataclasses
+    import json
+
+    from onnxflow.monitor import RetrainPolicy, parse_since
+
+    settings = _setup()
+    parse_since(since)  # a bad window is refused before a Prefect server starts
+    policy = RetrainPolicy(
+        max_drift_share=max_drift_share, min_live_accuracy=min_live_accuracy, min_labels=min_labels
+    )
+    with _prefect_api(settings) as api:
+        from onnxflow.flows.monitor import monitor as monitor_flow
+
+        api.wait()
+        figures = monitor_flow(name, capture, since, policy, alias)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(figures), indent=2))
+        return
+    accuracy = "n/a" if figures.live_accuracy is None else f"{figures.live_accuracy:.4f}"
+    typer.echo(
+        f"{figures.model} version {figures.version}, {figures.window}: {figures.rows} rows "
+        f"({figures.labelled} labelled); drift share {figures.drift_share:.4f} "
+        f"({', '.join(figures.drifted[:8]) or 'no feature drifts'}); live accuracy "
+        f"{accuracy}; retrain: {'yes' if figures.retrain else 'no'} ({figures.reason})"
+    )
 
 
 @app.command()

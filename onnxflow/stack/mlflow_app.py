@@ -615,8 +615,11 @@ def stored_digest(version) -> str:
     from onnxflow.onnxfiles import onnx_digest
 
     source = version.source or ""
-    if getattr(version, "model_id", None) and source.startswith("models:/"):
-        location = _get_tracking_store().get_logged_model(version.model_id).artifact_location
+    model_id = getattr(version, "model_id", None)
+    if not model_id and source.startswith("models:/m-"):  # a logged model's own URI
+        model_id = source[len("models:/") :].split("/")[0]
+    if model_id and source.startswith("models:/"):
+        location = _get_tracking_store().get_logged_model(model_id).artifact_location
     elif source.startswith("runs:/"):
         run_id, _, path = source[len("runs:/") :].partition("/")
         location = _get_tracking_store().get_run(run_id).info.artifact_uri.rstrip("/")

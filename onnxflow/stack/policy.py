@@ -168,6 +168,16 @@ def decide(
             ),
         )
     if version is None:
+        if not (is_admin or rules.reviewers in roles):  # auto promotion moves, never removes
+            return Decision(
+                allowed=False,
+                rule="reviewers",
+                message=(
+                    f"Promotion policy, rule 'reviewers': only members of the MLflow role "
+                    f"{rules.reviewers!r} may remove {alias!r} of {model!r}; the pipeline "
+                    f"account {user!r} may move it (auto promotion), never remove it."
+                ),
+            )
         return Decision(allowed=True, rule="ok", message=f"{user} removed {alias!r}")
     if version_tags is None:
         return Decision(

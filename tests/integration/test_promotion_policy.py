@@ -965,3 +965,33 @@ def test_auto_promotion_refused_by_the_policy_leaves_the_version_for_a_reviewer(
     # `onnxflow promote` (set_alias) says the rule instead of a traceback.
     with pytest.raises(RegistryError, match="rule 'reviewers'"):
         set_alias(strict, "champion", version)
+
+
+def test_a_version_the_pipeline_registers_is_verified_and_promoted(server, monkeypatch, tmp_path):
+    """The digest check on the real path: ``register_onnx`` logs the model (an MLflow
+    logged model, ``models:/m-...``) as the pipeline; the server recomputes its digest."""
+    import numpy as np
+
+    from onnxflow.registration import register_onnx
+
+    model_path = tmp_path / "model.onnx"
+    model_path.write_bytes(tiny_onnx())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", server.passwords["pipeline"])
+    name = f"real-{uuid.uuid4().hex[:6]}"
+    experiment = server.ok(
+        "pipeline", "POST", "/api/2.0/mlflow/experiments/create", json={"name": name}
+    )["experiment_id"]
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)
+    evidence = {k: v for k, v in EVIDENCE.items() if k != "onnx_sha256"}
+    registered = register_onnx(
+        model_path,
+        model_name=name,
+        input_example=np.zeros((1, 4), dtype=np.float32),
+        tags=evidence,
+        aliases=("challenger",),
+    )
+    promoted = server.set_alias("reviewer", name, registered.version)
+    assert promoted.status_code == 200, promoted.text
+    assert server.alias(name) == registered.version

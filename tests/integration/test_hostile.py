@@ -1,0 +1,261 @@
+"""Hostile clients against the real stack: can anyone get a version served as champion
+without the promotion policy's consent and an audit record?
+
+On the session's stack (the ``stack`` fixture, PostgreSQL-backed MLflow with the policy),
+a model registered by the pipeline (``register_onnx``, as the flows do) has a champion
+and an unvalidated challenger a data scientist registered. Then a data scientist (EDIT on
+the model), a reviewer, the endpoint account, the pipeline and an anonymous client try
+every route MLflow exposes that moves, deletes, renames or stages the champion away, or
+forges what the policy judges (evidence tags, the stored model, the audit trail), through
+both the REST API and the UI's ``/ajax-api`` variant. Every attempt must be refused, every
+attempt on an alias-changing route must be in the audit trail, the chain must verify, and
+``champion`` must still resolve to the same version.
+
+The figures (attempts, refused, audited) print at the end and go to
+``test-results/hostile.json``. ``make soak`` runs the sweep ``ONNXFLOW_SOAK_ROUNDS``
+times (default 10); ``make test`` once (a few seconds on the running stack).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import httpx
+import pytest
+
+from onnxflow.stack import manager
+from onnxflow.stack.audit import fetch_rows, verify_chain
+from tests.integration.conftest import RESULTS
+from tests.integration.test_promotion_policy import EVIDENCE, tiny_onnx
+
+pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.timeout(600)]
+
+ROUNDS = int(os.environ.get("ONNXFLOW_SOAK_ROUNDS", "10")) if os.environ.get("ONNXFLOW_SOAK") else 1
+PREFIXES = ("/api/2.0", "/ajax-api/2.0")  # every prefix MLflow serves these routes under
+
+
+def _client(stack, user: str | None, password: str | None = None) -> httpx.Client:
+    auth = None
+    if user is not None:
+        auth = (user, password or manager.account_env(stack, user)["MLFLOW_TRACKING_PASSWORD"])
+    return httpx.Client(base_url=stack.mlflow_url, auth=auth, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def target(stack, tmp_path_factory, monkeypatch_module):
+    """A model with a champion (validated, registered by the pipeline) and an unvalidated
+    version; a data scientist with EDIT on it."""
+    import numpy as np
+
+    from onnxflow.registration import register_onnx
+
+    for key, value in manager.account_env(stack, "pipeline").items():
+        monkeypatch_module.setenv(key, value)
+    monkeypatch_module.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)
+    folder = tmp_path_factory.mktemp("hostile")
+    name = f"hostile-{uuid.uuid4().hex[:6]}"
+    with _client(stack, "pipeline") as http:
+        experiment = http.post("/api/2.0/mlflow/experiments/create", json={"name": name})
+        assert experiment.status_code == 200, experiment.text
+    monkeypatch_module.setenv("MLFLOW_EXPERIMENT_ID", experiment.json()["experiment_id"])
+    model_path = folder / "model.onnx"
+    versions = []
+    for _ in range(2):
+        model_path.write_bytes(tiny_onnx())
+        evidence = {k: v for k, v in EVIDENCE.items() if k != "onnx_sha256"}
+        versions.append(
+            register_onnx(
+                model_path,
+                model_name=name,
+                input_example=np.zeros((1, 4), dtype=np.float32),
+                tags=evidence,
+                aliases=("challenger",),
+            ).version
+        )
+    champion, challenger = versions
+    with _client(stack, "reviewer") as reviewer:
+        moved = reviewer.post(
+            "/api/2.0/mlflow/registered-models/alias",
+            json={"name": name, "alias": "champion", "version": champion},
+        )
+        assert moved.status_code == 200, moved.text
+    admin = manager.account_env(stack, "admin")
+    scientist, password = f"ds-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    with _client(stack, "admin", admin["MLFLOW_TRACKING_PASSWORD"]) as http:
+        http.post(
+            "/api/2.0/mlflow/users/create", json={"username": scientist, "password": password}
+        ).raise_for_status()
+        http.post(
+            "/api/3.0/mlflow/users/permissions/grant",
+            json={
+                "username": scientist,
+                "resource_type": "registered_model",
+                "resource_id": name,
+                "permission": "EDIT",
+            },
+        ).raise_for_status()
+    with _client(stack, scientist, password) as http:
+        unvalidated = http.post(
+            "/api/2.0/mlflow/model-versions/create",
+            json={"name": name, "source": f"models:/{name}/{challenger}"},
+        )
+        assert unvalidated.status_code == 200, unvalidated.text
+    return {
+        "model": name,
+        "champion": champion,
+        "challenger": challenger,
+        "unvalidated": unvalidated.json()["model_version"]["version"],
+        "scientist": (scientist, password),
+    }
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def _moves(t: dict) -> list[tuple[str, str, dict]]:
+    """(method, route, body) of every request that would change NAME@champion."""
+    name = t["model"]
+    out = []
+    for prefix in PREFIXES:
+        for version in (t["challenger"], t["unvalidated"]):
+            body = {"name": name, "alias": "champion", "version": version}
+            out.append(("POST", f"{prefix}/mlflow/registered-models/alias", body))
+        out += [
+            (
+                "DELETE",
+                f"{prefix}/mlflow/registered-models/alias",
+                {"name": name, "alias": "champion"},
+            ),
+            (
+                "POST",
+                f"{prefix}/mlflow/registered-models/rename",
+                {"name": name, "new_name": f"{name}-x"},
+            ),
+            (
+                "DELETE",
+                f"{prefix}/mlflow/model-versions/delete",
+                {"name": name, "version": t["champion"]},
+            ),
+            ("DELETE", f"{prefix}/mlflow/registered-models/delete", {"name": name}),
+            (
+                "POST",
+                f"{prefix}/mlflow/model-versions/transition-stage",
+                {
+                    "name": name,
+                    "version": t["unvalidated"],
+                    "stage": "Production",
+                    "archive_existing_versions": True,
+                },
+            ),
+        ]
+    return out
+
+
+def _forgeries(t: dict) -> list[tuple[str, str, dict]]:
+    """Requests that would forge what the policy judges a version by, or the trail."""
+    name, version = t["model"], t["unvalidated"]
+    out = []
+    for prefix in PREFIXES:
+        for key, value in (
+            ("validation", "passed"),
+            ("onnx_sha256", "0" * 64),
+            ("accuracy", "1.0"),
+        ):
+            body = {"name": name, "version": version, "key": key, "value": value}
+            out.append(("POST", f"{prefix}/mlflow/model-versions/set-tag", body))
+        out.append(
+            (
+                "POST",
+                f"{prefix}/mlflow/model-versions/set-tag",
+                {"name": name, "version": version, "key": "registered_by", "value": "x"},
+            )
+        )
+    out.append(("POST", "/api/2.0/onnxflow/audit", {}))
+    out.append(("DELETE", "/api/2.0/onnxflow/audit", {}))
+    return out
+
+
+def _consented(role: str, kind: str, path: str, body: dict, t: dict) -> bool:
+    """What the policy lets these roles do by design, so not an attack: a reviewer (and
+    the pipeline, auto promotion) moving champion onto the validated challenger; the
+    pipeline writing evidence (it is the pipeline's to write)."""
+    if role in ("reviewer", "pipeline") and kind == "move" and path.endswith("/alias"):
+        return body.get("version") == t["challenger"]
+    return (
+        role == "pipeline"
+        and kind == "forge"
+        and body.get("key") in {"validation", "onnx_sha256", "accuracy"}
+    )
+
+
+def _send(client: httpx.Client, method: str, path: str, body: dict) -> int:
+    if method == "GET":
+        return client.get(path, params=body).status_code
+    return client.request(method, path, json=body).status_code
+
+
+def test_no_role_gets_a_version_served_as_champion_without_the_policy(stack, target):
+    t = target
+    scientist, password = t["scientist"]
+    clients = {
+        "data scientist": _client(stack, scientist, password),
+        "reviewer": _client(stack, "reviewer"),
+        "endpoint": _client(stack, "endpoint"),
+        "pipeline": _client(stack, "pipeline"),
+        "anonymous": _client(stack, None),
+        "wrong password": _client(stack, "reviewer", "not-the-reviewer-password"),
+    }
+    before = {r["seq"] for r in fetch_rows(stack.mlflow_url)}
+    attempts = refused = 0
+    moves_sent: list[str] = []
+    accepted = []
+    try:
+        for _ in range(ROUNDS):
+            for role, client in clients.items():
+                for kind, requests in (("move", _moves(t)), ("forge", _forgeries(t))):
+                    for method, path, body in requests:
+                        if _consented(role, kind, path, body, t):
+                            continue
+                        status = _send(client, method, path, body)
+                        attempts += 1
+                        if status in (401, 403, 404, 405):
+                            refused += 1
+                        else:
+                            accepted.append((role, method, path, status))
+                        if kind == "move":
+                            moves_sent.append(role)
+    finally:
+        for client in clients.values():
+            client.close()
+    rows = fetch_rows(stack.mlflow_url)
+    new = [r for r in rows if r["seq"] not in before and r["model"] == t["model"]]
+    audited = sum(1 for r in new if r["decision"] == "refused")
+    figures = {
+        "rounds": ROUNDS,
+        "roles": len(clients),
+        "attempts": attempts,
+        "refused": refused,
+        "alias_changing_attempts": len(moves_sent),
+        "audited": audited,
+        "accepted": accepted,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "hostile.json").write_text(json.dumps(figures, indent=2))
+    print(
+        f"\nhostile sweep: {attempts} attempts by {len(clients)} roles, {refused} refused, "
+        f"{len(moves_sent)} on alias-changing routes, {audited} of them in the audit trail"
+    )
+    assert accepted == [], accepted
+    assert audited == len(moves_sent), (audited, len(moves_sent))
+    assert verify_chain(rows) is None
+    with _client(stack, "endpoint") as http:
+        resolved = http.get(
+            "/api/2.0/mlflow/registered-models/alias",
+            params={"name": t["model"], "alias": "champion"},
+        )
+    assert resolved.json()["model_version"]["version"] == t["champion"]
