@@ -39,7 +39,6 @@ from onnxflow.tasks.register import promote_task
 from onnxflow.tasks.sweep import (
     crash_task_run_task,
     finish_trial_task,
-    train_recipe_trial_task,
     train_trial_task,
 )
 from onnxflow.tasks.tracking import start_run_task
@@ -141,15 +140,8 @@ def sweep_and_register(
                 spec = sweeps.TrialSpec(  # a worker reopens the trial by its storage id
                     number=trial.number, trial_id=trial._trial_id, params=params, run_id=child
                 )
-                trial_task, subject = (
-                    (train_recipe_trial_task, config.recipe)
-                    if framework == "recipe"
-                    else (train_trial_task, framework)
-                )
-                future = trial_task.submit(
-                    subject,
-                    dataset,
-                    config.train,
+                future = train_trial_task.submit(
+                    training_source(config, dataset, framework),
                     spec,
                     study_ref,
                     settings,

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
-from onnxflow.config import PipelineConfig, Settings
+from onnxflow.config import PipelineConfig, Settings, layered_config
 from onnxflow.errors import OnnxflowError
 from onnxflow.explain import check_tracking_store, explain
 from onnxflow.prefect_api import prefect_api
@@ -173,31 +173,13 @@ def _one_line(message: str) -> str:
     return line
 
 
-def load_config(path: Path | None, overrides: dict[str, dict[str, Any]]) -> PipelineConfig:
-    """The YAML file (if any) with the command-line options on top, validated once."""
-    import yaml
-    from pydantic import ValidationError
-
-    raw: dict[str, Any] = {}
-    if path is not None:
-        if not path.is_file():
-            _fail(f"config file not found: {path}", 2)
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            _fail(f"{path} must hold a mapping of sections (data:, train:, ...)", 2)
-        raw = loaded
-    for section, values in overrides.items():
-        if not isinstance(values, dict):  # a top-level key such as recipe
-            if values is not None:
-                raw[section] = values
-            continue
-        values = {k: v for k, v in values.items() if v is not None}
-        if values:
-            raw[section] = {**(raw.get(section) or {}), **values}
+def load_config(path: Path | None, overrides: dict[str, Any]) -> PipelineConfig:
+    """The YAML file (if any) with the command-line options on top
+    (:func:`onnxflow.config.layered_config`); a problem is the command's error line."""
     try:
-        return PipelineConfig.model_validate(raw)
-    except ValidationError as exc:
-        _fail(f"invalid configuration{f' in {path}' if path else ''}:\n{exc}", 2)
+        return layered_config(path, overrides)
+    except OnnxflowError as exc:
+        _fail(str(exc), 2)
         raise  # unreachable, for type checkers
 
 

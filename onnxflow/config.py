@@ -299,6 +299,37 @@ def pipeline_params(config: PipelineConfig) -> dict[str, object]:
     }
 
 
+def layered_config(path: Path | None, overrides: dict[str, Any]) -> PipelineConfig:
+    """The YAML file (if any), with ``overrides`` on top (the command line: ``{section:
+    {field: value}}``, None meaning "not given"; a top-level key such as ``recipe`` as a
+    plain value), validated once. ConfigError naming the file and the problem."""
+    import yaml
+    from pydantic import ValidationError
+
+    from onnxflow.errors import ConfigError
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (data:, train:, ...)")
+        raw = loaded
+    for section, values in overrides.items():
+        if not isinstance(values, dict):  # a top-level key such as recipe
+            if values is not None:
+                raw[section] = values
+            continue
+        values = {k: v for k, v in values.items() if v is not None}
+        if values:
+            raw[section] = {**(raw.get(section) or {}), **values}
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration{f' in {path}' if path else ''}:\n{exc}") from None
+
+
 class Settings(BaseSettings):
     """Where things live; read from the environment (``ONNXFLOW_*``) in entry points."""
 

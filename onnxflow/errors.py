@@ -11,6 +11,10 @@ class OnnxflowError(Exception):
     """Base class for every error onnxflow raises on purpose."""
 
 
+class ConfigError(OnnxflowError):
+    """The configuration (YAML file and command-line options) cannot be used."""
+
+
 class DataError(OnnxflowError):
     """The input table cannot be used: missing file, unknown column, bad values..."""
 

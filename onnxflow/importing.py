@@ -40,7 +40,6 @@ from onnxflow.interface import (
     load_graph,
     name_batch_axis,
     read_interface,
-    rename_value,
 )
 from onnxflow.results import ImportedModel, SourceFormat
 from onnxflow.runtime import open_session
@@ -371,19 +370,13 @@ def _name_batch_axis(target: Path) -> None:
 
 def _tf_to_onnx(source: Path, source_format: str, opset: int, target: Path) -> None:
     import onnx
-    import tf2onnx
+
+    from onnxflow.frameworks.tf_onnx import convert_function
 
     fn, input_names, output_names = _tf_function(source, source_format)
-    proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=opset)
-    graph = proto.graph
-    if len(graph.output) != len(output_names):
-        output_names = [o.name.split(":")[0] for o in graph.output]
-    for value, name in zip(list(graph.output), output_names, strict=True):
-        if value.name != name:
-            rename_value(graph, value.name, name)
-    for value, name in zip(list(graph.input), input_names):
-        if value.name != name:
-            rename_value(graph, value.name, name)
+    proto = convert_function(
+        fn, fn.input_signature, opset, input_names=input_names, output_names=output_names
+    )
     onnx.save(proto, str(target))
 
 
@@ -437,24 +430,20 @@ def _tf_name(name: str) -> str:
 
 
 def _torch_export_to_onnx(source: Path, opset: int, target: Path) -> None:
+    """The program carries its own shapes (and dynamic dims): no example arguments needed;
+    the sample is checked against the ONNX inputs afterwards, like every format's."""
     import torch
 
+    from onnxflow.frameworks.torch_onnx import export_program, output_names_for
+
     program = torch.export.load(str(source))
-    names = torch_input_names(program)
-    n_out = len(program.graph_signature.user_outputs)
-    # the program carries its own shapes (and dynamic dims): no example arguments needed;
-    # the sample is checked against the ONNX inputs afterwards, like every format's
-    onnx_program = torch.onnx.export(
+    export_program(
         program,
-        (),
-        None,
-        dynamo=True,
-        input_names=names,
-        output_names=["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)],
-        opset_version=opset,
-        verbose=False,
+        target,
+        input_names=torch_input_names(program),
+        output_names=output_names_for(len(program.graph_signature.user_outputs)),
+        opset=opset,
     )
-    onnx_program.save(str(target), external_data=True)
 
 
 def torch_input_names(program) -> list[str]:

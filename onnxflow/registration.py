@@ -236,7 +236,8 @@ def report_tags(report_dir: Path) -> dict[str, str]:
     what parity was checked against (or why it was not)."""
     import json
 
-    report = json.loads((Path(report_dir) / "report.json").read_text())
+    path = Path(report_dir) / "report.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
     tags = {
         "batch_axis": report.get("batch_axis", "unknown"),
         "parity_checked": str(report.get("parity_checked", False)).lower(),

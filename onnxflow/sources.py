@@ -198,15 +198,59 @@ class ModelSource(Protocol):
 # -- the adapters ------------------------------------------------------------------------
 
 
-class TableSource(StepResult):
+class _TrainingSource(StepResult):
+    """What the sources that train a model share: their train and export settings, and a
+    sample made of the dataset's test split (its train and validation inputs beside it)."""
+
+    trains: bool = True
+    train_config: TrainConfig = TrainConfig()
+    export_config: ExportConfig = ExportConfig()
+
+    def run_params(self, config: PipelineConfig) -> dict[str, object]:
+        return pipeline_params(config)
+
+    def split(self, name: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The inputs by name and the labels of the dataset's split ``name``."""
+        raise NotImplementedError
+
+    def sourced(
+        self,
+        trained: TrainedModel,
+        exported: ExportedModel,
+        out_dir: Path,
+        lineage: Mapping[str, str] | None = None,
+        origin: Mapping[str, Any] | None = None,
+    ) -> SourcedModel:
+        """The exported model with its sample (the test split) and lineage."""
+        info = self.dataset.info  # type: ignore[attr-defined]
+        inputs, labels = self.split("test")
+        sample = write_sample(
+            out_dir / "sample",
+            inputs,
+            name=info.name,
+            digest=info.digest,
+            split="test",
+            labels=labels,
+            task=info.task,
+            class_names=info.class_names,
+            training={s: self.split(s)[0] for s in ("train", "validation")},
+        )
+        return SourcedModel(
+            framework=trained.framework,
+            exported=exported,
+            trained=trained,
+            sample=sample,
+            lineage={"dataset_digest": info.digest, "dataset_name": info.name, **(lineage or {})},
+            origin={"name": trained.framework, "path": str(trained.path), **(origin or {})},
+        )
+
+
+class TableSource(_TrainingSource):
     """A built-in PyTorch/Keras/scikit-learn model on a table (:mod:`onnxflow.frameworks`)."""
 
     kind: Literal["table"] = "table"
-    trains: bool = True
     framework: Framework
     dataset: DatasetArtifact
-    train_config: TrainConfig = TrainConfig()
-    export_config: ExportConfig = ExportConfig()
 
     @property
     def label(self) -> str:
@@ -215,11 +259,16 @@ class TableSource(StepResult):
     def run_name(self, model_name: str) -> str:
         return f"{self.framework}-{model_name}"
 
-    def run_params(self, config: PipelineConfig) -> dict[str, object]:
-        return pipeline_params(config)
-
     def run_tags(self) -> dict[str, str]:
         return {"source_framework": self.framework}
+
+    def split(self, name: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        from onnxflow.data import load_splits
+        from onnxflow.interface import INPUT_NAME
+
+        suffix = {"train": "train", "validation": "val", "test": "test"}[name]
+        splits = load_splits(self.dataset)
+        return {INPUT_NAME: splits[f"X_{suffix}"]}, splits[f"y_{suffix}"]
 
     def train(self, out_dir: Path, on_epoch: EpochCallback | None = None) -> TrainedModel:
         from onnxflow.frameworks import get_adapter
@@ -237,38 +286,6 @@ class TableSource(StepResult):
         )
         return self.sourced(trained, exported, out_dir)
 
-    def sourced(
-        self, trained: TrainedModel, exported: ExportedModel, out_dir: Path
-    ) -> SourcedModel:
-        """The exported model with its sample (the test split) and lineage."""
-        from onnxflow.data import load_splits
-        from onnxflow.interface import INPUT_NAME
-
-        info = self.dataset.info
-        splits = load_splits(self.dataset)
-        sample = write_sample(
-            out_dir / "sample",
-            {INPUT_NAME: splits["X_test"]},
-            name=info.name,
-            digest=info.digest,
-            split="test",
-            labels=splits["y_test"],
-            task=info.task,
-            class_names=info.class_names,
-            training={
-                "train": {INPUT_NAME: splits["X_train"]},
-                "validation": {INPUT_NAME: splits["X_val"]},
-            },
-        )
-        return SourcedModel(
-            framework=self.framework,
-            exported=exported,
-            trained=trained,
-            sample=sample,
-            lineage={"dataset_digest": info.digest, "dataset_name": info.name},
-            origin={"name": trained.framework, "path": str(trained.path)},
-        )
-
     def reference(self, model: SourcedModel) -> Reference:
         from onnxflow.frameworks import get_adapter
         from onnxflow.interface import INPUT_NAME
@@ -284,15 +301,12 @@ class TableSource(StepResult):
         return table_model_interface(info.task, info.n_features, info.n_outputs)
 
 
-class RecipeSource(StepResult):
+class RecipeSource(_TrainingSource):
     """The user's recipe file (:mod:`onnxflow.recipes`) on its named arrays."""
 
     kind: Literal["recipe"] = "recipe"
-    trains: bool = True
     recipe: str
     dataset: ArrayDataset
-    train_config: TrainConfig = TrainConfig()
-    export_config: ExportConfig = ExportConfig()
 
     @property
     def label(self) -> str:
@@ -301,11 +315,13 @@ class RecipeSource(StepResult):
     def run_name(self, model_name: str) -> str:
         return f"recipe-{model_name}"
 
-    def run_params(self, config: PipelineConfig) -> dict[str, object]:
-        return pipeline_params(config)
-
     def run_tags(self) -> dict[str, str]:
         return {"source_framework": "recipe", "recipe": self.recipe}
+
+    def split(self, name: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        from onnxflow.arrays import read_split
+
+        return read_split(self.dataset, name)
 
     def train(self, out_dir: Path, on_epoch: EpochCallback | None = None) -> TrainedModel:
         from onnxflow.recipes.steps import train_recipe
@@ -313,43 +329,18 @@ class RecipeSource(StepResult):
         return train_recipe(self.recipe, self.dataset, self.train_config, out_dir, on_epoch)
 
     def export(self, trained: TrainedModel | None, out_dir: Path) -> SourcedModel:
-        from onnxflow.arrays import read_split
         from onnxflow.recipes.steps import REFERENCE_DEVICE, export_recipe, recipe_tags
 
         assert trained is not None
         info = self.dataset.info
         exported = export_recipe(trained, info, self.export_config, out_dir / "export")
-        inputs, labels = read_split(self.dataset, "test")
-        sample = write_sample(
-            out_dir / "sample",
-            inputs,
-            name=info.name,
-            digest=info.digest,
-            split="test",
-            labels=labels,
-            task=info.task,
-            class_names=info.class_names,
-            training={s: read_split(self.dataset, s)[0] for s in ("train", "validation")},
-        )
-        return SourcedModel(
-            framework=trained.framework,
-            exported=exported,
-            trained=trained,
-            sample=sample,
-            lineage={
-                "dataset_digest": info.digest,
-                "dataset_name": info.name,
-                **recipe_tags(trained, info),
-            },
-            origin={
-                "name": trained.framework,
-                "path": str(trained.path),
-                "format": "recipe",
-                "recipe": trained.params.get("recipe", ""),
-                "train_device": trained.params.get("train_device", ""),
-                "reference_device": REFERENCE_DEVICE,
-            },
-        )
+        origin = {
+            "format": "recipe",
+            "recipe": trained.params.get("recipe", ""),
+            "train_device": trained.params.get("train_device", ""),
+            "reference_device": REFERENCE_DEVICE,
+        }
+        return self.sourced(trained, exported, out_dir, recipe_tags(trained, info), origin)
 
     def reference(self, model: SourcedModel) -> Reference:
         from onnxflow.recipes.steps import recipe_reference

@@ -12,69 +12,33 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from onnxflow import tracking
-from onnxflow.arrays import ArrayDataset
-from onnxflow.config import Framework, SweepConfig, TrainConfig
-from onnxflow.frameworks import get_adapter
-from onnxflow.results import DatasetArtifact, TrialResult
-from onnxflow.sweep import StudyRef, Trainer, TrialSpec, run_trial
+from onnxflow.config import SweepConfig
+from onnxflow.results import TrialResult
+from onnxflow.sources import AnySource
+from onnxflow.sweep import StudyRef, TrialSpec, run_trial
 from onnxflow.tasks.retry import registry_task
 
 
 @task(name="trial", task_run_name="trial-{spec.number}", cache_policy=NO_CACHE)
 def train_trial_task(
-    framework: Framework,
-    dataset: DatasetArtifact,
-    base: TrainConfig,
+    source: AnySource,
     spec: TrialSpec,
     study: StudyRef,
     sweep: SweepConfig,
     out_dir: Path,
     tracking_uri: str,
 ) -> TrialResult:
-    adapter = get_adapter(framework)
+    """One trial, trained as the source's chain trains it (a built-in model, or a recipe's
+    build_model and fit) with the trial's train settings and parameters."""
 
     def trainer(config, trial_dir, on_epoch):
-        return adapter.train(dataset, config, trial_dir, on_epoch=on_epoch)
+        return source.model_copy(update={"train_config": config}).train(trial_dir, on_epoch)
 
-    return _tracked_trial(trainer, base, spec, study, sweep, out_dir, tracking_uri)
-
-
-@task(name="recipe-trial", task_run_name="trial-{spec.number}", cache_policy=NO_CACHE)
-def train_recipe_trial_task(
-    recipe: str,
-    dataset: ArrayDataset,
-    base: TrainConfig,
-    spec: TrialSpec,
-    study: StudyRef,
-    sweep: SweepConfig,
-    out_dir: Path,
-    tracking_uri: str,
-) -> TrialResult:
-    """One trial of a recipe, trained as the recipe's chain trains it (its build_model and
-    fit, with the trial's train settings and parameters)."""
-    from onnxflow.recipes.steps import train_recipe
-
-    def trainer(config, trial_dir, on_epoch):
-        return train_recipe(recipe, dataset, config, trial_dir, on_epoch=on_epoch)
-
-    return _tracked_trial(trainer, base, spec, study, sweep, out_dir, tracking_uri)
-
-
-def _tracked_trial(
-    trainer: Trainer,
-    base: TrainConfig,
-    spec: TrialSpec,
-    study: StudyRef,
-    sweep: SweepConfig,
-    out_dir: Path,
-    tracking_uri: str,
-) -> TrialResult:
-    """The trial in its MLflow child run: epochs logged, the run closed with its outcome."""
+    # the trial in its MLflow child run: epochs logged, the run closed with its outcome
     tracking.use_tracking_uri(tracking_uri)
     tracking.set_tags(spec.run_id, tracking.process_tags())
-    result = run_trial(
-        trainer, base, spec, study, sweep, out_dir, partial(tracking.log_epoch, spec.run_id)
-    )
+    on_epoch = partial(tracking.log_epoch, spec.run_id)
+    result = run_trial(trainer, source.train_config, spec, study, sweep, out_dir, on_epoch)
     tracking.finish_trial(spec.run_id, result)
     return result
 

@@ -124,6 +124,37 @@ def fold_standardization(
     return [(k.astype(np.float32), b.astype(np.float32)) for k, b in folded]
 
 
+def trained_model(
+    framework: str,
+    path: Path,
+    metrics: dict[str, float],
+    started: float,
+    params: dict[str, str],
+    config: TrainConfig | None = None,
+) -> TrainedModel:
+    """The trained model's record, logged as one line; ``config``: the network's training
+    settings become params too (an MLP or CNN; scikit-learn's pipeline has none)."""
+    import time
+
+    seconds = time.perf_counter() - started
+    log.info(
+        "%s model trained in %.1f s: %s -> %s", framework, seconds, format_metrics(metrics), path
+    )
+    if config is not None:
+        params = {
+            "model": config.model,
+            "hidden_sizes": ",".join(map(str, config.hidden_sizes)),
+            "epochs": str(config.epochs),
+            "learning_rate": str(config.learning_rate),
+            "batch_size": str(config.batch_size),
+            "seed": str(config.seed),
+            **params,
+        }
+    return TrainedModel(
+        framework=framework, path=path, metrics=metrics, params=params, train_seconds=seconds
+    )
+
+
 def format_metrics(metrics: dict[str, float]) -> str:
     """``train_loss 0.1234 val_loss 0.2345 ...`` for the one-line progress log."""
     return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())

@@ -27,8 +27,9 @@ from onnxflow.frameworks import (
     image_side,
     save_exported,
     standardized_splits,
+    trained_model,
 )
-from onnxflow.interface import INPUT_NAME, name_batch_axis, output_name, rename_value
+from onnxflow.interface import INPUT_NAME, name_batch_axis, output_name
 from onnxflow.results import DatasetArtifact, DatasetInfo, ExportedModel, TrainedModel
 
 log = logging.getLogger(__name__)
@@ -97,23 +98,16 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.keras"
     inference.save(path)
-    seconds = time.perf_counter() - started
-    log.info("keras model trained in %.1f s: %s -> %s", seconds, format_metrics(metrics), path)
-    return TrainedModel(
-        framework="keras",
-        path=path,
-        metrics=metrics,
-        params={
+    return trained_model(
+        "keras",
+        path,
+        metrics,
+        started,
+        {
             "framework_version": f"keras {keras.__version__}, tensorflow {tf.__version__}",
-            "model": config.model,
-            "hidden_sizes": ",".join(map(str, config.hidden_sizes)),
-            "epochs": str(config.epochs),
-            "learning_rate": str(config.learning_rate),
-            "batch_size": str(config.batch_size),
-            "seed": str(config.seed),
             "n_parameters": str(inference.count_params()),
         },
-        train_seconds=seconds,
+        config,
     )
 
 
@@ -122,27 +116,22 @@ def export(
 ) -> ExportedModel:
     """Convert ``model.keras`` with ``tf2onnx.convert.from_function`` to ``out_dir/model.onnx``."""
     keras, tf = _import_keras(ExportError)
-    import tf2onnx
+    from onnxflow.frameworks.tf_onnx import convert_function
 
-    highest = max(tf2onnx.constants.OPSET_TO_IR_VERSION)
-    if config.opset > highest:
-        raise ExportError(
-            f"tf2onnx {tf2onnx.__version__} converts to opsets up to {highest}; "
-            f"the export config asks for opset {config.opset}."
-        )
     started = time.perf_counter()
     model = keras.models.load_model(trained.path, compile=False)
     signature = (tf.TensorSpec([None, info.n_features], tf.float32, name=INPUT_NAME),)
     serve = tf.function(lambda features: model(features, training=False))
     try:
-        proto, _ = tf2onnx.convert.from_function(
-            serve, input_signature=signature, opset=config.opset
+        proto = convert_function(
+            serve, signature, config.opset, output_names=[output_name(info.task)]
         )
+    except ExportError:
+        raise
     except Exception as exc:  # tf2onnx raises whatever TensorFlow or its handlers raise
         raise ExportError(f"tf2onnx could not convert {trained.path}: {exc}") from exc
     if len(proto.graph.output) != 1:
         raise ExportError(f"tf2onnx produced {len(proto.graph.output)} outputs, expected 1")
-    rename_value(proto.graph, proto.graph.output[0].name, output_name(info.task))
     if not name_batch_axis(proto):  # tf2onnx names the input's and output's batch axes apart
         raise ExportError("tf2onnx wrote a static batch axis, expected it dynamic")
 

@@ -28,13 +28,14 @@ from onnxflow.frameworks import (
     format_metrics,
     image_side,
     standardized_splits,
+    trained_model,
 )
+from onnxflow.frameworks.torch_onnx import DYNAMO_EXPORTER, export_program, remove_stale
 from onnxflow.interface import BATCH_AXIS, INPUT_NAME, output_name
 from onnxflow.results import DatasetArtifact, DatasetInfo, ExportedModel, TrainedModel
 
 log = logging.getLogger(__name__)
 
-DYNAMO_EXPORTER = "torch.onnx.export(dynamo=True)"
 LEGACY_EXPORTER = "torch.onnx.export(dynamo=False)"
 
 
@@ -69,23 +70,16 @@ def train(
         inference, (torch.zeros(2, info.n_features),), dynamic_shapes=({0: batch},)
     )
     torch.export.save(program, path)
-    seconds = time.perf_counter() - started
-    log.info("torch model trained in %.1f s: %s -> %s", seconds, format_metrics(metrics), path)
-    return TrainedModel(
-        framework="torch",
-        path=path,
-        metrics=metrics,
-        params={
+    return trained_model(
+        "torch",
+        path,
+        metrics,
+        started,
+        {
             "framework_version": torch.__version__,
-            "model": config.model,
-            "hidden_sizes": ",".join(map(str, config.hidden_sizes)),
-            "epochs": str(config.epochs),
-            "learning_rate": str(config.learning_rate),
-            "batch_size": str(config.batch_size),
-            "seed": str(config.seed),
             "n_parameters": str(sum(p.numel() for p in inference.parameters())),
         },
-        train_seconds=seconds,
+        config,
     )
 
 
@@ -104,15 +98,22 @@ def export(
     out_name = output_name(info.task)
 
     exporter, fallback_reason = DYNAMO_EXPORTER, None
-    _remove_stale(target)
     try:
-        _export_dynamo(program, sample, out_name, config.opset, target)
+        export_program(
+            program,
+            target,
+            input_names=[INPUT_NAME],
+            output_names=[out_name],
+            opset=config.opset,
+            args=(sample,),
+            require_dynamic_batch=True,
+        )
     except Exception as exc:  # torch, onnxscript and the version converter raise many types
         message = " ".join(str(exc).split())[:500]  # torch's messages span many lines
         fallback_reason = f"{type(exc).__name__}: {message}"
         log.warning("dynamo ONNX export failed (%s); using the legacy exporter", fallback_reason)
         exporter = LEGACY_EXPORTER
-        _remove_stale(target)
+        remove_stale(target)
         try:
             _export_legacy(program, sample, out_name, config.opset, target)
         except Exception as legacy_exc:
@@ -322,48 +323,6 @@ def _cnn_inference_module(net, info: DatasetInfo):
 # -- export ----------------------------------------------------------------------------
 
 
-def _export_dynamo(program, sample, out_name: str, opset: int, target: Path) -> None:
-    import torch
-
-    onnx_program = torch.onnx.export(
-        program,
-        (sample,),
-        None,
-        dynamo=True,
-        input_names=[INPUT_NAME],
-        output_names=[out_name],
-        opset_version=opset,
-        verbose=False,
-    )
-    found = onnx_program.model.opset_imports.get("")
-    if found != opset:
-        # below opset 18 the exporter converts down and silently keeps 18 when it cannot
-        raise ExportError(f"the dynamo exporter produced opset {found}, not the requested {opset}")
-    _name_batch_axis(onnx_program.model)
-    onnx_program.save(str(target), external_data=True)
-
-
-def _name_batch_axis(model) -> None:
-    """torch.export.load forgets the Dim's name (it becomes e.g. ``s77``): name it ``batch``."""
-    import onnx_ir as ir
-
-    graph = model.graph
-    symbol = graph.inputs[0].shape[0]
-    if not isinstance(symbol, ir.SymbolicDim):
-        raise ExportError(f"the exported batch axis is static ({symbol}), expected it dynamic")
-    values = [*graph.inputs, *graph.outputs, *(v for node in graph for v in node.outputs)]
-    for value in values:
-        if value.shape is not None:
-            value.shape = ir.Shape(
-                [
-                    ir.SymbolicDim(BATCH_AXIS)
-                    if isinstance(d, ir.SymbolicDim) and d.value == symbol.value
-                    else d
-                    for d in value.shape
-                ]
-            )
-
-
 def _export_legacy(program, sample, out_name: str, opset: int, target: Path) -> None:
     import torch
 
@@ -390,9 +349,3 @@ def _export_legacy(program, sample, out_name: str, opset: int, target: Path) -> 
         opset_version=opset,
         dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, out_name: {0: BATCH_AXIS}},
     )
-
-
-def _remove_stale(target: Path) -> None:
-    """Remove a previous run's model from out_dir, so no stale external data survives."""
-    for path in (target, target.with_name(target.name + ".data")):
-        path.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from onnxflow.frameworks import (
     Predictor,
     format_metrics,
     save_exported,
+    trained_model,
 )
 from onnxflow.interface import INPUT_NAME, name_batch_axis, output_name
 from onnxflow.results import DatasetArtifact, DatasetInfo, ExportedModel, TrainedModel
@@ -98,19 +99,17 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.joblib"
     joblib.dump(pipeline, path)
-    seconds = time.perf_counter() - started
-    log.info("sklearn model trained in %.1f s: %s -> %s", seconds, format_metrics(metrics), path)
-    return TrainedModel(
-        framework="sklearn",
-        path=path,
-        metrics=metrics,
-        params={
+    return trained_model(
+        "sklearn",
+        path,
+        metrics,
+        started,
+        {
             "framework_version": f"scikit-learn {sklearn.__version__}",
             "model": " + ".join(type(step).__name__ for _, step in pipeline.steps),
             "seed": str(config.seed),
             "n_parameters": str(_n_parameters(estimator)),
         },
-        train_seconds=seconds,
     )
 
 

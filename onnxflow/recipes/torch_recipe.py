@@ -24,7 +24,7 @@ from onnxflow.recipes import expected_output
 log = logging.getLogger(__name__)
 
 BATCH_AXIS = "batch"
-EXPORTER = "torch.onnx.export(dynamo=True)"
+EXPORTER = "torch.onnx.export(dynamo=True)"  # frameworks.torch_onnx.DYNAMO_EXPORTER
 _EVAL_BATCH = 256
 
 
@@ -280,20 +280,16 @@ def export(model_path: Path, info: ArrayDatasetInfo, opset: int, target: Path) -
     """``model.pt2`` -> ``target`` (weights in ``target.data``), inputs named as the data's."""
     import torch
 
+    from onnxflow.frameworks.torch_onnx import export_program
+
     program = torch.export.load(str(model_path))
-    for stale in (target, target.with_name(target.name + ".data")):
-        stale.unlink(missing_ok=True)
-    onnx_program = torch.onnx.export(
+    export_program(
         program,
-        (),
-        None,
-        dynamo=True,
-        input_names=list(info.input_names),
+        target,
+        input_names=info.input_names,
         output_names=[output_name(info.task)],
-        opset_version=opset,
-        verbose=False,
+        opset=opset,
     )
-    onnx_program.save(str(target), external_data=True)
 
 
 def reference(

@@ -62,10 +62,13 @@ def test_register_with_mlflow_down_retries_then_fails_clearly(
 
     from onnxflow.config import DataConfig, RegisterConfig
     from onnxflow.data import prepare_data
+    from onnxflow.sources import TableSource, write_sample
     from onnxflow.tasks.register import register_task
     from onnxflow.tasks.retry import REGISTRY_RETRY_DELAYS
 
     dataset = prepare_data(DataConfig(), tmp_path / "data")
+    inputs, labels = TableSource(framework="torch", dataset=dataset).split("test")
+    sample = write_sample(tmp_path / "sample", inputs, name="digits", digest="d", split="test")
     champion = registry.register("guarded", model_files["mlp"], _example())
     port = free_port()
     # The short form keeps the shape of the backoff and shortens it; the long form
@@ -95,7 +98,7 @@ def test_register_with_mlflow_down_retries_then_fails_clearly(
                 model_files["mlp"],
                 _summary(tmp_path, model_files["mlp"]),
                 {"source_framework": "onnx-helper"},
-                dataset,
+                sample,
                 RegisterConfig(model_name="guarded"),
                 run_id,
             )
