@@ -492,11 +492,7 @@ class SqliteRegistry:
                 )
         except (sqlite3.Error, ValueError):
             return None
-        location = rows[0][0] if rows and rows[0][0] else ""
-        if location.startswith("file://"):
-            location = unquote(location.removeprefix("file://"))
-        path = Path(location)
-        return path if location and path.is_absolute() and path.is_dir() else None
+        return _local_dir(rows[0][0] if rows else None)
 
     def _local_artifacts(self, name: str, version: str) -> Path | None:
         try:
@@ -509,11 +505,16 @@ class SqliteRegistry:
                 )
         except (sqlite3.Error, ValueError):
             return None
-        location = rows[0][0] if rows and rows[0][0] else ""
-        if location.startswith("file://"):
-            location = unquote(location.removeprefix("file://"))
-        path = Path(location)
-        return path if location and path.is_absolute() and path.is_dir() else None
+        return _local_dir(rows[0][0] if rows else None)
+
+
+def _local_dir(location: str | None) -> Path | None:
+    """An artifact location on this machine's disk (a path or ``file://``), else None."""
+    location = location or ""
+    if location.startswith("file://"):
+        location = unquote(location.removeprefix("file://"))
+    path = Path(location)
+    return path if location and path.is_absolute() and path.is_dir() else None
 
 
 def check_login(tracking_uri: str | None) -> None:
