@@ -12,11 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxflow.processes import free_port
-from onnxflow.serving.launcher import start_background, stop_background, wait_ready
-from onnxflow.serving.settings import ServingSettings
 from tests.serving import models
-from tests.serving.conftest import TOKEN, Endpoint
+from tests.serving.conftest import TOKEN, serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -35,57 +32,28 @@ def triton_registered(registry, registered, tmp_path_factory) -> dict[str, str]:
     }
 
 
-def _start(registry, root, **options):
-    import os
-
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = registry.uri
-    try:
-        settings = ServingSettings(
-            port=free_port(), grpc_port=free_port(), cache_dir=root / "cache", **options
-        )
-        info = start_background(settings, root)
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI")
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
-    return settings, info
-
-
 @pytest.fixture(scope="session")
 def triton_endpoint(registry, triton_registered, tmp_path_factory):
     """One endpoint, no token: every Triton example model plus digits, REST and gRPC."""
     root = tmp_path_factory.mktemp("triton-endpoint")
     refs = ",".join(f"{n}@champion" for n in (*TRITON_MODELS, "digits"))
-    settings, info = _start(registry, root, model=refs)
-    try:
-        wait_ready(info, timeout_s=180)
-        endpoint = Endpoint(info.url, "simple", root)
-        endpoint.grpc = f"127.0.0.1:{settings.grpc_port}"
+    with serving(registry, root, "simple", model=refs) as endpoint:
         yield endpoint
-    finally:
-        stop_background(root)
 
 
 @pytest.fixture(scope="module")
 def guarded(registry, triton_registered, tmp_path_factory):
     root = tmp_path_factory.mktemp("grpc-guarded")
-    settings, info = _start(
+    with serving(
         registry,
         root,
+        "simple",
         model="simple@champion",
         token=TOKEN,
         max_body_bytes=4096,
         shared_memory=True,
-    )
-    try:
-        wait_ready(info, timeout_s=180)
-        endpoint = Endpoint(info.url, "simple", root, TOKEN)
-        endpoint.grpc = f"127.0.0.1:{settings.grpc_port}"
+    ) as endpoint:
         yield endpoint
-    finally:
-        stop_background(root)
 
 
 def _simple_inputs(grpcclient, a, b):
