@@ -74,3 +74,19 @@ def timed_run(cmd: list[str], cwd: Path, env: Mapping[str, str]) -> tuple[float,
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return wall, proc.stdout
+
+
+def register_mlp(folder: Path, name: str, seed: int, example, alias: str = "champion") -> str:
+    """A 64-feature MLP (``tests.serving.models.mlp``) written in ``folder`` and registered
+    as NAME@ALIAS in the current tracking store; its version."""
+    from onnxflow.registration import register_onnx
+    from tests.serving.models import mlp
+
+    version = register_onnx(
+        mlp(folder / "model.onnx", seed=seed),
+        model_name=name,
+        input_example=example,
+        tags={"source_framework": "bench"},
+        aliases=(alias,),
+    )
+    return version.version

@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import start_tracking_server, stop_group  # noqa: E402
+from bench._common import register_mlp, start_tracking_server, stop_group  # noqa: E402
 from onnxflow.serving.launcher import free_port, start_background, stop_background  # noqa: E402
 from onnxflow.serving.settings import ServingSettings  # noqa: E402
 
@@ -62,22 +62,12 @@ def tree_rss_mb(pid: int) -> float:
 
 
 def register_models(tracking_uri: str, count: int, work: Path) -> list[str]:
-    from onnxflow.registration import register_onnx
-    from tests.serving.models import mlp
-
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     names = []
     for i in range(count):
         name = f"startup-{i}"
-        path = mlp(work / "models" / name / "model.onnx", seed=i)
         example = np.random.default_rng(i).normal(size=(1, 64)).astype(np.float32)
-        register_onnx(
-            path,
-            model_name=name,
-            input_example=example,
-            tags={"source_framework": "bench"},
-            aliases=("champion",),
-        )
+        register_mlp(work / "models" / name, name, i, example)
         names.append(name)
     return names
 
