@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # job runner: nothing here submits jobs, and it starts a dozen huey processes.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
-.PHONY: install demo lint test test-all docs docs-serve triton-examples soak bench bench-pipeline bench-models bench-sweep ui stop clean help
+.PHONY: install converter-env demo lint test test-all docs docs-serve triton-examples soak bench bench-pipeline bench-convert bench-models bench-sweep ui stop clean help
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)  ## Create .venv and install everything (once; again when pyproject changes)
+
+converter-env: $(STAMP)  ## onnx2tf's own venv for convert --to tensorflow|tflite (~1 GB; ONNXFLOW_CONVERTER_VENV)
+	$(BIN)/python -m onnxflow.converter_env
 
 DEMO_PORT ?= 8080
 
@@ -47,13 +50,18 @@ triton-examples: $(STAMP)  ## Triton's own example clients against onnxflow serv
 soak: $(STAMP)  ## Reliability, long form: load, hot swaps, faults, 1,000+ fuzz cases; one table
 	ONNXFLOW_SOAK=1 $(BIN)/pytest tests/reliability tests/integration/test_hostile.py -m reliability
 
-bench: $(STAMP)  ## Serving benchmarks: our endpoint vs mlflow models serve; start-up and memory
+bench: $(STAMP)  ## Serving benchmarks: vs mlflow models serve; start-up, memory; capture cost
 	$(BIN)/python bench/serve_bench.py --install-wrk
 	$(BIN)/python bench/team_bench.py
+	$(BIN)/python bench/capture_bench.py
 	$(BIN)/python bench/startup_bench.py --runs 5 --models 5 --output docs/startup.md
 
 bench-pipeline: $(STAMP)  ## Demo pipeline wall time, and how much is Prefect + MLflow overhead
 	$(BIN)/python bench/pipeline_bench.py
+
+bench-convert: $(STAMP)  ## convert --to tensorflow: digits, images (ResNet-18), text recipes: time, size, parity, latency
+	$(BIN)/python -m onnxflow.converter_env
+	$(BIN)/python bench/convert_bench.py
 
 bench-models: $(STAMP)  ## Example recipes full size: train/export/parity/latency/endpoint req/s
 	$(BIN)/python bench/models_bench.py

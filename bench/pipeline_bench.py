@@ -34,9 +34,8 @@ t0 = time.perf_counter()
 from pathlib import Path
 from onnxflow.config import PipelineConfig
 from onnxflow.data import prepare_data
-from onnxflow.frameworks import get_adapter
 from onnxflow.simplify import simplify_model
-from onnxflow.validation import validate_model
+from onnxflow.sources import TableSource, validate_sourced
 cfg, out, times = PipelineConfig(), Path("out"), {}
 def step(name, fn, *args):
     t = time.perf_counter()
@@ -45,11 +44,11 @@ def step(name, fn, *args):
     return result
 ds = step("data", prepare_data, cfg.data, out / "data")
 for fw in ("torch", "keras"):
-    a = get_adapter(fw)
-    tr = step(f"{fw} train", a.train, ds, cfg.train, out / fw / "train")
-    ex = step(f"{fw} export", a.export, tr, ds.info, cfg.export, out / fw / "export")
-    si = step(f"{fw} simplify", simplify_model, ex.path, cfg.simplify, out / fw / "simplify")
-    step(f"{fw} validate", validate_model, si.path, tr, ds, cfg.validate_, out / fw / "validate")
+    src = TableSource(framework=fw, dataset=ds, train_config=cfg.train, export_config=cfg.export)
+    tr = step(f"{fw} train", src.train, out / fw / "train")
+    ex = step(f"{fw} export", src.export, tr, out / fw)
+    si = step(f"{fw} simplify", simplify_model, ex.exported.path, cfg.simplify, out / fw / "s")
+    step(f"{fw} validate", validate_sourced, src, ex, si.path, cfg.validate_, out / fw / "validate")
 times["total in process"] = time.perf_counter() - t0
 print("RESULT " + json.dumps(times))
 """

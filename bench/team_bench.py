@@ -7,7 +7,9 @@ FP32 requests): the clients share the machine's cores with the endpoint, so the
 figures compare the two fronts and the two set-ups, not the endpoint's ceiling (see
 ``bench/serve_bench.py`` for that, with wrk).
 
-1. REST vs gRPC: one endpoint serving one model on both fronts; requests/s and p99.
+1. REST vs gRPC: one endpoint serving one model on both fronts; requests/s and p99 at
+   1, 8 and 64 client threads (``--connections``), and the endpoint's CPU per request
+   (its user + system time over the requests answered), the two fronts in turn.
 2. One model vs five in one process: start to ready, resident memory after load, and
    requests/s spread over every model served.
 3. The champion with the challenger in shadow, off against on: two endpoints serving the
@@ -18,7 +20,8 @@ figures compare the two fronts and the two set-ups, not the endpoint's ceiling (
 Results are printed and written into ``docs/benchmarks.md`` (the "Serving a team"
 section) and ``bench-results/team.json``.
 
-    python bench/team_bench.py [--duration 8] [--threads 4]
+    python bench/team_bench.py [--duration 8] [--threads 4] [--connections 1,8,64]
+    python bench/team_bench.py --fronts-only   # only the REST vs gRPC table
 """
 
 from __future__ import annotations
@@ -140,6 +143,55 @@ def drive(kind: str, address: str, models: list[str], threads: int, duration: fl
     }
 
 
+def cpu_s(pid: int) -> float:
+    """The process's user + system CPU seconds so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fronts(work: Path, connections: list[int], duration: float, rounds: int = 4) -> list[dict]:
+    """REST against gRPC on one endpoint serving one model, at each client thread count,
+    in alternating rounds; the endpoint's CPU per request from its /proc figures around
+    each run."""
+    model = NAMES[0]
+    info, settings, _ = start(work, "fronts", [model])
+    rows = []
+    try:
+        addresses = {
+            "rest": info.url.removeprefix("http://"),
+            "grpc": f"127.0.0.1:{settings.grpc_port}",
+        }
+        for front in addresses:  # warm both fronts (connections, first-call imports)
+            drive(front, addresses[front], [model], 2, 1.0)
+        for threads in connections:
+            # the fronts in alternating rounds: a machine whose load changes (other jobs on
+            # the same cores) weighs on both alike
+            parts: dict[str, list[dict]] = {front: [] for front in addresses}
+            cpu: dict[str, float] = dict.fromkeys(addresses, 0.0)
+            for _ in range(rounds):
+                for front, address in addresses.items():
+                    before = cpu_s(info.pid)
+                    parts[front].append(drive(front, address, [model], threads, duration / rounds))
+                    cpu[front] += cpu_s(info.pid) - before
+            row = {"connections": threads}
+            for front in addresses:
+                figure = merge(parts[front])
+                figure["server_cpu_us"] = cpu[front] / max(figure["requests"], 1) * 1e6
+                row[front] = figure
+            row["ratio"] = row["grpc"]["requests_per_s"] / row["rest"]["requests_per_s"]
+            print(
+                f"{threads:>3} connections: REST {row['rest']['requests_per_s']:,.0f} req/s "
+                f"({row['rest']['server_cpu_us']:.0f} us CPU/req), gRPC "
+                f"{row['grpc']['requests_per_s']:,.0f} req/s "
+                f"({row['grpc']['server_cpu_us']:.0f} us CPU/req): {row['ratio']:.2f}x",
+                flush=True,
+            )
+            rows.append(row)
+    finally:
+        stop_background(work / "fronts")
+    return rows
+
+
 def shadow_figures(url: str) -> dict:
     """The shadow's counters from /metrics, summed over its pairs."""
     import httpx
@@ -202,7 +254,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument(
+        "--connections", default="1,8,64", help="client threads of the REST vs gRPC table"
+    )
+    parser.add_argument(
+        "--fronts-only", action="store_true", help="only the REST vs gRPC table (printed)"
+    )
     args = parser.parse_args()
+    connections = [int(n) for n in args.connections.split(",")]
     results: dict = {
         "threads": args.threads,
         "duration_s": args.duration,
@@ -212,6 +271,10 @@ def main() -> None:
         work = Path(tmp)
         print("registering five models ...", flush=True)
         register_models(work)
+        results["fronts"] = fronts(work, connections, args.duration)
+        if args.fronts_only:
+            print(json.dumps(results["fronts"], indent=2))
+            return
         for key, models in (("one", NAMES[:1]), ("five", NAMES)):
             info, settings, took = start(work, key, models)
             try:
@@ -257,6 +320,13 @@ def main() -> None:
 def write_report(results: dict) -> None:
     one, five, shadow = results["one"], results["five"], results["shadow"]
     off, on, mirrored = shadow["off"], shadow["on"], shadow["shadow"]
+    front_rows = "\n".join(
+        f"| {r['connections']} | {r['rest']['requests_per_s']:,.0f} | "
+        f"{r['grpc']['requests_per_s']:,.0f} | {r['ratio']:.2f}x | "
+        f"{r['rest']['p99_ms']:.2f} | {r['grpc']['p99_ms']:.2f} | "
+        f"{r['rest']['server_cpu_us']:.0f} | {r['grpc']['server_cpu_us']:.0f} |"
+        for r in results["fronts"]
+    )
     rows = []
     for label, entry in (("1 model", one), ("5 models", five)):
         for front in ("rest", "grpc"):
@@ -276,6 +346,17 @@ clients on the same 2-core machine (the clients take much of the CPU, so these c
 the fronts and set-ups; `wrk` figures above give the endpoint's ceiling). With five
 models, requests go round-robin over all five. Load average when it started:
 {results["load_average"]:.1f} (on a busy machine these figures drop and swing).
+
+**The two fronts side by side**, one model, the same clients at 1, 8 and 64 threads
+(`team_bench.py --connections`), REST and gRPC in four alternating rounds at each (so
+a change in the machine's load weighs on both alike); CPU/request is the endpoint's user + system
+time over the requests it answered in that run (µs); p99 in ms:
+
+| threads | REST req/s | gRPC req/s | ratio | REST p99 | gRPC p99 | REST CPU | gRPC CPU |
+|---|---|---|---|---|---|---|---|
+{front_rows}
+
+**One model vs five**, {results["threads"]} client threads:
 
 | served | front | requests/s | p50 ms | p99 ms | errors |
 |---|---|---|---|---|---|

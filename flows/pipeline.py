@@ -1,11 +1,12 @@
 """The pipeline as Prefect flows; read it next to docs/architecture.md.
 
     data ─► train ─► export ─► simplify ─► validate ─► register ─► [quantize ─► register] ─► promote
-            └──── train_and_register ─────────────────────────────────────────────┘
-                               └───── validate_and_register ──┘  └ quantize_and_register ┘
+            └──────────── chain (any source: table model, recipe, imported file) ─┘
+                      └───── export_and_register ─────────────┘  └ quantize_and_register ┘
 
-``run`` runs the chosen frameworks' chains on one dataset and promotes the best new
-version. No step logic lives here, only the wiring.
+``chain`` is the one flow every source of a model takes (:mod:`onnxflow.sources`); ``run``
+runs the chosen frameworks' chains (or the recipe's) on one dataset and promotes the best
+new version. No step logic lives here, only the wiring.
 """
 
 from __future__ import annotations
@@ -18,34 +19,25 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from onnxflow.arrays import ArrayDataset
-from onnxflow.config import Framework, PipelineConfig
+from onnxflow.config import Framework, PipelineConfig, pipeline_params
 from onnxflow.dask_cluster import describe, task_runner
 from onnxflow.data import load_splits
 from onnxflow.errors import OnnxflowError
 from onnxflow.flows.runs import mlflow_run
 from onnxflow.promote import PromotionDecision
-from onnxflow.recipes.steps import recipe_tags
 from onnxflow.registration import lineage_tags
 from onnxflow.results import (
     ChainResult,
     DatasetArtifact,
-    ExportedModel,
     RegisteredVersion,
     StepResult,
     TrainedModel,
 )
+from onnxflow.sources import AnySource, SourcedModel, TableSource, training_source
 from onnxflow.summary import to_markdown, version_rows
-from onnxflow.tasks.data import prepare_data_task
+from onnxflow.tasks.data import prepare_data_task, prepare_recipe_data_task
 from onnxflow.tasks.model import export_task, simplify_task, train_task, validate_task
 from onnxflow.tasks.quantize import quantize_task, register_quantized_task
-from onnxflow.tasks.recipes import (
-    export_recipe_task,
-    prepare_recipe_data_task,
-    register_recipe_task,
-    train_recipe_task,
-    validate_recipe_task,
-)
 from onnxflow.tasks.register import promote_task, register_task
 from onnxflow.tasks.tracking import ensure_experiment_task
 from onnxflow.tracking import git_commit
@@ -58,31 +50,77 @@ class RunResult(StepResult):
     table: list[dict[str, str]]
 
 
-@flow(name="train-and-register", flow_run_name="train-and-register-{framework}")
-def train_and_register(
-    framework: Framework,
+@flow(name="chain", flow_run_name="chain-{source.label}")
+def chain(
+    source: AnySource,
     config: PipelineConfig = PipelineConfig(),
     out_dir: Path = Path("artifacts"),
-    dataset: DatasetArtifact | None = None,
 ) -> ChainResult:
-    """data → train → export → (validate_and_register), for one framework."""
-    dataset = dataset or prepare_data_task(config.data, out_dir / "data")
-    out = out_dir / framework
-    run_name = f"{framework}-{config.register_.model_name}"
+    """train → export → (export_and_register) for any source, in its MLflow run; then the
+    optional int8 copy of a table model (``quantize.mode``).
+
+    A source with nothing to train (an imported file) is converted first, so a broken file
+    or a sample that does not fit fails before any MLflow run exists."""
+    out = out_dir / source.label
+    model = None if source.trains else export_task(source, None, out)
     with mlflow_run(
-        config.experiment, run_name, run_params(config), {"source_framework": framework}, dataset
+        config.experiment,
+        source.run_name(config.register_.model_name),
+        source.run_params(config),
+        source.run_tags(),
+        source.dataset,
     ) as run_id:
-        trained = train_task(framework, dataset, config.train, out / "train", run_id)
-        exported = export_task(framework, trained, dataset.info, config.export, out / "export")
-        chain = validate_and_register(trained, exported, dataset, config, out, run_id)
-    if config.quantize.mode == "off":
-        return chain
-    state = quantize_and_register(chain, dataset, config, out / "quantize", return_state=True)
+        trained = train_task(source, out / "train", run_id) if source.trains else None
+        result = export_and_register(source, trained, config, out, run_id, model)
+    if config.quantize.mode == "off" or not isinstance(source, TableSource):
+        return result
+    state = quantize_and_register(
+        result, source.dataset, config, out / "quantize", return_state=True
+    )
     if state.is_completed():
-        return chain.model_copy(update={"quantized": state.result()})
+        return result.model_copy(update={"quantized": state.result()})
     note = failure_message(state)
-    get_run_logger().warning("%s: no quantized version: %s", framework, note)
-    return chain.model_copy(update={"quantize_note": note})
+    get_run_logger().warning("%s: no quantized version: %s", source.label, note)
+    return result.model_copy(update={"quantize_note": note})
+
+
+def export_and_register(
+    source: AnySource,
+    trained: TrainedModel | None,
+    config: PipelineConfig,
+    out: Path,
+    run_id: str,
+    model: SourcedModel | None = None,
+) -> ChainResult:
+    """export → simplify → validate → register in the run ``run_id``: what every model goes
+    through (a chain's, and the best trial of a sweep). ``model``: already exported.
+
+    A model that fails validation stops here, with its report on the run: it is never
+    registered."""
+    model = model or export_task(source, trained, out)
+    simplified = simplify_task(model.exported.path, config.simplify, out / "simplify")
+    validation = validate_task(
+        source, model, simplified.path, config.validate_, out / "validate", run_id
+    )
+    lineage = lineage_tags(
+        model.framework,
+        model.exported,
+        simplified,
+        model.lineage,
+        git_commit=git_commit(),
+        flow_run_id=str(flow_run.id),
+    )
+    version = register_task(
+        simplified.path, validation, lineage, model.sample, config.register_, run_id
+    )
+    return ChainResult(
+        framework=model.framework,
+        trained=trained,
+        exported=model.exported,
+        simplified=simplified,
+        validation=validation,
+        version=version,
+    )
 
 
 @flow(name="quantize-and-register")
@@ -98,120 +136,21 @@ def quantize_and_register(
     with mlflow_run(
         config.experiment,
         run_name,
-        run_params(config),
+        pipeline_params(config),
         {"source_framework": chain.framework, "quantized_from": chain.version.version},
         dataset,
     ) as run_id:
         quantized = quantize_task(chain.simplified.path, dataset, config.quantize, out_dir)
+        keep = ("source_framework", "exporter", "opset", "dataset_digest", "dataset_name")
         lineage = {
-            **lineage_tags(
-                chain.framework,
-                chain.exported,
-                chain.simplified,
-                dataset.info,
-                git_commit=git_commit(),
-                flow_run_id=str(flow_run.id),
-            ),
+            **{k: v for k, v in chain.version.tags.items() if k in keep},
+            "git_commit": git_commit(),
+            "flow_run_id": str(flow_run.id),
             "quantized_from": chain.version.version,
         }
         return register_quantized_task(
             quantized, lineage, load_splits(dataset)["X_test"][:1], config.register_, run_id
         )
-
-
-@flow(name="validate-and-register")
-def validate_and_register(
-    trained: TrainedModel,
-    exported: ExportedModel,
-    dataset: DatasetArtifact,
-    config: PipelineConfig,
-    out_dir: Path,
-    run_id: str,
-) -> ChainResult:
-    """simplify → validate → register: what every exported ONNX model goes through.
-
-    A model that fails validation stops here, with its report on the run: it is never
-    registered.
-    """
-    simplified = simplify_task(exported.path, config.simplify, out_dir / "simplify")
-    validation = validate_task(
-        simplified.path, trained, dataset, config.validate_, out_dir / "validate", run_id
-    )
-    lineage = lineage_tags(
-        trained.framework,
-        exported,
-        simplified,
-        dataset.info,
-        git_commit=git_commit(),
-        flow_run_id=str(flow_run.id),
-    )
-    version = register_task(simplified.path, validation, lineage, dataset, config.register_, run_id)
-    return ChainResult(
-        framework=trained.framework,
-        trained=trained,
-        exported=exported,
-        simplified=simplified,
-        validation=validation,
-        version=version,
-    )
-
-
-@flow(name="recipe-and-register")
-def recipe_and_register(
-    recipe: str,
-    config: PipelineConfig,
-    out_dir: Path,
-    dataset: ArrayDataset,
-) -> ChainResult:
-    """train (build_model, fit) → export → simplify → validate → register, for a recipe."""
-    out = out_dir / "recipe"
-    with mlflow_run(
-        config.experiment,
-        f"recipe-{config.register_.model_name}",
-        run_params(config),
-        {"source_framework": "recipe", "recipe": recipe},
-        dataset,
-    ) as run_id:
-        trained = train_recipe_task(recipe, dataset, config.train, out / "train", run_id)
-        return register_recipe_model(trained, dataset, config, out, run_id)
-
-
-def register_recipe_model(
-    trained: TrainedModel,
-    dataset: ArrayDataset,
-    config: PipelineConfig,
-    out: Path,
-    run_id: str,
-) -> ChainResult:
-    """export → simplify → validate → register of a trained recipe model, in the run
-    ``run_id`` (a recipe's chain, and the best trial of a recipe's sweep)."""
-    exported = export_recipe_task(trained, dataset.info, config.export, out / "export")
-    simplified = simplify_task(exported.path, config.simplify, out / "simplify")
-    validation = validate_recipe_task(
-        simplified.path, trained, dataset, config.validate_, out / "validate", run_id
-    )
-    lineage = {
-        **lineage_tags(
-            trained.framework,
-            exported,
-            simplified,
-            dataset.info,
-            git_commit=git_commit(),
-            flow_run_id=str(flow_run.id),
-        ),
-        **recipe_tags(trained, dataset.info),
-    }
-    version = register_recipe_task(
-        simplified.path, validation, lineage, dataset, config.register_, run_id
-    )
-    return ChainResult(
-        framework=trained.framework,
-        trained=trained,
-        exported=exported,
-        simplified=simplified,
-        validation=validation,
-        version=version,
-    )
 
 
 @flow(name="onnxflow-run")
@@ -229,25 +168,23 @@ def run(
     (one after the other in this process otherwise)."""
     logger = get_run_logger()
     chains, failures = [], {}
+    if dask:  # workers need not share this process's working directory
+        out_dir = out_dir.resolve()
     if config.recipe:  # the user's model code instead of the built-in frameworks
-        dataset = prepare_recipe_data_task(config.recipe, config.data, out_dir / "data")
-        states = {
-            "recipe": recipe_and_register(
-                config.recipe, config, out_dir, dataset, return_state=True
-            )
-        }
-    elif dask:
-        out_dir = out_dir.resolve()  # workers need not share this process's working directory
-        dataset = prepare_data_task(config.data, out_dir / "data")
-        ensure_experiment_task(config.experiment)  # here, not in every worker at once
-        logger.info("chains of %s on a %s", ", ".join(frameworks), describe(config.dask))
-        on_dask = chains_on_dask.with_options(task_runner=task_runner(config.dask))
-        states = on_dask(frameworks, config, out_dir, dataset)
+        data = prepare_recipe_data_task(config.recipe, config.data, out_dir / "data")
+        frameworks = ("torch",)  # the model says which framework it is
     else:
-        dataset = prepare_data_task(config.data, out_dir / "data")
+        data = prepare_data_task(config.data, out_dir / "data")
+    sources = {s.label: s for s in (training_source(config, data, fw) for fw in frameworks)}
+    if dask:
+        ensure_experiment_task(config.experiment)  # here, not in every worker at once
+        logger.info("chains of %s on a %s", ", ".join(sources), describe(config.dask))
+        on_dask = chains_on_dask.with_options(task_runner=task_runner(config.dask))
+        states = on_dask(list(sources.values()), config, out_dir)
+    else:
         states = {
-            framework: train_and_register(framework, config, out_dir, dataset, return_state=True)
-            for framework in frameworks
+            name: chain(source, config, out_dir, return_state=True)
+            for name, source in sources.items()
         }
     for name, state in states.items():
         if isinstance(state, ChainResult):
@@ -270,7 +207,7 @@ def run(
     create_markdown_artifact(
         markdown=run_markdown(table, promotion, failures),
         key=f"{model_name}-run-summary".lower().replace("_", "-"),
-        description=f"onnxflow run on {dataset.info.name}",
+        description=f"onnxflow run on {data.info.name}",
     )
     if failures:
         raise OnnxflowError(
@@ -279,11 +216,9 @@ def run(
     return RunResult(chains=chains, failures=failures, promotion=promotion, table=table)
 
 
-@task(name="chain", task_run_name="chain-{framework}", cache_policy=NO_CACHE)
-def chain_task(
-    framework: Framework, config: PipelineConfig, out_dir: Path, dataset: DatasetArtifact
-) -> ChainResult:
-    """One framework's whole chain as one task, so that chains run side by side on Dask
+@task(name="chain", task_run_name="chain-{source.label}", cache_policy=NO_CACHE)
+def chain_task(source: AnySource, config: PipelineConfig, out_dir: Path) -> ChainResult:
+    """One source's whole chain as one task, so that chains run side by side on Dask
     workers (the chain's own flow and tasks run inside it, in the worker)."""
     # Dask ships this task's function by value (its module attribute is the task, not the
     # function), and with it a by-value copy of the flow whose globals lack the names its
@@ -291,43 +226,23 @@ def chain_task(
     # from the module as the worker imports it has them all.
     from onnxflow.flows import pipeline
 
-    return pipeline.train_and_register(framework, config, out_dir, dataset)
+    return pipeline.chain(source, config, out_dir)
 
 
 @flow(name="chains-on-dask")
 def chains_on_dask(
-    frameworks: Sequence[Framework],
-    config: PipelineConfig,
-    out_dir: Path,
-    dataset: DatasetArtifact,
+    sources: list[AnySource], config: PipelineConfig, out_dir: Path
 ) -> dict[str, ChainResult | str]:
-    """Each framework's chain as a task on this flow's task runner (Dask); a chain's result,
+    """Each source's chain as a task on this flow's task runner (Dask); a chain's result,
     or the message of its failure."""
-    futures = {fw: chain_task.submit(fw, config, out_dir, dataset) for fw in frameworks}
+    futures = {s.label: chain_task.submit(s, config, out_dir) for s in sources}
     outcomes: dict[str, ChainResult | str] = {}
-    for framework, future in futures.items():
+    for label, future in futures.items():
         try:
-            outcomes[framework] = future.result()
+            outcomes[label] = future.result()
         except Exception as exc:  # the chain's error, or its worker died
-            outcomes[framework] = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
+            outcomes[label] = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
     return outcomes
-
-
-def run_params(config: PipelineConfig) -> dict[str, object]:
-    params = {}
-    for section in (
-        "data",
-        "train",
-        "export",
-        "simplify",
-        "validate",
-        "register",
-        "promote",
-        "quantize",
-    ):
-        values = config.model_dump(by_alias=True)[section]
-        params.update({f"{section}.{k}": v for k, v in values.items()})
-    return params
 
 
 def failure_message(state) -> str:

@@ -2,7 +2,7 @@
 the normal chain.
 
     data ─► [ask ─► trial on a Dask worker ─► tell] x N ─► best trial ─► export ─►
-            (validate_and_register) ─► promote
+            (simplify ─► validate ─► register) ─► promote
 
 ``sweep`` is what ``onnxflow run --sweep N`` runs: of a built-in framework, or of the recipe
 in ``config.recipe`` (its trials train through the recipe's build_model and fit, its best
@@ -26,23 +26,15 @@ from prefect.runtime import flow_run
 
 from onnxflow import sweep as sweeps
 from onnxflow.arrays import ArrayDataset
-from onnxflow.config import Framework, PipelineConfig
+from onnxflow.config import Framework, PipelineConfig, pipeline_params
 from onnxflow.dask_cluster import describe, is_lost, task_runner
 from onnxflow.errors import OnnxflowError, SweepError
-from onnxflow.flows.pipeline import (
-    RunResult,
-    failure_message,
-    register_recipe_model,
-    run_markdown,
-    run_params,
-    validate_and_register,
-)
+from onnxflow.flows.pipeline import RunResult, export_and_register, failure_message, run_markdown
 from onnxflow.flows.runs import mlflow_run
 from onnxflow.results import ChainResult, DatasetArtifact, SweepOutcome, TrialResult
+from onnxflow.sources import training_source
 from onnxflow.summary import version_rows
-from onnxflow.tasks.data import prepare_data_task
-from onnxflow.tasks.model import export_task
-from onnxflow.tasks.recipes import prepare_recipe_data_task
+from onnxflow.tasks.data import prepare_data_task, prepare_recipe_data_task
 from onnxflow.tasks.register import promote_task
 from onnxflow.tasks.sweep import (
     crash_task_run_task,
@@ -121,7 +113,7 @@ def sweep_and_register(
     with mlflow_run(
         config.experiment,
         f"sweep-{framework}-{config.register_.model_name}",
-        run_params(config),
+        pipeline_params(config),
         tags,
         dataset,
     ) as run_id:
@@ -204,15 +196,13 @@ def sweep_and_register(
         best_config = config.model_copy(
             update={"train": sweeps.trial_train_config(config.train, best.params)}
         )
-        if framework == "recipe":
-            chain = register_recipe_model(best.trained, dataset, best_config, out / "best", run_id)
-        else:
-            exported = export_task(
-                framework, best.trained, dataset.info, config.export, out / "best" / "export"
-            )
-            chain = validate_and_register(
-                best.trained, exported, dataset, best_config, out / "best", run_id
-            )
+        chain = export_and_register(
+            training_source(best_config, dataset, framework),
+            best.trained,
+            best_config,
+            out / "best",
+            run_id,
+        )
     return chain.model_copy(update={"sweep": outcome})
 
 

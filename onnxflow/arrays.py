@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from onnxflow.config import DataConfig
+from onnxflow.config import DataConfig, Task
 from onnxflow.errors import DataError
 from onnxflow.results import StepResult
 
@@ -60,7 +60,7 @@ class ArrayDatasetInfo(StepResult):
 
     name: str
     source: str
-    task: str = "classification"
+    task: Task = "classification"
     inputs: tuple[InputSpec, ...]
     class_names: tuple[str, ...]
     n_train: int
@@ -75,6 +75,11 @@ class ArrayDatasetInfo(StepResult):
     @property
     def n_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the model's output: one score per class, or 1 (regression)."""
+        return self.n_classes if self.task == "classification" else 1
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -106,9 +111,19 @@ class NamedArrays:
 # -- the data step -----------------------------------------------------------------------
 
 
-def prepare_arrays(data: NamedArrays, config: DataConfig, out_dir: Path) -> ArrayDataset:
-    """Check the splits, write ``splits.npz`` and ``dataset.json``; DataError on problems."""
-    inputs, classes = check_named_arrays(data)
+def prepare_arrays(
+    data: NamedArrays, config: DataConfig, out_dir: Path, where: str = ""
+) -> ArrayDataset:
+    """Check the splits, write ``splits.npz`` and ``dataset.json``; DataError on problems,
+    naming ``where`` the data came from (``recipe.py: load_data(config)``)."""
+    inputs, classes, task = check_named_arrays(data, config.task, where)
+    if task == "regression":
+        data = replace(
+            data,
+            **{
+                s: {**data.split(s), LABEL: data.split(s)[LABEL].astype(np.float32)} for s in SPLITS
+            },
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "splits.npz"
     np.savez(
@@ -122,6 +137,7 @@ def prepare_arrays(data: NamedArrays, config: DataConfig, out_dir: Path) -> Arra
     info = ArrayDatasetInfo(
         name=data.name,
         source=data.source,
+        task=task,
         inputs=inputs,
         class_names=classes,
         n_train=len(data.train[LABEL]),
@@ -133,10 +149,10 @@ def prepare_arrays(data: NamedArrays, config: DataConfig, out_dir: Path) -> Arra
     )
     (out_dir / "dataset.json").write_text(info.model_dump_json(indent=2))
     log.info(
-        "data %s: inputs %s, %d classes, %d/%d/%d train/val/test rows, digest %s",
+        "data %s: inputs %s, %s, %d/%d/%d train/val/test rows, digest %s",
         info.name,
         ", ".join(f"{s.name} {s.dtype} {list(s.shape)}" for s in inputs),
-        info.n_classes,
+        f"{info.n_classes} classes" if task == "classification" else "regression",
         info.n_train,
         info.n_val,
         info.n_test,
@@ -197,9 +213,16 @@ def as_named_arrays(value: Any, where: str) -> NamedArrays:
     )
 
 
-def check_named_arrays(data: NamedArrays) -> tuple[tuple[InputSpec, ...], tuple[str, ...]]:
-    """The input specs and class names; DataError listing every problem found."""
+def check_named_arrays(
+    data: NamedArrays, task: str = "auto", where: str = ""
+) -> tuple[tuple[InputSpec, ...], tuple[str, ...], Task]:
+    """The input specs, class names and task; DataError naming ``where`` and listing every
+    problem found. ``task`` auto: regression when the train labels are floats."""
     problems = []
+    train_labels = data.train.get(LABEL)
+    if task == "auto":
+        floats = train_labels is not None and np.asarray(train_labels).dtype.kind == "f"
+        task = "regression" if floats else "classification"
     names = [n for n in data.train if n != LABEL]
     if not names:
         problems.append(f"the train split has no inputs besides {LABEL!r}")
@@ -218,18 +241,29 @@ def check_named_arrays(data: NamedArrays) -> tuple[tuple[InputSpec, ...], tuple[
             problems.append(f"split {split!r} has no {LABEL!r} array")
             continue
         labels = arrays[LABEL]
-        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        if task == "regression":
+            if labels.ndim != 1 or labels.dtype.kind not in "iuf":
+                problems.append(
+                    f"{split}.{LABEL} is {labels.dtype} {list(labels.shape)}, expected 1-d "
+                    "numeric targets (data.task is regression)"
+                )
+                continue
+            if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+                problems.append(f"{split}.{LABEL} contains NaN or infinite targets")
+        elif labels.ndim != 1 or labels.dtype.kind not in "iu":
             problems.append(
                 f"{split}.{LABEL} is {labels.dtype} {list(labels.shape)}, expected "
-                "1-d integer class indices"
+                "1-d integer class indices (float targets are a regression: data.task "
+                "regression, or auto with float train labels)"
             )
             continue
         if len(labels) == 0:
             problems.append(f"split {split!r} is empty")
             continue
-        if labels.min() < 0:
-            problems.append(f"{split}.{LABEL} has negative class indices")
-        n_classes = max(n_classes, int(labels.max()) + 1)
+        if task == "classification":
+            if labels.min() < 0:
+                problems.append(f"{split}.{LABEL} has negative class indices")
+            n_classes = max(n_classes, int(labels.max()) + 1)
         extra = sorted(set(arrays) - set(names) - {LABEL})
         missing = [n for n in names if n not in arrays]
         if missing or extra:
@@ -256,16 +290,21 @@ def check_named_arrays(data: NamedArrays) -> tuple[tuple[InputSpec, ...], tuple[
                 problems.append(
                     f"{split}.{spec.name} holds {array.dtype} values; models take numeric tensors"
                 )
-    classes = tuple(data.classes) or tuple(str(i) for i in range(n_classes))
-    if n_classes > len(classes):
-        problems.append(
-            f"labels go up to {n_classes - 1} but only {len(classes)} class names are given"
-        )
-    if len(classes) < 2:
-        problems.append(f"need at least two classes, found {len(classes)}")
+    classes: tuple[str, ...] = ()
+    if task == "classification":
+        classes = tuple(data.classes) or tuple(str(i) for i in range(n_classes))
+        if n_classes > len(classes):
+            problems.append(
+                f"labels go up to {n_classes - 1} but only {len(classes)} class names are given"
+            )
+        if len(classes) < 2:
+            problems.append(f"need at least two classes, found {len(classes)}")
     if problems:
-        raise DataError(f"The data for {data.name!r} cannot be used: " + "; ".join(problems))
-    return specs, classes
+        raise DataError(
+            f"{where + ': ' if where else ''}the data for {data.name!r} cannot be used: "
+            + "; ".join(problems)
+        )
+    return specs, classes, task  # type: ignore[return-value]
 
 
 # -- loaders ----------------------------------------------------------------------------

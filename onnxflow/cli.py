@@ -8,6 +8,7 @@ line (:func:`main`); ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -104,7 +105,43 @@ def _setup(settings: Settings | None = None) -> Settings:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     logging.getLogger("onnxflow").setLevel(logging.INFO)  # progress lines; libraries stay quiet
+    if not _DEBUG["on"]:
+        route_failures_to_file(settings.artifacts_dir / "logs" / f"onnxflow-{os.getpid()}.log")
     return settings
+
+
+class _NoFailureDetails(logging.Filter):
+    """The terminal shows no failure's traceback nor its repeats: a failed step or flow run
+    is said once, by the command's last line (``error: ...``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect", "onnxflow")):
+            return True
+        if record.levelno >= logging.ERROR:
+            return False
+        # a run's end in a failed state repeats the error (Prefect logs it at INFO)
+        return not str(record.msg).startswith(
+            ("Finished in state Failed", "Finished in state Crashed")
+        )
+
+
+_LOG_FILE: dict[str, Path] = {}
+
+
+def route_failures_to_file(path: Path) -> None:
+    """Every log line, with tracebacks, to ``path`` (opened on the first line); the
+    terminal's handlers keep the progress lines and drop the failures' details (Prefect
+    still sends them to its UI). ``--debug`` leaves the terminal as it is."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if not any(isinstance(f, _NoFailureDetails) for f in handler.filters):
+            handler.addFilter(_NoFailureDetails())
+    if not any(isinstance(h, logging.FileHandler) for h in root.handlers):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(path, delay=True)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        root.addHandler(to_file)
+        _LOG_FILE["path"] = path
 
 
 def _prefect_api(settings: Settings):
@@ -123,8 +160,17 @@ def _say(line: str) -> None:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {_one_line(message)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _one_line(message: str) -> str:
+    """The message on one line, pointing at the log file when details went there."""
+    line = " ".join(message.split())
+    log_file = _LOG_FILE.get("path")
+    if log_file is not None and log_file.exists() and log_file.stat().st_size:
+        line += f" (details: {log_file})"
+    return line
 
 
 def load_config(path: Path | None, overrides: dict[str, dict[str, Any]]) -> PipelineConfig:
@@ -321,6 +367,7 @@ def run(
 
         api.wait()
         started = time.perf_counter()
+        failure = None
         try:
             if sweep:
                 from onnxflow.flows.sweep import sweep as sweep_flow
@@ -329,7 +376,9 @@ def run(
             else:
                 result = run_flow(frameworks, cfg, out_dir, dask=dask or bool(dask_address))
         except OnnxflowError as exc:
-            _fail(str(exc))
+            failure = str(exc)
+    if failure is not None:  # said after the temporary server stopped: the last line
+        _fail(failure)
     for chain in result.chains:
         if chain.sweep is not None:
             _print_sweep(chain.sweep)
@@ -417,14 +466,24 @@ def import_model(
         settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-import-{uuid.uuid4().hex[:6]}"
     )
     with _prefect_api(settings) as api:  # a temporary server boots while we import
-        from onnxflow.flows.importing import import_model as import_flow
+        from onnxflow.flows.pipeline import chain
+        from onnxflow.sources import ImportSource
         from onnxflow.summary import print_table, version_rows
 
         api.wait()
+        source = ImportSource(
+            source=path, sample_path=sample, expected_path=expected, opset=cfg.export.opset
+        )
+        cfg = cfg.model_copy(
+            update={"register_": cfg.register_.model_copy(update={"model_name": name})}
+        )
+        failure = None
         try:
-            result = import_flow(path, name, sample, expected, cfg, out_dir)
+            result = chain(source, cfg, out_dir)
         except OnnxflowError as exc:
-            _fail(str(exc))
+            failure = str(exc)
+    if failure is not None:  # said after the temporary server stopped: the last line
+        _fail(failure)
     print_table(version_rows(name, [result.version.version]), title=f"{name}: imported version")
     tags = result.version.tags
     parity = (
@@ -541,102 +600,44 @@ def _brief(predictions: Any) -> str:
     return str(row)[:200]
 
 
-@app.command()
-def serve(
-    model: Annotated[
-        list[str] | None,
-        typer.Option(
-            help=(
-                "NAME@ALIAS (followed as it moves) or NAME/VERSION; repeat it to serve several "
-                "models from one endpoint (the first answers /invocations). Default: "
-                "digits@champion, unless --all-models is given."
+def _serve_options() -> inspect.Signature:
+    """The `serve` command's options: one per :class:`ServingSettings` field, with its type
+    and description (each option is declared once, there). None: the setting's
+    ``ONNXFLOW_SERVE_*`` variable, else its default."""
+    import types
+    import typing
+
+    from pydantic import SecretStr
+
+    from onnxflow.serving.settings import ServingSettings
+
+    parameters = []
+    for name, field in ServingSettings.model_fields.items():
+        kind = field.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        help_text = field.description
+        extra: dict = {}
+        if kind is SecretStr:
+            kind = str
+            extra = {"envvar": "ONNXFLOW_SERVE_TOKEN", "show_envvar": True}
+        if name == "model":  # repeatable: one endpoint, several models
+            kind = list[str]
+            help_text += " Repeat --model to serve several."
+            extra = {"metavar": "NAME@ALIAS"}
+        option = typer.Option(help=help_text, **extra)
+        parameters.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[kind | None, option],
             )
-        ),
-    ] = None,
-    all_models: Annotated[
-        str | None,
-        typer.Option(
-            help=(
-                "Also serve every registered model that has this alias (e.g. champion), picking up "
-                "new ones as they appear."
-            )
-        ),
-    ] = None,
-    host: Annotated[
-        str, typer.Option(help="Interface to bind; loopback unless you mean it.")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
-    grpc_port: Annotated[
-        int | None, typer.Option(help="Also serve KServe V2 / Triton gRPC on this port.")
-    ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            envvar="ONNXFLOW_SERVE_TOKEN",
-            show_envvar=True,
-            help="Bearer token for inference and admin routes (admin routes are off without one).",
-        ),
-    ] = None,
-    max_batch_size: Annotated[
-        int | None, typer.Option(help="Enable dynamic batching up to this many rows per run.")
-    ] = None,
-    max_batch_delay_ms: Annotated[
-        float | None, typer.Option(help="Longest wait to fill a batch.")
-    ] = None,
-    poll_interval_s: Annotated[
-        float | None, typer.Option(help="How often the alias is checked (default 10 s).")
-    ] = None,
-    max_body_bytes: Annotated[
-        int | None, typer.Option(help="Largest request body (default 16 MiB).")
-    ] = None,
-    shared_memory: Annotated[
-        bool | None,
-        typer.Option(
-            "--shared-memory/--no-shared-memory",
-            help=(
-                "Serve Triton's system shared-memory extension to clients on this host "
-                "(guard it with a token: a client names any /dev/shm object this user can open)."
-            ),
-        ),
-    ] = None,
-    shadow: Annotated[
-        str | None,
-        typer.Option(
-            help=(
-                "Run the version holding this alias (e.g. challenger) in shadow beside each "
-                "served model: live requests mirrored to it off the request path, its agreement "
-                "and latency written onto its registry version (POST /admin/shadow/flush, or "
-                "every 5 min)."
-            )
-        ),
-    ] = None,
-    shadow_fraction: Annotated[
-        float | None, typer.Option(help="Share of requests mirrored to the shadow (default 1).")
-    ] = None,
-    canary_percent: Annotated[
-        float | None,
-        typer.Option(
-            help=(
-                "Answer this percent of requests with the challenger; it stops (and its version "
-                "is tagged canary_stopped) when its error rate or p99 does worse than the "
-                "champion's beyond the ONNXFLOW_SERVE_CANARY_* limits."
-            )
-        ),
-    ] = None,
-    capture: Annotated[
-        str | None,
-        typer.Option(
-            help=(
-                "Record every answered request (inputs, outputs, latency, request id) as "
-                "Parquet under this folder or fsspec URL, off the request path "
-                "(ONNXFLOW_SERVE_CAPTURE_* settings: queue, segments, retention)."
-            )
-        ),
-    ] = None,
-    capture_fraction: Annotated[
-        float | None, typer.Option(help="Share of answered requests captured (default 1).")
-    ] = None,
-) -> None:
+        )
+    return inspect.Signature(parameters, return_annotation=None)
+
+
+def serve(**options: Any) -> None:
     """Serve registered models in the foreground with the onnxruntime endpoint.
 
     Each model is on /v2/models/NAME/infer (KServe V2) and /v2/models/NAME/invocations
@@ -646,26 +647,14 @@ def serve(
     from onnxflow.serving.launcher import serve as serve_foreground
 
     try:
-        serve_foreground(
-            model,
-            host,
-            port,
-            all_models=all_models,
-            grpc_port=grpc_port,
-            token=token,
-            max_batch_size=max_batch_size,
-            max_batch_delay_ms=max_batch_delay_ms,
-            poll_interval_s=poll_interval_s,
-            max_body_bytes=max_body_bytes,
-            shared_memory=shared_memory,
-            shadow=shadow,
-            shadow_fraction=shadow_fraction,
-            canary_percent=canary_percent,
-            capture=capture,
-            capture_fraction=capture_fraction,
-        )
+        serve_foreground(**options)
     except ValueError as exc:  # the settings refused an option
         _fail(str(exc))
+
+
+serve.__signature__ = _serve_options()
+serve.__annotations__ = {p.name: p.annotation for p in serve.__signature__.parameters.values()}
+app.command()(serve)
 
 
 @app.command()
@@ -687,6 +676,54 @@ def feedback(
 
     stored = send_feedback(url, name, read_labels_csv(labels_csv), token)
     typer.echo(f"{stored} label(s) stored for {name}")
+
+
+@app.command()
+def monitor(
+    name: Annotated[str, typer.Argument(help="The registered model to monitor.")],
+    capture: Annotated[
+        str, typer.Option(help="Where the endpoints capture (serve --capture): folder or URL.")
+    ],
+    since: Annotated[
+        str, typer.Option(help="The window: a duration back from now (30m, 6h, 2d) or ISO time.")
+    ] = "1d",
+    alias: Annotated[str, typer.Option(help="The alias of the version served.")] = "champion",
+    max_drift_share: Annotated[
+        float, typer.Option(help="Retrain when more than this share of features drift.")
+    ] = 0.3,
+    min_live_accuracy: Annotated[
+        float, typer.Option(help="Retrain when live accuracy is below this ...")
+    ] = 0.8,
+    min_labels: Annotated[int, typer.Option(help="... on at least this many labels.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Captured traffic and feedback of a window against the served version's profile:
+    drift per feature, live accuracy, the retrain decision; report and tags on the version."""
+    import dataclasses
+    import json
+
+    from onnxflow.monitor import RetrainPolicy, parse_since
+
+    settings = _setup()
+    parse_since(since)  # a bad window is refused before a Prefect server starts
+    policy = RetrainPolicy(
+        max_drift_share=max_drift_share, min_live_accuracy=min_live_accuracy, min_labels=min_labels
+    )
+    with _prefect_api(settings) as api:
+        from onnxflow.flows.monitor import monitor as monitor_flow
+
+        api.wait()
+        figures = monitor_flow(name, capture, since, policy, alias)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(figures), indent=2))
+        return
+    accuracy = "n/a" if figures.live_accuracy is None else f"{figures.live_accuracy:.4f}"
+    typer.echo(
+        f"{figures.model} version {figures.version}, {figures.window}: {figures.rows} rows "
+        f"({figures.labelled} labelled); drift share {figures.drift_share:.4f} "
+        f"({', '.join(figures.drifted[:8]) or 'no feature drifts'}); live accuracy "
+        f"{accuracy}; retrain: {'yes' if figures.retrain else 'no'} ({figures.reason})"
+    )
 
 
 @app.command()
@@ -916,7 +953,7 @@ def main() -> None:
     except Exception as exc:
         if _DEBUG["on"]:
             raise
-        typer.secho(f"error: {explain(exc)}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {_one_line(explain(exc))}", fg=typer.colors.RED, err=True)
         sys.exit(1)
 
 

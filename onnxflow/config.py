@@ -288,6 +288,17 @@ class PipelineConfig(StepConfig):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
+def pipeline_params(config: PipelineConfig) -> dict[str, object]:
+    """The step settings as flat MLflow run params (``train.epochs``, ``export.opset``...)."""
+    dumped = config.model_dump(by_alias=True)
+    sections = ("data", "train", "export", "simplify", "validate", "register", "promote")
+    return {
+        f"{section}.{k}": v
+        for section in (*sections, "quantize")
+        for k, v in dumped[section].items()
+    }
+
+
 class Settings(BaseSettings):
     """Where things live; read from the environment (``ONNXFLOW_*``) in entry points."""
 

@@ -97,9 +97,9 @@ def convert_to_tensorflow(
     max_abs = {k: max((p["max_abs"] for p in parity[k].values()), default=math.nan) for k in KINDS}
     figures = {
         "convert_seconds": worker.get("convert_seconds"),
-        "savedmodel_bytes": _size(saved),
+        "savedmodel_bytes": _size(saved) - _size(tflite),
         "tflite_bytes": _size(tflite),
-        "onnx_bytes": _size(onnx_path),
+        "onnx_bytes": sum(_size(f) for f in onnx_path.parent.glob(f"{onnx_path.name}*")),
         "latency_ms": {"onnxruntime": _ort_latencies(session, feeds), **worker["latency_ms"]},
         "batch": worker.get("batch", {}),
     }

@@ -60,7 +60,7 @@ def _run(onnx_path: Path, out_dir: Path, feeds_path: Path, result: dict) -> None
     log = io.StringIO()
     started = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(log):
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             onnx2tf.convert(
                 input_onnx_file_path=str(work),
                 output_folder_path=str(saved),
@@ -72,7 +72,8 @@ def _run(onnx_path: Path, out_dir: Path, feeds_path: Path, result: dict) -> None
                 verbosity="info",
             )
     except BaseException:
-        result["operator"] = failed_operator(log.getvalue())
+        missing = unsupported_operators(model)
+        result["operator"] = ", ".join(missing) if missing else failed_operator(log.getvalue())
         result["log_tail"] = _plain(log.getvalue())[-4000:]
         raise
     result["convert_seconds"] = time.perf_counter() - started
@@ -85,6 +86,8 @@ def _run(onnx_path: Path, out_dir: Path, feeds_path: Path, result: dict) -> None
         result["operator"] = failed_operator(log.getvalue())
         raise RuntimeError(f"onnx2tf wrote no SavedModel/TFLite to {saved}")
     result["tflite"] = str(tflite)
+    for unchecked in saved.glob("*_float16.tflite"):  # only what is checked is handed out
+        unchecked.unlink()
 
     result["batch"], result["latency_ms"] = {}, {}
     for kind, runner in (
@@ -182,6 +185,19 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def _plain(text: str) -> str:
     return _ANSI.sub("", text)
+
+
+def unsupported_operators(model) -> list[str]:
+    """``domain::Op(opset N)`` of each node type onnx2tf has no converter module for."""
+    import importlib.util
+
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    missing = []
+    for domain, op in sorted({(n.domain or "", n.op_type) for n in model.graph.node}):
+        if importlib.util.find_spec(f"onnx2tf.ops.{op}") is None:
+            prefix = f"{domain}::" if domain else ""
+            missing.append(f"{prefix}{op}(opset {opsets.get(domain, '?')})")
+    return missing
 
 
 def failed_operator(log: str) -> str | None:

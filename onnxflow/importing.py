@@ -18,7 +18,8 @@ table: all its columns form the single input of a one-input model, or each colum
 ``[batch]`` input of the same name. Expected outputs (``--expected``) are an ``.npz`` with
 one array per output name, or a table for a one-output model.
 
-Step logic only: no MLflow, no Prefect (see :mod:`onnxflow.flows.importing`).
+Step logic only: no MLflow, no Prefect. :class:`onnxflow.sources.ImportSource` is the
+chain's adapter over it.
 """
 
 from __future__ import annotations
@@ -555,107 +556,10 @@ def sample_feeds(model_path: Path, sample_path: Path) -> dict[str, np.ndarray]:
     return bind_sample(read_arrays(sample_path), session.get_inputs(), table=table)
 
 
-def validate_import(
-    imported: ImportedModel,
-    model_path: Path,
-    sample_path: Path,
-    expected_path: Path | None,
-    config,
-    out_dir: Path,
-):
-    """Bind the sample, load the source framework (or the expected outputs) and run
-    :func:`onnxflow.validation.validate_imported`; returns its summary or raises."""
-    from onnxflow.validation import validate_imported
-
-    feeds = sample_feeds(model_path, sample_path)
-    expected = None
-    if expected_path is not None:
-        names = [o.name for o in read_interface(load_graph(model_path)).outputs]
-        table = Path(expected_path).suffix.lower() in TABLE_SUFFIXES
-        expected = bind_expected(read_arrays(expected_path, "expected outputs"), names, table)
-    reference = load_reference(imported)
-    rows = min((len(v) for v in feeds.values() if v.ndim), default=1)
-    return validate_imported(
-        model_path,
-        feeds,
-        config,
-        out_dir,
-        source={
-            "name": imported.framework,
-            "path": str(imported.source),
-            "format": imported.source_format,
-        },
-        sample={
-            "name": Path(sample_path).name,
-            "digest": file_digest(sample_path)[:16],
-            "rows": rows,
-        },
-        reference=reference,
-        expected=expected,
-    )
-
-
-def import_tags(imported: ImportedModel, report_dir: Path, sample_path: Path) -> dict[str, str]:
-    """Version tags of an imported model beyond the lineage and validation ones."""
-    import json
-
-    report = json.loads((Path(report_dir) / "report.json").read_text())
-    tags = {
-        "imported_from": str(imported.source)[:4000],
-        "source_format": imported.source_format,
-        "sample_digest": file_digest(sample_path)[:16],
-        "batch_axis": report.get("batch_axis", "unknown"),
-        "parity_checked": str(report.get("parity_checked", False)).lower(),
-    }
-    if imported.upgraded_from_opset:
-        tags["upgraded_from_opset"] = str(imported.upgraded_from_opset)
-    if report.get("parity_checked"):
-        tags["parity_against"] = report.get("parity_against", "")
-    else:
-        tags["parity_max_abs"] = tags["parity_max_rel"] = "not checked"
-        tags["parity_note"] = report.get("parity_note", "")
-    return tags
-
-
-def register_imported(
-    imported: ImportedModel,
-    model_path: Path,
-    sample_path: Path,
-    summary,
-    lineage: Mapping[str, str],
-    config,
-    run_id: str,
-):
-    """Register a validated imported model: the first sample row as its input example (the
-    whole sample when the model has no dynamic batch axis), tags, alias ``challenger``."""
-    from onnxflow.errors import RegistryError
-    from onnxflow.registration import register_onnx, validation_tags
-
-    if not summary.passed:
-        raise RegistryError(
-            f"Refusing to register {model_path}: validation failed (see {summary.report_dir})."
-        )
-    feeds = sample_feeds(model_path, sample_path)
-    extra = import_tags(imported, summary.report_dir, sample_path)
-    if extra["batch_axis"] == "dynamic":
-        feeds = {k: v[:1] for k, v in feeds.items()}
-    tags = {**lineage, **validation_tags(summary), **extra}
-    return register_onnx(
-        model_path,
-        model_name=config.model_name,
-        input_example=feeds,
-        tags=tags,
-        aliases=(config.alias,),
-        run_id=run_id,
-    )
-
-
-def import_run_params(imported: ImportedModel, sample_path: Path) -> dict[str, str]:
-    """The params of the MLflow run that holds an imported model (no training, so no
-    dataset input)."""
-    return {
-        "source": str(imported.source),
-        "source_format": imported.source_format,
-        "sample": str(sample_path),
-        "opset": str(imported.opset),
-    }
+def expected_outputs(model_path: Path, expected_path: Path | None) -> dict[str, np.ndarray] | None:
+    """The expected outputs (``--expected``) bound to the ONNX model's output names."""
+    if expected_path is None:
+        return None
+    names = [o.name for o in read_interface(load_graph(model_path)).outputs]
+    table = Path(expected_path).suffix.lower() in TABLE_SUFFIXES
+    return bind_expected(read_arrays(expected_path, "expected outputs"), names, table)

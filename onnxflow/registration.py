@@ -11,6 +11,7 @@ import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,8 +19,6 @@ from onnxflow.config import RegisterConfig
 from onnxflow.errors import RegistryError
 from onnxflow.onnxfiles import check_external_data, onnx_digest
 from onnxflow.results import (
-    DatasetArtifact,
-    DatasetInfo,
     ExportedModel,
     ImportedModel,
     RegisteredVersion,
@@ -27,6 +26,9 @@ from onnxflow.results import (
     ValidationSummary,
 )
 from onnxflow.runtime import PROVIDERS, open_session
+
+if TYPE_CHECKING:
+    from onnxflow.sources import ValidationSample
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,9 @@ def register_onnx(
     profile: Mapping | None = None,
 ) -> RegisteredVersion:
     """Log ``model_path`` (with its external data) and register it as a new version.
+
+    The low-level call (benchmarks and tests use it directly); the pipeline's register
+    step, for every source, is :func:`register_validated`, which has the validation sample.
 
     ``profile``: the version's reference profile (:mod:`onnxflow.profile`), logged as
     ``profile/reference.json`` on its run, for the drift monitor.
@@ -185,33 +190,63 @@ def register_validated(
     *,
     summary: ValidationSummary,
     lineage: Mapping[str, str],
-    dataset: DatasetArtifact,
+    sample: ValidationSample,
     config: RegisterConfig,
     run_id: str,
 ) -> RegisteredVersion:
-    """The register step: a model that passed validation becomes a tagged version.
+    """The register step of every source's chain: a model that passed validation becomes
+    a tagged version with alias ``config.alias``.
 
     ``lineage`` carries the tags known before validation (framework, exporter, opset,
-    dataset digest, git commit, flow run, simplify figures); validation adds its own.
+    dataset digest, git commit, flow run, simplify figures, the source's own); validation
+    adds its own. ``sample`` is the validation sample (:func:`onnxflow.sources.read_sample`
+    gives its input arrays and labels): its first row is the version's input example (the
+    whole sample for a model without a dynamic batch axis). A source that trained the
+    model also gives its training inputs (:func:`onnxflow.sources.read_training_inputs`):
+    the version's reference profile (:mod:`onnxflow.profile`) is computed from them here.
     """
     if not summary.passed:
         raise RegistryError(
             f"Refusing to register {model_path}: validation failed (see {summary.report_dir})."
         )
-    from onnxflow.data import load_splits
     from onnxflow.profile import profile_model
+    from onnxflow.sources import read_sample, read_training_inputs
 
-    tags = {**lineage, **validation_tags(summary)}
-    splits = load_splits(dataset)
+    training = read_training_inputs(sample)
+    profile = profile_model(model_path, *training) if training else None
+
+    report = report_tags(summary.report_dir)
+    inputs = read_sample(sample).inputs
+    if report.get("batch_axis") != "none":
+        inputs = {name: array[:1] for name, array in inputs.items()}
+    tags = {**lineage, **validation_tags(summary), **report}
     return register_onnx(
         model_path,
         model_name=config.model_name,
-        input_example=splits["X_test"][:1],
+        input_example=inputs,
         tags=tags,
         aliases=(config.alias,),
         run_id=run_id,
-        profile=profile_model(model_path, splits["X_train"], splits["X_val"]),
+        profile=profile,
     )
+
+
+def report_tags(report_dir: Path) -> dict[str, str]:
+    """Tags read back from the validation report: whether the batch axis is dynamic, and
+    what parity was checked against (or why it was not)."""
+    import json
+
+    report = json.loads((Path(report_dir) / "report.json").read_text())
+    tags = {
+        "batch_axis": report.get("batch_axis", "unknown"),
+        "parity_checked": str(report.get("parity_checked", False)).lower(),
+    }
+    if report.get("parity_checked"):
+        tags["parity_against"] = str(report.get("parity_against", ""))
+    else:
+        tags["parity_max_abs"] = tags["parity_max_rel"] = "not checked"
+        tags["parity_note"] = str(report.get("parity_note", ""))
+    return tags
 
 
 def validation_tags(summary: ValidationSummary) -> dict[str, str]:
@@ -235,21 +270,18 @@ def lineage_tags(
     framework: str,
     exported: ExportedModel | ImportedModel,
     simplified: SimplifiedModel,
-    dataset: DatasetInfo | None,
+    source_tags: Mapping[str, str],
     *,
     git_commit: str,
     flow_run_id: str,
 ) -> dict[str, str]:
-    """Where a version came from: code, data, framework, exporter and simplification.
-
-    ``exported`` is the ONNX export of a trained model or an imported model's conversion;
-    ``dataset`` is None for an imported model (it was trained elsewhere)."""
+    """Where a version came from: code, framework, exporter, simplification, and the
+    source's own tags (``SourcedModel.lineage``: dataset digest, recipe, imported file)."""
     tags = {
         "source_framework": framework,
         "exporter": exported.exporter,
         "opset": str(exported.opset),
-        "dataset_digest": dataset.digest if dataset else "none (imported model)",
-        **({"dataset_name": dataset.name} if dataset else {}),
+        **source_tags,
         "git_commit": git_commit,
         "flow_run_id": flow_run_id,
         "simplified": str(simplified.simplified).lower(),

@@ -116,11 +116,12 @@ class RegisteredVersion(StepResult):
 
 
 class ChainResult(StepResult):
-    """Everything one framework's chain produced, from training to its registry version."""
+    """Everything one source's chain produced, from training (or import) to its version."""
 
-    framework: Framework
-    trained: TrainedModel
-    exported: ExportedModel
+    framework: str
+    trained: TrainedModel | None = None
+    """None for an imported model (trained elsewhere)."""
+    exported: ExportedModel | ImportedModel
     simplified: SimplifiedModel
     validation: ValidationSummary
     version: RegisteredVersion

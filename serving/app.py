@@ -29,6 +29,7 @@ from starlette.routing import Route
 from onnxflow.serving import mlflow_format, v2
 from onnxflow.serving.dataplane import DataPlane
 from onnxflow.serving.errors import BadInput, RequestError, TooLarge, UnsupportedMedia
+from onnxflow.serving.inference import BoundRequest, InferRequest
 from onnxflow.serving.metrics import ServingMetrics
 from onnxflow.serving.model import LoadedModel
 from onnxflow.serving.openapi import openapi_document
@@ -109,58 +110,45 @@ class RestEndpoints:
         return json_response({"live": True})
 
     async def ready(self, request: Request) -> Response:
-        ok = self.plane.ready()
+        ok = self.plane.repository.ready()
         return json_response({"ready": ok}, 200 if ok else 503)
 
     async def model_metadata(self, request: Request) -> Response:
         params = request.path_params
         self.plane.authorize(request.headers.get("authorization"))
-        model = self.plane.model(params["name"], params.get("version"))
+        model = self.plane.repository.model(params["name"], params.get("version"))
         return json_response(model.metadata(), headers=_version_headers(model))
 
     async def model_config(self, request: Request) -> Response:
         """Triton's model config in its JSON form (what ``get_model_config`` reads)."""
         params = request.path_params
         self.plane.authorize(request.headers.get("authorization"))
-        model = self.plane.model(params["name"], params.get("version"))
-        config = self.plane.model_config(params["name"], params.get("version"))
+        model = self.plane.repository.model(params["name"], params.get("version"))
+        config = self.plane.repository.model_config(params["name"], params.get("version"))
         return json_response(config, headers=_version_headers(model))
 
     async def model_ready(self, request: Request) -> Response:
         params = request.path_params
-        model = self.plane.model(params["name"], params.get("version"))
+        model = self.plane.repository.model(params["name"], params.get("version"))
         return json_response({"name": model.name, "ready": True}, headers=_version_headers(model))
 
     async def model_example(self, request: Request) -> Response:
         self.plane.authorize(request.headers.get("authorization"))
-        model = self.plane.model(request.path_params["name"])
+        model = self.plane.repository.model(request.path_params["name"])
         return json_response(model.example_payload, headers=_version_headers(model))
 
     async def infer(self, headers, receive, params: dict) -> tuple:
         self.plane.authorize(headers.get("authorization"))
         model = self.plane.inference_model(params["name"], params.get("version"))
         body = await self.read_body(headers, receive, (JSON, "application/octet-stream"), True)
-        parsed = None
-        given = headers.get("x-request-id")
-
-        def decode():
-            nonlocal parsed
-            parsed = v2.decode_request(
-                body,
-                headers.get(v2.HEADER_LENGTH),
-                model,
-                self.settings.max_body_bytes,
-                self.plane.shared_memory,
-            )
-            return parsed.feeds
-
-        def request_id():  # X-Request-ID, else the V2 body's "id", else a new one
-            nonlocal given
-            given = self.plane.request_id(given or parsed.id)
-            return given
-
-        content, response_headers = await self.plane.run_request(
-            model, decode, lambda results: v2.encode_response(model, parsed, results), request_id
+        content, response_headers, given = await self.plane.run_request(
+            model,
+            lambda: InferRequest.from_rest(body, headers.get(v2.HEADER_LENGTH)),
+            lambda model, bound, results: (
+                *v2.encode_response(model, bound, results),
+                bound.request_id,
+            ),
+            headers.get("x-request-id"),
         )
         if given:
             response_headers = {**response_headers, "x-request-id": given}
@@ -171,15 +159,20 @@ class RestEndpoints:
         name = params.get("name")
         model = self.plane.inference_model(name)
         body = await self.read_body(headers, receive, (JSON, "text/csv"), False)
-        given = self.plane.request_id(headers.get("x-request-id"))
-        content = await self.plane.run_request(
+        content, given = await self.plane.run_request(
             model,
-            lambda: mlflow_format.parse_body(body, headers.get("content-type"), model.inputs),
-            lambda results: orjson.dumps(
-                mlflow_format.predictions(model.output_names, results),
-                option=orjson.OPT_SERIALIZE_NUMPY,
+            lambda: BoundRequest.of_feeds(
+                mlflow_format.parse_body(body, headers.get("content-type"), model.inputs),
+                model.output_names,
             ),
-            lambda: given,
+            lambda model, bound, results: (
+                orjson.dumps(
+                    mlflow_format.predictions(model.output_names, results),
+                    option=orjson.OPT_SERIALIZE_NUMPY,
+                ),
+                bound.request_id,
+            ),
+            headers.get("x-request-id"),
         )
         return (
             200,
@@ -206,7 +199,7 @@ class RestEndpoints:
                 raise BadInput(
                     'the index request must be a JSON object like {"ready": true}'
                 ) from None
-        return json_response(self.plane.repository_index(ready_only))
+        return json_response(self.plane.repository.repository_index(ready_only))
 
     async def repository_load(self, request: Request) -> Response:
         self.plane.authorize(request.headers.get("authorization"))
@@ -222,12 +215,12 @@ class RestEndpoints:
                     'the load request must be a JSON object like {"parameters": '
                     '{"config": "{\\"max_batch_size\\": 16}"}}'
                 )
-        outcome = await self.plane.load(request.path_params["name"], parameters)
+        outcome = await self.plane.repository.load(request.path_params["name"], parameters)
         return json_response(outcome.as_json())
 
     async def repository_unload(self, request: Request) -> Response:
         self.plane.authorize(request.headers.get("authorization"))
-        await self.plane.unload(request.path_params["name"])
+        await self.plane.repository.unload(request.path_params["name"])
         return json_response({})
 
     async def version(self, request: Request) -> Response:
@@ -235,17 +228,17 @@ class RestEndpoints:
         return Response(mlflow_format.mlflow_version(), media_type="text/plain")
 
     async def ping(self, request: Request) -> Response:
-        return Response(b"\n", 200 if self.plane.ready() else 503, media_type=JSON)
+        return Response(b"\n", 200 if self.plane.repository.ready() else 503, media_type=JSON)
 
     async def metrics_route(self, request: Request) -> Response:
         return Response(self.metrics.render(), headers={"content-type": self.metrics.content_type})
 
     async def openapi(self, request: Request) -> Response:
-        return json_response(openapi_document(self.plane.default_name or "digits"))
+        return json_response(openapi_document(self.plane.repository.default_name or "digits"))
 
     async def admin_reload(self, request: Request) -> Response:
         self.plane.authorize(request.headers.get("authorization"), admin=True)
-        outcome = await self.plane.reload(request.query_params.get("model"))
+        outcome = await self.plane.repository.reload(request.query_params.get("model"))
         status = 200 if outcome.outcome in ("swapped", "unchanged") else 409
         if outcome.outcome == "registry_error":
             status = 502

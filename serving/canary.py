@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -203,9 +202,7 @@ class Canary:
         self._tasks.append(asyncio.get_running_loop().create_task(self._tag(note)))
 
     async def _tag(self, note: Annotation) -> None:
-        registry = registry_for(
-            os.environ.get("MLFLOW_TRACKING_URI"), self.settings.registry_access
-        )
+        registry = registry_for(self.settings.tracking_uri, self.settings.registry_access)
         try:
             await asyncio.to_thread(registry.annotate, [note])
         except Exception as exc:  # noqa: BLE001  (the canary stays stopped in this process)

@@ -38,7 +38,7 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -49,12 +49,17 @@ OUTPUT_PREFIX = "output."
 SHAPES_KEY = b"onnxflow.shapes"
 
 
+#: Request ids made here: a random prefix per process and a counter (32 hex characters,
+#: like a UUID; a tenth of uuid4's cost on the request path).
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count()
+
+
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
-@dataclass(frozen=True)
-class CaptureRecord:
+class CaptureRecord(NamedTuple):
     """One answered request, as the request path hands it over (arrays not copied: the
     request never writes to them after answering)."""
 
@@ -85,27 +90,68 @@ def rows_of(array: np.ndarray) -> int:
 
 def record_table(records: list[CaptureRecord]):
     """One Arrow table of ``records`` (same model and version): a row per request row, and
-    the per-row shapes of each tensor (of the first record) for the file's metadata."""
+    the per-row shapes of each tensor (of the first record) for the file's metadata.
+
+    Vectorised: the writer holds the GIL while it builds this, and the event loop waits
+    for the GIL meanwhile, so a per-record Python loop here costs the endpoint throughput."""
     import pyarrow as pa
 
     first = records[0]
-    counts = np.array([max(rows_of(a) for a in r.inputs.values()) for r in records])
+    counts = np.fromiter(
+        (rows_of(next(iter(r.inputs.values()))) for r in records), np.int64, len(records)
+    )
+    single = bool((counts == 1).all())
+    ids = [r.request_id for r in records]
+    times = np.fromiter((r.time for r in records), np.float64, len(records)) * 1e6
+    latency = np.fromiter((r.latency_s for r in records), np.float64, len(records)) * 1e3
     columns = {
-        "request_id": pa.array(np.repeat([r.request_id for r in records], counts), pa.string()),
-        "row": pa.array(np.concatenate([np.arange(n) for n in counts]), pa.int32()),
+        "request_id": pa.array(ids if single else np.repeat(ids, counts).tolist(), pa.string()),
+        "row": pa.array(
+            np.zeros(len(records), np.int32)
+            if single
+            else np.concatenate([np.arange(n) for n in counts]).astype(np.int32)
+        ),
         "time": pa.array(
-            np.repeat(np.array([r.time for r in records]) * 1e6, counts).astype("int64"),
+            (times if single else np.repeat(times, counts)).astype(np.int64),
             pa.timestamp("us", tz="UTC"),
         ),
-        "latency_ms": pa.array(np.repeat([r.latency_s * 1000 for r in records], counts)),
+        "latency_ms": pa.array(latency if single else np.repeat(latency, counts)),
     }
     shapes = {}
     for prefix, field in ((INPUT_PREFIX, "inputs"), (OUTPUT_PREFIX, "outputs")):
         for name, array in getattr(first, field).items():
-            parts = [_per_row(getattr(r, field)[name], n) for r, n in zip(records, counts)]
-            columns[prefix + name] = _list_column(parts)
+            arrays = [getattr(r, field)[name] for r in records]
+            columns[prefix + name] = _tensor_column(arrays, counts)
             shapes[prefix + name] = list(array.shape[1:]) if array.ndim else []
     return pa.table(columns), shapes
+
+
+def _tensor_column(arrays: list[np.ndarray], counts: np.ndarray):
+    """One tensor of every record as a list column, a row's values per entry."""
+    import pyarrow as pa
+
+    total = int(counts.sum())
+    per_row = {a.shape[1:] if a.ndim else None for a in arrays}
+    if (
+        len(per_row) == 1
+        and None not in per_row
+        and all(a.shape[0] == n for a, n in zip(arrays, counts))
+    ):
+        flat = np.concatenate(arrays).reshape(total, -1)
+        return pa.FixedSizeListArray.from_arrays(_values(flat.ravel()), flat.shape[1])
+    parts = [_per_row(a, int(n)) for a, n in zip(arrays, counts)]
+    widths = np.concatenate([np.full(p.shape[0], p.shape[1]) for p in parts])
+    offsets = np.concatenate([[0], np.cumsum(widths)]).astype("int32")
+    flat = np.concatenate([p.ravel() for p in parts])
+    return pa.ListArray.from_arrays(pa.array(offsets), _values(flat))
+
+
+def _values(flat: np.ndarray):
+    import pyarrow as pa
+
+    if flat.dtype.kind in "OSU":
+        return pa.array([v.decode() if isinstance(v, bytes) else str(v) for v in flat])
+    return pa.array(flat)
 
 
 def _per_row(array: np.ndarray, rows: int) -> np.ndarray:
@@ -116,14 +162,10 @@ def _per_row(array: np.ndarray, rows: int) -> np.ndarray:
     return np.broadcast_to(array.reshape(1, -1), (rows, array.size))
 
 
-def _list_column(parts: list[np.ndarray]):
-    import pyarrow as pa
+def _is_local(fs) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
 
-    widths = np.concatenate([np.full(p.shape[0], p.shape[1]) for p in parts])
-    offsets = np.concatenate([[0], np.cumsum(widths)]).astype("int32")
-    flat = np.concatenate([p.ravel() for p in parts])
-    values = pa.array(flat.astype(str) if flat.dtype.kind in "OSU" else flat)
-    return pa.ListArray.from_arrays(pa.array(offsets), values)
+    return isinstance(fs, LocalFileSystem)
 
 
 class _Segment:
@@ -138,9 +180,11 @@ class _Segment:
         self.final = f"{folder}/{name}"
         self.hidden = f"{folder}/.{name}.inprogress"
         fs.makedirs(folder, exist_ok=True)
-        self.file = fs.open(self.hidden, "wb")
+        # A local folder is written by Arrow's own file (no GIL while it writes); other
+        # filesystems through fsspec's Python file object.
+        self.file = None if _is_local(fs) else fs.open(self.hidden, "wb")
         schema = schema.with_metadata({SHAPES_KEY: json.dumps(shapes).encode()})
-        self.writer = pq.ParquetWriter(self.file, schema, compression="zstd")
+        self.writer = pq.ParquetWriter(self.file or self.hidden, schema, compression="zstd")
         self.schema = schema
         self.opened = time.monotonic()
         self.rows = 0
@@ -151,11 +195,12 @@ class _Segment:
 
     @property
     def bytes(self) -> int:
-        return self.file.tell()
+        return self.file.tell() if self.file is not None else os.path.getsize(self.hidden)
 
     def roll(self) -> str:
         self.writer.close()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         self.fs.mv(self.hidden, self.final)
         return self.final
 
@@ -189,9 +234,10 @@ class Capture:
         self.dropped: collections.Counter = collections.Counter()  # (model, reason)
         self.segments_rolled = 0
         self.last_error = ""
-        self.recent_ids: collections.OrderedDict[str, tuple[str, str, int]] = (
-            collections.OrderedDict()
-        )
+        # model -> {request id: rows}: the ids feedback may name before their segment is
+        # closed. Plain dicts of strings and ints, which the cyclic GC does not track (a
+        # container of 200,000 tuples made every full collection walk them).
+        self.recent_ids: dict[str, dict[str, int]] = {}
         self.recent_limit = 200_000
         if metrics is not None:
             metrics.registry.register(CaptureCollector(self))
@@ -230,7 +276,11 @@ class Capture:
             if self._stopped:
                 self.dropped[(model.name, "stopped")] += 1
                 return
-            nbytes = sum(a.nbytes for a in feeds.values()) + sum(a.nbytes for a in results)
+            nbytes = 0
+            for array in feeds.values():
+                nbytes += array.nbytes
+            for array in results:
+                nbytes += array.nbytes
             if self._offered_bytes - self._taken_bytes + nbytes > self.queue_bytes:
                 self.dropped[(model.name, "queue_full")] += 1
                 return
@@ -248,10 +298,15 @@ class Capture:
             self._offered_bytes += nbytes
             self._queue.append(record)
             self.accepted[(model.name, model.version)] += 1
-            rows = max(rows_of(a) for a in feeds.values())
-            self.recent_ids[request_id] = (model.name, model.version, rows)
-            if len(self.recent_ids) > self.recent_limit:
-                self.recent_ids.popitem(last=False)
+            rows = rows_of(next(iter(feeds.values())))
+            recent = self.recent_ids.get(model.name)
+            if recent is None:
+                recent = self.recent_ids[model.name] = {}
+            recent[request_id] = rows
+            if len(recent) > self.recent_limit:  # keep the newer half (insertion order)
+                kept = list(recent.items())[self.recent_limit // 2 :]
+                recent.clear()
+                recent.update(kept)
         except Exception:  # noqa: BLE001  (the answer must not notice the capture)
             self.dropped[(getattr(model, "name", "?"), "error")] += 1
             log.exception("capturing a request failed")

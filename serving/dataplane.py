@@ -1,22 +1,23 @@
-"""The data plane: which models are served, their checks and their runs, for every front.
+"""The data plane: the one request path every front takes, and what it shares.
 
-The fronts (:mod:`onnxflow.serving.app` for REST, the gRPC front) parse their protocol
-and call this: authorize a token, resolve a model by name and version, execute checked
-feeds, report metadata and readiness, reload and describe what is served. Nothing here
-knows HTTP; failures are the named errors of :mod:`onnxflow.serving.errors`.
+The fronts (:mod:`onnxflow.serving.app` for REST, :mod:`onnxflow.serving.grpc_front`)
+parse their protocol and call this: authorize a token, pick the model a request runs on
+(from the :class:`~onnxflow.serving.repository.ModelRepository`, or the canary's share),
+and answer it with :meth:`DataPlane.run_request`: bind the request to the model
+(:func:`onnxflow.serving.inference.bind`), execute the feeds, encode the answer. Nothing
+here knows HTTP; failures are the named errors of :mod:`onnxflow.serving.errors`.
 
 With a shadow alias (``--shadow challenger``) every answered request is also offered to
 :mod:`onnxflow.serving.shadow`, which mirrors it off the request path.
 
-Each request reads the served model once (:meth:`DataPlane.model`) and keeps it, so a
-swap never mixes versions within a request. Fast models run on the event loop (a thread
-hop costs more than the run), slow ones in worker threads, or merged by the batcher.
+Each request reads the served model once and keeps it, so a swap never mixes versions
+within a request. Fast models run on the event loop (a thread hop costs more than the
+run), slow ones in worker threads, or merged by the batcher.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import os
@@ -32,15 +33,14 @@ from onnxflow.serving.errors import (
     CannotRun,
     Conflict,
     Forbidden,
-    NotFound,
-    NotReady,
     RequestError,
     Unauthorized,
 )
-from onnxflow.serving.manager import CheckOutcome, ModelManager
+from onnxflow.serving.inference import BoundRequest, bind
+from onnxflow.serving.manager import ModelManager
 from onnxflow.serving.metrics import ServingMetrics
 from onnxflow.serving.model import LoadedModel
-from onnxflow.serving.model_config import ConfigOverride, parse_load_parameters, triton_config
+from onnxflow.serving.repository import ModelRepository
 from onnxflow.serving.settings import ServingSettings
 from onnxflow.serving.shared_memory import SharedMemoryRegistry
 from onnxflow.serving.statistics import Statistics
@@ -54,32 +54,19 @@ EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository"]
 
 
 class DataPlane:
-    """Models, token, executor and batcher shared by the fronts.
-
-    Every model follows its own alias with its own :class:`ModelManager` (its own watcher,
-    swap and refusals): one that fails to load is refused and counted, the others serve
-    on. With ``all_models`` the registry is asked at every poll for models with that alias,
-    and each new one gets a manager.
-    """
+    """The repository, token, executor, batcher, statistics, shadow and canary shared by
+    the fronts."""
 
     def __init__(self, settings: ServingSettings) -> None:
         self.settings = settings
         self.metrics = ServingMetrics()
-        self.managers: dict[str, ModelManager] = {}
-        for reference in settings.model_references:
-            manager = ModelManager(settings, self.metrics, reference)
-            self.managers[manager.name] = manager
-        self.default_name: str | None = next(iter(self.managers), None)
-        self.discovered = settings.all_models is None  # nothing to discover
+        self.repository = ModelRepository(settings, self.metrics, self._follow)
         self.executor = ThreadPoolExecutor(
             settings.inference_threads, thread_name_prefix="onnxruntime"
         )
         self.batcher: Batcher | None = None
         self.token = settings.token.get_secret_value().encode() if settings.token else None
         self.started = time.time()
-        self._watchers: dict[str, asyncio.Task] = {}  # "discover" and one per model
-        self.unloaded: set[str] = set()  # models unloaded through the repository API
-        self.overrides: dict[str, ConfigOverride] = {}  # config given on load, until unload
         self.stats = Statistics()
         self.shared_memory = SharedMemoryRegistry() if settings.shared_memory else None
         self.shadow = None
@@ -106,8 +93,8 @@ class DataPlane:
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the batcher and one alias watcher per model (on the running loop)."""
-        loop = asyncio.get_running_loop()
+        """Start the capture, the batcher and the repository's alias watchers (on the
+        running loop)."""
         if self.capture is not None:
             await asyncio.to_thread(self.capture.start)
         if self.shadow is not None:
@@ -120,53 +107,16 @@ class DataPlane:
                 self.executor,
             )
             self.batcher.start()
-        for manager in self.managers.values():
-            self._watch(manager)
-        if self.settings.all_models:
-            self._watchers["discover"] = loop.create_task(self._discover(), name="discover")
+        await self.repository.start()
 
-    def _watch(self, manager: ModelManager) -> None:
-        self._watchers[manager.name] = asyncio.get_running_loop().create_task(
-            manager.watch(), name=f"watch-{manager.name}"
-        )
+    def _follow(self, manager: ModelManager) -> None:
         if self.shadow is not None:
             self.shadow.follow(manager)
         if self.canary is not None:
             self.canary.follow(manager)
 
-    async def _discover(self) -> None:
-        """Serve every model that has the alias, as it appears (every poll interval)."""
-        from onnxflow.serving.discovery import models_with_alias
-
-        alias = self.settings.all_models
-        interval = self.settings.poll_interval_s
-        while True:
-            try:
-                names = await asyncio.to_thread(
-                    models_with_alias, alias, None, self.settings.registry_access
-                )
-            except Exception as exc:  # noqa: BLE001  (the next poll tries again)
-                log.warning("cannot list the models with alias %r: %s", alias, exc)
-            else:
-                for name in names:
-                    if name not in self.managers:
-                        log.info("%s@%s found in the registry: serving it too", name, alias)
-                        manager = ModelManager(self.settings, self.metrics, f"{name}@{alias}")
-                        self.managers[name] = manager
-                        self.default_name = self.default_name or name
-                        self._watch(manager)
-                self.discovered = True
-            if interval <= 0 and self.discovered:
-                return
-            await asyncio.sleep(interval if self.managers and interval > 0 else 2.0)
-
     async def stop(self) -> None:
-        for task in self._watchers.values():
-            task.cancel()
-        for task in self._watchers.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._watchers.clear()
+        await self.repository.stop()
         if self.shadow is not None:
             await self.shadow.stop()
         if self.canary is not None:
@@ -197,48 +147,14 @@ class DataPlane:
         ):
             raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
 
-    def manager(self, name: str | None) -> ModelManager:
-        manager = self.managers.get(name)
-        if manager is None:
-            served = ", ".join(repr(n) for n in self.managers)
-            # Triton's clients look for this wording
-            raise NotFound(
-                f"Request for unknown model: {name!r} is not found; this endpoint "
-                f"serves {served or 'no model yet'}"
-            )
-        return manager
-
-    def model(self, name: str, version: str | None = None) -> LoadedModel:
-        """The version of ``name`` serving now (which must be ``version`` if given)."""
-        model = self.manager(name).current
-        if model is None:
-            if name in self.unloaded:
-                raise NotReady(
-                    f"model {name!r} is unloaded; POST "
-                    f"/v2/repository/models/{name}/load loads it again"
-                )
-            raise NotReady(f"model {name!r} is not loaded yet")
-        if version is not None and version != model.version:
-            raise NotFound(
-                f"version {version} of {name!r} is not loaded; serving version {model.version}"
-            )
-        return model
-
     def inference_model(self, name: str | None, version: str | None = None) -> LoadedModel:
         """The version that answers an inference request: the served one, or the canary for
         its share (only when no version is asked for). ``name`` None: the default model."""
-        model = self.default_model() if name is None else self.model(name, version)
+        repository = self.repository
+        model = repository.default_model() if name is None else repository.model(name, version)
         if self.canary is not None and version is None:
             return self.canary.choose(model)
         return model
-
-    def default_model(self) -> LoadedModel:
-        """The model of routes without a model name (``/invocations``): the first served."""
-        if self.default_name is None:
-            raise NotReady(
-                f"no model with alias {self.settings.all_models!r} found in the registry yet"
-            )
-        return self.model(self.default_name)
 
     # --- execution -------------------------------------------------------------------
 
@@ -251,7 +167,7 @@ class DataPlane:
                 rows = {a.shape[0] for a in feeds.values()}
                 if len(rows) > 1:
                     raise BadInput(f"inputs disagree on the batch size: {sorted(rows)}")
-                limit = self.max_batch_size(model.name)
+                limit = self.repository.max_batch_size(model.name)
                 return await self.batcher.run(model, feeds, limit), None
             if model.inline:
                 rows = max(a.shape[0] if a.ndim else 1 for a in feeds.values())
@@ -264,13 +180,8 @@ class DataPlane:
         except Exception as exc:  # noqa: BLE001  (onnxruntime refused this input at run time)
             raise CannotRun(f"the model could not run on this input: {exc}") from None
 
-    def max_batch_size(self, name: str) -> int:
-        """The most rows a request for ``name`` may carry (0: no limit), as loaded."""
-        override = self.overrides.get(name)
-        return override.max_batch_size if override is not None else 0
-
     def check_batch(self, name: str, feeds: dict) -> None:
-        limit = self.max_batch_size(name)
+        limit = self.repository.max_batch_size(name)
         if limit <= 0:
             return
         rows = max((a.shape[0] if a.ndim else 1) for a in feeds.values())
@@ -287,18 +198,32 @@ class DataPlane:
             return given or None
         return new_request_id()
 
-    async def run_request(self, model: LoadedModel, decode, encode, request_id=None):
-        """One inference request, timed for the statistics: ``decode()`` gives the checked
-        feeds, :meth:`execute` runs them, ``encode(results)`` gives the answer.
-        ``request_id()``: the request's id, read once the request is decoded (capture)."""
+    async def run_request(self, model: LoadedModel, read, encode, request_id=None):
+        """One inference request, the one path every front takes (timed for the
+        statistics, offered to the shadow, the canary and the capture): ``read()`` gives
+        the request, an :class:`InferRequest` (bound to ``model`` here: the V2 rules) or a
+        :class:`BoundRequest` already checked (MLflow's format); :meth:`execute` runs its
+        feeds; ``encode(model, bound, results)`` gives the answer. ``request_id``: the id
+        the front was given beside the body (``X-Request-ID``); when capturing, the
+        request is known by it, else by its V2 ``id``, else by a new one
+        (``bound.request_id``, which the front returns)."""
         start = time.perf_counter_ns()
         try:
-            feeds = decode()
+            request = read()
+            if isinstance(request, BoundRequest):
+                bound = request
+            else:
+                bound = bind(request, model, self.settings.max_body_bytes, self.shared_memory)
+            feeds = bound.feeds
+            if self.capture is not None:
+                bound.request_id = self.request_id(request_id or bound.id)
+            else:
+                bound.request_id = request_id
             self.check_batch(model.name, feeds)
             decoded = time.perf_counter_ns()
             results, run_s = await self.execute(model, feeds)
             ran = time.perf_counter_ns()
-            answer = encode(results)
+            answer = encode(model, bound, results)
         except Exception:
             self.stats.failure(model.name, model.version, time.perf_counter_ns() - start)
             if self.canary is not None:
@@ -310,7 +235,9 @@ class DataPlane:
         if self.canary is not None:
             self.canary.record(model, True, (done - start) / 1e9)
         if self.capture is not None:  # never waits, never raises
-            self.capture.offer(model, request_id, feeds, results, (done - start) / 1e9)
+            self.capture.offer(
+                model, lambda: bound.request_id, feeds, results, (done - start) / 1e9
+            )
         rows = max((a.shape[0] if a.ndim else 1) for a in feeds.values())
         self.stats.success(
             model.name,
@@ -327,18 +254,14 @@ class DataPlane:
         """Triton's statistics: every model (``name`` None), or one model (and version)."""
         if name is None:
             entries = [s.as_json() for s in self.stats.models.values()]
-            served = {
-                (m.name, m.version)
-                for m in (x.current for x in self.managers.values())
-                if m is not None
-            }
+            served = self.repository.served_versions()
             entries += [
                 self.stats.of(*key).as_json()
                 for key in sorted(served)
                 if key not in self.stats.models
             ]
             return {"model_stats": entries}
-        manager = self.manager(name)
+        manager = self.repository.manager(name)
         if version is None:
             versions = sorted(
                 {v for (n, v) in self.stats.models if n == name}
@@ -355,100 +278,7 @@ class DataPlane:
         extensions = EXTENSIONS + ([] if self.shared_memory is None else ["system_shared_memory"])
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": extensions}
 
-    def ready(self) -> bool:
-        """Every model has been checked once and at least one serves: one that cannot load
-        (refused, or not in the registry) does not keep the others from serving."""
-        managers = [m for n, m in self.managers.items() if n not in self.unloaded]
-        return (
-            self.discovered
-            and any(m.current is not None for m in managers)
-            and all(m.current is not None or m.last_check is not None for m in managers)
-        )
-
-    def model_metadata(self, name: str, version: str | None = None) -> dict:
-        return self.model(name, version).metadata()
-
-    def model_config(self, name: str, version: str | None = None) -> dict:
-        """Triton's model config (JSON form), with the override it was loaded with."""
-        return triton_config(self.model(name, version), self.max_batch_size(name))
-
-    def repository_index(self, ready_only: bool = False) -> list[dict]:
-        """Every model this endpoint serves or was told to: name, version, state, reason."""
-        entries = []
-        for name, manager in self.managers.items():
-            model = manager.current
-            if model is not None:
-                entry = {"name": name, "version": model.version, "state": "READY", "reason": ""}
-            else:
-                check = manager.last_check
-                reason = (
-                    "unloaded"
-                    if name in self.unloaded
-                    else check.detail
-                    if check
-                    else "not loaded yet"
-                )
-                entry = {
-                    "name": name,
-                    "version": (check.version or "") if check else "",
-                    "state": "UNAVAILABLE",
-                    "reason": reason,
-                }
-            if entry["state"] == "READY" or not ready_only:
-                entries.append(entry)
-        return entries
-
-    async def load(self, name: str, parameters: dict | None = None) -> CheckOutcome:
-        """Load (or reload) ``name`` from the registry: a model not served yet follows
-        ``NAME@ALIAS`` (the all_models alias, else champion). Raises if nothing serves.
-
-        ``parameters``: Triton's load parameters; ``config`` (a JSON model config) may set
-        ``max_batch_size``, kept until the model is unloaded (a load without ``config``
-        keeps it). Checked before anything loads."""
-        override = parse_load_parameters(name, parameters or {})
-        manager = self.managers.get(name)
-        fresh = manager is None
-        if fresh:
-            alias = self.settings.all_models or "champion"
-            manager = ModelManager(self.settings, self.metrics, f"{name}@{alias}")
-        outcome = await manager.check(force=True)
-        if manager.current is None:
-            raise (NotFound if outcome.outcome == "registry_error" else Conflict)(
-                f"failed to load {name!r} ({manager.reference}): {outcome.outcome}: "
-                f"{outcome.detail or 'no version'}"
-            )
-        if fresh:
-            self.managers[name] = manager
-            self.default_name = self.default_name or name
-        self.unloaded.discard(name)
-        if override is not None:
-            self.overrides[name] = override
-            log.info("%s loaded with max_batch_size %d", name, override.max_batch_size)
-        task = self._watchers.get(name)
-        if task is None or task.done():
-            self._watch(manager)
-        return outcome
-
-    async def unload(self, name: str) -> None:
-        """Stop serving ``name`` (and following its alias) until it is loaded again."""
-        manager = self.manager(name)
-        task = self._watchers.pop(name, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        manager.current = None
-        self.overrides.pop(name, None)
-        self.unloaded.add(name)
-        log.info("unloaded %s", name)
-
     # --- administration --------------------------------------------------------------
-
-    async def reload(self, name: str | None = None) -> CheckOutcome:
-        """Check the alias of ``name`` (the default model) now, retrying a refused version."""
-        if name is None and self.default_name is None:
-            raise NotReady("no model to reload yet")
-        return await self.manager(name or self.default_name).check(force=True)
 
     async def store_feedback(self, name: str, payload) -> int:
         """Ground truth for captured requests of ``name`` (see :mod:`.feedback`)."""
@@ -456,7 +286,7 @@ class DataPlane:
             raise Conflict("no capture to join labels to: start the endpoint with --capture DIR")
         from onnxflow.serving.feedback import label_kind, parse_labels
 
-        labels = parse_labels(payload, label_kind(self.model(name).outputs[0]))
+        labels = parse_labels(payload, label_kind(self.repository.model(name).outputs[0]))
         return await asyncio.to_thread(self.feedback.submit, name, labels)
 
     async def flush_shadow(self) -> list[dict]:
@@ -468,9 +298,11 @@ class DataPlane:
     def status(self) -> dict:
         """What is served; the default model's state at the top level, every model's under
         ``models``."""
-        models = {name: _manager_status(m) for name, m in self.managers.items()}
+        repository = self.repository
+        models = {name: _manager_status(m) for name, m in repository.managers.items()}
         default = models.get(
-            self.default_name, {"model": None, "serving": None, "refused": {}, "last_check": None}
+            repository.default_name,
+            {"model": None, "serving": None, "refused": {}, "last_check": None},
         )
         return {
             **default,

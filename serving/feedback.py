@@ -153,10 +153,10 @@ class FeedbackStore:
         """Rows of each captured request of ``ids``: recent ones from memory (those still
         queued too), older ones from the Parquet segments."""
         rows = {}
+        recent = self.capture.recent_ids.get(model, {})
         for rid in ids:
-            seen = self.capture.recent_ids.get(rid)
-            if seen is not None and seen[0] == model:
-                rows[rid] = seen[2]
+            if rid in recent:
+                rows[rid] = recent[rid]
         missing = ids - rows.keys()
         if missing:
             import pyarrow.compute as pc

@@ -1,11 +1,13 @@
 """The gRPC front: KServe V2 / Triton's ``inference.GRPCInferenceService`` over the data plane.
 
-Served with grpcio's asyncio server on the endpoint's own event loop, against the
-protocol stubs tritonclient ships (``tritonclient.grpc.service_pb2``), so Triton's and
-KServe's gRPC clients work unchanged. The same checks as REST: the token as
-``authorization`` metadata (``Bearer <token>``), the body size limit as the largest
-message, every tensor checked against the model before an array is made. Errors are the
-data plane's named errors as gRPC status codes (``RequestError.grpc_code``).
+Served with grpcio's asyncio server on the endpoint's own event loop (no worker thread per
+request), against the protocol stubs tritonclient ships (``tritonclient.grpc.service_pb2``),
+so Triton's and KServe's gRPC clients work unchanged. ``ModelInfer`` reads the message into
+the neutral :class:`~onnxflow.serving.inference.InferRequest` and takes the one request
+path REST takes (:meth:`DataPlane.run_request`, where the V2 rules bind it to the model);
+only the answer's encoding is gRPC's own. The token is ``authorization`` metadata
+(``Bearer <token>``), the body size limit the largest message. Errors are the data plane's
+named errors as gRPC status codes (``RequestError.grpc_code``).
 
 Tensors come as ``raw_input_contents`` (little-endian, BYTES length-prefixed: what
 tritonclient sends), as typed ``contents``, or from a registered system shared-memory
@@ -17,113 +19,21 @@ from __future__ import annotations
 
 import logging
 import time
-
-import numpy as np
+from functools import partial
 
 from onnxflow.serving.dataplane import DataPlane
-from onnxflow.serving.errors import BadInput, NotFound, NotReady, NotSupported, RequestError
-from onnxflow.serving.model import LoadedModel
-from onnxflow.serving.shared_memory import (
-    MemoryReference,
-    SharedMemoryRegistry,
-    cuda_not_supported,
-    memory_reference,
-)
-from onnxflow.serving.tensors import (
-    array_from_binary,
-    array_from_json,
-    array_to_binary,
-    check_shape,
-)
-from onnxflow.serving.v2 import refuse_memory_parameters
+from onnxflow.serving.errors import NotFound, NotReady, NotSupported, RequestError
+from onnxflow.serving.inference import InferRequest, grpc_parameters, output_tensors
+from onnxflow.serving.shared_memory import SharedMemoryRegistry, cuda_not_supported
+from onnxflow.serving.tensors import array_to_binary
 
 log = logging.getLogger(__name__)
-
-# InferTensorContents field holding each datatype's values (FP16 only travels raw).
-CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
 
 
 def _stubs():
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     return service_pb2, service_pb2_grpc
-
-
-def parameters(message) -> dict:
-    """A ``map<string, InferParameter>`` as a plain dict of its values."""
-    return {
-        k: getattr(v, v.WhichOneof("parameter_choice") or "string_param")
-        for k, v in message.items()
-    }
-
-
-def decode_infer_request(
-    request, model: LoadedModel, max_bytes: int, memory: SharedMemoryRegistry | None = None
-) -> dict[str, np.ndarray]:
-    """The request's inputs as checked arrays, keyed by name (``memory``: the registered
-    shared-memory regions, if the extension is served)."""
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise BadInput(
-            f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
-            "send one per input, in input order"
-        )
-    feeds: dict[str, np.ndarray] = {}
-    for i, item in enumerate(request.inputs):
-        spec = model.input_by_name.get(item.name)
-        if spec is None:
-            raise BadInput(
-                f"unknown input {item.name!r}; model inputs: {', '.join(model.input_by_name)}"
-            )
-        if item.name in feeds:
-            raise BadInput(f"input {item.name!r} is given twice")
-        if item.datatype != spec.datatype:
-            raise BadInput(
-                f"input {item.name!r}: wrong datatype {item.datatype or '(none)'}; "
-                f"the model takes {spec.datatype}"
-            )
-        where = f"input {item.name!r}"
-        params = parameters(item.parameters)
-        if memory is None:
-            refuse_memory_parameters(params, where)
-        shape = check_shape(spec, [int(d) for d in item.shape], max_bytes)
-        ref = memory_reference(params, where) if memory is not None else None
-        if ref is not None:
-            if item.HasField("contents") or (raw and raw[i]):
-                raise BadInput(f"{where} has shared-memory parameters and contents")
-            feeds[item.name] = array_from_binary(spec, memoryview(memory.read(ref, where)), shape)
-        elif raw:
-            feeds[item.name] = array_from_binary(spec, memoryview(raw[i]), shape)
-        else:
-            field = CONTENTS_FIELD.get(spec.datatype)
-            if field is None:
-                raise BadInput(
-                    f"input {item.name!r}: {spec.datatype} travels only as raw_input_contents"
-                )
-            values = list(getattr(item.contents, field))
-            if spec.datatype == "BYTES":
-                values = [v.decode("utf-8", "surrogateescape") for v in values]
-            feeds[item.name] = array_from_json(spec, values, shape)
-    missing = [n for n in model.input_by_name if n not in feeds]
-    if missing:
-        raise BadInput(
-            f"missing input(s) {', '.join(map(repr, missing))}; model inputs: "
-            f"{', '.join(model.input_by_name)}"
-        )
-    return feeds
 
 
 class InferenceService:
@@ -139,9 +49,8 @@ class InferenceService:
         start = time.perf_counter()
         status = 200
         try:
-            if guarded:
-                metadata = dict(context.invocation_metadata() or ())
-                self.plane.authorize(metadata.get("authorization"))
+            if guarded and self.plane.token is not None:
+                self.plane.authorize(_authorization(context))
             return await handler()
         except RequestError as exc:
             import grpc
@@ -169,14 +78,14 @@ class InferenceService:
 
     async def ServerReady(self, request, context):  # noqa: N802
         async def handler():
-            return self.pb.ServerReadyResponse(ready=self.plane.ready())
+            return self.pb.ServerReadyResponse(ready=self.plane.repository.ready())
 
         return await self._call("ServerReady", context, handler, guarded=False)
 
     async def ModelReady(self, request, context):  # noqa: N802
         async def handler():
             try:
-                self.plane.model(request.name, request.version or None)
+                self.plane.repository.model(request.name, request.version or None)
             except (NotFound, NotReady):
                 return self.pb.ModelReadyResponse(ready=False)
             return self.pb.ModelReadyResponse(ready=True)
@@ -194,7 +103,7 @@ class InferenceService:
 
     async def ModelMetadata(self, request, context):  # noqa: N802
         async def handler():
-            model = self.plane.model(request.name, request.version or None)
+            model = self.plane.repository.model(request.name, request.version or None)
             tensor = self.pb.ModelMetadataResponse.TensorMetadata
             return self.pb.ModelMetadataResponse(
                 name=model.name,
@@ -217,7 +126,7 @@ class InferenceService:
             from google.protobuf import json_format
             from tritonclient.grpc import model_config_pb2
 
-            config = self.plane.model_config(request.name, request.version or None)
+            config = self.plane.repository.model_config(request.name, request.version or None)
             return self.pb.ModelConfigResponse(
                 config=json_format.ParseDict(config, model_config_pb2.ModelConfig())
             )
@@ -227,7 +136,7 @@ class InferenceService:
     async def RepositoryIndex(self, request, context):  # noqa: N802
         async def handler():
             entries = []
-            for entry in self.plane.repository_index(ready_only=request.ready):
+            for entry in self.plane.repository.repository_index(ready_only=request.ready):
                 entries.append(self.pb.RepositoryIndexResponse.ModelIndex(**entry))
             return self.pb.RepositoryIndexResponse(models=entries)
 
@@ -235,14 +144,15 @@ class InferenceService:
 
     async def RepositoryModelLoad(self, request, context):  # noqa: N802
         async def handler():
-            await self.plane.load(request.model_name, parameters(request.parameters))
+            parameters = grpc_parameters(request.parameters)
+            await self.plane.repository.load(request.model_name, parameters)
             return self.pb.RepositoryModelLoadResponse()
 
         return await self._call("RepositoryModelLoad", context, handler)
 
     async def RepositoryModelUnload(self, request, context):  # noqa: N802
         async def handler():
-            await self.plane.unload(request.model_name)
+            await self.plane.repository.unload(request.model_name)
             return self.pb.RepositoryModelUnloadResponse()
 
         return await self._call("RepositoryModelUnload", context, handler)
@@ -261,64 +171,48 @@ class InferenceService:
     # --- inference -------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):  # noqa: N802
-        async def handler():
-            model = self.plane.inference_model(request.model_name, request.model_version or None)
-            request_id = self.plane.request_id(request.id)
-            wanted = [o.name for o in request.outputs] or model.output_names
-            memory = self.plane.shared_memory
-            targets: dict[str, MemoryReference] = {}
+        return await self._call("ModelInfer", context, partial(self._infer, request))
 
-            def decode():
-                for name in wanted:
-                    if name not in model.output_by_name:
-                        raise BadInput(
-                            f"unknown output {name!r}; model outputs: "
-                            f"{', '.join(model.output_names)}"
-                        )
-                for output in request.outputs:
-                    where = f"output {output.name!r}"
-                    params = parameters(output.parameters)
-                    if memory is None:
-                        refuse_memory_parameters(params, where)
-                    elif (ref := memory_reference(params, where)) is not None:
-                        targets[output.name] = ref
-                return decode_infer_request(
-                    request, model, self.plane.settings.max_body_bytes, memory
-                )
+    async def _infer(self, request):
+        model = self.plane.inference_model(request.model_name, request.model_version or None)
+        return await self.plane.run_request(
+            model, partial(InferRequest.from_grpc, request), self._encode
+        )
 
-            def encode(outputs):
-                results = dict(zip(model.output_names, outputs, strict=True))
-                response = self.pb.ModelInferResponse(
-                    model_name=model.name, model_version=model.version, id=request_id or ""
-                )
-                # tritonclient finds an output's raw contents by its index among the
-                # outputs: a shared-memory output keeps its place with empty contents when
-                # others travel raw.
-                all_in_memory = all(name in targets for name in wanted)
-                for name in dict.fromkeys(wanted):
-                    arr = results[name]
-                    datatype = model.output_by_name[name].datatype
-                    tensor = response.outputs.add(
-                        name=name, datatype=datatype, shape=list(arr.shape)
-                    )
-                    blob = array_to_binary(datatype, arr)
-                    ref = targets.get(name)
-                    if ref is None:
-                        response.raw_output_contents.append(blob)
-                        continue
-                    memory.write(ref, blob, f"output {name!r}")
-                    for key, value in ref.as_parameters(len(blob)).items():
-                        if isinstance(value, str):
-                            tensor.parameters[key].string_param = value
-                        else:
-                            tensor.parameters[key].int64_param = value
-                    if not all_in_memory:
-                        response.raw_output_contents.append(b"")
-                return response
+    def _encode(self, model, bound, results):
+        """The answer as a ``ModelInferResponse``: outputs as ``raw_output_contents``."""
+        response = self.pb.ModelInferResponse(
+            model_name=model.name,
+            model_version=model.version,
+            id=bound.request_id or bound.id or "",
+        )
+        tensors = output_tensors(model, bound, results)
+        # tritonclient finds an output's raw contents by its index among the outputs: a
+        # shared-memory output keeps its place with empty contents when others travel raw.
+        all_in_memory = all(t.parameters is not None for t in tensors)
+        raw = response.raw_output_contents
+        for tensor in tensors:
+            entry = response.outputs.add(
+                name=tensor.name, datatype=tensor.datatype, shape=tensor.array.shape
+            )
+            if tensor.parameters is None:
+                raw.append(array_to_binary(tensor.datatype, tensor.array))
+                continue
+            for key, value in tensor.parameters.items():
+                if isinstance(value, str):
+                    entry.parameters[key].string_param = value
+                else:
+                    entry.parameters[key].int64_param = value
+            if not all_in_memory:
+                raw.append(b"")
+        return response
 
-            return await self.plane.run_request(model, decode, encode, lambda: request_id)
 
-        return await self._call("ModelInfer", context, handler)
+def _authorization(context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value
+    return None
 
 
 class SharedMemoryService:

@@ -62,54 +62,13 @@ def _child_env(settings: ServingSettings) -> dict[str, str]:
     return env
 
 
-def serve(
-    model: str | list[str] | None = None,
-    host: str | None = None,
-    port: int | None = None,
-    *,
-    all_models: str | None = None,
-    grpc_port: int | None = None,
-    token: str | None = None,
-    max_batch_size: int | None = None,
-    max_batch_delay_ms: float | None = None,
-    poll_interval_s: float | None = None,
-    max_body_bytes: int | None = None,
-    intra_op_threads: int | None = None,
-    cache_dir: Path | None = None,
-    log_level: str | None = None,
-    shared_memory: bool | None = None,
-    shadow: str | None = None,
-    shadow_fraction: float | None = None,
-    canary_percent: float | None = None,
-    capture: str | None = None,
-    capture_fraction: float | None = None,
-) -> None:
-    """Serve in the foreground (this process becomes the endpoint); None: env or default.
-
-    ``model``: one reference or several (the first answers ``/invocations``)."""
-    if isinstance(model, list):
-        model = ",".join(model) or None
-    settings = make_settings(
-        model=model,
-        all_models=all_models,
-        grpc_port=grpc_port,
-        host=host,
-        port=port,
-        token=token,
-        max_batch_size=max_batch_size,
-        max_batch_delay_ms=max_batch_delay_ms,
-        poll_interval_s=poll_interval_s,
-        max_body_bytes=max_body_bytes,
-        intra_op_threads=intra_op_threads,
-        cache_dir=cache_dir,
-        log_level=log_level,
-        shared_memory=shared_memory,
-        shadow=shadow,
-        shadow_fraction=shadow_fraction,
-        capture=capture,
-        capture_fraction=capture_fraction,
-        canary_percent=canary_percent,
-    )
+def serve(**options) -> None:
+    """Serve in the foreground (this process becomes the endpoint): ``options`` are
+    :class:`ServingSettings` fields; None: the environment's value or the default.
+    ``model``: one reference or a list of them (the first answers ``/invocations``)."""
+    if isinstance(options.get("model"), list):
+        options["model"] = ",".join(options["model"]) or None
+    settings = make_settings(**options)
     check_port(settings)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -127,12 +127,10 @@ class ModelManager:
 
     def registry_client(self) -> Registry:
         if self._registry is None:
-            self._registry = registry_for(
-                os.environ.get("MLFLOW_TRACKING_URI"), self.settings.registry_access
-            )
+            self._registry = registry_for(self.settings.tracking_uri, self.settings.registry_access)
             log.info(
                 "reading the registry at %s via %s",
-                os.environ.get("MLFLOW_TRACKING_URI", "(MLflow default)"),
+                self.settings.tracking_uri or "(MLflow default)",
                 type(self._registry).__name__,
             )
         return self._registry

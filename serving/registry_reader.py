@@ -1,5 +1,6 @@
-"""How the endpoint reaches the MLflow registry: resolve an alias, download a version,
-and annotate one (the shadow's figures: version tags and a report in the version's run).
+"""How the endpoint reaches the MLflow registry, the one reader it has: resolve an alias,
+list the models holding an alias (``--all-models``), download a version, and annotate one
+(the shadow's and the canary's figures: version tags and a report in the version's run).
 
 MLflow's client never runs in the request-serving process: importing it takes seconds
 and roughly doubles the process's resident memory. Each tracking URI is read the
@@ -59,6 +60,9 @@ class Registry(Protocol):
     def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
         """(version, tags) that ``alias`` (or the pinned ``version``) points at now."""
 
+    def models_with_alias(self, alias: str) -> list[str]:
+        """Names of the registered models where ``alias`` is set, sorted."""
+
     def download(self, name: str, version: str, dest: Path) -> Path:
         """Download the version's files into ``dest``; returns the folder holding them."""
 
@@ -67,19 +71,25 @@ class Registry(Protocol):
 
 
 def registry_for(tracking_uri: str | None, access: str = "auto") -> Registry:
+    """The reader for ``tracking_uri`` (``ServingSettings.tracking_uri``; None: MLflow's
+    default, read by the helper's client)."""
     uri = tracking_uri or ""
     if access == "rest" or (access == "auto" and uri.startswith(("http://", "https://"))):
         return RestRegistry(uri)
     if access == "sqlite" or (access == "auto" and uri.startswith("sqlite:")):
         return SqliteRegistry(uri)
-    return HelperRegistry()
+    return HelperRegistry(tracking_uri)
 
 
 # --- the helper process: MLflow's own client, outside the endpoint ----------------------
 
 
-def _helper(*args: str, timeout: float) -> str:
-    """Run ``python -m onnxflow.serving.registry_reader ARGS``; its last line of output."""
+def _helper(*args: str, timeout: float, tracking_uri: str | None) -> str:
+    """Run ``python -m onnxflow.serving.registry_reader ARGS`` against ``tracking_uri``;
+    its last line of output."""
+    env = dict(os.environ)
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
     try:
         result = subprocess.run(
             [sys.executable, "-m", MODULE, *args],
@@ -88,6 +98,7 @@ def _helper(*args: str, timeout: float) -> str:
             timeout=timeout,
             check=False,
             stdin=subprocess.DEVNULL,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         raise RegistryError(
@@ -99,11 +110,13 @@ def _helper(*args: str, timeout: float) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def download_in_helper(name: str, version: str, dest: Path) -> Path:
-    return Path(_helper("download", name, version, str(dest), timeout=1800))
+def download_in_helper(name: str, version: str, dest: Path, tracking_uri: str | None) -> Path:
+    return Path(
+        _helper("download", name, version, str(dest), timeout=1800, tracking_uri=tracking_uri)
+    )
 
 
-def annotate_in_helper(notes: list[Annotation]) -> None:
+def annotate_in_helper(notes: list[Annotation], tracking_uri: str | None) -> None:
     """Every note in one helper process: MLflow's import is paid once per flush."""
     import tempfile
 
@@ -112,11 +125,14 @@ def annotate_in_helper(notes: list[Annotation]) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="onnxflow-annotate-") as fh:
         json.dump([asdict(note) for note in notes], fh)
         fh.flush()
-        _helper("annotate", fh.name, timeout=180)
+        _helper("annotate", fh.name, timeout=180, tracking_uri=tracking_uri)
 
 
 class HelperRegistry:
     """MLflow's client in a short-lived helper process, per call."""
+
+    def __init__(self, tracking_uri: str | None = None) -> None:
+        self.uri = tracking_uri
 
     def resolve(self, name: str, alias: str | None, version: str | None) -> tuple[str, dict]:
         args = (
@@ -124,14 +140,17 @@ class HelperRegistry:
             if alias
             else ("resolve", name, "--version", str(version))
         )
-        answer = json.loads(_helper(*args, timeout=120))
+        answer = json.loads(_helper(*args, timeout=120, tracking_uri=self.uri))
         return answer["version"], answer["tags"]
 
+    def models_with_alias(self, alias: str) -> list[str]:
+        return json.loads(_helper("list", alias, timeout=120, tracking_uri=self.uri))
+
     def download(self, name: str, version: str, dest: Path) -> Path:
-        return download_in_helper(name, version, dest)
+        return download_in_helper(name, version, dest, self.uri)
 
     def annotate(self, notes: list[Annotation]) -> None:
-        annotate_in_helper(notes)
+        annotate_in_helper(notes, self.uri)
 
 
 class MlflowRegistry:
@@ -148,6 +167,15 @@ class MlflowRegistry:
         else:
             mv = self._client.get_model_version(name, version)
         return str(mv.version), dict(mv.tags or {})
+
+    def models_with_alias(self, alias: str) -> list[str]:
+        names, token = [], None
+        while True:
+            page = self._client.search_registered_models(max_results=1000, page_token=token)
+            names += [m.name for m in page if alias in (m.aliases or {})]
+            token = page.token
+            if not token:
+                return sorted(names)
 
     def download(self, name: str, version: str, dest: Path) -> Path:
         import mlflow.artifacts
@@ -203,19 +231,25 @@ class RestRegistry:
             path, params = "/api/2.0/mlflow/registered-models/alias", {"name": name, "alias": alias}
         else:
             path, params = "/api/2.0/mlflow/model-versions/get", {"name": name, "version": version}
-        response = self._http.get(path, params=params)
-        if response.status_code != 200:
-            try:
-                message = response.json().get("message", response.text)
-            except ValueError:
-                message = response.text
-            raise RegistryError(f"{self.uri}{path} answered {response.status_code}: {message}")
-        mv = response.json()["model_version"]
+        mv = self._call("GET", path, params=params)["model_version"]
         tags = {t["key"]: t.get("value", "") for t in mv.get("tags", [])}
         return str(mv["version"]), tags
 
+    def models_with_alias(self, alias: str) -> list[str]:
+        names: set[str] = set()
+        params: dict[str, str | int] = {"max_results": 1000}
+        while True:
+            page = self._call("GET", "/api/2.0/mlflow/registered-models/search", params=params)
+            for model in page.get("registered_models", []):
+                if any(a.get("alias") == alias for a in model.get("aliases", [])):
+                    names.add(model["name"])
+            token = page.get("next_page_token")
+            if not token:
+                return sorted(names)
+            params["page_token"] = token
+
     def download(self, name: str, version: str, dest: Path) -> Path:
-        return download_in_helper(name, version, dest)
+        return download_in_helper(name, version, dest, self.uri)
 
     def _call(self, method: str, path: str, **kwargs) -> dict:
         response = self._http.request(method, path, **kwargs)
@@ -240,7 +274,7 @@ class RestRegistry:
                 )
             if note.files and not self._write_proxied(note):
                 elsewhere.append(Annotation(note.name, note.version, {}, note.files))
-        annotate_in_helper(elsewhere)
+        annotate_in_helper(elsewhere, self.uri)
 
     def _write_proxied(self, note: Annotation) -> bool:
         mv = self._call(
@@ -305,7 +339,7 @@ class SqliteRegistry:
 
     def _use_helper(self, why: str) -> None:
         log.warning("reading the registry through the helper process (MLflow's client): %s", why)
-        self._fallback = HelperRegistry()
+        self._fallback = HelperRegistry(self.uri)
 
     def _connect(self) -> sqlite3.Connection:
         if not self.path.is_file():
@@ -380,9 +414,23 @@ class SqliteRegistry:
         )
         return version, {key: value or "" for key, value in tags}
 
+    def models_with_alias(self, alias: str) -> list[str]:
+        if self._fallback is not None:
+            return self._fallback.models_with_alias(alias)
+        try:
+            with self._connect() as db:
+                if self._workspace is None and not self._check_schema(db):
+                    return self._fallback.models_with_alias(alias)
+                rows = self._query(
+                    db, "SELECT DISTINCT name FROM registered_model_aliases WHERE alias = ?", alias
+                )
+        except sqlite3.Error as exc:
+            raise RegistryError(f"reading the registry in {self.path}: {exc}") from None
+        return sorted(row[0] for row in rows)
+
     def annotate(self, notes: list[Annotation]) -> None:
         """Written by MLflow's client in the helper: this reader never writes the file."""
-        annotate_in_helper(notes)
+        annotate_in_helper(notes, self.uri)
 
     def download(self, name: str, version: str, dest: Path) -> Path:
         """A version stored on this machine's disk (the store's default ``./mlruns``) is
@@ -391,7 +439,7 @@ class SqliteRegistry:
         (a remote artifact store, a relative or unknown location) goes to the helper."""
         local = None if self._fallback is not None else self._local_artifacts(name, version)
         if local is None:
-            return download_in_helper(name, version, dest)
+            return download_in_helper(name, version, dest, self.uri)
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copytree(local, dest, dirs_exist_ok=True)
         return dest
@@ -449,13 +497,15 @@ def main(argv: list[str] | None = None) -> None:
 
     ``download NAME VERSION DEST`` prints the local folder;
     ``resolve NAME (--alias ALIAS | --version VERSION)`` prints ``{"version", "tags"}``;
-    ``annotate FILE`` writes the notes of a JSON list of :class:`Annotation` and prints ``ok``.
+    ``annotate FILE`` writes the notes of a JSON list of :class:`Annotation` and prints ``ok``;
+    ``list ALIAS`` prints a JSON list of the models holding the alias.
     """
     args = sys.argv[1:] if argv is None else argv
     usage = (
         f"usage: python -m {MODULE} download NAME VERSION DEST\n"
         f"       python -m {MODULE} resolve NAME (--alias ALIAS | --version VERSION)\n"
-        f"       python -m {MODULE} annotate FILE"
+        f"       python -m {MODULE} annotate FILE\n"
+        f"       python -m {MODULE} list ALIAS"
     )
     block_heavy_imports()
     logging.basicConfig(level=logging.WARNING)
@@ -471,6 +521,8 @@ def main(argv: list[str] | None = None) -> None:
         notes = [Annotation(**note) for note in json.loads(Path(args[1]).read_text())]
         MlflowRegistry().annotate(notes)
         print("ok")
+    elif len(args) == 2 and args[0] == "list":
+        print(json.dumps(MlflowRegistry().models_with_alias(args[1])))
     else:
         sys.exit(usage)
 

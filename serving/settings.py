@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1 << 20
@@ -22,7 +22,11 @@ class ServingSettings(BaseSettings):
     # hide_input_in_errors: a refused value is never echoed (a too-short token is still a
     # secret, and these errors reach the endpoint's log and the caller's task state).
     model_config = SettingsConfigDict(
-        env_prefix="ONNXFLOW_SERVE_", extra="ignore", frozen=True, hide_input_in_errors=True
+        env_prefix="ONNXFLOW_SERVE_",
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,
+        populate_by_name=True,
     )
 
     model: str = Field(
@@ -82,6 +86,12 @@ class ServingSettings(BaseSettings):
     cache_dir: Path = Field(
         Path(".onnxflow/serve/models"),
         description="Downloaded versions, kept by NAME/VERSION so a restart starts fast.",
+    )
+    tracking_uri: str | None = Field(
+        None,
+        validation_alias=AliasChoices("ONNXFLOW_SERVE_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="The MLflow tracking URI the models are read from (read once, here: "
+        "ONNXFLOW_SERVE_TRACKING_URI, else MLFLOW_TRACKING_URI). None: MLflow's default.",
     )
     registry_access: Literal["auto", "rest", "sqlite", "mlflow"] = Field(
         "auto",
@@ -197,13 +207,16 @@ class ServingSettings(BaseSettings):
             )
         return value
 
-    @field_validator("all_models")
+    @field_validator("all_models", "shadow")
     @classmethod
-    def _alias(cls, value: str | None) -> str | None:
+    def _alias(cls, value: str | None, info) -> str | None:
         if not value:  # "" (an emptied environment variable): off
             return None
         if "@" in value or "/" in value or "," in value:
-            raise ValueError(f"all_models takes one alias name (e.g. champion), got {value!r}")
+            example = "champion" if info.field_name == "all_models" else "challenger"
+            raise ValueError(
+                f"{info.field_name} takes one alias name (e.g. {example}), got {value!r}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -216,15 +229,6 @@ class ServingSettings(BaseSettings):
     def model_references(self) -> list[str]:
         """The explicitly named models, in order (the first answers /invocations)."""
         return split_model_references(self.model)
-
-    @field_validator("shadow")
-    @classmethod
-    def _shadow_alias(cls, value: str | None) -> str | None:
-        if not value:  # "" (an emptied environment variable): off
-            return None
-        if "@" in value or "/" in value or "," in value:
-            raise ValueError(f"shadow takes one alias name (e.g. challenger), got {value!r}")
-        return value
 
     @field_validator("capture")
     @classmethod

@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import os
 import random
 import socket
 import subprocess
@@ -372,9 +371,7 @@ class Shadow:
 
     def registry(self) -> Registry:
         if self._registry is None:
-            self._registry = registry_for(
-                os.environ.get("MLFLOW_TRACKING_URI"), self.settings.registry_access
-            )
+            self._registry = registry_for(self.settings.tracking_uri, self.settings.registry_access)
         return self._registry
 
     async def _flush_every(self) -> None:

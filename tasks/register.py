@@ -9,7 +9,8 @@ from pathlib import Path
 from onnxflow.config import PromoteConfig, RegisterConfig
 from onnxflow.promote import PromotionDecision, promote
 from onnxflow.registration import register_validated
-from onnxflow.results import DatasetArtifact, RegisteredVersion, ValidationSummary
+from onnxflow.results import RegisteredVersion, ValidationSummary
+from onnxflow.sources import ValidationSample
 from onnxflow.tasks.retry import registry_task
 
 
@@ -18,12 +19,12 @@ def register_task(
     model_path: Path,
     summary: ValidationSummary,
     lineage: Mapping[str, str],
-    dataset: DatasetArtifact,
+    sample: ValidationSample,
     config: RegisterConfig,
     run_id: str,
 ) -> RegisteredVersion:
     return register_validated(
-        model_path, summary=summary, lineage=lineage, dataset=dataset, config=config, run_id=run_id
+        model_path, summary=summary, lineage=lineage, sample=sample, config=config, run_id=run_id
     )
 
 

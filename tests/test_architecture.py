@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 import zipfile
 from pathlib import Path
@@ -76,7 +77,22 @@ def imported_modules(path: Path, module: str, known: set[str]) -> set[str]:
                 base = f"{parent}.{base}" if base else parent
             for alias in node.names:  # ``from pkg import module`` imports the module
                 names.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+        elif isinstance(node, ast.Call) and _imports_by_name(node):
+            names.add(node.args[0].value)
     return {n for n in names if n == "onnxflow" or n.startswith("onnxflow.")}
+
+
+def _imports_by_name(call: ast.Call) -> bool:
+    """``importlib.import_module("onnxflow.x")``, ``import_module(...)``, ``__import__(...)``
+    with the module named by a string."""
+    func = call.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    return (
+        name in ("import_module", "__import__")
+        and bool(call.args)
+        and isinstance(call.args[0], ast.Constant)
+        and isinstance(call.args[0].value, str)
+    )
 
 
 def test_every_module_is_in_a_layer_and_the_layers_name_real_modules():
@@ -107,6 +123,13 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     path.write_text("def f():\n    from onnxflow.flows.pipeline import run\n")
     targets = imported_modules(path, "onnxflow.validate", {"onnxflow.flows.pipeline"})
     assert targets == {"onnxflow.flows.pipeline"}
+    path.write_text(
+        "import importlib\n"
+        "def f():\n    return importlib.import_module('onnxflow.flows.sweep')\n"
+        "def g():\n    return __import__('onnxflow.cli')\n"
+    )
+    found = imported_modules(path, "onnxflow.validate", set())
+    assert found == {"onnxflow.flows.sweep", "onnxflow.cli"}
     assert layer_of("onnxflow.flows.pipeline") < layer_of("onnxflow.validate")
     assert layer_of("onnxflow.serving.app") > layer_of("onnxflow.validate")
     assert layer_of("onnxflow.errors") == len(LAYERS) - 1
@@ -115,14 +138,19 @@ def test_the_checker_sees_an_upward_import(tmp_path):
 # -- the wheel ------------------------------------------------------------------------------
 
 
-def tracked_files() -> list[str]:
-    return subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+def tracked_files(untracked: bool = False) -> list[str]:
+    """The files git tracks (that still exist): what a clone has, whatever a used tree
+    holds beside them (``build/`` from ``pip wheel .``, artifacts, caches). ``untracked``:
+    also the files git does not track yet and does not ignore (a change not yet added)."""
+    extra = ["--others", "--exclude-standard"] if untracked else []
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.split()
+    ).stdout.splitlines()
+    return [name for name in listed if (ROOT / name).exists()]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +158,7 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
     """The wheel ``pip install .`` would install, built from a copy of the checkout's files
     (setuptools writes ``build/`` beside the sources)."""
     source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
-    for name in tracked_files():
+    for name in tracked_files(untracked=True):
         if (ROOT / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
@@ -192,6 +220,19 @@ def test_the_readme_layout_names_every_folder_and_package_and_nothing_else():
     assert not missing, f"in the tree, not in the README's layout table: {missing}"
     gone = sorted(p for p in named if not (ROOT / p).exists())
     assert not gone, f"in the README's layout table, not in the tree: {gone}"
+
+
+def test_the_layout_reads_the_tracked_tree_not_what_a_build_left(tmp_path):
+    """A used clone holds folders git does not track (``pip wheel .`` leaves ``build/``
+    unless ignored): the tree the layout test reads is the tracked one."""
+    leftover = Path(tempfile.mkdtemp(prefix="untracked-", dir=ROOT))
+    try:
+        (leftover / "lib.py").write_text("x = 1\n")
+        names = leftover.relative_to(ROOT).as_posix()
+        assert not any(p.startswith(names) for p in tracked_files())
+        assert any(p.startswith(names) for p in tracked_files(untracked=True))
+    finally:
+        shutil.rmtree(leftover)
 
 
 def test_the_readme_lists_every_framework_choice():

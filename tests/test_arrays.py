@@ -149,4 +149,17 @@ def test_load_data_results_are_checked(tmp_path):
         prepare_arrays(data, DataConfig(), tmp_path)
     floats = NamedArrays(train={**split, LABEL: np.zeros(6)}, validation=split, test=split)
     with pytest.raises(DataError, match="expected 1-d integer class indices"):
-        prepare_arrays(floats, DataConfig(), tmp_path)
+        prepare_arrays(floats, DataConfig(task="classification"), tmp_path)
+
+
+def test_float_labels_are_a_regression_and_data_errors_name_where(tmp_path):
+    split = {"x": np.zeros((6, 2), np.float32), LABEL: np.linspace(0, 1, 6)}
+    data = NamedArrays(train=split, validation=split, test=split)
+    dataset = prepare_arrays(data, DataConfig(), tmp_path / "ok")
+    assert dataset.info.task == "regression" and dataset.info.n_outputs == 1
+    strings = {**split, LABEL: np.array(["a"] * 6)}
+    bad = NamedArrays(train=split, validation=strings, test=split)
+    with pytest.raises(DataError, match=r"^r.py: load_data\(config\): the data .* numeric targets"):
+        prepare_arrays(
+            bad, DataConfig(task="regression"), tmp_path / "bad", "r.py: load_data(config)"
+        )

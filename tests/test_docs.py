@@ -321,21 +321,18 @@ def readme_recipe() -> str:
 
 
 def test_the_readme_recipe_trains_exports_and_validates(tmp_path):
-    from onnxflow.config import DataConfig, ExportConfig, TrainConfig, ValidateConfig
-    from onnxflow.recipes.steps import (
-        export_recipe,
-        prepare_recipe_data,
-        train_recipe,
-        validate_recipe,
-    )
+    from onnxflow.config import DataConfig, TrainConfig, ValidateConfig
+    from onnxflow.recipes.steps import prepare_recipe_data
+    from onnxflow.sources import RecipeSource, validate_sourced
 
     recipe = tmp_path / "my_recipe.py"
     recipe.write_text(readme_recipe())
     # as `onnxflow run --recipe my_recipe.py --epochs 3` does it, without Prefect and MLflow
     dataset = prepare_recipe_data(str(recipe), DataConfig(), tmp_path / "data")
-    trained = train_recipe(str(recipe), dataset, TrainConfig(epochs=3), tmp_path / "train")
-    exported = export_recipe(trained, dataset.info, ExportConfig(), tmp_path / "export")
-    summary = validate_recipe(exported.path, trained, dataset, ValidateConfig(), tmp_path / "v")
+    source = RecipeSource(recipe=str(recipe), dataset=dataset, train_config=TrainConfig(epochs=3))
+    model = source.export(source.train(tmp_path / "train"), tmp_path / "source")
+    path = model.exported.path
+    summary = validate_sourced(source, model, path, ValidateConfig(), tmp_path / "v")
     assert summary.passed, summary
     assert summary.metric_name == "accuracy" and summary.onnx_metric > 0.8, summary
 

@@ -125,25 +125,68 @@ def test_two_projects_run_flows_at_the_same_time(tmp_path, _migrated_db):
     )
 
 
+BLOCKING_RECIPE = """
+import time
+from pathlib import Path
+
+def load_data(config):
+    Path("in-flow").touch()  # the flow runs: its server is up
+    while True:  # until the command is interrupted, however fast the machine
+        time.sleep(0.1)
+
+def build_model(info):
+    raise AssertionError("never reached")
+"""
+
+
 def test_an_interrupted_command_stops_its_temporary_prefect_server(tmp_path, _migrated_db):
     """SIGTERM while the flow runs: the command ends, and so does every process it
-    started (the temporary Prefect server first of all)."""
+    started (the temporary Prefect server first of all). The flow's first task waits
+    until it is interrupted, so the command cannot finish before the signal comes."""
     folder = project(tmp_path / "project", _migrated_db)
-    run = import_model(folder, onnxflow_env(folder, tmp_path / "prefect-home"))
+    (folder / "recipe.py").write_text(BLOCKING_RECIPE)
+    run = subprocess.Popen(
+        [*ONNXFLOW, "run", "--recipe", "recipe.py"],
+        cwd=folder,
+        env=onnxflow_env(folder, tmp_path / "prefect-home"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 300
-    tree: list[tuple[int, int]] = []
-    while time.monotonic() < deadline and not any(
-        "prefect.server.api.server" in _cmd(pid) for pid, _ in tree
-    ):
-        tree = process_tree(run.pid)  # the command and the server it started
+    while time.monotonic() < deadline and not (folder / "in-flow").exists():
         assert run.poll() is None, run.stdout.read()
         time.sleep(0.2)
-    assert len(tree) >= 2, "the command started no server"
+    tree = process_tree(run.pid)  # the command and the server it started
+    assert any("prefect.server.api.server" in _cmd(pid) for pid, _ in tree), tree
     os.kill(run.pid, signal.SIGTERM)
     out, _ = run.communicate(timeout=60)
     assert run.returncode != 0
     assert "Traceback" not in out, out[-3000:]
     _wait_gone(tree)
+
+
+def test_a_recipe_failing_inside_the_flow_ends_with_one_error_line(tmp_path, _migrated_db):
+    """No Prefect traceback in the terminal: the failure is said once, last, naming the
+    recipe and the function; the details are in the log file it names."""
+    folder = project(tmp_path / "project", _migrated_db)
+    (folder / "bad.py").write_text("def build_model(info):\n    return 42\n")
+    out = subprocess.run(
+        [*ONNXFLOW, "run", "--recipe", "bad.py", "--epochs", "1"],
+        cwd=folder,
+        env=onnxflow_env(folder, tmp_path / "prefect-home"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 1, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
+    assert lines[-1].startswith("error: ") and "bad.py: build_model(info) returned" in lines[-1]
+    first = next(i for i, line in enumerate(lines) if "build_model(info) returned" in line)
+    assert len(lines) - first <= 3, "\n".join(lines[first:])
+    log_file = Path(lines[-1].rsplit("(details: ", 1)[1].rstrip(")"))
+    assert "Traceback" in (folder / log_file).read_text()
 
 
 @pytest.mark.parametrize("killed", ["pytest", "make"])

@@ -106,8 +106,9 @@ def _tamper(model_path: Path, out_dir: Path) -> Path:
 def test_tampered_onnx_output_fails_validation_and_registry_is_unchanged(mlflow_store, tmp_path):
     from onnxflow import tracking
     from onnxflow.data import prepare_data
-    from onnxflow.flows.pipeline import validate_and_register
+    from onnxflow.flows.pipeline import export_and_register
     from onnxflow.frameworks import get_adapter
+    from onnxflow.sources import TableSource
 
     cfg = small_config()
     dataset = prepare_data(cfg.data, tmp_path / "data")
@@ -118,7 +119,9 @@ def test_tampered_onnx_output_fails_validation_and_registry_is_unchanged(mlflow_
     run_id = tracking.start_run("onnxflow", "tampered", {}, {}, dataset)
 
     with pytest.raises(ValidationError) as err:
-        validate_and_register(trained, tampered, dataset, cfg, tmp_path / "chain", run_id)
+        source = TableSource(framework="torch", dataset=dataset, train_config=cfg.train)
+        model = source.sourced(trained, tampered, tmp_path / "chain")
+        export_and_register(source, trained, cfg, tmp_path / "chain", run_id, model)
     assert "probabilities" in str(err.value) and "max abs diff" in str(err.value)
     assert MlflowClient().search_model_versions("name='digits'") == []
     assert MlflowClient().get_run(run_id).data.tags["validation"] == "failed"

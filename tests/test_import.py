@@ -20,6 +20,20 @@ from onnxflow.importing import detect_format
 FAST = PipelineConfig.model_validate({"validate": {"latency_repeats": 3}})
 
 
+def import_model(source, name, sample, expected=None, *, config, out_dir):
+    """The one chain with an imported file as its source, registered as ``name``."""
+    from onnxflow.flows.pipeline import chain
+    from onnxflow.sources import ImportSource
+
+    config = config.model_copy(
+        update={"register_": config.register_.model_copy(update={"model_name": name})}
+    )
+    imported = ImportSource(
+        source=source, sample_path=sample, expected_path=expected, opset=config.export.opset
+    )
+    return chain(imported, config, out_dir)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
@@ -34,12 +48,14 @@ def prefect_harness():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """format -> (model path, sample path)."""
+    # torch._dynamo before TensorFlow: triton's import (by torch.export) segfaults in a
+    # process that already loaded TensorFlow; the statement between keeps the sorter away
+    import torch
+    import torch._dynamo  # noqa: F401
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # segfaults in a process that already loaded TensorFlow
     import keras
     import tensorflow as tf
-    import torch
-    import torch._dynamo  # noqa: F401  before TensorFlow: triton's import (by torch.export)
 
     root = tmp_path_factory.mktemp("byom")
     rng = np.random.default_rng(0)
@@ -208,8 +224,6 @@ def test_the_format_is_detected_from_the_content(files, fmt, tmp_path):
 def test_an_unknown_or_broken_file_is_refused_and_nothing_registered(
     mlflow_store, tmp_path, files, content, message
 ):
-    from onnxflow.flows.importing import import_model
-
     bad = tmp_path / "model.onnx"
     bad.write_bytes(content)
     with pytest.raises(ModelImportError, match=message):
@@ -242,8 +256,6 @@ def test_an_onnx_model_missing_its_external_data_is_refused(files, tmp_path):
 def test_a_sample_that_does_not_fit_is_refused_before_any_run(
     mlflow_store, tmp_path, files, arrays, message
 ):
-    from onnxflow.flows.importing import import_model
-
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(ModelImportError, match="does not match the model's inputs") as caught:
         import_model(
@@ -278,8 +290,6 @@ def test_integer_inputs_refuse_non_integer_values(files, tmp_path):
 def test_a_framework_model_is_imported_with_parity_against_its_framework(
     mlflow_store, tmp_path, files, fmt
 ):
-    from onnxflow.flows.importing import import_model
-
     path, sample = files[fmt]
     result = import_model(path, "byom", sample, config=FAST, out_dir=tmp_path / "a")
 
@@ -297,8 +307,6 @@ def test_a_framework_model_is_imported_with_parity_against_its_framework(
 
 
 def test_keras_outputs_keep_their_layer_names(mlflow_store, tmp_path, files):
-    from onnxflow.flows.importing import import_model
-
     path, sample = files["keras"]
     result = import_model(path, "byom", sample, config=FAST, out_dir=tmp_path / "a")
     report = json.loads((result.validation.report_dir / "report.json").read_text())
@@ -309,8 +317,6 @@ def test_keras_outputs_keep_their_layer_names(mlflow_store, tmp_path, files):
 def test_a_bare_onnx_model_without_expected_outputs_says_parity_was_not_checked(
     mlflow_store, tmp_path, files
 ):
-    from onnxflow.flows.importing import import_model
-
     path, sample = files["onnx"]
     result = import_model(path, "anytype", sample, config=FAST, out_dir=tmp_path / "a")
     tags = result.version.tags
@@ -323,8 +329,6 @@ def test_a_bare_onnx_model_without_expected_outputs_says_parity_was_not_checked(
 
 def test_a_bare_onnx_model_is_compared_with_expected_outputs(mlflow_store, tmp_path, files):
     import onnxruntime as ort
-
-    from onnxflow.flows.importing import import_model
 
     model, sample = files["onnx"]
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -393,7 +397,6 @@ def test_any_typed_models_are_served_through_v2_with_onnxruntime_answers(
     import httpx
     import onnxruntime as ort
 
-    from onnxflow.flows.importing import import_model
     from onnxflow.serving.launcher import stop_background
 
     model, sample = files["onnx"]

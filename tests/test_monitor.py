@@ -157,3 +157,24 @@ def test_the_monitor_flags_shifted_traffic_and_writes_onto_the_version(mlflow_st
     assert report["drift_share"] == 0.5
     page = mlflow.artifacts.load_text(f"runs:/{registered.run_id}/monitor/report.html")
     assert "Retrain: <b>yes</b>" in page
+
+
+def test_the_monitor_command_refuses_a_bad_window_and_a_model_without_profile(
+    mlflow_store, tmp_path
+):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "onnxflow.cli", "monitor", "nosuch", "--capture"]
+    done = subprocess.run(
+        [*command, str(tmp_path), "--since", "yesterday"], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "expected a duration (30m, 6h, 2d)" in done.stderr
+
+    from onnxflow.registration import register_onnx
+
+    path = make_linear_onnx(tmp_path / "m" / "model.onnx")
+    x = np.zeros((1, 64), np.float32)
+    register_onnx(path, model_name="bare", input_example=x, aliases=("champion",))
+    with pytest.raises(MonitorError, match="has no reference profile"):
+        monitor_model("bare", str(tmp_path), parse_since("1h"), RetrainPolicy())

@@ -114,9 +114,8 @@ def test_the_opset_6_model_imports_serves_and_answers_exactly_as_onnx_expects(
     from prefect.testing.utilities import prefect_test_harness
 
     from onnxflow.config import PipelineConfig
-    from onnxflow.flows.importing import import_model
     from onnxflow.serving.launcher import stop_background
-    from tests.test_import import _serve, _v2_input
+    from tests.test_import import _serve, _v2_input, import_model
 
     model, inputs, expected = case
     np.savez(tmp_path / "sample.npz", **inputs)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from onnxflow.arrays import NamedArrays, prepare_arrays
-from onnxflow.config import DataConfig, PipelineConfig, TrainConfig
+from onnxflow.config import DataConfig, ExportConfig, PipelineConfig, TrainConfig
 from onnxflow.errors import OnnxflowError, RecipeError
 from onnxflow.recipes import load_recipe, with_recipe_defaults
 from onnxflow.recipes.steps import train_recipe
@@ -128,6 +128,12 @@ def test_broken_recipes_are_refused_when_loaded(tmp_path, body, message):
         ),
         (
             HEAD + "def build_model(info):\n    return torch.nn.Linear(4, 3)\n",
+            r"recipe.py: build_model\(info\) returned a model whose forward\(\) takes "
+            r"\(input\), but the data's inputs are \(a, b\)",
+        ),
+        (
+            HEAD + "def build_model(info):\n    net = Net()\n    net.linear = torch.nn.Linear(5, 3)"
+            "\n    return net\n",
             r"recipe.py: the model from build_model\(info\) fails on two training rows",
         ),
         (
@@ -531,3 +537,114 @@ def test_a_recipe_sweep_registers_the_best_trial_with_its_parameters(
     took = time.perf_counter() - started
     assert_best_trial_registered(chain, 3)
     print(f"\nrecipe sweep of 3 trials without Dask: {took:.1f} s")
+
+
+# -- the recipe contract: inputs by name, regression, progress --------------------------------
+
+SWAPPED = """
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, b, a):  # not the data's order (a, b): bound by name
+        return a[:, :3] * self.scale
+
+def build_model(info):
+    return Net()
+
+def fit(model, data, config, on_epoch):
+    on_epoch(1, {"noop": 0.0})
+"""
+
+
+def test_inputs_reach_forward_by_name_whatever_the_data_order(tmp_path, small_dataset, caplog):
+    from onnxflow.recipes.steps import export_recipe, recipe_reference
+    from onnxflow.runtime import open_session
+
+    path = _recipe(tmp_path, SWAPPED)
+    with caplog.at_level("INFO", logger="onnxflow.recipes.steps"):
+        trained = train_recipe(str(path), small_dataset, TrainConfig(), tmp_path / "out")
+    assert any("epoch 1/" in r.getMessage() and "noop" in r.getMessage() for r in caplog.records)
+    from onnxflow.arrays import read_split
+
+    inputs, _ = read_split(small_dataset, "test")
+    want = np.exp(inputs["a"][:, :3]) / np.exp(inputs["a"][:, :3]).sum(axis=1, keepdims=True)
+    (reference,) = recipe_reference(trained, small_dataset.info)(inputs)
+    np.testing.assert_allclose(reference, want, rtol=1e-5)
+    exported = export_recipe(trained, small_dataset.info, ExportConfig(), tmp_path / "export")
+    (onnx_out,) = open_session(exported.path).run(None, inputs)
+    np.testing.assert_allclose(onnx_out, want, rtol=1e-5)
+
+
+def test_forward_parameters_that_are_not_the_data_inputs_are_an_error(tmp_path, small_dataset):
+    path = _recipe(tmp_path, SWAPPED.replace("forward(self, b, a)", "forward(self, x, a)"))
+    with pytest.raises(RecipeError) as caught:
+        train_recipe(str(path), small_dataset, TrainConfig(), tmp_path / "out")
+    message = str(caught.value)
+    assert message.startswith(f"{path}: build_model(info) returned a model whose forward()")
+    assert "takes (x, a)" in message and "the data's inputs are (a, b)" in message
+
+
+REGRESSION = """
+import numpy as np
+import torch
+
+def load_data(config):
+    rng = np.random.default_rng(0)
+
+    def split(rows):
+        x = rng.normal(size=(rows, 3)).astype(np.float32)
+        return {"x": x, "label": (x @ np.array([2.0, -1.0, 0.5]) + 10.0).astype(np.float64)}
+
+    return {"train": split(96), "validation": split(16), "test": split(32)}
+
+def build_model(info):
+    assert info.task == "regression" and info.n_outputs == 1
+    return torch.nn.Linear(3, 1)
+"""
+
+
+def test_a_regression_recipe_registers_with_rmse_and_parity(
+    prefect_harness, mlflow_store, tmp_path
+):
+    from onnxflow.flows.pipeline import run
+
+    path = _recipe(tmp_path, REGRESSION)
+    config = PipelineConfig.model_validate(
+        {
+            "recipe": str(path),
+            "register": {"model_name": "reg"},
+            "train": {"epochs": 30, "learning_rate": 0.1, "batch_size": 16},
+            "validate": {"latency_repeats": 3},
+        }
+    )
+    result = run(config=config, out_dir=tmp_path / "run")
+    (chain,) = result.chains
+    tags = chain.version.tags
+    assert tags["metric_name"] == "rmse" and float(tags["rmse"]) < 3.0
+    assert float(tags["parity_max_abs"]) <= 1e-4 and tags["parity_checked"] == "true"
+    report = (chain.validation.report_dir / "report.json").read_text()
+    assert '"mae_onnx"' in report and "predictions.png" in report
+
+
+def test_the_recipe_page_example_trains_exports_and_validates(tmp_path):
+    """docs/guide/recipes.md's example recipe, as `onnxflow run --recipe` runs it, without
+    Prefect and MLflow."""
+    import re
+
+    from onnxflow.config import ValidateConfig
+    from onnxflow.recipes.steps import prepare_recipe_data
+    from onnxflow.sources import RecipeSource, validate_sourced
+
+    page = (ROOT / "docs" / "guide" / "recipes.md").read_text()
+    (block,) = re.findall(r"```python\n(# my_recipe\.py\n.*?)```", page, flags=re.S)
+    recipe = _recipe(tmp_path, block, "my_recipe.py")
+    dataset = prepare_recipe_data(str(recipe), DataConfig(), tmp_path / "data")
+    source = RecipeSource(recipe=str(recipe), dataset=dataset, train_config=TrainConfig(epochs=3))
+    model = source.export(source.train(tmp_path / "train"), tmp_path / "source")
+    path = model.exported.path
+    summary = validate_sourced(source, model, path, ValidateConfig(), tmp_path / "v")
+    assert summary.passed and summary.metric_name == "accuracy" and summary.onnx_metric > 0.8

@@ -97,7 +97,7 @@ def test_unvalidated_model_is_never_registered(mlflow_store, linear_onnx, tmp_pa
             linear_onnx,
             summary=failed,
             lineage={},
-            dataset=None,
+            sample=None,
             config=RegisterConfig(),
             run_id="x",
         )

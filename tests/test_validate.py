@@ -12,10 +12,19 @@ import pytest
 
 from onnxflow.config import ValidateConfig
 from onnxflow.errors import ValidationError
-from onnxflow.validation import validate_model
+from onnxflow.results import ExportedModel
+from onnxflow.sources import TableSource, validate_sourced
 from tests.fixtures_ml import FRAMEWORKS, Built, built
 
 FAST = ValidateConfig(latency_repeats=5)
+
+
+def validate_model(model_path, trained, dataset, config, out_dir):
+    """The one validate step, with a built-in table model as the source."""
+    source = TableSource(framework=trained.framework, dataset=dataset)
+    exported = ExportedModel(path=model_path, exporter="test", opset=18, export_seconds=0.0)
+    model = source.sourced(trained, exported, out_dir.parent / f"{out_dir.name}-source")
+    return validate_sourced(source, model, model_path, config, out_dir)
 
 
 @pytest.fixture(scope="module")

@@ -35,9 +35,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from onnxflow.errors import OnnxflowError, RecipeError
+
+if TYPE_CHECKING:
+    from onnxflow.arrays import ArrayDatasetInfo
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +197,13 @@ def with_recipe_defaults(config):
         return type(config).model_validate(raw)
     except Exception as exc:  # pydantic's ValidationError names the bad key
         raise RecipeError(f"{recipe.ref}: DEFAULTS do not fit the configuration: {exc}") from None
+
+
+def expected_output(info: ArrayDatasetInfo) -> str:
+    """What the model must return for 2 rows, in words."""
+    if info.task == "regression":
+        return "predictions of shape [2, 1] (float targets: a regression)"
+    return (
+        f"class scores of shape [2, {info.n_classes}] "
+        f"({info.n_classes} classes: {', '.join(info.class_names[:10])})"
+    )

@@ -17,10 +17,11 @@ import numpy as np
 from onnxflow.arrays import LABEL, ArrayDatasetInfo, NamedArrays
 from onnxflow.config import TrainConfig
 from onnxflow.errors import RecipeError, TrainingError
+from onnxflow.interface import output_name
+from onnxflow.recipes import expected_output
 
 log = logging.getLogger(__name__)
 
-OUTPUT_NAME = "probabilities"
 EXPORTER = "tf2onnx"
 _EVAL_BATCH = 256
 
@@ -46,17 +47,33 @@ def device_scope(device: str):
     return tf.device("/GPU:0" if device == "cuda" else "/CPU:0")
 
 
+def declared_inputs(model) -> list[str]:
+    """The names of a functional model's ``keras.Input``s (none for a subclassed model)."""
+    return [getattr(t, "name", "").split(":")[0] for t in getattr(model, "inputs", []) or []]
+
+
+def bind_inputs(model, info: ArrayDatasetInfo, ref: str) -> None:
+    """The data's inputs go to the model by ``Input(name=...)`` (a one-input model takes
+    its one array whatever its name); RecipeError naming both sides otherwise."""
+    names, declared = info.input_names, declared_inputs(model)
+    if len(names) > 1 and declared and sorted(declared) != sorted(names):
+        raise RecipeError(
+            f"{ref}: build_model(info) returned a model whose inputs are named "
+            f"({', '.join(declared)}), but the data's inputs are ({', '.join(names)}): "
+            "give each keras.Input the name of a data input (they are passed by name)"
+        )
+
+
 def model_inputs(model, split: Mapping[str, np.ndarray], names: tuple[str, ...]):
-    """The split's inputs as the model takes them: by name when its inputs carry the data's
-    names, else as a list in the data's order (a single array for one input)."""
-    declared = [getattr(t, "name", "").split(":")[0] for t in getattr(model, "inputs", []) or []]
-    if sorted(declared) == sorted(names):
-        return {n: split[n] for n in names}
-    arrays = [split[n] for n in names]
-    return arrays[0] if len(arrays) == 1 else arrays
+    """The split's inputs as the model takes them: by name, or the one array of a
+    one-input model."""
+    if len(names) == 1 and declared_inputs(model) != list(names):
+        return split[names[0]]
+    return {n: split[n] for n in names}
 
 
 def check_output(model, data: NamedArrays, info: ArrayDatasetInfo, ref: str) -> None:
+    bind_inputs(model, info, ref)
     rows = {n: data.train[n][:2] for n in info.input_names}
     try:
         out = model(model_inputs(model, rows, info.input_names), training=False)
@@ -66,11 +83,10 @@ def check_output(model, data: NamedArrays, info: ArrayDatasetInfo, ref: str) -> 
             f"{ref}: the model from build_model(info) fails on two training rows: "
             f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
         ) from exc
-    if shape != (2, info.n_classes):
+    if shape != (2, info.n_outputs):
         raise RecipeError(
             f"{ref}: the model from build_model(info) returns shape {list(shape)} "
-            f"for 2 rows; expected class scores of shape [2, {info.n_classes}] "
-            f"({info.n_classes} classes)"
+            f"for 2 rows; expected {expected_output(info)}"
         )
 
 
@@ -82,13 +98,18 @@ def fit(
     device: str,
     on_epoch: Callable[[int, dict[str, float]], None] | None,
 ) -> dict[str, float]:
-    """Adam on sparse categorical cross-entropy (from logits), via ``model.fit``."""
+    """Adam on sparse categorical cross-entropy (from logits), or mean squared error
+    (regression), via ``model.fit``."""
     keras, _ = import_keras()
     names = info.input_names
+    classification = info.task == "classification"
+    score = "val_accuracy" if classification else "val_rmse"
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if classification
+        else keras.losses.MeanSquaredError(),
+        metrics=["accuracy"] if classification else [keras.metrics.RootMeanSquaredError("rmse")],
         jit_compile=False,
     )
     history: dict[str, float] = {}
@@ -99,18 +120,12 @@ def fit(
             metrics = {
                 "train_loss": float(logs["loss"]),
                 "val_loss": float(logs["val_loss"]),
-                "val_accuracy": float(logs["val_accuracy"]),
+                score: float(logs[score]),
             }
             if not np.isfinite(list(metrics.values())).all():
                 raise TrainingError(f"training diverged at epoch {epoch + 1}: {metrics}")
             history.clear()
             history.update(metrics)
-            log.info(
-                "recipe epoch %d/%d: %s",
-                epoch + 1,
-                config.epochs,
-                " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-            )
             if on_epoch is not None:
                 on_epoch(epoch + 1, metrics)
 
@@ -128,20 +143,36 @@ def fit(
     return history
 
 
-def save(model, info: ArrayDatasetInfo, out_dir: Path) -> Path:
+def owns(model) -> bool:
+    """Whether ``model`` is a ``keras.Model`` (without importing keras when no recipe has)."""
+    import sys
+
+    keras = sys.modules.get("keras")
+    return keras is not None and isinstance(model, keras.Model)
+
+
+def to_device(model, device: str):
+    """Keras places by ``device_scope``."""
+    return model
+
+
+def check_exportable(model, info: ArrayDatasetInfo, data: NamedArrays, ref: str, when: str) -> None:
+    """tf2onnx's problems only show at export (after training)."""
+
+
+def save(model, info: ArrayDatasetInfo, data: NamedArrays, out_dir: Path, ref: str) -> Path:
     """``model.keras``: data-named inputs -> the trained model -> softmax ``probabilities``."""
     keras, _ = import_keras()
     inputs = [
         keras.Input(shape=spec.shape, dtype=spec.dtype, name=spec.name) for spec in info.inputs
     ]
-    fed = (
-        {i.name: i for i in inputs}
-        if isinstance(model_inputs(model, {n: n for n in info.input_names}, info.input_names), dict)
-        else inputs[0]
-        if len(inputs) == 1
-        else inputs
+    fed = model_inputs(model, {i.name: i for i in inputs}, info.input_names)
+    top = (
+        keras.layers.Softmax(name=output_name(info.task))
+        if info.task == "classification"
+        else keras.layers.Identity(name=output_name(info.task))
     )
-    outputs = keras.layers.Softmax(name=OUTPUT_NAME)(model(fed))
+    outputs = top(model(fed))
     inference = keras.Model(inputs, outputs, name="inference")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.keras"
@@ -149,7 +180,7 @@ def save(model, info: ArrayDatasetInfo, out_dir: Path) -> Path:
     return path
 
 
-def export(model_path: Path, opset: int, target: Path) -> None:
+def export(model_path: Path, info: ArrayDatasetInfo, opset: int, target: Path) -> None:
     from onnxflow.importing import _tf_to_onnx
 
     _tf_to_onnx(model_path, "keras", opset, target)

@@ -1,7 +1,7 @@
-"""The steps of a recipe's chain, as plain functions (tasks: :mod:`onnxflow.tasks.recipes`).
+"""The recipe's side of the chain, as plain functions (:class:`onnxflow.sources.RecipeSource`
+is the chain's adapter over them).
 
-    data (load_data or a built-in loader) ─► train (build_model, fit) ─► export ─► simplify
-    ─► validate (every input and output, parity on CPU, accuracy) ─► register
+    data (load_data or a built-in loader) ─► train (build_model, fit) ─► export
 
 Each step takes the recipe's path (never its module) and loads it again, so tasks can
 retry or run in another process. Problems with the recipe are RecipeErrors naming the
@@ -10,10 +10,11 @@ recipe file and the function, raised before training whenever they can be.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -29,8 +30,8 @@ from onnxflow.arrays import (
     prepare_arrays,
     read_split,
 )
-from onnxflow.config import DataConfig, ExportConfig, RegisterConfig, TrainConfig, ValidateConfig
-from onnxflow.errors import ExportError, RecipeError, RegistryError
+from onnxflow.config import DataConfig, ExportConfig, TrainConfig
+from onnxflow.errors import ExportError, RecipeError
 from onnxflow.interface import (
     BATCH_AXIS,
     ModelInterface,
@@ -40,7 +41,7 @@ from onnxflow.interface import (
     read_interface,
 )
 from onnxflow.recipes import load_recipe, takes_params
-from onnxflow.results import ExportedModel, RegisteredVersion, TrainedModel, ValidationSummary
+from onnxflow.results import ExportedModel, TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -54,25 +55,28 @@ def prepare_recipe_data(recipe_ref: str, config: DataConfig, out_dir: Path) -> A
     and written as ``splits.npz``."""
     recipe = load_recipe(recipe_ref)
     if recipe.has("load_data"):
-        data = as_named_arrays(recipe.call("load_data", config), f"{recipe.ref}: load_data(config)")
+        where = f"{recipe.ref}: load_data(config)"
+        data = as_named_arrays(recipe.call("load_data", config), where)
     else:
+        where = f"{recipe.ref}: data.path {config.path or '(digits)'}"
         data = load_arrays(config)
-    return prepare_arrays(data, config, out_dir)
+    return prepare_arrays(data, config, out_dir, where)
+
+
+#: The recipe adapters, one module per framework, all with the same functions: ``owns``,
+#: ``resolve_device``, ``device_scope``, ``to_device``, ``check_output``,
+#: ``check_exportable``, ``fit``, ``save``, ``export``, ``reference``,
+#: ``count_parameters`` and ``EXPORTER``. Imported lazily (neither imports its framework
+#: at import time).
+ADAPTERS = {"torch": "onnxflow.recipes.torch_recipe", "keras": "onnxflow.recipes.keras_recipe"}
 
 
 def framework_adapter(model, ref: str) -> tuple[str, ModuleType]:
     """``("torch", torch_recipe)`` or ``("keras", keras_recipe)`` for a built model."""
-    kind = type(model).__module__.split(".")[0]
-    if kind == "torch" or _is_torch_module(model):
-        from onnxflow.recipes import torch_recipe
-
-        return "torch", torch_recipe
-    if kind in ("keras", "tensorflow", "tf_keras"):
-        from onnxflow.recipes import keras_recipe
-
-        keras, _ = keras_recipe.import_keras()
-        if isinstance(model, keras.Model):
-            return "keras", keras_recipe
+    for framework in ADAPTERS:
+        adapter = _adapter(framework)
+        if adapter.owns(model):
+            return framework, adapter
     raise RecipeError(
         f"{ref}: build_model(info) returned {type(model).__module__}."
         f"{type(model).__qualname__}, expected a torch.nn.Module or a keras.Model"
@@ -87,7 +91,9 @@ def train_recipe(
     on_epoch: EpochCallback | None = None,
 ) -> TrainedModel:
     """build_model → check it on two rows and that it can be captured for export → fit
-    (the recipe's or onnxflow's) on the chosen device → ``model.pt2`` / ``model.keras``."""
+    (the recipe's or onnxflow's) on the chosen device → ``model.pt2`` / ``model.keras``.
+
+    Every epoch's metrics are logged as one progress line, whoever's ``fit`` reports them."""
     recipe = load_recipe(recipe_ref)
     info = dataset.info
     data = NamedArrays(
@@ -109,13 +115,7 @@ def train_recipe(
         model = recipe.call("build_model", info)
     framework, adapter = framework_adapter(model, recipe.ref)
     adapter.check_output(model, data, info, recipe.ref)
-    if framework == "torch":  # torch.export problems show before any training
-        try:
-            adapter.inference_program(model, info, data.train)
-        except RecipeError as exc:
-            raise RecipeError(
-                f"{recipe.ref}: the model from build_model(info) cannot be exported: {exc}"
-            ) from exc
+    adapter.check_exportable(model, info, data, recipe.ref, "the model from build_model(info)")
     device = adapter.resolve_device(config.device)
     log.info(
         "recipe %s: %s model with %s parameters, training on %s",
@@ -126,48 +126,38 @@ def train_recipe(
     )
 
     started = time.perf_counter()
-    if framework == "torch":
-        model = model.to(device)
+    model = adapter.to_device(model, device)
     last_epoch: dict[str, float] = {}  # what the recipe's own fit reported last
 
     def reported(epoch: int, metrics: dict[str, float]) -> None:
         last_epoch.update(metrics)
+        log.info(
+            "%s epoch %d/%d: %s",
+            recipe.ref,
+            epoch,
+            config.epochs,
+            " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()),
+        )
         if on_epoch is not None:
             on_epoch(epoch, metrics)
 
-    if recipe.has("fit"):
-        resolved = config.model_copy(update={"device": device})
-        if framework == "keras":
-            with adapter.device_scope(device):
-                returned = recipe.call("fit", model, data, resolved, reported)
-        else:
+    with adapter.device_scope(device):
+        if recipe.has("fit"):
+            resolved = config.model_copy(update={"device": device})
             returned = recipe.call("fit", model, data, resolved, reported)
-        if returned is not None:
-            try:
-                same = framework_adapter(returned, recipe.ref)[0] == framework
-            except RecipeError:
-                same = False
-            if not same:
-                raise RecipeError(
-                    f"{recipe.ref}: fit(...) returned a "
-                    f"{type(returned).__name__}, expected the {framework} model "
-                    "it was given (or None)"
-                )
-            model = returned
-        metrics = {k: float(v) for k, v in last_epoch.items()}
-    else:
-        metrics = adapter.fit(model, data, info, config, device, on_epoch)
+            if returned is not None:
+                if not adapter.owns(returned):
+                    raise RecipeError(
+                        f"{recipe.ref}: fit(...) returned a {type(returned).__name__}, "
+                        f"expected the {framework} model it was given (or None)"
+                    )
+                model = returned
+            metrics = {k: float(v) for k, v in last_epoch.items()}
+        else:
+            metrics = adapter.fit(model, data, info, config, device, reported)
     seconds = time.perf_counter() - started
 
-    out = out_dir
-    if framework == "torch":
-        try:
-            program = adapter.inference_program(model, info, data.train)
-        except RecipeError as exc:
-            raise RecipeError(f"{recipe.ref}: the trained model cannot be exported: {exc}") from exc
-        path = adapter.save(program, out)
-    else:
-        path = adapter.save(model, info, out)
+    path = adapter.save(model, info, data, out_dir, recipe.ref)
     log.info("recipe model trained in %.1f s on %s -> %s", seconds, device, path)
     return TrainedModel(
         framework=framework,
@@ -200,10 +190,7 @@ def export_recipe(
     target = out_dir / "model.onnx"
     started = time.perf_counter()
     try:
-        if trained.framework == "torch":
-            adapter.export(trained.path, info, config.opset, target)
-        else:
-            adapter.export(trained.path, config.opset, target)
+        adapter.export(trained.path, info, config.opset, target)
     except Exception as exc:  # the exporters raise whatever their framework raises
         recipe = trained.params.get("recipe", "the recipe")
         raise ExportError(
@@ -247,7 +234,8 @@ def recipe_tags(trained: TrainedModel, info: ArrayDatasetInfo) -> dict[str, str]
 
 def recipe_interface(info: ArrayDatasetInfo) -> ModelInterface:
     """What a recipe's exported model takes and gives: the data's inputs (names, types,
-    shapes) behind a dynamic batch axis, and ``probabilities`` ``[batch, n_classes]``."""
+    shapes) behind a dynamic batch axis, and ``probabilities`` ``[batch, n_classes]`` (or
+    ``prediction`` ``[batch, 1]`` for a regression)."""
     import numpy as np
     from onnx import TensorProto
     from onnx.helper import np_dtype_to_tensor_dtype
@@ -259,7 +247,7 @@ def recipe_interface(info: ArrayDatasetInfo) -> ModelInterface:
         inputs=tuple(
             TensorDecl(s.name, onnx_type(s.dtype), (BATCH_AXIS, *s.shape)) for s in info.inputs
         ),
-        outputs=(TensorDecl(output_name("classification"), "FLOAT", (BATCH_AXIS, info.n_classes)),),
+        outputs=(TensorDecl(output_name(info.task), "FLOAT", (BATCH_AXIS, info.n_outputs)),),
     )
 
 
@@ -271,25 +259,12 @@ def _check_interface(target: Path, info: ArrayDatasetInfo) -> None:
 
 
 def _adapter(framework: str) -> ModuleType:
-    if framework == "torch":
-        from onnxflow.recipes import torch_recipe
-
-        return torch_recipe
-    from onnxflow.recipes import keras_recipe
-
-    return keras_recipe
+    return importlib.import_module(ADAPTERS[framework])
 
 
 def _split_arrays(dataset: ArrayDataset, split: str) -> dict[str, np.ndarray]:
     inputs, labels = read_split(dataset, split)
     return {**inputs, "label": labels}
-
-
-def _is_torch_module(model) -> bool:
-    import sys
-
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(model, torch.nn.Module)
 
 
 def _seed(seed: int) -> None:
@@ -302,64 +277,3 @@ def _seed(seed: int) -> None:
         sys.modules["torch"].manual_seed(seed)
     if "keras" in sys.modules:
         sys.modules["keras"].utils.set_random_seed(seed)
-
-
-def validate_recipe(
-    model_path: Path,
-    trained: TrainedModel,
-    dataset: ArrayDataset,
-    config: ValidateConfig,
-    out_dir: Path,
-) -> ValidationSummary:
-    """Every input and output on the test split (the validation imported models get), with
-    the framework model on CPU as the parity reference and test accuracy through both."""
-    from onnxflow.validation import validate_imported
-
-    inputs, labels = read_split(dataset, "test")
-    info = dataset.info
-    return validate_imported(
-        model_path,
-        inputs,
-        config,
-        out_dir,
-        source={
-            "name": trained.framework,
-            "path": str(trained.path),
-            "format": "recipe",
-            "recipe": trained.params.get("recipe", ""),
-            "train_device": trained.params.get("train_device", ""),
-            "reference_device": REFERENCE_DEVICE,
-        },
-        sample={"name": info.name, "digest": info.digest, "rows": len(labels), "split": "test"},
-        reference=recipe_reference(trained, info),
-        labels=labels,
-    )
-
-
-def register_recipe(
-    model_path: Path,
-    summary: ValidationSummary,
-    lineage: Mapping[str, str],
-    dataset: ArrayDataset,
-    config: RegisterConfig,
-    run_id: str,
-) -> RegisteredVersion:
-    """A validated recipe model becomes a version: the first test row as its input example
-    (every input), lineage, validation and recipe tags, alias ``challenger``."""
-    from onnxflow.registration import register_onnx, validation_tags
-
-    if not summary.passed:
-        raise RegistryError(
-            f"Refusing to register {model_path}: validation failed (see {summary.report_dir})."
-        )
-    inputs, _ = read_split(dataset, "test")
-    example = {name: array[:1] for name, array in inputs.items()}
-    tags = {**lineage, **validation_tags(summary)}
-    return register_onnx(
-        model_path,
-        model_name=config.model_name,
-        input_example=example,
-        tags=tags,
-        aliases=(config.alias,),
-        run_id=run_id,
-    )

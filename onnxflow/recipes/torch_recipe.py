@@ -18,11 +18,12 @@ import numpy as np
 from onnxflow.arrays import LABEL, ArrayDatasetInfo, NamedArrays
 from onnxflow.config import TrainConfig
 from onnxflow.errors import RecipeError, TrainingError
+from onnxflow.interface import output_name
+from onnxflow.recipes import expected_output
 
 log = logging.getLogger(__name__)
 
 BATCH_AXIS = "batch"
-OUTPUT_NAME = "probabilities"
 EXPORTER = "torch.onnx.export(dynamo=True)"
 _EVAL_BATCH = 256
 
@@ -39,16 +40,51 @@ def resolve_device(requested: str) -> str:
     return "cuda" if requested in ("auto", "cuda") and available else "cpu"
 
 
+def bind_inputs(model, info: ArrayDatasetInfo, ref: str) -> None:
+    """The data's inputs go to ``forward()`` by parameter name (a one-input model takes its
+    one array whatever the parameter's name); RecipeError naming both sides otherwise."""
+    import inspect
+
+    names = info.input_names
+    if len(names) == 1:
+        return
+    params = inspect.signature(model.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    named = [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
+    ]
+    if sorted(named) != sorted(names):
+        raise RecipeError(
+            f"{ref}: build_model(info) returned a model whose forward() takes "
+            f"({', '.join(named) or '*args'}), but the data's inputs are ({', '.join(names)}): "
+            "name forward()'s parameters after the data's inputs (they are passed by name)"
+        )
+
+
+def call_net(model, tensors: Mapping[str, object]):
+    """The recipe's model on named tensors: by parameter name, or the one tensor."""
+    if len(tensors) == 1:
+        return model(next(iter(tensors.values())))
+    return model(**tensors)
+
+
 def forward(model, inputs: Mapping[str, np.ndarray], names: tuple[str, ...], device: str = "cpu"):
+    """The recipe's model on numpy arrays (by name), on ``device``."""
     import torch
 
-    return model(*(torch.from_numpy(np.ascontiguousarray(inputs[n])).to(device) for n in names))
+    return call_net(
+        model, {n: torch.from_numpy(np.ascontiguousarray(inputs[n])).to(device) for n in names}
+    )
 
 
 def check_output(model, data: NamedArrays, info: ArrayDatasetInfo, ref: str) -> None:
     """Two training rows through the untrained model: its output must be [2, n_classes]."""
     import torch
 
+    bind_inputs(model, info, ref)
     rows = {n: data.train[n][:2] for n in info.input_names}
     model.eval()
     try:
@@ -59,7 +95,7 @@ def check_output(model, data: NamedArrays, info: ArrayDatasetInfo, ref: str) -> 
             f"{ref}: the model from build_model(info) fails on two training rows "
             f"({_describe(rows)}): {type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
         ) from exc
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, info.n_classes):
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, info.n_outputs):
         found = (
             f"{type(out).__name__}"
             if not isinstance(out, torch.Tensor)
@@ -67,8 +103,7 @@ def check_output(model, data: NamedArrays, info: ArrayDatasetInfo, ref: str) -> 
         )
         raise RecipeError(
             f"{ref}: the model from build_model(info) returns {found} for 2 rows; "
-            f"expected class scores of shape [2, {info.n_classes}] "
-            f"({info.n_classes} classes: {', '.join(info.class_names[:10])})"
+            f"expected {expected_output(info)}"
         )
 
 
@@ -80,14 +115,15 @@ def fit(
     device: str,
     on_epoch: Callable[[int, dict[str, float]], None] | None,
 ) -> dict[str, float]:
-    """Adam on cross-entropy, seeded mini-batches; validation loss and accuracy per epoch."""
+    """Adam on cross-entropy (classification) or mean squared error (regression), seeded
+    mini-batches; validation loss and accuracy (or RMSE) per epoch."""
     import torch
 
     names = info.input_names
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    loss_fn = _loss(info)
     inputs = {n: torch.from_numpy(np.ascontiguousarray(data.train[n])) for n in names}
-    labels = torch.from_numpy(data.train[LABEL]).long()
+    labels = _targets(data.train[LABEL], info)
     generator = torch.Generator().manual_seed(config.seed)
     n = len(labels)
     metrics: dict[str, float] = {}
@@ -98,47 +134,66 @@ def fit(
         for start in range(0, n, config.batch_size):
             rows = order[start : start + config.batch_size]
             optimizer.zero_grad()
-            out = model(*(inputs[k][rows].to(device) for k in names))
+            out = call_net(model, {k: inputs[k][rows].to(device) for k in names})
             loss = loss_fn(out, labels[rows].to(device))
             loss.backward()
             optimizer.step()
             total += loss.item() * len(rows)
-        val_loss, val_accuracy = evaluate(model, data.validation, names, device)
-        metrics = {"train_loss": total / n, "val_loss": val_loss, "val_accuracy": val_accuracy}
+        val_loss, val_score = evaluate(model, data.validation, info, device)
+        metrics = {"train_loss": total / n, "val_loss": val_loss, _score_name(info): val_score}
         if not np.isfinite(list(metrics.values())).all():
             raise TrainingError(
                 f"training diverged at epoch {epoch}: {metrics}; try a lower "
                 f"learning_rate than {config.learning_rate}"
             )
-        log.info(
-            "recipe epoch %d/%d (%.1f s): %s",
-            epoch,
-            config.epochs,
-            time.perf_counter() - started,
-            " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-        )
+        metrics["epoch_seconds"] = time.perf_counter() - started
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     return metrics
 
 
 def evaluate(
-    model, split: Mapping[str, np.ndarray], names: tuple[str, ...], device: str
+    model, split: Mapping[str, np.ndarray], info: ArrayDatasetInfo, device: str
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` (eval mode) on one split."""
+    """Mean loss of ``model`` (eval mode) on one split, and its accuracy (classification)
+    or RMSE (regression)."""
     import torch
 
     model.eval()
-    labels = split[LABEL]
+    names, labels = info.input_names, split[LABEL]
+    loss_fn = _loss(info, reduction="sum")
     total, correct = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(labels), _EVAL_BATCH):
             rows = {n: split[n][start : start + _EVAL_BATCH] for n in names}
-            y = torch.from_numpy(labels[start : start + _EVAL_BATCH]).long().to(device)
+            y = _targets(labels[start : start + _EVAL_BATCH], info).to(device)
             out = forward(model, rows, names, device)
-            total += torch.nn.functional.cross_entropy(out, y, reduction="sum").item()
-            correct += int((out.argmax(dim=1) == y).sum().item())
-    return total / len(labels), correct / len(labels)
+            total += loss_fn(out, y).item()
+            if info.task == "classification":
+                correct += int((out.argmax(dim=1) == y).sum().item())
+    mean = total / len(labels)
+    return mean, correct / len(labels) if info.task == "classification" else float(np.sqrt(mean))
+
+
+def _loss(info: ArrayDatasetInfo, reduction: str = "mean"):
+    import torch
+
+    if info.task == "regression":
+        return torch.nn.MSELoss(reduction=reduction)
+    return torch.nn.CrossEntropyLoss(reduction=reduction)
+
+
+def _targets(labels: np.ndarray, info: ArrayDatasetInfo):
+    """Class indices (long), or float targets shaped [n, 1] like the model's output."""
+    import torch
+
+    if info.task == "regression":
+        return torch.from_numpy(labels.astype(np.float32).reshape(-1, 1))
+    return torch.from_numpy(labels).long()
+
+
+def _score_name(info: ArrayDatasetInfo) -> str:
+    return "val_accuracy" if info.task == "classification" else "val_rmse"
 
 
 def inference_program(model, info: ArrayDatasetInfo, sample: Mapping[str, np.ndarray]):
@@ -148,13 +203,19 @@ def inference_program(model, info: ArrayDatasetInfo, sample: Mapping[str, np.nda
 
     import torch
 
+    names, classification = info.input_names, info.task == "classification"
+
     class Probabilities(torch.nn.Module):
+        """Positional inputs in the data's order (the ONNX inputs' order), passed on to
+        the recipe's model by name."""
+
         def __init__(self, net) -> None:
             super().__init__()
             self.net = net
 
         def forward(self, *inputs):
-            return torch.softmax(self.net(*inputs), dim=-1)
+            out = call_net(self.net, dict(zip(names, inputs, strict=True)))
+            return torch.softmax(out, dim=-1) if classification else out
 
     cpu = copy.deepcopy(model).cpu().eval()
     cpu.requires_grad_(False)
@@ -172,9 +233,43 @@ def inference_program(model, info: ArrayDatasetInfo, sample: Mapping[str, np.nda
         ) from exc
 
 
-def save(program, out_dir: Path) -> Path:
+def owns(model) -> bool:
+    """Whether ``model`` is a ``torch.nn.Module`` (without importing torch when no recipe
+    has)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+def device_scope(device: str):
+    """Torch places by ``to_device``; nothing to enter."""
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def to_device(model, device: str):
+    return model.to(device)
+
+
+def check_exportable(model, info: ArrayDatasetInfo, data: NamedArrays, ref: str, when: str) -> None:
+    """torch.export problems show before any training (``when``: which model it is)."""
+    try:
+        inference_program(model, info, data.train)
+    except RecipeError as exc:
+        raise RecipeError(f"{ref}: {when} cannot be exported: {exc}") from exc
+
+
+def save(model, info: ArrayDatasetInfo, data: NamedArrays, out_dir: Path, ref: str) -> Path:
+    """``model.pt2``: the ``torch.export`` program of a CPU copy (see
+    :func:`inference_program`)."""
     import torch
 
+    try:
+        program = inference_program(model, info, data.train)
+    except RecipeError as exc:
+        raise RecipeError(f"{ref}: the trained model cannot be exported: {exc}") from exc
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.pt2"
     torch.export.save(program, path)
@@ -194,7 +289,7 @@ def export(model_path: Path, info: ArrayDatasetInfo, opset: int, target: Path) -
         None,
         dynamo=True,
         input_names=list(info.input_names),
-        output_names=[OUTPUT_NAME],
+        output_names=[output_name(info.task)],
         opset_version=opset,
         verbose=False,
     )
@@ -215,7 +310,8 @@ def reference(
         with torch.inference_mode():
             for start in range(0, n, _EVAL_BATCH):
                 part = {k: v[start : start + _EVAL_BATCH] for k, v in feeds.items()}
-                parts.append(forward(module, part, names).numpy())
+                args = (torch.from_numpy(np.ascontiguousarray(part[k])) for k in names)
+                parts.append(module(*args).numpy())
         return [np.concatenate(parts)]
 
     return run

@@ -307,7 +307,7 @@ def check_metric(
     config: ValidateConfig,
 ) -> tuple[Check, dict[str, Any]]:
     """Accuracy (classification: argmax of the scores against class indices ``y``) or RMSE
-    (regression) through both, and the drop allowed."""
+    (regression; MAE reported beside it) through both, and the drop allowed."""
     if task == "classification":
         fw_pred, onnx_pred = framework_out.argmax(axis=1), onnx_out.argmax(axis=1)
         fw, ox = float(np.mean(fw_pred == y)), float(np.mean(onnx_pred == y))
@@ -323,7 +323,14 @@ def check_metric(
         fw = float(np.sqrt(np.mean((framework_out.reshape(-1) - y) ** 2)))
         ox = float(np.sqrt(np.mean((onnx_out.reshape(-1) - y) ** 2)))
         drop, allowed = ox - fw, config.max_accuracy_drop * fw
-        metric = {"name": "rmse", "framework": fw, "onnx": ox, "drop": drop}
+        metric = {
+            "name": "rmse",
+            "framework": fw,
+            "onnx": ox,
+            "drop": drop,
+            "mae_framework": float(np.mean(np.abs(framework_out.reshape(-1) - y))),
+            "mae_onnx": float(np.mean(np.abs(onnx_out.reshape(-1) - y))),
+        }
     passed = drop <= allowed + 1e-12  # float noise in the subtraction is not a drop
     name = metric["name"]
     detail = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,6 @@ import numpy as np
 
 from onnxflow.interface import declared
 from onnxflow.onnxfiles import model_size, onnx_digest
-from onnxflow.results import DatasetInfo
 from onnxflow.validation.checks import Check
 from onnxflow.validation.timing import LATENCY_BATCHES
 
@@ -106,7 +106,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 def plots(
     out_dir: Path,
-    info: DatasetInfo,
+    task: str,
+    class_names: Sequence[str],
     y: np.ndarray,
     framework_out: np.ndarray,
     onnx_out: np.ndarray,
@@ -156,8 +157,8 @@ def plots(
     ax.legend()
     save(fig, "latency.png")
 
-    if info.task == "classification":
-        n = info.n_outputs
+    if task == "classification":
+        n = len(class_names)
         matrix = np.zeros((n, n), dtype=int)
         np.add.at(matrix, (y, onnx_out.argmax(axis=1)), 1)
         fig = Figure(figsize=(5.5, 5))
@@ -174,8 +175,8 @@ def plots(
                     fontsize=7,
                     color="white" if count > matrix.max() / 2 else "black",
                 )
-        ax.set_xticks(range(n), info.class_names, rotation=90 if n > 12 else 0)
-        ax.set_yticks(range(n), info.class_names)
+        ax.set_xticks(range(n), list(class_names), rotation=90 if n > 12 else 0)
+        ax.set_yticks(range(n), list(class_names))
         ax.set(xlabel="predicted (onnxruntime)", ylabel="true", title="confusion matrix (test)")
         save(fig, "confusion_matrix.png")
     else:

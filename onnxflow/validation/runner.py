@@ -1,10 +1,8 @@
-"""The two ways into validation, over one runner.
+"""The one way into validation, for every source of a model.
 
-* :func:`validate_model`: a model onnxflow trained and exported, against its framework
-  original on the held-out test split (interface, parity, batch consistency, accuracy or
-  RMSE, latency, plots).
-* :func:`validate_imported`: any ONNX model on its sample (every input and output, any
-  tensor type), against the source framework or given expected outputs.
+:func:`validate_onnx`: any ONNX model on its source's sample (every input and output, any
+tensor type), against the source's declared interface, its framework original on CPU or
+given expected outputs; accuracy or RMSE/MAE when the sample has labels; latency, plots.
 
 Modelled on optimum's ``validate_model_outputs``: check the interface (names, then
 shapes), then values against declared tolerances; log one ✓/✗ line per check; collect
@@ -23,17 +21,10 @@ from typing import Any
 import numpy as np
 
 from onnxflow.config import ValidateConfig
-from onnxflow.data import load_splits
 from onnxflow.errors import ValidationError
-from onnxflow.frameworks import get_adapter
-from onnxflow.interface import (
-    default_opset,
-    load_graph,
-    output_name,
-    read_interface,
-    table_model_interface,
-)
-from onnxflow.results import DatasetArtifact, TrainedModel, ValidationSummary
+from onnxflow.interface import ModelInterface, default_opset, load_graph, read_interface
+from onnxflow.results import ValidationSummary
+from onnxflow.sources import Reference, ValidationSample, read_sample
 from onnxflow.validation import checks
 from onnxflow.validation.checks import Check, Feeds, one_line
 from onnxflow.validation.report import model_section, plots, write_report
@@ -133,123 +124,59 @@ class ValidationRun:
         return summary
 
 
-def validate_model(
+def validate_onnx(
     model_path: Path,
-    trained: TrainedModel,
-    dataset: DatasetArtifact,
-    config: ValidateConfig,
-    out_dir: Path,
-) -> ValidationSummary:
-    """Run every check on the test split, write the report into ``out_dir``, then raise
-    :class:`ValidationError` naming each failed check, or return the summary."""
-    info = dataset.info
-    splits = load_splits(dataset)
-    X, y = splits["X_test"], splits["y_test"]
-    run = ValidationRun(
-        model_path,
-        out_dir,
-        {
-            "framework": {"name": trained.framework, "path": str(trained.path)},
-            "dataset": {"name": info.name, "digest": info.digest, "split": "test", "rows": len(y)},
-            "tolerances": config.model_dump(),
-        },
-    )
-    log.info("validating %s against %s on %d test rows", model_path, trained.path, len(y))
-    session = run.open_session()
-    declared = table_model_interface(info.task, info.n_features, info.n_outputs)
-    run.record(checks.check_inputs(declared, run.interface))
-    run.record(checks.check_output_names(declared, run.interface))
-    if session is None or len(session.get_inputs()) != 1 or not session.get_outputs():
-        return run.finish()  # nothing can be run: raises
-
-    input_name = session.get_inputs()[0].name
-    feeds = {input_name: X}
-    run_onnx, by_name = run.first_run(session, feeds, "the test split")
-    if by_name is None:
-        return run.finish()
-    framework = get_adapter(trained.framework).load_predictor(trained.path)
-    main = output_name(info.task)
-    reference = {main: framework(X)}
-    # pair outputs by name; a misnamed single output is still compared (its name check failed)
-    outputs = {name: by_name.get(name, next(iter(by_name.values()))) for name in reference}
-
-    parity = {}
-    for name, expected in reference.items():
-        found = outputs[name]
-        shape_check = checks.check_output_shape(name, declared, run.interface, found, expected)
-        run.record(shape_check)
-        if shape_check.passed:
-            parity[name] = checks.parity_figures(found, expected, config.atol)
-            run.record(checks.check_abs(name, parity[name], config.atol))
-            run.record(checks.check_rel(name, parity[name], config.rtol))
-    run.report["parity"] = parity
-    run.record(checks.check_batches(run_onnx, feeds, config, run.report))
-    if len(parity) < len(reference):
-        return run.finish()  # wrong shapes: no metric to compare
-
-    metric_check, metric = checks.check_metric(info.task, y, reference[main], outputs[main], config)
-    run.record(metric_check)
-    run.report["metric"] = metric
-
-    latency = latencies(
-        {"framework": lambda batch: framework(batch[input_name]), "onnx": run_onnx},
-        feeds,
-        config.latency_repeats,
-    )
-    run.report["latency_ms"] = latency
-    log.info("latency (median ms): %s", ", ".join(f"{k} {v:.3f}" for k, v in latency.items()))
-
-    plot_files = plots(out_dir, info, y, reference[main], outputs[main], latency)
-    summary = run.summary(
-        metric_name=metric["name"],
-        framework_metric=metric["framework"],
-        onnx_metric=metric["onnx"],
-        parity=parity,
-        latency=latency,
-        missing=math.inf,
-    )
-    return run.finish(summary, plot_files)
-
-
-def validate_imported(
-    model_path: Path,
-    feeds: dict[str, np.ndarray],
+    sample: ValidationSample,
     config: ValidateConfig,
     out_dir: Path,
     *,
-    source: dict[str, str],
-    sample: dict[str, Any],
-    reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None = None,
-    expected: dict[str, np.ndarray] | None = None,
-    labels: np.ndarray | None = None,
+    origin: dict[str, Any],
+    reference: Reference | None = None,
+    declared: ModelInterface | None = None,
 ) -> ValidationSummary:
-    """Validate any ONNX model on its sample: every input and output, any tensor type.
+    """Validate any ONNX model on its sample, whatever its source; write the report into
+    ``out_dir``, then raise :class:`ValidationError` naming each failed check, or return
+    the summary.
 
-    Parity is per output, by name: against ``reference`` (the source framework's outputs,
-    in the ONNX model's output order) when there is one, else against ``expected`` (given
-    outputs), else it is not checked and the report says so. Float outputs are compared
-    against atol/rtol, every other type must be equal. Batch-1 vs batch-N consistency runs
-    only when every input and output has a dynamic first axis. ``source``: ``name``,
-    ``path``, ``format`` of the imported file; ``sample``: ``name``, ``digest``, ``rows``.
-    ``labels`` (class indices of the sample's rows, with a ``reference``): the accuracy of
-    the first output's argmax through onnxruntime and the reference becomes the summary's
-    metric, and may drop at most ``max_accuracy_drop`` (a recipe's test split).
+    ``declared``: the interface the source promises (names, types, shapes), checked first.
+    Parity is per output, by name: against ``reference`` (the source framework's outputs
+    on CPU, in the ONNX model's output order) when there is one, else against the sample's
+    expected outputs, else it is not checked and the report says so. Float outputs are
+    compared against atol/rtol, every other type must be equal. Batch-1 vs batch-N
+    consistency runs only when every input and output has a dynamic first axis. A sample
+    with labels adds the metric of the first output through both (accuracy of its argmax,
+    or RMSE and MAE for regression), its allowed drop, and the plots; ``origin`` is the
+    report's ``framework`` section.
     """
+    arrays = read_sample(sample)
+    feeds, labels = arrays.inputs, arrays.labels
     run = ValidationRun(
         model_path,
         out_dir,
         {
-            "framework": dict(source),
-            "dataset": {"split": "sample", **sample},
+            "framework": dict(origin),
+            "dataset": {
+                "name": sample.name,
+                "digest": sample.digest,
+                "split": sample.split,
+                "rows": sample.rows,
+            },
             "tolerances": config.model_dump(),
         },
     )
     dynamic_batch = run.interface.dynamic_batch
     run.report["batch_axis"] = "dynamic" if dynamic_batch else "none"
     log.info(
-        "validating %s (imported from %s) on %s", model_path, source.get("path"), sample.get("name")
+        "validating %s against %s on %d %s rows",
+        model_path,
+        origin.get("path"),
+        sample.rows,
+        sample.split,
     )
     session = run.open_session()
+    if declared is not None:
+        run.record(checks.check_inputs(declared, run.interface))
+        run.record(checks.check_output_names(declared, run.interface))
     if session is None:
         return run.finish()
     run.record(
@@ -259,7 +186,7 @@ def validate_imported(
             ", ".join(f"{k} {v.dtype} {list(v.shape)}" for k, v in feeds.items()),
         )
     )
-    run_onnx, outputs = run.first_run(session, feeds, "the sample")
+    run_onnx, outputs = run.first_run(session, feeds, f"the {sample.split} rows")
     if outputs is None:
         return run.finish()
     output_names = list(outputs)
@@ -267,21 +194,20 @@ def validate_imported(
     wanted, compared_with = None, None
     if reference is not None:
         framework_out = reference(feeds)
-        compared_with = source.get("name", "framework")
+        compared_with = origin.get("name", "framework")
         if len(framework_out) != len(output_names):
             run.record(
                 Check(
                     "output count",
                     False,
-                    f"{compared_with} gives "
-                    f"{len(framework_out)} outputs, the ONNX model "
+                    f"{compared_with} gives {len(framework_out)} outputs, the ONNX model "
                     f"{len(output_names)} ({output_names})",
                 )
             )
         else:
             wanted = dict(zip(output_names, (np.asarray(p) for p in framework_out), strict=True))
-    elif expected:
-        wanted, compared_with = dict(expected), "expected outputs"
+    elif arrays.expected:
+        wanted, compared_with = dict(arrays.expected), "expected outputs"
     parity: dict[str, dict[str, float]] = {}
     if wanted is None and reference is None:
         why = (
@@ -294,6 +220,13 @@ def validate_imported(
         run.report["parity_checked"] = True
         run.report["parity_against"] = compared_with
         for name, reference_out in wanted.items():
+            if declared is not None:
+                shape = checks.check_output_shape(
+                    name, declared, run.interface, outputs[name], reference_out
+                )
+                if not shape.passed:
+                    run.record(shape)
+                    continue
             compared, figures = checks.compare_output(
                 name, outputs[name], reference_out, compared_with, config
             )
@@ -306,34 +239,38 @@ def validate_imported(
     run.report["parity"] = parity
     run.record(checks.check_batches(run_onnx, feeds, config, run.report, dynamic_batch))
     metric = None
-    if labels is not None and wanted is not None and output_names[0] in wanted:
-        first = output_names[0]
+    first = output_names[0]
+    if labels is not None and sample.task and wanted is not None and first in parity:
         metric_check, metric = checks.check_metric(
-            "classification", labels, wanted[first], outputs[first], config
+            sample.task, labels, wanted[first], outputs[first], config
         )
         run.record(metric_check)
         run.report["metric"] = metric
+    elif wanted is not None and len(parity) < len(wanted):
+        return run.finish()  # wrong shapes: no metric to compare
 
     runners = {"framework": reference} if reference is not None else {}
     latency = latencies({**runners, "onnx": run_onnx}, feeds, config.latency_repeats, dynamic_batch)
     run.report["latency_ms"] = latency
+    log.info("latency (median ms): %s", ", ".join(f"{k} {v:.3f}" for k, v in latency.items()))
+    plot_files = None
+    if metric is not None and wanted is not None:
+        plot_files = plots(
+            out_dir,
+            sample.task,
+            sample.class_names,
+            labels,
+            wanted[first],
+            outputs[first],
+            latency,
+        )
     max_abs = max((p["max_abs"] for p in parity.values()), default=math.nan)
-    if metric is not None:
-        summary = run.summary(
-            metric_name=metric["name"],
-            framework_metric=metric["framework"],
-            onnx_metric=metric["onnx"],
-            parity=parity,
-            latency=latency,
-            missing=math.nan,
-        )
-    else:
-        summary = run.summary(
-            metric_name=IMPORT_METRIC,
-            framework_metric=0.0 if parity else math.nan,
-            onnx_metric=max_abs,
-            parity=parity,
-            latency=latency,
-            missing=math.nan,
-        )
-    return run.finish(summary)
+    summary = run.summary(
+        metric_name=metric["name"] if metric else IMPORT_METRIC,
+        framework_metric=metric["framework"] if metric else (0.0 if parity else math.nan),
+        onnx_metric=metric["onnx"] if metric else max_abs,
+        parity=parity,
+        latency=latency,
+        missing=math.nan,
+    )
+    return run.finish(summary, plot_files)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from onnxflow.processes import free_port
-from onnxflow.serving.discovery import models_with_alias
 from onnxflow.serving.launcher import start_background, stop_background, wait_ready
+from onnxflow.serving.registry_reader import registry_for
 from onnxflow.serving.settings import ServingSettings
 from tests.serving import models
 from tests.serving.conftest import TOKEN, Endpoint, _example, corrupt_stored_model, wait_for
@@ -73,10 +73,18 @@ def test_settings_refuse_a_model_given_twice_and_nothing_to_serve():
 
 
 def test_discovery_reads_sqlite_and_rest_alike(registry, registered, mlflow_server, team):
-    assert models_with_alias("team", registry.uri) == ["team_a", "team_broken", "team_multi"]
+    assert registry_for(registry.uri).models_with_alias("team") == [
+        "team_a",
+        "team_broken",
+        "team_multi",
+    ]
     wait_for(lambda: _answers(f"{mlflow_server}/health"), 120, 0.5)  # it may still boot
-    assert models_with_alias("team", mlflow_server) == ["team_a", "team_broken", "team_multi"]
-    assert models_with_alias("no-such-alias", registry.uri) == []
+    assert registry_for(mlflow_server).models_with_alias("team") == [
+        "team_a",
+        "team_broken",
+        "team_multi",
+    ]
+    assert registry_for(registry.uri).models_with_alias("no-such-alias") == []
 
 
 def _answers(url: str) -> bool:
