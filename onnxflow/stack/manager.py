@@ -498,7 +498,9 @@ def status(settings: StackSettings) -> list[dict[str, object]]:
             detail = f"{settings.model} -> v{version}" if version else "no version loaded yet"
         elif running and record.name == "worker":
             try:
-                online = health.worker_online(settings.prefect_url, settings.work_pool)
+                online = health.worker_online(
+                    settings.prefect_url, settings.work_pool, prefect_login(settings)
+                )
             except Exception:
                 online = False
             detail = f"pool {settings.work_pool}: {'online' if online else 'not online'}"

@@ -227,6 +227,6 @@ def test_status_reports_every_part_and_the_served_version(stack):
         *(f"endpoint-{p}" for p in stack.endpoint_ports),
     ):
         assert part in out.stdout
-    assert "healthy" in out.stdout and "online" in out.stdout
+    assert "healthy" in out.stdout and f"pool {stack.work_pool}: online" in out.stdout
     assert out.stdout.count("digits@champion -> v1") == 2
     assert stack.prefect_url in out.stdout and stack.mlflow_url in out.stdout
