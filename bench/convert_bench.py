@@ -2,7 +2,8 @@
 
 For each case, in its own folder and SQLite registry under ``--work``: the pipeline runs
 as a user runs it (``onnxflow run``; skipped when the folder already holds a champion),
-then ``onnxflow convert NAME champion --to tensorflow``; its report.json gives the row:
+then ``onnxflow convert NAME champion --to tensorflow`` (the recipes with ``--sample`` of
+their own generated data, as their versions record one input row); report.json gives the row:
 conversion time, sizes, parity of the SavedModel and the TFLite file against onnxruntime
 on the version's sample, and latency (median of 20 calls) of onnxruntime, TensorFlow and
 TFLite at batch 1 and 32. Prints a markdown table (docs/benchmarks.md holds it).
@@ -48,9 +49,12 @@ def run_case(case: str, work: Path, epochs: int | None) -> dict:
                 stderr=subprocess.STDOUT,
             )
     out = folder / f"convert-{int(time.time())}"
+    sample = SAMPLES[case](folder / "sample.npz") if case in SAMPLES else None
+    extra = ["--sample", str(sample)] if sample else []
     with open(folder / "convert.log", "w") as log:
         done = subprocess.run(
-            [ONNXFLOW, "convert", name, "champion", "--to", "tensorflow", "--out", str(out)],
+            [ONNXFLOW, "convert", name, "champion", "--to", "tensorflow", "--out", str(out)]
+            + extra,
             cwd=folder,
             env=env,
             stdout=log,
@@ -62,6 +66,34 @@ def run_case(case: str, work: Path, epochs: int | None) -> dict:
     report = json.loads(report_path.read_text())
     report["case"], report["exit"] = case, done.returncode
     return report
+
+
+def text_sample(path: Path) -> Path:
+    """The last 256 sequences of the text recipe's generated data (ids, mask)."""
+    import numpy as np
+
+    data = np.load(ROOT / "examples/text/data/tokens.npz", allow_pickle=True)
+    np.savez(path, ids=data["ids"][-256:], mask=data["mask"][-256:])
+    return path
+
+
+def images_sample(path: Path) -> Path:
+    """The last 22 images of each class, read as onnxflow's image-folder loader reads them."""
+    import numpy as np
+    from PIL import Image
+
+    folder = ROOT / "examples/images/data/shapes"
+    images = [
+        np.asarray(Image.open(f).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
+        for name in ("circle", "square", "triangle")
+        for f in sorted((folder / name).glob("*.png"))[-22:]
+    ]
+    np.savez(path, image=np.stack(images))
+    return path
+
+
+#: A recipe version records a one-row input example only: parity on more of its own data.
+SAMPLES = {"text": text_sample, "images": images_sample}
 
 
 def row(report: dict) -> str:
