@@ -214,11 +214,10 @@ def _endpoints(registry: Registry, root: Path, server_url: str):
         ),
         "reloady": dict(model="reloady@champion", token=TOKEN, poll_interval_s=0.5),
     }
-    saved = os.environ.get("MLFLOW_TRACKING_URI")  # endpoint processes inherit it
     started = {}
-    try:
-        for key, options in specs.items():
-            os.environ["MLFLOW_TRACKING_URI"] = options.pop("tracking_uri", registry.uri)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, options in specs.items():  # endpoint processes inherit the tracking URI
+            patch.setenv("MLFLOW_TRACKING_URI", options.pop("tracking_uri", registry.uri))
             settings = ServingSettings(
                 port=free_port(), cache_dir=cache, log_level="info", **options
             )
@@ -229,11 +228,6 @@ def _endpoints(registry: Registry, root: Path, server_url: str):
                     info.url, options["model"].split("@")[0], root / key, options.get("token")
                 ),
             )
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
     try:
         for info, _ in started.values():
             wait_ready(info, timeout_s=240)  # a busy 2-core machine: mlflow server boots slowly
