@@ -28,6 +28,9 @@ ADMIN, PIPELINE, ENDPOINT, REVIEWER = "admin", "pipeline", "endpoint", "reviewer
 ACCOUNTS = (ADMIN, PIPELINE, ENDPOINT, REVIEWER)
 #: The Flask secret key of the MLflow server (CSRF of its sign-up form), kept like a password.
 SECRET_KEY = "flask-secret-key"
+#: The password of Prefect's API (its basic-auth setting, one login for every client).
+PREFECT_SECRET = "prefect-api"
+PREFECT_USER = "onnxflow"
 #: What every account may do beyond its roles: read every experiment and model.
 DEFAULT_PERMISSION = "READ"
 #: What a reviewer role grants on the models it reviews: edit (aliases, tags), not delete.
@@ -48,6 +51,11 @@ class Credentials:
             "MLFLOW_TRACKING_PASSWORD": self.passwords[account],
         }
 
+    def prefect_auth_string(self) -> str:
+        """``user:password`` of Prefect's API (``PREFECT_SERVER_API_AUTH_STRING`` on the
+        server, ``PREFECT_API_AUTH_STRING`` on every client)."""
+        return f"{PREFECT_USER}:{self.passwords[PREFECT_SECRET]}"
+
     def path(self, account: str) -> Path:
         return self.folder / account
 
@@ -63,7 +71,7 @@ def load_credentials(folder: Path) -> Credentials:
     if stat.S_IMODE(folder.stat().st_mode) & 0o077:
         os.chmod(folder, 0o700)
     passwords = {}
-    for account in (*ACCOUNTS, SECRET_KEY):
+    for account in (*ACCOUNTS, SECRET_KEY, PREFECT_SECRET):
         from_env = os.environ.get(_env_name(account))
         if from_env:
             if len(from_env) < 12:

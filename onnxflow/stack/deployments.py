@@ -45,11 +45,24 @@ def config_parameter(config: PipelineConfig) -> dict[str, Any]:
     return config.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
+def _client_settings(settings: StackSettings) -> dict:
+    """Prefect client settings for the stack's server: its URL and its basic-auth login."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_API_URL
+
+    from onnxflow.stack.manager import prefect_auth_env
+
+    auth = prefect_auth_env(settings).get("PREFECT_API_AUTH_STRING")
+    return {
+        PREFECT_API_URL: settings.prefect_api_url,
+        **({PREFECT_API_AUTH_STRING: auth, PREFECT_API_KEY: None} if auth else {}),
+    }
+
+
 def apply_deployments(settings: StackSettings) -> list[str]:
     """Create (or update) the work pool and both deployments on the stack's Prefect server."""
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     from onnxflow.flows.retrain import retrain_and_deploy
 
@@ -75,7 +88,7 @@ def apply_deployments(settings: StackSettings) -> list[str]:
         "mode). Also: `onnxflow trigger --help`.",
         **common,
     )
-    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
+    with temporary_settings(_client_settings(settings)):
         _ensure_work_pool(settings.work_pool)
         _ensure_zombie_automation(settings.zombie_after_s)
         for deployment in (scheduled, on_demand):
@@ -83,17 +96,37 @@ def apply_deployments(settings: StackSettings) -> list[str]:
     return [f"{FLOW_NAME}/{SCHEDULED}", f"{FLOW_NAME}/{ON_DEMAND}"]
 
 
+def fixed_job_template() -> dict[str, Any]:
+    """The process worker's base job template with what a flow run could use to run other
+    code taken out: the command is the worker's own (``python -m prefect.engine``), the
+    environment is the worker's (no ``env`` to add, e.g., PYTHONPATH), the folder is the
+    worker's; job variables outside the template are refused (422) by the server's own
+    validation, at flow-run creation and on a deployment update alike."""
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    fixed = ("command", "env", "working_dir")
+    for key in fixed:
+        template["variables"]["properties"].pop(key, None)
+        template["job_configuration"][key] = {} if key == "env" else None
+    template["variables"]["additionalProperties"] = False
+    return template
+
+
 def _ensure_work_pool(name: str) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
 
+    template = fixed_job_template()
     with get_client(sync_client=True) as client:
         try:
-            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            client.create_work_pool(
+                WorkPoolCreate(name=name, type="process", base_job_template=template)
+            )
             log.info("created process work pool %s", name)
         except ObjectAlreadyExists:
-            pass
+            client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
 
 
 ZOMBIE_AUTOMATION = "onnxflow: crash flow runs without heartbeats"
@@ -158,9 +191,9 @@ def trigger(
     Returns the flow run (its ``state`` is final when ``wait`` is set).
     """
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
+    with temporary_settings(_client_settings(settings)):
         return run_deployment(
             f"{FLOW_NAME}/{ON_DEMAND}",
             parameters=parameters,

@@ -21,9 +21,11 @@ def prefect_healthy(url: str) -> bool:
     return response.status_code == 200 and response.json() is True
 
 
-def worker_online(url: str, pool: str) -> bool:
+def worker_online(url: str, pool: str, auth: tuple[str, str] | None = None) -> bool:
     """True once a worker of ``pool`` has sent its heartbeat to the Prefect server."""
-    response = httpx.post(f"{url}/api/work_pools/{pool}/workers/filter", json={}, timeout=TIMEOUT)
+    response = httpx.post(
+        f"{url}/api/work_pools/{pool}/workers/filter", json={}, timeout=TIMEOUT, auth=auth
+    )
     return response.status_code == 200 and any(w.get("status") == "ONLINE" for w in response.json())
 
 

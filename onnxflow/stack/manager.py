@@ -55,6 +55,9 @@ _OVERRIDDEN = (
     "MLFLOW_FLASK_SERVER_SECRET_KEY",
     "MLFLOW_AUTH_ADMIN_PASSWORD",
     "ONNXFLOW_PROMOTION_POLICY",
+    "PREFECT_API_AUTH_STRING",
+    "PREFECT_SERVER_API_AUTH_STRING",
+    "PREFECT_API_KEY",  # Prefect Cloud's: it would take precedence over the auth string
 )
 
 Progress = Callable[[str], None]
@@ -160,6 +163,30 @@ def mlflow_server_env(
     return env
 
 
+def prefect_auth_env(
+    settings: StackSettings, credentials: Credentials | None = None, server: bool = False
+) -> dict[str, str]:
+    """Prefect's own basic auth: the server requires ``PREFECT_SERVER_API_AUTH_STRING``
+    (its UI asks for it), every client sends ``PREFECT_API_AUTH_STRING`` (empty: no auth)."""
+    credentials = stack_credentials(settings, credentials)
+    if credentials is None:
+        return {}
+    auth = credentials.prefect_auth_string()
+    env = {"PREFECT_API_AUTH_STRING": auth}
+    if server:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = auth
+    return env
+
+
+def prefect_login(settings: StackSettings) -> tuple[str, str] | None:
+    """(user, password) of Prefect's API for an HTTP client (None: no auth)."""
+    auth = prefect_auth_env(settings).get("PREFECT_API_AUTH_STRING")
+    if not auth:
+        return None
+    user, _, password = auth.partition(":")
+    return user, password
+
+
 def stack_credentials(
     settings: StackSettings, given: Credentials | None = None
 ) -> Credentials | None:
@@ -227,6 +254,7 @@ def worker_env(settings: StackSettings, credentials: Credentials | None = None) 
     login = credentials.env_for(accounts.PIPELINE) if credentials is not None else {}
     return {
         **prefect_env(settings),
+        **prefect_auth_env(settings, credentials),
         **login,
         "MLFLOW_TRACKING_URI": settings.mlflow_url,
         "ONNXFLOW_ARTIFACTS_DIR": str(state_dir(settings) / "runs"),
@@ -370,7 +398,7 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
         prefect = start(
             "prefect-server",
             prefect_server_command(settings),
-            prefect_env(settings),
+            {**prefect_env(settings), **prefect_auth_env(settings, credentials, server=True)},
             settings.prefect_url,
         )
         took = wait_until(
@@ -405,7 +433,9 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
         worker = start("worker", worker_command(settings), worker_env(settings, credentials), None)
         took = wait_until(
             worker,
-            lambda: health.worker_online(settings.prefect_url, settings.work_pool),
+            lambda: health.worker_online(
+                settings.prefect_url, settings.work_pool, prefect_login(settings)
+            ),
             settings.startup_timeout_s,
             "online",
             StackError,
@@ -468,7 +498,9 @@ def status(settings: StackSettings) -> list[dict[str, object]]:
             detail = f"{settings.model} -> v{version}" if version else "no version loaded yet"
         elif running and record.name == "worker":
             try:
-                online = health.worker_online(settings.prefect_url, settings.work_pool)
+                online = health.worker_online(
+                    settings.prefect_url, settings.work_pool, prefect_login(settings)
+                )
             except Exception:
                 online = False
             detail = f"pool {settings.work_pool}: {'online' if online else 'not online'}"

@@ -139,7 +139,19 @@ def stack_env(settings) -> dict[str, str]:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
     )
+    from onnxflow.stack.manager import prefect_auth_env
+
+    env.update(prefect_auth_env(settings))  # Prefect's API asks for its login
     return env
+
+
+def prefect_http(settings):
+    """An HTTP client of the stack's Prefect API, logged in (Prefect's basic auth)."""
+    import httpx
+
+    from onnxflow.stack.manager import prefect_login
+
+    return httpx.Client(base_url=settings.prefect_api_url, auth=prefect_login(settings), timeout=10)
 
 
 def record_timing(name: str, seconds: float) -> None:

@@ -193,6 +193,21 @@ def _consented(role: str, kind: str, path: str, body: dict, t: dict) -> bool:
     )
 
 
+def _prefect_routes(stack) -> list[tuple[str, str, dict]]:
+    """Prefect routes that run code with the pipeline's credentials or change what runs."""
+    with httpx.Client(base_url=stack.prefect_api_url, timeout=10) as http:
+        assert http.get("/health").status_code == 200  # the probe stays open
+    deployment = "00000000-0000-0000-0000-000000000000"
+    return [
+        ("POST", f"/deployments/{deployment}/create_flow_run", {"parameters": {}}),
+        ("PATCH", f"/deployments/{deployment}", {"job_variables": {"command": "id"}}),
+        ("POST", "/deployments/filter", {}),
+        ("POST", "/flow_runs/", {"flow_id": deployment}),
+        ("PATCH", f"/work_pools/{stack.work_pool}", {"base_job_template": {}}),
+        ("POST", "/deployments/", {"name": "x", "flow_id": deployment}),
+    ]
+
+
 def _send(client: httpx.Client, method: str, path: str, body: dict) -> int:
     if method == "GET":
         return client.get(path, params=body).status_code
@@ -232,12 +247,34 @@ def test_no_role_gets_a_version_served_as_champion_without_the_policy(stack, tar
     finally:
         for client in clients.values():
             client.close()
+    # Prefect's API: nobody without its login, MLflow passwords included.
+    prefect_logins = {
+        "anonymous": None,
+        "reviewer's MLflow login": (
+            "reviewer",
+            manager.account_env(stack, "reviewer")["MLFLOW_TRACKING_PASSWORD"],
+        ),
+        "pipeline's MLflow login": (
+            "pipeline",
+            manager.account_env(stack, "pipeline")["MLFLOW_TRACKING_PASSWORD"],
+        ),
+    }
+    for _ in range(ROUNDS):
+        for role, login in prefect_logins.items():
+            with httpx.Client(base_url=stack.prefect_api_url, auth=login, timeout=10) as http:
+                for method, path, body in _prefect_routes(stack):
+                    status = _send(http, method, path, body)
+                    attempts += 1
+                    if status == 401:
+                        refused += 1
+                    else:
+                        accepted.append((f"prefect {role}", method, path, status))
     rows = fetch_rows(stack.mlflow_url)
     new = [r for r in rows if r["seq"] not in before and r["model"] == t["model"]]
     audited = sum(1 for r in new if r["decision"] == "refused")
     figures = {
         "rounds": ROUNDS,
-        "roles": len(clients),
+        "roles": len(clients) + len(prefect_logins),
         "attempts": attempts,
         "refused": refused,
         "alias_changing_attempts": len(moves_sent),
@@ -247,7 +284,7 @@ def test_no_role_gets_a_version_served_as_champion_without_the_policy(stack, tar
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "hostile.json").write_text(json.dumps(figures, indent=2))
     print(
-        f"\nhostile sweep: {attempts} attempts by {len(clients)} roles, {refused} refused, "
+        f"\nhostile sweep: {attempts} attempts by {figures['roles']} roles, {refused} refused, "
         f"{len(moves_sent)} on alias-changing routes, {audited} of them in the audit trail"
     )
     assert accepted == [], accepted
@@ -259,3 +296,41 @@ def test_no_role_gets_a_version_served_as_champion_without_the_policy(stack, tar
             params={"name": t["model"], "alias": "champion"},
         )
     assert resolved.json()["model_version"]["version"] == t["champion"]
+
+
+def test_flow_runs_cannot_change_what_the_worker_executes(stack):
+    """Even with Prefect's login, a flow run cannot set the command, the environment or
+    the folder the worker runs it with: the work pool's base job template fixes them and
+    the server refuses other job variables; a deployment updated with them cannot run."""
+    from tests.integration.conftest import prefect_http
+
+    with prefect_http(stack) as http:
+        deployment = http.get("/deployments/name/retrain-and-deploy/on-demand").json()["id"]
+        pool = http.get(f"/work_pools/{stack.work_pool}").json()
+        assert pool["base_job_template"]["job_configuration"]["command"] is None
+        assert pool["base_job_template"]["variables"]["additionalProperties"] is False
+        for variables in (
+            {"command": "sh -c 'id > /tmp/pwned'"},
+            {"env": {"PYTHONPATH": "/tmp/evil"}},
+            {"working_dir": "/tmp"},
+        ):
+            run = http.post(
+                f"/deployments/{deployment}/create_flow_run",
+                json={"job_variables": variables, "state": {"type": "SCHEDULED"}},
+            )
+            assert run.status_code == 422, (variables, run.status_code, run.text)
+        # Prefect's server stores a deployment update's job variables unchecked, but no run
+        # of that deployment can then be created (and the template has no place for them).
+        try:
+            patched = http.patch(
+                f"/deployments/{deployment}", json={"job_variables": {"command": "id"}}
+            )
+            assert patched.status_code == 204, patched.text
+            run = http.post(
+                f"/deployments/{deployment}/create_flow_run",
+                json={"state": {"type": "SCHEDULED"}},
+            )
+            assert run.status_code == 422, (run.status_code, run.text)
+        finally:
+            restored = http.patch(f"/deployments/{deployment}", json={"job_variables": {}})
+            assert restored.status_code == 204, restored.text

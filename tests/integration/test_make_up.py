@@ -79,7 +79,7 @@ def test_make_up_status_down_leaves_nothing_behind(tmp_path):
             {**env, "ONNXFLOW_STACK_PREFECT_PORT": "1", "ONNXFLOW_STACK_ENDPOINT_PORTS": "[]"},
         )
         assert status.returncode == 0, status.stdout + status.stderr
-        assert status.stdout.count("✓") == 4 and "online" in status.stdout
+        assert status.stdout.count("✓") == 4 and ": online" in status.stdout
         assert f"http://127.0.0.1:{prefect_port}" in status.stdout
         assert f"endpoint     http://127.0.0.1:{endpoint_port}" in status.stdout
 

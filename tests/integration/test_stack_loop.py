@@ -22,7 +22,7 @@ import pytest
 
 from onnxflow.endpoints import serving_version, wait_until_serving
 from onnxflow.stack import manager
-from tests.integration.conftest import record_timing, stack_env
+from tests.integration.conftest import prefect_http, record_timing, stack_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -30,7 +30,8 @@ BIN = Path(sys.executable).parent
 
 
 def flow_run(settings, run_id: str) -> dict:
-    return httpx.get(f"{settings.prefect_api_url}/flow_runs/{run_id}", timeout=10).json()
+    with prefect_http(settings) as http:
+        return http.get(f"/flow_runs/{run_id}").json()
 
 
 def wait_flow_run(settings, run_id: str, timeout_s: float = 240) -> dict:
@@ -177,8 +178,12 @@ def test_rollback_is_followed_by_both_replicas(stack, mlflow_client):
 
 
 def test_deployments_and_uis(stack):
+    # Prefect's API asks for its login (basic auth); its health probe does not.
     api = stack.prefect_api_url
-    scheduled = httpx.get(f"{api}/deployments/name/retrain-and-deploy/scheduled", timeout=10).json()
+    assert httpx.get(f"{api}/deployments/name/retrain-and-deploy/scheduled").status_code == 401
+    with prefect_http(stack) as http:
+        scheduled = http.get("/deployments/name/retrain-and-deploy/scheduled").json()
+        on_demand = http.get("/deployments/name/retrain-and-deploy/on-demand").json()
     (schedule,) = scheduled["schedules"]
     assert schedule["schedule"]["cron"] == "0 2 * * *"
     assert scheduled["work_pool_name"] == stack.work_pool
@@ -188,7 +193,6 @@ def test_deployments_and_uis(stack):
 
     nightly = PipelineConfig.model_validate(scheduled["parameters"]["config"])
     assert nightly.train.epochs == 30, "full training at night"
-    on_demand = httpx.get(f"{api}/deployments/name/retrain-and-deploy/on-demand", timeout=10).json()
     assert on_demand["schedules"] == []
     assert set(on_demand["parameter_openapi_schema"]["properties"]) == {
         "frameworks",
@@ -223,6 +227,6 @@ def test_status_reports_every_part_and_the_served_version(stack):
         *(f"endpoint-{p}" for p in stack.endpoint_ports),
     ):
         assert part in out.stdout
-    assert "healthy" in out.stdout and "online" in out.stdout
+    assert "healthy" in out.stdout and f"pool {stack.work_pool}: online" in out.stdout
     assert out.stdout.count("digits@champion -> v1") == 2
     assert stack.prefect_url in out.stdout and stack.mlflow_url in out.stdout
