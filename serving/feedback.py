@@ -8,7 +8,7 @@ twice) a 409; nothing of a refused batch is stored, and nothing stored is ever o
 
 Stored next to the capture, one Parquet file per accepted batch::
 
-    DIR/_feedback/model=NAME/date=YYYY-MM-DD/part-<time>-<n>.parquet
+    DIR/_feedback/model=NAME/date=YYYY-MM-DD/part-<time>-<pid>-<random>-<n>.parquet
     (request_id, row, label, time)
 
 ``label`` is a string column (the class index, string label or number as text): readers
@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ class FeedbackStore:
         self._labelled: dict[str, set[tuple[str, int]]] = {}  # model -> (id, row)
         self._lock = threading.Lock()
         self._numbers = itertools.count()
+        # random per store: replicas (one pid per container) never write the same name
+        self._writer_id = f"{os.getpid()}-{secrets.token_hex(4)}"
 
     def submit(self, model: str, labels: list[Label]) -> int:
         """Store ``labels`` of ``model`` all together, or refuse them all (blocking: run it
@@ -189,7 +192,7 @@ class FeedbackStore:
         folder = f"{self.root}/model={model}/date={day}"
         self.fs.makedirs(folder, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-        name = f"part-{stamp}-{os.getpid()}-{next(self._numbers):05d}.parquet"
+        name = f"part-{stamp}-{self._writer_id}-{next(self._numbers):05d}.parquet"
         hidden = f"{folder}/.{name}.inprogress"
         with self.fs.open(hidden, "wb") as sink:
             pq.write_table(table, sink)
