@@ -13,7 +13,13 @@ import yaml
 
 from onnxflow.errors import StackError
 from onnxflow.stack import accounts
-from onnxflow.stack.policy import PromotionPolicy, decide, is_reserved_tag, load_policy
+from onnxflow.stack.policy import (
+    PromotionPolicy,
+    decide,
+    is_reserved_tag,
+    load_policy,
+    tag_writers,
+)
 
 EVIDENCE = {
     "validation": "passed",
@@ -252,3 +258,16 @@ def test_the_audit_chain_detects_an_edit_a_deletion_and_an_insertion(tmp_path):
     forged = {**rows[1], "seq": 2}
     assert "row 3 does not follow" in audit.verify_chain([rows[0], forged, {**rows[1], "seq": 3}])
     engine.dispose()
+
+
+def test_requested_by_is_the_servers_and_the_ticket_tag_is_one_name():
+    from onnxflow.registration import RUN_TICKET_TAG, _take_run_ticket, hold_run_tickets
+    from onnxflow.stack import tickets
+
+    policy = PromotionPolicy()
+    assert is_reserved_tag("requested_by") and tag_writers(policy, "requested_by") == "server"
+    # Presented by the pipeline alone (it is not the server's, the live or a note).
+    assert tag_writers(policy, tickets.RUN_TICKET_TAG) == "pipeline"
+    assert RUN_TICKET_TAG == tickets.RUN_TICKET_TAG
+    hold_run_tickets(["a", "b"])  # one per new version, then none
+    assert [_take_run_ticket() for _ in range(3)] == ["a", "b", None]
