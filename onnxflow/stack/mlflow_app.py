@@ -26,7 +26,9 @@ variant of a route (``/api/2.0``, ``/api/3.0``, ``/ajax-api`` the UI calls) is j
   reads, writes the live evidence (tags ``shadow_*``/``canary_*``, files under
   ``shadow/`` of an existing run) and nothing else;
 * after a new model version is created, the server tags it ``registered_by`` with the
-  account that created it (the four-eyes rule reads it).
+  account that created it, and ``requested_by`` with the person behind a run ticket the
+  pipeline presented (:mod:`onnxflow.stack.tickets`; issued at
+  ``POST /api/2.0/onnxflow/run-tickets``); the four-eyes rule reads both.
 
 Every such request, allowed or refused, authenticated or not, is appended by
 :mod:`onnxflow.stack.audit` to the hash-chained table once the response is known; the
