@@ -33,6 +33,9 @@ DEMO_PORT ?= 8080
 demo: $(STAMP)  ## Train torch + keras + sklearn on digits, register, promote, serve champion (DEMO_PORT)
 	$(BIN)/onnxflow run --framework all --deploy --port $(DEMO_PORT)
 
+demo-loop: $(STAMP)  ## The production loop: serve, shifted traffic, drift, feedback, retrain on evidence, shadow, policy
+	$(BIN)/python bench/demo_loop.py
+
 lint: $(STAMP)  ## ruff check and ruff format --check (make test runs it first)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

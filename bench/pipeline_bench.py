@@ -19,14 +19,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+
+from bench._common import BIN, timed_run  # noqa: E402
 
 STEPS = r"""
 import json, sys, time
@@ -61,12 +61,7 @@ def timed(cmd: list[str], cwd: Path, prefect_home: Path) -> tuple[float, str]:
         "PREFECT_HOME": str(prefect_home),
         "PYTHONPATH": str(ROOT),
     }
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return wall, proc.stdout
+    return timed_run(cmd, cwd, env)
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,12 +33,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._common import start_tracking_server, stop_group, wait_http
+from onnxflow.mlflow_servers import start_scoring_server
 from onnxflow.processes import free_port
 from onnxflow.serving.launcher import start_background, stop_background
 from onnxflow.serving.settings import ServingSettings
-
-BIN = Path(sys.executable).parent
-
 
 # --- load generator ----------------------------------------------------------------------
 
@@ -108,37 +106,6 @@ def _ms(value: str) -> float:
 # --- registry and servers ----------------------------------------------------------------
 
 
-def start_tracking_server(work: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    with open(work / "mlflow-server.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{work / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(work / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/health", 120, proc)
-    return proc, url
-
-
 def register(tracking_uri: str, name: str, sizes: tuple[int, ...], work: Path) -> str:
     from onnxflow.registration import register_onnx
     from tests.serving.models import mlp
@@ -154,31 +121,6 @@ def register(tracking_uri: str, name: str, sizes: tuple[int, ...], work: Path) -
         aliases=("champion",),
     )
     return version.version
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return time.monotonic() - start
-        except httpx.TransportError:
-            pass
-        time.sleep(0.01)
-    raise TimeoutError(f"{url} not ready after {timeout} s")
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 class OurEndpoint:
@@ -207,29 +149,7 @@ class OurEndpoint:
 
 def mlflow_serve(model_uri: str, work: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    with open(work / "mlflow-serve.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "models",
-                "serve",
-                "-m",
-                model_uri,
-                "--env-manager",
-                "local",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_scoring_server(model_uri, port, work / "mlflow-serve.log")
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/ping", 180, proc)
     return proc, url
@@ -545,7 +465,9 @@ def main() -> None:
         "duration": args.duration,
         "rounds": args.rounds,
     }
-    server, tracking_uri = start_tracking_server(work)
+    server, tracking_uri = start_tracking_server(
+        work, "--artifacts-destination", str(work / "artifacts")
+    )
     try:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         if not args.only_batching:

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import BIN, stop_group, wait_http  # noqa: E402
+from bench._common import register_mlp, start_tracking_server, stop_group  # noqa: E402
 from onnxflow.serving.launcher import free_port, start_background, stop_background  # noqa: E402
 from onnxflow.serving.settings import ServingSettings  # noqa: E402
 
@@ -62,64 +61,13 @@ def tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def start_tracking_server(work: Path) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` on ``work/mlflow.db`` (local artifact root: the SQLite set-up reads
-    the same files); waits up to 5 min, as a loaded 2-core machine needs."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    }  # no job runner: a dozen processes
-    with open(work / "mlflow-server.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{work / 'mlflow.db'}",
-                "--default-artifact-root",
-                str(work / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", 300, proc)
-    except BaseException:  # never leave a server behind
-        stop_group(proc)
-        raise
-    return proc, url
-
-
 def register_models(tracking_uri: str, count: int, work: Path) -> list[str]:
-    from onnxflow.registration import register_onnx
-    from tests.serving.models import mlp
-
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     names = []
     for i in range(count):
         name = f"startup-{i}"
-        path = mlp(work / "models" / name / "model.onnx", seed=i)
         example = np.random.default_rng(i).normal(size=(1, 64)).astype(np.float32)
-        register_onnx(
-            path,
-            model_name=name,
-            input_example=example,
-            tags={"source_framework": "bench"},
-            aliases=("champion",),
-        )
+        register_mlp(work / "models" / name, name, i, example)
         names.append(name)
     return names
 
@@ -244,7 +192,13 @@ def main() -> None:
         "max_models": max(counts),
         "rows": [],
     }
-    server, server_uri = start_tracking_server(work)  # registers through it: one store
+    server, server_uri = start_tracking_server(  # no job runner: a dozen processes fewer
+        work,
+        "--default-artifact-root",
+        str(work / "artifacts"),
+        timeout=300,  # a loaded 2-core machine
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )  # registers through it: one store
     try:
         names = register_models(server_uri, max(counts), work)
         for label, uri in (("server", server_uri), ("sqlite", sqlite_uri)):

@@ -26,14 +26,15 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+
+from bench._common import BIN, timed_run  # noqa: E402
+
 DOC = ROOT / "docs" / "benchmarks.md"
 START = "<!-- sweep-bench:start -->"
 END = "<!-- sweep-bench:end -->"
@@ -49,12 +50,7 @@ def timed(args: list[str], work: Path, prefect_home: Path) -> tuple[float, str]:
     }
     env.pop("ONNXFLOW_DASK_ADDRESS", None)
     cmd = [str(BIN / "onnxflow"), "run", *args]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return wall, proc.stdout
+    return timed_run(cmd, work, env)
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._common import register_mlp  # noqa: E402
 from onnxflow.processes import free_port  # noqa: E402
 from onnxflow.serving.launcher import start_background, stop_background, wait_ready  # noqa: E402
 from onnxflow.serving.settings import ServingSettings  # noqa: E402
@@ -52,29 +53,13 @@ END = "<!-- team-bench:end -->"
 
 
 def register_models(work: Path) -> str:
-    from onnxflow.registration import register_onnx
-    from tests.serving.models import mlp
-
     uri = f"sqlite:///{work / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     example = np.random.default_rng(0).normal(size=(1, 64)).astype(np.float32)
     for i, name in enumerate(NAMES):
-        path = mlp(work / "models" / name / "model.onnx", seed=i)
-        register_onnx(
-            path,
-            model_name=name,
-            input_example=example,
-            tags={"source_framework": "bench"},
-            aliases=("champion",),
-        )
+        register_mlp(work / "models" / name, name, i, example)
     # the first model's challenger, for the shadow figures: another MLP of the same shape
-    register_onnx(
-        mlp(work / "models" / "challenger" / "model.onnx", seed=99),
-        model_name=NAMES[0],
-        input_example=example,
-        tags={"source_framework": "bench"},
-        aliases=("challenger",),
-    )
+    register_mlp(work / "models" / "challenger", NAMES[0], 99, example, alias="challenger")
     return uri
 
 

@@ -1,6 +1,9 @@
-"""``monitor``: captured traffic and feedback of a window against the serving version.
+"""``monitor``: captured traffic and feedback of a window against the serving version; with
+``retrain``, a retrain on that evidence when the policy asks for one.
 
     monitor (window ─► drift, live accuracy ─► report + tags on the version) ─► decision
+      └ retrain-on-evidence (original data + labelled captured rows ─► onnxflow-run in
+        review mode ─► new version as challenger, retrain_* lineage tags)
 
 Run it on a schedule (a deployment of this flow) or from ``onnxflow monitor``; the figures
 land on the serving version's run and tags, the decision in the flow's result.
@@ -8,12 +11,23 @@ land on the serving version's run and tags, the decision in the flow's result.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import logging
+from pathlib import Path
 
 from prefect import flow
 
+from onnxflow.config import PipelineConfig
+from onnxflow.evidence import retrain_config
+from onnxflow.flows.pipeline import run
 from onnxflow.monitor import Figures, RetrainPolicy, parse_since
-from onnxflow.tasks.monitor import monitor_task
+from onnxflow.tasks.monitor import (
+    monitor_task,
+    retrain_data_task,
+    served_source_task,
+    tag_retrained_task,
+)
 
 log = logging.getLogger(__name__)  # onnxflow's loggers reach the flow run's logs
 
@@ -25,9 +39,15 @@ def monitor(
     since: str = "1d",
     policy: RetrainPolicy = RetrainPolicy(),
     alias: str = "champion",
+    retrain: bool = False,
+    config: PipelineConfig = PipelineConfig(),
+    out_dir: Path = Path("artifacts") / "retrain",
 ) -> Figures:
-    """Monitor ``model_name@alias`` on what the endpoints captured under ``capture``."""
-    figures = monitor_task(model_name, capture, parse_since(since), policy, alias)
+    """Monitor ``model_name@alias`` on what the endpoints captured under ``capture``;
+    ``retrain``: when the policy is crossed, retrain on the evidence (``config``: the
+    pipeline's settings; its data, when it names none, is the served version's own)."""
+    start = parse_since(since)
+    figures = monitor_task(model_name, capture, start, policy, alias)
     log.info(
         "%s version %s: drift share %.3f, live accuracy %s; retrain: %s (%s)",
         figures.model,
@@ -37,4 +57,30 @@ def monitor(
         figures.retrain,
         figures.reason,
     )
-    return figures
+    if not (retrain and figures.retrain):
+        return figures
+    versions = retrain_on_evidence(figures, capture, start, config, out_dir)
+    return dataclasses.replace(figures, retrained=versions)
+
+
+@flow(name="retrain-on-evidence")
+def retrain_on_evidence(
+    figures: Figures, capture: str, since: dt.datetime, config: PipelineConfig, out_dir: Path
+) -> list[str]:
+    """Original data + the window's labelled captured rows ─► the pipeline (review mode)."""
+    name, version = figures.model, figures.version
+    framework, data = served_source_task(name, version, config.data)
+    table = retrain_data_task(data, capture, name, version, since, out_dir / "data")
+    result = run(
+        [framework], retrain_config(config.model_copy(update={"data": data}), table), out_dir
+    )
+    versions = [v.version for c in result.chains for v in (c.version, c.quantized) if v is not None]
+    tag_retrained_task(name, versions, table, figures.reason)
+    log.info(
+        "%s: retrained on %d original + %d captured rows: version(s) %s as challenger",
+        name,
+        table.rows_original,
+        table.rows_captured,
+        ", ".join(versions),
+    )
+    return versions

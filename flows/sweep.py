@@ -9,7 +9,8 @@ in ``config.recipe`` (its trials train through the recipe's build_model and fit,
 trial goes through the recipe's chain). Each trial is an MLflow child run of the
 sweep's run (per-epoch metrics, its settings as params, how it ended as ``trial_state``);
 trials whose worker died are recorded as lost, and the sweep finishes with the others.
-The logic (study, search space, pruning, best trial) is :mod:`onnxflow.sweep`.
+The logic (study, search space, the ask/tell loop, pruning, best trial) is
+:mod:`onnxflow.sweep`; this module only wires its steps and tasks.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from prefect.runtime import flow_run
 from onnxflow import sweep as sweeps
 from onnxflow.arrays import ArrayDataset
 from onnxflow.config import Framework, PipelineConfig, pipeline_params
-from onnxflow.dask_cluster import describe, is_lost, task_runner
-from onnxflow.errors import OnnxflowError, SweepError
+from onnxflow.dask_cluster import describe, task_runner
+from onnxflow.errors import OnnxflowError
 from onnxflow.flows.pipeline import RunResult, export_and_register, failure_message, run_markdown
 from onnxflow.flows.runs import mlflow_run
-from onnxflow.results import ChainResult, DatasetArtifact, SweepOutcome, TrialResult
+from onnxflow.results import ChainResult, DatasetArtifact
 from onnxflow.sources import training_source
 from onnxflow.summary import version_rows
 from onnxflow.tasks.data import prepare_data_task, prepare_recipe_data_task
@@ -74,7 +75,7 @@ def sweep(
         promotion = promote_task(model_name, versions, config.promote)
     table = version_rows(model_name, versions) if chains else []
     create_markdown_artifact(
-        markdown=(_trials_markdown(chains[0].sweep) if chains else "")
+        markdown=(sweeps.trials_markdown(chains[0].sweep) if chains else "")
         + run_markdown(table, promotion, failures),
         key=f"{model_name}-sweep-summary".lower().replace("_", "-"),
         description=f"onnxflow sweep on {dataset.info.name}",
@@ -116,50 +117,47 @@ def sweep_and_register(
         tags,
         dataset,
     ) as run_id:
-        parallel = settings.parallel or _worker_threads()
+
+        def trial_run(number: int, params: dict) -> str:
+            return start_run_task(
+                config.experiment,
+                f"trial-{number}-{framework}",
+                {f"train.{k}": json.dumps(v) for k, v in params.items()},
+                {
+                    "mlflow.parentRunId": run_id,
+                    "sweep_study": study_ref.name,
+                    "sweep_trial": str(number),
+                    "source_framework": framework,
+                    "flow_run_id": str(flow_run.id),
+                },
+            )
+
+        scheduler = sweeps.TrialScheduler(
+            study, study_ref, settings, settings.parallel or _worker_threads()
+        )
         pending: dict = {}  # future -> TrialSpec
         finished: queue.SimpleQueue = queue.SimpleQueue()  # futures as they finish
-        results: list[TrialResult] = []
-        asked = 0
-        while asked < settings.trials or pending:
-            while asked < settings.trials and len(pending) < parallel:
-                trial = study.ask()
-                params = sweeps.suggest(trial, settings.space)
-                child = start_run_task(
-                    config.experiment,
-                    f"trial-{trial.number}-{framework}",
-                    {f"train.{k}": json.dumps(v) for k, v in params.items()},
-                    {
-                        "mlflow.parentRunId": run_id,
-                        "sweep_study": study_ref.name,
-                        "sweep_trial": str(trial.number),
-                        "source_framework": framework,
-                        "flow_run_id": str(flow_run.id),
-                    },
-                )
-                spec = sweeps.TrialSpec(  # a worker reopens the trial by its storage id
-                    number=trial.number, trial_id=trial._trial_id, params=params, run_id=child
-                )
+        while not scheduler.done:
+            while scheduler.can_ask:
+                spec = scheduler.ask(trial_run)
                 future = train_trial_task.submit(
                     training_source(config, dataset, framework),
                     spec,
                     study_ref,
                     settings,
-                    out / f"trial-{trial.number}",
+                    out / f"trial-{spec.number}",
                     tracking_uri,
                 )
                 pending[future] = spec
                 future.wrapped_future.add_done_callback(lambda _, f=future: finished.put(f))
-                asked += 1
             for future in _drain(finished):
-                result, returned = _trial_result(future, pending.pop(future))
+                result, returned = sweeps.future_result(future, pending.pop(future))
                 if not returned:  # the worker died or the task raised: close its run here
                     finish_trial_task(result.run_id, result)
                 if result.state == "lost":
                     crash_task_run_task(future.task_run_id, f"Dask worker lost: {result.note}")
                     logger.warning("trial %d %s: %s", result.number, result.state, result.note)
-                sweeps.tell(study, result)
-                results.append(result)
+                scheduler.tell(result)
                 logger.info(
                     "trial %d %s: %s=%s %s",
                     result.number,
@@ -169,22 +167,10 @@ def sweep_and_register(
                     result.params,
                 )
 
-        results.sort(key=lambda r: r.number)
-        best = sweeps.best_trial(results, study_ref.direction)
-        outcome = SweepOutcome(
-            study=study_ref.name,
-            metric=metric,
-            direction=study_ref.direction,
-            trials=results,
-            best=best,
-        )
-        _log_outcome(run_id, outcome, out)
-        logger.info("%s", sweeps.summary_line(results))
-        if best is None or best.trained is None:
-            raise SweepError(
-                f"No trial of the sweep completed ({sweeps.summary_line(results)}); "
-                + "; ".join(f"#{r.number}: {r.note}" for r in results if r.note)[:2000]
-            )
+        outcome = scheduler.outcome()
+        sweeps.log_outcome(run_id, outcome, out)
+        logger.info("%s", sweeps.summary_line(outcome.trials))
+        best = sweeps.require_best(outcome)
         best_config = config.model_copy(
             update={"train": sweeps.trial_train_config(config.train, best.params)}
         )
@@ -204,63 +190,6 @@ def _drain(finished: queue.SimpleQueue) -> list:
     while not finished.empty():
         done.append(finished.get())
     return done
-
-
-def _trial_result(future, spec: sweeps.TrialSpec) -> tuple[TrialResult, bool]:
-    """The trial's result and whether the task returned it (then it also closed the trial's
-    run). A dead worker or a cancelled future makes the trial lost; any other error (the
-    task raised) failed."""
-    try:
-        return future.result(), True
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
-        if is_lost(exc):
-            return sweeps.lost_result(spec, reason), False
-        failed = TrialResult(
-            number=spec.number, params=spec.params, run_id=spec.run_id, state="failed", note=reason
-        )
-        return failed, False
-
-
-def _log_outcome(run_id: str, outcome: SweepOutcome, out: Path) -> None:
-    from onnxflow import tracking
-
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "sweep.json"
-    path.write_text(outcome.model_dump_json(indent=2, exclude={"trials": {"__all__": {"trained"}}}))
-    tracking.log_artifact_file(run_id, path)
-    tags = {
-        "sweep_trials": str(len(outcome.trials)),
-        "sweep_lost": ",".join(str(t.number) for t in outcome.lost) or "none",
-        "sweep_summary": sweeps.summary_line(outcome.trials),
-    }
-    if outcome.best is not None:
-        tags["sweep_best_trial"] = str(outcome.best.number)
-        tags["sweep_best_run_id"] = outcome.best.run_id
-        tracking.log_metrics(run_id, {f"best_{outcome.metric}": outcome.best.value})
-        tracking.log_params(
-            run_id, {f"best.{k}": json.dumps(v) for k, v in outcome.best.params.items()}
-        )
-    tracking.set_tags(run_id, tags)
-
-
-def _trials_markdown(outcome: SweepOutcome | None) -> str:
-    if outcome is None:
-        return ""
-    lines = [
-        f"**Sweep** `{outcome.study}` ({outcome.metric}, {outcome.direction}): "
-        f"{sweeps.summary_line(outcome.trials)}\n",
-        "| trial | state | value | epochs | settings | note |",
-        "|---|---|---|---|---|---|",
-    ]
-    for t in outcome.trials:
-        best = " (best)" if outcome.best and t.number == outcome.best.number else ""
-        value = f"{t.value:.4g}" if t.value is not None else "-"
-        lines.append(
-            f"| {t.number}{best} | {t.state} | {value} | {t.epochs} | "
-            f"{json.dumps(t.params)} | {(t.note or '')[:120]} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def _worker_threads() -> int:

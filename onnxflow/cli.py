@@ -252,6 +252,47 @@ QuantizeOpt = Annotated[
 ]
 
 
+#: The options of `run` and `trigger` that set the pipeline's configuration, declared once:
+#: :func:`pipeline_config` puts them on top of the YAML.
+PIPELINE_OPTIONS: dict[str, Any] = {
+    "data": DataOpt,
+    "target": TargetOpt,
+    "promotion": PromotionOpt,
+    "model_name": ModelNameOpt,
+    "epochs": EpochsOpt,
+    "model": ModelOpt,
+    "quantize": QuantizeOpt,
+    "recipe": RecipeOpt,
+    "sweep": SweepOpt,
+    "dask_workers": DaskWorkersOpt,
+    "dask_address": DaskAddressOpt,
+}
+
+
+def with_pipeline_options(**overrides: Any):
+    """The command takes :data:`PIPELINE_OPTIONS` too, after its own, in its ``**pipeline``
+    (each None unless given); ``overrides`` declare one of them differently for this command."""
+    import typing
+
+    def decorate(command):
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = [
+            parameter.replace(annotation=hints[name])
+            for name, parameter in inspect.signature(command).parameters.items()
+            if parameter.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
+        options = {**PIPELINE_OPTIONS, **overrides}
+        shared = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind)
+            for name, kind in options.items()
+        ]
+        command.__signature__ = inspect.Signature([*own, *shared], return_annotation=None)
+        command.__annotations__ = {p.name: p.annotation for p in [*own, *shared]}
+        return command
+
+    return decorate
+
+
 def pipeline_config(
     config: Path | None,
     *,
@@ -294,42 +335,21 @@ def pipeline_config(
 
 
 @app.command()
+@with_pipeline_options()
 def run(
     framework: FrameworkOpt = None,
-    data: DataOpt = None,
-    target: TargetOpt = None,
     config: ConfigOpt = None,
-    promotion: PromotionOpt = None,
-    model_name: ModelNameOpt = None,
-    epochs: EpochsOpt = None,
     deploy: Annotated[
         bool, typer.Option(help="End by serving champion with the endpoint.")
     ] = False,
     port: Annotated[int, typer.Option(help="Port of the endpoint with --deploy.")] = 8080,
-    model: ModelOpt = None,
-    quantize: QuantizeOpt = None,
-    recipe: RecipeOpt = None,
-    sweep: SweepOpt = None,
     dask: DaskOpt = False,
-    dask_workers: DaskWorkersOpt = None,
-    dask_address: DaskAddressOpt = None,
+    **pipeline: Any,
 ) -> None:
     """Train, export, simplify, validate, register and promote."""
     settings = _setup()
-    cfg = pipeline_config(
-        config,
-        data=data,
-        target=target,
-        epochs=epochs,
-        model_name=model_name,
-        promotion=promotion,
-        model=model,
-        quantize=quantize,
-        recipe=recipe,
-        sweep=sweep,
-        dask_workers=dask_workers,
-        dask_address=dask_address,
-    )
+    cfg = pipeline_config(config, **pipeline)
+    sweep = pipeline["sweep"]
     frameworks = _frameworks(framework, sweep)
     out_dir = settings.artifacts_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     # Bad data fails here, in seconds, before Prefect or any framework starts (a recipe's
@@ -356,7 +376,8 @@ def run(
 
                 result = sweep_flow(frameworks[0], cfg, out_dir)
             else:
-                result = run_flow(frameworks, cfg, out_dir, dask=dask or bool(dask_address))
+                dask = dask or bool(pipeline["dask_address"])
+                result = run_flow(frameworks, cfg, out_dir, dask=dask)
         except OnnxflowError as exc:
             failure = str(exc)
     if failure is not None:  # said after the temporary server stopped: the last line
@@ -678,9 +699,19 @@ def monitor(
     ] = 0.8,
     min_labels: Annotated[int, typer.Option(help="... on at least this many labels.")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    retrain: Annotated[
+        bool,
+        typer.Option(
+            help="When the policy is crossed, retrain on the original data plus the labelled "
+            "captured rows; the new version lands as challenger (default: report only)."
+        ),
+    ] = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Captured traffic and feedback of a window against the served version's profile:
-    drift per feature, live accuracy, the retrain decision; report and tags on the version."""
+    drift per feature, live accuracy, the retrain decision; report and tags on the version.
+    With --retrain, a retrain on that evidence (--config: the pipeline's settings; its data,
+    when it names none, is the table the served version was trained on)."""
     import dataclasses
     import json
 
@@ -695,7 +726,17 @@ def monitor(
         from onnxflow.flows.monitor import monitor as monitor_flow
 
         api.wait()
-        figures = monitor_flow(name, capture, since, policy, alias)
+        cfg = load_config(config, {}) if retrain else PipelineConfig()
+        figures = monitor_flow(
+            name,
+            capture,
+            since,
+            policy,
+            alias,
+            retrain=retrain,
+            config=cfg,
+            out_dir=settings.artifacts_dir / "retrain",
+        )
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(figures), indent=2))
         return
@@ -706,6 +747,11 @@ def monitor(
         f"({', '.join(figures.drifted[:8]) or 'no feature drifts'}); live accuracy "
         f"{accuracy}; retrain: {'yes' if figures.retrain else 'no'} ({figures.reason})"
     )
+    if figures.retrained:
+        typer.echo(
+            f"retrained on the evidence: {name} version(s) {', '.join(figures.retrained)} "
+            "registered as challenger"
+        )
 
 
 @app.command()
@@ -723,38 +769,34 @@ from onnxflow.stack.commands import stack_app  # noqa: E402  (light: typer only)
 app.add_typer(stack_app, name="stack")
 
 
+#: `trigger`'s files and cluster are the worker's, not this machine's.
+TriggerDataOpt = Annotated[
+    Path | None,
+    typer.Option(help="CSV or Parquet table the worker can read (default: the bundled digits)."),
+]
+TriggerRecipeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Your own model code (see run --help): a .py file the worker can read, sent "
+        "as an absolute path, or an importable module."
+    ),
+]
+TriggerDaskAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Scheduler of an existing Dask cluster the worker can reach (default: the "
+        "worker's ONNXFLOW_DASK_ADDRESS, else a local cluster on the worker's machine)."
+    ),
+]
+
+
 @app.command()
+@with_pipeline_options(
+    data=TriggerDataOpt, recipe=TriggerRecipeOpt, dask_address=TriggerDaskAddressOpt
+)
 def trigger(
     framework: FrameworkOpt = None,
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            help="CSV or Parquet table the worker can read (default: the bundled digits)."
-        ),
-    ] = None,
-    target: TargetOpt = None,
     config: ConfigOpt = None,
-    promotion: PromotionOpt = None,
-    model_name: ModelNameOpt = None,
-    epochs: EpochsOpt = None,
-    model: ModelOpt = None,
-    quantize: QuantizeOpt = None,
-    recipe: Annotated[
-        str | None,
-        typer.Option(
-            help="Your own model code (see run --help): a .py file the worker can read, sent "
-            "as an absolute path, or an importable module."
-        ),
-    ] = None,
-    sweep: SweepOpt = None,
-    dask_workers: DaskWorkersOpt = None,
-    dask_address: Annotated[
-        str | None,
-        typer.Option(
-            help="Scheduler of an existing Dask cluster the worker can reach (default: the "
-            "worker's ONNXFLOW_DASK_ADDRESS, else a local cluster on the worker's machine)."
-        ),
-    ] = None,
     wait: Annotated[
         bool,
         typer.Option(help="Wait until the run finished (and the replicas serve its champion)."),
@@ -762,25 +804,16 @@ def trigger(
     timeout: Annotated[
         float | None, typer.Option(help="With --wait: give up after this many seconds.")
     ] = None,
+    **pipeline: Any,
 ) -> None:
     """Run the on-demand retrain-and-deploy deployment on the stack's worker."""
+    data, recipe, sweep = pipeline["data"], pipeline["recipe"], pipeline["sweep"]
     if data is not None and not data.exists():
         _fail(f"data file not found: {data}", 2)
     if recipe is not None and Path(recipe).is_file():
         recipe = str(Path(recipe).resolve())
     cfg = pipeline_config(
-        config,
-        data=data.resolve() if data else None,
-        target=target,
-        epochs=epochs,
-        model_name=model_name,
-        promotion=promotion,
-        model=model,
-        quantize=quantize,
-        recipe=recipe,
-        sweep=sweep,
-        dask_workers=dask_workers,
-        dask_address=dask_address,
+        config, **{**pipeline, "data": data.resolve() if data else None, "recipe": recipe}
     )
     from onnxflow.stack.commands import trigger_run
 

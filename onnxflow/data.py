@@ -156,6 +156,17 @@ def _load(config: DataConfig):
     return features.to_numpy(), labels.to_numpy(), [str(c) for c in features.columns], path.stem
 
 
+def load_table(config: DataConfig):
+    """The table of ``config`` as loaded, before the split: features, labels, feature
+    names, dataset name (what a retrain on evidence extends)."""
+    return _load(config)
+
+
+def infer_task(labels: np.ndarray, config: DataConfig):
+    """classification or regression, as :func:`prepare_data` decides it."""
+    return _infer_task(labels, config)
+
+
 def _numeric_features(features: np.ndarray, names: list[str]) -> np.ndarray:
     X = np.asarray(features, dtype=np.float64)
     bad = ~np.isfinite(X)

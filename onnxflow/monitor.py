@@ -78,6 +78,8 @@ class Figures:
     features: dict[str, float]
     retrain: bool
     reason: str
+    #: the versions a retrain on evidence registered (``monitor --retrain``), as challenger
+    retrained: list[str] = field(default_factory=list)
 
     def tags(self) -> dict[str, str]:
         return {
@@ -123,6 +125,11 @@ def read_window(capture: str, model: str, version: str, since: dt.datetime) -> W
     if not fs.exists(folder):
         raise MonitorError(f"nothing captured for {model} version {version} under {capture}")
     dataset = ds.dataset(folder, filesystem=fs, format="parquet", partitioning="hive")
+    if not dataset.files:
+        raise MonitorError(
+            f"no closed capture segment for {model} version {version} under {capture} yet "
+            "(a segment is readable once the endpoint closes it: capture_segment_s, or on stop)"
+        )
     table = dataset.to_table(filter=pc.field("time") >= pc.scalar(since))
     shapes = json.loads((dataset.schema.metadata or {}).get(b"onnxflow.shapes", b"{}"))
     inputs, outputs = {}, []

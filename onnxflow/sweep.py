@@ -1,9 +1,10 @@
 """Hyperparameter sweeps with Optuna: the study, a trial's settings, pruning, the outcome.
 
-Plain functions, no Prefect. The sweep flow (:mod:`onnxflow.flows.sweep`) asks the study
-for trials, trains each as a task on the Dask cluster (:func:`run_trial`, in a worker
-process), and tells the study how each ended; the best trial's model then goes through
-the normal export → simplify → validate → register chain.
+Plain functions and one small class, no Prefect. The sweep flow (:mod:`onnxflow.flows.sweep`)
+runs the ask/tell loop of a :class:`TrialScheduler`: it asks for trials, trains each as a
+task on the Dask cluster (:func:`run_trial`, in a worker process) and tells the scheduler
+how each ended; the best trial's model then goes through the normal
+export → simplify → validate → register chain.
 
 The study lives in an Optuna storage that the flow and the workers share (a journal file
 in the run's folder by default, any RDB URL for a remote cluster): a worker reports each
@@ -30,7 +31,7 @@ from onnxflow.config import (
     TrainConfig,
 )
 from onnxflow.errors import OnnxflowError, SweepError
-from onnxflow.results import StepResult, TrainedModel, TrialResult
+from onnxflow.results import StepResult, SweepOutcome, TrainedModel, TrialResult
 
 if TYPE_CHECKING:  # optuna is imported where it is used
     import optuna
@@ -233,6 +234,24 @@ def lost_result(spec: TrialSpec, reason: str) -> TrialResult:
     )
 
 
+def future_result(future: Any, spec: TrialSpec) -> tuple[TrialResult, bool]:
+    """The result of a trial's future and whether the task returned it (then it also closed
+    the trial's run). A dead worker or a cancelled future makes the trial lost; any other
+    error (the task raised) failed."""
+    from onnxflow.dask_cluster import is_lost
+
+    try:
+        return future.result(), True
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+        if is_lost(exc):
+            return lost_result(spec, reason), False
+        failed = TrialResult(
+            number=spec.number, params=spec.params, run_id=spec.run_id, state="failed", note=reason
+        )
+        return failed, False
+
+
 def tell(study: optuna.Study, result: TrialResult) -> None:
     """Record how a trial ended: its value, pruned, or failed (lost trials count as failed)."""
     from optuna.trial import TrialState
@@ -268,3 +287,110 @@ def summary_line(results: Iterable[TrialResult]) -> str:
             )
             parts.append(f"{len(counts[state])} {state}{numbers}")
     return f"{len(results)} trials: " + ", ".join(parts)
+
+
+class TrialScheduler:
+    """The ask/tell loop of a sweep, apart from how its trials run: ask for trials while
+    fewer than ``parallel`` are running and the budget of ``config.trials`` lasts, tell it
+    how each ended (in any order), then take the :meth:`outcome`."""
+
+    def __init__(self, study: optuna.Study, ref: StudyRef, config: SweepConfig, parallel: int):
+        self.study, self.ref, self.config, self.parallel = study, ref, config, parallel
+        self.asked = 0
+        self.results: list[TrialResult] = []
+
+    @property
+    def running(self) -> int:
+        return self.asked - len(self.results)
+
+    @property
+    def can_ask(self) -> bool:
+        return self.asked < self.config.trials and self.running < self.parallel
+
+    @property
+    def done(self) -> bool:
+        return self.asked >= self.config.trials and self.running == 0
+
+    def ask(self, run_for: Callable[[int, dict[str, Any]], str]) -> TrialSpec:
+        """The next trial's settings from the study; ``run_for(number, params)`` opens its
+        MLflow run and returns the run id."""
+        trial = self.study.ask()
+        params = suggest(trial, self.config.space)
+        self.asked += 1
+        return TrialSpec(  # a worker reopens the trial by its storage id
+            number=trial.number,
+            trial_id=trial._trial_id,
+            params=params,
+            run_id=run_for(trial.number, params),
+        )
+
+    def tell(self, result: TrialResult) -> None:
+        tell(self.study, result)
+        self.results.append(result)
+
+    def outcome(self) -> SweepOutcome:
+        """Every trial told so far, by number, and the best of them."""
+        trials = sorted(self.results, key=lambda r: r.number)
+        return SweepOutcome(
+            study=self.ref.name,
+            metric=self.ref.metric,
+            direction=self.ref.direction,
+            trials=trials,
+            best=best_trial(trials, self.ref.direction),
+        )
+
+
+def require_best(outcome: SweepOutcome) -> TrialResult:
+    """The best trial, or a :class:`SweepError` saying how every trial ended."""
+    best = outcome.best
+    if best is None or best.trained is None:
+        results = outcome.trials
+        raise SweepError(
+            f"No trial of the sweep completed ({summary_line(results)}); "
+            + "; ".join(f"#{r.number}: {r.note}" for r in results if r.note)[:2000]
+        )
+    return best
+
+
+def log_outcome(run_id: str, outcome: SweepOutcome, out: Path) -> None:
+    """The outcome into the sweep's MLflow run: ``sweep.json``, tags, the best trial's
+    value and settings."""
+    from onnxflow import tracking
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "sweep.json"
+    path.write_text(outcome.model_dump_json(indent=2, exclude={"trials": {"__all__": {"trained"}}}))
+    tracking.log_artifact_file(run_id, path)
+    tags = {
+        "sweep_trials": str(len(outcome.trials)),
+        "sweep_lost": ",".join(str(t.number) for t in outcome.lost) or "none",
+        "sweep_summary": summary_line(outcome.trials),
+    }
+    if outcome.best is not None:
+        tags["sweep_best_trial"] = str(outcome.best.number)
+        tags["sweep_best_run_id"] = outcome.best.run_id
+        tracking.log_metrics(run_id, {f"best_{outcome.metric}": outcome.best.value})
+        tracking.log_params(
+            run_id, {f"best.{k}": json.dumps(v) for k, v in outcome.best.params.items()}
+        )
+    tracking.set_tags(run_id, tags)
+
+
+def trials_markdown(outcome: SweepOutcome | None) -> str:
+    """The trials as a Markdown table for the run's summary artifact ("" without a sweep)."""
+    if outcome is None:
+        return ""
+    lines = [
+        f"**Sweep** `{outcome.study}` ({outcome.metric}, {outcome.direction}): "
+        f"{summary_line(outcome.trials)}\n",
+        "| trial | state | value | epochs | settings | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in outcome.trials:
+        best = " (best)" if outcome.best and t.number == outcome.best.number else ""
+        value = f"{t.value:.4g}" if t.value is not None else "-"
+        lines.append(
+            f"| {t.number}{best} | {t.state} | {value} | {t.epochs} | "
+            f"{json.dumps(t.params)} | {(t.note or '')[:120]} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ which pyarrow, pandas, DuckDB and Spark skip.
 
 Layout (Hive partitions)::
 
-    DIR/model=NAME/version=V/date=YYYY-MM-DD/part-<start>-<n>.parquet
+    DIR/model=NAME/version=V/date=YYYY-MM-DD/part-<start>-<pid>-<random>-<n>.parquet
 
 One Parquet row per row of a request: ``request_id``, ``row`` (its index in the request),
 ``time`` (UTC), ``latency_ms`` (the whole request, decode to encode), then
@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import threading
 import time
 import uuid
@@ -171,12 +172,14 @@ def _is_local(fs) -> bool:
 class _Segment:
     """One open Parquet file of a (model, version, date): hidden until rolled."""
 
-    def __init__(self, fs, folder: str, schema, shapes: dict, number: int) -> None:
+    def __init__(self, fs, folder: str, schema, shapes: dict, writer: str, number: int) -> None:
         import pyarrow.parquet as pq
 
         self.fs = fs
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        name = f"part-{stamp}-{os.getpid()}-{number:05d}.parquet"
+        # ``writer`` is random per CaptureWriter: replicas sharing a folder or a bucket (the
+        # same pid in every container) never pick the same name in the same second.
+        name = f"part-{stamp}-{writer}-{number:05d}.parquet"
         self.final = f"{folder}/{name}"
         self.hidden = f"{folder}/.{name}.inprogress"
         fs.makedirs(folder, exist_ok=True)
@@ -225,6 +228,7 @@ class Capture:
         self._random = random.Random()
         self._segments: dict[tuple[str, str, str], _Segment] = {}
         self._numbers = itertools.count()
+        self._writer_id = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -351,7 +355,9 @@ class Capture:
             if segment is None:
                 name, version, day = key
                 folder = f"{self.root}/model={name}/version={version}/date={day}"
-                segment = _Segment(self.fs, folder, table.schema, shapes, next(self._numbers))
+                segment = _Segment(
+                    self.fs, folder, table.schema, shapes, self._writer_id, next(self._numbers)
+                )
                 self._segments[key] = segment
             segment.write(table)
             self.written[key[:2]] += table.num_rows

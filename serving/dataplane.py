@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from onnxflow.serving.batching import Batcher
 from onnxflow.serving.capture import new_request_id
 from onnxflow.serving.comparison import timed_run
+from onnxflow.serving.drift import DriftTracker
 from onnxflow.serving.errors import (
     BadInput,
     CannotRun,
@@ -68,6 +69,8 @@ class DataPlane:
         self.token = settings.token.get_secret_value().encode() if settings.token else None
         self.started = time.time()
         self.stats = Statistics()
+        self.drift = DriftTracker()  # versions loaded with a reference profile
+        self.metrics.watch_drift(self.drift.snapshots)
         self.shared_memory = SharedMemoryRegistry() if settings.shared_memory else None
         self.shadow = None
         if settings.shadow:
@@ -238,6 +241,7 @@ class DataPlane:
             self.capture.offer(
                 model, lambda: bound.request_id, feeds, results, (done - start) / 1e9
             )
+        self.drift.observe(model, feeds, results)  # O(rows), never raises
         rows = max((a.shape[0] if a.ndim else 1) for a in feeds.values())
         self.stats.success(
             model.name,
@@ -317,8 +321,16 @@ class DataPlane:
             "shadow": self.shadow.status() if self.shadow is not None else None,
             "canary": self.canary.status() if self.canary is not None else None,
             "capture": self.capture.status() if self.capture is not None else None,
+            "drift": self.drift_status(),
             "uptime_s": time.time() - self.started,
         }
+
+    def drift_status(self) -> dict:
+        """Live drift per model and version (those served with a reference profile)."""
+        out: dict[str, dict] = {}
+        for (name, version), snapshot in sorted(self.drift.snapshots().items()):
+            out.setdefault(name, {})[version] = snapshot
+        return out
 
 
 def _manager_status(manager: ModelManager) -> dict:

@@ -19,6 +19,7 @@ they reach MLflow); the event loop keeps serving while a version downloads and w
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from onnxflow.serving.drift import PROFILE_FILE
 from onnxflow.serving.metrics import ServingMetrics
 from onnxflow.serving.model import LoadedModel, ModelRefused, load_model
 from onnxflow.serving.registry_reader import Registry, registry_for
@@ -70,6 +72,7 @@ def fetch_version(
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
     try:
         local = registry.download(name, version, staging)
+        fetch_profile(registry, name, version, local / PROFILE_FILE)
         (local / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
         if target.exists():
             shutil.rmtree(target)
@@ -78,6 +81,18 @@ def fetch_version(
         shutil.rmtree(staging, ignore_errors=True)
     log.info("downloaded %s version %s into %s", name, version, target)
     return target
+
+
+def fetch_profile(registry: Registry, name: str, version: str, dest: Path) -> None:
+    """The version's reference profile into ``dest`` when it has one; a version without
+    (or a registry that cannot give it) is served without drift figures."""
+    try:
+        profile = registry.profile(name, version)
+    except Exception as exc:  # noqa: BLE001  (drift figures are never worth a refusal)
+        log.warning("no reference profile for %s version %s: %s", name, version, exc)
+        return
+    if profile:
+        dest.write_text(json.dumps(profile))
 
 
 def release_memory() -> None:

@@ -82,6 +82,10 @@ class ServingMetrics:
         """Expose the shadow's figures: ``reports()`` gives its pairs' snapshots at scrape."""
         self.registry.register(ShadowCollector(reports))
 
+    def watch_drift(self, snapshots) -> None:
+        """Expose live drift: ``snapshots()`` gives {(model, version): snapshot} at scrape."""
+        self.registry.register(DriftCollector(snapshots))
+
     def serving(self, name: str, version: str, digest: str, previous: tuple | None) -> None:
         if previous is not None:
             try:
@@ -212,6 +216,50 @@ class ShadowCollector:
                 buckets.append((floatToGoString(bound), cumulative))
             latency.add_metric(key, buckets, sum_value=report.buckets[-1])
         yield from (compared, dropped, errors, agreement, max_abs, mean_abs, nonfinite, latency)
+
+    def describe(self):
+        return []
+
+
+class DriftCollector:
+    """Per served version with a reference profile: the Jensen-Shannon distance of each
+    input feature and of the predictions from the profile, each feature's threshold, and
+    the rows seen; computed from the streaming histograms at scrape time."""
+
+    def __init__(self, snapshots) -> None:
+        self.snapshots = snapshots
+
+    def collect(self):
+        js = GaugeMetricFamily(
+            "onnxflow_drift_js",
+            "Jensen-Shannon distance (base 2) of live input feature values from the "
+            "version's reference profile, over the profile's bins.",
+            labels=["model", "version", "input"],
+        )
+        threshold = GaugeMetricFamily(
+            "onnxflow_drift_threshold",
+            "The distance past which a feature drifts (the profile's, or the sampling "
+            "noise of the rows seen when higher).",
+            labels=["model", "version", "input"],
+        )
+        prediction = GaugeMetricFamily(
+            "onnxflow_prediction_drift_js",
+            "Jensen-Shannon distance of the live predictions from the validation predictions.",
+            labels=["model", "version"],
+        )
+        rows = GaugeMetricFamily(
+            "onnxflow_drift_rows",
+            "Rows seen by the live drift histograms of this version since it was loaded.",
+            labels=["model", "version"],
+        )
+        for (name, version), snap in self.snapshots().items():
+            rows.add_metric([name, version], snap["rows"])
+            for feature, value in snap["features"].items():
+                js.add_metric([name, version, feature], value)
+                threshold.add_metric([name, version, feature], snap["thresholds"][feature])
+            if snap["prediction"] is not None:
+                prediction.add_metric([name, version], snap["prediction"])
+        yield from (js, threshold, prediction, rows)
 
     def describe(self):
         return []

@@ -20,6 +20,7 @@ import numpy as np
 
 from onnxflow.errors import ServingError
 from onnxflow.onnxfiles import check_external_data, onnx_digest
+from onnxflow.serving.drift import PROFILE_FILE
 from onnxflow.serving.errors import RequestError
 from onnxflow.serving.mlflow_format import parse_payload
 from onnxflow.serving.settings import ServingSettings
@@ -51,6 +52,7 @@ class LoadedModel:
     batchable: bool = False
     inline: bool = True
     loaded_at: float = field(default_factory=time.time)
+    profile: dict | None = None  # the version's reference profile, for live drift
 
     def __post_init__(self) -> None:
         self.input_by_name = {s.name: s for s in self.inputs}
@@ -163,6 +165,7 @@ def _load(folder: Path, *, name, version, tags, settings) -> LoadedModel:
         warm_ms=warm_ms,
         batchable=batchable,
         inline=warm_ms < settings.inline_run_ms,
+        profile=_read_profile(folder, what),
     )
     log.info(
         "%s ready: %s in, %s out, warm run %.3f ms (%s), providers %s%s",
@@ -175,6 +178,20 @@ def _load(folder: Path, *, name, version, tags, settings) -> LoadedModel:
         ", dynamic batching" if batchable else "",
     )
     return model
+
+
+def _read_profile(folder: Path, what: str) -> dict | None:
+    """The reference profile fetched beside the files (:data:`PROFILE_FILE`); None when
+    the version has none (or it cannot be read: no drift figures, the model still serves)."""
+    path = folder / PROFILE_FILE
+    if not path.is_file():
+        return None
+    try:
+        profile = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable reference profile, no drift figures: %s", what, exc)
+        return None
+    return profile if isinstance(profile, dict) and profile.get("features") else None
 
 
 def _read_mlmodel(folder: Path) -> dict:

@@ -44,6 +44,8 @@ from onnxflow.serving import block_heavy_imports
 log = logging.getLogger(__name__)
 
 MODULE = "onnxflow.serving.registry_reader"
+#: Where a version's reference profile lies in its run (``onnxflow.registration``).
+PROFILE_PATH = "profile/reference.json"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class Registry(Protocol):
 
     def download(self, name: str, version: str, dest: Path) -> Path:
         """Download the version's files into ``dest``; returns the folder holding them."""
+
+    def profile(self, name: str, version: str) -> dict | None:
+        """The version's reference profile (``profile/reference.json`` in its run), None
+        when it has none."""
 
     def annotate(self, notes: list[Annotation]) -> None:
         """Set each note's tags on its version; write its files into the version's run."""
@@ -116,6 +122,10 @@ def download_in_helper(name: str, version: str, dest: Path, tracking_uri: str | 
     )
 
 
+def profile_in_helper(name: str, version: str, tracking_uri: str | None) -> dict | None:
+    return json.loads(_helper("profile", name, version, timeout=120, tracking_uri=tracking_uri))
+
+
 def annotate_in_helper(notes: list[Annotation], tracking_uri: str | None) -> None:
     """Every note in one helper process: MLflow's import is paid once per flush."""
     import tempfile
@@ -148,6 +158,9 @@ class HelperRegistry:
 
     def download(self, name: str, version: str, dest: Path) -> Path:
         return download_in_helper(name, version, dest, self.uri)
+
+    def profile(self, name: str, version: str) -> dict | None:
+        return profile_in_helper(name, version, self.uri)
 
     def annotate(self, notes: list[Annotation]) -> None:
         annotate_in_helper(notes, self.uri)
@@ -185,6 +198,17 @@ class MlflowRegistry:
                 artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)
             )
         )
+
+    def profile(self, name: str, version: str) -> dict | None:
+        import mlflow.artifacts
+
+        run_id = self._client.get_model_version(name, version).run_id
+        if not run_id:
+            return None
+        try:
+            return mlflow.artifacts.load_dict(f"runs:/{run_id}/{PROFILE_PATH}")
+        except Exception:  # noqa: BLE001  (MLflow raises several kinds for a missing file)
+            return None
 
     def annotate(self, notes: list[Annotation]) -> None:
         for note in notes:
@@ -250,6 +274,9 @@ class RestRegistry:
 
     def download(self, name: str, version: str, dest: Path) -> Path:
         return download_in_helper(name, version, dest, self.uri)
+
+    def profile(self, name: str, version: str) -> dict | None:
+        return profile_in_helper(name, version, self.uri)
 
     def _call(self, method: str, path: str, **kwargs) -> dict:
         response = self._http.request(method, path, **kwargs)
@@ -444,6 +471,29 @@ class SqliteRegistry:
         shutil.copytree(local, dest, dirs_exist_ok=True)
         return dest
 
+    def profile(self, name: str, version: str) -> dict | None:
+        """Read from the run's artifact folder when it is on this machine's disk (as the
+        download copies it), else by the helper."""
+        root = None if self._fallback is not None else self._local_run_artifacts(name, version)
+        if root is None:
+            return profile_in_helper(name, version, self.uri)
+        path = root / PROFILE_PATH
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _local_run_artifacts(self, name: str, version: str) -> Path | None:
+        try:
+            with self._connect() as db:
+                rows = self._query(
+                    db,
+                    "SELECT r.artifact_uri FROM model_versions v JOIN runs r "
+                    "ON r.run_uuid = v.run_id WHERE v.name = ? AND v.version = ?",
+                    name,
+                    int(version),
+                )
+        except (sqlite3.Error, ValueError):
+            return None
+        return _local_dir(rows[0][0] if rows else None)
+
     def _local_artifacts(self, name: str, version: str) -> Path | None:
         try:
             with self._connect() as db:
@@ -455,11 +505,16 @@ class SqliteRegistry:
                 )
         except (sqlite3.Error, ValueError):
             return None
-        location = rows[0][0] if rows and rows[0][0] else ""
-        if location.startswith("file://"):
-            location = unquote(location.removeprefix("file://"))
-        path = Path(location)
-        return path if location and path.is_absolute() and path.is_dir() else None
+        return _local_dir(rows[0][0] if rows else None)
+
+
+def _local_dir(location: str | None) -> Path | None:
+    """An artifact location on this machine's disk (a path or ``file://``), else None."""
+    location = location or ""
+    if location.startswith("file://"):
+        location = unquote(location.removeprefix("file://"))
+    path = Path(location)
+    return path if location and path.is_absolute() and path.is_dir() else None
 
 
 def check_login(tracking_uri: str | None) -> None:
@@ -498,14 +553,16 @@ def main(argv: list[str] | None = None) -> None:
     ``download NAME VERSION DEST`` prints the local folder;
     ``resolve NAME (--alias ALIAS | --version VERSION)`` prints ``{"version", "tags"}``;
     ``annotate FILE`` writes the notes of a JSON list of :class:`Annotation` and prints ``ok``;
-    ``list ALIAS`` prints a JSON list of the models holding the alias.
+    ``list ALIAS`` prints a JSON list of the models holding the alias;
+    ``profile NAME VERSION`` prints the version's reference profile (JSON, ``null``: none).
     """
     args = sys.argv[1:] if argv is None else argv
     usage = (
         f"usage: python -m {MODULE} download NAME VERSION DEST\n"
         f"       python -m {MODULE} resolve NAME (--alias ALIAS | --version VERSION)\n"
         f"       python -m {MODULE} annotate FILE\n"
-        f"       python -m {MODULE} list ALIAS"
+        f"       python -m {MODULE} list ALIAS\n"
+        f"       python -m {MODULE} profile NAME VERSION"
     )
     block_heavy_imports()
     logging.basicConfig(level=logging.WARNING)
@@ -521,6 +578,8 @@ def main(argv: list[str] | None = None) -> None:
         notes = [Annotation(**note) for note in json.loads(Path(args[1]).read_text())]
         MlflowRegistry().annotate(notes)
         print("ok")
+    elif len(args) == 3 and args[0] == "profile":
+        print(json.dumps(MlflowRegistry().profile(args[1], args[2])))
     elif len(args) == 2 and args[0] == "list":
         print(json.dumps(MlflowRegistry().models_with_alias(args[1])))
     else:

@@ -1,10 +1,14 @@
-"""Prefect task of the monitor step (logic: :mod:`onnxflow.monitor`): registry I/O, so it
-retries transient failures like every registry task."""
+"""Prefect tasks of the monitor step (logic: :mod:`onnxflow.monitor`, the retrain data
+:mod:`onnxflow.evidence`): registry I/O, so they retry transient failures like every
+registry task."""
 
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
+from onnxflow.config import DataConfig
+from onnxflow.evidence import RetrainData, build_retrain_data, served_source, tag_retrained
 from onnxflow.monitor import Figures, RetrainPolicy, monitor_model
 from onnxflow.tasks.retry import registry_task
 
@@ -14,3 +18,20 @@ def monitor_task(
     model_name: str, capture: str, since: dt.datetime, policy: RetrainPolicy, alias: str
 ) -> Figures:
     return monitor_model(model_name, capture, since, policy, alias=alias)
+
+
+@registry_task
+def served_source_task(name: str, version: str, data: DataConfig) -> tuple[str, DataConfig]:
+    return served_source(name, version, data)
+
+
+@registry_task
+def retrain_data_task(
+    data: DataConfig, capture: str, name: str, version: str, since: dt.datetime, out_dir: Path
+) -> RetrainData:
+    return build_retrain_data(data, capture, name, version, since, out_dir)
+
+
+@registry_task
+def tag_retrained_task(name: str, versions: list[str], data: RetrainData, reason: str) -> None:
+    tag_retrained(name, versions, data, reason)

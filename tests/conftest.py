@@ -98,7 +98,6 @@ def make_linear_onnx(
     path: Path, n_in: int = 64, n_out: int = 10, seed: int = 0, external_data: bool = False
 ) -> Path:
     """A real softmax-regression model: features[batch, n_in] -> probabilities[batch, n_out]."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -116,6 +115,14 @@ def make_linear_onnx(
         [W, b],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return save_checked_onnx(model, path, external_data, f"{path.name}.data")
+
+
+def save_checked_onnx(model, path: Path, external_data: bool, location: str) -> Path:
+    """Check ``model`` (IR version 9) and save it at ``path``, its weights in ``location``
+    beside it with ``external_data``."""
+    import onnx
+
     model.ir_version = 9
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +130,7 @@ def make_linear_onnx(
         model,
         str(path),
         save_as_external_data=external_data,
-        location=f"{path.name}.data",
+        location=location,
         size_threshold=0,
     )
     return path

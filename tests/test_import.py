@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from mlflow import MlflowClient
 from onnx import TensorProto, helper, numpy_helper
@@ -16,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxflow.config import PipelineConfig
 from onnxflow.errors import ModelImportError, ValidationError
 from onnxflow.importing import detect_format
+from tests.conftest import save_checked_onnx
 
 FAST = PipelineConfig.model_validate({"validate": {"latency_repeats": 3}})
 
@@ -165,17 +165,7 @@ def _all_types_model(path: Path, external_data: bool = False, batch="batch") -> 
         helper.make_graph(nodes, "all_types", inputs, outputs, [weight]),
         opset_imports=[helper.make_opsetid("", 17)],
     )
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=external_data,
-        location="model.onnx.data",
-        size_threshold=0,
-    )
-    return path
+    return save_checked_onnx(model, path, external_data, "model.onnx.data")
 
 
 def all_types_sample(rows: int, seq: int = 3, seed: int = 1) -> dict[str, np.ndarray]:

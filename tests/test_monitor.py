@@ -101,9 +101,8 @@ def _capture(folder, model, x: np.ndarray, labels=None):
     capture.stop()
     if labels is not None:
         store = FeedbackStore(capture)
-        store.submit(
-            model.name, [Label(rid, 0, str(labels(i, p))) for i, (rid, p) in enumerate(ids)]
-        )
+        given = [(rid, labels(i, p)) for i, (rid, p) in enumerate(ids)]  # None: no label
+        store.submit(model.name, [Label(rid, 0, str(v)) for rid, v in given if v is not None])
 
 
 def test_the_monitor_flags_shifted_traffic_and_writes_onto_the_version(mlflow_store, tmp_path):
@@ -178,3 +177,46 @@ def test_the_monitor_command_refuses_a_bad_window_and_a_model_without_profile(
     register_onnx(path, model_name="bare", input_example=x, aliases=("champion",))
     with pytest.raises(MonitorError, match="has no reference profile"):
         monitor_model("bare", str(tmp_path), parse_since("1h"), RetrainPolicy())
+
+
+def test_retrain_data_is_the_original_table_plus_the_labelled_captured_rows(tmp_path):
+    import pyarrow.parquet as pq
+
+    from onnxflow.config import DataConfig
+    from onnxflow.evidence import build_retrain_data
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(60, 4))
+    names = np.array(["cat", "dog"], dtype=object)[(x[:, 0] > 0).astype(int)]
+    table = tmp_path / "pets.csv"
+    lines = ["a,b,c,d,kind"] + [",".join([*map(str, r), k]) for r, k in zip(x, names)]
+    table.write_text("\n".join(lines) + "\n")
+    path = make_linear_onnx(tmp_path / "m" / "model.onnx", n_in=4, n_out=2)
+    model = SimpleNamespace(
+        name="pets", version="1", output_names=["probabilities"], path=path, tag="t"
+    )
+    live = rng.normal(size=(30, 4)).astype(np.float32)
+    # rows 0..19 labelled 1 ("dog"), the rest never labelled
+    _capture(tmp_path / "cap", model, live, labels=lambda i, p: 1 if i < 20 else None)
+    data = DataConfig(path=table, target="kind")
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    built = build_retrain_data(data, str(tmp_path / "cap"), "pets", "1", since, tmp_path / "o")
+
+    assert (built.rows_original, built.rows_captured) == (60, 20)
+    assert built.tags()["retrain_rows_captured"] == "20" and built.task == "classification"
+    written = pq.read_table(built.path).to_pydict()
+    assert list(written) == ["a", "b", "c", "d", "kind"] and len(written["kind"]) == 80
+    assert written["kind"][60:] == ["dog"] * 20  # class index 1 -> the table's own value
+    np.testing.assert_allclose(np.array(written["a"][60:]), live[:20, 0], rtol=1e-6)
+
+    with pytest.raises(MonitorError, match="3 features: not the same table"):
+        narrow = tmp_path / "narrow.csv"
+        narrow.write_text("a,b,c,kind\n" + "\n".join(f"1,2,3,{k}" for k in names) + "\n")
+        build_retrain_data(
+            DataConfig(path=narrow, target="kind"),
+            str(tmp_path / "cap"),
+            "pets",
+            "1",
+            since,
+            tmp_path / "o2",
+        )

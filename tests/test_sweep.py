@@ -1,5 +1,5 @@
 """The sweep's logic without Prefect or Dask: the search space from the YAML, a trial's
-settings, pruning on epoch metrics, the best trial, lost-trial accounting."""
+settings, the ask/tell loop, pruning on epoch metrics, the best trial, lost-trial accounting."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ import pytest
 from pydantic import ValidationError
 
 from onnxflow.config import PipelineConfig, SweepConfig, TrainConfig
+from onnxflow.errors import SweepError
 from onnxflow.results import TrainedModel, TrialResult
 from onnxflow.sweep import (
     StudyRef,
+    TrialScheduler,
     TrialSpec,
     best_trial,
     create_study,
     direction_of,
     lost_result,
     objective_metric,
+    require_best,
     run_trial,
     storage_url,
     suggest,
@@ -166,6 +169,48 @@ def test_pruning_stops_a_trial_that_trails_the_median_and_lost_trials_count_as_f
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
     assert best_trial([good, bad, lost], "maximize") == good
+
+
+def test_the_scheduler_asks_while_slots_are_free_and_tells_in_any_order(tmp_path):
+    """3 trials, 2 at a time: a third is asked only once one is told; results told out of
+    order come back by number, the best one chosen, and the study records each state."""
+    from optuna.trial import TrialState
+
+    config = SweepConfig(trials=3, space={"learning_rate": {"low": 1e-4, "high": 1e-2}})
+    ref = study_ref(tmp_path)
+    scheduler = TrialScheduler(create_study(config, ref), ref, config, parallel=2)
+    runs: list[tuple[int, dict]] = []
+
+    def run_for(number, params):
+        runs.append((number, params))
+        return f"run-{number}"
+
+    first, second = scheduler.ask(run_for), scheduler.ask(run_for)
+    assert not scheduler.can_ask and not scheduler.done
+    assert (first.number, first.run_id) == (0, "run-0")
+    assert runs == [(0, first.params), (1, second.params)]
+    assert 1e-4 <= first.params["learning_rate"] <= 1e-2
+
+    def told(spec, state, value=None):
+        return TrialResult(
+            number=spec.number, params=spec.params, run_id=spec.run_id, state=state, value=value
+        )
+
+    scheduler.tell(told(second, "complete", 0.7))
+    third = scheduler.ask(run_for)
+    assert not scheduler.can_ask, "the budget of 3 trials is spent"
+    scheduler.tell(lost_result(third, "KilledWorker"))
+    assert not scheduler.done, "trial 0 still runs"
+    scheduler.tell(told(first, "complete", 0.9))
+    assert scheduler.done
+
+    outcome = scheduler.outcome()
+    assert [t.number for t in outcome.trials] == [0, 1, 2]
+    assert outcome.best.number == 0 and outcome.lost == [outcome.trials[2]]
+    states = [t.state for t in scheduler.study.get_trials(deepcopy=False)]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    with pytest.raises(SweepError, match=r"No trial of the sweep completed \(3 trials"):
+        require_best(outcome)  # completed, but this fake trial carries no trained model
 
 
 # -- a recipe's own parameters (train.params) in the space ---------------------------------

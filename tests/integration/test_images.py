@@ -21,9 +21,10 @@ import httpx
 import numpy as np
 import pytest
 
+from onnxflow.mlflow_servers import start_tracking_server
 from tests.integration.conftest import free_ports
 from tests.serving import models
-from tests.serving.conftest import wait_for
+from tests.serving.conftest import answers, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = os.environ.get("ENGINE", "podman")
@@ -72,46 +73,23 @@ def proxied_tracking_server(tmp_path_factory):
     through HTTP, never through this machine's file system."""
     root = tmp_path_factory.mktemp("images-mlflow")
     (port,) = free_ports(1)
-    log = open(root / "server.log", "ab")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--serve-artifacts",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    proc = start_tracking_server(
+        f"sqlite:///{root / 'mlflow.db'}",
+        port,
+        root / "server.log",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _ok(f"{url}/health"), timeout=120)
+        wait_for(lambda: answers(f"{url}/health"), timeout=120)
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
-        log.close()
-
-
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _register(tracking_uri: str, name: str, model_path: Path, example: np.ndarray) -> str:
@@ -179,10 +157,10 @@ def test_the_serving_container_serves_the_champion_to_tritonclient(
         def ready() -> bool:
             state = engine("inspect", "-f", "{{.State.Running}}", container, check=False)
             assert state.stdout.strip() == "true", "the container exited: see its log below"
-            return _ok(f"http://{url}/v2/health/ready")
+            return answers(f"http://{url}/v2/health/ready")
 
         wait_for(ready, timeout=180)
-        assert _ok(f"http://{url}/v2/health/live")
+        assert answers(f"http://{url}/v2/health/live")
         # The image's own HEALTHCHECK (kept by building in docker format) passes too.
         if ENGINE == "podman":
             assert engine("healthcheck", "run", container, check=False).returncode == 0
@@ -301,11 +279,11 @@ def test_docker_compose_runs_under_podman_compose(
         for service in ("postgres", "mlflow", "prefect-server", "endpoint"):
             assert f"==> {service} healthy" in up.stdout, up.stdout
         assert "deployed retrain-and-deploy/scheduled, retrain-and-deploy/on-demand" in up.stdout
-        assert _ok(f"http://127.0.0.1:{mlflow_port}/health")
-        assert _ok(f"http://127.0.0.1:{prefect_port}/api/health")
+        assert answers(f"http://127.0.0.1:{mlflow_port}/health")
+        assert answers(f"http://127.0.0.1:{prefect_port}/api/health")
         assert "<!DOCTYPE html>" in httpx.get(f"http://127.0.0.1:{prefect_port}/").text
         # No champion yet: alive, not ready.
-        assert _ok(f"{endpoint}/v2/health/live")
+        assert answers(f"{endpoint}/v2/health/live")
         assert httpx.get(f"{endpoint}/v2/health/ready", timeout=5).status_code == 503
 
         triggered = subprocess.run(

@@ -37,8 +37,7 @@ def test_the_dask_runner_reports_a_task_whose_worker_died_as_lost(tmp_path):
 
     from onnxflow.config import DaskConfig
     from onnxflow.dask_cluster import task_runner
-    from onnxflow.flows.sweep import _trial_result
-    from onnxflow.sweep import TrialSpec
+    from onnxflow.sweep import TrialSpec, future_result
 
     @flow
     def two_tasks() -> list:
@@ -46,7 +45,7 @@ def test_the_dask_runner_reports_a_task_whose_worker_died_as_lost(tmp_path):
         for number in (0, 1):  # one after the other: the death takes no bystander with it
             spec = TrialSpec(number=number, trial_id=number, params={}, run_id=f"r{number}")
             future = _die_or_answer.submit(spec, die=number == 1)
-            results.append(_trial_result(future, spec))
+            results.append(future_result(future, spec))
         return results
 
     started = time.perf_counter()

@@ -22,8 +22,8 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,7 @@ import httpx
 import numpy as np
 import pytest
 
+from onnxflow.mlflow_servers import start_tracking_server
 from onnxflow.processes import free_port, log_tail
 from onnxflow.serving.launcher import start_background, stop_background, wait_ready
 from onnxflow.serving.settings import ServingSettings
@@ -101,6 +102,7 @@ class Endpoint:
     name: str
     state_dir: Path
     token: str | None = None
+    grpc: str | None = None
 
     def client(self, **kwargs) -> httpx.Client:
         headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
@@ -108,6 +110,26 @@ class Endpoint:
 
     def log(self) -> str:
         return log_tail(self.state_dir / "endpoint.log", 200)
+
+
+@contextlib.contextmanager
+def serving(registry: Registry, root: Path, name: str, **options) -> Iterator[Endpoint]:
+    """One endpoint process over the test registry (REST and gRPC on free ports, state in
+    ``root``), ready, until the block ends; ``options`` are :class:`ServingSettings` fields,
+    ``name`` the model the :class:`Endpoint` talks to."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", registry.uri)  # the endpoint inherits it
+        settings = ServingSettings(
+            port=free_port(), grpc_port=free_port(), cache_dir=root / "cache", **options
+        )
+        info = start_background(settings, root)
+    try:
+        wait_ready(info, timeout_s=240)  # a busy 2-core machine: start-up is slow
+        yield Endpoint(
+            info.url, name, root, options.get("token"), f"127.0.0.1:{settings.grpc_port}"
+        )
+    finally:
+        stop_background(root)
 
 
 def _example(rows: int = 1, n: int = 64, seed: int = 0) -> np.ndarray:
@@ -152,32 +174,10 @@ def tracking_server(registry: Registry, log_path: Path, port: int | None = None)
 
     ``port``: a fixed one, to restart a killed server where its clients look for it."""
     port = port or free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--backend-store-uri",
-                registry.uri,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-                # proxied artifacts (runs of experiments created through the server) stay
-                # beside its log, not in ./mlartifacts of the working directory
-                "--artifacts-destination",
-                str(log_path.parent / "mlartifacts"),
-            ],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    # proxied artifacts (runs of experiments created through the server) stay beside its
+    # log, not in ./mlartifacts of the working directory
+    artifacts = str(log_path.parent / "mlartifacts")
+    proc = start_tracking_server(registry.uri, port, log_path, "--artifacts-destination", artifacts)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -214,11 +214,10 @@ def _endpoints(registry: Registry, root: Path, server_url: str):
         ),
         "reloady": dict(model="reloady@champion", token=TOKEN, poll_interval_s=0.5),
     }
-    saved = os.environ.get("MLFLOW_TRACKING_URI")  # endpoint processes inherit it
     started = {}
-    try:
-        for key, options in specs.items():
-            os.environ["MLFLOW_TRACKING_URI"] = options.pop("tracking_uri", registry.uri)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, options in specs.items():  # endpoint processes inherit the tracking URI
+            patch.setenv("MLFLOW_TRACKING_URI", options.pop("tracking_uri", registry.uri))
             settings = ServingSettings(
                 port=free_port(), cache_dir=cache, log_level="info", **options
             )
@@ -229,11 +228,6 @@ def _endpoints(registry: Registry, root: Path, server_url: str):
                     info.url, options["model"].split("@")[0], root / key, options.get("token")
                 ),
             )
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
     try:
         for info, _ in started.values():
             wait_ready(info, timeout_s=240)  # a busy 2-core machine: mlflow server boots slowly
@@ -272,6 +266,14 @@ def local_session(model_files):
         return ort.InferenceSession(str(model_files[key]), providers=["CPUExecutionProvider"])
 
     return make
+
+
+def answers(url: str) -> bool:
+    """True when a GET of ``url`` answers 200 (a server's health or ping route)."""
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):

@@ -152,3 +152,15 @@ def triton_examples() -> dict[str, dict[str, np.ndarray]]:
         "simple_string": {"INPUT0": words, "INPUT1": words},
         "simple_identity": {"INPUT0": np.array([["hello"]], dtype=object)},
     }
+
+
+def simple_inputs(client_module, a: np.ndarray, b: np.ndarray) -> list:
+    """INPUT0 and INPUT1 (INT32 [1, 16]) of Triton's ``simple`` as ``client_module``'s
+    (``tritonclient.grpc`` or ``.http``) ``InferInput``s."""
+    inputs = [
+        client_module.InferInput("INPUT0", [1, 16], "INT32"),
+        client_module.InferInput("INPUT1", [1, 16], "INT32"),
+    ]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    return inputs

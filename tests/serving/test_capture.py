@@ -76,6 +76,31 @@ def test_the_writer_keeps_every_accepted_record_by_name_and_counts_the_rest():
     assert capture.dropped[("m", "stopped")] == 1
 
 
+def test_two_writers_on_one_folder_keep_each_others_segments():
+    """Replicas capture into one folder or bucket, often with the same pid (a container's):
+    segments started in the same second must not share a name and overwrite each other."""
+    import fsspec
+
+    url = "memory://capture-replicas"
+    model = SimpleNamespace(name="m", version="1", output_names=["p"])
+    replicas = [Capture(_settings(url)) for _ in range(2)]
+    for capture in replicas:
+        capture.start()
+    for i in range(10):
+        for n, capture in enumerate(replicas):
+            x = np.full((2, 4), i, np.float32)
+            capture.offer(model, lambda i=i, n=n: f"r{n}-{i}", {"x": x}, [x], 0.001)
+    for capture in replicas:
+        capture.stopping()
+        capture.stop()
+    assert all(c.accepted[("m", "1")] == 10 for c in replicas)
+    table = _read(fsspec.filesystem("memory"), "/capture-replicas")
+    assert table.num_rows == 40
+    assert {r["request_id"] for r in table.to_pylist()} == {
+        f"r{n}-{i}" for n in range(2) for i in range(10)
+    }
+
+
 def test_a_full_queue_drops_and_counts_instead_of_waiting():
     capture = Capture(_settings("memory://capture-full", capture_queue_bytes=65536))
     model = SimpleNamespace(name="m", version="1", output_names=["p"])

@@ -12,11 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxflow.processes import free_port
-from onnxflow.serving.launcher import start_background, stop_background, wait_ready
-from onnxflow.serving.settings import ServingSettings
 from tests.serving import models
-from tests.serving.conftest import TOKEN, Endpoint
+from tests.serving.conftest import TOKEN, serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -35,67 +32,28 @@ def triton_registered(registry, registered, tmp_path_factory) -> dict[str, str]:
     }
 
 
-def _start(registry, root, **options):
-    import os
-
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = registry.uri
-    try:
-        settings = ServingSettings(
-            port=free_port(), grpc_port=free_port(), cache_dir=root / "cache", **options
-        )
-        info = start_background(settings, root)
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI")
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
-    return settings, info
-
-
 @pytest.fixture(scope="session")
 def triton_endpoint(registry, triton_registered, tmp_path_factory):
     """One endpoint, no token: every Triton example model plus digits, REST and gRPC."""
     root = tmp_path_factory.mktemp("triton-endpoint")
     refs = ",".join(f"{n}@champion" for n in (*TRITON_MODELS, "digits"))
-    settings, info = _start(registry, root, model=refs)
-    try:
-        wait_ready(info, timeout_s=180)
-        endpoint = Endpoint(info.url, "simple", root)
-        endpoint.grpc = f"127.0.0.1:{settings.grpc_port}"
+    with serving(registry, root, "simple", model=refs) as endpoint:
         yield endpoint
-    finally:
-        stop_background(root)
 
 
 @pytest.fixture(scope="module")
 def guarded(registry, triton_registered, tmp_path_factory):
     root = tmp_path_factory.mktemp("grpc-guarded")
-    settings, info = _start(
+    with serving(
         registry,
         root,
+        "simple",
         model="simple@champion",
         token=TOKEN,
         max_body_bytes=4096,
         shared_memory=True,
-    )
-    try:
-        wait_ready(info, timeout_s=180)
-        endpoint = Endpoint(info.url, "simple", root, TOKEN)
-        endpoint.grpc = f"127.0.0.1:{settings.grpc_port}"
+    ) as endpoint:
         yield endpoint
-    finally:
-        stop_background(root)
-
-
-def _simple_inputs(grpcclient, a, b):
-    inputs = [
-        grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
-        grpcclient.InferInput("INPUT1", [1, 16], "INT32"),
-    ]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(b)
-    return inputs
 
 
 def test_health_and_metadata(triton_endpoint):
@@ -129,14 +87,14 @@ def test_infer_raw_and_typed_contents(triton_endpoint):
     b = np.full((1, 16), 3, dtype=np.int32)
     result = client.infer(
         "simple",
-        _simple_inputs(grpcclient, a, b),
+        models.simple_inputs(grpcclient, a, b),
         request_id="r1",
         outputs=[grpcclient.InferRequestedOutput("OUTPUT1")],
     )
     assert result.get_response().id == "r1"
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
     assert result.as_numpy("OUTPUT0") is None  # only what was asked for
-    both = client.infer("simple", _simple_inputs(grpcclient, a, b))
+    both = client.infer("simple", models.simple_inputs(grpcclient, a, b))
     np.testing.assert_array_equal(both.as_numpy("OUTPUT0"), a + b)
     assert both.get_response().model_version == "1"
 
@@ -177,22 +135,22 @@ def test_errors_are_grpc_status_codes_naming_the_problem(triton_endpoint):
     client = grpcclient.InferenceServerClient(triton_endpoint.grpc)
     a = np.zeros((1, 16), np.int32)
     with pytest.raises(InferenceServerException) as unknown:
-        client.infer("nope", _simple_inputs(grpcclient, a, a))
+        client.infer("nope", models.simple_inputs(grpcclient, a, a))
     assert unknown.value.status() == "StatusCode.NOT_FOUND"
     assert "Request for unknown model: 'nope'" in unknown.value.message()
     wrong = grpcclient.InferInput("INPUT0", [2, 16], "INT32")
     wrong.set_data_from_numpy(np.zeros((2, 16), np.int32))
     with pytest.raises(InferenceServerException) as shape:
-        client.infer("simple", [wrong, _simple_inputs(grpcclient, a, a)[1]])
+        client.infer("simple", [wrong, models.simple_inputs(grpcclient, a, a)[1]])
     assert shape.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "INPUT0" in shape.value.message() and "dimension 0 must be 1" in shape.value.message()
     floats = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
     floats.set_data_from_numpy(np.zeros((1, 16), np.float32))
     with pytest.raises(InferenceServerException) as datatype:
-        client.infer("simple", [floats, _simple_inputs(grpcclient, a, a)[1]])
+        client.infer("simple", [floats, models.simple_inputs(grpcclient, a, a)[1]])
     assert "wrong datatype FP32" in datatype.value.message()
     with pytest.raises(InferenceServerException) as missing:
-        client.infer("simple", _simple_inputs(grpcclient, a, a)[:1])
+        client.infer("simple", models.simple_inputs(grpcclient, a, a)[:1])
     assert "missing input(s) 'INPUT1'" in missing.value.message()
     assert client.is_server_live()  # and it keeps serving
 
@@ -205,17 +163,19 @@ def test_token_as_metadata_and_the_size_limit(guarded):
     a = np.ones((1, 16), np.int32)
     assert client.is_server_ready()  # probes stay open, as over REST
     with pytest.raises(InferenceServerException) as refused:
-        client.infer("simple", _simple_inputs(grpcclient, a, a))
+        client.infer("simple", models.simple_inputs(grpcclient, a, a))
     assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
     with pytest.raises(InferenceServerException) as wrong:
         client.infer(
             "simple",
-            _simple_inputs(grpcclient, a, a),
+            models.simple_inputs(grpcclient, a, a),
             headers={"authorization": "Bearer not-the-token"},
         )
     assert wrong.value.status() == "StatusCode.UNAUTHENTICATED"
     ok = client.infer(
-        "simple", _simple_inputs(grpcclient, a, a), headers={"authorization": f"Bearer {TOKEN}"}
+        "simple",
+        models.simple_inputs(grpcclient, a, a),
+        headers={"authorization": f"Bearer {TOKEN}"},
     )
     np.testing.assert_array_equal(ok.as_numpy("OUTPUT0"), a + a)
 
@@ -224,7 +184,7 @@ def test_token_as_metadata_and_the_size_limit(guarded):
     with pytest.raises(InferenceServerException) as too_big:
         client.infer(
             "simple",
-            [big, _simple_inputs(grpcclient, a, a)[1]],
+            [big, models.simple_inputs(grpcclient, a, a)[1]],
             headers={"authorization": f"Bearer {TOKEN}"},
         )
     assert too_big.value.status() == "StatusCode.RESOURCE_EXHAUSTED"

@@ -116,53 +116,20 @@ def test_errors_also_speak_mlflow(digits):
 def test_same_answers_as_mlflow_models_serve(digits, registry, tmp_path):
     """Every payload format, sent to `mlflow models serve` and to us: same predictions."""
     import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     import httpx
 
+    from onnxflow.mlflow_servers import start_scoring_server
     from onnxflow.processes import free_port
-    from tests.serving.conftest import wait_for
+    from tests.serving.conftest import answers, wait_for
 
     port = free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": registry.uri,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    with open(tmp_path / "mlflow-serve.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "models",
-                "serve",
-                "-m",
-                "models:/digits@champion",
-                "--env-manager",
-                "local",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    env = {"MLFLOW_TRACKING_URI": registry.uri}
+    log_path = tmp_path / "mlflow-serve.log"
+    proc = start_scoring_server("models:/digits@champion", port, log_path, env)
     url = f"http://127.0.0.1:{port}"
     try:
-
-        def up():
-            try:
-                return httpx.get(f"{url}/ping").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(up, timeout=240, interval=0.5)
+        wait_for(lambda: answers(f"{url}/ping"), timeout=240, interval=0.5)
         payloads = {
             "inputs": {"inputs": ROWS.tolist()},
             "instances": {"instances": ROWS.tolist()},

@@ -16,18 +16,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 import numpy as np
 import pytest
 
+from onnxflow.mlflow_servers import start_scoring_server
 from onnxflow.serving.launcher import free_port
 from tests.serving import mlflow_cases
-from tests.serving.conftest import wait_for
+from tests.serving.conftest import answers, wait_for
 from tests.serving.mlflow_cases import CASES, DIFFERENCES, compare, row_count
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -142,49 +140,16 @@ def test_mlflow_scoring_server_client(digits, local_session):
 def mlflow_models_serve(registry, registered, tmp_path_factory):
     """A real ``mlflow models serve`` per model, on the same registered versions."""
     root = tmp_path_factory.mktemp("mlflow-models-serve")
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": registry.uri,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
+    env = {"MLFLOW_TRACKING_URI": registry.uri}
     procs, urls = [], {}
     try:
         for name in ("digits", "multi"):
             port = free_port()
-            with open(root / f"{name}.log", "wb") as log:
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "mlflow",
-                            "models",
-                            "serve",
-                            "-m",
-                            f"models:/{name}/{registered[name]}",
-                            "--env-manager",
-                            "local",
-                            "--host",
-                            "127.0.0.1",
-                            "--port",
-                            str(port),
-                        ],
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
+            model_uri = f"models:/{name}/{registered[name]}"
+            procs.append(start_scoring_server(model_uri, port, root / f"{name}.log", env))
             urls[name] = f"http://127.0.0.1:{port}"
         for url in urls.values():
-
-            def up(url=url):
-                try:
-                    return httpx.get(f"{url}/ping").status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            wait_for(up, timeout=240, interval=0.5)
+            wait_for(lambda url=url: answers(f"{url}/ping"), timeout=240, interval=0.5)
         yield urls
     finally:
         for proc in procs:

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import re
 
 import numpy as np
 import pytest
 
-from onnxflow.processes import free_port
 from onnxflow.serving.batching import Batcher, _Pending
 from onnxflow.serving.errors import BadInput
-from onnxflow.serving.launcher import start_background, stop_background, wait_ready
 from onnxflow.serving.model_config import ConfigOverride, parse_load_parameters
-from onnxflow.serving.settings import ServingSettings
-from tests.serving.conftest import TOKEN, Endpoint
+from tests.serving.conftest import TOKEN, serving
 
 
 def auth() -> dict[str, str]:
@@ -96,32 +92,17 @@ def test_batcher_never_merges_past_a_models_own_limit():
 @pytest.fixture(scope="module")
 def endpoint(registry, registered, tmp_path_factory):
     root = tmp_path_factory.mktemp("model-config")
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = registry.uri
-    try:
-        settings = ServingSettings(
-            port=free_port(),
-            grpc_port=free_port(),
-            cache_dir=root / "cache",
-            model="digits@champion",
-            token=TOKEN,
-            max_batch_size=32,
-            max_batch_delay_ms=50,
-            inference_threads=1,
-        )
-        info = start_background(settings, root)
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI")
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
-    try:
-        wait_ready(info, timeout_s=180)
-        running = Endpoint(info.url, "digits", root, TOKEN)
-        running.grpc = f"127.0.0.1:{settings.grpc_port}"
+    with serving(
+        registry,
+        root,
+        "digits",
+        model="digits@champion",
+        token=TOKEN,
+        max_batch_size=32,
+        max_batch_delay_ms=50,
+        inference_threads=1,
+    ) as running:
         yield running
-    finally:
-        stop_background(root)
 
 
 def _clients(endpoint):

@@ -25,7 +25,7 @@ from onnxflow.serving.launcher import start_background, stop_background, wait_re
 from onnxflow.serving.settings import ServingSettings
 from onnxflow.serving.shadow import REPORT_PATH
 from tests.serving import models
-from tests.serving.conftest import TOKEN, Endpoint, _example, wait_for
+from tests.serving.conftest import TOKEN, Endpoint, _example, serving, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -82,26 +82,17 @@ def shadowed(registry, files, tmp_path_factory):
     }
     assert [versions[k] for k in ("a1", "a2", "a3", "b1", "b2")] == ["1", "2", "3", "1", "2"]
     root = tmp_path_factory.mktemp("shadow-endpoint")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", registry.uri)  # the endpoint inherits it
-        settings = ServingSettings(
-            model="shadow_a@champion,shadow_b@champion",
-            shadow="challenger",
-            shadow_flush_interval_s=0,  # only on /admin/shadow/flush
-            port=free_port(),
-            grpc_port=free_port(),
-            cache_dir=root / "cache",
-            token=TOKEN,
-            poll_interval_s=0.5,
-        )
-        info = start_background(settings, root)
-    try:
-        wait_ready(info, timeout_s=240)
-        endpoint = Endpoint(info.url, "shadow_a", root, TOKEN)
-        endpoint.grpc = f"127.0.0.1:{settings.grpc_port}"
+    with serving(
+        registry,
+        root,
+        "shadow_a",
+        model="shadow_a@champion,shadow_b@champion",
+        shadow="challenger",
+        shadow_flush_interval_s=0,  # only on /admin/shadow/flush
+        token=TOKEN,
+        poll_interval_s=0.5,
+    ) as endpoint:
         yield endpoint
-    finally:
-        stop_background(root)
 
 
 def _local(path):

@@ -14,12 +14,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from onnxflow.processes import free_port
 from onnxflow.serving.comparison import PairStats, compare, markdown_report
-from onnxflow.serving.launcher import start_background, stop_background, wait_ready
-from onnxflow.serving.settings import ServingSettings
 from tests.serving import models
-from tests.serving.conftest import TOKEN, Endpoint, _example, wait_for
+from tests.serving.conftest import TOKEN, _example, serving, wait_for
 
 # --- the comparison, on its own -----------------------------------------------------------
 
@@ -75,26 +72,17 @@ def twins(registry, tmp_path_factory):
     assert registry.register("twins", path, _example()) == "1"
     assert registry.register("twins", path, _example(), aliases=("challenger",)) == "2"
     root = tmp_path_factory.mktemp("twins-endpoint")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", registry.uri)
-        settings = ServingSettings(
-            model="twins@champion",
-            shadow="challenger",
-            shadow_flush_interval_s=0,
-            port=free_port(),
-            grpc_port=free_port(),
-            cache_dir=root / "cache",
-            token=TOKEN,
-            poll_interval_s=0.5,
-        )
-        info = start_background(settings, root)
-    try:
-        wait_ready(info, timeout_s=240)
-        endpoint = Endpoint(info.url, "twins", root, TOKEN)
-        endpoint.grpc = f"127.0.0.1:{settings.grpc_port}"
+    with serving(
+        registry,
+        root,
+        "twins",
+        model="twins@champion",
+        shadow="challenger",
+        shadow_flush_interval_s=0,
+        token=TOKEN,
+        poll_interval_s=0.5,
+    ) as endpoint:
         yield endpoint
-    finally:
-        stop_background(root)
 
 
 def _pair(http) -> dict | None:

@@ -153,23 +153,13 @@ def test_extensions_and_unknown_model_wording(server):
     a = np.zeros((1, 16), np.int32)
     for call in (
         lambda: http.get_model_metadata("wrong_model_name"),
-        lambda: http.infer("wrong_model_name", _inputs(httpclient, a, a)),
+        lambda: http.infer("wrong_model_name", models.simple_inputs(httpclient, a, a)),
         lambda: grpc.get_model_metadata("wrong_model_name"),
-        lambda: grpc.infer("wrong_model_name", _inputs(grpcclient, a, a)),
+        lambda: grpc.infer("wrong_model_name", models.simple_inputs(grpcclient, a, a)),
     ):
         with pytest.raises(InferenceServerException) as unknown:
             call()
         assert unknown.value.message().startswith("Request for unknown model"), unknown.value
-
-
-def _inputs(client_module, a: np.ndarray, b: np.ndarray):
-    inputs = [
-        client_module.InferInput("INPUT0", [1, 16], "INT32"),
-        client_module.InferInput("INPUT1", [1, 16], "INT32"),
-    ]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(b)
-    return inputs
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -255,7 +245,9 @@ def test_shared_memory_errors_name_the_problem(server):
                 tensor.set_shared_memory("nope", 64)
             with pytest.raises(InferenceServerException, match="'nope' is not registered"):
                 client.infer("simple", unknown)
-            small = _inputs(module, np.zeros((1, 16), np.int32), np.zeros((1, 16), np.int32))
+            small = models.simple_inputs(
+                module, np.zeros((1, 16), np.int32), np.zeros((1, 16), np.int32)
+            )
             out = module.InferRequestedOutput("OUTPUT0")
             out.set_shared_memory("e", 16)
             with pytest.raises(InferenceServerException, match="more than its shared_memory"):

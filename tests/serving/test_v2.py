@@ -14,6 +14,18 @@ from tests.serving import models
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
+#: The V2 datatype of each input of the ``multi`` model (:func:`models.multi_example`).
+MULTI_DATATYPES = {
+    "x": "FP32",
+    "mask": "BOOL",
+    "ids": "INT32",
+    "half": "FP16",
+    "small": "UINT8",
+    "wide": "FP64",
+    "names": "BYTES",
+}
+
+
 def _client(endpoint):
     return triton.InferenceServerClient(endpoint.url.removeprefix("http://"))
 
@@ -78,20 +90,11 @@ def test_every_datatype_binary_and_json(multi, local_session):
             local_session("multi").run(None, example),
         )
     )
-    datatypes = {
-        "x": "FP32",
-        "mask": "BOOL",
-        "ids": "INT32",
-        "half": "FP16",
-        "small": "UINT8",
-        "wide": "FP64",
-        "names": "BYTES",
-    }
     client = _client(multi)
     for binary in (True, False):
         inputs = []
         for name, value in example.items():
-            inp = triton.InferInput(name, list(value.shape), datatypes[name])
+            inp = triton.InferInput(name, list(value.shape), MULTI_DATATYPES[name])
             inp.set_data_from_numpy(value, binary_data=binary)
             inputs.append(inp)
         outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in expected]
@@ -107,18 +110,9 @@ def test_every_datatype_binary_and_json(multi, local_session):
 
 def test_requested_outputs_subset_and_mixed_encoding(multi):
     example = models.multi_example(rows=2)
-    datatypes = {
-        "x": "FP32",
-        "mask": "BOOL",
-        "ids": "INT32",
-        "half": "FP16",
-        "small": "UINT8",
-        "wide": "FP64",
-        "names": "BYTES",
-    }
     inputs = []
     for name, value in example.items():
-        inp = triton.InferInput(name, list(value.shape), datatypes[name])
+        inp = triton.InferInput(name, list(value.shape), MULTI_DATATYPES[name])
         inp.set_data_from_numpy(value, binary_data=name != "x")
         inputs.append(inp)
     outputs = [
