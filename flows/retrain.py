@@ -18,7 +18,8 @@ from onnxflow.config import Framework, PipelineConfig, Settings
 from onnxflow.flows import FLOW_NAME
 from onnxflow.flows.pipeline import RunResult, run
 from onnxflow.flows.sweep import sweep as sweep_flow
-from onnxflow.recipes import with_recipe_defaults
+from onnxflow.recipes import allowed_recipe_dirs, check_recipe, with_recipe_defaults
+from onnxflow.registration import hold_run_tickets
 from onnxflow.tasks.endpoints import wait_for_endpoints_task
 from onnxflow.tasks.tracking import close_abandoned_runs_task
 
@@ -31,6 +32,7 @@ def retrain_and_deploy(
     endpoint_timeout_s: float = 120.0,
     recipe: str | None = None,
     sweep: bool = False,
+    run_tickets: Sequence[str] = (),
 ) -> RunResult:
     """Train, validate, register and promote; then wait for the replicas at ``endpoints``
     to serve the new champion (review mode: nothing to wait for, a reviewer decides).
@@ -40,9 +42,16 @@ def retrain_and_deploy(
 
     ``sweep``: a sweep of ``config.sweep.trials`` trials of ``frameworks[0]`` on Dask (the
     config's cluster, else the worker's ``ONNXFLOW_DASK_ADDRESS``, else a local one)."""
-    logger = get_run_logger()
+    # Who asked (``onnxflow trigger``): each new version presents one ticket, and the
+    # MLflow server stamps it ``requested_by`` that person.
+    hold_run_tickets(run_tickets)
     if recipe:
         config = config.model_copy(update={"recipe": recipe})
+    if config.recipe:  # only code the deployment allows; checked before it is imported
+        config = config.model_copy(
+            update={"recipe": check_recipe(config.recipe, allowed_recipe_dirs())}
+        )
+    logger = get_run_logger()
     config = with_recipe_defaults(config)
     settings = Settings()
     if config.dask.address is None and settings.dask_address:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,7 +77,9 @@ def register_onnx(
         # The digest is taken from the logged files and given at creation, so no version
         # ever exists without it (a crash in between leaves a logged model, not a version).
         all_tags = {**(tags or {}), "onnx_sha256": _stored_digest(info.model_uri)}
-        version = _register(client, info.model_uri, model_name, all_tags)
+        ticket = _take_run_ticket()
+        presented = {**all_tags, RUN_TICKET_TAG: ticket} if ticket else all_tags
+        version = _register(client, info.model_uri, model_name, presented)
         log.info("registered %s version %s from run %s", model_name, version.version, run_id)
     else:
         log.info(
@@ -100,6 +103,25 @@ def register_onnx(
         model_uri=f"models:/{model_name}/{version.version}",
         tags=all_tags,
     )
+
+
+#: The version tag a run ticket is presented as (the MLflow server turns it into
+#: ``requested_by``; see :mod:`onnxflow.stack.tickets`).
+RUN_TICKET_TAG = "run_ticket"
+_RUN_TICKETS: list[str] = []
+_TICKETS_LOCK = threading.Lock()
+
+
+def hold_run_tickets(tickets: Sequence[str]) -> None:
+    """The run tickets of this flow run (``onnxflow trigger``'s proof of who asked): each
+    new version created from now on presents the next one, until none is left."""
+    with _TICKETS_LOCK:
+        _RUN_TICKETS[:] = list(tickets)
+
+
+def _take_run_ticket() -> str | None:
+    with _TICKETS_LOCK:
+        return _RUN_TICKETS.pop(0) if _RUN_TICKETS else None
 
 
 def set_alias(model_name: str, alias: str, version: str | int) -> None:

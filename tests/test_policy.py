@@ -5,6 +5,7 @@ The same rules through a real MLflow server: tests/integration/test_promotion_po
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -13,7 +14,13 @@ import yaml
 
 from onnxflow.errors import StackError
 from onnxflow.stack import accounts
-from onnxflow.stack.policy import PromotionPolicy, decide, is_reserved_tag, load_policy
+from onnxflow.stack.policy import (
+    PromotionPolicy,
+    decide,
+    is_reserved_tag,
+    load_policy,
+    tag_writers,
+)
 
 EVIDENCE = {
     "validation": "passed",
@@ -252,3 +259,59 @@ def test_the_audit_chain_detects_an_edit_a_deletion_and_an_insertion(tmp_path):
     forged = {**rows[1], "seq": 2}
     assert "row 3 does not follow" in audit.verify_chain([rows[0], forged, {**rows[1], "seq": 3}])
     engine.dispose()
+
+
+def test_requested_by_is_the_servers_and_the_ticket_tag_is_one_name():
+    from onnxflow.registration import RUN_TICKET_TAG, _take_run_ticket, hold_run_tickets
+    from onnxflow.stack import tickets
+
+    policy = PromotionPolicy()
+    assert is_reserved_tag("requested_by") and tag_writers(policy, "requested_by") == "server"
+    # Presented by the pipeline alone (it is not the server's, the live or a note).
+    assert tag_writers(policy, tickets.RUN_TICKET_TAG) == "pipeline"
+    assert RUN_TICKET_TAG == tickets.RUN_TICKET_TAG
+    hold_run_tickets(["a", "b"])  # one per new version, then none
+    assert [_take_run_ticket() for _ in range(3)] == ["a", "b", None]
+
+
+def test_a_flow_run_imports_only_recipes_the_deployment_allows(tmp_path, monkeypatch):
+    from onnxflow.config import PipelineConfig
+    from onnxflow.errors import RecipeError
+    from onnxflow.flows.retrain import retrain_and_deploy
+    from onnxflow.recipes import EXAMPLES_DIR, RECIPE_DIRS_ENV, allowed_recipe_dirs, check_recipe
+
+    allowed, outside = tmp_path / "recipes", tmp_path / "elsewhere"
+    allowed.mkdir(), outside.mkdir()
+    marker = tmp_path / "imported"
+    evil = f"open({str(marker)!r}, 'w').write('ran')\n"
+    (allowed / "good.py").write_text("X = 1\n")
+    (outside / "evil.py").write_text(evil)
+    (allowed / "link.py").symlink_to(outside / "evil.py")  # a link out of the folder
+    (allowed / "sub").symlink_to(outside, target_is_directory=True)
+    assert check_recipe(str(allowed / "good.py"), [allowed]) == str(allowed / "good.py")
+    for ref in (
+        str(outside / "evil.py"),
+        str(allowed / ".." / "elsewhere" / "evil.py"),  # .. escapes
+        str(allowed / "link.py"),
+        str(allowed / "sub" / "evil.py"),
+        "recipes/good.py",  # relative: depends on the worker's folder
+        "os",  # a module: importing it runs code the deployment did not choose
+        str(allowed / "missing.py"),
+        str(allowed),
+    ):
+        with pytest.raises(RecipeError, match="refused"):
+            check_recipe(ref, [allowed])
+    # The worker's list (make up sets it); the project's examples/ by default.
+    monkeypatch.delenv(RECIPE_DIRS_ENV, raising=False)
+    assert allowed_recipe_dirs() == [EXAMPLES_DIR]
+    assert check_recipe(str(EXAMPLES_DIR / "text" / "recipe.py"), allowed_recipe_dirs())
+    monkeypatch.setenv(RECIPE_DIRS_ENV, json.dumps([str(allowed)]))
+    # The flow fails at once, before any line of the recipe runs (as a parameter or in
+    # the config).
+    for kwargs in (
+        {"recipe": str(outside / "evil.py")},
+        {"config": PipelineConfig(recipe=str(outside / "evil.py"))},
+    ):
+        with pytest.raises(RecipeError, match="outside the folders"):
+            retrain_and_deploy.fn(**kwargs)
+    assert not marker.exists()

@@ -78,6 +78,49 @@ class Recipe:
             ) from exc
 
 
+#: The project's example recipes: the folder a stack's flow runs may use by default.
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+#: The worker's environment variable naming the folders recipes may come from (JSON list).
+RECIPE_DIRS_ENV = "ONNXFLOW_RECIPE_DIRS"
+
+
+def allowed_recipe_dirs() -> list[Path]:
+    """The folders a flow run's recipe may come from: the worker's ``ONNXFLOW_RECIPE_DIRS``
+    (set from ``ONNXFLOW_STACK_RECIPE_DIRS`` by ``make up``), else the project's examples/."""
+    import json
+    import os
+
+    listed = os.environ.get(RECIPE_DIRS_ENV)
+    if listed:
+        return [Path(d) for d in json.loads(listed)]
+    return [EXAMPLES_DIR]
+
+
+def check_recipe(ref: str, folders: list[Path]) -> str:
+    """The recipe ``ref`` a flow run asks for, if the deployment allows it: an absolute
+    path to a ``.py`` file that, resolved (``..`` and symlinks followed), lies inside one
+    of ``folders``. Returns the resolved path (what is then imported, so a link swapped
+    afterwards changes nothing); RecipeError otherwise, before any of its code runs."""
+    allowed = [Path(f).resolve() for f in folders]
+    where = ", ".join(map(str, allowed)) or "(none)"
+    path = Path(ref)
+    if not path.is_absolute() or path.suffix != ".py":
+        raise RecipeError(
+            f"Recipe {ref!r} refused: on the stack a recipe is an absolute path to a .py "
+            f"file in an allowed folder ({where}); modules and relative paths are not run."
+        )
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise RecipeError(f"Recipe {ref!r} refused: no such file on the worker.") from None
+    if not resolved.is_file() or not any(resolved.is_relative_to(f) for f in allowed):
+        raise RecipeError(
+            f"Recipe {ref!r} refused: it resolves to {resolved}, outside the folders this "
+            f"deployment allows ({where}; ONNXFLOW_STACK_RECIPE_DIRS)."
+        )
+    return str(resolved)
+
+
 def load_recipe(ref: str | Path) -> Recipe:
     """Import the recipe at ``ref`` (a ``.py`` file, or a dotted module name) and check its
     functions; RecipeError naming the recipe and what is wrong, before anything runs."""

@@ -103,6 +103,34 @@ def _print_urls(settings) -> None:
         typer.echo(f"  endpoint     {url}   (model {settings.model})")
 
 
+def _run_tickets(settings, config, count: int) -> list[str]:
+    """One ticket per version the run may create, from the MLflow server, as the person
+    running the command (their MLFLOW_TRACKING_USERNAME/PASSWORD): the server stamps the
+    versions ``requested_by`` that person (four eyes compares against it)."""
+    import os
+
+    from onnxflow.stack.tickets import request_ticket
+
+    if not os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        typer.echo(
+            "warning: MLFLOW_TRACKING_USERNAME is not set, so no run ticket: the versions "
+            "will not say who asked for them (four eyes then knows only the pipeline). "
+            "Set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD to your own account.",
+            err=True,
+        )
+        return []
+    name = config.register_.model_name
+    try:
+        return [request_ticket(name, settings.mlflow_url) for _ in range(max(count, 1))]
+    except Exception as exc:
+        _fail(
+            RuntimeError(
+                f"no run ticket from the MLflow server at {settings.mlflow_url} (is the stack "
+                f"up? are MLFLOW_TRACKING_USERNAME/PASSWORD your account?): {exc}"
+            )
+        )
+
+
 def trigger_run(
     frameworks: list[str], config, wait: bool, timeout_s: float | None, sweep: bool = False
 ) -> None:
@@ -119,6 +147,7 @@ def trigger_run(
     parameters = {"frameworks": frameworks, "config": config_parameter(config)}
     if sweep:
         parameters["sweep"] = True
+    parameters["run_tickets"] = _run_tickets(settings, config, 1 if sweep else len(frameworks))
     started = time.perf_counter()
     try:
         run = trigger(settings, parameters, wait=wait, timeout_s=timeout_s)

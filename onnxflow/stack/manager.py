@@ -31,6 +31,7 @@ from onnxflow.processes import (
     stop_process,
     wait_until,
 )
+from onnxflow.recipes import RECIPE_DIRS_ENV
 from onnxflow.stack import accounts, health
 from onnxflow.stack.accounts import Credentials
 from onnxflow.stack.settings import StackSettings
@@ -258,6 +259,8 @@ def worker_env(settings: StackSettings, credentials: Credentials | None = None) 
         **login,
         "MLFLOW_TRACKING_URI": settings.mlflow_url,
         "ONNXFLOW_ARTIFACTS_DIR": str(state_dir(settings) / "runs"),
+        # The recipes a flow run may import (flows/retrain.py checks before importing).
+        RECIPE_DIRS_ENV: json.dumps([str(d.resolve()) for d in settings.recipe_dirs]),
         # Heartbeats let the server mark a run Crashed when its worker dies with it
         # (the automation apply_deployments creates); without them it stays Running.
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.heartbeat_s),

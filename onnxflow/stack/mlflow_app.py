@@ -26,7 +26,9 @@ variant of a route (``/api/2.0``, ``/api/3.0``, ``/ajax-api`` the UI calls) is j
   reads, writes the live evidence (tags ``shadow_*``/``canary_*``, files under
   ``shadow/`` of an existing run) and nothing else;
 * after a new model version is created, the server tags it ``registered_by`` with the
-  account that created it (the four-eyes rule reads it).
+  account that created it, and ``requested_by`` with the person behind a run ticket the
+  pipeline presented (:mod:`onnxflow.stack.tickets`; issued at
+  ``POST /api/2.0/onnxflow/run-tickets``); the four-eyes rule reads both.
 
 Every such request, allowed or refused, authenticated or not, is appended by
 :mod:`onnxflow.stack.audit` to the hash-chained table once the response is known; the
@@ -49,10 +51,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from onnxflow.stack import audit
+from onnxflow.stack import audit, tickets
 from onnxflow.stack.policy import (
     LIVE_EVIDENCE_FOLDER,
     REGISTERED_BY,
+    REQUESTED_BY,
     Decision,
     PromotionPolicy,
     decide,
@@ -80,6 +83,7 @@ MOVES = {
     TRANSITION: "transition_stage",
 }
 AUDIT_ROUTE = "onnxflow_audit"
+TICKET_ROUTE = "onnxflow_run_tickets"
 GUARDED = {*MOVES, CREATE_VERSION, SET_TAG, DELETE_TAG}
 #: A write through the artifact proxy into a run: .../EXPERIMENT/RUN/artifacts/PATH
 ARTIFACT_WRITE = re.compile(
@@ -102,6 +106,7 @@ def create_app(app=None):
     flask_app.after_request(guard.after_request)
     flask_app.teardown_request(guard.teardown_request)
     flask_app.add_url_rule(audit.ROUTE, AUDIT_ROUTE, guard.audit_rows, methods=["GET"])
+    flask_app.add_url_rule(tickets.ROUTE, TICKET_ROUTE, guard.issue_ticket, methods=["POST"])
     if hasattr(served, "middleware"):  # FastAPI under uvicorn: it serves the artifact proxy
         served.middleware("http")(guard.artifact_writes)
     log.warning(
@@ -187,6 +192,8 @@ class AliasGuard:
         live_user = self._live_user_write(handler)
         if live_user is not None:
             return live_user
+        if handler == TICKET_ROUTE:  # any authenticated person (not the replicas: above)
+            return self._audit_reader()
         if handler not in GUARDED:
             return None
         from mlflow.server.auth import authenticate_request, store
@@ -432,6 +439,10 @@ class AliasGuard:
                     f"Least privilege: {user.username!r} writes only shadow_*/canary_* tags."
                 )
             g.onnxflow_live_evidence = True
+        if tickets.RUN_TICKET_TAG in keys:
+            refusal = self._redeem(user, handler, message, via)
+            if refusal is not None:
+                return refusal
         if handler == CREATE_VERSION:
             g.onnxflow_stamp_registered_by = user.username
         if self.policy.override_tag in keys:
@@ -449,17 +460,92 @@ class AliasGuard:
             )
         return None
 
+    def _redeem(self, user, handler: str, message, via: str):
+        """A run ticket presented by the pipeline on a new version: the server redeems
+        it and will stamp ``requested_by`` itself; refused (and audited) otherwise."""
+        from flask import g
+        from mlflow.server.handlers import _get_tracking_store
+
+        ticket = next(
+            (t.value for t in getattr(message, "tags", []) if t.key == tickets.RUN_TICKET_TAG),
+            "",
+        )
+        if handler != CREATE_VERSION:
+            asker, why = None, "a run ticket is presented when the version is created only"
+        else:
+            try:
+                asker, why = tickets.redeem(_get_tracking_store().engine, ticket, message.name)
+            except Exception as exc:  # fail closed
+                asker, why = None, f"the server could not check the ticket ({exc})"
+        g.onnxflow_attempt = {
+            **self._attempt(handler, message, user.username),
+            "action": "run_ticket",
+            "via": via,
+            "protected": False,
+        }
+        if asker is None:
+            text = f"Run ticket refused for {user.username!r}: {why}."
+            g.onnxflow_verdict = Decision(allowed=False, rule="ok", message=text)
+            g.onnxflow_rule = "run_ticket"
+            return _forbidden(text)
+        g.onnxflow_verdict = Decision(
+            allowed=True, rule="ok", message=f"{REQUESTED_BY}={asker} (ticket redeemed)"
+        )
+        g.onnxflow_requested_by = (asker, ticket)
+        return None
+
+    def issue_ticket(self):
+        """``POST /api/2.0/onnxflow/run-tickets`` ``{"model": NAME}``: a single-use ticket
+        bound to the authenticated caller and the model (audited)."""
+        from flask import jsonify, request
+        from mlflow.server.handlers import _get_tracking_store
+
+        user = request.authorization.username
+        body = request.get_json(silent=True) or {}
+        model = str(body.get("model") or "")
+        if not model:
+            return _forbidden(
+                "give the model the run will register", 400, "INVALID_PARAMETER_VALUE"
+            )
+        engine = _get_tracking_store().engine
+        ticket, expires = tickets.issue(engine, user, model, self.policy.run_ticket_ttl_s)
+        record = audit.AliasAttempt(
+            model=model,
+            alias="",
+            user=user,
+            from_version=None,
+            to_version=None,
+            decision="allowed",
+            rule="ok",
+            message=f"run ticket issued to {user!r} (expires in {self.policy.run_ticket_ttl_s} s)",
+            via="ui" if request.path.startswith("/ajax-api") else "api",
+            time_ms=int(time.time() * 1000),
+            protected=False,
+            action="run_ticket_issued",
+        )
+        fd = self.locks.acquire("audit-chain")
+        try:
+            audit.record(engine, record)
+        finally:
+            ModelLocks.release(fd)
+        return jsonify({"ticket": ticket, "user": user, "model": model, "expires_ms": expires})
+
     # --- after: audit what happened, stamp new versions; teardown: unlock
 
     def after_request(self, response):
         from flask import g
 
+        requested = g.pop("onnxflow_requested_by", None)
         attempt = g.pop("onnxflow_attempt", None)
+        if requested is not None and response.status_code != 200:
+            _release_ticket(requested[1])  # MLflow refused the version: the ticket stands
         if attempt is not None:
+            if requested is not None and response.status_code == 200:
+                attempt["to_version"] = str(response.get_json()["model_version"]["version"])
             self._audit(attempt, g.pop("onnxflow_verdict"), g.pop("onnxflow_rule", None), response)
         user = g.pop("onnxflow_stamp_registered_by", None)
         if user is not None and response.status_code == 200:
-            self._stamp(user, response)
+            self._stamp(user, response, requested[0] if requested else None)
         return response
 
     def teardown_request(self, _exc=None):
@@ -507,17 +593,22 @@ class AliasGuard:
 
         return jsonify({"rows": audit.read_rows(_get_tracking_store().engine)})
 
-    def _stamp(self, user: str, response) -> None:
+    def _stamp(self, user: str, response, requested_by: str | None = None) -> None:
         from mlflow.entities.model_registry import ModelVersionTag
         from mlflow.server.handlers import _get_model_registry_store
 
+        registry = _get_model_registry_store()
         try:
             version = response.get_json()["model_version"]
-            _get_model_registry_store().set_model_version_tag(
-                version["name"], version["version"], ModelVersionTag(REGISTERED_BY, user)
-            )
+            name, number = version["name"], version["version"]
+            registry.set_model_version_tag(name, number, ModelVersionTag(REGISTERED_BY, user))
+            if requested_by is not None:
+                registry.set_model_version_tag(
+                    name, number, ModelVersionTag(REQUESTED_BY, requested_by)
+                )
+                registry.delete_model_version_tag(name, number, tickets.RUN_TICKET_TAG)
         except Exception:
-            log.exception("could not tag the new model version with %s=%s", REGISTERED_BY, user)
+            log.exception("could not stamp the new model version (%s, %s)", user, requested_by)
 
     # --- the artifact proxy (FastAPI): live evidence files, frozen registered runs
 
@@ -584,6 +675,15 @@ class AliasGuard:
         except Exception:
             return False
         return run.info.experiment_id == upload["experiment"]
+
+
+def _release_ticket(ticket: str) -> None:
+    from mlflow.server.handlers import _get_tracking_store
+
+    try:
+        tickets.release(_get_tracking_store().engine, ticket)
+    except Exception:
+        log.exception("could not release a run ticket")
 
 
 def _path() -> str:

@@ -76,6 +76,12 @@ class PromotionPolicy(BaseModel):
         "the live evidence onto a version (tags shadow_* and canary_*, files under "
         "shadow/ in its run), and nothing else.",
     )
+    run_ticket_ttl_s: int = Field(
+        6 * 3600,
+        gt=0,
+        description="How long a run ticket (onnxflow trigger's proof of who asked) stays "
+        "redeemable.",
+    )
     override_tag: str = Field(
         "promotion_override",
         description="A version tag whose value (the reason) lets a "
@@ -237,8 +243,8 @@ def missing_evidence(rules: ModelRules, tags: dict[str, str]) -> list[str]:
 
 def is_reserved_tag(key: str) -> bool:
     """Version tags only the server writes (no account, not even the admin): who
-    registered it, the audit marks."""
-    return key == REGISTERED_BY or key.startswith(RESERVED_TAG_PREFIX)
+    registered it, who asked for it (from a run ticket), the audit marks."""
+    return key in (REGISTERED_BY, REQUESTED_BY) or key.startswith(RESERVED_TAG_PREFIX)
 
 
 def tag_writers(policy: PromotionPolicy, key: str) -> str:

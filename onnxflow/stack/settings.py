@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from onnxflow.recipes import EXAMPLES_DIR
+
 #: The names of the two deployments of the flow (``onnxflow.flows.FLOW_NAME``).
 SCHEDULED = "scheduled"
 ON_DEMAND = "on-demand"
@@ -105,6 +107,12 @@ class StackSettings(BaseSettings):
     schedule_paused: bool = Field(False, description="Create the scheduled deployment paused.")
     schedule_config: Path | None = Field(
         None, description="YAML pipeline config of the scheduled runs (default: PipelineConfig())."
+    )
+    recipe_dirs: list[Path] = Field(
+        default_factory=lambda: [EXAMPLES_DIR],
+        description="Folders whose .py files a flow run may use as its recipe (the worker "
+        "imports and runs them); any other recipe fails the run before it is imported. "
+        "Default: the project's examples/. Keep them writable only by whoever runs the stack.",
     )
     heartbeat_s: int = Field(
         30,

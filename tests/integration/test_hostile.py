@@ -175,6 +175,16 @@ def _forgeries(t: dict) -> list[tuple[str, str, dict]]:
                 {"name": name, "version": version, "key": "registered_by", "value": "x"},
             )
         )
+        # Who asked for a version: the server's to write, from a redeemed run ticket only.
+        for key in ("requested_by", "run_ticket"):
+            body = {"name": name, "version": version, "key": key, "value": "made-up"}
+            out.append(("POST", f"{prefix}/mlflow/model-versions/set-tag", body))
+        ticketed = {
+            "name": name,
+            "source": "runs:/0/model",
+            "tags": [{"key": "run_ticket", "value": "made-up"}],
+        }
+        out.append(("POST", f"{prefix}/mlflow/model-versions/create", ticketed))
     out.append(("POST", "/api/2.0/onnxflow/audit", {}))
     out.append(("DELETE", "/api/2.0/onnxflow/audit", {}))
     return out
@@ -271,7 +281,12 @@ def test_no_role_gets_a_version_served_as_champion_without_the_policy(stack, tar
                         accepted.append((f"prefect {role}", method, path, status))
     rows = fetch_rows(stack.mlflow_url)
     new = [r for r in rows if r["seq"] not in before and r["model"] == t["model"]]
-    audited = sum(1 for r in new if r["decision"] == "refused")
+    audited = sum(1 for r in new if r["decision"] == "refused" and r["action"] != "run_ticket")
+    # The pipeline's made-up tickets (at creation, and as a late set-tag) reached the
+    # server's check: refused and on the record.
+    tickets_audited = sum(1 for r in new if r["action"] == "run_ticket")
+    assert tickets_audited == ROUNDS * len(PREFIXES) * 2, tickets_audited
+    assert all(r["decision"] == "refused" for r in new if r["action"] == "run_ticket")
     figures = {
         "rounds": ROUNDS,
         "roles": len(clients) + len(prefect_logins),
@@ -279,6 +294,7 @@ def test_no_role_gets_a_version_served_as_champion_without_the_policy(stack, tar
         "refused": refused,
         "alias_changing_attempts": len(moves_sent),
         "audited": audited,
+        "run_tickets_refused_and_audited": tickets_audited,
         "accepted": accepted,
     }
     RESULTS.mkdir(exist_ok=True)

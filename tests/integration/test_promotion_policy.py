@@ -492,6 +492,104 @@ def test_four_eyes_a_reviewer_may_not_promote_a_version_they_registered(server):
     assert server.alias(strict) == version
 
 
+TICKETS = "/api/2.0/onnxflow/run-tickets"
+CREATE = "/api/2.0/mlflow/model-versions/create"
+
+
+def test_run_ticket_the_server_stamps_who_asked_and_four_eyes_compares_against_them(server):
+    strict = server.new_model("strict")
+    dana = server.add_user(f"dana-{uuid.uuid4().hex[:4]}", roles=("strict-reviewers",))
+    erin = server.add_user(f"erin-{uuid.uuid4().hex[:4]}", roles=("strict-reviewers",))
+    issued = server.ok(dana, "POST", TICKETS, json={"model": strict})
+    assert issued["user"] == dana and issued["model"] == strict
+    ticket = issued["ticket"]
+
+    # The pipeline registers the run's version presenting the ticket: the server writes
+    # requested_by (the pipeline cannot choose it) and drops the ticket tag.
+    version = server.new_version(strict, {**EVIDENCE, "run_ticket": ticket})
+    tags = server.tags(strict, version)
+    assert tags["requested_by"] == dana and tags["registered_by"] == "pipeline"
+    assert "run_ticket" not in tags
+
+    # Used once: presenting it again is refused (and audited), so is a made-up one.
+    for presented, why in ((ticket, "already used"), ("made-up", "unknown run ticket")):
+        again = server.call(
+            "pipeline",
+            "POST",
+            CREATE,
+            json={
+                "name": strict,
+                "source": "runs:/0/model",
+                "tags": [{"key": "run_ticket", "value": presented}],
+            },
+        )
+        assert again.status_code == 403 and why in again.json()["message"], again.text
+
+    # Four eyes: the reviewer who asked for the version may not promote it; another may.
+    refused = server.set_alias(dana, strict, version)
+    assert refused.status_code == 403 and "rule 'four_eyes'" in refused.json()["message"]
+    assert server.set_alias(erin, strict, version).status_code == 200
+    assert server.alias(strict) == version
+
+    rows = [r for r in server.trail(strict) if r["action"].startswith("run_ticket")]
+    assert [r["user"] for r in rows if r["action"] == "run_ticket_issued"][-1] == dana
+    redeemed = [r for r in rows if r["action"] == "run_ticket"]
+    assert [r["decision"] for r in redeemed[-3:]] == ["allowed", "refused", "refused"]
+    assert redeemed[-3]["to_version"] == version and dana in redeemed[-3]["message"]
+
+
+def test_run_tickets_cannot_be_forged_borrowed_or_presented_by_others(server):
+    model, other = server.new_model(), server.new_model()
+    ticket = server.ok("reviewer", "POST", TICKETS, json={"model": model})["ticket"]
+    version = server.new_version(model, EVIDENCE)
+    # requested_by is the server's alone, on an existing version or a new one.
+    forged = server.call(
+        "pipeline",
+        "POST",
+        "/api/2.0/mlflow/model-versions/set-tag",
+        json={"name": model, "version": version, "key": "requested_by", "value": "someone"},
+    )
+    assert forged.status_code == 403 and "written by the MLflow server" in forged.text
+    forged_at_creation = server.call(
+        "pipeline",
+        "POST",
+        CREATE,
+        json={
+            "name": model,
+            "source": "runs:/0/model",
+            "tags": [{"key": "requested_by", "value": "someone"}],
+        },
+    )
+    assert forged_at_creation.status_code == 403
+    # A ticket is presented by the pipeline only, on a new version of its model only.
+    for user, name in (("reviewer", model), ("pipeline", other)):
+        refused = server.call(
+            user,
+            "POST",
+            CREATE,
+            json={
+                "name": name,
+                "source": "runs:/0/model",
+                "tags": [{"key": "run_ticket", "value": ticket}],
+            },
+        )
+        assert refused.status_code == 403, (user, name, refused.text)
+    late = server.call(
+        "pipeline",
+        "POST",
+        "/api/2.0/mlflow/model-versions/set-tag",
+        json={"name": model, "version": version, "key": "run_ticket", "value": ticket},
+    )
+    assert late.status_code == 403 and "created only" in late.text
+    # The serving replicas' account gets no ticket; nobody without a login does.
+    assert server.call("endpoint", "POST", TICKETS, json={"model": model}).status_code == 403
+    anonymous = httpx.post(f"{server.url}{TICKETS}", json={"model": model}, timeout=30)
+    assert anonymous.status_code == 401
+    # Still unused after all that: the pipeline redeems it for the reviewer.
+    redeemed = server.new_version(model, {**EVIDENCE, "run_ticket": ticket})
+    assert server.tags(model, redeemed)["requested_by"] == "reviewer"
+
+
 def test_nobody_but_the_server_writes_registered_by_or_audit_tags(server):
     model = server.new_model()
     version = server.new_version(model, EVIDENCE)

@@ -79,7 +79,8 @@ def test_triggered_run_goes_through_worker_registers_and_both_replicas_serve_it(
             "auto",
             "--wait",
         ],
-        env=stack_env(stack),
+        # As a person with their own MLflow login (the stack's reviewer stands in).
+        env={**stack_env(stack), **manager.account_env(stack, "reviewer")},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -111,6 +112,10 @@ def test_triggered_run_goes_through_worker_registers_and_both_replicas_serve_it(
     version = mlflow_client.get_model_version("digits", "1")
     assert version.tags["validation"] == "passed" and version.tags["source_framework"] == "torch"
     assert version.tags["flow_run_id"], "lineage names the flow run"
+    # Who asked: the MLflow server redeemed the run's ticket and stamped the person.
+    assert version.tags["requested_by"] == "reviewer", version.tags
+    assert version.tags["registered_by"] == "pipeline" and "run_ticket" not in version.tags
+    assert len(run["parameters"]["run_tickets"]) == 1
     assert mlflow_client.get_model_version_by_alias("digits", "champion").version == "1"
     run_info = mlflow_client.get_run(version.run_id)
     assert run_info.info.artifact_uri.startswith("mlflow-artifacts:")
@@ -201,6 +206,7 @@ def test_deployments_and_uis(stack):
         "endpoint_timeout_s",
         "recipe",
         "sweep",
+        "run_tickets",
     }, "the UI's run form"
     # The MLflow UI asks for a login (the stack runs MLflow with authentication).
     login = manager.account_env(stack, "reviewer")
