@@ -296,6 +296,10 @@ def endpoint_env(
         canary_percent=settings.canary_percent,
         # One cache per replica: replicas stand for separate machines, and share no files.
         cache_dir=state_dir(settings) / "endpoints" / str(port) / "models",
+        # explicit: ServingSettings would otherwise take this process's MLFLOW_TRACKING_URI
+        # (make sets sqlite:///mlflow.db) and hand it on as ONNXFLOW_SERVE_TRACKING_URI,
+        # which the replica reads before the stack's own server
+        tracking_uri=settings.mlflow_url,
     )
     credentials = stack_credentials(settings, credentials)
     login = credentials.env_for(accounts.ENDPOINT) if credentials is not None else {}
