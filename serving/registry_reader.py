@@ -477,6 +477,9 @@ class SqliteRegistry:
         root = None if self._fallback is not None else self._local_run_artifacts(name, version)
         if root is None:
             return profile_in_helper(name, version, self.uri)
+        # A run folder on this disk without the file (or not made at all: MLflow 3 keeps a
+        # logged model's files apart) has no profile: no helper process, whose seconds a
+        # hot swap would wait on.
         path = root / PROFILE_PATH
         return json.loads(path.read_text()) if path.is_file() else None
 
@@ -492,7 +495,7 @@ class SqliteRegistry:
                 )
         except (sqlite3.Error, ValueError):
             return None
-        return _local_dir(rows[0][0] if rows else None)
+        return _local_path(rows[0][0] if rows else None)
 
     def _local_artifacts(self, name: str, version: str) -> Path | None:
         try:
@@ -508,13 +511,20 @@ class SqliteRegistry:
         return _local_dir(rows[0][0] if rows else None)
 
 
-def _local_dir(location: str | None) -> Path | None:
-    """An artifact location on this machine's disk (a path or ``file://``), else None."""
+def _local_path(location: str | None) -> Path | None:
+    """An artifact location on this machine's disk (a path or ``file://``, made or not),
+    else None."""
     location = location or ""
     if location.startswith("file://"):
         location = unquote(location.removeprefix("file://"))
     path = Path(location)
-    return path if location and path.is_absolute() and path.is_dir() else None
+    return path if location and path.is_absolute() else None
+
+
+def _local_dir(location: str | None) -> Path | None:
+    """An artifact folder that exists on this machine's disk, else None."""
+    path = _local_path(location)
+    return path if path is not None and path.is_dir() else None
 
 
 def check_login(tracking_uri: str | None) -> None:
