@@ -2,8 +2,11 @@
 ``retrain``, a retrain on that evidence when the policy asks for one.
 
     monitor (window ─► drift, live accuracy ─► report + tags on the version) ─► decision
-      └ retrain-on-evidence (original data + labelled captured rows ─► onnxflow-run in
-        review mode ─► new version as challenger, retrain_* lineage tags)
+      ├ a retrained challenger pending: the promotion gate (once it answered enough
+      │ requests in shadow: it and the champion on the common evaluation set, the mode)
+      └ else, policy crossed: retrain-on-evidence (original data + labelled captured rows
+        ─► onnxflow-run in review mode ─► new version as challenger, retrain_* lineage
+        tags; it and the champion measured on the common evaluation set, common_eval_*)
 
 Run it on a schedule (a deployment of this flow) or from ``onnxflow monitor``; the figures
 land on the serving version's run and tags, the decision in the flow's result.
@@ -23,7 +26,10 @@ from onnxflow.evidence import retrain_config
 from onnxflow.flows.pipeline import run
 from onnxflow.monitor import Figures, RetrainPolicy, parse_since
 from onnxflow.tasks.monitor import (
+    evaluate_common_task,
+    gate_retrained_task,
     monitor_task,
+    pending_retrain_task,
     retrain_data_task,
     served_source_task,
     tag_retrained_task,
@@ -57,6 +63,13 @@ def monitor(
         figures.retrain,
         figures.reason,
     )
+    if retrain and (pending := pending_retrain_task(model_name)) is not None:
+        # one retrain at a time: its challenger runs in shadow until the gate decides
+        promotion = gate_retrained_task(
+            model_name, pending, config.promote, policy.min_shadow_requests
+        )
+        log.info("%s: %s", model_name, promotion)
+        return dataclasses.replace(figures, promotion=promotion)
     if not (retrain and figures.retrain):
         return figures
     versions = retrain_on_evidence(figures, capture, start, config, out_dir)
@@ -76,6 +89,14 @@ def retrain_on_evidence(
     )
     versions = [v.version for c in result.chains for v in (c.version, c.quantized) if v is not None]
     tag_retrained_task(name, versions, table, figures.reason)
+    common = evaluate_common_task(name, versions, version, table)
+    log.info(
+        "%s on the common evaluation set (%d original test + %d held-out captured rows): %s",
+        common.metric,
+        common.rows_original,
+        common.rows_captured,
+        ", ".join(f"v{v} {value:.4f}" for v, value in common.values.items()),
+    )
     log.info(
         "%s: retrained on %d original + %d captured rows: version(s) %s as challenger",
         name,

@@ -162,6 +162,21 @@ def load_table(config: DataConfig):
     return _load(config)
 
 
+def test_split_rows(labels: np.ndarray, config: DataConfig) -> np.ndarray:
+    """Which rows of a loaded table :func:`prepare_data` puts in its test split (a boolean
+    mask; the same seed and sizes give the same rows): rows a version trained on this
+    table never saw."""
+    task = _infer_task(labels, config)
+    if task == "classification":
+        class_names, y = _encode_classes(labels, config.target or "target")
+    else:
+        class_names, y = (), _numeric_target(labels, config.target or "target")
+    rows = np.arange(len(y))[:, None]
+    mask = np.zeros(len(y), dtype=bool)
+    mask[_split(rows, y, task, class_names, config)["X_test"][:, 0]] = True
+    return mask
+
+
 def infer_task(labels: np.ndarray, config: DataConfig):
     """classification or regression, as :func:`prepare_data` decides it."""
     return _infer_task(labels, config)

@@ -47,6 +47,12 @@ class RetrainPolicy(BaseModel):
     )
     min_labels: int = Field(50, ge=1, description="... measured on at least this many labels.")
     min_rows: int = Field(100, ge=1, description="No decision on a window with fewer rows.")
+    min_shadow_requests: int = Field(
+        100,
+        ge=0,
+        description="A retrained challenger meets the promotion gate once it has answered "
+        "this many live requests in shadow.",
+    )
 
 
 @dataclass
@@ -80,6 +86,8 @@ class Figures:
     reason: str
     #: the versions a retrain on evidence registered (``monitor --retrain``), as challenger
     retrained: list[str] = field(default_factory=list)
+    #: what the promotion gate did with a retrained challenger (``monitor --retrain``)
+    promotion: str = ""
 
     def tags(self) -> dict[str, str]:
         return {

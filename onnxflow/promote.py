@@ -42,7 +42,6 @@ def is_better(metric: str, new: float, old: float) -> bool:
 def promote(model_name: str, candidates: Sequence[str], config: PromoteConfig) -> PromotionDecision:
     """Pick the best of ``candidates`` and decide whether it becomes ``config.alias``."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     if not candidates:
         raise PromotionError("Nothing to promote: no version was registered by this run.")
@@ -57,32 +56,66 @@ def promote(model_name: str, candidates: Sequence[str], config: PromoteConfig) -
     champion_value = None
     if champion is not None and metric in champion.tags:
         champion_value = float(champion.tags[metric])
+    return decide_and_apply(
+        model_name,
+        str(best.version),
+        metric,
+        best_value,
+        str(champion.version) if champion is not None else None,
+        champion_value,
+        config,
+    )
 
-    if champion is not None and str(champion.version) == str(best.version):
-        decision, reason = "kept_champion", f"version {best.version} is already {config.alias}"
+
+def decide(
+    metric: str,
+    candidate: str,
+    candidate_value: float,
+    champion: str | None,
+    champion_value: float | None,
+    config: PromoteConfig,
+) -> tuple[Literal["promoted", "kept_champion", "awaiting_review"], str]:
+    """The gate: ``candidate`` against ``champion`` on ``metric`` (both figures measured
+    by the caller), and the mode; the decision and its reason."""
+    if champion is not None and champion == candidate:
+        decision, reason = "kept_champion", f"version {candidate} is already {config.alias}"
     elif champion is None:
-        decision, reason = "promoted", f"no {config.alias} yet; {metric}={best_value:.4f}"
+        decision, reason = "promoted", f"no {config.alias} yet; {metric}={candidate_value:.4f}"
     elif champion_value is None:
         decision = "promoted"
-        reason = (
-            f"{config.alias} v{champion.version} has no {metric!r} tag; {metric}={best_value:.4f}"
-        )
-    elif is_better(metric, best_value, champion_value):
+        reason = f"{config.alias} v{champion} has no {metric!r} tag; {metric}={candidate_value:.4f}"
+    elif is_better(metric, candidate_value, champion_value):
         decision = "promoted"
-        reason = f"{metric} {best_value:.4f} beats v{champion.version}'s {champion_value:.4f}"
+        reason = f"{metric} {candidate_value:.4f} beats v{champion}'s {champion_value:.4f}"
     else:
         decision = "kept_champion"
-        reason = (
-            f"{metric} {best_value:.4f} does not beat v{champion.version}'s {champion_value:.4f}"
-        )
-
+        reason = f"{metric} {candidate_value:.4f} does not beat v{champion}'s {champion_value:.4f}"
     if decision == "promoted" and config.mode == "review":
         decision = "awaiting_review"
         reason = f"review mode: a reviewer moves {config.alias!r} ({reason})"
+    return decision, reason
 
+
+def decide_and_apply(
+    model_name: str,
+    candidate: str,
+    metric: str,
+    candidate_value: float,
+    champion: str | None,
+    champion_value: float | None,
+    config: PromoteConfig,
+) -> PromotionDecision:
+    """:func:`decide`, then move the alias when promoted (the MLflow server's promotion
+    policy may refuse: the decision is then left to a reviewer) and write the decision and
+    its reason on the candidate."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    decision, reason = decide(metric, candidate, candidate_value, champion, champion_value, config)
     if decision == "promoted":
         try:
-            client.set_registered_model_alias(model_name, config.alias, best.version)
+            client.set_registered_model_alias(model_name, config.alias, candidate)
         except MlflowException as exc:
             # The MLflow server's promotion policy (onnxflow.stack.policy) may keep this
             # model's champion for a reviewer: the run then ends like review mode.
@@ -90,19 +123,19 @@ def promote(model_name: str, candidates: Sequence[str], config: PromoteConfig) -
                 raise
             decision = "awaiting_review"
             reason = f"the MLflow server refused auto promotion: {exc.message}"
-    client.set_model_version_tag(model_name, best.version, "promotion_decision", decision)
-    client.set_model_version_tag(model_name, best.version, "promotion_reason", reason)
-    log.info("promote %s v%s: %s (%s)", model_name, best.version, decision, reason)
-    after = best.version if decision == "promoted" else (champion.version if champion else None)
+    client.set_model_version_tag(model_name, candidate, "promotion_decision", decision)
+    client.set_model_version_tag(model_name, candidate, "promotion_reason", reason)
+    log.info("promote %s v%s: %s (%s)", model_name, candidate, decision, reason)
+    after = candidate if decision == "promoted" else champion
     return PromotionDecision(
         model_name=model_name,
         alias=config.alias,
-        candidate=str(best.version),
+        candidate=candidate,
         metric=metric,
-        candidate_value=best_value,
-        champion_before=str(champion.version) if champion else None,
+        candidate_value=candidate_value,
+        champion_before=champion,
         champion_value=champion_value,
-        champion_after=str(after) if after is not None else None,
+        champion_after=after,
         decision=decision,
         reason=reason,
     )
