@@ -5,8 +5,13 @@ A scikit-learn model trained by the pipeline on a 4-feature table serves as cham
 store). Traffic shifts halfway: a sensor offset moves features f0 and f1 by +2.5 and the
 label follows the recalibrated value. The timeline: live drift gauges before and after
 the shift, labels fed back, `onnxflow monitor --retrain` (drift -> retrain on the original
-plus the labelled captured rows -> challenger), the challenger in shadow, the promotion
-policy's decision, and accuracy on fresh shifted traffic of the old and the new version.
+plus the labelled captured rows -> challenger, both versions measured on a common
+evaluation set), the challenger in shadow, the next `onnxflow monitor --retrain` (the
+promotion gate: the common evaluation, auto mode), the endpoint following the new
+champion, and accuracy on fresh shifted traffic of the old and the new version.
+
+It runs without the stack (one endpoint, a SQLite store: about two and a half minutes);
+on the stack the same loop is tests/integration/test_stack_retrain_loop.py.
 
     python bench/demo_loop.py [--keep DIR]
 """
@@ -214,16 +219,36 @@ def main() -> None:
                 time.sleep(0.5)
             x, y = traffic(rng, 300, shifted=True)
             send(http, x)
-            figures = http.post("/admin/shadow/flush").json()
-            say(f"shadow: challenger mirrored on 300 more shifted rows: {figures}")
+            written = http.post("/admin/shadow/flush").json()["written"]
+            shadow = written[0]["tags"] if written else {}
+            say(
+                f"shadow: v2 mirrored {shadow.get('shadow_requests')} requests (300 more shifted "
+                f"rows), agreement with v1 {shadow.get('shadow_agreement')}, "
+                f"{shadow.get('shadow_errors')} errors"
+            )
+            say("monitor: onnxflow monitor tab --retrain --min-shadow-requests 20 (the gate)")
+            out = onnxflow(
+                "monitor",
+                "tab",
+                "--capture",
+                str(work / "captured"),
+                "--since",
+                since,
+                "--retrain",
+                "--min-shadow-requests",
+                "20",
+                env=env,
+            )
+            say(f"  {out.splitlines()[-1]}")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if http.get("/v2/models/tab").json().get("versions") == ["2"]:
+                    break
+                time.sleep(0.5)
+            say(f"serve: the endpoint follows champion: {http.get('/v2/models/tab').json()}")
     finally:
         stop_background(state)
 
-    from onnxflow.config import PromoteConfig
-    from onnxflow.promote import promote
-
-    decision = promote("tab", ["2"], PromoteConfig(mode="auto"))
-    say(f"promotion policy: version 2 {decision.decision}: {decision.reason}")
     x, y = traffic(rng, 2000, shifted=True)
     before, after = accuracy("tab", "1", x, y), accuracy("tab", "2", x, y)
     say(f"accuracy on 2,000 fresh shifted rows: version 1 {before:.3f}, version 2 {after:.3f}")

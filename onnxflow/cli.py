@@ -685,8 +685,9 @@ def feedback(
 def monitor(
     name: Annotated[str, typer.Argument(help="The registered model to monitor.")],
     capture: Annotated[
-        str, typer.Option(help="Where the endpoints capture (serve --capture): folder or URL.")
-    ],
+        str | None,
+        typer.Option(help="Where the endpoints capture (serve --capture): folder or URL."),
+    ] = None,
     since: Annotated[
         str, typer.Option(help="The window: a duration back from now (30m, 6h, 2d) or ISO time.")
     ] = "1d",
@@ -698,6 +699,13 @@ def monitor(
         float, typer.Option(help="Retrain when live accuracy is below this ...")
     ] = 0.8,
     min_labels: Annotated[int, typer.Option(help="... on at least this many labels.")] = 50,
+    min_shadow_requests: Annotated[
+        int,
+        typer.Option(
+            help="With --retrain: a retrained challenger meets the promotion gate once it "
+            "has answered this many requests in shadow."
+        ),
+    ] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
     retrain: Annotated[
         bool,
@@ -707,11 +715,19 @@ def monitor(
         ),
     ] = False,
     config: ConfigOpt = None,
+    on_stack: Annotated[
+        bool,
+        typer.Option(
+            help="Run the stack's deployment onnxflow-monitor/NAME on its worker now (its "
+            "capture, policy and promotion mode; --since and --retrain as given) and wait."
+        ),
+    ] = False,
 ) -> None:
     """Captured traffic and feedback of a window against the served version's profile:
     drift per feature, live accuracy, the retrain decision; report and tags on the version.
     With --retrain, a retrain on that evidence (--config: the pipeline's settings; its data,
-    when it names none, is the table the served version was trained on)."""
+    when it names none, is the table the served version was trained on); while its
+    challenger is pending, the promotion gate instead (--config's promote.mode)."""
     import dataclasses
     import json
 
@@ -719,8 +735,16 @@ def monitor(
 
     settings = _setup()
     parse_since(since)  # a bad window is refused before a Prefect server starts
+    if on_stack:
+        _monitor_on_stack(name, since, retrain)
+        return
+    if capture is None:
+        _fail("--capture is required (where the endpoints capture), or --on-stack")
     policy = RetrainPolicy(
-        max_drift_share=max_drift_share, min_live_accuracy=min_live_accuracy, min_labels=min_labels
+        max_drift_share=max_drift_share,
+        min_live_accuracy=min_live_accuracy,
+        min_labels=min_labels,
+        min_shadow_requests=min_shadow_requests,
     )
     with _prefect_api(settings) as api:
         from onnxflow.flows.monitor import monitor as monitor_flow
@@ -752,6 +776,24 @@ def monitor(
             f"retrained on the evidence: {name} version(s) {', '.join(figures.retrained)} "
             "registered as challenger"
         )
+    if figures.promotion:
+        typer.echo(f"promotion gate: {figures.promotion}")
+
+
+def _monitor_on_stack(name: str, since: str, retrain: bool) -> None:
+    from onnxflow.stack.deployments import MONITOR_FLOW, trigger_monitor
+    from onnxflow.stack.manager import running_settings
+    from onnxflow.stack.settings import StackSettings
+
+    stack = running_settings(StackSettings())
+    try:
+        run = trigger_monitor(stack, name, {"since": since, "retrain": retrain})
+    except Exception as exc:  # noqa: BLE001  (no such deployment, no server: one line)
+        _fail(f"{MONITOR_FLOW}/{name} on the stack at {stack.prefect_url}: {exc}")
+    line = f"{MONITOR_FLOW}/{name}: flow run {run.name} {run.state.type.value}"
+    typer.echo(f"{line} ({stack.prefect_url}/runs/flow-run/{run.id})")
+    if not run.state.is_completed():
+        _fail(f"{line}: {run.state.message or ''}")
 
 
 @app.command()

@@ -5,6 +5,9 @@
   champion.
 * ``retrain-and-deploy/on-demand``: no schedule; a data scientist runs it with their
   own parameters from the Prefect UI, ``prefect deployment run`` or ``onnxflow trigger``.
+* ``onnxflow-monitor/NAME`` (per model of ``monitor_config``; none with capture off): on
+  ``monitor_cron``, the replicas' capture against ``NAME@champion``; past the model's
+  policy a retrain on evidence, then the gate of the retrained challenger.
 
 Both run on the stack's process work pool. The entrypoint is the module path
 ``onnxflow.flows.retrain.retrain_and_deploy`` (the package is installed wherever a worker runs),
@@ -20,11 +23,13 @@ from typing import Any
 from onnxflow.config import PipelineConfig
 from onnxflow.errors import StackError
 from onnxflow.flows import FLOW_NAME
-from onnxflow.stack.settings import ON_DEMAND, SCHEDULED, StackSettings
+from onnxflow.stack.settings import ON_DEMAND, SCHEDULED, MonitorSpec, StackSettings
 
 log = logging.getLogger(__name__)
 
 ENTRYPOINT = "onnxflow.flows.retrain.retrain_and_deploy"
+#: The monitor flow's name (``onnxflow.flows.monitor.monitor``): deployments MONITOR_FLOW/NAME.
+MONITOR_FLOW = "onnxflow-monitor"
 
 
 def scheduled_config(settings: StackSettings) -> PipelineConfig:
@@ -88,12 +93,77 @@ def apply_deployments(settings: StackSettings) -> list[str]:
         "mode). Also: `onnxflow trigger --help`.",
         **common,
     )
+    monitors = monitor_deployments(settings, common)
     with temporary_settings(_client_settings(settings)):
         _ensure_work_pool(settings.work_pool)
         _ensure_zombie_automation(settings.zombie_after_s)
-        for deployment in (scheduled, on_demand):
+        for deployment in (scheduled, on_demand, *monitors):
             deployment.apply(work_pool_name=settings.work_pool)
-    return [f"{FLOW_NAME}/{SCHEDULED}", f"{FLOW_NAME}/{ON_DEMAND}"]
+    return [
+        f"{FLOW_NAME}/{SCHEDULED}",
+        f"{FLOW_NAME}/{ON_DEMAND}",
+        *(f"{MONITOR_FLOW}/{m.name}" for m in monitors),
+    ]
+
+
+def monitor_parameters(settings: StackSettings, name: str, spec: MonitorSpec) -> dict[str, Any]:
+    """The monitor flow's parameters for model ``name``: the replicas' capture, the
+    window, the policy, and the promotion mode of its gate."""
+    return {
+        "model_name": name,
+        "capture": settings.capture_url,
+        "since": spec.since,
+        "policy": spec.policy.model_dump(mode="json"),
+        "retrain": spec.retrain,
+        "config": {"promote": {"mode": spec.promotion}},
+        "out_dir": str(settings.state_dir.resolve() / "runs" / "monitor" / name),
+    }
+
+
+def monitor_deployments(settings: StackSettings, common: dict[str, Any]) -> list:
+    """``onnxflow-monitor/NAME`` per monitored model, on ``monitor_cron`` (paused with the
+    scheduled retrain): drift and live accuracy of the window, retrain on evidence when the
+    policy is crossed, the gate of a retrained challenger once it has run in shadow."""
+    from prefect.schedules import Cron
+
+    from onnxflow.flows.monitor import monitor
+
+    if not settings.capture:
+        return []
+    try:
+        monitored = settings.monitored()
+    except ValueError as exc:  # pydantic's ValidationError is one
+        raise StackError(f"monitor_config {settings.monitor_config}: {exc}") from exc
+    return [
+        monitor.to_deployment(
+            name,
+            schedules=[Cron(settings.monitor_cron, timezone=settings.schedule_timezone)],
+            paused=settings.schedule_paused,
+            parameters=monitor_parameters(settings, name, spec),
+            description=f"Monitor {name}@champion on the replicas' capture; retrain on "
+            "evidence past the policy; promote a retrained challenger per its gate.",
+            **common,
+        )
+        for name, spec in monitored.items()
+    ]
+
+
+def trigger_monitor(
+    settings: StackSettings, name: str, parameters: dict[str, Any], timeout_s: float = 600
+):
+    """Run ``onnxflow-monitor/NAME`` now with ``parameters`` over the deployment's; wait
+    until it finishes (the flow run, its state final)."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import temporary_settings
+
+    with temporary_settings(_client_settings(settings)):
+        return run_deployment(
+            f"{MONITOR_FLOW}/{name}",
+            parameters=parameters,
+            timeout=timeout_s,
+            poll_interval=2,
+            as_subflow=False,
+        )
 
 
 def fixed_job_template() -> dict[str, Any]:

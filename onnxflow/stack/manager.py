@@ -293,7 +293,11 @@ def endpoint_env(
         poll_interval_s=settings.poll_interval_s,
         shadow=settings.shadow,
         shadow_fraction=settings.shadow_fraction,
+        shadow_flush_interval_s=settings.shadow_flush_interval_s,
         canary_percent=settings.canary_percent,
+        capture=settings.capture_url if settings.capture else None,
+        capture_fraction=settings.capture_fraction,
+        capture_segment_s=settings.capture_segment_s,
         # One cache per replica: replicas stand for separate machines, and share no files.
         cache_dir=state_dir(settings) / "endpoints" / str(port) / "models",
         # explicit: ServingSettings would otherwise take this process's MLFLOW_TRACKING_URI

@@ -7,15 +7,34 @@ docker-compose and the Kubernetes manifests all set the same variables.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from onnxflow.monitor import RetrainPolicy
 from onnxflow.recipes import EXAMPLES_DIR
 
 #: The names of the two deployments of the flow (``onnxflow.flows.FLOW_NAME``).
 SCHEDULED = "scheduled"
 ON_DEMAND = "on-demand"
+
+
+class MonitorSpec(BaseModel):
+    """How the stack's scheduled monitor watches one model (a key of ``monitor_config``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: RetrainPolicy = Field(
+        RetrainPolicy(), description="When to retrain, and the gate's shadow evidence."
+    )
+    promotion: Literal["auto", "review"] = Field(
+        "auto",
+        description="auto: the pipeline moves champion onto a retrained challenger that "
+        "beats it on the common evaluation set; review: a reviewer does.",
+    )
+    since: str = Field("1h", description="The window each run reads (30m, 6h, 2d).")
+    retrain: bool = Field(True, description="Act on the evidence; false: report only.")
 
 
 class StackSettings(BaseSettings):
@@ -90,9 +109,44 @@ class StackSettings(BaseSettings):
         10.0, gt=0, description="Seconds between the replicas' alias checks."
     )
     shadow: str | None = Field(
+        "challenger",
+        description="The replicas run the version holding this alias in shadow (onnxflow "
+        "serve --shadow): a retrained challenger's live evidence; None: no shadow.",
+    )
+    shadow_flush_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds between the replicas' writes of the shadow's figures onto the "
+        "shadow version (the evidence the reviewer and the monitor's gate read).",
+    )
+    capture: bool = Field(
+        True,
+        description="The replicas capture what they answer into capture_dir and take "
+        "feedback for it (onnxflow serve --capture); the monitor reads it. false: off.",
+    )
+    capture_dir: str | None = Field(
         None,
-        description="The replicas run the version holding this alias (e.g. challenger) in "
-        "shadow (onnxflow serve --shadow); None: no shadow.",
+        description="Capture folder or fsspec URL every replica writes and the monitor "
+        "reads; None: state_dir/captured.",
+    )
+    capture_fraction: float = Field(
+        1.0, ge=0, le=1, description="Share of answered requests the replicas capture."
+    )
+    capture_segment_s: float = Field(
+        60.0,
+        gt=0,
+        description="A capture segment is closed (readable by the monitor) this long after "
+        "it opened.",
+    )
+    monitor_cron: str = Field(
+        "*/15 * * * *",
+        description="Cron of the monitor deployments (onnxflow-monitor/NAME), one per model "
+        "of monitor_config.",
+    )
+    monitor_config: Path | None = Field(
+        None,
+        description="YAML: per model, its retrain policy, promotion mode and window "
+        "(onnxflow.stack.settings.MonitorSpec); None: the stack's model with the defaults.",
     )
     shadow_fraction: float = Field(
         1.0, ge=0, le=1, description="Share of requests the replicas mirror to the shadow."
@@ -155,6 +209,22 @@ class StackSettings(BaseSettings):
     @property
     def endpoints_for_runs(self) -> list[str]:
         return self.endpoint_urls if self.run_endpoints is None else self.run_endpoints
+
+    @property
+    def capture_url(self) -> str:
+        return self.capture_dir or str(self.state_dir.resolve() / "captured")
+
+    def monitored(self) -> dict[str, MonitorSpec]:
+        """The models the scheduled monitor watches, from ``monitor_config``."""
+        if self.monitor_config is None:
+            return {self.model_name: MonitorSpec()}
+        import yaml
+
+        path = Path(self.monitor_config)
+        if not path.is_file():
+            raise ValueError(f"monitor_config {path} is not a file")
+        raw = yaml.safe_load(path.read_text()) or {}
+        return {str(name): MonitorSpec.model_validate(spec or {}) for name, spec in raw.items()}
 
     @property
     def model_name(self) -> str:

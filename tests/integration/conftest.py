@@ -1,5 +1,6 @@
 """A real stack for the integration tests: PostgreSQL-backed MLflow and Prefect servers,
-a process worker, the deployments and two serving replicas, all on free ports.
+a process worker, the deployments (with a monitor of the model ``scan``) and two serving
+replicas (capture on, challenger in shadow), all on free ports.
 
 The stack is started once per session (about 30 s) and shared by the tests, which run in
 file order: the loop first (it registers versions), then the reviewer in a browser. Each
@@ -23,6 +24,15 @@ RESULTS = Path(__file__).resolve().parents[2] / "test-results"
 SMALL_CONFIG = {
     "train": {"epochs": 3, "hidden_sizes": [32]},
     "validate": {"latency_repeats": 3, "max_accuracy_drop": 0.01},
+}
+
+#: The stack's monitor deployments (onnxflow-monitor/NAME): the retrain loop's model.
+MONITOR_CONFIG = {
+    "scan": {
+        "policy": {"max_drift_share": 0.3, "min_rows": 100, "min_shadow_requests": 50},
+        "promotion": "auto",
+        "since": "1h",
+    }
 }
 
 
@@ -65,12 +75,16 @@ def postgres_databases():
 @pytest.fixture(scope="session")
 def stack(postgres_databases, tmp_path_factory):
     """The running stack's settings; stops it at the end and checks nothing is left."""
+    import yaml
+
     from onnxflow.processes import is_alive, is_running, process_tree
     from onnxflow.stack import manager
     from onnxflow.stack.settings import StackSettings
 
     prefect_port, mlflow_port, *endpoint_ports = free_ports(4)
     server = PG_ADMIN_URL.split("://", 1)[1]
+    monitor_config = tmp_path_factory.mktemp("monitor") / "monitor.yaml"
+    monitor_config.write_text(yaml.safe_dump(MONITOR_CONFIG))
     settings = StackSettings(
         state_dir=tmp_path_factory.mktemp("stack"),
         prefect_port=prefect_port,
@@ -81,6 +95,9 @@ def stack(postgres_databases, tmp_path_factory):
         poll_interval_s=1.0,
         worker_query_s=1.0,
         schedule_paused=True,
+        capture_segment_s=2.0,  # segments readable by the monitor within seconds
+        shadow_flush_interval_s=2.0,  # the shadow's evidence on the challenger within seconds
+        monitor_config=monitor_config,
     )
     started = time.monotonic()
     try:
