@@ -202,12 +202,21 @@ def test_retrain_data_is_the_original_table_plus_the_labelled_captured_rows(tmp_
     since = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     built = build_retrain_data(data, str(tmp_path / "cap"), "pets", "1", since, tmp_path / "o")
 
-    assert (built.rows_original, built.rows_captured) == (60, 20)
-    assert built.tags()["retrain_rows_captured"] == "20" and built.task == "classification"
+    # held out for the common evaluation set: the original test split (20% of 60, the
+    # pipeline's own seeded split) and 30% of the 20 labelled captured rows
+    assert (built.rows_original, built.rows_captured) == (48, 14)
+    assert (built.eval_rows_original, built.eval_rows_captured) == (12, 6)
+    assert built.tags()["retrain_rows_captured"] == "14" and built.task == "classification"
     written = pq.read_table(built.path).to_pydict()
-    assert list(written) == ["a", "b", "c", "d", "kind"] and len(written["kind"]) == 80
-    assert written["kind"][60:] == ["dog"] * 20  # class index 1 -> the table's own value
-    np.testing.assert_allclose(np.array(written["a"][60:]), live[:20, 0], rtol=1e-6)
+    assert list(written) == ["a", "b", "c", "d", "kind"] and len(written["kind"]) == 62
+    assert written["kind"][48:] == ["dog"] * 14  # class index 1 -> the table's own value
+    held = pq.read_table(built.eval_path).to_pydict()
+    assert held["_source"] == ["original"] * 12 + ["captured"] * 6
+    assert held["kind"][12:] == ["dog"] * 6
+    captured = np.concatenate([written["a"][48:], held["a"][12:]])
+    np.testing.assert_allclose(np.sort(captured), np.sort(live[:20, 0]), rtol=1e-6)
+    original = np.concatenate([written["a"][:48], held["a"][:12]])
+    np.testing.assert_allclose(np.sort(original), np.sort(x[:, 0]), rtol=1e-6)
 
     with pytest.raises(MonitorError, match="3 features: not the same table"):
         narrow = tmp_path / "narrow.csv"

@@ -66,9 +66,14 @@ def test_mlflow_server_proxies_artifacts_and_runs_see_its_http_url(tmp_path):
     assert endpoint["ONNXFLOW_SERVE_PORT"] == "8099"
     assert endpoint["ONNXFLOW_SERVE_MODEL"] == "digits@champion"
     assert endpoint["ONNXFLOW_SERVE_ALL_MODELS"] == "champion"  # one endpoint, every model
-    assert "ONNXFLOW_SERVE_SHADOW" not in endpoint
-    shadowed = manager.endpoint_env(settings.model_copy(update={"shadow": "challenger"}), 8099)
-    assert shadowed["ONNXFLOW_SERVE_SHADOW"] == "challenger"
+    # the production loop by default: the challenger in shadow, capture into one folder
+    assert endpoint["ONNXFLOW_SERVE_SHADOW"] == "challenger"
+    assert endpoint["ONNXFLOW_SERVE_CAPTURE"] == str(settings.state_dir.resolve() / "captured")
+    assert endpoint["ONNXFLOW_SERVE_CAPTURE_SEGMENT_S"] == "60.0"
+    plain = manager.endpoint_env(
+        settings.model_copy(update={"shadow": None, "capture": False}), 8099
+    )
+    assert "ONNXFLOW_SERVE_SHADOW" not in plain and "ONNXFLOW_SERVE_CAPTURE" not in plain
     assert endpoint["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5123"
 
 
