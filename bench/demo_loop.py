@@ -245,7 +245,8 @@ def main() -> None:
                 if http.get("/v2/models/tab").json().get("versions") == ["2"]:
                     break
                 time.sleep(0.5)
-            say(f"serve: the endpoint follows champion: {http.get('/v2/models/tab').json()}")
+            served = http.get("/v2/models/tab").json()["versions"]
+            say(f"serve: the endpoint follows champion: it serves version {served[0]}")
     finally:
         stop_background(state)
 
