@@ -184,3 +184,26 @@ def test_trigger_names_a_missing_data_file_and_an_unreachable_stack(tmp_path, mo
     monkeypatch.setenv("ONNXFLOW_STACK_PREFECT_PORT", str(free_ports(1)[0]))
     down = runner.invoke(app, ["trigger", "--framework", "torch"])
     assert down.exit_code == 1 and "is the stack up?" in down.output
+
+
+def test_the_monitor_deployments_parameters_come_from_the_monitor_config(tmp_path):
+    from onnxflow.stack.deployments import monitor_parameters
+
+    config = tmp_path / "monitor.yaml"
+    config.write_text(
+        "scan:\n  policy: {max_drift_share: 0.2, min_shadow_requests: 10}\n"
+        "  promotion: review\n  since: 30m\ndigits: {}\n"
+    )
+    settings = StackSettings(state_dir=tmp_path / "state", monitor_config=config)
+    monitored = settings.monitored()
+    assert list(monitored) == ["scan", "digits"]
+    params = monitor_parameters(settings, "scan", monitored["scan"])
+    assert params["capture"] == str((tmp_path / "state").resolve() / "captured")
+    assert params["policy"]["max_drift_share"] == 0.2 and params["policy"]["min_labels"] == 50
+    assert params["config"] == {"promote": {"mode": "review"}} and params["since"] == "30m"
+    assert monitor_parameters(settings, "digits", monitored["digits"])["retrain"] is True
+    # without a config: the stack's own model, the defaults
+    assert list(StackSettings(state_dir=tmp_path).monitored()) == ["digits"]
+    config.write_text("scan: {promotion: sometimes}\n")
+    with pytest.raises(ValueError, match="promotion"):
+        settings.monitored()
