@@ -197,24 +197,16 @@ def main() -> None:
 
             wait_for_capture(work / "captured", 600)
             since = shift_start.isoformat(timespec="microseconds")
+            monitor = ("monitor", "tab", "--capture", str(work / "captured"), "--since", since)
             say(f"monitor: onnxflow monitor tab --since {since} --retrain")
-            out = onnxflow(
-                "monitor",
-                "tab",
-                "--capture",
-                str(work / "captured"),
-                "--since",
-                since,
-                "--retrain",
-                env=env,
-            )
+            out = onnxflow(*monitor, "--retrain", env=env)
             for line in out.splitlines()[-2:]:
                 say(f"  {line}")
 
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                shadow = http.get("/admin/status").json()["shadow"] or {}
-                if "'version': '2'" in str(shadow) or '"2"' in str(shadow):
+            while time.monotonic() < deadline:  # the endpoint's poll finds the challenger
+                shadow = (http.get("/admin/status").json()["shadow"] or {}).get("models", {})
+                if shadow.get("tab", {}).get("shadow") == "2":
                     break
                 time.sleep(0.5)
             x, y = traffic(rng, 300, shifted=True)
@@ -227,18 +219,7 @@ def main() -> None:
                 f"{shadow.get('shadow_errors')} errors"
             )
             say("monitor: onnxflow monitor tab --retrain --min-shadow-requests 20 (the gate)")
-            out = onnxflow(
-                "monitor",
-                "tab",
-                "--capture",
-                str(work / "captured"),
-                "--since",
-                since,
-                "--retrain",
-                "--min-shadow-requests",
-                "20",
-                env=env,
-            )
+            out = onnxflow(*monitor, "--retrain", "--min-shadow-requests", "20", env=env)
             say(f"  {out.splitlines()[-1]}")
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
