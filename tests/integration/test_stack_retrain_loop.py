@@ -28,7 +28,7 @@ from onnxflow.endpoints import serving_version, wait_until_serving
 from onnxflow.stack import manager
 from tests.integration.conftest import MONITOR_CONFIG, prefect_http, record_timing, stack_env
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 BIN = Path(sys.executable).parent
 MODEL = "scan"
