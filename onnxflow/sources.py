@@ -327,9 +327,7 @@ class RecipeSource(_TrainingSource):
         if self.train_config.distributed:  # train.workers processes, launched by torchrun
             from onnxflow.recipes.ddp import train_recipe_ddp
 
-            return train_recipe_ddp(
-                self.recipe, self.dataset, self.train_config, out_dir, on_epoch
-            )
+            return train_recipe_ddp(self.recipe, self.dataset, self.train_config, out_dir, on_epoch)
         from onnxflow.recipes.steps import train_recipe
 
         trained = train_recipe(self.recipe, self.dataset, self.train_config, out_dir, on_epoch)

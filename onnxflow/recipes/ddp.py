@@ -195,13 +195,17 @@ def failure_line(failures: Mapping[str, object]) -> str:
     torchrun stopped afterwards), or the launcher's own error (a rendezvous that timed out)."""
     if "error" in failures:
         return f"the torchrun launcher failed: {failures['error']}"
-    workers = sorted(failures["workers"], key=_cause_first)  # type: ignore[arg-type]
-    return "; ".join(_worker_words(w) for w in workers)
+    workers = sorted(failures["workers"], key=lambda w: (w["timestamp"], w["rank"]))  # type: ignore[arg-type,index]
+    causes = [w for w in workers if not _stopped_by_agent(w)] or workers
+    stopped = [str(w["rank"]) for w in workers if w not in causes]
+    line = "; ".join(_worker_words(w) for w in causes)
+    if stopped:
+        line += f"; torchrun then stopped rank {', '.join(stopped)}"
+    return line
 
 
-def _cause_first(worker: Mapping[str, object]) -> tuple[int, int, int]:
-    stopped_by_agent = worker["exitcode"] == -signal.SIGTERM
-    return (int(stopped_by_agent), int(worker["timestamp"]), int(worker["rank"]))
+def _stopped_by_agent(worker: Mapping[str, object]) -> bool:
+    return worker["exitcode"] == -signal.SIGTERM
 
 
 def _worker_words(worker: Mapping[str, object]) -> str:
