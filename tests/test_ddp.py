@@ -33,7 +33,7 @@ class Net(torch.nn.Module):
         self.batches = 0
 
     def forward(self, features):
-        if self.training and os.environ.get("RANK") == os.environ.get("KILL_RANK"):
+        if self.training and os.environ.get("RANK", "-") == os.environ.get("KILL_RANK"):
             self.batches += 1
             if self.batches == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -107,7 +107,56 @@ def test_the_failure_line_names_the_worker_that_died_first():
     assert failure_line({"workers": [raised]}) == (
         "worker rank 0 (pid 10 on a) exited with code 1: RecipeError: r.py: fit(...) raised"
     )
+    both = [raised, {**raised, "rank": 1, "pid": 11}]
+    assert failure_line({"workers": both}) == (
+        "worker rank 0 (pid 10 on a) exited with code 1: RecipeError: r.py: fit(...) raised "
+        "(rank 1 too)"
+    )
     assert failure_line({"error": "RendezvousTimeoutError: "}).startswith("the torchrun launcher")
+
+
+@pytest.fixture
+def group_of_one(tmp_path):
+    """This process as the only worker of a real gloo process group."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from onnxflow.config import DataConfig
+    from onnxflow.recipes.steps import prepare_recipe_data
+
+    folder = tmp_path_factory.mktemp("digits")
+    return prepare_recipe_data(str(_recipe(folder)), DataConfig(), folder / "data")
+
+
+def test_a_worker_trains_in_ddp_and_rank_0_saves(group_of_one, digits, tmp_path):
+    from onnxflow.recipes.steps import train_recipe
+
+    recipe = _recipe(tmp_path)
+    trained = train_recipe(str(recipe), digits, TrainConfig(epochs=1, workers=2), tmp_path / "o")
+    assert trained is not None and trained.path.name == "model.pt2" and trained.path.exists()
+    assert trained.params["workers"] == "1"  # the group's size, whatever was asked
+
+
+def test_a_keras_recipe_is_refused_in_a_worker(group_of_one, digits, tmp_path):
+    from onnxflow.errors import RecipeError
+    from onnxflow.recipes.steps import train_recipe
+
+    recipe = tmp_path / "keras_recipe.py"
+    recipe.write_text(
+        "import keras\n"
+        "def build_model(info):\n"
+        "    return keras.Sequential([keras.Input((64,)), keras.layers.Dense(info.n_classes)])\n"
+    )
+    with pytest.raises(RecipeError, match=r"train.workers 2: a keras model trains in one process"):
+        train_recipe(str(recipe), digits, TrainConfig(workers=2), tmp_path / "o")
 
 
 # -- real processes ------------------------------------------------------------------------

@@ -198,7 +198,14 @@ def failure_line(failures: Mapping[str, object]) -> str:
     workers = sorted(failures["workers"], key=lambda w: (w["timestamp"], w["rank"]))  # type: ignore[arg-type,index]
     causes = [w for w in workers if not _stopped_by_agent(w)] or workers
     stopped = [str(w["rank"]) for w in workers if w not in causes]
-    line = "; ".join(_worker_words(w) for w in causes)
+    said: dict[tuple[object, object], list[Mapping[str, object]]] = {}
+    for w in causes:  # the same error in every worker (a bad recipe) is said once
+        said.setdefault((w["exitcode"], w.get("message")), []).append(w)
+    line = "; ".join(
+        _worker_words(first)
+        + (f" (rank {', '.join(str(w['rank']) for w in more)} too)" if more else "")
+        for first, *more in said.values()
+    )
     if stopped:
         line += f"; torchrun then stopped rank {', '.join(stopped)}"
     return line
