@@ -242,3 +242,41 @@ def test_a_worker_killed_mid_epoch_fails_the_run_cleanly(tmp_path, _migrated_db)
         assert db.execute("select count(*) from model_versions").fetchone() == (0,)
     assert not _left_running(tmp_path), _left_running(tmp_path)
     assert os.path.exists(folder / "mlflow.db")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_machines_meet_at_the_rendezvous(digits, tmp_path):
+    """train.nodes 2: the step's launcher and a second torchrun (another machine's, here
+    on this one) run the command the step wrote in join.sh; they meet at the c10d
+    rendezvous and train as ranks 0 and 1; the step returns the model rank 0 saved."""
+    import shlex
+    import threading
+
+    from onnxflow.processes import free_port
+    from onnxflow.recipes.ddp import train_recipe_ddp
+
+    config = TrainConfig(epochs=1, workers=1, nodes=2, rdzv=f"127.0.0.1:{free_port()}")
+    out, outcome = tmp_path / "out", {}
+
+    def step() -> None:
+        try:
+            outcome["trained"] = train_recipe_ddp(str(_recipe(tmp_path)), digits, config, out)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    first = threading.Thread(target=step)
+    first.start()
+    join = out / "ddp" / "join.sh"
+    deadline = time.monotonic() + 120
+    while not join.exists() and first.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert join.exists(), outcome
+    with open(tmp_path / "other-machine.log", "w") as log:
+        other = subprocess.Popen(shlex.split(join.read_text()), stdout=log, stderr=log)
+        first.join(timeout=480)
+        assert other.wait(timeout=120) == 0, (tmp_path / "other-machine.log").read_text()
+    assert "error" not in outcome, outcome
+    trained = outcome["trained"]
+    assert trained.params["workers"] == "2" and trained.path.exists()
+    assert not _left_running(tmp_path)

@@ -73,6 +73,11 @@ class DdpJob(StepResult):
     def failures(self) -> Path:
         return self.folder / "failures.json"
 
+    @property
+    def join(self) -> Path:
+        """The command every other machine runs to join (``train.nodes`` > 1)."""
+        return self.folder / "join.sh"
+
 
 def torchrun_args(config: TrainConfig, job_file: Path, run_id: str) -> list[str]:
     """``torch.distributed.run``'s arguments for ``config``: N workers per machine, a c10d
@@ -111,17 +116,20 @@ def train_recipe_ddp(
 
     job = DdpJob(recipe=recipe_ref, dataset=dataset, config=config, out_dir=out_dir.resolve())
     job.folder.mkdir(parents=True, exist_ok=True)
-    for stale in (job.epochs, job.trained, job.failures):
+    for stale in (job.epochs, job.trained, job.failures, job.join):
         stale.unlink(missing_ok=True)
     job_file = job.folder / "job.json"
     job_file.write_text(job.model_dump_json())
     run_id = uuid.uuid4().hex[:12]
     if config.nodes > 1:
+        job.join.write_text(torchrun_command(config, job_file, run_id) + "\n")
         log.info(
-            "distributed training: %d machine(s) x %d worker(s); on every other machine run: %s",
+            "distributed training: %d machine(s) x %d worker(s); on every other machine run "
+            "(also in %s): %s",
             config.nodes,
             config.workers,
-            torchrun_command(config, job_file, run_id),
+            job.join,
+            job.join.read_text().strip(),
         )
     log_path = job.folder / "launch.log"
     started = time.perf_counter()
