@@ -46,8 +46,17 @@ def init_process_group(device: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from onnxflow.errors import TrainingError
+
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= gpus:
+            raise TrainingError(
+                f"train.workers {os.environ.get('LOCAL_WORLD_SIZE', '?')} on a machine where "
+                f"torch sees {gpus} GPU(s): NCCL needs one GPU per worker; set train.workers "
+                f"to at most {gpus}, or train.device: cpu (gloo)"
+            )
+        torch.cuda.set_device(local)
     dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
 
 
