@@ -45,10 +45,15 @@ def counters(url: str) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    found = {"written": 0.0, "dropped": 0.0, "answered": 0.0}
+    found = {"written": 0.0, "dropped": 0.0, "answered": 0.0, "capture_cpu_s": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "onnxflow_capture_rows_written_total":
+            if sample.name in (
+                "onnxflow_capture_writer_cpu_seconds_total",
+                "onnxflow_capture_build_cpu_seconds_total",
+            ):
+                found["capture_cpu_s"] += sample.value
+            elif sample.name == "onnxflow_capture_rows_written_total":
                 found["written"] += sample.value
             elif sample.name == "onnxflow_capture_dropped_total":
                 found["dropped"] += sample.value
@@ -105,10 +110,16 @@ def main() -> None:
     def server_cpu(key: str, run) -> dict:
         """``run()``'s figures and the endpoint's CPU per answered request meanwhile (the
         endpoint's own user + system time: steadier than requests/s on a shared machine)."""
-        cpu, answered = cpu_s(infos[key].pid), counters(infos[key].url)["answered"]
+        cpu, before = cpu_s(infos[key].pid), counters(infos[key].url)
         found = run()
-        answered = counters(infos[key].url)["answered"] - answered
-        found["cpu_us"] = 1e6 * (cpu_s(infos[key].pid) - cpu) / max(answered, 1)
+        after = counters(infos[key].url)
+        answered = max(after["answered"] - before["answered"], 1)
+        found["cpu_us"] = 1e6 * (cpu_s(infos[key].pid) - cpu) / answered
+        # the writer thread's and the loop's table building (what capture adds besides the
+        # request path's append)
+        found["capture_cpu_us"] = (
+            1e6 * (after["capture_cpu_s"] - before["capture_cpu_s"]) / answered
+        )
         return found
 
     def rest(key: str, connections: int, duration: int) -> dict:
@@ -157,6 +168,7 @@ def main() -> None:
             "p99_ms": statistics.median(r["p99_ms"] for r in parts),
             "p50_ms": statistics.median(r["p50_ms"] for r in parts),
             "cpu_us": statistics.median(r["cpu_us"] for r in parts),
+            "capture_cpu_us": statistics.median(r["capture_cpu_us"] for r in parts),
             "non_2xx": sum(r["non_2xx"] for r in parts),
         }
         for key, parts in runs.items()
@@ -220,7 +232,13 @@ def write_report(result: dict) -> None:
         f"the endpoint's CPU per request; gRPC {result['grpc_cost_rps_pct']:.1f}% of "
         f"requests/s, {result['grpc_cost_p99_pct']:+.1f}% on p99, "
         f"{result['grpc_cost_cpu_pct']:+.1f}% CPU per request (negative: capture on was "
-        f"faster in that run). Captured rows {seen['written']:.0f} of {seen['answered']:.0f} "
+        f"faster in that run). Writing and building the tables took "
+        f"{result['rest-on']['capture_cpu_us']:.1f} us of CPU per request over REST "
+        f"({100 * result['rest-on']['capture_cpu_us'] / result['rest-off']['cpu_us']:.1f}% of "
+        "the endpoint's CPU per request without capture; the writer's and the loop's own "
+        "clocks, `onnxflow_capture_writer_cpu_seconds_total` and "
+        "`onnxflow_capture_build_cpu_seconds_total`). "
+        f"Captured rows {seen['written']:.0f} of {seen['answered']:.0f} "
         f"answered requests (both fronts, every round and the warm-up), "
         f"{seen['dropped']:.0f} dropped.",
         "",

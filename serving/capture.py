@@ -40,6 +40,7 @@ import json
 import logging
 import operator
 import os
+import queue
 import random
 import secrets
 import threading
@@ -73,6 +74,8 @@ KEY, ID, TIME, LATENCY, FEEDS, RESULTS, NBYTES = range(7)
 #: Records turned into one Arrow table at a time: the writer holds the GIL while it builds
 #: one (the Parquet write itself releases it), so the event loop never waits long for it.
 WRITE_CHUNK = 1024
+#: How often the event loop turns the queued records into tables (a short step each time).
+BUILD_INTERVAL_S = 0.1
 
 
 def open_filesystem(url: str):
@@ -256,7 +259,12 @@ class Capture:
         self.written: collections.Counter = collections.Counter()  # rows, by (model, version)
         self.dropped: collections.Counter = collections.Counter()  # (model, reason)
         self.segments_rolled = 0
-        self.writer_cpu_s = 0.0  # the writer thread's CPU time (what capture costs besides offer)
+        # CPU time of the writer thread, and of building tables on the event loop
+        self.writer_cpu_s = 0.0
+        self.build_cpu_s = 0.0
+        self._loop = None
+        self._take_lock = threading.Lock()  # takers only: the request path never takes it
+        self._built: queue.SimpleQueue = queue.SimpleQueue()
         self.last_error = ""
         # model -> {request id: rows}: the ids feedback may name before their segment is
         # closed, filled by the writer before it takes records off the queue (so a record is
@@ -269,12 +277,20 @@ class Capture:
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, loop=None) -> None:
+        """Start the writer thread. With the endpoint's event ``loop``, the records are
+        turned into Arrow tables on that loop (every ``BUILD_INTERVAL_S``, in one short
+        step) and only written by the thread: the two never contend for the GIL while
+        the thread works in Python, which cost the endpoint more than the work itself.
+        Without one (a capture used on its own), the thread does both."""
         import pyarrow.parquet  # noqa: F401  (imported now, not on the first write)
 
         self.fs.makedirs(self.root, exist_ok=True)
+        self._loop = loop
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
         self._thread.start()
+        if loop is not None:
+            loop.call_soon_threadsafe(self._schedule)
         log.info("capturing %.0f%% of requests into %s", self.fraction * 100, self.url)
 
     def stopping(self) -> None:
@@ -342,23 +358,30 @@ class Capture:
 
     # --- the writer thread ---------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.flush_interval_s):
-            self._timed_write()
-        self._timed_write()  # what was accepted before stop
-        for key in list(self._segments):
-            self._roll(key)
+    # --- building tables: on the event loop (or the writer thread without one) -----------
 
-    def _timed_write(self) -> None:
+    def _schedule(self) -> None:
+        if not self._stop.is_set():
+            self._loop.call_later(BUILD_INTERVAL_S, self._tick)
+
+    def _tick(self) -> None:
         started = time.thread_time()
         try:
-            self._write_once()
+            self._build()
+        except Exception:  # noqa: BLE001  (counted in _build; the loop must not notice)
+            log.exception("building captured records failed")
         finally:
-            self.writer_cpu_s += time.thread_time() - started
+            self.build_cpu_s += time.thread_time() - started
+            self._schedule()
 
-    def _write_once(self) -> None:
-        batch = list(self._queue)  # atomic under the GIL; the request path appends meanwhile
-        if batch:
+    def _build(self) -> None:
+        """Take what waits in the queue and hand it to the writer as Arrow tables (one per
+        model version and day, at most ``WRITE_CHUNK`` records each). One taker at a time:
+        the loop's tick, or the writer thread's last call on stop."""
+        with self._take_lock:
+            batch = list(self._queue)  # atomic under the GIL; the request path appends on
+            if not batch:
+                return
             groups = self._groups(batch)
             for key, records in groups.items():
                 self._index(key[:2], records)
@@ -367,8 +390,43 @@ class Capture:
                 popleft()
             for key, records in groups.items():
                 for i in range(0, len(records), WRITE_CHUNK):
-                    self._write_group(key, records[i : i + WRITE_CHUNK])
-            self._taken_bytes += sum(map(operator.itemgetter(NBYTES), batch))
+                    chunk = records[i : i + WRITE_CHUNK]
+                    nbytes = sum(map(operator.itemgetter(NBYTES), chunk))
+                    try:
+                        table, shapes = record_table(chunk, self._output_names[key[:2]])
+                    except Exception as exc:  # noqa: BLE001  (counted, logged)
+                        self._failed(key, len(chunk), exc)
+                        self._taken_bytes += nbytes
+                        continue
+                    self._built.put((key, table, shapes, len(chunk), nbytes))
+
+    # --- the writer thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_interval_s):
+            self._timed_write()
+        self._build()  # what was accepted before stop (offers are refused by now)
+        self._timed_write()
+        for key in list(self._segments):
+            self._roll(key)
+
+    def _timed_write(self) -> None:
+        started = time.thread_time()
+        try:
+            if self._loop is None:
+                self._build()
+            self._write_once()
+        finally:
+            self.writer_cpu_s += time.thread_time() - started
+
+    def _write_once(self) -> None:
+        while True:
+            try:
+                key, table, shapes, records, nbytes = self._built.get_nowait()
+            except queue.Empty:
+                break
+            self._write_table(key, table, shapes, records)
+            self._taken_bytes += nbytes
         now = time.monotonic()
         for key, segment in list(self._segments.items()):
             if segment.bytes >= self.segment_bytes or now - segment.opened >= self.segment_s:
@@ -409,9 +467,8 @@ class Capture:
             recent.clear()
             recent.update(kept)
 
-    def _write_group(self, key: tuple[str, str, str], records: list[tuple]) -> None:
+    def _write_table(self, key: tuple[str, str, str], table, shapes: dict, records: int) -> None:
         try:
-            table, shapes = record_table(records, self._output_names[key[:2]])
             segment = self._segments.get(key)
             if segment is not None and not segment.schema.equals(
                 table.schema, check_metadata=False
@@ -428,10 +485,13 @@ class Capture:
             segment.write(table)
             self.written[key[:2]] += table.num_rows
         except Exception as exc:  # noqa: BLE001  (counted, logged; the writer carries on)
-            self.dropped[(key[0], "write_error")] += len(records)
-            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
-            log.exception("cannot write %d captured requests of %s", len(records), key[0])
+            self._failed(key, records, exc)
             self._segments.pop(key, None)
+
+    def _failed(self, key, records: int, exc: Exception) -> None:
+        self.dropped[(key[0], "write_error")] += records
+        self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        log.error("cannot write %d captured requests of %s: %s", records, key[0], self.last_error)
 
     def _roll(self, key) -> None:
         segment = self._segments.pop(key)
@@ -464,6 +524,7 @@ class Capture:
             "dropped": {f"{m}/{r}": n for (m, r), n in self.dropped.items()},
             "segments_rolled": self.segments_rolled,
             "writer_cpu_s": round(self.writer_cpu_s, 3),
+            "build_cpu_s": round(self.build_cpu_s, 3),
             "last_error": self.last_error,
         }
 
@@ -507,7 +568,12 @@ class CaptureCollector:
             "CPU time of the capture's writer thread (building and writing Parquet).",
         )
         cpu.add_metric([], self.capture.writer_cpu_s)
-        yield from (accepted, written, dropped, queued, cpu)
+        build = CounterMetricFamily(
+            "onnxflow_capture_build_cpu_seconds",
+            "CPU time the event loop spent turning captured requests into Arrow tables.",
+        )
+        build.add_metric([], self.capture.build_cpu_s)
+        yield from (accepted, written, dropped, queued, cpu, build)
 
     def describe(self):
         return []
