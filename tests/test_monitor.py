@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from onnxflow.monitor import MonitorError, RetrainPolicy, decide, monitor_model, parse_since
-from onnxflow.profile import build_profile, drift, features, profile_model
+from onnxflow.profile import build_profile, drift, features, profile_and_sample
 from tests.conftest import make_linear_onnx
 
 # --- the profile and the drift figure ------------------------------------------------------
@@ -114,9 +114,15 @@ def test_the_monitor_flags_shifted_traffic_and_writes_onto_the_version(mlflow_st
     rng = np.random.default_rng(2)
     path = make_linear_onnx(tmp_path / "m" / "model.onnx")
     train = rng.normal(size=(3000, 64)).astype(np.float32)
-    profile = profile_model(path, train, train[:500])
+    profile, reference = profile_and_sample(path, train, train[:500])
+    assert set(reference) == {f"features[{j}]" for j in range(64)} | {"prediction"}
     registered = register_onnx(
-        path, model_name="mon", input_example=train[:1], aliases=("champion",), profile=profile
+        path,
+        model_name="mon",
+        input_example=train[:1],
+        aliases=("champion",),
+        profile=profile,
+        reference_sample=reference,
     )
     model = SimpleNamespace(
         name="mon", version=registered.version, output_names=["probabilities"], path=path
@@ -134,6 +140,8 @@ def test_the_monitor_flags_shifted_traffic_and_writes_onto_the_version(mlflow_st
     figures = monitor_model("mon", str(calm), since, policy)
     assert (figures.rows, figures.labelled, figures.live_accuracy) == (400, 400, 1.0)
     assert figures.drift_share == 0.0 and not figures.retrain, figures.reason
+    print("evidently drift share, calm:", figures.evidently_drift_share)
+    assert figures.evidently_drift_share is not None and figures.evidently_drift_share < 0.2
 
     shifted = tmp_path / "shifted"
     x = rng.normal(size=(400, 64)).astype(np.float32)
@@ -147,15 +155,28 @@ def test_the_monitor_flags_shifted_traffic_and_writes_onto_the_version(mlflow_st
     )
     assert figures.drift_share == 0.5 and figures.live_accuracy == 0.0
     assert figures.retrain and "drift share 0.50" in figures.reason
+    # Evidently's own test (JS past 0.1, its own bins) finds the same 32 features shifted,
+    # of 65 columns (64 features and the prediction)
+    print("evidently drift share, shifted:", figures.evidently_drift_share)
+    assert 32 / 65 <= figures.evidently_drift_share <= 36 / 65
 
     version = MlflowClient().get_model_version("mon", registered.version)
     assert version.tags["monitor_drift_share"] == "0.5000"
     assert version.tags["monitor_live_accuracy"] == "0.0000"
     assert version.tags["monitor_rows"] == "400" and version.tags["monitor_retrain"] == "yes"
-    report = mlflow.artifacts.load_dict(f"runs:/{registered.run_id}/monitor/report.json")
+    assert version.tags["monitor_evidently_drift_share"] == f"{figures.evidently_drift_share:.4f}"
+    runs = f"runs:/{registered.run_id}/monitor"
+    report = mlflow.artifacts.load_dict(f"{runs}/report.json")
     assert report["drift_share"] == 0.5
-    page = mlflow.artifacts.load_text(f"runs:/{registered.run_id}/monitor/report.html")
-    assert "Retrain: <b>yes</b>" in page
+    drifted = report["evidently"]["data_drift"]["metrics"][0]
+    assert drifted["metric_name"].startswith("DriftedColumnsCount")
+    assert drifted["value"]["share"] == figures.evidently_drift_share
+    names = {m["metric_name"] for m in report["evidently"]["classification"]["metrics"]}
+    assert any(name.startswith("Accuracy") for name in names), names
+    page = mlflow.artifacts.load_text(f"{runs}/report.html")  # Evidently's own page
+    assert "Share of Drifted Columns" in page and "features[0]" in page
+    assert "Accuracy" in mlflow.artifacts.load_text(f"{runs}/classification.html")
+    assert "Retrain: <b>yes</b>" in mlflow.artifacts.load_text(f"{runs}/summary.html")
 
 
 def test_the_monitor_command_refuses_a_bad_window_and_a_model_without_profile(
