@@ -263,6 +263,7 @@ class Capture:
         self.writer_cpu_s = 0.0
         self.build_cpu_s = 0.0
         self._loop = None
+        self._last_build = 0.0
         self._take_lock = threading.Lock()  # takers only: the request path never takes it
         self._built: queue.SimpleQueue = queue.SimpleQueue()
         self.last_error = ""
@@ -365,6 +366,13 @@ class Capture:
             self._loop.call_later(BUILD_INTERVAL_S, self._tick)
 
     def _tick(self) -> None:
+        """Build when a chunk is waiting (a short step at any rate) or the flush interval
+        has passed (few, larger tables when traffic is light: each has a fixed cost)."""
+        now = time.monotonic()
+        if len(self._queue) < WRITE_CHUNK and now - self._last_build < self.flush_interval_s:
+            self._schedule()
+            return
+        self._last_build = now
         started = time.thread_time()
         try:
             self._build()
@@ -420,13 +428,25 @@ class Capture:
             self.writer_cpu_s += time.thread_time() - started
 
     def _write_once(self) -> None:
+        import pyarrow as pa
+
+        waiting: dict[tuple[str, str, str], list[tuple]] = {}
         while True:
             try:
-                key, table, shapes, records, nbytes = self._built.get_nowait()
+                item = self._built.get_nowait()
             except queue.Empty:
                 break
-            self._write_table(key, table, shapes, records)
-            self._taken_bytes += nbytes
+            waiting.setdefault(item[0], []).append(item)
+        for key, items in waiting.items():  # one row group per version and flush
+            first = items[0][1].schema
+            alike = [i for i in items if i[1].schema.equals(first)]
+            tables = [i[1] for i in alike]
+            table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+            self._write_table(key, table, items[0][2], sum(i[3] for i in alike))
+            for item in items:
+                if not item[1].schema.equals(first):  # another shape or type: a new segment
+                    self._write_table(key, item[1], item[2], item[3])
+            self._taken_bytes += sum(i[4] for i in items)
         now = time.monotonic()
         for key, segment in list(self._segments.items()):
             if segment.bytes >= self.segment_bytes or now - segment.opened >= self.segment_s:
