@@ -8,12 +8,16 @@ no lock, no wake-up, no per-tensor work) to a deque: when ``capture_queue_bytes`
 waiting, the record is dropped and counted in ``onnxflow_capture_dropped_total`` (never
 silently lost, never a failed or slower answer).
 
-A writer thread wakes every ``capture_flush_interval_s`` and turns what waited into Arrow
-columns in bulk: one ``np.concatenate`` per tensor per batch of at most ``WRITE_CHUNK``
-records (no per-record Python work beyond collecting references), appended as a row group
-to the (model, version)'s open segment. Parquet's dictionary encoding is off (float tensors
-never repeat: it cost ten times the rest of the write) and Arrow writes local files without
-the GIL, so the writer holds the interpreter for a few hundred microseconds per chunk.
+Turning records into Arrow columns happens in bulk, on the endpoint's event loop (a step
+every 0.1 s when a chunk of ``WRITE_CHUNK`` records waits, else every
+``capture_flush_interval_s``): one ``np.concatenate`` per tensor per chunk, ids and times
+gathered by C-level ``map``/``zip``, no per-record Python work beyond collecting references.
+Done there, it never contends for the GIL with a second thread running Python (which cost
+the endpoint more than the work itself). A writer thread appends what was built, every
+``capture_flush_interval_s``, as one row group per (model, version) to its open segment:
+Arrow writes without the GIL, and Parquet's dictionary encoding is off (tensor values hardly
+repeat: trying it was most of the write's cost, and made the files larger). A capture used
+without a loop (``start()`` without one) builds on the writer thread instead.
 Segments are rolled (closed and renamed to their final name) past ``capture_segment_bytes``
 or ``capture_segment_s``, and on stop, which drains the queue first (SIGTERM: the endpoint
 stops, every accepted record is written). Until rolled a segment's name starts with a dot,
