@@ -190,6 +190,9 @@ def test_the_monitor_command_refuses_a_bad_window_and_a_model_without_profile(
         [*command, str(tmp_path), "--since", "yesterday"], capture_output=True, text=True
     )
     assert done.returncode == 1 and "expected a duration (30m, 6h, 2d)" in done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+        done.stderr.strip().splitlines()[-1]
+    ]
 
     from onnxflow.registration import register_onnx
 
@@ -198,6 +201,25 @@ def test_the_monitor_command_refuses_a_bad_window_and_a_model_without_profile(
     register_onnx(path, model_name="bare", input_example=x, aliases=("champion",))
     with pytest.raises(MonitorError, match="has no reference profile"):
         monitor_model("bare", str(tmp_path), parse_since("1h"), RetrainPolicy())
+
+    # a profiled version, but nothing captured where the monitor looks: the error names the
+    # place (the command prints it as its one "error:" line, as above), nothing is written
+    from mlflow import MlflowClient
+
+    profile, reference = profile_and_sample(path, np.zeros((50, 64), np.float32), x)
+    register_onnx(
+        path,
+        model_name="prof",
+        input_example=x,
+        aliases=("champion",),
+        profile=profile,
+        reference_sample=reference,
+    )
+    empty = tmp_path / "empty"
+    with pytest.raises(MonitorError, match=f"nothing captured for prof version 1 under {empty}"):
+        monitor_model("prof", str(empty), parse_since("1h"), RetrainPolicy())
+    tags = MlflowClient().get_model_version("prof", "1").tags
+    assert not [key for key in tags if key.startswith("monitor_")]
 
 
 def test_retrain_data_is_the_original_table_plus_the_labelled_captured_rows(tmp_path):
