@@ -244,7 +244,9 @@ def write_report(result: dict) -> None:
         "",
         "On a machine whose other load varies (other processes on the same cores), the "
         "figures of one run vary more than the cost they measure: run it on a quiet "
-        "machine before reading the percentage.",
+        "machine before reading the percentage. What capture cost before its request path "
+        "and writer were reworked, and why, is in the "
+        "[production loop guide](guide/production-loop.md#what-it-costs).",
         "",
     ]
     path = ROOT / "docs" / "benchmarks.md"
