@@ -263,3 +263,24 @@ def test_retrain_data_is_the_original_table_plus_the_labelled_captured_rows(tmp_
             since,
             tmp_path / "o2",
         )
+
+
+def test_reference_rows_have_one_value_per_row_and_feature():
+    """The reference sample Evidently compares with is row-wise: a table's columns, a scalar
+    input, an image channel as the row's mean of it (NCHW, NHWC, one-channel HW)."""
+    from onnxflow.profile import row_features
+
+    rng = np.random.default_rng(5)
+    table, scalar = rng.normal(size=(6, 3)), rng.integers(0, 4, size=6)
+    nchw, nhwc, gray = (rng.normal(size=shape) for shape in ((6, 3, 8, 8), (6, 8, 8, 3), (6, 9, 9)))
+    rows = row_features({"t": table, "s": scalar, "a": nchw, "b": nhwc, "g": gray})
+    assert set(rows) == {"t[0]", "t[1]", "t[2]", "s"} | {
+        f"{name}[c{c}]"
+        for name, channels in (("a", 3), ("b", 3), ("g", 1))
+        for c in range(channels)
+    }
+    assert all(values.shape == (6,) for values in rows.values())
+    np.testing.assert_allclose(rows["t[1]"], table[:, 1])
+    np.testing.assert_allclose(rows["a[c2]"], nchw[:, 2].mean(axis=(1, 2)))
+    np.testing.assert_allclose(rows["b[c1]"], nhwc[..., 1].mean(axis=(1, 2)))
+    np.testing.assert_allclose(rows["g[c0]"], gray.mean(axis=(1, 2)))
