@@ -1,13 +1,14 @@
 """What capture costs: the digits-sized MLP (64->128->10) served with capture off and on.
 
 Two endpoints serve the same champion from a fresh SQLite registry, one with
-``capture`` (every request, a local folder); ``wrk`` drives each in alternating rounds at 8
-connections (batch-1 V2 JSON requests). Reported: requests/s and p99 per side (medians of
-the rounds), the cost in percent, and whether every answered request was captured
-(``onnxflow_capture_rows_written_total`` against the answers, drops from
-``onnxflow_capture_dropped_total``).
+``capture`` (every request, a local folder). Each is driven in alternating rounds at 8
+connections over REST (``wrk``, batch-1 V2 JSON requests) and over gRPC (8 threads of
+``tritonclient.grpc``, batch-1), then once at 64 connections on each front. Reported:
+requests/s, p50 and p99 per side and load (medians of the rounds), the cost in percent,
+and whether every answered request was captured (``onnxflow_capture_rows_written_total``
+against the answers of both fronts, drops from ``onnxflow_capture_dropped_total``).
 
-    python bench/capture_bench.py [--duration 10] [--rounds 3] [--connections 8]
+    python bench/capture_bench.py [--duration 5] [--rounds 6] [--connections 8] [--many 64]
 
 Results are printed and written into ``docs/benchmarks.md`` ("Capture") and
 ``bench-results/capture.json``.
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serve_bench import ensure_wrk, register, run_wrk, wrk_script  # noqa: E402
+from bench.team_bench import cpu_s, drive  # noqa: E402
 from onnxflow.processes import free_port  # noqa: E402
 from onnxflow.serving.launcher import start_background, stop_background, wait_ready  # noqa: E402
 from onnxflow.serving.settings import ServingSettings  # noqa: E402
@@ -43,16 +45,21 @@ def counters(url: str) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    found = {"written": 0.0, "dropped": 0.0, "answered": 0.0}
+    found = {"written": 0.0, "dropped": 0.0, "answered": 0.0, "capture_cpu_s": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "onnxflow_capture_rows_written_total":
+            if sample.name in (
+                "onnxflow_capture_writer_cpu_seconds_total",
+                "onnxflow_capture_build_cpu_seconds_total",
+            ):
+                found["capture_cpu_s"] += sample.value
+            elif sample.name == "onnxflow_capture_rows_written_total":
                 found["written"] += sample.value
             elif sample.name == "onnxflow_capture_dropped_total":
                 found["dropped"] += sample.value
             elif (
                 sample.name == "onnxflow_requests_total"
-                and sample.labels.get("route", "").endswith("/infer")
+                and sample.labels.get("route", "").endswith(("/infer", "grpc:ModelInfer"))
                 and sample.labels.get("status") == "200"
             ):
                 found["answered"] += sample.value
@@ -61,9 +68,10 @@ def counters(url: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per round")
+    parser.add_argument("--rounds", type=int, default=6, help="pairs of rounds (off, on)")
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--many", type=int, default=64, help="connections of the last round")
     parser.add_argument("--install-wrk", action="store_true")
     args = parser.parse_args()
     wrk = ensure_wrk(args.install_wrk)
@@ -81,26 +89,70 @@ def main() -> None:
         }
     )
     script = wrk_script(work / "post.lua", body)
-    infos = {}
+    infos, grpc = {}, {}
     for key, options in (("off", {}), ("on", {"capture": str(work / "captured")})):
         settings = ServingSettings(
             model=f"{MODEL}@champion",
             port=free_port(),
+            grpc_port=free_port(),
             cache_dir=work / "cache",
             log_level="warning",
             poll_interval_s=0,
             **options,
         )
         infos[key] = start_background(settings, work / key)
+        grpc[key] = f"127.0.0.1:{settings.grpc_port}"
         wait_ready(infos[key], timeout_s=180)
-    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    runs: dict[str, list[dict]] = {f"{f}-{k}": [] for f in ("rest", "grpc") for k in infos}
+    many: dict[str, dict] = {}
+    loads = []
+
+    def server_cpu(key: str, run) -> dict:
+        """``run()``'s figures and the endpoint's CPU per answered request meanwhile (the
+        endpoint's own user + system time: steadier than requests/s on a shared machine)."""
+        cpu, before = cpu_s(infos[key].pid), counters(infos[key].url)
+        found = run()
+        after = counters(infos[key].url)
+        answered = max(after["answered"] - before["answered"], 1)
+        found["cpu_us"] = 1e6 * (cpu_s(infos[key].pid) - cpu) / answered
+        # the writer thread's and the loop's table building (what capture adds besides the
+        # request path's append)
+        found["capture_cpu_us"] = (
+            1e6 * (after["capture_cpu_s"] - before["capture_cpu_s"]) / answered
+        )
+        return found
+
+    def rest(key: str, connections: int, duration: int) -> dict:
+        url = f"{infos[key].url}/v2/models/{MODEL}/infer"
+        return server_cpu(key, lambda: run_wrk(wrk, url, script, connections, duration))
+
+    def rpc(key: str, threads: int, duration: int) -> dict:
+        def run() -> dict:
+            found = drive("grpc", grpc[key], [MODEL], threads, duration)
+            return {
+                "rps": found["requests_per_s"],
+                "p50_ms": found["p50_ms"],
+                "p99_ms": found["p99_ms"],
+                "non_2xx": found["errors"],
+            }
+
+        return server_cpu(key, run)
+
     try:
-        for info in infos.values():  # warm-up
-            run_wrk(wrk, f"{info.url}/v2/models/{MODEL}/infer", script, args.connections, 2)
-        for _ in range(args.rounds):
-            for key, info in infos.items():
-                url = f"{info.url}/v2/models/{MODEL}/infer"
-                runs[key].append(run_wrk(wrk, url, script, args.connections, args.duration))
+        for key in infos:  # warm-up
+            rest(key, args.connections, 2)
+            rpc(key, args.connections, 2)
+        for n in range(args.rounds):  # pairs, in alternating order (off-on, on-off, ...)
+            order = ("off", "on") if n % 2 == 0 else ("on", "off")
+            for key in order:
+                runs[f"rest-{key}"].append(rest(key, args.connections, args.duration))
+                loads.append(os.getloadavg()[0])
+            for key in order:
+                runs[f"grpc-{key}"].append(rpc(key, args.connections, args.duration))
+        short = max(2, args.duration // 2)
+        for key in infos:
+            many[f"rest-{key}"] = rest(key, args.many, short)
+            many[f"grpc-{key}"] = rpc(key, args.many, short)
         deadline = time.monotonic() + 30
         while True:  # the writer appends every half second
             seen = counters(infos["on"].url)
@@ -115,44 +167,86 @@ def main() -> None:
             "rps": statistics.median(r["rps"] for r in parts),
             "p99_ms": statistics.median(r["p99_ms"] for r in parts),
             "p50_ms": statistics.median(r["p50_ms"] for r in parts),
+            "cpu_us": statistics.median(r["cpu_us"] for r in parts),
+            "capture_cpu_us": statistics.median(r["capture_cpu_us"] for r in parts),
             "non_2xx": sum(r["non_2xx"] for r in parts),
         }
         for key, parts in runs.items()
     }
-    result["cost_rps_pct"] = 100 * (1 - result["on"]["rps"] / result["off"]["rps"])
-    result["cost_p99_pct"] = 100 * (result["on"]["p99_ms"] / result["off"]["p99_ms"] - 1)
+    result["rounds"] = runs
+    result["many"] = many
+    for front in ("rest", "grpc"):  # the median of each pair's ratio: both saw one load
+        pairs = list(zip(runs[f"{front}-off"], runs[f"{front}-on"]))
+        for figure, name, sign in (("rps", "rps", -1), ("p99_ms", "p99", 1), ("cpu_us", "cpu", 1)):
+            ratios = [on[figure] / off[figure] for off, on in pairs]
+            result[f"{front}_cost_{name}_pct"] = 100 * sign * (statistics.median(ratios) - 1)
     result["captured"] = seen
+    result["connections"] = args.connections
+    result["many_connections"] = args.many
     result["setup"] = (
-        f"{args.rounds} alternating rounds of {args.duration} s, wrk -t1 -c{args.connections}, "
-        f"{os.cpu_count()} CPUs shared with the clients, load average {load_before:.1f} "
-        f"before and {os.getloadavg()[0]:.1f} after"
+        f"{args.rounds} pairs of {args.duration} s rounds (off and on, alternating which "
+        "first) per front, wrk -t1 "
+        f"-c{args.connections} (REST) and {args.connections} tritonclient.grpc threads (gRPC), "
+        f"then {args.many} connections for {short} s on each; {os.cpu_count()} CPUs shared "
+        f"with the clients and with other work: load average {load_before:.1f} before, "
+        f"{statistics.median(loads):.1f} (median) during the REST rounds, "
+        f"{os.getloadavg()[0]:.1f} after"
     )
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))
     (ROOT / "bench-results").mkdir(exist_ok=True)
     (ROOT / "bench-results" / "capture.json").write_text(json.dumps(result, indent=2))
     write_report(result)
 
 
 def write_report(result: dict) -> None:
-    off, on, seen = result["off"], result["on"], result["captured"]
+    seen, c, m = result["captured"], result["connections"], result["many_connections"]
+    rows = []
+    for front, name in (("rest", "REST (wrk, V2 JSON)"), ("grpc", "gRPC (tritonclient)")):
+        for key, label in (("off", "off"), ("on", "on (every request)")):
+            r = result[f"{front}-{key}"]
+            rows.append(
+                f"| {name} | {c} | {label} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
+                f"{r['p99_ms']:.2f} | {r['cpu_us']:.0f} |"
+            )
+    for front, name in (("rest", "REST (wrk, V2 JSON)"), ("grpc", "gRPC (tritonclient)")):
+        for key, label in (("off", "off"), ("on", "on (every request)")):
+            r = result["many"][f"{front}-{key}"]
+            rows.append(
+                f"| {name} | {m} | {label} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
+                f"{r['p99_ms']:.2f} | {r['cpu_us']:.0f} |"
+            )
     lines = [
         SECTION,
         "",
-        "`python bench/capture_bench.py` (in `make bench`): the 64->128->10 MLP, batch-1 V2 "
-        f"JSON requests, {result['setup']}; medians of the rounds.",
+        "`python bench/capture_bench.py` (in `make bench`): the 64->128->10 MLP, batch-1 "
+        f"requests, {result['setup']}. Medians of the rounds at {c} connections, one round at "
+        f"{m}; the cost is the median over the pairs of on/off (each pair ran under the same "
+        "load).",
         "",
-        "| capture | requests/s | p50 ms | p99 ms |",
-        "|---|---|---|---|",
-        f"| off | {off['rps']:.0f} | {off['p50_ms']:.2f} | {off['p99_ms']:.2f} |",
-        f"| on (every request) | {on['rps']:.0f} | {on['p50_ms']:.2f} | {on['p99_ms']:.2f} |",
+        "| front | connections | capture | requests/s | p50 ms | p99 ms | CPU us/req |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
         "",
-        f"Cost: {result['cost_rps_pct']:.1f}% of requests/s, {result['cost_p99_pct']:+.1f}% "
-        f"on p99. Captured rows {seen['written']:.0f} of {seen['answered']:.0f} answered "
-        f"requests (warm-up included), {seen['dropped']:.0f} dropped.",
+        f"Cost at {c} connections: REST {result['rest_cost_rps_pct']:.1f}% of requests/s, "
+        f"{result['rest_cost_p99_pct']:+.1f}% on p99, {result['rest_cost_cpu_pct']:+.1f}% of "
+        f"the endpoint's CPU per request; gRPC {result['grpc_cost_rps_pct']:.1f}% of "
+        f"requests/s, {result['grpc_cost_p99_pct']:+.1f}% on p99, "
+        f"{result['grpc_cost_cpu_pct']:+.1f}% CPU per request (negative: capture on was "
+        f"faster in that run). Writing and building the tables took "
+        f"{result['rest-on']['capture_cpu_us']:.1f} us of CPU per request over REST "
+        f"({100 * result['rest-on']['capture_cpu_us'] / result['rest-off']['cpu_us']:.1f}% of "
+        "the endpoint's CPU per request without capture; the writer's and the loop's own "
+        "clocks, `onnxflow_capture_writer_cpu_seconds_total` and "
+        "`onnxflow_capture_build_cpu_seconds_total`). "
+        f"Captured rows {seen['written']:.0f} of {seen['answered']:.0f} "
+        f"answered requests (both fronts, every round and the warm-up), "
+        f"{seen['dropped']:.0f} dropped.",
         "",
         "On a machine whose other load varies (other processes on the same cores), the "
         "figures of one run vary more than the cost they measure: run it on a quiet "
-        "machine before reading the percentage.",
+        "machine before reading the percentage. What capture cost before its request path "
+        "and writer were reworked, and why, is in the "
+        "[production loop guide](guide/production-loop.md#what-it-costs).",
         "",
     ]
     path = ROOT / "docs" / "benchmarks.md"

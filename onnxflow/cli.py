@@ -250,6 +250,26 @@ QuantizeOpt = Annotated[
         )
     ),
 ]
+TrainWorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Train a recipe's torch model with N processes on this machine (DDP launched by "
+        "torchrun; gloo on CPU, NCCL on GPUs); export, validation and registration run once.",
+    ),
+]
+TrainNodesOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Machines training together with --train-workers each (needs --train-rdzv; "
+        "each other machine runs the torchrun command the run logs).",
+    ),
+]
+TrainRdzvOpt = Annotated[
+    str | None,
+    typer.Option(help="HOST:PORT of the torchrun c10d rendezvous every machine can reach."),
+]
 
 
 #: The options of `run` and `trigger` that set the pipeline's configuration, declared once:
@@ -266,6 +286,9 @@ PIPELINE_OPTIONS: dict[str, Any] = {
     "sweep": SweepOpt,
     "dask_workers": DaskWorkersOpt,
     "dask_address": DaskAddressOpt,
+    "train_workers": TrainWorkersOpt,
+    "train_nodes": TrainNodesOpt,
+    "train_rdzv": TrainRdzvOpt,
 }
 
 
@@ -307,6 +330,9 @@ def pipeline_config(
     sweep: int | None = None,
     dask_workers: int | None = None,
     dask_address: str | None = None,
+    train_workers: int | None = None,
+    train_nodes: int | None = None,
+    train_rdzv: str | None = None,
 ) -> PipelineConfig:
     """The YAML file with the command-line options of `run` and `trigger` on top, and a
     recipe's DEFAULTS under both."""
@@ -315,7 +341,13 @@ def pipeline_config(
         {
             "recipe": recipe,
             "data": {"path": data, "target": target},
-            "train": {"epochs": epochs, "model": model.value if model else None},
+            "train": {
+                "epochs": epochs,
+                "model": model.value if model else None,
+                "workers": train_workers,
+                "nodes": train_nodes,
+                "rdzv": train_rdzv,
+            },
             "register": {"model_name": model_name},
             "promote": {"mode": promotion.value if promotion else None},
             "quantize": {"mode": quantize.value if quantize else None},

@@ -14,7 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Framework = Literal["torch", "keras", "sklearn"]
@@ -71,6 +79,54 @@ class TrainConfig(StepConfig):
         "params) receives them when it takes a second argument, fit(...) as config.params; "
         "a sweep's space names them params.NAME. The built-in models ignore them.",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Processes that train a recipe's torch model together on this machine "
+        "(DistributedDataParallel launched by torchrun: gloo on CPU, NCCL on GPUs); 1 trains "
+        "in the flow's own process.",
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="Machines that train together (each runs train.workers processes); "
+        "more than 1 needs train.rdzv, a shared folder and the same command on every machine.",
+    )
+    rdzv: str | None = Field(
+        None,
+        description="HOST:PORT of torchrun's c10d rendezvous that every machine reaches "
+        "(the first to arrive hosts it); None: this machine, a free port.",
+    )
+
+    @field_validator("rdzv")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            rendezvous_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _rendezvous_for_several_machines(self) -> TrainConfig:
+        if self.nodes > 1 and self.rdzv is None:
+            raise ValueError(
+                f"train.nodes is {self.nodes}: machines meet at a rendezvous address; "
+                "set train.rdzv (--train-rdzv HOST:PORT)"
+            )
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        """Whether training runs as torchrun processes (DDP) rather than in this process."""
+        return self.workers > 1 or self.nodes > 1
+
+
+def rendezvous_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as (host, port); ValueError naming the problem."""
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"rendezvous {value!r} is not HOST:PORT (e.g. 10.0.0.5:29400)")
+    return host, int(port)
 
 
 class ExportConfig(StepConfig):
@@ -286,6 +342,16 @@ class PipelineConfig(StepConfig):
     dask: DaskConfig = DaskConfig()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _workers_train_a_recipe(self) -> PipelineConfig:
+        if self.train.distributed and not self.recipe:
+            raise ValueError(
+                f"train.workers {self.train.workers} (train.nodes {self.train.nodes}): "
+                "several training processes run a recipe's torch model; the built-in models "
+                "train in one process (set recipe, or train.workers: 1)"
+            )
+        return self
 
 
 def pipeline_params(config: PipelineConfig) -> dict[str, object]:

@@ -4,9 +4,14 @@ reference profile; the figures, a report on the version's run, and the retrain d
 Plain functions: :func:`read_window` (Parquet written by the endpoint's capture, labels
 joined by request id and row), :func:`evaluate` (drift per feature and of the predictions,
 :mod:`onnxflow.profile`; live accuracy where labels exist), :func:`decide` (the
-:class:`RetrainPolicy`), :func:`report_html`; :func:`monitor_model` wires them to the
-registry: the ``champion`` version's profile in, ``monitor/report.html`` and
-``monitor/report.json`` on its run and ``monitor_*`` tags on the version out.
+:class:`RetrainPolicy`), :func:`evidently_report` (Evidently's data drift of the window
+against the version's reference sample, and its classification quality on the labelled
+rows), :func:`report_html` (onnxflow's own page); :func:`monitor_model` wires them to the
+registry: the ``champion`` version's profile and reference sample in,
+``monitor/report.html`` and ``monitor/report.json`` (Evidently's, with onnxflow's
+figures), ``monitor/classification.html`` (labels), ``monitor/summary.html`` on its run and
+``monitor_*`` tags on the version out. pandas and Evidently are imported only here, inside
+the functions (never by the endpoint).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import datetime as dt
 import html
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,6 +32,15 @@ log = logging.getLogger(__name__)
 
 REPORT_HTML = "monitor/report.html"
 REPORT_JSON = "monitor/report.json"
+CLASSIFICATION_HTML = "monitor/classification.html"
+SUMMARY_HTML = "monitor/summary.html"
+#: Evidently's drift test per column: the Jensen-Shannon distance past 0.1, the figure and
+#: threshold onnxflow's own drift uses (Evidently bins both samples itself, so the two
+#: distances are close, not equal).
+EVIDENTLY_METHOD = "jensenshannon"
+EVIDENTLY_THRESHOLD = 0.1
+#: Columns past this are left out of Evidently's report (onnxflow's figures keep them all).
+EVIDENTLY_MAX_COLUMNS = 256
 FEEDBACK_DIR = "_feedback"
 
 
@@ -86,6 +100,8 @@ class Figures:
     reason: str
     #: the versions a retrain on evidence registered (``monitor --retrain``), as challenger
     retrained: list[str] = field(default_factory=list)
+    #: Evidently's share of drifted columns (None: no reference sample, or no rows)
+    evidently_drift_share: float | None = None
     #: what the promotion gate did with a retrained challenger (``monitor --retrain``)
     promotion: str = ""
 
@@ -102,6 +118,9 @@ class Figures:
             "monitor_rows": str(self.rows),
             "monitor_labelled_rows": str(self.labelled),
             "monitor_retrain": "yes" if self.retrain else "no",
+            "monitor_evidently_drift_share": "n/a"
+            if self.evidently_drift_share is None
+            else f"{self.evidently_drift_share:.4f}",
         }
 
 
@@ -234,6 +253,94 @@ def decide(
     return False, "within the policy"
 
 
+@dataclass(frozen=True)
+class EvidentlyReport:
+    html: str
+    json: dict
+    drift_share: float
+    classification_html: str | None
+
+
+def evidently_report(reference: dict[str, np.ndarray], window: Window) -> EvidentlyReport:
+    """Evidently's data drift of ``window`` against the version's ``reference`` sample
+    (:func:`onnxflow.profile.profile_and_sample`: row features and ``prediction``), per
+    feature and of the predictions; and, when rows are labelled, Evidently's
+    classification quality on them."""
+    import pandas as pd
+    from evidently import (
+        BinaryClassification,
+        DataDefinition,
+        Dataset,
+        MulticlassClassification,
+        Report,
+    )
+    from evidently.presets import ClassificationPreset, DataDriftPreset
+
+    from onnxflow.profile import PREDICTION, row_features
+
+    live = row_features(window.inputs)
+    live[PREDICTION] = np.asarray(window.predictions)
+    columns = [c for c in reference if c in live][:EVIDENTLY_MAX_COLUMNS]
+    if PREDICTION in reference and PREDICTION not in columns:
+        columns.append(PREDICTION)
+    frames = [
+        pd.DataFrame({c: _column(values[c]) for c in columns}) for values in (reference, live)
+    ]
+    numeric = [c for c in columns if frames[0][c].dtype.kind in "iuf" and c != PREDICTION]
+    categorical = [c for c in columns if c not in numeric]
+    definition = DataDefinition(numerical_columns=numeric, categorical_columns=categorical)
+    drift = Report([DataDriftPreset(method=EVIDENTLY_METHOD, threshold=EVIDENTLY_THRESHOLD)]).run(
+        current_data=Dataset.from_pandas(frames[1], data_definition=definition),
+        reference_data=Dataset.from_pandas(frames[0], data_definition=definition),
+    )
+    found = {"data_drift": drift.dict()}
+    share = next(
+        float(m["value"]["share"])
+        for m in found["data_drift"]["metrics"]
+        if m["metric_name"].startswith("DriftedColumnsCount")
+    )
+    classification_html = None
+    labelled = window.labels != ""
+    if labelled.any():
+        table = pd.DataFrame(
+            {
+                "target": window.labels[labelled].astype(str),
+                "prediction": np.asarray(window.predictions).astype(str)[labelled],
+            }
+        )
+        classes = sorted(set(table["target"]) | set(table["prediction"]))
+        # two classes: Evidently takes the task as binary and looks for pos_label 1 (an
+        # int) among these text labels (KeyError) unless it is named
+        kind = (
+            BinaryClassification(
+                target="target", prediction_labels="prediction", pos_label=classes[-1]
+            )
+            if len(classes) <= 2
+            else MulticlassClassification(target="target", prediction_labels="prediction")
+        )
+        quality = Report([ClassificationPreset()]).run(
+            current_data=Dataset.from_pandas(
+                table,
+                data_definition=DataDefinition(
+                    categorical_columns=["target", "prediction"], classification=[kind]
+                ),
+            )
+        )
+        found["classification"] = quality.dict()
+        classification_html = quality.get_html_str(as_iframe=False)
+    return EvidentlyReport(
+        drift.get_html_str(as_iframe=False),
+        json.loads(json.dumps(found, default=str)),
+        share,
+        classification_html,
+    )
+
+
+def _column(values) -> np.ndarray:
+    values = np.asarray(values)
+    return values.astype(str) if values.dtype.kind in "OSUb" else values
+
+
 def report_html(figures: Figures) -> str:
     """The reviewer's page: the figures, the decision, every feature's distance."""
     rows = "".join(
@@ -256,6 +363,26 @@ def report_html(figures: Figures) -> str:
     )
 
 
+def _reference_sample(run_id: str) -> dict[str, np.ndarray] | None:
+    """The version's reference sample (:data:`REFERENCE_SAMPLE_PATH` in its run), if any."""
+    import tempfile
+
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from onnxflow.registration import REFERENCE_SAMPLE_PATH
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=REFERENCE_SAMPLE_PATH, dst_path=folder
+            )
+        except Exception:  # noqa: BLE001  (MLflow raises several kinds for a missing file)
+            return None
+        table = pq.read_table(path)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
 def monitor_model(
     name: str,
     capture: str,
@@ -269,7 +396,7 @@ def monitor_model(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from onnxflow.registration import PROFILE_PATH
+    from onnxflow.registration import PROFILE_PATH, REFERENCE_SAMPLE_PATH
 
     client = MlflowClient()
     try:
@@ -286,9 +413,27 @@ def monitor_model(
         ) from None
     window = read_window(capture, name, str(version.version), since)
     figures = evaluate(profile, window, policy)
+    reference = _reference_sample(version.run_id)
+    evidently = None
+    if reference is None:
+        log.warning(
+            "%s version %s has no reference sample (%s; versions registered before it "
+            "existed): onnxflow's figures only, no Evidently report",
+            name,
+            version.version,
+            REFERENCE_SAMPLE_PATH,
+        )
+    elif window.rows:
+        evidently = evidently_report(reference, window)
+        figures = replace(figures, evidently_drift_share=evidently.drift_share)
     if write:
-        client.log_text(version.run_id, report_html(figures), REPORT_HTML)
-        client.log_text(version.run_id, json.dumps(asdict(figures), indent=2), REPORT_JSON)
+        summary = report_html(figures)
+        document = {**asdict(figures), "evidently": evidently.json if evidently else None}
+        client.log_text(version.run_id, evidently.html if evidently else summary, REPORT_HTML)
+        client.log_text(version.run_id, json.dumps(document, indent=2), REPORT_JSON)
+        client.log_text(version.run_id, summary, SUMMARY_HTML)
+        if evidently is not None and evidently.classification_html:
+            client.log_text(version.run_id, evidently.classification_html, CLASSIFICATION_HTML)
         for key, value in figures.tags().items():
             client.set_model_version_tag(name, version.version, key, value)
     log.info(

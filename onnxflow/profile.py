@@ -40,6 +40,9 @@ from onnxflow.serving.drift import (  # noqa: F401  (this module's API)
 BINS = 10
 MAX_CATEGORIES = 20
 PREDICTION = "prediction"
+#: Rows of the validation split kept as the version's reference sample (the monitor's
+#: Evidently report compares a window with it): bounded, whatever the data set's size.
+REFERENCE_ROWS = 2000
 
 
 def describe(values: np.ndarray) -> dict:
@@ -111,13 +114,44 @@ def drift(profile: dict, inputs: Mapping[str, np.ndarray], predictions=None) -> 
 def profile_model(model_path, train: Mapping[str, np.ndarray], validation) -> dict:
     """The profile of a model file: ``train`` per input, and its onnxruntime predictions
     (first output) on the ``validation`` inputs."""
+    return profile_and_sample(model_path, train, validation)[0]
+
+
+def profile_and_sample(
+    model_path, train: Mapping[str, np.ndarray], validation
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """The profile (:func:`profile_model`) and the reference sample: at most
+    ``REFERENCE_ROWS`` rows of ``validation`` as row features (:func:`row_features`) with
+    the model's prediction on each (``prediction``)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     train, validation = _named(train, names), _named(validation, names)
     outputs = session.run(None, {k: np.asarray(v) for k, v in validation.items()})
-    return build_profile(train, predictions_of(outputs[0]))
+    predictions = predictions_of(outputs[0])
+    profile = build_profile(train, predictions)
+    rows = len(predictions)
+    keep = np.sort(np.random.default_rng(0).permutation(rows)[:REFERENCE_ROWS])
+    sample = row_features({k: np.asarray(v)[keep] for k, v in validation.items()})
+    sample[PREDICTION] = np.asarray(predictions)[keep]
+    return profile, sample
+
+
+def row_features(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One value per row and feature, for row-wise tools (Evidently): the features of
+    :func:`features`, except that an image channel is the row's mean of that channel."""
+    out: dict[str, np.ndarray] = {}
+    for name, array in inputs.items():
+        array = np.asarray(array)
+        if array.ndim == 4 or (array.ndim == 3 and min(array.shape[1:]) > 4):
+            moved = array[:, None] if array.ndim == 3 else array
+            moved = moved if moved.shape[1] <= 4 else np.moveaxis(moved, 3, 1)
+            for c in range(moved.shape[1]):
+                out[f"{name}[c{c}]"] = moved[:, c].reshape(len(moved), -1).mean(axis=1)
+        else:
+            out.update(features({name: array}))
+    return out
 
 
 def _named(inputs, names: list[str]) -> dict[str, np.ndarray]:

@@ -39,6 +39,8 @@ MODEL_ARTIFACT = "model"
 
 #: Where a version's reference profile lies in its run (:mod:`onnxflow.profile`).
 PROFILE_PATH = "profile/reference.json"
+#: ... and its reference sample: validation rows and predictions (:mod:`onnxflow.profile`).
+REFERENCE_SAMPLE_PATH = "profile/reference_sample.parquet"
 
 
 def register_onnx(
@@ -50,6 +52,7 @@ def register_onnx(
     aliases: Sequence[str] = ("challenger",),
     run_id: str | None = None,
     profile: Mapping | None = None,
+    reference_sample: Mapping[str, np.ndarray] | None = None,
 ) -> RegisteredVersion:
     """Log ``model_path`` (with its external data) and register it as a new version.
 
@@ -57,7 +60,8 @@ def register_onnx(
     step, for every source, is :func:`register_validated`, which has the validation sample.
 
     ``profile``: the version's reference profile (:mod:`onnxflow.profile`), logged as
-    ``profile/reference.json`` on its run, for the drift monitor.
+    ``profile/reference.json`` on its run, for the drift monitor; ``reference_sample``:
+    its reference rows (column name to a 1-d array), ``profile/reference_sample.parquet``.
 
     With ``run_id`` the model is logged into that run, and a version already registered
     from that run is reused instead of creating a second one: a retried register step
@@ -94,6 +98,8 @@ def register_onnx(
             client.set_model_version_tag(model_name, version.version, key, str(value))
     if profile is not None:
         client.log_dict(run_id, dict(profile), PROFILE_PATH)
+    if reference_sample is not None:
+        _log_reference_sample(client, run_id, reference_sample)
     for alias in aliases:
         client.set_registered_model_alias(model_name, alias, version.version)
     return RegisteredVersion(
@@ -103,6 +109,17 @@ def register_onnx(
         model_uri=f"models:/{model_name}/{version.version}",
         tags=all_tags,
     )
+
+
+def _log_reference_sample(client, run_id: str, sample: Mapping[str, np.ndarray]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({name: pa.array(np.asarray(values)) for name, values in sample.items()})
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / Path(REFERENCE_SAMPLE_PATH).name
+        pq.write_table(table, path, compression="zstd")
+        client.log_artifact(run_id, str(path), str(Path(REFERENCE_SAMPLE_PATH).parent))
 
 
 #: The version tag a run ticket is presented as (the MLflow server turns it into
@@ -225,20 +242,23 @@ def register_validated(
     gives its input arrays and labels): its first row is the version's input example (the
     whole sample for a model without a dynamic batch axis). A source that trained the
     model also gives its training inputs (:func:`onnxflow.sources.read_training_inputs`):
-    the version's reference profile (:mod:`onnxflow.profile`) is computed from them here.
+    the version's reference profile (:mod:`onnxflow.profile`) is computed from them here,
+    with its reference sample (validation rows and predictions, for the monitor's Evidently
+    report); an imported model's profile and sample are of the validation sample.
     """
     if not summary.passed:
         raise RegistryError(
             f"Refusing to register {model_path}: validation failed (see {summary.report_dir})."
         )
-    from onnxflow.profile import profile_model
+    from onnxflow.profile import profile_and_sample
     from onnxflow.sources import read_sample, read_training_inputs
 
-    training = read_training_inputs(sample)
-    profile = profile_model(model_path, *training) if training else None
+    inputs = read_sample(sample).inputs
+    # an imported model trained on nothing we have: its profile is of the validation sample
+    training = read_training_inputs(sample) or (inputs, inputs)
+    profile, reference = profile_and_sample(model_path, *training)
 
     report = report_tags(summary.report_dir)
-    inputs = read_sample(sample).inputs
     if report.get("batch_axis") != "none":
         inputs = {name: array[:1] for name, array in inputs.items()}
     tags = {**lineage, **validation_tags(summary), **report}
@@ -250,6 +270,7 @@ def register_validated(
         aliases=(config.alias,),
         run_id=run_id,
         profile=profile,
+        reference_sample=reference,
     )
 
 

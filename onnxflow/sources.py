@@ -324,9 +324,15 @@ class RecipeSource(_TrainingSource):
         return read_split(self.dataset, name)
 
     def train(self, out_dir: Path, on_epoch: EpochCallback | None = None) -> TrainedModel:
+        if self.train_config.distributed:  # train.workers processes, launched by torchrun
+            from onnxflow.recipes.ddp import train_recipe_ddp
+
+            return train_recipe_ddp(self.recipe, self.dataset, self.train_config, out_dir, on_epoch)
         from onnxflow.recipes.steps import train_recipe
 
-        return train_recipe(self.recipe, self.dataset, self.train_config, out_dir, on_epoch)
+        trained = train_recipe(self.recipe, self.dataset, self.train_config, out_dir, on_epoch)
+        assert trained is not None  # one process saves its model
+        return trained
 
     def export(self, trained: TrainedModel | None, out_dir: Path) -> SourcedModel:
         from onnxflow.recipes.steps import REFERENCE_DEVICE, export_recipe, recipe_tags

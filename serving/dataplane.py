@@ -99,7 +99,7 @@ class DataPlane:
         """Start the capture, the batcher and the repository's alias watchers (on the
         running loop)."""
         if self.capture is not None:
-            await asyncio.to_thread(self.capture.start)
+            await asyncio.to_thread(self.capture.start, asyncio.get_running_loop())
         if self.shadow is not None:
             await self.shadow.start()
         if self.settings.batching:

@@ -155,11 +155,7 @@ class FeedbackStore:
     def _captured_rows(self, model: str, ids: set[str]) -> dict[str, int]:
         """Rows of each captured request of ``ids``: recent ones from memory (those still
         queued too), older ones from the Parquet segments."""
-        rows = {}
-        recent = self.capture.recent_ids.get(model, {})
-        for rid in ids:
-            if rid in recent:
-                rows[rid] = recent[rid]
+        rows = self.capture.rows_of_ids(model, ids)
         missing = ids - rows.keys()
         if missing:
             import pyarrow.compute as pc

@@ -35,6 +35,10 @@ def test_help_lists_the_commands(tmp_path):
         (["--sweep", "8", "--framework", "all"], "--sweep trains one framework"),
         (["--sweep", "0"], "greater than or equal to 1"),
         (["--sweep", "4", "--recipe", "r.py"], "Recipe file not found: r.py"),
+        (["--train-workers", "0"], "Invalid value for '--train-workers'"),
+        (["--train-workers", "2"], "the built-in models train in one process"),
+        (["--recipe", "r.py", "--train-workers", "2", "--train-rdzv", "h"], "is not HOST:PORT"),
+        (["--recipe", "r.py", "--train-nodes", "2"], "set train.rdzv (--train-rdzv HOST:PORT)"),
     ],
 )
 def test_run_refuses_bad_input_before_training(tmp_path, args, message):

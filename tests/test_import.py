@@ -290,6 +290,7 @@ def test_a_framework_model_is_imported_with_parity_against_its_framework(
     assert {"onnx_sha256", "exporter", "opset", "git_commit", "flow_run_id"} <= set(tags)
     mv = MlflowClient().get_model_version_by_alias("byom", "challenger")
     assert str(mv.version) == result.version.version
+    _assert_profiled(result.version.run_id, np.load(sample))
     report = json.loads((result.validation.report_dir / "report.json").read_text())
     assert report["parity_checked"] and report["batch_consistency"]["checked"]
     assert set(report["parity"]) == {o["name"] for o in report["model"]["outputs"]}
@@ -315,6 +316,27 @@ def test_a_bare_onnx_model_without_expected_outputs_says_parity_was_not_checked(
     report = json.loads((result.validation.report_dir / "report.json").read_text())
     assert report["parity_checked"] is False and report["parity"] == {}
     assert "Parity not checked" in (result.validation.report_dir / "report.md").read_text()
+    _assert_profiled(result.version.run_id, np.load(sample))
+
+
+def _assert_profiled(run_id: str, sample) -> None:
+    """An imported version is profiled from its validation sample: the reference profile
+    and the reference sample (every row of a small sample, a column per feature and the
+    prediction) for the monitor."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from onnxflow.profile import row_features
+    from onnxflow.registration import PROFILE_PATH, REFERENCE_SAMPLE_PATH
+
+    profile = mlflow.artifacts.load_dict(f"runs:/{run_id}/{PROFILE_PATH}")
+    table = pq.read_table(
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REFERENCE_SAMPLE_PATH)
+    )
+    columns = set(row_features(dict(sample)))
+    assert set(profile["features"]) == columns and "prediction" in profile
+    assert set(table.column_names) == columns | {"prediction"}
+    assert table.num_rows == len(next(iter(dict(sample).values())))
 
 
 def test_a_bare_onnx_model_is_compared_with_expected_outputs(mlflow_store, tmp_path, files):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from onnxflow.monitor import MonitorError, RetrainPolicy, decide, monitor_model, parse_since
-from onnxflow.profile import build_profile, drift, features, profile_model
+from onnxflow.profile import build_profile, drift, features, profile_and_sample
 from tests.conftest import make_linear_onnx
 
 # --- the profile and the drift figure ------------------------------------------------------
@@ -114,9 +114,15 @@ def test_the_monitor_flags_shifted_traffic_and_writes_onto_the_version(mlflow_st
     rng = np.random.default_rng(2)
     path = make_linear_onnx(tmp_path / "m" / "model.onnx")
     train = rng.normal(size=(3000, 64)).astype(np.float32)
-    profile = profile_model(path, train, train[:500])
+    profile, reference = profile_and_sample(path, train, train[:500])
+    assert set(reference) == {f"features[{j}]" for j in range(64)} | {"prediction"}
     registered = register_onnx(
-        path, model_name="mon", input_example=train[:1], aliases=("champion",), profile=profile
+        path,
+        model_name="mon",
+        input_example=train[:1],
+        aliases=("champion",),
+        profile=profile,
+        reference_sample=reference,
     )
     model = SimpleNamespace(
         name="mon", version=registered.version, output_names=["probabilities"], path=path
@@ -134,6 +140,8 @@ def test_the_monitor_flags_shifted_traffic_and_writes_onto_the_version(mlflow_st
     figures = monitor_model("mon", str(calm), since, policy)
     assert (figures.rows, figures.labelled, figures.live_accuracy) == (400, 400, 1.0)
     assert figures.drift_share == 0.0 and not figures.retrain, figures.reason
+    print("evidently drift share, calm:", figures.evidently_drift_share)
+    assert figures.evidently_drift_share is not None and figures.evidently_drift_share < 0.2
 
     shifted = tmp_path / "shifted"
     x = rng.normal(size=(400, 64)).astype(np.float32)
@@ -147,15 +155,28 @@ def test_the_monitor_flags_shifted_traffic_and_writes_onto_the_version(mlflow_st
     )
     assert figures.drift_share == 0.5 and figures.live_accuracy == 0.0
     assert figures.retrain and "drift share 0.50" in figures.reason
+    # Evidently's own test (JS past 0.1, its own bins) finds the same 32 features shifted,
+    # of 65 columns (64 features and the prediction)
+    print("evidently drift share, shifted:", figures.evidently_drift_share)
+    assert 32 / 65 <= figures.evidently_drift_share <= 36 / 65
 
     version = MlflowClient().get_model_version("mon", registered.version)
     assert version.tags["monitor_drift_share"] == "0.5000"
     assert version.tags["monitor_live_accuracy"] == "0.0000"
     assert version.tags["monitor_rows"] == "400" and version.tags["monitor_retrain"] == "yes"
-    report = mlflow.artifacts.load_dict(f"runs:/{registered.run_id}/monitor/report.json")
+    assert version.tags["monitor_evidently_drift_share"] == f"{figures.evidently_drift_share:.4f}"
+    runs = f"runs:/{registered.run_id}/monitor"
+    report = mlflow.artifacts.load_dict(f"{runs}/report.json")
     assert report["drift_share"] == 0.5
-    page = mlflow.artifacts.load_text(f"runs:/{registered.run_id}/monitor/report.html")
-    assert "Retrain: <b>yes</b>" in page
+    drifted = report["evidently"]["data_drift"]["metrics"][0]
+    assert drifted["metric_name"].startswith("DriftedColumnsCount")
+    assert drifted["value"]["share"] == figures.evidently_drift_share
+    names = {m["metric_name"] for m in report["evidently"]["classification"]["metrics"]}
+    assert any(name.startswith("Accuracy") for name in names), names
+    page = mlflow.artifacts.load_text(f"{runs}/report.html")  # Evidently's own page
+    assert "Share of Drifted Columns" in page and "features[0]" in page
+    assert "Accuracy" in mlflow.artifacts.load_text(f"{runs}/classification.html")
+    assert "Retrain: <b>yes</b>" in mlflow.artifacts.load_text(f"{runs}/summary.html")
 
 
 def test_the_monitor_command_refuses_a_bad_window_and_a_model_without_profile(
@@ -169,6 +190,9 @@ def test_the_monitor_command_refuses_a_bad_window_and_a_model_without_profile(
         [*command, str(tmp_path), "--since", "yesterday"], capture_output=True, text=True
     )
     assert done.returncode == 1 and "expected a duration (30m, 6h, 2d)" in done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+        done.stderr.strip().splitlines()[-1]
+    ]
 
     from onnxflow.registration import register_onnx
 
@@ -177,6 +201,25 @@ def test_the_monitor_command_refuses_a_bad_window_and_a_model_without_profile(
     register_onnx(path, model_name="bare", input_example=x, aliases=("champion",))
     with pytest.raises(MonitorError, match="has no reference profile"):
         monitor_model("bare", str(tmp_path), parse_since("1h"), RetrainPolicy())
+
+    # a profiled version, but nothing captured where the monitor looks: the error names the
+    # place (the command prints it as its one "error:" line, as above), nothing is written
+    from mlflow import MlflowClient
+
+    profile, reference = profile_and_sample(path, np.zeros((50, 64), np.float32), x)
+    register_onnx(
+        path,
+        model_name="prof",
+        input_example=x,
+        aliases=("champion",),
+        profile=profile,
+        reference_sample=reference,
+    )
+    empty = tmp_path / "empty"
+    with pytest.raises(MonitorError, match=f"nothing captured for prof version 1 under {empty}"):
+        monitor_model("prof", str(empty), parse_since("1h"), RetrainPolicy())
+    tags = MlflowClient().get_model_version("prof", "1").tags
+    assert not [key for key in tags if key.startswith("monitor_")]
 
 
 def test_retrain_data_is_the_original_table_plus_the_labelled_captured_rows(tmp_path):
@@ -229,3 +272,24 @@ def test_retrain_data_is_the_original_table_plus_the_labelled_captured_rows(tmp_
             since,
             tmp_path / "o2",
         )
+
+
+def test_reference_rows_have_one_value_per_row_and_feature():
+    """The reference sample Evidently compares with is row-wise: a table's columns, a scalar
+    input, an image channel as the row's mean of it (NCHW, NHWC, one-channel HW)."""
+    from onnxflow.profile import row_features
+
+    rng = np.random.default_rng(5)
+    table, scalar = rng.normal(size=(6, 3)), rng.integers(0, 4, size=6)
+    nchw, nhwc, gray = (rng.normal(size=shape) for shape in ((6, 3, 8, 8), (6, 8, 8, 3), (6, 9, 9)))
+    rows = row_features({"t": table, "s": scalar, "a": nchw, "b": nhwc, "g": gray})
+    assert set(rows) == {"t[0]", "t[1]", "t[2]", "s"} | {
+        f"{name}[c{c}]"
+        for name, channels in (("a", 3), ("b", 3), ("g", 1))
+        for c in range(channels)
+    }
+    assert all(values.shape == (6,) for values in rows.values())
+    np.testing.assert_allclose(rows["t[1]"], table[:, 1])
+    np.testing.assert_allclose(rows["a[c2]"], nchw[:, 2].mean(axis=(1, 2)))
+    np.testing.assert_allclose(rows["b[c1]"], nhwc[..., 1].mean(axis=(1, 2)))
+    np.testing.assert_allclose(rows["g[c0]"], gray.mean(axis=(1, 2)))

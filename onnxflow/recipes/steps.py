@@ -89,11 +89,17 @@ def train_recipe(
     config: TrainConfig,
     out_dir: Path,
     on_epoch: EpochCallback | None = None,
-) -> TrainedModel:
+) -> TrainedModel | None:
     """build_model → check it on two rows and that it can be captured for export → fit
     (the recipe's or onnxflow's) on the chosen device → ``model.pt2`` / ``model.keras``.
 
-    Every epoch's metrics are logged as one progress line, whoever's ``fit`` reports them."""
+    Every epoch's metrics are logged as one progress line, whoever's ``fit`` reports them.
+
+    In one of several data-parallel workers (:mod:`onnxflow.recipes.ddp` starts them) the
+    torch model trains in DistributedDataParallel, and only rank 0 checks that it can be
+    exported and saves it; the other ranks return None."""
+    from onnxflow import distributed
+
     recipe = load_recipe(recipe_ref)
     info = dataset.info
     data = NamedArrays(
@@ -114,8 +120,14 @@ def train_recipe(
     else:
         model = recipe.call("build_model", info)
     framework, adapter = framework_adapter(model, recipe.ref)
+    if distributed.active() and framework != "torch":
+        raise RecipeError(
+            f"{recipe.ref}: train.workers {config.workers}: a {framework} model trains in one "
+            "process (several processes train torch models only); set train.workers: 1"
+        )
     adapter.check_output(model, data, info, recipe.ref)
-    adapter.check_exportable(model, info, data, recipe.ref, "the model from build_model(info)")
+    if distributed.is_main():
+        adapter.check_exportable(model, info, data, recipe.ref, "the model from build_model(info)")
     device = adapter.resolve_device(config.device)
     log.info(
         "recipe %s: %s model with %s parameters, training on %s",
@@ -126,18 +138,12 @@ def train_recipe(
     )
 
     started = time.perf_counter()
-    model = adapter.to_device(model, device)
+    model = distributed.wrap(adapter.to_device(model, device), device)
     last_epoch: dict[str, float] = {}  # what the recipe's own fit reported last
 
     def reported(epoch: int, metrics: dict[str, float]) -> None:
         last_epoch.update(metrics)
-        log.info(
-            "%s epoch %d/%d: %s",
-            recipe.ref,
-            epoch,
-            config.epochs,
-            " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()),
-        )
+        log.info("%s", epoch_line(recipe.ref, epoch, config.epochs, metrics))
         if on_epoch is not None:
             on_epoch(epoch, metrics)
 
@@ -156,7 +162,9 @@ def train_recipe(
         else:
             metrics = adapter.fit(model, data, info, config, device, reported)
     seconds = time.perf_counter() - started
-
+    model = distributed.unwrap(model)
+    if not distributed.is_main():
+        return None
     path = adapter.save(model, info, data, out_dir, recipe.ref)
     log.info("recipe model trained in %.1f s on %s -> %s", seconds, device, path)
     return TrainedModel(
@@ -173,9 +181,16 @@ def train_recipe(
             "batch_size": str(config.batch_size),
             "seed": str(config.seed),
             "own_fit": str(recipe.has("fit")).lower(),
+            "workers": str(distributed.world_size()),
             **{f"param.{k}": json.dumps(v) for k, v in sorted(config.params.items())},
         },
     )
+
+
+def epoch_line(ref: str, epoch: int, epochs: int, metrics: dict[str, float]) -> str:
+    """One epoch's progress line: ``my_recipe.py epoch 2/3: train_loss 0.4120 ...``."""
+    values = " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items())
+    return f"{ref} epoch {epoch}/{epochs}: {values}"
 
 
 def export_recipe(
@@ -217,6 +232,7 @@ def recipe_tags(trained: TrainedModel, info: ArrayDatasetInfo) -> dict[str, str]
     tags = {
         "recipe": trained.params.get("recipe", ""),
         "train_device": trained.params.get("train_device", ""),
+        "train_workers": trained.params.get("workers", "1"),
         "reference_device": REFERENCE_DEVICE,
         "inputs": "; ".join(
             f"{s.name} {s.dtype} [batch, {', '.join(map(str, s.shape))}]"

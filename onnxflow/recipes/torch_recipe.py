@@ -116,8 +116,14 @@ def fit(
     on_epoch: Callable[[int, dict[str, float]], None] | None,
 ) -> dict[str, float]:
     """Adam on cross-entropy (classification) or mean squared error (regression), seeded
-    mini-batches; validation loss and accuracy (or RMSE) per epoch."""
+    mini-batches; validation loss and accuracy (or RMSE) per epoch.
+
+    One of several data-parallel workers (:mod:`onnxflow.distributed`): ``model`` is
+    already in DistributedDataParallel, each worker steps through its share of the rows,
+    and the epoch's train loss is summed over the workers."""
     import torch
+
+    from onnxflow import distributed
 
     names = info.input_names
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -126,12 +132,17 @@ def fit(
     labels = _targets(data.train[LABEL], info)
     generator = torch.Generator().manual_seed(config.seed)
     n = len(labels)
+    sampler = distributed.row_sampler(n, seed=config.seed)
     metrics: dict[str, float] = {}
     for epoch in range(1, config.epochs + 1):
         model.train()
-        order = torch.randperm(n, generator=generator)
+        if sampler is None:
+            order = torch.randperm(n, generator=generator)
+        else:
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(sampler))
         total, started = 0.0, time.perf_counter()
-        for start in range(0, n, config.batch_size):
+        for start in range(0, len(order), config.batch_size):
             rows = order[start : start + config.batch_size]
             optimizer.zero_grad()
             out = call_net(model, {k: inputs[k][rows].to(device) for k in names})
@@ -139,8 +150,9 @@ def fit(
             loss.backward()
             optimizer.step()
             total += loss.item() * len(rows)
-        val_loss, val_score = evaluate(model, data.validation, info, device)
-        metrics = {"train_loss": total / n, "val_loss": val_loss, _score_name(info): val_score}
+        total, seen = distributed.sum_across([total, len(order)])
+        val_loss, val_score = evaluate(distributed.unwrap(model), data.validation, info, device)
+        metrics = {"train_loss": total / seen, "val_loss": val_loss, _score_name(info): val_score}
         if not np.isfinite(list(metrics.values())).all():
             raise TrainingError(
                 f"training diverged at epoch {epoch}: {metrics}; try a lower "

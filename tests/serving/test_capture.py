@@ -218,6 +218,7 @@ def test_feedback_joins_labels_by_id_and_refuses_bad_ones_whole(captured, tmp_pa
     with httpx.Client(base_url=captured.url, headers=headers, timeout=30) as http:
         assert _rest(http, 0, "fb-1")[:2] == (200, "fb-1")  # 1 row
         assert _rest(http, 1, "fb-2")[:2] == (200, "fb-2")  # 2 rows
+        assert _rest(http, 0, "fb-3")[:2] == (200, "fb-3")  # never labelled
         status, generated, _ = _rest(http, 3, None)
         assert status == 200 and len(generated) == 32 and int(generated, 16) >= 0
 
@@ -258,6 +259,17 @@ def test_feedback_joins_labels_by_id_and_refuses_bad_ones_whole(captured, tmp_pa
     assert done.returncode == 0 and "2 label(s) stored for cap_a" in done.stdout, done.stderr
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1 and "already stored" in done.stderr, done.stderr
+    # bad files: one line naming the problem, exit 1, nothing stored (checked below)
+    for text, words in (
+        ("request_id,value\nfb-1,3\n", "missing label"),
+        ("request_id,label,row\nfb-2,3,first\n", "row 'first' is no index"),
+        ("request_id,label\n", "has no labels"),
+        ("request_id,label\nfb-3,2\nnope,3\n", "not captured"),  # fb-3 is not stored either
+    ):
+        labels.write_text(text)
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 1 and words in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
     stored = ds.dataset(captured.folder / "_feedback", format="parquet", partitioning="hive")
     table = stored.to_table(columns=["request_id", "row", "label"]).to_pydict()
