@@ -183,6 +183,11 @@ class ModelManager:
         if version == serving:
             return CheckOutcome("unchanged", version, serving)
         served = self.shadow_of.current if self.shadow_of is not None else None
+        if self.shadow_of is not None and served is None:
+            # nothing is served yet, so nothing to compare; and the served manager may be
+            # fetching this same version into the same cache folder right now (champion
+            # and challenger on one version: a concurrent fetch got it refused for good)
+            return CheckOutcome("unchanged", version, serving, "nothing served yet")
         if served is not None and served.version == version:
             # the served version itself: nothing to compare, nothing to load (until one moves)
             if self.current is not None:
