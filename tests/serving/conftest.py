@@ -113,12 +113,13 @@ class Endpoint:
 
 
 @contextlib.contextmanager
-def serving(registry: Registry, root: Path, name: str, **options) -> Iterator[Endpoint]:
-    """One endpoint process over the test registry (REST and gRPC on free ports, state in
-    ``root``), ready, until the block ends; ``options`` are :class:`ServingSettings` fields,
-    ``name`` the model the :class:`Endpoint` talks to."""
+def serving(registry: Registry | str, root: Path, name: str, **options) -> Iterator[Endpoint]:
+    """One endpoint process over the test registry (or another tracking URI), REST and gRPC
+    on free ports, state in ``root``, ready, until the block ends; ``options`` are
+    :class:`ServingSettings` fields, ``name`` the model the :class:`Endpoint` talks to."""
+    uri = registry if isinstance(registry, str) else registry.uri
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", registry.uri)  # the endpoint inherits it
+        patch.setenv("MLFLOW_TRACKING_URI", uri)  # the endpoint inherits it
         settings = ServingSettings(
             port=free_port(), grpc_port=free_port(), cache_dir=root / "cache", **options
         )

@@ -9,6 +9,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
+def v2_request(**tensors: np.ndarray) -> dict:
+    """A KServe V2 JSON inference request carrying each float32 array (by input name)."""
+    return {
+        "inputs": [
+            {"name": name, "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+            for name, x in tensors.items()
+        ]
+    }
+
+
 def _save(graph, path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
