@@ -37,6 +37,7 @@ from onnxflow.config import (
 from onnxflow.interface import ModelInterface
 from onnxflow.results import (
     DatasetArtifact,
+    EpochCallback,
     ExportedModel,
     ImportedModel,
     StepResult,
@@ -46,7 +47,6 @@ from onnxflow.results import (
 
 log = logging.getLogger(__name__)
 
-EpochCallback = Callable[[int, dict[str, float]], None]
 Reference = Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]
 """A framework model on CPU as a function of ONNX feeds -> its outputs in ONNX order."""
 
