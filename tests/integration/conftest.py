@@ -181,6 +181,33 @@ def run_on_demand(settings, params: dict, timeout_s: float) -> subprocess.Comple
     )
 
 
+#: MLflow's permission grant (basic-auth app).
+GRANT = "/api/3.0/mlflow/users/permissions/grant"
+
+
+def edit_grant(user: str, resource: str, kind: str = "registered_model") -> dict[str, str]:
+    """The body of a grant of EDIT on a registered model (or an ``experiment``)."""
+    return {"username": user, "resource_type": kind, "resource_id": resource, "permission": "EDIT"}
+
+
+def add_data_scientist(stack, model: str = "digits") -> tuple[str, str]:
+    """As the admin: a data scientist's account, with EDIT on ``model`` (they work on it);
+    (name, password)."""
+    import httpx
+
+    from onnxflow.stack.manager import account_env
+
+    admin = account_env(stack, "admin")
+    auth = (admin["MLFLOW_TRACKING_USERNAME"], admin["MLFLOW_TRACKING_PASSWORD"])
+    name, password = f"ds-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    with httpx.Client(base_url=stack.mlflow_url, auth=auth, timeout=30) as http:
+        http.post(
+            "/api/2.0/mlflow/users/create", json={"username": name, "password": password}
+        ).raise_for_status()
+        http.post(GRANT, json=edit_grant(name, model)).raise_for_status()
+    return name, password
+
+
 def prefect_http(settings):
     """An HTTP client of the stack's Prefect API, logged in (Prefect's basic auth)."""
     import httpx

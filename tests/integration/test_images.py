@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 ENGINE = os.environ.get("ENGINE", "podman")
 SERVING_IMAGE = "localhost/onnxflow-serving:latest"
 PIPELINE_IMAGE = "localhost/onnxflow:latest"
+#: ``run`` options of every container here: the host's network (the tracking server is on
+#: its 127.0.0.1) and the same open-file and process limits, whatever the engine's defaults.
+ON_HOST = ("--network", "host", "--ulimit", "nofile=10000:10000", "--ulimit", "nproc=4096:4096")
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -135,12 +138,7 @@ def test_the_serving_container_serves_the_champion_to_tritonclient(
         "-d",
         "--name",
         container,
-        "--network",
-        "host",
-        "--ulimit",
-        "nofile=10000:10000",
-        "--ulimit",
-        "nproc=4096:4096",
+        *ON_HOST,
         "-e",
         f"MLFLOW_TRACKING_URI={proxied_tracking_server}",
         "-e",
@@ -202,12 +200,7 @@ def test_a_flow_runs_inside_the_pipeline_container(pipeline_image, proxied_track
     ran = engine(
         "run",
         "--rm",
-        "--network",
-        "host",
-        "--ulimit",
-        "nofile=10000:10000",
-        "--ulimit",
-        "nproc=4096:4096",
+        *ON_HOST,
         "-e",
         f"MLFLOW_TRACKING_URI={proxied_tracking_server}",
         pipeline_image,
