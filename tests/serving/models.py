@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,14 @@ def v2_request(**tensors: np.ndarray) -> dict:
             for name, x in tensors.items()
         ]
     }
+
+
+def binary_header(name: str, shape: list[int], byte_size: int) -> bytes:
+    """The JSON header of a V2 request whose one FP32 input follows it as ``byte_size`` bytes
+    of binary data (the binary tensor data extension)."""
+    tensor = {"name": name, "datatype": "FP32", "shape": shape}
+    request = {"inputs": [{**tensor, "parameters": {"binary_data_size": byte_size}}]}
+    return json.dumps(request).encode()
 
 
 def _save(graph, path: Path) -> Path:
