@@ -87,11 +87,11 @@ def test_register_with_mlflow_down_retries_then_fails_clearly(
         def reach_register():
             return task(
                 model_files["mlp"],
-                _summary(tmp_path, model_files["mlp"]),
-                {"source_framework": "onnx-helper"},
-                sample,
-                RegisterConfig(model_name="guarded"),
-                run_id,
+                summary=_summary(tmp_path, model_files["mlp"]),
+                lineage={"source_framework": "onnx-helper"},
+                sample=sample,
+                config=RegisterConfig(model_name="guarded"),
+                run_id=run_id,
             )
 
         started = time.monotonic()
