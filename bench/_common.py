@@ -76,14 +76,21 @@ def timed_run(cmd: list[str], cwd: Path, env: Mapping[str, str]) -> tuple[float,
     return wall, proc.stdout
 
 
-def register_mlp(folder: Path, name: str, seed: int, example, alias: str = "champion") -> str:
-    """A 64-feature MLP (``tests.serving.models.mlp``) written in ``folder`` and registered
-    as NAME@ALIAS in the current tracking store; its version."""
+def register_mlp(
+    folder: Path,
+    name: str,
+    seed: int,
+    example,
+    alias: str = "champion",
+    sizes: tuple[int, ...] = (64, 128, 10),
+) -> str:
+    """An MLP (``tests.serving.models.mlp``, 64 features unless ``sizes`` says) written in
+    ``folder`` and registered as NAME@ALIAS in the current tracking store; its version."""
     from onnxflow.registration import register_onnx
     from tests.serving.models import mlp
 
     version = register_onnx(
-        mlp(folder / "model.onnx", seed=seed),
+        mlp(folder / "model.onnx", sizes=sizes, seed=seed),
         model_name=name,
         input_example=example,
         tags={"source_framework": "bench"},

@@ -100,23 +100,19 @@ def _register(tracking_uri: str, name: str, model_path: Path, example: np.ndarra
 
     from onnxflow.registration import register_onnx
 
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        version = register_onnx(
-            model_path,
-            model_name=name,
-            input_example=example,
-            tags={"source_framework": "onnx-helper"},
-            aliases=("champion",),
-        )
-    finally:
-        mlflow.set_tracking_uri(None)
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+    with pytest.MonkeyPatch.context() as patch:  # the variable is restored after
+        patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            version = register_onnx(
+                model_path,
+                model_name=name,
+                input_example=example,
+                tags={"source_framework": "onnx-helper"},
+                aliases=("champion",),
+            )
+        finally:
+            mlflow.set_tracking_uri(None)
     return version.version
 
 
