@@ -1,5 +1,5 @@
 """What the benchmark scripts share: MLflow's tracking server for a run, waiting on an HTTP
-endpoint, stopping a process group, timing a command."""
+endpoint, stopping a process group, timing a command, client threads run at once."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,18 @@ sys.path.insert(0, str(ROOT))
 
 from onnxflow.mlflow_servers import start_tracking_server as _start_server  # noqa: E402
 from onnxflow.processes import free_port  # noqa: E402
+
+
+def run_threads(work: Callable[[int], None], n: int) -> float:
+    """Run ``work(0)`` ... ``work(n - 1)`` in ``n`` threads at once; the seconds until the
+    last one ends."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - began
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> float:
