@@ -1,5 +1,5 @@
 """What the benchmark scripts share: MLflow's tracking server for a run, waiting on an HTTP
-endpoint, stopping a process group, timing a command."""
+endpoint, stopping a process group, timing a command, client threads run at once."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,18 @@ sys.path.insert(0, str(ROOT))
 
 from onnxflow.mlflow_servers import start_tracking_server as _start_server  # noqa: E402
 from onnxflow.processes import free_port  # noqa: E402
+
+
+def run_threads(work: Callable[[int], None], n: int) -> float:
+    """Run ``work(0)`` ... ``work(n - 1)`` in ``n`` threads at once; the seconds until the
+    last one ends."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - began
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> float:
@@ -76,14 +89,21 @@ def timed_run(cmd: list[str], cwd: Path, env: Mapping[str, str]) -> tuple[float,
     return wall, proc.stdout
 
 
-def register_mlp(folder: Path, name: str, seed: int, example, alias: str = "champion") -> str:
-    """A 64-feature MLP (``tests.serving.models.mlp``) written in ``folder`` and registered
-    as NAME@ALIAS in the current tracking store; its version."""
+def register_mlp(
+    folder: Path,
+    name: str,
+    seed: int,
+    example,
+    alias: str = "champion",
+    sizes: tuple[int, ...] = (64, 128, 10),
+) -> str:
+    """An MLP (``tests.serving.models.mlp``, 64 features unless ``sizes`` says) written in
+    ``folder`` and registered as NAME@ALIAS in the current tracking store; its version."""
     from onnxflow.registration import register_onnx
     from tests.serving.models import mlp
 
     version = register_onnx(
-        mlp(folder / "model.onnx", seed=seed),
+        mlp(folder / "model.onnx", sizes=sizes, seed=seed),
         model_name=name,
         input_example=example,
         tags={"source_framework": "bench"},

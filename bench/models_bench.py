@@ -19,13 +19,16 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._common import run_threads  # noqa: E402
+
 EXAMPLES = {
     "images": "examples/images/recipe.py",
     "text": "examples/text/recipe.py",
@@ -68,13 +71,7 @@ def requests_per_second(
             counts[i] += 1
         client.close()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(connections)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(counts) / (time.monotonic() - started)
+    return sum(counts) / run_threads(worker, connections)
 
 
 def bench_one(name: str, recipe: str, work: Path, seconds: float, rounds: int) -> dict[str, str]:

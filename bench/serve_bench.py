@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import start_tracking_server, stop_group, wait_http
+from bench._common import register_mlp, start_tracking_server, stop_group, wait_http
 from onnxflow.mlflow_servers import start_scoring_server
 from onnxflow.processes import free_port
 from onnxflow.serving.launcher import start_background, stop_background
@@ -107,20 +107,9 @@ def _ms(value: str) -> float:
 
 
 def register(tracking_uri: str, name: str, sizes: tuple[int, ...], work: Path) -> str:
-    from onnxflow.registration import register_onnx
-    from tests.serving.models import mlp
-
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    path = mlp(work / "models" / name / "model.onnx", sizes=sizes, seed=0)
     example = np.random.default_rng(0).normal(size=(1, sizes[0])).astype(np.float32)
-    version = register_onnx(
-        path,
-        model_name=name,
-        input_example=example,
-        tags={"source_framework": "bench"},
-        aliases=("champion",),
-    )
-    return version.version
+    return register_mlp(work / "models" / name, name, 0, example, sizes=sizes)
 
 
 class OurEndpoint:

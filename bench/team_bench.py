@@ -33,7 +33,6 @@ import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import register_mlp  # noqa: E402
+from bench._common import register_mlp, run_threads  # noqa: E402
 from onnxflow.processes import free_port  # noqa: E402
 from onnxflow.serving.launcher import start_background, stop_background, wait_ready  # noqa: E402
 from onnxflow.serving.settings import ServingSettings  # noqa: E402
@@ -109,13 +108,7 @@ def drive(kind: str, address: str, models: list[str], threads: int, duration: fl
             latencies[slot].append(time.perf_counter() - begin)
             i += 1
 
-    pool = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
-    began = time.perf_counter()
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
-    elapsed = time.perf_counter() - began
+    elapsed = run_threads(work, threads)
     every = sorted(x for lane in latencies for x in lane)
     return {
         "requests_per_s": len(every) / elapsed,

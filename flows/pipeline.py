@@ -111,7 +111,12 @@ def export_and_register(
         flow_run_id=str(flow_run.id),
     )
     version = register_task(
-        simplified.path, validation, lineage, model.sample, config.register_, run_id
+        simplified.path,
+        summary=validation,
+        lineage=lineage,
+        sample=model.sample,
+        config=config.register_,
+        run_id=run_id,
     )
     return ChainResult(
         framework=model.framework,

@@ -83,3 +83,12 @@ class ConversionError(OnnxflowError):
 
 class SweepError(OnnxflowError):
     """A sweep could not produce a model: no trial completed, or its settings do not fit."""
+
+
+def answered_error(response, field: str = "error") -> str:
+    """What an HTTP error answer says: its JSON body's ``field`` (onnxflow endpoints say
+    ``error``, MLflow says ``message``), else its text."""
+    try:
+        return str(response.json().get(field, response.text))
+    except (ValueError, AttributeError):  # not JSON, or JSON but not an object
+        return response.text

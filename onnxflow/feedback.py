@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from onnxflow.errors import OnnxflowError
+from onnxflow.errors import OnnxflowError, answered_error
 
 
 class FeedbackError(OnnxflowError):
@@ -68,9 +68,7 @@ def send_feedback(url: str, model: str, labels: list[dict], token: str | None = 
     except httpx.HTTPError as exc:
         raise FeedbackError(f"cannot reach the endpoint at {url}: {exc}") from None
     if response.status_code != 200:
-        try:
-            message = response.json().get("error", response.text)
-        except ValueError:
-            message = response.text
-        raise FeedbackError(f"the endpoint refused the labels ({response.status_code}): {message}")
+        raise FeedbackError(
+            f"the endpoint refused the labels ({response.status_code}): {answered_error(response)}"
+        )
     return response.json()["stored"]

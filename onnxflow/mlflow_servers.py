@@ -13,6 +13,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from onnxflow.processes import listen_options, python_module
+
 
 def start_mlflow(
     args: list[str], port: int, log_path: Path, env: Mapping[str, str] | None = None
@@ -24,7 +26,7 @@ def start_mlflow(
     full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **(env or {})}
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port)],
+            python_module("mlflow", *args, *listen_options("127.0.0.1", port)),
             env=full_env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,16 @@ class ProcessRecord:
     log_path: str
     url: str | None = None
     started_at: float = field(default_factory=time.time)
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    """``python -m MODULE ARGS`` with this interpreter, so the child has the same packages."""
+    return [sys.executable, "-m", module, *args]
+
+
+def listen_options(host: str, port: int) -> list[str]:
+    """``--host HOST --port PORT``: how MLflow's and Prefect's servers are told where to bind."""
+    return ["--host", host, "--port", str(port)]
 
 
 def start_process(

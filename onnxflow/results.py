@@ -6,6 +6,7 @@ a distributed task runner all work.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,10 @@ SourceFormat = Literal["keras", "savedmodel", "torch_export", "torchscript", "on
 """What ``import-model`` was given (see :mod:`onnxflow.importing`)."""
 ArtifactFormat = Literal["torch_export", "torchscript", "savedmodel", "tflite"]
 """What ``convert --to torch`` saved: a ``.pt2`` program or TorchScript."""
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+"""What training calls after each epoch: ``on_epoch(epoch, metrics)``, epochs from 1."""
 
 
 class StepResult(BaseModel):

@@ -37,6 +37,7 @@ from onnxflow.config import (
 from onnxflow.interface import ModelInterface
 from onnxflow.results import (
     DatasetArtifact,
+    EpochCallback,
     ExportedModel,
     ImportedModel,
     StepResult,
@@ -46,7 +47,6 @@ from onnxflow.results import (
 
 log = logging.getLogger(__name__)
 
-EpochCallback = Callable[[int, dict[str, float]], None]
 Reference = Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]
 """A framework model on CPU as a function of ONNX feeds -> its outputs in ONNX order."""
 
@@ -206,6 +206,14 @@ class _TrainingSource(StepResult):
     train_config: TrainConfig = TrainConfig()
     export_config: ExportConfig = ExportConfig()
 
+    @property
+    def label(self) -> str:
+        """What trains the model; the kind of source unless it names a framework."""
+        return self.kind  # type: ignore[attr-defined]
+
+    def run_name(self, model_name: str) -> str:
+        return f"{self.label}-{model_name}"
+
     def run_params(self, config: PipelineConfig) -> dict[str, object]:
         return pipeline_params(config)
 
@@ -256,9 +264,6 @@ class TableSource(_TrainingSource):
     def label(self) -> str:
         return self.framework
 
-    def run_name(self, model_name: str) -> str:
-        return f"{self.framework}-{model_name}"
-
     def run_tags(self) -> dict[str, str]:
         return {"source_framework": self.framework}
 
@@ -307,13 +312,6 @@ class RecipeSource(_TrainingSource):
     kind: Literal["recipe"] = "recipe"
     recipe: str
     dataset: ArrayDataset
-
-    @property
-    def label(self) -> str:
-        return "recipe"
-
-    def run_name(self, model_name: str) -> str:
-        return f"recipe-{model_name}"
 
     def run_tags(self) -> dict[str, str]:
         return {"source_framework": "recipe", "recipe": self.recipe}

@@ -31,7 +31,13 @@ from onnxflow.config import (
     TrainConfig,
 )
 from onnxflow.errors import OnnxflowError, SweepError
-from onnxflow.results import StepResult, SweepOutcome, TrainedModel, TrialResult
+from onnxflow.results import (
+    EpochCallback,
+    StepResult,
+    SweepOutcome,
+    TrainedModel,
+    TrialResult,
+)
 
 if TYPE_CHECKING:  # optuna is imported where it is used
     import optuna
@@ -39,7 +45,6 @@ if TYPE_CHECKING:  # optuna is imported where it is used
 log = logging.getLogger(__name__)
 
 Direction = Literal["maximize", "minimize"]
-EpochCallback = Callable[[int, dict[str, float]], None]
 #: Trains one trial's model: (train settings, out_dir, on_epoch) -> the trained model.
 Trainer = Callable[[TrainConfig, Path, EpochCallback], TrainedModel]
 

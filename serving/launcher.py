@@ -25,6 +25,7 @@ from onnxflow.processes import (
     free_port,
     is_alive,
     port_free,
+    python_module,
     start_process,
     stop_process,
     wait_until,
@@ -72,7 +73,7 @@ def serve(**options) -> None:
     check_port(settings)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "onnxflow.serving"], _child_env(settings))
+    os.execve(sys.executable, ENDPOINT_ARGV, _child_env(settings))
 
 
 def check_port(settings: ServingSettings, grace_s: float = 5.0) -> None:
@@ -156,18 +157,12 @@ class EndpointInfo:
     start_ticks: int = 0  # the process's start time: a recycled pid is never taken for ours
 
     def record(self) -> ProcessRecord:
-        return ProcessRecord(
-            name="endpoint",
-            pid=self.pid,
-            start_ticks=self.start_ticks,
-            argv=ENDPOINT_ARGV,
-            log_path=self.log_path,
-            url=self.url,
-            started_at=self.started_at,
-        )
+        """The supervisor's record of this process: every field but the model."""
+        process = {k: v for k, v in asdict(self).items() if k != "model"}
+        return ProcessRecord(name="endpoint", argv=ENDPOINT_ARGV, **process)
 
 
-ENDPOINT_ARGV = [sys.executable, "-m", "onnxflow.serving"]
+ENDPOINT_ARGV = python_module("onnxflow.serving")
 
 
 def is_running(info: EndpointInfo) -> bool:

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from onnxflow.serving.drift import PROFILE_FILE
@@ -47,12 +47,7 @@ class CheckOutcome:
     detail: str = ""
 
     def as_json(self) -> dict:
-        return {
-            "outcome": self.outcome,
-            "version": self.version,
-            "serving": self.serving,
-            "detail": self.detail,
-        }
+        return asdict(self)
 
 
 def cached_folder(cache_dir: Path, name: str, version: str, digest: str | None = None) -> Path:

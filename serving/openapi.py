@@ -17,6 +17,37 @@ _TENSOR_DATA = {
 }
 
 
+_STRING = {"type": "string"}
+_INTEGER = {"type": "integer"}
+_OBJECT = {"type": "object"}
+
+
+def _object(required: list[str] | None = None, **properties: dict) -> dict:
+    """A JSON object schema: its ``properties`` by name, ``required`` the ones it must have."""
+    schema: dict = {"type": "object"}
+    if required:
+        schema["required"] = required
+    return {**schema, "properties": properties} if properties else schema
+
+
+def _array(items: dict) -> dict:
+    return {"type": "array", "items": items}
+
+
+#: What an inference request can end in besides 200 (serving/errors.py).
+_INFERENCE_ERRORS = (400, 401, 404, 413, 415, 422, 503)
+
+
+def _errors(*statuses: int) -> dict:
+    """The error responses of an operation: each status answers the Error schema."""
+    return {str(status): _ERROR for status in statuses}
+
+
+def _optional_body(schema: dict) -> dict:
+    """A JSON request body the operation also takes without."""
+    return {"required": False, "content": {"application/json": {"schema": schema}}}
+
+
 def _json(schema: dict, description: str = "OK") -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -35,12 +66,28 @@ def _version_headers() -> dict:
     }
 
 
-def _invocations(summary: str, params: list) -> dict:
+def _secured(summary: str, params: list, responses: dict, **extra) -> dict:
+    """An operation that needs the bearer token (``extra``: requestBody, say)."""
     return {
         "summary": summary,
         "security": _BEARER,
         "parameters": params,
-        "requestBody": {
+        "responses": responses,
+        **extra,
+    }
+
+
+def _invocations(summary: str, params: list) -> dict:
+    predictions = {
+        "description": "Predictions by output name.",
+        "headers": _version_headers(),
+        "content": {"application/json": {"schema": _object(["predictions"], predictions=_OBJECT)}},
+    }
+    return _secured(
+        summary,
+        params,
+        {"200": predictions, **_errors(*_INFERENCE_ERRORS)},
+        requestBody={
             "required": True,
             "content": {
                 "application/json": {"schema": _ref("InvocationsRequest")},
@@ -54,48 +101,12 @@ def _invocations(summary: str, params: list) -> dict:
                 },
             },
         },
-        "responses": {
-            "200": {
-                "description": "Predictions by output name.",
-                "headers": _version_headers(),
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["predictions"],
-                            "properties": {"predictions": {"type": "object"}},
-                        }
-                    }
-                },
-            },
-            "400": _ERROR,
-            "401": _ERROR,
-            "404": _ERROR,
-            "413": _ERROR,
-            "415": _ERROR,
-            "422": _ERROR,
-            "503": _ERROR,
-        },
-    }
+    )
 
 
 def _stats(summary: str, params: list) -> dict:
-    return {
-        "summary": summary,
-        "security": _BEARER,
-        "parameters": params,
-        "responses": {
-            "200": _json(
-                {
-                    "type": "object",
-                    "required": ["model_stats"],
-                    "properties": {"model_stats": {"type": "array"}},
-                }
-            ),
-            "401": _ERROR,
-            "404": _ERROR,
-        },
-    }
+    stats = _json(_object(["model_stats"], model_stats={"type": "array"}))
+    return _secured(summary, params, {"200": stats, **_errors(401, 404)})
 
 
 def _shared_memory_paths() -> dict:
@@ -138,13 +149,7 @@ def _shared_memory_paths() -> dict:
         base, named = f"/v2/{kind}", f"/v2/{kind}/region/{{region}}"
 
         def op(summary: str, params: list, responses: dict, note=note, **extra) -> dict:
-            return {
-                "summary": summary + note,
-                "security": _BEARER,
-                "parameters": params,
-                "responses": responses,
-                **extra,
-            }
+            return _secured(summary + note, params, responses, **extra)
 
         with_404 = {**status, "400": _ERROR, "401": _ERROR, "404": _ERROR}
         paths[base + "/status"] = {"get": op(f"Every registered {what} region.", [], with_404)}
@@ -216,13 +221,7 @@ def openapi_document(model_name: str) -> dict:
                             },
                         },
                     },
-                    "400": _ERROR,
-                    "401": _ERROR,
-                    "404": _ERROR,
-                    "413": _ERROR,
-                    "415": _ERROR,
-                    "422": _ERROR,
-                    "503": _ERROR,
+                    **_errors(*_INFERENCE_ERRORS),
                 },
             }
         }
@@ -234,9 +233,7 @@ def openapi_document(model_name: str) -> dict:
                     "parameters": params,
                     "responses": {
                         "200": _json(_ref("ModelMetadata")),
-                        "401": _ERROR,
-                        "404": _ERROR,
-                        "503": _ERROR,
+                        **_errors(401, 404, 503),
                     },
                 }
             },
@@ -248,9 +245,7 @@ def openapi_document(model_name: str) -> dict:
                     "parameters": params,
                     "responses": {
                         "200": _json(_ref("ModelConfig")),
-                        "401": _ERROR,
-                        "404": _ERROR,
-                        "503": _ERROR,
+                        **_errors(401, 404, 503),
                     },
                 }
             },
@@ -295,9 +290,7 @@ def openapi_document(model_name: str) -> dict:
                 "parameters": [name_param],
                 "responses": {
                     "200": _json(_ref("InvocationsRequest")),
-                    "401": _ERROR,
-                    "404": _ERROR,
-                    "503": _ERROR,
+                    **_errors(401, 404, 503),
                 },
             }
         },
@@ -313,10 +306,7 @@ def openapi_document(model_name: str) -> dict:
                 },
                 "responses": {
                     "200": _json({"type": "object"}, "How many labels were stored"),
-                    "400": _ERROR,
-                    "401": _ERROR,
-                    "404": _ERROR,
-                    "409": _ERROR,
+                    **_errors(400, 401, 404, 409),
                 },
             }
         },
@@ -343,21 +333,10 @@ def openapi_document(model_name: str) -> dict:
             "post": {
                 "summary": "Triton model repository: every model with its state.",
                 "security": _BEARER,
-                "requestBody": {
-                    "required": False,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {"ready": {"type": "boolean"}},
-                            }
-                        }
-                    },
-                },
+                "requestBody": _optional_body(_object(ready={"type": "boolean"})),
                 "responses": {
                     "200": _json({"type": "array", "items": {"type": "object"}}),
-                    "400": _ERROR,
-                    "401": _ERROR,
+                    **_errors(400, 401),
                 },
             }
         },
@@ -369,33 +348,16 @@ def openapi_document(model_name: str) -> dict:
                 "files (file:PATH) are refused.",
                 "security": _BEARER,
                 "parameters": [name_param],
-                "requestBody": {
-                    "required": False,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {
-                                    "parameters": {
-                                        "type": "object",
-                                        "properties": {
-                                            "config": {
-                                                "type": "string",
-                                                "example": '{"max_batch_size": 16}',
-                                            }
-                                        },
-                                    }
-                                },
-                            }
-                        }
-                    },
-                },
+                "requestBody": _optional_body(
+                    _object(
+                        parameters=_object(
+                            config={"type": "string", "example": '{"max_batch_size": 16}'}
+                        )
+                    )
+                ),
                 "responses": {
                     "200": _json(_ref("ReloadOutcome")),
-                    "400": _ERROR,
-                    "401": _ERROR,
-                    "404": _ERROR,
-                    "409": _ERROR,
+                    **_errors(400, 401, 404, 409),
                 },
             }
         },
@@ -464,8 +426,7 @@ def openapi_document(model_name: str) -> dict:
                     "200": _json(_ref("ReloadOutcome"), "Swapped or unchanged"),
                     "409": _json(_ref("ReloadOutcome"), "Version refused"),
                     "502": _json(_ref("ReloadOutcome"), "Registry unreachable"),
-                    "401": _ERROR,
-                    "403": _ERROR,
+                    **_errors(401, 403),
                 },
             }
         },
@@ -478,8 +439,7 @@ def openapi_document(model_name: str) -> dict:
                     "200": _json({"type": "object"}, "What was written, per shadow version"),
                     "409": _ERROR,
                     "502": _json({"type": "object"}, "A registry write failed"),
-                    "401": _ERROR,
-                    "403": _ERROR,
+                    **_errors(401, 403),
                 },
             }
         },
@@ -491,19 +451,13 @@ def openapi_document(model_name: str) -> dict:
             }
         },
     }
-    tensor_meta = {
-        "type": "object",
-        "required": ["name", "datatype", "shape"],
-        "properties": {
-            "name": {"type": "string"},
-            "datatype": _ref("Datatype"),
-            "shape": {
-                "type": "array",
-                "items": {"type": "integer"},
-                "description": "-1 marks a dynamic dimension.",
-            },
-        },
-    }
+    tensor_meta = _object(
+        required=["name", "datatype", "shape"],
+        name=_STRING,
+        datatype=_ref("Datatype"),
+        shape={**_array(_INTEGER), "description": "-1 marks a dynamic dimension."},
+    )
+    flag = {"type": "boolean"}
     schemas = {
         "Datatype": {
             "type": "string",
@@ -523,155 +477,98 @@ def openapi_document(model_name: str) -> dict:
                 "BYTES",
             ],
         },
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {"error": {"type": "string"}},
-        },
-        "ServerMetadata": {
-            "type": "object",
-            "required": ["name", "version", "extensions"],
-            "properties": {
-                "name": {"type": "string"},
-                "version": {"type": "string"},
-                "extensions": {"type": "array", "items": {"type": "string"}},
+        "Error": _object(required=["error"], error=_STRING),
+        "ServerMetadata": _object(
+            required=["name", "version", "extensions"],
+            name=_STRING,
+            version=_STRING,
+            extensions=_array(_STRING),
+        ),
+        "ModelConfig": _object(
+            name=_STRING,
+            platform={"type": "string", "example": "onnxruntime_onnx"},
+            backend={"type": "string", "example": "onnxruntime"},
+            max_batch_size={"type": "integer", "minimum": 0},
+            input=_array(_ref("ModelConfigTensor")),
+            output=_array(_ref("ModelConfigTensor")),
+        ),
+        "ModelConfigTensor": _object(
+            name=_STRING,
+            data_type={"type": "string", "example": "TYPE_FP32"},
+            dims=_array(_INTEGER),
+        ),
+        "ModelMetadata": _object(
+            required=["name", "platform", "inputs", "outputs"],
+            name=_STRING,
+            versions=_array(_STRING),
+            platform=_STRING,
+            inputs=_array(tensor_meta),
+            outputs=_array(tensor_meta),
+            parameters=_OBJECT,
+        ),
+        "ModelReady": _object(name=_STRING, ready=flag),
+        "InferenceRequest": _object(
+            required=["inputs"],
+            id=_STRING,
+            parameters=_object(binary_data_output=flag),
+            inputs={
+                **_array(
+                    _object(
+                        required=["name", "datatype", "shape"],
+                        name=_STRING,
+                        datatype=_ref("Datatype"),
+                        shape=_array({"type": "integer", "minimum": 0}),
+                        parameters=_object(binary_data_size={"type": "integer", "minimum": 0}),
+                        data=_TENSOR_DATA,
+                    )
+                ),
+                "minItems": 1,
             },
-        },
-        "ModelConfig": {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string"},
-                "platform": {"type": "string", "example": "onnxruntime_onnx"},
-                "backend": {"type": "string", "example": "onnxruntime"},
-                "max_batch_size": {"type": "integer", "minimum": 0},
-                "input": {"type": "array", "items": _ref("ModelConfigTensor")},
-                "output": {"type": "array", "items": _ref("ModelConfigTensor")},
-            },
-        },
-        "ModelConfigTensor": {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string"},
-                "data_type": {"type": "string", "example": "TYPE_FP32"},
-                "dims": {"type": "array", "items": {"type": "integer"}},
-            },
-        },
-        "ModelMetadata": {
-            "type": "object",
-            "required": ["name", "platform", "inputs", "outputs"],
-            "properties": {
-                "name": {"type": "string"},
-                "versions": {"type": "array", "items": {"type": "string"}},
-                "platform": {"type": "string"},
-                "inputs": {"type": "array", "items": tensor_meta},
-                "outputs": {"type": "array", "items": tensor_meta},
-                "parameters": {"type": "object"},
-            },
-        },
-        "ModelReady": {
-            "type": "object",
-            "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}},
-        },
-        "InferenceRequest": {
-            "type": "object",
-            "required": ["inputs"],
-            "properties": {
-                "id": {"type": "string"},
-                "parameters": {
-                    "type": "object",
-                    "properties": {"binary_data_output": {"type": "boolean"}},
-                },
-                "inputs": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "required": ["name", "datatype", "shape"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "datatype": _ref("Datatype"),
-                            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                            "parameters": {
-                                "type": "object",
-                                "properties": {
-                                    "binary_data_size": {"type": "integer", "minimum": 0}
-                                },
-                            },
-                            "data": _TENSOR_DATA,
-                        },
-                    },
-                },
-                "outputs": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["name"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "parameters": {
-                                "type": "object",
-                                "properties": {"binary_data": {"type": "boolean"}},
-                            },
-                        },
-                    },
-                },
-            },
-        },
-        "InferenceResponse": {
-            "type": "object",
-            "required": ["model_name", "model_version", "outputs"],
-            "properties": {
-                "model_name": {"type": "string"},
-                "model_version": {"type": "string"},
-                "id": {"type": "string"},
-                "outputs": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["name", "datatype", "shape"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "datatype": _ref("Datatype"),
-                            "shape": {"type": "array", "items": {"type": "integer"}},
-                            "parameters": {"type": "object"},
-                            "data": _TENSOR_DATA,
-                        },
-                    },
-                },
-            },
-        },
+            outputs=_array(
+                _object(required=["name"], name=_STRING, parameters=_object(binary_data=flag))
+            ),
+        ),
+        "InferenceResponse": _object(
+            required=["model_name", "model_version", "outputs"],
+            model_name=_STRING,
+            model_version=_STRING,
+            id=_STRING,
+            outputs=_array(
+                _object(
+                    required=["name", "datatype", "shape"],
+                    name=_STRING,
+                    datatype=_ref("Datatype"),
+                    shape=_array(_INTEGER),
+                    parameters=_OBJECT,
+                    data=_TENSOR_DATA,
+                )
+            ),
+        ),
         "InvocationsRequest": {
-            "type": "object",
+            **_object(
+                inputs={"oneOf": [{"type": "array"}, _OBJECT]},
+                instances={"type": "array"},
+                dataframe_split=_object(
+                    required=["data"],
+                    columns=_array(_STRING),
+                    data={"type": "array"},
+                    index={"type": "array"},
+                ),
+                dataframe_records=_array(_OBJECT),
+                params=_OBJECT,
+            ),
             "description": "Exactly one of inputs, instances, dataframe_split, "
             "dataframe_records; params is accepted and ignored.",
-            "properties": {
-                "inputs": {"oneOf": [{"type": "array"}, {"type": "object"}]},
-                "instances": {"type": "array"},
-                "dataframe_split": {
-                    "type": "object",
-                    "required": ["data"],
-                    "properties": {
-                        "columns": {"type": "array", "items": {"type": "string"}},
-                        "data": {"type": "array"},
-                        "index": {"type": "array"},
-                    },
-                },
-                "dataframe_records": {"type": "array", "items": {"type": "object"}},
-                "params": {"type": "object"},
-            },
         },
-        "ReloadOutcome": {
-            "type": "object",
-            "properties": {
-                "outcome": {
-                    "type": "string",
-                    "enum": ["swapped", "unchanged", "refused", "registry_error"],
-                },
-                "version": {"type": ["string", "null"]},
-                "serving": {"type": ["string", "null"]},
-                "detail": {"type": "string"},
+        "ReloadOutcome": _object(
+            outcome={
+                "type": "string",
+                "enum": ["swapped", "unchanged", "refused", "registry_error"],
             },
-        },
+            version={"type": ["string", "null"]},
+            serving={"type": ["string", "null"]},
+            detail=_STRING,
+        ),
     }
     return {
         "openapi": "3.1.0",

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote, unquote
 
-from onnxflow.errors import RegistryError
+from onnxflow.errors import RegistryError, answered_error
 from onnxflow.serving import block_heavy_imports
 
 log = logging.getLogger(__name__)
@@ -281,10 +281,7 @@ class RestRegistry:
     def _call(self, method: str, path: str, **kwargs) -> dict:
         response = self._http.request(method, path, **kwargs)
         if response.status_code != 200:
-            try:
-                message = response.json().get("message", response.text)
-            except ValueError:
-                message = response.text
+            message = answered_error(response, "message")
             raise RegistryError(f"{self.uri}{path} answered {response.status_code}: {message}")
         return response.json() if response.content else {}
 
@@ -484,31 +481,33 @@ class SqliteRegistry:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def _local_run_artifacts(self, name: str, version: str) -> Path | None:
-        try:
-            with self._connect() as db:
-                rows = self._query(
-                    db,
-                    "SELECT r.artifact_uri FROM model_versions v JOIN runs r "
-                    "ON r.run_uuid = v.run_id WHERE v.name = ? AND v.version = ?",
-                    name,
-                    int(version),
-                )
-        except (sqlite3.Error, ValueError):
-            return None
-        return _local_path(rows[0][0] if rows else None)
+        return _local_path(
+            self._version_value(
+                "SELECT r.artifact_uri FROM model_versions v JOIN runs r "
+                "ON r.run_uuid = v.run_id WHERE v.name = ? AND v.version = ?",
+                name,
+                version,
+            )
+        )
 
     def _local_artifacts(self, name: str, version: str) -> Path | None:
+        return _local_dir(
+            self._version_value(
+                "SELECT storage_location FROM model_versions WHERE name = ? AND version = ?",
+                name,
+                version,
+            )
+        )
+
+    def _version_value(self, sql: str, name: str, version: str) -> str | None:
+        """The first value ``sql`` (with parameters name, version) finds; None when it finds
+        none or the store cannot be read."""
         try:
             with self._connect() as db:
-                rows = self._query(
-                    db,
-                    "SELECT storage_location FROM model_versions WHERE name = ? AND version = ?",
-                    name,
-                    int(version),
-                )
+                rows = self._query(db, sql, name, int(version))
         except (sqlite3.Error, ValueError):
             return None
-        return _local_dir(rows[0][0] if rows else None)
+        return rows[0][0] if rows else None
 
 
 def _local_path(location: str | None) -> Path | None:

@@ -19,7 +19,7 @@ import logging
 import os
 import stat
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from onnxflow.serving.errors import BadInput, NotFound, NotSupported
@@ -41,12 +41,8 @@ class Region:
     fd: int
 
     def as_json(self) -> dict:
-        return {
-            "name": self.name,
-            "key": self.key,
-            "offset": self.offset,
-            "byte_size": self.byte_size,
-        }
+        """Every field but the file descriptor, which means nothing outside this process."""
+        return {k: v for k, v in asdict(self).items() if k != "fd"}
 
 
 @dataclass(frozen=True)

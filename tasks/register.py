@@ -3,29 +3,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-from onnxflow.config import PromoteConfig, RegisterConfig
+from onnxflow.config import PromoteConfig
 from onnxflow.promote import PromotionDecision, promote
 from onnxflow.registration import register_validated
-from onnxflow.results import RegisteredVersion, ValidationSummary
-from onnxflow.sources import ValidationSample
 from onnxflow.tasks.retry import registry_task
 
-
-@registry_task
-def register_task(
-    model_path: Path,
-    summary: ValidationSummary,
-    lineage: Mapping[str, str],
-    sample: ValidationSample,
-    config: RegisterConfig,
-    run_id: str,
-) -> RegisteredVersion:
-    return register_validated(
-        model_path, summary=summary, lineage=lineage, sample=sample, config=config, run_id=run_id
-    )
+#: The register step itself is the task (its signature lives once, in onnxflow.registration).
+register_task = registry_task(register_validated, name="register_task")
 
 
 @registry_task

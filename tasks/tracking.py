@@ -3,33 +3,13 @@ close the ones a killed worker left open. Tracking-server I/O, retried with back
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from onnxflow import tracking
-from onnxflow.results import DatasetArtifact
 from onnxflow.tasks.retry import registry_task
 
-
-@registry_task
-def start_run_task(
-    experiment: str,
-    run_name: str,
-    params: Mapping[str, Any],
-    tags: Mapping[str, str],
-    dataset: DatasetArtifact | None = None,
-) -> str:
-    return tracking.start_run(experiment, run_name, params, tags, dataset)
-
-
-@registry_task
-def ensure_experiment_task(experiment: str) -> str:
-    return tracking.ensure_experiment(experiment)
-
-
-@registry_task
-def finish_run_task(run_id: str, failed: bool = False) -> None:
-    tracking.finish_run(run_id, failed)
+# The steps themselves are the tasks: their signatures are the ones in onnxflow.tracking.
+start_run_task = registry_task(tracking.start_run, name="start_run_task")
+ensure_experiment_task = registry_task(tracking.ensure_experiment, name="ensure_experiment_task")
+finish_run_task = registry_task(tracking.finish_run, name="finish_run_task")
 
 
 @registry_task

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +97,22 @@ def mlflow_store(tmp_path, monkeypatch, _migrated_db) -> str:
     assert leaked is None, f"test leaked an active MLflow run: {leaked.info.run_id}"
 
 
+def run_onnxflow(
+    *args: str, cwd: Path, env: Mapping[str, str], timeout_s: float = 300
+) -> subprocess.CompletedProcess:
+    """``onnxflow ARGS`` in a process of its own (this interpreter), output captured; the
+    caller checks the return code."""
+    return subprocess.run(
+        [sys.executable, "-m", "onnxflow.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
 def make_linear_onnx(
     path: Path, n_in: int = 64, n_out: int = 10, seed: int = 0, external_data: bool = False
 ) -> Path:
@@ -134,6 +153,30 @@ def save_checked_onnx(model, path: Path, external_data: bool, location: str) -> 
         size_threshold=0,
     )
     return path
+
+
+def validation_summary(report_dir: Path, **figures):
+    """The ValidationSummary of a model that passed an accuracy check (no parity gap), with
+    ``figures`` in place of the ones a test is about."""
+    from onnxflow.results import ValidationSummary
+
+    passed = dict(passed=True, metric_name="accuracy", framework_metric=0.9, onnx_metric=0.9)
+    model = dict(latency_ms={}, opset=18, ir_version=9, model_bytes=1)
+    parity = dict(parity_max_abs=0.0, parity_max_rel=0.0)
+    return ValidationSummary(report_dir=report_dir, **{**passed, **parity, **model, **figures})
+
+
+def point_external_data(path: Path, location: str) -> None:
+    """Rewrite the ONNX file at ``path`` so that its weights are read from ``location``
+    (relative to its folder), wherever they are."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(proto, str(path))
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from onnxflow.processes import free_port, is_alive, process_tree
-from tests.conftest import make_linear_onnx
+from tests.conftest import make_linear_onnx, run_onnxflow
 
 ONNXFLOW = [sys.executable, "-m", "onnxflow.cli"]
 #: Long enough to cover a first start (migration, server start-up), which is where it failed.
@@ -261,15 +261,7 @@ def test_waits(server):
 
 def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     full = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", **env}
-    return subprocess.run(
-        [*ONNXFLOW, *args],
-        cwd=cwd,
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_onnxflow(*args, cwd=cwd, env=full)
 
 
 def error_line(out: subprocess.CompletedProcess) -> str:

@@ -14,8 +14,7 @@ from onnxflow.errors import PromotionError, RegistryError
 from onnxflow.onnxfiles import onnx_digest
 from onnxflow.promote import promote
 from onnxflow.registration import register_onnx, register_validated, set_alias
-from onnxflow.results import ValidationSummary
-from tests.conftest import make_linear_onnx
+from tests.conftest import make_linear_onnx, validation_summary
 
 EXAMPLE = np.ones((1, 64), np.float32)
 
@@ -79,18 +78,8 @@ def test_retried_register_reuses_the_version_of_its_run(mlflow_store, linear_onn
 
 
 def test_unvalidated_model_is_never_registered(mlflow_store, linear_onnx, tmp_path):
-    failed = ValidationSummary(
-        report_dir=tmp_path,
-        passed=False,
-        metric_name="accuracy",
-        framework_metric=0.9,
-        onnx_metric=0.5,
-        parity_max_abs=0.5,
-        parity_max_rel=1.0,
-        latency_ms={},
-        opset=18,
-        ir_version=9,
-        model_bytes=1,
+    failed = validation_summary(
+        tmp_path, passed=False, onnx_metric=0.5, parity_max_abs=0.5, parity_max_rel=1.0
     )
     with pytest.raises(RegistryError, match="validation failed"):
         register_validated(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -107,24 +108,25 @@ def test_a_tampered_model_fails_naming_the_output_and_its_difference(
         assert (out_dir / plot).is_file()
 
 
+def _failures_of_edited(model, proto, folder: Path) -> list[str]:
+    """Validate ``proto``, an edited copy of ``model``'s export, against ``model``: the
+    failures of the ValidationError it must raise (the report goes to ``folder/report``)."""
+    (folder / "edited").mkdir()
+    onnx.save(proto, str(folder / "edited" / "model.onnx"))
+    with pytest.raises(ValidationError) as caught:
+        validate_model(
+            folder / "edited" / "model.onnx", model.trained, model.dataset, FAST, folder / "report"
+        )
+    return caught.value.failures
+
+
 def test_a_model_onnxruntime_cannot_load_is_reported(torch_digits, tmp_path):
     proto = onnx.load(str(torch_digits.exported.path))
     for opset in proto.opset_import:
         if opset.domain == "":
             opset.version = 99  # an opset no onnxruntime knows
-    (tmp_path / "future").mkdir()
-    onnx.save(proto, str(tmp_path / "future" / "model.onnx"))
+    failures = _failures_of_edited(torch_digits, proto, tmp_path)
 
-    with pytest.raises(ValidationError) as caught:
-        validate_model(
-            tmp_path / "future" / "model.onnx",
-            torch_digits.trained,
-            torch_digits.dataset,
-            FAST,
-            tmp_path / "report",
-        )
-
-    failures = caught.value.failures
     assert any("opset 99, IR" in f and "exceeds max opset" in f for f in failures)
     assert any(f.startswith("onnxruntime loads the model:") for f in failures)
     assert _report(tmp_path / "report")["model"]["opset"] == 99
@@ -163,20 +165,10 @@ def test_an_output_of_the_wrong_shape_is_reported(torch_digits, tmp_path):
         onnx.helper.make_node("Slice", ["all_classes", "starts", "ends", "axes"], [final])
     )
     proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 5
-    (tmp_path / "sliced").mkdir()
-    onnx.save(proto, str(tmp_path / "sliced" / "model.onnx"))
-
-    with pytest.raises(ValidationError) as caught:
-        validate_model(
-            tmp_path / "sliced" / "model.onnx",
-            torch_digits.trained,
-            torch_digits.dataset,
-            FAST,
-            tmp_path / "report",
-        )
+    failures = _failures_of_edited(torch_digits, proto, tmp_path)
 
     n = torch_digits.dataset.info.n_test
-    assert caught.value.failures == [
+    assert failures == [
         f"output 'probabilities' shape: declared ['batch?', 5], expected ['batch?', 10]; "
         f"onnx ({n}, 5), framework ({n}, 10), expected ({n}, 10)"
     ]

@@ -24,11 +24,16 @@ import numpy as np
 from onnxflow.config import ExportConfig, TrainConfig
 from onnxflow.errors import ExportError, OnnxflowError
 from onnxflow.interface import default_opset, load_graph, read_interface, table_model_interface
-from onnxflow.results import DatasetArtifact, DatasetInfo, ExportedModel, TrainedModel
+from onnxflow.results import (
+    DatasetArtifact,
+    DatasetInfo,
+    EpochCallback,
+    ExportedModel,
+    TrainedModel,
+)
 
 log = logging.getLogger(__name__)
 
-EpochCallback = Callable[[int, dict[str, float]], None]
 Predictor = Callable[[np.ndarray], np.ndarray]
 
 _ADAPTERS = {

@@ -14,7 +14,6 @@ import importlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -41,11 +40,10 @@ from onnxflow.interface import (
     read_interface,
 )
 from onnxflow.recipes import load_recipe, takes_params
-from onnxflow.results import ExportedModel, TrainedModel
+from onnxflow.results import EpochCallback, ExportedModel, TrainedModel
 
 log = logging.getLogger(__name__)
 
-EpochCallback = Callable[[int, dict[str, float]], None]
 #: Where the parity reference runs, whatever device trained the model.
 REFERENCE_DEVICE = "cpu"
 

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -27,6 +26,8 @@ from onnxflow.errors import StackError
 from onnxflow.processes import (
     ProcessRecord,
     is_running,
+    listen_options,
+    python_module,
     start_process,
     stop_process,
     wait_until,
@@ -116,15 +117,10 @@ MLFLOW_APP = "onnxflow-auth"
 
 
 def mlflow_server_command(settings: StackSettings) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
+    return python_module(
         "mlflow",
         "server",
-        "--host",
-        settings.host,
-        "--port",
-        str(settings.mlflow_port),
+        *listen_options(settings.host, settings.mlflow_port),
         "--backend-store-uri",
         mlflow_backend_uri(settings),
         "--serve-artifacts",
@@ -133,7 +129,7 @@ def mlflow_server_command(settings: StackSettings) -> list[str]:
         "--workers",
         str(settings.mlflow_workers),
         *(["--app-name", MLFLOW_APP] if settings.auth else []),
-    ]
+    )
 
 
 def credentials_dir(settings: StackSettings) -> Path:
@@ -218,23 +214,13 @@ def prepare_auth(settings: StackSettings) -> Credentials:
 
 
 def prefect_server_command(settings: StackSettings) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "prefect",
-        "server",
-        "start",
-        "--host",
-        settings.host,
-        "--port",
-        str(settings.prefect_port),
-    ]
+    return python_module(
+        "prefect", "server", "start", *listen_options(settings.host, settings.prefect_port)
+    )
 
 
 def worker_command(settings: StackSettings) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
+    return python_module(
         "prefect",
         "worker",
         "start",
@@ -244,7 +230,7 @@ def worker_command(settings: StackSettings) -> list[str]:
         "process",
         "--name",
         f"{settings.work_pool}-worker",
-    ]
+    )
 
 
 def worker_env(settings: StackSettings, credentials: Credentials | None = None) -> dict[str, str]:
@@ -279,6 +265,21 @@ def _followed(settings: StackSettings) -> str:
     )
 
 
+#: The stack's settings its replicas take as they are (same name in ServingSettings).
+_REPLICA_SETTINGS = {
+    "model",
+    "all_models",
+    "host",
+    "poll_interval_s",
+    "shadow",
+    "shadow_fraction",
+    "shadow_flush_interval_s",
+    "canary_percent",
+    "capture_fraction",
+    "capture_segment_s",
+}
+
+
 def endpoint_env(
     settings: StackSettings, port: int, credentials: Credentials | None = None
 ) -> dict[str, str]:
@@ -286,18 +287,9 @@ def endpoint_env(
     from onnxflow.serving.settings import ServingSettings
 
     serving = ServingSettings(
-        model=settings.model,
-        all_models=settings.all_models,
-        host=settings.host,
+        **settings.model_dump(include=_REPLICA_SETTINGS),
         port=port,
-        poll_interval_s=settings.poll_interval_s,
-        shadow=settings.shadow,
-        shadow_fraction=settings.shadow_fraction,
-        shadow_flush_interval_s=settings.shadow_flush_interval_s,
-        canary_percent=settings.canary_percent,
         capture=settings.capture_url if settings.capture else None,
-        capture_fraction=settings.capture_fraction,
-        capture_segment_s=settings.capture_segment_s,
         # One cache per replica: replicas stand for separate machines, and share no files.
         cache_dir=state_dir(settings) / "endpoints" / str(port) / "models",
         # explicit: ServingSettings would otherwise take this process's MLFLOW_TRACKING_URI
@@ -456,7 +448,7 @@ def up(settings: StackSettings, progress: Progress = log.info) -> list[ProcessRe
         endpoints = [
             start(
                 f"endpoint-{port}",
-                [sys.executable, "-m", "onnxflow.serving"],
+                python_module("onnxflow.serving"),
                 endpoint_env(settings, port, credentials),
                 url,
             )

@@ -13,12 +13,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+#: This environment's commands (``onnxflow``, ``prefect``).
+BIN = Path(sys.executable).parent
 PG_ADMIN_URL = os.environ.get("ONNXFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 RESULTS = Path(__file__).resolve().parents[2] / "test-results"
 SMALL_CONFIG = {
@@ -160,6 +164,65 @@ def stack_env(settings) -> dict[str, str]:
 
     env.update(prefect_auth_env(settings))  # Prefect's API asks for its login
     return env
+
+
+def run_on_stack(settings, command: str, *args, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run ``command ARGS`` of this environment against the stack until it ends; fail the
+    test with its output unless it succeeds."""
+    out = subprocess.run(
+        [BIN / command, *args],
+        env=stack_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def run_on_demand(settings, params: dict, timeout_s: float) -> subprocess.CompletedProcess:
+    """``prefect deployment run`` the on-demand deployment with ``params``, watched until
+    the flow run ends (a failed run fails the test)."""
+    return run_on_stack(
+        settings,
+        "prefect",
+        "deployment",
+        "run",
+        "retrain-and-deploy/on-demand",
+        "--params",
+        json.dumps(params),
+        "--watch",
+        "--watch-interval",
+        "1",
+        timeout_s=timeout_s,
+    )
+
+
+#: MLflow's permission grant (basic-auth app).
+GRANT = "/api/3.0/mlflow/users/permissions/grant"
+
+
+def edit_grant(user: str, resource: str, kind: str = "registered_model") -> dict[str, str]:
+    """The body of a grant of EDIT on a registered model (or an ``experiment``)."""
+    return {"username": user, "resource_type": kind, "resource_id": resource, "permission": "EDIT"}
+
+
+def add_data_scientist(stack, model: str = "digits") -> tuple[str, str]:
+    """As the admin: a data scientist's account, with EDIT on ``model`` (they work on it);
+    (name, password)."""
+    import httpx
+
+    from onnxflow.stack.manager import account_env
+
+    admin = account_env(stack, "admin")
+    auth = (admin["MLFLOW_TRACKING_USERNAME"], admin["MLFLOW_TRACKING_PASSWORD"])
+    name, password = f"ds-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    with httpx.Client(base_url=stack.mlflow_url, auth=auth, timeout=30) as http:
+        http.post(
+            "/api/2.0/mlflow/users/create", json={"username": name, "password": password}
+        ).raise_for_status()
+        http.post(GRANT, json=edit_grant(name, model)).raise_for_status()
+    return name, password
 
 
 def prefect_http(settings):

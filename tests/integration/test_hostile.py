@@ -27,7 +27,7 @@ import pytest
 
 from onnxflow.stack import manager
 from onnxflow.stack.audit import fetch_rows, verify_chain
-from tests.integration.conftest import RESULTS
+from tests.integration.conftest import RESULTS, add_data_scientist
 from tests.integration.test_promotion_policy import EVIDENCE, tiny_onnx
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.timeout(600)]
@@ -81,21 +81,7 @@ def target(stack, tmp_path_factory, monkeypatch_module):
             json={"name": name, "alias": "champion", "version": champion},
         )
         assert moved.status_code == 200, moved.text
-    admin = manager.account_env(stack, "admin")
-    scientist, password = f"ds-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
-    with _client(stack, "admin", admin["MLFLOW_TRACKING_PASSWORD"]) as http:
-        http.post(
-            "/api/2.0/mlflow/users/create", json={"username": scientist, "password": password}
-        ).raise_for_status()
-        http.post(
-            "/api/3.0/mlflow/users/permissions/grant",
-            json={
-                "username": scientist,
-                "resource_type": "registered_model",
-                "resource_id": name,
-                "permission": "EDIT",
-            },
-        ).raise_for_status()
+    scientist, password = add_data_scientist(stack, name)
     with _client(stack, scientist, password) as http:
         unvalidated = http.post(
             "/api/2.0/mlflow/model-versions/create",

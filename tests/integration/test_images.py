@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 ENGINE = os.environ.get("ENGINE", "podman")
 SERVING_IMAGE = "localhost/onnxflow-serving:latest"
 PIPELINE_IMAGE = "localhost/onnxflow:latest"
+#: ``run`` options of every container here: the host's network (the tracking server is on
+#: its 127.0.0.1) and the same open-file and process limits, whatever the engine's defaults.
+ON_HOST = ("--network", "host", "--ulimit", "nofile=10000:10000", "--ulimit", "nproc=4096:4096")
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -97,23 +100,19 @@ def _register(tracking_uri: str, name: str, model_path: Path, example: np.ndarra
 
     from onnxflow.registration import register_onnx
 
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        version = register_onnx(
-            model_path,
-            model_name=name,
-            input_example=example,
-            tags={"source_framework": "onnx-helper"},
-            aliases=("champion",),
-        )
-    finally:
-        mlflow.set_tracking_uri(None)
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+    with pytest.MonkeyPatch.context() as patch:  # the variable is restored after
+        patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            version = register_onnx(
+                model_path,
+                model_name=name,
+                input_example=example,
+                tags={"source_framework": "onnx-helper"},
+                aliases=("champion",),
+            )
+        finally:
+            mlflow.set_tracking_uri(None)
     return version.version
 
 
@@ -135,12 +134,7 @@ def test_the_serving_container_serves_the_champion_to_tritonclient(
         "-d",
         "--name",
         container,
-        "--network",
-        "host",
-        "--ulimit",
-        "nofile=10000:10000",
-        "--ulimit",
-        "nproc=4096:4096",
+        *ON_HOST,
         "-e",
         f"MLFLOW_TRACKING_URI={proxied_tracking_server}",
         "-e",
@@ -202,12 +196,7 @@ def test_a_flow_runs_inside_the_pipeline_container(pipeline_image, proxied_track
     ran = engine(
         "run",
         "--rm",
-        "--network",
-        "host",
-        "--ulimit",
-        "nofile=10000:10000",
-        "--ulimit",
-        "nproc=4096:4096",
+        *ON_HOST,
         "-e",
         f"MLFLOW_TRACKING_URI={proxied_tracking_server}",
         pipeline_image,

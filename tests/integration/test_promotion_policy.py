@@ -25,12 +25,14 @@ from onnxflow.stack import accounts
 from onnxflow.stack.audit import read_trail
 from onnxflow.stack.manager import MLFLOW_APP
 from onnxflow.stack.policy import load_policy
-from tests.integration.conftest import PG_ADMIN_URL, free_ports
+from tests.conftest import run_onnxflow
+from tests.integration.conftest import GRANT, PG_ADMIN_URL, edit_grant, free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 ALIAS = "/api/2.0/mlflow/registered-models/alias"
 UI_ALIAS = "/ajax-api/2.0/mlflow/registered-models/alias"
+CREATE = "/api/2.0/mlflow/model-versions/create"
 STORED = "(digest of the stored model.onnx)"  # new_version puts the real digest here
 EVIDENCE = {
     "validation": "passed",
@@ -103,17 +105,7 @@ class Server:
                 json={"username": name, "role_id": role_id},
             )
         for model in edit:
-            self.ok(
-                "admin",
-                "POST",
-                "/api/3.0/mlflow/users/permissions/grant",
-                json={
-                    "username": name,
-                    "resource_type": "registered_model",
-                    "resource_id": model,
-                    "permission": "EDIT",
-                },
-            )
+            self.ok("admin", "POST", GRANT, json=edit_grant(name, model))
         return name
 
     def new_model(self, prefix: str = "m", owner: str = "pipeline") -> str:
@@ -152,7 +144,7 @@ class Server:
         created = self.ok(
             user,
             "POST",
-            "/api/2.0/mlflow/model-versions/create",
+            CREATE,
             json={
                 "name": model,
                 "source": f"runs:/{run}/model",
@@ -165,6 +157,20 @@ class Server:
             for key, value in tags.items():
                 self.set_tag("pipeline", model, version, key, value)
         return version
+
+    def create_tagged(self, user: str, model: str, key: str, value: str) -> httpx.Response:
+        """``user`` asks for a new version of ``model`` (no files) carrying one tag; the
+        server's answer as it comes."""
+        return self.call(
+            user,
+            "POST",
+            CREATE,
+            json={
+                "name": model,
+                "source": "runs:/0/model",
+                "tags": [{"key": key, "value": value}],
+            },
+        )
 
     @staticmethod
     def files(experiment: str, run: str) -> str:
@@ -189,30 +195,39 @@ class Server:
         response = self.call("endpoint", "GET", ALIAS, params={"name": model, "alias": alias})
         return response.json()["model_version"]["version"] if response.status_code == 200 else None
 
-    def tags(self, model: str, version: str) -> dict[str, str]:
-        mv = self.ok(
+    def model_version(self, model: str, version: str) -> dict:
+        return self.ok(
             "endpoint",
             "GET",
             "/api/2.0/mlflow/model-versions/get",
             params={"name": model, "version": version},
         )["model_version"]
+
+    def run_of(self, model: str, version: str) -> tuple[str, str]:
+        """The run a version was registered from, and its experiment: (run id, experiment id)."""
+        run_id = self.model_version(model, version)["run_id"]
+        run = self.ok("endpoint", "GET", "/api/2.0/mlflow/runs/get", params={"run_id": run_id})
+        return run_id, run["run"]["info"]["experiment_id"]
+
+    def tags(self, model: str, version: str) -> dict[str, str]:
+        mv = self.model_version(model, version)
         return {t["key"]: t.get("value", "") for t in mv.get("tags", [])}
 
-    def trail(self, model: str) -> list[dict[str, str]]:
+    def onnxflow(self, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+        """``onnxflow ARGS`` against this server, logged in as the endpoint account."""
         env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": self.url,
             "MLFLOW_TRACKING_USERNAME": "endpoint",
             "MLFLOW_TRACKING_PASSWORD": self.passwords["endpoint"],
         }
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        return run_onnxflow(*args, cwd=cwd, env=env, timeout_s=120)
+
+    def trail(self, model: str) -> list[dict[str, str]]:
+        with pytest.MonkeyPatch.context() as patch:  # the variables are restored after
+            patch.setenv("MLFLOW_TRACKING_USERNAME", "endpoint")
+            patch.setenv("MLFLOW_TRACKING_PASSWORD", self.passwords["endpoint"])
             return read_trail(model, self.url)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def _postgres_database():
@@ -354,14 +369,7 @@ def test_the_endpoint_writes_live_evidence_and_nothing_else(server):
     )
     assert refused.status_code == 403
 
-    run_id = server.ok(
-        "endpoint",
-        "GET",
-        "/api/2.0/mlflow/model-versions/get",
-        params={"name": model, "version": version},
-    )["model_version"]["run_id"]
-    run = server.ok("endpoint", "GET", "/api/2.0/mlflow/runs/get", params={"run_id": run_id})
-    experiment = run["run"]["info"]["experiment_id"]
+    run_id, experiment = server.run_of(model, version)
     files = f"/api/2.0/mlflow-artifacts/artifacts/{experiment}/{run_id}/artifacts"
     report = server.call("endpoint", "PUT", f"{files}/shadow/report.md", content=b"# shadow\n")
     assert report.status_code == 200, report.text
@@ -493,7 +501,6 @@ def test_four_eyes_a_reviewer_may_not_promote_a_version_they_registered(server):
 
 
 TICKETS = "/api/2.0/onnxflow/run-tickets"
-CREATE = "/api/2.0/mlflow/model-versions/create"
 
 
 def test_run_ticket_the_server_stamps_who_asked_and_four_eyes_compares_against_them(server):
@@ -513,16 +520,7 @@ def test_run_ticket_the_server_stamps_who_asked_and_four_eyes_compares_against_t
 
     # Used once: presenting it again is refused (and audited), so is a made-up one.
     for presented, why in ((ticket, "already used"), ("made-up", "unknown run ticket")):
-        again = server.call(
-            "pipeline",
-            "POST",
-            CREATE,
-            json={
-                "name": strict,
-                "source": "runs:/0/model",
-                "tags": [{"key": "run_ticket", "value": presented}],
-            },
-        )
+        again = server.create_tagged("pipeline", strict, "run_ticket", presented)
         assert again.status_code == 403 and why in again.json()["message"], again.text
 
     # Four eyes: the reviewer who asked for the version may not promote it; another may.
@@ -550,29 +548,11 @@ def test_run_tickets_cannot_be_forged_borrowed_or_presented_by_others(server):
         json={"name": model, "version": version, "key": "requested_by", "value": "someone"},
     )
     assert forged.status_code == 403 and "written by the MLflow server" in forged.text
-    forged_at_creation = server.call(
-        "pipeline",
-        "POST",
-        CREATE,
-        json={
-            "name": model,
-            "source": "runs:/0/model",
-            "tags": [{"key": "requested_by", "value": "someone"}],
-        },
-    )
+    forged_at_creation = server.create_tagged("pipeline", model, "requested_by", "someone")
     assert forged_at_creation.status_code == 403
     # A ticket is presented by the pipeline only, on a new version of its model only.
     for user, name in (("reviewer", model), ("pipeline", other)):
-        refused = server.call(
-            user,
-            "POST",
-            CREATE,
-            json={
-                "name": name,
-                "source": "runs:/0/model",
-                "tags": [{"key": "run_ticket", "value": ticket}],
-            },
-        )
+        refused = server.create_tagged(user, name, "run_ticket", ticket)
         assert refused.status_code == 403, (user, name, refused.text)
     late = server.call(
         "pipeline",
@@ -602,16 +582,7 @@ def test_nobody_but_the_server_writes_registered_by_or_audit_tags(server):
         )
         assert refused.status_code == 403, key
         assert "written by the MLflow server" in refused.json()["message"]
-    forged = server.call(
-        "pipeline",
-        "POST",
-        "/api/2.0/mlflow/model-versions/create",
-        json={
-            "name": model,
-            "source": "runs:/0/model",
-            "tags": [{"key": "registered_by", "value": "reviewer"}],
-        },
-    )
+    forged = server.create_tagged("pipeline", model, "registered_by", "reviewer")
     assert forged.status_code == 403
     assert server.tags(model, version)["registered_by"] == "pipeline"
 
@@ -654,22 +625,7 @@ def test_every_alias_attempt_is_audited_with_who_from_to_decision_and_rule(serve
     assert server.tags(model, bad)["audit.champion_refused"].endswith("reviewer: rule evidence")
 
     # `onnxflow audit MODEL` prints the same trail.
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": server.url,
-        "MLFLOW_TRACKING_USERNAME": "endpoint",
-        "MLFLOW_TRACKING_PASSWORD": server.passwords["endpoint"],
-    }
-    onnxflow = str(Path(sys.executable).parent / "onnxflow")
-    printed = subprocess.run(
-        [onnxflow, "audit", model],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    printed = server.onnxflow("audit", model, cwd=tmp_path)
     assert printed.returncode == 0, printed.stderr
     lines = printed.stdout.strip().splitlines()
     assert len(lines) == 1 + len(got)
@@ -721,16 +677,7 @@ def test_evidence_is_written_by_the_pipeline_alone(server):
         assert deleted.status_code == 403, user
     assert server.tags(model, version)["validation"] == "failed"
     # A version created with evidence tags by anyone but the pipeline is refused whole.
-    forged = server.call(
-        dana,
-        "POST",
-        "/api/2.0/mlflow/model-versions/create",
-        json={
-            "name": model,
-            "source": "runs:/0/model",
-            "tags": [{"key": "validation", "value": "passed"}],
-        },
-    )
+    forged = server.create_tagged(dana, model, "validation", "passed")
     assert forged.status_code == 403 and "pipeline" in forged.json()["message"]
     # Notes stay free for anyone with EDIT.
     server.set_tag(dana, model, version, "note.why", "looked at it")
@@ -741,27 +688,9 @@ def test_a_model_replaced_after_validation_is_refused_by_its_digest(server):
     of a registered run are the pipeline's alone."""
     model = server.new_model()
     version = server.new_version(model, EVIDENCE)
-    run_id = server.ok(
-        "endpoint",
-        "GET",
-        "/api/2.0/mlflow/model-versions/get",
-        params={"name": model, "version": version},
-    )["model_version"]["run_id"]
-    experiment = server.ok(
-        "endpoint", "GET", "/api/2.0/mlflow/runs/get", params={"run_id": run_id}
-    )["run"]["info"]["experiment_id"]
+    run_id, experiment = server.run_of(model, version)
     dana = server.add_user(f"dana-{uuid.uuid4().hex[:4]}", edit=(model,))
-    server.ok(
-        "admin",
-        "POST",
-        "/api/3.0/mlflow/users/permissions/grant",
-        json={
-            "username": dana,
-            "resource_type": "experiment",
-            "resource_id": experiment,
-            "permission": "EDIT",
-        },
-    )
+    server.ok("admin", "POST", GRANT, json=edit_grant(dana, experiment, "experiment"))
     target = f"{server.files(experiment, run_id)}/model/model.onnx"
     assert server.call(dana, "PUT", target, content=tiny_onnx()).status_code == 403
     # Someone who reaches the files anyway (here: the pipeline's own account) swaps them.
@@ -948,24 +877,9 @@ def test_audit_verify_detects_a_tampered_row(server, tmp_path):
     model = server.new_model()
     version = server.new_version(model, EVIDENCE)
     assert server.set_alias("endpoint", model, version).status_code == 403
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": server.url,
-        "MLFLOW_TRACKING_USERNAME": "endpoint",
-        "MLFLOW_TRACKING_PASSWORD": server.passwords["endpoint"],
-    }
-    onnxflow = str(Path(sys.executable).parent / "onnxflow")
 
     def verify() -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [onnxflow, "audit", model, "--verify"],
-            check=False,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=tmp_path,
-        )
+        return server.onnxflow("audit", model, "--verify", cwd=tmp_path)
 
     intact = verify()
     assert intact.returncode == 0, intact.stderr

@@ -9,10 +9,8 @@ a rollback, each followed by both replicas.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,11 +20,16 @@ import pytest
 
 from onnxflow.endpoints import serving_version, wait_until_serving
 from onnxflow.stack import manager
-from tests.integration.conftest import prefect_http, record_timing, stack_env
+from tests.integration.conftest import (
+    BIN,
+    prefect_http,
+    record_timing,
+    run_on_demand,
+    run_on_stack,
+    stack_env,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-
-BIN = Path(sys.executable).parent
 
 
 def flow_run(settings, run_id: str) -> dict:
@@ -137,24 +140,7 @@ def test_review_mode_waits_for_the_reviewer_then_both_replicas_follow(
         "promote": {"mode": "review"},
     }
     params = {"frameworks": ["torch"], "config": config, "endpoints": stack.endpoint_urls}
-    out = subprocess.run(
-        [
-            BIN / "prefect",
-            "deployment",
-            "run",
-            "retrain-and-deploy/on-demand",
-            "--params",
-            json.dumps(params),
-            "--watch",
-            "--watch-interval",
-            "1",
-        ],
-        env=stack_env(stack),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    run_on_demand(stack, params, timeout_s=300)
 
     challenger = mlflow_client.get_model_version_by_alias("digits", "challenger")
     assert challenger.version == "2"
@@ -218,14 +204,7 @@ def test_deployments_and_uis(stack):
 
 
 def test_status_reports_every_part_and_the_served_version(stack):
-    out = subprocess.run(
-        [BIN / "onnxflow", "stack", "status"],
-        env=stack_env(stack),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = run_on_stack(stack, "onnxflow", "stack", "status", timeout_s=60)
     for part in (
         "mlflow",
         "prefect-server",

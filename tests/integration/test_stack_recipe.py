@@ -7,18 +7,14 @@ Marked slow as well: a transformer's export and validation take a minute or two 
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import stack_env
+from tests.integration.conftest import run_on_demand
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
-BIN = Path(sys.executable).parent
 RECIPE = Path(__file__).resolve().parents[2] / "examples" / "text" / "recipe.py"
 
 
@@ -38,24 +34,7 @@ def test_on_demand_deployment_retrains_a_recipe_on_the_worker(stack, mlflow_clie
         },
         "endpoints": stack.endpoint_urls,
     }
-    out = subprocess.run(
-        [
-            BIN / "prefect",
-            "deployment",
-            "run",
-            "retrain-and-deploy/on-demand",
-            "--params",
-            json.dumps(params),
-            "--watch",
-            "--watch-interval",
-            "1",
-        ],
-        env=stack_env(stack),
-        capture_output=True,
-        text=True,
-        timeout=800,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    run_on_demand(stack, params, timeout_s=800)
 
     version = mlflow_client.get_model_version_by_alias("tokens-worker", "challenger")
     tags = version.tags

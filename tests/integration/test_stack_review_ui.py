@@ -18,8 +18,8 @@ Every attempt is in the model's audit trail. Screenshots go to ``test-results/``
 
 from __future__ import annotations
 
+import contextlib
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from onnxflow.endpoints import serving_version, wait_until_serving
 from onnxflow.stack import manager
 from onnxflow.stack.audit import read_trail
 from onnxflow.stack.deployments import trigger
-from tests.integration.conftest import RESULTS, SMALL_CONFIG, record_timing
+from tests.integration.conftest import RESULTS, SMALL_CONFIG, add_data_scientist, record_timing
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -59,37 +59,25 @@ def browser():
         browser.close()
 
 
-def login(browser, stack, user: str, password: str | None = None):
-    """A page in a fresh browser context logged in to the MLflow UI as ``user``."""
+@contextlib.contextmanager
+def logged_in(browser, stack, user: str, password: str | None = None, *, failure: str):
+    """A page in a fresh browser context logged in to the MLflow UI as ``user``, closed
+    after the block; a block that fails leaves ``RESULTS/<failure>-failure.png``."""
     password = password or manager.account_env(stack, user)["MLFLOW_TRACKING_PASSWORD"]
+    RESULTS.mkdir(exist_ok=True)
     context = browser.new_context(
         viewport={"width": 1400, "height": 1000},
         http_credentials={"username": user, "password": password},
     )
     page = context.new_page()
     page.set_default_timeout(30_000)
-    return page
-
-
-def add_data_scientist(stack) -> tuple[str, str]:
-    """As the admin: a data scientist's account, with EDIT on the model (they work on it)."""
-    admin = manager.account_env(stack, "admin")
-    auth = (admin["MLFLOW_TRACKING_USERNAME"], admin["MLFLOW_TRACKING_PASSWORD"])
-    name, password = f"ds-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
-    with httpx.Client(base_url=stack.mlflow_url, auth=auth, timeout=30) as http:
-        http.post(
-            "/api/2.0/mlflow/users/create", json={"username": name, "password": password}
-        ).raise_for_status()
-        http.post(
-            "/api/3.0/mlflow/users/permissions/grant",
-            json={
-                "username": name,
-                "resource_type": "registered_model",
-                "resource_id": "digits",
-                "permission": "EDIT",
-            },
-        ).raise_for_status()
-    return name, password
+    try:
+        yield page
+    except Exception:
+        page.screenshot(path=str(RESULTS / f"{failure}-failure.png"), full_page=True)
+        raise
+    finally:
+        context.close()
 
 
 def try_champion_in_ui(page, stack, version: str):
@@ -150,26 +138,23 @@ def pending_challenger(stack, client) -> str:
     return challenger
 
 
-def test_a_data_scientist_is_refused_champion_in_the_mlflow_ui_with_the_rule_on_screen(
-    stack,
-    mlflow_client,
-    browser,
-):
+@pytest.fixture
+def pending(stack, mlflow_client) -> tuple[str, str]:
+    """(the challenger a reviewer has to decide on, the champion it would replace)."""
     version = pending_challenger(stack, mlflow_client)
-    champion_before = mlflow_client.get_model_version_by_alias("digits", "champion").version
+    return version, mlflow_client.get_model_version_by_alias("digits", "champion").version
+
+
+def test_a_data_scientist_is_refused_champion_in_the_mlflow_ui_with_the_rule_on_screen(
+    stack, mlflow_client, browser, pending
+):
+    version, champion_before = pending
     name, password = add_data_scientist(stack)
-    RESULTS.mkdir(exist_ok=True)
-    page = login(browser, stack, name, password)
-    try:
+    with logged_in(browser, stack, name, password, failure="auth-data-scientist") as page:
         dialog = try_champion_in_ui(page, stack, version)
         dialog.get_by_text("Promotion policy, rule 'reviewers'").wait_for()
         dialog.get_by_text(f"refused for '{name}'").wait_for()
         page.screenshot(path=str(RESULTS / "auth-data-scientist-refused.png"))
-    except Exception:
-        page.screenshot(path=str(RESULTS / "auth-data-scientist-failure.png"), full_page=True)
-        raise
-    finally:
-        page.context.close()
     assert mlflow_client.get_model_version_by_alias("digits", "champion").version == champion_before
     last = read_trail("digits", stack.mlflow_url)[-1]
     assert (last["user"], last["to_version"], last["decision"], last["rule"], last["via"]) == (
@@ -182,15 +167,10 @@ def test_a_data_scientist_is_refused_champion_in_the_mlflow_ui_with_the_rule_on_
 
 
 def test_reviewer_reads_the_report_and_promotes_the_challenger_in_the_mlflow_ui(
-    stack,
-    mlflow_client,
-    browser,
+    stack, mlflow_client, browser, pending
 ):
-    version = pending_challenger(stack, mlflow_client)
-    champion_before = mlflow_client.get_model_version_by_alias("digits", "champion").version
-    RESULTS.mkdir(exist_ok=True)
-    page = login(browser, stack, "reviewer")
-    try:
+    version, champion_before = pending
+    with logged_in(browser, stack, "reviewer", failure="reviewer") as page:
         # The model's page: the challenger is the row tagged "@ challenger".
         page.goto(f"{stack.mlflow_url}/#/models/digits", wait_until="load")
         row = page.get_by_role("row").filter(has_text="@ challenger")
@@ -224,11 +204,6 @@ def test_reviewer_reads_the_report_and_promotes_the_challenger_in_the_mlflow_ui(
         dialog.wait_for(state="hidden")
         page.get_by_text("@ champion").first.wait_for()
         page.screenshot(path=str(RESULTS / f"reviewer-promoted-v{version}.png"), full_page=True)
-    except Exception:
-        page.screenshot(path=str(RESULTS / "reviewer-failure.png"), full_page=True)
-        raise
-    finally:
-        page.context.close()
 
     assert mlflow_client.get_model_version_by_alias("digits", "champion").version == version
     wait_until_serving(stack.endpoint_urls, "digits", version, timeout_s=30)
@@ -267,17 +242,11 @@ def test_reviewer_is_refused_a_version_without_validation_passed_in_the_mlflow_u
     unvalidated = created.json()["model_version"]["version"]
     assert mlflow_client.get_model_version("digits", unvalidated).tags["registered_by"] == name
 
-    page = login(browser, stack, "reviewer")
-    try:
+    with logged_in(browser, stack, "reviewer", failure="auth-reviewer") as page:
         dialog = try_champion_in_ui(page, stack, unvalidated)
         dialog.get_by_text("Promotion policy, rule 'evidence'").wait_for()
         dialog.get_by_text("no 'validation' tag", exact=False).wait_for()
         page.screenshot(path=str(RESULTS / "auth-reviewer-refused-unvalidated.png"))
-    except Exception:
-        page.screenshot(path=str(RESULTS / "auth-reviewer-failure.png"), full_page=True)
-        raise
-    finally:
-        page.context.close()
 
     assert mlflow_client.get_model_version_by_alias("digits", "champion").version == (
         champion.version

@@ -8,18 +8,12 @@ Marked slow: eight trials plus the Dask workers' start-up take minutes on 2 busy
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
 
-from tests.integration.conftest import stack_env
+from tests.integration.conftest import run_on_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
-
-BIN = Path(sys.executable).parent
 
 
 def test_on_demand_deployment_runs_a_sweep_on_dask_and_registers_the_best(
@@ -37,24 +31,19 @@ def test_on_demand_deployment_runs_a_sweep_on_dask_and_registers_the_best(
             }
         )
     )
-    out = subprocess.run(
-        [
-            BIN / "onnxflow",
-            "trigger",
-            "--sweep",
-            "8",
-            "--dask-workers",
-            "2",
-            "--config",
-            config,
-            "--wait",
-        ],
-        env=stack_env(stack),
-        capture_output=True,
-        text=True,
-        timeout=1100,
+    out = run_on_stack(
+        stack,
+        "onnxflow",
+        "trigger",
+        "--sweep",
+        "8",
+        "--dask-workers",
+        "2",
+        "--config",
+        config,
+        "--wait",
+        timeout_s=1100,
     )
-    assert out.returncode == 0, out.stdout + out.stderr
     assert "finished COMPLETED" in out.stdout, out.stdout
 
     version = mlflow_client.get_model_version_by_alias("digits-sweep", "challenger")

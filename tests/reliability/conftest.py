@@ -279,19 +279,15 @@ def versions(registry, model_files) -> dict[str, str]:
 def start_endpoint(
     registry: Registry, state_dir: Path, tracking_uri: str | None = None, **options
 ) -> Endpoint:
-    """A ``python -m onnxflow.serving`` process (waits until ready); stop_background stops it."""
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri or registry.uri
-    try:
+    """A ``python -m onnxflow.serving`` process (waits until ready); stop_background stops it.
+    ``options`` are ServingSettings fields; the token is the tests' TOKEN unless given."""
+    options.setdefault("token", TOKEN)
+    with pytest.MonkeyPatch.context() as patch:  # the endpoint inherits the tracking URI
+        patch.setenv("MLFLOW_TRACKING_URI", tracking_uri or registry.uri)
         settings = ServingSettings(
             port=free_port(), cache_dir=state_dir / "cache", log_level="info", **options
         )
         info = start_background(settings, state_dir)
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
     try:
         wait_ready(info, timeout_s=90)
     except BaseException:
@@ -312,7 +308,6 @@ def swappy(registry, versions, tmp_path_factory, report):
         registry,
         tmp_path_factory.mktemp("swappy"),
         model="swappy@champion",
-        token=TOKEN,
         poll_interval_s=0.2,
     )
     yield endpoint

@@ -58,7 +58,6 @@ def test_mlflow_server_killed_while_serving(registry, model_files, tmp_path, rep
             tmp_path / "remote",
             tracking_uri=url,
             model="remote@champion",
-            token=TOKEN,
             poll_interval_s=0.2,
         )
         try:

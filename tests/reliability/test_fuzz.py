@@ -33,6 +33,7 @@ from tests.reliability.conftest import (
     server_errors,
     start_endpoint,
 )
+from tests.serving.models import binary_header
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -54,7 +55,6 @@ def fuzzy(registry, tmp_path_factory, report):
         registry,
         tmp_path_factory.mktemp("fuzzy"),
         model="multi@champion",
-        token=TOKEN,
         poll_interval_s=2,
     )
     endpoint.pid = endpoint_pid(endpoint)
@@ -208,18 +208,7 @@ def _hostile() -> list[tuple[str, str, dict, bytes, set[int]]]:
         ),
     ]
     # The binary tensor data extension with lying header lengths.
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "x",
-                    "datatype": "FP32",
-                    "shape": [1, 3],
-                    "parameters": {"binary_data_size": 12},
-                }
-            ]
-        }
-    ).encode()
+    header = binary_header("x", [1, 3], 12)
     blob = b"\0" * 12
     octet = {"content-type": "application/octet-stream"}
     for label, value in [
@@ -242,18 +231,7 @@ def _hostile() -> list[tuple[str, str, dict, bytes, set[int]]]:
                 {400},
             )
         )
-    short_blob = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "x",
-                    "datatype": "FP32",
-                    "shape": [1, 3],
-                    "parameters": {"binary_data_size": 1 << 40},
-                }
-            ]
-        }
-    ).encode()
+    short_blob = binary_header("x", [1, 3], 1 << 40)
     cases.append(
         (
             "binary_data_size past the body",

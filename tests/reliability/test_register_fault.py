@@ -12,6 +12,7 @@ import time
 import pytest
 
 from onnxflow.processes import free_port
+from tests.conftest import validation_summary
 from tests.reliability.conftest import (
     SOAK,
     _example,
@@ -34,19 +35,9 @@ def prefect_harness():
 
 
 def _summary(tmp_path, model_path):
-    from onnxflow.results import ValidationSummary
-
-    return ValidationSummary(
-        report_dir=tmp_path,
-        passed=True,
-        metric_name="accuracy",
-        framework_metric=0.9,
-        onnx_metric=0.9,
-        parity_max_abs=0.0,
-        parity_max_rel=0.0,
+    return validation_summary(
+        tmp_path,
         latency_ms={"onnx_b1": 0.1, "framework_b1": 0.2},
-        opset=18,
-        ir_version=9,
         model_bytes=model_path.stat().st_size,
     )
 
@@ -96,11 +87,11 @@ def test_register_with_mlflow_down_retries_then_fails_clearly(
         def reach_register():
             return task(
                 model_files["mlp"],
-                _summary(tmp_path, model_files["mlp"]),
-                {"source_framework": "onnx-helper"},
-                sample,
-                RegisterConfig(model_name="guarded"),
-                run_id,
+                summary=_summary(tmp_path, model_files["mlp"]),
+                lineage={"source_framework": "onnx-helper"},
+                sample=sample,
+                config=RegisterConfig(model_name="guarded"),
+                run_id=run_id,
             )
 
         started = time.monotonic()

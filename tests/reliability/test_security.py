@@ -19,6 +19,7 @@ from onnxflow.processes import free_port
 from onnxflow.serving.launcher import start_background, stop_background
 from onnxflow.serving.openapi import openapi_document
 from onnxflow.serving.settings import ServingSettings
+from tests.conftest import point_external_data, save_checked_onnx
 from tests.reliability.conftest import (
     TOKEN,
     _example,
@@ -99,21 +100,9 @@ def _escaping_copy(model: Path, folder: Path) -> Path:
     import onnx
 
     proto = onnx.load(str(model))
-    folder.mkdir(parents=True)
-    onnx.save_model(
-        proto,
-        str(folder / "model.onnx"),
-        save_as_external_data=True,
-        location="model.onnx.data",
-        size_threshold=0,
-    )
+    save_checked_onnx(proto, folder / "model.onnx", True, "model.onnx.data")
     (folder / "model.onnx.data").rename(folder.parent / "stolen.data")
-    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = "../stolen.data"
-    onnx.save_model(proto, str(folder / "model.onnx"))
+    point_external_data(folder / "model.onnx", "../stolen.data")
     return folder / "model.onnx"
 
 
@@ -220,7 +209,7 @@ def test_the_endpoint_never_unpickles(registry, versions, tmp_path, monkeypatch,
         mlflow.MlflowClient().set_model_version_tag("pickled", mv.version, "onnx_sha256", "0")
 
     endpoint = start_endpoint(
-        registry, tmp_path / "audited", model="swappy@champion", token=TOKEN, poll_interval_s=0.2
+        registry, tmp_path / "audited", model="swappy@champion", poll_interval_s=0.2
     )
     pickled = None
     try:

@@ -51,23 +51,18 @@ class Registry:
         """Point MLflow (this process) at the test registry for the duration."""
         import mlflow
 
-        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
-        os.environ["MLFLOW_TRACKING_URI"] = self.uri
-        mlflow.set_tracking_uri(self.uri)
-        if self.experiment_id is None:
-            self.experiment_id = mlflow.MlflowClient().create_experiment(
-                "serving-tests", artifact_location=str(self.root / "artifacts")
-            )
-        os.environ["MLFLOW_EXPERIMENT_ID"] = self.experiment_id
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            mlflow.set_tracking_uri(None)
+        with pytest.MonkeyPatch.context() as patch:  # the variables are restored after
+            patch.setenv("MLFLOW_TRACKING_URI", self.uri)
+            mlflow.set_tracking_uri(self.uri)
+            if self.experiment_id is None:
+                self.experiment_id = mlflow.MlflowClient().create_experiment(
+                    "serving-tests", artifact_location=str(self.root / "artifacts")
+                )
+            patch.setenv("MLFLOW_EXPERIMENT_ID", self.experiment_id)
+            try:
+                yield
+            finally:
+                mlflow.set_tracking_uri(None)
 
     def register(self, name: str, model_path: Path, example, aliases=("champion",)) -> str:
         from onnxflow.registration import register_onnx
@@ -113,12 +108,13 @@ class Endpoint:
 
 
 @contextlib.contextmanager
-def serving(registry: Registry, root: Path, name: str, **options) -> Iterator[Endpoint]:
-    """One endpoint process over the test registry (REST and gRPC on free ports, state in
-    ``root``), ready, until the block ends; ``options`` are :class:`ServingSettings` fields,
-    ``name`` the model the :class:`Endpoint` talks to."""
+def serving(registry: Registry | str, root: Path, name: str, **options) -> Iterator[Endpoint]:
+    """One endpoint process over the test registry (or another tracking URI), REST and gRPC
+    on free ports, state in ``root``, ready, until the block ends; ``options`` are
+    :class:`ServingSettings` fields, ``name`` the model the :class:`Endpoint` talks to."""
+    uri = registry if isinstance(registry, str) else registry.uri
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", registry.uri)  # the endpoint inherits it
+        patch.setenv("MLFLOW_TRACKING_URI", uri)  # the endpoint inherits it
         settings = ServingSettings(
             port=free_port(), grpc_port=free_port(), cache_dir=root / "cache", **options
         )
@@ -237,24 +233,20 @@ def _endpoints(registry: Registry, root: Path, server_url: str):
             stop_background(endpoint.state_dir)
 
 
-@pytest.fixture(scope="session")
-def digits(endpoints) -> Endpoint:
-    return endpoints["digits"]
+def _endpoint_fixture(key: str):
+    """A session fixture named ``key``: that one of :func:`endpoints`."""
+
+    @pytest.fixture(scope="session", name=key)
+    def endpoint(endpoints) -> Endpoint:
+        return endpoints[key]
+
+    return endpoint
 
 
-@pytest.fixture(scope="session")
-def multi(endpoints) -> Endpoint:
-    return endpoints["multi"]
-
-
-@pytest.fixture(scope="session")
-def batchy(endpoints) -> Endpoint:
-    return endpoints["batchy"]
-
-
-@pytest.fixture(scope="session")
-def reloady(endpoints) -> Endpoint:
-    return endpoints["reloady"]
+digits = _endpoint_fixture("digits")
+multi = _endpoint_fixture("multi")
+batchy = _endpoint_fixture("batchy")
+reloady = _endpoint_fixture("reloady")
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+
+def v2_request(**tensors: np.ndarray) -> dict:
+    """A KServe V2 JSON inference request carrying each float32 array (by input name)."""
+    return {
+        "inputs": [
+            {"name": name, "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+            for name, x in tensors.items()
+        ]
+    }
+
+
+def binary_header(name: str, shape: list[int], byte_size: int) -> bytes:
+    """The JSON header of a V2 request whose one FP32 input follows it as ``byte_size`` bytes
+    of binary data (the binary tensor data extension)."""
+    tensor = {"name": name, "datatype": "FP32", "shape": shape}
+    request = {"inputs": [{**tensor, "parameters": {"binary_data_size": byte_size}}]}
+    return json.dumps(request).encode()
 
 
 def _save(graph, path: Path) -> Path:

@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from tests.serving.models import binary_header
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 GOOD = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}
@@ -100,18 +102,7 @@ def test_v2_bad_input(digits, case):
 
 
 def test_binary_size_mismatch(digits):
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "features",
-                    "datatype": "FP32",
-                    "shape": [1, 64],
-                    "parameters": {"binary_data_size": 100},
-                }
-            ]
-        }
-    ).encode()
+    header = binary_header("features", [1, 64], 100)
     with digits.client() as http:
         short = http.post(
             "/v2/models/digits/infer",

@@ -22,6 +22,7 @@ from onnxflow.serving.launcher import start_background, stop_background, wait_re
 from onnxflow.serving.settings import ServingSettings
 from tests.serving import models
 from tests.serving.conftest import TOKEN, Endpoint, _example, wait_for
+from tests.serving.models import v2_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -91,16 +92,7 @@ def canaried(registry, tmp_path_factory):
 def _infer(http, name: str, features: np.ndarray):
     return http.post(
         f"/v2/models/{name}/infer",
-        json={
-            "inputs": [
-                {
-                    "name": "features",
-                    "datatype": "FP32",
-                    "shape": list(features.shape),
-                    "data": features.ravel().tolist(),
-                }
-            ]
-        },
+        json=v2_request(features=features),
     )
 
 
@@ -129,16 +121,7 @@ def test_the_canary_answers_its_share_with_its_own_values(canaried):
         for _ in range(10):
             pinned = http.post(
                 "/v2/models/canary_a/versions/1/infer",
-                json={
-                    "inputs": [
-                        {
-                            "name": "features",
-                            "datatype": "FP32",
-                            "shape": [1, 64],
-                            "data": [0.5] * 64,
-                        }
-                    ]
-                },
+                json=v2_request(features=np.full((1, 64), 0.5, np.float32)),
             )
             assert pinned.status_code == 200 and pinned.headers["x-model-version"] == "1"
         status = http.get("/admin/status").json()["canary"]

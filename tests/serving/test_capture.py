@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from onnxflow.processes import free_port
 from onnxflow.serving.capture import Capture
-from onnxflow.serving.launcher import start_background, stop_background, wait_ready
+from onnxflow.serving.launcher import stop_background
 from onnxflow.serving.settings import ServingSettings
 from tests.serving import models
-from tests.serving.conftest import TOKEN, _example, wait_for
+from tests.serving.conftest import TOKEN, _example, serving, wait_for
 
 
 def _read(fs, root: str):
@@ -142,25 +141,16 @@ def captured(registry, tmp_path_factory):
     assert registry.register("cap_b", multi, models.multi_example()) == "1"
     state = tmp_path_factory.mktemp("capture-endpoint")
     folder = state / "captured"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", registry.uri)
-        settings = ServingSettings(
-            model="cap_a@champion,cap_b@champion",
-            capture=str(folder),
-            port=free_port(),
-            grpc_port=free_port(),
-            cache_dir=state / "cache",
-            token=TOKEN,
-            poll_interval_s=0,
-        )
-        info = start_background(settings, state)
-    try:
-        wait_ready(info, timeout_s=240)
-        yield SimpleNamespace(
-            url=info.url, grpc=f"127.0.0.1:{settings.grpc_port}", folder=folder, state=state
-        )
-    finally:
-        stop_background(state)
+    with serving(
+        registry,
+        state,
+        "cap_a",
+        model="cap_a@champion,cap_b@champion",
+        capture=str(folder),
+        token=TOKEN,
+        poll_interval_s=0,
+    ) as endpoint:
+        yield SimpleNamespace(url=endpoint.url, grpc=endpoint.grpc, folder=folder, state=state)
 
 
 def _rest(http: httpx.Client, i: int, rid: str | None) -> tuple[int, str | None, int]:

@@ -9,27 +9,15 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from onnxflow.processes import free_port
-from onnxflow.serving.launcher import start_background, stop_background, wait_ready
-from onnxflow.serving.settings import ServingSettings
 from tests.conftest import make_linear_onnx
-from tests.serving.conftest import TOKEN
+from tests.serving.conftest import TOKEN, serving
+from tests.serving.models import v2_request
 
 SHIFTED = 8
 
 
 def _infer(http: httpx.Client, name: str, x: np.ndarray) -> None:
-    body = {
-        "inputs": [
-            {
-                "name": "features",
-                "datatype": "FP32",
-                "shape": list(x.shape),
-                "data": x.ravel().tolist(),
-            }
-        ]
-    }
-    response = http.post(f"/v2/models/{name}/infer", json=body)
+    response = http.post(f"/v2/models/{name}/infer", json=v2_request(features=x))
     assert response.status_code == 200, response.text
 
 
@@ -57,32 +45,27 @@ def test_shifted_inputs_raise_their_drift_gauges_and_unshifted_ones_stay_under(
     )
     register_onnx(path, model_name="bare", input_example=train[:1], aliases=("champion",))
 
-    state = tmp_path / "endpoint"
-    settings = ServingSettings(
-        model="live@champion,bare@champion",
-        port=free_port(),
-        grpc_port=free_port(),
-        cache_dir=state / "cache",
-        token=TOKEN,
-        poll_interval_s=0,
-    )
-    info = start_background(settings, state)
-    try:
-        wait_ready(info, timeout_s=240)
-        headers = {"authorization": f"Bearer {TOKEN}"}
-        with httpx.Client(base_url=info.url, headers=headers, timeout=30) as http:
-            for _ in range(20):  # 500 rows of the training distribution
-                _infer(http, "live", rng.normal(size=(25, 64)).astype(np.float32))
-                _infer(http, "bare", rng.normal(size=(25, 64)).astype(np.float32))
-            calm = _gauges(http)
-            for _ in range(20):  # then 500 rows with the first 8 features shifted
-                x = rng.normal(size=(25, 64)).astype(np.float32)
-                x[:, :SHIFTED] += 1.5
-                _infer(http, "live", x)
-            shifted = _gauges(http)
-            status = http.get("/admin/status").json()
-    finally:
-        stop_background(state)
+    with (
+        serving(
+            mlflow_store,
+            tmp_path / "endpoint",
+            "live",
+            model="live@champion,bare@champion",
+            token=TOKEN,
+            poll_interval_s=0,
+        ) as endpoint,
+        endpoint.client() as http,
+    ):
+        for _ in range(20):  # 500 rows of the training distribution
+            _infer(http, "live", rng.normal(size=(25, 64)).astype(np.float32))
+            _infer(http, "bare", rng.normal(size=(25, 64)).astype(np.float32))
+        calm = _gauges(http)
+        for _ in range(20):  # then 500 rows with the first 8 features shifted
+            x = rng.normal(size=(25, 64)).astype(np.float32)
+            x[:, :SHIFTED] += 1.5
+            _infer(http, "live", x)
+        shifted = _gauges(http)
+        status = http.get("/admin/status").json()
 
     def figures(gauges, name):
         return {

@@ -19,6 +19,7 @@ from onnxflow.serving.registry_reader import registry_for
 from onnxflow.serving.settings import ServingSettings
 from tests.serving import models
 from tests.serving.conftest import TOKEN, Endpoint, _example, corrupt_stored_model, wait_for
+from tests.serving.models import v2_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -101,16 +102,7 @@ def test_each_model_by_name_and_invocations_on_the_first(team, local_session):
     with endpoint.client() as http:
         infer = http.post(
             "/v2/models/team_a/infer",
-            json={
-                "inputs": [
-                    {
-                        "name": "features",
-                        "datatype": "FP32",
-                        "shape": [2, 64],
-                        "data": features.ravel().tolist(),
-                    }
-                ]
-            },
+            json=v2_request(features=features),
         )
         assert infer.status_code == 200, infer.text
         assert infer.headers["x-model-name"] == "team_a"
@@ -171,11 +163,7 @@ def test_new_models_with_the_alias_are_picked_up(team, registry, model_files):
         wait_for(lambda: http.get("/v2/models/team_late/ready").status_code == 200, 60)
         response = http.post(
             "/v2/models/team_late/infer",
-            json={
-                "inputs": [
-                    {"name": "features", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}
-                ]
-            },
+            json=v2_request(features=np.full((1, 64), 0.5, np.float32)),
         )
     assert response.status_code == 200 and response.headers["x-model-version"] == version
 

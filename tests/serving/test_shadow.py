@@ -26,6 +26,7 @@ from onnxflow.serving.settings import ServingSettings
 from onnxflow.serving.shadow import REPORT_PATH
 from tests.serving import models
 from tests.serving.conftest import TOKEN, Endpoint, _example, serving, wait_for
+from tests.serving.models import v2_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -134,16 +135,7 @@ def _send(endpoint, plan: list[tuple[str, int]], expected: dict) -> list[float]:
             begin = time.perf_counter()
             response = http.post(
                 f"/v2/models/{name}/infer",
-                json={
-                    "inputs": [
-                        {
-                            "name": "features",
-                            "datatype": "FP32",
-                            "shape": [rows, 64],
-                            "data": features[i].ravel().tolist(),
-                        }
-                    ]
-                },
+                json=v2_request(features=features[i]),
             )
             return i, response, time.perf_counter() - begin
 

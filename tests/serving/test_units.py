@@ -30,6 +30,7 @@ from onnxflow.serving.tensors import (
     array_to_binary,
     check_shape,
 )
+from tests.conftest import point_external_data, save_checked_onnx
 from tests.serving import models
 
 FEATURES = TensorSpec("features", "FP32", (-1, 64))
@@ -136,15 +137,7 @@ def _version_folder(tmp_path: Path, *, external: bool = False) -> Path:
     """A minimal MLflow ONNX model folder, as the registry stores one."""
     folder = tmp_path / "version"
     source = models.mlp(tmp_path / "src" / "model.onnx")
-    folder.mkdir()
-    model = onnx.load(str(source))
-    onnx.save_model(
-        model,
-        str(folder / "model.onnx"),
-        save_as_external_data=external,
-        location="model.onnx.data",
-        size_threshold=0,
-    )
+    save_checked_onnx(onnx.load(str(source)), folder / "model.onnx", external, "model.onnx.data")
     (folder / "MLmodel").write_text("flavors:\n  onnx:\n    data: model.onnx\n")
     return folder
 
@@ -182,12 +175,7 @@ def test_refuses_external_data_outside_the_folder(tmp_path):
     folder = _version_folder(tmp_path, external=True)
     outside = tmp_path / "outside.data"
     shutil.move(folder / "model.onnx.data", outside)
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = "../outside.data"
-    onnx.save_model(model, str(folder / "model.onnx"))
+    point_external_data(folder / "model.onnx", "../outside.data")
     with pytest.raises(ModelRefused, match="outside"):
         load_model(folder, name="m", version="1", tags={}, settings=ServingSettings())
 
