@@ -1,6 +1,6 @@
 """The gRPC front: KServe V2 / Triton's ``inference.GRPCInferenceService`` over the data plane.
 
-Served by grpcio's synchronous server with two threads, against the protocol stubs
+Served by grpcio's synchronous server (:func:`grpc_threads`), against the protocol stubs
 tritonclient ships (``tritonclient.grpc.service_pb2``), so Triton's and KServe's gRPC
 clients work unchanged. Each RPC is a coroutine run on the endpoint's own event loop
 (:func:`_on_loop`): grpcio's threads read and write the messages (protobuf and HTTP/2,
@@ -37,10 +37,10 @@ from onnxflow.serving.tensors import array_to_binary
 
 log = logging.getLogger(__name__)
 
-# grpcio's threads: each reads a call, hands its coroutine to the loop and writes the
-# answer. Two keep the loop busy at any load on a small machine; more only contend for
-# the GIL (team_bench, docs/benchmarks.md).
-GRPC_THREADS = 2
+# grpcio's threads: each reads a call, hands its coroutine to the loop, waits and writes
+# the answer, so they bound the calls in flight on the loop. At least this many, so that a
+# slow call (a model load) holds none of the others back; 2 to 16 measured alike.
+GRPC_THREADS = 8
 
 
 def _stubs():
@@ -339,6 +339,12 @@ def _on_loop(loop: asyncio.AbstractEventLoop, method):
     return handler
 
 
+def grpc_threads(settings) -> int:
+    """grpcio's threads: enough for a full batch to gather (``--max-batch-size``) while
+    every inference thread runs, and never fewer than :data:`GRPC_THREADS`."""
+    return max(GRPC_THREADS, settings.max_batch_size + settings.inference_threads)
+
+
 async def start_grpc(plane: DataPlane, host: str, port: int) -> tuple[GrpcFront, int]:
     """Start the gRPC server for the running loop; returns (front, bound port)."""
     import grpc
@@ -346,7 +352,7 @@ async def start_grpc(plane: DataPlane, host: str, port: int) -> tuple[GrpcFront,
     _, stubs = _stubs()
     limit = plane.settings.max_body_bytes + 64 * 1024  # the body limit, plus the envelope
     server = grpc.server(
-        ThreadPoolExecutor(GRPC_THREADS, thread_name_prefix="grpc"),
+        ThreadPoolExecutor(grpc_threads(plane.settings), thread_name_prefix="grpc"),
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", -1),
