@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 # grpcio's threads: each reads a call, hands its coroutine to the loop, waits and writes
 # the answer, so they bound the calls in flight on the loop. At least this many, so that a
-# slow call (a model load) holds none of the others back; 2 to 16 measured alike.
-GRPC_THREADS = 8
+# slow call (a model load) does not hold the others back; few, as they contend for the GIL
+# (team_bench at 64 client threads: 2 and 4 alike, 8 about a quarter fewer requests/s).
+GRPC_THREADS = 4
 
 
 def _stubs():
