@@ -178,6 +178,7 @@ def stop_process(record: ProcessRecord, timeout_s: float = 20.0) -> bool:
     while time.monotonic() < deadline and any(is_alive(p, t) for p, t in tree):
         _reap(record.pid)
         time.sleep(0.1)
+    _reap(record.pid)  # it may have exited during the last sleep: no zombie left behind
     leftovers = [(p, t) for p, t in tree if is_alive(p, t)]
     for pid, _ in leftovers:
         log.warning(

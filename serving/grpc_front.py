@@ -1,13 +1,17 @@
 """The gRPC front: KServe V2 / Triton's ``inference.GRPCInferenceService`` over the data plane.
 
-Served with grpcio's asyncio server on the endpoint's own event loop (no worker thread per
-request), against the protocol stubs tritonclient ships (``tritonclient.grpc.service_pb2``),
-so Triton's and KServe's gRPC clients work unchanged. ``ModelInfer`` reads the message into
-the neutral :class:`~onnxflow.serving.inference.InferRequest` and takes the one request
-path REST takes (:meth:`DataPlane.run_request`, where the V2 rules bind it to the model);
-only the answer's encoding is gRPC's own. The token is ``authorization`` metadata
-(``Bearer <token>``), the body size limit the largest message. Errors are the data plane's
-named errors as gRPC status codes (``RequestError.grpc_code``).
+Served by grpcio's synchronous server (:func:`grpc_threads`), against the protocol stubs
+tritonclient ships (``tritonclient.grpc.service_pb2``), so Triton's and KServe's gRPC
+clients work unchanged. Each RPC is a coroutine run on the endpoint's own event loop
+(:func:`_on_loop`): grpcio's threads read and write the messages (protobuf and HTTP/2,
+mostly outside the GIL) while the loop only runs the request; that measured cheaper and
+much faster under load than ``grpc.aio`` on the loop, whose per-call tasks and wake-ups
+cost the loop more than the whole REST request (docs/benchmarks.md). ``ModelInfer``
+reads the message into the neutral :class:`~onnxflow.serving.inference.InferRequest` and
+takes the one request path REST takes (:meth:`DataPlane.run_request`, where the V2 rules
+bind it to the model); only the answer's encoding is gRPC's own. The token is
+``authorization`` metadata (``Bearer <token>``), the body size limit the largest message.
+Errors are the data plane's named errors as gRPC status codes (``RequestError.grpc_code``).
 
 Tensors come as ``raw_input_contents`` (little-endian, BYTES length-prefixed: what
 tritonclient sends), as typed ``contents``, or from a registered system shared-memory
@@ -17,8 +21,12 @@ region the request names.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
+import queue
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from onnxflow.serving.dataplane import DataPlane
@@ -28,6 +36,12 @@ from onnxflow.serving.shared_memory import SharedMemoryRegistry, cuda_not_suppor
 from onnxflow.serving.tensors import array_to_binary
 
 log = logging.getLogger(__name__)
+
+# grpcio's threads: each reads a call, hands its coroutine to the loop, waits and writes
+# the answer, so they bound the calls in flight on the loop. At least this many, so that a
+# slow call (a model load) does not hold the others back; few, as they contend for the GIL
+# (team_bench at 64 client threads: 2 and 4 alike, 8 about a quarter fewer requests/s).
+GRPC_THREADS = 4
 
 
 def _stubs():
@@ -46,6 +60,8 @@ class InferenceService:
     # --- helpers ---------------------------------------------------------------------
 
     async def _call(self, rpc: str, context, handler, *, guarded: bool = True):
+        """Authorize, run ``handler`` and count the call; errors are raised, for the
+        handler's thread to answer as status codes (:func:`_on_loop`)."""
         start = time.perf_counter()
         status = 200
         try:
@@ -53,16 +69,12 @@ class InferenceService:
                 self.plane.authorize(_authorization(context))
             return await handler()
         except RequestError as exc:
-            import grpc
-
             status = exc.status
-            await context.abort(grpc.StatusCode[exc.grpc_code], str(exc))
-        except Exception as exc:  # noqa: BLE001  (answered as INTERNAL, logged)
-            import grpc
-
+            raise
+        except Exception:
             status = 500
             log.exception("unhandled error in gRPC %s", rpc)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            raise
         finally:
             self.plane.metrics.observe_request(
                 f"grpc:{rpc}", "GRPC", status, time.perf_counter() - start
@@ -276,30 +288,92 @@ class SharedMemoryService:
         return await self._call("CudaSharedMemoryUnregister", context, handler)
 
 
-async def start_grpc(plane: DataPlane, host: str, port: int):
-    """Start the gRPC server on the running loop; returns (server, bound port)."""
+class _Servicer(InferenceService, SharedMemoryService):
+    """Every RPC served, as coroutines on the endpoint's loop."""
+
+
+class GrpcFront:
+    """grpcio's server and the bridge from its threads to the endpoint's loop."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+
+    async def stop(self, grace: float) -> None:
+        # stop() answers at once; the handlers still running finish on this loop, so
+        # wait for the server to be done without blocking it
+        done = self.server.stop(grace)
+        await asyncio.get_running_loop().run_in_executor(None, done.wait, grace + 1)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, method):
+    """``method`` (an async RPC of the servicer) as grpcio's synchronous handler: the
+    coroutine runs on the endpoint's loop, the calling thread waits for its task and
+    answers errors as status codes (``RequestError.grpc_code``)."""
+    import grpc
+
+    def handler(request, context):
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+
+        def begin() -> None:
+            loop.create_task(method(request, context)).add_done_callback(finished.put)
+
+        try:
+            loop.call_soon_threadsafe(begin)
+            while True:
+                try:
+                    task = finished.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if not loop.is_running():  # stopped before it ran the call
+                        raise RuntimeError("the loop stopped") from None
+        except RuntimeError:  # the loop is closed or stopped: the endpoint is stopping
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the endpoint is stopping")
+        if task.cancelled():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the endpoint is stopping")
+        exc = task.exception()
+        if exc is None:
+            return task.result()
+        if isinstance(exc, RequestError):
+            context.abort(grpc.StatusCode[exc.grpc_code], str(exc))
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    return handler
+
+
+def grpc_threads(settings) -> int:
+    """grpcio's threads: enough for a full batch to gather (``--max-batch-size``) while
+    every inference thread runs, and never fewer than :data:`GRPC_THREADS`."""
+    return max(GRPC_THREADS, settings.max_batch_size + settings.inference_threads)
+
+
+async def start_grpc(plane: DataPlane, host: str, port: int) -> tuple[GrpcFront, int]:
+    """Start the gRPC server for the running loop; returns (front, bound port)."""
     import grpc
 
     _, stubs = _stubs()
     limit = plane.settings.max_body_bytes + 64 * 1024  # the body limit, plus the envelope
-    server = grpc.aio.server(
+    server = grpc.server(
+        ThreadPoolExecutor(grpc_threads(plane.settings), thread_name_prefix="grpc"),
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
+    servicer = _Servicer(plane)
+    loop = asyncio.get_running_loop()
     # The generated base answers UNIMPLEMENTED for what is not served here (streaming,
-    # trace and log settings).
-    servicer = type(
-        "Servicer",
-        (InferenceService, SharedMemoryService, stubs.GRPCInferenceServiceServicer),
-        {},
-    )
-    stubs.add_GRPCInferenceServiceServicer_to_server(servicer(plane), server)
+    # trace and log settings): only the RPCs served are bridged onto the loop.
+    bridged = {
+        name: staticmethod(_on_loop(loop, getattr(servicer, name)))
+        for name in vars(stubs.GRPCInferenceServiceServicer)
+        if inspect.iscoroutinefunction(getattr(servicer, name, None))
+    }
+    front = type("GrpcServicer", (stubs.GRPCInferenceServiceServicer,), bridged)()
+    stubs.add_GRPCInferenceServiceServicer_to_server(front, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {host}:{port}")
-    await server.start()
+    server.start()
     log.info("gRPC (KServe V2 / Triton GRPCInferenceService) on %s:%s", host, bound)
-    return server, bound
+    return GrpcFront(server), bound

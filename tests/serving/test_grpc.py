@@ -9,6 +9,10 @@ The endpoint serves Triton's example models ``simple``, ``simple_string`` and
 
 from __future__ import annotations
 
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -52,6 +56,22 @@ def guarded(registry, triton_registered, tmp_path_factory):
         token=TOKEN,
         max_body_bytes=4096,
         shared_memory=True,
+    ) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def batching(registry, registered, tmp_path_factory):
+    """digits with dynamic batching: a batch of 8 rows, waiting up to 2 s to fill."""
+    root = tmp_path_factory.mktemp("grpc-batching")
+    with serving(
+        registry,
+        root,
+        "digits",
+        model="digits@champion",
+        max_batch_size=8,
+        max_batch_delay_ms=2000,
+        inference_threads=1,
     ) as endpoint:
         yield endpoint
 
@@ -321,3 +341,43 @@ def test_triton_http_example_clients_logic(triton_endpoint):
     assert [int(x) for x in answer.as_numpy("OUTPUT0").ravel()] == list(range(1, 17))
     assert [int(x) for x in answer.as_numpy("OUTPUT1").ravel()] == list(range(-1, 15))
     client.close()
+
+
+def _batches(endpoint) -> tuple[float, float]:
+    """Merged runs so far and the requests they answered (``onnxflow_batch_requests``)."""
+    with endpoint.client() as http:
+        text = http.get("/metrics").text
+    count = float(re.search(r"onnxflow_batch_requests_count (\S+)", text).group(1))
+    total = float(re.search(r"onnxflow_batch_requests_sum (\S+)", text).group(1))
+    return count, total
+
+
+def test_concurrent_calls_wait_on_the_loop_together_and_share_a_batch(batching, local_session):
+    """Eight gRPC calls at once are all in flight on the endpoint's loop and merge into
+    full batches: grpcio's threads, each waiting for its call's coroutine, do not cap the
+    calls in flight below a batch (a cap of 2 would need at least 4 runs)."""
+    import tritonclient.grpc as grpcclient
+
+    session = local_session("mlp")
+    rows = [np.random.default_rng(i).normal(size=(1, 64)).astype(np.float32) for i in range(8)]
+    clients = [grpcclient.InferenceServerClient(batching.grpc) for _ in rows]
+    for client in clients:  # connected before the calls, so that they start together
+        assert client.is_server_ready()
+    runs_before, requests_before = _batches(batching)
+    start = threading.Barrier(len(rows))
+
+    def call(i: int) -> np.ndarray:
+        tensor = grpcclient.InferInput("features", [1, 64], "FP32")
+        tensor.set_data_from_numpy(rows[i])
+        start.wait()
+        return clients[i].infer("digits", [tensor]).as_numpy("logits")
+
+    with ThreadPoolExecutor(len(rows)) as pool:
+        answers = list(pool.map(call, range(len(rows))))
+    for x, logits in zip(rows, answers, strict=True):
+        np.testing.assert_allclose(
+            logits, session.run(None, {"features": x})[0], rtol=1e-4, atol=1e-5
+        )
+    runs, requests = _batches(batching)
+    assert requests - requests_before == len(rows)
+    assert runs - runs_before < 4, f"{runs - runs_before:.0f} runs for 8 concurrent calls"
