@@ -173,7 +173,7 @@ def test_a_streamed_recipe_trains_on_cpu_in_fp32_and_bf16_and_validates(
     trained = source.train(tmp_path / "train", on_epoch=lambda e, m: epochs.append(m))
     assert trained.params["train_precision"] == precision
     assert trained.params["data_streamed"] == "images"
-    assert len(epochs) == 2 and epochs[-1]["samples_per_second"] > 0
+    assert len(epochs) == 2 and epochs[-1]["train_samples_per_second"] > 0
     model = source.export(trained, tmp_path / "source")
     summary = validate_sourced(
         source, model, model.exported.path, ValidateConfig(latency_repeats=2), tmp_path / "v"
@@ -251,6 +251,7 @@ def test_streaming_needs_a_folder_or_parquet(tmp_path):
         prepare_recipe_data(str(recipe), DataConfig(stream=True), tmp_path / "d")
 
 
+@pytest.mark.slow  # a minute: the whole flow with a Prefect test server
 def test_a_streamed_recipe_registers_what_training_used(shapes, tmp_path, mlflow_store):
     from prefect.testing.utilities import prefect_test_harness
 
@@ -273,3 +274,97 @@ def test_a_streamed_recipe_registers_what_training_used(shapes, tmp_path, mlflow
     assert tags["train_precision"] == "bf16" and tags["data_streamed"] == "images"
     assert tags["train_loader_workers"] == "1" and tags["train_device"] == "cpu"
     assert tags["validation"] == "passed"
+
+
+#: The slow test's memory bound (README): peak PSS of `onnxflow run` and every process it
+#: starts (loader workers, the temporary Prefect server), and the largest process's RSS.
+RSS_BOUND_MB = 2000
+BIG_SIZE, BIG_PER_CLASS = 512, 900  # 2,700 PNGs: 8.5 GB as float32, 4.2x the bound
+
+BIG_RECIPE = f"""
+import torch
+
+DEFAULTS = {{
+    "data": {{"stream": True, "image_size": {BIG_SIZE}, "sample_rows": 64}},
+    "train": {{"epochs": 1, "batch_size": 16, "loader_workers": 2}},
+    "validate": {{"latency_repeats": 2, "batch_size": 8}},
+    "register": {{"model_name": "big"}},
+}}
+
+def build_model(info):
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 16, stride=16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, info.n_classes),
+    )
+"""
+
+
+def write_big_folder(folder: Path, per_class: int, size: int) -> int:
+    """Three class folders of ``per_class`` PNGs (a bright disc, square or bar on a dark
+    noisy background); returns the bytes written."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    written = 0
+    for name in ("disc", "square", "bar"):
+        (folder / name).mkdir(parents=True)
+        for i in range(per_class):
+            cx, cy, r = rng.uniform(0.3, 0.7, 2) * size, rng.uniform(0.1, 0.25) * size
+            if name == "disc":
+                mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
+            elif name == "square":
+                mask = (abs(xx - cx) < r) & (abs(yy - cy) < r)
+            else:
+                mask = (abs(xx - cx) < r / 3) & (abs(yy - cy) < r * 1.5)
+            pixels = rng.integers(0, 24, (size, size, 3), dtype=np.uint8)
+            pixels[mask] += np.asarray(rng.integers(150, 220, 3), dtype=np.uint8)
+            path = folder / name / f"{i:05d}.png"
+            Image.fromarray(pixels).save(path, compress_level=1)
+            written += path.stat().st_size
+    return written
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_a_folder_several_times_the_memory_bound_trains_validates_and_registers(tmp_path):
+    """`onnxflow run` on an image folder whose float32 size is 4x the bound: streamed, it
+    trains, validates and registers with its whole process tree under the bound."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    sys.path.insert(0, str(ROOT))
+    from bench._common import PeakMemory
+
+    folder = tmp_path / "big"
+    on_disk = write_big_folder(folder, BIG_PER_CLASS, BIG_SIZE)
+    float32 = 3 * BIG_PER_CLASS * 3 * BIG_SIZE * BIG_SIZE * 4
+    assert float32 >= 4 * RSS_BOUND_MB * 2**20
+    recipe = _recipe(tmp_path, BIG_RECIPE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    command = [str(Path(sys.executable).parent / "onnxflow"), "run", "--recipe", str(recipe)]
+    proc = subprocess.Popen(
+        [*command, "--data", str(folder)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    with PeakMemory(proc.pid, interval=0.05) as peak:
+        output, _ = proc.communicate()
+    summary = (
+        f"{3 * BIG_PER_CLASS} PNGs {BIG_SIZE}x{BIG_SIZE} ({on_disk / 2**30:.2f} GB on disk, "
+        f"{float32 / 2**30:.1f} GB as float32): peak PSS of the run's processes "
+        f"{peak.pss_mb:.0f} MB, largest process RSS {peak.rss_mb:.0f} MB, bound {RSS_BOUND_MB} MB"
+    )
+    print(summary)
+    assert proc.returncode == 0, output[-4000:]
+    client = MlflowClient(tracking_uri=uri)
+    (version,) = client.search_model_versions("name='big'")
+    assert version.tags["validation"] == "passed" and version.tags["data_streamed"] == "images"
+    assert peak.pss_mb < RSS_BOUND_MB and peak.rss_mb < RSS_BOUND_MB, summary

@@ -24,15 +24,16 @@ from onnxflow.streaming import ParquetRows, RecipeRows, SplitRows, stack_items
 class BatchRows(Dataset):
     """A split as a torch Dataset of batches: ``self[indices]`` -> ``(inputs, labels)``."""
 
-    def __init__(self, reader: SplitRows, names: tuple[str, ...]) -> None:
+    def __init__(self, reader: SplitRows, names: tuple[str, ...] | None = None) -> None:
         self.reader = reader
-        self.names = names
+        self.names = names  # None: every array of a row but the label
+
+    def __getitem__(self, indices: Sequence[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        rows = self.reader.rows(indices)
+        return as_tensors(rows, self.names or tuple(k for k in rows if k != LABEL))
 
     def __len__(self) -> int:
         return len(self.reader)
-
-    def __getitem__(self, indices: Sequence[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        return as_tensors(self.reader.rows(indices), self.names)
 
 
 class IterableRows(IterableDataset):

@@ -150,7 +150,10 @@ def fit(
     names = info.input_names
     amp = autocast_dtype(config.precision, device)
     cuda = device == "cuda"
-    workers = config.loader_workers if isinstance(data, StreamedSplits) else 0
+    streamed = isinstance(data, StreamedSplits)
+    workers = config.loader_workers if streamed else 0
+    # streamed: validation batches as small as training's (memory: batch x workers)
+    eval_batch = config.batch_size if streamed else _EVAL_BATCH
     train = make_loader(
         torch_split(data, "train", names, config.batch_size),
         config.batch_size,
@@ -160,8 +163,8 @@ def fit(
         pin_memory=cuda,
     )
     validation = make_loader(
-        torch_split(data, "validation", names, _EVAL_BATCH),
-        _EVAL_BATCH,
+        torch_split(data, "validation", names, eval_batch),
+        eval_batch,
         shuffle=False,
         seed=config.seed,
         workers=workers,
@@ -194,19 +197,17 @@ def fit(
                 optimizer.step()
             total += loss.detach() * len(labels)
             rows += len(labels)
+        train_loss = total.item() / max(rows, 1)  # the epoch's one wait for the device
+        train_seconds = time.perf_counter() - started
         val_loss, val_score = evaluate_batches(model, validation, info, device, amp, layout)
-        metrics = {
-            "train_loss": total.item() / max(rows, 1),
-            "val_loss": val_loss,
-            _score_name(info): val_score,
-        }
+        metrics = {"train_loss": train_loss, "val_loss": val_loss, _score_name(info): val_score}
         if not np.isfinite(list(metrics.values())).all():
             raise TrainingError(
                 f"training diverged at epoch {epoch}: {metrics}; try a lower "
                 f"learning_rate than {config.learning_rate}"
             )
         metrics["epoch_seconds"] = time.perf_counter() - started
-        metrics["samples_per_second"] = rows / metrics["epoch_seconds"]
+        metrics["train_samples_per_second"] = rows / train_seconds
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     model.to(memory_format=torch.contiguous_format)
