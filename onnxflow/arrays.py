@@ -356,28 +356,13 @@ def load_image_folder(path: Path, config: DataConfig) -> NamedArrays:
 
     path = Path(path)
     size = config.image_size
-    folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(folders) < 2:
-        raise DataError(
-            f"{path} needs one subfolder per class (at least two); found "
-            f"{[p.name for p in folders]}"
-        )
-    files, labels = [], []
-    for index, folder in enumerate(folders):
-        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if len(found) < MIN_ROWS_PER_CLASS:
-            raise DataError(
-                f"class folder {folder} has {len(found)} PNG/JPEG image(s); need at "
-                f"least {MIN_ROWS_PER_CLASS} to split into train/validation/test"
-            )
-        files += found
-        labels += [index] * len(found)
+    classes, files, labels = image_folder_files(path)
     images = np.empty((len(files), 3, size, size), dtype=np.float32)
     log.info(
         "reading %d images from %s (%d classes) at %dx%d",
         len(files),
         path,
-        len(folders),
+        len(classes),
         size,
         size,
     )
@@ -389,9 +374,31 @@ def load_image_folder(path: Path, config: DataConfig) -> NamedArrays:
         config,
         name=path.name,
         source=str(path),
-        classes=tuple(p.name for p in folders),
+        classes=classes,
         preprocessing=image_preprocessing(size),
     )
+
+
+def image_folder_files(path: Path) -> tuple[tuple[str, ...], list[Path], list[int]]:
+    """The class names (subfolders, sorted), the PNG/JPEG files and their class indices."""
+    folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) < 2:
+        raise DataError(
+            f"{path} needs one subfolder per class (at least two); found "
+            f"{[p.name for p in folders]}"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for index, folder in enumerate(folders):
+        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if len(found) < MIN_ROWS_PER_CLASS:
+            raise DataError(
+                f"class folder {folder} has {len(found)} PNG/JPEG image(s); need at "
+                f"least {MIN_ROWS_PER_CLASS} to split into train/validation/test"
+            )
+        files += found
+        labels += [index] * len(found)
+    return tuple(p.name for p in folders), files, labels
 
 
 def decode_image(file: Path, size: int) -> np.ndarray:

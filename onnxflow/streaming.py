@@ -36,9 +36,7 @@ import numpy as np
 
 from onnxflow.arrays import (
     IMAGE_INPUT,
-    IMAGE_SUFFIXES,
     LABEL,
-    MIN_ROWS_PER_CLASS,
     SPLITS,
     TABLE_INPUT,
     ArrayDataset,
@@ -47,6 +45,7 @@ from onnxflow.arrays import (
     check_named_arrays,
     decode_image,
     encode_labels,
+    image_folder_files,
     image_preprocessing,
     split_arrays,
 )
@@ -357,41 +356,25 @@ def plan_images(path: Path, config: DataConfig) -> StreamPlan:
     """The image files of ``path/<class>/``, checked readable (header only) and hashed."""
     from PIL import Image, UnidentifiedImageError
 
-    folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(folders) < 2:
-        raise DataError(
-            f"{path} needs one subfolder per class (at least two); found "
-            f"{[p.name for p in folders]}"
-        )
-    files: list[str] = []
-    labels: list[int] = []
+    classes, files, labels = image_folder_files(path)
     digest = hashlib.sha256()
-    for index, folder in enumerate(folders):
-        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if len(found) < MIN_ROWS_PER_CLASS:
-            raise DataError(
-                f"class folder {folder} has {len(found)} PNG/JPEG image(s); need at "
-                f"least {MIN_ROWS_PER_CLASS} to split into train/validation/test"
-            )
-        for file in found:
-            try:
-                with Image.open(file) as image:  # reads the header, decodes nothing
-                    image.size  # noqa: B018
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"Cannot read image {file}: {exc}") from None
-            digest.update(f"{folder.name}/{file.name}\0".encode())
-            digest.update(hashlib.sha256(file.read_bytes()).digest())
-        files += [str(f.resolve()) for f in found]
-        labels += [index] * len(found)
-    log.info("streaming %d images from %s (%d classes)", len(files), path, len(folders))
+    for file, label in zip(files, labels, strict=True):
+        try:
+            with Image.open(file) as image:  # reads the header, decodes nothing
+                image.size  # noqa: B018
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"Cannot read image {file}: {exc}") from None
+        digest.update(f"{classes[label]}/{file.name}\0".encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    log.info("streaming %d images from %s (%d classes)", len(files), path, len(classes))
     return StreamPlan(
         kind="images",
         source=str(path),
         name=path.name,
         labels=np.asarray(labels, dtype=np.int64),
-        classes=tuple(p.name for p in folders),
+        classes=classes,
         settings={"size": config.image_size},
-        items=np.asarray(files),
+        items=np.asarray([str(f.resolve()) for f in files]),
         digest=digest.hexdigest(),
         preprocessing=image_preprocessing(config.image_size),
     )
@@ -499,15 +482,34 @@ def _probe_info(
     """The dataset's info from a few decoded rows of each split (names, shapes, dtypes,
     classes checked the in-memory way)."""
     readers = {s: _open(out_dir, s) for s in SPLITS}
-    probe = NamedArrays(
-        **{s: r.rows(np.arange(min(PROBE_ROWS, len(r)))) for s, r in readers.items()},
-        classes=plan.classes,
-        name=plan.name,
-        source=plan.source,
-    )
+    probe = {s: r.rows(np.arange(min(PROBE_ROWS, len(r)))) for s, r in readers.items()}
     task = config.task if plan.classes or config.task != "auto" else "regression"
-    inputs, classes, task = check_named_arrays(probe, task, where)
-    info = ArrayDatasetInfo(
+    info = _checked_info(plan, probe, sizes, config.model_copy(update={"task": task}), where)
+    log.info(
+        "data %s (streamed %s): inputs %s, %d/%d/%d train/val/test rows, digest %s",
+        info.name,
+        plan.kind,
+        ", ".join(f"{s.name} {s.dtype} {list(s.shape)}" for s in info.inputs),
+        info.n_train,
+        info.n_val,
+        info.n_test,
+        info.digest,
+    )
+    return info
+
+
+def _checked_info(
+    plan: StreamPlan,
+    probe: dict[str, dict[str, np.ndarray]],
+    sizes: dict[str, int],
+    config: DataConfig,
+    where: str,
+) -> ArrayDatasetInfo:
+    """The info of a streamed dataset, its first rows (``probe``) checked as in-memory
+    data is (:func:`onnxflow.arrays.check_named_arrays`)."""
+    named = NamedArrays(**probe, classes=plan.classes, name=plan.name, source=plan.source)
+    inputs, classes, task = check_named_arrays(named, config.task, where)
+    return ArrayDatasetInfo(
         name=plan.name,
         source=plan.source,
         task=task,
@@ -520,17 +522,6 @@ def _probe_info(
         seed=config.seed,
         preprocessing=plan.preprocessing,
     )
-    log.info(
-        "data %s (streamed %s): inputs %s, %d/%d/%d train/val/test rows, digest %s",
-        info.name,
-        plan.kind,
-        ", ".join(f"{s.name} {s.dtype} {list(s.shape)}" for s in inputs),
-        info.n_train,
-        info.n_val,
-        info.n_test,
-        info.digest,
-    )
-    return info
 
 
 def _split_unstratified(n: int, config: DataConfig) -> NamedArrays:
@@ -592,21 +583,8 @@ def stream_recipe(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / STREAM_FILE).write_text(json.dumps({"kind": plan.kind, **plan.settings}))
     np.savez(out_dir / MANIFEST_FILE)
-    named = NamedArrays(**probe, classes=classes, name=plan.name, source=plan.source)
-    inputs, classes, task = check_named_arrays(named, config.task, where)
-    info = ArrayDatasetInfo(
-        name=plan.name,
-        source=plan.source,
-        task=task,
-        inputs=inputs,
-        class_names=classes,
-        n_train=_count(splits["train"]),
-        n_val=_count(splits["validation"]),
-        n_test=_count(splits["test"]),
-        digest=plan.digest[:32],
-        seed=config.seed,
-        preprocessing=plan.preprocessing,
-    )
+    sizes = {s: _count(r) for s, r in splits.items()}
+    info = _checked_info(plan, probe, sizes, config, where)
     (out_dir / "dataset.json").write_text(info.model_dump_json(indent=2))
     return ArrayDataset(
         path=out_dir / MANIFEST_FILE, info=info, stream="recipe", sample_rows=config.sample_rows
