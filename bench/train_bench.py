@@ -104,7 +104,7 @@ def run_tuned(args, dataset) -> list[float]:
     import torch
 
     from onnxflow.arrays import read_split
-    from onnxflow.recipes.torch_recipe import autocast_dtype, resolve_device
+    from onnxflow.recipes.torch_recipe import autocast_dtype, optimizer_step, resolve_device
 
     device = resolve_device(args.device)
     torch.manual_seed(0)
@@ -134,14 +134,7 @@ def run_tuned(args, dataset) -> list[float]:
             rows = order[start : start + args.batch]
             with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
                 loss = loss_fn(model(x[rows]).float(), y[rows])
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            optimizer_step(loss, optimizer, scaler)
             total += loss.detach()
         total.item()
         rates.append(len(y) / (time.perf_counter() - started))

@@ -257,14 +257,17 @@ def head(data: TrainingData, split: str, n: int, names: tuple[str, ...]) -> dict
 
 def streamed_splits(dataset: ArrayDataset) -> StreamedSplits:
     """The readers of a streamed dataset's three splits."""
-    info = dataset.info
-    return StreamedSplits(
-        **{s: open_split(dataset, s) for s in SPLITS},
-        classes=info.class_names,
-        name=info.name,
-        source=info.source,
-        preprocessing=dict(info.preprocessing),
-    )
+    return StreamedSplits(**{s: open_split(dataset, s) for s in SPLITS}, **described(dataset.info))
+
+
+def described(info: ArrayDatasetInfo) -> dict[str, Any]:
+    """What NamedArrays and StreamedSplits carry besides the splits, from the info."""
+    return {
+        "classes": info.class_names,
+        "name": info.name,
+        "source": info.source,
+        "preprocessing": dict(info.preprocessing),
+    }
 
 
 def row_count(reader: SplitRows) -> int | None:

@@ -42,7 +42,7 @@ from onnxflow.interface import (
 )
 from onnxflow.recipes import load_recipe, takes_params
 from onnxflow.results import ExportedModel, TrainedModel
-from onnxflow.streaming import TrainingData, streamed_splits
+from onnxflow.streaming import TrainingData, described, streamed_splits
 
 log = logging.getLogger(__name__)
 
@@ -284,13 +284,8 @@ def training_data(dataset: ArrayDataset) -> TrainingData:
     """What training reads: the splits in memory (NamedArrays), or their streamed readers."""
     if dataset.stream is not None:
         return streamed_splits(dataset)
-    info = dataset.info
     return NamedArrays(
-        **{split: _split_arrays(dataset, split) for split in SPLITS},
-        classes=info.class_names,
-        name=info.name,
-        source=info.source,
-        preprocessing=dict(info.preprocessing),
+        **{split: _split_arrays(dataset, split) for split in SPLITS}, **described(dataset.info)
     )
 
 

@@ -187,14 +187,7 @@ def fit(
             with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
                 out = call_net(model, x)
             loss = loss_fn(out.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            optimizer_step(loss, optimizer, scaler)
             total += loss.detach() * len(labels)
             rows += len(labels)
         train_loss = total.item() / max(rows, 1)  # the epoch's one wait for the device
@@ -212,6 +205,18 @@ def fit(
             on_epoch(epoch, metrics)
     model.to(memory_format=torch.contiguous_format)
     return metrics
+
+
+def optimizer_step(loss, optimizer, scaler=None) -> None:
+    """Backward and step; through the gradient scaler with fp16 (``scaler`` not None)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def evaluate_batches(model, loader, info: ArrayDatasetInfo, device: str, amp=None, layout=None):
