@@ -243,6 +243,25 @@ def test_load_data_may_return_torch_datasets(tmp_path):
     assert sample.inputs["x"].shape == (32, 4)  # the first sample_rows rows of the test split
 
 
+def test_a_keras_model_on_streamed_data_is_refused_before_training(shapes, tmp_path):
+    from onnxflow.recipes.steps import prepare_recipe_data, train_recipe
+
+    recipe = _recipe(
+        tmp_path,
+        """
+def build_model(info):
+    import keras
+    image = keras.Input((3, 16, 16), name="image")
+    flat = keras.layers.Flatten()(image)
+    return keras.Model(image, keras.layers.Dense(info.n_classes)(flat))
+""",
+    )
+    data = DataConfig(path=shapes, stream=True, image_size=16)
+    dataset = prepare_recipe_data(str(recipe), data, tmp_path / "data")
+    with pytest.raises(RecipeError, match="streamed .* torch models only.* set data.stream false"):
+        train_recipe(str(recipe), dataset, TrainConfig(epochs=1), tmp_path / "t")
+
+
 def test_streaming_needs_a_folder_or_parquet(tmp_path):
     from onnxflow.recipes.steps import prepare_recipe_data
 
