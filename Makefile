@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # job runner: nothing here submits jobs, and it starts a dozen huey processes.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
-.PHONY: install converter-env demo lint test test-all docs docs-serve triton-examples soak bench bench-pipeline bench-convert bench-models bench-sweep ui stop clean help
+.PHONY: install converter-env demo lint test test-all docs docs-serve triton-examples soak bench bench-pipeline bench-convert bench-models bench-sweep bench-train ui stop clean help
 
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -71,6 +71,11 @@ bench-models: $(STAMP)  ## Example recipes full size: train/export/parity/latenc
 
 bench-sweep: $(STAMP)  ## --framework all, and an 8-trial sweep on 1 vs 2 Dask workers: wall times
 	$(BIN)/python bench/sweep_bench.py
+
+BENCH_TRAIN_ARGS ?=
+
+bench-train: $(STAMP)  ## Torch loop samples/s: built-in vs tuned, streamed vs in memory; peak memory (BENCH_TRAIN_ARGS)
+	$(BIN)/python bench/train_bench.py $(BENCH_TRAIN_ARGS)
 
 ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000

@@ -110,3 +110,65 @@ def register_mlp(
         aliases=(alias,),
     )
     return version.version
+
+
+class PeakMemory:
+    """The peak memory of a process and its descendants (loader workers...), sampled every
+    ``interval`` s in a thread: the sum of their PSS (shared pages split between the
+    processes that map them, so a forked worker's copy of torch counts once) and the
+    largest single RSS. ``with PeakMemory(pid) as peak: ...; peak.pss_mb``."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        import threading
+
+        self.pid, self.interval = pid, interval
+        self.pss_mb = self.rss_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            pss = rss = 0
+            for pid in _tree(self.pid):
+                fields = _rollup(pid)
+                pss += fields.get("Pss", 0)
+                rss = max(rss, fields.get("Rss", 0))
+            self.pss_mb = max(self.pss_mb, pss / 1024)
+            self.rss_mb = max(self.rss_mb, rss / 1024)
+            if self._stop.wait(self.interval):
+                return
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and its descendants, from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        ppid = int(text.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += parents.get(pid, [])
+    return found
+
+
+def _rollup(pid: int) -> dict[str, int]:
+    """kB figures of /proc/PID/smaps_rollup ({} once the process is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    except OSError:
+        return {}
+    return {line.split(":")[0]: int(line.split()[1]) for line in lines if line.endswith("kB")}

@@ -88,8 +88,14 @@ class ArrayDatasetInfo(StepResult):
 
 class ArrayDataset(StepResult):
     path: Path
-    """``splits.npz``: ``{split}.{input}`` and ``{split}.label`` for each split."""
+    """``splits.npz``: ``{split}.{input}`` and ``{split}.label`` for each split; or, for a
+    streamed dataset, ``manifest.npz`` (:mod:`onnxflow.streaming`)."""
     info: ArrayDatasetInfo
+    stream: str | None = None
+    """None: the splits are in ``splits.npz``; else how they are read lazily (``images``,
+    ``parquet``, ``recipe``: :func:`onnxflow.streaming.open_split`)."""
+    sample_rows: int = 0
+    """Streamed: the rows of a split that :func:`read_split` reads (``data.sample_rows``)."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,12 @@ def prepare_arrays(
 
 
 def read_split(dataset: ArrayDataset, split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The inputs (by name, in the dataset's input order) and labels of one split."""
+    """The inputs (by name, in the dataset's input order) and labels of one split; of a
+    streamed dataset, its first ``sample_rows`` rows (:func:`onnxflow.streaming.read_rows`)."""
+    if dataset.stream is not None:
+        from onnxflow.streaming import read_rows
+
+        return read_rows(dataset, split)
     with np.load(dataset.path, allow_pickle=False) as npz:
         inputs = {name: npz[f"{split}.{name}"] for name in dataset.info.input_names}
         return inputs, npz[f"{split}.{LABEL}"]
@@ -342,17 +353,42 @@ def load_arrays(config: DataConfig) -> NamedArrays:
 
 def load_image_folder(path: Path, config: DataConfig) -> NamedArrays:
     """``path/<class>/*.png|jpg`` as input ``image`` [3, size, size] float32 in 0..1."""
-    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     size = config.image_size
+    classes, files, labels = image_folder_files(path)
+    images = np.empty((len(files), 3, size, size), dtype=np.float32)
+    log.info(
+        "reading %d images from %s (%d classes) at %dx%d",
+        len(files),
+        path,
+        len(classes),
+        size,
+        size,
+    )
+    for i, file in enumerate(files):
+        images[i] = decode_image(file, size)
+    return split_arrays(
+        {IMAGE_INPUT: images},
+        np.asarray(labels, dtype=np.int64),
+        config,
+        name=path.name,
+        source=str(path),
+        classes=classes,
+        preprocessing=image_preprocessing(size),
+    )
+
+
+def image_folder_files(path: Path) -> tuple[tuple[str, ...], list[Path], list[int]]:
+    """The class names (subfolders, sorted), the PNG/JPEG files and their class indices."""
     folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(folders) < 2:
         raise DataError(
             f"{path} needs one subfolder per class (at least two); found "
             f"{[p.name for p in folders]}"
         )
-    files, labels = [], []
+    files: list[Path] = []
+    labels: list[int] = []
     for index, folder in enumerate(folders):
         found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if len(found) < MIN_ROWS_PER_CLASS:
@@ -362,37 +398,31 @@ def load_image_folder(path: Path, config: DataConfig) -> NamedArrays:
             )
         files += found
         labels += [index] * len(found)
-    images = np.empty((len(files), 3, size, size), dtype=np.float32)
-    log.info(
-        "reading %d images from %s (%d classes) at %dx%d",
-        len(files),
-        path,
-        len(folders),
-        size,
-        size,
-    )
-    for i, file in enumerate(files):
-        try:
-            with Image.open(file) as image:
-                pixels = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"Cannot read image {file}: {exc}") from None
-        images[i] = np.asarray(pixels, dtype=np.float32).transpose(2, 0, 1) / 255.0
-    return split_arrays(
-        {IMAGE_INPUT: images},
-        np.asarray(labels, dtype=np.int64),
-        config,
-        name=path.name,
-        source=str(path),
-        classes=tuple(p.name for p in folders),
-        preprocessing={
-            "image_size": f"{size}x{size}",
-            "resize": "bilinear",
-            "layout": "NCHW",
-            "channels": "RGB",
-            "scale": "pixel / 255",
-        },
-    )
+    return tuple(p.name for p in folders), files, labels
+
+
+def decode_image(file: Path, size: int) -> np.ndarray:
+    """One image file as float32 ``[3, size, size]``: RGB, resized (bilinear), pixel / 255
+    (the in-memory loader and the streamed one decode alike)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            pixels = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"Cannot read image {file}: {exc}") from None
+    return np.asarray(pixels, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+def image_preprocessing(size: int) -> dict[str, str]:
+    """What a client must do to an image before the model sees it (version tags)."""
+    return {
+        "image_size": f"{size}x{size}",
+        "resize": "bilinear",
+        "layout": "NCHW",
+        "channels": "RGB",
+        "scale": "pixel / 255",
+    }
 
 
 def load_npz(path: Path, config: DataConfig) -> NamedArrays:

@@ -85,6 +85,12 @@ class QuantizeChoice(str, Enum):
     static = "static"
 
 
+class PrecisionChoice(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class PromotionMode(str, Enum):
     auto = "auto"
     review = "review"
@@ -233,6 +239,13 @@ ModelOpt = Annotated[
         )
     ),
 ]
+PrecisionOpt = Annotated[
+    PrecisionChoice | None,
+    typer.Option(
+        help="A recipe's torch training in onnxflow's loop: fp32, bf16 or fp16 autocast "
+        "(fp16: CUDA only); export and the parity reference stay fp32 on CPU."
+    ),
+]
 RecipeOpt = Annotated[
     str | None,
     typer.Option(
@@ -282,6 +295,7 @@ PIPELINE_OPTIONS: dict[str, Any] = {
     "epochs": EpochsOpt,
     "model": ModelOpt,
     "quantize": QuantizeOpt,
+    "precision": PrecisionOpt,
     "recipe": RecipeOpt,
     "sweep": SweepOpt,
     "dask_workers": DaskWorkersOpt,
@@ -326,6 +340,7 @@ def pipeline_config(
     promotion: PromotionMode | None,
     model: ModelChoice | None,
     quantize: QuantizeChoice | None,
+    precision: PrecisionChoice | None = None,
     recipe: str | None = None,
     sweep: int | None = None,
     dask_workers: int | None = None,
@@ -347,6 +362,7 @@ def pipeline_config(
                 "workers": train_workers,
                 "nodes": train_nodes,
                 "rdzv": train_rdzv,
+                "precision": precision.value if precision else None,
             },
             "register": {"model_name": model_name},
             "promote": {"mode": promotion.value if promotion else None},

@@ -55,6 +55,19 @@ class DataConfig(StepConfig):
         description="Images (a folder of class subfolders) are resized to "
         "image_size x image_size pixels (recipes only).",
     )
+    stream: bool = Field(
+        False,
+        description="Recipes: read an image folder or a Parquet table lazily during training "
+        "(batches decoded by loader workers; memory bounded by batch x workers, not the "
+        "dataset); torch models only. False reads the data into memory once.",
+    )
+    sample_rows: int = Field(
+        2048,
+        ge=32,
+        description="Streamed data: rows of the test split the validation gate checks, and of "
+        "the train and validation splits the reference profile is built from (the first "
+        "rows of each shuffled split).",
+    )
 
 
 class TrainConfig(StepConfig):
@@ -72,6 +85,19 @@ class TrainConfig(StepConfig):
         "auto",
         description="Where a recipe's model trains: auto uses a CUDA device when the "
         "framework sees one; export and validation always run on a CPU copy.",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="A recipe's torch training in onnxflow's loop: fp32, or autocast to bf16 "
+        "(CUDA; CPU where it supports bf16) or fp16 (CUDA only, with a gradient scaler). "
+        "Export and the parity reference stay fp32 on CPU.",
+    )
+    loader_workers: int = Field(
+        2,
+        ge=0,
+        description="Processes decoding batches of a recipe's streamed data (torch DataLoader "
+        "workers; 0: in the training process). In-memory data is read in the training "
+        "process.",
     )
     params: dict[str, Any] = Field(
         default_factory=dict,

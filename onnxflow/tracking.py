@@ -55,6 +55,20 @@ def ensure_experiment(experiment: str) -> str:
 def _log_dataset(run_id: str, dataset: DatasetArtifact | ArrayDataset) -> None:
     import mlflow
 
+    if getattr(dataset, "stream", None) is not None:  # never read whole: its digest only
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
+            warnings.simplefilter("ignore", UserWarning)
+            streamed = MetaDataset(
+                resolve_dataset_source(dataset.info.source),
+                name=dataset.info.name,
+                digest=dataset.info.digest,
+            )
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_input(streamed, context="training")
+        return
     X, y = _all_rows(dataset)
     # The digest of the table as loaded (split order differs), so the tags agree.
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways": harmless

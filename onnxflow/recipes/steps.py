@@ -41,22 +41,36 @@ from onnxflow.interface import (
 )
 from onnxflow.recipes import load_recipe, takes_params
 from onnxflow.results import EpochCallback, ExportedModel, TrainedModel
+from onnxflow.streaming import TrainingData, described, streamed_splits
 
 log = logging.getLogger(__name__)
 
 #: Where the parity reference runs, whatever device trained the model.
 REFERENCE_DEVICE = "cpu"
+#: The trained model's params that become version tags: how it was trained.
+TRAINING_TAGS = ("train_precision", "train_loader_workers", "data_streamed", "sample_rows")
 
 
 def prepare_recipe_data(recipe_ref: str, config: DataConfig, out_dir: Path) -> ArrayDataset:
     """The recipe's ``load_data(config)``, or the built-in loader of ``data.path``; checked
     and written as ``splits.npz``."""
+    from onnxflow import streaming
+
     recipe = load_recipe(recipe_ref)
     if recipe.has("load_data"):
         where = f"{recipe.ref}: load_data(config)"
-        data = as_named_arrays(recipe.call("load_data", config), where)
+        value = recipe.call("load_data", config)
+        if streaming.recipe_datasets(value):
+            return streaming.stream_recipe(recipe.ref, value, config, out_dir, where)
+        data = as_named_arrays(value, where)
     else:
         where = f"{recipe.ref}: data.path {config.path or '(digits)'}"
+        if config.stream:
+            if config.path is None:
+                raise RecipeError(
+                    f"{where}: data.stream needs data.path (an image folder or a Parquet table)"
+                )
+            return streaming.stream_data(config.path, config, out_dir, where)
         data = load_arrays(config)
     return prepare_arrays(data, config, out_dir, where)
 
@@ -100,13 +114,7 @@ def train_recipe(
 
     recipe = load_recipe(recipe_ref)
     info = dataset.info
-    data = NamedArrays(
-        **{split: _split_arrays(dataset, split) for split in SPLITS},
-        classes=info.class_names,
-        name=info.name,
-        source=info.source,
-        preprocessing=dict(info.preprocessing),
-    )
+    data = training_data(dataset)
     _seed(config.seed)
     if takes_params(recipe.module.build_model):
         model = recipe.call("build_model", info, dict(config.params))
@@ -122,6 +130,13 @@ def train_recipe(
         raise RecipeError(
             f"{recipe.ref}: train.workers {config.workers}: a {framework} model trains in one "
             "process (several processes train torch models only); set train.workers: 1"
+        )
+    if dataset.stream is not None and framework != "torch":
+        raise RecipeError(
+            f"{recipe.ref}: the data is streamed ({dataset.stream}), which onnxflow trains "
+            f"for torch models only; build_model(info) returned a {framework} model: set "
+            "data.stream false (Keras reads the data into memory; a tf.data pipeline is not "
+            "supported)"
         )
     adapter.check_output(model, data, info, recipe.ref)
     if distributed.is_main():
@@ -180,6 +195,7 @@ def train_recipe(
             "seed": str(config.seed),
             "own_fit": str(recipe.has("fit")).lower(),
             "workers": str(distributed.world_size()),
+            **training_settings(framework, dataset, config, device, recipe.has("fit")),
             **{f"param.{k}": json.dumps(v) for k, v in sorted(config.params.items())},
         },
     )
@@ -240,6 +256,8 @@ def recipe_tags(trained: TrainedModel, info: ArrayDatasetInfo) -> dict[str, str]
         ),
         "classes": ", ".join(info.class_names)[:4000],
     }
+    # how it trained: precision, loader workers, streamed data
+    tags.update({k: trained.params[k] for k in TRAINING_TAGS if k in trained.params})
     # the recipe's own parameters (train.params), as the trained model had them
     tags.update({f"recipe_{k}": v for k, v in trained.params.items() if k.startswith("param.")})
     tags.update({f"preprocessing.{k}": v for k, v in info.preprocessing.items()})
@@ -274,6 +292,29 @@ def _check_interface(target: Path, info: ArrayDatasetInfo) -> None:
 
 def _adapter(framework: str) -> ModuleType:
     return importlib.import_module(ADAPTERS[framework])
+
+
+def training_data(dataset: ArrayDataset) -> TrainingData:
+    """What training reads: the splits in memory (NamedArrays), or their streamed readers."""
+    if dataset.stream is not None:
+        return streamed_splits(dataset)
+    return NamedArrays(
+        **{split: _split_arrays(dataset, split) for split in SPLITS}, **described(dataset.info)
+    )
+
+
+def training_settings(
+    framework: str, dataset: ArrayDataset, config: TrainConfig, device: str, own_fit: bool
+) -> dict[str, str]:
+    """How the model was trained, for the version's tags: precision, loader workers,
+    whether the data was streamed (and how many rows the validation sample reads)."""
+    loop = framework == "torch" and not own_fit
+    return {
+        "train_precision": config.precision if loop else "fp32 (own fit or keras)",
+        "train_loader_workers": str(config.loader_workers if dataset.stream else 0),
+        "data_streamed": dataset.stream or "no",
+        **({"sample_rows": str(dataset.sample_rows)} if dataset.stream else {}),
+    }
 
 
 def _split_arrays(dataset: ArrayDataset, split: str) -> dict[str, np.ndarray]:

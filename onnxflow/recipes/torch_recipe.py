@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxflow.arrays import LABEL, ArrayDatasetInfo, NamedArrays
+from onnxflow.arrays import ArrayDatasetInfo
 from onnxflow.config import TrainConfig
 from onnxflow.errors import RecipeError, TrainingError
 from onnxflow.interface import output_name
 from onnxflow.recipes import expected_output
+from onnxflow.streaming import StreamedSplits, TrainingData, head, split_reader
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,12 @@ def forward(model, inputs: Mapping[str, np.ndarray], names: tuple[str, ...], dev
     )
 
 
-def check_output(model, data: NamedArrays, info: ArrayDatasetInfo, ref: str) -> None:
+def check_output(model, data: TrainingData, info: ArrayDatasetInfo, ref: str) -> None:
     """Two training rows through the untrained model: its output must be [2, n_classes]."""
     import torch
 
     bind_inputs(model, info, ref)
-    rows = {n: data.train[n][:2] for n in info.input_names}
+    rows = head(data, "train", 2, info.input_names)
     model.eval()
     try:
         with torch.no_grad():
@@ -107,84 +108,186 @@ def check_output(model, data: NamedArrays, info: ArrayDatasetInfo, ref: str) -> 
         )
 
 
+def autocast_dtype(precision: str, device: str):
+    """The dtype ``train.precision`` autocasts to on ``device`` (None: fp32); TrainingError
+    for a precision the device cannot train in."""
+    import torch
+
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device != "cuda":
+        raise TrainingError(
+            "train.precision fp16 needs a CUDA device (fp16 autocast with a gradient "
+            f"scaler); training here is on {device}: use bf16 or fp32"
+        )
+    if precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError(
+            f"train.precision bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
+            "use fp16 or fp32"
+        )
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
 def fit(
     model,
-    data: NamedArrays,
+    data: TrainingData,
     info: ArrayDatasetInfo,
     config: TrainConfig,
     device: str,
     on_epoch: Callable[[int, dict[str, float]], None] | None,
 ) -> dict[str, float]:
-    """Adam on cross-entropy (classification) or mean squared error (regression), seeded
-    mini-batches; validation loss and accuracy (or RMSE) per epoch.
+    """Adam on cross-entropy (classification) or mean squared error (regression), batches
+    shuffled per epoch with the seed; validation loss and accuracy (or RMSE) per epoch.
+
+    Batches come from :func:`~onnxflow.recipes.torch_data.make_loader` (streamed data: by
+    ``train.loader_workers`` processes, pinned when on CUDA, copied without blocking);
+    ``train.precision`` autocasts the forward pass; the loss is summed on the device and
+    read once per epoch (no per-step synchronisation).
 
     One of several data-parallel workers (:mod:`onnxflow.distributed`): ``model`` is
-    already in DistributedDataParallel, each worker steps through its share of the rows,
-    and the epoch's train loss is summed over the workers."""
+    already in DistributedDataParallel, each worker reads its share of the training rows
+    (a ``DistributedSampler``; an iterable dataset is read whole by every worker), and the
+    epoch's train loss is summed over the workers."""
     import torch
 
     from onnxflow import distributed
+    from onnxflow.recipes.torch_data import IterableRows, make_loader, set_epoch
 
     names = info.input_names
+    amp = autocast_dtype(config.precision, device)
+    cuda = device == "cuda"
+    streamed = isinstance(data, StreamedSplits)
+    workers = config.loader_workers if streamed else 0
+    # streamed: validation batches as small as training's (memory: batch x workers)
+    eval_batch = config.batch_size if streamed else _EVAL_BATCH
+    train_rows = torch_split(data, "train", names, config.batch_size)
+    sampler = (
+        None
+        if isinstance(train_rows, IterableRows)
+        else distributed.row_sampler(len(train_rows), seed=config.seed)
+    )
+    train = make_loader(
+        train_rows,
+        config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        workers=workers,
+        pin_memory=cuda,
+        sampler=sampler,
+    )
+    validation = make_loader(
+        torch_split(data, "validation", names, eval_batch),
+        eval_batch,
+        shuffle=False,
+        seed=config.seed,
+        workers=workers,
+        pin_memory=cuda,
+    )
+    layout = _memory_format(info, device)
+    model.to(memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
     loss_fn = _loss(info)
-    inputs = {n: torch.from_numpy(np.ascontiguousarray(data.train[n])) for n in names}
-    labels = _targets(data.train[LABEL], info)
-    generator = torch.Generator().manual_seed(config.seed)
-    n = len(labels)
-    sampler = distributed.row_sampler(n, seed=config.seed)
     metrics: dict[str, float] = {}
     for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        set_epoch(train, epoch)
         model.train()
-        if sampler is None:
-            order = torch.randperm(n, generator=generator)
-        else:
-            sampler.set_epoch(epoch)
-            order = torch.tensor(list(sampler))
-        total, started = 0.0, time.perf_counter()
-        for start in range(0, len(order), config.batch_size):
-            rows = order[start : start + config.batch_size]
-            optimizer.zero_grad()
-            out = call_net(model, {k: inputs[k][rows].to(device) for k in names})
-            loss = loss_fn(out, labels[rows].to(device))
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(rows)
-        total, seen = distributed.sum_across([total, len(order)])
-        val_loss, val_score = evaluate(distributed.unwrap(model), data.validation, info, device)
-        metrics = {"train_loss": total / seen, "val_loss": val_loss, _score_name(info): val_score}
+        total, rows = torch.zeros((), device=device), 0
+        for inputs, labels in train:
+            x = _on_device(inputs, device, layout)
+            y = _targets(labels, info).to(device, non_blocking=True)
+            with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+                out = call_net(model, x)
+            loss = loss_fn(out.float(), y)
+            optimizer_step(loss, optimizer, scaler)
+            total += loss.detach() * len(labels)
+            rows += len(labels)
+        # the epoch's one wait for the device, then the sum over data-parallel workers
+        total_loss, seen = distributed.sum_across([total.item(), rows])
+        train_loss = total_loss / max(seen, 1)
+        train_seconds = time.perf_counter() - started
+        val_loss, val_score = evaluate_batches(
+            distributed.unwrap(model), validation, info, device, amp, layout
+        )
+        metrics = {"train_loss": train_loss, "val_loss": val_loss, _score_name(info): val_score}
         if not np.isfinite(list(metrics.values())).all():
             raise TrainingError(
                 f"training diverged at epoch {epoch}: {metrics}; try a lower "
                 f"learning_rate than {config.learning_rate}"
             )
         metrics["epoch_seconds"] = time.perf_counter() - started
+        metrics["train_samples_per_second"] = rows / train_seconds
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+    model.to(memory_format=torch.contiguous_format)
     return metrics
 
 
-def evaluate(
-    model, split: Mapping[str, np.ndarray], info: ArrayDatasetInfo, device: str
-) -> tuple[float, float]:
-    """Mean loss of ``model`` (eval mode) on one split, and its accuracy (classification)
-    or RMSE (regression)."""
+def optimizer_step(loss, optimizer, scaler=None) -> None:
+    """Backward and step; through the gradient scaler with fp16 (``scaler`` not None)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def evaluate_batches(model, loader, info: ArrayDatasetInfo, device: str, amp=None, layout=None):
+    """Mean loss of ``model`` (eval mode) over a loader's batches, and its accuracy
+    (classification) or RMSE (regression); summed on the device, read once."""
     import torch
 
     model.eval()
-    names, labels = info.input_names, split[LABEL]
     loss_fn = _loss(info, reduction="sum")
-    total, correct = 0.0, 0
+    total = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    rows = 0
     with torch.no_grad():
-        for start in range(0, len(labels), _EVAL_BATCH):
-            rows = {n: split[n][start : start + _EVAL_BATCH] for n in names}
-            y = _targets(labels[start : start + _EVAL_BATCH], info).to(device)
-            out = forward(model, rows, names, device)
-            total += loss_fn(out, y).item()
+        for inputs, labels in loader:
+            y = _targets(labels, info).to(device, non_blocking=True)
+            with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+                out = call_net(model, _on_device(inputs, device, layout))
+            out = out.float()
+            total += loss_fn(out, y)
             if info.task == "classification":
-                correct += int((out.argmax(dim=1) == y).sum().item())
-    mean = total / len(labels)
-    return mean, correct / len(labels) if info.task == "classification" else float(np.sqrt(mean))
+                correct += (out.argmax(dim=1) == y).sum()
+            rows += len(labels)
+    mean = total.item() / max(rows, 1)
+    if info.task == "classification":
+        return mean, correct.item() / max(rows, 1)
+    return mean, float(np.sqrt(mean))
+
+
+def _on_device(inputs, device: str, layout=None) -> dict:
+    """The batch on ``device`` (non-blocking from pinned memory); 4-D float inputs in
+    ``layout`` (channels_last on CUDA)."""
+
+    moved = {}
+    for name, tensor in inputs.items():
+        tensor = tensor.to(device, non_blocking=True)
+        if layout is not None and tensor.dim() == 4 and tensor.is_floating_point():
+            tensor = tensor.contiguous(memory_format=layout)
+        moved[name] = tensor
+    return moved
+
+
+def torch_split(data: TrainingData, split: str, names: tuple[str, ...], batch_size: int):
+    """One split of the data as the torch dataset :func:`make_loader` reads."""
+    from onnxflow.recipes.torch_data import split_dataset
+
+    return split_dataset(split_reader(data, split), names, batch_size)
+
+
+def _memory_format(info: ArrayDatasetInfo, device: str):
+    """channels_last for image models on CUDA (tensor cores read NHWC), else contiguous."""
+    import torch
+
+    images = any(len(s.shape) == 3 and s.dtype.startswith("float") for s in info.inputs)
+    return torch.channels_last if device == "cuda" and images else torch.contiguous_format
 
 
 def _loss(info: ArrayDatasetInfo, reduction: str = "mean"):
@@ -195,13 +298,14 @@ def _loss(info: ArrayDatasetInfo, reduction: str = "mean"):
     return torch.nn.CrossEntropyLoss(reduction=reduction)
 
 
-def _targets(labels: np.ndarray, info: ArrayDatasetInfo):
+def _targets(labels, info: ArrayDatasetInfo):
     """Class indices (long), or float targets shaped [n, 1] like the model's output."""
     import torch
 
+    labels = torch.as_tensor(labels)
     if info.task == "regression":
-        return torch.from_numpy(labels.astype(np.float32).reshape(-1, 1))
-    return torch.from_numpy(labels).long()
+        return labels.float().reshape(-1, 1)
+    return labels.long()
 
 
 def _score_name(info: ArrayDatasetInfo) -> str:
@@ -265,21 +369,23 @@ def to_device(model, device: str):
     return model.to(device)
 
 
-def check_exportable(model, info: ArrayDatasetInfo, data: NamedArrays, ref: str, when: str) -> None:
+def check_exportable(
+    model, info: ArrayDatasetInfo, data: TrainingData, ref: str, when: str
+) -> None:
     """torch.export problems show before any training (``when``: which model it is)."""
     try:
-        inference_program(model, info, data.train)
+        inference_program(model, info, head(data, "train", 2, info.input_names))
     except RecipeError as exc:
         raise RecipeError(f"{ref}: {when} cannot be exported: {exc}") from exc
 
 
-def save(model, info: ArrayDatasetInfo, data: NamedArrays, out_dir: Path, ref: str) -> Path:
+def save(model, info: ArrayDatasetInfo, data: TrainingData, out_dir: Path, ref: str) -> Path:
     """``model.pt2``: the ``torch.export`` program of a CPU copy (see
     :func:`inference_program`)."""
     import torch
 
     try:
-        program = inference_program(model, info, data.train)
+        program = inference_program(model, info, head(data, "train", 2, info.input_names))
     except RecipeError as exc:
         raise RecipeError(f"{ref}: the trained model cannot be exported: {exc}") from exc
     out_dir.mkdir(parents=True, exist_ok=True)
