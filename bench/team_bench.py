@@ -9,7 +9,8 @@ figures compare the two fronts and the two set-ups, not the endpoint's ceiling (
 
 1. REST vs gRPC: one endpoint serving one model on both fronts; requests/s and p99 at
    1, 8 and 64 client threads (``--connections``), and the endpoint's CPU per request
-   (its user + system time over the requests answered), the two fronts in turn.
+   (its user + system time over the requests answered), the two fronts in turn; beside
+   them grpcio's floor, a gRPC server that does nothing (``bench/grpc_floor.py``).
 2. One model vs five in one process: start to ready, resident memory after load, and
    requests/s spread over every model served.
 3. The champion with the challenger in shadow, off against on: two endpoints serving the
@@ -31,6 +32,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -130,42 +132,58 @@ def cpu_s(pid: int) -> float:
 def fronts(work: Path, connections: list[int], duration: float, rounds: int = 4) -> list[dict]:
     """REST against gRPC on one endpoint serving one model, at each client thread count,
     in alternating rounds; the endpoint's CPU per request from its /proc figures around
-    each run."""
+    each run. A third part in each round: grpcio's floor (``bench/grpc_floor.py``, a
+    gRPC server that does nothing) with the same client."""
     model = NAMES[0]
     info, settings, _ = start(work, "fronts", [model])
+    floor_port = free_port()
+    floor = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "grpc_floor.py"), str(floor_port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     rows = []
     try:
+        if floor.stdout.readline().strip() != "ready":
+            raise SystemExit("bench/grpc_floor.py did not start")
+        # front: (client kind, address, the server's pid)
         addresses = {
-            "rest": info.url.removeprefix("http://"),
-            "grpc": f"127.0.0.1:{settings.grpc_port}",
+            "rest": ("rest", info.url.removeprefix("http://"), info.pid),
+            "grpc": ("grpc", f"127.0.0.1:{settings.grpc_port}", info.pid),
+            "floor": ("grpc", f"127.0.0.1:{floor_port}", floor.pid),
         }
-        for front in addresses:  # warm both fronts (connections, first-call imports)
-            drive(front, addresses[front], [model], 2, 1.0)
+        for kind, address, _ in addresses.values():  # warm (connections, first-call imports)
+            drive(kind, address, [model], 2, 1.0)
         for threads in connections:
             # the fronts in alternating rounds: a machine whose load changes (other jobs on
             # the same cores) weighs on both alike
             parts: dict[str, list[dict]] = {front: [] for front in addresses}
             cpu: dict[str, float] = dict.fromkeys(addresses, 0.0)
             for _ in range(rounds):
-                for front, address in addresses.items():
-                    before = cpu_s(info.pid)
-                    parts[front].append(drive(front, address, [model], threads, duration / rounds))
-                    cpu[front] += cpu_s(info.pid) - before
+                for front, (kind, address, pid) in addresses.items():
+                    before = cpu_s(pid)
+                    parts[front].append(drive(kind, address, [model], threads, duration / rounds))
+                    cpu[front] += cpu_s(pid) - before
             row = {"connections": threads}
             for front in addresses:
                 figure = merge(parts[front])
                 figure["server_cpu_us"] = cpu[front] / max(figure["requests"], 1) * 1e6
                 row[front] = figure
             row["ratio"] = row["grpc"]["requests_per_s"] / row["rest"]["requests_per_s"]
+            row["floor_ratio"] = row["floor"]["requests_per_s"] / row["rest"]["requests_per_s"]
             print(
                 f"{threads:>3} connections: REST {row['rest']['requests_per_s']:,.0f} req/s "
                 f"({row['rest']['server_cpu_us']:.0f} us CPU/req), gRPC "
                 f"{row['grpc']['requests_per_s']:,.0f} req/s "
-                f"({row['grpc']['server_cpu_us']:.0f} us CPU/req): {row['ratio']:.2f}x",
+                f"({row['grpc']['server_cpu_us']:.0f} us CPU/req): {row['ratio']:.2f}x; "
+                f"grpcio doing nothing {row['floor']['requests_per_s']:,.0f} req/s "
+                f"({row['floor']['server_cpu_us']:.0f} us CPU/req): {row['floor_ratio']:.2f}x",
                 flush=True,
             )
             rows.append(row)
     finally:
+        floor.kill()
+        floor.wait()
         stop_background(work / "fronts")
     return rows
 
@@ -302,7 +320,9 @@ def write_report(results: dict) -> None:
         f"| {r['connections']} | {r['rest']['requests_per_s']:,.0f} | "
         f"{r['grpc']['requests_per_s']:,.0f} | {r['ratio']:.2f}x | "
         f"{r['rest']['p99_ms']:.2f} | {r['grpc']['p99_ms']:.2f} | "
-        f"{r['rest']['server_cpu_us']:.0f} | {r['grpc']['server_cpu_us']:.0f} |"
+        f"{r['rest']['server_cpu_us']:.0f} | {r['grpc']['server_cpu_us']:.0f} | "
+        f"{r['floor']['requests_per_s']:,.0f} ({r['floor_ratio']:.2f}x) | "
+        f"{r['floor']['server_cpu_us']:.0f} |"
         for r in results["fronts"]
     )
     rows = []
@@ -328,10 +348,15 @@ models, requests go round-robin over all five. Load average when it started:
 **The two fronts side by side**, one model, the same clients at 1, 8 and 64 threads
 (`team_bench.py --connections`), REST and gRPC in four alternating rounds at each (so
 a change in the machine's load weighs on both alike); CPU/request is the endpoint's user + system
-time over the requests it answered in that run (µs); p99 in ms:
+time over the requests it answered in that run (µs); p99 in ms. The last two columns are
+grpcio's floor: `bench/grpc_floor.py`, a grpcio server with the endpoint's thread count
+that answers every call with a fixed output and does nothing else, driven in the same
+rounds by the same client (ratio to REST in brackets). No gRPC front built on grpcio can
+pass that floor on this machine:
 
-| threads | REST req/s | gRPC req/s | ratio | REST p99 | gRPC p99 | REST CPU | gRPC CPU |
-|---|---|---|---|---|---|---|---|
+| threads | REST req/s | gRPC req/s | ratio | REST p99 | gRPC p99 | REST CPU | gRPC CPU \
+| no-op grpcio req/s | its CPU |
+|---|---|---|---|---|---|---|---|---|---|
 {front_rows}
 
 **One model vs five**, {results["threads"]} client threads:

@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from onnxflow.serving.batching import Batcher
@@ -69,6 +70,7 @@ class DataPlane:
         self.token = settings.token.get_secret_value().encode() if settings.token else None
         self.started = time.time()
         self.stats = Statistics()
+        self._notes: deque = deque()  # what gRPC threads answered, for the loop to note
         self.drift = DriftTracker()  # versions loaded with a reference profile
         self.metrics.watch_drift(self.drift.snapshots)
         self.shared_memory = SharedMemoryRegistry() if settings.shared_memory else None
@@ -212,36 +214,95 @@ class DataPlane:
         (``bound.request_id``, which the front returns)."""
         start = time.perf_counter_ns()
         try:
-            request = read()
-            if isinstance(request, BoundRequest):
-                bound = request
-            else:
-                bound = bind(request, model, self.settings.max_body_bytes, self.shared_memory)
-            feeds = bound.feeds
-            if self.capture is not None:
-                bound.request_id = self.request_id(request_id or bound.id)
-            else:
-                bound.request_id = request_id
-            self.check_batch(model.name, feeds)
+            bound = self._bind(model, read, request_id)
             decoded = time.perf_counter_ns()
-            results, run_s = await self.execute(model, feeds)
+            results, run_s = await self.execute(model, bound.feeds)
             ran = time.perf_counter_ns()
             answer = encode(model, bound, results)
         except Exception:
-            self.stats.failure(model.name, model.version, time.perf_counter_ns() - start)
-            if self.canary is not None:
-                self.canary.record(model, False, (time.perf_counter_ns() - start) / 1e9)
+            self._failed(model, start)
             raise
-        done = time.perf_counter_ns()
-        if self.shadow is not None:  # after the answer exists; never waits, never raises
+        self._answered(model, bound, results, run_s, (start, decoded, ran, time.perf_counter_ns()))
+        return answer
+
+    def runs_here(self, model: LoadedModel) -> bool:
+        """Whether a request for ``model`` may be answered in the calling thread
+        (:meth:`run_request_here`): it runs inline and no batcher merges its requests."""
+        return model.inline and (self.batcher is None or not model.batchable)
+
+    def run_request_here(self, model: LoadedModel, read, encode, loop, request_id=None):
+        """:meth:`run_request` in the calling thread (a gRPC thread), for a model that
+        :meth:`runs_here`: no hop to the loop and back before the answer; what is noted
+        after it (statistics, shadow, canary, capture, drift) is handed to ``loop``, where
+        it runs as after any request. A request over the model's inline rows runs here all
+        the same: the thread is a worker already."""
+        start = time.perf_counter_ns()
+        try:
+            bound = self._bind(model, read, request_id)
+            decoded = time.perf_counter_ns()
+            try:
+                results, run_s = timed_run(model.run, bound.feeds)
+            except Exception as exc:  # noqa: BLE001  (onnxruntime refused this input)
+                raise CannotRun(f"the model could not run on this input: {exc}") from None
+            ran = time.perf_counter_ns()
+            answer = encode(model, bound, results)
+        except Exception:
+            self._note(loop, self._failed, model, start)
+            raise
+        times = (start, decoded, ran, time.perf_counter_ns())
+        self._note(loop, self._answered, model, bound, results, run_s, times)
+        return answer
+
+    def _note(self, loop, record, *args) -> None:
+        """Hand ``record(*args)`` to the loop. Notes queue up and the loop is woken once
+        for all those that arrive before it drains them: waking it per request cost more
+        than the rest of the request. A loop that stopped drops them (the endpoint is
+        stopping: no statistics are read any more)."""
+        notes = self._notes
+        notes.append((record, args))
+        if len(notes) == 1:
+            try:
+                loop.call_soon_threadsafe(self._drain_notes)
+            except RuntimeError:
+                notes.clear()
+
+    def _drain_notes(self) -> None:
+        notes = self._notes
+        while notes:
+            record, args = notes.popleft()
+            record(*args)
+
+    def _bind(self, model: LoadedModel, read, request_id) -> BoundRequest:
+        request = read()
+        if isinstance(request, BoundRequest):
+            bound = request
+        else:
+            bound = bind(request, model, self.settings.max_body_bytes, self.shared_memory)
+        if self.capture is not None:
+            bound.request_id = self.request_id(request_id or bound.id)
+        else:
+            bound.request_id = request_id
+        self.check_batch(model.name, bound.feeds)
+        return bound
+
+    def _failed(self, model: LoadedModel, start: int) -> None:
+        self.stats.failure(model.name, model.version, time.perf_counter_ns() - start)
+        if self.canary is not None:
+            self.canary.record(model, False, (time.perf_counter_ns() - start) / 1e9)
+
+    def _answered(self, model, bound, results, run_s, times) -> None:
+        """What follows an answer, on the loop: never waits, never raises."""
+        start, decoded, ran, done = times
+        feeds = bound.feeds
+        if self.shadow is not None:  # after the answer exists
             self.shadow.offer(model, feeds, results, run_s)
         if self.canary is not None:
             self.canary.record(model, True, (done - start) / 1e9)
-        if self.capture is not None:  # never waits, never raises
+        if self.capture is not None:
             self.capture.offer(
                 model, lambda: bound.request_id, feeds, results, (done - start) / 1e9
             )
-        self.drift.observe(model, feeds, results)  # O(rows), never raises
+        self.drift.observe(model, feeds, results)  # O(rows)
         rows = max((a.shape[0] if a.ndim else 1) for a in feeds.values())
         self.stats.success(
             model.name,
@@ -252,7 +313,6 @@ class DataPlane:
             infer_ns=ran - decoded,
             output_ns=done - ran,
         )
-        return answer
 
     def statistics(self, name: str | None = None, version: str | None = None) -> dict:
         """Triton's statistics: every model (``name`` None), or one model (and version)."""

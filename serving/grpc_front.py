@@ -8,8 +8,10 @@ mostly outside the GIL) while the loop only runs the request; that measured chea
 much faster under load than ``grpc.aio`` on the loop, whose per-call tasks and wake-ups
 cost the loop more than the whole REST request (docs/benchmarks.md). ``ModelInfer``
 reads the message into the neutral :class:`~onnxflow.serving.inference.InferRequest` and
-takes the one request path REST takes (:meth:`DataPlane.run_request`, where the V2 rules
-bind it to the model); only the answer's encoding is gRPC's own. The token is
+takes the one request path REST takes (where the V2 rules bind it to the model); for a
+model that runs inline it is answered in grpcio's thread without the hop to the loop
+(:meth:`DataPlane.run_request_here`), the rest on the loop
+(:meth:`DataPlane.run_request`). Only the answer's encoding is gRPC's own. The token is
 ``authorization`` metadata (``Bearer <token>``), the body size limit the largest message.
 Errors are the data plane's named errors as gRPC status codes (``RequestError.grpc_code``).
 
@@ -37,11 +39,12 @@ from onnxflow.serving.tensors import array_to_binary
 
 log = logging.getLogger(__name__)
 
-# grpcio's threads: each reads a call, hands its coroutine to the loop, waits and writes
-# the answer, so they bound the calls in flight on the loop. At least this many, so that a
-# slow call (a model load) does not hold the others back; few, as they contend for the GIL
-# (team_bench at 64 client threads: 2 and 4 alike, 8 about a quarter fewer requests/s).
-GRPC_THREADS = 4
+# grpcio's threads. Each reads a call and answers it: in the thread when the model runs
+# inline (:meth:`InferenceService.infer_here`), else by handing its coroutine to the loop
+# and waiting, so they bound the calls in flight. At least this many, so that a slow call
+# (a model load) does not hold the others back; few, as they contend for the GIL
+# (team_bench, 8 client threads: 2 threads ~2,500 requests/s, 4 threads ~2,100).
+GRPC_THREADS = 2
 
 
 def _stubs():
@@ -191,6 +194,35 @@ class InferenceService:
             model, partial(InferRequest.from_grpc, request), self._encode
         )
 
+    def infer_here(self, request, context, loop):
+        """``ModelInfer`` answered in grpcio's thread when the model runs inline
+        (:meth:`DataPlane.run_request_here`): the hop to the loop and back cost more than
+        the rest of the call. None: the call goes to the loop (:meth:`ModelInfer`)."""
+        start = time.perf_counter()
+        status = 200
+        try:
+            if self.plane.token is not None:
+                self.plane.authorize(_authorization(context))
+            model = self.plane.inference_model(request.model_name, request.model_version or None)
+            if not self.plane.runs_here(model):
+                status = None
+                return None
+            return self.plane.run_request_here(
+                model, partial(InferRequest.from_grpc, request), self._encode, loop
+            )
+        except RequestError as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = 500
+            log.exception("unhandled error in gRPC ModelInfer")
+            raise
+        finally:
+            if status is not None:
+                self.plane.metrics.observe_request(
+                    "grpc:ModelInfer", "GRPC", status, time.perf_counter() - start
+                )
+
     def _encode(self, model, bound, results):
         """The answer as a ``ModelInferResponse``: outputs as ``raw_output_contents``."""
         response = self.pb.ModelInferResponse(
@@ -305,13 +337,24 @@ class GrpcFront:
         await asyncio.get_running_loop().run_in_executor(None, done.wait, grace + 1)
 
 
-def _on_loop(loop: asyncio.AbstractEventLoop, method):
+def _on_loop(loop: asyncio.AbstractEventLoop, method, here=None):
     """``method`` (an async RPC of the servicer) as grpcio's synchronous handler: the
     coroutine runs on the endpoint's loop, the calling thread waits for its task and
-    answers errors as status codes (``RequestError.grpc_code``)."""
+    answers errors as status codes (``RequestError.grpc_code``). ``here(request,
+    context, loop)``: tried first in the calling thread; its None sends the call to the
+    loop."""
     import grpc
 
     def handler(request, context):
+        if here is not None:
+            try:
+                answer = here(request, context, loop)
+            except RequestError as exc:
+                context.abort(grpc.StatusCode[exc.grpc_code], str(exc))
+            except Exception as exc:  # noqa: BLE001  (logged by ``here``)
+                context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            if answer is not None:
+                return answer
         finished: queue.SimpleQueue = queue.SimpleQueue()
 
         def begin() -> None:
@@ -369,6 +412,7 @@ async def start_grpc(plane: DataPlane, host: str, port: int) -> tuple[GrpcFront,
         for name in vars(stubs.GRPCInferenceServiceServicer)
         if inspect.iscoroutinefunction(getattr(servicer, name, None))
     }
+    bridged["ModelInfer"] = staticmethod(_on_loop(loop, servicer.ModelInfer, servicer.infer_here))
     front = type("GrpcServicer", (stubs.GRPCInferenceServiceServicer,), bridged)()
     stubs.add_GRPCInferenceServiceServicer_to_server(front, server)
     bound = server.add_insecure_port(f"{host}:{port}")

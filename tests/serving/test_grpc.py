@@ -274,6 +274,35 @@ def test_statistics_count_successes_and_failures_per_version(triton_endpoint):
         http.get_inference_statistics("nope")
 
 
+def test_grpc_calls_answered_in_its_threads_are_counted_in_order(triton_endpoint):
+    """An inline model's gRPC calls are answered in grpcio's threads and noted on the loop
+    afterwards: a statistics call that follows them still sees every one of them."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(triton_endpoint.grpc)
+
+    def counts():
+        entry = client.get_inference_statistics("simple", "1", as_json=True)["model_stats"][0]
+        stats = entry["inference_stats"]
+        return (
+            int(stats.get("success", {}).get("count", 0)),
+            int(stats.get("fail", {}).get("count", 0)),
+            int(entry.get("inference_count", 0)),
+        )
+
+    before = counts()
+    inputs = [grpcclient.InferInput(f"INPUT{i}", [1, 16], "INT32") for i in (0, 1)]
+    for tensor in inputs:
+        tensor.set_data_from_numpy(np.ones((1, 16), np.int32))
+    for _ in range(5):
+        client.infer("simple", inputs)
+    with pytest.raises(InferenceServerException, match="INPUT1"):
+        client.infer("simple", inputs[:1])
+    after = counts()
+    assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (5, 1, 5)
+
+
 def test_model_control_unload_and_load(triton_endpoint):
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
