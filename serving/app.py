@@ -150,9 +150,7 @@ class RestEndpoints:
             ),
             headers.get("x-request-id"),
         )
-        if given:
-            response_headers = {**response_headers, "x-request-id": given}
-        return 200, content, response_headers, model
+        return 200, content, response_headers, model, given
 
     async def invocations(self, headers, receive, params: dict) -> tuple:
         self.plane.authorize(headers.get("authorization"))
@@ -174,12 +172,7 @@ class RestEndpoints:
             ),
             headers.get("x-request-id"),
         )
-        return (
-            200,
-            content,
-            {**JSON_HEADERS, "x-request-id": given} if given else JSON_HEADERS,
-            model,
-        )
+        return 200, content, JSON_HEADERS, model, given
 
     # --- Triton's extensions: statistics, model repository -----------------------------
 
@@ -363,9 +356,9 @@ class InferenceRoute:
     async def __call__(self, scope, receive, send, params: dict | None = None) -> None:
         start = time.perf_counter()
         headers = RawHeaders(scope["headers"])
-        model = None
+        model = request_id = None
         try:
-            status, content, response_headers, model = await self.handler(
+            status, content, response_headers, model, request_id = await self.handler(
                 headers, receive, params if params is not None else scope.get("path_params", {})
             )
         except RequestError as exc:
@@ -384,6 +377,8 @@ class InferenceRoute:
             raw.append((b"content-length", str(len(content)).encode()))
         if model is not None:
             raw += model.version_headers
+        if request_id:  # the client's X-Request-ID, or the id the capture knows it by
+            raw.append((b"x-request-id", request_id.encode("latin-1")))
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": content})
         self.metrics.observe_request(self.route, "POST", status, time.perf_counter() - start)

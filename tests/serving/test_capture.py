@@ -75,6 +75,29 @@ def test_the_writer_keeps_every_accepted_record_by_name_and_counts_the_rest():
     assert capture.dropped[("m", "stopped")] == 1
 
 
+def test_inputs_named_in_another_order_land_in_their_own_columns():
+    """V2 clients may list a model's inputs in any order: each value goes to its column."""
+    import fsspec
+
+    url = "memory://capture-order"
+    capture = Capture(_settings(url))
+    model = SimpleNamespace(name="m", version="1", output_names=["y"])
+    capture.start()
+    a, b = np.full((1, 2), 1.0, np.float32), np.full((1, 3), 2.0, np.float32)
+    for i in range(6):
+        feeds = {"a": a * i, "b": b * i} if i % 2 else {"b": b * i, "a": a * i}
+        capture.offer(model, lambda i=i: f"r{i}", feeds, [a], 0.001)
+    capture.stopping()
+    capture.stop()
+    rows = {
+        r["request_id"]: r for r in _read(fsspec.filesystem("memory"), "/capture-order").to_pylist()
+    }
+    assert len(rows) == 6
+    for i in range(6):
+        assert rows[f"r{i}"]["input.a"] == [float(i)] * 2
+        assert rows[f"r{i}"]["input.b"] == [2.0 * i] * 3
+
+
 def test_two_writers_on_one_folder_keep_each_others_segments():
     """Replicas capture into one folder or bucket, often with the same pid (a container's):
     segments started in the same second must not share a name and overwrite each other."""
