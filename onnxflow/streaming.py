@@ -43,10 +43,11 @@ from onnxflow.arrays import (
     ArrayDatasetInfo,
     NamedArrays,
     check_named_arrays,
-    decode_image,
+    decode_pixels,
     encode_labels,
     image_folder_files,
     image_preprocessing,
+    pixels_as_input,
     split_arrays,
 )
 from onnxflow.config import DataConfig
@@ -85,7 +86,8 @@ class ArrayRows:
 
 @dataclass
 class ImageRows:
-    """Image files decoded per row (:func:`onnxflow.arrays.decode_image`)."""
+    """Image files decoded per batch (:func:`onnxflow.arrays.decode_pixels`, then one
+    :func:`~onnxflow.arrays.pixels_as_input` for the batch: as :func:`decode_image` gives)."""
 
     files: np.ndarray
     labels: np.ndarray
@@ -96,10 +98,10 @@ class ImageRows:
 
     def rows(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         index = np.asarray(indices, dtype=np.int64)
-        images = np.empty((len(index), 3, self.size, self.size), dtype=np.float32)
+        pixels = np.empty((len(index), self.size, self.size, 3), dtype=np.uint8)
         for i, row in enumerate(index):
-            images[i] = decode_image(Path(self.files[row]), self.size)
-        return {IMAGE_INPUT: images, LABEL: self.labels[index]}
+            pixels[i] = decode_pixels(Path(self.files[row]), self.size)
+        return {IMAGE_INPUT: pixels_as_input(pixels), LABEL: self.labels[index]}
 
 
 @dataclass
