@@ -181,6 +181,17 @@ def test_a_streamed_recipe_trains_on_cpu_in_fp32_and_bf16_and_validates(
     assert summary.passed  # parity against the fp32 CPU reference
 
 
+def test_loader_workers_default_to_none_on_cpu_and_some_on_cuda():
+    """On CPU every core trains, so decoding stays in the training process unless asked;
+    on CUDA the CPU is free for loader workers. A figure given is kept on both."""
+    from onnxflow.config import TrainConfig
+
+    assert TrainConfig().on_device("cpu").loader_workers == 0
+    assert 1 <= TrainConfig().on_device("cuda").loader_workers <= 4
+    resolved = TrainConfig(loader_workers=3).on_device("cpu")
+    assert (resolved.loader_workers, resolved.device) == (3, "cpu")
+
+
 def test_fp16_on_cpu_is_refused_with_what_to_use(shapes, tmp_path):
     from onnxflow.recipes.steps import prepare_recipe_data, train_recipe
 

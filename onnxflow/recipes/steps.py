@@ -142,6 +142,7 @@ def train_recipe(
     if distributed.is_main():
         adapter.check_exportable(model, info, data, recipe.ref, "the model from build_model(info)")
     device = adapter.resolve_device(config.device)
+    config = config.on_device(device)
     log.info(
         "recipe %s: %s model with %s parameters, training on %s",
         recipe.ref,
@@ -162,8 +163,7 @@ def train_recipe(
 
     with adapter.device_scope(device):
         if recipe.has("fit"):
-            resolved = config.model_copy(update={"device": device})
-            returned = recipe.call("fit", model, data, resolved, reported)
+            returned = recipe.call("fit", model, data, config, reported)
             if returned is not None:
                 if not adapter.owns(returned):
                     raise RecipeError(
