@@ -812,6 +812,14 @@ def monitor(
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(figures), indent=2))
         return
+    if figures.status == "no_data":
+        typer.echo(
+            f"{figures.model} version {figures.version}, {figures.window}: no data "
+            f"({figures.reason}); no drift or accuracy figures, retrain: no"
+        )
+        if figures.promotion:
+            typer.echo(f"promotion gate: {figures.promotion}")
+        return
     accuracy = "n/a" if figures.live_accuracy is None else f"{figures.live_accuracy:.4f}"
     typer.echo(
         f"{figures.model} version {figures.version}, {figures.window}: {figures.rows} rows "

@@ -42,6 +42,8 @@ EVIDENTLY_THRESHOLD = 0.1
 #: Columns past this are left out of Evidently's report (onnxflow's figures keep them all).
 EVIDENTLY_MAX_COLUMNS = 256
 FEEDBACK_DIR = "_feedback"
+#: A window with no row: the version has answered nothing yet, or no segment is closed.
+NO_DATA = "no_data"
 
 
 class MonitorError(OnnxflowError):
@@ -82,6 +84,8 @@ class Window:
     labels: np.ndarray  # per row: the label (as text), "" where none
     request_ids: list[str] = field(default_factory=list)
     row_numbers: list[int] = field(default_factory=list)
+    #: why the window is empty, when nothing was captured for the version yet
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,10 +108,14 @@ class Figures:
     evidently_drift_share: float | None = None
     #: what the promotion gate did with a retrained challenger (``monitor --retrain``)
     promotion: str = ""
+    #: ``ok``, or ``no_data``: no row in the window (no traffic yet, or no closed segment)
+    status: str = "ok"
 
     def tags(self) -> dict[str, str]:
+        no_data = self.status == NO_DATA
         return {
-            "monitor_drift_share": f"{self.drift_share:.4f}",
+            "monitor_status": self.status,
+            "monitor_drift_share": "n/a" if no_data else f"{self.drift_share:.4f}",
             "monitor_live_accuracy": "n/a"
             if self.live_accuracy is None
             else f"{self.live_accuracy:.4f}",
@@ -148,14 +156,28 @@ def read_window(capture: str, model: str, version: str, since: dt.datetime) -> W
 
     fs, root = fsspec.core.url_to_fs(capture)
     root = root.rstrip("/")
+    if not fs.exists(root):
+        raise MonitorError(
+            f"capture location {capture} does not exist (where the endpoints capture: "
+            "serve --capture, the stack's capture setting)"
+        )
     folder = f"{root}/model={model}/version={version}"
+    window = since.strftime("%Y-%m-%dT%H:%M:%SZ")
     if not fs.exists(folder):
-        raise MonitorError(f"nothing captured for {model} version {version} under {capture}")
+        return _empty(
+            model,
+            version,
+            window,
+            f"nothing captured for {model} version {version} under {capture} yet",
+        )
     dataset = ds.dataset(folder, filesystem=fs, format="parquet", partitioning="hive")
     if not dataset.files:
-        raise MonitorError(
+        return _empty(
+            model,
+            version,
+            window,
             f"no closed capture segment for {model} version {version} under {capture} yet "
-            "(a segment is readable once the endpoint closes it: capture_segment_s, or on stop)"
+            "(a segment is readable once the endpoint closes it: capture_segment_s, or on stop)",
         )
     table = dataset.to_table(filter=pc.field("time") >= pc.scalar(since))
     shapes = json.loads((dataset.schema.metadata or {}).get(b"onnxflow.shapes", b"{}"))
@@ -172,7 +194,7 @@ def read_window(capture: str, model: str, version: str, since: dt.datetime) -> W
     return Window(
         model,
         version,
-        since.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        window,
         table.num_rows,
         inputs,
         predictions_of(outputs[0]) if outputs and table.num_rows else np.array([]),
@@ -180,6 +202,10 @@ def read_window(capture: str, model: str, version: str, since: dt.datetime) -> W
         ids,
         rows,
     )
+
+
+def _empty(model: str, version: str, since: str, note: str) -> Window:
+    return Window(model, version, since, 0, {}, np.array([]), np.array([], dtype=object), note=note)
 
 
 def _stack(column, shape: list | None) -> np.ndarray:
@@ -220,6 +246,8 @@ def evaluate(profile: dict, window: Window, policy: RetrainPolicy) -> Figures:
         accuracy = float((predicted == window.labels[labelled].astype(str)).mean())
     drift_share = figures["drift_share"] if figures else 0.0
     retrain, reason = decide(policy, window.rows, drift_share, accuracy, int(labelled.sum()))
+    if not window.rows:
+        reason = window.note or f"no row captured since {window.since}"
     return Figures(
         model=window.model,
         version=window.version,
@@ -233,6 +261,7 @@ def evaluate(profile: dict, window: Window, policy: RetrainPolicy) -> Figures:
         features=figures["features"] if figures else {},
         retrain=retrain,
         reason=reason,
+        status="ok" if window.rows else NO_DATA,
     )
 
 
@@ -349,6 +378,14 @@ def report_html(figures: Figures) -> str:
         for name, value in sorted(figures.features.items(), key=lambda kv: -kv[1])
     )
     accuracy = "n/a" if figures.live_accuracy is None else f"{figures.live_accuracy:.4f}"
+    if figures.status == NO_DATA:
+        return (
+            f"<html><head><title>{html.escape(figures.model)} v{figures.version} monitor</title>"
+            f"</head><body><h1>{html.escape(figures.model)} version {figures.version}: monitor"
+            f"</h1><p>Window {html.escape(figures.window)}: no data "
+            f"({html.escape(figures.reason)}). No drift or accuracy figures; no retrain.</p>"
+            "</body></html>"
+        )
     return (
         f"<html><head><title>{html.escape(figures.model)} v{figures.version} monitor</title>"
         "</head><body>"

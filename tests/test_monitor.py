@@ -10,6 +10,7 @@ logging its report and tags onto the version.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 
 from onnxflow.monitor import MonitorError, RetrainPolicy, decide, monitor_model, parse_since
 from onnxflow.profile import build_profile, drift, features, profile_and_sample
-from tests.conftest import make_linear_onnx
+from tests.conftest import make_linear_onnx, run_onnxflow
 
 # --- the profile and the drift figure ------------------------------------------------------
 
@@ -202,8 +203,8 @@ def test_the_monitor_command_refuses_a_bad_window_and_a_model_without_profile(
     with pytest.raises(MonitorError, match="has no reference profile"):
         monitor_model("bare", str(tmp_path), parse_since("1h"), RetrainPolicy())
 
-    # a profiled version, but nothing captured where the monitor looks: the error names the
-    # place (the command prints it as its one "error:" line, as above), nothing is written
+    # a profiled version that has answered nothing yet: no data, said in one line (exit 0),
+    # and on the version, so a scheduled monitor before any traffic is not a failure
     from mlflow import MlflowClient
 
     profile, reference = profile_and_sample(path, np.zeros((50, 64), np.float32), x)
@@ -216,10 +217,23 @@ def test_the_monitor_command_refuses_a_bad_window_and_a_model_without_profile(
         reference_sample=reference,
     )
     empty = tmp_path / "empty"
-    with pytest.raises(MonitorError, match=f"nothing captured for prof version 1 under {empty}"):
-        monitor_model("prof", str(empty), parse_since("1h"), RetrainPolicy())
+    empty.mkdir()
+    figures = monitor_model("prof", str(empty), parse_since("1h"), RetrainPolicy())
+    assert (figures.status, figures.rows, figures.retrain) == ("no_data", 0, False)
+    assert figures.reason == f"nothing captured for prof version 1 under {empty} yet"
     tags = MlflowClient().get_model_version("prof", "1").tags
-    assert not [key for key in tags if key.startswith("monitor_")]
+    assert tags["monitor_status"] == "no_data" and tags["monitor_rows"] == "0"
+    assert tags["monitor_drift_share"] == "n/a" and tags["monitor_live_accuracy"] == "n/a"
+
+    done = run_onnxflow("monitor", "prof", "--capture", str(empty), cwd=tmp_path, env=os.environ)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("prof version 1, since "), done.stdout
+    assert "no data (nothing captured for prof version 1" in done.stdout
+
+    # no capture location at all is an error that names it; nothing is written
+    missing = tmp_path / "nosuch"
+    with pytest.raises(MonitorError, match=f"capture location {missing} does not exist"):
+        monitor_model("prof", str(missing), parse_since("1h"), RetrainPolicy())
 
 
 def test_retrain_data_is_the_original_table_plus_the_labelled_captured_rows(tmp_path):
