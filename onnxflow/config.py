@@ -119,6 +119,13 @@ class TrainConfig(StepConfig):
         description="Machines that train together (each runs train.workers processes); "
         "more than 1 needs train.rdzv, a shared folder and the same command on every machine.",
     )
+    ddp_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Seconds a worker waits for the others at a step they take together "
+        "(gradients, the epoch's figures) before the run fails: a worker that hangs or is "
+        "stopped ends the run after this long (torch's own default for gloo).",
+    )
     rdzv: str | None = Field(
         None,
         description="HOST:PORT of torchrun's c10d rendezvous that every machine reaches "

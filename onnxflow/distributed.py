@@ -40,9 +40,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_process_group(device: str) -> None:
+def init_process_group(device: str, timeout_s: float | None = None) -> None:
     """Join the group torchrun describes in the environment (``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``...): NCCL on GPUs (one per local rank), gloo on CPU."""
+    ``MASTER_ADDR``...): NCCL on GPUs (one per local rank), gloo on CPU; a collective
+    step that waits longer than ``timeout_s`` for a peer raises (None: torch's default)."""
+    import datetime as dt
+
     import torch
     import torch.distributed as dist
 
@@ -57,7 +60,8 @@ def init_process_group(device: str) -> None:
                 f"to at most {gpus}, or train.device: cpu (gloo)"
             )
         torch.cuda.set_device(local)
-    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    timeout = None if timeout_s is None else dt.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", timeout=timeout)
 
 
 def wrap(model, device: str):

@@ -1,10 +1,11 @@
 """Data-parallel training of a recipe (``train.workers``): torchrun's arguments and the
 configuration, checked fast; then real worker processes (gloo on CPU) through the whole
-chain, and a worker killed mid-epoch."""
+chain, a worker killed mid-epoch, and one that hangs."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import textwrap
 import time
@@ -16,9 +17,11 @@ from onnxflow.config import PipelineConfig, TrainConfig, rendezvous_address
 from onnxflow.recipes.ddp import failure_line, torchrun_args
 
 #: A tiny recipe on two inputs; ``KILL_RANK`` set: that worker SIGKILLs itself on its
-#: second training batch (mid-epoch 1), the way the OOM killer ends a process.
+#: second training batch (mid-epoch 1), the way the OOM killer ends a process;
+#: ``HANG_RANK``: that worker stops itself there (SIGSTOP), the way a hung worker waits.
 RECIPE = """
 import os
+import sqlite3
 import signal
 
 import torch
@@ -37,6 +40,10 @@ class Net(torch.nn.Module):
             self.batches += 1
             if self.batches == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
+        if self.training and os.environ.get("RANK", "-") == os.environ.get("HANG_RANK"):
+            self.batches += 1
+            if self.batches == 2:
+                os.kill(os.getpid(), signal.SIGSTOP)
         return self.linear(features)
 
 
@@ -113,6 +120,13 @@ def test_the_failure_line_names_the_worker_that_died_first():
         "(rank 1 too)"
     )
     assert failure_line({"error": "RendezvousTimeoutError: "}).startswith("the torchrun launcher")
+    # rank 1 stopped answering: rank 0 timed out waiting for it, then torchrun killed rank 1
+    waited = {**raised, "message": "RuntimeError: Timed out waiting 15000ms for recv operation"}
+    assert failure_line({"workers": [waited, {**killed, "timestamp": 7}]}) == (
+        "worker rank 0 (pid 10 on a) exited with code 1: RuntimeError: Timed out waiting 15000ms "
+        "for recv operation: train.ddp_timeout_s passed while it waited for rank 1, which hung "
+        "or was stopped; torchrun then stopped rank 1"
+    )
 
 
 @pytest.fixture
@@ -218,8 +232,6 @@ def test_two_workers_train_a_recipe_through_the_whole_chain(
 def test_a_worker_killed_mid_epoch_fails_the_run_cleanly(tmp_path, _migrated_db):
     """Rank 1 SIGKILLed in its first epoch: `onnxflow run` exits 1 with one error line
     naming the worker and the signal; nothing registered, no process left behind."""
-    import sqlite3
-
     from tests.test_cli import ONNXFLOW
     from tests.test_first_run import onnxflow_env, project
 
@@ -242,6 +254,40 @@ def test_a_worker_killed_mid_epoch_fails_the_run_cleanly(tmp_path, _migrated_db)
         assert db.execute("select count(*) from model_versions").fetchone() == (0,)
     assert not _left_running(tmp_path), _left_running(tmp_path)
     assert os.path.exists(folder / "mlflow.db")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_hung_worker_fails_the_run_after_the_ddp_timeout(tmp_path, _migrated_db):
+    """Rank 1 stops (SIGSTOP) in its first epoch: rank 0 waits train.ddp_timeout_s at the
+    gradients' all-reduce, then the run fails with one error line that says so; nothing
+    registered, no process left behind (the stopped worker included)."""
+    from tests.test_cli import ONNXFLOW
+    from tests.test_first_run import onnxflow_env, project
+
+    folder = project(tmp_path / "project", _migrated_db)
+    _recipe(folder)
+    (folder / "hang.yaml").write_text("train:\n  ddp_timeout_s: 15\n")
+    started = time.perf_counter()
+    out = subprocess.run(
+        [*ONNXFLOW, "run", "--recipe", "ddp_recipe.py", "--train-workers", "2"]
+        + ["--config", "hang.yaml"],
+        cwd=folder,
+        env=onnxflow_env(folder, tmp_path / "prefect-home", HANG_RANK="1"),
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    print(f"hung worker: the run ended in {time.perf_counter() - started:.1f} s")
+    assert out.returncode == 1, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    print(last)
+    assert last.startswith("error: ") and "train.workers 2: worker rank 0 " in last, last
+    assert "train.ddp_timeout_s" in last and "nothing was saved" in last, last
+    assert "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
+    with sqlite3.connect(folder / "mlflow.db") as db:
+        assert db.execute("select count(*) from model_versions").fetchone() == (0,)
+    assert not _left_running(tmp_path), _left_running(tmp_path)
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -204,6 +205,14 @@ def failure_line(failures: Mapping[str, object]) -> str:
     if "error" in failures:
         return f"the torchrun launcher failed: {failures['error']}"
     workers = sorted(failures["workers"], key=lambda w: (w["timestamp"], w["rank"]))  # type: ignore[arg-type,index]
+    waited = [w for w in workers if _timed_out(w)]
+    silent = [w for w in workers if not w.get("message") and w not in waited]
+    if waited and silent:  # one waited for a peer that never came: the peer is the cause
+        ranks = ", ".join(str(w["rank"]) for w in silent)
+        return (
+            f"{_worker_words(waited[0])}: train.ddp_timeout_s passed while it waited for "
+            f"rank {ranks}, which hung or was stopped; torchrun then stopped rank {ranks}"
+        )
     causes = [w for w in workers if not _stopped_by_agent(w)] or workers
     stopped = [str(w["rank"]) for w in workers if w not in causes]
     said: dict[tuple[object, object], list[Mapping[str, object]]] = {}
@@ -217,6 +226,10 @@ def failure_line(failures: Mapping[str, object]) -> str:
     if stopped:
         line += f"; torchrun then stopped rank {', '.join(stopped)}"
     return line
+
+
+def _timed_out(worker: Mapping[str, object]) -> bool:
+    return "timed out waiting" in str(worker.get("message", "")).lower()
 
 
 def _stopped_by_agent(worker: Mapping[str, object]) -> bool:
@@ -284,7 +297,7 @@ def _worker_message(message: object) -> str:
     "Signal 9 (SIGKILL) received by PID" says what the exit code already says)."""
     if isinstance(message, dict):
         message = message.get("message", "")
-    text = " ".join(str(message).split())
+    text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", " ".join(str(message).split()))
     return "" if text.startswith(("Signal ", "To enable traceback")) else text[:600]
 
 
@@ -303,7 +316,7 @@ def _train(job: DdpJob) -> None:
     from onnxflow.recipes.steps import epoch_line, train_recipe
     from onnxflow.recipes.torch_recipe import resolve_device
 
-    distributed.init_process_group(resolve_device(job.config.device))
+    distributed.init_process_group(resolve_device(job.config.device), job.config.ddp_timeout_s)
     logging.basicConfig(
         level=logging.WARNING,
         format=f"%(asctime)s rank {distributed.rank()} %(levelname)s %(name)s: %(message)s",
