@@ -183,7 +183,7 @@ def prepare(args, work: Path) -> dict[str, Path]:
 
     from onnxflow.arrays import load_image_folder, prepare_arrays
     from onnxflow.config import DataConfig
-    from onnxflow.streaming import stream_data
+    from onnxflow.stream_plan import stream_data
 
     spec = importlib.util.spec_from_file_location("shapes", ROOT / "examples/images/recipe.py")
     shapes = importlib.util.module_from_spec(spec)

@@ -89,7 +89,7 @@ class ArrayDatasetInfo(StepResult):
 class ArrayDataset(StepResult):
     path: Path
     """``splits.npz``: ``{split}.{input}`` and ``{split}.label`` for each split; or, for a
-    streamed dataset, ``manifest.npz`` (:mod:`onnxflow.streaming`)."""
+    streamed dataset, ``manifest.npz`` (:mod:`onnxflow.stream_plan`)."""
     info: ArrayDatasetInfo
     stream: str | None = None
     """None: the splits are in ``splits.npz``; else how they are read lazily (``images``,

@@ -12,7 +12,8 @@ import pytest
 from onnxflow.arrays import LABEL, load_arrays, read_split
 from onnxflow.config import DataConfig, PipelineConfig, TrainConfig, ValidateConfig
 from onnxflow.errors import DataError, RecipeError, TrainingError
-from onnxflow.streaming import ParquetRows, open_split, stream_data
+from onnxflow.stream_plan import stream_data
+from onnxflow.streaming import ParquetRows, open_split
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -54,14 +54,15 @@ TRAINING_TAGS = ("train_precision", "train_loader_workers", "data_streamed", "sa
 def prepare_recipe_data(recipe_ref: str, config: DataConfig, out_dir: Path) -> ArrayDataset:
     """The recipe's ``load_data(config)``, or the built-in loader of ``data.path``; checked
     and written as ``splits.npz``."""
-    from onnxflow import streaming
+    from onnxflow.recipes.datasets import recipe_datasets, stream_recipe
+    from onnxflow.stream_plan import stream_data
 
     recipe = load_recipe(recipe_ref)
     if recipe.has("load_data"):
         where = f"{recipe.ref}: load_data(config)"
         value = recipe.call("load_data", config)
-        if streaming.recipe_datasets(value):
-            return streaming.stream_recipe(recipe.ref, value, config, out_dir, where)
+        if recipe_datasets(value):
+            return stream_recipe(recipe.ref, value, config, out_dir, where)
         data = as_named_arrays(value, where)
     else:
         where = f"{recipe.ref}: data.path {config.path or '(digits)'}"
@@ -70,7 +71,7 @@ def prepare_recipe_data(recipe_ref: str, config: DataConfig, out_dir: Path) -> A
                 raise RecipeError(
                     f"{where}: data.stream needs data.path (an image folder or a Parquet table)"
                 )
-            return streaming.stream_data(config.path, config, out_dir, where)
+            return stream_data(config.path, config, out_dir, where)
         data = load_arrays(config)
     return prepare_arrays(data, config, out_dir, where)
 

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Sampler
 
 from onnxflow.arrays import LABEL
-from onnxflow.streaming import ParquetRows, RecipeRows, SplitRows, stack_items
+from onnxflow.recipes.datasets import RecipeRows, stack_items
+from onnxflow.streaming import ParquetRows, SplitRows
 
 
 class BatchRows(Dataset):
