@@ -4,7 +4,6 @@ chain, a worker killed mid-epoch, and one that hangs."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import subprocess
 import textwrap
@@ -227,33 +226,44 @@ def test_two_workers_train_a_recipe_through_the_whole_chain(
     assert not _left_running(tmp_path)
 
 
+def _failed_run(tmp_path: Path, migrated_db: Path, config: str, **env: str) -> str:
+    """`onnxflow run` of the two-worker recipe (``config``: its YAML) that must fail: its
+    one error line, after checking that nothing was registered and nothing is left."""
+    from tests.test_cli import ONNXFLOW
+    from tests.test_first_run import onnxflow_env, project
+
+    folder = project(tmp_path / "project", migrated_db)
+    _recipe(folder)
+    (folder / "run.yaml").write_text(config)
+    started = time.perf_counter()
+    out = subprocess.run(
+        [*ONNXFLOW, "run", "--recipe", "ddp_recipe.py", "--train-workers", "2"]
+        + ["--config", "run.yaml"],
+        cwd=folder,
+        env=onnxflow_env(folder, tmp_path / "prefect-home", **env),
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    print(f"the run failed after {time.perf_counter() - started:.1f} s")
+    assert out.returncode == 1, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    print(last)
+    assert last.startswith("error: ") and "nothing was saved" in last, last
+    assert "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
+    with sqlite3.connect(folder / "mlflow.db") as db:
+        assert db.execute("select count(*) from model_versions").fetchone() == (0,)
+    assert not _left_running(tmp_path), _left_running(tmp_path)
+    return last
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_worker_killed_mid_epoch_fails_the_run_cleanly(tmp_path, _migrated_db):
     """Rank 1 SIGKILLed in its first epoch: `onnxflow run` exits 1 with one error line
     naming the worker and the signal; nothing registered, no process left behind."""
-    from tests.test_cli import ONNXFLOW
-    from tests.test_first_run import onnxflow_env, project
-
-    folder = project(tmp_path / "project", _migrated_db)
-    _recipe(folder)
-    out = subprocess.run(
-        [*ONNXFLOW, "run", "--recipe", "ddp_recipe.py", "--train-workers", "2"],
-        cwd=folder,
-        env=onnxflow_env(folder, tmp_path / "prefect-home", KILL_RANK="1"),
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
-    assert out.returncode == 1, out.stderr[-3000:]
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "train.workers 2: worker rank 1 " in last, last
-    assert "was killed by SIGKILL" in last and "nothing was saved" in last, last
-    assert "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
-    with sqlite3.connect(folder / "mlflow.db") as db:
-        assert db.execute("select count(*) from model_versions").fetchone() == (0,)
-    assert not _left_running(tmp_path), _left_running(tmp_path)
-    assert os.path.exists(folder / "mlflow.db")
+    last = _failed_run(tmp_path, _migrated_db, "{}\n", KILL_RANK="1")
+    assert "train.workers 2: worker rank 1 " in last and "was killed by SIGKILL" in last, last
 
 
 @pytest.mark.slow
@@ -262,32 +272,9 @@ def test_a_hung_worker_fails_the_run_after_the_ddp_timeout(tmp_path, _migrated_d
     """Rank 1 stops (SIGSTOP) in its first epoch: rank 0 waits train.ddp_timeout_s at the
     gradients' all-reduce, then the run fails with one error line that says so; nothing
     registered, no process left behind (the stopped worker included)."""
-    from tests.test_cli import ONNXFLOW
-    from tests.test_first_run import onnxflow_env, project
-
-    folder = project(tmp_path / "project", _migrated_db)
-    _recipe(folder)
-    (folder / "hang.yaml").write_text("train:\n  ddp_timeout_s: 15\n")
-    started = time.perf_counter()
-    out = subprocess.run(
-        [*ONNXFLOW, "run", "--recipe", "ddp_recipe.py", "--train-workers", "2"]
-        + ["--config", "hang.yaml"],
-        cwd=folder,
-        env=onnxflow_env(folder, tmp_path / "prefect-home", HANG_RANK="1"),
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
-    print(f"hung worker: the run ended in {time.perf_counter() - started:.1f} s")
-    assert out.returncode == 1, out.stderr[-3000:]
-    last = out.stderr.strip().splitlines()[-1]
-    print(last)
-    assert last.startswith("error: ") and "train.workers 2: worker rank 0 " in last, last
-    assert "train.ddp_timeout_s" in last and "nothing was saved" in last, last
-    assert "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
-    with sqlite3.connect(folder / "mlflow.db") as db:
-        assert db.execute("select count(*) from model_versions").fetchone() == (0,)
-    assert not _left_running(tmp_path), _left_running(tmp_path)
+    last = _failed_run(tmp_path, _migrated_db, "train:\n  ddp_timeout_s: 15\n", HANG_RANK="1")
+    assert "train.workers 2: worker rank 0 " in last, last
+    assert "train.ddp_timeout_s passed while it waited for rank 1" in last, last
 
 
 @pytest.mark.slow
