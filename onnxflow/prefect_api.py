@@ -10,9 +10,11 @@ Every Prefect flow run needs an API. A command that runs flows takes, in this or
 3. **a temporary server** for this one command: Prefect's own ephemeral server, started
    the way Prefect starts it, but
 
-   * on a database migrated beforehand (``prefect server database upgrade``, under a file
-     lock so two commands never migrate at once), so the server itself has nothing to
-     migrate;
+   * on a database migrated and with its block types registered beforehand (``prefect
+     server database upgrade`` and Prefect's own block auto-registration, under a file
+     lock so two commands never do either at once: two servers starting together on a new
+     database both inserted the block types, and one failed on a UNIQUE constraint), so
+     the server itself has neither to do;
    * with a start-up timeout that holds on a busy machine (``TEMPORARY_STARTUP_TIMEOUT_S``,
      unless the user set ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``);
    * launched as soon as the command knows it needs one, so it boots while the command
@@ -56,6 +58,21 @@ log = logging.getLogger(__name__)
 TEMPORARY_STARTUP_TIMEOUT_S = 180
 MARKER_FILE = "onnxflow-database.json"
 LOCK_FILE = "onnxflow-database.lock"
+REGISTER_BLOCKS_SETTING = "PREFECT_SERVER_REGISTER_BLOCKS_ON_START"
+#: Prefect's server registers the block types it knows at start (``add_block_types`` in
+#: ``prefect.server.api.server``); this does the same once, in a process of its own.
+_REGISTER_BLOCKS = """
+import asyncio
+from prefect.server.database import provide_database_interface
+from prefect.server.models.block_registration import run_block_auto_registration
+
+async def main():
+    session = await provide_database_interface().session()
+    async with session:
+        await run_block_auto_registration(session=session)
+
+asyncio.run(main())
+"""
 
 Say = Callable[[str], None]
 
@@ -144,8 +161,10 @@ def start_temporary_server(settings=None, say: Say = log.info) -> PrefectApi:
         "PREFECT__SERVER_EPHEMERAL": "1",
         "PREFECT__SERVER_FINAL": "1",
     }
-    if migrated and "PREFECT_API_DATABASE_MIGRATE_ON_START" not in os.environ:
-        env["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"  # done above, under a lock
+    if migrated:  # both done above, under a lock (unless the user decided otherwise)
+        for name in ("PREFECT_API_DATABASE_MIGRATE_ON_START", REGISTER_BLOCKS_SETTING):
+            if name not in os.environ:
+                env[name] = "false"
     import prefect
 
     fd, log_path = tempfile.mkstemp(prefix="onnxflow-prefect-server-", suffix=".log")
@@ -197,7 +216,8 @@ def stop_temporary_server(api: PrefectApi) -> None:
 
 
 def prepare_database(settings=None, say: Say = log.info) -> bool:
-    """Migrate Prefect's SQLite database to this Prefect's head, once, under a file lock.
+    """Migrate Prefect's SQLite database to this Prefect's head and register its block
+    types, once (again when Prefect or its installed collections change), under a file lock.
 
     Returns True when the database is known to be at head (the server then need not
     check); False for a database that is not SQLite (the server migrates it on start,
@@ -218,7 +238,11 @@ def prepare_database(settings=None, say: Say = log.info) -> bool:
     marker = home / MARKER_FILE
     with open(home / LOCK_FILE, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another command may be migrating it right now
-        expected = {"prefect": prefect.__version__, "database": str(path)}
+        expected = {
+            "prefect": prefect.__version__,
+            "database": str(path),
+            "collections": _collections(),
+        }
         try:
             recorded = json.loads(marker.read_text())
         except (FileNotFoundError, ValueError):
@@ -228,25 +252,39 @@ def prepare_database(settings=None, say: Say = log.info) -> bool:
             return True
         say(f"Prefect: preparing its database {path} (once per Prefect version)")
         started = time.monotonic()
-        import subprocess
-
-        done = subprocess.run(
-            [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
-            env={**os.environ, **settings.to_environment_variables(exclude_unset=True)},
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-            raise PrefectUnavailableError(
-                f"could not migrate Prefect's database {path}:\n{tail}\n"
-                f"move the file aside (or set PREFECT_HOME to a new folder) and retry"
-            )
+        env = {**os.environ, **settings.to_environment_variables(exclude_unset=True)}
+        for what, argv in (
+            ("migrate", ["-m", "prefect", "server", "database", "upgrade", "-y"]),
+            ("register the block types in", ["-c", _REGISTER_BLOCKS]),
+        ):
+            _prepare_step(what, path, [sys.executable, *argv], env)
         marker.write_text(json.dumps({**expected, "revision": _revision(path)}))
         log.info("Prefect database ready in %.1f s", time.monotonic() - started)
         return True
+
+
+def _prepare_step(what: str, path: Path, argv: list[str], env: dict[str, str]) -> None:
+    import subprocess
+
+    done = subprocess.run(
+        argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise PrefectUnavailableError(
+            f"could not {what} Prefect's database {path}:\n{tail}\n"
+            f"move the file aside (or set PREFECT_HOME to a new folder) and retry"
+        )
+
+
+def _collections() -> list[str]:
+    """The installed Prefect collections (their block types are registered too)."""
+    from importlib.metadata import entry_points
+
+    return sorted(
+        f"{ep.name}={ep.dist.version if ep.dist else '?'}"
+        for ep in entry_points(group="prefect.collections")
+    )
 
 
 def _sqlite_path(url: str) -> Path | None:
