@@ -60,7 +60,7 @@ class DataConfig(StepConfig):
         False,
         description="Recipes: read an image folder or a Parquet table lazily during training "
         "(batches decoded by loader workers; memory bounded by batch x workers, not the "
-        "dataset); torch models only. False reads the data into memory once.",
+        "dataset); torch and Keras models. False reads the data into memory once.",
     )
     sample_rows: int = Field(
         2048,
@@ -96,9 +96,10 @@ class TrainConfig(StepConfig):
     loader_workers: int | None = Field(
         None,
         ge=0,
-        description="Processes decoding batches of a recipe's streamed data (torch DataLoader "
-        "workers; 0: in the training process). Default: 0 on CPU, min(4, cores - 1) on "
-        "CUDA. In-memory data is read in the training process.",
+        description="Workers decoding batches of a recipe's streamed data (torch DataLoader "
+        "worker processes, 0: in the training process; Keras PyDataset threads, 0 or 1: "
+        "tf.data's one generator thread). Default: 0 on CPU, min(4, cores - 1) on CUDA. "
+        "In-memory data is read in the training process.",
     )
     params: dict[str, Any] = Field(
         default_factory=dict,

@@ -93,7 +93,8 @@ class ImageRows:
 @dataclass
 class ParquetRows:
     """Rows of a Parquet file, read a row group at a time (the last one kept per process:
-    a loader worker reading a shuffled block of one row group reads it once)."""
+    a loader worker reading a shuffled block of one row group reads it once; threads
+    sharing the reader each read whole the group they use)."""
 
     path: str
     row_ids: np.ndarray
@@ -123,8 +124,9 @@ class ParquetRows:
         return np.split(order, cuts)
 
     def _group(self, group: int) -> dict[str, np.ndarray]:
-        if self._cached is not None and self._cached[0] == group:
-            return self._cached[1]
+        cached = self._cached  # read once: Keras's loader threads share this reader
+        if cached is not None and cached[0] == group:
+            return cached[1]
         import pyarrow.parquet as pq
 
         table = pq.ParquetFile(self.path).read_row_group(
@@ -193,6 +195,25 @@ def split_reader(data: TrainingData, split: str) -> SplitRows:
     if isinstance(data, StreamedSplits):
         return data.split(split)
     return ArrayRows(data.split(split))
+
+
+def epoch_order(
+    n: int, seed: int, epoch: int, blocks: list[np.ndarray] | None = None
+) -> np.ndarray:
+    """The order a split's ``n`` rows are read in epoch ``epoch``: every row once, in the
+    permutation of ``[seed, epoch]`` (the same order for the same seed and epoch). Rows
+    given in ``blocks`` (:func:`row_blocks`: a Parquet split's row groups) stay together:
+    the blocks' order and the order inside each block are shuffled, so each block is read
+    once. torch's ``EpochShuffle`` and Keras's ``SplitBatches`` both read this order."""
+    rng = np.random.default_rng([seed, epoch])
+    if not blocks:
+        return rng.permutation(n)
+    return np.concatenate([rng.permutation(blocks[b]) for b in rng.permutation(len(blocks))])
+
+
+def row_blocks(reader: SplitRows) -> list[np.ndarray] | None:
+    """The rows of a split best read together (a Parquet split's row groups), or None."""
+    return reader.blocks() if isinstance(reader, ParquetRows) else None
 
 
 def head(data: TrainingData, split: str, n: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:

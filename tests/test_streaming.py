@@ -1,5 +1,6 @@
 """Streamed data (image folders, Parquet, a recipe's torch datasets) and the torch loop's
-precision: splits, shuffling, lazy reads, and a streamed recipe through the chain."""
+precision: splits, shuffling, lazy reads, and a streamed recipe through the chain, with a
+torch model and with a Keras one."""
 
 from __future__ import annotations
 
@@ -255,23 +256,170 @@ def test_load_data_may_return_torch_datasets(tmp_path):
     assert sample.inputs["x"].shape == (32, 4)  # the first sample_rows rows of the test split
 
 
-def test_a_keras_model_on_streamed_data_is_refused_before_training(shapes, tmp_path):
+def test_a_keras_model_on_a_recipes_torch_datasets_is_refused_before_training(tmp_path):
     from onnxflow.recipes.steps import prepare_recipe_data, train_recipe
 
-    recipe = _recipe(
-        tmp_path,
-        """
+    keras_model = """
 def build_model(info):
     import keras
-    image = keras.Input((3, 16, 16), name="image")
-    flat = keras.layers.Flatten()(image)
-    return keras.Model(image, keras.layers.Dense(info.n_classes)(flat))
-""",
-    )
-    data = DataConfig(path=shapes, stream=True, image_size=16)
-    dataset = prepare_recipe_data(str(recipe), data, tmp_path / "data")
-    with pytest.raises(RecipeError, match="streamed .* torch models only.* set data.stream false"):
+    x = keras.Input((4,), name="x")
+    return keras.Model(x, keras.layers.Dense(info.n_classes)(x))
+"""
+    recipe = _recipe(tmp_path, TORCH_DATASETS.split("def build_model")[0] + keras_model)
+    dataset = prepare_recipe_data(str(recipe), DataConfig(sample_rows=32), tmp_path / "data")
+    assert dataset.stream == "recipe"
+    with pytest.raises(RecipeError) as refused:
         train_recipe(str(recipe), dataset, TrainConfig(epochs=1), tmp_path / "t")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{recipe}: load_data(config) returned torch")
+    assert (
+        "keras model, which trains on an image folder or a Parquet table with data.stream, "
+        "or on arrays in memory" in message
+    )
+    assert not (tmp_path / "t").exists()  # nothing trained or saved
+
+
+KERAS_IMAGES = """
+import keras
+
+DEFAULTS = {"data": {"image_size": 16, "stream": True}}
+
+def build_model(info):
+    image = keras.Input((3, 16, 16), name="image")
+    x = keras.layers.Permute((2, 3, 1))(image)  # NCHW in, channels last for the CPU
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(image, keras.layers.Dense(info.n_classes)(x))
+"""
+
+KERAS_TABLE = """
+import keras
+
+def build_model(info):
+    features = keras.Input((2,), name="features")
+    ids = keras.Input((4,), dtype="int64", name="ids")
+    embedded = keras.layers.Flatten()(keras.layers.Embedding(9, 3)(ids))
+    x = keras.layers.Dense(16, activation="relu")(
+        keras.layers.Concatenate()([features, embedded])
+    )
+    return keras.Model([features, ids], keras.layers.Dense(info.n_classes)(x))
+"""
+
+
+@pytest.fixture(scope="module")
+def signal_table(tmp_path_factory) -> Path:
+    """A Parquet table of 400 rows in row groups of 50 whose class is the sign of ``a``."""
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=400)
+    frame = pd.DataFrame(
+        {
+            "a": a,
+            "b": rng.integers(0, 5, 400),
+            "ids": [list(rng.integers(0, 9, 4)) for _ in range(400)],
+            "y": np.where(a > 0, "pos", "neg"),
+        }
+    )
+    path = tmp_path_factory.mktemp("signal") / "signal.parquet"
+    frame.to_parquet(path, row_group_size=50)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "workers", "tag"), [("images", 2, "2 threads"), ("parquet", None, "1 thread")]
+)
+def test_a_keras_recipe_trains_on_streamed_data_and_validates(
+    shapes, signal_table, tmp_path, kind, workers, tag
+):
+    """A Keras model on a streamed image folder (two reading threads) and Parquet table
+    (the default on CPU: tf.data's one generator thread) trains, exports and passes the
+    validation gate; the version's tags say how it read."""
+    from onnxflow.recipes.steps import prepare_recipe_data
+    from onnxflow.sources import RecipeSource, validate_sourced
+
+    if kind == "images":
+        recipe = _recipe(tmp_path, KERAS_IMAGES)
+        data = DataConfig(path=shapes, stream=True, image_size=16)
+    else:
+        recipe = _recipe(tmp_path, KERAS_TABLE)
+        data = DataConfig(path=signal_table, target="y", stream=True, sample_rows=32)
+    dataset = prepare_recipe_data(str(recipe), data, tmp_path / "data")
+    assert dataset.stream == kind
+    train = TrainConfig(epochs=3, batch_size=16, learning_rate=0.02, loader_workers=workers)
+    source = RecipeSource(recipe=str(recipe), dataset=dataset, train_config=train)
+    epochs = []
+    trained = source.train(tmp_path / "train", on_epoch=lambda e, m: epochs.append(m))
+    assert trained.framework == "keras" and len(epochs) == 3
+    assert trained.params["data_streamed"] == kind
+    assert trained.params["train_loader_workers"] == tag
+    model = source.export(trained, tmp_path / "source")
+    summary = validate_sourced(
+        source, model, model.exported.path, ValidateConfig(latency_repeats=2), tmp_path / "v"
+    )
+    assert summary.passed and summary.parity_max_abs < 1e-4
+    assert summary.onnx_metric == pytest.approx(summary.framework_metric, abs=1e-6)
+    if kind == "parquet":  # the class is the sign of a column: learnt in three epochs
+        assert epochs[-1]["val_accuracy"] > 0.85 and summary.framework_metric > 0.85
+
+
+def test_keras_batches_read_every_row_once_per_epoch_in_the_seeded_order(table, tmp_path):
+    """Keras's streamed batches read :func:`epoch_order`: the same order for the same seed
+    and epoch (torch's EpochShuffle's order), another for another epoch or seed, every row
+    once, a row group's rows together; ``model.fit`` reads them epoch by epoch."""
+    from onnxflow.recipes import keras_recipe, load_recipe
+    from onnxflow.recipes.keras_data import SplitBatches
+    from onnxflow.recipes.torch_data import EpochShuffle
+    from onnxflow.streaming import StreamedSplits
+
+    config = DataConfig(path=table, target="y", stream=True)
+    dataset = stream_data(table, config, tmp_path / "d", "test")
+    reader = open_split(dataset, "train")
+
+    class Recording(ParquetRows):
+        calls: list[np.ndarray] = []
+        reads = 0
+
+        def rows(self, indices):
+            Recording.calls.append(np.asarray(indices))
+            return super().rows(indices)
+
+        def _group(self, group):
+            if self._cached is None or self._cached[0] != group:
+                Recording.reads += 1
+            return super()._group(group)
+
+    recording = Recording(
+        **{k: getattr(reader, k) for k in ("path", "row_ids", "labels", "scalars", "lists")}
+    )
+
+    def order(seed: int, epoch: int) -> np.ndarray:
+        batches = SplitBatches(reader, 16, shuffle=True, seed=seed)
+        batches.set_epoch(epoch)
+        return batches.order()
+
+    first = order(1, 1)
+    assert np.array_equal(order(1, 1), first)
+    assert not np.array_equal(order(1, 2), first) and not np.array_equal(order(2, 1), first)
+    assert sorted(first.tolist()) == list(range(len(reader)))
+    torch_order = EpochShuffle(len(reader), 1, reader.blocks())
+    torch_order.set_epoch(1)
+    assert list(torch_order) == first.tolist()  # one ordering for both frameworks
+    groups = np.searchsorted(reader._offsets, reader.row_ids[first], side="right") - 1
+    runs = 1 + np.count_nonzero(np.diff(groups))
+    assert runs == len(reader.blocks()) == 8  # each row group's rows in one run
+
+    info = dataset.info
+    net = load_recipe(str(_recipe(tmp_path, KERAS_TABLE))).call("build_model", info)
+    data = StreamedSplits(recording, open_split(dataset, "validation"), reader)
+    train = TrainConfig(epochs=2, batch_size=16, seed=1).on_device("cpu")
+    keras_recipe.fit(net, data, info, train, "cpu", None)
+    n_batches = len(SplitBatches(reader, 16, shuffle=True, seed=1))
+    epochs = Recording.calls[-2 * n_batches :]
+    assert len(Recording.calls) <= 2 * n_batches + 2  # and the first batches, for the spec
+    np.testing.assert_array_equal(np.concatenate(epochs[:n_batches]), order(1, 1))
+    np.testing.assert_array_equal(np.concatenate(epochs[n_batches:]), order(1, 2))
+    assert Recording.reads <= 2 * 8 + 1  # each row group read once an epoch
 
 
 def test_streaming_needs_a_folder_or_parquet(tmp_path):
@@ -282,29 +430,55 @@ def test_streaming_needs_a_folder_or_parquet(tmp_path):
         prepare_recipe_data(str(recipe), DataConfig(stream=True), tmp_path / "d")
 
 
-@pytest.mark.slow  # a minute: the whole flow with a Prefect test server
-def test_a_streamed_recipe_registers_what_training_used(shapes, tmp_path, mlflow_store):
+def _register_streamed(tmp_path: Path, recipe: Path, data: dict, train: dict, name: str):
+    """The whole flow, with a Prefect test server, on a streamed recipe: its one chain."""
     from prefect.testing.utilities import prefect_test_harness
 
     from onnxflow.flows.pipeline import run
 
-    recipe = _recipe(tmp_path, TINY_CNN)
     config = PipelineConfig.model_validate(
         {
             "recipe": str(recipe),
-            "data": {"path": str(shapes), "stream": True, "image_size": 16},
-            "train": {"epochs": 1, "batch_size": 16, "precision": "bf16", "loader_workers": 1},
-            "register": {"model_name": "streamed"},
+            "data": {"stream": True, **data},
+            "train": train,
+            "register": {"model_name": name},
             "validate": {"latency_repeats": 2},
         }
     )
     with prefect_test_harness(server_startup_timeout=60):
         result = run(config=config, out_dir=tmp_path / "run")
     (chain,) = result.chains
+    return chain
+
+
+@pytest.mark.slow  # a minute: the whole flow with a Prefect test server
+def test_a_streamed_recipe_registers_what_training_used(shapes, tmp_path, mlflow_store):
+    chain = _register_streamed(
+        tmp_path,
+        _recipe(tmp_path, TINY_CNN),
+        {"path": str(shapes), "image_size": 16},
+        {"epochs": 1, "batch_size": 16, "precision": "bf16", "loader_workers": 1},
+        "streamed",
+    )
     tags = chain.version.tags
     assert tags["train_precision"] == "bf16" and tags["data_streamed"] == "images"
     assert tags["train_loader_workers"] == "1" and tags["train_device"] == "cpu"
     assert tags["validation"] == "passed"
+
+
+@pytest.mark.slow  # half a minute: the whole flow with a Prefect test server
+def test_a_streamed_keras_recipe_registers_what_training_used(signal_table, tmp_path, mlflow_store):
+    chain = _register_streamed(
+        tmp_path,
+        _recipe(tmp_path, KERAS_TABLE),
+        {"path": str(signal_table), "target": "y", "sample_rows": 32},
+        {"epochs": 3, "batch_size": 16, "learning_rate": 0.02, "loader_workers": 2},
+        "streamed-keras",
+    )
+    tags = chain.version.tags
+    assert chain.trained.framework == "keras" and tags["data_streamed"] == "parquet"
+    assert tags["train_loader_workers"] == "2 threads" and tags["train_device"] == "cpu"
+    assert tags["validation"] == "passed" and float(tags["accuracy"]) > 0.85
 
 
 #: The slow test's memory bound (README): peak PSS of `onnxflow run` and every process it

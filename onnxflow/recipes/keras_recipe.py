@@ -3,6 +3,11 @@
 The saved ``model.keras`` is a new functional model over the trained one: fresh inputs
 named and typed as the data's, a softmax on top (``probabilities``). It is converted with
 tf2onnx through the same ``tf.function`` wrapper as an imported ``.keras`` file.
+
+Data in memory (NamedArrays) goes to ``model.fit`` as arrays; streamed data (an image
+folder or a Parquet table with ``data.stream``: :class:`~onnxflow.streaming.StreamedSplits`)
+as :class:`onnxflow.recipes.keras_data.SplitBatches`, read lazily per batch. A recipe's
+own torch datasets are refused before training (:mod:`onnxflow.recipes.steps`).
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxflow.arrays import LABEL, ArrayDatasetInfo, NamedArrays
+from onnxflow.arrays import LABEL, ArrayDatasetInfo
 from onnxflow.config import TrainConfig
 from onnxflow.errors import RecipeError, TrainingError
 from onnxflow.interface import output_name
 from onnxflow.recipes import expected_output
+from onnxflow.streaming import StreamedSplits, TrainingData, head
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +78,10 @@ def model_inputs(model, split: Mapping[str, np.ndarray], names: tuple[str, ...])
     return {n: split[n] for n in names}
 
 
-def check_output(model, data: NamedArrays, info: ArrayDatasetInfo, ref: str) -> None:
+def check_output(model, data: TrainingData, info: ArrayDatasetInfo, ref: str) -> None:
+    """Two training rows through the untrained model: its output must be [2, n_classes]."""
     bind_inputs(model, info, ref)
-    rows = {n: data.train[n][:2] for n in info.input_names}
+    rows = head(data, "train", 2, info.input_names)
     try:
         out = model(model_inputs(model, rows, info.input_names), training=False)
         shape = tuple(int(d) for d in out.shape)
@@ -92,14 +99,15 @@ def check_output(model, data: NamedArrays, info: ArrayDatasetInfo, ref: str) -> 
 
 def fit(
     model,
-    data: NamedArrays,
+    data: TrainingData,
     info: ArrayDatasetInfo,
     config: TrainConfig,
     device: str,
     on_epoch: Callable[[int, dict[str, float]], None] | None,
 ) -> dict[str, float]:
     """Adam on sparse categorical cross-entropy (from logits), or mean squared error
-    (regression), via ``model.fit``."""
+    (regression), via ``model.fit``: arrays shuffled by Keras, or streamed batches
+    (:func:`streamed_batches`)."""
     keras, _ = import_keras()
     names = info.input_names
     classification = info.task == "classification"
@@ -129,18 +137,46 @@ def fit(
             if on_epoch is not None:
                 on_epoch(epoch + 1, metrics)
 
+    if isinstance(data, StreamedSplits):
+        train, validation = streamed_batches(model, data, names, config)
+        arrays: dict = {"x": train, "validation_data": validation, "shuffle": False}
+    else:
+        arrays = {
+            "x": model_inputs(model, data.train, names),
+            "y": data.train[LABEL],
+            "validation_data": (
+                model_inputs(model, data.validation, names),
+                data.validation[LABEL],
+            ),
+            "batch_size": config.batch_size,
+            "shuffle": True,
+        }
     with device_scope(device):
-        model.fit(
-            model_inputs(model, data.train, names),
-            data.train[LABEL],
-            validation_data=(model_inputs(model, data.validation, names), data.validation[LABEL]),
-            batch_size=config.batch_size,
-            epochs=config.epochs,
-            shuffle=True,
-            verbose=0,
-            callbacks=[Reporter()],
-        )
+        model.fit(**arrays, epochs=config.epochs, verbose=0, callbacks=[Reporter()])
     return history
+
+
+def streamed_batches(model, data: StreamedSplits, names: tuple[str, ...], config: TrainConfig):
+    """The training and validation splits as lazy Keras batches of ``train.batch_size``
+    rows, read by ``train.loader_workers`` threads: training shuffled per epoch from
+    ``train.seed`` (a Parquet split's row groups together), validation in order."""
+    from onnxflow.recipes.keras_data import SplitBatches
+
+    def feed(rows: Mapping[str, np.ndarray]):
+        return model_inputs(model, rows, names)
+
+    workers = config.loader_workers or 0
+    return tuple(
+        SplitBatches(
+            data.split(split),
+            config.batch_size,
+            shuffle=split == "train",
+            seed=config.seed,
+            workers=workers,
+            feed=feed,
+        )
+        for split in ("train", "validation")
+    )
 
 
 def owns(model) -> bool:
@@ -156,11 +192,13 @@ def to_device(model, device: str):
     return model
 
 
-def check_exportable(model, info: ArrayDatasetInfo, data: NamedArrays, ref: str, when: str) -> None:
+def check_exportable(
+    model, info: ArrayDatasetInfo, data: TrainingData, ref: str, when: str
+) -> None:
     """tf2onnx's problems only show at export (after training)."""
 
 
-def save(model, info: ArrayDatasetInfo, data: NamedArrays, out_dir: Path, ref: str) -> Path:
+def save(model, info: ArrayDatasetInfo, data: TrainingData, out_dir: Path, ref: str) -> Path:
     """``model.keras``: data-named inputs -> the trained model -> softmax ``probabilities``."""
     keras, _ = import_keras()
     inputs = [

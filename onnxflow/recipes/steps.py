@@ -132,12 +132,12 @@ def train_recipe(
             f"{recipe.ref}: train.workers {config.workers}: a {framework} model trains in one "
             "process (several processes train torch models only); set train.workers: 1"
         )
-    if dataset.stream is not None and framework != "torch":
+    if dataset.stream == "recipe" and framework != "torch":
         raise RecipeError(
-            f"{recipe.ref}: the data is streamed ({dataset.stream}), which onnxflow trains "
-            f"for torch models only; build_model(info) returned a {framework} model: set "
-            "data.stream false (Keras reads the data into memory; a tf.data pipeline is not "
-            "supported)"
+            f"{recipe.ref}: load_data(config) returned torch datasets, which train torch "
+            f"models only; build_model(info) returned a {framework} model, which trains on "
+            "an image folder or a Parquet table with data.stream, or on arrays in memory "
+            "(load_data returning named arrays)"
         )
     adapter.check_output(model, data, info, recipe.ref)
     if distributed.is_main():
@@ -307,12 +307,18 @@ def training_data(dataset: ArrayDataset) -> TrainingData:
 def training_settings(
     framework: str, dataset: ArrayDataset, config: TrainConfig, device: str, own_fit: bool
 ) -> dict[str, str]:
-    """How the model was trained, for the version's tags: precision, loader workers,
+    """How the model was trained, for the version's tags: precision, loader workers (torch:
+    DataLoader processes; Keras, streamed: the threads reading its batches, ``"2 threads"``),
     whether the data was streamed (and how many rows the validation sample reads)."""
     loop = framework == "torch" and not own_fit
+    workers = str(config.loader_workers if dataset.stream else 0)
+    if dataset.stream and framework == "keras" and not own_fit:
+        # PyDataset threads; with 0 or 1 Keras reads in tf.data's one generator thread
+        threads = max(1, config.loader_workers or 0)
+        workers = f"{threads} thread{'s' if threads > 1 else ''}"
     return {
         "train_precision": config.precision if loop else "fp32 (own fit or keras)",
-        "train_loader_workers": str(config.loader_workers if dataset.stream else 0),
+        "train_loader_workers": workers,
         "data_streamed": dataset.stream or "no",
         **({"sample_rows": str(dataset.sample_rows)} if dataset.stream else {}),
     }

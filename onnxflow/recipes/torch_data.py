@@ -19,7 +19,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 
 from onnxflow.arrays import LABEL
 from onnxflow.recipes.datasets import RecipeRows, stack_items
-from onnxflow.streaming import ParquetRows, SplitRows
+from onnxflow.streaming import SplitRows, epoch_order, row_blocks
 
 
 class BatchRows(Dataset):
@@ -62,10 +62,9 @@ def as_tensors(
 
 
 class EpochShuffle(Sampler[int]):
-    """Every row once per epoch, in the permutation of ``seed + epoch`` (the same order for
-    the same seed and epoch, like ``DistributedSampler``; the loop calls ``set_epoch``).
-    Rows given in ``blocks`` (a Parquet split's row groups) stay together: the blocks'
-    order and the order inside each block are shuffled, so each block is read once."""
+    """Every row once per epoch, in :func:`onnxflow.streaming.epoch_order` of the seed and
+    the epoch (the same order for the same seed and epoch, like ``DistributedSampler``; the
+    loop calls ``set_epoch``), a Parquet split's row groups kept together."""
 
     def __init__(self, n: int, seed: int, blocks: list[np.ndarray] | None = None) -> None:
         self.n, self.seed, self.blocks, self.epoch = n, seed, blocks, 0
@@ -77,11 +76,7 @@ class EpochShuffle(Sampler[int]):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        if not self.blocks:
-            return iter(rng.permutation(self.n).tolist())
-        order = [rng.permutation(self.blocks[b]) for b in rng.permutation(len(self.blocks))]
-        return iter(np.concatenate(order).tolist())
+        return iter(epoch_order(self.n, self.seed, self.epoch, self.blocks).tolist())
 
 
 def make_loader(
@@ -107,9 +102,8 @@ def make_loader(
     if isinstance(dataset, IterableRows):  # read in this process: workers would each
         return DataLoader(dataset, batch_size=None)  # replay the whole iterable
     if sampler is None:
-        blocks = dataset.reader.blocks() if isinstance(dataset.reader, ParquetRows) else None
         sampler = (
-            EpochShuffle(len(dataset), seed, blocks)
+            EpochShuffle(len(dataset), seed, row_blocks(dataset.reader))
             if shuffle
             else torch.utils.data.SequentialSampler(range(len(dataset)))
         )
