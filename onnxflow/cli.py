@@ -779,7 +779,7 @@ def monitor(
     import dataclasses
     import json
 
-    from onnxflow.monitor import RetrainPolicy, parse_since
+    from onnxflow.monitor import NO_DATA, RetrainPolicy, parse_since
 
     settings = _setup()
     parse_since(since)  # a bad window is refused before a Prefect server starts
@@ -812,7 +812,7 @@ def monitor(
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(figures), indent=2))
         return
-    if figures.status == "no_data":
+    if figures.status == NO_DATA:
         typer.echo(
             f"{figures.model} version {figures.version}, {figures.window}: no data "
             f"({figures.reason}); no drift or accuracy figures, retrain: no"

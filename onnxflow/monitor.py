@@ -372,12 +372,6 @@ def _column(values) -> np.ndarray:
 
 def report_html(figures: Figures) -> str:
     """The reviewer's page: the figures, the decision, every feature's distance."""
-    rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{value:.4f}</td>"
-        f"<td>{'drift' if name in figures.drifted else ''}</td></tr>"
-        for name, value in sorted(figures.features.items(), key=lambda kv: -kv[1])
-    )
-    accuracy = "n/a" if figures.live_accuracy is None else f"{figures.live_accuracy:.4f}"
     if figures.status == NO_DATA:
         return (
             f"<html><head><title>{html.escape(figures.model)} v{figures.version} monitor</title>"
@@ -386,6 +380,12 @@ def report_html(figures: Figures) -> str:
             f"({html.escape(figures.reason)}). No drift or accuracy figures; no retrain.</p>"
             "</body></html>"
         )
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{value:.4f}</td>"
+        f"<td>{'drift' if name in figures.drifted else ''}</td></tr>"
+        for name, value in sorted(figures.features.items(), key=lambda kv: -kv[1])
+    )
+    accuracy = "n/a" if figures.live_accuracy is None else f"{figures.live_accuracy:.4f}"
     return (
         f"<html><head><title>{html.escape(figures.model)} v{figures.version} monitor</title>"
         "</head><body>"
