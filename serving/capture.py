@@ -3,25 +3,26 @@
 With ``--capture DIR`` (``capture`` setting; a local folder or any fsspec URL whose
 filesystem package is installed) every answered request of every model, on both fronts,
 is offered to :class:`Capture` (a ``capture_fraction`` share of them). The request path
-only appends one flat tuple of references (ids, times, the request's own arrays: no copy,
-no lock, no wake-up, no per-tensor work) to a deque: when ``capture_queue_bytes`` are
-waiting, the record is dropped and counted in ``onnxflow_capture_dropped_total`` (never
-silently lost, never a failed or slower answer).
+only appends references, by column, to its model version's open :class:`_Batch`: the
+request's id, time and latency, and each of its input and output arrays (no copy, no lock,
+no wake-up, nothing the cyclic GC tracks). When ``capture_queue_bytes`` are waiting, the
+request is dropped and counted in ``onnxflow_capture_dropped_total`` (never silently lost,
+never a failed or slower answer).
 
-Turning records into Arrow columns happens in bulk, on the endpoint's event loop (a short
-step every ``BUILD_INTERVAL_S`` when a chunk of ``WRITE_CHUNK`` records waits, else every
-``capture_flush_interval_s``): one ``np.concatenate`` per tensor per chunk, ids and times
-gathered by C-level ``map``/``zip``, no per-record Python work beyond collecting references.
-Done there, it never contends for the GIL with a second thread running Python (which cost
-the endpoint more than the work itself). A writer thread appends what was built, every
+A batch is turned into an Arrow table in one step on the endpoint's loop once it holds
+``BATCH_REQUESTS`` requests or ``BATCH_BYTES`` (and every ``capture_flush_interval_s``):
+one ``np.concatenate`` per tensor, ids and times gathered in C. Done there, it costs the
+endpoint the work alone; a second thread doing it in Python also cost every hand-over of
+the GIL, which was more than the work. A writer thread appends the tables, every
 ``capture_flush_interval_s``, as one row group per (model, version) to its open segment:
-Arrow writes without the GIL, and Parquet's dictionary encoding is off (tensor values hardly
-repeat: trying it was most of the write's cost, and made the files larger). A capture used
-without a loop (``start()`` without one) builds on the writer thread instead.
-Segments are rolled (closed and renamed to their final name) past ``capture_segment_bytes``
-or ``capture_segment_s``, and on stop, which drains the queue first (SIGTERM: the endpoint
-stops, every accepted record is written). Until rolled a segment's name starts with a dot,
-which pyarrow, pandas, DuckDB and Spark skip.
+Arrow compresses and writes without the GIL, and Parquet's dictionary encoding is off
+(tensor values hardly repeat: trying it was most of the write's cost, and made the files
+larger). Segments are rolled (closed and renamed to their final name) past
+``capture_segment_bytes`` or ``capture_segment_s``, and on stop, which writes every
+accepted request first (SIGTERM: the endpoint stops, nothing accepted is lost). Until
+rolled a segment's name starts with a dot, which pyarrow, pandas, DuckDB and Spark skip. A
+capture used without a loop (``start()`` without one) takes a lock around each offer, and
+its writer builds the batches too.
 
 Layout (Hive partitions)::
 
@@ -42,9 +43,7 @@ import datetime as dt
 import itertools
 import json
 import logging
-import operator
 import os
-import queue
 import random
 import secrets
 import threading
@@ -60,30 +59,24 @@ OUTPUT_PREFIX = "output."
 SHAPES_KEY = b"onnxflow.shapes"
 
 
-#: Request ids made here: a random prefix per process and a counter (32 hex characters,
-#: like a UUID; a tenth of uuid4's cost on the request path).
+#: Request ids made here: a random prefix per process (16 hex characters) and a counter of
+#: 16 decimal digits (32 characters, like a UUID's hex; a twentieth of uuid4's cost and a
+#: quarter of formatting the counter in hex, on the request path).
 _ID_PREFIX = uuid.uuid4().hex[:16]
-_ID_COUNTER = itertools.count()
+_ID_COUNTER = itertools.count(10**15)
 
 
 def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+    return f"{_ID_PREFIX}{next(_ID_COUNTER)}"
 
 
-#: What the request path queues, one flat tuple per request: ((model, version), request id,
-#: time, latency_s, (input names), (input arrays), (output arrays), nbytes). Only tuples of
-#: strings, floats and arrays, which the cyclic GC stops tracking once it has seen them: the
-#: request's feeds dict, kept instead, made every collection walk thousands of waiting
-#: records (about 4 % of the endpoint's throughput at 8 connections, capture_bench).
-KEY, ID, TIME, LATENCY, NAMES, INPUTS, RESULTS, NBYTES = range(8)
-
-#: Records turned into one Arrow table at a time, on the event loop: every request that
-#: arrives meanwhile waits for it, so steps are short (at 8 connections of wrk, p99 with
-#: capture on: 5.8 ms with chunks of 1,024 every 0.1 s, 2.7 ms with 256 every 0.02 s,
-#: 1.5 ms off; throughput alike).
-WRITE_CHUNK = 256
-#: How often the event loop looks for a chunk to turn into a table (a short step each time).
-BUILD_INTERVAL_S = 0.02
+#: A batch is turned into an Arrow table, in one step on the endpoint's loop, once it holds
+#: this many requests or bytes (and every flush interval). A step delays the requests in
+#: flight by its length: at 8 connections of wrk (digits MLP), batches of 256 requests
+#: (steps of ~0.7 ms) moved the p99 from 1.4 to 2.1 ms, of 1,024 to 3.4 ms, of 4,096 to
+#: 6.0 ms, for the same throughput.
+BATCH_REQUESTS = 256
+BATCH_BYTES = 4 << 20
 
 
 def open_filesystem(url: str):
@@ -101,49 +94,75 @@ def rows_of(array: np.ndarray) -> int:
     return array.shape[0] if array.ndim else 1
 
 
-def record_table(records: list[tuple], output_names: tuple[str, ...]):
-    """One Arrow table of ``records`` (queued tuples of one model version): a row per
-    request row, and the per-row shapes of each tensor (of the first record) for the file's
-    metadata. Columnar: the tensors of all records in one ``np.concatenate`` each."""
+def request_columns(ids, times, latency, counts: np.ndarray) -> dict:
+    """The columns every captured row starts with, from per-request ``ids``, ``times``
+    (seconds since the epoch), ``latency`` (seconds) and row ``counts``."""
     import pyarrow as pa
 
-    _, ids, times, latency, names, inputs, results, _ = zip(*records)
-    n = len(records)
-    if names.count(names[0]) != n:  # a client named the inputs in another order
-        order = names[0]
-        inputs = tuple(
-            values if given == order else tuple(dict(zip(given, values))[k] for k in order)
-            for given, values in zip(names, inputs)
-        )
-    names = names[0]
-    counts = _lengths([f[0] for f in inputs])
-    if counts is None:  # a scalar input: one row per request
-        counts = np.fromiter((rows_of(f[0]) for f in inputs), np.int64, n)
-    single = bool((counts == 1).all())
-    times = np.array(times) * 1e6
-    latency = np.array(latency) * 1e3
-    columns = {
-        "request_id": pa.array(ids if single else np.repeat(ids, counts).tolist(), pa.string()),
-        "row": pa.array(
-            np.zeros(n, np.int32)
-            if single
-            else np.concatenate([np.arange(k) for k in counts]).astype(np.int32)
-        ),
-        "time": pa.array(
-            (times if single else np.repeat(times, counts)).astype(np.int64),
-            pa.timestamp("us", tz="UTC"),
-        ),
-        "latency_ms": pa.array(latency if single else np.repeat(latency, counts)),
+    times = np.asarray(times) * 1e6
+    latency = np.asarray(latency) * 1e3
+    if len(counts) == int(counts.sum()):  # a row each
+        rows = np.zeros(len(counts), np.int32)
+    else:
+        rows = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        ids = np.repeat(np.asarray(ids, object), counts).tolist()
+        times, latency = np.repeat(times, counts), np.repeat(latency, counts)
+    return {
+        "request_id": pa.array(ids, pa.string()),
+        "row": pa.array(rows.astype(np.int32)),
+        "time": pa.array(times.astype(np.int64), pa.timestamp("us", tz="UTC")),
+        "latency_ms": pa.array(latency),
     }
-    shapes = {}
-    tensors = [(INPUT_PREFIX + name, [f[i] for f in inputs]) for i, name in enumerate(names)]
-    tensors += [
-        (OUTPUT_PREFIX + name, [r[i] for r in results]) for i, name in enumerate(output_names)
-    ]
-    for column, arrays in tensors:
-        columns[column] = _tensor_column(arrays, counts)
-        shapes[column] = list(arrays[0].shape[1:]) if arrays[0].ndim else []
-    return pa.table(columns), shapes
+
+
+class _Batch:
+    """Requests of one model version waiting for the writer, by column: each request's id,
+    time and latency, and references to its own input and output arrays (the request path
+    copies nothing). Filled on the endpoint's loop, handed to the writer whole."""
+
+    __slots__ = ("key", "inputs", "outputs", "columns", "ids", "times", "latency", "nbytes")
+
+    def __init__(self, key: tuple[str, str], inputs: tuple[str, ...], outputs: tuple[str, ...]):
+        self.key = key  # (model, version)
+        self.inputs = inputs  # in the model's order, whatever order a client sends
+        self.outputs = outputs
+        self.columns: list[list[np.ndarray]] = [[] for _ in (*inputs, *outputs)]
+        self.ids: list[str] = []
+        self.times: list[float] = []
+        self.latency: list[float] = []
+        self.nbytes = 0
+
+    def counts(self) -> np.ndarray:
+        """Rows of each request (its first input's first axis; 1 for a scalar)."""
+        first = self.columns[0]
+        counts = _lengths(first)
+        return counts if counts is not None else np.array([rows_of(a) for a in first])
+
+    def rows_of_ids(self, ids: set[str]) -> dict[str, int]:
+        return {i: rows_of(a) for i, a in zip(self.ids, self.columns[0]) if i in ids}
+
+    def tables(self):
+        """(date, Arrow table, per-row shapes, request ids) for each UTC date of the
+        batch's requests (one, except across midnight)."""
+        import pyarrow as pa
+
+        counts = self.counts()
+        times = np.array(self.times)
+        columns = request_columns(self.ids, times, self.latency, counts)
+        names = [INPUT_PREFIX + n for n in self.inputs] + [OUTPUT_PREFIX + n for n in self.outputs]
+        shapes = {}
+        for name, arrays in zip(names, self.columns):
+            columns[name] = _tensor_column(arrays, counts)
+            shapes[name] = list(arrays[0].shape[1:]) if arrays[0].ndim else []
+        table = pa.table(columns)
+        days = times // 86400
+        if (days == days[0]).all():
+            yield _day(days[0]), table, shapes, self.ids
+            return
+        rows = np.repeat(days, counts)
+        for day in np.unique(days):  # across midnight
+            ids = [i for i, d in zip(self.ids, days) if d == day]
+            yield _day(day), table.filter(pa.array(rows == day)), shapes, ids
 
 
 def _tensor_column(arrays: list[np.ndarray], counts: np.ndarray):
@@ -225,11 +244,15 @@ class _Segment:
         )
         self.schema = schema
         self.opened = time.monotonic()
-        self.rows = 0
+        self.ids: list[list[str]] = []  # the requests written, by table
 
-    def write(self, table) -> None:
+    def write(self, table, ids: list[list[str]]) -> None:
         self.writer.write_table(table.replace_schema_metadata(self.schema.metadata))
-        self.rows += table.num_rows
+        self.ids += ids
+
+    @property
+    def requests(self) -> int:
+        return sum(map(len, self.ids))
 
     @property
     def bytes(self) -> int:
@@ -256,56 +279,62 @@ class Capture:
         self.segment_bytes = settings.capture_segment_bytes
         self.segment_s = settings.capture_segment_s
         self.retention_days = settings.capture_retention_days
-        self._queue: collections.deque[tuple] = collections.deque()
+        # id(model) -> its open batch (which keeps the model's key, not the model); full
+        # ones wait in _handed to be built into tables, which wait in _built to be written
+        self._batches: dict[int, _Batch] = {}
+        self._handed: collections.deque[_Batch] = collections.deque()
+        self._built: collections.deque[tuple] = collections.deque()
+        # Without a loop, offers may come from any thread: they take this lock, and so does
+        # the writer when it builds the batches. With one, only the loop offers and builds,
+        # and the request path takes no lock (None).
+        self._lock: threading.Lock | None = threading.Lock()
+        self._take_lock = threading.Lock()  # the loop's builds against the writer's last one
         # one writer each: the request path adds to offered, the writer thread to taken
         self._offered_bytes = 0
         self._taken_bytes = 0
         self._random = random.Random()
-        self._output_names: dict[tuple[str, str], tuple[str, ...]] = {}
         self._segments: dict[tuple[str, str, str], _Segment] = {}
         self._numbers = itertools.count()
         self._writer_id = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._loop = None
         self._stopped = False
         self._last_retention = 0.0
         self.taken: collections.Counter = collections.Counter()  # (model, version), by the writer
         self.written: collections.Counter = collections.Counter()  # rows, by (model, version)
         self.dropped: collections.Counter = collections.Counter()  # (model, reason)
         self.segments_rolled = 0
-        # CPU time of the writer thread, and of building tables on the event loop
-        self.writer_cpu_s = 0.0
-        self.build_cpu_s = 0.0
-        self._loop = None
-        self._last_build = 0.0
-        self._take_lock = threading.Lock()  # takers only: the request path never takes it
-        self._built: queue.SimpleQueue = queue.SimpleQueue()
+        self.writer_cpu_s = 0.0  # CPU time of the writer thread (writing Parquet)
+        self.build_cpu_s = 0.0  # CPU time of building Arrow tables (on the loop)
         self.last_error = ""
         # model -> {request id: rows}: the ids feedback may name before their segment is
-        # closed, filled by the writer before it takes records off the queue (so a record is
-        # always in the queue or here: :meth:`rows_of_ids`). Plain dicts of strings and ints,
-        # which the cyclic GC does not track.
+        # closed (so a request is always in a batch, here or in a closed file:
+        # :meth:`rows_of_ids`), filled before a batch leaves _handed, emptied of a
+        # segment's ids when it is closed. Plain dicts of strings and ints, which the
+        # cyclic GC does not track; as large as the open segments' requests.
         self.recent_ids: dict[str, dict[str, int]] = {}
-        self.recent_limit = 200_000
         if metrics is not None:
             metrics.registry.register(CaptureCollector(self))
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self, loop=None) -> None:
-        """Start the writer thread. With the endpoint's event ``loop``, the records are
-        turned into Arrow tables on that loop (every ``BUILD_INTERVAL_S``, in one short
-        step) and only written by the thread: the two never contend for the GIL while
-        the thread works in Python, which cost the endpoint more than the work itself.
-        Without one (a capture used on its own), the thread does both."""
+        """Start the writer thread. With the endpoint's event ``loop`` (which makes every
+        offer), the batches are built into tables on the loop, and offers take no lock;
+        without one, offers from any thread take a lock and the writer builds the batches
+        too. Building on the loop costs the endpoint only the work itself: on a second
+        thread it also cost every hand-over of the GIL (the endpoint's thread idle while
+        the other one wakes), which was more than the work."""
         import pyarrow.parquet  # noqa: F401  (imported now, not on the first write)
 
         self.fs.makedirs(self.root, exist_ok=True)
         self._loop = loop
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
-        self._thread.start()
         if loop is not None:
+            self._lock = None
             loop.call_soon_threadsafe(self._schedule)
+        self._thread.start()
         log.info("capturing %.0f%% of requests into %s", self.fraction * 100, self.url)
 
     def stopping(self) -> None:
@@ -313,7 +342,7 @@ class Capture:
         self._stopped = True
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        """Drain what was accepted, roll every segment, stop the writer (blocking)."""
+        """Write what was accepted, roll every segment, stop the writer (blocking)."""
         self._stopped = True
         self._stop.set()
         if self._thread is not None:
@@ -326,6 +355,13 @@ class Capture:
     def offer(self, model, request_id, feeds: dict, results: list, latency_s: float) -> None:
         """Take one answered request, or count why not. ``request_id()`` gives its id (the
         client's or a new one, which the front returns); None: a new one here."""
+        if self._lock is None:
+            self._offer(model, request_id, feeds, results, latency_s)
+        else:
+            with self._lock:
+                self._offer(model, request_id, feeds, results, latency_s)
+
+    def _offer(self, model, request_id, feeds: dict, results: list, latency_s: float) -> None:
         try:
             if self.fraction < 1.0 and self._random.random() >= self.fraction:
                 return
@@ -340,103 +376,99 @@ class Capture:
             if self._offered_bytes - self._taken_bytes + nbytes > self.queue_bytes:
                 self.dropped[(model.name, "queue_full")] += 1
                 return
-            key = (model.name, model.version)
-            if key not in self._output_names:
-                self._output_names[key] = tuple(model.output_names)
-            request_id = (request_id() if request_id is not None else None) or new_request_id()
+            batch = self._batches.get(id(model))
+            if batch is None:
+                batch = self._batches[id(model)] = self._open(model, feeds)
+            # a KeyError or a count that differs adds nothing
+            arrays = [*map(feeds.__getitem__, batch.inputs), *results]
+            if len(arrays) != len(batch.columns):
+                raise ValueError(f"{len(arrays)} tensors, not {len(batch.columns)}")
+            for array, column in zip(arrays, batch.columns):
+                column.append(array)
+            batch.ids.append((request_id() if request_id is not None else None) or new_request_id())
+            batch.times.append(time.time())
+            batch.latency.append(latency_s)
+            batch.nbytes += nbytes
             self._offered_bytes += nbytes
-            self._queue.append(
-                (
-                    key,
-                    request_id,
-                    time.time(),
-                    latency_s,
-                    tuple(feeds),
-                    tuple(feeds.values()),
-                    tuple(results),
-                    nbytes,
-                )
-            )
+            if len(batch.ids) >= BATCH_REQUESTS or batch.nbytes >= BATCH_BYTES:
+                self._handed.append(self._batches.pop(id(model)))
+                if self._lock is None:
+                    self._loop.call_soon(self._timed_build)
         except Exception:  # noqa: BLE001  (the answer must not notice the capture)
             self.dropped[(getattr(model, "name", "?"), "error")] += 1
             log.exception("capturing a request failed")
 
+    @staticmethod
+    def _open(model, feeds: dict) -> _Batch:
+        specs = getattr(model, "inputs", None)
+        inputs = tuple(spec.name for spec in specs) if specs else tuple(feeds)
+        return _Batch((model.name, model.version), inputs, tuple(model.output_names))
+
+    def _schedule(self) -> None:
+        if not self._stop.is_set():
+            self._loop.call_later(self.flush_interval_s, self._tick)
+
+    def _tick(self) -> None:
+        """Every flush interval, on the loop: build the open batches too."""
+        try:
+            self._timed_build(every=True)
+        finally:
+            self._schedule()
+
+    def _timed_build(self, every: bool = False) -> None:
+        started = time.thread_time()
+        try:
+            self._build(every)
+        except Exception:  # noqa: BLE001  (the loop must not notice)
+            log.exception("building captured requests failed")
+        finally:
+            self.build_cpu_s += time.thread_time() - started
+
+    def _build(self, every: bool = False) -> None:
+        """Turn the full batches (and with ``every`` the open ones) into Arrow tables for
+        the writer. One taker at a time: the loop, or the writer (without a loop, and on
+        stop, when offers are refused)."""
+        with self._take_lock:
+            if every:
+                batches, self._batches = self._batches, {}
+                self._handed.extend(b for b in batches.values() if b.ids)
+            while self._handed:
+                batch = self._handed[0]
+                self._index(batch)  # before it leaves _handed (see rows_of_ids)
+                self._handed.popleft()
+                try:
+                    for day, table, shapes, ids in batch.tables():
+                        self._built.append(((*batch.key, day), table, shapes, ids, 0))
+                except Exception as exc:  # noqa: BLE001  (counted, logged)
+                    self._failed(batch.key, len(batch.ids), exc)
+                # its bytes leave the budget once the writer took its tables
+                self._built.append((None, None, None, None, batch.nbytes))
+
     @property
     def accepted(self) -> collections.Counter:
-        """Requests accepted, by (model, version): taken by the writer, and still queued."""
+        """Requests accepted, by (model, version): taken by the writer, and still waiting."""
         counts = collections.Counter(self.taken)
-        counts.update(record[KEY] for record in list(self._queue))  # list(): atomic
+        for batch in [*list(self._handed), *list(self._batches.values())]:  # list(): atomic
+            counts[batch.key] += len(batch.ids)
         return counts
 
     def rows_of_ids(self, model: str, ids: set[str]) -> dict[str, int]:
         """Rows of those of ``ids`` accepted for ``model`` and not yet in a closed segment
-        (the queue first: the writer indexes records before it takes them off)."""
-        found = {
-            record[ID]: rows_of(record[INPUTS][0])
-            for record in list(self._queue)
-            if record[KEY][0] == model and record[ID] in ids
-        }
+        (the batches first: the writer indexes a batch before it takes it off)."""
+        found = {}
+        for batch in [*list(self._batches.values()), *list(self._handed)]:
+            if batch.key[0] == model:
+                found.update(batch.rows_of_ids(ids))
         recent = self.recent_ids.get(model, {})
         found.update((rid, recent[rid]) for rid in ids - found.keys() if rid in recent)
         return found
 
     # --- the writer thread ---------------------------------------------------------------
 
-    # --- building tables: on the event loop (or the writer thread without one) -----------
-
-    def _schedule(self) -> None:
-        if not self._stop.is_set():
-            self._loop.call_later(BUILD_INTERVAL_S, self._tick)
-
-    def _tick(self) -> None:
-        """Build when a chunk is waiting (a short step at any rate) or the flush interval
-        has passed (few, larger tables when traffic is light: each has a fixed cost)."""
-        now = time.monotonic()
-        if len(self._queue) < WRITE_CHUNK and now - self._last_build < self.flush_interval_s:
-            self._schedule()
-            return
-        self._last_build = now
-        started = time.thread_time()
-        try:
-            self._build()
-        except Exception:  # noqa: BLE001  (counted in _build; the loop must not notice)
-            log.exception("building captured records failed")
-        finally:
-            self.build_cpu_s += time.thread_time() - started
-            self._schedule()
-
-    def _build(self) -> None:
-        """Take what waits in the queue and hand it to the writer as Arrow tables (one per
-        model version and day, at most ``WRITE_CHUNK`` records each). One taker at a time:
-        the loop's tick, or the writer thread's last call on stop."""
-        with self._take_lock:
-            batch = list(self._queue)  # atomic under the GIL; the request path appends on
-            if not batch:
-                return
-            groups = self._groups(batch)
-            for key, records in groups.items():
-                self._index(key[:2], records)
-            popleft = self._queue.popleft
-            for _ in itertools.repeat(None, len(batch)):
-                popleft()
-            for key, records in groups.items():
-                for i in range(0, len(records), WRITE_CHUNK):
-                    chunk = records[i : i + WRITE_CHUNK]
-                    nbytes = sum(map(operator.itemgetter(NBYTES), chunk))
-                    try:
-                        table, shapes = record_table(chunk, self._output_names[key[:2]])
-                    except Exception as exc:  # noqa: BLE001  (counted, logged)
-                        self._failed(key, len(chunk), exc)
-                        self._taken_bytes += nbytes
-                        continue
-                    self._built.put((key, table, shapes, len(chunk), nbytes))
-
-    # --- the writer thread ---------------------------------------------------------------
-
     def _run(self) -> None:
         while not self._stop.wait(self.flush_interval_s):
             self._timed_write()
-        self._build()  # what was accepted before stop (offers are refused by now)
+        self._timed_build(every=True)  # what was accepted before stop (offers are refused)
         self._timed_write()
         for key in list(self._segments):
             self._roll(key)
@@ -444,8 +476,9 @@ class Capture:
     def _timed_write(self) -> None:
         started = time.thread_time()
         try:
-            if self._loop is None:
-                self._build()
+            if self._lock is not None:  # no loop to build the batches
+                with self._lock:
+                    self._timed_build(every=True)
             self._write_once()
         finally:
             self.writer_cpu_s += time.thread_time() - started
@@ -454,22 +487,22 @@ class Capture:
         import pyarrow as pa
 
         waiting: dict[tuple[str, str, str], list[tuple]] = {}
-        while True:
-            try:
-                item = self._built.get_nowait()
-            except queue.Empty:
-                break
-            waiting.setdefault(item[0], []).append(item)
+        taken = 0
+        while self._built:
+            key, table, shapes, ids, nbytes = self._built.popleft()
+            taken += nbytes
+            if key is not None:
+                waiting.setdefault(key, []).append((table, shapes, ids))
         for key, items in waiting.items():  # one row group per version and flush
-            first = items[0][1].schema
-            alike = [i for i in items if i[1].schema.equals(first)]
-            tables = [i[1] for i in alike]
+            first = items[0][0].schema
+            alike = [item for item in items if item[0].schema.equals(first)]
+            tables = [item[0] for item in alike]
             table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-            self._write_table(key, table, items[0][2], sum(i[3] for i in alike))
-            for item in items:
-                if not item[1].schema.equals(first):  # another shape or type: a new segment
-                    self._write_table(key, item[1], item[2], item[3])
-            self._taken_bytes += sum(i[4] for i in items)
+            self._write_table(key, table, items[0][1], [item[2] for item in alike])
+            for table, shapes, ids in items:
+                if not table.schema.equals(first):  # another shape or type: a new segment
+                    self._write_table(key, table, shapes, [ids])
+        self._taken_bytes += taken
         now = time.monotonic()
         for key, segment in list(self._segments.items()):
             if segment.bytes >= self.segment_bytes or now - segment.opened >= self.segment_s:
@@ -478,38 +511,17 @@ class Capture:
             self._last_retention = now
             self._apply_retention()
 
-    @staticmethod
-    def _groups(batch: list[tuple]) -> dict[tuple[str, str, str], list[tuple]]:
-        """``batch`` by (model, version, UTC date); one group without a per-record loop in
-        the usual case (one version, one day)."""
-        keys = list(map(operator.itemgetter(KEY), batch))
-        days = np.fromiter(map(operator.itemgetter(TIME), batch), np.float64, len(batch))
-        days //= 86400
-        if keys.count(keys[0]) == len(keys) and days.min() == days.max():
-            return {(*keys[0], _day(days[0])): batch}
-        groups: dict[tuple[str, str, str], list[tuple]] = {}
-        for record, key, day in zip(batch, keys, days.tolist()):
-            groups.setdefault((*key, _day(day)), []).append(record)
-        return groups
-
-    def _index(self, key: tuple[str, str], records: list[tuple]) -> None:
-        """Count ``records`` as taken and remember their ids for feedback."""
-        self.taken[key] += len(records)
-        recent = self.recent_ids.get(key[0])
+    def _index(self, batch: _Batch) -> None:
+        """Count the batch's requests as taken and remember their ids for feedback."""
+        self.taken[batch.key] += len(batch.ids)
+        recent = self.recent_ids.get(batch.key[0])
         if recent is None:
-            recent = self.recent_ids[key[0]] = {}
-        ids = list(map(operator.itemgetter(ID), records))
-        counts = _lengths([r[INPUTS][0] for r in records])
-        if counts is None:
-            recent.update((r[ID], rows_of(r[INPUTS][0])) for r in records)
-        else:
-            recent.update(zip(ids, counts.tolist()))
-        if len(recent) > self.recent_limit:  # keep the newer half (insertion order)
-            kept = list(recent.items())[self.recent_limit // 2 :]
-            recent.clear()
-            recent.update(kept)
+            recent = self.recent_ids[batch.key[0]] = {}
+        recent.update(zip(batch.ids, batch.counts().tolist()))
 
-    def _write_table(self, key: tuple[str, str, str], table, shapes: dict, records: int) -> None:
+    def _write_table(
+        self, key: tuple[str, str, str], table, shapes: dict, ids: list[list[str]]
+    ) -> None:
         try:
             segment = self._segments.get(key)
             if segment is not None and not segment.schema.equals(
@@ -524,11 +536,23 @@ class Capture:
                     self.fs, folder, table.schema, shapes, self._writer_id, next(self._numbers)
                 )
                 self._segments[key] = segment
-            segment.write(table)
+            segment.write(table, ids)
             self.written[key[:2]] += table.num_rows
         except Exception as exc:  # noqa: BLE001  (counted, logged; the writer carries on)
-            self._failed(key, records, exc)
-            self._segments.pop(key, None)
+            self._failed(key, sum(map(len, ids)), exc)
+            self._forget(key[0], ids)
+            segment = self._segments.pop(key, None)
+            if segment is not None:  # an unfinished file: what it held is lost too
+                self._failed(key, segment.requests, exc)
+                self._forget(key[0], segment.ids)
+
+    def _forget(self, model: str, ids: list[list[str]]) -> None:
+        """Drop ids from the in-memory index (their file is closed, or they are lost)."""
+        recent = self.recent_ids.get(model, {})
+        pop = recent.pop
+        for part in ids:
+            for rid in part:
+                pop(rid, None)
 
     def _failed(self, key, records: int, exc: Exception) -> None:
         self.dropped[(key[0], "write_error")] += records
@@ -541,9 +565,10 @@ class Capture:
             segment.roll()
             self.segments_rolled += 1
         except Exception as exc:  # noqa: BLE001
-            self.dropped[(key[0], "write_error")] += segment.rows
+            self.dropped[(key[0], "write_error")] += segment.requests
             self.last_error = f"{type(exc).__name__}: {exc}"[:500]
             log.exception("cannot close the capture segment %s", segment.final)
+        self._forget(key[0], segment.ids)  # readable from the file now (or lost)
 
     def _apply_retention(self) -> None:
         cutoff = (dt.datetime.now(dt.UTC) - dt.timedelta(days=self.retention_days)).strftime(
@@ -607,12 +632,12 @@ class CaptureCollector:
         queued.add_metric([], self.capture._offered_bytes - self.capture._taken_bytes)
         cpu = CounterMetricFamily(
             "onnxflow_capture_writer_cpu_seconds",
-            "CPU time of the capture's writer thread (building and writing Parquet).",
+            "CPU time of the capture's writer thread (writing Parquet).",
         )
         cpu.add_metric([], self.capture.writer_cpu_s)
         build = CounterMetricFamily(
             "onnxflow_capture_build_cpu_seconds",
-            "CPU time the event loop spent turning captured requests into Arrow tables.",
+            "CPU time spent turning captured requests into Arrow tables (on the event loop).",
         )
         build.add_metric([], self.capture.build_cpu_s)
         yield from (accepted, written, dropped, queued, cpu, build)

@@ -41,6 +41,7 @@ def test_the_writer_keeps_every_accepted_record_by_name_and_counts_the_rest():
     import fsspec
 
     url = "memory://capture-unit"
+    fs = fsspec.filesystem("memory")
     capture = Capture(_settings(url, capture_segment_bytes=1024, capture_queue_bytes=65536))
     model = SimpleNamespace(name="m", version="3", output_names=["p", "label"])
     capture.start()
@@ -53,9 +54,13 @@ def test_the_writer_keeps_every_accepted_record_by_name_and_counts_the_rest():
         sent[f"id-{i}"] = x
         if i % 50 == 49:  # in rounds: each round a row group, and a segment past 1 KiB
             wait_for(lambda: capture.written[("m", "3")] == 2 * capture.accepted[("m", "3")])
+            # feedback finds every id: in a closed file, or in memory until its file closes
+            closed = set(_read(fs, "/capture-unit")["request_id"].to_pylist())
+            in_memory = set(capture.recent_ids["m"])
+            assert not closed & in_memory
+            assert len(closed | in_memory) == capture.accepted[("m", "3")]
     capture.stopping()
     capture.stop()
-    fs = fsspec.filesystem("memory")
     table = _read(fs, "/capture-unit")
     accepted = capture.accepted[("m", "3")]
     dropped = sum(capture.dropped.values())
@@ -96,6 +101,83 @@ def test_inputs_named_in_another_order_land_in_their_own_columns():
     for i in range(6):
         assert rows[f"r{i}"]["input.a"] == [float(i)] * 2
         assert rows[f"r{i}"]["input.b"] == [2.0 * i] * 3
+
+
+def test_on_a_loop_varied_requests_are_kept_and_every_id_is_known_until_written():
+    """As in the endpoint: offers on an event loop, batches built there. Requests of 1 to 3
+    rows whose second axis varies (a dynamic dimension) share batches; more than a batch's
+    worth is offered; feedback finds every id, whether its batch is open, built or
+    written, with its rows."""
+    import asyncio
+
+    import fsspec
+
+    from onnxflow.serving import capture as module
+
+    url = "memory://capture-loop"
+    capture = Capture(_settings(url))
+    model = SimpleNamespace(name="m", version="2", output_names=["y"])
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    capture.start(loop)
+    total = module.BATCH_REQUESTS * 2 + 10
+    sent = {}
+
+    def offer_all():
+        for i in range(total):
+            x = np.full((1 + i % 3, 4 + i % 2), i, np.float32)
+            sent[f"r{i}"] = x
+            capture.offer(model, lambda i=i: f"r{i}", {"x": x}, [x[:, :1] * 2], 0.002)
+
+    try:
+        loop.call_soon_threadsafe(offer_all)
+        wait_for(lambda: capture.accepted[("m", "2")] == total)
+        known = asyncio.run_coroutine_threadsafe(
+            _async(lambda: capture.rows_of_ids("m", set(sent))), loop
+        ).result(30)
+        assert known == {rid: x.shape[0] for rid, x in sent.items()}
+        wait_for(lambda: capture.written[("m", "2")] == sum(x.shape[0] for x in sent.values()))
+        known = asyncio.run_coroutine_threadsafe(
+            _async(lambda: capture.rows_of_ids("m", {"r0", "r1", "nope"})), loop
+        ).result(30)
+        assert known == {"r0": 1, "r1": 2}
+    finally:
+        capture.stopping()
+        capture.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    assert capture.build_cpu_s > 0 and not capture.dropped
+    assert capture.recent_ids == {"m": {}}  # every segment closed: the files know the ids
+    rows = _read(fsspec.filesystem("memory"), "/capture-loop").to_pylist()
+    assert len(rows) == sum(x.shape[0] for x in sent.values())
+    for row in rows:
+        x = sent[row["request_id"]]
+        assert row["input.x"] == x[row["row"]].tolist()
+        assert row["output.y"] == [2.0 * x[0, 0]]
+
+
+async def _async(call):
+    return call()
+
+
+def test_a_batch_across_midnight_lands_in_both_dates():
+    from onnxflow.serving.capture import _Batch
+
+    batch = _Batch(("m", "1"), ("x",), ("y",))
+    midnight = 86400 * 20_000  # 2024-10-04T00:00:00Z
+    for i, (rows, at) in enumerate([(2, midnight - 0.5), (1, midnight - 0.1), (3, midnight + 0.2)]):
+        x = np.full((rows, 2), i, np.float32)
+        for column, array in zip(batch.columns, (x, x[:, :1])):
+            column.append(array)
+        batch.ids.append(f"r{i}")
+        batch.times.append(at)
+        batch.latency.append(0.001)
+    days = {day: (table, ids) for day, table, _, ids in batch.tables()}
+    assert sorted(days) == ["2024-10-03", "2024-10-04"]
+    before, after = days["2024-10-03"], days["2024-10-04"]
+    assert before[1] == ["r0", "r1"] and before[0]["request_id"].to_pylist() == ["r0", "r0", "r1"]
+    assert after[1] == ["r2"] and after[0]["row"].to_pylist() == [0, 1, 2]
 
 
 def test_two_writers_on_one_folder_keep_each_others_segments():
