@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 INPUT_PREFIX = "input."
 OUTPUT_PREFIX = "output."
 SHAPES_KEY = b"onnxflow.shapes"
+#: Beside an open (hidden) segment, the ids and rows of what it holds so far, one small
+#: hidden Parquet file per write, deleted once the segment is closed: another replica's
+#: feedback route finds a request there before its segment is readable.
+IDS_PREFIX = ".ids-"
 
 
 #: Request ids made here: a random prefix per process (16 hex characters) and a counter of
@@ -230,6 +234,7 @@ class _Segment:
         # ``writer`` is random per CaptureWriter: replicas sharing a folder or a bucket (the
         # same pid in every container) never pick the same name in the same second.
         name = f"part-{stamp}-{writer}-{number:05d}.parquet"
+        self.folder, self.name = folder, name
         self.final = f"{folder}/{name}"
         self.hidden = f"{folder}/.{name}.inprogress"
         fs.makedirs(folder, exist_ok=True)
@@ -245,10 +250,29 @@ class _Segment:
         self.schema = schema
         self.opened = time.monotonic()
         self.ids: list[list[str]] = []  # the requests written, by table
+        self.sidecars: list[str] = []
 
     def write(self, table, ids: list[list[str]]) -> None:
+        import pyarrow.parquet as pq
+
         self.writer.write_table(table.replace_schema_metadata(self.schema.metadata))
         self.ids += ids
+        path = f"{self.folder}/{IDS_PREFIX}{self.name}-{len(self.sidecars):05d}"
+        ids_table = table.select(["request_id", "row"])
+        try:  # without it only this replica knows the ids until the segment closes
+            if _is_local(self.fs):
+                pq.write_table(ids_table, path, compression="zstd")
+            else:
+                with self.fs.open(path, "wb") as sink:
+                    pq.write_table(ids_table, sink, compression="zstd")
+            self.sidecars.append(path)
+        except Exception:  # noqa: BLE001
+            log.exception("cannot write the id file %s", path)
+
+    def forget_sidecars(self) -> None:
+        if self.sidecars:
+            self.fs.rm(self.sidecars)
+            self.sidecars = []
 
     @property
     def requests(self) -> int:
@@ -545,6 +569,7 @@ class Capture:
             if segment is not None:  # an unfinished file: what it held is lost too
                 self._failed(key, segment.requests, exc)
                 self._forget(key[0], segment.ids)
+                self._forget_sidecars(segment)
 
     def _forget(self, model: str, ids: list[list[str]]) -> None:
         """Drop ids from the in-memory index (their file is closed, or they are lost)."""
@@ -569,6 +594,13 @@ class Capture:
             self.last_error = f"{type(exc).__name__}: {exc}"[:500]
             log.exception("cannot close the capture segment %s", segment.final)
         self._forget(key[0], segment.ids)  # readable from the file now (or lost)
+        self._forget_sidecars(segment)
+
+    def _forget_sidecars(self, segment: _Segment) -> None:
+        try:
+            segment.forget_sidecars()
+        except Exception:  # noqa: BLE001  (left-overs name ids of a closed or lost file)
+            log.exception("cannot delete the id files of %s", segment.final)
 
     def _apply_retention(self) -> None:
         cutoff = (dt.datetime.now(dt.UTC) - dt.timedelta(days=self.retention_days)).strftime(

@@ -105,6 +105,7 @@ class FeedbackStore:
         self.capture = capture
         self.fs, self.root = capture.fs, f"{capture.root}/{FEEDBACK_DIR}"
         self._labelled: dict[str, set[tuple[str, int]]] = {}  # model -> (id, row)
+        self._read_files: dict[str, set[str]] = {}  # model -> label files read into it
         self._lock = threading.Lock()
         self._numbers = itertools.count()
         # random per store: replicas (one pid per container) never write the same name
@@ -143,32 +144,40 @@ class FeedbackStore:
             return len(labels)
 
     def _labelled_of(self, model: str) -> set[tuple[str, int]]:
-        if model not in self._labelled:
-            table = _read(self.fs, f"{self.root}/model={model}", ["request_id", "row"])
-            self._labelled[model] = (
-                set()
-                if table is None
-                else set(zip(table["request_id"].to_pylist(), table["row"].to_pylist()))
+        """(request id, row) labelled for ``model`` by any replica: the label files, each
+        read once (a replica writes a file per accepted batch and never changes it)."""
+        import pyarrow.dataset as ds
+
+        labelled = self._labelled.setdefault(model, set())
+        done = self._read_files.setdefault(model, set())
+        new = [p for p in self.fs.glob(f"{self.root}/model={model}/date=*/part-*") if p not in done]
+        if new:
+            table = ds.dataset(new, filesystem=self.fs, format="parquet").to_table(
+                columns=["request_id", "row"]
             )
-        return self._labelled[model]
+            labelled.update(zip(table["request_id"].to_pylist(), table["row"].to_pylist()))
+            done.update(new)
+        return labelled
 
     def _captured_rows(self, model: str, ids: set[str]) -> dict[str, int]:
-        """Rows of each captured request of ``ids``: recent ones from memory (those still
-        queued too), older ones from the Parquet segments."""
+        """Rows of each captured request of ``ids``: this replica's recent ones from memory
+        (those not yet written too), any replica's in open segments from their id files,
+        then the closed segments (id files first: a segment closes before its id files go)."""
         rows = self.capture.rows_of_ids(model, ids)
-        missing = ids - rows.keys()
-        if missing:
+        folder = f"{self.capture.root}/model={model}"
+        for read in (_open_segment_ids, _read):
+            missing = ids - rows.keys()
+            if not missing:
+                break
             import pyarrow.compute as pc
 
-            table = _read(
-                self.fs,
-                f"{self.capture.root}/model={model}",
-                ["request_id"],
-                pc.field("request_id").isin(sorted(missing)),
-            )
+            where = pc.field("request_id").isin(sorted(missing))
+            table = read(self.fs, folder, ["request_id"], where)
             if table is not None:
+                found: dict[str, int] = {}
                 for rid in table["request_id"].to_pylist():
-                    rows[rid] = rows.get(rid, 0) + 1
+                    found[rid] = found.get(rid, 0) + 1
+                rows.update(found)
         return rows
 
     def _write(self, model: str, labels: list[Label]) -> None:
@@ -193,6 +202,29 @@ class FeedbackStore:
         with self.fs.open(hidden, "wb") as sink:
             pq.write_table(table, sink)
         self.fs.mv(hidden, f"{folder}/{name}")
+        self._read_files.setdefault(model, set()).add(f"{folder}/{name}")
+
+
+def _open_segment_ids(fs, folder: str, columns: list[str], where=None):
+    """The ids of every replica's open segments under ``folder`` (their id files; None
+    when there is none). A file deleted meanwhile (its segment closed) is read again from
+    the closed segment."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from onnxflow.serving.capture import IDS_PREFIX
+
+    tables = []
+    for path in fs.glob(f"{folder}/version=*/date=*/{IDS_PREFIX}*"):
+        try:
+            tables.append(
+                ds.dataset(path, filesystem=fs, format="parquet").to_table(
+                    columns=columns, filter=where
+                )
+            )
+        except (FileNotFoundError, OSError):
+            continue
+    return pa.concat_tables(tables) if tables else None
 
 
 def _read(fs, folder: str, columns: list[str], where=None):

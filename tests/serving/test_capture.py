@@ -205,6 +205,42 @@ def test_two_writers_on_one_folder_keep_each_others_segments():
     }
 
 
+def test_any_replica_takes_labels_for_another_ones_requests_while_its_segment_is_open():
+    """Replicas behind one address (a Kubernetes Service) capture into one folder: a label
+    may reach a replica that did not answer. It finds the request in the other replica's
+    id files while that segment is still open, then in the closed segment; a label one
+    replica stored is refused as a repeat by the other."""
+    import fsspec
+
+    from onnxflow.serving.errors import Conflict, NotFound
+    from onnxflow.serving.feedback import FeedbackStore, Label
+
+    url = "memory://capture-two"
+    fs = fsspec.filesystem("memory")
+    model = SimpleNamespace(name="m", version="1", output_names=["p"])
+    a, b = Capture(_settings(url)), Capture(_settings(url))
+    a.start()
+    for i in range(5):
+        x = np.full((1 + i % 2, 3), i, np.float32)
+        a.offer(model, lambda i=i: f"a{i}", {"x": x}, [x], 0.001)
+    wait_for(lambda: a.written[("m", "1")] == 7)
+    # the segment is open: nothing readable yet, only hidden files
+    assert all(p.rsplit("/", 1)[1].startswith(".") for p in fs.find("/capture-two"))
+    at_b, at_a = FeedbackStore(b), FeedbackStore(a)
+    assert not b.rows_of_ids("m", {"a1"})  # b never saw it
+    assert at_b.submit("m", [Label("a1", 1, "0"), Label("a0", 0, "1")]) == 2
+    with pytest.raises(Conflict, match="already stored"):
+        at_a.submit("m", [Label("a1", 1, "2")])
+    with pytest.raises(NotFound, match="nope"):
+        at_b.submit("m", [Label("nope", 0, "0")])
+    a.stopping()
+    a.stop()  # the segment closes and its id files go
+    assert not [p for p in fs.find("/capture-two") if "/.ids-" in p]
+    assert at_b.submit("m", [Label("a3", 1, "1")]) == 1  # now from the closed segment
+    with pytest.raises(Exception, match="row out of range"):
+        at_b.submit("m", [Label("a2", 1, "1")])  # a2 had one row
+
+
 def test_a_full_queue_drops_and_counts_instead_of_waiting():
     capture = Capture(_settings("memory://capture-full", capture_queue_bytes=65536))
     model = SimpleNamespace(name="m", version="1", output_names=["p"])
