@@ -415,7 +415,8 @@ class Capture:
             batch.nbytes += nbytes
             self._offered_bytes += nbytes
             if len(batch.ids) >= BATCH_REQUESTS or batch.nbytes >= BATCH_BYTES:
-                self._handed.append(self._batches.pop(id(model)))
+                self._handed.append(batch)  # then out of _batches: always in one of them
+                del self._batches[id(model)]
                 if self._lock is None:
                     self._loop.call_soon(self._timed_build)
         except Exception:  # noqa: BLE001  (the answer must not notice the capture)
@@ -453,9 +454,9 @@ class Capture:
         the writer. One taker at a time: the loop, or the writer (without a loop, and on
         stop, when offers are refused)."""
         with self._take_lock:
-            if every:
-                batches, self._batches = self._batches, {}
-                self._handed.extend(b for b in batches.values() if b.ids)
+            if every:  # into _handed first: a reader always finds a batch in one of them
+                self._handed.extend(b for b in self._batches.values() if b.ids)
+                self._batches = {}
             while self._handed:
                 batch = self._handed[0]
                 self._index(batch)  # before it leaves _handed (see rows_of_ids)
