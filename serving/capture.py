@@ -145,12 +145,11 @@ class _Batch:
     def rows_of_ids(self, ids: set[str]) -> dict[str, int]:
         return {i: rows_of(a) for i, a in zip(self.ids, self.columns[0]) if i in ids}
 
-    def tables(self):
+    def tables(self, counts: np.ndarray):
         """(date, Arrow table, per-row shapes, request ids) for each UTC date of the
-        batch's requests (one, except across midnight)."""
+        batch's requests (one, except across midnight), their rows ``counts``."""
         import pyarrow as pa
 
-        counts = self.counts()
         times = np.array(self.times)
         columns = request_columns(self.ids, times, self.latency, counts)
         names = [INPUT_PREFIX + n for n in self.inputs] + [OUTPUT_PREFIX + n for n in self.outputs]
@@ -459,10 +458,11 @@ class Capture:
                 self._batches = {}
             while self._handed:
                 batch = self._handed[0]
-                self._index(batch)  # before it leaves _handed (see rows_of_ids)
+                counts = batch.counts()
+                self._index(batch, counts)  # before it leaves _handed (see rows_of_ids)
                 self._handed.popleft()
                 try:
-                    for day, table, shapes, ids in batch.tables():
+                    for day, table, shapes, ids in batch.tables(counts):
                         self._built.append(((*batch.key, day), table, shapes, ids, 0))
                 except Exception as exc:  # noqa: BLE001  (counted, logged)
                     self._failed(batch.key, len(batch.ids), exc)
@@ -536,13 +536,14 @@ class Capture:
             self._last_retention = now
             self._apply_retention()
 
-    def _index(self, batch: _Batch) -> None:
-        """Count the batch's requests as taken and remember their ids for feedback."""
+    def _index(self, batch: _Batch, counts: np.ndarray) -> None:
+        """Count the batch's requests as taken and remember their ids (and ``counts`` of
+        rows) for feedback."""
         self.taken[batch.key] += len(batch.ids)
         recent = self.recent_ids.get(batch.key[0])
         if recent is None:
             recent = self.recent_ids[batch.key[0]] = {}
-        recent.update(zip(batch.ids, batch.counts().tolist()))
+        recent.update(zip(batch.ids, counts.tolist()))
 
     def _write_table(
         self, key: tuple[str, str, str], table, shapes: dict, ids: list[list[str]]

@@ -173,7 +173,7 @@ def test_a_batch_across_midnight_lands_in_both_dates():
         batch.ids.append(f"r{i}")
         batch.times.append(at)
         batch.latency.append(0.001)
-    days = {day: (table, ids) for day, table, _, ids in batch.tables()}
+    days = {day: (table, ids) for day, table, _, ids in batch.tables(batch.counts())}
     assert sorted(days) == ["2024-10-03", "2024-10-04"]
     before, after = days["2024-10-03"], days["2024-10-04"]
     assert before[1] == ["r0", "r1"] and before[0]["request_id"].to_pylist() == ["r0", "r0", "r1"]
