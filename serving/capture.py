@@ -3,26 +3,31 @@
 With ``--capture DIR`` (``capture`` setting; a local folder or any fsspec URL whose
 filesystem package is installed) every answered request of every model, on both fronts,
 is offered to :class:`Capture` (a ``capture_fraction`` share of them). The request path
-only appends references, by column, to its model version's open :class:`_Batch`: the
-request's id, time and latency, and each of its input and output arrays (no copy, no lock,
-no wake-up, nothing the cyclic GC tracks). When ``capture_queue_bytes`` are waiting, the
-request is dropped and counted in ``onnxflow_capture_dropped_total`` (never silently lost,
-never a failed or slower answer).
+adds it to its model version's open :class:`_Batch`: each number tensor's bytes are copied
+into the batch's buffer for that tensor (one C call a tensor, while the values are still
+in the CPU's cache), strings are kept as references, and the id, time and latency go into
+C arrays (no lock, no wake-up, nothing the cyclic GC tracks). When ``capture_queue_bytes``
+are waiting, the request is dropped and counted in ``onnxflow_capture_dropped_total``
+(never silently lost, never a failed or slower answer).
 
-A batch is turned into an Arrow table in one step on the endpoint's loop once it holds
-``BATCH_REQUESTS`` requests or ``BATCH_BYTES`` (and every ``capture_flush_interval_s``):
-one ``np.concatenate`` per tensor, ids and times gathered in C. Done there, it costs the
-endpoint the work alone; a second thread doing it in Python also cost every hand-over of
-the GIL, which was more than the work. A writer thread appends the tables, every
-``capture_flush_interval_s``, as one row group per (model, version) to its open segment:
-Arrow compresses and writes without the GIL, and Parquet's dictionary encoding is off
-(tensor values hardly repeat: trying it was most of the write's cost, and made the files
-larger). Segments are rolled (closed and renamed to their final name) past
-``capture_segment_bytes`` or ``capture_segment_s``, and on stop, which writes every
-accepted request first (SIGTERM: the endpoint stops, nothing accepted is lost). Until
-rolled a segment's name starts with a dot, which pyarrow, pandas, DuckDB and Spark skip. A
-capture used without a loop (``start()`` without one) takes a lock around each offer, and
-its writer builds the batches too.
+A batch is handed to the writer thread once it holds ``BATCH_REQUESTS`` requests or
+``BATCH_BYTES`` (and every ``capture_flush_interval_s``, by the loop). There a batch whose
+requests all had the first one's shapes is an Arrow table in a few calls per tensor
+(the buffer viewed as rows; nothing per request), so the writer holds the GIL for
+microseconds, not milliseconds; a batch whose shapes varied keeps every request's shapes
+and is cut by them. The writer appends the tables, every ``capture_flush_interval_s``, as
+one row group per (model, version) to its open segment: Arrow compresses and writes
+without the GIL, and Parquet's dictionary encoding is off (tensor values hardly repeat:
+trying it was most of the write's cost, and made the files larger). Segments are rolled
+(closed and renamed to their final name) past ``capture_segment_bytes`` or
+``capture_segment_s``, and on stop, which writes every accepted request first (SIGTERM: the
+endpoint stops, nothing accepted is lost). Until rolled a segment's name starts with a dot,
+which pyarrow, pandas, DuckDB and Spark skip. A capture used without a loop (``start()``
+without one) takes a lock around each offer, and its writer takes the open batches under
+it.
+
+Feedback looks a request id up in the batches, then in the ``request_id`` columns of the
+open segments (kept as Arrow arrays until the segment closes), then in the files.
 
 Layout (Hive partitions)::
 
@@ -39,16 +44,21 @@ Date partitions older than ``capture_retention_days`` are deleted by the writer.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
+import io
 import itertools
 import json
 import logging
+import math
+import operator
 import os
 import random
 import secrets
 import threading
 import time
 import uuid
+from array import array as carray
 
 import numpy as np
 
@@ -74,13 +84,17 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER)}"
 
 
-#: A batch is turned into an Arrow table, in one step on the endpoint's loop, once it holds
-#: this many requests or bytes (and every flush interval). A step delays the requests in
-#: flight by its length: at 8 connections of wrk (digits MLP), batches of 256 requests
-#: (steps of ~0.7 ms) moved the p99 from 1.4 to 2.1 ms, of 1,024 to 3.4 ms, of 4,096 to
-#: 6.0 ms, for the same throughput.
-BATCH_REQUESTS = 256
+#: A batch is handed to the writer, which turns it into an Arrow table, once it holds this
+#: many requests or bytes (and every flush interval). Nothing of that runs on the loop:
+#: the request path copies a request's tensors into the batch's buffers while they are
+#: still in the CPU's cache, and the writer's building is a few calls per tensor.
+BATCH_REQUESTS = 4096
 BATCH_BYTES = 4 << 20
+
+#: Tensors of these kinds (numbers and booleans) are copied into a batch's buffers; others
+#: (strings, objects) are kept as references.
+PACKED_KINDS = frozenset("biufc?")
+_DTYPE = operator.attrgetter("dtype")
 
 
 def open_filesystem(url: str):
@@ -99,8 +113,9 @@ def rows_of(array: np.ndarray) -> int:
 
 
 def request_columns(ids, times, latency, counts: np.ndarray) -> dict:
-    """The columns every captured row starts with, from per-request ``ids``, ``times``
-    (seconds since the epoch), ``latency`` (seconds) and row ``counts``."""
+    """The columns every captured row starts with, from per-request ``ids`` (an Arrow
+    string array), ``times`` (seconds since the epoch), ``latency`` (seconds) and row
+    ``counts``."""
     import pyarrow as pa
 
     times = np.asarray(times) * 1e6
@@ -108,11 +123,11 @@ def request_columns(ids, times, latency, counts: np.ndarray) -> dict:
     if len(counts) == int(counts.sum()):  # a row each
         rows = np.zeros(len(counts), np.int32)
     else:
-        rows = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        ids = np.repeat(np.asarray(ids, object), counts).tolist()
-        times, latency = np.repeat(times, counts), np.repeat(latency, counts)
+        of_row = np.repeat(np.arange(len(counts)), counts)
+        rows = np.arange(len(of_row)) - np.repeat(np.cumsum(counts) - counts, counts)
+        ids, times, latency = ids.take(pa.array(of_row)), times[of_row], latency[of_row]
     return {
-        "request_id": pa.array(ids, pa.string()),
+        "request_id": ids,
         "row": pa.array(rows.astype(np.int32)),
         "time": pa.array(times.astype(np.int64), pa.timestamp("us", tz="UTC")),
         "latency_ms": pa.array(latency),
@@ -121,51 +136,204 @@ def request_columns(ids, times, latency, counts: np.ndarray) -> dict:
 
 class _Batch:
     """Requests of one model version waiting for the writer, by column: each request's id,
-    time and latency, and references to its own input and output arrays (the request path
-    copies nothing). Filled on the endpoint's loop, handed to the writer whole."""
+    time and latency, and its input and output tensors (inputs in the model's order,
+    whatever order a client sends). A number tensor is copied into its column's buffer on
+    the request path, while it is still in the CPU's cache (one C call; building from
+    references to thousands of small arrays, cold by then, cost several times more); other
+    tensors are kept as references. Filled on the endpoint's loop, handed to the writer
+    whole.
 
-    __slots__ = ("key", "inputs", "outputs", "columns", "ids", "times", "latency", "nbytes")
+    Every request's shapes are those of the first while its tensors have the first one's
+    byte sizes and each tensor has at most one dynamic axis (the model's specs say); else
+    (``shapes`` not None) the batch keeps every request's shapes from then on."""
 
-    def __init__(self, key: tuple[str, str], inputs: tuple[str, ...], outputs: tuple[str, ...]):
+    __slots__ = (
+        "key", "inputs", "outputs", "sinks", "adders", "sizes", "dtypes", "first", "shapes",
+        "simple", "request_bytes", "id_sink", "id_lengths", "times", "latency", "nbytes",
+    )  # fmt: skip
+
+    def __init__(self, key, inputs, outputs, arrays: list[np.ndarray], exact: bool) -> None:
         self.key = key  # (model, version)
-        self.inputs = inputs  # in the model's order, whatever order a client sends
+        self.inputs = inputs
         self.outputs = outputs
-        self.columns: list[list[np.ndarray]] = [[] for _ in (*inputs, *outputs)]
-        self.ids: list[str] = []
-        self.times: list[float] = []
-        self.latency: list[float] = []
+        packed = [a.dtype.kind in PACKED_KINDS and a.flags.c_contiguous for a in arrays]
+        self.sinks = [io.BytesIO() if p else [] for p in packed]
+        self.adders = [s.write if p else s.append for s, p in zip(self.sinks, packed)]
+        # what add() returns for a request like the first: its bytes, or None (a reference)
+        self.sizes = [a.nbytes if p else None for a, p in zip(arrays, packed)]
+        self.dtypes = [a.dtype for a in arrays]
+        self.first = [a.shape for a in arrays]
+        self.shapes: list[list[tuple]] | None = None if exact else []
+        self.simple = exact and all(packed)
+        self.request_bytes = sum(a.nbytes for a in arrays)
+        # ids as Arrow keeps strings (UTF-8 bytes and their lengths), times and latency as
+        # C doubles: a closed batch's columns are a few calls, nothing per request
+        self.id_sink = io.BytesIO()
+        self.id_lengths = carray("i")
+        self.times = carray("d")
+        self.latency = carray("d")
         self.nbytes = 0
+
+    def add(self, request_id: str, at: float, latency_s: float) -> None:
+        """The request's id, time and latency, after :meth:`take` took its tensors."""
+        self.id_lengths.append(self.id_sink.write(request_id.encode()))
+        self.times.append(at)
+        self.latency.append(latency_s)
+
+    @property
+    def requests(self) -> int:
+        return len(self.times)
+
+    def ids(self, closed: bool = False):
+        """The requests' ids, an Arrow string array (``closed``: no request comes any more,
+        the buffer is shared rather than copied)."""
+        import pyarrow as pa
+
+        n = len(self.id_lengths)
+        offsets = np.zeros(n + 1, np.int32)
+        np.cumsum(np.frombuffer(self.id_lengths, np.int32), out=offsets[1:])
+        data = self.id_sink.getbuffer() if closed else self.id_sink.getvalue()
+        return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+
+    def take(self, arrays: list[np.ndarray]) -> int:
+        """Add one request's tensors; its bytes. Raises, the batch as it was, on a tensor
+        it cannot hold (another type)."""
+        try:
+            sizes = list(map(operator.call, self.adders, arrays))
+            if self.simple and sizes == self.sizes:
+                return self.request_bytes
+            return self._note(arrays)
+        except Exception:
+            self._truncate()
+            if all(a.flags.c_contiguous for a in arrays):
+                raise
+        return self.take([np.ascontiguousarray(a) for a in arrays])  # a view, say
+
+    def _note(self, arrays: list[np.ndarray]) -> int:
+        """A request unlike the first, or in a batch that keeps every request's shapes."""
+        dtypes = list(map(_DTYPE, arrays))
+        if dtypes != self.dtypes:
+            raise TypeError(f"tensors of {dtypes}, not {self.dtypes}")
+        if self.shapes is None:  # the first request unlike the first one
+            self.shapes = [self.first] * self.requests
+            self.simple = False  # every request's shapes are kept from now on
+        self.shapes.append([a.shape for a in arrays])
+        return sum(a.nbytes for a in arrays)
+
+    def _truncate(self) -> None:
+        """Back to the requests taken before a failed :meth:`take`."""
+        n = self.requests
+        if self.shapes is not None:
+            del self.shapes[n:]
+        for i, sink in enumerate(self.sinks):
+            if isinstance(sink, list):
+                del sink[n:]
+            else:
+                shapes = [self.first] * n if self.shapes is None else self.shapes
+                sink.seek(sum(math.prod(s[i]) for s in shapes) * self.dtypes[i].itemsize)
+                sink.truncate()
 
     def counts(self) -> np.ndarray:
         """Rows of each request (its first input's first axis; 1 for a scalar)."""
-        first = self.columns[0]
-        counts = _lengths(first)
-        return counts if counts is not None else np.array([rows_of(a) for a in first])
+        n = self.requests
+        if isinstance(self.sinks[0], list):
+            first = self.sinks[0][:n]
+            counts = _lengths(first)
+            return counts if counts is not None else np.array([rows_of(a) for a in first])
+        if self.shapes is None:
+            return np.full(n, _rows(self.first[0]))
+        return np.array([_rows(s[0]) for s in self.shapes[:n]])
 
-    def rows_of_ids(self, ids: set[str]) -> dict[str, int]:
-        return {i: rows_of(a) for i, a in zip(self.ids, self.columns[0]) if i in ids}
+    def rows_of_ids(self, wanted) -> dict[str, int]:
+        """Rows of the requests whose id is in ``wanted`` (an Arrow string array)."""
+        import pyarrow.compute as pc
+
+        ids = self.ids()
+        hits = np.flatnonzero(pc.is_in(ids, value_set=wanted).to_numpy(zero_copy_only=False))
+        counts = self.counts()
+        return {ids[int(i)].as_py(): int(counts[i]) for i in hits}
 
     def tables(self, counts: np.ndarray):
-        """(date, Arrow table, per-row shapes, request ids) for each UTC date of the
-        batch's requests (one, except across midnight), their rows ``counts``."""
+        """(date, Arrow table, per-row shapes, requests) for each UTC date of the batch's
+        requests (one, except across midnight), their rows ``counts``. The batch is closed."""
         import pyarrow as pa
 
-        times = np.array(self.times)
-        columns = request_columns(self.ids, times, self.latency, counts)
+        times = np.frombuffer(self.times)
+        columns = request_columns(self.ids(closed=True), times, self.latency, counts)
         names = [INPUT_PREFIX + n for n in self.inputs] + [OUTPUT_PREFIX + n for n in self.outputs]
         shapes = {}
-        for name, arrays in zip(names, self.columns):
-            columns[name] = _tensor_column(arrays, counts)
-            shapes[name] = list(arrays[0].shape[1:]) if arrays[0].ndim else []
+        for i, name in enumerate(names):
+            columns[name] = self._column(i, counts)
+            shapes[name] = list(self.first[i][1:])
         table = pa.table(columns)
         days = times // 86400
         if (days == days[0]).all():
-            yield _day(days[0]), table, shapes, self.ids
+            yield _day(days[0]), table, shapes, self.requests
             return
         rows = np.repeat(days, counts)
         for day in np.unique(days):  # across midnight
-            ids = [i for i, d in zip(self.ids, days) if d == day]
-            yield _day(day), table.filter(pa.array(rows == day)), shapes, ids
+            yield _day(day), table.filter(pa.array(rows == day)), shapes, int((days == day).sum())
+
+    def _column(self, i: int, counts: np.ndarray):
+        """Tensor ``i`` of every request as a list column, a row's values per entry."""
+        import pyarrow as pa
+
+        sink = self.sinks[i]
+        if isinstance(sink, list):
+            return _tensor_column(sink, counts)
+        flat = np.frombuffer(sink.getbuffer(), self.dtypes[i])
+        if self.shapes is not None:  # each request's own shape
+            return _shaped_column(flat, [s[i] for s in self.shapes], counts)
+        n, first = self.requests, self.first[i]
+        rows = int(counts[0]) if n else 0  # every request has the first one's rows
+        width = math.prod(first)
+        values = flat.reshape(n, width)
+        if first and first[0] == rows:  # the request's rows
+            width //= max(rows, 1)
+        else:  # a batch-less tensor: on each of its rows
+            values = np.broadcast_to(values[:, None, :], (n, rows, width))
+        values = values.reshape(n * rows, width)
+        return pa.FixedSizeListArray.from_arrays(_values(values.ravel()), width)
+
+
+def _shaped_column(flat: np.ndarray, shapes: list[tuple], counts: np.ndarray):
+    """A list column from the values of requests of ``shapes``, one after the other."""
+    import pyarrow as pa
+
+    n = len(shapes)
+    sizes = np.fromiter(map(math.prod, shapes), np.int64, n)
+    lead = np.fromiter((s[0] if s else -1 for s in shapes), np.int64, n)
+    if (lead == counts).all():  # each request's rows in order: cut by the rows' widths
+        widths = np.repeat(sizes // np.maximum(counts, 1), counts)
+        if len(widths) and (widths == widths[0]).all():
+            return pa.FixedSizeListArray.from_arrays(_values(flat), int(widths[0]))
+        offsets = np.zeros(len(widths) + 1, np.int32)
+        np.cumsum(widths, out=offsets[1:])
+        return pa.ListArray.from_arrays(pa.array(offsets), _values(flat))
+    ends = np.cumsum(sizes)  # a batch-less tensor somewhere: request by request
+    arrays = [a.reshape(s) for a, s in zip(np.split(flat, ends[:-1]), shapes)]
+    return _tensor_column(arrays, counts)
+
+
+def _rows(shape: tuple) -> int:
+    return shape[0] if shape else 1
+
+
+def _input_names(model, feeds: dict) -> tuple[str, ...]:
+    """The model's inputs in its order (a client may send them in any), else ``feeds``'."""
+    specs = getattr(model, "inputs", None)
+    return tuple(spec.name for spec in specs) if specs else tuple(feeds)
+
+
+def _exact(model, arrays: list[np.ndarray]) -> bool:
+    """Whether a tensor's byte size tells its shape, for every tensor of ``model`` (given
+    as ``arrays``, inputs then outputs): its spec has the array's rank and at most one
+    dynamic axis."""
+    specs = [*(getattr(model, "inputs", None) or ()), *(getattr(model, "outputs", None) or ())]
+    return len(specs) == len(arrays) and all(
+        len(spec.shape) == array.ndim and sum(d < 0 for d in spec.shape) <= 1
+        for spec, array in zip(specs, arrays)
+    )
 
 
 def _tensor_column(arrays: list[np.ndarray], counts: np.ndarray):
@@ -248,14 +416,18 @@ class _Segment:
         )
         self.schema = schema
         self.opened = time.monotonic()
-        self.ids: list[list[str]] = []  # the requests written, by table
+        self.requests = 0  # written
+        # the request_id column of each table written (a row each): feedback's lookups
+        # until the segment is closed
+        self.id_columns: list = []
         self.sidecars: list[str] = []
 
-    def write(self, table, ids: list[list[str]]) -> None:
+    def write(self, table, requests: int) -> None:
         import pyarrow.parquet as pq
 
         self.writer.write_table(table.replace_schema_metadata(self.schema.metadata))
-        self.ids += ids
+        self.requests += requests
+        self.id_columns.append(table.column("request_id"))
         path = f"{self.folder}/{IDS_PREFIX}{self.name}-{len(self.sidecars):05d}"
         ids_table = table.select(["request_id", "row"])
         try:  # without it only this replica knows the ids until the segment closes
@@ -273,9 +445,14 @@ class _Segment:
             self.fs.rm(self.sidecars)
             self.sidecars = []
 
-    @property
-    def requests(self) -> int:
-        return sum(map(len, self.ids))
+    def rows_of_ids(self, wanted) -> dict[str, int]:
+        """Rows written of the requests whose id is in ``wanted`` (an Arrow string array)."""
+        import pyarrow.compute as pc
+
+        found: collections.Counter = collections.Counter()
+        for column in self.id_columns:
+            found.update(column.filter(pc.is_in(column, value_set=wanted)).to_pylist())
+        return found
 
     @property
     def bytes(self) -> int:
@@ -303,15 +480,14 @@ class Capture:
         self.segment_s = settings.capture_segment_s
         self.retention_days = settings.capture_retention_days
         # id(model) -> its open batch (which keeps the model's key, not the model); full
-        # ones wait in _handed to be built into tables, which wait in _built to be written
+        # ones wait in _handed for the writer, which builds them into tables and writes them
         self._batches: dict[int, _Batch] = {}
         self._handed: collections.deque[_Batch] = collections.deque()
-        self._built: collections.deque[tuple] = collections.deque()
         # Without a loop, offers may come from any thread: they take this lock, and so does
         # the writer when it builds the batches. With one, only the loop offers and builds,
         # and the request path takes no lock (None).
         self._lock: threading.Lock | None = threading.Lock()
-        self._take_lock = threading.Lock()  # the loop's builds against the writer's last one
+        self._hand_lock = threading.Lock()  # the loop's hand-over against the writer's last
         # one writer each: the request path adds to offered, the writer thread to taken
         self._offered_bytes = 0
         self._taken_bytes = 0
@@ -328,15 +504,9 @@ class Capture:
         self.written: collections.Counter = collections.Counter()  # rows, by (model, version)
         self.dropped: collections.Counter = collections.Counter()  # (model, reason)
         self.segments_rolled = 0
-        self.writer_cpu_s = 0.0  # CPU time of the writer thread (writing Parquet)
-        self.build_cpu_s = 0.0  # CPU time of building Arrow tables (on the loop)
+        self.writer_cpu_s = 0.0  # CPU time of the writer thread (building and writing)
+        self.build_cpu_s = 0.0  # of which building Arrow tables
         self.last_error = ""
-        # model -> {request id: rows}: the ids feedback may name before their segment is
-        # closed (so a request is always in a batch, here or in a closed file:
-        # :meth:`rows_of_ids`), filled before a batch leaves _handed, emptied of a
-        # segment's ids when it is closed. Plain dicts of strings and ints, which the
-        # cyclic GC does not track; as large as the open segments' requests.
-        self.recent_ids: dict[str, dict[str, int]] = {}
         if metrics is not None:
             metrics.registry.register(CaptureCollector(self))
 
@@ -344,11 +514,9 @@ class Capture:
 
     def start(self, loop=None) -> None:
         """Start the writer thread. With the endpoint's event ``loop`` (which makes every
-        offer), the batches are built into tables on the loop, and offers take no lock;
-        without one, offers from any thread take a lock and the writer builds the batches
-        too. Building on the loop costs the endpoint only the work itself: on a second
-        thread it also cost every hand-over of the GIL (the endpoint's thread idle while
-        the other one wakes), which was more than the work."""
+        offer), offers take no lock and the loop hands the open batches over every flush
+        interval; without one, offers from any thread take a lock, and the writer takes
+        the open batches under it."""
         import pyarrow.parquet  # noqa: F401  (imported now, not on the first write)
 
         self.fs.makedirs(self.root, exist_ok=True)
@@ -356,6 +524,7 @@ class Capture:
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
         if loop is not None:
             self._lock = None
+            self.offer = self._offer  # no lock to take: one call less per request
             loop.call_soon_threadsafe(self._schedule)
         self._thread.start()
         log.info("capturing %.0f%% of requests into %s", self.fraction * 100, self.url)
@@ -376,8 +545,8 @@ class Capture:
     # --- the request path: never waits, never raises ------------------------------------
 
     def offer(self, model, request_id, feeds: dict, results: list, latency_s: float) -> None:
-        """Take one answered request, or count why not. ``request_id()`` gives its id (the
-        client's or a new one, which the front returns); None: a new one here."""
+        """Take one answered request, or count why not. ``request_id``: its id (the
+        client's, or the new one the front returns); None: a new one here."""
         if self._lock is None:
             self._offer(model, request_id, feeds, results, latency_s)
         else:
@@ -391,101 +560,91 @@ class Capture:
             if self._stopped:
                 self.dropped[(model.name, "stopped")] += 1
                 return
-            nbytes = 0
-            for array in feeds.values():
-                nbytes += array.nbytes
-            for array in results:
-                nbytes += array.nbytes
+            batch = self._batches.get(id(model))
+            # a KeyError (an input missing) adds nothing
+            if batch is None:
+                inputs = _input_names(model, feeds)
+                arrays = [*map(feeds.__getitem__, inputs), *results]
+                nbytes = sum(a.nbytes for a in arrays)
+            else:
+                arrays = [*map(feeds.__getitem__, batch.inputs), *results]
+                nbytes = batch.request_bytes  # the batch's first: take() tells this one's
             if self._offered_bytes - self._taken_bytes + nbytes > self.queue_bytes:
                 self.dropped[(model.name, "queue_full")] += 1
                 return
-            batch = self._batches.get(id(model))
             if batch is None:
-                batch = self._batches[id(model)] = self._open(model, feeds)
-            # a KeyError or a count that differs adds nothing
-            arrays = [*map(feeds.__getitem__, batch.inputs), *results]
-            if len(arrays) != len(batch.columns):
-                raise ValueError(f"{len(arrays)} tensors, not {len(batch.columns)}")
-            for array, column in zip(arrays, batch.columns):
-                column.append(array)
-            batch.ids.append((request_id() if request_id is not None else None) or new_request_id())
-            batch.times.append(time.time())
-            batch.latency.append(latency_s)
+                key, outputs = (model.name, model.version), tuple(model.output_names)
+                batch = _Batch(key, inputs, outputs, arrays, _exact(model, arrays))
+                self._batches[id(model)] = batch
+            if len(arrays) != len(batch.adders):
+                raise ValueError(f"{len(arrays)} tensors, not {len(batch.adders)}")
+            nbytes = batch.take(arrays)
+            batch.add(request_id or new_request_id(), time.time(), latency_s)
             batch.nbytes += nbytes
             self._offered_bytes += nbytes
-            if len(batch.ids) >= BATCH_REQUESTS or batch.nbytes >= BATCH_BYTES:
+            if len(batch.times) >= BATCH_REQUESTS or batch.nbytes >= BATCH_BYTES:
                 self._handed.append(batch)  # then out of _batches: always in one of them
                 del self._batches[id(model)]
-                if self._lock is None:
-                    self._loop.call_soon(self._timed_build)
         except Exception:  # noqa: BLE001  (the answer must not notice the capture)
             self.dropped[(getattr(model, "name", "?"), "error")] += 1
             log.exception("capturing a request failed")
-
-    @staticmethod
-    def _open(model, feeds: dict) -> _Batch:
-        specs = getattr(model, "inputs", None)
-        inputs = tuple(spec.name for spec in specs) if specs else tuple(feeds)
-        return _Batch((model.name, model.version), inputs, tuple(model.output_names))
 
     def _schedule(self) -> None:
         if not self._stop.is_set():
             self._loop.call_later(self.flush_interval_s, self._tick)
 
     def _tick(self) -> None:
-        """Every flush interval, on the loop: build the open batches too."""
+        """Every flush interval, on the loop: hand the open batches to the writer too."""
         try:
-            self._timed_build(every=True)
+            self._hand_open()
         finally:
             self._schedule()
 
-    def _timed_build(self, every: bool = False) -> None:
-        started = time.thread_time()
-        try:
-            self._build(every)
-        except Exception:  # noqa: BLE001  (the loop must not notice)
-            log.exception("building captured requests failed")
-        finally:
-            self.build_cpu_s += time.thread_time() - started
+    def _hand_open(self) -> None:
+        """Into _handed first: a reader always finds a batch in one of them. Called where
+        the offers are made (the loop), or under their lock."""
+        with self._hand_lock:
+            self._handed.extend(b for b in self._batches.values() if b.requests)
+            self._batches = {}
 
-    def _build(self, every: bool = False) -> None:
-        """Turn the full batches (and with ``every`` the open ones) into Arrow tables for
-        the writer. One taker at a time: the loop, or the writer (without a loop, and on
-        stop, when offers are refused)."""
-        with self._take_lock:
-            if every:  # into _handed first: a reader always finds a batch in one of them
-                self._handed.extend(b for b in self._batches.values() if b.ids)
-                self._batches = {}
-            while self._handed:
-                batch = self._handed[0]
-                counts = batch.counts()
-                self._index(batch, counts)  # before it leaves _handed (see rows_of_ids)
-                self._handed.popleft()
-                try:
-                    for day, table, shapes, ids in batch.tables(counts):
-                        self._built.append(((*batch.key, day), table, shapes, ids, 0))
-                except Exception as exc:  # noqa: BLE001  (counted, logged)
-                    self._failed(batch.key, len(batch.ids), exc)
-                # its bytes leave the budget once the writer took its tables
-                self._built.append((None, None, None, None, batch.nbytes))
+    def _build(self, batches: list[_Batch]) -> list[tuple]:
+        """``batches`` as Arrow tables, (key, table, shapes, requests) each (on the writer
+        thread)."""
+        built = []
+        for batch in batches:
+            try:
+                for day, table, shapes, requests in batch.tables(batch.counts()):
+                    built.append(((*batch.key, day), table, shapes, requests))
+            except Exception as exc:  # noqa: BLE001  (counted, logged)
+                self._failed(batch.key, batch.requests, exc)
+        return built
 
     @property
     def accepted(self) -> collections.Counter:
         """Requests accepted, by (model, version): taken by the writer, and still waiting."""
         counts = collections.Counter(self.taken)
         for batch in [*list(self._handed), *list(self._batches.values())]:  # list(): atomic
-            counts[batch.key] += len(batch.ids)
+            counts[batch.key] += batch.requests
         return counts
 
     def rows_of_ids(self, model: str, ids: set[str]) -> dict[str, int]:
-        """Rows of those of ``ids`` accepted for ``model`` and not yet in a closed segment
-        (the batches first: the writer indexes a batch before it takes it off)."""
-        found = {}
-        for batch in [*list(self._batches.values()), *list(self._handed)]:
+        """Rows of those of ``ids`` accepted for ``model`` and not in a closed segment: in
+        the batches, or written to a segment still open. A batch leaves ``_handed`` once
+        it is in its segment, so a request is always in one or the other (or closed)."""
+        import pyarrow as pa
+
+        if not ids:
+            return {}
+        wanted = pa.array(sorted(ids), pa.string())
+        batches = [*list(self._batches.values()), *list(self._handed)]  # list(): atomic
+        segments = list(self._segments.items())  # after the batches: see above
+        found: dict[str, int] = {}
+        for batch in batches:
             if batch.key[0] == model:
-                found.update(batch.rows_of_ids(ids))
-        recent = self.recent_ids.get(model, {})
-        found.update((rid, recent[rid]) for rid in ids - found.keys() if rid in recent)
+                found.update(batch.rows_of_ids(wanted))
+        for key, segment in segments:
+            if key[0] == model:
+                found.update(segment.rows_of_ids(wanted))
         return found
 
     # --- the writer thread ---------------------------------------------------------------
@@ -493,41 +652,44 @@ class Capture:
     def _run(self) -> None:
         while not self._stop.wait(self.flush_interval_s):
             self._timed_write()
-        self._timed_build(every=True)  # what was accepted before stop (offers are refused)
-        self._timed_write()
+        self._timed_write(every=True)  # what was accepted before stop (offers are refused)
         for key in list(self._segments):
             self._roll(key)
 
-    def _timed_write(self) -> None:
+    def _timed_write(self, every: bool = False) -> None:
         started = time.thread_time()
         try:
-            if self._lock is not None:  # no loop to build the batches
-                with self._lock:
-                    self._timed_build(every=True)
-            self._write_once()
+            if self._lock is not None or every:  # no loop hands the open batches over
+                with self._lock or contextlib.nullcontext():
+                    self._hand_open()
+            batches = list(self._handed)
+            built = self._build(batches)
+            self.build_cpu_s += time.thread_time() - started
+            self._write_once(built)
+            for batch in batches:  # in their segments now (see rows_of_ids)
+                self.taken[batch.key] += batch.requests
+                self._handed.popleft()
+                self._taken_bytes += batch.nbytes  # out of the budget once written
+        except Exception:  # noqa: BLE001  (the writer carries on)
+            log.exception("writing captured requests failed")
         finally:
             self.writer_cpu_s += time.thread_time() - started
 
-    def _write_once(self) -> None:
+    def _write_once(self, built: list[tuple]) -> None:
         import pyarrow as pa
 
         waiting: dict[tuple[str, str, str], list[tuple]] = {}
-        taken = 0
-        while self._built:
-            key, table, shapes, ids, nbytes = self._built.popleft()
-            taken += nbytes
-            if key is not None:
-                waiting.setdefault(key, []).append((table, shapes, ids))
+        for key, table, shapes, requests in built:
+            waiting.setdefault(key, []).append((table, shapes, requests))
         for key, items in waiting.items():  # one row group per version and flush
             first = items[0][0].schema
             alike = [item for item in items if item[0].schema.equals(first)]
             tables = [item[0] for item in alike]
             table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-            self._write_table(key, table, items[0][1], [item[2] for item in alike])
-            for table, shapes, ids in items:
+            self._write_table(key, table, items[0][1], sum(item[2] for item in alike))
+            for table, shapes, requests in items:
                 if not table.schema.equals(first):  # another shape or type: a new segment
-                    self._write_table(key, table, shapes, [ids])
-        self._taken_bytes += taken
+                    self._write_table(key, table, shapes, requests)
         now = time.monotonic()
         for key, segment in list(self._segments.items()):
             if segment.bytes >= self.segment_bytes or now - segment.opened >= self.segment_s:
@@ -536,18 +698,7 @@ class Capture:
             self._last_retention = now
             self._apply_retention()
 
-    def _index(self, batch: _Batch, counts: np.ndarray) -> None:
-        """Count the batch's requests as taken and remember their ids (and ``counts`` of
-        rows) for feedback."""
-        self.taken[batch.key] += len(batch.ids)
-        recent = self.recent_ids.get(batch.key[0])
-        if recent is None:
-            recent = self.recent_ids[batch.key[0]] = {}
-        recent.update(zip(batch.ids, counts.tolist()))
-
-    def _write_table(
-        self, key: tuple[str, str, str], table, shapes: dict, ids: list[list[str]]
-    ) -> None:
+    def _write_table(self, key: tuple[str, str, str], table, shapes: dict, requests: int) -> None:
         try:
             segment = self._segments.get(key)
             if segment is not None and not segment.schema.equals(
@@ -562,24 +713,14 @@ class Capture:
                     self.fs, folder, table.schema, shapes, self._writer_id, next(self._numbers)
                 )
                 self._segments[key] = segment
-            segment.write(table, ids)
+            segment.write(table, requests)
             self.written[key[:2]] += table.num_rows
         except Exception as exc:  # noqa: BLE001  (counted, logged; the writer carries on)
-            self._failed(key, sum(map(len, ids)), exc)
-            self._forget(key[0], ids)
+            self._failed(key, requests, exc)
             segment = self._segments.pop(key, None)
             if segment is not None:  # an unfinished file: what it held is lost too
                 self._failed(key, segment.requests, exc)
-                self._forget(key[0], segment.ids)
                 self._forget_sidecars(segment)
-
-    def _forget(self, model: str, ids: list[list[str]]) -> None:
-        """Drop ids from the in-memory index (their file is closed, or they are lost)."""
-        recent = self.recent_ids.get(model, {})
-        pop = recent.pop
-        for part in ids:
-            for rid in part:
-                pop(rid, None)
 
     def _failed(self, key, records: int, exc: Exception) -> None:
         self.dropped[(key[0], "write_error")] += records
@@ -595,7 +736,6 @@ class Capture:
             self.dropped[(key[0], "write_error")] += segment.requests
             self.last_error = f"{type(exc).__name__}: {exc}"[:500]
             log.exception("cannot close the capture segment %s", segment.final)
-        self._forget(key[0], segment.ids)  # readable from the file now (or lost)
         self._forget_sidecars(segment)
 
     def _forget_sidecars(self, segment: _Segment) -> None:
@@ -666,12 +806,12 @@ class CaptureCollector:
         queued.add_metric([], self.capture._offered_bytes - self.capture._taken_bytes)
         cpu = CounterMetricFamily(
             "onnxflow_capture_writer_cpu_seconds",
-            "CPU time of the capture's writer thread (writing Parquet).",
+            "CPU time of the capture's writer thread (building Arrow tables, writing Parquet).",
         )
         cpu.add_metric([], self.capture.writer_cpu_s)
         build = CounterMetricFamily(
             "onnxflow_capture_build_cpu_seconds",
-            "CPU time spent turning captured requests into Arrow tables (on the event loop).",
+            "CPU time of the writer thread spent building Arrow tables of captured requests.",
         )
         build.add_metric([], self.capture.build_cpu_s)
         yield from (accepted, written, dropped, queued, cpu, build)

@@ -299,9 +299,7 @@ class DataPlane:
         if self.canary is not None:
             self.canary.record(model, True, (done - start) / 1e9)
         if self.capture is not None:
-            self.capture.offer(
-                model, lambda: bound.request_id, feeds, results, (done - start) / 1e9
-            )
+            self.capture.offer(model, bound.request_id, feeds, results, (done - start) / 1e9)
         self.drift.observe(model, feeds, results)  # O(rows)
         rows = max((a.shape[0] if a.ndim else 1) for a in feeds.values())
         self.stats.success(

@@ -61,7 +61,7 @@ def _serve_and_capture(folder: Path, name: str, version: str, x: np.ndarray, y: 
     capture.start()
     for i, row in enumerate(x.astype(np.float32)):
         feeds = {inputs[0]: row[None]}
-        capture.offer(model, lambda i=i: f"r{i}", feeds, session.run(None, feeds), 0.001)
+        capture.offer(model, f"r{i}", feeds, session.run(None, feeds), 0.001)
     capture.stopping()
     capture.stop()
     FeedbackStore(capture).submit(name, [Label(f"r{i}", 0, str(int(v))) for i, v in enumerate(y)])

@@ -96,7 +96,7 @@ def _capture(folder, model, x: np.ndarray, labels=None):
         feeds = {"features": row[None]}
         outputs = session.run(None, feeds)
         rid = f"{model.tag}-{i}"
-        capture.offer(model, lambda rid=rid: rid, feeds, outputs, 0.001)
+        capture.offer(model, rid, feeds, outputs, 0.001)
         ids.append((rid, int(outputs[0].argmax())))
     capture.stopping()
     capture.stop()

@@ -50,13 +50,13 @@ def test_the_writer_keeps_every_accepted_record_by_name_and_counts_the_rest():
     for i in range(200):
         x = rng.normal(size=(2, 4)).astype(np.float32)
         p, label = x * 2, np.array(["a", "b"], dtype=object)
-        capture.offer(model, lambda i=i: f"id-{i}", {"x": x}, [p, label], 0.001)
+        capture.offer(model, f"id-{i}", {"x": x}, [p, label], 0.001)
         sent[f"id-{i}"] = x
         if i % 50 == 49:  # in rounds: each round a row group, and a segment past 1 KiB
             wait_for(lambda: capture.written[("m", "3")] == 2 * capture.accepted[("m", "3")])
             # feedback finds every id: in a closed file, or in memory until its file closes
             closed = set(_read(fs, "/capture-unit")["request_id"].to_pylist())
-            in_memory = set(capture.recent_ids["m"])
+            in_memory = set(capture.rows_of_ids("m", set(sent)))
             assert not closed & in_memory
             assert len(closed | in_memory) == capture.accepted[("m", "3")]
     capture.stopping()
@@ -91,7 +91,7 @@ def test_inputs_named_in_another_order_land_in_their_own_columns():
     a, b = np.full((1, 2), 1.0, np.float32), np.full((1, 3), 2.0, np.float32)
     for i in range(6):
         feeds = {"a": a * i, "b": b * i} if i % 2 else {"b": b * i, "a": a * i}
-        capture.offer(model, lambda i=i: f"r{i}", feeds, [a], 0.001)
+        capture.offer(model, f"r{i}", feeds, [a], 0.001)
     capture.stopping()
     capture.stop()
     rows = {
@@ -101,6 +101,64 @@ def test_inputs_named_in_another_order_land_in_their_own_columns():
     for i in range(6):
         assert rows[f"r{i}"]["input.a"] == [float(i)] * 2
         assert rows[f"r{i}"]["input.b"] == [2.0 * i] * 3
+
+
+def test_number_tensors_are_copied_and_every_shape_and_type_comes_back():
+    """Number tensors are copied into the batch's buffers on the request path. A model
+    whose tensors have at most one dynamic axis is stored from those bytes alone (a
+    scalar and a batch-less output repeat on every row); requests of other shapes, a view
+    that is not contiguous, and strings are kept right too; a tensor of another type is
+    refused and counted, the batch as it was."""
+    import fsspec
+
+    from onnxflow.serving.tensors import TensorSpec
+
+    url = "memory://capture-shapes"
+    capture = Capture(_settings(url))
+    specs = {
+        "inputs": [TensorSpec("x", "FP32", (-1, 3))],
+        "outputs": [
+            TensorSpec("y", "INT64", (-1, 2)),
+            TensorSpec("scale", "FP32", ()),
+            TensorSpec("bias", "FP64", (4,)),
+        ],
+    }
+    model = SimpleNamespace(name="m", version="1", output_names=["y", "scale", "bias"], **specs)
+    capture.start()
+    sent = {}
+
+    def offer(rid, rows, view=False):
+        x = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3) + len(sent)
+        if view:
+            x = np.asfortranarray(x)
+        outputs = [
+            (x[:, :2] * 10).astype(np.int64),
+            np.float32(len(sent)),
+            np.full(4, len(sent), np.float64),
+        ]
+        outputs[1] = np.asarray(outputs[1])
+        sent[rid] = (x, outputs)
+        capture.offer(model, rid, {"x": x}, outputs, 0.001)
+
+    for i in range(5):
+        offer(f"same{i}", 2)  # one shape: from the bytes alone
+    wait_for(lambda: capture.written[("m", "1")] == 10)  # that batch is written
+    offer("three", 3)  # a new batch
+    offer("view", 2, view=True)  # copied; from here the batch keeps every request's shapes
+    offer("one", 1)
+    bad = np.zeros((1, 3), np.float64)  # the wrong type: refused, counted
+    capture.offer(model, "bad", {"x": bad}, sent["one"][1], 0.001)
+    capture.stopping()
+    capture.stop()
+    assert capture.dropped == {("m", "error"): 1}
+    rows = _read(fsspec.filesystem("memory"), "/capture-shapes").to_pylist()
+    assert len(rows) == 5 * 2 + 2 + 3 + 1
+    for row in rows:
+        x, (y, scale, bias) = sent[row["request_id"]]
+        assert row["input.x"] == x[row["row"]].tolist()
+        assert row["output.y"] == y[row["row"]].tolist()
+        assert row["output.scale"] == [float(scale)]
+        assert row["output.bias"] == bias.tolist()
 
 
 def test_on_a_loop_varied_requests_are_kept_and_every_id_is_known_until_written():
@@ -128,7 +186,7 @@ def test_on_a_loop_varied_requests_are_kept_and_every_id_is_known_until_written(
         for i in range(total):
             x = np.full((1 + i % 3, 4 + i % 2), i, np.float32)
             sent[f"r{i}"] = x
-            capture.offer(model, lambda i=i: f"r{i}", {"x": x}, [x[:, :1] * 2], 0.002)
+            capture.offer(model, f"r{i}", {"x": x}, [x[:, :1] * 2], 0.002)
 
     try:
         loop.call_soon_threadsafe(offer_all)
@@ -148,7 +206,7 @@ def test_on_a_loop_varied_requests_are_kept_and_every_id_is_known_until_written(
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
     assert capture.build_cpu_s > 0 and not capture.dropped
-    assert capture.recent_ids == {"m": {}}  # every segment closed: the files know the ids
+    assert not capture.rows_of_ids("m", set(sent))  # every segment closed: the files know
     rows = _read(fsspec.filesystem("memory"), "/capture-loop").to_pylist()
     assert len(rows) == sum(x.shape[0] for x in sent.values())
     for row in rows:
@@ -164,20 +222,20 @@ async def _async(call):
 def test_a_batch_across_midnight_lands_in_both_dates():
     from onnxflow.serving.capture import _Batch
 
-    batch = _Batch(("m", "1"), ("x",), ("y",))
+    batch = None
     midnight = 86400 * 20_000  # 2024-10-04T00:00:00Z
     for i, (rows, at) in enumerate([(2, midnight - 0.5), (1, midnight - 0.1), (3, midnight + 0.2)]):
         x = np.full((rows, 2), i, np.float32)
-        for column, array in zip(batch.columns, (x, x[:, :1])):
-            column.append(array)
-        batch.ids.append(f"r{i}")
-        batch.times.append(at)
-        batch.latency.append(0.001)
-    days = {day: (table, ids) for day, table, _, ids in batch.tables(batch.counts())}
+        arrays = [x, x[:, :1]]  # the second a view: taken as a copy
+        batch = batch or _Batch(("m", "1"), ("x",), ("y",), arrays, exact=True)
+        batch.take(arrays)
+        batch.add(f"r{i}", at, 0.001)
+    days = {day: (table, n) for day, table, _, n in batch.tables(batch.counts())}
     assert sorted(days) == ["2024-10-03", "2024-10-04"]
     before, after = days["2024-10-03"], days["2024-10-04"]
-    assert before[1] == ["r0", "r1"] and before[0]["request_id"].to_pylist() == ["r0", "r0", "r1"]
-    assert after[1] == ["r2"] and after[0]["row"].to_pylist() == [0, 1, 2]
+    assert before[1] == 2 and before[0]["request_id"].to_pylist() == ["r0", "r0", "r1"]
+    assert after[1] == 1 and after[0]["row"].to_pylist() == [0, 1, 2]
+    assert after[0]["output.y"].to_pylist() == [[2.0]] * 3
 
 
 def test_two_writers_on_one_folder_keep_each_others_segments():
@@ -193,7 +251,7 @@ def test_two_writers_on_one_folder_keep_each_others_segments():
     for i in range(10):
         for n, capture in enumerate(replicas):
             x = np.full((2, 4), i, np.float32)
-            capture.offer(model, lambda i=i, n=n: f"r{n}-{i}", {"x": x}, [x], 0.001)
+            capture.offer(model, f"r{n}-{i}", {"x": x}, [x], 0.001)
     for capture in replicas:
         capture.stopping()
         capture.stop()
@@ -222,7 +280,7 @@ def test_any_replica_takes_labels_for_another_ones_requests_while_its_segment_is
     a.start()
     for i in range(5):
         x = np.full((1 + i % 2, 3), i, np.float32)
-        a.offer(model, lambda i=i: f"a{i}", {"x": x}, [x], 0.001)
+        a.offer(model, f"a{i}", {"x": x}, [x], 0.001)
     wait_for(lambda: a.written[("m", "1")] == 7)
     # the segment is open: nothing readable yet, only hidden files
     assert all(p.rsplit("/", 1)[1].startswith(".") for p in fs.find("/capture-two"))
