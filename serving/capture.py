@@ -447,12 +447,13 @@ class _Segment:
 
     def rows_of_ids(self, wanted) -> dict[str, int]:
         """Rows written of the requests whose id is in ``wanted`` (an Arrow string array)."""
+        import pyarrow as pa
         import pyarrow.compute as pc
 
-        found: collections.Counter = collections.Counter()
-        for column in self.id_columns:
-            found.update(column.filter(pc.is_in(column, value_set=wanted)).to_pylist())
-        return found
+        if not self.id_columns:
+            return {}
+        column = pa.chunked_array([c for col in self.id_columns for c in col.chunks], pa.string())
+        return collections.Counter(column.filter(pc.is_in(column, value_set=wanted)).to_pylist())
 
     @property
     def bytes(self) -> int:
