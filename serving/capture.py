@@ -108,10 +108,6 @@ def open_filesystem(url: str):
         raise ValueError(f"capture location {url!r}: {exc}") from None
 
 
-def rows_of(array: np.ndarray) -> int:
-    return array.shape[0] if array.ndim else 1
-
-
 def request_columns(ids, times, latency, counts: np.ndarray) -> dict:
     """The columns every captured row starts with, from per-request ``ids`` (an Arrow
     string array), ``times`` (seconds since the epoch), ``latency`` (seconds) and row
@@ -239,7 +235,7 @@ class _Batch:
         if isinstance(self.sinks[0], list):
             first = self.sinks[0][:n]
             counts = _lengths(first)
-            return counts if counts is not None else np.array([rows_of(a) for a in first])
+            return counts if counts is not None else np.array([_rows(np.shape(a)) for a in first])
         if self.shapes is None:
             return np.full(n, _rows(self.first[0]))
         return np.array([_rows(s[0]) for s in self.shapes[:n]])
@@ -664,13 +660,15 @@ class Capture:
                 with self._lock or contextlib.nullcontext():
                     self._hand_open()
             batches = list(self._handed)
-            built = self._build(batches)
-            self.build_cpu_s += time.thread_time() - started
-            self._write_once(built)
-            for batch in batches:  # in their segments now (see rows_of_ids)
-                self.taken[batch.key] += batch.requests
-                self._handed.popleft()
-                self._taken_bytes += batch.nbytes  # out of the budget once written
+            try:
+                built = self._build(batches)
+                self.build_cpu_s += time.thread_time() - started
+                self._write_once(built)
+            finally:  # taken once, whatever failed (failed writes are counted as dropped)
+                for batch in batches:  # in their segments now (see rows_of_ids)
+                    self.taken[batch.key] += batch.requests
+                    self._handed.popleft()
+                    self._taken_bytes += batch.nbytes  # out of the budget once written
         except Exception:  # noqa: BLE001  (the writer carries on)
             log.exception("writing captured requests failed")
         finally:
