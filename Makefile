@@ -17,7 +17,8 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 help:  ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# serving/_capture.c: the capture's C extension, built by the install
+$(STAMP): pyproject.toml setup.py serving/_capture.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet -e ".[pipeline,test]"

@@ -46,7 +46,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as dt
-import io
 import itertools
 import json
 import logging
@@ -55,12 +54,17 @@ import operator
 import os
 import random
 import secrets
+import struct
 import threading
 import time
 import uuid
-from array import array as carray
 
 import numpy as np
+
+try:  # the request path in C, where it was built (setuptools' optional extension)
+    from onnxflow.serving import _capture as native
+except ImportError:  # pragma: no cover  (an install without a C compiler)
+    native = None
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,9 @@ BATCH_BYTES = 4 << 20
 #: (strings, objects) are kept as references.
 PACKED_KINDS = frozenset("biufc?")
 _DTYPE = operator.attrgetter("dtype")
+_NBYTES = operator.attrgetter("nbytes")
+_INT = struct.Struct("i")
+_DOUBLE = struct.Struct("d")
 
 
 def open_filesystem(url: str):
@@ -134,18 +141,21 @@ class _Batch:
     """Requests of one model version waiting for the writer, by column: each request's id,
     time and latency, and its input and output tensors (inputs in the model's order,
     whatever order a client sends). A number tensor is copied into its column's buffer on
-    the request path, while it is still in the CPU's cache (one C call; building from
-    references to thousands of small arrays, cold by then, cost several times more); other
-    tensors are kept as references. Filled on the endpoint's loop, handed to the writer
-    whole.
+    the request path, while it is still in the CPU's cache (building from references to
+    thousands of small arrays, cold by then, cost several times more); other tensors are
+    kept as references. Every column is a ``bytearray`` (or a list of references), so the
+    C extension's ``append`` and the Python path (:meth:`take`, :meth:`add`) fill the same
+    batch. Filled on the endpoint's loop, handed to the writer whole.
 
     Every request's shapes are those of the first while its tensors have the first one's
     byte sizes and each tensor has at most one dynamic axis (the model's specs say); else
-    (``shapes`` not None) the batch keeps every request's shapes from then on."""
+    (``shapes`` not None) the batch keeps every request's shapes from then on, and only
+    the Python path adds to it (``columns`` None)."""
 
     __slots__ = (
         "key", "inputs", "outputs", "sinks", "adders", "sizes", "dtypes", "first", "shapes",
         "simple", "request_bytes", "id_sink", "id_lengths", "times", "latency", "nbytes",
+        "columns",
     )  # fmt: skip
 
     def __init__(self, key, inputs, outputs, arrays: list[np.ndarray], exact: bool) -> None:
@@ -153,50 +163,64 @@ class _Batch:
         self.inputs = inputs
         self.outputs = outputs
         packed = [a.dtype.kind in PACKED_KINDS and a.flags.c_contiguous for a in arrays]
-        self.sinks = [io.BytesIO() if p else [] for p in packed]
-        self.adders = [s.write if p else s.append for s, p in zip(self.sinks, packed)]
-        # what add() returns for a request like the first: its bytes, or None (a reference)
-        self.sizes = [a.nbytes if p else None for a, p in zip(arrays, packed)]
+        self.sinks = [bytearray() if p else [] for p in packed]
+        self.adders = [s.__iadd__ if p else s.append for s, p in zip(self.sinks, packed)]
+        self.sizes = [a.nbytes for a in arrays]  # what a request like the first one adds
         self.dtypes = [a.dtype for a in arrays]
         self.first = [a.shape for a in arrays]
         self.shapes: list[list[tuple]] | None = None if exact else []
         self.simple = exact and all(packed)
-        self.request_bytes = sum(a.nbytes for a in arrays)
-        # ids as Arrow keeps strings (UTF-8 bytes and their lengths), times and latency as
-        # C doubles: a closed batch's columns are a few calls, nothing per request
-        self.id_sink = io.BytesIO()
-        self.id_lengths = carray("i")
-        self.times = carray("d")
-        self.latency = carray("d")
+        self.request_bytes = sum(self.sizes)
+        # ids as Arrow keeps strings (UTF-8 bytes and their lengths as C ints), times and
+        # latency as C doubles: a closed batch's columns are a few calls, nothing per request
+        self.id_sink = bytearray()
+        self.id_lengths = bytearray()
+        self.times = bytearray()
+        self.latency = bytearray()
         self.nbytes = 0
+        # what the C extension appends to, while every request is like the first
+        self.columns = None
+        if self.simple:
+            formats = tuple(memoryview(a).format.encode() for a in arrays)
+            self.columns = (
+                tuple(self.sinks), tuple(self.sizes), formats,
+                self.id_sink, self.id_lengths, self.times, self.latency,
+            )  # fmt: skip
 
     def add(self, request_id: str, at: float, latency_s: float) -> None:
         """The request's id, time and latency, after :meth:`take` took its tensors."""
-        self.id_lengths.append(self.id_sink.write(request_id.encode()))
-        self.times.append(at)
-        self.latency.append(latency_s)
+        encoded = request_id.encode()
+        self.id_sink += encoded
+        self.id_lengths += _INT.pack(len(encoded))
+        self.times += _DOUBLE.pack(at)
+        self.latency += _DOUBLE.pack(latency_s)
 
     @property
     def requests(self) -> int:
-        return len(self.times)
+        return len(self.times) // _DOUBLE.size
 
     def ids(self, closed: bool = False):
-        """The requests' ids, an Arrow string array (``closed``: no request comes any more,
-        the buffer is shared rather than copied)."""
+        """The requests' ids, an Arrow string array. ``closed``: no request comes any more,
+        the buffers are shared; else copied (a bytearray viewed cannot grow)."""
         import pyarrow as pa
 
-        n = len(self.id_lengths)
+        lengths = self.id_lengths if closed else bytes(self.id_lengths)
+        data = self.id_sink if closed else bytes(self.id_sink)
+        n = len(lengths) // _INT.size
         offsets = np.zeros(n + 1, np.int32)
-        np.cumsum(np.frombuffer(self.id_lengths, np.int32), out=offsets[1:])
-        data = self.id_sink.getbuffer() if closed else self.id_sink.getvalue()
+        np.cumsum(np.frombuffer(lengths, np.intc), out=offsets[1:])
         return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
 
     def take(self, arrays: list[np.ndarray]) -> int:
         """Add one request's tensors; its bytes. Raises, the batch as it was, on a tensor
         it cannot hold (another type)."""
         try:
-            sizes = list(map(operator.call, self.adders, arrays))
-            if self.simple and sizes == self.sizes:
+            list(map(operator.call, self.adders, arrays))
+            if (
+                self.simple
+                and list(map(_NBYTES, arrays)) == self.sizes
+                and list(map(_DTYPE, arrays)) == self.dtypes
+            ):
                 return self.request_bytes
             return self._note(arrays)
         except Exception:
@@ -213,6 +237,7 @@ class _Batch:
         if self.shapes is None:  # the first request unlike the first one
             self.shapes = [self.first] * self.requests
             self.simple = False  # every request's shapes are kept from now on
+            self.columns = None  # by the Python path
         self.shapes.append([a.shape for a in arrays])
         return sum(a.nbytes for a in arrays)
 
@@ -226,8 +251,7 @@ class _Batch:
                 del sink[n:]
             else:
                 shapes = [self.first] * n if self.shapes is None else self.shapes
-                sink.seek(sum(math.prod(s[i]) for s in shapes) * self.dtypes[i].itemsize)
-                sink.truncate()
+                del sink[sum(math.prod(s[i]) for s in shapes) * self.dtypes[i].itemsize :]
 
     def counts(self) -> np.ndarray:
         """Rows of each request (its first input's first axis; 1 for a scalar)."""
@@ -255,7 +279,8 @@ class _Batch:
         import pyarrow as pa
 
         times = np.frombuffer(self.times)
-        columns = request_columns(self.ids(closed=True), times, self.latency, counts)
+        latency = np.frombuffer(self.latency)
+        columns = request_columns(self.ids(closed=True), times, latency, counts)
         names = [INPUT_PREFIX + n for n in self.inputs] + [OUTPUT_PREFIX + n for n in self.outputs]
         shapes = {}
         for i, name in enumerate(names):
@@ -277,7 +302,7 @@ class _Batch:
         sink = self.sinks[i]
         if isinstance(sink, list):
             return _tensor_column(sink, counts)
-        flat = np.frombuffer(sink.getbuffer(), self.dtypes[i])
+        flat = np.frombuffer(sink, self.dtypes[i])
         if self.shapes is not None:  # each request's own shape
             return _shaped_column(flat, [s[i] for s in self.shapes], counts)
         n, first = self.requests, self.first[i]
@@ -489,6 +514,8 @@ class Capture:
         self._offered_bytes = 0
         self._taken_bytes = 0
         self._random = random.Random()
+        # the C extension's append, where it was built (None: the Python path alone)
+        self.native = native
         self._segments: dict[tuple[str, str, str], _Segment] = {}
         self._numbers = itertools.count()
         self._writer_id = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -524,7 +551,12 @@ class Capture:
             self.offer = self._offer  # no lock to take: one call less per request
             loop.call_soon_threadsafe(self._schedule)
         self._thread.start()
-        log.info("capturing %.0f%% of requests into %s", self.fraction * 100, self.url)
+        log.info(
+            "capturing %.0f%% of requests into %s (request path in %s)",
+            self.fraction * 100,
+            self.url,
+            "C" if self.native is not None else "Python: the C extension was not built",
+        )
 
     def stopping(self) -> None:
         """Accept nothing more (called on the request path's thread, before :meth:`stop`)."""
@@ -575,11 +607,20 @@ class Capture:
                 self._batches[id(model)] = batch
             if len(arrays) != len(batch.adders):
                 raise ValueError(f"{len(arrays)} tensors, not {len(batch.adders)}")
-            nbytes = batch.take(arrays)
-            batch.add(request_id or new_request_id(), time.time(), latency_s)
+            request_id = request_id or new_request_id()
+            columns = batch.columns
+            if (
+                columns is not None
+                and self.native is not None
+                and self.native.append(columns, arrays, request_id, time.time(), latency_s)
+            ):  # in C: a request like the first one (False: nothing added)
+                nbytes = batch.request_bytes
+            else:
+                nbytes = batch.take(arrays)
+                batch.add(request_id, time.time(), latency_s)
             batch.nbytes += nbytes
             self._offered_bytes += nbytes
-            if len(batch.times) >= BATCH_REQUESTS or batch.nbytes >= BATCH_BYTES:
+            if batch.requests >= BATCH_REQUESTS or batch.nbytes >= BATCH_BYTES:
                 self._handed.append(batch)  # then out of _batches: always in one of them
                 del self._batches[id(model)]
         except Exception:  # noqa: BLE001  (the answer must not notice the capture)

@@ -103,7 +103,29 @@ def test_inputs_named_in_another_order_land_in_their_own_columns():
         assert rows[f"r{i}"]["input.b"] == [2.0 * i] * 3
 
 
-def test_number_tensors_are_copied_and_every_shape_and_type_comes_back():
+@pytest.fixture(params=["C", "Python"])
+def request_path(request, monkeypatch):
+    """The capture's request path: the C extension's ``append`` (counted, so a test can
+    tell it ran), or the Python path alone (an install without a C compiler)."""
+    from onnxflow.serving import capture as module
+
+    if request.param == "Python":
+        monkeypatch.setattr(module, "native", None)
+        return None
+    if module.native is None:
+        pytest.fail("the capture's C extension (serving/_capture.c) was not built: see README")
+    calls, real = {"appended": 0, "declined": 0}, module.native.append
+
+    def append(*args):
+        taken = real(*args)
+        calls["appended" if taken else "declined"] += 1
+        return taken
+
+    monkeypatch.setattr(module, "native", SimpleNamespace(append=append))
+    return calls
+
+
+def test_number_tensors_are_copied_and_every_shape_and_type_comes_back(request_path):
     """Number tensors are copied into the batch's buffers on the request path. A model
     whose tensors have at most one dynamic axis is stored from those bytes alone (a
     scalar and a batch-less output repeat on every row); requests of other shapes, a view
@@ -113,7 +135,7 @@ def test_number_tensors_are_copied_and_every_shape_and_type_comes_back():
 
     from onnxflow.serving.tensors import TensorSpec
 
-    url = "memory://capture-shapes"
+    url = f"memory://capture-shapes-{request_path is None}"
     capture = Capture(_settings(url))
     specs = {
         "inputs": [TensorSpec("x", "FP32", (-1, 3))],
@@ -151,7 +173,9 @@ def test_number_tensors_are_copied_and_every_shape_and_type_comes_back():
     capture.stopping()
     capture.stop()
     assert capture.dropped == {("m", "error"): 1}
-    rows = _read(fsspec.filesystem("memory"), "/capture-shapes").to_pylist()
+    if request_path is not None:  # C took each batch's requests until the view
+        assert request_path == {"appended": 5 + 1, "declined": 1}
+    rows = _read(fsspec.filesystem("memory"), url.removeprefix("memory:/")).to_pylist()
     assert len(rows) == 5 * 2 + 2 + 3 + 1
     for row in rows:
         x, (y, scale, bias) = sent[row["request_id"]]
@@ -159,6 +183,49 @@ def test_number_tensors_are_copied_and_every_shape_and_type_comes_back():
         assert row["output.y"] == y[row["row"]].tolist()
         assert row["output.scale"] == [float(scale)]
         assert row["output.bias"] == bias.tolist()
+
+
+def test_the_c_append_adds_a_request_whole_like_the_python_path_or_not_at_all():
+    """``append`` (serving/_capture.c) fills a batch byte for byte as :meth:`_Batch.take`
+    and :meth:`_Batch.add` do; a request it cannot take as the batch's first (another
+    type of the same byte size, a view, another shape, one tensor too many, not a
+    buffer) changes nothing; a column that cannot grow puts back those that grew."""
+    from onnxflow.serving import capture as module
+    from onnxflow.serving.capture import _Batch
+
+    if module.native is None:
+        pytest.fail("the capture's C extension (serving/_capture.c) was not built: see README")
+    x, y = np.arange(8, dtype=np.float32).reshape(2, 4), np.array([1, 2], np.int64)
+    c, python = (_Batch(("m", "1"), ("x",), ("y",), [x, y], exact=True) for _ in range(2))
+
+    def state(batch):
+        return [bytes(column) for column in (*batch.columns[0], *batch.columns[3:])]
+
+    for i in range(3):
+        assert module.native.append(c.columns, [x + i, y + i], f"r{i}-é", 1.5 + i, 0.25) is True
+        python.take([x + i, y + i])
+        python.add(f"r{i}-é", 1.5 + i, 0.25)
+    assert state(c) == state(python) and c.requests == 3
+    assert c.ids().to_pylist() == ["r0-é", "r1-é", "r2-é"]
+    before = state(c)
+    for arrays in (
+        [np.ascontiguousarray(x.astype(np.float64)[:, :2]), y],  # 32 bytes, but float64
+        [np.asfortranarray(x), y],
+        [x[:1], y[:1]],
+        [x, y, y],
+        [x.tolist(), y],
+    ):
+        assert module.native.append(c.columns, arrays, "no", 0.0, 0.0) is False
+    assert state(c) == before
+    with memoryview(c.latency):  # exported: the last column cannot grow
+        with pytest.raises(BufferError):
+            module.native.append(c.columns, [x, y], "r", 0.0, 0.0)
+    assert state(c) == before
+    with pytest.raises(TypeError):
+        module.native.append(c.columns[:3], [x, y], "r", 0.0, 0.0)
+    assert [t.to_pylist() for _, t, _, _ in c.tables(c.counts())] == [
+        t.to_pylist() for _, t, _, _ in python.tables(python.counts())
+    ]
 
 
 def test_on_a_loop_varied_requests_are_kept_and_every_id_is_known_until_written():
