@@ -151,7 +151,7 @@ def main() -> None:
             many[f"rest-{key}"] = rest(key, args.many, short)
             many[f"grpc-{key}"] = rpc(key, args.many, short)
         deadline = time.monotonic() + 30
-        while True:  # the writer appends every half second
+        while True:  # the writer appends every flush interval (2 s)
             seen = counters(infos["on"].url)
             if seen["written"] + seen["dropped"] >= seen["answered"] or time.monotonic() > deadline:
                 break

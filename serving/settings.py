@@ -147,7 +147,10 @@ class ServingSettings(BaseSettings):
         "request is not captured (counted in onnxflow_capture_dropped_total).",
     )
     capture_flush_interval_s: float = Field(
-        0.5, gt=0, description="Seconds between the capture writer's appends to its segments."
+        2.0,
+        gt=0,
+        description="Seconds between the capture writer's appends to its segments (each "
+        "append has a fixed cost; another replica finds a request's id after it).",
     )
     capture_segment_bytes: int = Field(
         64 * MIB, ge=1024, description="A capture segment is closed past this size."
