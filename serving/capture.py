@@ -4,11 +4,14 @@ With ``--capture DIR`` (``capture`` setting; a local folder or any fsspec URL wh
 filesystem package is installed) every answered request of every model, on both fronts,
 is offered to :class:`Capture` (a ``capture_fraction`` share of them). The request path
 adds it to its model version's open :class:`_Batch`: each number tensor's bytes are copied
-into the batch's buffer for that tensor (one C call a tensor, while the values are still
-in the CPU's cache), strings are kept as references, and the id, time and latency go into
-C arrays (no lock, no wake-up, nothing the cyclic GC tracks). When ``capture_queue_bytes``
-are waiting, the request is dropped and counted in ``onnxflow_capture_dropped_total``
-(never silently lost, never a failed or slower answer).
+into the batch's buffer for that tensor while the values are still in the CPU's cache,
+strings are kept as references, and the id, time and latency go into buffers of C values
+(no lock, no wake-up, nothing the cyclic GC tracks). On the endpoint's loop a request like
+its batch's first is taken whole by one call to the C extension (``_capture.offer``, from
+serving/_capture.c); everything else, and everything where the extension was not built,
+by :meth:`Capture._offer`. When ``capture_queue_bytes`` are waiting, the request is
+dropped and counted in ``onnxflow_capture_dropped_total`` (never silently lost, never a
+failed or slower answer).
 
 A batch is handed to the writer thread once it holds ``BATCH_REQUESTS`` requests or
 ``BATCH_BYTES`` (and every ``capture_flush_interval_s``, by the loop). There a batch whose
@@ -46,6 +49,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as dt
+import functools
 import itertools
 import json
 import logging
@@ -178,13 +182,17 @@ class _Batch:
         self.times = bytearray()
         self.latency = bytearray()
         self.nbytes = 0
-        # what the C extension appends to, while every request is like the first
+        # what the C extension appends to while every request is like the first (see
+        # serving/_capture.c), up to the request that fills the batch (Python's: it hands
+        # the batch over)
         self.columns = None
         if self.simple:
             formats = tuple(memoryview(a).format.encode() for a in arrays)
+            limit = min(BATCH_REQUESTS, -(-BATCH_BYTES // max(self.request_bytes, 1)))
             self.columns = (
                 tuple(self.sinks), tuple(self.sizes), formats,
                 self.id_sink, self.id_lengths, self.times, self.latency,
+                tuple(inputs), self.request_bytes, limit,
             )  # fmt: skip
 
     def add(self, request_id: str, at: float, latency_s: float) -> None:
@@ -548,7 +556,12 @@ class Capture:
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
         if loop is not None:
             self._lock = None
-            self.offer = self._offer  # no lock to take: one call less per request
+            # no lock to take: the loop offers alone. A request like its batch's first is
+            # taken in one C call, anything else by _offer (which samples, when sampling)
+            self.offer = self._offer
+            if self.native is not None and self.fraction >= 1.0:
+                state = (self, self._batches, self._offer, self.queue_bytes)
+                self.offer = functools.partial(self.native.offer, state)
             loop.call_soon_threadsafe(self._schedule)
         self._thread.start()
         log.info(
@@ -561,10 +574,12 @@ class Capture:
     def stopping(self) -> None:
         """Accept nothing more (called on the request path's thread, before :meth:`stop`)."""
         self._stopped = True
+        if "offer" in vars(self):  # the loop's: Python's from now on, which counts the refused
+            self.offer = self._offer
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Write what was accepted, roll every segment, stop the writer (blocking)."""
-        self._stopped = True
+        self.stopping()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -643,7 +658,7 @@ class Capture:
         the offers are made (the loop), or under their lock."""
         with self._hand_lock:
             self._handed.extend(b for b in self._batches.values() if b.requests)
-            self._batches = {}
+            self._batches.clear()  # the same dict: the C offer holds it
 
     def _build(self, batches: list[_Batch]) -> list[tuple]:
         """``batches`` as Arrow tables, (key, table, shapes, requests) each (on the writer

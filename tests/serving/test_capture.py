@@ -121,7 +121,7 @@ def request_path(request, monkeypatch):
         calls["appended" if taken else "declined"] += 1
         return taken
 
-    monkeypatch.setattr(module, "native", SimpleNamespace(append=append))
+    monkeypatch.setattr(module, "native", SimpleNamespace(append=append, offer=module.native.offer))
     return calls
 
 
@@ -199,7 +199,7 @@ def test_the_c_append_adds_a_request_whole_like_the_python_path_or_not_at_all():
     c, python = (_Batch(("m", "1"), ("x",), ("y",), [x, y], exact=True) for _ in range(2))
 
     def state(batch):
-        return [bytes(column) for column in (*batch.columns[0], *batch.columns[3:])]
+        return [bytes(column) for column in (*batch.columns[0], *batch.columns[3:7])]
 
     for i in range(3):
         assert module.native.append(c.columns, [x + i, y + i], f"r{i}-é", 1.5 + i, 0.25) is True
@@ -280,6 +280,93 @@ def test_on_a_loop_varied_requests_are_kept_and_every_id_is_known_until_written(
         x = sent[row["request_id"]]
         assert row["input.x"] == x[row["row"]].tolist()
         assert row["output.y"] == [2.0 * x[0, 0]]
+
+
+def test_on_a_loop_c_takes_the_requests_like_their_batch_first_and_python_the_rest():
+    """In the endpoint (offers on its loop) a request like its batch's first is taken by
+    one C call (``_capture.offer``); the batch's first request, the one that fills it, a
+    request of another shape, one over the queue's budget and every one after stopping go
+    to Python, which counts what it refuses. Every accepted row comes back as sent."""
+    import asyncio
+
+    import fsspec
+
+    from onnxflow.serving import capture as module
+    from onnxflow.serving.tensors import TensorSpec
+
+    if module.native is None:
+        pytest.fail("the capture's C extension (serving/_capture.c) was not built: see README")
+    url = "memory://capture-c-loop"
+    capture = Capture(_settings(url, capture_queue_bytes=module.BATCH_REQUESTS * 2 * 48))
+    model = SimpleNamespace(
+        name="m",
+        version="1",
+        output_names=["y"],
+        inputs=[TensorSpec("a", "FP32", (-1, 2)), TensorSpec("b", "INT64", (-1,))],
+        outputs=[TensorSpec("y", "FP64", (-1, 2))],
+    )
+    python = []
+    to_python = capture._offer
+
+    def counted(*args):
+        python.append(args[1])
+        return to_python(*args)
+
+    capture._offer = counted
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    capture.start(loop)
+    sent = {}
+
+    def offer(rid, rows=1):
+        a = np.full((rows, 2), len(sent), np.float32)
+        b = np.arange(rows, dtype=np.int64) + len(sent)
+        sent[rid] = (a, b, a.astype(np.float64) * 2)
+        capture.offer(model, rid, {"b": b, "a": a}, [sent[rid][2]], 0.001)
+
+    def offer_all():
+        for i in range(module.BATCH_REQUESTS + 5):  # 32 bytes a request
+            offer(f"r{i}")
+        offer("two-rows", rows=2)  # another shape: from here the batch is Python's
+        offer("after")
+
+    try:
+        asyncio.run_coroutine_threadsafe(_async(offer_all), loop).result(60)
+        first, fills, other = "r0", f"r{module.BATCH_REQUESTS - 1}", f"r{module.BATCH_REQUESTS}"
+        assert python == [first, fills, other, "two-rows", "after"]
+        wait_for(lambda: capture.written[("m", "1")] == module.BATCH_REQUESTS + 8)
+        # every byte C and Python offered is counted, and out of the budget once written
+        wait_for(lambda: capture._offered_bytes == capture._taken_bytes)
+        assert capture._offered_bytes == (module.BATCH_REQUESTS + 8) * 32
+        python.clear()
+
+        def over_budget():  # a new batch, then a queue over its budget: refused in Python
+            offer("new")
+            capture._taken_bytes -= module.BATCH_REQUESTS * 2 * 48
+            offer("full")
+            capture._taken_bytes += module.BATCH_REQUESTS * 2 * 48
+
+        asyncio.run_coroutine_threadsafe(_async(over_budget), loop).result(30)
+        assert python == ["new", "full"] and capture.dropped[("m", "queue_full")] == 1
+        capture.stopping()
+        asyncio.run_coroutine_threadsafe(_async(lambda: offer("late")), loop).result(30)
+        assert python == ["new", "full", "late"] and capture.dropped[("m", "stopped")] == 1
+    finally:
+        capture.stopping()
+        capture.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    rows = _read(fsspec.filesystem("memory"), "/capture-c-loop").to_pylist()
+    assert len(rows) == module.BATCH_REQUESTS + 9 and not capture.dropped.keys() - {
+        ("m", "queue_full"),
+        ("m", "stopped"),
+    }
+    for row in rows:
+        a, b, y = sent[row["request_id"]]
+        assert row["input.a"] == a[row["row"]].tolist()
+        assert row["input.b"] == [b[row["row"]]]
+        assert row["output.y"] == y[row["row"]].tolist()
 
 
 async def _async(call):
