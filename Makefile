@@ -55,9 +55,9 @@ soak: $(STAMP)  ## Reliability, long form: load, hot swaps, faults, 1,000+ fuzz 
 	ONNXFLOW_SOAK=1 $(BIN)/pytest tests/reliability tests/integration/test_hostile.py -m reliability
 
 bench: $(STAMP)  ## Serving benchmarks: vs mlflow models serve; start-up, memory; capture cost
-	$(BIN)/python bench/serve_bench.py --install-wrk
+	$(BIN)/python bench/serve_bench.py --install-tools
 	$(BIN)/python bench/team_bench.py
-	$(BIN)/python bench/capture_bench.py
+	$(BIN)/python bench/capture_bench.py --install-tools
 	$(BIN)/python bench/startup_bench.py --runs 5 --models 5 --output docs/startup.md
 
 bench-pipeline: $(STAMP)  ## Demo pipeline wall time, and how much is Prefect + MLflow overhead

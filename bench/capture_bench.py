@@ -1,14 +1,18 @@
 """What capture costs: the digits-sized MLP (64->128->10) served with capture off and on.
 
 Two endpoints serve the same champion from a fresh SQLite registry, one with
-``capture`` (every request, a local folder). Each is driven in alternating rounds at 8
-connections over REST (``wrk``, batch-1 V2 JSON requests) and over gRPC (8 threads of
-``tritonclient.grpc``, batch-1), then once at 64 connections on each front. Reported:
-requests/s, p50 and p99 per side and load (medians of the rounds), the cost in percent,
-and whether every answered request was captured (``onnxflow_capture_rows_written_total``
+``capture`` (every request, a local folder). Each is driven in pairs of rounds (off and on
+back to back, alternating which goes first) at 8 connections over REST (``wrk``, batch-1
+V2 JSON requests) and over gRPC (``h2load``, nghttp2's HTTP/2 load generator, sending a
+batch-1 ``ModelInferRequest`` in gRPC's framing: a client in C, like wrk, so that the
+client's own CPU takes little from the 2 cores it shares with the endpoint), then once at
+64 connections on each front. Reported: requests/s, p50 and p99 per side (medians of the
+rounds), the cost in percent (the median of the pairs' ratios, and their quartiles), and
+whether every answered request was captured (``onnxflow_capture_rows_written_total``
 against the answers of both fronts, drops from ``onnxflow_capture_dropped_total``).
 
-    python bench/capture_bench.py [--duration 5] [--rounds 6] [--connections 8] [--many 64]
+    python bench/capture_bench.py [--duration 4] [--rounds 10] [--connections 8] [--many 64]
+                                  [--install-tools]
 
 Results are printed and written into ``docs/benchmarks.md`` ("Capture") and
 ``bench-results/capture.json``.
@@ -20,6 +24,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import ensure_wrk, register, run_wrk, wrk_script  # noqa: E402
-from bench.team_bench import cpu_s, drive  # noqa: E402
+from bench.serve_bench import ensure_tool, register, run_wrk, wrk_script  # noqa: E402
+from bench.team_bench import cpu_s  # noqa: E402
 from onnxflow.processes import free_port  # noqa: E402
 from onnxflow.serving.launcher import start_background, stop_background, wait_ready  # noqa: E402
 from onnxflow.serving.settings import ServingSettings  # noqa: E402
@@ -63,15 +68,66 @@ def counters(url: str) -> dict:
     return found
 
 
+def grpc_body(path: Path, x: np.ndarray) -> Path:
+    """A batch-1 ``ModelInferRequest`` for ``x`` as one gRPC message: a 0 (not compressed),
+    its length (4 bytes, big-endian), the protobuf."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())  # the input's bytes
+    message = request.SerializeToString()
+    path.write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)
+    return path
+
+
+def run_h2load_grpc(h2load: str, address: str, body: Path, connections: int, duration: int):
+    """``connections`` gRPC clients (one request in flight each) for ``duration`` seconds:
+    requests/s, p50 and p99 from h2load's log of every request. h2load checks the HTTP
+    status only; gRPC's own status (in the trailers) is checked against the endpoint's
+    count of answered requests by the caller."""
+    log = body.with_suffix(".log")
+    log.unlink(missing_ok=True)
+    cmd = [
+        h2load,
+        f"--duration={duration}",
+        f"--clients={connections}",
+        "--max-concurrent-streams=1",
+        "--threads=1",
+        f"--data={body}",
+        "--header=content-type: application/grpc",
+        "--header=te: trailers",
+        f"--log-file={log}",
+        f"http://{address}/inference.GRPCInferenceService/ModelInfer",
+    ]
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    done = [line.split() for line in log.read_text().splitlines() if line.strip()]
+    latencies = sorted(int(fields[2]) / 1000 for fields in done)  # us -> ms
+    if not latencies:
+        raise RuntimeError(f"h2load answered nothing: {' '.join(cmd)}")
+    return {
+        "rps": len(latencies) / duration,
+        "p50_ms": latencies[len(latencies) // 2],
+        "p99_ms": latencies[int(len(latencies) * 0.99)],
+        "requests": len(latencies),
+        "non_2xx": sum(fields[1] != "200" for fields in done),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=5, help="seconds per round")
-    parser.add_argument("--rounds", type=int, default=6, help="pairs of rounds (off, on)")
+    parser.add_argument("--duration", type=int, default=4, help="seconds per round")
+    parser.add_argument("--rounds", type=int, default=10, help="pairs of rounds (off, on)")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--many", type=int, default=64, help="connections of the last round")
-    parser.add_argument("--install-wrk", action="store_true")
+    parser.add_argument(
+        "--install-tools",
+        action="store_true",
+        help="apt-get install wrk and nghttp2-client (h2load) when they are missing",
+    )
     args = parser.parse_args()
-    wrk = ensure_wrk(args.install_wrk)
+    wrk = ensure_tool("wrk", "wrk", "HTTP load generator", args.install_tools)
+    h2load = ensure_tool("h2load", "nghttp2-client", "HTTP/2 load generator", args.install_tools)
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="capture-bench-"))
 
@@ -86,6 +142,7 @@ def main() -> None:
         }
     )
     script = wrk_script(work / "post.lua", body)
+    message = grpc_body(work / "infer.grpc", x)
     infos, grpc = {}, {}
     for key, options in (("off", {}), ("on", {"capture": str(work / "captured")})):
         settings = ServingSettings(
@@ -111,6 +168,7 @@ def main() -> None:
         found = run()
         after = counters(infos[key].url)
         answered = max(after["answered"] - before["answered"], 1)
+        found["answered"] = after["answered"] - before["answered"]
         found["cpu_us"] = 1e6 * (cpu_s(infos[key].pid) - cpu) / answered
         # the writer thread's building and writing (what capture adds besides the request
         # path's offer)
@@ -123,17 +181,13 @@ def main() -> None:
         url = f"{infos[key].url}/v2/models/{MODEL}/infer"
         return server_cpu(key, lambda: run_wrk(wrk, url, script, connections, duration))
 
-    def rpc(key: str, threads: int, duration: int) -> dict:
-        def run() -> dict:
-            found = drive("grpc", grpc[key], [MODEL], threads, duration)
-            return {
-                "rps": found["requests_per_s"],
-                "p50_ms": found["p50_ms"],
-                "p99_ms": found["p99_ms"],
-                "non_2xx": found["errors"],
-            }
-
-        return server_cpu(key, run)
+    def rpc(key: str, connections: int, duration: int) -> dict:
+        found = server_cpu(
+            key, lambda: run_h2load_grpc(h2load, grpc[key], message, connections, duration)
+        )
+        # answered with a gRPC error: HTTP 200 to h2load, not counted as answered
+        found["non_2xx"] += max(0, found["requests"] - found["answered"])
+        return found
 
     try:
         for key in infos:  # warm-up
@@ -175,15 +229,18 @@ def main() -> None:
     for front in ("rest", "grpc"):  # the median of each pair's ratio: both saw one load
         pairs = list(zip(runs[f"{front}-off"], runs[f"{front}-on"]))
         for figure, name, sign in (("rps", "rps", -1), ("p99_ms", "p99", 1), ("cpu_us", "cpu", 1)):
-            ratios = [on[figure] / off[figure] for off, on in pairs]
-            result[f"{front}_cost_{name}_pct"] = 100 * sign * (statistics.median(ratios) - 1)
+            costs = sorted(100 * sign * (on[figure] / off[figure] - 1) for off, on in pairs)
+            result[f"{front}_cost_{name}_pct"] = statistics.median(costs)
+            # the middle half of the pairs: how far one pair's figure is from the next
+            low, _, high = statistics.quantiles(costs, n=4) if len(costs) > 1 else costs * 3
+            result[f"{front}_cost_{name}_quartiles"] = [low, high]
     result["captured"] = seen
     result["connections"] = args.connections
     result["many_connections"] = args.many
     result["setup"] = (
         f"{args.rounds} pairs of {args.duration} s rounds (off and on, alternating which "
         "first) per front, wrk -t1 "
-        f"-c{args.connections} (REST) and {args.connections} tritonclient.grpc threads (gRPC), "
+        f"-c{args.connections} (REST) and h2load -c{args.connections} -m1 (gRPC), "
         f"then {args.many} connections for {short} s on each; {os.cpu_count()} CPUs shared "
         f"with the clients and with other work: load average {load_before:.1f} before, "
         f"{statistics.median(loads):.1f} (median) during the REST rounds, "
@@ -195,19 +252,24 @@ def main() -> None:
     write_report(result)
 
 
+def cost(result: dict, front: str, figure: str, sign: str = "") -> str:
+    low, high = result[f"{front}_cost_{figure}_quartiles"]
+    return f"{result[f'{front}_cost_{figure}_pct']:{sign}.1f}% [{low:{sign}.1f}..{high:{sign}.1f}]"
+
+
 def write_report(result: dict) -> None:
     seen, c, m = result["captured"], result["connections"], result["many_connections"]
     costs = [result[f"{f}_cost_{n}_pct"] for f in ("rest", "grpc") for n in ("rps", "p99", "cpu")]
     negative = " (a negative cost: capture on was faster in that run)" if min(costs) < 0 else ""
     rows = []
-    for front, name in (("rest", "REST (wrk, V2 JSON)"), ("grpc", "gRPC (tritonclient)")):
+    for front, name in (("rest", "REST (wrk, V2 JSON)"), ("grpc", "gRPC (h2load)")):
         for key, label in (("off", "off"), ("on", "on (every request)")):
             r = result[f"{front}-{key}"]
             rows.append(
                 f"| {name} | {c} | {label} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
                 f"{r['p99_ms']:.2f} | {r['cpu_us']:.0f} |"
             )
-    for front, name in (("rest", "REST (wrk, V2 JSON)"), ("grpc", "gRPC (tritonclient)")):
+    for front, name in (("rest", "REST (wrk, V2 JSON)"), ("grpc", "gRPC (h2load)")):
         for key, label in (("off", "off"), ("on", "on (every request)")):
             r = result["many"][f"{front}-{key}"]
             rows.append(
@@ -226,11 +288,11 @@ def write_report(result: dict) -> None:
         "|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Cost at {c} connections: REST {result['rest_cost_rps_pct']:.1f}% of requests/s, "
-        f"{result['rest_cost_p99_pct']:+.1f}% on p99, {result['rest_cost_cpu_pct']:+.1f}% of "
-        f"the endpoint's CPU per request; gRPC {result['grpc_cost_rps_pct']:.1f}% of "
-        f"requests/s, {result['grpc_cost_p99_pct']:+.1f}% on p99, "
-        f"{result['grpc_cost_cpu_pct']:+.1f}% CPU per request{negative}. Building and "
+        f"Cost at {c} connections (the median of the pairs, [their quartiles]): REST "
+        f"{cost(result, 'rest', 'rps')} of requests/s, {cost(result, 'rest', 'p99', '+')} on "
+        f"p99, {cost(result, 'rest', 'cpu', '+')} of the endpoint's CPU per request; gRPC "
+        f"{cost(result, 'grpc', 'rps')} of requests/s, {cost(result, 'grpc', 'p99', '+')} on "
+        f"p99, {cost(result, 'grpc', 'cpu', '+')} CPU per request{negative}. Building and "
         f"writing the tables took {result['rest-on']['capture_cpu_us']:.1f} us of CPU per "
         f"request over REST "
         f"({100 * result['rest-on']['capture_cpu_us'] / result['rest-off']['cpu_us']:.1f}% of "

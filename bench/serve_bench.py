@@ -10,7 +10,7 @@
 
 Results go to ``docs/benchmarks.md`` (and JSON under ``bench-results/``).
 
-    python bench/serve_bench.py [--duration 15] [--install-wrk] [--skip-mlflow]
+    python bench/serve_bench.py [--duration 15] [--install-tools] [--skip-mlflow]
 """
 
 from __future__ import annotations
@@ -43,21 +43,27 @@ from onnxflow.serving.settings import ServingSettings
 
 
 def ensure_wrk(install: bool) -> str:
-    found = shutil.which("wrk")
+    return ensure_tool("wrk", "wrk", "HTTP load generator", install)
+
+
+def ensure_tool(command: str, package: str, what: str, install: bool) -> str:
+    """The path of ``command``; with ``install``, Debian's ``package`` is installed with
+    apt-get when it is missing (as root, else with sudo); else a message says how."""
+    found = shutil.which(command)
     if found:
         return found
     if install and shutil.which("apt-get"):
-        print("wrk is missing; installing it with apt-get (Debian package 'wrk') ...")
+        print(f"{command} is missing; installing it with apt-get (Debian package {package!r}) ...")
         sudo = [] if os.geteuid() == 0 else ["sudo"]
         subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True)
-        subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "wrk"], check=True)
-        found = shutil.which("wrk")
+        subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", package], check=True)
+        found = shutil.which(command)
         if found:
             return found
     sys.exit(
-        "wrk (HTTP load generator) is not installed.\n"
-        "  Debian/Ubuntu: sudo apt-get update && sudo apt-get install -y wrk\n"
-        "  or run: python bench/serve_bench.py --install-wrk"
+        f"{command} ({what}) is not installed.\n"
+        f"  Debian/Ubuntu: sudo apt-get update && sudo apt-get install -y {package}\n"
+        f"  or run this benchmark with --install-tools"
     )
 
 
@@ -425,7 +431,11 @@ def main() -> None:
     parser.add_argument("--skip-batching", action="store_true")
     parser.add_argument("--only-batching", action="store_true")
     parser.add_argument(
-        "--install-wrk", action="store_true", help="apt-get install wrk when it is missing"
+        "--install-tools",
+        "--install-wrk",
+        dest="install_wrk",
+        action="store_true",
+        help="apt-get install wrk when it is missing",
     )
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench-results")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")

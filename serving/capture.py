@@ -79,6 +79,10 @@ SHAPES_KEY = b"onnxflow.shapes"
 #: hidden Parquet file per write, deleted once the segment is closed: another replica's
 #: feedback route finds a request there before its segment is readable.
 IDS_PREFIX = ".ids-"
+#: The columns every captured row starts with (see :func:`request_columns`). Only these
+#: get Parquet statistics: a reader skips row groups by ``time``; a tensor's minimum and
+#: maximum help no reader and cost about 5% of the write (digits, zstd).
+REQUEST_COLUMNS = ("request_id", "row", "time", "latency_ms")
 
 
 #: Request ids made here: a random prefix per process (16 hex characters) and a counter of
@@ -441,7 +445,11 @@ class _Segment:
         # No dictionary encoding: tensors' values, ids and times hardly repeat, and trying it
         # was most of the write's cost (and made the file larger).
         self.writer = pq.ParquetWriter(
-            self.file or self.hidden, schema, compression="zstd", use_dictionary=False
+            self.file or self.hidden,
+            schema,
+            compression="zstd",
+            use_dictionary=False,
+            write_statistics=list(REQUEST_COLUMNS),
         )
         self.schema = schema
         self.opened = time.monotonic()

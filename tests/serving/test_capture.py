@@ -103,6 +103,44 @@ def test_inputs_named_in_another_order_land_in_their_own_columns():
         assert rows[f"r{i}"]["input.b"] == [2.0 * i] * 3
 
 
+def test_a_segment_keeps_statistics_for_the_request_columns_and_a_reader_prunes_by_time(
+    tmp_path,
+):
+    """Row groups carry min/max of ``time`` (and the other per-request columns), which a
+    reader's filter uses to skip them; the tensors' values carry none."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    capture = Capture(_settings(str(tmp_path)))
+    model = SimpleNamespace(name="m", version="1", output_names=["y"])
+    capture.start()
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    for i in range(3):
+        capture.offer(model, f"r{i}", {"x": x}, [x[:, :2]], 0.001)
+    capture.stopping()
+    capture.stop()
+    (path,) = tmp_path.rglob("part-*.parquet")
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    stats = {meta.column(i).path_in_schema: meta.column(i).is_stats_set for i in range(6)}
+    assert stats == {
+        "request_id": True,
+        "row": True,
+        "time": True,
+        "latency_ms": True,
+        "input.x.list.element": False,
+        "output.y.list.element": False,
+    }
+    fragment = next(ds.dataset(path, format="parquet").get_fragments())
+    assert fragment.subset(ds.field("time") < _timestamp(0)).num_row_groups == 0
+    assert fragment.subset(ds.field("time") > _timestamp(0)).num_row_groups == 1
+
+
+def _timestamp(seconds: float):
+    import pyarrow as pa
+
+    return pa.scalar(int(seconds * 1e6), pa.timestamp("us", tz="UTC"))
+
+
 @pytest.fixture(params=["C", "Python"])
 def request_path(request, monkeypatch):
     """The capture's request path: the C extension's ``append`` (counted, so a test can
