@@ -180,10 +180,23 @@ def test_trigger_names_a_missing_data_file_and_an_unreachable_stack(tmp_path, mo
     missing = runner.invoke(app, ["trigger", "--data", str(tmp_path / "nope.csv"), "--target", "y"])
     assert missing.exit_code == 2 and "data file not found" in missing.output
 
+    prefect_port, mlflow_port = free_ports(2)
     monkeypatch.setenv("ONNXFLOW_STACK_STATE_DIR", str(tmp_path))
-    monkeypatch.setenv("ONNXFLOW_STACK_PREFECT_PORT", str(free_ports(1)[0]))
+    monkeypatch.setenv("ONNXFLOW_STACK_PREFECT_PORT", str(prefect_port))
+    monkeypatch.setenv("ONNXFLOW_STACK_MLFLOW_PORT", str(mlflow_port))
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
     down = runner.invoke(app, ["trigger", "--framework", "torch"])
     assert down.exit_code == 1 and "is the stack up?" in down.output
+    assert f"127.0.0.1:{prefect_port}" in down.output
+
+    # as a person (a run ticket first, from the stack's MLflow server): the same answer at
+    # once, not after MLflow's client has retried the refused connection for minutes
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+    down = runner.invoke(app, ["trigger", "--framework", "torch"])
+    assert down.exit_code == 1 and "no run ticket" in down.output
+    assert f"127.0.0.1:{mlflow_port} (is the stack up?" in down.output
+    assert "ConnectError" in down.output
 
 
 def test_the_monitor_deployments_parameters_come_from_the_monitor_config(tmp_path):

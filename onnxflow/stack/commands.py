@@ -119,14 +119,20 @@ def _run_tickets(settings, config, count: int) -> list[str]:
             err=True,
         )
         return []
+    from onnxflow.explain import check_tracking_store
+
     name = config.register_.model_name
     try:
+        # at once: MLflow's client alone retries a refused connection for about 4 minutes
+        check_tracking_store(settings.mlflow_url)
         return [request_ticket(name, settings.mlflow_url) for _ in range(max(count, 1))]
     except Exception as exc:
+        reason = exc.__cause__ or exc  # the check's: the connection's own error
         _fail(
             RuntimeError(
                 f"no run ticket from the MLflow server at {settings.mlflow_url} (is the stack "
-                f"up? are MLFLOW_TRACKING_USERNAME/PASSWORD your account?): {exc}"
+                f"up? are MLFLOW_TRACKING_USERNAME/PASSWORD your account?): "
+                f"{type(reason).__name__}: {reason}"
             )
         )
 
