@@ -167,14 +167,12 @@ def main() -> None:
         cpu, before = cpu_s(infos[key].pid), counters(infos[key].url)
         found = run()
         after = counters(infos[key].url)
-        answered = max(after["answered"] - before["answered"], 1)
         found["answered"] = after["answered"] - before["answered"]
-        found["cpu_us"] = 1e6 * (cpu_s(infos[key].pid) - cpu) / answered
+        per_request = 1e6 / max(found["answered"], 1)
+        found["cpu_us"] = (cpu_s(infos[key].pid) - cpu) * per_request
         # the writer thread's building and writing (what capture adds besides the request
         # path's offer)
-        found["capture_cpu_us"] = (
-            1e6 * (after["capture_cpu_s"] - before["capture_cpu_s"]) / answered
-        )
+        found["capture_cpu_us"] = (after["capture_cpu_s"] - before["capture_cpu_s"]) * per_request
         return found
 
     def rest(key: str, connections: int, duration: int) -> dict:

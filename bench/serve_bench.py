@@ -42,10 +42,6 @@ from onnxflow.serving.settings import ServingSettings
 # --- load generator ----------------------------------------------------------------------
 
 
-def ensure_wrk(install: bool) -> str:
-    return ensure_tool("wrk", "wrk", "HTTP load generator", install)
-
-
 def ensure_tool(command: str, package: str, what: str, install: bool) -> str:
     """The path of ``command``; with ``install``, Debian's ``package`` is installed with
     apt-get when it is missing (as root, else with sudo); else a message says how."""
@@ -451,7 +447,7 @@ def main() -> None:
         args.output.write_text(report(results))
         print(report(results))
         return
-    wrk = ensure_wrk(args.install_wrk)
+    wrk = ensure_tool("wrk", "wrk", "HTTP load generator", args.install_wrk)
     work = args.workdir.resolve()
     if work.exists():
         shutil.rmtree(work)
