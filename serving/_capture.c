@@ -18,33 +18,51 @@
  *
  *     offer(state, model, request_id, feeds, results, latency) -> None
  *
- * The whole request path for a request like its batch's first: ``state`` is ``(capture,
- * batches, fallback, queue_bytes)``; the batch is ``batches[id(model)]``, whose
- * ``columns`` go on with ``(inputs, request_bytes, limit)``. The request is appended when
- * the batch takes requests from C (``columns`` not None), stays below ``limit`` requests
- * with it, the capture's queue has room (``capture._offered_bytes - capture._taken_bytes``)
- * and ``append`` takes it; then ``batch.nbytes`` and ``capture._offered_bytes`` grow by
- * ``request_bytes``. Anything else (a new batch, the request that fills one, a full queue,
- * another shape) is ``fallback(model, request_id, feeds, results, latency)``: the Python
- * path, which knows every case.
+ * The whole request path for a request like its batch's first: ``state`` is ``(tally,
+ * batches, fallback, queue_bytes)``; ``tally`` is the capture's bytes offered and taken by
+ * the writer (a bytearray of two C int64s); the batch is ``batches[id(model)]``, whose
+ * ``columns`` go on with ``(inputs, request_bytes, limit, batch_tally)`` (the batch's
+ * bytes, one C int64). The request is appended when the batch takes requests from C
+ * (``columns`` not None), stays below ``limit`` requests with it, the capture's queue has
+ * room (offered - taken) and ``append`` takes it; then the batch's bytes and the offered
+ * bytes grow by ``request_bytes``, in place (setting Python attributes cost more than the
+ * copy). Anything else (a new batch, the request that fills one, a full queue, another
+ * shape) is ``fallback(model, request_id, feeds, results, latency)``: the Python path,
+ * which knows every case.
  *
  * Both hold the GIL throughout and call no Python code but ``fallback``: only the
  * endpoint's event loop offers (without a loop the capture's lock is held around it).
+ *
+ *     start_ids(prefix, first) -> None;  new_id() -> str
+ *
+ * Request ids: ``prefix`` (16 ASCII characters, random per process) then a counter from
+ * ``first`` in 16 decimal digits (Python's f-string of the two cost four times as much,
+ * on every request of an endpoint that captures).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 #include <time.h>
 
 #define MAX_TENSORS 64
 
-static PyObject *str_columns, *str_nbytes, *str_offered, *str_taken;
+static PyObject *str_columns;
 
+/* Append ``len`` bytes to a bytearray. Past its allocation it is first grown to twice what
+ * it needs, then resized down to that (which keeps the allocation): a batch's buffers are
+ * copied a few times as they grow, not the dozens of times that bytearray's own growth by
+ * an eighth copies them (most of this call's cost, measured with callgrind). */
 static int
 grow(PyObject *sink, Py_ssize_t *old, const void *data, Py_ssize_t len)
 {
     *old = PyByteArray_GET_SIZE(sink);
-    if (PyByteArray_Resize(sink, *old + len) < 0) {
+    Py_ssize_t size = *old + len;
+    if (size >= ((PyByteArrayObject *)sink)->ob_alloc &&
+        PyByteArray_Resize(sink, 2 * size) < 0) { /* then size >= alloc / 2: kept */
+        return -1;
+    }
+    if (PyByteArray_Resize(sink, size) < 0) {
         return -1;
     }
     memcpy(PyByteArray_AS_STRING(sink) + *old, data, (size_t)len);
@@ -170,43 +188,30 @@ append(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(taken);
 }
 
-static Py_ssize_t
-size_attribute(PyObject *owner, PyObject *name)
+/* The C int64s of a tally (a bytearray, see the module's docstring), or NULL. A bytearray's
+ * buffer is malloc'd (aligned for int64) and these are never resized. */
+static int64_t *
+tally_of(PyObject *tally, Py_ssize_t count)
 {
-    PyObject *value = PyObject_GetAttr(owner, name);
-    if (value == NULL) {
-        return -1;
+    if (!PyByteArray_CheckExact(tally) ||
+        PyByteArray_GET_SIZE(tally) != count * (Py_ssize_t)sizeof(int64_t)) {
+        return NULL;
     }
-    Py_ssize_t size = PyLong_AsSsize_t(value);
-    Py_DECREF(value);
-    return size;
-}
-
-/* ``owner.name += by``; 0, or -1 with an error set */
-static int
-add_to_attribute(PyObject *owner, PyObject *name, Py_ssize_t by)
-{
-    Py_ssize_t value = size_attribute(owner, name);
-    if (value == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    PyObject *sum = PyLong_FromSsize_t(value + by);
-    if (sum == NULL) {
-        return -1;
-    }
-    int status = PyObject_SetAttr(owner, name, sum);
-    Py_DECREF(sum);
-    return status;
+    return (int64_t *)PyByteArray_AS_STRING(tally);
 }
 
 /* 1: taken; 0: the fallback's to take (nothing changed); -1: an error (nothing changed) */
 static int
-offer_here(PyObject *capture, PyObject *batches, Py_ssize_t queue_bytes, PyObject *model,
+offer_here(PyObject *capture_tally, PyObject *batches, Py_ssize_t queue_bytes, PyObject *model,
            PyObject *request_id, PyObject *feeds, PyObject *results, PyObject *latency_s)
 {
     if (!PyUnicode_Check(request_id) || !PyDict_CheckExact(feeds) ||
         !(PyList_CheckExact(results) || PyTuple_CheckExact(results)) ||
         !PyDict_CheckExact(batches)) {
+        return 0;
+    }
+    int64_t *counts = tally_of(capture_tally, 2); /* offered, taken */
+    if (counts == NULL) {
         return 0;
     }
     double latency = PyFloat_AsDouble(latency_s);
@@ -229,14 +234,15 @@ offer_here(PyObject *capture, PyObject *batches, Py_ssize_t queue_bytes, PyObjec
         taken = -1;
         goto done;
     }
-    if (!PyTuple_CheckExact(columns) || PyTuple_GET_SIZE(columns) != 10) {
+    if (!PyTuple_CheckExact(columns) || PyTuple_GET_SIZE(columns) != 11) {
         goto done; /* None: the batch keeps every request's shapes, Python's */
     }
     PyObject *inputs = PyTuple_GET_ITEM(columns, 7);
     Py_ssize_t request_bytes = PyLong_AsSsize_t(PyTuple_GET_ITEM(columns, 8));
     Py_ssize_t limit = PyLong_AsSsize_t(PyTuple_GET_ITEM(columns, 9));
     PyObject *times = PyTuple_GET_ITEM(columns, 5);
-    if (!PyTuple_CheckExact(inputs) || !PyByteArray_CheckExact(times) ||
+    int64_t *batch_bytes = tally_of(PyTuple_GET_ITEM(columns, 10), 1);
+    if (!PyTuple_CheckExact(inputs) || !PyByteArray_CheckExact(times) || batch_bytes == NULL ||
         ((request_bytes == -1 || limit == -1) && PyErr_Occurred())) {
         PyErr_Clear();
         goto done;
@@ -245,13 +251,7 @@ offer_here(PyObject *capture, PyObject *batches, Py_ssize_t queue_bytes, PyObjec
     if ((Py_ssize_t)(PyByteArray_GET_SIZE(times) / sizeof(double)) + 1 >= limit) {
         goto done;
     }
-    Py_ssize_t offered = size_attribute(capture, str_offered);
-    Py_ssize_t done_bytes = offered == -1 ? -1 : size_attribute(capture, str_taken);
-    if (done_bytes == -1 && PyErr_Occurred()) {
-        taken = -1;
-        goto done;
-    }
-    if (offered - done_bytes + request_bytes > queue_bytes) {
+    if (counts[0] - counts[1] + request_bytes > queue_bytes) {
         goto done; /* the fallback counts the drop */
     }
     Py_ssize_t n_in = PyTuple_GET_SIZE(inputs), n = n_in + PySequence_Fast_GET_SIZE(results);
@@ -274,12 +274,8 @@ offer_here(PyObject *capture, PyObject *batches, Py_ssize_t queue_bytes, PyObjec
     double at = (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
     taken = append_arrays(columns, arrays, n, request_id, at, latency);
     if (taken == 1) {
-        /* in the batch now, whatever follows: a failure here leaves the counts short
-         * (memory for an int), never the request taken twice */
-        if (add_to_attribute(batch, str_nbytes, request_bytes) < 0 ||
-            add_to_attribute(capture, str_offered, request_bytes) < 0) {
-            PyErr_Clear();
-        }
+        *batch_bytes += request_bytes;
+        counts[0] += request_bytes;
     }
 done:
     Py_XDECREF(columns);
@@ -293,7 +289,7 @@ offer(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     (void)module;
     if (nargs != 6 || !PyTuple_CheckExact(args[0]) || PyTuple_GET_SIZE(args[0]) != 4) {
         PyErr_SetString(PyExc_TypeError,
-                        "offer((capture, batches, fallback, queue_bytes), model, request_id, "
+                        "offer((tally, batches, fallback, queue_bytes), model, request_id, "
                         "feeds, results, latency)");
         return NULL;
     }
@@ -311,7 +307,60 @@ offer(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyObject_Vectorcall(PyTuple_GET_ITEM(state, 2), args + 1, 5, NULL);
 }
 
+#define ID_PREFIX 16
+#define ID_DIGITS 16
+
+static char id_prefix[ID_PREFIX];
+static unsigned long long id_next = 0; /* 0: start_ids() was not called */
+
+static PyObject *
+start_ids(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    Py_ssize_t len = 0;
+    const char *prefix = nargs == 2 && PyUnicode_Check(args[0])
+                             ? PyUnicode_AsUTF8AndSize(args[0], &len)
+                             : NULL;
+    unsigned long long first = prefix ? PyLong_AsUnsignedLongLong(args[1]) : 0;
+    if (prefix == NULL || len != ID_PREFIX || first < 1000000000000000ULL ||
+        first > 8999999999999999ULL) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "start_ids(prefix: 16 ASCII characters, first: "
+                                          "a number of 16 digits, below 9e15)");
+        return NULL;
+    }
+    memcpy(id_prefix, prefix, ID_PREFIX);
+    id_next = first;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+new_id(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    if (id_next == 0 || id_next > 9999999999999999ULL) {
+        PyErr_SetString(PyExc_RuntimeError, "new_id(): start_ids() first");
+        return NULL;
+    }
+    PyObject *id = PyUnicode_New(ID_PREFIX + ID_DIGITS, 127);
+    if (id == NULL) {
+        return NULL;
+    }
+    char *out = (char *)PyUnicode_DATA(id);
+    memcpy(out, id_prefix, ID_PREFIX);
+    unsigned long long n = id_next++;
+    for (int i = ID_PREFIX + ID_DIGITS - 1; i >= ID_PREFIX; i--, n /= 10) {
+        out[i] = (char)('0' + n % 10);
+    }
+    return id;
+}
+
 static PyMethodDef methods[] = {
+    {"start_ids", (PyCFunction)(void (*)(void))start_ids, METH_FASTCALL,
+     "start_ids(prefix, first) -> None\n\nRequest ids from now on: prefix (16 ASCII\n"
+     "characters), then a counter from first in 16 digits."},
+    {"new_id", new_id, METH_NOARGS, "new_id() -> str\n\nThe next request id."},
     {"append", (PyCFunction)(void (*)(void))append, METH_FASTCALL,
      "append(columns, arrays, request_id, at, latency) -> bool\n\n"
      "Copy one request into a batch's columns; False (nothing changed) when a tensor is\n"
@@ -333,10 +382,7 @@ PyMODINIT_FUNC
 PyInit__capture(void)
 {
     str_columns = PyUnicode_InternFromString("columns");
-    str_nbytes = PyUnicode_InternFromString("nbytes");
-    str_offered = PyUnicode_InternFromString("_offered_bytes");
-    str_taken = PyUnicode_InternFromString("_taken_bytes");
-    if (!str_columns || !str_nbytes || !str_offered || !str_taken) {
+    if (!str_columns) {
         return NULL;
     }
     return PyModule_Create(&module);

@@ -87,13 +87,19 @@ REQUEST_COLUMNS = ("request_id", "row", "time", "latency_ms")
 
 #: Request ids made here: a random prefix per process (16 hex characters) and a counter of
 #: 16 decimal digits (32 characters, like a UUID's hex; a twentieth of uuid4's cost and a
-#: quarter of formatting the counter in hex, on the request path).
+#: quarter of formatting the counter in hex, on the request path), made by the C extension
+#: where it was built (a quarter of this f-string's cost).
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ID_COUNTER = itertools.count(10**15)
 
 
 def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER)}"
+
+
+if native is not None:
+    native.start_ids(_ID_PREFIX, 10**15)
+    new_request_id = native.new_id  # noqa: F811  (the same ids, in C)
 
 
 #: A batch is handed to the writer, which turns it into an Arrow table, once it holds this
@@ -162,8 +168,8 @@ class _Batch:
 
     __slots__ = (
         "key", "inputs", "outputs", "sinks", "adders", "sizes", "dtypes", "first", "shapes",
-        "simple", "request_bytes", "id_sink", "id_lengths", "times", "latency", "nbytes",
-        "columns",
+        "simple", "request_bytes", "id_sink", "id_lengths", "times", "latency", "tally",
+        "_bytes", "columns",
     )  # fmt: skip
 
     def __init__(self, key, inputs, outputs, arrays: list[np.ndarray], exact: bool) -> None:
@@ -185,7 +191,9 @@ class _Batch:
         self.id_lengths = bytearray()
         self.times = bytearray()
         self.latency = bytearray()
-        self.nbytes = 0
+        # the batch's bytes, a C int64 the C extension adds to in place (see nbytes)
+        self.tally = bytearray(8)
+        self._bytes = memoryview(self.tally).cast("q")
         # what the C extension appends to while every request is like the first (see
         # serving/_capture.c), up to the request that fills the batch (Python's: it hands
         # the batch over)
@@ -196,8 +204,17 @@ class _Batch:
             self.columns = (
                 tuple(self.sinks), tuple(self.sizes), formats,
                 self.id_sink, self.id_lengths, self.times, self.latency,
-                tuple(inputs), self.request_bytes, limit,
+                tuple(inputs), self.request_bytes, limit, self.tally,
             )  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the requests' tensors (what the capture's queue budget counts)."""
+        return self._bytes[0]
+
+    @nbytes.setter
+    def nbytes(self, value: int) -> None:
+        self._bytes[0] = value
 
     def add(self, request_id: str, at: float, latency_s: float) -> None:
         """The request's id, time and latency, after :meth:`take` took its tensors."""
@@ -526,9 +543,11 @@ class Capture:
         # and the request path takes no lock (None).
         self._lock: threading.Lock | None = threading.Lock()
         self._hand_lock = threading.Lock()  # the loop's hand-over against the writer's last
-        # one writer each: the request path adds to offered, the writer thread to taken
-        self._offered_bytes = 0
-        self._taken_bytes = 0
+        # Bytes offered (added to by the request path) and taken (by the writer thread) as
+        # C int64s, which the C extension adds to in place: setting attributes from C cost
+        # it more than copying the request.
+        self._tally = bytearray(16)
+        self._counts = memoryview(self._tally).cast("q")
         self._random = random.Random()
         # the C extension's append, where it was built (None: the Python path alone)
         self.native = native
@@ -568,7 +587,7 @@ class Capture:
             # taken in one C call, anything else by _offer (which samples, when sampling)
             self.offer = self._offer
             if self.native is not None and self.fraction >= 1.0:
-                state = (self, self._batches, self._offer, self.queue_bytes)
+                state = (self._tally, self._batches, self._offer, self.queue_bytes)
                 self.offer = functools.partial(self.native.offer, state)
             loop.call_soon_threadsafe(self._schedule)
         self._thread.start()
@@ -593,6 +612,22 @@ class Capture:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.error("the capture writer did not finish in %.0f s", timeout_s)
+
+    @property
+    def _offered_bytes(self) -> int:
+        return self._counts[0]
+
+    @_offered_bytes.setter
+    def _offered_bytes(self, value: int) -> None:
+        self._counts[0] = value
+
+    @property
+    def _taken_bytes(self) -> int:
+        return self._counts[1]
+
+    @_taken_bytes.setter
+    def _taken_bytes(self, value: int) -> None:
+        self._counts[1] = value
 
     # --- the request path: never waits, never raises ------------------------------------
 

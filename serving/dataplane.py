@@ -196,13 +196,6 @@ class DataPlane:
                 "(the config it was loaded with)"
             )
 
-    def request_id(self, given: str | None) -> str | None:
-        """The id a request is known by: the client's, else (when capturing) a new one that
-        the response carries back, for feedback to refer to."""
-        if given or self.capture is None:
-            return given or None
-        return new_request_id()
-
     async def run_request(self, model: LoadedModel, read, encode, request_id=None):
         """One inference request, the one path every front takes (timed for the
         statistics, offered to the shadow, the canary and the capture): ``read()`` gives
@@ -278,8 +271,8 @@ class DataPlane:
             bound = request
         else:
             bound = bind(request, model, self.settings.max_body_bytes, self.shared_memory)
-        if self.capture is not None:
-            bound.request_id = self.request_id(request_id or bound.id)
+        if self.capture is not None:  # the client's id, else a new one the answer carries
+            bound.request_id = request_id or bound.id or new_request_id()
         else:
             bound.request_id = request_id
         self.check_batch(model.name, bound.feeds)

@@ -266,6 +266,24 @@ def test_the_c_append_adds_a_request_whole_like_the_python_path_or_not_at_all():
     ]
 
 
+def test_request_ids_are_the_process_prefix_and_a_counter_made_in_c():
+    """A new request id is the process's random prefix (16 hex characters) and a counter
+    of 16 digits, as the Python f-string made them; ``start_ids`` refuses a prefix or a
+    first number of another length, and keeps the ids it makes."""
+    from onnxflow.serving import capture as module
+
+    if module.native is None:
+        pytest.fail("the capture's C extension (serving/_capture.c) was not built: see README")
+    assert module.new_request_id is module.native.new_id
+    ids = [module.new_request_id() for _ in range(1000)]
+    assert all(len(i) == 32 and i[:16] == module._ID_PREFIX and i[16:].isdigit() for i in ids)
+    assert [int(i[16:]) for i in ids] == list(range(int(ids[0][16:]), int(ids[0][16:]) + 1000))
+    for prefix, first in (("short", 10**15), ("x" * 16, 5), ("x" * 16, 10**16), (None, 10**15)):
+        with pytest.raises(ValueError):
+            module.native.start_ids(prefix, first)
+    assert module.new_request_id() == f"{module._ID_PREFIX}{int(ids[-1][16:]) + 1}"
+
+
 def test_on_a_loop_varied_requests_are_kept_and_every_id_is_known_until_written():
     """As in the endpoint: offers on an event loop, batches built there. Requests of 1 to 3
     rows whose second axis varies (a dynamic dimension) share batches; more than a batch's
