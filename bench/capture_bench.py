@@ -10,9 +10,12 @@ client's own CPU takes little from the 2 cores it shares with the endpoint), the
 rounds), the cost in percent (the median of the pairs' ratios, and their quartiles), and
 whether every answered request was captured (``onnxflow_capture_rows_written_total``
 against the answers of both fronts, drops from ``onnxflow_capture_dropped_total``).
+Then each endpoint again under valgrind's callgrind: the instructions of its serving
+thread per REST request (see ``bench/capture_instructions.py``), a figure the machine's
+other load does not move.
 
     python bench/capture_bench.py [--duration 4] [--rounds 10] [--connections 8] [--many 64]
-                                  [--install-tools]
+                                  [--instructions 2000] [--install-tools]
 
 Results are printed and written into ``docs/benchmarks.md`` ("Capture") and
 ``bench-results/capture.json``.
@@ -35,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.capture_instructions import compare  # noqa: E402
 from bench.serve_bench import ensure_tool, register, run_wrk, wrk_script  # noqa: E402
 from bench.team_bench import cpu_s  # noqa: E402
 from onnxflow.processes import free_port  # noqa: E402
@@ -123,11 +127,19 @@ def main() -> None:
     parser.add_argument(
         "--install-tools",
         action="store_true",
-        help="apt-get install wrk and nghttp2-client (h2load) when they are missing",
+        help="apt-get install wrk, nghttp2-client (h2load) and valgrind when they are missing",
+    )
+    parser.add_argument(
+        "--instructions",
+        type=int,
+        default=2000,
+        help="REST requests counted under callgrind on each endpoint (0: no count)",
     )
     args = parser.parse_args()
     wrk = ensure_tool("wrk", "wrk", "HTTP load generator", args.install_tools)
     h2load = ensure_tool("h2load", "nghttp2-client", "HTTP/2 load generator", args.install_tools)
+    if args.instructions:
+        ensure_tool("valgrind", "valgrind", "callgrind, to count instructions", args.install_tools)
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="capture-bench-"))
 
@@ -143,9 +155,9 @@ def main() -> None:
     )
     script = wrk_script(work / "post.lua", body)
     message = grpc_body(work / "infer.grpc", x)
-    infos, grpc = {}, {}
+    infos, grpc, endpoints = {}, {}, {}
     for key, options in (("off", {}), ("on", {"capture": str(work / "captured")})):
-        settings = ServingSettings(
+        endpoints[key] = settings = ServingSettings(
             model=f"{MODEL}@champion",
             port=free_port(),
             grpc_port=free_port(),
@@ -211,6 +223,16 @@ def main() -> None:
     finally:
         for key in infos:
             stop_background(work / key)
+    counted = None
+    if args.instructions:  # the same endpoints again, each under callgrind
+        print(f"counting instructions over {args.instructions} REST requests (callgrind) ...")
+        body_file = work / "body.json"
+        body_file.write_text(body)
+        again = {
+            key: options.model_copy(update={"port": free_port(), "grpc_port": free_port()})
+            for key, options in endpoints.items()
+        }
+        counted = compare(again, MODEL, body_file, args.instructions)
     result = {
         key: {
             "rps": statistics.median(r["rps"] for r in parts),
@@ -233,6 +255,7 @@ def main() -> None:
             low, _, high = statistics.quantiles(costs, n=4) if len(costs) > 1 else costs * 3
             result[f"{front}_cost_{name}_quartiles"] = [low, high]
     result["captured"] = seen
+    result["instructions"] = counted
     result["connections"] = args.connections
     result["many_connections"] = args.many
     result["setup"] = (
@@ -253,6 +276,20 @@ def main() -> None:
 def cost(result: dict, front: str, figure: str, sign: str = "") -> str:
     low, high = result[f"{front}_cost_{figure}_quartiles"]
     return f"{result[f'{front}_cost_{figure}_pct']:{sign}.1f}% [{low:{sign}.1f}..{high:{sign}.1f}]"
+
+
+def instruction_lines(counted: dict | None) -> list[str]:
+    if not counted:
+        return []
+    off, on = (counted[k]["instructions_per_request"] for k in ("off", "on"))
+    return [
+        f"Instructions of the serving thread per request, counted by callgrind over "
+        f"{counted['requests']:,} REST requests at 8 connections after a warm-up (the same "
+        f"requests count the same on a busy machine; `bench/capture_instructions.py`): off "
+        f"{off:,.0f}, on {on:,.0f}: capture costs **{counted['cost_pct']:.1f}%** of them "
+        f"({on - off:,.0f} instructions per request).",
+        "",
+    ]
 
 
 def write_report(result: dict) -> None:
@@ -300,9 +337,11 @@ def write_report(result: dict) -> None:
         f"answered requests (both fronts, every round and the warm-up), "
         f"{seen['dropped']:.0f} dropped.",
         "",
+        *instruction_lines(result.get("instructions")),
         "On a machine whose other load varies (other processes on the same cores), the "
         "figures of one run vary more than the cost they measure: run it on a quiet "
-        "machine before reading the percentage. What capture cost before its request path "
+        "machine before reading the percentage, or read the instructions above, which do "
+        "not vary with the load. What capture cost before its request path "
         "and writer were reworked, and why, is in the "
         "[production loop guide](guide/production-loop.md#what-it-costs).",
         "",
