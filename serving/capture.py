@@ -13,24 +13,19 @@ by :meth:`Capture._offer`. When ``capture_queue_bytes`` are waiting, the request
 dropped and counted in ``onnxflow_capture_dropped_total`` (never silently lost, never a
 failed or slower answer).
 
-A batch is handed to the writer thread once it holds ``BATCH_REQUESTS`` requests or
-``BATCH_BYTES`` (and every ``capture_flush_interval_s``, by the loop). There a batch whose
-requests all had the first one's shapes is an Arrow table in a few calls per tensor
-(the buffer viewed as rows; nothing per request), so the writer holds the GIL for
-microseconds, not milliseconds; a batch whose shapes varied keeps every request's shapes
-and is cut by them. The writer appends the tables, every ``capture_flush_interval_s``, as
-one row group per (model, version) to its open segment: Arrow compresses and writes
-without the GIL, and Parquet's dictionary encoding is off (tensor values hardly repeat:
-trying it was most of the write's cost, and made the files larger). Segments are rolled
-(closed and renamed to their final name) past ``capture_segment_bytes`` or
-``capture_segment_s``, and on stop, which writes every accepted request first (SIGTERM: the
-endpoint stops, nothing accepted is lost). Until rolled a segment's name starts with a dot,
-which pyarrow, pandas, DuckDB and Spark skip. A capture used without a loop (``start()``
-without one) takes a lock around each offer, and its writer takes the open batches under
-it.
+A batch is handed over once it holds ``BATCH_REQUESTS`` requests or ``BATCH_BYTES`` (and
+every ``capture_flush_interval_s``, by the loop). Every flush interval the capture's
+sender thread gives the handed batches to the writer (:mod:`.capture_writer`: by default
+a process of its own, fed over a pipe; a thread for ``memory://`` or with
+``capture_writer="thread"``), which turns them into Arrow tables and appends them to its
+segments (see there), and takes them out of the queue's budget once written. On stop it
+writes every accepted request first (SIGTERM: the endpoint stops, nothing accepted is
+lost) and has every segment rolled. A capture used without a loop (``start()`` without
+one) takes a lock around each offer, and its sender takes the open batches under it.
 
-Feedback looks a request id up in the batches, then in the ``request_id`` columns of the
-open segments (kept as Arrow arrays until the segment closes), then in the files.
+Feedback looks a request id up in the batches not yet written, then (a writer thread) in
+the ``request_id`` columns of its open segments; everything else is in the id files beside
+the open segments and in the closed ones, which the feedback route reads.
 
 Layout (Hive partitions)::
 
@@ -51,13 +46,11 @@ import contextlib
 import datetime as dt
 import functools
 import itertools
-import json
 import logging
 import math
 import operator
-import os
+import pickle
 import random
-import secrets
 import struct
 import threading
 import time
@@ -206,6 +199,36 @@ class _Batch:
                 self.id_sink, self.id_lengths, self.times, self.latency,
                 tuple(inputs), self.request_bytes, limit, self.tally,
             )  # fmt: skip
+
+    def parts(self) -> tuple[bytes, list]:
+        """The batch for a writer in another process: a pickled header (what it is, and
+        the columns of references) and the buffers of its other columns, to send as
+        they are. The batch is closed."""
+        header = (
+            self.key, self.inputs, self.outputs, self.dtypes, self.first, self.shapes,
+            [s if isinstance(s, list) else None for s in self.sinks],
+        )  # fmt: skip
+        buffers = [s for s in self.sinks if not isinstance(s, list)]
+        return pickle.dumps(header, protocol=5), [
+            *buffers, self.id_sink, self.id_lengths, self.times, self.latency,
+        ]  # fmt: skip
+
+    @classmethod
+    def from_parts(cls, header: bytes, buffers: list) -> _Batch:
+        """A closed batch from :meth:`parts` (in the writer's process): it builds tables."""
+        key, inputs, outputs, dtypes, first, shapes, sinks = pickle.loads(header)
+        batch = cls.__new__(cls)
+        batch.key, batch.inputs, batch.outputs = key, inputs, outputs
+        batch.dtypes, batch.first, batch.shapes = dtypes, first, shapes
+        received = iter(buffers)
+        batch.sinks = [s if s is not None else next(received) for s in sinks]
+        batch.id_sink, batch.id_lengths, batch.times, batch.latency = received
+        batch.adders, batch.columns, batch.simple = [], None, False
+        batch.sizes = [None] * len(sinks)
+        batch.request_bytes = 0
+        batch.tally = bytearray(8)
+        batch._bytes = memoryview(batch.tally).cast("q")
+        return batch
 
     @property
     def nbytes(self) -> int:
@@ -434,95 +457,13 @@ def _day(days_since_epoch) -> str:
     return (dt.date(1970, 1, 1) + dt.timedelta(days=int(days_since_epoch))).isoformat()
 
 
-def _is_local(fs) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
-
-
-class _Segment:
-    """One open Parquet file of a (model, version, date): hidden until rolled."""
-
-    def __init__(self, fs, folder: str, schema, shapes: dict, writer: str, number: int) -> None:
-        import pyarrow.parquet as pq
-
-        self.fs = fs
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        # ``writer`` is random per CaptureWriter: replicas sharing a folder or a bucket (the
-        # same pid in every container) never pick the same name in the same second.
-        name = f"part-{stamp}-{writer}-{number:05d}.parquet"
-        self.folder, self.name = folder, name
-        self.final = f"{folder}/{name}"
-        self.hidden = f"{folder}/.{name}.inprogress"
-        fs.makedirs(folder, exist_ok=True)
-        # A local folder is written by Arrow's own file (no GIL while it writes); other
-        # filesystems through fsspec's Python file object.
-        self.file = None if _is_local(fs) else fs.open(self.hidden, "wb")
-        schema = schema.with_metadata({SHAPES_KEY: json.dumps(shapes).encode()})
-        # No dictionary encoding: tensors' values, ids and times hardly repeat, and trying it
-        # was most of the write's cost (and made the file larger).
-        self.writer = pq.ParquetWriter(
-            self.file or self.hidden,
-            schema,
-            compression="zstd",
-            use_dictionary=False,
-            write_statistics=list(REQUEST_COLUMNS),
-        )
-        self.schema = schema
-        self.opened = time.monotonic()
-        self.requests = 0  # written
-        # the request_id column of each table written (a row each): feedback's lookups
-        # until the segment is closed
-        self.id_columns: list = []
-        self.sidecars: list[str] = []
-
-    def write(self, table, requests: int) -> None:
-        import pyarrow.parquet as pq
-
-        self.writer.write_table(table.replace_schema_metadata(self.schema.metadata))
-        self.requests += requests
-        self.id_columns.append(table.column("request_id"))
-        path = f"{self.folder}/{IDS_PREFIX}{self.name}-{len(self.sidecars):05d}"
-        ids_table = table.select(["request_id", "row"])
-        try:  # without it only this replica knows the ids until the segment closes
-            if _is_local(self.fs):
-                pq.write_table(ids_table, path, compression="zstd")
-            else:
-                with self.fs.open(path, "wb") as sink:
-                    pq.write_table(ids_table, sink, compression="zstd")
-            self.sidecars.append(path)
-        except Exception:  # noqa: BLE001
-            log.exception("cannot write the id file %s", path)
-
-    def forget_sidecars(self) -> None:
-        if self.sidecars:
-            self.fs.rm(self.sidecars)
-            self.sidecars = []
-
-    def rows_of_ids(self, wanted) -> dict[str, int]:
-        """Rows written of the requests whose id is in ``wanted`` (an Arrow string array)."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        if not self.id_columns:
-            return {}
-        column = pa.chunked_array([c for col in self.id_columns for c in col.chunks], pa.string())
-        return collections.Counter(column.filter(pc.is_in(column, value_set=wanted)).to_pylist())
-
-    @property
-    def bytes(self) -> int:
-        return self.file.tell() if self.file is not None else os.path.getsize(self.hidden)
-
-    def roll(self) -> str:
-        self.writer.close()
-        if self.file is not None:
-            self.file.close()
-        self.fs.mv(self.hidden, self.final)
-        return self.final
+def _protocols(fs) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
 class Capture:
-    """The endpoint's capture: the request path's :meth:`offer`, the writer thread, counts."""
+    """The endpoint's capture: the request path's :meth:`offer`, the hand-over to the
+    writer, counts."""
 
     def __init__(self, settings, metrics=None) -> None:
         self.url = settings.capture
@@ -531,9 +472,15 @@ class Capture:
         self.fraction = settings.capture_fraction
         self.queue_bytes = settings.capture_queue_bytes
         self.flush_interval_s = settings.capture_flush_interval_s
-        self.segment_bytes = settings.capture_segment_bytes
-        self.segment_s = settings.capture_segment_s
-        self.retention_days = settings.capture_retention_days
+        # what the writer is given (see onnxflow.serving.capture_writer)
+        self.writer_settings = {
+            "url": settings.capture,
+            "segment_bytes": settings.capture_segment_bytes,
+            "segment_s": settings.capture_segment_s,
+            "retention_days": settings.capture_retention_days,
+        }
+        # a process of its own, but where only this process can see the files
+        self.in_process = settings.capture_writer == "thread" or "memory" in _protocols(self.fs)
         # id(model) -> its open batch (which keeps the model's key, not the model); full
         # ones wait in _handed for the writer, which builds them into tables and writes them
         self._batches: dict[int, _Batch] = {}
@@ -543,7 +490,7 @@ class Capture:
         # and the request path takes no lock (None).
         self._lock: threading.Lock | None = threading.Lock()
         self._hand_lock = threading.Lock()  # the loop's hand-over against the writer's last
-        # Bytes offered (added to by the request path) and taken (by the writer thread) as
+        # Bytes offered (added to by the request path) and taken (by the sender thread) as
         # C int64s, which the C extension adds to in place: setting attributes from C cost
         # it more than copying the request.
         self._tally = bytearray(16)
@@ -551,34 +498,31 @@ class Capture:
         self._random = random.Random()
         # the C extension's append, where it was built (None: the Python path alone)
         self.native = native
-        self._segments: dict[tuple[str, str, str], _Segment] = {}
-        self._numbers = itertools.count()
-        self._writer_id = f"{os.getpid()}-{secrets.token_hex(4)}"
+        # a SegmentWriter (in_process) or a WriterProcess, made by start()
+        self._writer = None
+        # the figures of writer processes that ended (see _writer_gone)
+        self._retired: dict = {"written": collections.Counter(), "dropped": collections.Counter()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop = None
         self._stopped = False
-        self._last_retention = 0.0
         self.taken: collections.Counter = collections.Counter()  # (model, version), by the writer
-        self.written: collections.Counter = collections.Counter()  # rows, by (model, version)
-        self.dropped: collections.Counter = collections.Counter()  # (model, reason)
-        self.segments_rolled = 0
-        self.writer_cpu_s = 0.0  # CPU time of the writer thread (building and writing)
-        self.build_cpu_s = 0.0  # of which building Arrow tables
-        self.last_error = ""
+        # (model, reason) of requests not captured: refused on the request path, and lost
+        # with a writer process that ended (the writer counts its own write errors)
+        self._refused: collections.Counter = collections.Counter()
+        self._lost_error = ""
         if metrics is not None:
             metrics.registry.register(CaptureCollector(self))
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self, loop=None) -> None:
-        """Start the writer thread. With the endpoint's event ``loop`` (which makes every
-        offer), offers take no lock and the loop hands the open batches over every flush
-        interval; without one, offers from any thread take a lock, and the writer takes
-        the open batches under it."""
-        import pyarrow.parquet  # noqa: F401  (imported now, not on the first write)
-
+        """Start the writer and the sender thread. With the endpoint's event ``loop``
+        (which makes every offer), offers take no lock and the loop hands the open batches
+        over every flush interval; without one, offers from any thread take a lock, and
+        the sender takes the open batches under it."""
         self.fs.makedirs(self.root, exist_ok=True)
+        self._writer = self._new_writer()
         self._loop = loop
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
         if loop is not None:
@@ -592,11 +536,23 @@ class Capture:
             loop.call_soon_threadsafe(self._schedule)
         self._thread.start()
         log.info(
-            "capturing %.0f%% of requests into %s (request path in %s)",
+            "capturing %.0f%% of requests into %s (request path in %s; writer in %s)",
             self.fraction * 100,
             self.url,
             "C" if self.native is not None else "Python: the C extension was not built",
+            "a thread" if self.in_process else f"process {self._writer.process.pid}",
         )
+
+    def _new_writer(self):
+        from onnxflow.serving.capture_writer import SegmentWriter, WriterGone, WriterProcess
+
+        if not self.in_process:
+            try:
+                return WriterProcess(self.writer_settings)
+            except (OSError, WriterGone) as exc:  # a process cannot be started here
+                log.warning("capture: no writer process (%s); writing from a thread", exc)
+                self.in_process = True
+        return SegmentWriter(**self.writer_settings)
 
     def stopping(self) -> None:
         """Accept nothing more (called on the request path's thread, before :meth:`stop`)."""
@@ -645,7 +601,7 @@ class Capture:
             if self.fraction < 1.0 and self._random.random() >= self.fraction:
                 return
             if self._stopped:
-                self.dropped[(model.name, "stopped")] += 1
+                self._refused[(model.name, "stopped")] += 1
                 return
             batch = self._batches.get(id(model))
             # a KeyError (an input missing) adds nothing
@@ -657,7 +613,7 @@ class Capture:
                 arrays = [*map(feeds.__getitem__, batch.inputs), *results]
                 nbytes = batch.request_bytes  # the batch's first: take() tells this one's
             if self._offered_bytes - self._taken_bytes + nbytes > self.queue_bytes:
-                self.dropped[(model.name, "queue_full")] += 1
+                self._refused[(model.name, "queue_full")] += 1
                 return
             if batch is None:
                 key, outputs = (model.name, model.version), tuple(model.output_names)
@@ -682,7 +638,7 @@ class Capture:
                 self._handed.append(batch)  # then out of _batches: always in one of them
                 del self._batches[id(model)]
         except Exception:  # noqa: BLE001  (the answer must not notice the capture)
-            self.dropped[(getattr(model, "name", "?"), "error")] += 1
+            self._refused[(getattr(model, "name", "?"), "error")] += 1
             log.exception("capturing a request failed")
 
     def _schedule(self) -> None:
@@ -703,18 +659,6 @@ class Capture:
             self._handed.extend(b for b in self._batches.values() if b.requests)
             self._batches.clear()  # the same dict: the C offer holds it
 
-    def _build(self, batches: list[_Batch]) -> list[tuple]:
-        """``batches`` as Arrow tables, (key, table, shapes, requests) each (on the writer
-        thread)."""
-        built = []
-        for batch in batches:
-            try:
-                for day, table, shapes, requests in batch.tables(batch.counts()):
-                    built.append(((*batch.key, day), table, shapes, requests))
-            except Exception as exc:  # noqa: BLE001  (counted, logged)
-                self._failed(batch.key, batch.requests, exc)
-        return built
-
     @property
     def accepted(self) -> collections.Counter:
         """Requests accepted, by (model, version): taken by the writer, and still waiting."""
@@ -733,36 +677,38 @@ class Capture:
             return {}
         wanted = pa.array(sorted(ids), pa.string())
         batches = [*list(self._batches.values()), *list(self._handed)]  # list(): atomic
-        segments = list(self._segments.items())  # after the batches: see above
+        writer = self._writer  # after the batches: see above
         found: dict[str, int] = {}
         for batch in batches:
             if batch.key[0] == model:
                 found.update(batch.rows_of_ids(wanted))
-        for key, segment in segments:
-            if key[0] == model:
-                found.update(segment.rows_of_ids(wanted))
+        if writer is not None:
+            found.update(writer.rows_of_ids(model, wanted))
         return found
 
-    # --- the writer thread ---------------------------------------------------------------
+    # --- the sender thread ---------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_interval_s):
             self._timed_write()
         self._timed_write(every=True)  # what was accepted before stop (offers are refused)
-        for key in list(self._segments):
-            self._roll(key)
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing the capture's segments failed")
 
     def _timed_write(self, every: bool = False) -> None:
-        started = time.thread_time()
+        from onnxflow.serving.capture_writer import WriterGone
+
         try:
             if self._lock is not None or every:  # no loop hands the open batches over
                 with self._lock or contextlib.nullcontext():
                     self._hand_open()
             batches = list(self._handed)
             try:
-                built = self._build(batches)
-                self.build_cpu_s += time.thread_time() - started
-                self._write_once(built)
+                self._writer.write(batches)
+            except WriterGone as exc:  # what it was given is lost with it: counted
+                self._writer_gone(batches, exc)
             finally:  # taken once, whatever failed (failed writes are counted as dropped)
                 for batch in batches:  # in their segments now (see rows_of_ids)
                     self.taken[batch.key] += batch.requests
@@ -770,86 +716,65 @@ class Capture:
                     self._taken_bytes += batch.nbytes  # out of the budget once written
         except Exception:  # noqa: BLE001  (the writer carries on)
             log.exception("writing captured requests failed")
-        finally:
-            self.writer_cpu_s += time.thread_time() - started
 
-    def _write_once(self, built: list[tuple]) -> None:
-        import pyarrow as pa
+    def _writer_gone(self, batches: list[_Batch], exc: Exception) -> None:
+        """The writer process ended: its figures are kept, what it was sent is counted as
+        lost (its open segments with it), and a new one takes the next batches."""
+        log.error("%s; %d batches lost, starting a new writer", exc, len(batches))
+        self._lost_error = str(exc)[:500]
+        figures = self._writer.figures()
+        for (model, _version), n in figures.get("open", {}).items():  # in unfinished files
+            self._refused[(model, "write_error")] += n
+        for batch in batches:
+            self._refused[(batch.key[0], "write_error")] += batch.requests
+        retired = dict(self._retired)  # replaced whole: /metrics may be reading it
+        for name, value in figures.items():
+            if name in ("written", "dropped"):
+                retired[name] = retired[name] + collections.Counter(value)
+            elif name in ("segments_rolled", "cpu_s", "build_cpu_s"):
+                retired[name] = retired.get(name, 0) + value
+        self._retired = retired
+        self._writer.kill()
+        self._writer = self._new_writer()
 
-        waiting: dict[tuple[str, str, str], list[tuple]] = {}
-        for key, table, shapes, requests in built:
-            waiting.setdefault(key, []).append((table, shapes, requests))
-        for key, items in waiting.items():  # one row group per version and flush
-            first = items[0][0].schema
-            alike = [item for item in items if item[0].schema.equals(first)]
-            tables = [item[0] for item in alike]
-            table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-            self._write_table(key, table, items[0][1], sum(item[2] for item in alike))
-            for table, shapes, requests in items:
-                if not table.schema.equals(first):  # another shape or type: a new segment
-                    self._write_table(key, table, shapes, requests)
-        now = time.monotonic()
-        for key, segment in list(self._segments.items()):
-            if segment.bytes >= self.segment_bytes or now - segment.opened >= self.segment_s:
-                self._roll(key)
-        if self.retention_days > 0 and now - self._last_retention > 3600:
-            self._last_retention = now
-            self._apply_retention()
+    def _figures(self) -> dict:
+        writer = self._writer
+        return writer.figures() if writer is not None else {}
 
-    def _write_table(self, key: tuple[str, str, str], table, shapes: dict, requests: int) -> None:
-        try:
-            segment = self._segments.get(key)
-            if segment is not None and not segment.schema.equals(
-                table.schema, check_metadata=False
-            ):
-                self._roll(key)  # the tensors changed shape or type: a new segment
-                segment = None
-            if segment is None:
-                name, version, day = key
-                folder = f"{self.root}/model={name}/version={version}/date={day}"
-                segment = _Segment(
-                    self.fs, folder, table.schema, shapes, self._writer_id, next(self._numbers)
-                )
-                self._segments[key] = segment
-            segment.write(table, requests)
-            self.written[key[:2]] += table.num_rows
-        except Exception as exc:  # noqa: BLE001  (counted, logged; the writer carries on)
-            self._failed(key, requests, exc)
-            segment = self._segments.pop(key, None)
-            if segment is not None:  # an unfinished file: what it held is lost too
-                self._failed(key, segment.requests, exc)
-                self._forget_sidecars(segment)
+    def _figure(self, name: str):
+        """A figure of the writer's (of every writer process this capture started)."""
+        return self._figures().get(name, 0) + self._retired.get(name, 0)
 
-    def _failed(self, key, records: int, exc: Exception) -> None:
-        self.dropped[(key[0], "write_error")] += records
-        self.last_error = f"{type(exc).__name__}: {exc}"[:500]
-        log.error("cannot write %d captured requests of %s: %s", records, key[0], self.last_error)
+    def _counted(self, name: str) -> collections.Counter:
+        return collections.Counter(self._figures().get(name, {})) + self._retired[name]
 
-    def _roll(self, key) -> None:
-        segment = self._segments.pop(key)
-        try:
-            segment.roll()
-            self.segments_rolled += 1
-        except Exception as exc:  # noqa: BLE001
-            self.dropped[(key[0], "write_error")] += segment.requests
-            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
-            log.exception("cannot close the capture segment %s", segment.final)
-        self._forget_sidecars(segment)
+    @property
+    def written(self) -> collections.Counter:
+        """Rows written, by (model, version)."""
+        return self._counted("written")
 
-    def _forget_sidecars(self, segment: _Segment) -> None:
-        try:
-            segment.forget_sidecars()
-        except Exception:  # noqa: BLE001  (left-overs name ids of a closed or lost file)
-            log.exception("cannot delete the id files of %s", segment.final)
+    @property
+    def dropped(self) -> collections.Counter:
+        """Requests not captured, by (model, reason): queue_full, stopped, error,
+        write_error."""
+        return self._refused + self._counted("dropped")
 
-    def _apply_retention(self) -> None:
-        cutoff = (dt.datetime.now(dt.UTC) - dt.timedelta(days=self.retention_days)).strftime(
-            "%Y-%m-%d"
-        )
-        for folder in self.fs.glob(f"{self.root}/model=*/version=*/date=*"):
-            if folder.rsplit("date=", 1)[1] < cutoff:
-                log.info("capture retention: deleting %s", folder)
-                self.fs.rm(folder, recursive=True)
+    @property
+    def segments_rolled(self) -> int:
+        return self._figure("segments_rolled")
+
+    @property
+    def writer_cpu_s(self) -> float:
+        """CPU time of the writer (building and writing), on its own thread."""
+        return self._figure("cpu_s")
+
+    @property
+    def build_cpu_s(self) -> float:
+        return self._figure("build_cpu_s")
+
+    @property
+    def last_error(self) -> str:
+        return self._figures().get("last_error") or self._lost_error
 
     # --- figures -----------------------------------------------------------------------
 
@@ -904,12 +829,12 @@ class CaptureCollector:
         queued.add_metric([], self.capture._offered_bytes - self.capture._taken_bytes)
         cpu = CounterMetricFamily(
             "onnxflow_capture_writer_cpu_seconds",
-            "CPU time of the capture's writer thread (building Arrow tables, writing Parquet).",
+            "CPU time of the capture writer (building Arrow tables, writing Parquet).",
         )
         cpu.add_metric([], self.capture.writer_cpu_s)
         build = CounterMetricFamily(
             "onnxflow_capture_build_cpu_seconds",
-            "CPU time of the writer thread spent building Arrow tables of captured requests.",
+            "CPU time of the capture writer spent building Arrow tables of captured requests.",
         )
         build.add_metric([], self.capture.build_cpu_s)
         yield from (accepted, written, dropped, queued, cpu, build)

@@ -164,6 +164,13 @@ class ServingSettings(BaseSettings):
         description="Capture date partitions older than this many days are deleted by the "
         "endpoint's writer; 0: kept forever.",
     )
+    capture_writer: Literal["process", "thread"] = Field(
+        "process",
+        description="Where the capture's writer runs: a process of its own (it shares no "
+        "GIL with the serving thread, and finishes its segments if the endpoint dies), or "
+        "a thread of the endpoint. An in-memory filesystem (memory://) is always written "
+        "from a thread.",
+    )
     canary_percent: float = Field(
         0.0,
         ge=0,

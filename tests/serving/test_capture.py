@@ -528,10 +528,109 @@ def test_retention_deletes_date_partitions_older_than_its_days():
     days = {n: (today - dt.timedelta(days=n)).isoformat() for n in (0, 6, 8, 40)}
     for day in days.values():
         fs.pipe(f"/capture-old/model=m/version=1/date={day}/part-x.parquet", b"x")
-    capture = Capture(_settings("memory://capture-old", capture_retention_days=7))
-    capture._apply_retention()
+    from onnxflow.serving.capture_writer import SegmentWriter
+
+    SegmentWriter("memory://capture-old", 1 << 20, 300.0, retention_days=7)._apply_retention()
     left = {p.split("date=")[1].split("/")[0] for p in fs.find("/capture-old")}
     assert left == {days[0], days[6]}
+
+
+_DIES = """
+import os, signal, sys, time
+import numpy as np
+from types import SimpleNamespace
+from onnxflow.serving.capture import Capture
+from onnxflow.serving.settings import ServingSettings
+
+capture = Capture(ServingSettings(model="m@champion", capture=sys.argv[1],
+                                  capture_flush_interval_s=0.05))
+capture.start()
+model = SimpleNamespace(name="m", version="1", output_names=["y"])
+for i in range(500):
+    x = np.full((1, 3), i, np.float32)
+    capture.offer(model, f"r{i}", {"x": x}, [x * 2], 0.001)
+deadline = time.monotonic() + 60
+while capture.written[("m", "1")] < 500 and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(capture._writer.process.pid, capture.written[("m", "1")], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the endpoint dies, its segment still open
+"""
+
+
+def test_the_writer_process_closes_its_segments_when_the_endpoint_dies(tmp_path):
+    """The writer runs in a process of its own: an endpoint killed (SIGKILL) with its
+    segment still open leaves no unfinished file: the writer sees the pipe close and
+    rolls the segment, and every request it wrote can be read; no id file is left over."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "captured"
+    run = subprocess.run(
+        [sys.executable, "-c", _DIES, str(folder)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == -9, run.stderr
+    writer_pid, written = (int(v) for v in run.stdout.split())
+    assert written == 500
+    wait_for(lambda: not os.path.exists(f"/proc/{writer_pid}"), timeout=60)
+    assert not [p.name for p in folder.rglob(".*")]  # no .inprogress, no .ids- file
+    table = _read(None, str(folder))
+    assert sorted(table["request_id"].to_pylist()) == sorted(f"r{i}" for i in range(500))
+
+
+def test_a_writer_process_that_dies_is_counted_and_replaced(tmp_path):
+    """The writer process killed: the requests in its open segment and in the batch it
+    was sent are counted as dropped (write_error), a new writer takes the next ones, and
+    the figures of both add up."""
+    from types import SimpleNamespace
+
+    capture = Capture(_settings(str(tmp_path)))
+    model = SimpleNamespace(name="m", version="1", output_names=["y"])
+    capture.start()
+    assert not capture.in_process
+
+    def offer(start: int) -> None:
+        for i in range(start, start + 100):
+            x = np.full((1, 3), i, np.float32)
+            capture.offer(model, f"r{i}", {"x": x}, [x * 2], 0.001)
+
+    try:
+        offer(0)
+        wait_for(lambda: capture.written[("m", "1")] == 100, timeout=60)
+        first = capture._writer.process
+        first.kill()
+        first.wait(30)
+        offer(100)  # sent to the dead writer: lost, and counted
+        wait_for(lambda: capture.dropped[("m", "write_error")] == 200, timeout=60)
+        wait_for(lambda: capture._writer.process.pid != first.pid, timeout=60)
+        assert "capture writer" in capture.last_error
+        offer(200)
+        wait_for(lambda: capture.written[("m", "1")] == 200, timeout=60)
+    finally:
+        capture.stopping()
+        capture.stop()
+    table = _read(None, str(tmp_path))
+    assert sorted(table["request_id"].to_pylist()) == sorted(f"r{i}" for i in range(200, 300))
+    assert capture.accepted[("m", "1")] == 300 and capture.segments_rolled == 1
+
+
+def test_without_a_writer_process_the_capture_writes_from_a_thread(tmp_path, monkeypatch, caplog):
+    """Where no writer process can be started (here: no Python to start it with), the
+    capture says so and writes from a thread; nothing is lost."""
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    capture = Capture(_settings(str(tmp_path / "captured")))
+    with caplog.at_level("WARNING", logger="onnxflow.serving.capture"):
+        capture.start()
+    assert capture.in_process and "no writer process" in caplog.text
+    model = SimpleNamespace(name="m", version="1", output_names=["y"])
+    x = np.ones((1, 3), np.float32)
+    capture.offer(model, "only", {"x": x}, [x], 0.001)
+    capture.stopping()
+    capture.stop()
+    assert _read(None, str(tmp_path / "captured"))["request_id"].to_pylist() == ["only"]
 
 
 def test_an_unknown_filesystem_is_refused_by_name():
