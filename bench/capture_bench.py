@@ -38,14 +38,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.capture_instructions import compare  # noqa: E402
+from bench.capture_instructions import MODEL, compare, endpoint_settings  # noqa: E402
 from bench.serve_bench import ensure_tool, register, run_wrk, wrk_script  # noqa: E402
 from bench.team_bench import cpu_s  # noqa: E402
-from onnxflow.processes import free_port  # noqa: E402
 from onnxflow.serving.launcher import start_background, stop_background, wait_ready  # noqa: E402
-from onnxflow.serving.settings import ServingSettings  # noqa: E402
 
-MODEL = "capbench"
 SECTION = "## Capture"
 
 
@@ -169,17 +166,9 @@ def main() -> None:
     )
     script = wrk_script(work / "post.lua", body)
     message = grpc_body(work / "infer.grpc", x)
-    infos, grpc, endpoints = {}, {}, {}
-    for key, options in (("off", {}), ("on", {"capture": str(work / "captured")})):
-        endpoints[key] = settings = ServingSettings(
-            model=f"{MODEL}@champion",
-            port=free_port(),
-            grpc_port=free_port(),
-            cache_dir=work / "cache",
-            log_level="warning",
-            poll_interval_s=0,
-            **options,
-        )
+    infos, grpc = {}, {}
+    endpoints = endpoint_settings(work)
+    for key, settings in endpoints.items():
         infos[key] = start_background(settings, work / key)
         grpc[key] = f"127.0.0.1:{settings.grpc_port}"
         wait_ready(infos[key], timeout_s=180)
@@ -243,11 +232,7 @@ def main() -> None:
         print(f"counting instructions over {args.instructions} REST requests (callgrind) ...")
         body_file = work / "body.json"
         body_file.write_text(body)
-        again = {
-            key: options.model_copy(update={"port": free_port(), "grpc_port": free_port()})
-            for key, options in endpoints.items()
-        }
-        counted = compare(again, MODEL, body_file, args.instructions)
+        counted = compare(endpoint_settings(work), MODEL, body_file, args.instructions)
     result = {
         key: {
             "rps": statistics.median(r["rps"] for r in parts),

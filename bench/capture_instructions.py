@@ -33,6 +33,26 @@ from onnxflow.serving.launcher import ENDPOINT_ARGV, _child_env  # noqa: E402
 from onnxflow.serving.settings import ServingSettings  # noqa: E402
 
 WARM_UP = 200
+MODEL = "capbench"
+
+
+def endpoint_settings(work: Path) -> dict[str, ServingSettings]:
+    """The endpoints the capture benchmarks compare, on free ports: ``off``, and ``on``
+    (capturing every request into ``work/captured``)."""
+    from onnxflow.processes import free_port
+
+    return {
+        key: ServingSettings(
+            model=f"{MODEL}@champion",
+            port=free_port(),
+            grpc_port=free_port(),
+            cache_dir=work / "cache",
+            log_level="warning",
+            poll_interval_s=0,
+            **options,
+        )
+        for key, options in (("off", {}), ("on", {"capture": str(work / "captured")}))
+    }
 
 
 def h2load_rest(h2load: str, url: str, body: Path, requests: int, connections: int = 8) -> int:
@@ -134,9 +154,7 @@ def compare(settings: dict[str, ServingSettings], model: str, body: Path, reques
 def main() -> None:
     import numpy as np
 
-    from bench.capture_bench import MODEL
     from bench.serve_bench import register
-    from onnxflow.processes import free_port
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
@@ -148,19 +166,7 @@ def main() -> None:
     body = work / "body.json"
     features = {"name": "features", "datatype": "FP32", "shape": [1, 64], "data": x.tolist()}
     body.write_text(json.dumps({"inputs": [features]}))
-    settings = {
-        key: ServingSettings(
-            model=f"{MODEL}@champion",
-            port=free_port(),
-            grpc_port=free_port(),
-            cache_dir=work / "cache",
-            log_level="warning",
-            poll_interval_s=0,
-            **options,
-        )
-        for key, options in (("off", {}), ("on", {"capture": str(work / "captured")}))
-    }
-    print(json.dumps(compare(settings, MODEL, body, args.requests), indent=2))
+    print(json.dumps(compare(endpoint_settings(work), MODEL, body, args.requests), indent=2))
 
 
 if __name__ == "__main__":
