@@ -536,12 +536,16 @@ class Capture:
             loop.call_soon_threadsafe(self._schedule)
         self._thread.start()
         log.info(
-            "capturing %.0f%% of requests into %s (request path in %s; writer in %s)",
+            "capturing %.0f%% of requests into %s (request path in %s; writer: %s)",
             self.fraction * 100,
             self.url,
             "C" if self.native is not None else "Python: the C extension was not built",
-            "a thread" if self.in_process else f"process {self._writer.process.pid}",
+            self._writer_name(),
         )
+
+    def _writer_name(self) -> str:
+        process = getattr(self._writer, "process", None)
+        return f"process {process.pid}" if process is not None else "thread"
 
     def _new_writer(self):
         from onnxflow.serving.capture_writer import SegmentWriter, WriterGone, WriterProcess
@@ -787,6 +791,7 @@ class Capture:
             "written_rows": {f"{m}/{v}": n for (m, v), n in self.written.items()},
             "dropped": {f"{m}/{r}": n for (m, r), n in self.dropped.items()},
             "segments_rolled": self.segments_rolled,
+            "writer": self._writer_name(),
             "writer_cpu_s": round(self.writer_cpu_s, 3),
             "build_cpu_s": round(self.build_cpu_s, 3),
             "last_error": self.last_error,

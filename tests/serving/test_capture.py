@@ -587,7 +587,7 @@ def test_a_writer_process_that_dies_is_counted_and_replaced(tmp_path):
     capture = Capture(_settings(str(tmp_path)))
     model = SimpleNamespace(name="m", version="1", output_names=["y"])
     capture.start()
-    assert not capture.in_process
+    assert capture.status()["writer"] == f"process {capture._writer.process.pid}"
 
     def offer(start: int) -> None:
         for i in range(start, start + 100):
@@ -624,7 +624,7 @@ def test_without_a_writer_process_the_capture_writes_from_a_thread(tmp_path, mon
     capture = Capture(_settings(str(tmp_path / "captured")))
     with caplog.at_level("WARNING", logger="onnxflow.serving.capture"):
         capture.start()
-    assert capture.in_process and "no writer process" in caplog.text
+    assert capture.status()["writer"] == "thread" and "no writer process" in caplog.text
     model = SimpleNamespace(name="m", version="1", output_names=["y"])
     x = np.ones((1, 3), np.float32)
     capture.offer(model, "only", {"x": x}, [x], 0.001)
