@@ -58,7 +58,9 @@ def _is_local(fs) -> bool:
 class _Segment:
     """One open Parquet file of a (model, version, date): hidden until rolled."""
 
-    def __init__(self, fs, folder: str, schema, shapes: dict, writer: str, number: int) -> None:
+    def __init__(
+        self, fs, folder: str, schema, shapes: dict, writer: str, number: int, keep_ids: bool
+    ) -> None:
         import pyarrow.parquet as pq
 
         self.fs = fs
@@ -87,8 +89,8 @@ class _Segment:
         self.opened = time.monotonic()
         self.requests = 0  # written
         # the request_id column of each table written (a row each): feedback's lookups
-        # until the segment is closed
-        self.id_columns: list = []
+        # until the segment is closed, where the feedback route can ask (None: not kept)
+        self.id_columns: list | None = [] if keep_ids else None
         self.sidecars: list[str] = []
 
     def write(self, table, requests: int) -> None:
@@ -96,7 +98,8 @@ class _Segment:
 
         self.writer.write_table(table.replace_schema_metadata(self.schema.metadata))
         self.requests += requests
-        self.id_columns.append(table.column("request_id"))
+        if self.id_columns is not None:
+            self.id_columns.append(table.column("request_id"))
         path = f"{self.folder}/{IDS_PREFIX}{self.name}-{len(self.sidecars):05d}"
         ids_table = table.select(["request_id", "row"])
         try:  # without it only this replica knows the ids until the segment closes
@@ -139,7 +142,16 @@ class _Segment:
 class SegmentWriter:
     """Batches into Parquet segments under ``url``, and the figures of it."""
 
-    def __init__(self, url: str, segment_bytes: int, segment_s: float, retention_days: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        segment_bytes: int,
+        segment_s: float,
+        retention_days: int,
+        keep_ids: bool = True,
+    ) -> None:
+        """``keep_ids``: keep the ids of the open segments for :meth:`rows_of_ids` (a writer
+        in another process is never asked: the feedback route reads its id files)."""
         import pyarrow.compute  # noqa: F401  (imported now, not on the first write)
         import pyarrow.parquet  # noqa: F401
 
@@ -148,6 +160,7 @@ class SegmentWriter:
         self.segment_bytes = segment_bytes
         self.segment_s = segment_s
         self.retention_days = retention_days
+        self.keep_ids = keep_ids
         self._segments: dict[tuple[str, str, str], _Segment] = {}
         self._numbers = itertools.count()
         # random per writer: replicas sharing a folder or a bucket (the same pid in every
@@ -247,7 +260,13 @@ class SegmentWriter:
                 name, version, day = key
                 folder = f"{self.root}/model={name}/version={version}/date={day}"
                 segment = _Segment(
-                    self.fs, folder, table.schema, shapes, self._writer_id, next(self._numbers)
+                    self.fs,
+                    folder,
+                    table.schema,
+                    shapes,
+                    self._writer_id,
+                    next(self._numbers),
+                    self.keep_ids,
                 )
                 self._segments[key] = segment
             segment.write(table, requests)
@@ -396,7 +415,7 @@ def serve_pipe(inbox: Connection, outbox: Connection) -> None:
     is gone, and answer on ``outbox``."""
     from onnxflow.serving.capture import _Batch
 
-    writer = SegmentWriter(**pickle.loads(inbox.recv_bytes()))
+    writer = SegmentWriter(**pickle.loads(inbox.recv_bytes()), keep_ids=False)
     outbox.send_bytes(pickle.dumps(writer.figures()))
     pending: list = []
     try:
