@@ -479,6 +479,7 @@ class Capture:
             "segment_s": settings.capture_segment_s,
             "retention_days": settings.capture_retention_days,
         }
+        self.writer_nice = settings.capture_writer_nice
         # a process of its own, but where only this process can see the files
         self.in_process = settings.capture_writer == "thread" or "memory" in _protocols(self.fs)
         # id(model) -> its open batch (which keeps the model's key, not the model); full
@@ -545,14 +546,16 @@ class Capture:
 
     def _writer_name(self) -> str:
         process = getattr(self._writer, "process", None)
-        return f"process {process.pid}" if process is not None else "thread"
+        return (
+            f"process {process.pid}, nice {self.writer_nice}" if process is not None else "thread"
+        )
 
     def _new_writer(self):
         from onnxflow.serving.capture_writer import SegmentWriter, WriterGone, WriterProcess
 
         if not self.in_process:
             try:
-                return WriterProcess(self.writer_settings)
+                return WriterProcess(self.writer_settings, nice=self.writer_nice)
             except (OSError, WriterGone) as exc:  # a process cannot be started here
                 log.warning("capture: no writer process (%s); writing from a thread", exc)
                 self.in_process = True

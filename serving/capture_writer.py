@@ -320,7 +320,7 @@ class WriterProcess:
     Used from one thread (the capture's sender): :meth:`write` sends the batches and waits
     for the writer's figures, without the GIL while it waits."""
 
-    def __init__(self, settings: dict, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, settings: dict, start_timeout_s: float = 120.0, nice: int = 0) -> None:
         batches_r, batches_w = os.pipe()  # endpoint -> writer
         answers_r, answers_w = os.pipe()  # writer -> endpoint
         for fd in (batches_w, answers_w):
@@ -332,7 +332,7 @@ class WriterProcess:
                 pass
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(batches_r), str(answers_w)],
+                [sys.executable, "-m", __name__, str(batches_r), str(answers_w), str(nice)],
                 pass_fds=(batches_r, answers_w),
                 stdin=subprocess.DEVNULL,
             )
@@ -449,7 +449,11 @@ def main(argv: list[str] | None = None) -> None:
         level=os.environ.get("ONNXFLOW_SERVE_LOG_LEVEL", "info").upper(),
         format="%(asctime)s %(levelname)s capture-writer: %(message)s",
     )
-    read_fd, write_fd = (int(a) for a in (argv or sys.argv[1:]))
+    read_fd, write_fd, nice = (int(a) for a in (argv or sys.argv[1:]))
+    # Every append is a burst of work (about 1.5 us of CPU per request it holds): at a
+    # lower priority the scheduler hands the CPU back to the serving thread and the
+    # clients the moment they wake, instead of letting the burst run on (p99 on 2 cores).
+    os.nice(nice)
     serve_pipe(Connection(read_fd, writable=False), Connection(write_fd, readable=False))
 
 

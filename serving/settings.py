@@ -171,6 +171,15 @@ class ServingSettings(BaseSettings):
         "a thread of the endpoint. An in-memory filesystem (memory://) is always written "
         "from a thread.",
     )
+    capture_writer_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Niceness of the capture's writer process (0-19): above 0 it gives the "
+        "CPU back to the serving thread and the clients as soon as they wake, so its "
+        "appends do not stretch the latency of the requests beside them; at 10 it still "
+        "gets a tenth of a core when every core is busy.",
+    )
     canary_percent: float = Field(
         0.0,
         ge=0,

@@ -9,6 +9,7 @@ stopped with SIGTERM while requests are still coming.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 from types import SimpleNamespace
 
@@ -561,7 +562,6 @@ def test_the_writer_process_closes_its_segments_when_the_endpoint_dies(tmp_path)
     """The writer runs in a process of its own: an endpoint killed (SIGKILL) with its
     segment still open leaves no unfinished file: the writer sees the pipe close and
     rolls the segment, and every request it wrote can be read; no id file is left over."""
-    import os
     import subprocess
     import sys
 
@@ -587,12 +587,18 @@ def test_a_writer_process_that_dies_is_counted_and_replaced(tmp_path):
     # the sender never flushes on its own here: each flush is this test's (_timed_write),
     # so nothing is in flight when the writer is killed
     settings = ServingSettings(
-        model="m@champion", capture=str(tmp_path), capture_flush_interval_s=3600
+        model="m@champion",
+        capture=str(tmp_path),
+        capture_flush_interval_s=3600,
+        capture_writer_nice=7,
     )
     capture = Capture(settings)
     model = SimpleNamespace(name="m", version="1", output_names=["y"])
     capture.start()
-    assert capture.status()["writer"] == f"process {capture._writer.process.pid}"
+    pid = capture._writer.process.pid
+    assert capture.status()["writer"] == f"process {pid}, nice 7"
+    # the writer lowered its own priority, by the setting (the endpoint's stays)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
 
     def offer(start: int) -> None:
         for i in range(start, start + 100):
