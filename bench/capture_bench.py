@@ -1,21 +1,25 @@
 """What capture costs: the digits-sized MLP (64->128->10) served with capture off and on.
 
-Two endpoints serve the same champion from a fresh SQLite registry, one with
-``capture`` (every request, a local folder). Each is driven in pairs of rounds (off and on
-back to back, alternating which goes first) at 8 connections over REST (``wrk``, batch-1
-V2 JSON requests) and over gRPC (``h2load``, nghttp2's HTTP/2 load generator, sending a
-batch-1 ``ModelInferRequest`` in gRPC's framing: a client in C, like wrk, so that the
-client's own CPU takes little from the 2 cores it shares with the endpoint), then once at
-64 connections on each front. Reported: requests/s, p50 and p99 per side (medians of the
-rounds), the cost in percent (the median of the pairs' ratios, and their quartiles), and
-whether every answered request was captured (``onnxflow_capture_rows_written_total``
+Three endpoints serve the same champion from a fresh SQLite registry: ``off``, ``on``
+(``capture``: every request, a local folder) and ``control``, a second endpoint without
+capture, set up like ``off``. Each round drives each of them in turn (the order rotates
+from round to round) at 8 connections over REST (``wrk``, batch-1 V2 JSON requests) and
+over gRPC (``h2load``, nghttp2's HTTP/2 load generator, sending a batch-1
+``ModelInferRequest`` in gRPC's framing: a client in C, like wrk, so that the client's own
+CPU takes little from the 2 cores it shares with the endpoint); then a few rounds at 64
+connections. Reported: requests/s, p50 and p99 per endpoint (medians of the rounds), and
+the cost in percent: on against off, from the medians, with a 90% bootstrap interval
+over the rounds. The control is measured the same way against off: there is nothing to
+find there, so what it shows is the method's own error on this machine, that day.
+Also whether every answered request was captured (``onnxflow_capture_rows_written_total``
 against the answers of both fronts, drops from ``onnxflow_capture_dropped_total``).
-Then each endpoint again under valgrind's callgrind: the instructions of its serving
-thread per REST request (see ``bench/capture_instructions.py``), a figure the machine's
-other load does not move.
+Then off and on again under valgrind's callgrind: the instructions of the serving thread
+per REST request (see ``bench/capture_instructions.py``), a figure the machine's other
+load does not move.
 
-    python bench/capture_bench.py [--duration 4] [--rounds 10] [--connections 8] [--many 64]
-                                  [--instructions 2000] [--install-tools]
+    python bench/capture_bench.py [--duration 2] [--rounds 30] [--connections 8]
+                                  [--many 64] [--many-rounds 3] [--instructions 2000]
+                                  [--install-tools]
 
 Results are printed and written into ``docs/benchmarks.md`` ("Capture") and
 ``bench-results/capture.json``.
@@ -41,9 +45,12 @@ sys.path.insert(0, str(ROOT))
 from bench.capture_instructions import MODEL, compare, endpoint_settings  # noqa: E402
 from bench.serve_bench import ensure_tool, register, run_wrk, wrk_script  # noqa: E402
 from bench.team_bench import cpu_s  # noqa: E402
+from onnxflow.processes import free_port  # noqa: E402
 from onnxflow.serving.launcher import start_background, stop_background, wait_ready  # noqa: E402
 
 SECTION = "## Capture"
+#: The endpoints, in the order of the first round (each round starts one further on).
+KEYS = ("off", "control", "on")
 
 
 def counters(url: str) -> dict:
@@ -72,8 +79,12 @@ def counters(url: str) -> dict:
 def endpoint_cpu_s(pid: int) -> float:
     """CPU seconds of the endpoint ``pid`` and of its child processes (the capture's
     writer) that run."""
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    kids = [int(p) for p in children.read_text().split()] if children.exists() else []
+    kids = []  # started by any of its threads (the writer: by the thread starting capture)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids += [int(p) for p in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
     total = cpu_s(pid)
     for kid in kids:
         try:
@@ -129,12 +140,39 @@ def run_h2load_grpc(h2load: str, address: str, body: Path, connections: int, dur
     }
 
 
+def medians(parts: list[dict]) -> dict:
+    return {
+        **{
+            figure: statistics.median(r[figure] for r in parts)
+            for figure in ("rps", "p99_ms", "p50_ms", "cpu_us", "capture_cpu_us")
+        },
+        "non_2xx": sum(r["non_2xx"] for r in parts),
+    }
+
+
+def cost_of(base: list[dict], other: list[dict], figure: str, sign: int, draws: int = 2000):
+    """What ``other`` costs against ``base`` in percent (``sign`` -1: a smaller figure is a
+    cost, requests/s; 1: a larger one, p99 and CPU), from the medians of their rounds, and
+    a 90% bootstrap interval: the rounds drawn again with replacement (a round's figures
+    together, as they ran under one load), ``draws`` times."""
+    a = np.array([r[figure] for r in base])
+    b = np.array([r[figure] for r in other])
+    point = 100 * sign * (np.median(b) / np.median(a) - 1)
+    picks = np.random.default_rng(0).integers(0, len(a), size=(draws, len(a)))
+    drawn = 100 * sign * (np.median(b[picks], axis=1) / np.median(a[picks], axis=1) - 1)
+    low, high = np.percentile(drawn, [5, 95])
+    return float(point), [float(low), float(high)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=4, help="seconds per round")
-    parser.add_argument("--rounds", type=int, default=10, help="pairs of rounds (off, on)")
+    parser.add_argument("--duration", type=int, default=2, help="seconds per endpoint and round")
+    parser.add_argument(
+        "--rounds", type=int, default=30, help="rounds (each drives every endpoint once)"
+    )
     parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--many", type=int, default=64, help="connections of the last round")
+    parser.add_argument("--many", type=int, default=64, help="connections of the last rounds")
+    parser.add_argument("--many-rounds", type=int, default=3, help="rounds at --many")
     parser.add_argument(
         "--install-tools",
         action="store_true",
@@ -168,12 +206,16 @@ def main() -> None:
     message = grpc_body(work / "infer.grpc", x)
     infos, grpc = {}, {}
     endpoints = endpoint_settings(work)
+    # the A/A control: like off, on ports of its own
+    endpoints["control"] = endpoints["off"].model_copy(
+        update={"port": free_port(), "grpc_port": free_port()}
+    )
     for key, settings in endpoints.items():
         infos[key] = start_background(settings, work / key)
         grpc[key] = f"127.0.0.1:{settings.grpc_port}"
         wait_ready(infos[key], timeout_s=180)
     runs: dict[str, list[dict]] = {f"{f}-{k}": [] for f in ("rest", "grpc") for k in infos}
-    many: dict[str, dict] = {}
+    many: dict[str, list[dict]] = {f"{f}-{k}": [] for f in ("rest", "grpc") for k in infos}
     loads = []
 
     def server_cpu(key: str, run) -> dict:
@@ -207,17 +249,17 @@ def main() -> None:
         for key in infos:  # warm-up
             rest(key, args.connections, 2)
             rpc(key, args.connections, 2)
-        for n in range(args.rounds):  # pairs, in alternating order (off-on, on-off, ...)
-            order = ("off", "on") if n % 2 == 0 else ("on", "off")
+        for n in range(args.rounds):  # each endpoint once, in an order that rotates
+            order = KEYS[n % 3 :] + KEYS[: n % 3]
             for key in order:
                 runs[f"rest-{key}"].append(rest(key, args.connections, args.duration))
                 loads.append(os.getloadavg()[0])
             for key in order:
                 runs[f"grpc-{key}"].append(rpc(key, args.connections, args.duration))
-        short = max(2, args.duration // 2)
-        for key in infos:
-            many[f"rest-{key}"] = rest(key, args.many, short)
-            many[f"grpc-{key}"] = rpc(key, args.many, short)
+        for n in range(args.many_rounds):
+            for key in KEYS[n % 3 :] + KEYS[: n % 3]:
+                many[f"rest-{key}"].append(rest(key, args.many, args.duration))
+                many[f"grpc-{key}"].append(rpc(key, args.many, args.duration))
         deadline = time.monotonic() + 30
         while True:  # the writer appends every flush interval (2 s)
             seen = counters(infos["on"].url)
@@ -233,36 +275,31 @@ def main() -> None:
         body_file = work / "body.json"
         body_file.write_text(body)
         counted = compare(endpoint_settings(work), MODEL, body_file, args.instructions)
-    result = {
-        key: {
-            "rps": statistics.median(r["rps"] for r in parts),
-            "p99_ms": statistics.median(r["p99_ms"] for r in parts),
-            "p50_ms": statistics.median(r["p50_ms"] for r in parts),
-            "cpu_us": statistics.median(r["cpu_us"] for r in parts),
-            "capture_cpu_us": statistics.median(r["capture_cpu_us"] for r in parts),
-            "non_2xx": sum(r["non_2xx"] for r in parts),
-        }
-        for key, parts in runs.items()
-    }
+    result = {key: medians(parts) for key, parts in runs.items()}
     result["rounds"] = runs
-    result["many"] = many
-    for front in ("rest", "grpc"):  # the median of each pair's ratio: both saw one load
-        pairs = list(zip(runs[f"{front}-off"], runs[f"{front}-on"]))
-        for figure, name, sign in (("rps", "rps", -1), ("p99_ms", "p99", 1), ("cpu_us", "cpu", 1)):
-            costs = sorted(100 * sign * (on[figure] / off[figure] - 1) for off, on in pairs)
-            result[f"{front}_cost_{name}_pct"] = statistics.median(costs)
-            # the middle half of the pairs: how far one pair's figure is from the next
-            low, _, high = statistics.quantiles(costs, n=4) if len(costs) > 1 else costs * 3
-            result[f"{front}_cost_{name}_quartiles"] = [low, high]
+    result["many"] = {key: medians(parts) for key, parts in many.items()}
+    result["many_rounds"] = many
+    for front in ("rest", "grpc"):
+        for against in ("on", "control"):
+            for figure, name, sign in (
+                ("rps", "rps", -1),
+                ("p99_ms", "p99", 1),
+                ("cpu_us", "cpu", 1),
+            ):
+                point, interval = cost_of(
+                    runs[f"{front}-off"], runs[f"{front}-{against}"], figure, sign
+                )
+                prefix = f"{front}_{'cost' if against == 'on' else 'control'}_{name}"
+                result[f"{prefix}_pct"], result[f"{prefix}_interval"] = point, interval
     result["captured"] = seen
     result["instructions"] = counted
     result["connections"] = args.connections
     result["many_connections"] = args.many
     result["setup"] = (
-        f"{args.rounds} pairs of {args.duration} s rounds (off and on, alternating which "
-        "first) per front, wrk -t1 "
+        f"{args.rounds} rounds per front, each driving off, control and on for "
+        f"{args.duration} s in turn (the order rotating), wrk -t1 "
         f"-c{args.connections} (REST) and h2load -c{args.connections} -m1 (gRPC), "
-        f"then {args.many} connections for {short} s on each; {os.cpu_count()} CPUs shared "
+        f"then {args.many_rounds} rounds at {args.many} connections; {os.cpu_count()} CPUs shared "
         f"with the clients and with other work: load average {load_before:.1f} before, "
         f"{statistics.median(loads):.1f} (median) during the REST rounds, "
         f"{os.getloadavg()[0]:.1f} after"
@@ -273,9 +310,19 @@ def main() -> None:
     write_report(result)
 
 
-def cost(result: dict, front: str, figure: str, sign: str = "") -> str:
-    low, high = result[f"{front}_cost_{figure}_quartiles"]
-    return f"{result[f'{front}_cost_{figure}_pct']:{sign}.1f}% [{low:{sign}.1f}..{high:{sign}.1f}]"
+def cost(result: dict, prefix: str, figure: str, sign: str = "") -> str:
+    low, high = result[f"{prefix}_{figure}_interval"]
+    return f"{result[f'{prefix}_{figure}_pct']:{sign}.1f}% [{low:{sign}.1f}..{high:{sign}.1f}]"
+
+
+def costs_of(result: dict, what: str) -> str:
+    """The sentence of ``what`` (cost, control) on both fronts."""
+    return "; ".join(
+        f"{name} {cost(result, f'{front}_{what}', 'rps')} of requests/s, "
+        f"{cost(result, f'{front}_{what}', 'p99', '+')} on p99, "
+        f"{cost(result, f'{front}_{what}', 'cpu', '+')} of the endpoint's CPU per request"
+        for front, name in (("rest", "REST"), ("grpc", "gRPC"))
+    )
 
 
 def instruction_lines(counted: dict | None) -> list[str]:
@@ -294,44 +341,38 @@ def instruction_lines(counted: dict | None) -> list[str]:
 
 def write_report(result: dict) -> None:
     seen, c, m = result["captured"], result["connections"], result["many_connections"]
-    costs = [result[f"{f}_cost_{n}_pct"] for f in ("rest", "grpc") for n in ("rps", "p99", "cpu")]
-    negative = " (a negative cost: capture on was faster in that run)" if min(costs) < 0 else ""
+    labels = (("off", "off"), ("control", "off (the control)"), ("on", "on (every request)"))
     rows = []
-    for front, name in (("rest", "REST (wrk, V2 JSON)"), ("grpc", "gRPC (h2load)")):
-        for key, label in (("off", "off"), ("on", "on (every request)")):
-            r = result[f"{front}-{key}"]
-            rows.append(
-                f"| {name} | {c} | {label} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
-                f"{r['p99_ms']:.2f} | {r['cpu_us']:.0f} |"
-            )
-    for front, name in (("rest", "REST (wrk, V2 JSON)"), ("grpc", "gRPC (h2load)")):
-        for key, label in (("off", "off"), ("on", "on (every request)")):
-            r = result["many"][f"{front}-{key}"]
-            rows.append(
-                f"| {name} | {m} | {label} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
-                f"{r['p99_ms']:.2f} | {r['cpu_us']:.0f} |"
-            )
+    for source, connections in ((result, c), (result["many"], m)):
+        for front, name in (("rest", "REST (wrk, V2 JSON)"), ("grpc", "gRPC (h2load)")):
+            for key, label in labels:
+                r = source[f"{front}-{key}"]
+                rows.append(
+                    f"| {name} | {connections} | {label} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
+                    f"{r['p99_ms']:.2f} | {r['cpu_us']:.0f} |"
+                )
     lines = [
         SECTION,
         "",
         "`python bench/capture_bench.py` (in `make bench`): the 64->128->10 MLP, batch-1 "
-        f"requests, {result['setup']}. Medians of the rounds at {c} connections, one round at "
-        f"{m}; the cost is the median over the pairs of on/off (each pair ran under the same "
-        "load).",
+        f"requests, {result['setup']}. Figures are the medians of the rounds.",
         "",
         "| front | connections | capture | requests/s | p50 ms | p99 ms | CPU us/req |",
         "|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Cost at {c} connections (the median of the pairs, [their quartiles]): REST "
-        f"{cost(result, 'rest', 'rps')} of requests/s, {cost(result, 'rest', 'p99', '+')} on "
-        f"p99, {cost(result, 'rest', 'cpu', '+')} of the endpoint's CPU per request; gRPC "
-        f"{cost(result, 'grpc', 'rps')} of requests/s, {cost(result, 'grpc', 'p99', '+')} on "
-        f"p99, {cost(result, 'grpc', 'cpu', '+')} CPU per request{negative}. Building and "
-        f"writing the tables took {result['rest-on']['capture_cpu_us']:.1f} us of CPU per "
-        f"request over REST "
+        f"**Cost at {c} connections** (on against off, from the medians of the rounds, [90% "
+        f"bootstrap interval over the rounds]): {costs_of(result, 'cost')}.",
+        "",
+        "The **control** measured the same way against off (a second endpoint without "
+        "capture: nothing to find, so this is the method's own error here, that day): "
+        f"{costs_of(result, 'control')}.",
+        "",
+        f"Building and writing the tables took {result['rest-on']['capture_cpu_us']:.1f} us "
+        "of CPU per request over REST "
         f"({100 * result['rest-on']['capture_cpu_us'] / result['rest-off']['cpu_us']:.1f}% of "
-        "the endpoint's CPU per request without capture; the writer process's own clock, "
+        "the endpoint's CPU per request without capture), in the writer process at nice "
+        "10 (`capture_writer_nice`; its own clock, "
         "`onnxflow_capture_writer_cpu_seconds_total`; the endpoint's CPU above includes "
         "it). "
         f"Captured rows {seen['written']:.0f} of {seen['answered']:.0f} "
@@ -339,10 +380,9 @@ def write_report(result: dict) -> None:
         f"{seen['dropped']:.0f} dropped.",
         "",
         *instruction_lines(result.get("instructions")),
-        "On a machine whose other load varies (other processes on the same cores), the "
-        "figures of one run vary more than the cost they measure: run it on a quiet "
-        "machine before reading the percentage, or read the instructions above, which do "
-        "not vary with the load. What capture cost before its request path "
+        "Where the control's figures are as large as the cost's, this machine could not "
+        "tell capture's cost apart from its other load that day: read the instructions "
+        "above, which do not vary with the load. What capture cost before its request path "
         "and writer were reworked, and why, is in the "
         "[production loop guide](guide/production-loop.md#what-it-costs).",
         "",
