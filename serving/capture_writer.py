@@ -27,6 +27,7 @@ process group): the endpoint stops it, or the pipe's end does.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Linux lets a pipe hold this much (the default maximum): a batch crosses in a few writes.
 PIPE_BYTES = 1 << 20
+#: Under a local capture folder: a lock file per living writer (see SegmentWriter's sweep).
+WRITERS = ".writers"
 _F_SETPIPE_SZ = 1031
 
 
@@ -167,12 +170,18 @@ class SegmentWriter:
         # container) never pick the same name in the same second
         self._writer_id = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._last_retention = 0.0
+        # a local folder: a lock held while this writer lives, by which the next writer
+        # tells its unfinished files from a dead one's (see sweep_dead_writers)
+        self._lock_fd: int | None = None
         self.written: collections.Counter = collections.Counter()  # rows, by (model, version)
         self.dropped: collections.Counter = collections.Counter()  # (model, "write_error")
         self.segments_rolled = 0
         self.cpu_s = 0.0  # building and writing, on the writer's thread
         self.build_cpu_s = 0.0  # of which building Arrow tables
         self.last_error = ""
+        if _is_local(self.fs):
+            self._hold_lock()
+            self.sweep_dead_writers()
 
     def write(self, batches: list) -> None:
         """Append ``batches`` (closed: nothing is added to them any more); roll what is due."""
@@ -185,9 +194,80 @@ class SegmentWriter:
             self.cpu_s += time.thread_time() - started
 
     def close(self) -> None:
-        """Roll every open segment."""
+        """Roll every open segment (and give up this writer's lock: nothing is left)."""
         for key in list(self._segments):
             self._roll(key)
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._lock_path(self._writer_id))
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- what a dead writer left (local folders) ----------------------------------------
+
+    def _lock_path(self, writer_id: str) -> str:
+        return f"{self.root}/{WRITERS}/{writer_id}.lock"
+
+    def _hold_lock(self) -> None:
+        """Lock a file named after this writer for as long as it lives: the kernel lets go
+        of it when the process ends, however it ends. Locked under a temporary name first,
+        so that no other writer ever sees it unlocked."""
+        import fcntl
+
+        os.makedirs(f"{self.root}/{WRITERS}", exist_ok=True)
+        final = self._lock_path(self._writer_id)
+        fd = os.open(f"{final}.new", os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(f"{final}.new", final)
+        self._lock_fd = fd
+
+    def sweep_dead_writers(self) -> int:
+        """Remove what writers that died with their segments open left behind (the endpoint
+        and its writer killed together: a container's or the OOM killer's SIGKILL): their
+        unfinished segments, which no reader can open (no Parquet footer), and their id
+        files, so that feedback no longer takes labels for rows that are gone. Logged with
+        the number of requests lost; returns it. A writer is dead when its lock is free."""
+        import fcntl
+
+        import pyarrow.parquet as pq
+
+        lost = 0
+        for lock in self.fs.glob(f"{self.root}/{WRITERS}/*.lock"):
+            writer_id = lock.rsplit("/", 1)[1][: -len(".lock")]
+            if writer_id == self._writer_id:
+                continue
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except FileNotFoundError:  # swept meanwhile, or closed
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # alive
+                os.close(fd)
+                continue
+            try:
+                pattern = f"{self.root}/model=*/version=*/date=*/"
+                segments = self.fs.glob(f"{pattern}.part-*-{writer_id}-*.inprogress")
+                ids = self.fs.glob(f"{pattern}{IDS_PREFIX}part-*-{writer_id}-*")
+                requests = set()
+                for path in ids:
+                    with contextlib.suppress(Exception):  # a file cut short by the kill
+                        requests.update(pq.read_table(path, columns=["request_id"])[0].to_pylist())
+                if segments or ids:
+                    log.warning(
+                        "capture: writer %s ended with %d segments unfinished; their %d "
+                        "requests are lost (removing the files, and their ids: no feedback "
+                        "is taken for them)",
+                        writer_id,
+                        len(segments),
+                        len(requests),
+                    )
+                    self.fs.rm([*segments, *ids])
+                lost += len(requests)
+                os.unlink(lock)
+            finally:
+                os.close(fd)
+        return lost
 
     def rows_of_ids(self, model: str, wanted) -> dict[str, int]:
         """Rows of the requests of ``wanted`` (an Arrow string array) in ``model``'s open
@@ -244,9 +324,12 @@ class SegmentWriter:
         for key, segment in list(self._segments.items()):
             if segment.bytes >= self.segment_bytes or now - segment.opened >= self.segment_s:
                 self._roll(key)
-        if self.retention_days > 0 and now - self._last_retention > 3600:
+        if now - self._last_retention > 3600:
             self._last_retention = now
-            self._apply_retention()
+            if self.retention_days > 0:
+                self._apply_retention()
+            if self._lock_fd is not None:  # another replica's writer may have died since
+                self.sweep_dead_writers()
 
     def _write_table(self, key: tuple[str, str, str], table, shapes: dict, requests: int) -> None:
         try:

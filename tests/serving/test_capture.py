@@ -13,6 +13,7 @@ import os
 import threading
 from types import SimpleNamespace
 
+import fsspec
 import httpx
 import numpy as np
 import pytest
@@ -573,7 +574,9 @@ def test_the_writer_process_closes_its_segments_when_the_endpoint_dies(tmp_path)
     writer_pid, written = (int(v) for v in run.stdout.split())
     assert written == 500
     wait_for(lambda: not os.path.exists(f"/proc/{writer_pid}"), timeout=60)
-    assert not [p.name for p in folder.rglob(".*")]  # no .inprogress, no .ids- file
+    # no .inprogress, no .ids- file; the writer gave its lock up
+    assert not [p.name for p in folder.rglob(".*") if p.name != ".writers"]
+    assert not list((folder / ".writers").iterdir())
     table = _read(None, str(folder))
     assert sorted(table["request_id"].to_pylist()) == sorted(f"r{i}" for i in range(500))
 
@@ -848,3 +851,82 @@ def test_every_answer_is_captured_under_load_and_sigterm_loses_nothing(captured)
     assert not list(captured.folder.rglob(".*inprogress"))  # every segment closed
     b = ds.dataset(captured.folder / "model=cap_b", format="parquet").to_table().to_pylist()
     assert b[0]["input.names"][0].startswith("name-") and len(b[0]["input.x"]) == 3
+
+
+_DIES_WITH_ITS_WRITER = """
+import os, signal, sys
+import numpy as np
+from types import SimpleNamespace
+from onnxflow.serving.capture import Capture
+from onnxflow.serving.settings import ServingSettings
+
+capture = Capture(ServingSettings(model="m@champion", capture=sys.argv[1],
+                                  capture_writer="thread", capture_flush_interval_s=3600))
+capture.start()
+model = SimpleNamespace(name="m", version="1", output_names=["y"])
+for i in range(300):
+    x = np.full((1, 3), i, np.float32)
+    capture.offer(model, f"dead{i}", {"x": x}, [x * 2], 0.001)
+capture._timed_write()  # in the segment (and its id file), which stays open
+print(capture.written[("m", "1")], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the endpoint and its writer die together
+"""
+
+
+def test_the_next_writer_sweeps_what_a_dead_writer_left(tmp_path, caplog):
+    """The endpoint and its writer killed together (a container's SIGKILL, the OOM killer)
+    leave an unfinished segment, which no reader can open, and its id file, by which
+    feedback would take labels for rows that are gone. The next writer on the folder finds
+    that writer's lock free: it logs the requests lost and removes both. A living writer's
+    open segment is left alone."""
+    import subprocess
+    import sys
+
+    from onnxflow.serving.capture_writer import SegmentWriter
+    from onnxflow.serving.feedback import _open_segment_ids
+
+    folder = tmp_path / "captured"
+    model = SimpleNamespace(name="m", version="1", output_names=["y"])
+    alive = Capture(
+        ServingSettings(
+            model="m@champion",
+            capture=str(folder),
+            capture_writer="thread",
+            capture_flush_interval_s=3600,
+        )
+    )
+    alive.start()
+    try:
+        for i in range(20):
+            x = np.full((1, 3), i, np.float32)
+            alive.offer(model, f"alive{i}", {"x": x}, [x], 0.001)
+        alive._timed_write()  # its segment open too
+        run = subprocess.run(
+            [sys.executable, "-c", _DIES_WITH_ITS_WRITER, str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == -9 and run.stdout.split() == ["300"], run.stderr
+        fs = fsspec.filesystem("file")
+
+        def open_ids() -> set[str]:
+            table = _open_segment_ids(fs, f"{folder}/model=m", ["request_id"])
+            return set(table["request_id"].to_pylist()) if table is not None else set()
+
+        assert len(open_ids()) == 320  # feedback would take labels for the dead one's ids
+        assert len(list(folder.rglob(".part-*.inprogress"))) == 2
+        with caplog.at_level("WARNING", logger="onnxflow.serving.capture_writer"):
+            after = SegmentWriter(str(folder), 1 << 20, 300.0, retention_days=0)
+        assert "300 requests are lost" in caplog.text
+        assert open_ids() == {f"alive{i}" for i in range(20)}
+        assert len(list(folder.rglob(".part-*.inprogress"))) == 1  # the living one's
+        assert after.sweep_dead_writers() == 0  # nothing more, and the living one stays
+        after.close()
+    finally:
+        alive.stopping()
+        alive.stop()
+    table = _read(None, str(folder))
+    assert sorted(table["request_id"].to_pylist()) == sorted(f"alive{i}" for i in range(20))
+    assert not [p.name for p in folder.rglob(".*") if p.name != ".writers"]
+    assert not list((folder / ".writers").iterdir())  # every writer gave its lock up
