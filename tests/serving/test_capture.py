@@ -930,3 +930,60 @@ def test_the_next_writer_sweeps_what_a_dead_writer_left(tmp_path, caplog):
     assert sorted(table["request_id"].to_pylist()) == sorted(f"alive{i}" for i in range(20))
     assert not [p.name for p in folder.rglob(".*") if p.name != ".writers"]
     assert not list((folder / ".writers").iterdir())  # every writer gave its lock up
+
+
+def test_send_all_frames_messages_as_a_connection_reads_them_whatever_the_writes_take(
+    monkeypatch,
+):
+    """The batches go to the writer process in as few writev calls as the pipe takes,
+    framed as multiprocessing's Connection frames them; a write that takes only part of
+    what it was given (a signal) goes on where it stopped."""
+    import array
+    from multiprocessing.connection import Connection
+
+    from onnxflow.serving import capture_writer
+
+    messages = [
+        b"header",
+        bytearray(range(256)) * 5000,
+        b"",
+        array.array("q", range(1000)),
+        memoryview(b"x" * 70_000),
+    ]
+    expected = [bytes(memoryview(m).cast("B")) for m in messages]
+    writev = os.writev
+
+    def sent(limit: int | None) -> tuple[list[bytes], int]:
+        """What a Connection reads of send_all(messages), each writev taking at most
+        ``limit`` bytes (cutting a view in two); and the number of writev calls."""
+        calls = []
+
+        def limited(fd, views):
+            calls.append(len(views))
+            if limit is None:
+                return writev(fd, views)
+            budget, cut = limit, []
+            for view in views:
+                cut.append(view[:budget])
+                budget -= len(cut[-1])
+                if not budget:
+                    break
+            return writev(fd, cut)
+
+        monkeypatch.setattr(capture_writer.os, "writev", limited)
+        read, write = os.pipe()
+        inbox = Connection(read, writable=False)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.extend(inbox.recv_bytes() for _ in messages))
+        reader.start()
+        try:
+            capture_writer.send_all(write, messages)
+            reader.join(30)
+        finally:
+            os.close(write)
+            inbox.close()
+        return got, len(calls)
+
+    assert sent(None) == (expected, 1)  # all of it in one writev
+    # in parts of 40,000 bytes: 1,358,026 bytes with their 5 lengths, 34 writes
+    assert sent(40_000) == (expected, 34)
