@@ -231,6 +231,9 @@ def main() -> None:
         # the writer's building and writing (what capture adds besides the request path's
         # offer), by its own clock
         found["capture_cpu_us"] = (after["capture_cpu_s"] - before["capture_cpu_s"]) * per_request
+        # the tail against the middle of the same round: the machine's speed that round,
+        # which moves both, drops out
+        found["tail"] = found["p99_ms"] / found["p50_ms"]
         return found
 
     def rest(key: str, connections: int, duration: int) -> dict:
@@ -284,6 +287,7 @@ def main() -> None:
             for figure, name, sign in (
                 ("rps", "rps", -1),
                 ("p99_ms", "p99", 1),
+                ("tail", "tail", 1),
                 ("cpu_us", "cpu", 1),
             ):
                 point, interval = cost_of(
@@ -319,7 +323,8 @@ def costs_of(result: dict, what: str) -> str:
     """The sentence of ``what`` (cost, control) on both fronts."""
     return "; ".join(
         f"{name} {cost(result, f'{front}_{what}', 'rps')} of requests/s, "
-        f"{cost(result, f'{front}_{what}', 'p99', '+')} on p99, "
+        f"{cost(result, f'{front}_{what}', 'p99', '+')} on p99 "
+        f"({cost(result, f'{front}_{what}', 'tail', '+')} on p99/p50), "
         f"{cost(result, f'{front}_{what}', 'cpu', '+')} of the endpoint's CPU per request"
         for front, name in (("rest", "REST"), ("grpc", "gRPC"))
     )
@@ -362,7 +367,9 @@ def write_report(result: dict) -> None:
         *rows,
         "",
         f"**Cost at {c} connections** (on against off, from the medians of the rounds, [90% "
-        f"bootstrap interval over the rounds]): {costs_of(result, 'cost')}.",
+        f"bootstrap interval over the rounds]; p99/p50 is each round's p99 over its own "
+        "p50, which the machine's speed that round moves alike): "
+        f"{costs_of(result, 'cost')}.",
         "",
         "The **control** measured the same way against off (a second endpoint without "
         "capture: nothing to find, so this is the method's own error here, that day): "
