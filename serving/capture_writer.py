@@ -183,8 +183,11 @@ class SegmentWriter:
         self.build_cpu_s = 0.0  # of which building Arrow tables
         self.last_error = ""
         if _is_local(self.fs):
-            self._hold_lock()
-            self.sweep_dead_writers()
+            try:
+                self._hold_lock()
+                self.sweep_dead_writers()
+            except OSError as exc:  # capture goes on; only the sweep is missing
+                log.warning("capture: no writer lock under %s (%s): not sweeping", root, exc)
 
     def write(self, batches: list) -> None:
         """Append ``batches`` (closed: nothing is added to them any more); roll what is due."""
@@ -332,7 +335,10 @@ class SegmentWriter:
             if self.retention_days > 0:
                 self._apply_retention()
             if self._lock_fd is not None:  # another replica's writer may have died since
-                self.sweep_dead_writers()
+                try:
+                    self.sweep_dead_writers()
+                except OSError:
+                    log.exception("capture: sweeping what dead writers left failed")
 
     def _write_table(self, key: tuple[str, str, str], table, shapes: dict, requests: int) -> None:
         try:
