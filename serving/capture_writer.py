@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s capture-writer: %(message)s",
     )
     read_fd, write_fd, nice = (int(a) for a in (argv or sys.argv[1:]))
-    # Every append is a burst of work (about 1.5 us of CPU per request it holds): at a
+    # Every append is a burst of work (about 1 us of CPU per request it holds): at a
     # lower priority the scheduler hands the CPU back to the serving thread and the
     # clients the moment they wake, instead of letting the burst run on (p99 on 2 cores).
     os.nice(nice)

@@ -175,10 +175,11 @@ class ServingSettings(BaseSettings):
         10,
         ge=0,
         le=19,
-        description="Niceness of the capture's writer process (0-19): above 0 it gives the "
-        "CPU back to the serving thread and the clients as soon as they wake, so its "
-        "appends do not stretch the latency of the requests beside them; at 10 it still "
-        "gets a tenth of a core when every core is busy.",
+        description="Niceness the capture's writer process adds to the endpoint's (0-19; "
+        "the sum is capped at 19): above 0 it gives the CPU back to the serving thread and "
+        "the clients as soon as they wake, so its appends do not stretch the latency of the "
+        "requests beside them; at 10 it still gets a tenth of a core when every core is "
+        "busy.",
     )
     canary_percent: float = Field(
         0.0,
