@@ -176,6 +176,7 @@ class SegmentWriter:
         # a local folder: a lock held while this writer lives, by which the next writer
         # tells its unfinished files from a dead one's (see sweep_dead_writers)
         self._lock_fd: int | None = None
+        self._last_sweep = time.monotonic()
         self.written: collections.Counter = collections.Counter()  # rows, by (model, version)
         self.dropped: collections.Counter = collections.Counter()  # (model, "write_error")
         self.segments_rolled = 0
@@ -330,15 +331,16 @@ class SegmentWriter:
         for key, segment in list(self._segments.items()):
             if segment.bytes >= self.segment_bytes or now - segment.opened >= self.segment_s:
                 self._roll(key)
-        if now - self._last_retention > 3600:
+        if self.retention_days > 0 and now - self._last_retention > 3600:
             self._last_retention = now
-            if self.retention_days > 0:
-                self._apply_retention()
-            if self._lock_fd is not None:  # another replica's writer may have died since
-                try:
-                    self.sweep_dead_writers()
-                except OSError:
-                    log.exception("capture: sweeping what dead writers left failed")
+            self._apply_retention()
+        # hourly after the one at start: another replica's writer may have died since
+        if self._lock_fd is not None and now - self._last_sweep > 3600:
+            self._last_sweep = now
+            try:
+                self.sweep_dead_writers()
+            except OSError:
+                log.exception("capture: sweeping what dead writers left failed")
 
     def _write_table(self, key: tuple[str, str, str], table, shapes: dict, requests: int) -> None:
         try:
