@@ -414,9 +414,8 @@ def send_all(fd: int, messages: list) -> None:
     for message in messages:
         view = memoryview(message).cast("B")
         size = view.nbytes
-        large = size > 0x7FFFFFFF
-        views += [struct.pack("!iQ", -1, size) if large else struct.pack("!i", size), view]
-    views = [memoryview(v) for v in views if len(v)]
+        length = struct.pack("!iQ", -1, size) if size > 0x7FFFFFFF else struct.pack("!i", size)
+        views += [memoryview(length), view] if size else [memoryview(length)]
     start = 0
     while start < len(views):
         written = os.writev(fd, views[start : start + IOV_MAX])  # the rest, or part of it
