@@ -53,6 +53,11 @@ SECTION = "## Capture"
 KEYS = ("off", "control", "on")
 
 
+def rotated(n: int) -> tuple[str, ...]:
+    """The endpoints in round ``n``'s order."""
+    return KEYS[n % len(KEYS) :] + KEYS[: n % len(KEYS)]
+
+
 def counters(url: str) -> dict:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
@@ -253,14 +258,14 @@ def main() -> None:
             rest(key, args.connections, 2)
             rpc(key, args.connections, 2)
         for n in range(args.rounds):  # each endpoint once, in an order that rotates
-            order = KEYS[n % 3 :] + KEYS[: n % 3]
+            order = rotated(n)
             for key in order:
                 runs[f"rest-{key}"].append(rest(key, args.connections, args.duration))
                 loads.append(os.getloadavg()[0])
             for key in order:
                 runs[f"grpc-{key}"].append(rpc(key, args.connections, args.duration))
         for n in range(args.many_rounds):
-            for key in KEYS[n % 3 :] + KEYS[: n % 3]:
+            for key in rotated(n):
                 many[f"rest-{key}"].append(rest(key, args.many, args.duration))
                 many[f"grpc-{key}"].append(rpc(key, args.many, args.duration))
         deadline = time.monotonic() + 30
@@ -296,6 +301,7 @@ def main() -> None:
                 prefix = f"{front}_{'cost' if against == 'on' else 'control'}_{name}"
                 result[f"{prefix}_pct"], result[f"{prefix}_interval"] = point, interval
     result["captured"] = seen
+    result["writer_nice"] = endpoints["on"].capture_writer_nice
     result["instructions"] = counted
     result["connections"] = args.connections
     result["many_connections"] = args.many
@@ -379,7 +385,7 @@ def write_report(result: dict) -> None:
         "of CPU per request over REST "
         f"({100 * result['rest-on']['capture_cpu_us'] / result['rest-off']['cpu_us']:.1f}% of "
         "the endpoint's CPU per request without capture), in the writer process at nice "
-        "10 (`capture_writer_nice`; its own clock, "
+        f"{result['writer_nice']} (`capture_writer_nice`; its own clock, "
         "`onnxflow_capture_writer_cpu_seconds_total`; the endpoint's CPU above includes "
         "it). "
         f"Captured rows {seen['written']:.0f} of {seen['answered']:.0f} "
