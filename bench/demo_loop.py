@@ -76,7 +76,7 @@ def send(http, x: np.ndarray, batch: int = 10) -> list[tuple[str, int]]:
         }
         response = http.post("/v2/models/tab/infer", json=body)
         response.raise_for_status()
-        rid = response.headers["x-request-id"]
+        rid = response.json()["id"]  # the capture's new id
         rows += [(rid, i) for i in range(len(part))]
     return rows
 

@@ -141,15 +141,15 @@ class RestEndpoints:
         self.plane.authorize(headers.get("authorization"))
         model = self.plane.inference_model(params["name"], params.get("version"))
         body = await self.read_body(headers, receive, (JSON, "application/octet-stream"), True)
-        content, response_headers, given = await self.plane.run_request(
+        given = headers.get("x-request-id")
+        content, response_headers = await self.plane.run_request(
             model,
             lambda: InferRequest.from_rest(body, headers.get(v2.HEADER_LENGTH)),
-            lambda model, bound, results: (
-                *v2.encode_response(model, bound, results),
-                bound.request_id,
-            ),
-            headers.get("x-request-id"),
+            v2.encode_response,
+            given,
         )
+        # the id the capture knows the request by is the body's "id" (a header cost the
+        # endpoint more than the capture's whole request path): the header is the client's
         return 200, content, response_headers, model, given
 
     async def invocations(self, headers, receive, params: dict) -> tuple:
@@ -377,7 +377,7 @@ class InferenceRoute:
             raw.append((b"content-length", str(len(content)).encode()))
         if model is not None:
             raw += model.version_headers
-        if request_id:  # the client's X-Request-ID, or the id the capture knows it by
+        if request_id:  # the client's X-Request-ID; on /invocations, or the capture's new id
             raw.append((b"x-request-id", request_id.encode("latin-1")))
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": content})

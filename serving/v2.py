@@ -37,8 +37,11 @@ def encode_response(
             entry["data"] = array_to_json(tensor.datatype, arr)
         entries.append(entry)
     response = {"model_name": model.name, "model_version": model.version, "outputs": entries}
-    if request.id is not None:
-        response["id"] = request.id
+    # the request's own id, else the one it is known by (its X-Request-ID, or the capture's
+    # new one): where V2 clients read a request's id, as gRPC's answers carry it
+    known = request.id if request.id is not None else request.request_id
+    if known is not None:
+        response["id"] = known
     header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return header, {"content-type": "application/json"}

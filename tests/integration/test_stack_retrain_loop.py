@@ -61,7 +61,7 @@ def infer(http: httpx.Client, x: np.ndarray, batch: int = 20) -> tuple[list, np.
         versions.add(response.headers["x-model-version"])
         scores = np.asarray(response.json()["outputs"][0]["data"]).reshape(len(part), -1)
         predicted += scores.argmax(axis=1).tolist()
-        ids += [(response.headers["x-request-id"], i) for i in range(len(part))]
+        ids += [(response.json()["id"], i) for i in range(len(part))]
     return ids, np.asarray(predicted), versions
 
 

@@ -682,7 +682,11 @@ def _rest(http: httpx.Client, i: int, rid: str | None) -> tuple[int, str | None,
     body["inputs"][0]["data"] = x.ravel().tolist()
     headers = {"x-request-id": rid} if rid else {}
     response = http.post("/v2/models/cap_a/infer", json=body, headers=headers)
-    return response.status_code, response.headers.get("x-request-id"), x.shape[0]
+    if response.status_code != 200:
+        return response.status_code, None, x.shape[0]
+    # the id is the V2 body's; the header only echoes the client's
+    assert response.headers.get("x-request-id") == rid
+    return response.status_code, response.json().get("id"), x.shape[0]
 
 
 def _grpc(client, i: int) -> tuple[int, str, int]:
@@ -734,6 +738,17 @@ def test_feedback_joins_labels_by_id_and_refuses_bad_ones_whole(captured, tmp_pa
         assert _rest(http, 0, "fb-3")[:2] == (200, "fb-3")  # never labelled
         status, generated, _ = _rest(http, 3, None)
         assert status == 200 and len(generated) == 32 and int(generated, 16) >= 0
+        # a V2 body's own id is the request's; MLflow's format has none: the header has it
+        x = np.zeros((1, 64), np.float32)
+        features = {"name": "features", "datatype": "FP32", "shape": [1, 64]}
+        answer = http.post(
+            "/v2/models/cap_a/infer",
+            json={"id": "fb-body", "inputs": [{**features, "data": x.ravel().tolist()}]},
+        )
+        assert answer.json()["id"] == "fb-body" and "x-request-id" not in answer.headers
+        scored = http.post("/v2/models/cap_a/invocations", json={"inputs": {"features": x.tolist()}})
+        invoked = scored.headers.get("x-request-id", "")
+        assert scored.status_code == 200 and len(invoked) == 32, scored.text
 
         def post(body):
             return http.post("/v2/models/cap_a/feedback", json=body)
@@ -762,6 +777,7 @@ def test_feedback_joins_labels_by_id_and_refuses_bad_ones_whole(captured, tmp_pa
         assert row.status_code == 400 and "the request had 2" in row.json()["error"]
         assert http.post("/v2/models/cap_a/feedback", content=b"{").status_code == 400
         assert post({"request_id": "fb-2", "label": 4}).json() == {"stored": 1}  # row 0
+        assert post({"request_id": invoked, "label": 2}).json() == {"stored": 1}
 
     labels = tmp_path / "labels.csv"
     labels.write_text(f"request_id,label,row\n{generated},5,\nfb-2,6,1\n")
@@ -788,6 +804,7 @@ def test_feedback_joins_labels_by_id_and_refuses_bad_ones_whole(captured, tmp_pa
     table = stored.to_table(columns=["request_id", "row", "label"]).to_pydict()
     got = sorted(zip(*table.values()))
     want = [("fb-1", 0, "7"), ("fb-2", 0, "4"), (generated, 0, "5"), ("fb-2", 1, "6")]
+    want.append((invoked, 0, "2"))
     assert got == sorted(want)
 
 
