@@ -13,9 +13,9 @@ over the rounds. The control is measured the same way against off: there is noth
 find there, so what it shows is the method's own error on this machine, that day.
 Also whether every answered request was captured (``onnxflow_capture_rows_written_total``
 against the answers of both fronts, drops from ``onnxflow_capture_dropped_total``).
-Then off and on again under valgrind's callgrind: the instructions of the serving thread
-per REST request (see ``bench/capture_instructions.py``), a figure the machine's other
-load does not move.
+Then off and on again under valgrind's callgrind: the instructions per request of the
+serving thread and of the whole endpoint, over REST and over gRPC (see
+``bench/capture_instructions.py``), figures the machine's other load does not move.
 
     python bench/capture_bench.py [--duration 2] [--rounds 30] [--connections 8]
                                   [--many 64] [--many-rounds 3] [--instructions 2000]
@@ -42,7 +42,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.capture_instructions import MODEL, compare, endpoint_settings  # noqa: E402
+from bench.capture_instructions import (  # noqa: E402
+    MODEL,
+    compare,
+    counters,
+    endpoint_settings,
+    grpc_message,
+)
 from bench.serve_bench import ensure_tool, register, run_wrk, wrk_script  # noqa: E402
 from bench.team_bench import cpu_s  # noqa: E402
 from onnxflow.processes import free_port  # noqa: E402
@@ -56,29 +62,6 @@ KEYS = ("off", "control", "on")
 def rotated(n: int) -> tuple[str, ...]:
     """The endpoints in round ``n``'s order."""
     return KEYS[n % len(KEYS) :] + KEYS[: n % len(KEYS)]
-
-
-def counters(url: str) -> dict:
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    found = {"written": 0.0, "dropped": 0.0, "answered": 0.0, "capture_cpu_s": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "onnxflow_capture_writer_cpu_seconds_total":  # building too
-                found["capture_cpu_s"] += sample.value
-            elif sample.name == "onnxflow_capture_rows_written_total":
-                found["written"] += sample.value
-            elif sample.name == "onnxflow_capture_dropped_total":
-                found["dropped"] += sample.value
-            elif (
-                sample.name == "onnxflow_requests_total"
-                and sample.labels.get("route", "").endswith(("/infer", "grpc:ModelInfer"))
-                and sample.labels.get("status") == "200"
-            ):
-                found["answered"] += sample.value
-    return found
 
 
 def endpoint_cpu_s(pid: int) -> float:
@@ -97,19 +80,6 @@ def endpoint_cpu_s(pid: int) -> float:
         except FileNotFoundError:  # ended meanwhile
             pass
     return total
-
-
-def grpc_body(path: Path, x: np.ndarray) -> Path:
-    """A batch-1 ``ModelInferRequest`` for ``x`` as one gRPC message: a 0 (not compressed),
-    its length (4 bytes, big-endian), the protobuf."""
-    from tritonclient.grpc import service_pb2
-
-    request = service_pb2.ModelInferRequest(model_name=MODEL)
-    request.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
-    request.raw_input_contents.append(x.tobytes())  # the input's bytes
-    message = request.SerializeToString()
-    path.write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)
-    return path
 
 
 def run_h2load_grpc(h2load: str, address: str, body: Path, connections: int, duration: int):
@@ -208,7 +178,7 @@ def main() -> None:
         }
     )
     script = wrk_script(work / "post.lua", body)
-    message = grpc_body(work / "infer.grpc", x)
+    message = grpc_message(work / "infer.grpc", x)
     infos, grpc = {}, {}
     endpoints = endpoint_settings(work)
     # the A/A control: like off, on ports of its own
@@ -264,6 +234,8 @@ def main() -> None:
                 loads.append(os.getloadavg()[0])
             for key in order:
                 runs[f"grpc-{key}"].append(rpc(key, args.connections, args.duration))
+            if (n + 1) % 10 == 0 or n + 1 == args.rounds:
+                print(f"round {n + 1}/{args.rounds} done", flush=True)
         for n in range(args.many_rounds):
             for key in rotated(n):
                 many[f"rest-{key}"].append(rest(key, args.many, args.duration))
@@ -279,10 +251,11 @@ def main() -> None:
             stop_background(work / key)
     counted = None
     if args.instructions:  # the same endpoints again, each under callgrind
-        print(f"counting instructions over {args.instructions} REST requests (callgrind) ...")
+        print(f"counting instructions over {args.instructions} requests a front (callgrind) ...")
         body_file = work / "body.json"
         body_file.write_text(body)
-        counted = compare(endpoint_settings(work), MODEL, body_file, args.instructions)
+        bodies = {"rest": body_file, "grpc": message}
+        counted = compare(endpoint_settings(work), bodies, args.instructions)
     result = {key: medians(parts) for key, parts in runs.items()}
     result["rounds"] = runs
     result["many"] = {key: medians(parts) for key, parts in many.items()}
@@ -339,15 +312,33 @@ def costs_of(result: dict, what: str) -> str:
 def instruction_lines(counted: dict | None) -> list[str]:
     if not counted:
         return []
-    off, on = (counted[k]["instructions_per_request"] for k in ("off", "on"))
-    return [
-        f"Instructions of the serving thread per request, counted by callgrind over "
-        f"{counted['requests']:,} REST requests at 8 connections after a warm-up (the same "
-        f"requests count the same on a busy machine; `bench/capture_instructions.py`): off "
-        f"{off:,.0f}, on {on:,.0f}: capture costs **{counted['cost_pct']:.1f}%** of them "
-        f"({on - off:,.0f} instructions per request).",
+    lines = [
+        f"Instructions per request, counted by callgrind over {counted['requests']:,} "
+        "requests a front at 8 connections after a warm-up (the same requests count the "
+        "same on a busy machine; user space only; `bench/capture_instructions.py`):",
+        "",
+        "| front | thread | off | on | capture's cost |",
+        "|---|---|---|---|---|",
+    ]
+    for front, name in (("rest", "REST"), ("grpc", "gRPC")):
+        off, on = counted[front]["off"], counted[front]["on"]
+        for key, thread in (
+            ("serving_thread", "serving thread (the event loop)"),
+            ("endpoint", "the endpoint (every thread)"),
+        ):
+            pct = counted[front][f"{key}_pct"]
+            lines.append(
+                f"| {name} | {thread} | {off[key]:,.0f} | {on[key]:,.0f} | "
+                f"**{pct:.1f}%** ({on[key] - off[key]:+,.0f}) |"
+            )
+    lines += [
+        "",
+        "The writer process is not in these counts (under callgrind each of its appends "
+        "would carry a fiftieth of the requests it carries at full speed); its CPU at full "
+        "speed is above.",
         "",
     ]
+    return lines
 
 
 def write_report(result: dict) -> None:

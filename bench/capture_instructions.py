@@ -1,14 +1,26 @@
-"""What capture costs the serving thread, in instructions (valgrind's callgrind).
+"""What capture costs in instructions (valgrind's callgrind), over REST and over gRPC.
 
 Requests per second and p99 on a shared 2-core machine move by more between two rounds of
 the same endpoint than the few percent capture costs. Instructions executed do not: the
 same requests through the same code count the same, whatever else the machine runs
 (two runs of one endpoint here differed by 0.04%). So beside the timed rounds,
-``capture_bench`` runs each endpoint under callgrind, sends it ``--requests`` batch-1 V2
-REST requests at 8 connections (h2load) after a warm-up, and counts the instructions of
-the serving thread (the event loop's, which decodes, runs the model inline, encodes and
-offers to the capture) over exactly those requests. The capture's writer thread is not
-in the figure: it runs on another core, and its CPU is reported from its own clock.
+``capture_bench`` runs each endpoint (off, then on) under callgrind, and for each front
+sends it ``--requests`` batch-1 requests at 8 connections with h2load (V2 JSON over
+HTTP/1.1, then ``ModelInfer`` over gRPC) after a warm-up, and counts per answered request:
+
+* the **serving thread** (the event loop's: REST's decode, run, encode and the capture's
+  offer; gRPC's requests run in gRPC's threads and are offered to the capture here);
+* the **endpoint**: every thread of its process (gRPC's, the capture's sender).
+
+Each count waits until the endpoint has handed its last batch to the writer (checked
+afterwards: every answered request written, none dropped). These are user-space
+instructions: the kernel's part (sockets, the writer's pipe) is not in them, nor is the
+capture's writer process. Under callgrind the endpoint runs some fifty times slower, so
+each of the writer's appends (every flush interval) would carry a fiftieth of the
+requests it carries at full speed, and its fixed costs would count many times over per
+request (about 19,000 instructions a request counted so, against 0.6 us of user CPU a
+request at full speed). ``capture_bench``'s timed rounds report the writer's CPU at full
+speed from its own clock, and the endpoint's CPU per request with the kernel's part.
 
     python bench/capture_instructions.py [--requests 2000]   (prints the figures)
 """
@@ -34,6 +46,7 @@ from onnxflow.serving.settings import ServingSettings  # noqa: E402
 
 WARM_UP = 200
 MODEL = "capbench"
+FRONTS = ("rest", "grpc")
 
 
 def endpoint_settings(work: Path) -> dict[str, ServingSettings]:
@@ -55,17 +68,70 @@ def endpoint_settings(work: Path) -> dict[str, ServingSettings]:
     }
 
 
-def h2load_rest(h2load: str, url: str, body: Path, requests: int, connections: int = 8) -> int:
-    """Send ``requests`` POSTs of ``body`` over HTTP/1.1; how many were answered with 2xx."""
+def counters(url: str) -> dict:
+    """The endpoint's answered inference requests (both fronts) and the capture's rows
+    written, rows dropped and writer CPU seconds, from its ``/metrics``."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    found = {"written": 0.0, "dropped": 0.0, "answered": 0.0, "capture_cpu_s": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "onnxflow_capture_writer_cpu_seconds_total":  # building too
+                found["capture_cpu_s"] += sample.value
+            elif sample.name == "onnxflow_capture_rows_written_total":
+                found["written"] += sample.value
+            elif sample.name == "onnxflow_capture_dropped_total":
+                found["dropped"] += sample.value
+            elif (
+                sample.name == "onnxflow_requests_total"
+                and sample.labels.get("route", "").endswith(("/infer", "grpc:ModelInfer"))
+                and sample.labels.get("status") == "200"
+            ):
+                found["answered"] += sample.value
+    return found
+
+
+def grpc_message(path: Path, x) -> Path:
+    """A batch-1 ``ModelInferRequest`` for ``x`` as one gRPC message: a 0 (not compressed),
+    its length (4 bytes, big-endian), the protobuf."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())  # the input's bytes
+    message = request.SerializeToString()
+    path.write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)
+    return path
+
+
+def h2load(front: str, address: str, body: Path, requests: int, connections: int = 8) -> int:
+    """Send ``requests`` requests of ``body`` to the endpoint at ``address`` (host:port of
+    ``front``): V2 JSON POSTs over HTTP/1.1, or gRPC ``ModelInfer`` calls, one in flight per
+    connection. How many h2load saw answered with HTTP 200 (gRPC's own status is in the
+    trailers: the caller checks the endpoint's count)."""
+    if front == "rest":
+        target = [
+            "--h1",
+            "--header=content-type: application/json",
+            f"http://{address}/v2/models/{MODEL}/infer",
+        ]
+    else:
+        target = [
+            "--max-concurrent-streams=1",
+            "--header=content-type: application/grpc",
+            "--header=te: trailers",
+            f"http://{address}/inference.GRPCInferenceService/ModelInfer",
+        ]
     out = subprocess.run(
         [
-            h2load,
-            "--h1",
+            _tool("h2load"),
             f"--requests={requests}",
             f"--clients={connections}",
+            "--threads=1",
             f"--data={body}",
-            "--header=content-type: application/json",
-            url,
+            *target,
         ],
         capture_output=True,
         text=True,
@@ -75,22 +141,62 @@ def h2load_rest(h2load: str, url: str, body: Path, requests: int, connections: i
     return int(found.group(1)) if found else 0
 
 
-def serving_instructions(
-    settings: ServingSettings, infer_url: str, body: Path, requests: int, work: Path
-) -> dict:
-    """Instructions of the serving thread per answered request, ``settings``' endpoint run
-    under callgrind (instrumented only while the counted requests run)."""
+def _writers(pid: int) -> list[int]:
+    """The processes ``pid``'s threads started (the capture's writer)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids += [int(p) for p in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return kids
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _settle(pids: list[int], flush_s: float, timeout_s: float = 300) -> None:
+    """Until the endpoint has handed its open batches over (two flush intervals) and the
+    writer's CPU clock stood still for two seconds: the requests' capture is written."""
+    time.sleep(2 * flush_s + 0.5)
+    deadline = time.monotonic() + timeout_s
+    last = [_cpu_ticks(p) for p in pids]
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        now = [_cpu_ticks(p) for p in pids]
+        if now == last:
+            return
+        last = now
+
+
+def _control(command: str, pid: int) -> None:
+    subprocess.run([_tool("callgrind_control"), command, str(pid)], check=True, capture_output=True)
+
+
+def _summaries(work: Path, pid: int, dump: int) -> dict[int, int]:
+    """Instructions by thread (1: the main thread) in ``pid``'s dump number ``dump``."""
+    found = {}
+    for path in work.glob(f"callgrind.{pid}.{dump}-*"):
+        thread = int(path.name.rsplit("-", 1)[1])
+        found[thread] = int(re.search(r"^summary: (\d+)", path.read_text(), re.M).group(1))
+    return found
+
+
+def count_endpoint(settings: ServingSettings, bodies: dict[str, Path], requests: int) -> dict:
+    """``settings``' endpoint under callgrind, each front of ``bodies`` counted in turn:
+    instructions per answered request of its serving thread and of the whole endpoint."""
     import httpx
 
-    valgrind, h2load = _tool("valgrind"), _tool("h2load")
-    out = work / "callgrind.%p"
+    work = Path(tempfile.mkdtemp(prefix="capture-instructions-"))
     process = subprocess.Popen(
         [
-            valgrind,
+            _tool("valgrind"),
             "--tool=callgrind",
             "--instr-atstart=no",  # start-up runs at a quarter of full speed, not 1/50
             "--separate-threads=yes",
-            f"--callgrind-out-file={out}",
+            f"--callgrind-out-file={work / 'callgrind.%p'}",
             *ENDPOINT_ARGV,
         ],
         env=_child_env(settings),
@@ -99,6 +205,9 @@ def serving_instructions(
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{settings.port}"
+    addresses = {"rest": f"127.0.0.1:{settings.port}", "grpc": f"127.0.0.1:{settings.grpc_port}"}
+    flush_s = settings.capture_flush_interval_s
+    found: dict = {}
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -110,22 +219,35 @@ def serving_instructions(
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the endpoint under callgrind did not start: {work}")
             time.sleep(1)
-        h2load_rest(h2load, infer_url, body, WARM_UP)
-        control = [_tool("callgrind_control")]
-        subprocess.run([*control, "--instr=on", str(process.pid)], check=True, capture_output=True)
-        subprocess.run([*control, "--zero", str(process.pid)], check=True, capture_output=True)
-        answered = h2load_rest(h2load, infer_url, body, requests)
-        subprocess.run([*control, "--dump", str(process.pid)], check=True, capture_output=True)
+        for dump, (front, body) in enumerate(bodies.items(), start=1):
+            h2load(front, addresses[front], body, WARM_UP)
+            writers = _writers(process.pid)
+            _settle(writers, flush_s)
+            before = counters(base)
+            _control("--instr=on", process.pid)
+            _control("--zero", process.pid)
+            answered = h2load(front, addresses[front], body, requests)
+            _settle(writers, flush_s)
+            _control("--dump", process.pid)
+            after = counters(base)
+            served = after["answered"] - before["answered"]
+            threads = _summaries(work, process.pid, dump)
+            found[front] = {
+                "answered": served,
+                "h2load_2xx": answered,
+                "serving_thread": threads[1] / served,
+                "endpoint": sum(threads.values()) / served,
+                # every request of the count (and of the warm-ups) written, none dropped
+                "all_written": after["written"] == after["answered"] if settings.capture else None,
+                "dropped": after["dropped"],
+            }
     finally:
         os.killpg(process.pid, signal.SIGINT)
         try:
             process.wait(120)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-    # thread 1 is the serving thread (the event loop); the dump is the first (".1")
-    dump = work / f"callgrind.{process.pid}.1-01"
-    total = int(re.search(r"^summary: (\d+)", dump.read_text(), re.MULTILINE).group(1))
-    return {"answered": answered, "instructions_per_request": total / max(answered, 1)}
+    return found
 
 
 def _tool(name: str) -> str:
@@ -137,23 +259,42 @@ def _tool(name: str) -> str:
     return found
 
 
-def compare(settings: dict[str, ServingSettings], model: str, body: Path, requests: int) -> dict:
-    """Each endpoint of ``settings`` (off, on) counted in turn; the cost in percent."""
-    found = {}
+def compare(settings: dict[str, ServingSettings], bodies: dict[str, Path], requests: int) -> dict:
+    """Each endpoint of ``settings`` (off, on) counted in turn, on each front of
+    ``bodies``; capture's cost in percent of the serving thread's instructions and of the
+    endpoint's (every thread)."""
+    counted = {}
     for key, options in settings.items():
-        work = Path(tempfile.mkdtemp(prefix=f"capture-instructions-{key}-"))
-        url = f"http://127.0.0.1:{options.port}/v2/models/{model}/infer"
-        found[key] = serving_instructions(options, url, body, requests, work)
-        print(f"  {key}: {found[key]['instructions_per_request']:,.0f} instructions/request")
-    off, on = (found[k]["instructions_per_request"] for k in ("off", "on"))
-    found["cost_pct"] = 100 * (on / off - 1)
-    found["requests"] = requests
+        counted[key] = count_endpoint(options, bodies, requests)
+        for front, figures in counted[key].items():
+            print(
+                f"  {front} {key}: serving thread {figures['serving_thread']:,.0f}, endpoint "
+                f"{figures['endpoint']:,.0f} instructions/request"
+            )
+    found: dict = {"requests": requests}
+    for front in bodies:
+        off, on = counted["off"][front], counted["on"][front]
+        found[front] = {
+            "off": off,
+            "on": on,
+            "serving_thread_pct": 100 * (on["serving_thread"] / off["serving_thread"] - 1),
+            "endpoint_pct": 100 * (on["endpoint"] / off["endpoint"] - 1),
+        }
     return found
 
 
-def main() -> None:
+def request_bodies(work: Path) -> dict[str, Path]:
+    """A batch-1 request of the digits-sized MLP for each front."""
     import numpy as np
 
+    x = np.random.default_rng(0).normal(size=(1, 64)).astype(np.float32)
+    body = work / "body.json"
+    features = {"name": "features", "datatype": "FP32", "shape": [1, 64], "data": x[0].tolist()}
+    body.write_text(json.dumps({"inputs": [features]}))
+    return {"rest": body, "grpc": grpc_message(work / "infer.grpc", x)}
+
+
+def main() -> None:
     from bench.serve_bench import register
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -162,11 +303,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="capture-instructions-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     register(os.environ["MLFLOW_TRACKING_URI"], MODEL, (64, 128, 10), work)
-    x = np.random.default_rng(0).normal(size=64).astype(np.float32)
-    body = work / "body.json"
-    features = {"name": "features", "datatype": "FP32", "shape": [1, 64], "data": x.tolist()}
-    body.write_text(json.dumps({"inputs": [features]}))
-    print(json.dumps(compare(endpoint_settings(work), MODEL, body, args.requests), indent=2))
+    found = compare(endpoint_settings(work), request_bodies(work), args.requests)
+    print(json.dumps(found, indent=2))
 
 
 if __name__ == "__main__":
