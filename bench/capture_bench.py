@@ -125,16 +125,18 @@ def medians(parts: list[dict]) -> dict:
     }
 
 
-def cost_of(base: list[dict], other: list[dict], figure: str, sign: int, draws: int = 2000):
-    """What ``other`` costs against ``base`` in percent (``sign`` -1: a smaller figure is a
-    cost, requests/s; 1: a larger one, p99 and CPU), from the medians of their rounds, and
-    a 90% bootstrap interval: the rounds drawn again with replacement (a round's figures
+def cost_of(base: list[list[dict]], other: list[dict], figure: str, sign: int, draws: int = 2000):
+    """What ``other`` costs against ``base`` (the rounds of one or more endpoints, each
+    as many as ``other``'s) in percent (``sign`` -1: a smaller figure is a cost,
+    requests/s; 1: a larger one, p99 and CPU), from the medians of their rounds, and a 90%
+    bootstrap interval: the rounds drawn again with replacement (a round's figures
     together, as they ran under one load), ``draws`` times."""
-    a = np.array([r[figure] for r in base])
+    a = np.array([[r[figure] for r in rounds] for rounds in base])  # (endpoints, rounds)
     b = np.array([r[figure] for r in other])
     point = 100 * sign * (np.median(b) / np.median(a) - 1)
-    picks = np.random.default_rng(0).integers(0, len(a), size=(draws, len(a)))
-    drawn = 100 * sign * (np.median(b[picks], axis=1) / np.median(a[picks], axis=1) - 1)
+    picks = np.random.default_rng(0).integers(0, len(b), size=(draws, len(b)))
+    drawn_base = np.median(a[:, picks].transpose(1, 0, 2).reshape(draws, -1), axis=1)
+    drawn = 100 * sign * (np.median(b[picks], axis=1) / drawn_base - 1)
     low, high = np.percentile(drawn, [5, 95])
     return float(point), [float(low), float(high)]
 
@@ -260,19 +262,7 @@ def main() -> None:
     result["rounds"] = runs
     result["many"] = {key: medians(parts) for key, parts in many.items()}
     result["many_rounds"] = many
-    for front in ("rest", "grpc"):
-        for against in ("on", "control"):
-            for figure, name, sign in (
-                ("rps", "rps", -1),
-                ("p99_ms", "p99", 1),
-                ("tail", "tail", 1),
-                ("cpu_us", "cpu", 1),
-            ):
-                point, interval = cost_of(
-                    runs[f"{front}-off"], runs[f"{front}-{against}"], figure, sign
-                )
-                prefix = f"{front}_{'cost' if against == 'on' else 'control'}_{name}"
-                result[f"{prefix}_pct"], result[f"{prefix}_interval"] = point, interval
+    costs(result, runs)
     result["captured"] = seen
     result["writer_nice"] = endpoints["on"].capture_writer_nice
     result["instructions"] = counted
@@ -296,6 +286,33 @@ def main() -> None:
 def cost(result: dict, prefix: str, figure: str, sign: str = "") -> str:
     low, high = result[f"{prefix}_{figure}_interval"]
     return f"{result[f'{prefix}_{figure}_pct']:{sign}.1f}% [{low:{sign}.1f}..{high:{sign}.1f}]"
+
+
+#: What each cost compares: (its name in the results, the baseline's rounds, the other's).
+COMPARISONS = (
+    ("cost", ("off",), "on"),
+    # the two endpoints without capture, pooled: each process keeps a speed of its own
+    # for a whole run, and two such processes differ by up to a few percent
+    ("pooled", ("off", "control"), "on"),
+    ("control", ("off",), "control"),  # the A/A control: the method's own error
+)
+
+
+def costs(result: dict, runs: dict[str, list[dict]]) -> None:
+    """Into ``result``: every comparison's cost on each figure and front, from the
+    medians of the rounds, with a 90% bootstrap interval."""
+    for front in ("rest", "grpc"):
+        for what, baseline, other in COMPARISONS:
+            base = [runs[f"{front}-{key}"] for key in baseline]
+            for figure, name, sign in (
+                ("rps", "rps", -1),
+                ("p99_ms", "p99", 1),
+                ("tail", "tail", 1),
+                ("cpu_us", "cpu", 1),
+            ):
+                point, interval = cost_of(base, runs[f"{front}-{other}"], figure, sign)
+                prefix = f"{front}_{what}_{name}"
+                result[f"{prefix}_pct"], result[f"{prefix}_interval"] = point, interval
 
 
 def costs_of(result: dict, what: str) -> str:
@@ -367,6 +384,10 @@ def write_report(result: dict) -> None:
         f"bootstrap interval over the rounds]; p99/p50 is each round's p99 over its own "
         "p50, which the machine's speed that round moves alike): "
         f"{costs_of(result, 'cost')}.",
+        "",
+        "**Against both endpoints without capture** (off and the control, their rounds "
+        "pooled: each endpoint process keeps a speed of its own for a whole run, see the "
+        f"control below): {costs_of(result, 'pooled')}.",
         "",
         "The **control** measured the same way against off (a second endpoint without "
         "capture: nothing to find, so this is the method's own error here, that day): "
