@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 PIPE_BYTES = 1 << 20
 #: Under a local capture folder: a lock file per living writer (see SegmentWriter's sweep).
 WRITERS = ".writers"
+#: A writer's lock is made under ``NAME.lock.new`` and renamed within microseconds; one this
+#: old that no one holds was left by a writer killed in between (nothing else of it exists).
+STALE_NEW_LOCK_S = 60.0
 #: The most buffers one writev takes (Linux's IOV_MAX).
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _F_SETPIPE_SZ = 1031
@@ -274,6 +277,16 @@ class SegmentWriter:
                 os.unlink(lock)
             finally:
                 os.close(fd)
+        for stale in self.fs.glob(f"{self.root}/{WRITERS}/*.lock.new"):
+            with contextlib.suppress(OSError):  # gone meanwhile, or held (BlockingIOError)
+                if time.time() - os.stat(stale).st_mtime < STALE_NEW_LOCK_S:
+                    continue  # a writer starting now
+                fd = os.open(stale, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    os.unlink(stale)
+                finally:
+                    os.close(fd)
         return lost
 
     def rows_of_ids(self, model: str, wanted) -> dict[str, int]:

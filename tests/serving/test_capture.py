@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
+import time
 from types import SimpleNamespace
 
 import fsspec
@@ -746,7 +747,8 @@ def test_feedback_joins_labels_by_id_and_refuses_bad_ones_whole(captured, tmp_pa
             json={"id": "fb-body", "inputs": [{**features, "data": x.ravel().tolist()}]},
         )
         assert answer.json()["id"] == "fb-body" and "x-request-id" not in answer.headers
-        scored = http.post("/v2/models/cap_a/invocations", json={"inputs": {"features": x.tolist()}})
+        mlflow_body = {"inputs": {"features": x.tolist()}}
+        scored = http.post("/v2/models/cap_a/invocations", json=mlflow_body)
         invoked = scored.headers.get("x-request-id", "")
         assert scored.status_code == 200 and len(invoked) == 32, scored.text
 
@@ -947,6 +949,33 @@ def test_the_next_writer_sweeps_what_a_dead_writer_left(tmp_path, caplog):
     assert sorted(table["request_id"].to_pylist()) == sorted(f"alive{i}" for i in range(20))
     assert not [p.name for p in folder.rglob(".*") if p.name != ".writers"]
     assert not list((folder / ".writers").iterdir())  # every writer gave its lock up
+
+
+def test_a_lock_left_half_made_is_swept_once_stale_and_never_while_held_or_young(tmp_path):
+    """A writer killed between making its lock file and renaming it leaves ``.lock.new``:
+    the next writer removes it once it is older than a start takes and no one holds it."""
+    import fcntl
+
+    from onnxflow.serving.capture_writer import STALE_NEW_LOCK_S, SegmentWriter
+
+    writers = tmp_path / ".writers"
+    writers.mkdir()
+    old = time.time() - STALE_NEW_LOCK_S - 5
+    for name in ("dead", "held", "young"):
+        (writers / f"{name}.lock.new").touch()
+    for name in ("dead", "held"):
+        os.utime(writers / f"{name}.lock.new", (old, old))
+    held = os.open(writers / "held.lock.new", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a writer stopped in between, alive
+    try:
+        writer = SegmentWriter(str(tmp_path), 1 << 20, 300.0, retention_days=0)  # sweeps
+        try:
+            left = sorted(p.name for p in writers.iterdir() if p.name.endswith(".new"))
+            assert left == ["held.lock.new", "young.lock.new"]
+        finally:
+            writer.close()
+    finally:
+        os.close(held)
 
 
 def test_send_all_frames_messages_as_a_connection_reads_them_whatever_the_writes_take(
