@@ -17,10 +17,10 @@ afterwards: every answered request written, none dropped). These are user-space
 instructions: the kernel's part (sockets, the writer's pipe) is not in them, nor is the
 capture's writer process. Under callgrind the endpoint runs some fifty times slower, so
 each of the writer's appends (every flush interval) would carry a fiftieth of the
-requests it carries at full speed, and its fixed costs would count many times over per
-request (about 19,000 instructions a request counted so, against 0.6 us of user CPU a
-request at full speed). ``capture_bench``'s timed rounds report the writer's CPU at full
-speed from its own clock, and the endpoint's CPU per request with the kernel's part.
+requests it carries at full speed, and what each append costs whatever its size would
+weigh that much more per request (counted so: about 19,000 instructions a REST request
+and 26,000 a gRPC one). ``capture_bench`` reports the writer's CPU at full speed from its
+own clock over the whole run, and the endpoint's CPU per request with the kernel's part.
 
     python bench/capture_instructions.py [--requests 2000]   (prints the figures)
 """
