@@ -48,6 +48,7 @@ from bench.capture_instructions import (  # noqa: E402
     counters,
     endpoint_settings,
     grpc_message,
+    writers,
 )
 from bench.serve_bench import ensure_tool, register, run_wrk, wrk_script  # noqa: E402
 from bench.team_bench import cpu_s  # noqa: E402
@@ -67,14 +68,8 @@ def rotated(n: int) -> tuple[str, ...]:
 def endpoint_cpu_s(pid: int) -> float:
     """CPU seconds of the endpoint ``pid`` and of its child processes (the capture's
     writer) that run."""
-    kids = []  # started by any of its threads (the writer: by the thread starting capture)
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            kids += [int(p) for p in (task / "children").read_text().split()]
-        except FileNotFoundError:  # a thread that ended meanwhile
-            pass
     total = cpu_s(pid)
-    for kid in kids:
+    for kid in writers(pid):  # started by any of its threads (the writer: by capture's)
         try:
             total += cpu_s(kid)
         except FileNotFoundError:  # ended meanwhile

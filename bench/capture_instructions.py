@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.team_bench import cpu_s  # noqa: E402
 from onnxflow.serving.launcher import ENDPOINT_ARGV, _child_env  # noqa: E402
 from onnxflow.serving.settings import ServingSettings  # noqa: E402
 
@@ -141,7 +142,7 @@ def h2load(front: str, address: str, body: Path, requests: int, connections: int
     return int(found.group(1)) if found else 0
 
 
-def _writers(pid: int) -> list[int]:
+def writers(pid: int) -> list[int]:
     """The processes ``pid``'s threads started (the capture's writer)."""
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -152,20 +153,15 @@ def _writers(pid: int) -> list[int]:
     return kids
 
 
-def _cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
 def _settle(pids: list[int], flush_s: float, timeout_s: float = 300) -> None:
     """Until the endpoint has handed its open batches over (two flush intervals) and the
     writer's CPU clock stood still for two seconds: the requests' capture is written."""
     time.sleep(2 * flush_s + 0.5)
     deadline = time.monotonic() + timeout_s
-    last = [_cpu_ticks(p) for p in pids]
+    last = [cpu_s(p) for p in pids]
     while time.monotonic() < deadline:
         time.sleep(2)
-        now = [_cpu_ticks(p) for p in pids]
+        now = [cpu_s(p) for p in pids]
         if now == last:
             return
         last = now
@@ -221,13 +217,13 @@ def count_endpoint(settings: ServingSettings, bodies: dict[str, Path], requests:
             time.sleep(1)
         for dump, (front, body) in enumerate(bodies.items(), start=1):
             h2load(front, addresses[front], body, WARM_UP)
-            writers = _writers(process.pid)
-            _settle(writers, flush_s)
+            kids = writers(process.pid)
+            _settle(kids, flush_s)
             before = counters(base)
             _control("--instr=on", process.pid)
             _control("--zero", process.pid)
             answered = h2load(front, addresses[front], body, requests)
-            _settle(writers, flush_s)
+            _settle(kids, flush_s)
             _control("--dump", process.pid)
             after = counters(base)
             served = after["answered"] - before["answered"]
